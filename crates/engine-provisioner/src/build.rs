@@ -1,0 +1,579 @@
+//! `engine build`: profile → preflight → fingerprint → cache hit, or
+//! source → CMake configure → build `llama-server` → relocatable install →
+//! manifest → atomic rename into `cache/engines-v1/<fingerprint>/`.
+//!
+//! CMake is driven through the process door (`llorch_io::cmd`) rather than
+//! the `cmake` crate: that crate is made for build scripts (it reads cargo's
+//! build-script environment and panics on failure), while here we need
+//! logged, resumable builds with progress and typed errors.
+//!
+//! Architecture Invariant: the entry for a fingerprint is only touched under
+//! `cache/locks/engine-<fingerprint>.lock`; two builds of one fingerprint
+//! build once, the second waits and reuses.
+
+use crate::cache::{ArtifactCache, Lookup, Manifest, MANIFEST_SCHEMA};
+use crate::fingerprint::{self, BuildInputs, CudaInputs, InputChange};
+use crate::preflight::{self, first_line, Toolbox};
+use crate::profile::{Backend, Profile};
+use crate::source;
+use llorch_io::cmd::Cmd;
+use llorch_io::fsx::{self, FileLock};
+use llorch_io::paths::Layout;
+use serde::Serialize;
+use std::io::IsTerminal;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const TARGET: &str = "llama-server";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error(transparent)]
+    Preflight(#[from] preflight::PreflightError),
+    #[error(transparent)]
+    Source(#[from] source::SourceError),
+    #[error("{step} failed for profile `{profile}`: {source}\n  nothing was added to the cache")]
+    Step {
+        step: &'static str,
+        profile: String,
+        source: llorch_io::cmd::CmdError,
+    },
+    #[error("{0}")]
+    Install(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("CUDA: {0}")]
+    Cuda(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
+    let what = what.into();
+    move |source| BuildError::Io { what, source }
+}
+
+/// How to report progress.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Progress {
+    /// A bar on a terminal, periodic lines otherwise (stderr).
+    Auto,
+    Quiet,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct BuildOptions {
+    pub toolbox: Toolbox,
+    pub jobs: Option<usize>,
+    /// Use this verified source bundle instead of fetching the pin's source.
+    pub source_bundle: Option<PathBuf>,
+    pub quiet: bool,
+}
+
+/// The computed plan: what would be built, with what flags.
+#[derive(Clone, Debug, Serialize)]
+pub struct BuildPlan {
+    pub inputs: BuildInputs,
+    pub fingerprint: String,
+    pub generator: String,
+    /// Flags passed to CMake that are not build identity (launchers, host compiler path).
+    pub extra_flags: Vec<String>,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct BuildOutcome {
+    pub profile: String,
+    pub fingerprint: String,
+    pub dir: PathBuf,
+    pub binary: PathBuf,
+    pub cache_hit: bool,
+    /// Why the build ran: missing entry, or what was wrong with the stale one.
+    pub reason: Option<String>,
+    pub cmake_invocations: u32,
+    pub duration_s: f64,
+    pub version: String,
+    pub manifest: Manifest,
+}
+
+/// Flags every build gets; the profile's flags come after and win.
+pub fn base_flags(profile: &Profile) -> Vec<String> {
+    let commit = &profile.pin.commit;
+    let mut f: Vec<String> = [
+        "-DBUILD_SHARED_LIBS=OFF",
+        "-DCMAKE_BUILD_RPATH_USE_ORIGIN=ON",
+        "-DLLAMA_BUILD_TESTS=OFF",
+        "-DLLAMA_BUILD_EXAMPLES=OFF",
+        "-DLLAMA_BUILD_TOOLS=ON",
+        "-DLLAMA_BUILD_SERVER=ON",
+        "-DLLAMA_BUILD_UI=OFF",
+        "-DLLAMA_USE_PREBUILT_UI=OFF",
+        "-DLLAMA_OPENSSL=OFF",
+        "-DGGML_CCACHE=OFF",
+        "-DLLAMA_BUILD_NUMBER=0",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    f.push(format!("-DLLAMA_BUILD_COMMIT={}", &commit[..7.min(commit.len())]));
+    if profile.file.engine.backend == Backend::Cuda {
+        f.push("-DGGML_CUDA=ON".into());
+        f.push(format!("-DCMAKE_CUDA_ARCHITECTURES={}", profile.file.engine.cuda_archs.join(";")));
+    }
+    f
+}
+
+fn compiler_identity(tb: &Toolbox, env: &str, candidates: &[&str]) -> Option<String> {
+    let from_env = std::env::var(env).ok().filter(|s| !s.is_empty());
+    let path = match &from_env {
+        Some(c) => tb.find(c),
+        None => candidates.iter().find_map(|c| tb.find(c)),
+    }?;
+    Cmd::new(&path)
+        .arg("--version")
+        .read()
+        .ok()
+        .map(|s| first_line(&s))
+}
+
+/// Compute the build inputs from the profile and the tools on this machine.
+/// Returns `None` for a tool that is missing (run preflight first).
+pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
+    let missing = |t: &str| BuildError::Install(format!("{t} not found (run `cargo xtask doctor --profile {}`)", profile.name));
+    let cmake = tb.find("cmake").ok_or_else(|| missing("cmake"))?;
+    let cmake_version = Cmd::new(&cmake)
+        .arg("--version")
+        .read()
+        .map(|s| first_line(&s))
+        .map_err(|e| BuildError::Install(e.to_string()))?;
+    let c = compiler_identity(tb, "CC", &["cc", "gcc", "clang"]).ok_or_else(|| missing("a C compiler"))?;
+    let cxx = compiler_identity(tb, "CXX", &["c++", "g++", "clang++"]).ok_or_else(|| missing("a C++ compiler"))?;
+    let generator = if tb.find("ninja").is_some() { "Ninja" } else { "Unix Makefiles" };
+    let mut flags = base_flags(profile);
+    flags.extend(profile.file.engine.cmake_flags.iter().cloned());
+    let cmake_flags = fingerprint::normalize_flags(&flags).map_err(BuildError::Install)?;
+    let mut extra_flags = Vec::new();
+    if let Some(ccache) = tb.find("ccache") {
+        for lang in ["C", "CXX", "CUDA"] {
+            extra_flags.push(format!("-DCMAKE_{lang}_COMPILER_LAUNCHER={}", ccache.display()));
+        }
+    }
+    let cuda = if profile.file.engine.backend == Backend::Cuda {
+        let (nvcc, _root) = crate::cuda::find_nvcc(tb).ok_or_else(|| {
+            BuildError::Cuda(format!(
+                "nvcc not found on PATH or in {}\n  install the CUDA toolkit:\n{}",
+                crate::cuda::cuda_root_candidates().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                preflight::install_hints("nvcc")
+            ))
+        })?;
+        let nvcc_version = Cmd::new(&nvcc)
+            .arg("--version")
+            .read()
+            .ok()
+            .and_then(|t| crate::cuda::parse_nvcc_version(&t))
+            .ok_or_else(|| BuildError::Cuda("could not read `nvcc --version`".into()))?;
+        extra_flags.push(format!("-DCMAKE_CUDA_COMPILER={}", nvcc.display()));
+        let host = crate::cuda::choose_host_compiler(&nvcc, tb).map_err(BuildError::Cuda)?;
+        let host_id = match &host {
+            Some(h) => {
+                extra_flags.push(format!("-DCMAKE_CUDA_HOST_COMPILER={}", h.display()));
+                Cmd::new(h).arg("--version").read().ok().map(|s| first_line(&s))
+            }
+            None => None,
+        };
+        Some(CudaInputs {
+            nvcc_version,
+            archs: profile.file.engine.cuda_archs.clone(),
+            host_compiler: host_id,
+        })
+    } else {
+        None
+    };
+    let inputs = BuildInputs {
+        schema: fingerprint::FINGERPRINT_SCHEMA,
+        source: source::identity(&profile.pin),
+        cmake_flags,
+        build_type: profile.file.engine.build_type.clone(),
+        targets: vec![TARGET.into()],
+        c_compiler: c,
+        cxx_compiler: cxx,
+        cmake_version,
+        generator: generator.into(),
+        cuda,
+        host_triple: fingerprint::host_triple(),
+        env: fingerprint::build_env(),
+    };
+    Ok(BuildPlan {
+        fingerprint: inputs.fingerprint(),
+        inputs,
+        generator: generator.into(),
+        extra_flags,
+    })
+}
+
+/// Build (or reuse) the engine for `profile`.
+pub fn build(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
+    let started = Instant::now();
+    let say = |m: &str| {
+        if !opts.quiet {
+            eprintln!("{m}");
+        }
+    };
+    // Quick path: compute the fingerprint from tool versions alone; the full
+    // preflight (and any package install) only runs when something is missing
+    // or a build is needed.
+    let plan = match plan(profile, &opts.toolbox) {
+        Ok(p) => p,
+        Err(_) => {
+            preflight::ensure(profile, &opts.toolbox, say)?;
+            plan(profile, &opts.toolbox)?
+        }
+    };
+    let fp = plan.fingerprint.clone();
+    let cache = ArtifactCache::new(&layout.cache);
+    let _lock = FileLock::exclusive(&layout.locks().join(format!("engine-{fp}.lock")), || {
+        say(&format!("waiting for another build of {} (fingerprint {})", profile.name, &fp[..12]))
+    })
+    .map_err(io("lock engine cache entry"))?;
+    let reason = match cache.lookup(&fp, Some(&plan.inputs)) {
+        Lookup::Fresh(m) => {
+            let dir = cache.entry(&fp);
+            return Ok(BuildOutcome {
+                profile: profile.name.clone(),
+                binary: dir.join(&m.binary),
+                fingerprint: fp,
+                dir,
+                cache_hit: true,
+                reason: None,
+                cmake_invocations: 0,
+                duration_s: started.elapsed().as_secs_f64(),
+                version: m.version_output.clone(),
+                manifest: *m,
+            });
+        }
+        Lookup::Stale(why) => {
+            say(&format!("cached engine {} is corrupt ({why}): rebuilding", &fp[..12]));
+            format!("cached entry corrupt: {why}")
+        }
+        Lookup::Missing => match closest(&cache, &plan.inputs) {
+            Some((cfp, changes)) => format!(
+                "no cached build with these inputs; closest is {} ({})",
+                &cfp[..12],
+                describe_changes(&changes)
+            ),
+            None => "no cached build yet".to_string(),
+        },
+    };
+    say(&format!("building llama-server for profile `{}` (fingerprint {}): {reason}", profile.name, &fp[..12]));
+    preflight::ensure(profile, &opts.toolbox, say)?;
+
+    let src = match &opts.source_bundle {
+        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say).map_err(BuildError::Install)?,
+        None => source::fetch(&profile.pin, layout, &say)?,
+    };
+    let build_dir = layout.cache.join("build-v1").join(&fp);
+    std::fs::create_dir_all(&build_dir).map_err(io("create build dir"))?;
+    let log = build_dir.join("llorch-build.log");
+    let _ = std::fs::remove_file(&log);
+    say(&format!("  source: {}\n  build dir: {}\n  log: {}", src.display(), build_dir.display(), log.display()));
+
+    let t_conf = Instant::now();
+    let configure = configure_cmd(profile, &plan, &src, &build_dir);
+    say("configuring (cmake)");
+    configure.run_logged(&log, |_| {}).map_err(|source| BuildError::Step {
+        step: "cmake configure",
+        profile: profile.name.clone(),
+        source,
+    })?;
+    let configure_s = t_conf.elapsed().as_secs_f64();
+
+    let jobs = opts.jobs.unwrap_or_else(default_jobs);
+    let t_build = Instant::now();
+    let build_cmd = Cmd::new("cmake")
+        .arg("--build")
+        .arg(&build_dir)
+        .args(["--target", TARGET, "-j", &jobs.to_string()]);
+    say(&format!("building {TARGET} with {} -j{jobs}", plan.generator));
+    let mut bar = BuildBar::new(opts.quiet);
+    build_cmd
+        .run_logged(&log, |line| bar.line(line))
+        .map_err(|source| {
+            bar.finish();
+            BuildError::Step {
+                step: "cmake build",
+                profile: profile.name.clone(),
+                source,
+            }
+        })?;
+    bar.finish();
+    let build_s = t_build.elapsed().as_secs_f64();
+
+    let entry = cache.entry(&fp);
+    let manifest = install(profile, &plan, &build_dir, &src, &entry, configure_s, build_s, &opts.toolbox)?;
+    say(&format!(
+        "built in {:.0}s (configure {:.1}s, build {:.0}s); cached at {}",
+        started.elapsed().as_secs_f64(),
+        configure_s,
+        build_s,
+        entry.display()
+    ));
+    Ok(BuildOutcome {
+        profile: profile.name.clone(),
+        binary: entry.join(&manifest.binary),
+        fingerprint: fp,
+        dir: entry,
+        cache_hit: false,
+        reason: Some(reason),
+        cmake_invocations: 2,
+        duration_s: started.elapsed().as_secs_f64(),
+        version: manifest.version_output.clone(),
+        manifest,
+    })
+}
+
+pub fn default_jobs() -> usize {
+    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+}
+
+/// The configure command for a plan (also used by `bench build` for the hand-run comparison).
+pub fn configure_cmd(profile: &Profile, plan: &BuildPlan, src: &Path, build_dir: &Path) -> Cmd {
+    Cmd::new("cmake")
+        .arg("-S")
+        .arg(src)
+        .arg("-B")
+        .arg(build_dir)
+        .args(["-G", &plan.generator])
+        .arg(format!("-DCMAKE_BUILD_TYPE={}", profile.file.engine.build_type))
+        .args(plan.inputs.cmake_flags.iter())
+        .args(plan.extra_flags.iter())
+}
+
+#[allow(clippy::too_many_arguments)]
+fn install(
+    profile: &Profile,
+    plan: &BuildPlan,
+    build_dir: &Path,
+    src: &Path,
+    entry: &Path,
+    configure_s: f64,
+    build_s: f64,
+    tb: &Toolbox,
+) -> Result<Manifest, BuildError> {
+    let staging = fsx::staging_dir_for(entry).map_err(io("create staging dir"))?;
+    let bin = staging.path().join("bin");
+    std::fs::create_dir_all(&bin).map_err(io("create bin dir"))?;
+    let built_bin = build_dir.join("bin");
+    let server = built_bin.join(TARGET);
+    if !server.is_file() {
+        return Err(BuildError::Install(format!("the build finished but {} is missing", server.display())));
+    }
+    std::fs::copy(&server, bin.join(TARGET)).map_err(io("copy llama-server"))?;
+    // Shared libraries the build produced (profiles that turn BUILD_SHARED_LIBS on);
+    // the build uses $ORIGIN rpaths, so they work from bin/.
+    for e in std::fs::read_dir(&built_bin).map_err(io("list build bin"))?.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.contains(".so") {
+            std::fs::copy(e.path(), bin.join(&name)).map_err(io(format!("copy {name}")))?;
+        }
+    }
+    let staged_server = bin.join(TARGET);
+    // Relocatable: nothing may resolve inside the build or source tree.
+    if let Ok(ldd) = Cmd::new("ldd").arg(&staged_server).read() {
+        for line in ldd.lines() {
+            let bad = line.contains("not found")
+                || line.contains(&build_dir.display().to_string())
+                || line.contains(&src.display().to_string());
+            if bad {
+                return Err(BuildError::Install(format!(
+                    "the built llama-server is not relocatable: `{}`\n  full ldd output:\n{ldd}",
+                    line.trim()
+                )));
+            }
+        }
+    }
+    let (ok, version) = Cmd::new(&staged_server)
+        .arg("--version")
+        .read_any()
+        .map_err(|e| BuildError::Install(e.to_string()))?;
+    if !ok {
+        return Err(BuildError::Install(format!("`llama-server --version` failed:\n{version}")));
+    }
+    let version: String = version
+        .lines()
+        .filter(|l| l.starts_with("version:") || l.starts_with("built with"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let mut sass_archs = Vec::new();
+    if profile.file.engine.backend == Backend::Cuda {
+        let lib = std::fs::read_dir(&bin)
+            .map_err(io("list bin"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().contains("ggml-cuda"))
+            .unwrap_or_else(|| staged_server.clone());
+        sass_archs = crate::cuda::sass_archs_in(&lib, tb).map_err(BuildError::Cuda)?;
+        let want = crate::cuda::sass_targets(&profile.file.engine.cuda_archs);
+        let missing: Vec<_> = want.iter().filter(|a| !sass_archs.contains(a)).collect();
+        if !missing.is_empty() {
+            return Err(BuildError::Cuda(format!(
+                "requested arch(s) sm_{} missing from {} (found: {})",
+                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", sm_"),
+                lib.display(),
+                sass_archs.join(", ")
+            )));
+        }
+    }
+    let mut files = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(&bin).map_err(io("list bin"))?.flatten() {
+        let rel = format!("bin/{}", e.file_name().to_string_lossy());
+        let h = llorch_io::digest::sha256_file(&e.path()).map_err(io("hash artifact"))?;
+        files.insert(rel, h);
+    }
+    let manifest = Manifest {
+        schema: MANIFEST_SCHEMA,
+        fingerprint: plan.fingerprint.clone(),
+        inputs: serde_json::to_value(&plan.inputs).expect("inputs serialize"),
+        files,
+        binary: format!("bin/{TARGET}"),
+        version_output: version,
+        built_at: llorch_io::now_rfc3339(),
+        configure_s,
+        build_s,
+        sass_archs,
+        profile: profile.name.clone(),
+        pin: profile.pin_name.clone(),
+    };
+    let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
+    std::fs::write(staging.path().join("manifest.json"), json).map_err(io("write manifest"))?;
+    fsx::commit_dir(staging, entry).map_err(io("install cache entry"))?;
+    Ok(manifest)
+}
+
+/// The cached build whose inputs differ least from `inputs`.
+pub fn closest(cache: &ArtifactCache, inputs: &BuildInputs) -> Option<(String, Vec<InputChange>)> {
+    cache
+        .list()
+        .into_iter()
+        .map(|(_, m)| {
+            let d = fingerprint::diff(&m.inputs, inputs);
+            (m.fingerprint, d)
+        })
+        .min_by_key(|(_, d)| d.len())
+}
+
+pub fn describe_changes(changes: &[InputChange]) -> String {
+    if changes.is_empty() {
+        return "no input differs".into();
+    }
+    changes
+        .iter()
+        .map(|c| format!("{}: {} -> {}", c.input, c.cached, c.wanted))
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+#[derive(Debug, Serialize)]
+pub struct Explanation {
+    pub profile: String,
+    pub fingerprint: String,
+    pub cached: bool,
+    pub stale_reason: Option<String>,
+    pub closest: Option<String>,
+    pub changes: Vec<InputChange>,
+    pub inputs: BuildInputs,
+}
+
+/// Why a build would (or would not) happen.
+pub fn explain(profile: &Profile, layout: &Layout, tb: &Toolbox) -> Result<Explanation, BuildError> {
+    let plan = plan(profile, tb)?;
+    let cache = ArtifactCache::new(&layout.cache);
+    let (cached, stale_reason) = match cache.lookup(&plan.fingerprint, Some(&plan.inputs)) {
+        Lookup::Fresh(_) => (true, None),
+        Lookup::Stale(r) => (false, Some(r)),
+        Lookup::Missing => (false, None),
+    };
+    let (closest, changes) = if cached {
+        (None, Vec::new())
+    } else {
+        match closest(&cache, &plan.inputs) {
+            Some((fp, ch)) => (Some(fp), ch),
+            None => (None, Vec::new()),
+        }
+    };
+    Ok(Explanation {
+        profile: profile.name.clone(),
+        fingerprint: plan.fingerprint,
+        cached,
+        stale_reason,
+        closest,
+        changes,
+        inputs: plan.inputs,
+    })
+}
+
+/// Progress for the CMake build: ninja's `[n/N]` or make's `[ p%]`.
+struct BuildBar {
+    bar: Option<indicatif::ProgressBar>,
+    plain: bool,
+    started: Instant,
+    last_report: Instant,
+}
+
+impl BuildBar {
+    fn new(quiet: bool) -> BuildBar {
+        let tty = std::io::stderr().is_terminal();
+        let bar = (!quiet && tty).then(|| {
+            let b = indicatif::ProgressBar::new(0);
+            b.set_style(
+                indicatif::ProgressStyle::with_template("  [{elapsed_precise}] {bar:30} {pos}/{len} steps  {wide_msg}")
+                    .expect("static template"),
+            );
+            b
+        });
+        BuildBar {
+            bar,
+            plain: !quiet && !tty,
+            started: Instant::now(),
+            last_report: Instant::now(),
+        }
+    }
+
+    fn line(&mut self, line: &str) {
+        let Some((done, total)) = parse_step(line) else { return };
+        if let Some(b) = &self.bar {
+            b.set_length(total);
+            b.set_position(done);
+            if let Some(msg) = line.split("] ").nth(1) {
+                b.set_message(msg.rsplit('/').next().unwrap_or("").to_string());
+            }
+        } else if self.plain && (self.last_report.elapsed().as_secs() >= 30 || done == total) {
+            self.last_report = Instant::now();
+            eprintln!("  build: {done}/{total} steps, {:.0}s elapsed", self.started.elapsed().as_secs_f64());
+        }
+    }
+
+    fn finish(&mut self) {
+        if let Some(b) = self.bar.take() {
+            b.finish_and_clear();
+        }
+    }
+}
+
+pub fn parse_step(line: &str) -> Option<(u64, u64)> {
+    let inner = line.strip_prefix('[')?.split(']').next()?;
+    if let Some((a, b)) = inner.split_once('/') {
+        return Some((a.trim().parse().ok()?, b.trim().parse().ok()?));
+    }
+    let pct: u64 = inner.trim().strip_suffix('%')?.trim().parse().ok()?;
+    Some((pct, 100))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn steps_parse() {
+        assert_eq!(super::parse_step("[12/315] Building CXX object x.o"), Some((12, 315)));
+        assert_eq!(super::parse_step("[ 45%] Building CXX"), Some((45, 100)));
+        assert_eq!(super::parse_step("-- Configuring done"), None);
+    }
+}

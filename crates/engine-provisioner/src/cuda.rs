@@ -1,0 +1,224 @@
+//! The CUDA toolchain: nvcc, CUDA root, host-compiler compatibility, local
+//! GPUs, and the SASS architectures present in a built binary.
+//!
+//! nvcc refuses host compilers newer than it supports ("unsupported GNU
+//! version"). Rather than keep a version table, we ask nvcc: compile a tiny
+//! kernel with the default host compiler, and if that fails try older
+//! gcc/clang versions found on PATH, using the first one nvcc accepts as
+//! `CMAKE_CUDA_HOST_COMPILER`.
+
+use crate::preflight::{first_line, CudaReport, Toolbox};
+use llorch_io::cmd::Cmd;
+use std::path::{Path, PathBuf};
+
+/// CUDA roots in the order they are tried.
+pub fn cuda_root_candidates() -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for var in ["CUDA_PATH", "CUDA_HOME", "CUDA_ROOT"] {
+        if let Some(p) = std::env::var_os(var) {
+            v.push(PathBuf::from(p));
+        }
+    }
+    v.push(PathBuf::from("/opt/cuda"));
+    v.push(PathBuf::from("/usr/local/cuda"));
+    v
+}
+
+/// nvcc on PATH, else in a CUDA root.
+pub fn find_nvcc(tb: &Toolbox) -> Option<(PathBuf, Option<PathBuf>)> {
+    if let Some(p) = tb.find("nvcc") {
+        let root = p.parent().and_then(Path::parent).map(Path::to_path_buf);
+        return Some((p, root));
+    }
+    if tb.path.is_some() {
+        return None;
+    }
+    cuda_root_candidates()
+        .into_iter()
+        .map(|r| (r.join("bin/nvcc"), Some(r)))
+        .find(|(n, _)| n.is_file())
+}
+
+/// `release 12.4, V12.4.131` → `12.4.131`.
+pub fn parse_nvcc_version(text: &str) -> Option<String> {
+    text.lines()
+        .find_map(|l| l.split_once(", V").map(|(_, v)| v.trim().to_string()))
+        .or_else(|| text.lines().find_map(|l| l.split_once("release ").map(|(_, v)| v.split(',').next().unwrap_or("").trim().to_string())))
+}
+
+/// Ask nvcc whether it accepts `host` (None = its default) as host compiler.
+pub fn nvcc_accepts(nvcc: &Path, host: Option<&Path>) -> Result<(), String> {
+    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+    let src = dir.path().join("probe.cu");
+    std::fs::write(&src, "__global__ void k(float *x) { x[0] = 1.0f; }\n").map_err(|e| e.to_string())?;
+    let mut c = Cmd::new(nvcc).arg("-c").arg(&src).arg("-o").arg(dir.path().join("probe.o"));
+    if let Some(h) = host {
+        c = c.arg("-ccbin").arg(h);
+    }
+    match c.read_any() {
+        Ok((true, _)) => Ok(()),
+        Ok((false, out)) => Err(out.lines().take(3).collect::<Vec<_>>().join(" ")),
+        Err(e) => Err(e.to_string()),
+    }
+}
+
+/// Older host compilers to try when nvcc refuses the default one.
+pub fn host_compiler_candidates(tb: &Toolbox) -> Vec<PathBuf> {
+    let mut v = Vec::new();
+    for ver in (9..=15).rev() {
+        for name in [format!("g++-{ver}"), format!("clang++-{ver}")] {
+            if let Some(p) = tb.find(&name) {
+                v.push(p);
+            }
+        }
+    }
+    // Arch/CachyOS ship the CUDA-compatible gcc as /opt/cuda/bin/g++ or gcc13/gcc14 packages.
+    for name in ["g++-14", "g++-13", "g++-12"] {
+        let p = PathBuf::from("/usr/bin").join(name);
+        if p.is_file() && !v.contains(&p) {
+            v.push(p);
+        }
+    }
+    v
+}
+
+/// Pick the host compiler: `None` when nvcc accepts the default.
+pub fn choose_host_compiler(nvcc: &Path, tb: &Toolbox) -> Result<Option<PathBuf>, String> {
+    if let Some(explicit) = std::env::var_os("CUDAHOSTCXX") {
+        return Ok(Some(PathBuf::from(explicit)));
+    }
+    let default_err = match nvcc_accepts(nvcc, None) {
+        Ok(()) => return Ok(None),
+        Err(e) => e,
+    };
+    for cand in host_compiler_candidates(tb) {
+        if nvcc_accepts(nvcc, Some(&cand)).is_ok() {
+            return Ok(Some(cand));
+        }
+    }
+    Err(format!(
+        "nvcc rejects the default host compiler ({default_err}) and no older g++/clang++ on PATH works either\n  hint: install a gcc that your CUDA supports (Arch/CachyOS: pacman -S gcc14; Debian/Ubuntu: apt-get install g++-12) or set CUDAHOSTCXX"
+    ))
+}
+
+/// Compute capabilities of the local GPUs (`8.6` → `86`), empty without nvidia-smi.
+pub fn local_gpu_archs(tb: &Toolbox) -> Vec<String> {
+    let Some(smi) = tb.find("nvidia-smi") else {
+        return Vec::new();
+    };
+    Cmd::new(smi)
+        .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
+        .read()
+        .map(|out| out.lines().map(|l| l.trim().replace('.', "")).filter(|s| !s.is_empty()).collect())
+        .unwrap_or_default()
+}
+
+/// Archs (as written in a profile) → the numeric SASS archs they produce.
+pub fn sass_targets(archs: &[String]) -> Vec<String> {
+    archs
+        .iter()
+        .filter(|a| a.as_str() != "native" && !a.ends_with("-virtual"))
+        .map(|a| a.trim_end_matches("-real").trim_end_matches(['a', 'f']).to_string())
+        .collect()
+}
+
+/// Archs the profile does not cover for the local GPUs.
+pub fn uncovered_gpus(profile_archs: &[String], local: &[String]) -> Vec<String> {
+    if profile_archs.iter().any(|a| a == "native") {
+        return Vec::new();
+    }
+    let covered = sass_targets(profile_archs);
+    local.iter().filter(|g| !covered.contains(g)).cloned().collect()
+}
+
+pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> CudaReport {
+    let found = find_nvcc(tb);
+    let nvcc_version = found
+        .as_ref()
+        .and_then(|(n, _)| Cmd::new(n).arg("--version").read().ok())
+        .and_then(|t| parse_nvcc_version(&t));
+    let (host_compiler, host_compiler_ok) = match &found {
+        Some((n, _)) => match choose_host_compiler(n, tb) {
+            Ok(h) => (
+                Some(h.map(|p| p.display().to_string()).unwrap_or_else(|| "default (accepted by nvcc)".into())),
+                Some(true),
+            ),
+            Err(e) => {
+                warnings.push(e);
+                (None, Some(false))
+            }
+        },
+        None => (None, None),
+    };
+    let gpus = local_gpu_archs(tb);
+    let uncovered = uncovered_gpus(archs, &gpus);
+    if !uncovered.is_empty() {
+        warnings.push(format!(
+            "the profile builds for sm_{} but this machine has GPU(s) of compute capability {}: the engine will fail with \"no kernel image is available\" here; add {} to engine.cuda_archs",
+            sass_targets(archs).join(", sm_"),
+            uncovered.join(", "),
+            uncovered.join(", ")
+        ));
+    }
+    if archs.iter().any(|a| a == "native") && gpus.is_empty() {
+        warnings.push("engine.cuda_archs has `native` but no GPU is visible: CMake's detection will fail; name the archs explicitly".into());
+    }
+    CudaReport {
+        nvcc: found.as_ref().map(|(n, _)| n.display().to_string()),
+        nvcc_version,
+        cuda_root: found.and_then(|(_, r)| r).map(|r| r.display().to_string()),
+        host_compiler,
+        host_compiler_ok,
+        gpus_compute_cap: gpus,
+    }
+}
+
+/// SASS archs (`sm_90` → `90`) embedded in a binary, via `cuobjdump --list-elf`.
+pub fn sass_archs_in(binary: &Path, tb: &Toolbox) -> Result<Vec<String>, String> {
+    let cuobjdump = tb
+        .find("cuobjdump")
+        .or_else(|| find_nvcc(tb).and_then(|(n, _)| Some(n.parent()?.join("cuobjdump"))).filter(|p| p.is_file()))
+        .ok_or("cuobjdump not found (it ships with the CUDA toolkit next to nvcc)")?;
+    let out = Cmd::new(cuobjdump).arg("--list-elf").arg(binary).read().map_err(|e| e.to_string())?;
+    Ok(parse_list_elf(&out))
+}
+
+pub fn parse_list_elf(text: &str) -> Vec<String> {
+    let mut archs: Vec<String> = text
+        .split(|c: char| c.is_whitespace() || c == '.')
+        .filter_map(|w| w.strip_prefix("sm_"))
+        .map(|a| a.trim_end_matches(|c: char| !c.is_ascii_digit()).to_string())
+        .filter(|a| !a.is_empty())
+        .collect();
+    archs.sort();
+    archs.dedup();
+    archs
+}
+
+pub fn first_line_of(s: &str) -> String {
+    first_line(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn nvcc_version_parses() {
+        let t = "nvcc: NVIDIA (R) Cuda compiler driver\nCuda compilation tools, release 12.4, V12.4.131\nBuild cuda_12.4";
+        assert_eq!(parse_nvcc_version(t).as_deref(), Some("12.4.131"));
+    }
+
+    #[test]
+    fn list_elf_parses() {
+        let t = "ELF file    1: ggml-cuda.1.sm_86.cubin\nELF file    2: ggml-cuda.2.sm_90.cubin\nELF file 3: x.3.sm_90a.cubin";
+        assert_eq!(parse_list_elf(t), vec!["86", "90"]);
+    }
+
+    #[test]
+    fn uncovered_gpu_is_reported() {
+        assert_eq!(uncovered_gpus(&["86".into()], &["86".into(), "90".into()]), vec!["90"]);
+        assert!(uncovered_gpus(&["90a".into()], &["90".into()]).is_empty());
+        assert!(uncovered_gpus(&["native".into()], &["75".into()]).is_empty());
+    }
+}

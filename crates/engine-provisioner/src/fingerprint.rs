@@ -1,0 +1,294 @@
+//! Build fingerprints.
+//!
+//! A fingerprint is the sha256 of the canonical JSON (sorted keys, no
+//! whitespace) of [`BuildInputs`]: everything that changes the binary, and
+//! nothing that does not (never mtimes, never absolute paths). The same JSON
+//! is stored in the artifact's `manifest.json`, so [`explain`] can say which
+//! input differs from the closest cached build.
+//!
+//! Architecture Invariant: runtime flags (port, threads, context size) are
+//! not build inputs; build flags always are.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// Bumped when the meaning of the inputs or the artifact layout changes.
+pub const FINGERPRINT_SCHEMA: u32 = 1;
+
+/// Environment variables that change what CMake and the compilers produce.
+pub const BUILD_ENV_VARS: &[&str] = &[
+    "CC",
+    "CXX",
+    "CFLAGS",
+    "CXXFLAGS",
+    "CPPFLAGS",
+    "LDFLAGS",
+    "CUDAHOSTCXX",
+    "CUDAFLAGS",
+    "CUDACXX",
+    "NVCC_PREPEND_FLAGS",
+    "NVCC_APPEND_FLAGS",
+];
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct SourceIdentity {
+    pub kind: String,
+    /// Full commit for git, sha256 of the archive for sdists and archives.
+    pub id: String,
+    /// The llama.cpp commit the tree is.
+    pub commit: String,
+    #[serde(default)]
+    pub subdir: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct CudaInputs {
+    pub nvcc_version: String,
+    pub archs: Vec<String>,
+    pub host_compiler: Option<String>,
+}
+
+/// Every input that changes the built `llama-server`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct BuildInputs {
+    pub schema: u32,
+    pub source: SourceIdentity,
+    /// Normalized (`-DKEY=VALUE`), sorted, de-duplicated (last wins).
+    pub cmake_flags: Vec<String>,
+    pub build_type: String,
+    pub targets: Vec<String>,
+    pub c_compiler: String,
+    pub cxx_compiler: String,
+    pub cmake_version: String,
+    pub generator: String,
+    pub cuda: Option<CudaInputs>,
+    pub host_triple: String,
+    pub env: BTreeMap<String, String>,
+}
+
+impl BuildInputs {
+    pub fn canonical_json(&self) -> String {
+        // serde_json's Map is a BTreeMap here (no preserve_order), so object
+        // keys come out sorted: the text is canonical.
+        let v = serde_json::to_value(self).expect("inputs serialize");
+        serde_json::to_string(&v).expect("value serializes")
+    }
+
+    pub fn fingerprint(&self) -> String {
+        llorch_io::digest::sha256_bytes(self.canonical_json().as_bytes())
+    }
+}
+
+/// `-D KEY=VALUE`, `-DKEY:TYPE=VALUE` → `-DKEY=VALUE`; anything else is refused.
+pub fn normalize_flag(flag: &str) -> Result<String, String> {
+    let body = flag
+        .trim()
+        .strip_prefix("-D")
+        .map(str::trim_start)
+        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
+    let (key, value) = body
+        .split_once('=')
+        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
+    let key = key.split_once(':').map(|(k, _)| k).unwrap_or(key).trim();
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("cmake flag `{flag}`: bad variable name `{key}`"));
+    }
+    Ok(format!("-D{key}={value}"))
+}
+
+/// Normalize, de-duplicate by key (the last one wins, as in CMake), sort.
+pub fn normalize_flags(flags: &[String]) -> Result<Vec<String>, String> {
+    let mut by_key: BTreeMap<String, String> = BTreeMap::new();
+    for f in flags {
+        let n = normalize_flag(f)?;
+        let key = n[2..].split_once('=').map(|(k, _)| k.to_string()).unwrap_or_default();
+        by_key.insert(key, n);
+    }
+    Ok(by_key.into_values().collect())
+}
+
+/// `x86_64-linux-gnu` style triple of this host.
+pub fn host_triple() -> String {
+    let env = if cfg!(target_env = "gnu") {
+        "gnu"
+    } else if cfg!(target_env = "musl") {
+        "musl"
+    } else {
+        "unknown"
+    };
+    format!("{}-{}-{}", std::env::consts::ARCH, std::env::consts::OS, env)
+}
+
+/// Build-relevant environment variables that are set (and non-empty).
+pub fn build_env() -> BTreeMap<String, String> {
+    BUILD_ENV_VARS
+        .iter()
+        .filter_map(|k| {
+            std::env::var(k)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .map(|v| (k.to_string(), v))
+        })
+        .collect()
+}
+
+/// One input that differs between two fingerprints.
+#[derive(Clone, Debug, Serialize, PartialEq)]
+pub struct InputChange {
+    pub input: String,
+    pub cached: serde_json::Value,
+    pub wanted: serde_json::Value,
+}
+
+/// Which top-level inputs differ (flag lists are compared flag by flag).
+pub fn diff(cached: &serde_json::Value, wanted: &BuildInputs) -> Vec<InputChange> {
+    let wanted = serde_json::to_value(wanted).expect("inputs serialize");
+    let empty = serde_json::Map::new();
+    let a = cached.as_object().unwrap_or(&empty);
+    let b = wanted.as_object().unwrap_or(&empty);
+    let mut keys: Vec<&String> = a.keys().chain(b.keys()).collect();
+    keys.sort();
+    keys.dedup();
+    let null = serde_json::Value::Null;
+    let mut out = Vec::new();
+    for k in keys {
+        let (x, y) = (a.get(k).unwrap_or(&null), b.get(k).unwrap_or(&null));
+        if x == y {
+            continue;
+        }
+        if let (Some(xs), Some(ys)) = (x.as_array(), y.as_array()) {
+            if k == "cmake_flags" {
+                let removed: Vec<_> = xs.iter().filter(|f| !ys.contains(f)).cloned().collect();
+                let added: Vec<_> = ys.iter().filter(|f| !xs.contains(f)).cloned().collect();
+                out.push(InputChange {
+                    input: k.clone(),
+                    cached: serde_json::Value::Array(removed),
+                    wanted: serde_json::Value::Array(added),
+                });
+                continue;
+            }
+        }
+        out.push(InputChange {
+            input: k.clone(),
+            cached: x.clone(),
+            wanted: y.clone(),
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    pub(crate) fn sample() -> BuildInputs {
+        BuildInputs {
+            schema: FINGERPRINT_SCHEMA,
+            source: SourceIdentity {
+                kind: "git".into(),
+                id: "4df29be4f4c3673f428170fda944a5b19f743bb8".into(),
+                commit: "4df29be4f4c3673f428170fda944a5b19f743bb8".into(),
+                subdir: None,
+            },
+            cmake_flags: normalize_flags(&["-DB=1".into(), "-DA=2".into()]).unwrap(),
+            build_type: "Release".into(),
+            targets: vec!["llama-server".into()],
+            c_compiler: "gcc 12".into(),
+            cxx_compiler: "g++ 12".into(),
+            cmake_version: "3.25.1".into(),
+            generator: "Ninja".into(),
+            cuda: None,
+            host_triple: "x86_64-linux-gnu".into(),
+            env: BTreeMap::new(),
+        }
+    }
+
+    #[test]
+    fn every_input_changes_the_fingerprint() {
+        let base = sample();
+        let fp = base.fingerprint();
+        let mut variants: Vec<(&str, BuildInputs)> = Vec::new();
+        let mut v = base.clone();
+        v.source.id = "0".repeat(40);
+        variants.push(("source", v));
+        let mut v = base.clone();
+        v.source.kind = "pypi_sdist".into();
+        variants.push(("source kind", v));
+        let mut v = base.clone();
+        v.cmake_flags.push("-DC=3".into());
+        variants.push(("flags", v));
+        let mut v = base.clone();
+        v.build_type = "Debug".into();
+        variants.push(("build type", v));
+        let mut v = base.clone();
+        v.targets.push("llama-cli".into());
+        variants.push(("targets", v));
+        let mut v = base.clone();
+        v.c_compiler = "clang 17".into();
+        variants.push(("c compiler", v));
+        let mut v = base.clone();
+        v.cxx_compiler = "clang++ 17".into();
+        variants.push(("cxx compiler", v));
+        let mut v = base.clone();
+        v.cmake_version = "3.31.0".into();
+        variants.push(("cmake", v));
+        let mut v = base.clone();
+        v.generator = "Unix Makefiles".into();
+        variants.push(("generator", v));
+        let mut v = base.clone();
+        v.cuda = Some(CudaInputs {
+            nvcc_version: "12.4".into(),
+            archs: vec!["86".into()],
+            host_compiler: None,
+        });
+        variants.push(("cuda", v.clone()));
+        let mut w = v.clone();
+        w.cuda.as_mut().unwrap().archs = vec!["90".into()];
+        variants.push(("cuda archs", w));
+        let mut w = v;
+        w.cuda.as_mut().unwrap().nvcc_version = "13.0".into();
+        variants.push(("nvcc", w));
+        let mut v = base.clone();
+        v.host_triple = "aarch64-linux-gnu".into();
+        variants.push(("triple", v));
+        let mut v = base.clone();
+        v.env.insert("CFLAGS".into(), "-O1".into());
+        variants.push(("env", v));
+        let mut v = base.clone();
+        v.schema += 1;
+        variants.push(("schema", v));
+        let mut seen = std::collections::HashSet::new();
+        seen.insert(fp.clone());
+        for (what, v) in variants {
+            assert!(seen.insert(v.fingerprint()), "{what} did not change the fingerprint");
+        }
+    }
+
+    #[test]
+    fn flag_order_and_spelling_do_not_matter() {
+        let a = normalize_flags(&["-DA=1".into(), "-D B:BOOL=ON".into()]).unwrap();
+        let b = normalize_flags(&["-DB=ON".into(), "-DA=1".into()]).unwrap();
+        assert_eq!(a, b);
+        let last_wins = normalize_flags(&["-DA=1".into(), "-DA=2".into()]).unwrap();
+        assert_eq!(last_wins, vec!["-DA=2".to_string()]);
+    }
+
+    #[test]
+    fn bad_flags_are_refused() {
+        assert!(normalize_flag("GGML_CUDA=ON").is_err());
+        assert!(normalize_flag("-DGGML_CUDA").is_err());
+        assert!(normalize_flag("-D=1").is_err());
+    }
+
+    #[test]
+    fn diff_names_the_changed_input() {
+        let a = sample();
+        let mut b = a.clone();
+        b.cmake_flags.push("-DGGML_CUDA=ON".into());
+        b.cmake_version = "3.31".into();
+        let d = diff(&serde_json::to_value(&a).unwrap(), &b);
+        let names: Vec<_> = d.iter().map(|c| c.input.as_str()).collect();
+        assert_eq!(names, vec!["cmake_flags", "cmake_version"]);
+        assert_eq!(d[0].wanted, serde_json::json!(["-DGGML_CUDA=ON"]));
+    }
+}

@@ -1,0 +1,17 @@
+//! Engine provisioning: pinned llama.cpp sources → CMake build →
+//! fingerprinted, relocatable artifact cache → the engine process lifecycle.
+//!
+//! Read `ARCHITECTURE.md` at the workspace root for the map; each module has
+//! its own theory of operation.
+
+pub mod build;
+pub mod bundle;
+pub mod cache;
+pub mod cuda;
+pub mod fingerprint;
+pub mod preflight;
+pub mod profile;
+pub mod source;
+
+pub use build::{build, BuildOptions, BuildOutcome};
+pub use profile::{Backend, Profile};

@@ -1,0 +1,428 @@
+//! Profiles (`requirements/<name>.yaml`) and pins (`toolchains/llama.cpp.yaml`).
+//!
+//! Both are typed, versioned (`schema: 1`) and strict: unknown keys are
+//! errors, and every error names the file, line and column.
+
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const PROFILE_SCHEMA: u32 = 1;
+pub const PINS_SCHEMA: u32 = 1;
+pub const DEFAULT_PROFILE: &str = "cpu";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {message}")]
+    Invalid { path: String, message: String },
+    #[error("no profile named `{name}` (looked for {looked})\n  available profiles: {available}\n  hint: pass --profile NAME or --profile path/to/profile.yaml")]
+    NoSuchProfile {
+        name: String,
+        looked: String,
+        available: String,
+    },
+    #[error("{path}: pin `{pin}` is not defined in {pins}\n  defined pins: {available}")]
+    NoSuchPin {
+        path: String,
+        pin: String,
+        pins: String,
+        available: String,
+    },
+}
+
+fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string(),
+    })
+}
+
+// ---------------------------------------------------------------- pins
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinsFile {
+    pub schema: u32,
+    pub default: String,
+    pub pins: BTreeMap<String, Pin>,
+}
+
+/// One pinned llama.cpp revision and where its tree comes from.
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct Pin {
+    /// The llama.cpp commit the tree is (verified for `git`, recorded for the others).
+    pub commit: String,
+    pub source: SourceSpec,
+    #[serde(default)]
+    pub description: Option<String>,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
+#[serde(tag = "kind", rename_all = "snake_case", deny_unknown_fields)]
+pub enum SourceSpec {
+    Git {
+        url: String,
+        /// Optional branch or tag; when given it must resolve to the pin's commit.
+        #[serde(default)]
+        rev: Option<String>,
+        #[serde(default)]
+        submodules: bool,
+    },
+    PypiSdist {
+        package: String,
+        version: String,
+        sha256: String,
+        #[serde(default)]
+        subdir: Option<String>,
+    },
+    Archive {
+        /// Local path (relative to the workspace root) or http(s) URL.
+        location: String,
+        sha256: String,
+        #[serde(default)]
+        strip_prefix: Option<String>,
+    },
+}
+
+impl PinsFile {
+    pub fn load(path: &Path) -> Result<PinsFile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let pins: PinsFile = parse_yaml(path, &text)?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        };
+        if pins.schema != PINS_SCHEMA {
+            return Err(invalid(format!(
+                "schema {} is not supported (this llama-orch reads schema {PINS_SCHEMA})",
+                pins.schema
+            )));
+        }
+        if !pins.pins.contains_key(&pins.default) {
+            return Err(invalid(format!("default pin `{}` is not defined", pins.default)));
+        }
+        for (name, pin) in &pins.pins {
+            if !is_full_commit(&pin.commit) {
+                return Err(invalid(format!(
+                    "pin `{name}`: commit `{}` must be a full 40-hex commit id",
+                    pin.commit
+                )));
+            }
+            match &pin.source {
+                SourceSpec::PypiSdist { sha256, .. } | SourceSpec::Archive { sha256, .. }
+                    if !llorch_io::digest::is_sha256_hex(sha256) =>
+                {
+                    return Err(invalid(format!(
+                        "pin `{name}`: sha256 `{sha256}` must be 64 lowercase hex digits"
+                    )));
+                }
+                _ => {}
+            }
+        }
+        Ok(pins)
+    }
+}
+
+pub fn is_full_commit(s: &str) -> bool {
+    s.len() == 40 && s.bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+// ---------------------------------------------------------------- profiles
+
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    Cpu,
+    Cuda,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProfileFile {
+    pub schema: u32,
+    pub pool: String,
+    pub engine: EngineSpec,
+    #[serde(default)]
+    pub allow_package_installs: bool,
+    #[serde(default)]
+    pub model: Option<ModelSpec>,
+    #[serde(default)]
+    pub server: ServerSpec,
+    #[serde(default)]
+    pub haiku: HaikuSpec,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct EngineSpec {
+    /// Pin name in `toolchains/llama.cpp.yaml`; the file's default when absent.
+    #[serde(default)]
+    pub pin: Option<String>,
+    pub backend: Backend,
+    /// CUDA architectures (`86`, `90`, or `native` when written explicitly).
+    #[serde(default)]
+    pub cuda_archs: Vec<String>,
+    /// Extra `-DKEY=VALUE` flags.
+    #[serde(default)]
+    pub cmake_flags: Vec<String>,
+    #[serde(default = "default_build_type")]
+    pub build_type: String,
+}
+
+fn default_build_type() -> String {
+    "Release".into()
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    #[serde(default)]
+    pub sha256: Option<String>,
+    #[serde(default)]
+    pub require_digest: bool,
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(untagged)]
+pub enum PortSpec {
+    Number(u16),
+    Range(String),
+}
+
+impl Default for PortSpec {
+    fn default() -> Self {
+        PortSpec::Number(0)
+    }
+}
+
+impl PortSpec {
+    /// Candidate ports in order; `[0]` means "any free port".
+    pub fn candidates(&self) -> Result<Vec<u16>, String> {
+        match self {
+            PortSpec::Number(n) => Ok(vec![*n]),
+            PortSpec::Range(s) => {
+                let (a, b) = s
+                    .split_once('-')
+                    .ok_or_else(|| format!("port `{s}`: expected a number or a range like 8080-8090"))?;
+                let a: u16 = a.trim().parse().map_err(|_| format!("port `{s}`: bad start"))?;
+                let b: u16 = b.trim().parse().map_err(|_| format!("port `{s}`: bad end"))?;
+                if a == 0 || b < a {
+                    return Err(format!("port `{s}`: range must be ascending and above 0"));
+                }
+                Ok((a..=b).collect())
+            }
+        }
+    }
+}
+
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerSpec {
+    #[serde(default = "default_host")]
+    pub host: String,
+    #[serde(default)]
+    pub port: PortSpec,
+    /// Fixed thread count; 0 means "physical cores of this machine", resolved once at spawn.
+    #[serde(default)]
+    pub threads: u32,
+    #[serde(default = "default_ctx")]
+    pub ctx_size: u32,
+    #[serde(default)]
+    pub n_gpu_layers: Option<i32>,
+    /// Extra llama-server flags (checked against the enforced deterministic profile).
+    #[serde(default)]
+    pub extra_args: Vec<String>,
+    #[serde(default = "default_ready_timeout")]
+    pub ready_timeout_s: u64,
+    #[serde(default = "default_seed")]
+    pub seed: u64,
+}
+
+fn default_host() -> String {
+    "127.0.0.1".into()
+}
+fn default_ctx() -> u32 {
+    2048
+}
+fn default_ready_timeout() -> u64 {
+    120
+}
+fn default_seed() -> u64 {
+    42
+}
+
+impl Default for ServerSpec {
+    fn default() -> Self {
+        ServerSpec {
+            host: default_host(),
+            port: PortSpec::default(),
+            threads: 0,
+            ctx_size: default_ctx(),
+            n_gpu_layers: None,
+            extra_args: Vec::new(),
+            ready_timeout_s: default_ready_timeout(),
+            seed: default_seed(),
+        }
+    }
+}
+
+#[derive(Clone, Debug, Default, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct HaikuSpec {
+    #[serde(default)]
+    pub require_minute_word: bool,
+    #[serde(default)]
+    pub max_tokens: Option<u32>,
+}
+
+/// A loaded profile with its resolved pin.
+#[derive(Clone, Debug)]
+pub struct Profile {
+    pub name: String,
+    pub path: PathBuf,
+    pub file: ProfileFile,
+    pub pin_name: String,
+    pub pin: Pin,
+}
+
+impl Profile {
+    /// Resolve `NAME` (→ `requirements/NAME.yaml`) or a path, then load it and its pin.
+    pub fn resolve(root: &Path, name_or_path: Option<&str>) -> Result<Profile, ConfigError> {
+        let arg = name_or_path.unwrap_or(DEFAULT_PROFILE);
+        let path = if arg.ends_with(".yaml") || arg.ends_with(".yml") || arg.contains('/') {
+            PathBuf::from(arg)
+        } else {
+            root.join("requirements").join(format!("{arg}.yaml"))
+        };
+        if !path.is_file() {
+            return Err(ConfigError::NoSuchProfile {
+                name: arg.to_string(),
+                looked: path.display().to_string(),
+                available: list_profiles(root).join(", "),
+            });
+        }
+        let pins_path = root.join("toolchains/llama.cpp.yaml");
+        Profile::load(&path, &pins_path)
+    }
+
+    pub fn load(path: &Path, pins_path: &Path) -> Result<Profile, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.display().to_string(),
+            source,
+        })?;
+        let file: ProfileFile = parse_yaml(path, &text)?;
+        let invalid = |message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            message,
+        };
+        if file.schema != PROFILE_SCHEMA {
+            return Err(invalid(format!(
+                "schema {} is not supported (this llama-orch reads schema {PROFILE_SCHEMA})",
+                file.schema
+            )));
+        }
+        if file.pool.is_empty()
+            || !file
+                .pool
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(invalid(format!(
+                "pool `{}` must be non-empty letters, digits, '-' or '_'",
+                file.pool
+            )));
+        }
+        match file.engine.backend {
+            Backend::Cuda if file.engine.cuda_archs.is_empty() => {
+                return Err(invalid(
+                    "engine.cuda_archs is empty: name the GPU architectures to build for, e.g. [86] for an RTX 3090 or [90] for an H100 (`native` only works where a GPU is visible)".into(),
+                ))
+            }
+            Backend::Cpu if !file.engine.cuda_archs.is_empty() => {
+                return Err(invalid("engine.cuda_archs is set but engine.backend is cpu".into()))
+            }
+            _ => {}
+        }
+        for a in &file.engine.cuda_archs {
+            let ok = a == "native"
+                || a.trim_end_matches(['a', 'f'])
+                    .trim_end_matches("-real")
+                    .trim_end_matches("-virtual")
+                    .parse::<u32>()
+                    .is_ok();
+            if !ok {
+                return Err(invalid(format!(
+                    "engine.cuda_archs: `{a}` is not a CUDA architecture (expected e.g. 86, 90, 90a or native)"
+                )));
+            }
+        }
+        for f in &file.engine.cmake_flags {
+            crate::fingerprint::normalize_flag(f).map_err(invalid)?;
+        }
+        file.server.port.candidates().map(|_| ()).map_err(|m| invalid(format!("server.{m}")))?;
+        if let Some(m) = &file.model {
+            if let Some(d) = &m.sha256 {
+                if !llorch_io::digest::is_sha256_hex(d) {
+                    return Err(invalid(format!(
+                        "model.sha256 `{d}` must be 64 lowercase hex digits"
+                    )));
+                }
+            }
+        }
+        let pins = PinsFile::load(pins_path)?;
+        let pin_name = file.engine.pin.clone().unwrap_or_else(|| pins.default.clone());
+        let pin = pins
+            .pins
+            .get(&pin_name)
+            .cloned()
+            .ok_or_else(|| ConfigError::NoSuchPin {
+                path: path.display().to_string(),
+                pin: pin_name.clone(),
+                pins: pins_path.display().to_string(),
+                available: pins.pins.keys().cloned().collect::<Vec<_>>().join(", "),
+            })?;
+        let name = path
+            .file_stem()
+            .map(|s| s.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Ok(Profile {
+            name,
+            path: path.to_path_buf(),
+            file,
+            pin_name,
+            pin,
+        })
+    }
+
+    pub fn pool(&self) -> &str {
+        &self.file.pool
+    }
+}
+
+pub fn list_profiles(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join("requirements"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let p = e.path();
+            (p.extension().is_some_and(|x| x == "yaml"))
+                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+        })
+        .collect();
+    v.sort();
+    v
+}

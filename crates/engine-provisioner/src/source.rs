@@ -1,0 +1,477 @@
+//! Fetching a pinned llama.cpp tree into `cache/src-v1/<source-id>/`.
+//!
+//! * `git`: one bare object store per URL (`src-v1/git-db/<url-hash>.git`),
+//!   fetched into as new commits are pinned; each commit gets its own
+//!   detached checkout (`src-v1/git-<commit>`) that borrows the store's
+//!   objects through `objects/info/alternates`. HEAD is verified against the pin.
+//! * `pypi_sdist`: `python3 -m pip download --no-deps --no-binary PKG PKG==VER`
+//!   (pip's own index configuration applies), sha256 checked before
+//!   extraction, then the pinned subdirectory is kept.
+//! * `archive`: a local path or an http(s) URL, sha256 checked, extracted
+//!   with a strip prefix.
+//!
+//! Extraction refuses absolute member paths, `..` components and links that
+//! point outside the target. Every tree is staged beside its final path and
+//! renamed into place only when complete, under a per-source lock.
+
+use crate::profile::{Pin, SourceSpec};
+use crate::fingerprint::SourceIdentity;
+use llorch_io::cmd::Cmd;
+use llorch_io::fsx::{self, FileLock};
+use llorch_io::paths::Layout;
+use std::path::{Component, Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum SourceError {
+    #[error("sha256 mismatch for {what}\n  expected: {expected}\n  actual:   {actual}\n  nothing was extracted; the file was deleted. If the pin is right, the download is corrupt or was tampered with: try again, or check your package index / mirror.")]
+    ChecksumMismatch {
+        what: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("refusing to extract {archive}: member `{member}` {why}")]
+    UnsafeMember {
+        archive: String,
+        member: String,
+        why: String,
+    },
+    #[error("git: {0}")]
+    Git(String),
+    #[error("commit {commit} is not in {url} (fetched all branches and tags)\n  hint: check the pin in toolchains/llama.cpp.yaml; a shallow or private mirror may lack it")]
+    UnknownCommit { url: String, commit: String },
+    #[error("pin mismatch for {url}: {detail}")]
+    PinMismatch { url: String, detail: String },
+    #[error("pip download of {package}=={version} failed: {source}\n  hint: pip uses its own index configuration (pip config list); check network access to your package index")]
+    Pip {
+        package: String,
+        version: String,
+        source: llorch_io::cmd::CmdError,
+    },
+    #[error("{0}")]
+    Download(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+    #[error("{0}")]
+    Layout(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SourceError {
+    let what = what.into();
+    move |source| SourceError::Io { what, source }
+}
+
+/// The identity of a pin's source (what the fingerprint records).
+pub fn identity(pin: &Pin) -> SourceIdentity {
+    match &pin.source {
+        SourceSpec::Git { .. } => SourceIdentity {
+            kind: "git".into(),
+            id: pin.commit.to_lowercase(),
+            commit: pin.commit.to_lowercase(),
+            subdir: None,
+        },
+        SourceSpec::PypiSdist { sha256, subdir, .. } => SourceIdentity {
+            kind: "pypi_sdist".into(),
+            id: sha256.clone(),
+            commit: pin.commit.to_lowercase(),
+            subdir: subdir.clone(),
+        },
+        SourceSpec::Archive {
+            sha256,
+            strip_prefix,
+            ..
+        } => SourceIdentity {
+            kind: "archive".into(),
+            id: sha256.clone(),
+            commit: pin.commit.to_lowercase(),
+            subdir: strip_prefix.clone(),
+        },
+    }
+}
+
+/// Directory name under `src-v1/` for a pin.
+pub fn source_id(pin: &Pin) -> String {
+    match &pin.source {
+        SourceSpec::Git { .. } => format!("git-{}", pin.commit.to_lowercase()),
+        SourceSpec::PypiSdist {
+            package,
+            version,
+            sha256,
+            ..
+        } => format!("pypi-{package}-{version}-{}", &sha256[..12]),
+        SourceSpec::Archive { sha256, .. } => format!("archive-{}", &sha256[..12]),
+    }
+}
+
+/// Make the pin's tree present; returns its path. `progress` gets short status lines.
+pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
+    let src_root = layout.cache.join("src-v1");
+    let id = source_id(pin);
+    let final_dir = src_root.join(&id);
+    let _lock = FileLock::exclusive(&layout.locks().join(format!("src-{id}.lock")), || {
+        progress(&format!("waiting for another process preparing source {id}"))
+    })
+    .map_err(io("lock source"))?;
+    if let SourceSpec::Git { url, rev, submodules } = &pin.source {
+        return git_checkout(url, rev.as_deref(), &pin.commit, *submodules, &src_root, progress);
+    }
+    if final_dir.join(".llorch-complete").is_file() {
+        return Ok(final_dir);
+    }
+    let staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
+    match &pin.source {
+        SourceSpec::PypiSdist {
+            package,
+            version,
+            sha256,
+            subdir,
+        } => {
+            progress(&format!("downloading {package}=={version} sdist with pip"));
+            let dl = tempfile::tempdir_in(&src_root).map_err(io("temp dir"))?;
+            let file = pip_download_sdist(package, version, dl.path())?;
+            verify_sha256(&file, sha256, &format!("{package}=={version} sdist ({})", file.display()))?;
+            progress("extracting sdist");
+            let unpack = staging.path().join("unpack");
+            extract_tar_gz(&file, &unpack, None)?;
+            let top = single_top_dir(&unpack)?;
+            let tree = match subdir {
+                Some(s) => top.join(s),
+                None => top,
+            };
+            if !tree.join("CMakeLists.txt").is_file() {
+                return Err(SourceError::Layout(format!(
+                    "{package}=={version}: no CMakeLists.txt at `{}` inside the sdist (check `subdir` in the pin)",
+                    subdir.as_deref().unwrap_or(".")
+                )));
+            }
+            std::fs::rename(&tree, staging.path().join("tree")).map_err(io("move tree"))?;
+            std::fs::remove_dir_all(&unpack).map_err(io("clean unpack dir"))?;
+        }
+        SourceSpec::Archive {
+            location,
+            sha256,
+            strip_prefix,
+        } => {
+            let file = if location.starts_with("http://") || location.starts_with("https://") {
+                progress(&format!("downloading {location}"));
+                let dest = staging.path().join("archive.download");
+                download_to(location, &dest)?;
+                dest
+            } else {
+                let p = PathBuf::from(location);
+                if p.is_absolute() { p } else { layout.root.join(p) }
+            };
+            verify_sha256(&file, sha256, &format!("archive {location}"))?;
+            progress("extracting archive");
+            extract_tar_gz(&file, &staging.path().join("tree"), strip_prefix.as_deref())?;
+            let _ = std::fs::remove_file(staging.path().join("archive.download"));
+        }
+        SourceSpec::Git { .. } => unreachable!(),
+    }
+    // Flatten: the staging dir becomes the tree itself.
+    let tree_staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
+    std::fs::remove_dir(tree_staging.path()).map_err(io("prepare staging"))?;
+    std::fs::rename(staging.path().join("tree"), tree_staging.path()).map_err(io("stage tree"))?;
+    std::fs::write(tree_staging.path().join(".llorch-complete"), identity(pin).id).map_err(io("mark complete"))?;
+    fsx::commit_dir(tree_staging, &final_dir).map_err(io("install source tree"))?;
+    Ok(final_dir)
+}
+
+pub fn verify_sha256(file: &Path, expected: &str, what: &str) -> Result<(), SourceError> {
+    let actual = llorch_io::digest::sha256_file(file).map_err(io(format!("hash {}", file.display())))?;
+    if actual != expected {
+        let _ = std::fs::remove_file(file);
+        return Err(SourceError::ChecksumMismatch {
+            what: what.to_string(),
+            expected: expected.to_string(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+fn pip_download_sdist(package: &str, version: &str, dir: &Path) -> Result<PathBuf, SourceError> {
+    let spec = format!("{package}=={version}");
+    Cmd::new("python3")
+        .args(["-m", "pip", "download", "--no-deps", "--no-binary", package, "-q", "-d"])
+        .arg(dir)
+        .arg(&spec)
+        .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+        .read()
+        .map_err(|source| SourceError::Pip {
+            package: package.into(),
+            version: version.into(),
+            source,
+        })?;
+    std::fs::read_dir(dir)
+        .map_err(io("list pip download dir"))?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
+        .ok_or_else(|| SourceError::Layout(format!("pip downloaded no .tar.gz sdist for {spec}")))
+}
+
+/// Stream an http(s) URL to `dest` through the shared client.
+pub fn download_to(url: &str, dest: &Path) -> Result<(), SourceError> {
+    let client = llorch_io::http::blocking_client();
+    let mut last = String::new();
+    for attempt in 0..4 {
+        if attempt > 0 {
+            std::thread::sleep(llorch_io::http::backoff(attempt - 1));
+        }
+        match client.get(url).send() {
+            Ok(mut r) if r.status().is_success() => {
+                let mut f = std::fs::File::create(dest).map_err(io(format!("create {}", dest.display())))?;
+                return match r.copy_to(&mut f) {
+                    Ok(_) => Ok(()),
+                    Err(e) => Err(SourceError::Download(format!("download {url}: {e}"))),
+                };
+            }
+            Ok(r) if llorch_io::http::is_transient_status(r.status().as_u16()) => {
+                last = format!("HTTP {}", r.status());
+            }
+            Ok(r) => return Err(SourceError::Download(format!("download {url}: HTTP {}", r.status()))),
+            Err(e) => last = e.to_string(),
+        }
+    }
+    Err(SourceError::Download(format!("download {url} failed after retries: {last}")))
+}
+
+fn check_member(archive: &Path, member: &Path) -> Result<(), SourceError> {
+    let bad = |why: &str| SourceError::UnsafeMember {
+        archive: archive.display().to_string(),
+        member: member.display().to_string(),
+        why: why.to_string(),
+    };
+    if member.is_absolute() {
+        return Err(bad("is an absolute path"));
+    }
+    if member.components().any(|c| matches!(c, Component::ParentDir | Component::Prefix(_) | Component::RootDir)) {
+        return Err(bad("escapes the target directory (`..`)"));
+    }
+    Ok(())
+}
+
+/// Extract a `.tar.gz` (or plain `.tar`) into `dest`, stripping `strip` from
+/// member paths; refuses unsafe members before writing anything.
+pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Result<(), SourceError> {
+    let open = || -> Result<tar::Archive<Box<dyn std::io::Read>>, SourceError> {
+        let f = std::fs::File::open(archive).map_err(io(format!("open {}", archive.display())))?;
+        let mut magic = [0u8; 2];
+        let gz = {
+            use std::io::Read;
+            let mut g = std::fs::File::open(archive).map_err(io("open"))?;
+            g.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]
+        };
+        let r: Box<dyn std::io::Read> = if gz {
+            Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)))
+        } else {
+            Box::new(std::io::BufReader::new(f))
+        };
+        Ok(tar::Archive::new(r))
+    };
+    // Pass 1: validate every member, write nothing.
+    let mut a = open()?;
+    for e in a.entries().map_err(io("read archive"))? {
+        let e = e.map_err(io("read archive entry"))?;
+        let path = e.path().map_err(io("member path"))?.into_owned();
+        check_member(archive, &path)?;
+        if let Some(link) = e.link_name().map_err(io("link name"))? {
+            let resolved = if e.header().entry_type().is_hard_link() {
+                link.to_path_buf()
+            } else {
+                path.parent().unwrap_or(Path::new("")).join(&link)
+            };
+            if link.is_absolute() || escapes(&resolved) {
+                return Err(SourceError::UnsafeMember {
+                    archive: archive.display().to_string(),
+                    member: path.display().to_string(),
+                    why: format!("links to `{}` outside the target directory", link.display()),
+                });
+            }
+        }
+    }
+    // Pass 2: extract.
+    std::fs::create_dir_all(dest).map_err(io(format!("create {}", dest.display())))?;
+    let mut a = open()?;
+    a.set_preserve_permissions(true);
+    for e in a.entries().map_err(io("read archive"))? {
+        let mut e = e.map_err(io("read archive entry"))?;
+        let path = e.path().map_err(io("member path"))?.into_owned();
+        let rel = match strip {
+            Some(p) => match path.strip_prefix(p) {
+                Ok(r) => r.to_path_buf(),
+                Err(_) => continue,
+            },
+            None => path.clone(),
+        };
+        if rel.as_os_str().is_empty() {
+            continue;
+        }
+        let target = dest.join(&rel);
+        if let Some(parent) = target.parent() {
+            std::fs::create_dir_all(parent).map_err(io("create dir"))?;
+        }
+        e.unpack(&target).map_err(io(format!("extract {}", rel.display())))?;
+    }
+    Ok(())
+}
+
+fn escapes(p: &Path) -> bool {
+    let mut depth: i64 = 0;
+    for c in p.components() {
+        match c {
+            Component::ParentDir => depth -= 1,
+            Component::Normal(_) => depth += 1,
+            Component::CurDir => {}
+            _ => return true,
+        }
+        if depth < 0 {
+            return true;
+        }
+    }
+    false
+}
+
+fn single_top_dir(dir: &Path) -> Result<PathBuf, SourceError> {
+    let entries: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map_err(io("list extracted sdist"))?
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    match entries.as_slice() {
+        [one] if one.is_dir() => Ok(one.clone()),
+        _ => Err(SourceError::Layout(format!(
+            "expected one top-level directory in the sdist, found {}",
+            entries.len()
+        ))),
+    }
+}
+
+// ---------------------------------------------------------------- git
+
+fn git_err(e: git2::Error) -> SourceError {
+    SourceError::Git(e.message().to_string())
+}
+
+fn url_key(url: &str) -> String {
+    llorch_io::digest::sha256_bytes(url.as_bytes())[..16].to_string()
+}
+
+/// Fetch `commit` from `url` into the shared object store and check it out
+/// detached at `src_root/git-<commit>`.
+pub fn git_checkout(
+    url: &str,
+    rev: Option<&str>,
+    commit: &str,
+    submodules: bool,
+    src_root: &Path,
+    progress: &dyn Fn(&str),
+) -> Result<PathBuf, SourceError> {
+    let commit = commit.to_lowercase();
+    let final_dir = src_root.join(format!("git-{commit}"));
+    let oid = git2::Oid::from_str(&commit).map_err(git_err)?;
+    if final_dir.join(".git").exists() {
+        let repo = git2::Repository::open(&final_dir).map_err(git_err)?;
+        let head = repo.head().map_err(git_err)?.peel_to_commit().map_err(git_err)?.id();
+        if head == oid {
+            return Ok(final_dir);
+        }
+        progress(&format!("checkout {} has HEAD {head}, not {commit}: recreating it", final_dir.display()));
+        std::fs::remove_dir_all(&final_dir).map_err(io("remove stale checkout"))?;
+    }
+    let db_path = src_root.join("git-db").join(format!("{}.git", url_key(url)));
+    let db = if db_path.exists() {
+        git2::Repository::open_bare(&db_path).map_err(git_err)?
+    } else {
+        std::fs::create_dir_all(&db_path).map_err(io("create git store"))?;
+        let r = git2::Repository::init_bare(&db_path).map_err(git_err)?;
+        r.remote("origin", url).map_err(git_err)?;
+        r
+    };
+    if db.find_commit(oid).is_err() {
+        progress(&format!("fetching {url}"));
+        let mut remote = db.find_remote("origin").map_err(git_err)?;
+        let mut opts = git2::FetchOptions::new();
+        opts.download_tags(git2::AutotagOption::All);
+        remote
+            .fetch(
+                &["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"],
+                Some(&mut opts),
+                None,
+            )
+            .map_err(git_err)?;
+        if db.find_commit(oid).is_err() {
+            // Servers that allow it can serve an unadvertised commit by id.
+            let _ = remote.fetch(&[commit.as_str()], Some(&mut git2::FetchOptions::new()), None);
+        }
+        if db.find_commit(oid).is_err() {
+            return Err(SourceError::UnknownCommit {
+                url: url.into(),
+                commit,
+            });
+        }
+    }
+    if let Some(rev) = rev {
+        let resolved = db
+            .revparse_single(&format!("refs/remotes/origin/{rev}"))
+            .or_else(|_| db.revparse_single(&format!("refs/tags/{rev}")))
+            .or_else(|_| db.revparse_single(rev))
+            .and_then(|o| o.peel_to_commit())
+            .map_err(|e| SourceError::PinMismatch {
+                url: url.into(),
+                detail: format!("rev `{rev}` does not resolve: {}", e.message()),
+            })?;
+        if resolved.id() != oid {
+            return Err(SourceError::PinMismatch {
+                url: url.into(),
+                detail: format!("rev `{rev}` is {}, but the pin says commit {commit}", resolved.id()),
+            });
+        }
+    }
+    progress(&format!("checking out {commit}"));
+    let staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
+    let repo = git2::Repository::init(staging.path()).map_err(git_err)?;
+    let alternates = repo.path().join("objects/info/alternates");
+    std::fs::create_dir_all(alternates.parent().unwrap()).map_err(io("alternates dir"))?;
+    std::fs::write(&alternates, format!("{}\n", db_path.join("objects").display())).map_err(io("write alternates"))?;
+    let repo = git2::Repository::open(staging.path()).map_err(git_err)?;
+    repo.remote("origin", url).map_err(git_err)?;
+    {
+        let c = repo.find_commit(oid).map_err(git_err)?;
+        let mut co = git2::build::CheckoutBuilder::new();
+        co.force();
+        repo.checkout_tree(c.as_object(), Some(&mut co)).map_err(git_err)?;
+        repo.set_head_detached(oid).map_err(git_err)?;
+    }
+    let head = repo.head().map_err(git_err)?.peel_to_commit().map_err(git_err)?.id();
+    if head != oid {
+        return Err(SourceError::PinMismatch {
+            url: url.into(),
+            detail: format!("HEAD is {head} after checkout, expected {commit}"),
+        });
+    }
+    if submodules {
+        for mut sm in repo.submodules().map_err(git_err)? {
+            progress(&format!("updating submodule {}", sm.path().display()));
+            sm.update(true, None).map_err(git_err)?;
+        }
+    }
+    drop(repo);
+    fsx::commit_dir(staging, &final_dir).map_err(io("install checkout"))?;
+    Ok(final_dir)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn escape_detection() {
+        assert!(escapes(Path::new("a/../../b")));
+        assert!(!escapes(Path::new("a/../b")));
+        assert!(escapes(Path::new("/etc/passwd")));
+    }
+}

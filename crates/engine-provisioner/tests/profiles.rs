@@ -1,0 +1,77 @@
+//! Profiles and pins: the shipped ones load; bad ones fail with file, line and column.
+
+use engine_provisioner::profile::{Backend, Profile};
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+}
+
+#[test]
+fn shipped_profiles_load() {
+    let r = root();
+    let cpu = Profile::resolve(&r, None).unwrap();
+    assert_eq!(cpu.name, "cpu");
+    assert_eq!(cpu.file.engine.backend, Backend::Cpu);
+    assert_eq!(cpu.pin.commit, "4df29be4f4c3673f428170fda944a5b19f743bb8");
+    let rtx = Profile::resolve(&r, Some("llamacpp-3090-source")).unwrap();
+    assert_eq!(rtx.file.engine.cuda_archs, vec!["86"]);
+    assert!(matches!(rtx.pin.source, engine_provisioner::profile::SourceSpec::Git { .. }));
+    assert_eq!(rtx.pin.commit, cpu.pin.commit, "both pins are the same llama.cpp commit");
+    let h100 = Profile::resolve(&r, Some("h100")).unwrap();
+    assert_eq!(h100.file.engine.cuda_archs, vec!["90"]);
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn unknown_key_names_file_line_and_column() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "bad.yaml", "schema: 1\npool: default\nengine:\n  backend: cpu\n  cmake_flagz: []\n");
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    assert!(err.contains("bad.yaml"), "{err}");
+    assert!(err.contains("cmake_flagz"), "{err}");
+    assert!(err.contains("line 5"), "{err}");
+    assert!(err.contains("column 3"), "{err}");
+}
+
+#[test]
+fn malformed_yaml_names_line_and_column() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "broken.yaml", "schema: 1\npool: [default\nengine:\n");
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    assert!(err.contains("broken.yaml"), "{err}");
+    assert!(err.contains("line"), "{err}");
+    assert!(err.contains("column"), "{err}");
+}
+
+#[test]
+fn cuda_without_archs_is_refused_with_advice() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "c.yaml", "schema: 1\npool: g\nengine:\n  backend: cuda\n");
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    assert!(err.contains("cuda_archs"), "{err}");
+    assert!(err.contains("[86]"), "{err}");
+}
+
+#[test]
+fn unknown_pin_and_profile_are_named() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "p.yaml", "schema: 1\npool: g\nengine:\n  backend: cpu\n  pin: nope\n");
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    assert!(err.contains("`nope`") && err.contains("llama-cpp-python-0.3.35"), "{err}");
+    let err = Profile::resolve(&root(), Some("no-such-profile")).unwrap_err().to_string();
+    assert!(err.contains("no-such-profile") && err.contains("cpu"), "{err}");
+}
+
+#[test]
+fn bad_cmake_flag_is_refused() {
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "f.yaml", "schema: 1\npool: g\nengine:\n  backend: cpu\n  cmake_flags: [GGML_NATIVE=OFF]\n");
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    assert!(err.contains("-DKEY=VALUE"), "{err}");
+}

@@ -1,0 +1,178 @@
+//! Files that never appear half-written, and locks that serialize work on
+//! one cache entry.
+//!
+//! Architecture Invariant: a final cache path is only ever created by
+//! `rename` from a sibling temporary path; temporaries clean up on `Drop`.
+
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// Write `bytes` to `path` atomically (temp file in the same dir, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir)?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(dir)?;
+    tmp.write_all(bytes)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path).map_err(|e| e.error)?;
+    Ok(())
+}
+
+/// A staging directory beside `final_path` (same filesystem, so the final
+/// rename is atomic); removed on drop unless committed.
+pub fn staging_dir_for(final_path: &Path) -> std::io::Result<tempfile::TempDir> {
+    let parent = final_path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(parent)?;
+    let name = final_path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    tempfile::Builder::new()
+        .prefix(&format!(".staging-{name}-"))
+        .tempdir_in(parent)
+}
+
+/// Move a finished staging dir into place. An existing final dir is moved
+/// aside first and deleted after the rename (a corrupted entry being replaced).
+pub fn commit_dir(staging: tempfile::TempDir, final_path: &Path) -> std::io::Result<()> {
+    let staged = staging.keep();
+    if final_path.exists() {
+        let aside = final_path.with_extension(format!("old-{}", std::process::id()));
+        std::fs::rename(final_path, &aside)?;
+        std::fs::rename(&staged, final_path)?;
+        let _ = std::fs::remove_dir_all(aside);
+    } else {
+        std::fs::rename(&staged, final_path)?;
+    }
+    Ok(())
+}
+
+/// An exclusive advisory lock on a file under `cache/locks/`, held until drop.
+/// Locks taken by a process die with it, so a crash never leaves a stale lock.
+#[derive(Debug)]
+pub struct FileLock {
+    _file: File,
+    pub path: PathBuf,
+}
+
+impl FileLock {
+    /// Block until the lock is ours. `on_wait` is called once if someone else
+    /// holds it (to tell the user why nothing happens).
+    pub fn exclusive(path: &Path, on_wait: impl FnOnce()) -> std::io::Result<FileLock> {
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                on_wait();
+                file.lock()?;
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+        }
+        Ok(FileLock {
+            _file: file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Shared lock (readers of a cache entry, e.g. a running engine's model).
+    pub fn shared(path: &Path) -> std::io::Result<FileLock> {
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        file.lock_shared()?;
+        Ok(FileLock {
+            _file: file,
+            path: path.to_path_buf(),
+        })
+    }
+
+    /// Try an exclusive lock without waiting; `None` when someone holds it.
+    pub fn try_exclusive(path: &Path) -> std::io::Result<Option<FileLock>> {
+        if let Some(p) = path.parent() {
+            std::fs::create_dir_all(p)?;
+        }
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(path)?;
+        match file.try_lock() {
+            Ok(()) => Ok(Some(FileLock {
+                _file: file,
+                path: path.to_path_buf(),
+            })),
+            Err(std::fs::TryLockError::WouldBlock) => Ok(None),
+            Err(std::fs::TryLockError::Error(e)) => Err(e),
+        }
+    }
+}
+
+/// Total size in bytes of the regular files below `dir`.
+pub fn dir_size(dir: &Path) -> u64 {
+    let mut total = 0;
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return 0;
+    };
+    for e in rd.flatten() {
+        let Ok(ft) = e.file_type() else { continue };
+        if ft.is_dir() {
+            total += dir_size(&e.path());
+        } else if ft.is_file() {
+            total += e.metadata().map(|m| m.len()).unwrap_or(0);
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("a.json");
+        write_atomic(&p, b"1").unwrap();
+        write_atomic(&p, b"2").unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), b"2");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+
+    #[test]
+    fn second_exclusive_lock_waits() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("l.lock");
+        let a = FileLock::exclusive(&p, || {}).unwrap();
+        assert!(FileLock::try_exclusive(&p).unwrap().is_none());
+        drop(a);
+        assert!(FileLock::try_exclusive(&p).unwrap().is_some());
+    }
+
+    #[test]
+    fn staging_commit_is_atomic_and_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let fin = d.path().join("entry");
+        for v in ["one", "two"] {
+            let s = staging_dir_for(&fin).unwrap();
+            std::fs::write(s.path().join("f"), v).unwrap();
+            commit_dir(s, &fin).unwrap();
+        }
+        assert_eq!(std::fs::read_to_string(fin.join("f")).unwrap(), "two");
+        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+    }
+}

@@ -1,0 +1,49 @@
+//! The HTTP door: one client configuration (connect and read timeouts, a
+//! user agent, proxies from the environment) and one retry policy.
+
+use std::time::Duration;
+
+pub const USER_AGENT: &str = concat!("llama-orch/", env!("CARGO_PKG_VERSION"));
+
+/// Blocking client for provisioning (downloads, health polls).
+pub fn blocking_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(None)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// Short-timeout blocking client for local probes (`/health`, `/metrics`).
+pub fn probe_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_millis(500))
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// Async client for the orchestrator's engine adapter (loopback, streaming).
+pub fn async_client() -> reqwest::Client {
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(2))
+        .no_proxy()
+        .tcp_nodelay(true)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// Backoff for attempt `n` (0-based): 0.5 s doubling, capped at 8 s.
+pub fn backoff(attempt: u32) -> Duration {
+    let ms = 500u64.saturating_mul(1u64 << attempt.min(4));
+    Duration::from_millis(ms.min(8_000))
+}
+
+/// Whether a status is worth retrying (server trouble or rate limiting).
+pub fn is_transient_status(code: u16) -> bool {
+    code == 408 || code == 429 || (500..=599).contains(&code)
+}

@@ -1,0 +1,43 @@
+//! The doors to the outside world, shared by every llama-orch crate.
+//!
+//! * [`cmd`]: the one way to run a process (logs the command line, scopes
+//!   directory and environment, turns failure into an error with the log tail).
+//! * [`http`]: the one HTTP client configuration (timeouts, user agent, retry policy).
+//! * [`fsx`]: atomic writes, staging directories and advisory locks.
+//! * [`digest`]: streaming sha256.
+//! * [`paths`]: where the workspace, the cache and the run state live.
+//!
+//! Tests point these doors at local servers and repositories; nothing else in
+//! the workspace opens sockets or spawns build tools on its own.
+
+pub mod cmd;
+pub mod digest;
+pub mod fsx;
+pub mod http;
+pub mod paths;
+
+/// Current UTC time as RFC 3339 (`2026-11-25T20:31:02Z`).
+pub fn now_rfc3339() -> String {
+    time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_else(|_| "1970-01-01T00:00:00Z".into())
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Last `n` lines of a text file (lossy UTF-8); empty when unreadable.
+pub fn tail_lines(path: &std::path::Path, n: usize) -> String {
+    let Ok(bytes) = std::fs::read(path) else {
+        return String::new();
+    };
+    let text = String::from_utf8_lossy(&bytes);
+    let lines: Vec<&str> = text.lines().collect();
+    let start = lines.len().saturating_sub(n);
+    lines[start..].join("\n")
+}

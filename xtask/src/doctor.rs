@@ -1,0 +1,82 @@
+//! `cargo xtask doctor`: what a profile needs, found or not, and how to get it.
+
+use crate::{print_json, Ctx};
+use anyhow::Result;
+use clap::Args;
+use engine_provisioner::preflight::{self, Toolbox};
+
+#[derive(Args)]
+pub struct DoctorCmd {
+    #[command(flatten)]
+    p: crate::engine::ProfileArgs,
+    /// Install what is missing through the system package manager (needs root or `sudo -n`)
+    #[arg(long)]
+    install: bool,
+}
+
+impl DoctorCmd {
+    pub fn run(self, ctx: &Ctx) -> Result<()> {
+        let profile = ctx.profile(self.p.profile.as_deref())?;
+        let tb = Toolbox::default();
+        let mut report = preflight::check(&profile, &tb);
+        let missing: Vec<String> = report.checks.iter().filter(|c| !c.ok && (c.required || self.install && c.tool == "ninja")).map(|c| c.tool.clone()).collect();
+        if self.install && !missing.is_empty() {
+            let pm = report
+                .package_manager
+                .ok_or_else(|| anyhow::anyhow!("no supported package manager found (pacman, apt-get, dnf); install {} by hand", missing.join(", ")))?;
+            let pkgs: Vec<&str> = missing.iter().map(|t| pm.package_for(t)).filter(|p| !p.is_empty()).collect();
+            preflight::install(pm, &pkgs, &|m: &str| eprintln!("{m}"))?;
+            report = preflight::check(&profile, &tb);
+        }
+        if self.p.json {
+            print_json(&report)?;
+        } else {
+            println!("profile {} ({:?} backend)", profile.name, report.backend);
+            match report.package_manager {
+                Some(pm) => println!("package manager: {}", pm.name()),
+                None => println!("package manager: none detected"),
+            }
+            for c in &report.checks {
+                let mark = if c.ok { "ok     " } else if c.required { "MISSING" } else { "absent " };
+                let what = match (&c.found, &c.version) {
+                    (Some(p), Some(v)) => format!("{v}  ({p})"),
+                    (Some(p), None) => p.clone(),
+                    _ => String::new(),
+                };
+                println!("  [{mark}] {:<8} {what}", c.tool);
+                if let Some(n) = &c.note {
+                    println!("            {n}");
+                }
+                if !c.ok {
+                    if let Some(i) = &c.install {
+                        println!("            install: {i}");
+                    } else if c.required {
+                        println!("            install with one of:\n{}", preflight::install_hints(&c.tool));
+                    }
+                }
+            }
+            if let Some(cuda) = &report.cuda {
+                println!("CUDA:");
+                println!("  nvcc:          {}", cuda.nvcc.as_deref().unwrap_or("not found"));
+                println!("  nvcc version:  {}", cuda.nvcc_version.as_deref().unwrap_or("-"));
+                println!("  CUDA root:     {}", cuda.cuda_root.as_deref().unwrap_or("not found (looked in CUDA_PATH, /opt/cuda, /usr/local/cuda)"));
+                println!("  host compiler: {}", cuda.host_compiler.as_deref().unwrap_or("-"));
+                let gpus = if cuda.gpus_compute_cap.is_empty() { "none visible".to_string() } else { cuda.gpus_compute_cap.join(", ") };
+                println!("  local GPUs (compute capability): {gpus}");
+                println!("  profile archs: {}", profile.file.engine.cuda_archs.join(", "));
+            }
+            for w in &report.warnings {
+                println!("warning: {w}");
+            }
+        }
+        let missing = report.missing_required();
+        if !missing.is_empty() {
+            anyhow::bail!(
+                "{} required tool(s) missing: {}",
+                missing.len(),
+                missing.iter().map(|c| c.tool.as_str()).collect::<Vec<_>>().join(", ")
+            );
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,93 @@
+//! `cargo xtask`: the llama-orch command line. `main` parses flags, finds the
+//! workspace and dispatches; each command lives in its own module and calls
+//! into the library crates, which do the work.
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+mod doctor;
+mod engine;
+mod model;
+mod source;
+
+#[derive(Parser)]
+#[command(
+    name = "cargo xtask",
+    about = "llama-orch: build llama.cpp from source, fetch a model, serve it, stream real tokens",
+    long_about = "llama-orch takes a machine from nothing to a serving LLM.\n\n\
+        Profiles live in requirements/<name>.yaml (default: cpu); pinned llama.cpp revisions in\n\
+        toolchains/llama.cpp.yaml. Everything is cached under cache/ (override with LLORCH_CACHE_DIR).\n\
+        Set LLORCH_VERBOSE=1 to see every external command line.",
+    version
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Build, inspect and prune cached llama-server builds
+    Engine(engine::EngineCmd),
+    /// Report every tool a profile needs, found or not, and how to install what is missing
+    Doctor(doctor::DoctorCmd),
+    /// Fetch, list, verify and evict models
+    Model(model::ModelCmd),
+    /// Offline source bundles of the pinned llama.cpp tree
+    Source(source::SourceCmd),
+}
+
+fn main() {
+    let cli = Cli::parse();
+    if let Err(e) = run(cli) {
+        eprintln!("error: {}", render_error(&e));
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let ctx = Ctx::discover()?;
+    match cli.cmd {
+        Command::Engine(c) => c.run(&ctx),
+        Command::Doctor(c) => c.run(&ctx),
+        Command::Source(c) => c.run(&ctx),
+        Command::Model(c) => c.run(&ctx),
+    }
+}
+
+/// The error and its causes, each once: library errors already embed their
+/// cause in their message, so a cause whose text is already shown is skipped.
+pub fn render_error(e: &anyhow::Error) -> String {
+    let mut msg = e.to_string();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !msg.contains(&c) {
+            msg.push_str(": ");
+            msg.push_str(&c);
+        }
+    }
+    msg
+}
+
+/// What every command gets: where the workspace, cache and run state are.
+pub struct Ctx {
+    pub layout: llorch_io::paths::Layout,
+}
+
+impl Ctx {
+    fn discover() -> Result<Ctx> {
+        Ok(Ctx {
+            layout: llorch_io::paths::Layout::discover()?,
+        })
+    }
+
+    pub fn profile(&self, name: Option<&str>) -> Result<engine_provisioner::Profile> {
+        Ok(engine_provisioner::Profile::resolve(&self.layout.root, name)?)
+    }
+}
+
+/// Print `value` as pretty JSON on stdout.
+pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}

