@@ -23,6 +23,44 @@ enum EngineSub {
     Ls(JsonArg),
     /// Delete all but the newest N cached builds (and their build directories)
     Gc(GcArgs),
+    /// Start the pool's engine (like `provision`); --foreground supervises it until Ctrl-C
+    Up {
+        #[command(flatten)]
+        p: ProfileArgs,
+        /// Stay in the foreground, restart the engine if it crashes, stop it on Ctrl-C
+        #[arg(long)]
+        foreground: bool,
+    },
+    /// Stop the pool's engine (SIGTERM, 5 s grace, SIGKILL)
+    Down(PoolArgs),
+    /// Show pid, URL, health, uptime, model, fingerprint and busy slots
+    Status(PoolArgs),
+    /// Print the engine log
+    Logs {
+        #[command(flatten)]
+        pool: PoolArgs,
+        /// Keep printing new lines
+        #[arg(long, short)]
+        follow: bool,
+    },
+}
+
+#[derive(Args)]
+pub struct PoolArgs {
+    /// Pool id (default: the default profile's pool)
+    #[arg(long)]
+    pub pool: Option<String>,
+    #[arg(long)]
+    pub json: bool,
+}
+
+impl PoolArgs {
+    pub fn pool(&self, ctx: &Ctx) -> Result<String> {
+        match &self.pool {
+            Some(p) => Ok(p.clone()),
+            None => Ok(ctx.profile(None)?.pool().to_string()),
+        }
+    }
 }
 
 #[derive(Args)]
@@ -141,6 +179,40 @@ impl EngineCmd {
                 }
                 Ok(())
             }
+            EngineSub::Up { p, foreground } => {
+                if !foreground {
+                    return crate::provision::ProvisionCmd::from_profile(p).run(ctx);
+                }
+                let profile = ctx.profile(p.profile.as_deref())?;
+                let (prep, _) = engine_provisioner::provision::prepare(&profile, &ctx.layout, &BuildOptions::default())?;
+                engine_provisioner::lifecycle::stop_pool(&ctx.layout, &prep.pool_id);
+                let sup = engine_provisioner::supervisor::Supervisor::start(prep, ctx.layout.clone(), Default::default());
+                let url = sup.wait_ready(std::time::Duration::from_secs(profile.file.server.ready_timeout_s + 5)).map_err(anyhow::Error::msg)?;
+                println!("engine ready at {url} (supervised; Ctrl-C stops it)");
+                crate::wait_for_ctrl_c();
+                eprintln!("stopping engine");
+                sup.stop();
+                Ok(())
+            }
+            EngineSub::Down(a) => {
+                let pool = a.pool(ctx)?;
+                match engine_provisioner::lifecycle::stop_pool(&ctx.layout, &pool) {
+                    Some(pid) => println!("stopped engine for pool {pool} (pid {pid})"),
+                    None => println!("no engine running for pool {pool}"),
+                }
+                Ok(())
+            }
+            EngineSub::Status(a) => status(ctx, &a),
+            EngineSub::Logs { pool, follow } => {
+                let paths = engine_provisioner::lifecycle::RunPaths::new(&ctx.layout, &pool.pool(ctx)?);
+                let mut f = std::fs::File::open(&paths.log).with_context(|| format!("no log at {}", paths.log.display()))?;
+                std::io::copy(&mut f, &mut std::io::stdout())?;
+                while follow {
+                    std::thread::sleep(std::time::Duration::from_millis(200));
+                    std::io::copy(&mut f, &mut std::io::stdout())?;
+                }
+                Ok(())
+            }
             EngineSub::Gc(a) => {
                 let cache = ArtifactCache::new(&ctx.layout.cache);
                 let mut removed = Vec::new();
@@ -175,4 +247,42 @@ pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::Buil
         ..Default::default()
     };
     Ok(engine_provisioner::build(&profile, &ctx.layout, &opts).context("build llama-server")?)
+}
+
+fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
+    use engine_provisioner::lifecycle::{self, Handoff, RunPaths};
+    let pool = a.pool(ctx)?;
+    let paths = RunPaths::new(&ctx.layout, &pool);
+    let pf = lifecycle::check_pid_file(&paths);
+    let h = Handoff::read(&paths.handoff);
+    let (pf, h) = match (pf, h) {
+        (Some(pf), Some(h)) => (pf, h),
+        _ => {
+            if a.json {
+                return print_json(&serde_json::json!({"pool": pool, "running": false}));
+            }
+            println!("pool {pool}: no engine running (start one with `cargo xtask provision`)");
+            return Ok(());
+        }
+    };
+    let client = llorch_io::http::probe_client();
+    let health = client.get(format!("{}/health", h.url)).send().map(|r| r.status().as_u16()).ok();
+    let slots: Option<serde_json::Value> = client.get(format!("{}/slots", h.url)).send().ok().and_then(|r| r.json().ok());
+    let busy = slots.as_ref().and_then(|s| s.as_array()).map(|a| a.iter().filter(|s| s["is_processing"].as_bool() == Some(true)).count());
+    let total = slots.as_ref().and_then(|s| s.as_array()).map(|a| a.len());
+    let uptime = std::fs::metadata(format!("/proc/{}", pf.pid)).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).map(|d| d.as_secs());
+    if a.json {
+        return print_json(&serde_json::json!({
+            "pool": pool, "running": true, "pid": pf.pid, "url": h.url, "health": health, "uptime_s": uptime,
+            "model": h.model, "fingerprint": h.fingerprint, "slots_busy": busy, "slots_total": total,
+            "engine_version": h.engine_version, "started_at": h.started_at, "flags": h.flags,
+        }));
+    }
+    println!("pool {pool}: pid {} at {}", pf.pid, h.url);
+    println!("  health:      {}", health.map(|c| if c == 200 { "ready (200)".to_string() } else { format!("{c}") }).unwrap_or("no answer".into()));
+    println!("  uptime:      {}s (started {})", uptime.unwrap_or(0), h.started_at);
+    println!("  model:       {} (sha256 {})", h.model.reference, &h.model.digest[..12]);
+    println!("  fingerprint: {}", h.fingerprint);
+    println!("  slots busy:  {}/{}", busy.unwrap_or(0), total.unwrap_or(0));
+    Ok(())
 }

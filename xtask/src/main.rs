@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod doctor;
 mod engine;
 mod model;
+mod provision;
 mod source;
 
 #[derive(Parser)]
@@ -31,6 +32,8 @@ enum Command {
     Engine(engine::EngineCmd),
     /// Report every tool a profile needs, found or not, and how to install what is missing
     Doctor(doctor::DoctorCmd),
+    /// Build or reuse the engine, fetch the model, start llama-server, wait until ready, write the handoff
+    Provision(provision::ProvisionCmd),
     /// Fetch, list, verify and evict models
     Model(model::ModelCmd),
     /// Offline source bundles of the pinned llama.cpp tree
@@ -52,6 +55,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Doctor(c) => c.run(&ctx),
         Command::Source(c) => c.run(&ctx),
         Command::Model(c) => c.run(&ctx),
+        Command::Provision(c) => c.run(&ctx),
     }
 }
 
@@ -90,4 +94,21 @@ impl Ctx {
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
+}
+
+/// Block until SIGINT or SIGTERM.
+pub fn wait_for_ctrl_c() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    static STOP: AtomicBool = AtomicBool::new(false);
+    extern "C" fn on_signal(_: libc::c_int) {
+        STOP.store(true, Ordering::SeqCst);
+    }
+    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    while !STOP.load(Ordering::SeqCst) {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
 }

@@ -15,3 +15,6 @@ pub mod source;
 
 pub use build::{build, BuildOptions, BuildOutcome};
 pub use profile::{Backend, Profile};
+pub mod lifecycle;
+pub mod supervisor;
+pub mod provision;

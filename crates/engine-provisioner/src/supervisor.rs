@@ -1,0 +1,230 @@
+//! One thread owns the engine child: it restarts it after a crash with
+//! exponential backoff (0.5 s doubling to 30 s, reset after a minute
+//! healthy), gives up after too many crashes in a window, and re-checks
+//! readiness after each restart. Others watch the [`EngineState`].
+//!
+//! The child gets `PR_SET_PDEATHSIG=SIGKILL` from the supervisor thread and
+//! its own process group, and the [`Supervisor`] stops it on drop: an engine
+//! never outlives its supervisor, also when the supervisor crashes.
+
+use crate::lifecycle::{self, Attach, PreparedEngine, RunningEngine};
+use llorch_io::paths::Layout;
+use serde::Serialize;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::{Arc, Condvar, Mutex};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+#[derive(Clone, Debug, PartialEq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum EngineState {
+    Starting,
+    Ready { url: String, pid: u32, ready_ms: u64 },
+    Restarting { attempt: u32, in_ms: u64, last_exit: String },
+    Failed { reason: String },
+    Stopped,
+}
+
+#[derive(Clone, Debug)]
+pub struct RestartPolicy {
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub healthy_reset: Duration,
+    pub max_crashes: usize,
+    pub window: Duration,
+}
+
+impl Default for RestartPolicy {
+    fn default() -> Self {
+        RestartPolicy {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(30),
+            healthy_reset: Duration::from_secs(60),
+            max_crashes: 5,
+            window: Duration::from_secs(300),
+        }
+    }
+}
+
+struct Shared {
+    state: Mutex<EngineState>,
+    cv: Condvar,
+    stop: AtomicBool,
+    restarts: AtomicU32,
+}
+
+impl Shared {
+    fn set(&self, s: EngineState) {
+        eprintln!("[supervisor] {}", serde_json::to_string(&s).unwrap_or_default());
+        *self.state.lock().unwrap() = s;
+        self.cv.notify_all();
+    }
+}
+
+pub struct Supervisor {
+    shared: Arc<Shared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Supervisor {
+    pub fn start(prep: PreparedEngine, layout: Layout, policy: RestartPolicy) -> Supervisor {
+        let shared = Arc::new(Shared {
+            state: Mutex::new(EngineState::Starting),
+            cv: Condvar::new(),
+            stop: AtomicBool::new(false),
+            restarts: AtomicU32::new(0),
+        });
+        let s2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name(format!("supervise-{}", prep.pool_id))
+            .spawn(move || run(prep, layout, policy, s2))
+            .expect("spawn supervisor thread");
+        Supervisor {
+            shared,
+            thread: Some(thread),
+        }
+    }
+
+    pub fn state(&self) -> EngineState {
+        self.shared.state.lock().unwrap().clone()
+    }
+
+    pub fn restarts(&self) -> u32 {
+        self.shared.restarts.load(Ordering::Relaxed)
+    }
+
+    /// Wait until the state satisfies `pred` or `timeout` passes.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&EngineState) -> bool) -> EngineState {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.shared.state.lock().unwrap();
+        while !pred(&g) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = self.shared.cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+        g.clone()
+    }
+
+    /// Wait for Ready (returns the URL) or Failed.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<String, String> {
+        match self.wait_for(timeout, |s| matches!(s, EngineState::Ready { .. } | EngineState::Failed { .. })) {
+            EngineState::Ready { url, .. } => Ok(url),
+            EngineState::Failed { reason } => Err(reason),
+            other => Err(format!("engine not ready after {}s (state: {other:?})", timeout.as_secs())),
+        }
+    }
+
+    /// Stop the engine and the supervising thread.
+    pub fn stop(mut self) {
+        self.stop_inner();
+    }
+
+    fn stop_inner(&mut self) {
+        self.shared.stop.store(true, Ordering::SeqCst);
+        self.shared.cv.notify_all();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+impl Drop for Supervisor {
+    fn drop(&mut self) {
+        self.stop_inner();
+    }
+}
+
+fn sleep_unless_stopped(shared: &Shared, d: Duration) -> bool {
+    let deadline = Instant::now() + d;
+    while Instant::now() < deadline {
+        if shared.stop.load(Ordering::SeqCst) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20).min(deadline - Instant::now()));
+    }
+    !shared.stop.load(Ordering::SeqCst)
+}
+
+fn run(prep: PreparedEngine, layout: Layout, policy: RestartPolicy, shared: Arc<Shared>) {
+    let mut crashes: Vec<Instant> = Vec::new();
+    let mut backoff = policy.initial_backoff;
+    let mut attempt = 0u32;
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            shared.set(EngineState::Stopped);
+            return;
+        }
+        shared.set(EngineState::Starting);
+        let last_exit = match lifecycle::spawn(&prep, &layout, Attach::Supervised) {
+            Ok(eng) => {
+                shared.set(EngineState::Ready {
+                    url: eng.url.clone(),
+                    pid: eng.pid,
+                    ready_ms: eng.ready_ms,
+                });
+                let healthy_since = Instant::now();
+                match watch(eng, &shared) {
+                    None => {
+                        shared.set(EngineState::Stopped);
+                        return;
+                    }
+                    Some(status) => {
+                        if healthy_since.elapsed() >= policy.healthy_reset {
+                            backoff = policy.initial_backoff;
+                            crashes.clear();
+                        }
+                        status
+                    }
+                }
+            }
+            Err(e) => e.to_string(),
+        };
+        let now = Instant::now();
+        crashes.retain(|t| now.duration_since(*t) < policy.window);
+        crashes.push(now);
+        if crashes.len() >= policy.max_crashes {
+            shared.set(EngineState::Failed {
+                reason: format!(
+                    "llama-server crashed {} times within {}s; giving up. Last exit: {last_exit}",
+                    crashes.len(),
+                    policy.window.as_secs()
+                ),
+            });
+            return;
+        }
+        attempt += 1;
+        shared.restarts.fetch_add(1, Ordering::Relaxed);
+        shared.set(EngineState::Restarting {
+            attempt,
+            in_ms: backoff.as_millis() as u64,
+            last_exit,
+        });
+        if !sleep_unless_stopped(&shared, backoff) {
+            shared.set(EngineState::Stopped);
+            return;
+        }
+        backoff = (backoff * 2).min(policy.max_backoff);
+    }
+}
+
+/// Watch a running engine until it exits (Some(status)) or we are told to stop (None).
+fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
+    loop {
+        if shared.stop.load(Ordering::SeqCst) {
+            eng.stop();
+            return None;
+        }
+        match eng.child.try_wait() {
+            Ok(Some(status)) => {
+                lifecycle::remove_run_files(&eng.paths, eng.pid);
+                return Some(format!("{status}; log tail:\n{}", llorch_io::tail_lines(&eng.paths.log, 10)));
+            }
+            Ok(None) => {}
+            Err(e) => return Some(e.to_string()),
+        }
+        let g = shared.state.lock().unwrap();
+        let _ = shared.cv.wait_timeout(g, Duration::from_millis(50));
+    }
+}

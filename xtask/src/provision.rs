@@ -1,0 +1,49 @@
+//! `cargo xtask provision`: build, fetch, start, wait until ready, write the handoff.
+
+use crate::{print_json, Ctx};
+use anyhow::Result;
+use clap::Args;
+use engine_provisioner::build::BuildOptions;
+
+#[derive(Args)]
+pub struct ProvisionCmd {
+    #[command(flatten)]
+    p: crate::engine::ProfileArgs,
+}
+
+impl ProvisionCmd {
+    pub fn from_profile(p: crate::engine::ProfileArgs) -> Self {
+        ProvisionCmd { p }
+    }
+
+    pub fn run(self, ctx: &Ctx) -> Result<()> {
+        let profile = ctx.profile(self.p.profile.as_deref())?;
+        let opts = BuildOptions {
+            quiet: self.p.json,
+            ..Default::default()
+        };
+        let out = engine_provisioner::provision::provision(&profile, &ctx.layout, &opts)?;
+        if self.p.json {
+            return print_json(&out);
+        }
+        match out.action.as_str() {
+            "already_running" => println!("engine for pool {} already running with the same build, model and flags: {} (pid {})", out.pool_id, out.url, out.pid),
+            a => {
+                if !out.changes.is_empty() {
+                    println!("{a}: {}", out.changes.join("; "));
+                }
+                println!(
+                    "engine for pool {} ready at {} (pid {}, ready in {} ms)\n  handoff: {}\n  log: {}\n  stop it with: cargo xtask engine down --pool {}",
+                    out.pool_id,
+                    out.url,
+                    out.pid,
+                    out.ready_ms.unwrap_or(0),
+                    out.handoff,
+                    out.log,
+                    out.pool_id
+                )
+            }
+        }
+        Ok(())
+    }
+}
