@@ -7,6 +7,8 @@ use clap::{Parser, Subcommand};
 
 mod doctor;
 mod engine;
+mod haiku;
+mod serve;
 mod model;
 mod provision;
 mod source;
@@ -34,6 +36,10 @@ enum Command {
     Doctor(doctor::DoctorCmd),
     /// Build or reuse the engine, fetch the model, start llama-server, wait until ready, write the handoff
     Provision(provision::ProvisionCmd),
+    /// Provision, supervise the engine and serve the orchestrator API until Ctrl-C
+    Serve(serve::ServeCmd),
+    /// The end-to-end proof: stream a haiku from the real engine and check it
+    Haiku(haiku::HaikuCmd),
     /// Fetch, list, verify and evict models
     Model(model::ModelCmd),
     /// Offline source bundles of the pinned llama.cpp tree
@@ -56,6 +62,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Source(c) => c.run(&ctx),
         Command::Model(c) => c.run(&ctx),
         Command::Provision(c) => c.run(&ctx),
+        Command::Serve(c) => c.run(&ctx),
+        Command::Haiku(c) => c.run(&ctx),
     }
 }
 

@@ -61,6 +61,15 @@ impl Shared {
     }
 }
 
+#[derive(Clone)]
+pub struct StateHandle(Arc<Shared>);
+
+impl StateHandle {
+    pub fn get(&self) -> EngineState {
+        self.0.state.lock().unwrap().clone()
+    }
+}
+
 pub struct Supervisor {
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
@@ -83,6 +92,11 @@ impl Supervisor {
             shared,
             thread: Some(thread),
         }
+    }
+
+    /// A cheap handle for reading the state from elsewhere (e.g. the orchestrator).
+    pub fn state_handle(&self) -> StateHandle {
+        StateHandle(self.shared.clone())
     }
 
     pub fn state(&self) -> EngineState {
