@@ -19,12 +19,24 @@ impl DoctorCmd {
         let profile = ctx.profile(self.p.profile.as_deref())?;
         let tb = Toolbox::default();
         let mut report = preflight::check(&profile, &tb);
-        let missing: Vec<String> = report.checks.iter().filter(|c| !c.ok && (c.required || self.install && c.tool == "ninja")).map(|c| c.tool.clone()).collect();
+        let missing: Vec<String> = report
+            .checks
+            .iter()
+            .filter(|c| !c.ok && (c.required || self.install && c.tool == "ninja"))
+            .map(|c| c.tool.clone())
+            .collect();
         if self.install && !missing.is_empty() {
-            let pm = report
-                .package_manager
-                .ok_or_else(|| anyhow::anyhow!("no supported package manager found (pacman, apt-get, dnf); install {} by hand", missing.join(", ")))?;
-            let pkgs: Vec<&str> = missing.iter().map(|t| pm.package_for(t)).filter(|p| !p.is_empty()).collect();
+            let pm = report.package_manager.ok_or_else(|| {
+                anyhow::anyhow!(
+                    "no supported package manager found (pacman, apt-get, dnf); install {} by hand",
+                    missing.join(", ")
+                )
+            })?;
+            let pkgs: Vec<&str> = missing
+                .iter()
+                .map(|t| pm.package_for(t))
+                .filter(|p| !p.is_empty())
+                .collect();
             preflight::install(pm, &pkgs, &|m: &str| eprintln!("{m}"))?;
             report = preflight::check(&profile, &tb);
         }
@@ -37,7 +49,13 @@ impl DoctorCmd {
                 None => println!("package manager: none detected"),
             }
             for c in &report.checks {
-                let mark = if c.ok { "ok     " } else if c.required { "MISSING" } else { "absent " };
+                let mark = if c.ok {
+                    "ok     "
+                } else if c.required {
+                    "MISSING"
+                } else {
+                    "absent "
+                };
                 let what = match (&c.found, &c.version) {
                     (Some(p), Some(v)) => format!("{v}  ({p})"),
                     (Some(p), None) => p.clone(),
@@ -51,19 +69,43 @@ impl DoctorCmd {
                     if let Some(i) = &c.install {
                         println!("            install: {i}");
                     } else if c.required {
-                        println!("            install with one of:\n{}", preflight::install_hints(&c.tool));
+                        println!(
+                            "            install with one of:\n{}",
+                            preflight::install_hints(&c.tool)
+                        );
                     }
                 }
             }
             if let Some(cuda) = &report.cuda {
                 println!("CUDA:");
-                println!("  nvcc:          {}", cuda.nvcc.as_deref().unwrap_or("not found"));
-                println!("  nvcc version:  {}", cuda.nvcc_version.as_deref().unwrap_or("-"));
-                println!("  CUDA root:     {}", cuda.cuda_root.as_deref().unwrap_or("not found (looked in CUDA_PATH, /opt/cuda, /usr/local/cuda)"));
-                println!("  host compiler: {}", cuda.host_compiler.as_deref().unwrap_or("-"));
-                let gpus = if cuda.gpus_compute_cap.is_empty() { "none visible".to_string() } else { cuda.gpus_compute_cap.join(", ") };
+                println!(
+                    "  nvcc:          {}",
+                    cuda.nvcc.as_deref().unwrap_or("not found")
+                );
+                println!(
+                    "  nvcc version:  {}",
+                    cuda.nvcc_version.as_deref().unwrap_or("-")
+                );
+                println!(
+                    "  CUDA root:     {}",
+                    cuda.cuda_root
+                        .as_deref()
+                        .unwrap_or("not found (looked in CUDA_PATH, /opt/cuda, /usr/local/cuda)")
+                );
+                println!(
+                    "  host compiler: {}",
+                    cuda.host_compiler.as_deref().unwrap_or("-")
+                );
+                let gpus = if cuda.gpus_compute_cap.is_empty() {
+                    "none visible".to_string()
+                } else {
+                    cuda.gpus_compute_cap.join(", ")
+                };
                 println!("  local GPUs (compute capability): {gpus}");
-                println!("  profile archs: {}", profile.file.engine.cuda_archs.join(", "));
+                println!(
+                    "  profile archs: {}",
+                    profile.file.engine.cuda_archs.join(", ")
+                );
             }
             for w in &report.warnings {
                 println!("warning: {w}");
@@ -74,7 +116,11 @@ impl DoctorCmd {
             anyhow::bail!(
                 "{} required tool(s) missing: {}",
                 missing.len(),
-                missing.iter().map(|c| c.tool.as_str()).collect::<Vec<_>>().join(", ")
+                missing
+                    .iter()
+                    .map(|c| c.tool.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         Ok(())

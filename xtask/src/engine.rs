@@ -116,7 +116,11 @@ impl EngineCmd {
                             out.duration_s * 1000.0
                         );
                     } else {
-                        println!("built: {} (fingerprint {})", out.binary.display(), &out.fingerprint[..12]);
+                        println!(
+                            "built: {} (fingerprint {})",
+                            out.binary.display(),
+                            &out.fingerprint[..12]
+                        );
                     }
                     println!("{}", out.version);
                 }
@@ -139,7 +143,10 @@ impl EngineCmd {
                 match &ex.closest {
                     None => println!("no cached builds: `engine build` would build from scratch"),
                     Some(fp) => {
-                        println!("not cached; closest cached build is {} and differs in:", &fp[..12]);
+                        println!(
+                            "not cached; closest cached build is {} and differs in:",
+                            &fp[..12]
+                        );
                         for c in &ex.changes {
                             println!("  {}: cached {} → wanted {}", c.input, c.cached, c.wanted);
                         }
@@ -184,10 +191,22 @@ impl EngineCmd {
                     return crate::provision::ProvisionCmd::from_profile(p).run(ctx);
                 }
                 let profile = ctx.profile(p.profile.as_deref())?;
-                let (prep, _) = engine_provisioner::provision::prepare(&profile, &ctx.layout, &BuildOptions::default())?;
+                let (prep, _) = engine_provisioner::provision::prepare(
+                    &profile,
+                    &ctx.layout,
+                    &BuildOptions::default(),
+                )?;
                 engine_provisioner::lifecycle::stop_pool(&ctx.layout, &prep.pool_id);
-                let sup = engine_provisioner::supervisor::Supervisor::start(prep, ctx.layout.clone(), Default::default());
-                let url = sup.wait_ready(std::time::Duration::from_secs(profile.file.server.ready_timeout_s + 5)).map_err(anyhow::Error::msg)?;
+                let sup = engine_provisioner::supervisor::Supervisor::start(
+                    prep,
+                    ctx.layout.clone(),
+                    Default::default(),
+                );
+                let url = sup
+                    .wait_ready(std::time::Duration::from_secs(
+                        profile.file.server.ready_timeout_s + 5,
+                    ))
+                    .map_err(anyhow::Error::msg)?;
                 println!("engine ready at {url} (supervised; Ctrl-C stops it)");
                 crate::wait_for_ctrl_c();
                 eprintln!("stopping engine");
@@ -204,12 +223,16 @@ impl EngineCmd {
             }
             EngineSub::Status(a) => status(ctx, &a),
             EngineSub::Logs { pool, follow } => {
-                let paths = engine_provisioner::lifecycle::RunPaths::new(&ctx.layout, &pool.pool(ctx)?);
-                let mut f = std::fs::File::open(&paths.log).with_context(|| format!("no log at {}", paths.log.display()))?;
+                let paths =
+                    engine_provisioner::lifecycle::RunPaths::new(&ctx.layout, &pool.pool(ctx)?);
+                let mut f = std::fs::File::open(&paths.log)
+                    .with_context(|| format!("no log at {}", paths.log.display()))?;
                 std::io::copy(&mut f, &mut std::io::stdout())?;
-                while follow {
-                    std::thread::sleep(std::time::Duration::from_millis(200));
-                    std::io::copy(&mut f, &mut std::io::stdout())?;
+                if follow {
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_millis(200));
+                        std::io::copy(&mut f, &mut std::io::stdout())?;
+                    }
                 }
                 Ok(())
             }
@@ -218,20 +241,29 @@ impl EngineCmd {
                 let mut removed = Vec::new();
                 for (p, m) in cache.list().into_iter().skip(a.keep) {
                     let lock = llorch_io::fsx::FileLock::try_exclusive(
-                        &ctx.layout.locks().join(format!("engine-{}.lock", m.fingerprint)),
+                        &ctx.layout
+                            .locks()
+                            .join(format!("engine-{}.lock", m.fingerprint)),
                     )?;
                     if lock.is_none() {
                         eprintln!("skipping {}: in use by a build", &m.fingerprint[..12]);
                         continue;
                     }
-                    std::fs::remove_dir_all(&p).with_context(|| format!("remove {}", p.display()))?;
-                    let _ = std::fs::remove_dir_all(ctx.layout.cache.join("build-v1").join(&m.fingerprint));
+                    std::fs::remove_dir_all(&p)
+                        .with_context(|| format!("remove {}", p.display()))?;
+                    let _ = std::fs::remove_dir_all(
+                        ctx.layout.cache.join("build-v1").join(&m.fingerprint),
+                    );
                     removed.push(m.fingerprint);
                 }
                 if a.json {
                     return print_json(&serde_json::json!({ "removed": removed }));
                 }
-                println!("removed {} cached build(s), kept the newest {}", removed.len(), a.keep);
+                println!(
+                    "removed {} cached build(s), kept the newest {}",
+                    removed.len(),
+                    a.keep
+                );
                 Ok(())
             }
         }
@@ -246,7 +278,7 @@ pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::Buil
         quiet: false,
         ..Default::default()
     };
-    Ok(engine_provisioner::build(&profile, &ctx.layout, &opts).context("build llama-server")?)
+    engine_provisioner::build(&profile, &ctx.layout, &opts).context("build llama-server")
 }
 
 fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
@@ -266,11 +298,27 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
         }
     };
     let client = llorch_io::http::probe_client();
-    let health = client.get(format!("{}/health", h.url)).send().map(|r| r.status().as_u16()).ok();
-    let slots: Option<serde_json::Value> = client.get(format!("{}/slots", h.url)).send().ok().and_then(|r| r.json().ok());
-    let busy = slots.as_ref().and_then(|s| s.as_array()).map(|a| a.iter().filter(|s| s["is_processing"].as_bool() == Some(true)).count());
+    let health = client
+        .get(format!("{}/health", h.url))
+        .send()
+        .map(|r| r.status().as_u16())
+        .ok();
+    let slots: Option<serde_json::Value> = client
+        .get(format!("{}/slots", h.url))
+        .send()
+        .ok()
+        .and_then(|r| r.json().ok());
+    let busy = slots.as_ref().and_then(|s| s.as_array()).map(|a| {
+        a.iter()
+            .filter(|s| s["is_processing"].as_bool() == Some(true))
+            .count()
+    });
     let total = slots.as_ref().and_then(|s| s.as_array()).map(|a| a.len());
-    let uptime = std::fs::metadata(format!("/proc/{}", pf.pid)).and_then(|m| m.modified()).ok().and_then(|t| t.elapsed().ok()).map(|d| d.as_secs());
+    let uptime = std::fs::metadata(format!("/proc/{}", pf.pid))
+        .and_then(|m| m.modified())
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .map(|d| d.as_secs());
     if a.json {
         return print_json(&serde_json::json!({
             "pool": pool, "running": true, "pid": pf.pid, "url": h.url, "health": health, "uptime_s": uptime,
@@ -279,10 +327,31 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
         }));
     }
     println!("pool {pool}: pid {} at {}", pf.pid, h.url);
-    println!("  health:      {}", health.map(|c| if c == 200 { "ready (200)".to_string() } else { format!("{c}") }).unwrap_or("no answer".into()));
-    println!("  uptime:      {}s (started {})", uptime.unwrap_or(0), h.started_at);
-    println!("  model:       {} (sha256 {})", h.model.reference, &h.model.digest[..12]);
+    println!(
+        "  health:      {}",
+        health
+            .map(|c| if c == 200 {
+                "ready (200)".to_string()
+            } else {
+                format!("{c}")
+            })
+            .unwrap_or("no answer".into())
+    );
+    println!(
+        "  uptime:      {}s (started {})",
+        uptime.unwrap_or(0),
+        h.started_at
+    );
+    println!(
+        "  model:       {} (sha256 {})",
+        h.model.reference,
+        &h.model.digest[..12]
+    );
     println!("  fingerprint: {}", h.fingerprint);
-    println!("  slots busy:  {}/{}", busy.unwrap_or(0), total.unwrap_or(0));
+    println!(
+        "  slots busy:  {}/{}",
+        busy.unwrap_or(0),
+        total.unwrap_or(0)
+    );
     Ok(())
 }

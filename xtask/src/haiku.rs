@@ -15,9 +15,14 @@ impl HaikuCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
         let profile = ctx.profile(self.p.profile.as_deref())?;
         let json = self.p.json;
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
         if !json {
-            eprintln!("provisioning profile `{}` (engine build and model are cached after the first run)", profile.name);
+            eprintln!(
+                "provisioning profile `{}` (engine build and model are cached after the first run)",
+                profile.name
+            );
         }
         let streamed = std::sync::atomic::AtomicBool::new(false);
         let on_token = |t: &str| {
@@ -29,7 +34,12 @@ impl HaikuCmd {
                 let _ = std::io::stdout().flush();
             }
         };
-        let report = rt.block_on(test_harness_e2e_haiku::run(&profile, &ctx.layout, json, &on_token))?;
+        let report = rt.block_on(test_harness_e2e_haiku::run(
+            &profile,
+            &ctx.layout,
+            json,
+            &on_token,
+        ))?;
         if json {
             print_json(&report)?;
         } else {
@@ -43,8 +53,16 @@ impl HaikuCmd {
             println!(
                 "  minute word `{}`: {}{}",
                 report.minute_word,
-                if report.minute_word_present { "present" } else { "absent" },
-                if report.minute_word_required { "" } else { " (reported only: this profile's model is not asked to follow it)" }
+                if report.minute_word_present {
+                    "present"
+                } else {
+                    "absent"
+                },
+                if report.minute_word_required {
+                    ""
+                } else {
+                    " (reported only: this profile's model is not asked to follow it)"
+                }
             );
             println!(
                 "  {} tokens, decode {:.0} ms, first token after {:.0} ms; engine {}; model {}",
@@ -54,7 +72,10 @@ impl HaikuCmd {
                 report.engine_version.lines().next().unwrap_or(""),
                 report.model_ref
             );
-            println!("  summary: {}", ctx.layout.runtime.join("haiku/last.json").display());
+            println!(
+                "  summary: {}",
+                ctx.layout.runtime.join("haiku/last.json").display()
+            );
         }
         if !report.passed {
             bail!("the haiku proof failed (see the checks above)");

@@ -5,17 +5,19 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod ci;
 mod doctor;
 mod engine;
 mod haiku;
-mod serve;
 mod model;
 mod provision;
+mod serve;
 mod source;
 
 #[derive(Parser)]
 #[command(
     name = "cargo xtask",
+    bin_name = "cargo xtask",
     about = "llama-orch: build llama.cpp from source, fetch a model, serve it, stream real tokens",
     long_about = "llama-orch takes a machine from nothing to a serving LLM.\n\n\
         Profiles live in requirements/<name>.yaml (default: cpu); pinned llama.cpp revisions in\n\
@@ -32,6 +34,8 @@ struct Cli {
 enum Command {
     /// Build, inspect and prune cached llama-server builds
     Engine(engine::EngineCmd),
+    /// What CI runs: fmt check, clippy, the default engine and model, then all tests
+    Ci(ci::CiCmd),
     /// Report every tool a profile needs, found or not, and how to install what is missing
     Doctor(doctor::DoctorCmd),
     /// Build or reuse the engine, fetch the model, start llama-server, wait until ready, write the handoff
@@ -59,6 +63,7 @@ fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Command::Engine(c) => c.run(&ctx),
         Command::Doctor(c) => c.run(&ctx),
+        Command::Ci(c) => c.run(&ctx),
         Command::Source(c) => c.run(&ctx),
         Command::Model(c) => c.run(&ctx),
         Command::Provision(c) => c.run(&ctx),
@@ -94,7 +99,10 @@ impl Ctx {
     }
 
     pub fn profile(&self, name: Option<&str>) -> Result<engine_provisioner::Profile> {
-        Ok(engine_provisioner::Profile::resolve(&self.layout.root, name)?)
+        Ok(engine_provisioner::Profile::resolve(
+            &self.layout.root,
+            name,
+        )?)
     }
 }
 

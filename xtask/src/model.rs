@@ -46,9 +46,16 @@ enum ModelSub {
 }
 
 /// Fetch the model a profile names.
-pub fn fetch_for_profile(ctx: &Ctx, profile: &engine_provisioner::Profile, quiet: bool) -> Result<FetchOutcome> {
+pub fn fetch_for_profile(
+    ctx: &Ctx,
+    profile: &engine_provisioner::Profile,
+    quiet: bool,
+) -> Result<FetchOutcome> {
     let m = profile.file.model.as_ref().ok_or_else(|| {
-        anyhow::anyhow!("profile {} has no `model:` section (add `model: {{ref: …, sha256: …}}`)", profile.path.display())
+        anyhow::anyhow!(
+            "profile {} has no `model:` section (add `model: {{ref: …, sha256: …}}`)",
+            profile.path.display()
+        )
     })?;
     let store = ModelStore::new(&ctx.layout);
     Ok(store.fetch(
@@ -77,7 +84,15 @@ impl ModelCmd {
                         if p.profile.is_some() {
                             bail!("give either a REF or --profile, not both");
                         }
-                        store.fetch(&r, &FetchOptions { expected_sha256: sha256, require_digest: false, import, quiet: p.json })?
+                        store.fetch(
+                            &r,
+                            &FetchOptions {
+                                expected_sha256: sha256,
+                                require_digest: false,
+                                import,
+                                quiet: p.json,
+                            },
+                        )?
                     }
                     None => fetch_for_profile(ctx, &ctx.profile(p.profile.as_deref())?, p.json)?,
                 };
@@ -131,7 +146,11 @@ impl ModelCmd {
                 let res = store.verify();
                 let bad = res.iter().filter(|r| !r.1).count();
                 if json {
-                    print_json(&res.iter().map(|(r, ok, d)| serde_json::json!({"ref": r, "ok": ok, "detail": d})).collect::<Vec<_>>())?;
+                    print_json(
+                        &res.iter()
+                            .map(|(r, ok, d)| serde_json::json!({"ref": r, "ok": ok, "detail": d}))
+                            .collect::<Vec<_>>(),
+                    )?;
                 } else {
                     for (r, ok, d) in &res {
                         println!("{} {r}: {d}", if *ok { "ok  " } else { "FAIL" });

@@ -23,7 +23,9 @@ pub struct ServeCmd {
 impl ServeCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
         let profile = ctx.profile(self.p.profile.as_deref())?;
-        let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
         rt.block_on(async {
             let cfg = orchestratord::Config {
                 addr: self.addr,

@@ -34,7 +34,9 @@ impl SourceCmd {
         match self.cmd {
             SourceSub::Bundle { p, out } => {
                 let profile = ctx.profile(p.profile.as_deref())?;
-                let tree = engine_provisioner::source::fetch(&profile.pin, &ctx.layout, &|m| eprintln!("{m}"))?;
+                let tree = engine_provisioner::source::fetch(&profile.pin, &ctx.layout, &|m| {
+                    eprintln!("{m}")
+                })?;
                 let m = engine_provisioner::bundle::create(&profile, &tree, &out)
                     .map_err(anyhow::Error::msg)
                     .context("write source bundle")?;
@@ -63,7 +65,12 @@ impl SourceCmd {
                 let tmp = tempfile::tempdir()?;
                 let m = engine_provisioner::bundle::verify_into(&bundle, &profile.pin, tmp.path())
                     .map_err(anyhow::Error::msg)?;
-                println!("ok: {} files match the manifest; source {} {}", m.files.len(), m.source.kind, m.source.id);
+                println!(
+                    "ok: {} files match the manifest; source {} {}",
+                    m.files.len(),
+                    m.source.kind,
+                    m.source.id
+                );
                 Ok(())
             }
         }

@@ -36,7 +36,7 @@ pub enum BuildError {
     Step {
         step: &'static str,
         profile: String,
-        source: llorch_io::cmd::CmdError,
+        source: Box<llorch_io::cmd::CmdError>,
     },
     #[error("{0}")]
     Install(String),
@@ -115,10 +115,16 @@ pub fn base_flags(profile: &Profile) -> Vec<String> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    f.push(format!("-DLLAMA_BUILD_COMMIT={}", &commit[..7.min(commit.len())]));
+    f.push(format!(
+        "-DLLAMA_BUILD_COMMIT={}",
+        &commit[..7.min(commit.len())]
+    ));
     if profile.file.engine.backend == Backend::Cuda {
         f.push("-DGGML_CUDA=ON".into());
-        f.push(format!("-DCMAKE_CUDA_ARCHITECTURES={}", profile.file.engine.cuda_archs.join(";")));
+        f.push(format!(
+            "-DCMAKE_CUDA_ARCHITECTURES={}",
+            profile.file.engine.cuda_archs.join(";")
+        ));
     }
     f
 }
@@ -139,30 +145,48 @@ fn compiler_identity(tb: &Toolbox, env: &str, candidates: &[&str]) -> Option<Str
 /// Compute the build inputs from the profile and the tools on this machine.
 /// Returns `None` for a tool that is missing (run preflight first).
 pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
-    let missing = |t: &str| BuildError::Install(format!("{t} not found (run `cargo xtask doctor --profile {}`)", profile.name));
+    let missing = |t: &str| {
+        BuildError::Install(format!(
+            "{t} not found (run `cargo xtask doctor --profile {}`)",
+            profile.name
+        ))
+    };
     let cmake = tb.find("cmake").ok_or_else(|| missing("cmake"))?;
     let cmake_version = Cmd::new(&cmake)
         .arg("--version")
         .read()
         .map(|s| first_line(&s))
         .map_err(|e| BuildError::Install(e.to_string()))?;
-    let c = compiler_identity(tb, "CC", &["cc", "gcc", "clang"]).ok_or_else(|| missing("a C compiler"))?;
-    let cxx = compiler_identity(tb, "CXX", &["c++", "g++", "clang++"]).ok_or_else(|| missing("a C++ compiler"))?;
-    let generator = if tb.find("ninja").is_some() { "Ninja" } else { "Unix Makefiles" };
+    let c = compiler_identity(tb, "CC", &["cc", "gcc", "clang"])
+        .ok_or_else(|| missing("a C compiler"))?;
+    let cxx = compiler_identity(tb, "CXX", &["c++", "g++", "clang++"])
+        .ok_or_else(|| missing("a C++ compiler"))?;
+    let generator = if tb.find("ninja").is_some() {
+        "Ninja"
+    } else {
+        "Unix Makefiles"
+    };
     let mut flags = base_flags(profile);
     flags.extend(profile.file.engine.cmake_flags.iter().cloned());
     let cmake_flags = fingerprint::normalize_flags(&flags).map_err(BuildError::Install)?;
     let mut extra_flags = Vec::new();
     if let Some(ccache) = tb.find("ccache") {
         for lang in ["C", "CXX", "CUDA"] {
-            extra_flags.push(format!("-DCMAKE_{lang}_COMPILER_LAUNCHER={}", ccache.display()));
+            extra_flags.push(format!(
+                "-DCMAKE_{lang}_COMPILER_LAUNCHER={}",
+                ccache.display()
+            ));
         }
     }
     let cuda = if profile.file.engine.backend == Backend::Cuda {
         let (nvcc, _root) = crate::cuda::find_nvcc(tb).ok_or_else(|| {
             BuildError::Cuda(format!(
                 "nvcc not found on PATH or in {}\n  install the CUDA toolkit:\n{}",
-                crate::cuda::cuda_root_candidates().iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "),
+                crate::cuda::cuda_root_candidates()
+                    .iter()
+                    .map(|p| p.display().to_string())
+                    .collect::<Vec<_>>()
+                    .join(", "),
                 preflight::install_hints("nvcc")
             ))
         })?;
@@ -177,7 +201,11 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
         let host_id = match &host {
             Some(h) => {
                 extra_flags.push(format!("-DCMAKE_CUDA_HOST_COMPILER={}", h.display()));
-                Cmd::new(h).arg("--version").read().ok().map(|s| first_line(&s))
+                Cmd::new(h)
+                    .arg("--version")
+                    .read()
+                    .ok()
+                    .map(|s| first_line(&s))
             }
             None => None,
         };
@@ -212,7 +240,11 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
 }
 
 /// Build (or reuse) the engine for `profile`.
-pub fn build(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<BuildOutcome, BuildError> {
+pub fn build(
+    profile: &Profile,
+    layout: &Layout,
+    opts: &BuildOptions,
+) -> Result<BuildOutcome, BuildError> {
     let started = Instant::now();
     let say = |m: &str| {
         if !opts.quiet {
@@ -232,7 +264,11 @@ pub fn build(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<
     let fp = plan.fingerprint.clone();
     let cache = ArtifactCache::new(&layout.cache);
     let _lock = FileLock::exclusive(&layout.locks().join(format!("engine-{fp}.lock")), || {
-        say(&format!("waiting for another build of {} (fingerprint {})", profile.name, &fp[..12]))
+        say(&format!(
+            "waiting for another build of {} (fingerprint {})",
+            profile.name,
+            &fp[..12]
+        ))
     })
     .map_err(io("lock engine cache entry"))?;
     let reason = match cache.lookup(&fp, Some(&plan.inputs)) {
@@ -252,7 +288,10 @@ pub fn build(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<
             });
         }
         Lookup::Stale(why) => {
-            say(&format!("cached engine {} is corrupt ({why}): rebuilding", &fp[..12]));
+            say(&format!(
+                "cached engine {} is corrupt ({why}): rebuilding",
+                &fp[..12]
+            ));
             format!("cached entry corrupt: {why}")
         }
         Lookup::Missing => match closest(&cache, &plan.inputs) {
@@ -264,36 +303,53 @@ pub fn build(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<
             None => "no cached build yet".to_string(),
         },
     };
-    say(&format!("building llama-server for profile `{}` (fingerprint {}): {reason}", profile.name, &fp[..12]));
+    say(&format!(
+        "building llama-server for profile `{}` (fingerprint {}): {reason}",
+        profile.name,
+        &fp[..12]
+    ));
     preflight::ensure(profile, &opts.toolbox, say)?;
 
     let src = match &opts.source_bundle {
-        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say).map_err(BuildError::Install)?,
+        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say)
+            .map_err(BuildError::Install)?,
         None => source::fetch(&profile.pin, layout, &say)?,
     };
     let build_dir = layout.cache.join("build-v1").join(&fp);
     std::fs::create_dir_all(&build_dir).map_err(io("create build dir"))?;
     let log = build_dir.join("llorch-build.log");
     let _ = std::fs::remove_file(&log);
-    say(&format!("  source: {}\n  build dir: {}\n  log: {}", src.display(), build_dir.display(), log.display()));
+    say(&format!(
+        "  source: {}\n  build dir: {}\n  log: {}",
+        src.display(),
+        build_dir.display(),
+        log.display()
+    ));
 
     let t_conf = Instant::now();
     let configure = configure_cmd(profile, &plan, &src, &build_dir);
     say("configuring (cmake)");
-    configure.run_logged(&log, |_| {}).map_err(|source| BuildError::Step {
-        step: "cmake configure",
-        profile: profile.name.clone(),
-        source,
-    })?;
+    configure
+        .run_logged(&log, |_| {})
+        .map_err(|source| BuildError::Step {
+            step: "cmake configure",
+            profile: profile.name.clone(),
+            source: Box::new(source),
+        })?;
     let configure_s = t_conf.elapsed().as_secs_f64();
 
     let jobs = opts.jobs.unwrap_or_else(default_jobs);
     let t_build = Instant::now();
-    let build_cmd = Cmd::new("cmake")
-        .arg("--build")
-        .arg(&build_dir)
-        .args(["--target", TARGET, "-j", &jobs.to_string()]);
-    say(&format!("building {TARGET} with {} -j{jobs}", plan.generator));
+    let build_cmd = Cmd::new("cmake").arg("--build").arg(&build_dir).args([
+        "--target",
+        TARGET,
+        "-j",
+        &jobs.to_string(),
+    ]);
+    say(&format!(
+        "building {TARGET} with {} -j{jobs}",
+        plan.generator
+    ));
     let mut bar = BuildBar::new(opts.quiet);
     build_cmd
         .run_logged(&log, |line| bar.line(line))
@@ -302,14 +358,23 @@ pub fn build(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<
             BuildError::Step {
                 step: "cmake build",
                 profile: profile.name.clone(),
-                source,
+                source: Box::new(source),
             }
         })?;
     bar.finish();
     let build_s = t_build.elapsed().as_secs_f64();
 
     let entry = cache.entry(&fp);
-    let manifest = install(profile, &plan, &build_dir, &src, &entry, configure_s, build_s, &opts.toolbox)?;
+    let manifest = install(
+        profile,
+        &plan,
+        &build_dir,
+        &src,
+        &entry,
+        configure_s,
+        build_s,
+        &opts.toolbox,
+    )?;
     say(&format!(
         "built in {:.0}s (configure {:.1}s, build {:.0}s); cached at {}",
         started.elapsed().as_secs_f64(),
@@ -332,7 +397,9 @@ pub fn build(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<
 }
 
 pub fn default_jobs() -> usize {
-    std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2)
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(2)
 }
 
 /// The configure command for a plan (also used by `bench build` for the hand-run comparison).
@@ -343,7 +410,10 @@ pub fn configure_cmd(profile: &Profile, plan: &BuildPlan, src: &Path, build_dir:
         .arg("-B")
         .arg(build_dir)
         .args(["-G", &plan.generator])
-        .arg(format!("-DCMAKE_BUILD_TYPE={}", profile.file.engine.build_type))
+        .arg(format!(
+            "-DCMAKE_BUILD_TYPE={}",
+            profile.file.engine.build_type
+        ))
         .args(plan.inputs.cmake_flags.iter())
         .args(plan.extra_flags.iter())
 }
@@ -365,12 +435,18 @@ fn install(
     let built_bin = build_dir.join("bin");
     let server = built_bin.join(TARGET);
     if !server.is_file() {
-        return Err(BuildError::Install(format!("the build finished but {} is missing", server.display())));
+        return Err(BuildError::Install(format!(
+            "the build finished but {} is missing",
+            server.display()
+        )));
     }
     std::fs::copy(&server, bin.join(TARGET)).map_err(io("copy llama-server"))?;
     // Shared libraries the build produced (profiles that turn BUILD_SHARED_LIBS on);
     // the build uses $ORIGIN rpaths, so they work from bin/.
-    for e in std::fs::read_dir(&built_bin).map_err(io("list build bin"))?.flatten() {
+    for e in std::fs::read_dir(&built_bin)
+        .map_err(io("list build bin"))?
+        .flatten()
+    {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.contains(".so") {
             std::fs::copy(e.path(), bin.join(&name)).map_err(io(format!("copy {name}")))?;
@@ -396,7 +472,9 @@ fn install(
         .read_any()
         .map_err(|e| BuildError::Install(e.to_string()))?;
     if !ok {
-        return Err(BuildError::Install(format!("`llama-server --version` failed:\n{version}")));
+        return Err(BuildError::Install(format!(
+            "`llama-server --version` failed:\n{version}"
+        )));
     }
     let version: String = version
         .lines()
@@ -417,7 +495,11 @@ fn install(
         if !missing.is_empty() {
             return Err(BuildError::Cuda(format!(
                 "requested arch(s) sm_{} missing from {} (found: {})",
-                missing.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(", sm_"),
+                missing
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join(", sm_"),
                 lib.display(),
                 sass_archs.join(", ")
             )));
@@ -484,7 +566,11 @@ pub struct Explanation {
 }
 
 /// Why a build would (or would not) happen.
-pub fn explain(profile: &Profile, layout: &Layout, tb: &Toolbox) -> Result<Explanation, BuildError> {
+pub fn explain(
+    profile: &Profile,
+    layout: &Layout,
+    tb: &Toolbox,
+) -> Result<Explanation, BuildError> {
     let plan = plan(profile, tb)?;
     let cache = ArtifactCache::new(&layout.cache);
     let (cached, stale_reason) = match cache.lookup(&plan.fingerprint, Some(&plan.inputs)) {
@@ -525,8 +611,10 @@ impl BuildBar {
         let bar = (!quiet && tty).then(|| {
             let b = indicatif::ProgressBar::new(0);
             b.set_style(
-                indicatif::ProgressStyle::with_template("  [{elapsed_precise}] {bar:30} {pos}/{len} steps  {wide_msg}")
-                    .expect("static template"),
+                indicatif::ProgressStyle::with_template(
+                    "  [{elapsed_precise}] {bar:30} {pos}/{len} steps  {wide_msg}",
+                )
+                .expect("static template"),
             );
             b
         });
@@ -539,7 +627,9 @@ impl BuildBar {
     }
 
     fn line(&mut self, line: &str) {
-        let Some((done, total)) = parse_step(line) else { return };
+        let Some((done, total)) = parse_step(line) else {
+            return;
+        };
         if let Some(b) = &self.bar {
             b.set_length(total);
             b.set_position(done);
@@ -548,7 +638,10 @@ impl BuildBar {
             }
         } else if self.plain && (self.last_report.elapsed().as_secs() >= 30 || done == total) {
             self.last_report = Instant::now();
-            eprintln!("  build: {done}/{total} steps, {:.0}s elapsed", self.started.elapsed().as_secs_f64());
+            eprintln!(
+                "  build: {done}/{total} steps, {:.0}s elapsed",
+                self.started.elapsed().as_secs_f64()
+            );
         }
     }
 
@@ -572,7 +665,10 @@ pub fn parse_step(line: &str) -> Option<(u64, u64)> {
 mod tests {
     #[test]
     fn steps_parse() {
-        assert_eq!(super::parse_step("[12/315] Building CXX object x.o"), Some((12, 315)));
+        assert_eq!(
+            super::parse_step("[12/315] Building CXX object x.o"),
+            Some((12, 315))
+        );
         assert_eq!(super::parse_step("[ 45%] Building CXX"), Some((45, 100)));
         assert_eq!(super::parse_step("-- Configuring done"), None);
     }

@@ -35,8 +35,24 @@ pub struct BundleManifest {
 /// Whether a path (relative to the llama.cpp root) is needed to build llama-server.
 pub fn keep(rel: &str, backend: Backend) -> bool {
     const DROP_TOP: &[&str] = &[
-        ".git", ".github", ".devops", "docs", "media", "examples", "tests", "benches", "pocs",
-        "gguf-py", "conversion", "requirements", "scripts", "ci", "app", "skills", "grammars", "licenses",
+        ".git",
+        ".github",
+        ".devops",
+        "docs",
+        "media",
+        "examples",
+        "tests",
+        "benches",
+        "pocs",
+        "gguf-py",
+        "conversion",
+        "requirements",
+        "scripts",
+        "ci",
+        "app",
+        "skills",
+        "grammars",
+        "licenses",
     ];
     let top = rel.split('/').next().unwrap_or("");
     if DROP_TOP.contains(&top) {
@@ -99,7 +115,8 @@ pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManife
     };
     let tmp = out.with_extension("partial");
     {
-        let f = std::fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+        let f =
+            std::fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
         let gz = flate2::write::GzEncoder::new(f, flate2::Compression::new(6));
         let mut tar = tar::Builder::new(gz);
         let json = serde_json::to_vec_pretty(&manifest).unwrap();
@@ -107,20 +124,29 @@ pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManife
         h.set_size(json.len() as u64);
         h.set_mode(0o644);
         h.set_cksum();
-        tar.append_data(&mut h, MANIFEST, json.as_slice()).map_err(|e| e.to_string())?;
+        tar.append_data(&mut h, MANIFEST, json.as_slice())
+            .map_err(|e| e.to_string())?;
         for p in &kept {
             tar.append_path_with_name(tree.join(p), Path::new("tree").join(p))
                 .map_err(|e| format!("add {}: {e}", p.display()))?;
         }
         let gz = tar.into_inner().map_err(|e| e.to_string())?;
-        gz.finish().map_err(|e| e.to_string())?.sync_all().map_err(|e| e.to_string())?;
+        gz.finish()
+            .map_err(|e| e.to_string())?
+            .sync_all()
+            .map_err(|e| e.to_string())?;
     }
     std::fs::rename(&tmp, out).map_err(|e| e.to_string())?;
     Ok(manifest)
 }
 
 /// Verify a bundle against `pin` and make it the pin's source tree.
-pub fn unpack_for_build(bundle: &Path, pin: &Pin, layout: &Layout, say: &dyn Fn(&str)) -> Result<PathBuf, String> {
+pub fn unpack_for_build(
+    bundle: &Path,
+    pin: &Pin,
+    layout: &Layout,
+    say: &dyn Fn(&str),
+) -> Result<PathBuf, String> {
     let id = crate::source::source_id(pin);
     let final_dir = layout.cache.join("src-v1").join(&id);
     let _lock = fsx::FileLock::exclusive(&layout.locks().join(format!("src-{id}.lock")), || {})
@@ -129,7 +155,8 @@ pub fn unpack_for_build(bundle: &Path, pin: &Pin, layout: &Layout, say: &dyn Fn(
     say(&format!("verifying source bundle {}", bundle.display()));
     let manifest = verify_into(bundle, pin, staging.path())?;
     let tree = staging.path().join("tree");
-    std::fs::write(tree.join(".llorch-complete"), &manifest.source.id).map_err(|e| e.to_string())?;
+    std::fs::write(tree.join(".llorch-complete"), &manifest.source.id)
+        .map_err(|e| e.to_string())?;
     let tree_staging = fsx::staging_dir_for(&final_dir).map_err(|e| e.to_string())?;
     std::fs::remove_dir(tree_staging.path()).map_err(|e| e.to_string())?;
     std::fs::rename(&tree, tree_staging.path()).map_err(|e| e.to_string())?;
@@ -141,11 +168,20 @@ pub fn unpack_for_build(bundle: &Path, pin: &Pin, layout: &Layout, say: &dyn Fn(
 /// every listed file present with its hash, nothing unlisted.
 pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManifest, String> {
     crate::source::extract_tar_gz(bundle, dest, None).map_err(|e| e.to_string())?;
-    let text = std::fs::read_to_string(dest.join(MANIFEST))
-        .map_err(|e| format!("{}: not a llama-orch source bundle ({MANIFEST}: {e})", bundle.display()))?;
-    let m: BundleManifest = serde_json::from_str(&text).map_err(|e| format!("{}: bad {MANIFEST}: {e}", bundle.display()))?;
+    let text = std::fs::read_to_string(dest.join(MANIFEST)).map_err(|e| {
+        format!(
+            "{}: not a llama-orch source bundle ({MANIFEST}: {e})",
+            bundle.display()
+        )
+    })?;
+    let m: BundleManifest = serde_json::from_str(&text)
+        .map_err(|e| format!("{}: bad {MANIFEST}: {e}", bundle.display()))?;
     if m.schema != BUNDLE_SCHEMA {
-        return Err(format!("{}: bundle schema {} (want {BUNDLE_SCHEMA})", bundle.display(), m.schema));
+        return Err(format!(
+            "{}: bundle schema {} (want {BUNDLE_SCHEMA})",
+            bundle.display(),
+            m.schema
+        ));
     }
     let want = crate::source::identity(pin);
     if m.source != want {
@@ -160,12 +196,19 @@ pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManife
     for p in &present {
         let key = p.to_string_lossy();
         if !m.files.contains_key(key.as_ref()) {
-            return Err(format!("{}: tampered bundle: `{key}` is not in its manifest", bundle.display()));
+            return Err(format!(
+                "{}: tampered bundle: `{key}` is not in its manifest",
+                bundle.display()
+            ));
         }
     }
     for (rel, h) in &m.files {
-        let actual = llorch_io::digest::sha256_file(&tree.join(rel))
-            .map_err(|e| format!("{}: tampered bundle: `{rel}` missing ({e})", bundle.display()))?;
+        let actual = llorch_io::digest::sha256_file(&tree.join(rel)).map_err(|e| {
+            format!(
+                "{}: tampered bundle: `{rel}` missing ({e})",
+                bundle.display()
+            )
+        })?;
         if &actual != h {
             return Err(format!(
                 "{}: tampered bundle: `{rel}` has sha256 {actual}, manifest says {h}",

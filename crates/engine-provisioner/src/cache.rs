@@ -67,7 +67,10 @@ impl ArtifactCache {
             Err(e) => return Lookup::Stale(format!("manifest unreadable ({e})")),
         };
         if m.schema != MANIFEST_SCHEMA {
-            return Lookup::Stale(format!("manifest schema {} (want {MANIFEST_SCHEMA})", m.schema));
+            return Lookup::Stale(format!(
+                "manifest schema {} (want {MANIFEST_SCHEMA})",
+                m.schema
+            ));
         }
         if m.fingerprint != fp {
             return Lookup::Stale(format!("manifest says fingerprint {}", m.fingerprint));

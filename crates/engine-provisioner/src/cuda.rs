@@ -43,15 +43,25 @@ pub fn find_nvcc(tb: &Toolbox) -> Option<(PathBuf, Option<PathBuf>)> {
 pub fn parse_nvcc_version(text: &str) -> Option<String> {
     text.lines()
         .find_map(|l| l.split_once(", V").map(|(_, v)| v.trim().to_string()))
-        .or_else(|| text.lines().find_map(|l| l.split_once("release ").map(|(_, v)| v.split(',').next().unwrap_or("").trim().to_string())))
+        .or_else(|| {
+            text.lines().find_map(|l| {
+                l.split_once("release ")
+                    .map(|(_, v)| v.split(',').next().unwrap_or("").trim().to_string())
+            })
+        })
 }
 
 /// Ask nvcc whether it accepts `host` (None = its default) as host compiler.
 pub fn nvcc_accepts(nvcc: &Path, host: Option<&Path>) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let src = dir.path().join("probe.cu");
-    std::fs::write(&src, "__global__ void k(float *x) { x[0] = 1.0f; }\n").map_err(|e| e.to_string())?;
-    let mut c = Cmd::new(nvcc).arg("-c").arg(&src).arg("-o").arg(dir.path().join("probe.o"));
+    std::fs::write(&src, "__global__ void k(float *x) { x[0] = 1.0f; }\n")
+        .map_err(|e| e.to_string())?;
+    let mut c = Cmd::new(nvcc)
+        .arg("-c")
+        .arg(&src)
+        .arg("-o")
+        .arg(dir.path().join("probe.o"));
     if let Some(h) = host {
         c = c.arg("-ccbin").arg(h);
     }
@@ -109,7 +119,12 @@ pub fn local_gpu_archs(tb: &Toolbox) -> Vec<String> {
     Cmd::new(smi)
         .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
         .read()
-        .map(|out| out.lines().map(|l| l.trim().replace('.', "")).filter(|s| !s.is_empty()).collect())
+        .map(|out| {
+            out.lines()
+                .map(|l| l.trim().replace('.', ""))
+                .filter(|s| !s.is_empty())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
@@ -118,7 +133,11 @@ pub fn sass_targets(archs: &[String]) -> Vec<String> {
     archs
         .iter()
         .filter(|a| a.as_str() != "native" && !a.ends_with("-virtual"))
-        .map(|a| a.trim_end_matches("-real").trim_end_matches(['a', 'f']).to_string())
+        .map(|a| {
+            a.trim_end_matches("-real")
+                .trim_end_matches(['a', 'f'])
+                .to_string()
+        })
         .collect()
 }
 
@@ -128,7 +147,11 @@ pub fn uncovered_gpus(profile_archs: &[String], local: &[String]) -> Vec<String>
         return Vec::new();
     }
     let covered = sass_targets(profile_archs);
-    local.iter().filter(|g| !covered.contains(g)).cloned().collect()
+    local
+        .iter()
+        .filter(|g| !covered.contains(g))
+        .cloned()
+        .collect()
 }
 
 pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> CudaReport {
@@ -140,7 +163,10 @@ pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> Cuda
     let (host_compiler, host_compiler_ok) = match &found {
         Some((n, _)) => match choose_host_compiler(n, tb) {
             Ok(h) => (
-                Some(h.map(|p| p.display().to_string()).unwrap_or_else(|| "default (accepted by nvcc)".into())),
+                Some(
+                    h.map(|p| p.display().to_string())
+                        .unwrap_or_else(|| "default (accepted by nvcc)".into()),
+                ),
                 Some(true),
             ),
             Err(e) => {
@@ -177,9 +203,17 @@ pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> Cuda
 pub fn sass_archs_in(binary: &Path, tb: &Toolbox) -> Result<Vec<String>, String> {
     let cuobjdump = tb
         .find("cuobjdump")
-        .or_else(|| find_nvcc(tb).and_then(|(n, _)| Some(n.parent()?.join("cuobjdump"))).filter(|p| p.is_file()))
+        .or_else(|| {
+            find_nvcc(tb)
+                .and_then(|(n, _)| Some(n.parent()?.join("cuobjdump")))
+                .filter(|p| p.is_file())
+        })
         .ok_or("cuobjdump not found (it ships with the CUDA toolkit next to nvcc)")?;
-    let out = Cmd::new(cuobjdump).arg("--list-elf").arg(binary).read().map_err(|e| e.to_string())?;
+    let out = Cmd::new(cuobjdump)
+        .arg("--list-elf")
+        .arg(binary)
+        .read()
+        .map_err(|e| e.to_string())?;
     Ok(parse_list_elf(&out))
 }
 
@@ -187,7 +221,10 @@ pub fn parse_list_elf(text: &str) -> Vec<String> {
     let mut archs: Vec<String> = text
         .split(|c: char| c.is_whitespace() || c == '.')
         .filter_map(|w| w.strip_prefix("sm_"))
-        .map(|a| a.trim_end_matches(|c: char| !c.is_ascii_digit()).to_string())
+        .map(|a| {
+            a.trim_end_matches(|c: char| !c.is_ascii_digit())
+                .to_string()
+        })
         .filter(|a| !a.is_empty())
         .collect();
     archs.sort();
@@ -217,7 +254,10 @@ mod tests {
 
     #[test]
     fn uncovered_gpu_is_reported() {
-        assert_eq!(uncovered_gpus(&["86".into()], &["86".into(), "90".into()]), vec!["90"]);
+        assert_eq!(
+            uncovered_gpus(&["86".into()], &["86".into(), "90".into()]),
+            vec!["90"]
+        );
         assert!(uncovered_gpus(&["90a".into()], &["90".into()]).is_empty());
         assert!(uncovered_gpus(&["native".into()], &["75".into()]).is_empty());
     }

@@ -101,7 +101,10 @@ pub fn normalize_flags(flags: &[String]) -> Result<Vec<String>, String> {
     let mut by_key: BTreeMap<String, String> = BTreeMap::new();
     for f in flags {
         let n = normalize_flag(f)?;
-        let key = n[2..].split_once('=').map(|(k, _)| k.to_string()).unwrap_or_default();
+        let key = n[2..]
+            .split_once('=')
+            .map(|(k, _)| k.to_string())
+            .unwrap_or_default();
         by_key.insert(key, n);
     }
     Ok(by_key.into_values().collect())
@@ -116,7 +119,12 @@ pub fn host_triple() -> String {
     } else {
         "unknown"
     };
-    format!("{}-{}-{}", std::env::consts::ARCH, std::env::consts::OS, env)
+    format!(
+        "{}-{}-{}",
+        std::env::consts::ARCH,
+        std::env::consts::OS,
+        env
+    )
 }
 
 /// Build-relevant environment variables that are set (and non-empty).
@@ -260,7 +268,10 @@ mod tests {
         let mut seen = std::collections::HashSet::new();
         seen.insert(fp.clone());
         for (what, v) in variants {
-            assert!(seen.insert(v.fingerprint()), "{what} did not change the fingerprint");
+            assert!(
+                seen.insert(v.fingerprint()),
+                "{what} did not change the fingerprint"
+            );
         }
     }
 

@@ -16,5 +16,5 @@ pub mod source;
 pub use build::{build, BuildOptions, BuildOutcome};
 pub use profile::{Backend, Profile};
 pub mod lifecycle;
-pub mod supervisor;
 pub mod provision;
+pub mod supervisor;

@@ -28,9 +28,17 @@ pub enum EngineError {
     #[error("profile flag `{flag}` contradicts the enforced deterministic profile: {why}")]
     ForbiddenFlag { flag: String, why: String },
     #[error("llama-server exited before it was ready ({status})\n--- last 40 lines of {log} ---\n{tail}\n--- end of log ---")]
-    Exited { status: String, log: String, tail: String },
+    Exited {
+        status: String,
+        log: String,
+        tail: String,
+    },
     #[error("llama-server did not become ready within {secs}s (last /health: {last})\n  log: {log}\n  hint: a large model may need a longer server.ready_timeout_s in the profile")]
-    Timeout { secs: u64, last: String, log: String },
+    Timeout {
+        secs: u64,
+        last: String,
+        log: String,
+    },
     #[error("no free port among {candidates}: {why}")]
     NoPort { candidates: String, why: String },
     #[error("{what}: {err}")]
@@ -70,22 +78,39 @@ pub struct PreparedEngine {
 }
 
 const ENFORCED: &[(&[&str], &str)] = &[
-    (&["--parallel", "-np"], "the engine always runs with --parallel 1 (one slot, deterministic)"),
-    (&["--cont-batching", "-cb"], "continuous batching is off (--no-cont-batching) for determinism"),
+    (
+        &["--parallel", "-np"],
+        "the engine always runs with --parallel 1 (one slot, deterministic)",
+    ),
+    (
+        &["--cont-batching", "-cb"],
+        "continuous batching is off (--no-cont-batching) for determinism",
+    ),
     (&["--webui", "--ui"], "the web UI is off (--no-webui)"),
     (&["--no-metrics"], "metrics are always on (--metrics)"),
     (&["--host"], "set server.host in the profile instead"),
     (&["--port"], "set server.port in the profile instead"),
-    (&["--threads", "-t"], "set server.threads in the profile instead"),
-    (&["-m", "--model", "-mu", "--model-url", "-hf", "--hf-repo"], "the model comes from the profile's model section"),
-    (&["--ctx-size", "-c"], "set server.ctx_size in the profile instead"),
+    (
+        &["--threads", "-t"],
+        "set server.threads in the profile instead",
+    ),
+    (
+        &["-m", "--model", "-mu", "--model-url", "-hf", "--hf-repo"],
+        "the model comes from the profile's model section",
+    ),
+    (
+        &["--ctx-size", "-c"],
+        "set server.ctx_size in the profile instead",
+    ),
 ];
 
 /// The llama-server flags for a profile (without model and port).
 pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
     let s = &profile.file.server;
     let threads = if s.threads == 0 {
-        std::thread::available_parallelism().map(|n| n.get() as u32).unwrap_or(1)
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
     } else {
         s.threads
     };
@@ -97,10 +122,15 @@ pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
             Some((n, v)) if n.starts_with('-') => (n.to_string(), Some(v.to_string())),
             _ => (a.clone(), None),
         };
-        if matches!(name.as_str(), "-ngl" | "--ngl" | "--gpu-layers" | "--n-gpu-layers") {
-            let v = inline.or_else(|| it.next().cloned()).ok_or_else(|| EngineError::ForbiddenFlag {
-                flag: name.clone(),
-                why: "needs a number".into(),
+        if matches!(
+            name.as_str(),
+            "-ngl" | "--ngl" | "--gpu-layers" | "--n-gpu-layers"
+        ) {
+            let v = inline.or_else(|| it.next().cloned()).ok_or_else(|| {
+                EngineError::ForbiddenFlag {
+                    flag: name.clone(),
+                    why: "needs a number".into(),
+                }
             })?;
             ngl = Some(v.parse().map_err(|_| EngineError::ForbiddenFlag {
                 flag: format!("{name} {v}"),
@@ -108,7 +138,10 @@ pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
             })?);
             continue;
         }
-        if let Some((_, why)) = ENFORCED.iter().find(|(names, _)| names.contains(&name.as_str())) {
+        if let Some((_, why)) = ENFORCED
+            .iter()
+            .find(|(names, _)| names.contains(&name.as_str()))
+        {
             return Err(EngineError::ForbiddenFlag {
                 flag: a.clone(),
                 why: why.to_string(),
@@ -151,13 +184,21 @@ pub fn prepare(
 ) -> Result<PreparedEngine, EngineError> {
     let host = &profile.file.server.host;
     if !is_loopback(host) {
-        eprintln!("warning: profile {} binds the engine to {host}, not loopback", profile.name);
+        eprintln!(
+            "warning: profile {} binds the engine to {host}, not loopback",
+            profile.name
+        );
     }
     let ports = match profile.file.server.port.candidates() {
         Ok(v) if v == [0] => vec![0],
         Ok(v) if v.len() == 1 => (v[0]..=v[0].saturating_add(9)).collect(),
         Ok(v) => v,
-        Err(e) => return Err(EngineError::NoPort { candidates: format!("{:?}", profile.file.server.port), why: e }),
+        Err(e) => {
+            return Err(EngineError::NoPort {
+                candidates: format!("{:?}", profile.file.server.port),
+                why: e,
+            })
+        }
     };
     Ok(PreparedEngine {
         binary: binary.to_path_buf(),
@@ -175,7 +216,11 @@ pub fn prepare(
 }
 
 pub fn is_loopback(host: &str) -> bool {
-    host == "localhost" || host.parse::<std::net::IpAddr>().map(|ip| ip.is_loopback()).unwrap_or(false)
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
 }
 
 /// Paths of one pool's run state.
@@ -251,7 +296,13 @@ pub fn is_engine_pid(pid: u32) -> bool {
 
 fn is_zombie(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| s.rsplit(')').next().unwrap_or("").trim_start().starts_with('Z'))
+        .map(|s| {
+            s.rsplit(')')
+                .next()
+                .unwrap_or("")
+                .trim_start()
+                .starts_with('Z')
+        })
         .unwrap_or(true)
 }
 
@@ -289,14 +340,22 @@ pub enum Attach {
 }
 
 /// Spawn the engine, wait until `/health` is 200, write PID file and handoff.
-pub fn spawn(prep: &PreparedEngine, layout: &Layout, attach: Attach) -> Result<RunningEngine, EngineError> {
+pub fn spawn(
+    prep: &PreparedEngine,
+    layout: &Layout,
+    attach: Attach,
+) -> Result<RunningEngine, EngineError> {
     let paths = RunPaths::new(layout, &prep.pool_id);
     std::fs::create_dir_all(layout.run_dir()).map_err(io("create run dir"))?;
     check_pid_file(&paths);
     let mut last_err = String::new();
     let mut tried = Vec::new();
     for &cand in &prep.ports {
-        let port = if cand == 0 { any_free_port(&prep.host)? } else { cand };
+        let port = if cand == 0 {
+            any_free_port(&prep.host)?
+        } else {
+            cand
+        };
         if cand != 0 && !port_free(&prep.host, port) {
             tried.push(format!("{port} (in use)"));
             continue;
@@ -321,7 +380,12 @@ enum SpawnFail {
     Fatal(EngineError),
 }
 
-fn spawn_on(prep: &PreparedEngine, paths: &RunPaths, port: u16, attach: Attach) -> Result<RunningEngine, SpawnFail> {
+fn spawn_on(
+    prep: &PreparedEngine,
+    paths: &RunPaths,
+    port: u16,
+    attach: Attach,
+) -> Result<RunningEngine, SpawnFail> {
     let fatal = SpawnFail::Fatal;
     let log = std::fs::OpenOptions::new()
         .create(true)
@@ -375,8 +439,16 @@ fn spawn_on(prep: &PreparedEngine, paths: &RunPaths, port: u16, attach: Attach) 
         fingerprint: prep.fingerprint.clone(),
         port,
     };
-    let _ = llorch_io::fsx::write_atomic(&paths.pid_file, serde_json::to_string(&pf).unwrap().as_bytes());
-    match wait_ready(&mut child, &url, Duration::from_secs(prep.ready_timeout_s), &paths.log) {
+    let _ = llorch_io::fsx::write_atomic(
+        &paths.pid_file,
+        serde_json::to_string(&pf).unwrap().as_bytes(),
+    );
+    match wait_ready(
+        &mut child,
+        &url,
+        Duration::from_secs(prep.ready_timeout_s),
+        &paths.log,
+    ) {
         Ok(()) => {}
         Err(e) => {
             let _ = std::fs::remove_file(&paths.pid_file);
@@ -410,8 +482,11 @@ fn spawn_on(prep: &PreparedEngine, paths: &RunPaths, port: u16, attach: Attach) 
         fingerprint: prep.fingerprint.clone(),
         started_at,
     };
-    llorch_io::fsx::write_atomic(&paths.handoff, serde_json::to_string_pretty(&handoff).unwrap().as_bytes())
-        .map_err(|e| fatal(io("write handoff")(e)))?;
+    llorch_io::fsx::write_atomic(
+        &paths.handoff,
+        serde_json::to_string_pretty(&handoff).unwrap().as_bytes(),
+    )
+    .map_err(|e| fatal(io("write handoff")(e)))?;
     Ok(RunningEngine {
         child,
         pid,
@@ -438,7 +513,12 @@ fn read_from(path: &Path, offset: u64) -> String {
 }
 
 /// Poll `/health` until 200. Fails early if the child exits.
-pub fn wait_ready(child: &mut Child, url: &str, timeout: Duration, log: &Path) -> Result<(), EngineError> {
+pub fn wait_ready(
+    child: &mut Child,
+    url: &str,
+    timeout: Duration,
+    log: &Path,
+) -> Result<(), EngineError> {
     let client = llorch_io::http::probe_client();
     let deadline = Instant::now() + timeout;
     let mut delay = Duration::from_millis(5);
@@ -454,7 +534,13 @@ pub fn wait_ready(child: &mut Child, url: &str, timeout: Duration, log: &Path) -
         match client.get(format!("{url}/health")).send() {
             Ok(r) if r.status().as_u16() == 200 => return Ok(()),
             Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
-            Err(e) => last = if e.is_connect() { "connection refused".into() } else { e.to_string() },
+            Err(e) => {
+                last = if e.is_connect() {
+                    "connection refused".into()
+                } else {
+                    e.to_string()
+                }
+            }
         }
         if Instant::now() >= deadline {
             return Err(EngineError::Timeout {
@@ -530,7 +616,13 @@ impl RunningEngine {
 
 /// Remove PID file and handoff if they still describe `pid`.
 pub fn remove_run_files(paths: &RunPaths, pid: u32) {
-    let ours = |p: &Path| std::fs::read_to_string(p).map(|t| t.contains(&format!("\"pid\":{pid}")) || t.contains(&format!("\"pid\": {pid}"))).unwrap_or(false);
+    let ours = |p: &Path| {
+        std::fs::read_to_string(p)
+            .map(|t| {
+                t.contains(&format!("\"pid\":{pid}")) || t.contains(&format!("\"pid\": {pid}"))
+            })
+            .unwrap_or(false)
+    };
     if ours(&paths.pid_file) {
         let _ = std::fs::remove_file(&paths.pid_file);
     }
@@ -554,27 +646,55 @@ mod tests {
 
     #[test]
     fn deterministic_profile_is_enforced() {
-        let f = server_flags(&profile_with(&[], Backend::Cpu)).unwrap().join(" ");
-        for want in ["--parallel 1", "--no-cont-batching", "--no-webui", "--metrics", "--threads 3", "--host 127.0.0.1", "--n-gpu-layers 0"] {
+        let f = server_flags(&profile_with(&[], Backend::Cpu))
+            .unwrap()
+            .join(" ");
+        for want in [
+            "--parallel 1",
+            "--no-cont-batching",
+            "--no-webui",
+            "--metrics",
+            "--threads 3",
+            "--host 127.0.0.1",
+            "--n-gpu-layers 0",
+        ] {
             assert!(f.contains(want), "{want} missing from {f}");
         }
     }
 
     #[test]
     fn gpu_layer_spellings_normalize() {
-        for spelling in [&["-ngl", "33"][..], &["--ngl", "33"], &["--gpu-layers", "33"], &["--gpu-layers=33"]] {
-            let f = server_flags(&profile_with(spelling, Backend::Cuda)).unwrap().join(" ");
+        for spelling in [
+            &["-ngl", "33"][..],
+            &["--ngl", "33"],
+            &["--gpu-layers", "33"],
+            &["--gpu-layers=33"],
+        ] {
+            let f = server_flags(&profile_with(spelling, Backend::Cuda))
+                .unwrap()
+                .join(" ");
             assert!(f.contains("--n-gpu-layers 33"), "{f}");
             assert!(!f.contains("-ngl") && !f.contains("--gpu-layers"), "{f}");
         }
-        let f = server_flags(&profile_with(&["-ngl", "33"], Backend::Cpu)).unwrap().join(" ");
+        let f = server_flags(&profile_with(&["-ngl", "33"], Backend::Cpu))
+            .unwrap()
+            .join(" ");
         assert!(f.contains("--n-gpu-layers 0"), "a CPU build forces 0: {f}");
     }
 
     #[test]
     fn contradicting_flags_are_refused() {
-        for bad in ["--parallel", "-np", "--cont-batching", "--webui", "--port", "-m"] {
-            let e = server_flags(&profile_with(&[bad, "4"], Backend::Cpu)).unwrap_err().to_string();
+        for bad in [
+            "--parallel",
+            "-np",
+            "--cont-batching",
+            "--webui",
+            "--port",
+            "-m",
+        ] {
+            let e = server_flags(&profile_with(&[bad, "4"], Backend::Cpu))
+                .unwrap_err()
+                .to_string();
             assert!(e.contains(bad) && e.contains("enforced"), "{e}");
         }
         assert!(server_flags(&profile_with(&["--temp", "0.5"], Backend::Cpu)).is_ok());

@@ -45,13 +45,18 @@ impl PackageManager {
     pub fn from_os_release(text: &str) -> Option<PackageManager> {
         let mut ids = Vec::new();
         for line in text.lines() {
-            if let Some(v) = line.strip_prefix("ID=").or_else(|| line.strip_prefix("ID_LIKE=")) {
+            if let Some(v) = line
+                .strip_prefix("ID=")
+                .or_else(|| line.strip_prefix("ID_LIKE="))
+            {
                 ids.extend(v.trim_matches('"').split_whitespace().map(str::to_string));
             }
         }
         for id in ids {
             match id.as_str() {
-                "arch" | "cachyos" | "manjaro" | "endeavouros" => return Some(PackageManager::Pacman),
+                "arch" | "cachyos" | "manjaro" | "endeavouros" => {
+                    return Some(PackageManager::Pacman)
+                }
                 "debian" | "ubuntu" => return Some(PackageManager::AptGet),
                 "fedora" | "rhel" | "centos" => return Some(PackageManager::Dnf),
                 _ => {}
@@ -85,7 +90,11 @@ impl PackageManager {
 
     /// The exact install command (prefixed with `sudo -n` when not root).
     pub fn install_command(self, packages: &[&str], as_root: bool) -> Vec<String> {
-        let sudo: Vec<String> = if as_root { vec![] } else { vec!["sudo".into(), "-n".into()] };
+        let sudo: Vec<String> = if as_root {
+            vec![]
+        } else {
+            vec!["sudo".into(), "-n".into()]
+        };
         let tail: Vec<String> = match self {
             PackageManager::Pacman => ["pacman", "-S", "--needed", "--noconfirm"]
                 .iter()
@@ -95,7 +104,10 @@ impl PackageManager {
                 .iter()
                 .map(|s| s.to_string())
                 .collect(),
-            PackageManager::Dnf => ["dnf", "install", "-y"].iter().map(|s| s.to_string()).collect(),
+            PackageManager::Dnf => ["dnf", "install", "-y"]
+                .iter()
+                .map(|s| s.to_string())
+                .collect(),
         };
         sudo.into_iter()
             .chain(tail)
@@ -114,14 +126,18 @@ impl PackageManager {
 
 /// How to install `tool` on each supported distribution (for error messages).
 pub fn install_hints(tool: &str) -> String {
-    [PackageManager::Pacman, PackageManager::AptGet, PackageManager::Dnf]
-        .iter()
-        .map(|pm| {
-            let cmd = pm.install_command(&[pm.package_for(tool)], false).join(" ");
-            format!("    {}: {}", pm.name(), cmd)
-        })
-        .collect::<Vec<_>>()
-        .join("\n")
+    [
+        PackageManager::Pacman,
+        PackageManager::AptGet,
+        PackageManager::Dnf,
+    ]
+    .iter()
+    .map(|pm| {
+        let cmd = pm.install_command(&[pm.package_for(tool)], false).join(" ");
+        format!("    {}: {}", pm.name(), cmd)
+    })
+    .collect::<Vec<_>>()
+    .join("\n")
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -177,7 +193,7 @@ pub enum PreflightError {
     InstallFailed {
         packages: String,
         cmd: String,
-        source: llorch_io::cmd::CmdError,
+        source: Box<llorch_io::cmd::CmdError>,
     },
 }
 
@@ -194,7 +210,11 @@ pub fn parse_version(text: &str) -> Option<(u32, u32, u32)> {
             let nums: Vec<Option<u32>> = parts
                 .iter()
                 .take(3)
-                .map(|p| p.split(|c: char| !c.is_ascii_digit()).next().and_then(|d| d.parse().ok()))
+                .map(|p| {
+                    p.split(|c: char| !c.is_ascii_digit())
+                        .next()
+                        .and_then(|d| d.parse().ok())
+                })
                 .collect();
             if let (Some(Some(a)), Some(Some(b))) = (nums.first(), nums.get(1)) {
                 let c = nums.get(2).copied().flatten().unwrap_or(0);
@@ -220,7 +240,10 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
     let mut checks = Vec::new();
     let mut warnings = Vec::new();
     let install_for = |tool: &str| -> Option<String> {
-        pm.map(|pm| pm.install_command(&[pm.package_for(tool)], is_root()).join(" "))
+        pm.map(|pm| {
+            pm.install_command(&[pm.package_for(tool)], is_root())
+                .join(" ")
+        })
     };
 
     // cmake >= 3.14
@@ -231,8 +254,16 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
             let parsed = v.as_deref().and_then(parse_version);
             match parsed {
                 Some(ver) if ver >= (3, 14, 0) => (true, v, None),
-                Some(_) => (false, v, Some("cmake 3.14 or newer is required".to_string())),
-                None => (false, v, Some("could not read the cmake version".to_string())),
+                Some(_) => (
+                    false,
+                    v,
+                    Some("cmake 3.14 or newer is required".to_string()),
+                ),
+                None => (
+                    false,
+                    v,
+                    Some("could not read the cmake version".to_string()),
+                ),
             }
         }
         None => (false, None, None),
@@ -271,7 +302,10 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
             install: None,
         });
     }
-    for c in checks.iter_mut().filter(|c| !c.ok && (c.tool == "cc" || c.tool == "c++")) {
+    for c in checks
+        .iter_mut()
+        .filter(|c| !c.ok && (c.tool == "cc" || c.tool == "c++"))
+    {
         c.install = install_for(&c.tool);
     }
 
@@ -381,16 +415,28 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
 }
 
 /// Check, install what is missing when the profile allows it, check again.
-pub fn ensure(profile: &Profile, tb: &Toolbox, log: impl Fn(&str)) -> Result<Preflight, PreflightError> {
+pub fn ensure(
+    profile: &Profile,
+    tb: &Toolbox,
+    log: impl Fn(&str),
+) -> Result<Preflight, PreflightError> {
     let pf = check(profile, tb);
-    let missing: Vec<String> = pf.missing_required().iter().map(|c| c.tool.clone()).collect();
+    let missing: Vec<String> = pf
+        .missing_required()
+        .iter()
+        .map(|c| c.tool.clone())
+        .collect();
     if missing.is_empty() {
         return Ok(pf);
     }
     let pm = pf.package_manager;
     if profile.file.allow_package_installs && tb.path.is_none() {
         if let Some(pm) = pm {
-            let pkgs: Vec<&str> = missing.iter().map(|t| pm.package_for(t)).filter(|p| !p.is_empty()).collect();
+            let pkgs: Vec<&str> = missing
+                .iter()
+                .map(|t| pm.package_for(t))
+                .filter(|p| !p.is_empty())
+                .collect();
             if !pkgs.is_empty() {
                 install(pm, &pkgs, &log)?;
                 let pf = check(profile, tb);
@@ -405,7 +451,11 @@ pub fn ensure(profile: &Profile, tb: &Toolbox, log: impl Fn(&str)) -> Result<Pre
 }
 
 /// Install packages through the detected package manager (as root, or `sudo -n`).
-pub fn install(pm: PackageManager, pkgs: &[&str], log: &impl Fn(&str)) -> Result<(), PreflightError> {
+pub fn install(
+    pm: PackageManager,
+    pkgs: &[&str],
+    log: &impl Fn(&str),
+) -> Result<(), PreflightError> {
     let root = is_root();
     let argv = pm.install_command(pkgs, root);
     let fail = |cmd: &[String], source| PreflightError::InstallFailed {
@@ -414,21 +464,29 @@ pub fn install(pm: PackageManager, pkgs: &[&str], log: &impl Fn(&str)) -> Result
         source,
     };
     if pm == PackageManager::AptGet {
-        let mut upd: Vec<String> = if root { vec![] } else { vec!["sudo".into(), "-n".into()] };
+        let mut upd: Vec<String> = if root {
+            vec![]
+        } else {
+            vec!["sudo".into(), "-n".into()]
+        };
         upd.extend(["apt-get".into(), "update".into(), "-q".into()]);
         log(&format!("installing {}: {}", pkgs.join(" "), upd.join(" ")));
         Cmd::new(&upd[0])
             .args(&upd[1..])
             .env("DEBIAN_FRONTEND", "noninteractive")
             .read()
-            .map_err(|e| fail(&upd, e))?;
+            .map_err(|e| fail(&upd, Box::new(e)))?;
     }
-    log(&format!("installing {}: {}", pkgs.join(" "), argv.join(" ")));
+    log(&format!(
+        "installing {}: {}",
+        pkgs.join(" "),
+        argv.join(" ")
+    ));
     Cmd::new(&argv[0])
         .args(&argv[1..])
         .env("DEBIAN_FRONTEND", "noninteractive")
         .read()
-        .map_err(|e| fail(&argv, e))?;
+        .map_err(|e| fail(&argv, Box::new(e)))?;
     Ok(())
 }
 
@@ -440,7 +498,10 @@ fn missing_error(profile: &Profile, pf: &Preflight) -> PreflightError {
         detail.push_str(&format!("  {}: {why}\n", c.tool));
         match &c.install {
             Some(cmd) => detail.push_str(&format!("    install it with: {cmd}\n")),
-            None => detail.push_str(&format!("    install it with one of:\n{}\n", install_hints(&c.tool))),
+            None => detail.push_str(&format!(
+                "    install it with one of:\n{}\n",
+                install_hints(&c.tool)
+            )),
         }
     }
     if !profile.file.allow_package_installs {
@@ -451,7 +512,11 @@ fn missing_error(profile: &Profile, pf: &Preflight) -> PreflightError {
     }
     PreflightError::Missing {
         profile: profile.name.clone(),
-        tools: missing.iter().map(|c| c.tool.as_str()).collect::<Vec<_>>().join(", "),
+        tools: missing
+            .iter()
+            .map(|c| c.tool.as_str())
+            .collect::<Vec<_>>()
+            .join(", "),
         detail: detail.trim_end().to_string(),
     }
 }
@@ -462,24 +527,45 @@ mod tests {
 
     #[test]
     fn os_release_detection() {
-        assert_eq!(PackageManager::from_os_release("ID=cachyos\nID_LIKE=arch\n"), Some(PackageManager::Pacman));
-        assert_eq!(PackageManager::from_os_release("ID=debian\n"), Some(PackageManager::AptGet));
-        assert_eq!(PackageManager::from_os_release("ID=pop\nID_LIKE=\"ubuntu debian\"\n"), Some(PackageManager::AptGet));
-        assert_eq!(PackageManager::from_os_release("ID=fedora\n"), Some(PackageManager::Dnf));
+        assert_eq!(
+            PackageManager::from_os_release("ID=cachyos\nID_LIKE=arch\n"),
+            Some(PackageManager::Pacman)
+        );
+        assert_eq!(
+            PackageManager::from_os_release("ID=debian\n"),
+            Some(PackageManager::AptGet)
+        );
+        assert_eq!(
+            PackageManager::from_os_release("ID=pop\nID_LIKE=\"ubuntu debian\"\n"),
+            Some(PackageManager::AptGet)
+        );
+        assert_eq!(
+            PackageManager::from_os_release("ID=fedora\n"),
+            Some(PackageManager::Dnf)
+        );
         assert_eq!(PackageManager::from_os_release("ID=plan9\n"), None);
     }
 
     #[test]
     fn versions_parse() {
         assert_eq!(parse_version("cmake version 3.25.1"), Some((3, 25, 1)));
-        assert_eq!(parse_version("Cuda compilation tools, release 12.4, V12.4.131"), Some((12, 4, 0)));
-        assert_eq!(parse_version("gcc (Debian 12.2.0-14) 12.2.0"), Some((12, 2, 0)));
+        assert_eq!(
+            parse_version("Cuda compilation tools, release 12.4, V12.4.131"),
+            Some((12, 4, 0))
+        );
+        assert_eq!(
+            parse_version("gcc (Debian 12.2.0-14) 12.2.0"),
+            Some((12, 2, 0))
+        );
     }
 
     #[test]
     fn install_commands() {
         let pm = PackageManager::Pacman;
-        assert_eq!(pm.install_command(&["cmake"], true).join(" "), "pacman -S --needed --noconfirm cmake");
+        assert_eq!(
+            pm.install_command(&["cmake"], true).join(" "),
+            "pacman -S --needed --noconfirm cmake"
+        );
         let pm = PackageManager::AptGet;
         assert_eq!(
             pm.install_command(&["ninja-build"], false).join(" "),

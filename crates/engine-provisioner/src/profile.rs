@@ -110,7 +110,10 @@ impl PinsFile {
             )));
         }
         if !pins.pins.contains_key(&pins.default) {
-            return Err(invalid(format!("default pin `{}` is not defined", pins.default)));
+            return Err(invalid(format!(
+                "default pin `{}` is not defined",
+                pins.default
+            )));
         }
         for (name, pin) in &pins.pins {
             if !is_full_commit(&pin.commit) {
@@ -214,11 +217,17 @@ impl PortSpec {
         match self {
             PortSpec::Number(n) => Ok(vec![*n]),
             PortSpec::Range(s) => {
-                let (a, b) = s
-                    .split_once('-')
-                    .ok_or_else(|| format!("port `{s}`: expected a number or a range like 8080-8090"))?;
-                let a: u16 = a.trim().parse().map_err(|_| format!("port `{s}`: bad start"))?;
-                let b: u16 = b.trim().parse().map_err(|_| format!("port `{s}`: bad end"))?;
+                let (a, b) = s.split_once('-').ok_or_else(|| {
+                    format!("port `{s}`: expected a number or a range like 8080-8090")
+                })?;
+                let a: u16 = a
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("port `{s}`: bad start"))?;
+                let b: u16 = b
+                    .trim()
+                    .parse()
+                    .map_err(|_| format!("port `{s}`: bad end"))?;
                 if a == 0 || b < a {
                     return Err(format!("port `{s}`: range must be ascending and above 0"));
                 }
@@ -372,7 +381,11 @@ impl Profile {
         for f in &file.engine.cmake_flags {
             crate::fingerprint::normalize_flag(f).map_err(invalid)?;
         }
-        file.server.port.candidates().map(|_| ()).map_err(|m| invalid(format!("server.{m}")))?;
+        file.server
+            .port
+            .candidates()
+            .map(|_| ())
+            .map_err(|m| invalid(format!("server.{m}")))?;
         if let Some(m) = &file.model {
             if let Some(d) = &m.sha256 {
                 if !llorch_io::digest::is_sha256_hex(d) {
@@ -383,7 +396,11 @@ impl Profile {
             }
         }
         let pins = PinsFile::load(pins_path)?;
-        let pin_name = file.engine.pin.clone().unwrap_or_else(|| pins.default.clone());
+        let pin_name = file
+            .engine
+            .pin
+            .clone()
+            .unwrap_or_else(|| pins.default.clone());
         let pin = pins
             .pins
             .get(&pin_name)

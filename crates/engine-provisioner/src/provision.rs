@@ -25,9 +25,17 @@ pub enum ProvisionError {
 }
 
 /// Build + fetch + flags: everything but the process.
-pub fn prepare(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<(PreparedEngine, BuildOutcome), ProvisionError> {
+pub fn prepare(
+    profile: &Profile,
+    layout: &Layout,
+    opts: &BuildOptions,
+) -> Result<(PreparedEngine, BuildOutcome), ProvisionError> {
     let built = build::build(profile, layout, opts)?;
-    let m = profile.file.model.as_ref().ok_or_else(|| ProvisionError::NoModel(profile.path.display().to_string()))?;
+    let m = profile
+        .file
+        .model
+        .as_ref()
+        .ok_or_else(|| ProvisionError::NoModel(profile.path.display().to_string()))?;
     let fetched = ModelStore::new(layout).fetch(
         &m.reference,
         &FetchOptions {
@@ -44,7 +52,13 @@ pub fn prepare(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Resul
         digest: md.digest.clone(),
         metadata: serde_json::to_value(&md).unwrap_or_default(),
     };
-    let prep = lifecycle::prepare(profile, &built.binary, &built.fingerprint, &built.version, model)?;
+    let prep = lifecycle::prepare(
+        profile,
+        &built.binary,
+        &built.fingerprint,
+        &built.version,
+        model,
+    )?;
     Ok((prep, built))
 }
 
@@ -67,21 +81,46 @@ pub struct ProvisionOutcome {
 pub fn differences(h: &Handoff, prep: &PreparedEngine) -> Vec<String> {
     let mut d = Vec::new();
     if h.fingerprint != prep.fingerprint {
-        d.push(format!("engine build {} → {}", &h.fingerprint[..12.min(h.fingerprint.len())], &prep.fingerprint[..12]));
+        d.push(format!(
+            "engine build {} → {}",
+            &h.fingerprint[..12.min(h.fingerprint.len())],
+            &prep.fingerprint[..12]
+        ));
     }
     if h.model.digest != prep.model.digest {
-        d.push(format!("model {} → {}", h.model.reference, prep.model.reference));
+        d.push(format!(
+            "model {} → {}",
+            h.model.reference, prep.model.reference
+        ));
     }
     if h.flags != prep.flags {
-        let old: Vec<_> = h.flags.iter().filter(|f| !prep.flags.contains(f)).cloned().collect();
-        let new: Vec<_> = prep.flags.iter().filter(|f| !h.flags.contains(f)).cloned().collect();
-        d.push(format!("server flags [{}] → [{}]", old.join(" "), new.join(" ")));
+        let old: Vec<_> = h
+            .flags
+            .iter()
+            .filter(|f| !prep.flags.contains(f))
+            .cloned()
+            .collect();
+        let new: Vec<_> = prep
+            .flags
+            .iter()
+            .filter(|f| !h.flags.contains(f))
+            .cloned()
+            .collect();
+        d.push(format!(
+            "server flags [{}] → [{}]",
+            old.join(" "),
+            new.join(" ")
+        ));
     }
     d
 }
 
 /// Start the pool's engine detached (it outlives this process until `engine down`).
-pub fn provision(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Result<ProvisionOutcome, ProvisionError> {
+pub fn provision(
+    profile: &Profile,
+    layout: &Layout,
+    opts: &BuildOptions,
+) -> Result<ProvisionOutcome, ProvisionError> {
     let started = Instant::now();
     let (prep, built) = prepare(profile, layout, opts)?;
     let paths = RunPaths::new(layout, &prep.pool_id);
@@ -117,7 +156,11 @@ pub fn provision(profile: &Profile, layout: &Layout, opts: &BuildOptions) -> Res
             _ => changes.push("running engine has no handoff".into()),
         }
         if !opts.quiet {
-            eprintln!("restarting engine for pool {}: {}", prep.pool_id, changes.join("; "));
+            eprintln!(
+                "restarting engine for pool {}: {}",
+                prep.pool_id,
+                changes.join("; ")
+            );
         }
         lifecycle::stop_pool(layout, &prep.pool_id);
         action = "restarted";

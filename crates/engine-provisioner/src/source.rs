@@ -14,8 +14,8 @@
 //! point outside the target. Every tree is staged beside its final path and
 //! renamed into place only when complete, under a per-source lock.
 
-use crate::profile::{Pin, SourceSpec};
 use crate::fingerprint::SourceIdentity;
+use crate::profile::{Pin, SourceSpec};
 use llorch_io::cmd::Cmd;
 use llorch_io::fsx::{self, FileLock};
 use llorch_io::paths::Layout;
@@ -45,7 +45,7 @@ pub enum SourceError {
     Pip {
         package: String,
         version: String,
-        source: llorch_io::cmd::CmdError,
+        source: Box<llorch_io::cmd::CmdError>,
     },
     #[error("{0}")]
     Download(String),
@@ -111,11 +111,25 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
     let id = source_id(pin);
     let final_dir = src_root.join(&id);
     let _lock = FileLock::exclusive(&layout.locks().join(format!("src-{id}.lock")), || {
-        progress(&format!("waiting for another process preparing source {id}"))
+        progress(&format!(
+            "waiting for another process preparing source {id}"
+        ))
     })
     .map_err(io("lock source"))?;
-    if let SourceSpec::Git { url, rev, submodules } = &pin.source {
-        return git_checkout(url, rev.as_deref(), &pin.commit, *submodules, &src_root, progress);
+    if let SourceSpec::Git {
+        url,
+        rev,
+        submodules,
+    } = &pin.source
+    {
+        return git_checkout(
+            url,
+            rev.as_deref(),
+            &pin.commit,
+            *submodules,
+            &src_root,
+            progress,
+        );
     }
     if final_dir.join(".llorch-complete").is_file() {
         return Ok(final_dir);
@@ -131,7 +145,11 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
             progress(&format!("downloading {package}=={version} sdist with pip"));
             let dl = tempfile::tempdir_in(&src_root).map_err(io("temp dir"))?;
             let file = pip_download_sdist(package, version, dl.path())?;
-            verify_sha256(&file, sha256, &format!("{package}=={version} sdist ({})", file.display()))?;
+            verify_sha256(
+                &file,
+                sha256,
+                &format!("{package}=={version} sdist ({})", file.display()),
+            )?;
             progress("extracting sdist");
             let unpack = staging.path().join("unpack");
             extract_tar_gz(&file, &unpack, None)?;
@@ -161,7 +179,11 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
                 dest
             } else {
                 let p = PathBuf::from(location);
-                if p.is_absolute() { p } else { layout.root.join(p) }
+                if p.is_absolute() {
+                    p
+                } else {
+                    layout.root.join(p)
+                }
             };
             verify_sha256(&file, sha256, &format!("archive {location}"))?;
             progress("extracting archive");
@@ -174,13 +196,18 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
     let tree_staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
     std::fs::remove_dir(tree_staging.path()).map_err(io("prepare staging"))?;
     std::fs::rename(staging.path().join("tree"), tree_staging.path()).map_err(io("stage tree"))?;
-    std::fs::write(tree_staging.path().join(".llorch-complete"), identity(pin).id).map_err(io("mark complete"))?;
+    std::fs::write(
+        tree_staging.path().join(".llorch-complete"),
+        identity(pin).id,
+    )
+    .map_err(io("mark complete"))?;
     fsx::commit_dir(tree_staging, &final_dir).map_err(io("install source tree"))?;
     Ok(final_dir)
 }
 
 pub fn verify_sha256(file: &Path, expected: &str, what: &str) -> Result<(), SourceError> {
-    let actual = llorch_io::digest::sha256_file(file).map_err(io(format!("hash {}", file.display())))?;
+    let actual =
+        llorch_io::digest::sha256_file(file).map_err(io(format!("hash {}", file.display())))?;
     if actual != expected {
         let _ = std::fs::remove_file(file);
         return Err(SourceError::ChecksumMismatch {
@@ -195,7 +222,16 @@ pub fn verify_sha256(file: &Path, expected: &str, what: &str) -> Result<(), Sour
 fn pip_download_sdist(package: &str, version: &str, dir: &Path) -> Result<PathBuf, SourceError> {
     let spec = format!("{package}=={version}");
     Cmd::new("python3")
-        .args(["-m", "pip", "download", "--no-deps", "--no-binary", package, "-q", "-d"])
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            package,
+            "-q",
+            "-d",
+        ])
         .arg(dir)
         .arg(&spec)
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
@@ -203,7 +239,7 @@ fn pip_download_sdist(package: &str, version: &str, dir: &Path) -> Result<PathBu
         .map_err(|source| SourceError::Pip {
             package: package.into(),
             version: version.into(),
-            source,
+            source: Box::new(source),
         })?;
     std::fs::read_dir(dir)
         .map_err(io("list pip download dir"))?
@@ -223,7 +259,8 @@ pub fn download_to(url: &str, dest: &Path) -> Result<(), SourceError> {
         }
         match client.get(url).send() {
             Ok(mut r) if r.status().is_success() => {
-                let mut f = std::fs::File::create(dest).map_err(io(format!("create {}", dest.display())))?;
+                let mut f = std::fs::File::create(dest)
+                    .map_err(io(format!("create {}", dest.display())))?;
                 return match r.copy_to(&mut f) {
                     Ok(_) => Ok(()),
                     Err(e) => Err(SourceError::Download(format!("download {url}: {e}"))),
@@ -232,11 +269,18 @@ pub fn download_to(url: &str, dest: &Path) -> Result<(), SourceError> {
             Ok(r) if llorch_io::http::is_transient_status(r.status().as_u16()) => {
                 last = format!("HTTP {}", r.status());
             }
-            Ok(r) => return Err(SourceError::Download(format!("download {url}: HTTP {}", r.status()))),
+            Ok(r) => {
+                return Err(SourceError::Download(format!(
+                    "download {url}: HTTP {}",
+                    r.status()
+                )))
+            }
             Err(e) => last = e.to_string(),
         }
     }
-    Err(SourceError::Download(format!("download {url} failed after retries: {last}")))
+    Err(SourceError::Download(format!(
+        "download {url} failed after retries: {last}"
+    )))
 }
 
 fn check_member(archive: &Path, member: &Path) -> Result<(), SourceError> {
@@ -248,7 +292,12 @@ fn check_member(archive: &Path, member: &Path) -> Result<(), SourceError> {
     if member.is_absolute() {
         return Err(bad("is an absolute path"));
     }
-    if member.components().any(|c| matches!(c, Component::ParentDir | Component::Prefix(_) | Component::RootDir)) {
+    if member.components().any(|c| {
+        matches!(
+            c,
+            Component::ParentDir | Component::Prefix(_) | Component::RootDir
+        )
+    }) {
         return Err(bad("escapes the target directory (`..`)"));
     }
     Ok(())
@@ -314,7 +363,8 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
         if let Some(parent) = target.parent() {
             std::fs::create_dir_all(parent).map_err(io("create dir"))?;
         }
-        e.unpack(&target).map_err(io(format!("extract {}", rel.display())))?;
+        e.unpack(&target)
+            .map_err(io(format!("extract {}", rel.display())))?;
     }
     Ok(())
 }
@@ -375,14 +425,24 @@ pub fn git_checkout(
     let oid = git2::Oid::from_str(&commit).map_err(git_err)?;
     if final_dir.join(".git").exists() {
         let repo = git2::Repository::open(&final_dir).map_err(git_err)?;
-        let head = repo.head().map_err(git_err)?.peel_to_commit().map_err(git_err)?.id();
+        let head = repo
+            .head()
+            .map_err(git_err)?
+            .peel_to_commit()
+            .map_err(git_err)?
+            .id();
         if head == oid {
             return Ok(final_dir);
         }
-        progress(&format!("checkout {} has HEAD {head}, not {commit}: recreating it", final_dir.display()));
+        progress(&format!(
+            "checkout {} has HEAD {head}, not {commit}: recreating it",
+            final_dir.display()
+        ));
         std::fs::remove_dir_all(&final_dir).map_err(io("remove stale checkout"))?;
     }
-    let db_path = src_root.join("git-db").join(format!("{}.git", url_key(url)));
+    let db_path = src_root
+        .join("git-db")
+        .join(format!("{}.git", url_key(url)));
     let db = if db_path.exists() {
         git2::Repository::open_bare(&db_path).map_err(git_err)?
     } else {
@@ -398,14 +458,21 @@ pub fn git_checkout(
         opts.download_tags(git2::AutotagOption::All);
         remote
             .fetch(
-                &["+refs/heads/*:refs/remotes/origin/*", "+refs/tags/*:refs/tags/*"],
+                &[
+                    "+refs/heads/*:refs/remotes/origin/*",
+                    "+refs/tags/*:refs/tags/*",
+                ],
                 Some(&mut opts),
                 None,
             )
             .map_err(git_err)?;
         if db.find_commit(oid).is_err() {
             // Servers that allow it can serve an unadvertised commit by id.
-            let _ = remote.fetch(&[commit.as_str()], Some(&mut git2::FetchOptions::new()), None);
+            let _ = remote.fetch(
+                &[commit.as_str()],
+                Some(&mut git2::FetchOptions::new()),
+                None,
+            );
         }
         if db.find_commit(oid).is_err() {
             return Err(SourceError::UnknownCommit {
@@ -427,7 +494,10 @@ pub fn git_checkout(
         if resolved.id() != oid {
             return Err(SourceError::PinMismatch {
                 url: url.into(),
-                detail: format!("rev `{rev}` is {}, but the pin says commit {commit}", resolved.id()),
+                detail: format!(
+                    "rev `{rev}` is {}, but the pin says commit {commit}",
+                    resolved.id()
+                ),
             });
         }
     }
@@ -436,17 +506,27 @@ pub fn git_checkout(
     let repo = git2::Repository::init(staging.path()).map_err(git_err)?;
     let alternates = repo.path().join("objects/info/alternates");
     std::fs::create_dir_all(alternates.parent().unwrap()).map_err(io("alternates dir"))?;
-    std::fs::write(&alternates, format!("{}\n", db_path.join("objects").display())).map_err(io("write alternates"))?;
+    std::fs::write(
+        &alternates,
+        format!("{}\n", db_path.join("objects").display()),
+    )
+    .map_err(io("write alternates"))?;
     let repo = git2::Repository::open(staging.path()).map_err(git_err)?;
     repo.remote("origin", url).map_err(git_err)?;
     {
         let c = repo.find_commit(oid).map_err(git_err)?;
         let mut co = git2::build::CheckoutBuilder::new();
         co.force();
-        repo.checkout_tree(c.as_object(), Some(&mut co)).map_err(git_err)?;
+        repo.checkout_tree(c.as_object(), Some(&mut co))
+            .map_err(git_err)?;
         repo.set_head_detached(oid).map_err(git_err)?;
     }
-    let head = repo.head().map_err(git_err)?.peel_to_commit().map_err(git_err)?.id();
+    let head = repo
+        .head()
+        .map_err(git_err)?
+        .peel_to_commit()
+        .map_err(git_err)?
+        .id();
     if head != oid {
         return Err(SourceError::PinMismatch {
             url: url.into(),

@@ -19,9 +19,19 @@ use std::time::{Duration, Instant};
 #[serde(tag = "state", rename_all = "snake_case")]
 pub enum EngineState {
     Starting,
-    Ready { url: String, pid: u32, ready_ms: u64 },
-    Restarting { attempt: u32, in_ms: u64, last_exit: String },
-    Failed { reason: String },
+    Ready {
+        url: String,
+        pid: u32,
+        ready_ms: u64,
+    },
+    Restarting {
+        attempt: u32,
+        in_ms: u64,
+        last_exit: String,
+    },
+    Failed {
+        reason: String,
+    },
     Stopped,
 }
 
@@ -55,7 +65,10 @@ struct Shared {
 
 impl Shared {
     fn set(&self, s: EngineState) {
-        eprintln!("[supervisor] {}", serde_json::to_string(&s).unwrap_or_default());
+        eprintln!(
+            "[supervisor] {}",
+            serde_json::to_string(&s).unwrap_or_default()
+        );
         *self.state.lock().unwrap() = s;
         self.cv.notify_all();
     }
@@ -123,10 +136,15 @@ impl Supervisor {
 
     /// Wait for Ready (returns the URL) or Failed.
     pub fn wait_ready(&self, timeout: Duration) -> Result<String, String> {
-        match self.wait_for(timeout, |s| matches!(s, EngineState::Ready { .. } | EngineState::Failed { .. })) {
+        match self.wait_for(timeout, |s| {
+            matches!(s, EngineState::Ready { .. } | EngineState::Failed { .. })
+        }) {
             EngineState::Ready { url, .. } => Ok(url),
             EngineState::Failed { reason } => Err(reason),
-            other => Err(format!("engine not ready after {}s (state: {other:?})", timeout.as_secs())),
+            other => Err(format!(
+                "engine not ready after {}s (state: {other:?})",
+                timeout.as_secs()
+            )),
         }
     }
 
@@ -233,7 +251,10 @@ fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
         match eng.child.try_wait() {
             Ok(Some(status)) => {
                 lifecycle::remove_run_files(&eng.paths, eng.pid);
-                return Some(format!("{status}; log tail:\n{}", llorch_io::tail_lines(&eng.paths.log, 10)));
+                return Some(format!(
+                    "{status}; log tail:\n{}",
+                    llorch_io::tail_lines(&eng.paths.log, 10)
+                ));
             }
             Ok(None) => {}
             Err(e) => return Some(e.to_string()),

@@ -9,7 +9,10 @@ use engine_provisioner::preflight::{self, Toolbox};
 use support::*;
 
 fn quiet() -> BuildOptions {
-    BuildOptions { quiet: true, ..Default::default() }
+    BuildOptions {
+        quiet: true,
+        ..Default::default()
+    }
 }
 
 #[test]
@@ -27,16 +30,28 @@ fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
     assert!(m.files.contains_key("bin/llama-server"));
     assert_eq!(m.inputs["source"]["kind"], "archive");
     assert_eq!(m.inputs["source"]["id"], sha.as_str());
-    let log = ws.layout.cache.join("build-v1").join(&first.fingerprint).join("llorch-build.log");
+    let log = ws
+        .layout
+        .cache
+        .join("build-v1")
+        .join(&first.fingerprint)
+        .join("llorch-build.log");
     let log_mtime = std::fs::metadata(&log).unwrap().modified().unwrap();
 
     let second = build::build(&p, &ws.layout, &quiet()).unwrap();
     assert!(second.cache_hit);
     assert_eq!(second.cmake_invocations, 0);
     assert_eq!(second.fingerprint, first.fingerprint);
-    assert_eq!(std::fs::metadata(&log).unwrap().modified().unwrap(), log_mtime, "no CMake ran on the hit");
+    assert_eq!(
+        std::fs::metadata(&log).unwrap().modified().unwrap(),
+        log_mtime,
+        "no CMake ran on the hit"
+    );
     // Nothing half-made is left beside the entry.
-    let names: Vec<String> = std::fs::read_dir(ws.layout.cache.join("engines-v1")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let names: Vec<String> = std::fs::read_dir(ws.layout.cache.join("engines-v1"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
     assert_eq!(names, vec![first.fingerprint.clone()]);
 }
 
@@ -50,7 +65,10 @@ fn a_corrupted_entry_is_detected_reported_and_rebuilt() {
     std::fs::write(&first.binary, b"garbage").unwrap();
     let cache = ArtifactCache::new(&ws.layout.cache);
     match cache.lookup(&first.fingerprint, None) {
-        Lookup::Stale(why) => assert!(why.contains("bin/llama-server") && why.contains("sha256"), "{why}"),
+        Lookup::Stale(why) => assert!(
+            why.contains("bin/llama-server") && why.contains("sha256"),
+            "{why}"
+        ),
         other => panic!("expected Stale, got {other:?}"),
     }
     let ex = build::explain(&p, &ws.layout, &Toolbox::default()).unwrap();
@@ -59,7 +77,9 @@ fn a_corrupted_entry_is_detected_reported_and_rebuilt() {
     assert!(!again.cache_hit);
     assert!(again.reason.unwrap().contains("corrupt"));
     std::fs::remove_file(&again.binary).unwrap();
-    assert!(matches!(cache.lookup(&first.fingerprint, None), Lookup::Stale(w) if w.contains("No such file")));
+    assert!(
+        matches!(cache.lookup(&first.fingerprint, None), Lookup::Stale(w) if w.contains("No such file"))
+    );
 }
 
 #[test]
@@ -75,7 +95,11 @@ fn two_concurrent_builds_of_one_fingerprint_build_once() {
         })
         .collect();
     let outs: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(outs.iter().filter(|o| o.cache_hit).count(), 1, "one built, the other waited and reused");
+    assert_eq!(
+        outs.iter().filter(|o| o.cache_hit).count(),
+        1,
+        "one built, the other waited and reused"
+    );
     assert_eq!(outs[0].fingerprint, outs[1].fingerprint);
 }
 
@@ -84,12 +108,22 @@ fn a_failed_build_shows_the_log_tail_and_leaves_no_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let (archive, sha) = fake_archive(tmp.path(), "e", "int main(void) { this is not C; }\n");
     let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
-    let err = build::build(&ws.profile("fake"), &ws.layout, &quiet()).unwrap_err().to_string();
+    let err = build::build(&ws.profile("fake"), &ws.layout, &quiet())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("cmake build failed"), "{err}");
-    assert!(err.contains("server.c") && err.contains("error"), "the compiler error is shown: {err}");
-    assert!(err.contains("llorch-build.log"), "the log path is named: {err}");
+    assert!(
+        err.contains("server.c") && err.contains("error"),
+        "the compiler error is shown: {err}"
+    );
+    assert!(
+        err.contains("llorch-build.log"),
+        "the log path is named: {err}"
+    );
     assert!(err.contains("nothing was added to the cache"), "{err}");
-    let entries = std::fs::read_dir(ws.layout.cache.join("engines-v1")).map(|r| r.count()).unwrap_or(0);
+    let entries = std::fs::read_dir(ws.layout.cache.join("engines-v1"))
+        .map(|r| r.count())
+        .unwrap_or(0);
     assert_eq!(entries, 0);
 }
 
@@ -98,13 +132,19 @@ fn explain_names_the_input_that_changed() {
     let tmp = tempfile::tempdir().unwrap();
     let (archive, sha) = fake_archive(tmp.path(), "f", &fake_server_c("0.0.4-fake"));
     let other = format!("{CPU_PROFILE}  cmake_flags: [-DGGML_NATIVE=OFF, -DFAKE_OPTION=1]\n");
-    let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE), ("fake2", &other)]);
+    let ws = Workspace::new(
+        &archive_pin_yaml(&archive, &sha),
+        &[("fake", CPU_PROFILE), ("fake2", &other)],
+    );
     build::build(&ws.profile("fake"), &ws.layout, &quiet()).unwrap();
     let ex = build::explain(&ws.profile("fake2"), &ws.layout, &Toolbox::default()).unwrap();
     assert!(!ex.cached);
     assert_eq!(ex.changes.len(), 1, "{:?}", ex.changes);
     assert_eq!(ex.changes[0].input, "cmake_flags");
-    assert_eq!(ex.changes[0].wanted, serde_json::json!(["-DFAKE_OPTION=1", "-DGGML_NATIVE=OFF"]));
+    assert_eq!(
+        ex.changes[0].wanted,
+        serde_json::json!(["-DFAKE_OPTION=1", "-DGGML_NATIVE=OFF"])
+    );
     let ex1 = build::explain(&ws.profile("fake"), &ws.layout, &Toolbox::default()).unwrap();
     assert!(ex1.cached);
 }
@@ -124,13 +164,27 @@ fn fingerprint_ignores_checkout_location_and_mtimes() {
     let fb = build::plan(&b.profile("fake"), &Toolbox::default()).unwrap();
     assert_eq!(fa.fingerprint, fb.fingerprint);
     // Runtime settings are not build inputs either.
-    let runtime_only = format!("{CPU_PROFILE}server:\n  port: 9999\n  threads: 7\n  ctx_size: 512\n");
-    let c = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", &runtime_only)]);
-    assert_eq!(build::plan(&c.profile("fake"), &Toolbox::default()).unwrap().fingerprint, fa.fingerprint);
+    let runtime_only =
+        format!("{CPU_PROFILE}server:\n  port: 9999\n  threads: 7\n  ctx_size: 512\n");
+    let c = Workspace::new(
+        &archive_pin_yaml(&archive, &sha),
+        &[("fake", &runtime_only)],
+    );
+    assert_eq!(
+        build::plan(&c.profile("fake"), &Toolbox::default())
+            .unwrap()
+            .fingerprint,
+        fa.fingerprint
+    );
     // A build flag is.
     let flagged = format!("{CPU_PROFILE}  cmake_flags: [-DGGML_AVX512=ON]\n");
     let d = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", &flagged)]);
-    assert_ne!(build::plan(&d.profile("fake"), &Toolbox::default()).unwrap().fingerprint, fa.fingerprint);
+    assert_ne!(
+        build::plan(&d.profile("fake"), &Toolbox::default())
+            .unwrap()
+            .fingerprint,
+        fa.fingerprint
+    );
 }
 
 #[test]
@@ -140,14 +194,32 @@ fn missing_cmake_with_installs_disallowed_names_the_install_command() {
     let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
     let empty = tmp.path().join("empty-bin");
     std::fs::create_dir_all(&empty).unwrap();
-    let tb = Toolbox { path: Some(empty.into_os_string()) };
-    let err = preflight::ensure(&ws.profile("fake"), &tb, |_| {}).unwrap_err().to_string();
-    assert!(err.contains("cmake"), "{err}");
-    assert!(err.contains("install it with"), "{err}");
-    assert!(err.contains("apt-get install") || err.contains("pacman -S") || err.contains("dnf install"), "{err}");
-    assert!(err.contains("allow_package_installs"), "{err}");
-    let err = build::build(&ws.profile("fake"), &ws.layout, &BuildOptions { toolbox: tb, quiet: true, ..Default::default() })
+    let tb = Toolbox {
+        path: Some(empty.into_os_string()),
+    };
+    let err = preflight::ensure(&ws.profile("fake"), &tb, |_| {})
         .unwrap_err()
         .to_string();
-    assert!(err.contains("cmake") && err.contains("install it with"), "{err}");
+    assert!(err.contains("cmake"), "{err}");
+    assert!(err.contains("install it with"), "{err}");
+    assert!(
+        err.contains("apt-get install") || err.contains("pacman -S") || err.contains("dnf install"),
+        "{err}"
+    );
+    assert!(err.contains("allow_package_installs"), "{err}");
+    let err = build::build(
+        &ws.profile("fake"),
+        &ws.layout,
+        &BuildOptions {
+            toolbox: tb,
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("cmake") && err.contains("install it with"),
+        "{err}"
+    );
 }

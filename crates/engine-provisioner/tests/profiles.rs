@@ -4,7 +4,10 @@ use engine_provisioner::profile::{Backend, Profile};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 #[test]
@@ -16,8 +19,14 @@ fn shipped_profiles_load() {
     assert_eq!(cpu.pin.commit, "4df29be4f4c3673f428170fda944a5b19f743bb8");
     let rtx = Profile::resolve(&r, Some("llamacpp-3090-source")).unwrap();
     assert_eq!(rtx.file.engine.cuda_archs, vec!["86"]);
-    assert!(matches!(rtx.pin.source, engine_provisioner::profile::SourceSpec::Git { .. }));
-    assert_eq!(rtx.pin.commit, cpu.pin.commit, "both pins are the same llama.cpp commit");
+    assert!(matches!(
+        rtx.pin.source,
+        engine_provisioner::profile::SourceSpec::Git { .. }
+    ));
+    assert_eq!(
+        rtx.pin.commit, cpu.pin.commit,
+        "both pins are the same llama.cpp commit"
+    );
     let h100 = Profile::resolve(&r, Some("h100")).unwrap();
     assert_eq!(h100.file.engine.cuda_archs, vec!["90"]);
 }
@@ -31,8 +40,14 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 #[test]
 fn unknown_key_names_file_line_and_column() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "bad.yaml", "schema: 1\npool: default\nengine:\n  backend: cpu\n  cmake_flagz: []\n");
-    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    let p = write(
+        d.path(),
+        "bad.yaml",
+        "schema: 1\npool: default\nengine:\n  backend: cpu\n  cmake_flagz: []\n",
+    );
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bad.yaml"), "{err}");
     assert!(err.contains("cmake_flagz"), "{err}");
     assert!(err.contains("line 5"), "{err}");
@@ -42,8 +57,14 @@ fn unknown_key_names_file_line_and_column() {
 #[test]
 fn malformed_yaml_names_line_and_column() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "broken.yaml", "schema: 1\npool: [default\nengine:\n");
-    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    let p = write(
+        d.path(),
+        "broken.yaml",
+        "schema: 1\npool: [default\nengine:\n",
+    );
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("broken.yaml"), "{err}");
     assert!(err.contains("line"), "{err}");
     assert!(err.contains("column"), "{err}");
@@ -52,8 +73,14 @@ fn malformed_yaml_names_line_and_column() {
 #[test]
 fn cuda_without_archs_is_refused_with_advice() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "c.yaml", "schema: 1\npool: g\nengine:\n  backend: cuda\n");
-    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    let p = write(
+        d.path(),
+        "c.yaml",
+        "schema: 1\npool: g\nengine:\n  backend: cuda\n",
+    );
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("cuda_archs"), "{err}");
     assert!(err.contains("[86]"), "{err}");
 }
@@ -61,17 +88,37 @@ fn cuda_without_archs_is_refused_with_advice() {
 #[test]
 fn unknown_pin_and_profile_are_named() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "p.yaml", "schema: 1\npool: g\nengine:\n  backend: cpu\n  pin: nope\n");
-    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
-    assert!(err.contains("`nope`") && err.contains("llama-cpp-python-0.3.35"), "{err}");
-    let err = Profile::resolve(&root(), Some("no-such-profile")).unwrap_err().to_string();
-    assert!(err.contains("no-such-profile") && err.contains("cpu"), "{err}");
+    let p = write(
+        d.path(),
+        "p.yaml",
+        "schema: 1\npool: g\nengine:\n  backend: cpu\n  pin: nope\n",
+    );
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("`nope`") && err.contains("llama-cpp-python-0.3.35"),
+        "{err}"
+    );
+    let err = Profile::resolve(&root(), Some("no-such-profile"))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("no-such-profile") && err.contains("cpu"),
+        "{err}"
+    );
 }
 
 #[test]
 fn bad_cmake_flag_is_refused() {
     let d = tempfile::tempdir().unwrap();
-    let p = write(d.path(), "f.yaml", "schema: 1\npool: g\nengine:\n  backend: cpu\n  cmake_flags: [GGML_NATIVE=OFF]\n");
-    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml")).unwrap_err().to_string();
+    let p = write(
+        d.path(),
+        "f.yaml",
+        "schema: 1\npool: g\nengine:\n  backend: cpu\n  cmake_flags: [GGML_NATIVE=OFF]\n",
+    );
+    let err = Profile::load(&p, &root().join("toolchains/llama.cpp.yaml"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("-DKEY=VALUE"), "{err}");
 }

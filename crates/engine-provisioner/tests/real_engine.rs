@@ -24,7 +24,10 @@ fn setup(pool: &str) -> (tempfile::TempDir, Layout, Profile) {
 }
 
 fn quiet() -> BuildOptions {
-    BuildOptions { quiet: true, ..Default::default() }
+    BuildOptions {
+        quiet: true,
+        ..Default::default()
+    }
 }
 
 fn completion(url: &str, prompt: &str, n: u32) -> String {
@@ -40,7 +43,9 @@ fn completion(url: &str, prompt: &str, n: u32) -> String {
 
 fn gone(pid: u32) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        || std::fs::read_to_string(format!("/proc/{pid}/stat")).map(|s| s.contains(") Z")).unwrap_or(true)
+        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.contains(") Z"))
+            .unwrap_or(true)
 }
 
 #[test]
@@ -53,13 +58,24 @@ fn the_default_pin_builds_once_and_is_relocatable() {
     assert_eq!(again.cmake_invocations, 0);
     assert!(again.duration_s < 5.0);
     // Relocatable: nothing resolves inside the build or source trees, and a copy elsewhere runs.
-    let ldd = std::process::Command::new("ldd").arg(&out.binary).output().unwrap();
+    let ldd = std::process::Command::new("ldd")
+        .arg(&out.binary)
+        .output()
+        .unwrap();
     let ldd = String::from_utf8_lossy(&ldd.stdout);
-    assert!(!ldd.contains("not found") && !ldd.contains("/cache/build-v1/") && !ldd.contains("/cache/src-v1/"), "{ldd}");
+    assert!(
+        !ldd.contains("not found")
+            && !ldd.contains("/cache/build-v1/")
+            && !ldd.contains("/cache/src-v1/"),
+        "{ldd}"
+    );
     let moved = tempfile::tempdir().unwrap();
     let copy = moved.path().join("llama-server");
     std::fs::copy(&out.binary, &copy).unwrap();
-    let v = std::process::Command::new(&copy).arg("--version").output().unwrap();
+    let v = std::process::Command::new(&copy)
+        .arg("--version")
+        .output()
+        .unwrap();
     assert!(v.status.success());
     assert!(String::from_utf8_lossy(&v.stderr).contains("4df29be"));
 }
@@ -75,7 +91,10 @@ fn spawn_ready_complete_stop_leaves_nothing() {
     let h = lifecycle::Handoff::read(&paths.handoff).unwrap();
     assert_eq!(h.pid, pid);
     assert_eq!(h.model.digest, prep.model.digest);
-    assert!(h.flags.join(" ").contains("--parallel 1 --no-cont-batching --no-webui --metrics"));
+    assert!(h
+        .flags
+        .join(" ")
+        .contains("--parallel 1 --no-cont-batching --no-webui --metrics"));
     assert!(eng.metrics_ok);
     let text = completion(&eng.url, "The capital of France is", 8);
     assert!(!text.is_empty());
@@ -104,10 +123,17 @@ fn a_stale_pid_file_is_cleaned_not_acted_on() {
     std::fs::create_dir_all(paths.pid_file.parent().unwrap()).unwrap();
     // PID 1 exists but is not llama-server; a dead PID does not exist.
     for pid in [1u32, 999_999] {
-        std::fs::write(&paths.pid_file, format!("{{\"pid\":{pid},\"started_at\":\"x\",\"fingerprint\":\"f\",\"port\":1}}")).unwrap();
+        std::fs::write(
+            &paths.pid_file,
+            format!("{{\"pid\":{pid},\"started_at\":\"x\",\"fingerprint\":\"f\",\"port\":1}}"),
+        )
+        .unwrap();
         assert!(lifecycle::check_pid_file(&paths).is_none());
         assert!(!paths.pid_file.exists(), "stale PID file removed");
-        assert!(lifecycle::stop_pool(&layout, "lc-stale").is_none(), "nothing is signalled");
+        assert!(
+            lifecycle::stop_pool(&layout, "lc-stale").is_none(),
+            "nothing is signalled"
+        );
     }
 }
 
@@ -123,7 +149,14 @@ fn provision_is_idempotent_and_restarts_on_a_flag_change_without_rebuilding() {
     let third = provision::provision(&p, &layout, &quiet()).unwrap();
     assert_eq!(third.action, "restarted");
     assert!(third.build_cache_hit, "a server flag never rebuilds");
-    assert!(third.changes.iter().any(|c| c.contains("--ctx-size") || c.contains("1024")), "{:?}", third.changes);
+    assert!(
+        third
+            .changes
+            .iter()
+            .any(|c| c.contains("--ctx-size") || c.contains("1024")),
+        "{:?}",
+        third.changes
+    );
     assert_ne!(third.pid, first.pid);
     assert!(gone(first.pid));
     lifecycle::stop_pool(&layout, "lc-prov");
@@ -134,7 +167,10 @@ fn provision_is_idempotent_and_restarts_on_a_flag_change_without_rebuilding() {
 fn a_killed_engine_is_restarted_by_its_supervisor_and_stays_deterministic() {
     let (_rt, layout, p) = setup("lc-super");
     let (prep, _) = provision::prepare(&p, &layout, &quiet()).unwrap();
-    let policy = RestartPolicy { initial_backoff: Duration::from_millis(100), ..Default::default() };
+    let policy = RestartPolicy {
+        initial_backoff: Duration::from_millis(100),
+        ..Default::default()
+    };
     let sup = Supervisor::start(prep, layout.clone(), policy);
     let url = sup.wait_ready(Duration::from_secs(60)).unwrap();
     let pid = match sup.state() {
@@ -146,10 +182,24 @@ fn a_killed_engine_is_restarted_by_its_supervisor_and_stays_deterministic() {
     let b = completion(&url, prompt, 24);
     assert_eq!(a, b, "same prompt, same tokens");
     unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    let st = sup.wait_for(Duration::from_secs(60), |s| matches!(s, EngineState::Ready { pid: p2, .. } if *p2 != pid));
-    let EngineState::Ready { url: url2, pid: pid2, .. } = st else { panic!("not restarted: {st:?}") };
+    let st = sup.wait_for(
+        Duration::from_secs(60),
+        |s| matches!(s, EngineState::Ready { pid: p2, .. } if *p2 != pid),
+    );
+    let EngineState::Ready {
+        url: url2,
+        pid: pid2,
+        ..
+    } = st
+    else {
+        panic!("not restarted: {st:?}")
+    };
     assert!(sup.restarts() >= 1);
-    assert_eq!(completion(&url2, prompt, 24), a, "identical tokens after a restart");
+    assert_eq!(
+        completion(&url2, prompt, 24),
+        a,
+        "identical tokens after a restart"
+    );
     sup.stop();
     assert!(gone(pid2), "the engine dies with its supervisor");
 }

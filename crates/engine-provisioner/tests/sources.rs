@@ -15,7 +15,11 @@ fn layout(dir: &std::path::Path) -> Layout {
 fn git_pin(url: &std::path::Path, commit: &str, rev: Option<&str>) -> Pin {
     Pin {
         commit: commit.into(),
-        source: SourceSpec::Git { url: url.display().to_string(), rev: rev.map(String::from), submodules: false },
+        source: SourceSpec::Git {
+            url: url.display().to_string(),
+            rev: rev.map(String::from),
+            submodules: false,
+        },
         description: None,
     }
 }
@@ -29,7 +33,9 @@ fn git_clones_fetches_newer_commits_and_verifies_head() {
     let repo = git2::Repository::open(&t1).unwrap();
     assert_eq!(repo.head().unwrap().peel_to_commit().unwrap().id(), c1);
     assert!(repo.head_detached().unwrap());
-    assert!(std::fs::read_to_string(t1.join("server.c")).unwrap().contains("git-1"));
+    assert!(std::fs::read_to_string(t1.join("server.c"))
+        .unwrap()
+        .contains("git-1"));
 
     // A newer upstream commit is fetched into the same object store.
     let upr = git2::Repository::open(&up).unwrap();
@@ -38,15 +44,28 @@ fn git_clones_fetches_newer_commits_and_verifies_head() {
     let branch = upr.head().unwrap().shorthand().unwrap().to_string();
     let t2 = source::fetch(&git_pin(&up, &c2.to_string(), Some(&branch)), &l, &|_| {}).unwrap();
     assert_ne!(t1, t2);
-    assert!(std::fs::read_to_string(t2.join("server.c")).unwrap().contains("git-2"));
-    let stores: Vec<_> = std::fs::read_dir(l.cache.join("src-v1/git-db")).unwrap().collect();
+    assert!(std::fs::read_to_string(t2.join("server.c"))
+        .unwrap()
+        .contains("git-2"));
+    let stores: Vec<_> = std::fs::read_dir(l.cache.join("src-v1/git-db"))
+        .unwrap()
+        .collect();
     assert_eq!(stores.len(), 1, "one object store per URL");
 
     // A checkout whose HEAD was moved is detected and recreated.
     let r1 = git2::Repository::open(&t1).unwrap();
     r1.set_head_detached(c2).unwrap();
     let t1b = source::fetch(&git_pin(&up, &c1.to_string(), None), &l, &|_| {}).unwrap();
-    assert_eq!(git2::Repository::open(&t1b).unwrap().head().unwrap().peel_to_commit().unwrap().id(), c1);
+    assert_eq!(
+        git2::Repository::open(&t1b)
+            .unwrap()
+            .head()
+            .unwrap()
+            .peel_to_commit()
+            .unwrap()
+            .id(),
+        c1
+    );
 }
 
 #[test]
@@ -54,10 +73,14 @@ fn git_unknown_commit_is_a_clear_error() {
     let tmp = tempfile::tempdir().unwrap();
     let (up, _) = git_repo(tmp.path());
     let missing = "0123456789012345678901234567890123456789";
-    let err = source::fetch(&git_pin(&up, missing, None), &layout(tmp.path()), &|_| {}).unwrap_err();
+    let err =
+        source::fetch(&git_pin(&up, missing, None), &layout(tmp.path()), &|_| {}).unwrap_err();
     assert!(matches!(err, SourceError::UnknownCommit { .. }), "{err}");
     let msg = err.to_string();
-    assert!(msg.contains(missing) && msg.contains(&up.display().to_string()), "{msg}");
+    assert!(
+        msg.contains(missing) && msg.contains(&up.display().to_string()),
+        "{msg}"
+    );
 }
 
 #[test]
@@ -69,7 +92,12 @@ fn git_pin_mismatch_is_refused() {
     commit_all(&upr, "second");
     // The branch now points at the second commit, the pin says the first.
     let branch = upr.head().unwrap().shorthand().unwrap().to_string();
-    let err = source::fetch(&git_pin(&up, &c1.to_string(), Some(&branch)), &layout(tmp.path()), &|_| {}).unwrap_err();
+    let err = source::fetch(
+        &git_pin(&up, &c1.to_string(), Some(&branch)),
+        &layout(tmp.path()),
+        &|_| {},
+    )
+    .unwrap_err();
     assert!(matches!(err, SourceError::PinMismatch { .. }), "{err}");
     assert!(err.to_string().contains(&c1.to_string()));
 }
@@ -80,14 +108,22 @@ fn archive_with_wrong_sha256_is_refused_before_extraction() {
     let (archive, _) = fake_archive(tmp.path(), "x", &fake_server_c("x"));
     let pin = Pin {
         commit: COMMIT.into(),
-        source: SourceSpec::Archive { location: archive.display().to_string(), sha256: "a".repeat(64), strip_prefix: Some("fake-llama".into()) },
+        source: SourceSpec::Archive {
+            location: archive.display().to_string(),
+            sha256: "a".repeat(64),
+            strip_prefix: Some("fake-llama".into()),
+        },
         description: None,
     };
     let l = layout(tmp.path());
     let err = source::fetch(&pin, &l, &|_| {}).unwrap_err();
     assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
     assert!(err.to_string().contains(&"a".repeat(64)));
-    let trees: Vec<_> = std::fs::read_dir(l.cache.join("src-v1")).unwrap().flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).collect();
+    let trees: Vec<_> = std::fs::read_dir(l.cache.join("src-v1"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(trees.is_empty(), "nothing extracted");
 }
 
@@ -97,14 +133,27 @@ fn sdist_with_wrong_sha256_is_refused_before_extraction() {
     // The real pinned sdist (pip's cache makes this cheap after the first time), wrong digest.
     let pin = Pin {
         commit: COMMIT.into(),
-        source: SourceSpec::PypiSdist { package: "llama-cpp-python".into(), version: "0.3.35".into(), sha256: "b".repeat(64), subdir: Some("vendor/llama.cpp".into()) },
+        source: SourceSpec::PypiSdist {
+            package: "llama-cpp-python".into(),
+            version: "0.3.35".into(),
+            sha256: "b".repeat(64),
+            subdir: Some("vendor/llama.cpp".into()),
+        },
         description: None,
     };
     let l = layout(tmp.path());
     let err = source::fetch(&pin, &l, &|_| {}).unwrap_err();
     assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
-    assert!(err.to_string().contains("1139dbb54509074b70893fab8554e3b079aa9f4d312058ce4018ef0019e3de12"), "the actual digest is shown: {err}");
-    let trees: Vec<_> = std::fs::read_dir(l.cache.join("src-v1")).unwrap().flatten().filter(|e| !e.file_name().to_string_lossy().starts_with('.')).collect();
+    assert!(
+        err.to_string()
+            .contains("1139dbb54509074b70893fab8554e3b079aa9f4d312058ce4018ef0019e3de12"),
+        "the actual digest is shown: {err}"
+    );
+    let trees: Vec<_> = std::fs::read_dir(l.cache.join("src-v1"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect();
     assert!(trees.is_empty(), "nothing extracted");
 }
 
@@ -116,7 +165,8 @@ fn tar_with_raw_name(path: &std::path::Path, name: &[u8], link: Option<&[u8]>) {
     ok.set_size(3);
     ok.set_mode(0o644);
     ok.set_cksum();
-    t.append_data(&mut ok, "fake-llama/ok.txt", &b"ok\n"[..]).unwrap();
+    t.append_data(&mut ok, "fake-llama/ok.txt", &b"ok\n"[..])
+        .unwrap();
     let mut h = tar::Header::new_old();
     {
         let old = h.as_old_mut();
@@ -125,11 +175,23 @@ fn tar_with_raw_name(path: &std::path::Path, name: &[u8], link: Option<&[u8]>) {
             old.linkname[..l.len()].copy_from_slice(l);
         }
     }
-    h.set_entry_type(if link.is_some() { tar::EntryType::Symlink } else { tar::EntryType::Regular });
+    h.set_entry_type(if link.is_some() {
+        tar::EntryType::Symlink
+    } else {
+        tar::EntryType::Regular
+    });
     h.set_size(if link.is_some() { 0 } else { 4 });
     h.set_mode(0o644);
     h.set_cksum();
-    t.append(&h, if link.is_some() { &b""[..] } else { &b"evil"[..] }).unwrap();
+    t.append(
+        &h,
+        if link.is_some() {
+            &b""[..]
+        } else {
+            &b"evil"[..]
+        },
+    )
+    .unwrap();
     t.into_inner().unwrap().finish().unwrap();
 }
 
@@ -149,7 +211,10 @@ fn archive_members_that_escape_are_refused() {
         tar_with_raw_name(&archive, name, link);
         let dest = tmp.path().join(format!("out{i}"));
         let err = source::extract_tar_gz(&archive, &dest, Some("fake-llama")).unwrap_err();
-        assert!(matches!(err, SourceError::UnsafeMember { .. }), "{i}: {err}");
+        assert!(
+            matches!(err, SourceError::UnsafeMember { .. }),
+            "{i}: {err}"
+        );
         assert!(!dest.exists(), "{i}: nothing was written");
     }
     assert!(!tmp.path().join("evil.txt").exists());

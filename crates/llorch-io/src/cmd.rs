@@ -21,7 +21,9 @@ pub enum CmdError {
         program: String,
         source: std::io::Error,
     },
-    #[error("`{cmd}` failed ({status})\n--- last lines of {log} ---\n{tail}\n--- full log: {log} ---")]
+    #[error(
+        "`{cmd}` failed ({status})\n--- last lines of {log} ---\n{tail}\n--- full log: {log} ---"
+    )]
     Failed {
         cmd: String,
         status: String,
@@ -226,7 +228,12 @@ impl fmt::Display for Cmd {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (k, v) in &self.env {
             if let Some(v) = v {
-                write!(f, "{}={} ", k.to_string_lossy(), shell_quote(&v.to_string_lossy()))?;
+                write!(
+                    f,
+                    "{}={} ",
+                    k.to_string_lossy(),
+                    shell_quote(&v.to_string_lossy())
+                )?;
             }
         }
         write!(f, "{}", shell_quote(&self.program.to_string_lossy()))?;

@@ -64,7 +64,12 @@ pub struct DownloadOptions {
 }
 
 /// Download `url` into `partial`, resuming what is there.
-pub fn download(reference: &str, url: &str, partial: &Path, opts: &DownloadOptions) -> Result<Downloaded, DownloadError> {
+pub fn download(
+    reference: &str,
+    url: &str,
+    partial: &Path,
+    opts: &DownloadOptions,
+) -> Result<Downloaded, DownloadError> {
     let client = llorch_io::http::blocking_client();
     let io = |what: &str| {
         let what = format!("{what} {}", partial.display());
@@ -271,8 +276,17 @@ impl Progress {
             self.last = Instant::now();
             let rate = pos as f64 / self.started.elapsed().as_secs_f64().max(1e-3) / 1e6;
             match self.total {
-                Some(t) => eprintln!("  {}: {:.1}/{:.1} MB ({rate:.1} MB/s)", self.name, pos as f64 / 1e6, t as f64 / 1e6),
-                None => eprintln!("  {}: {:.1} MB ({rate:.1} MB/s)", self.name, pos as f64 / 1e6),
+                Some(t) => eprintln!(
+                    "  {}: {:.1}/{:.1} MB ({rate:.1} MB/s)",
+                    self.name,
+                    pos as f64 / 1e6,
+                    t as f64 / 1e6
+                ),
+                None => eprintln!(
+                    "  {}: {:.1} MB ({rate:.1} MB/s)",
+                    self.name,
+                    pos as f64 / 1e6
+                ),
             }
         }
     }

@@ -25,7 +25,9 @@ pub enum Value {
     Bool(bool),
     Str(String),
     /// Arrays are summarized (type and length), not kept.
-    Array { array_len: u64 },
+    Array {
+        array_len: u64,
+    },
 }
 
 #[derive(Clone, Debug, Serialize)]

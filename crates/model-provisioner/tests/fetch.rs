@@ -9,7 +9,11 @@ use support::{serve, tiny_gguf, Faults};
 
 fn temp_layout() -> (tempfile::TempDir, Layout) {
     let d = tempfile::tempdir().unwrap();
-    let l = Layout::at(d.path().into(), d.path().join("cache"), d.path().join("runtime"));
+    let l = Layout::at(
+        d.path().into(),
+        d.path().join("cache"),
+        d.path().join("runtime"),
+    );
     (d, l)
 }
 
@@ -30,13 +34,24 @@ const SIZE: usize = 1_500_000;
 #[test]
 fn resume_after_a_dropped_connection_transfers_only_the_missing_bytes() {
     let body = tiny_gguf(SIZE, 1);
-    let srv = serve(body.clone(), Faults { drop_first_after: Some(600_000), ..Default::default() });
+    let srv = serve(
+        body.clone(),
+        Faults {
+            drop_first_after: Some(600_000),
+            ..Default::default()
+        },
+    );
     let (_d, l) = temp_layout();
-    let out = ModelStore::new(&l).fetch(&srv.url("/m/model.gguf"), &opts(Some(sha(&body)))).unwrap();
+    let out = ModelStore::new(&l)
+        .fetch(&srv.url("/m/model.gguf"), &opts(Some(sha(&body))))
+        .unwrap();
     let c = srv.counters.lock().unwrap();
     assert_eq!(c.gets, 2, "one drop, one resume");
     assert_eq!(c.ranges, vec!["600000-".to_string()]);
-    assert_eq!(c.body_bytes, SIZE as u64, "the resume sent only the missing bytes");
+    assert_eq!(
+        c.body_bytes, SIZE as u64,
+        "the resume sent only the missing bytes"
+    );
     assert_eq!(out.resumed_from, 600_000);
     assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
     assert_eq!(out.metadata.arch.as_deref(), Some("llama"));
@@ -46,9 +61,18 @@ fn resume_after_a_dropped_connection_transfers_only_the_missing_bytes() {
 #[test]
 fn a_server_that_ignores_range_still_yields_a_correct_file() {
     let body = tiny_gguf(SIZE, 2);
-    let srv = serve(body.clone(), Faults { drop_first_after: Some(500_000), ignore_range: true, ..Default::default() });
+    let srv = serve(
+        body.clone(),
+        Faults {
+            drop_first_after: Some(500_000),
+            ignore_range: true,
+            ..Default::default()
+        },
+    );
     let (_d, l) = temp_layout();
-    let out = ModelStore::new(&l).fetch(&srv.url("/m/model.gguf"), &opts(Some(sha(&body)))).unwrap();
+    let out = ModelStore::new(&l)
+        .fetch(&srv.url("/m/model.gguf"), &opts(Some(sha(&body))))
+        .unwrap();
     assert_eq!(out.resumed_from, 0, "a 200 is never taken as a resume");
     assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
 }
@@ -60,14 +84,23 @@ fn wrong_content_is_refused_and_nothing_reaches_the_store() {
     let (_d, l) = temp_layout();
     let store = ModelStore::new(&l);
     let want = "0".repeat(64);
-    let err = store.fetch(&srv.url("/m/model.gguf"), &opts(Some(want.clone()))).unwrap_err();
+    let err = store
+        .fetch(&srv.url("/m/model.gguf"), &opts(Some(want.clone())))
+        .unwrap_err();
     let msg = err.to_string();
     assert!(matches!(err, ModelError::Download(_)), "{msg}");
-    assert!(msg.contains(&want) && msg.contains("/m/model.gguf") && msg.contains("expected"), "{msg}");
+    assert!(
+        msg.contains(&want) && msg.contains("/m/model.gguf") && msg.contains("expected"),
+        "{msg}"
+    );
     assert!(!store.blob(&want).exists());
-    let blobs = std::fs::read_dir(store.dir.join("blobs")).map(|r| r.count()).unwrap_or(0);
+    let blobs = std::fs::read_dir(store.dir.join("blobs"))
+        .map(|r| r.count())
+        .unwrap_or(0);
     assert_eq!(blobs, 0);
-    let partials = std::fs::read_dir(l.downloads()).map(|r| r.count()).unwrap_or(0);
+    let partials = std::fs::read_dir(l.downloads())
+        .map(|r| r.count())
+        .unwrap_or(0);
     assert_eq!(partials, 0, "a corrupt partial is deleted");
 }
 
@@ -76,16 +109,27 @@ fn not_found_names_the_ref() {
     let srv = serve(tiny_gguf(1000, 4), Faults::default());
     let (_d, l) = temp_layout();
     let url = srv.url("/m/missing.gguf");
-    let err = ModelStore::new(&l).fetch(&url, &opts(None)).unwrap_err().to_string();
+    let err = ModelStore::new(&l)
+        .fetch(&url, &opts(None))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("404") && err.contains(&url), "{err}");
 }
 
 #[test]
 fn server_errors_are_retried() {
     let body = tiny_gguf(SIZE, 5);
-    let srv = serve(body.clone(), Faults { fail_first: 2, ..Default::default() });
+    let srv = serve(
+        body.clone(),
+        Faults {
+            fail_first: 2,
+            ..Default::default()
+        },
+    );
     let (_d, l) = temp_layout();
-    let out = ModelStore::new(&l).fetch(&srv.url("/m/model.gguf"), &opts(Some(sha(&body)))).unwrap();
+    let out = ModelStore::new(&l)
+        .fetch(&srv.url("/m/model.gguf"), &opts(Some(sha(&body))))
+        .unwrap();
     assert_eq!(srv.counters.lock().unwrap().gets, 3);
     assert_eq!(out.metadata.digest, sha(&body));
 }
@@ -93,7 +137,13 @@ fn server_errors_are_retried() {
 #[test]
 fn concurrent_fetches_of_one_ref_download_once() {
     let body = tiny_gguf(SIZE, 6);
-    let srv = serve(body.clone(), Faults { delay_ms: 300, ..Default::default() });
+    let srv = serve(
+        body.clone(),
+        Faults {
+            delay_ms: 300,
+            ..Default::default()
+        },
+    );
     let (_d, l) = temp_layout();
     let url = srv.url("/m/model.gguf");
     let hs: Vec<_> = (0..3)
@@ -103,7 +153,11 @@ fn concurrent_fetches_of_one_ref_download_once() {
         })
         .collect();
     let outs: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
-    assert_eq!(srv.counters.lock().unwrap().gets, 1, "one download for three fetches");
+    assert_eq!(
+        srv.counters.lock().unwrap().gets,
+        1,
+        "one download for three fetches"
+    );
     assert_eq!(outs.iter().filter(|o| !o.cached).count(), 1);
 }
 
@@ -115,36 +169,76 @@ fn hub_refs_use_the_linked_etag_and_record_the_commit() {
     let mut store = ModelStore::new(&l);
     store.hf_endpoint = format!("http://{}", srv.addr);
     let out = store
-        .fetch("hf:org/repo/sub/model.gguf", &FetchOptions { require_digest: true, quiet: true, ..Default::default() })
+        .fetch(
+            "hf:org/repo/sub/model.gguf",
+            &FetchOptions {
+                require_digest: true,
+                quiet: true,
+                ..Default::default()
+            },
+        )
         .unwrap();
     assert_eq!(out.metadata.digest, sha(&body));
-    assert_eq!(out.metadata.revision.as_deref(), Some("0123456789abcdef0123456789abcdef01234567"));
-    assert!(out.metadata.source_url.as_deref().unwrap().ends_with("/org/repo/resolve/main/sub/model.gguf"));
+    assert_eq!(
+        out.metadata.revision.as_deref(),
+        Some("0123456789abcdef0123456789abcdef01234567")
+    );
+    assert!(out
+        .metadata
+        .source_url
+        .as_deref()
+        .unwrap()
+        .ends_with("/org/repo/resolve/main/sub/model.gguf"));
     let refs = store.read_refs();
     assert!(refs.refs.contains_key("hf:org/repo@main/sub/model.gguf"));
     let prov = std::fs::read_to_string(l.runtime.join("provenance/models.jsonl")).unwrap();
-    assert!(prov.contains("\"event\":\"fetch\"") && prov.contains(&sha(&body)), "{prov}");
+    assert!(
+        prov.contains("\"event\":\"fetch\"") && prov.contains(&sha(&body)),
+        "{prov}"
+    );
 }
 
 #[test]
 fn hub_etag_mismatch_is_refused() {
     let body = tiny_gguf(SIZE, 8);
-    let srv = serve(body, Faults { linked_etag: Some("1".repeat(64)), ..Default::default() });
+    let srv = serve(
+        body,
+        Faults {
+            linked_etag: Some("1".repeat(64)),
+            ..Default::default()
+        },
+    );
     let (_d, l) = temp_layout();
     let mut store = ModelStore::new(&l);
     store.hf_endpoint = format!("http://{}", srv.addr);
-    let err = store.fetch("hf:other/repo/model.gguf", &opts(None)).unwrap_err().to_string();
-    assert!(err.contains(&"1".repeat(64)) && err.contains("mismatch"), "{err}");
+    let err = store
+        .fetch("hf:other/repo/model.gguf", &opts(None))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains(&"1".repeat(64)) && err.contains("mismatch"),
+        "{err}"
+    );
 }
 
 #[test]
 fn strict_mode_refuses_a_ref_without_digest() {
     let (_d, l) = temp_layout();
     let err = ModelStore::new(&l)
-        .fetch("http://127.0.0.1:9/m.gguf", &FetchOptions { require_digest: true, quiet: true, ..Default::default() })
+        .fetch(
+            "http://127.0.0.1:9/m.gguf",
+            &FetchOptions {
+                require_digest: true,
+                quiet: true,
+                ..Default::default()
+            },
+        )
         .unwrap_err()
         .to_string();
-    assert!(err.contains("require_digest") && err.contains("sha256"), "{err}");
+    assert!(
+        err.contains("require_digest") && err.contains("sha256"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -152,7 +246,10 @@ fn a_file_that_is_not_gguf_is_refused() {
     let (d, l) = temp_layout();
     let p = d.path().join("weights.bin");
     std::fs::write(&p, b"PK\x03\x04 not a model").unwrap();
-    let err = ModelStore::new(&l).fetch(p.to_str().unwrap(), &opts(None)).unwrap_err().to_string();
+    let err = ModelStore::new(&l)
+        .fetch(p.to_str().unwrap(), &opts(None))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("not a GGUF"), "{err}");
 }
 
@@ -165,7 +262,14 @@ fn eviction_never_removes_a_model_in_use() {
         let p = d.path().join(format!("m{i}.gguf"));
         std::fs::write(&p, tiny_gguf(100_000, i)).unwrap();
         let o = store
-            .fetch(p.to_str().unwrap(), &FetchOptions { import: true, quiet: true, ..Default::default() })
+            .fetch(
+                p.to_str().unwrap(),
+                &FetchOptions {
+                    import: true,
+                    quiet: true,
+                    ..Default::default()
+                },
+            )
             .unwrap();
         digests.push(o.metadata.digest);
         std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct last-use seconds
@@ -178,7 +282,11 @@ fn eviction_never_removes_a_model_in_use() {
     assert_eq!(in_use, vec![digests[0].clone()]);
     let rep = store.gc(0, &in_use).unwrap();
     assert_eq!(rep.kept_in_use, vec![digests[0].clone()]);
-    assert_eq!(rep.evicted, vec![digests[1].clone(), digests[2].clone()], "least recently used first");
+    assert_eq!(
+        rep.evicted,
+        vec![digests[1].clone(), digests[2].clone()],
+        "least recently used first"
+    );
     assert!(store.blob(&digests[0]).is_file());
     assert!(!store.blob(&digests[1]).exists());
 }
@@ -190,8 +298,16 @@ fn local_files_are_used_in_place_and_verified() {
     let body = tiny_gguf(50_000, 9);
     std::fs::write(&p, &body).unwrap();
     let store = ModelStore::new(&l);
-    let out = store.fetch(&format!("file:{}", p.display()), &opts(Some(sha(&body)))).unwrap();
+    let out = store
+        .fetch(&format!("file:{}", p.display()), &opts(Some(sha(&body))))
+        .unwrap();
     assert_eq!(out.metadata.path, p);
-    let err = store.fetch(&format!("file:{}", p.display()), &opts(Some("2".repeat(64)))).unwrap_err().to_string();
+    let err = store
+        .fetch(
+            &format!("file:{}", p.display()),
+            &opts(Some("2".repeat(64))),
+        )
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("mismatch"), "{err}");
 }

@@ -27,7 +27,13 @@ pub async fn run_task(st: &AppState, task: &Task) {
         json!({"queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms}),
     );
     let Some(url) = st.engine_url() else {
-        fail(st, task, "ENGINE_NOT_READY", "the engine went away before the task started".into(), true);
+        fail(
+            st,
+            task,
+            "ENGINE_NOT_READY",
+            "the engine went away before the task started".into(),
+            true,
+        );
         return;
     };
     let mut i: u64 = 0;
@@ -58,7 +64,9 @@ pub async fn run_task(st: &AppState, task: &Task) {
             // The upstream request is already dropped; wait until the slot is idle.
             let idle = wait_slot_idle(st, &url, Duration::from_secs(3)).await;
             let since = task.cancel_at.lock().unwrap().unwrap_or_else(Instant::now);
-            st.metrics.cancel_latency_ms.observe(since.elapsed().as_secs_f64() * 1000.0);
+            st.metrics
+                .cancel_latency_ms
+                .observe(since.elapsed().as_secs_f64() * 1000.0);
             st.metrics.canceled.fetch_add(1, Ordering::Relaxed);
             task.finish(
                 "end",
@@ -75,20 +83,33 @@ pub async fn run_task(st: &AppState, task: &Task) {
 
 fn fail(st: &AppState, task: &Task, code: &str, message: String, retriable: bool) {
     st.metrics.failed.fetch_add(1, Ordering::Relaxed);
-    task.finish("error", json!({"code": code, "message": message, "retriable": retriable}));
+    task.finish(
+        "error",
+        json!({"code": code, "message": message, "retriable": retriable}),
+    );
 }
 
 async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome {
     let req = &task.req;
-    let deadline = req.deadline_ms.map(|ms| task.admitted_at + Duration::from_millis(ms));
+    let deadline = req
+        .deadline_ms
+        .map(|ms| task.admitted_at + Duration::from_millis(ms));
     let prompt = match (&req.prompt, &req.messages) {
         (Some(p), _) => p.clone(),
-        (None, Some(m)) => match st.http.post(format!("{url}/apply-template")).json(&json!({"messages": m})).send().await {
+        (None, Some(m)) => match st
+            .http
+            .post(format!("{url}/apply-template"))
+            .json(&json!({"messages": m}))
+            .send()
+            .await
+        {
             Ok(r) if r.status().is_success() => match r.json::<Value>().await {
                 Ok(v) => v["prompt"].as_str().unwrap_or("").to_string(),
                 Err(e) => return Outcome::EngineError(format!("apply-template: {e}")),
             },
-            Ok(r) => return Outcome::EngineError(format!("apply-template answered {}", r.status())),
+            Ok(r) => {
+                return Outcome::EngineError(format!("apply-template answered {}", r.status()))
+            }
             Err(e) => return Outcome::EngineGone(format!("apply-template: {e}")),
         },
         (None, None) => return Outcome::EngineError("empty task".into()),
@@ -114,7 +135,10 @@ async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome
         Ok(r) => {
             let s = r.status();
             let text = r.text().await.unwrap_or_default();
-            return Outcome::EngineError(format!("llama-server answered {s}: {}", text.chars().take(300).collect::<String>()));
+            return Outcome::EngineError(format!(
+                "llama-server answered {s}: {}",
+                text.chars().take(300).collect::<String>()
+            ));
         }
         Err(e) => return Outcome::EngineGone(format!("cannot reach llama-server at {url}: {e}")),
     };
@@ -136,14 +160,24 @@ async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome
         }
         let chunk = match next {
             Some(Ok(c)) => c,
-            Some(Err(e)) => return Outcome::EngineGone(format!("the engine stream broke after {i} tokens: {e}")),
-            None => return Outcome::EngineGone(format!("the engine closed the stream after {i} tokens without a final frame")),
+            Some(Err(e)) => {
+                return Outcome::EngineGone(format!(
+                    "the engine stream broke after {i} tokens: {e}"
+                ))
+            }
+            None => {
+                return Outcome::EngineGone(format!(
+                    "the engine closed the stream after {i} tokens without a final frame"
+                ))
+            }
         };
         buf.extend_from_slice(&chunk);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
             let line = String::from_utf8_lossy(&line);
-            let Some(data) = line.trim().strip_prefix("data:") else { continue };
+            let Some(data) = line.trim().strip_prefix("data:") else {
+                continue;
+            };
             let v: Value = match serde_json::from_str(data.trim()) {
                 Ok(v) => v,
                 Err(_) => continue,
@@ -157,7 +191,9 @@ async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome
             let t = v["content"].as_str().unwrap_or("");
             if first {
                 first = false;
-                st.metrics.ttft_ms.observe(task.admitted_at.elapsed().as_secs_f64() * 1000.0);
+                st.metrics
+                    .ttft_ms
+                    .observe(task.admitted_at.elapsed().as_secs_f64() * 1000.0);
             }
             if !task.send("token", json!({"t": t, "i": *i})) {
                 // Nobody is listening any more (the client went away).
@@ -176,7 +212,9 @@ pub async fn wait_slot_idle(st: &AppState, url: &str, timeout: Duration) -> bool
     loop {
         if let Ok(r) = st.http.get(format!("{url}/slots")).send().await {
             if let Ok(v) = r.json::<Value>().await {
-                if v.as_array().is_some_and(|a| a.iter().all(|s| s["is_processing"].as_bool() != Some(true))) {
+                if v.as_array()
+                    .is_some_and(|a| a.iter().all(|s| s["is_processing"].as_bool() != Some(true)))
+                {
                     return true;
                 }
             }

@@ -117,7 +117,10 @@ pub enum ServeError {
     #[error("refusing to bind {0} without an API token: a non-loopback address is reachable from other machines\n  hint: set LLORCH_API_TOKEN (clients then send `Authorization: Bearer <token>`) or bind 127.0.0.1")]
     TokenRequired(SocketAddr),
     #[error("bind {addr}: {err}")]
-    Bind { addr: SocketAddr, err: std::io::Error },
+    Bind {
+        addr: SocketAddr,
+        err: std::io::Error,
+    },
 }
 
 /// A validated task request.
@@ -156,7 +159,9 @@ impl Task {
     fn send(&self, name: &str, data: Value) -> bool {
         let g = self.tx.lock().unwrap();
         match g.as_ref() {
-            Some(tx) => tx.send(Event::default().event(name).data(data.to_string())).is_ok(),
+            Some(tx) => tx
+                .send(Event::default().event(name).data(data.to_string()))
+                .is_ok(),
             None => false,
         }
     }
@@ -225,8 +230,16 @@ impl AppState {
 
     fn new_task_id(&self) -> String {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
-        let seed = format!("{}-{}-{n}-{:?}", std::process::id(), llorch_io::now_rfc3339(), Instant::now());
-        format!("t-{}", &llorch_io::digest::sha256_bytes(seed.as_bytes())[..16])
+        let seed = format!(
+            "{}-{}-{n}-{:?}",
+            std::process::id(),
+            llorch_io::now_rfc3339(),
+            Instant::now()
+        );
+        format!(
+            "t-{}",
+            &llorch_io::digest::sha256_bytes(seed.as_bytes())[..16]
+        )
     }
 }
 
@@ -293,7 +306,12 @@ fn err_json(status: StatusCode, code: &str, message: String, field: Option<&str>
 
 fn bad(st: &AppState, field: &str, message: impl Into<String>) -> Response {
     st.metrics.rejected_invalid.fetch_add(1, Ordering::Relaxed);
-    err_json(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message.into(), Some(field))
+    err_json(
+        StatusCode::BAD_REQUEST,
+        "INVALID_REQUEST",
+        message.into(),
+        Some(field),
+    )
 }
 
 async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Response {
@@ -302,9 +320,26 @@ async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Respo
         Ok(_) => return bad(&st, "body", "the body must be a JSON object"),
         Err(e) => return bad(&st, "body", format!("invalid JSON: {e}")),
     };
-    let known = ["prompt", "messages", "max_tokens", "seed", "temperature", "deadline_ms", "task_id"];
-    if let Some(k) = v.as_object().unwrap().keys().find(|k| !known.contains(&k.as_str())) {
-        return bad(&st, k, format!("unknown field `{k}` (known: {})", known.join(", ")));
+    let known = [
+        "prompt",
+        "messages",
+        "max_tokens",
+        "seed",
+        "temperature",
+        "deadline_ms",
+        "task_id",
+    ];
+    if let Some(k) = v
+        .as_object()
+        .unwrap()
+        .keys()
+        .find(|k| !known.contains(&k.as_str()))
+    {
+        return bad(
+            &st,
+            k,
+            format!("unknown field `{k}` (known: {})", known.join(", ")),
+        );
     }
     let prompt = match &v["prompt"] {
         Value::Null => None,
@@ -317,28 +352,61 @@ async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Respo
         Value::Array(a) if !a.is_empty() => {
             for (i, m) in a.iter().enumerate() {
                 if !m["role"].is_string() || !m["content"].is_string() {
-                    return bad(&st, &format!("messages[{i}]"), "each message needs string `role` and `content`");
+                    return bad(
+                        &st,
+                        &format!("messages[{i}]"),
+                        "each message needs string `role` and `content`",
+                    );
                 }
             }
             Some(v["messages"].clone())
         }
-        _ => return bad(&st, "messages", "messages must be a non-empty array of {role, content}"),
+        _ => {
+            return bad(
+                &st,
+                "messages",
+                "messages must be a non-empty array of {role, content}",
+            )
+        }
     };
     let chars = prompt.as_ref().map(|p| p.chars().count()).unwrap_or(0)
-        + messages.as_ref().map(|m| m.to_string().chars().count()).unwrap_or(0);
+        + messages
+            .as_ref()
+            .map(|m| m.to_string().chars().count())
+            .unwrap_or(0);
     match (&prompt, &messages) {
         (None, None) => return bad(&st, "prompt", "give `prompt` or `messages`"),
         (Some(_), Some(_)) => return bad(&st, "messages", "give `prompt` or `messages`, not both"),
         _ => {}
     }
     if chars > st.cfg.max_prompt_chars {
-        return bad(&st, if prompt.is_some() { "prompt" } else { "messages" }, format!("prompt is {chars} characters; the limit is {}", st.cfg.max_prompt_chars));
+        return bad(
+            &st,
+            if prompt.is_some() {
+                "prompt"
+            } else {
+                "messages"
+            },
+            format!(
+                "prompt is {chars} characters; the limit is {}",
+                st.cfg.max_prompt_chars
+            ),
+        );
     }
     let max_tokens = match &v["max_tokens"] {
         Value::Null => st.cfg.default_max_tokens,
         x => match x.as_u64() {
             Some(n) if n >= 1 && n <= st.cfg.max_tokens_limit as u64 => n as u32,
-            _ => return bad(&st, "max_tokens", format!("max_tokens must be an integer from 1 to {}", st.cfg.max_tokens_limit)),
+            _ => {
+                return bad(
+                    &st,
+                    "max_tokens",
+                    format!(
+                        "max_tokens must be an integer from 1 to {}",
+                        st.cfg.max_tokens_limit
+                    ),
+                )
+            }
         },
     };
     let seed = match &v["seed"] {
@@ -352,7 +420,13 @@ async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Respo
         Value::Null => 0.0,
         x => match x.as_f64() {
             Some(t) if (0.0..=2.0).contains(&t) => t,
-            _ => return bad(&st, "temperature", "temperature must be a number from 0 to 2"),
+            _ => {
+                return bad(
+                    &st,
+                    "temperature",
+                    "temperature must be a number from 0 to 2",
+                )
+            }
         },
     };
     let deadline_ms = match &v["deadline_ms"] {
@@ -364,32 +438,78 @@ async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Respo
     };
     let task_id = match &v["task_id"] {
         Value::Null => st.new_task_id(),
-        Value::String(s) if !s.is_empty() && s.len() <= 64 && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') => s.clone(),
-        _ => return bad(&st, "task_id", "task_id must be 1-64 letters, digits, '-' or '_'"),
+        Value::String(s)
+            if !s.is_empty()
+                && s.len() <= 64
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_') =>
+        {
+            s.clone()
+        }
+        _ => {
+            return bad(
+                &st,
+                "task_id",
+                "task_id must be 1-64 letters, digits, '-' or '_'",
+            )
+        }
     };
     if st.draining.load(Ordering::SeqCst) {
-        st.metrics.rejected_not_ready.fetch_add(1, Ordering::Relaxed);
-        return err_json(StatusCode::SERVICE_UNAVAILABLE, "DRAINING", "the orchestrator is shutting down".into(), None);
+        st.metrics
+            .rejected_not_ready
+            .fetch_add(1, Ordering::Relaxed);
+        return err_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DRAINING",
+            "the orchestrator is shutting down".into(),
+            None,
+        );
     }
     if !st.ready.load(Ordering::SeqCst) {
-        st.metrics.rejected_not_ready.fetch_add(1, Ordering::Relaxed);
-        let mut r = err_json(StatusCode::SERVICE_UNAVAILABLE, "ENGINE_NOT_READY", "no engine is ready; try again shortly".into(), None);
-        r.headers_mut().insert("retry-after", HeaderValue::from_static("1"));
+        st.metrics
+            .rejected_not_ready
+            .fetch_add(1, Ordering::Relaxed);
+        let mut r = err_json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ENGINE_NOT_READY",
+            "no engine is ready; try again shortly".into(),
+            None,
+        );
+        r.headers_mut()
+            .insert("retry-after", HeaderValue::from_static("1"));
         return r;
     }
     let mut tasks = st.tasks.lock().unwrap();
     // Forget finished tasks nobody will read any more.
-    tasks.retain(|_, t| *t.state.lock().unwrap() != TaskState::Done || t.admitted_at.elapsed() < Duration::from_secs(600));
+    tasks.retain(|_, t| {
+        *t.state.lock().unwrap() != TaskState::Done
+            || t.admitted_at.elapsed() < Duration::from_secs(600)
+    });
     if tasks.contains_key(&task_id) {
         st.metrics.rejected_invalid.fetch_add(1, Ordering::Relaxed);
-        return err_json(StatusCode::CONFLICT, "TASK_EXISTS", format!("task `{task_id}` already exists"), Some("task_id"));
+        return err_json(
+            StatusCode::CONFLICT,
+            "TASK_EXISTS",
+            format!("task `{task_id}` already exists"),
+            Some("task_id"),
+        );
     }
     let mut q = st.queue.lock().unwrap();
     if q.len() >= st.cfg.queue_capacity {
-        st.metrics.rejected_queue_full.fetch_add(1, Ordering::Relaxed);
+        st.metrics
+            .rejected_queue_full
+            .fetch_add(1, Ordering::Relaxed);
         let retry = (st.avg_task_ms.load(Ordering::Relaxed) / 1000).max(1);
-        let mut r = err_json(StatusCode::TOO_MANY_REQUESTS, "QUEUE_FULL", format!("the queue is full ({} tasks)", q.len()), None);
-        r.headers_mut().insert("retry-after", HeaderValue::from_str(&retry.to_string()).unwrap());
+        let mut r = err_json(
+            StatusCode::TOO_MANY_REQUESTS,
+            "QUEUE_FULL",
+            format!("the queue is full ({} tasks)", q.len()),
+            None,
+        );
+        r.headers_mut().insert(
+            "retry-after",
+            HeaderValue::from_str(&retry.to_string()).unwrap(),
+        );
         return r;
     }
     let position = q.len() + st.running.load(Ordering::SeqCst) as usize;
@@ -437,23 +557,42 @@ impl Drop for DisconnectGuard {
 async fn stream_task(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let task = st.tasks.lock().unwrap().get(&id).cloned();
     let Some(task) = task else {
-        return err_json(StatusCode::NOT_FOUND, "TASK_NOT_FOUND", format!("no task `{id}`"), None);
+        return err_json(
+            StatusCode::NOT_FOUND,
+            "TASK_NOT_FOUND",
+            format!("no task `{id}`"),
+            None,
+        );
     };
     let rx = task.rx.lock().unwrap().take();
     let Some(rx) = rx else {
-        return err_json(StatusCode::CONFLICT, "STREAM_TAKEN", format!("the stream of task `{id}` is already open"), None);
+        return err_json(
+            StatusCode::CONFLICT,
+            "STREAM_TAKEN",
+            format!("the stream of task `{id}` is already open"),
+            None,
+        );
     };
     let guard = DisconnectGuard(task);
     let stream = futures_util::stream::unfold((rx, guard), |(mut rx, g)| async move {
-        rx.recv().await.map(|ev| (Ok::<_, std::convert::Infallible>(ev), (rx, g)))
+        rx.recv()
+            .await
+            .map(|ev| (Ok::<_, std::convert::Infallible>(ev), (rx, g)))
     });
-    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(10))).into_response()
+    Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .into_response()
 }
 
 async fn cancel_task(State(st): State<Shared>, Path(id): Path<String>) -> Response {
     let task = st.tasks.lock().unwrap().get(&id).cloned();
     let Some(task) = task else {
-        return err_json(StatusCode::NOT_FOUND, "TASK_NOT_FOUND", format!("no task `{id}`"), None);
+        return err_json(
+            StatusCode::NOT_FOUND,
+            "TASK_NOT_FOUND",
+            format!("no task `{id}`"),
+            None,
+        );
     };
     let state = task.state.lock().unwrap().clone();
     match state {
@@ -509,7 +648,10 @@ async fn readyz(State(st): State<Shared>) -> Response {
 async fn metrics_text(State(st): State<Shared>) -> Response {
     let depth = st.queue.lock().unwrap().len();
     (
-        [(axum::http::header::CONTENT_TYPE, "text/plain; version=0.0.4")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
         st.metrics.render(depth, st.ready.load(Ordering::SeqCst)),
     )
         .into_response()
@@ -518,7 +660,9 @@ async fn metrics_text(State(st): State<Shared>) -> Response {
 fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
     use sha2::{Digest, Sha256};
     use subtle::ConstantTimeEq;
-    let Some(want) = &st.cfg.api_token else { return true };
+    let Some(want) = &st.cfg.api_token else {
+        return true;
+    };
     let got = headers
         .get(axum::http::header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
@@ -530,12 +674,22 @@ fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
     a.ct_eq(&b).into()
 }
 
-async fn auth(State(st): State<Shared>, req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+async fn auth(
+    State(st): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
     let path = req.uri().path();
     let open = path == "/healthz" || path == "/readyz";
     if !open && !token_ok(&st, req.headers()) {
-        let mut r = err_json(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", "missing or wrong `Authorization: Bearer <token>`".into(), None);
-        r.headers_mut().insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        let mut r = err_json(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "missing or wrong `Authorization: Bearer <token>`".into(),
+            None,
+        );
+        r.headers_mut()
+            .insert("www-authenticate", HeaderValue::from_static("Bearer"));
         return r;
     }
     next.run(req).await
@@ -588,8 +742,14 @@ pub async fn start(cfg: Config, link: Box<dyn EngineLink>) -> Result<Server, Ser
     }
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
-        .map_err(|err| ServeError::Bind { addr: cfg.addr, err })?;
-    let addr = listener.local_addr().map_err(|err| ServeError::Bind { addr: cfg.addr, err })?;
+        .map_err(|err| ServeError::Bind {
+            addr: cfg.addr,
+            err,
+        })?;
+    let addr = listener.local_addr().map_err(|err| ServeError::Bind {
+        addr: cfg.addr,
+        err,
+    })?;
     let st = AppState::new(cfg, link);
     tokio::spawn(health_loop(st.clone()));
     tokio::spawn(worker(st.clone()));

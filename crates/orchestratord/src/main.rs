@@ -31,7 +31,9 @@ async fn main() -> Result<()> {
     let a = Args::parse();
     let handoff = match a.handoff {
         Some(h) => h,
-        None => llorch_io::paths::Layout::discover()?.engines_dir().join(format!("{}.json", a.pool)),
+        None => llorch_io::paths::Layout::discover()?
+            .engines_dir()
+            .join(format!("{}.json", a.pool)),
     };
     if !handoff.is_file() {
         eprintln!("warning: {} does not exist yet; start an engine with `cargo xtask provision` (the orchestrator answers 503 until then)", handoff.display());
@@ -42,8 +44,14 @@ async fn main() -> Result<()> {
         queue_capacity: a.queue_capacity,
         ..Default::default()
     };
-    let srv = orchestratord::start(cfg, Box::new(HandoffLink(handoff.clone()))).await.context("start orchestratord")?;
-    eprintln!("orchestratord listening on http://{} (engine from {})", srv.addr, handoff.display());
+    let srv = orchestratord::start(cfg, Box::new(HandoffLink(handoff.clone())))
+        .await
+        .context("start orchestratord")?;
+    eprintln!(
+        "orchestratord listening on http://{} (engine from {})",
+        srv.addr,
+        handoff.display()
+    );
     tokio::signal::ctrl_c().await?;
     eprintln!("draining");
     srv.shutdown(std::time::Duration::from_secs(30)).await;

@@ -22,11 +22,22 @@ pub struct StreamResult {
 impl StreamResult {
     /// `started`, then one or more `token`, optional `metrics`, then `end`.
     pub fn order_ok(&self) -> bool {
-        let o: Vec<&str> = self.order.iter().map(String::as_str).filter(|e| *e != "metrics").collect();
-        o.len() >= 3 && o[0] == "started" && o[o.len() - 1] == "end" && o[1..o.len() - 1].iter().all(|e| *e == "token")
+        let o: Vec<&str> = self
+            .order
+            .iter()
+            .map(String::as_str)
+            .filter(|e| *e != "metrics")
+            .collect();
+        o.len() >= 3
+            && o[0] == "started"
+            && o[o.len() - 1] == "end"
+            && o[1..o.len() - 1].iter().all(|e| *e == "token")
     }
     pub fn indices_ok(&self) -> bool {
-        self.tokens.iter().enumerate().all(|(n, (i, _))| *i == n as u64)
+        self.tokens
+            .iter()
+            .enumerate()
+            .all(|(n, (i, _))| *i == n as u64)
     }
 }
 
@@ -40,12 +51,23 @@ pub async fn stream_task(
     cancel_after: Option<usize>,
 ) -> Result<StreamResult> {
     let t0 = Instant::now();
-    let r = http.post(format!("{base}/v1/tasks")).json(body).send().await?;
+    let r = http
+        .post(format!("{base}/v1/tasks"))
+        .json(body)
+        .send()
+        .await?;
     if r.status().as_u16() != 202 {
-        bail!("POST /v1/tasks answered {}: {}", r.status(), r.text().await.unwrap_or_default());
+        bail!(
+            "POST /v1/tasks answered {}: {}",
+            r.status(),
+            r.text().await.unwrap_or_default()
+        );
     }
     let admitted: Value = r.json().await?;
-    let id = admitted["task_id"].as_str().context("no task_id")?.to_string();
+    let id = admitted["task_id"]
+        .as_str()
+        .context("no task_id")?
+        .to_string();
     let mut res = read_stream(http, base, &id, on_token, cancel_after).await?;
     res.ttft_ms = res.ttft_ms.max(0.0);
     res.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
@@ -60,7 +82,10 @@ pub async fn read_stream(
     cancel_after: Option<usize>,
 ) -> Result<StreamResult> {
     let t0 = Instant::now();
-    let resp = http.get(format!("{base}/v1/tasks/{id}/stream")).send().await?;
+    let resp = http
+        .get(format!("{base}/v1/tasks/{id}/stream"))
+        .send()
+        .await?;
     if !resp.status().is_success() {
         bail!("GET stream answered {}", resp.status());
     }
@@ -76,7 +101,9 @@ pub async fn read_stream(
         buf.extend_from_slice(&chunk?);
         while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
             let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line).trim_end_matches(['\r', '\n']).to_string();
+            let line = String::from_utf8_lossy(&line)
+                .trim_end_matches(['\r', '\n'])
+                .to_string();
             if let Some(e) = line.strip_prefix("event:") {
                 event = e.trim().to_string();
             } else if let Some(d) = line.strip_prefix("data:") {
@@ -97,7 +124,10 @@ pub async fn read_stream(
                         if let Some(n) = cancel_after {
                             if !canceled && res.tokens.len() >= n {
                                 canceled = true;
-                                let r = http.post(format!("{base}/v1/tasks/{id}/cancel")).send().await?;
+                                let r = http
+                                    .post(format!("{base}/v1/tasks/{id}/cancel"))
+                                    .send()
+                                    .await?;
                                 if r.status().as_u16() != 204 {
                                     bail!("cancel answered {}", r.status());
                                 }

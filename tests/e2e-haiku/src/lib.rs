@@ -59,8 +59,26 @@ pub struct HaikuReport {
 }
 
 const ONES: [&str; 20] = [
-    "zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine", "ten", "eleven", "twelve",
-    "thirteen", "fourteen", "fifteen", "sixteen", "seventeen", "eighteen", "nineteen",
+    "zero",
+    "one",
+    "two",
+    "three",
+    "four",
+    "five",
+    "six",
+    "seven",
+    "eight",
+    "nine",
+    "ten",
+    "eleven",
+    "twelve",
+    "thirteen",
+    "fourteen",
+    "fifteen",
+    "sixteen",
+    "seventeen",
+    "eighteen",
+    "nineteen",
 ];
 const TENS: [&str; 6] = ["", "", "twenty", "thirty", "forty", "fifty"];
 
@@ -68,7 +86,7 @@ const TENS: [&str; 6] = ["", "", "twenty", "thirty", "forty", "fifty"];
 pub fn minute_in_words(m: u32) -> String {
     if m < 20 {
         ONES[m as usize].to_string()
-    } else if m % 10 == 0 {
+    } else if m.is_multiple_of(10) {
         TENS[(m / 10) as usize].to_string()
     } else {
         format!("{}-{}", TENS[(m / 10) as usize], ONES[(m % 10) as usize])
@@ -83,7 +101,12 @@ pub fn haiku_messages(minute_word: &str, nonce: &str) -> Value {
 
 /// A nonce that changes on every run.
 pub fn new_nonce() -> String {
-    let seed = format!("{:?}-{}-{}", Instant::now(), std::process::id(), llorch_io::now_rfc3339());
+    let seed = format!(
+        "{:?}-{}-{}",
+        Instant::now(),
+        std::process::id(),
+        llorch_io::now_rfc3339()
+    );
     llorch_io::digest::sha256_bytes(seed.as_bytes())[..8].to_string()
 }
 
@@ -109,15 +132,29 @@ impl Stack {
 
     pub async fn stop(self) {
         self.server.shutdown(Duration::from_secs(5)).await;
-        tokio::task::spawn_blocking(move || self.supervisor.stop()).await.ok();
+        tokio::task::spawn_blocking(move || self.supervisor.stop())
+            .await
+            .ok();
     }
 }
 
 /// Build, fetch, supervise the engine, start the orchestrator on `addr`.
-pub async fn start_stack(profile: &Profile, layout: &Layout, cfg: Config, quiet: bool) -> Result<Stack> {
+pub async fn start_stack(
+    profile: &Profile,
+    layout: &Layout,
+    cfg: Config,
+    quiet: bool,
+) -> Result<Stack> {
     let (profile2, layout2) = (profile.clone(), layout.clone());
     let (prep, _built) = tokio::task::spawn_blocking(move || {
-        engine_provisioner::provision::prepare(&profile2, &layout2, &BuildOptions { quiet, ..Default::default() })
+        engine_provisioner::provision::prepare(
+            &profile2,
+            &layout2,
+            &BuildOptions {
+                quiet,
+                ..Default::default()
+            },
+        )
     })
     .await??;
     let info_base = EngineInfo {
@@ -129,8 +166,12 @@ pub async fn start_stack(profile: &Profile, layout: &Layout, cfg: Config, quiet:
         ctx_max: prep.model.metadata["ctx_max"].as_u64(),
         slots: 1,
     };
-    let (fingerprint, model_ref, model_digest, engine_version) =
-        (prep.fingerprint.clone(), prep.model.reference.clone(), prep.model.digest.clone(), prep.engine_version.clone());
+    let (fingerprint, model_ref, model_digest, engine_version) = (
+        prep.fingerprint.clone(),
+        prep.model.reference.clone(),
+        prep.model.digest.clone(),
+        prep.engine_version.clone(),
+    );
     let timeout = Duration::from_secs(prep.ready_timeout_s + 10);
     let layout3 = layout.clone();
     let sup = tokio::task::spawn_blocking(move || {
@@ -138,7 +179,8 @@ pub async fn start_stack(profile: &Profile, layout: &Layout, cfg: Config, quiet:
         Supervisor::start(prep, layout3, RestartPolicy::default())
     })
     .await?;
-    let engine_url = tokio::task::block_in_place(|| sup.wait_ready(timeout)).map_err(anyhow::Error::msg)?;
+    let engine_url =
+        tokio::task::block_in_place(|| sup.wait_ready(timeout)).map_err(anyhow::Error::msg)?;
     let link = SupervisorLink {
         base: info_base,
         state: sup.state_handle(),
@@ -148,7 +190,10 @@ pub async fn start_stack(profile: &Profile, layout: &Layout, cfg: Config, quiet:
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
-        let r = client.get(format!("http://{}/readyz", server.addr)).send().await;
+        let r = client
+            .get(format!("http://{}/readyz", server.addr))
+            .send()
+            .await;
         if r.map(|r| r.status().is_success()).unwrap_or(false) {
             break;
         }
@@ -177,14 +222,22 @@ pub struct SupervisorLink {
 impl orchestratord::EngineLink for SupervisorLink {
     fn current(&self) -> Option<EngineInfo> {
         match self.state.get() {
-            EngineState::Ready { url, .. } => Some(EngineInfo { url, ..self.base.clone() }),
+            EngineState::Ready { url, .. } => Some(EngineInfo {
+                url,
+                ..self.base.clone()
+            }),
             _ => None,
         }
     }
 }
 
 async fn engine_tokens_predicted(http: &reqwest::Client, engine: &str) -> Result<u64> {
-    let text = http.get(format!("{engine}/metrics")).send().await?.text().await?;
+    let text = http
+        .get(format!("{engine}/metrics"))
+        .send()
+        .await?
+        .text()
+        .await?;
     text.lines()
         .find_map(|l| l.strip_prefix("llamacpp:tokens_predicted_total "))
         .and_then(|v| v.trim().parse::<f64>().ok())
@@ -193,8 +246,20 @@ async fn engine_tokens_predicted(http: &reqwest::Client, engine: &str) -> Result
 }
 
 /// The text llama-server gives for the same chat, asked directly (no streaming, no orchestrator).
-async fn direct_text(http: &reqwest::Client, engine: &str, messages: &Value, max_tokens: u32, seed: u64) -> Result<String> {
-    let p: Value = http.post(format!("{engine}/apply-template")).json(&json!({"messages": messages})).send().await?.json().await?;
+async fn direct_text(
+    http: &reqwest::Client,
+    engine: &str,
+    messages: &Value,
+    max_tokens: u32,
+    seed: u64,
+) -> Result<String> {
+    let p: Value = http
+        .post(format!("{engine}/apply-template"))
+        .json(&json!({"messages": messages}))
+        .send()
+        .await?
+        .json()
+        .await?;
     let r: Value = http
         .post(format!("{engine}/completion"))
         .json(&json!({"prompt": p["prompt"], "n_predict": max_tokens, "temperature": 0.0, "seed": seed, "stream": false, "cache_prompt": false}))
@@ -214,18 +279,39 @@ fn check(checks: &mut Vec<Check>, name: &str, ok: bool, detail: impl Into<String
 }
 
 /// Run the whole proof. `on_token` sees the first haiku's tokens live.
-pub async fn run(profile: &Profile, layout: &Layout, quiet: bool, on_token: &(dyn Fn(&str) + Sync)) -> Result<HaikuReport> {
-    let stack = start_stack(profile, layout, Config { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() }, quiet).await?;
+pub async fn run(
+    profile: &Profile,
+    layout: &Layout,
+    quiet: bool,
+    on_token: &(dyn Fn(&str) + Sync),
+) -> Result<HaikuReport> {
+    let stack = start_stack(
+        profile,
+        layout,
+        Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            ..Default::default()
+        },
+        quiet,
+    )
+    .await?;
     let res = prove(profile, &stack, on_token).await;
     stack.stop().await;
     let report = res?;
     let dir = layout.runtime.join("haiku");
     std::fs::create_dir_all(&dir)?;
-    llorch_io::fsx::write_atomic(&dir.join("last.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    llorch_io::fsx::write_atomic(
+        &dir.join("last.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
     Ok(report)
 }
 
-pub async fn prove(profile: &Profile, stack: &Stack, on_token: &(dyn Fn(&str) + Sync)) -> Result<HaikuReport> {
+pub async fn prove(
+    profile: &Profile,
+    stack: &Stack,
+    on_token: &(dyn Fn(&str) + Sync),
+) -> Result<HaikuReport> {
     let http = reqwest::Client::new();
     let orch = stack.orchestrator_url();
     let engine = &stack.engine_url;
@@ -234,20 +320,34 @@ pub async fn prove(profile: &Profile, stack: &Stack, on_token: &(dyn Fn(&str) + 
     let minute_word = minute_in_words(current_minute());
     let nonce = new_nonce();
     let messages = haiku_messages(&minute_word, &nonce);
-    let body = json!({"messages": messages, "max_tokens": max_tokens, "seed": seed, "temperature": 0.0});
+    let body =
+        json!({"messages": messages, "max_tokens": max_tokens, "seed": seed, "temperature": 0.0});
     let mut checks = Vec::new();
 
     let before = engine_tokens_predicted(&http, engine).await?;
     let first: StreamResult = stream_task(&http, &orch, &body, Some(on_token), None).await?;
     let after = engine_tokens_predicted(&http, engine).await?;
-    check(&mut checks, "event order started → token+ → end", first.order_ok(), first.order.join(" "));
-    check(&mut checks, "token indices contiguous from 0", first.indices_ok(), format!("{} tokens", first.tokens.len()));
+    check(
+        &mut checks,
+        "event order started → token+ → end",
+        first.order_ok(),
+        first.order.join(" "),
+    );
+    check(
+        &mut checks,
+        "token indices contiguous from 0",
+        first.indices_ok(),
+        format!("{} tokens", first.tokens.len()),
+    );
     let tokens_out = first.end["tokens_out"].as_u64().unwrap_or(0);
     check(
         &mut checks,
         "engine tokens_predicted_total grew by tokens_out",
         after - before == tokens_out && tokens_out > 0,
-        format!("{before} → {after} (+{}), tokens_out {tokens_out}", after - before),
+        format!(
+            "{before} → {after} (+{}), tokens_out {tokens_out}",
+            after - before
+        ),
     );
     check(
         &mut checks,
@@ -256,31 +356,63 @@ pub async fn prove(profile: &Profile, stack: &Stack, on_token: &(dyn Fn(&str) + 
         format!("{} events, tokens_out {tokens_out}", first.tokens.len()),
     );
     let direct = direct_text(&http, engine, &messages, max_tokens, seed).await?;
-    check(&mut checks, "concatenated tokens equal llama-server's own text", first.text == direct, format!("{:?} vs {:?}", first.text, direct));
+    check(
+        &mut checks,
+        "concatenated tokens equal llama-server's own text",
+        first.text == direct,
+        format!("{:?} vs {:?}", first.text, direct),
+    );
 
     let second = stream_task(&http, &orch, &body, None, None).await?;
-    check(&mut checks, "same prompt again gives identical text", second.text == first.text, format!("{:?}", second.text));
+    check(
+        &mut checks,
+        "same prompt again gives identical text",
+        second.text == first.text,
+        format!("{:?}", second.text),
+    );
 
     let other_nonce = new_nonce();
     let other_body = json!({"messages": haiku_messages(&minute_word, &other_nonce), "max_tokens": max_tokens, "seed": seed, "temperature": 0.0});
     let third = stream_task(&http, &orch, &other_body, None, None).await?;
-    check(&mut checks, "another nonce gives different text", third.text != first.text, format!("nonce {other_nonce}: {:?}", third.text));
+    check(
+        &mut checks,
+        "another nonce gives different text",
+        third.text != first.text,
+        format!("nonce {other_nonce}: {:?}", third.text),
+    );
 
     let long = json!({"prompt": "Count from one to one thousand, one number per line:\n", "max_tokens": 2048});
     let canceled = stream_task(&http, &orch, &long, None, Some(1)).await?;
-    let slots: Value = http.get(format!("{engine}/slots")).send().await?.json().await?;
-    let idle = slots.as_array().is_some_and(|a| a.iter().all(|s| s["is_processing"].as_bool() == Some(false)));
+    let slots: Value = http
+        .get(format!("{engine}/slots"))
+        .send()
+        .await?
+        .json()
+        .await?;
+    let idle = slots.as_array().is_some_and(|a| {
+        a.iter()
+            .all(|s| s["is_processing"].as_bool() == Some(false))
+    });
     check(
         &mut checks,
         "cancel after the first token ends canceled and frees the slot",
         canceled.end["canceled"].as_bool() == Some(true) && idle && canceled.tokens.len() < 2048,
-        format!("end {} after {} tokens; /slots idle: {idle}", canceled.end, canceled.tokens.len()),
+        format!(
+            "end {} after {} tokens; /slots idle: {idle}",
+            canceled.end,
+            canceled.tokens.len()
+        ),
     );
 
     let present = first.text.to_lowercase().contains(&minute_word);
     let required = profile.file.haiku.require_minute_word;
     if required {
-        check(&mut checks, "the minute word appears", present, minute_word.clone());
+        check(
+            &mut checks,
+            "the minute word appears",
+            present,
+            minute_word.clone(),
+        );
     }
     let passed = checks.iter().all(|c| c.ok);
     Ok(HaikuReport {

@@ -4,14 +4,24 @@
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haiku_streams_real_tokens_from_the_engine() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
     let rt = tempfile_dir();
     let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.clone());
     let mut profile = engine_provisioner::Profile::resolve(&root, None).unwrap();
     profile.file.pool = "e2e-haiku".into();
-    let report = test_harness_e2e_haiku::run(&profile, &layout, true, &|_| {}).await.unwrap();
+    let report = test_harness_e2e_haiku::run(&profile, &layout, true, &|_| {})
+        .await
+        .unwrap();
     for c in &report.checks {
-        eprintln!("{} {}: {}", if c.ok { "ok  " } else { "FAIL" }, c.name, c.detail);
+        eprintln!(
+            "{} {}: {}",
+            if c.ok { "ok  " } else { "FAIL" },
+            c.name,
+            c.detail
+        );
     }
     eprintln!("haiku:\n{}", report.text);
     assert!(report.passed, "haiku proof failed: {:#?}", report.checks);

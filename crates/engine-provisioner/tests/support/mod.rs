@@ -7,7 +7,10 @@ use llorch_io::paths::Layout;
 use std::path::{Path, PathBuf};
 
 pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
 }
 
 pub const FAKE_CMAKE: &str = r#"cmake_minimum_required(VERSION 3.14)
@@ -86,7 +89,8 @@ pub fn archive_pin_yaml(location: &Path, sha: &str) -> String {
     )
 }
 
-pub const CPU_PROFILE: &str = "schema: 1\npool: fake\nallow_package_installs: false\nengine:\n  backend: cpu\n";
+pub const CPU_PROFILE: &str =
+    "schema: 1\npool: fake\nallow_package_installs: false\nengine:\n  backend: cpu\n";
 
 /// A git repository with one commit of the fake tree; returns the repo path and commit id.
 pub fn git_repo(dir: &Path) -> (PathBuf, git2::Oid) {
@@ -99,11 +103,18 @@ pub fn git_repo(dir: &Path) -> (PathBuf, git2::Oid) {
 
 pub fn commit_all(repo: &git2::Repository, msg: &str) -> git2::Oid {
     let mut idx = repo.index().unwrap();
-    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None).unwrap();
+    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .unwrap();
     idx.write().unwrap();
     let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
     let sig = git2::Signature::now("test", "test@example.invalid").unwrap();
-    let parents: Vec<git2::Commit> = repo.head().ok().and_then(|h| h.peel_to_commit().ok()).into_iter().collect();
+    let parents: Vec<git2::Commit> = repo
+        .head()
+        .ok()
+        .and_then(|h| h.peel_to_commit().ok())
+        .into_iter()
+        .collect();
     let refs: Vec<&git2::Commit> = parents.iter().collect();
-    repo.commit(Some("HEAD"), &sig, &sig, msg, &tree, &refs).unwrap()
+    repo.commit(Some("HEAD"), &sig, &sig, msg, &tree, &refs)
+        .unwrap()
 }

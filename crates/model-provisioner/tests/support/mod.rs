@@ -57,7 +57,12 @@ pub fn serve(body: Vec<u8>, faults: Faults) -> Server {
     Server { addr, counters }
 }
 
-fn handle(mut s: TcpStream, body: &[u8], c: &Mutex<Counters>, f: &Mutex<Faults>) -> std::io::Result<()> {
+fn handle(
+    mut s: TcpStream,
+    body: &[u8],
+    c: &Mutex<Counters>,
+    f: &Mutex<Faults>,
+) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(10)))?;
     let mut r = BufReader::new(s.try_clone()?);
     loop {
@@ -90,14 +95,24 @@ fn handle(mut s: TcpStream, body: &[u8], c: &Mutex<Counters>, f: &Mutex<Faults>)
         }
         if method == "HEAD" {
             c.lock().unwrap().heads += 1;
-            write!(s, "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n", body.len())?;
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n",
+                body.len()
+            )?;
             continue;
         }
         let (n_get, delay, fail_first, drop_after, ignore_range) = {
             let mut cc = c.lock().unwrap();
             cc.gets += 1;
             let ff = f.lock().unwrap();
-            (cc.gets, ff.delay_ms, ff.fail_first, ff.drop_first_after, ff.ignore_range)
+            (
+                cc.gets,
+                ff.delay_ms,
+                ff.fail_first,
+                ff.drop_first_after,
+                ff.ignore_range,
+            )
         };
         if delay > 0 {
             std::thread::sleep(Duration::from_millis(delay));
@@ -120,9 +135,17 @@ fn handle(mut s: TcpStream, body: &[u8], c: &Mutex<Counters>, f: &Mutex<Faults>)
                 part.len()
             )?;
         } else {
-            write!(s, "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n", part.len())?;
+            write!(
+                s,
+                "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n",
+                part.len()
+            )?;
         }
-        let limit = if n_get == fail_first + 1 { drop_after } else { None };
+        let limit = if n_get == fail_first + 1 {
+            drop_after
+        } else {
+            None
+        };
         let send = limit.map(|l| l.min(part.len())).unwrap_or(part.len());
         s.write_all(&part[..send])?;
         c.lock().unwrap().body_bytes += send as u64;

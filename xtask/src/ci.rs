@@ -1,0 +1,42 @@
+//! `cargo xtask ci`: what CI runs. Formatting and lints, then the default
+//! engine and model are made present once (so the tests share them through
+//! the cache instead of racing to build), then every test of the workspace.
+
+use crate::Ctx;
+use anyhow::{bail, Result};
+use clap::Args;
+use llorch_io::cmd::Cmd;
+
+#[derive(Args)]
+pub struct CiCmd {
+    /// Skip `cargo fmt --check` and clippy
+    #[arg(long)]
+    no_lint: bool,
+}
+
+fn step(name: &str, cmd: Cmd, root: &std::path::Path) -> Result<()> {
+    eprintln!("==> {name}: {cmd}");
+    let t = std::time::Instant::now();
+    let status = cmd.clone().dir(root).to_std().status()?;
+    if !status.success() {
+        bail!("{name} failed ({status}): `{cmd}`");
+    }
+    eprintln!("==> {name}: ok in {:.0}s", t.elapsed().as_secs_f64());
+    Ok(())
+}
+
+impl CiCmd {
+    pub fn run(self, ctx: &Ctx) -> Result<()> {
+        let root = &ctx.layout.root;
+        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        if !self.no_lint {
+            step("fmt", Cmd::new(&cargo).args(["fmt", "--all", "--", "--check"]), root)?;
+            step("clippy", Cmd::new(&cargo).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]), root)?;
+        }
+        let exe = std::env::current_exe()?;
+        step("engine build (default profile)", Cmd::new(&exe).args(["engine", "build"]), root)?;
+        step("model fetch (default profile)", Cmd::new(&exe).args(["model", "fetch"]), root)?;
+        step("tests", Cmd::new(&cargo).args(["test", "--workspace", "--", "--test-threads", "2"]), root)?;
+        Ok(())
+    }
+}
