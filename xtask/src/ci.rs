@@ -30,13 +30,40 @@ impl CiCmd {
         let root = &ctx.layout.root;
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         if !self.no_lint {
-            step("fmt", Cmd::new(&cargo).args(["fmt", "--all", "--", "--check"]), root)?;
-            step("clippy", Cmd::new(&cargo).args(["clippy", "--workspace", "--all-targets", "--", "-D", "warnings"]), root)?;
+            step(
+                "fmt",
+                Cmd::new(&cargo).args(["fmt", "--all", "--", "--check"]),
+                root,
+            )?;
+            step(
+                "clippy",
+                Cmd::new(&cargo).args([
+                    "clippy",
+                    "--workspace",
+                    "--all-targets",
+                    "--",
+                    "-D",
+                    "warnings",
+                ]),
+                root,
+            )?;
         }
         let exe = std::env::current_exe()?;
-        step("engine build (default profile)", Cmd::new(&exe).args(["engine", "build"]), root)?;
-        step("model fetch (default profile)", Cmd::new(&exe).args(["model", "fetch"]), root)?;
-        step("tests", Cmd::new(&cargo).args(["test", "--workspace", "--", "--test-threads", "2"]), root)?;
+        step(
+            "engine build (default profile)",
+            Cmd::new(&exe).args(["engine", "build"]),
+            root,
+        )?;
+        step(
+            "model fetch (default profile)",
+            Cmd::new(&exe).args(["model", "fetch"]),
+            root,
+        )?;
+        step(
+            "tests",
+            Cmd::new(&cargo).args(["test", "--workspace", "--", "--test-threads", "2"]),
+            root,
+        )?;
         Ok(())
     }
 }

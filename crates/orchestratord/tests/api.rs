@@ -22,12 +22,23 @@ static TURN: Mutex<()> = Mutex::new(());
 
 fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().unwrap();
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()
+            .unwrap();
         let rt = std::env::temp_dir().join(format!("llorch-api-{}", std::process::id()));
         let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
         let mut p = engine_provisioner::Profile::resolve(&root, None).unwrap();
         p.file.pool = "api-tests".into();
-        let (prep, _) = engine_provisioner::provision::prepare(&p, &layout, &BuildOptions { quiet: true, ..Default::default() }).unwrap();
+        let (prep, _) = engine_provisioner::provision::prepare(
+            &p,
+            &layout,
+            &BuildOptions {
+                quiet: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let base = EngineInfo {
             url: String::new(),
             engine: "llamacpp".into(),
@@ -37,7 +48,10 @@ fn engine() -> &'static Engine {
             ctx_max: prep.model.metadata["ctx_max"].as_u64(),
             slots: 1,
         };
-        let policy = RestartPolicy { initial_backoff: Duration::from_millis(100), ..Default::default() };
+        let policy = RestartPolicy {
+            initial_backoff: Duration::from_millis(100),
+            ..Default::default()
+        };
         let sup = Supervisor::start(prep, layout, policy);
         sup.wait_ready(Duration::from_secs(120)).unwrap();
         Engine { sup, base }
@@ -57,7 +71,15 @@ async fn orchestrator(mut cfg: Config) -> orchestratord::Server {
     if cfg.addr.port() == 8080 {
         cfg.addr = "127.0.0.1:0".parse().unwrap();
     }
-    let srv = orchestratord::start(cfg, Box::new(SupervisorLink { base: e.base.clone(), state: e.sup.state_handle() })).await.unwrap();
+    let srv = orchestratord::start(
+        cfg,
+        Box::new(SupervisorLink {
+            base: e.base.clone(),
+            state: e.sup.state_handle(),
+        }),
+    )
+    .await
+    .unwrap();
     wait_ready(&format!("http://{}", srv.addr)).await;
     srv
 }
@@ -66,7 +88,12 @@ async fn wait_ready(base: &str) {
     let c = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(60);
     while Instant::now() < deadline {
-        if c.get(format!("{base}/readyz")).send().await.map(|r| r.status() == 200).unwrap_or(false) {
+        if c.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+        {
             return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
@@ -75,8 +102,16 @@ async fn wait_ready(base: &str) {
 }
 
 async fn slots_idle(engine: &str) -> bool {
-    let v: Value = reqwest::get(format!("{engine}/slots")).await.unwrap().json().await.unwrap();
-    v.as_array().unwrap().iter().all(|s| s["is_processing"] == json!(false))
+    let v: Value = reqwest::get(format!("{engine}/slots"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["is_processing"] == json!(false))
 }
 
 async fn wait_idle(engine: &str, within: Duration) -> bool {
@@ -93,7 +128,12 @@ async fn wait_idle(engine: &str, within: Duration) -> bool {
 const LONG: &str = "Count from one to one thousand, one number per line:\n";
 
 async fn submit(c: &reqwest::Client, base: &str, body: Value) -> Value {
-    let r = c.post(format!("{base}/v1/tasks")).json(&body).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v1/tasks"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
     r.json().await.unwrap()
 }
@@ -104,19 +144,55 @@ async fn events_in_order_with_contiguous_indices() {
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
-    let r = stream_task(&c, &base, &json!({"prompt": "The three primary colors are", "max_tokens": 16}), None, None).await.unwrap();
+    let r = stream_task(
+        &c,
+        &base,
+        &json!({"prompt": "The three primary colors are", "max_tokens": 16}),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     assert!(r.order_ok(), "{:?}", r.order);
     assert!(r.indices_ok());
-    assert_eq!(r.end["tokens_out"].as_u64().unwrap() as usize, r.tokens.len());
+    assert_eq!(
+        r.end["tokens_out"].as_u64().unwrap() as usize,
+        r.tokens.len()
+    );
     assert_eq!(r.end["canceled"], json!(false));
     assert!(!r.text.is_empty());
-    let chat = stream_task(&c, &base, &json!({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}), None, None).await.unwrap();
+    let chat = stream_task(
+        &c,
+        &base,
+        &json!({"messages": [{"role": "user", "content": "Say hello."}], "max_tokens": 8}),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
     assert!(chat.order_ok() && chat.indices_ok(), "{:?}", chat.order);
-    let caps: Value = c.get(format!("{base}/v1/capabilities")).send().await.unwrap().json().await.unwrap();
+    let caps: Value = c
+        .get(format!("{base}/v1/capabilities"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
     assert_eq!(caps["engine"], "llamacpp");
     assert_eq!(caps["ctx_max"], 8192);
-    assert!(caps["model"]["digest"].as_str().unwrap().starts_with("b179c952"));
-    let m = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    assert!(caps["model"]["digest"]
+        .as_str()
+        .unwrap()
+        .starts_with("b179c952"));
+    let m = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
     assert!(m.contains("llorch_tasks_admitted_total 2"), "{m}");
     assert!(m.contains("llorch_time_to_first_token_ms_count 2"), "{m}");
     srv.shutdown(Duration::from_secs(1)).await;
@@ -128,40 +204,88 @@ async fn cancel_of_a_running_task_frees_the_slot() {
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
-    let r = stream_task(&c, &base, &json!({"prompt": LONG, "max_tokens": 2000}), None, Some(1)).await.unwrap();
+    let r = stream_task(
+        &c,
+        &base,
+        &json!({"prompt": LONG, "max_tokens": 2000}),
+        None,
+        Some(1),
+    )
+    .await
+    .unwrap();
     assert_eq!(r.end["canceled"], json!(true), "{}", r.end);
     assert_eq!(r.end["slot_idle"], json!(true));
-    assert!(r.tokens.len() < 200, "stopped promptly: {} tokens", r.tokens.len());
+    assert!(
+        r.tokens.len() < 200,
+        "stopped promptly: {} tokens",
+        r.tokens.len()
+    );
     assert!(slots_idle(&engine_url()).await);
-    let m = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
-    assert!(m.contains("llorch_tasks_canceled_total 1") && m.contains("llorch_cancel_latency_ms_count 1"), "{m}");
+    let m = c
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains("llorch_tasks_canceled_total 1")
+            && m.contains("llorch_cancel_latency_ms_count 1"),
+        "{m}"
+    );
     srv.shutdown(Duration::from_secs(1)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
-    let srv = orchestrator(Config { queue_capacity: 1, ..Default::default() }).await;
+    let srv = orchestrator(Config {
+        queue_capacity: 1,
+        ..Default::default()
+    })
+    .await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
     let a = submit(&c, &base, json!({"prompt": LONG, "max_tokens": 2000})).await;
     // Wait until A runs, so B waits in the queue.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 0 && Instant::now() < deadline {
+    while srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 0
+        && Instant::now() < deadline
+    {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     let b = submit(&c, &base, json!({"prompt": "Hi", "max_tokens": 4})).await;
     assert_eq!(b["queue_position"], 1);
-    let full = c.post(format!("{base}/v1/tasks")).json(&json!({"prompt": "Hi"})).send().await.unwrap();
+    let full = c
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({"prompt": "Hi"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(full.status(), 429);
     assert!(full.headers().get("retry-after").is_some());
     let bid = b["task_id"].as_str().unwrap();
-    assert_eq!(c.post(format!("{base}/v1/tasks/{bid}/cancel")).send().await.unwrap().status(), 204);
+    assert_eq!(
+        c.post(format!("{base}/v1/tasks/{bid}/cancel"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     let rb = read_stream(&c, &base, bid, None, None).await.unwrap();
     assert_eq!(rb.order, vec!["end"], "a queued task never starts");
     assert_eq!(rb.end["canceled"], json!(true));
     let aid = a["task_id"].as_str().unwrap();
-    assert_eq!(c.post(format!("{base}/v1/tasks/{aid}/cancel")).send().await.unwrap().status(), 204);
+    assert_eq!(
+        c.post(format!("{base}/v1/tasks/{aid}/cancel"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        204
+    );
     let ra = read_stream(&c, &base, aid, None, None).await.unwrap();
     assert_eq!(ra.end["canceled"], json!(true));
     assert!(wait_idle(&engine_url(), Duration::from_secs(2)).await);
@@ -178,7 +302,11 @@ async fn a_client_that_disconnects_frees_the_slot() {
     let id = t["task_id"].as_str().unwrap();
     {
         use futures_util::StreamExt;
-        let resp = c.get(format!("{base}/v1/tasks/{id}/stream")).send().await.unwrap();
+        let resp = c
+            .get(format!("{base}/v1/tasks/{id}/stream"))
+            .send()
+            .await
+            .unwrap();
         let mut s = resp.bytes_stream();
         let mut seen = String::new();
         while !seen.contains("event: token") {
@@ -186,14 +314,27 @@ async fn a_client_that_disconnects_frees_the_slot() {
         }
         // Dropping the stream closes the connection.
     }
-    assert!(wait_idle(&engine_url(), Duration::from_secs(3)).await, "slot still busy after the client left");
+    assert!(
+        wait_idle(&engine_url(), Duration::from_secs(3)).await,
+        "slot still busy after the client left"
+    );
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
-        let m = c.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+        let m = c
+            .get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
         if m.contains("llorch_tasks_canceled_total 1") {
             break;
         }
-        assert!(Instant::now() < deadline, "disconnect not counted as cancel: {m}");
+        assert!(
+            Instant::now() < deadline,
+            "disconnect not counted as cancel: {m}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     srv.shutdown(Duration::from_secs(1)).await;
@@ -204,7 +345,11 @@ async fn not_ready_unknown_and_bad_requests() {
     let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
     // No engine behind this one: 503.
     let none = orchestratord::start(
-        Config { addr: "127.0.0.1:0".parse().unwrap(), health_interval: Duration::from_millis(20), ..Default::default() },
+        Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            health_interval: Duration::from_millis(20),
+            ..Default::default()
+        },
         Box::new(|| None::<EngineInfo>),
     )
     .await
@@ -212,16 +357,50 @@ async fn not_ready_unknown_and_bad_requests() {
     let nb = format!("http://{}", none.addr);
     let c = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(60)).await;
-    assert_eq!(c.get(format!("{nb}/readyz")).send().await.unwrap().status(), 503);
-    assert_eq!(c.get(format!("{nb}/healthz")).send().await.unwrap().status(), 200);
-    let r = c.post(format!("{nb}/v1/tasks")).json(&json!({"prompt": "x"})).send().await.unwrap();
+    assert_eq!(
+        c.get(format!("{nb}/readyz")).send().await.unwrap().status(),
+        503
+    );
+    assert_eq!(
+        c.get(format!("{nb}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = c
+        .post(format!("{nb}/v1/tasks"))
+        .json(&json!({"prompt": "x"}))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 503);
     none.shutdown(Duration::from_millis(10)).await;
 
-    let srv = orchestrator(Config { max_prompt_chars: 100, max_body_bytes: 4096, ..Default::default() }).await;
+    let srv = orchestrator(Config {
+        max_prompt_chars: 100,
+        max_body_bytes: 4096,
+        ..Default::default()
+    })
+    .await;
     let base = format!("http://{}", srv.addr);
-    assert_eq!(c.get(format!("{base}/v1/tasks/nope/stream")).send().await.unwrap().status(), 404);
-    assert_eq!(c.post(format!("{base}/v1/tasks/nope/cancel")).send().await.unwrap().status(), 404);
+    assert_eq!(
+        c.get(format!("{base}/v1/tasks/nope/stream"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
+    assert_eq!(
+        c.post(format!("{base}/v1/tasks/nope/cancel"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        404
+    );
     for (body, field) in [
         ("{not json", "body"),
         ("{}", "prompt"),
@@ -231,20 +410,38 @@ async fn not_ready_unknown_and_bad_requests() {
         (r#"{"prompt": "x", "temperature": 5}"#, "temperature"),
         (r#"{"prompt": "x", "seed": -1}"#, "seed"),
         (r#"{"prompt": "x", "bogus": 1}"#, "bogus"),
-        (r#"{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}"#, "messages"),
+        (
+            r#"{"prompt": "x", "messages": [{"role": "user", "content": "y"}]}"#,
+            "messages",
+        ),
         (r#"{"messages": [{"role": "user"}]}"#, "messages[0]"),
         (r#"{"prompt": "x", "task_id": "../x"}"#, "task_id"),
     ] {
-        let r = c.post(format!("{base}/v1/tasks")).body(body).send().await.unwrap();
+        let r = c
+            .post(format!("{base}/v1/tasks"))
+            .body(body)
+            .send()
+            .await
+            .unwrap();
         assert_eq!(r.status(), 400, "{body}");
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["field"], field, "{body}: {v}");
     }
     let long = json!({"prompt": "x".repeat(101)});
-    let r = c.post(format!("{base}/v1/tasks")).json(&long).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v1/tasks"))
+        .json(&long)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 400);
     let huge = json!({"prompt": "x".repeat(10_000)});
-    let r = c.post(format!("{base}/v1/tasks")).json(&huge).send().await.unwrap();
+    let r = c
+        .post(format!("{base}/v1/tasks"))
+        .json(&huge)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 413, "body over the limit");
     srv.shutdown(Duration::from_secs(1)).await;
 }
@@ -254,25 +451,84 @@ async fn a_non_loopback_bind_requires_a_token() {
     let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
     let e = engine();
     let open = orchestratord::start(
-        Config { addr: "0.0.0.0:0".parse().unwrap(), ..Default::default() },
-        Box::new(SupervisorLink { base: e.base.clone(), state: e.sup.state_handle() }),
+        Config {
+            addr: "0.0.0.0:0".parse().unwrap(),
+            ..Default::default()
+        },
+        Box::new(SupervisorLink {
+            base: e.base.clone(),
+            state: e.sup.state_handle(),
+        }),
     )
     .await;
     let err = open.err().expect("refused without a token").to_string();
-    assert!(err.contains("API token") && err.contains("LLORCH_API_TOKEN"), "{err}");
+    assert!(
+        err.contains("API token") && err.contains("LLORCH_API_TOKEN"),
+        "{err}"
+    );
 
-    let srv = orchestrator(Config { addr: "0.0.0.0:0".parse().unwrap(), api_token: Some("s3cret-token".into()), ..Default::default() }).await;
+    let srv = orchestrator(Config {
+        addr: "0.0.0.0:0".parse().unwrap(),
+        api_token: Some("s3cret-token".into()),
+        ..Default::default()
+    })
+    .await;
     let base = format!("http://127.0.0.1:{}", srv.addr.port());
     let c = reqwest::Client::new();
     let body = json!({"prompt": "Hi", "max_tokens": 2});
-    assert_eq!(c.post(format!("{base}/v1/tasks")).json(&body).send().await.unwrap().status(), 401);
-    assert_eq!(c.post(format!("{base}/v1/tasks")).bearer_auth("wrong").json(&body).send().await.unwrap().status(), 401);
-    assert_eq!(c.get(format!("{base}/metrics")).send().await.unwrap().status(), 401);
-    assert_eq!(c.get(format!("{base}/healthz")).send().await.unwrap().status(), 200);
-    let r = c.post(format!("{base}/v1/tasks")).bearer_auth("s3cret-token").json(&body).send().await.unwrap();
+    assert_eq!(
+        c.post(format!("{base}/v1/tasks"))
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.post(format!("{base}/v1/tasks"))
+            .bearer_auth("wrong")
+            .json(&body)
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.get(format!("{base}/metrics"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        401
+    );
+    assert_eq!(
+        c.get(format!("{base}/healthz"))
+            .send()
+            .await
+            .unwrap()
+            .status(),
+        200
+    );
+    let r = c
+        .post(format!("{base}/v1/tasks"))
+        .bearer_auth("s3cret-token")
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
     assert_eq!(r.status(), 202);
-    let id = r.json::<Value>().await.unwrap()["task_id"].as_str().unwrap().to_string();
-    let s = c.get(format!("{base}/v1/tasks/{id}/stream")).bearer_auth("s3cret-token").send().await.unwrap();
+    let id = r.json::<Value>().await.unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let s = c
+        .get(format!("{base}/v1/tasks/{id}/stream"))
+        .bearer_auth("s3cret-token")
+        .send()
+        .await
+        .unwrap();
     assert_eq!(s.status(), 200);
     let _ = s.text().await;
     srv.shutdown(Duration::from_secs(1)).await;
@@ -304,7 +560,14 @@ async fn an_engine_killed_mid_stream_gives_an_error_then_recovers() {
     wait_ready(&base).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let ok = stream_task(&c, &base, &json!({"prompt": "Hello", "max_tokens": 4}), None, None).await;
+        let ok = stream_task(
+            &c,
+            &base,
+            &json!({"prompt": "Hello", "max_tokens": 4}),
+            None,
+            None,
+        )
+        .await;
         if let Ok(r) = ok {
             if r.order_ok() {
                 break;
