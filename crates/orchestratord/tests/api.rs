@@ -7,7 +7,7 @@ use engine_provisioner::build::BuildOptions;
 use engine_provisioner::supervisor::{EngineState, RestartPolicy, Supervisor};
 use orchestratord::{Config, EngineInfo};
 use serde_json::{json, Value};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 use test_harness_e2e_haiku::client::{read_stream, stream_task};
 use test_harness_e2e_haiku::SupervisorLink;
@@ -18,7 +18,7 @@ struct Engine {
 }
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
-static TURN: Mutex<()> = Mutex::new(());
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn engine() -> &'static Engine {
     ENGINE.get_or_init(|| {
@@ -140,7 +140,7 @@ async fn submit(c: &reqwest::Client, base: &str, body: Value) -> Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_order_with_contiguous_indices() {
-    let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _t = TURN.lock().await;
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
@@ -200,7 +200,7 @@ async fn events_in_order_with_contiguous_indices() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_of_a_running_task_frees_the_slot() {
-    let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _t = TURN.lock().await;
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
@@ -239,7 +239,7 @@ async fn cancel_of_a_running_task_frees_the_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
-    let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _t = TURN.lock().await;
     let srv = orchestrator(Config {
         queue_capacity: 1,
         ..Default::default()
@@ -294,7 +294,7 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_disconnects_frees_the_slot() {
-    let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _t = TURN.lock().await;
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
@@ -342,7 +342,7 @@ async fn a_client_that_disconnects_frees_the_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn not_ready_unknown_and_bad_requests() {
-    let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _t = TURN.lock().await;
     // No engine behind this one: 503.
     let none = orchestratord::start(
         Config {
@@ -448,7 +448,7 @@ async fn not_ready_unknown_and_bad_requests() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_non_loopback_bind_requires_a_token() {
-    let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _t = TURN.lock().await;
     let e = engine();
     let open = orchestratord::start(
         Config {
@@ -536,7 +536,7 @@ async fn a_non_loopback_bind_requires_a_token() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_killed_mid_stream_gives_an_error_then_recovers() {
-    let _t = TURN.lock().unwrap_or_else(|e| e.into_inner());
+    let _t = TURN.lock().await;
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
