@@ -5,6 +5,7 @@
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 
+mod bench;
 mod ci;
 mod doctor;
 mod engine;
@@ -34,6 +35,8 @@ struct Cli {
 enum Command {
     /// Build, inspect and prune cached llama-server builds
     Engine(engine::EngineCmd),
+    /// Side-by-side measurements: build, model, provision, stream
+    Bench(bench::BenchCmd),
     /// What CI runs: fmt check, clippy, the default engine and model, then all tests
     Ci(ci::CiCmd),
     /// Report every tool a profile needs, found or not, and how to install what is missing
@@ -64,6 +67,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Engine(c) => c.run(&ctx),
         Command::Doctor(c) => c.run(&ctx),
         Command::Ci(c) => c.run(&ctx),
+        Command::Bench(c) => c.run(&ctx),
         Command::Source(c) => c.run(&ctx),
         Command::Model(c) => c.run(&ctx),
         Command::Provision(c) => c.run(&ctx),

@@ -497,8 +497,11 @@ fn missing_error(profile: &Profile, pf: &Preflight) -> PreflightError {
         let why = c.note.clone().unwrap_or_else(|| "not found on PATH".into());
         detail.push_str(&format!("  {}: {why}\n", c.tool));
         match &c.install {
-            Some(cmd) => detail.push_str(&format!("    install it with: {cmd}\n")),
-            None => detail.push_str(&format!(
+            Some(cmd) if c.tool != "nvcc" => {
+                detail.push_str(&format!("    install it with: {cmd}\n"))
+            }
+            // The CUDA toolkit's package differs most between distributions: show them all.
+            _ => detail.push_str(&format!(
                 "    install it with one of:\n{}\n",
                 install_hints(&c.tool)
             )),

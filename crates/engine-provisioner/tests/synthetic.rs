@@ -1,0 +1,92 @@
+//! Synthetic models: deterministic bytes, and loadable by the real CPU engine.
+
+mod support;
+
+use engine_provisioner::build::BuildOptions;
+use engine_provisioner::lifecycle::{self, Attach, EngineModel};
+use engine_provisioner::Profile;
+use llorch_io::paths::Layout;
+use model_provisioner::{FetchOptions, ModelStore};
+use support::repo_root;
+
+const TINY: &str = "synthetic:llama?embd=64&layers=2&ff=128&heads=4&kv_heads=2&seed=1";
+
+fn store_in(dir: &std::path::Path) -> ModelStore {
+    // Shares the workspace source trees (for the tokenizer), not its model store.
+    let root = repo_root();
+    std::env::set_var("LLORCH_SYNTHETIC_VOCAB", vocab());
+    ModelStore::new(&Layout::at(root, dir.join("cache"), dir.join("rt")))
+}
+
+fn vocab() -> std::path::PathBuf {
+    let root = repo_root();
+    let layout = Layout::from_root(root.clone());
+    let p = Profile::resolve(&root, None).unwrap();
+    let tree = engine_provisioner::source::fetch(&p.pin, &layout, &|_| {}).unwrap();
+    tree.join("models/ggml-vocab-llama-spm.gguf")
+}
+
+#[test]
+fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let q = FetchOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    let ma = store_in(a.path()).fetch(TINY, &q).unwrap().metadata;
+    let mb = store_in(b.path()).fetch(TINY, &q).unwrap().metadata;
+    assert_eq!(ma.digest, mb.digest, "deterministic");
+    assert_eq!(ma.arch.as_deref(), Some("llama"));
+    assert_eq!(ma.quant.as_deref(), Some("F16"));
+    assert_eq!(ma.ctx_max, Some(2048));
+    let other = store_in(a.path())
+        .fetch(&TINY.replace("seed=1", "seed=2"), &q)
+        .unwrap()
+        .metadata;
+    assert_ne!(other.digest, ma.digest);
+    // An expected digest pins it like any other model.
+    assert!(store_in(b.path())
+        .fetch(
+            TINY,
+            &FetchOptions {
+                expected_sha256: Some(ma.digest.clone()),
+                quiet: true,
+                ..Default::default()
+            }
+        )
+        .is_ok());
+
+    // The real CPU engine loads it and generates.
+    let root = repo_root();
+    let rt = tempfile::tempdir().unwrap();
+    let layout = Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
+    let mut p = Profile::resolve(&root, None).unwrap();
+    p.file.pool = "synthetic-test".into();
+    let built = engine_provisioner::build(
+        &p,
+        &layout,
+        &BuildOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    let model = EngineModel {
+        reference: TINY.into(),
+        path: ma.path.clone(),
+        digest: ma.digest.clone(),
+        metadata: serde_json::json!({}),
+    };
+    let prep =
+        lifecycle::prepare(&p, &built.binary, &built.fingerprint, &built.version, model).unwrap();
+    let eng = lifecycle::spawn(&prep, &layout, Attach::Supervised).unwrap();
+    let r: serde_json::Value = reqwest::blocking::Client::new()
+        .post(format!("{}/completion", eng.url))
+        .json(&serde_json::json!({"prompt": "Hello", "n_predict": 8, "temperature": 0.0, "ignore_eos": true}))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    eng.stop();
+    assert_eq!(r["timings"]["predicted_n"], 8, "{r}");
+}

@@ -1,0 +1,472 @@
+//! `cargo xtask bench`: side-by-side measurements on this machine, printed
+//! as a table (and JSON with --json). Nothing here asserts a time: the
+//! figures go into notes and docs/bench.md.
+
+use crate::{print_json, Ctx};
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use engine_provisioner::build::{self, BuildOptions};
+use llorch_io::cmd::Cmd;
+use serde_json::{json, Value};
+use std::io::{Read, Write};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct BenchCmd {
+    #[command(subcommand)]
+    cmd: BenchSub,
+    #[arg(long, global = true)]
+    json: bool,
+}
+
+#[derive(Subcommand)]
+enum BenchSub {
+    /// Cold `engine build` vs a hand-run cmake with the same flags; cache-hit build time
+    Build {
+        #[arg(long, short)]
+        profile: Option<String>,
+        /// Skip the two cold builds (minutes each) and time only cache hits
+        #[arg(long)]
+        hits_only: bool,
+    },
+    /// sha256 throughput on 1 GiB; loopback download vs curl on the same file and server
+    Model {
+        /// File size in MiB
+        #[arg(long, default_value_t = 1024)]
+        mib: u64,
+    },
+    /// Spawn-to-ready through provision vs a direct spawn; no-op provision time
+    Provision {
+        #[arg(long, short)]
+        profile: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+    },
+    /// Decode tokens/s through the orchestrator vs straight from llama-server; TTFT; cancel; queue memory
+    Stream {
+        #[arg(long, short)]
+        profile: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+    },
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[v.len() / 2]
+}
+
+fn pct(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn time_cmd(cmd: &Cmd) -> Result<f64> {
+    let t = Instant::now();
+    let out = cmd
+        .to_std()
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()?;
+    if !out.success() {
+        bail!("`{cmd}` failed ({out})");
+    }
+    Ok(t.elapsed().as_secs_f64())
+}
+
+impl BenchCmd {
+    pub fn run(self, ctx: &Ctx) -> Result<()> {
+        let res = match &self.cmd {
+            BenchSub::Build { profile, hits_only } => {
+                bench_build(ctx, profile.as_deref(), *hits_only)?
+            }
+            BenchSub::Model { mib } => bench_model(ctx, *mib)?,
+            BenchSub::Provision { profile, runs } => {
+                bench_provision(ctx, profile.as_deref(), *runs)?
+            }
+            BenchSub::Stream {
+                profile,
+                runs,
+                max_tokens,
+            } => bench_stream(ctx, profile.as_deref(), *runs, *max_tokens)?,
+        };
+        if self.json {
+            return print_json(&res);
+        }
+        for (k, v) in res.as_object().unwrap() {
+            println!("{k:<44} {v}");
+        }
+        Ok(())
+    }
+}
+
+fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<Value> {
+    let p = ctx.profile(profile)?;
+    let exe = std::env::current_exe()?;
+    let mut out = serde_json::Map::new();
+    // Make sure the real cache holds the build, then time cache hits of the built binary.
+    engine_provisioner::build(
+        &p,
+        &ctx.layout,
+        &BuildOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    let mut hits = Vec::new();
+    for _ in 0..7 {
+        let mut c = Cmd::new(&exe).args(["engine", "build"]);
+        if let Some(pr) = profile {
+            c = c.args(["--profile", pr]);
+        }
+        hits.push(time_cmd(&c)? * 1000.0);
+    }
+    out.insert(
+        "cache_hit_engine_build_ms_median".into(),
+        json!(median(&mut hits)),
+    );
+    out.insert("cache_hit_engine_build_ms_all".into(), json!(hits));
+    if hits_only {
+        return Ok(Value::Object(out));
+    }
+    // Cold builds, side by side, ccache off for both, same jobs and flags.
+    let tmp = tempfile::tempdir_in(&ctx.layout.cache)?;
+    let jobs = build::default_jobs();
+    std::env::set_var("CCACHE_DISABLE", "1");
+    let cold_cache = tmp.path().join("cold");
+    let layout = llorch_io::paths::Layout::at(
+        ctx.layout.root.clone(),
+        cold_cache.clone(),
+        tmp.path().join("rt"),
+    );
+    // The source tree is fetched before timing: both sides build from the same tree.
+    let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|_| {})?;
+    std::fs::create_dir_all(cold_cache.join("src-v1"))?;
+    let id = engine_provisioner::source::source_id(&p.pin);
+    Cmd::new("cp")
+        .arg("-a")
+        .arg(&tree)
+        .arg(cold_cache.join("src-v1").join(&id))
+        .read()?;
+    let plan = build::plan(&p, &engine_provisioner::preflight::Toolbox::default())?;
+    let t = Instant::now();
+    let b = engine_provisioner::build(
+        &p,
+        &layout,
+        &BuildOptions {
+            quiet: true,
+            jobs: Some(jobs),
+            ..Default::default()
+        },
+    )?;
+    let ours = t.elapsed().as_secs_f64();
+    let hand_dir = tmp.path().join("hand");
+    let hand_cfg = build::configure_cmd(&p, &plan, &tree, &hand_dir);
+    let hand_build = Cmd::new("cmake").arg("--build").arg(&hand_dir).args([
+        "--target",
+        build::TARGET,
+        "-j",
+        &jobs.to_string(),
+    ]);
+    let t = Instant::now();
+    time_cmd(&hand_cfg)?;
+    time_cmd(&hand_build)?;
+    let hand = t.elapsed().as_secs_f64();
+    std::env::remove_var("CCACHE_DISABLE");
+    out.insert("cold_engine_build_s".into(), json!(ours));
+    out.insert("cold_hand_cmake_build_s".into(), json!(hand));
+    out.insert("ratio_engine_build_over_hand".into(), json!(ours / hand));
+    out.insert("jobs".into(), json!(jobs));
+    out.insert("fingerprint".into(), json!(b.fingerprint));
+    Ok(Value::Object(out))
+}
+
+/// A minimal file server on 127.0.0.1 (sendfile through std::io::copy) for the download bench.
+fn serve_file(path: &Path) -> Result<(String, std::thread::JoinHandle<()>)> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let addr = l.local_addr()?;
+    let path = path.to_path_buf();
+    let h = std::thread::spawn(move || {
+        for s in l.incoming().take(2).flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 4096];
+            let mut req = Vec::new();
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let Ok(mut f) = std::fs::File::open(&path) else {
+                return;
+            };
+            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = std::io::copy(&mut f, &mut s);
+        }
+    });
+    Ok((format!("http://{addr}/model.gguf"), h))
+}
+
+fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
+    let tmp = tempfile::tempdir_in(&ctx.layout.cache)?;
+    let file = tmp.path().join("big.bin");
+    {
+        let mut f = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        let mut chunk = vec![0u8; 1 << 20];
+        for _ in 0..mib {
+            for c in chunk.chunks_mut(8) {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                c.copy_from_slice(&x.to_le_bytes());
+            }
+            f.write_all(&chunk)?;
+        }
+    }
+    let bytes = mib as f64 * 1048576.0;
+    // Warm the page cache, then hash.
+    llorch_io::digest::sha256_file(&file)?;
+    let mut rates = Vec::new();
+    for _ in 0..3 {
+        let t = Instant::now();
+        llorch_io::digest::sha256_file(&file)?;
+        rates.push(bytes / t.elapsed().as_secs_f64() / 1e9);
+    }
+    let sha_gbps = median(&mut rates);
+    let shani = std::fs::read_to_string("/proc/cpuinfo")
+        .unwrap_or_default()
+        .contains(" sha_ni");
+    // Download: ours vs curl, same server, same file, both writing to disk.
+    let (url, h) = serve_file(&file)?;
+    let dest = tmp.path().join("ours.partial");
+    let t = Instant::now();
+    model_provisioner::download::download(
+        "bench",
+        &url,
+        &dest,
+        &model_provisioner::download::DownloadOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    let ours = bytes / t.elapsed().as_secs_f64() / 1e6;
+    let t = Instant::now();
+    Cmd::new("curl")
+        .args(["-s", "-o"])
+        .arg(tmp.path().join("curl.out"))
+        .arg(&url)
+        .read()
+        .context("curl (install it to compare)")?;
+    let curl = bytes / t.elapsed().as_secs_f64() / 1e6;
+    let _ = h.join();
+    Ok(json!({
+        "file_mib": mib,
+        "sha256_gb_per_s": sha_gbps,
+        "cpu_has_sha_ni": shani,
+        "download_ours_mb_per_s (hash + write)": ours,
+        "download_curl_mb_per_s (write)": curl,
+        "ratio_ours_over_curl": ours / curl,
+    }))
+}
+
+fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Value> {
+    use engine_provisioner::lifecycle::{self, Attach};
+    let p = ctx.profile(profile)?;
+    let (prep, _) = engine_provisioner::provision::prepare(
+        &p,
+        &ctx.layout,
+        &BuildOptions {
+            quiet: true,
+            ..Default::default()
+        },
+    )?;
+    let mut ours = Vec::new();
+    let mut direct = Vec::new();
+    for _ in 0..runs {
+        // Through the lifecycle code (port choice, spawn, /health poll, PID file, handoff, /metrics check).
+        let t = Instant::now();
+        let e = lifecycle::spawn(&prep, &ctx.layout, Attach::Supervised)?;
+        ours.push(t.elapsed().as_secs_f64() * 1000.0);
+        e.stop();
+        // Direct: the same binary and flags, a 1 ms /health poll.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?
+            .local_addr()?
+            .port();
+        let t = Instant::now();
+        let mut child = std::process::Command::new(&prep.binary)
+            .arg("-m")
+            .arg(&prep.model.path)
+            .args(["--port", &port.to_string()])
+            .args(&prep.flags)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let c = llorch_io::http::probe_client();
+        loop {
+            if c.get(format!("http://127.0.0.1:{port}/health"))
+                .send()
+                .map(|r| r.status() == 200)
+                .unwrap_or(false)
+            {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        direct.push(t.elapsed().as_secs_f64() * 1000.0);
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    // A no-op provision of the built binary (engine already up with the same inputs).
+    let exe = std::env::current_exe()?;
+    let mut pc = Cmd::new(&exe).arg("provision");
+    if let Some(pr) = profile {
+        pc = pc.args(["--profile", pr]);
+    }
+    time_cmd(&pc)?;
+    let mut noop = Vec::new();
+    for _ in 0..runs {
+        noop.push(time_cmd(&pc)? * 1000.0);
+    }
+    lifecycle::stop_pool(&ctx.layout, p.pool());
+    let (mo, md) = (median(&mut ours), median(&mut direct));
+    Ok(json!({
+        "spawn_to_ready_provision_ms_median": mo,
+        "spawn_to_ready_direct_ms_median": md,
+        "provision_overhead_ms": mo - md,
+        "noop_provision_ms_median": median(&mut noop),
+        "runs": runs,
+    }))
+}
+
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("VmRSS:")
+                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) -> Result<Value> {
+    use futures_util::StreamExt;
+    use test_harness_e2e_haiku::client::stream_task;
+    let p = ctx.profile(profile)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cfg = orchestratord::Config { addr: "127.0.0.1:0".parse().unwrap(), queue_capacity: 2000, ..Default::default() };
+        let stack = test_harness_e2e_haiku::start_stack(&p, &ctx.layout, cfg, true).await?;
+        let orch = stack.orchestrator_url();
+        let engine = stack.engine_url.clone();
+        let http = reqwest::Client::new();
+        let prompt = "Write a long story about a lighthouse keeper:\n";
+        let body = json!({"prompt": prompt, "max_tokens": max_tokens});
+        let mut via = Vec::new();
+        let mut direct = Vec::new();
+        let mut ttft_via = Vec::new();
+        let mut ttft_direct = Vec::new();
+        for _ in 0..runs {
+            // Straight from llama-server, streaming, same request.
+            let t = Instant::now();
+            let r = http
+                .post(format!("{engine}/completion"))
+                .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false}))
+                .send()
+                .await?;
+            let mut s = r.bytes_stream();
+            let mut first: Option<f64> = None;
+            let mut n = 0u64;
+            let mut first_at = t;
+            while let Some(c) = s.next().await {
+                let c = c?;
+                let k = c.windows(6).filter(|w| w == b"data: ").count() as u64;
+                if k > 0 && first.is_none() {
+                    first = Some(t.elapsed().as_secs_f64() * 1000.0);
+                    first_at = Instant::now();
+                }
+                n += k;
+            }
+            let tokens = n.saturating_sub(1) as f64;
+            direct.push((tokens - 1.0) / first_at.elapsed().as_secs_f64());
+            ttft_direct.push(first.unwrap_or(f64::NAN));
+            // Through the orchestrator.
+            let t = Instant::now();
+            let res = stream_task(&http, &orch, &body, None, None).await?;
+            let decode_s = (t.elapsed().as_secs_f64() * 1000.0 - res.ttft_ms) / 1000.0;
+            via.push((res.tokens.len() as f64 - 1.0) / decode_s);
+            ttft_via.push(res.ttft_ms);
+        }
+        // Cancel → slot idle, from the cancel request to /slots idle.
+        let mut cancel_ms = Vec::new();
+        for _ in 0..runs.max(10) {
+            let r: Value = http.post(format!("{orch}/v1/tasks")).json(&json!({"prompt": prompt, "max_tokens": 1000})).send().await?.json().await?;
+            let id = r["task_id"].as_str().unwrap().to_string();
+            let resp = http.get(format!("{orch}/v1/tasks/{id}/stream")).send().await?;
+            let mut s = resp.bytes_stream();
+            let mut seen = String::new();
+            while !seen.contains("event: token") {
+                seen.push_str(&String::from_utf8_lossy(&s.next().await.unwrap()?));
+            }
+            let t = Instant::now();
+            http.post(format!("{orch}/v1/tasks/{id}/cancel")).send().await?;
+            loop {
+                let v: Value = http.get(format!("{engine}/slots")).send().await?.json().await?;
+                if v.as_array().is_some_and(|a| a.iter().all(|x| x["is_processing"] == json!(false))) {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(1)).await;
+            }
+            cancel_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            while s.next().await.is_some() {}
+        }
+        // Memory with 1,000 queued tasks (behind one long running task).
+        let before = rss_kib();
+        let mut ids = Vec::new();
+        for i in 0..1001 {
+            let b = if i == 0 { json!({"prompt": prompt, "max_tokens": 2000}) } else { json!({"prompt": format!("{prompt} #{i}"), "max_tokens": 16}) };
+            let r: Value = http.post(format!("{orch}/v1/tasks")).json(&b).send().await?.json().await?;
+            ids.push(r["task_id"].as_str().unwrap().to_string());
+        }
+        let after = rss_kib();
+        for id in ids.iter().rev() {
+            http.post(format!("{orch}/v1/tasks/{id}/cancel")).send().await?;
+        }
+        let server_ttft = stack.server.state.metrics.ttft_ms.count_sum();
+        stack.stop().await;
+        let (v, d) = (median(&mut via), median(&mut direct));
+        let (tv, td) = (median(&mut ttft_via), median(&mut ttft_direct));
+        anyhow::Ok(json!({
+            "decode_tok_per_s_direct_median": d,
+            "decode_tok_per_s_orchestrator_median": v,
+            "ratio_orchestrator_over_direct": v / d,
+            "ttft_ms_direct_p50": td,
+            "ttft_ms_orchestrator_p50 (POST + stream)": tv,
+            "ttft_overhead_ms_p50": tv - td,
+            "cancel_to_slot_idle_ms_p50": pct(&mut cancel_ms.clone(), 0.5),
+            "cancel_to_slot_idle_ms_p99": pct(&mut cancel_ms, 0.99),
+            "rss_kib_before_1000_queued": before,
+            "rss_kib_with_1000_queued": after,
+            "rss_kib_per_queued_task": (after as f64 - before as f64) / 1000.0,
+            "server_ttft_observations": server_ttft.0,
+            "runs": runs,
+            "max_tokens": max_tokens,
+        }))
+    })
+}
