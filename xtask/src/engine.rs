@@ -256,8 +256,32 @@ impl EngineCmd {
                     );
                     removed.push(m.fingerprint);
                 }
+                // Staging dirs left by a build that was killed (Ctrl-C, power loss): never
+                // mistaken for entries, but garbage once no build of that fingerprint holds the lock.
+                let mut stale = 0;
+                for e in std::fs::read_dir(&cache.dir)
+                    .into_iter()
+                    .flatten()
+                    .flatten()
+                {
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    let Some(rest) = name.strip_prefix(".staging-") else {
+                        continue;
+                    };
+                    let fp = rest.split('-').next().unwrap_or("");
+                    let lock = ctx.layout.locks().join(format!("engine-{fp}.lock"));
+                    if llorch_io::fsx::FileLock::try_exclusive(&lock)?.is_some() {
+                        std::fs::remove_dir_all(e.path())?;
+                        stale += 1;
+                    }
+                }
                 if a.json {
-                    return print_json(&serde_json::json!({ "removed": removed }));
+                    return print_json(
+                        &serde_json::json!({ "removed": removed, "stale_staging_removed": stale }),
+                    );
+                }
+                if stale > 0 {
+                    println!("removed {stale} leftover staging dir(s) of interrupted builds");
                 }
                 println!(
                     "removed {} cached build(s), kept the newest {}",

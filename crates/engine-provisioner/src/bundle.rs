@@ -34,6 +34,7 @@ pub struct BundleManifest {
 
 /// Whether a path (relative to the llama.cpp root) is needed to build llama-server.
 pub fn keep(rel: &str, backend: Backend) -> bool {
+    // `app/`, `scripts/` (ui-assets.cmake runs at build time) and `licenses/` are used by the build.
     const DROP_TOP: &[&str] = &[
         ".git",
         ".github",
@@ -47,12 +48,9 @@ pub fn keep(rel: &str, backend: Backend) -> bool {
         "gguf-py",
         "conversion",
         "requirements",
-        "scripts",
         "ci",
-        "app",
         "skills",
         "grammars",
-        "licenses",
     ];
     let top = rel.split('/').next().unwrap_or("");
     if DROP_TOP.contains(&top) {
@@ -235,5 +233,13 @@ mod tests {
         assert!(!keep("docs/build.md", Backend::Cpu));
         assert!(!keep("models/ggml-vocab-gpt-2.gguf", Backend::Cpu));
         assert!(keep(VOCAB_FOR_SYNTHETIC, Backend::Cpu));
+        assert!(
+            keep("scripts/ui-assets.cmake", Backend::Cpu),
+            "run by the build"
+        );
+        assert!(
+            keep("app/CMakeLists.txt", Backend::Cpu),
+            "added by the top-level CMakeLists"
+        );
     }
 }
