@@ -27,13 +27,17 @@ def stream(host, port):
     t0 = time.perf_counter()
     c.request("POST", "/completion", body, {"Content-Type": "application/json"})
     r = c.getresponse()
+    if r.status != 200:
+        raise RuntimeError(f"/completion answered {r.status}: {r.read()[:500]!r}")
     first, n, ids, final = None, 0, [], None
     buf = b""
+    raw = b""
     while True:
         chunk = r.read1(65536)
         if not chunk:
             break
         buf += chunk
+        raw = (raw + chunk)[-2000:]
         while b"\n" in buf:
             line, buf = buf.split(b"\n", 1)
             if not line.startswith(b"data: "):
@@ -47,6 +51,8 @@ def stream(host, port):
             n += 1
             ids.extend(v.get("tokens", []))
     end = time.perf_counter()
+    if final is None:
+        raise RuntimeError(f"no final frame after {n} tokens; last bytes: {raw[-500:]!r}")
     t = final["timings"]
     return {"client_decode_tok_s": (n - 1) / (end - first), "engine_decode_tok_s": t["predicted_per_second"],
             "prompt_tok_s": t["prompt_per_second"], "ttft_ms": (first - t0) * 1000, "tokens": n, "ids": ids}
@@ -75,7 +81,13 @@ out["provision_wall_ms"] = (time.perf_counter() - t) * 1000
 out["provision_ready_ms"] = prov.get("ready_ms")
 handoff = json.load(open(prov["handoff"]))
 host, port = prov["url"].split("//")[1].split(":")
-out["provisioned"] = measure(host, int(port))
+try:
+    out["provisioned"] = measure(host, int(port))
+except Exception as e:  # noqa: BLE001
+    log = open(prov["log"], errors="replace").read().splitlines()[-40:]
+    print(json.dumps({"error": str(e), "engine_log_tail": log}, indent=2))
+    subprocess.call([xtask, "engine", "down", "--pool", prov["pool_id"]])
+    sys.exit(1)
 out["gpu_memory_with_engine"] = gpu_mem()
 subprocess.check_call([xtask, "engine", "down", "--pool", prov["pool_id"]], stdout=subprocess.DEVNULL)
 

@@ -377,41 +377,43 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         let engine = stack.engine_url.clone();
         let http = reqwest::Client::new();
         let prompt = "Write a long story about a lighthouse keeper:\n";
-        let body = json!({"prompt": prompt, "max_tokens": max_tokens});
+        let body = json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true});
         let mut via = Vec::new();
         let mut direct = Vec::new();
         let mut ttft_via = Vec::new();
         let mut ttft_direct = Vec::new();
         for _ in 0..runs {
-            // Straight from llama-server, streaming, same request.
+            // Straight from llama-server, streaming, same request. Decode rate in
+            // both cases: tokens after the first over the time from first to last token.
             let t = Instant::now();
             let r = http
                 .post(format!("{engine}/completion"))
-                .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false}))
+                .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false, "ignore_eos": true}))
                 .send()
                 .await?;
             let mut s = r.bytes_stream();
-            let mut first: Option<f64> = None;
+            let (mut first, mut last) = (None::<Instant>, None::<Instant>);
             let mut n = 0u64;
-            let mut first_at = t;
+            let mut buf = Vec::new();
             while let Some(c) = s.next().await {
-                let c = c?;
-                let k = c.windows(6).filter(|w| w == b"data: ").count() as u64;
-                if k > 0 && first.is_none() {
-                    first = Some(t.elapsed().as_secs_f64() * 1000.0);
-                    first_at = Instant::now();
+                buf.extend_from_slice(&c?);
+                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if line.starts_with(b"data: ") && !line.windows(13).any(|w| w == b"\"stop\":true") {
+                        let now = Instant::now();
+                        first.get_or_insert(now);
+                        last = Some(now);
+                        n += 1;
+                    }
                 }
-                n += k;
             }
-            let tokens = n.saturating_sub(1) as f64;
-            direct.push((tokens - 1.0) / first_at.elapsed().as_secs_f64());
-            ttft_direct.push(first.unwrap_or(f64::NAN));
-            // Through the orchestrator.
-            let t = Instant::now();
+            let (f, l) = (first.context("no tokens from llama-server")?, last.unwrap());
+            direct.push((n as f64 - 1.0) / (l - f).as_secs_f64());
+            ttft_direct.push((f - t).as_secs_f64() * 1000.0);
+            // Through the orchestrator (the client's view: POST, open the stream, tokens).
             let res = stream_task(&http, &orch, &body, None, None).await?;
-            let decode_s = (t.elapsed().as_secs_f64() * 1000.0 - res.ttft_ms) / 1000.0;
-            via.push((res.tokens.len() as f64 - 1.0) / decode_s);
-            ttft_via.push(res.ttft_ms);
+            via.push((res.tokens.len() as f64 - 1.0) / (res.decode_ms / 1000.0));
+            ttft_via.push(res.ttft_from_submit_ms);
         }
         // Cancel → slot idle, from the cancel request to /slots idle.
         let mut cancel_ms = Vec::new();

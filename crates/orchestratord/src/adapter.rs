@@ -121,6 +121,7 @@ async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome
         "seed": req.seed,
         "stream": true,
         "cache_prompt": false,
+        "ignore_eos": req.ignore_eos,
     });
     if task.canceled() {
         return Outcome::Canceled("canceled");

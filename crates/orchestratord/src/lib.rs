@@ -132,6 +132,8 @@ pub struct TaskRequest {
     pub seed: u64,
     pub temperature: f64,
     pub deadline_ms: Option<u64>,
+    /// Keep generating past end-of-sequence (fixed-length benchmarks).
+    pub ignore_eos: bool,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -436,6 +438,11 @@ async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Respo
             _ => return bad(&st, "deadline_ms", "deadline_ms must be a positive integer"),
         },
     };
+    let ignore_eos = match &v["ignore_eos"] {
+        Value::Null => false,
+        Value::Bool(b) => *b,
+        _ => return bad(&st, "ignore_eos", "ignore_eos must be true or false"),
+    };
     let task_id = match &v["task_id"] {
         Value::Null => st.new_task_id(),
         Value::String(s)
@@ -524,6 +531,7 @@ async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Respo
             seed,
             temperature,
             deadline_ms,
+            ignore_eos,
         },
         tx: Mutex::new(Some(tx)),
         rx: Mutex::new(Some(rx)),
@@ -755,6 +763,11 @@ pub async fn start(cfg: Config, link: Box<dyn EngineLink>) -> Result<Server, Ser
     tokio::spawn(worker(st.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = router(st.clone());
+    // Each token is a small write: without TCP_NODELAY, Nagle and delayed ACKs hold it ~40 ms.
+    use axum::serve::ListenerExt;
+    let listener = listener.tap_io(|tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
     let handle = tokio::spawn(async move {
         let _ = axum::serve(listener, app)
             .with_graceful_shutdown(async {

@@ -15,8 +15,15 @@ pub struct StreamResult {
     pub text: String,
     pub end: Value,
     pub error: Option<Value>,
+    /// From opening the stream to the first token.
     pub ttft_ms: f64,
+    /// From submitting the task (POST) to the first token, for `stream_task`.
+    pub ttft_from_submit_ms: f64,
+    /// From the first to the last token event.
+    pub decode_ms: f64,
     pub total_ms: f64,
+    first_at: Option<Instant>,
+    last_at: Option<Instant>,
 }
 
 impl StreamResult {
@@ -69,7 +76,9 @@ pub async fn stream_task(
         .context("no task_id")?
         .to_string();
     let mut res = read_stream(http, base, &id, on_token, cancel_after).await?;
-    res.ttft_ms = res.ttft_ms.max(0.0);
+    if let Some(f) = res.first_at {
+        res.ttft_from_submit_ms = (f - t0).as_secs_f64() * 1000.0;
+    }
     res.total_ms = t0.elapsed().as_secs_f64() * 1000.0;
     Ok(res)
 }
@@ -112,8 +121,14 @@ pub async fn read_stream(
                 match event.as_str() {
                     "started" => res.started = v,
                     "token" => {
+                        let now = Instant::now();
                         if res.tokens.is_empty() {
-                            res.ttft_ms = t0.elapsed().as_secs_f64() * 1000.0;
+                            res.ttft_ms = (now - t0).as_secs_f64() * 1000.0;
+                            res.first_at = Some(now);
+                        }
+                        res.last_at = Some(now);
+                        if let Some(f) = res.first_at {
+                            res.decode_ms = (now - f).as_secs_f64() * 1000.0;
                         }
                         let t = v["t"].as_str().unwrap_or("").to_string();
                         if let Some(f) = on_token {
