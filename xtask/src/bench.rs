@@ -418,7 +418,7 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         // Cancel → slot idle, from the cancel request to /slots idle.
         let mut cancel_ms = Vec::new();
         for _ in 0..runs.max(10) {
-            let r: Value = http.post(format!("{orch}/v1/tasks")).json(&json!({"prompt": prompt, "max_tokens": 1000})).send().await?.json().await?;
+            let r: Value = http.post(format!("{orch}/v1/tasks")).json(&json!({"prompt": prompt, "max_tokens": 1000, "ignore_eos": true})).send().await?.json().await?;
             let id = r["task_id"].as_str().unwrap().to_string();
             let resp = http.get(format!("{orch}/v1/tasks/{id}/stream")).send().await?;
             let mut s = resp.bytes_stream();
@@ -442,7 +442,7 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         let before = rss_kib();
         let mut ids = Vec::new();
         for i in 0..1001 {
-            let b = if i == 0 { json!({"prompt": prompt, "max_tokens": 2000}) } else { json!({"prompt": format!("{prompt} #{i}"), "max_tokens": 16}) };
+            let b = if i == 0 { json!({"prompt": prompt, "max_tokens": 2000, "ignore_eos": true}) } else { json!({"prompt": format!("{prompt} #{i}"), "max_tokens": 16}) };
             let r: Value = http.post(format!("{orch}/v1/tasks")).json(&b).send().await?.json().await?;
             ids.push(r["task_id"].as_str().unwrap().to_string());
         }

@@ -207,7 +207,7 @@ async fn cancel_of_a_running_task_frees_the_slot() {
     let r = stream_task(
         &c,
         &base,
-        &json!({"prompt": LONG, "max_tokens": 2000}),
+        &json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
         None,
         Some(1),
     )
@@ -247,7 +247,12 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     .await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
-    let a = submit(&c, &base, json!({"prompt": LONG, "max_tokens": 2000})).await;
+    let a = submit(
+        &c,
+        &base,
+        json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
+    )
+    .await;
     // Wait until A runs, so B waits in the queue.
     let deadline = Instant::now() + Duration::from_secs(10);
     while srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 0
@@ -298,7 +303,12 @@ async fn a_client_that_disconnects_frees_the_slot() {
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = reqwest::Client::new();
-    let t = submit(&c, &base, json!({"prompt": LONG, "max_tokens": 2000})).await;
+    let t = submit(
+        &c,
+        &base,
+        json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
+    )
+    .await;
     let id = t["task_id"].as_str().unwrap();
     {
         use futures_util::StreamExt;
@@ -544,14 +554,24 @@ async fn an_engine_killed_mid_stream_gives_an_error_then_recovers() {
         EngineState::Ready { pid, .. } => pid,
         s => panic!("{s:?}"),
     };
-    let t = submit(&c, &base, json!({"prompt": LONG, "max_tokens": 2000})).await;
+    let t = submit(
+        &c,
+        &base,
+        json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
+    )
+    .await;
     let id = t["task_id"].as_str().unwrap().to_string();
-    let killer = tokio::spawn(async move {
-        tokio::time::sleep(Duration::from_millis(300)).await;
-        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-    });
-    let r = read_stream(&c, &base, &id, None, None).await.unwrap();
-    killer.await.unwrap();
+    // Kill the engine as soon as the first token has arrived.
+    let killed = std::sync::atomic::AtomicBool::new(false);
+    let kill = |_: &str| {
+        if !killed.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        }
+    };
+    let r = read_stream(&c, &base, &id, Some(&kill), None)
+        .await
+        .unwrap();
+    assert!(killed.load(std::sync::atomic::Ordering::SeqCst));
     let err = r.error.expect("an error event");
     assert_eq!(err["code"], "ENGINE_CRASHED", "{err}");
     assert_eq!(err["retriable"], json!(true));

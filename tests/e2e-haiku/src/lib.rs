@@ -381,7 +381,7 @@ pub async fn prove(
         format!("nonce {other_nonce}: {:?}", third.text),
     );
 
-    let long = json!({"prompt": "Count from one to one thousand, one number per line:\n", "max_tokens": 2048});
+    let long = json!({"prompt": "Count from one to one thousand, one number per line:\n", "max_tokens": 2048, "ignore_eos": true});
     let canceled = stream_task(&http, &orch, &long, None, Some(1)).await?;
     let slots: Value = http
         .get(format!("{engine}/slots"))
