@@ -330,6 +330,7 @@ async fn create_task(State(st): State<Shared>, body: axum::body::Bytes) -> Respo
         "temperature",
         "deadline_ms",
         "task_id",
+        "ignore_eos",
     ];
     if let Some(k) = v
         .as_object()
