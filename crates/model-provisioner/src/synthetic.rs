@@ -5,6 +5,12 @@
 //! on new hardware without downloading weights; its output is noise.
 //!
 //! Same parameters → same bytes → same digest (no timestamps, fixed PRNG).
+//!
+//! The output rows of byte-fallback, control, unknown and unused tokens are
+//! zero, so greedy decoding never picks them: the text is always valid UTF-8
+//! (llama-server's output parser rejects stray partial UTF-8 bytes, which a
+//! random model would otherwise produce) and generation is never cut short by
+//! an end-of-sequence token.
 
 use crate::model_ref::ModelRef;
 use crate::store::ModelError;
@@ -14,7 +20,7 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Bumped whenever the bytes for given parameters would change.
-pub const GENERATOR_VERSION: u32 = 1;
+pub const GENERATOR_VERSION: u32 = 2;
 pub const VOCAB_FILE: &str = "models/ggml-vocab-llama-spm.gguf";
 const ALIGN: u64 = 32;
 
@@ -172,6 +178,12 @@ pub fn write(
         .into_iter()
         .filter(|(k, _, _)| k.starts_with("tokenizer."))
         .collect();
+    // Token types (llama.cpp: 1 normal, 2 unknown, 3 control, 4 user-defined, 5 unused, 6 byte).
+    let token_types: Vec<i32> = tok_kvs
+        .iter()
+        .find(|(k, _, _)| k == "tokenizer.ggml.token_type")
+        .map(|(_, _, raw)| parse_i32_array(raw))
+        .unwrap_or_default();
     let vocab = crate::gguf::read_header(&vocab_path)?
         .kv
         .get("tokenizer.ggml.tokens")
@@ -295,9 +307,22 @@ pub fn write(
         pad(&mut w)?;
         let mut rng = Rng(shape.seed ^ 0x6c6c_6f72_6368_0001);
         let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
-        for (_, dims, f16) in &tensors {
+        for (name, dims, f16) in &tensors {
             let n = dims.iter().product::<u64>();
-            if *f16 {
+            if name == "output.weight" {
+                // One row of `embd` values per token; silenced rows for non-text tokens.
+                for tok in 0..dims[1] {
+                    let silent = matches!(token_types.get(tok as usize), Some(2 | 3 | 5 | 6));
+                    chunk.clear();
+                    for _ in 0..dims[0] {
+                        let r = rng.next();
+                        let u = ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                        let v = if silent { 0.0 } else { u * 0.04 };
+                        chunk.extend_from_slice(&f16_bits(v).to_le_bytes());
+                    }
+                    w.write_all(&chunk)?;
+                }
+            } else if *f16 {
                 // Uniform in ±0.04: small enough to keep activations finite through many layers.
                 let mut left = n;
                 while left > 0 {
@@ -331,6 +356,19 @@ pub fn write(
         .sync_all()
         .map_err(io("sync synthetic model"))?;
     Ok((digest, size))
+}
+
+/// A raw GGUF array value of i32 (inner type 5) → its elements.
+fn parse_i32_array(raw: &[u8]) -> Vec<i32> {
+    if raw.len() < 12 || u32::from_le_bytes(raw[0..4].try_into().unwrap()) != 5 {
+        return Vec::new();
+    }
+    let n = u64::from_le_bytes(raw[4..12].try_into().unwrap()) as usize;
+    raw[12..]
+        .chunks_exact(4)
+        .take(n)
+        .map(|c| i32::from_le_bytes(c.try_into().unwrap()))
+        .collect()
 }
 
 #[cfg(test)]
