@@ -550,7 +550,7 @@ pub fn wait_ready(
             });
         }
         std::thread::sleep(delay);
-        delay = (delay * 2).min(Duration::from_millis(50));
+        delay = (delay * 2).min(Duration::from_millis(10));
     }
 }
 

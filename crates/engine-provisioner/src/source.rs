@@ -406,6 +406,15 @@ fn git_err(e: git2::Error) -> SourceError {
     SourceError::Git(e.message().to_string())
 }
 
+fn head_commit(repo: &git2::Repository) -> Result<git2::Oid, SourceError> {
+    Ok(repo
+        .head()
+        .map_err(git_err)?
+        .peel_to_commit()
+        .map_err(git_err)?
+        .id())
+}
+
 fn url_key(url: &str) -> String {
     llorch_io::digest::sha256_bytes(url.as_bytes())[..16].to_string()
 }
@@ -425,12 +434,7 @@ pub fn git_checkout(
     let oid = git2::Oid::from_str(&commit).map_err(git_err)?;
     if final_dir.join(".git").exists() {
         let repo = git2::Repository::open(&final_dir).map_err(git_err)?;
-        let head = repo
-            .head()
-            .map_err(git_err)?
-            .peel_to_commit()
-            .map_err(git_err)?
-            .id();
+        let head = head_commit(&repo)?;
         if head == oid {
             return Ok(final_dir);
         }
@@ -521,12 +525,7 @@ pub fn git_checkout(
             .map_err(git_err)?;
         repo.set_head_detached(oid).map_err(git_err)?;
     }
-    let head = repo
-        .head()
-        .map_err(git_err)?
-        .peel_to_commit()
-        .map_err(git_err)?
-        .id();
+    let head = head_commit(&repo)?;
     if head != oid {
         return Err(SourceError::PinMismatch {
             url: url.into(),

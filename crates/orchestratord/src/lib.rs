@@ -563,15 +563,21 @@ impl Drop for DisconnectGuard {
     }
 }
 
-async fn stream_task(State(st): State<Shared>, Path(id): Path<String>) -> Response {
-    let task = st.tasks.lock().unwrap().get(&id).cloned();
-    let Some(task) = task else {
-        return err_json(
+fn find_task(st: &AppState, id: &str) -> Result<Arc<Task>, Response> {
+    st.tasks.lock().unwrap().get(id).cloned().ok_or_else(|| {
+        err_json(
             StatusCode::NOT_FOUND,
             "TASK_NOT_FOUND",
             format!("no task `{id}`"),
             None,
-        );
+        )
+    })
+}
+
+async fn stream_task(State(st): State<Shared>, Path(id): Path<String>) -> Response {
+    let task = match find_task(&st, &id) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let rx = task.rx.lock().unwrap().take();
     let Some(rx) = rx else {
@@ -594,14 +600,9 @@ async fn stream_task(State(st): State<Shared>, Path(id): Path<String>) -> Respon
 }
 
 async fn cancel_task(State(st): State<Shared>, Path(id): Path<String>) -> Response {
-    let task = st.tasks.lock().unwrap().get(&id).cloned();
-    let Some(task) = task else {
-        return err_json(
-            StatusCode::NOT_FOUND,
-            "TASK_NOT_FOUND",
-            format!("no task `{id}`"),
-            None,
-        );
+    let task = match find_task(&st, &id) {
+        Ok(t) => t,
+        Err(r) => return r,
     };
     let state = task.state.lock().unwrap().clone();
     match state {

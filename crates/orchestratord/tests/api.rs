@@ -39,15 +39,7 @@ fn engine() -> &'static Engine {
             },
         )
         .unwrap();
-        let base = EngineInfo {
-            url: String::new(),
-            engine: "llamacpp".into(),
-            engine_version: prep.engine_version.clone(),
-            model_ref: prep.model.reference.clone(),
-            model_digest: prep.model.digest.clone(),
-            ctx_max: prep.model.metadata["ctx_max"].as_u64(),
-            slots: 1,
-        };
+        let base = test_harness_e2e_haiku::engine_info(&prep);
         let policy = RestartPolicy {
             initial_backoff: Duration::from_millis(100),
             ..Default::default()

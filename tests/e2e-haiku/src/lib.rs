@@ -157,15 +157,7 @@ pub async fn start_stack(
         )
     })
     .await??;
-    let info_base = EngineInfo {
-        url: String::new(),
-        engine: "llamacpp".into(),
-        engine_version: prep.engine_version.clone(),
-        model_ref: prep.model.reference.clone(),
-        model_digest: prep.model.digest.clone(),
-        ctx_max: prep.model.metadata["ctx_max"].as_u64(),
-        slots: 1,
-    };
+    let info_base = engine_info(&prep);
     let (fingerprint, model_ref, model_digest, engine_version) = (
         prep.fingerprint.clone(),
         prep.model.reference.clone(),
@@ -211,6 +203,19 @@ pub async fn start_stack(
         model_ref,
         model_digest,
     })
+}
+
+/// What the orchestrator reports about a prepared engine (its URL is filled in once it runs).
+pub fn engine_info(prep: &engine_provisioner::lifecycle::PreparedEngine) -> EngineInfo {
+    EngineInfo {
+        url: String::new(),
+        engine: "llamacpp".into(),
+        engine_version: prep.engine_version.clone(),
+        model_ref: prep.model.reference.clone(),
+        model_digest: prep.model.digest.clone(),
+        ctx_max: prep.model.metadata["ctx_max"].as_u64(),
+        slots: 1,
+    }
 }
 
 /// Points the orchestrator at wherever the supervisor's engine is now.
