@@ -563,21 +563,22 @@ impl Drop for DisconnectGuard {
     }
 }
 
-fn find_task(st: &AppState, id: &str) -> Result<Arc<Task>, Response> {
-    st.tasks.lock().unwrap().get(id).cloned().ok_or_else(|| {
-        err_json(
-            StatusCode::NOT_FOUND,
-            "TASK_NOT_FOUND",
-            format!("no task `{id}`"),
-            None,
-        )
-    })
+fn find_task(st: &AppState, id: &str) -> Option<Arc<Task>> {
+    st.tasks.lock().unwrap().get(id).cloned()
+}
+
+fn task_not_found(id: &str) -> Response {
+    err_json(
+        StatusCode::NOT_FOUND,
+        "TASK_NOT_FOUND",
+        format!("no task `{id}`"),
+        None,
+    )
 }
 
 async fn stream_task(State(st): State<Shared>, Path(id): Path<String>) -> Response {
-    let task = match find_task(&st, &id) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let Some(task) = find_task(&st, &id) else {
+        return task_not_found(&id);
     };
     let rx = task.rx.lock().unwrap().take();
     let Some(rx) = rx else {
@@ -600,9 +601,8 @@ async fn stream_task(State(st): State<Shared>, Path(id): Path<String>) -> Respon
 }
 
 async fn cancel_task(State(st): State<Shared>, Path(id): Path<String>) -> Response {
-    let task = match find_task(&st, &id) {
-        Ok(t) => t,
-        Err(r) => return r,
+    let Some(task) = find_task(&st, &id) else {
+        return task_not_found(&id);
     };
     let state = task.state.lock().unwrap().clone();
     match state {
