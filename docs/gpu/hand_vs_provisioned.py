@@ -13,7 +13,7 @@ Prints one JSON object. Standard library only.
 """
 import http.client, json, os, socket, subprocess, sys, time
 
-xtask, profile = sys.argv[1], sys.argv[2]
+xtask, profile = sys.argv[1], sys.argv[2]  # `--measure HOST:PORT` measures a running server only
 runs = int(sys.argv[3]) if len(sys.argv) > 3 else 5
 tokens = int(sys.argv[4]) if len(sys.argv) > 4 else 256
 PROMPT = "Write a long story about a lighthouse keeper who finds a map:\n"
@@ -73,6 +73,11 @@ def gpu_mem():
     except Exception as e:  # noqa: BLE001
         return f"n/a ({e})"
 
+
+if xtask == "--measure":
+    h, p = profile.split(":")
+    print(json.dumps({"server": profile, "runs": runs, "tokens": tokens, **measure(h, int(p))}, indent=2))
+    sys.exit(0)
 
 out = {"profile": profile, "runs": runs, "tokens": tokens}
 t = time.perf_counter()
