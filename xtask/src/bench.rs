@@ -114,14 +114,7 @@ fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<Valu
     let exe = std::env::current_exe()?;
     let mut out = serde_json::Map::new();
     // Make sure the real cache holds the build, then time cache hits of the built binary.
-    engine_provisioner::build(
-        &p,
-        &ctx.layout,
-        &BuildOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )?;
+    engine_provisioner::build(&p, &ctx.layout, &BuildOptions::quiet())?;
     let mut hits = Vec::new();
     for _ in 0..7 {
         let mut c = Cmd::new(&exe).args(["engine", "build"]);
@@ -286,14 +279,8 @@ fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
 fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Value> {
     use engine_provisioner::lifecycle::{self, Attach};
     let p = ctx.profile(profile)?;
-    let (prep, _) = engine_provisioner::provision::prepare(
-        &p,
-        &ctx.layout,
-        &BuildOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )?;
+    let (prep, _) =
+        engine_provisioner::provision::prepare(&p, &ctx.layout, &BuildOptions::quiet())?;
     let mut ours = Vec::new();
     let mut direct = Vec::new();
     for _ in 0..runs {

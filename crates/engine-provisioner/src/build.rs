@@ -71,6 +71,16 @@ pub struct BuildOptions {
     pub quiet: bool,
 }
 
+impl BuildOptions {
+    /// Defaults, without progress output (tests, `--json`, benches).
+    pub fn quiet() -> Self {
+        BuildOptions {
+            quiet: true,
+            ..Default::default()
+        }
+    }
+}
+
 /// The computed plan: what would be built, with what flags.
 #[derive(Clone, Debug, Serialize)]
 pub struct BuildPlan {

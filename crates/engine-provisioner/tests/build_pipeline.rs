@@ -8,20 +8,13 @@ use engine_provisioner::cache::{ArtifactCache, Lookup};
 use engine_provisioner::preflight::{self, Toolbox};
 use support::*;
 
-fn quiet() -> BuildOptions {
-    BuildOptions {
-        quiet: true,
-        ..Default::default()
-    }
-}
-
 #[test]
 fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
     let tmp = tempfile::tempdir().unwrap();
     let (archive, sha) = fake_archive(tmp.path(), "a", &fake_server_c("0.0.1-fake"));
     let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
     let p = ws.profile("fake");
-    let first = build::build(&p, &ws.layout, &quiet()).unwrap();
+    let first = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(!first.cache_hit);
     assert_eq!(first.cmake_invocations, 2);
     assert!(first.version.contains("0.0.1-fake"), "{}", first.version);
@@ -38,7 +31,7 @@ fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
         .join("llorch-build.log");
     let log_mtime = std::fs::metadata(&log).unwrap().modified().unwrap();
 
-    let second = build::build(&p, &ws.layout, &quiet()).unwrap();
+    let second = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(second.cache_hit);
     assert_eq!(second.cmake_invocations, 0);
     assert_eq!(second.fingerprint, first.fingerprint);
@@ -61,7 +54,7 @@ fn a_corrupted_entry_is_detected_reported_and_rebuilt() {
     let (archive, sha) = fake_archive(tmp.path(), "c", &fake_server_c("0.0.2-fake"));
     let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
     let p = ws.profile("fake");
-    let first = build::build(&p, &ws.layout, &quiet()).unwrap();
+    let first = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     std::fs::write(&first.binary, b"garbage").unwrap();
     let cache = ArtifactCache::new(&ws.layout.cache);
     match cache.lookup(&first.fingerprint, None) {
@@ -73,7 +66,7 @@ fn a_corrupted_entry_is_detected_reported_and_rebuilt() {
     }
     let ex = build::explain(&p, &ws.layout, &Toolbox::default()).unwrap();
     assert!(!ex.cached && ex.stale_reason.is_some());
-    let again = build::build(&p, &ws.layout, &quiet()).unwrap();
+    let again = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(!again.cache_hit);
     assert!(again.reason.unwrap().contains("corrupt"));
     std::fs::remove_file(&again.binary).unwrap();
@@ -91,7 +84,7 @@ fn two_concurrent_builds_of_one_fingerprint_build_once() {
     let hs: Vec<_> = (0..2)
         .map(|_| {
             let (p, l) = (p.clone(), ws.layout.clone());
-            std::thread::spawn(move || build::build(&p, &l, &quiet()).unwrap())
+            std::thread::spawn(move || build::build(&p, &l, &BuildOptions::quiet()).unwrap())
         })
         .collect();
     let outs: Vec<_> = hs.into_iter().map(|h| h.join().unwrap()).collect();
@@ -108,7 +101,7 @@ fn a_failed_build_shows_the_log_tail_and_leaves_no_entry() {
     let tmp = tempfile::tempdir().unwrap();
     let (archive, sha) = fake_archive(tmp.path(), "e", "int main(void) { this is not C; }\n");
     let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
-    let err = build::build(&ws.profile("fake"), &ws.layout, &quiet())
+    let err = build::build(&ws.profile("fake"), &ws.layout, &BuildOptions::quiet())
         .unwrap_err()
         .to_string();
     assert!(err.contains("cmake build failed"), "{err}");
@@ -136,7 +129,7 @@ fn explain_names_the_input_that_changed() {
         &archive_pin_yaml(&archive, &sha),
         &[("fake", CPU_PROFILE), ("fake2", &other)],
     );
-    build::build(&ws.profile("fake"), &ws.layout, &quiet()).unwrap();
+    build::build(&ws.profile("fake"), &ws.layout, &BuildOptions::quiet()).unwrap();
     let ex = build::explain(&ws.profile("fake2"), &ws.layout, &Toolbox::default()).unwrap();
     assert!(!ex.cached);
     assert_eq!(ex.changes.len(), 1, "{:?}", ex.changes);

@@ -23,13 +23,6 @@ fn setup(pool: &str) -> (tempfile::TempDir, Layout, Profile) {
     (rt, layout, p)
 }
 
-fn quiet() -> BuildOptions {
-    BuildOptions {
-        quiet: true,
-        ..Default::default()
-    }
-}
-
 fn completion(url: &str, prompt: &str, n: u32) -> String {
     let r: serde_json::Value = reqwest::blocking::Client::new()
         .post(format!("{url}/completion"))
@@ -51,9 +44,9 @@ fn gone(pid: u32) -> bool {
 #[test]
 fn the_default_pin_builds_once_and_is_relocatable() {
     let (_rt, layout, p) = setup("build-check");
-    let out = engine_provisioner::build(&p, &layout, &quiet()).unwrap();
+    let out = engine_provisioner::build(&p, &layout, &BuildOptions::quiet()).unwrap();
     assert!(out.version.contains("commit 4df29be"), "{}", out.version);
-    let again = engine_provisioner::build(&p, &layout, &quiet()).unwrap();
+    let again = engine_provisioner::build(&p, &layout, &BuildOptions::quiet()).unwrap();
     assert!(again.cache_hit, "the second build is a cache hit");
     assert_eq!(again.cmake_invocations, 0);
     assert!(again.duration_s < 5.0);
@@ -83,7 +76,7 @@ fn the_default_pin_builds_once_and_is_relocatable() {
 #[test]
 fn spawn_ready_complete_stop_leaves_nothing() {
     let (_rt, layout, p) = setup("lc-basic");
-    let (prep, _) = provision::prepare(&p, &layout, &quiet()).unwrap();
+    let (prep, _) = provision::prepare(&p, &layout, &BuildOptions::quiet()).unwrap();
     let eng = lifecycle::spawn(&prep, &layout, Attach::Supervised).unwrap();
     let pid = eng.pid;
     let paths = RunPaths::new(&layout, "lc-basic");
@@ -109,7 +102,7 @@ fn a_taken_port_moves_to_the_next_candidate() {
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = blocker.local_addr().unwrap().port();
     p.file.server.port = engine_provisioner::profile::PortSpec::Number(taken);
-    let (prep, _) = provision::prepare(&p, &layout, &quiet()).unwrap();
+    let (prep, _) = provision::prepare(&p, &layout, &BuildOptions::quiet()).unwrap();
     let eng = lifecycle::spawn(&prep, &layout, Attach::Supervised).unwrap();
     assert_ne!(eng.port, taken);
     assert!(eng.url.ends_with(&format!(":{}", eng.port)));
@@ -140,13 +133,13 @@ fn a_stale_pid_file_is_cleaned_not_acted_on() {
 #[test]
 fn provision_is_idempotent_and_restarts_on_a_flag_change_without_rebuilding() {
     let (_rt, layout, mut p) = setup("lc-prov");
-    let first = provision::provision(&p, &layout, &quiet()).unwrap();
+    let first = provision::provision(&p, &layout, &BuildOptions::quiet()).unwrap();
     assert_eq!(first.action, "started");
-    let second = provision::provision(&p, &layout, &quiet()).unwrap();
+    let second = provision::provision(&p, &layout, &BuildOptions::quiet()).unwrap();
     assert_eq!(second.action, "already_running");
     assert_eq!(second.pid, first.pid);
     p.file.server.ctx_size = 1024;
-    let third = provision::provision(&p, &layout, &quiet()).unwrap();
+    let third = provision::provision(&p, &layout, &BuildOptions::quiet()).unwrap();
     assert_eq!(third.action, "restarted");
     assert!(third.build_cache_hit, "a server flag never rebuilds");
     assert!(
@@ -166,7 +159,7 @@ fn provision_is_idempotent_and_restarts_on_a_flag_change_without_rebuilding() {
 #[test]
 fn a_killed_engine_is_restarted_by_its_supervisor_and_stays_deterministic() {
     let (_rt, layout, p) = setup("lc-super");
-    let (prep, _) = provision::prepare(&p, &layout, &quiet()).unwrap();
+    let (prep, _) = provision::prepare(&p, &layout, &BuildOptions::quiet()).unwrap();
     let policy = RestartPolicy {
         initial_backoff: Duration::from_millis(100),
         ..Default::default()

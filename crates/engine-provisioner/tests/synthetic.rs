@@ -62,15 +62,7 @@ fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
     let layout = Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
     let mut p = Profile::resolve(&root, None).unwrap();
     p.file.pool = "synthetic-test".into();
-    let built = engine_provisioner::build(
-        &p,
-        &layout,
-        &BuildOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )
-    .unwrap();
+    let built = engine_provisioner::build(&p, &layout, &BuildOptions::quiet()).unwrap();
     let model = EngineModel {
         reference: TINY.into(),
         path: ma.path.clone(),

@@ -30,15 +30,8 @@ fn engine() -> &'static Engine {
         let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
         let mut p = engine_provisioner::Profile::resolve(&root, None).unwrap();
         p.file.pool = "api-tests".into();
-        let (prep, _) = engine_provisioner::provision::prepare(
-            &p,
-            &layout,
-            &BuildOptions {
-                quiet: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+        let (prep, _) =
+            engine_provisioner::provision::prepare(&p, &layout, &BuildOptions::quiet()).unwrap();
         let base = test_harness_e2e_haiku::engine_info(&prep);
         let policy = RestartPolicy {
             initial_backoff: Duration::from_millis(100),
