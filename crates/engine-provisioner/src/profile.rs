@@ -37,6 +37,38 @@ pub enum ConfigError {
     },
 }
 
+/// Line and column (1-based) of the key at `key_path` (`engine.cuda_archs`)
+/// in YAML `text`: each segment is looked for as `segment:` at the start of a
+/// line (after indentation), below the previous segment's line.
+pub fn locate(text: &str, key_path: &str) -> Option<(usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut from = 0;
+    let mut found = None;
+    for seg in key_path.split('.') {
+        let (i, col) = lines.iter().enumerate().skip(from).find_map(|(i, l)| {
+            let t = l.trim_start();
+            let key = t.trim_start_matches("- ");
+            (key.starts_with(&format!("{seg}:")) || key.starts_with(&format!("\"{seg}\":")))
+                .then(|| (i, l.len() - key.len() + 1))
+        })?;
+        found = Some((i + 1, col));
+        from = i + 1;
+    }
+    found
+}
+
+/// A validation error at `key_path`, with its line and column when found.
+fn invalid_at(path: &Path, text: &str, key_path: &str, message: String) -> ConfigError {
+    let message = match locate(text, key_path) {
+        Some((l, c)) => format!("line {l} column {c}: {message}"),
+        None => message,
+    };
+    ConfigError::Invalid {
+        path: path.display().to_string(),
+        message,
+    }
+}
+
 fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
     serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
         path: path.display().to_string(),
@@ -99,36 +131,40 @@ impl PinsFile {
             source,
         })?;
         let pins: PinsFile = parse_yaml(path, &text)?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message,
-        };
+        let invalid = |key: &str, message: String| invalid_at(path, &text, key, message);
         if pins.schema != PINS_SCHEMA {
-            return Err(invalid(format!(
-                "schema {} is not supported (this llama-orch reads schema {PINS_SCHEMA})",
-                pins.schema
-            )));
+            return Err(invalid(
+                "schema",
+                format!(
+                    "schema {} is not supported (this llama-orch reads schema {PINS_SCHEMA})",
+                    pins.schema
+                ),
+            ));
         }
         if !pins.pins.contains_key(&pins.default) {
-            return Err(invalid(format!(
-                "default pin `{}` is not defined",
-                pins.default
-            )));
+            return Err(invalid(
+                "default",
+                format!("default pin `{}` is not defined", pins.default),
+            ));
         }
         for (name, pin) in &pins.pins {
             if !is_full_commit(&pin.commit) {
-                return Err(invalid(format!(
-                    "pin `{name}`: commit `{}` must be a full 40-hex commit id",
-                    pin.commit
-                )));
+                return Err(invalid(
+                    &format!("pins.{name}.commit"),
+                    format!(
+                        "pin `{name}`: commit `{}` must be a full 40-hex commit id",
+                        pin.commit
+                    ),
+                ));
             }
             match &pin.source {
                 SourceSpec::PypiSdist { sha256, .. } | SourceSpec::Archive { sha256, .. }
                     if !llorch_io::digest::is_sha256_hex(sha256) =>
                 {
-                    return Err(invalid(format!(
-                        "pin `{name}`: sha256 `{sha256}` must be 64 lowercase hex digits"
-                    )));
+                    return Err(invalid(
+                        &format!("pins.{name}.source.sha256"),
+                        format!("pin `{name}`: sha256 `{sha256}` must be 64 lowercase hex digits"),
+                    ));
                 }
                 _ => {}
             }
@@ -333,15 +369,15 @@ impl Profile {
             source,
         })?;
         let file: ProfileFile = parse_yaml(path, &text)?;
-        let invalid = |message: String| ConfigError::Invalid {
-            path: path.display().to_string(),
-            message,
-        };
+        let invalid = |key: &str, message: String| invalid_at(path, &text, key, message);
         if file.schema != PROFILE_SCHEMA {
-            return Err(invalid(format!(
-                "schema {} is not supported (this llama-orch reads schema {PROFILE_SCHEMA})",
-                file.schema
-            )));
+            return Err(invalid(
+                "schema",
+                format!(
+                    "schema {} is not supported (this llama-orch reads schema {PROFILE_SCHEMA})",
+                    file.schema
+                ),
+            ));
         }
         if file.pool.is_empty()
             || !file
@@ -349,19 +385,22 @@ impl Profile {
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
         {
-            return Err(invalid(format!(
-                "pool `{}` must be non-empty letters, digits, '-' or '_'",
-                file.pool
-            )));
+            return Err(invalid(
+                "pool",
+                format!(
+                    "pool `{}` must be non-empty letters, digits, '-' or '_'",
+                    file.pool
+                ),
+            ));
         }
         match file.engine.backend {
             Backend::Cuda if file.engine.cuda_archs.is_empty() => {
-                return Err(invalid(
+                return Err(invalid("engine.backend",
                     "engine.cuda_archs is empty: name the GPU architectures to build for, e.g. [86] for an RTX 3090 or [90] for an H100 (`native` only works where a GPU is visible)".into(),
                 ))
             }
             Backend::Cpu if !file.engine.cuda_archs.is_empty() => {
-                return Err(invalid("engine.cuda_archs is set but engine.backend is cpu".into()))
+                return Err(invalid("engine.cuda_archs", "engine.cuda_archs is set but engine.backend is cpu".into()))
             }
             _ => {}
         }
@@ -373,25 +412,26 @@ impl Profile {
                     .parse::<u32>()
                     .is_ok();
             if !ok {
-                return Err(invalid(format!(
+                return Err(invalid("engine.cuda_archs", format!(
                     "engine.cuda_archs: `{a}` is not a CUDA architecture (expected e.g. 86, 90, 90a or native)"
                 )));
             }
         }
         for f in &file.engine.cmake_flags {
-            crate::fingerprint::normalize_flag(f).map_err(invalid)?;
+            crate::fingerprint::normalize_flag(f).map_err(|m| invalid("engine.cmake_flags", m))?;
         }
         file.server
             .port
             .candidates()
             .map(|_| ())
-            .map_err(|m| invalid(format!("server.{m}")))?;
+            .map_err(|m| invalid("server.port", format!("server.{m}")))?;
         if let Some(m) = &file.model {
             if let Some(d) = &m.sha256 {
                 if !llorch_io::digest::is_sha256_hex(d) {
-                    return Err(invalid(format!(
-                        "model.sha256 `{d}` must be 64 lowercase hex digits"
-                    )));
+                    return Err(invalid(
+                        "model.sha256",
+                        format!("model.sha256 `{d}` must be 64 lowercase hex digits"),
+                    ));
                 }
             }
         }

@@ -122,3 +122,20 @@ fn bad_cmake_flag_is_refused() {
         .to_string();
     assert!(err.contains("-DKEY=VALUE"), "{err}");
 }
+
+#[test]
+fn locate_finds_nested_keys() {
+    let text = "schema: 1\nengine:\n  backend: cuda\n  cuda_archs: []\nserver:\n  port: x\n";
+    assert_eq!(
+        engine_provisioner::profile::locate(text, "engine.cuda_archs"),
+        Some((4, 3))
+    );
+    assert_eq!(
+        engine_provisioner::profile::locate(text, "server.port"),
+        Some((6, 3))
+    );
+    assert_eq!(
+        engine_provisioner::profile::locate(text, "model.sha256"),
+        None
+    );
+}

@@ -220,3 +220,65 @@ fn archive_members_that_escape_are_refused() {
     assert!(!tmp.path().join("evil.txt").exists());
     assert!(!std::path::Path::new("/tmp/llorch-evil-abs.txt").exists());
 }
+
+/// Serve one file over HTTP on 127.0.0.1 (a few requests), counting them.
+fn serve_once(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::io::{Read, Write};
+    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = l.local_addr().unwrap();
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let h2 = hits.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().take(4).flatten() {
+            let mut s = s;
+            let mut buf = [0u8; 4096];
+            let _ = s.read(&mut buf);
+            h2.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                body.len()
+            );
+            let _ = s.write_all(&body);
+        }
+    });
+    (format!("http://{addr}/fake-llama.tar.gz"), hits)
+}
+
+#[test]
+fn archive_over_http_is_fetched_verified_and_extracted() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (archive, sha) = fake_archive(tmp.path(), "web", &fake_server_c("from-http"));
+    let (url, hits) = serve_once(std::fs::read(&archive).unwrap());
+    let pin = Pin {
+        commit: COMMIT.into(),
+        source: SourceSpec::Archive {
+            location: url.clone(),
+            sha256: sha,
+            strip_prefix: Some("fake-llama".into()),
+        },
+        description: None,
+    };
+    let l = layout(tmp.path());
+    let tree = source::fetch(&pin, &l, &|_| {}).unwrap();
+    assert!(std::fs::read_to_string(tree.join("server.c"))
+        .unwrap()
+        .contains("from-http"));
+    assert!(tree.join("CMakeLists.txt").is_file());
+    // Second fetch: already extracted, no request.
+    source::fetch(&pin, &l, &|_| {}).unwrap();
+    assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
+    // Same server, wrong digest: refused.
+    let (url2, _) = serve_once(std::fs::read(&archive).unwrap());
+    let bad = Pin {
+        commit: COMMIT.into(),
+        source: SourceSpec::Archive {
+            location: url2,
+            sha256: "c".repeat(64),
+            strip_prefix: Some("fake-llama".into()),
+        },
+        description: None,
+    };
+    let err = source::fetch(&bad, &layout(&tmp.path().join("other")), &|_| {}).unwrap_err();
+    assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
+}
