@@ -9,15 +9,8 @@ use clap::Args;
 pub struct ServeCmd {
     #[command(flatten)]
     p: crate::engine::ProfileArgs,
-    /// Orchestrator address (a non-loopback address needs LLORCH_API_TOKEN)
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: std::net::SocketAddr,
-    /// Bearer token clients must send (required off loopback)
-    #[arg(long, env = "LLORCH_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
-    /// Tasks that may wait in the queue
-    #[arg(long, default_value_t = 64)]
-    queue_capacity: usize,
+    #[command(flatten)]
+    listen: orchestratord::ListenArgs,
 }
 
 impl ServeCmd {
@@ -27,12 +20,7 @@ impl ServeCmd {
             .enable_all()
             .build()?;
         rt.block_on(async {
-            let cfg = orchestratord::Config {
-                addr: self.addr,
-                api_token: self.api_token.clone(),
-                queue_capacity: self.queue_capacity,
-                ..Default::default()
-            };
+            let cfg = self.listen.config();
             let stack = test_harness_e2e_haiku::start_stack(&profile, &ctx.layout, cfg, false).await?;
             println!(
                 "serving {} at {} (engine {} supervised; Ctrl-C drains and stops everything)\n  try: curl -s {}/v1/tasks -d '{{\"prompt\":\"Hello\",\"max_tokens\":16}}'",

@@ -152,13 +152,12 @@ pub fn unpack_for_build(
     let staging = fsx::staging_dir_for(&final_dir).map_err(|e| e.to_string())?;
     say(&format!("verifying source bundle {}", bundle.display()));
     let manifest = verify_into(bundle, pin, staging.path())?;
-    let tree = staging.path().join("tree");
-    std::fs::write(tree.join(".llorch-complete"), &manifest.source.id)
-        .map_err(|e| e.to_string())?;
-    let tree_staging = fsx::staging_dir_for(&final_dir).map_err(|e| e.to_string())?;
-    std::fs::remove_dir(tree_staging.path()).map_err(|e| e.to_string())?;
-    std::fs::rename(&tree, tree_staging.path()).map_err(|e| e.to_string())?;
-    fsx::commit_dir(tree_staging, &final_dir).map_err(|e| e.to_string())?;
+    std::fs::write(
+        staging.path().join("tree/.llorch-complete"),
+        &manifest.source.id,
+    )
+    .map_err(|e| e.to_string())?;
+    fsx::commit_subdir(staging, Path::new("tree"), &final_dir).map_err(|e| e.to_string())?;
     Ok(final_dir)
 }
 

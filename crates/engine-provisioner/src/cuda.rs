@@ -7,7 +7,7 @@
 //! gcc/clang versions found on PATH, using the first one nvcc accepts as
 //! `CMAKE_CUDA_HOST_COMPILER`.
 
-use crate::preflight::{first_line, CudaReport, Toolbox};
+use crate::preflight::{CudaReport, Toolbox};
 use llorch_io::cmd::Cmd;
 use std::path::{Path, PathBuf};
 
@@ -230,10 +230,6 @@ pub fn parse_list_elf(text: &str) -> Vec<String> {
     archs.sort();
     archs.dedup();
     archs
-}
-
-pub fn first_line_of(s: &str) -> String {
-    first_line(s)
 }
 
 #[cfg(test)]

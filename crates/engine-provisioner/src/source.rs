@@ -192,16 +192,13 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
         }
         SourceSpec::Git { .. } => unreachable!(),
     }
-    // Flatten: the staging dir becomes the tree itself.
-    let tree_staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
-    std::fs::remove_dir(tree_staging.path()).map_err(io("prepare staging"))?;
-    std::fs::rename(staging.path().join("tree"), tree_staging.path()).map_err(io("stage tree"))?;
     std::fs::write(
-        tree_staging.path().join(".llorch-complete"),
+        staging.path().join("tree/.llorch-complete"),
         identity(pin).id,
     )
     .map_err(io("mark complete"))?;
-    fsx::commit_dir(tree_staging, &final_dir).map_err(io("install source tree"))?;
+    fsx::commit_subdir(staging, Path::new("tree"), &final_dir)
+        .map_err(io("install source tree"))?;
     Ok(final_dir)
 }
 

@@ -12,6 +12,15 @@ fn layout(dir: &std::path::Path) -> Layout {
     Layout::at(dir.join("ws"), dir.join("cache"), dir.join("rt"))
 }
 
+/// Source trees present under `src-v1/` (staging dirs start with a dot).
+fn extracted_trees(l: &Layout) -> Vec<std::fs::DirEntry> {
+    std::fs::read_dir(l.cache.join("src-v1"))
+        .unwrap()
+        .flatten()
+        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        .collect()
+}
+
 fn git_pin(url: &std::path::Path, commit: &str, rev: Option<&str>) -> Pin {
     Pin {
         commit: commit.into(),
@@ -119,12 +128,7 @@ fn archive_with_wrong_sha256_is_refused_before_extraction() {
     let err = source::fetch(&pin, &l, &|_| {}).unwrap_err();
     assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
     assert!(err.to_string().contains(&"a".repeat(64)));
-    let trees: Vec<_> = std::fs::read_dir(l.cache.join("src-v1"))
-        .unwrap()
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .collect();
-    assert!(trees.is_empty(), "nothing extracted");
+    assert!(extracted_trees(&l).is_empty(), "nothing extracted");
 }
 
 #[test]
@@ -149,12 +153,7 @@ fn sdist_with_wrong_sha256_is_refused_before_extraction() {
             .contains("1139dbb54509074b70893fab8554e3b079aa9f4d312058ce4018ef0019e3de12"),
         "the actual digest is shown: {err}"
     );
-    let trees: Vec<_> = std::fs::read_dir(l.cache.join("src-v1"))
-        .unwrap()
-        .flatten()
-        .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
-        .collect();
-    assert!(trees.is_empty(), "nothing extracted");
+    assert!(extracted_trees(&l).is_empty(), "nothing extracted");
 }
 
 fn tar_with_raw_name(path: &std::path::Path, name: &[u8], link: Option<&[u8]>) {

@@ -37,13 +37,28 @@ pub fn staging_dir_for(final_path: &Path) -> std::io::Result<tempfile::TempDir> 
 /// aside first and deleted after the rename (a corrupted entry being replaced).
 pub fn commit_dir(staging: tempfile::TempDir, final_path: &Path) -> std::io::Result<()> {
     let staged = staging.keep();
+    replace_dir(&staged, final_path)
+}
+
+/// Move one subdirectory of a finished staging dir into place (an extracted
+/// archive whose wanted tree sits below its top); the rest of the staging dir
+/// is removed on drop.
+pub fn commit_subdir(
+    staging: tempfile::TempDir,
+    sub: &Path,
+    final_path: &Path,
+) -> std::io::Result<()> {
+    replace_dir(&staging.path().join(sub), final_path)
+}
+
+fn replace_dir(staged: &Path, final_path: &Path) -> std::io::Result<()> {
     if final_path.exists() {
         let aside = final_path.with_extension(format!("old-{}", std::process::id()));
         std::fs::rename(final_path, &aside)?;
-        std::fs::rename(&staged, final_path)?;
+        std::fs::rename(staged, final_path)?;
         let _ = std::fs::remove_dir_all(aside);
     } else {
-        std::fs::rename(&staged, final_path)?;
+        std::fs::rename(staged, final_path)?;
     }
     Ok(())
 }

@@ -112,6 +112,31 @@ impl Default for Config {
     }
 }
 
+/// The listening options shared by `orchestratord` and `cargo xtask serve`.
+#[derive(Clone, Debug, clap::Args)]
+pub struct ListenArgs {
+    /// Address to listen on (a non-loopback address needs an API token)
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    pub addr: SocketAddr,
+    /// Bearer token clients must send (required off loopback)
+    #[arg(long, env = "LLORCH_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Tasks that may wait in the queue
+    #[arg(long, default_value_t = 64)]
+    pub queue_capacity: usize,
+}
+
+impl ListenArgs {
+    pub fn config(&self) -> Config {
+        Config {
+            addr: self.addr,
+            api_token: self.api_token.clone(),
+            queue_capacity: self.queue_capacity,
+            ..Default::default()
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ServeError {
     #[error("refusing to bind {0} without an API token: a non-loopback address is reachable from other machines\n  hint: set LLORCH_API_TOKEN (clients then send `Authorization: Bearer <token>`) or bind 127.0.0.1")]

@@ -3,7 +3,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use orchestratord::{Config, HandoffLink};
+use orchestratord::HandoffLink;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -15,15 +15,8 @@ struct Args {
     /// Pool whose handoff to follow
     #[arg(long, default_value = "default")]
     pool: String,
-    /// Address to listen on (a non-loopback address needs an API token)
-    #[arg(long, default_value = "127.0.0.1:8080")]
-    addr: std::net::SocketAddr,
-    /// Bearer token clients must send (required off loopback)
-    #[arg(long, env = "LLORCH_API_TOKEN", hide_env_values = true)]
-    api_token: Option<String>,
-    /// Tasks that may wait in the queue
-    #[arg(long, default_value_t = 64)]
-    queue_capacity: usize,
+    #[command(flatten)]
+    listen: orchestratord::ListenArgs,
 }
 
 #[tokio::main]
@@ -38,13 +31,7 @@ async fn main() -> Result<()> {
     if !handoff.is_file() {
         eprintln!("warning: {} does not exist yet; start an engine with `cargo xtask provision` (the orchestrator answers 503 until then)", handoff.display());
     }
-    let cfg = Config {
-        addr: a.addr,
-        api_token: a.api_token,
-        queue_capacity: a.queue_capacity,
-        ..Default::default()
-    };
-    let srv = orchestratord::start(cfg, Box::new(HandoffLink(handoff.clone())))
+    let srv = orchestratord::start(a.listen.config(), Box::new(HandoffLink(handoff.clone())))
         .await
         .context("start orchestratord")?;
     eprintln!(

@@ -86,6 +86,10 @@ async fn wait_ready(base: &str) {
     panic!("orchestrator never ready");
 }
 
+async fn status(req: reqwest::RequestBuilder) -> u16 {
+    req.send().await.unwrap().status().as_u16()
+}
+
 async fn slots_idle(engine: &str) -> bool {
     let v: Value = reqwest::get(format!("{engine}/slots"))
         .await
@@ -257,11 +261,7 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     assert!(full.headers().get("retry-after").is_some());
     let bid = b["task_id"].as_str().unwrap();
     assert_eq!(
-        c.post(format!("{base}/v1/tasks/{bid}/cancel"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(c.post(format!("{base}/v1/tasks/{bid}/cancel"))).await,
         204
     );
     let rb = read_stream(&c, &base, bid, None, None).await.unwrap();
@@ -269,11 +269,7 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     assert_eq!(rb.end["canceled"], json!(true));
     let aid = a["task_id"].as_str().unwrap();
     assert_eq!(
-        c.post(format!("{base}/v1/tasks/{aid}/cancel"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(c.post(format!("{base}/v1/tasks/{aid}/cancel"))).await,
         204
     );
     let ra = read_stream(&c, &base, aid, None, None).await.unwrap();
@@ -352,18 +348,8 @@ async fn not_ready_unknown_and_bad_requests() {
     let nb = format!("http://{}", none.addr);
     let c = reqwest::Client::new();
     tokio::time::sleep(Duration::from_millis(60)).await;
-    assert_eq!(
-        c.get(format!("{nb}/readyz")).send().await.unwrap().status(),
-        503
-    );
-    assert_eq!(
-        c.get(format!("{nb}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(c.get(format!("{nb}/readyz"))).await, 503);
+    assert_eq!(status(c.get(format!("{nb}/healthz"))).await, 200);
     let r = c
         .post(format!("{nb}/v1/tasks"))
         .json(&json!({"prompt": "x"}))
@@ -381,19 +367,11 @@ async fn not_ready_unknown_and_bad_requests() {
     .await;
     let base = format!("http://{}", srv.addr);
     assert_eq!(
-        c.get(format!("{base}/v1/tasks/nope/stream"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(c.get(format!("{base}/v1/tasks/nope/stream"))).await,
         404
     );
     assert_eq!(
-        c.post(format!("{base}/v1/tasks/nope/cancel"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(c.post(format!("{base}/v1/tasks/nope/cancel"))).await,
         404
     );
     for (body, field) in [
@@ -472,40 +450,20 @@ async fn a_non_loopback_bind_requires_a_token() {
     let c = reqwest::Client::new();
     let body = json!({"prompt": "Hi", "max_tokens": 2});
     assert_eq!(
-        c.post(format!("{base}/v1/tasks"))
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(c.post(format!("{base}/v1/tasks")).json(&body)).await,
         401
     );
     assert_eq!(
-        c.post(format!("{base}/v1/tasks"))
-            .bearer_auth("wrong")
-            .json(&body)
-            .send()
-            .await
-            .unwrap()
-            .status(),
+        status(
+            c.post(format!("{base}/v1/tasks"))
+                .bearer_auth("wrong")
+                .json(&body)
+        )
+        .await,
         401
     );
-    assert_eq!(
-        c.get(format!("{base}/metrics"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        401
-    );
-    assert_eq!(
-        c.get(format!("{base}/healthz"))
-            .send()
-            .await
-            .unwrap()
-            .status(),
-        200
-    );
+    assert_eq!(status(c.get(format!("{base}/metrics"))).await, 401);
+    assert_eq!(status(c.get(format!("{base}/healthz"))).await, 200);
     let r = c
         .post(format!("{base}/v1/tasks"))
         .bearer_auth("s3cret-token")

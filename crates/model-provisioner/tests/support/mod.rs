@@ -1,6 +1,6 @@
 //! A hub-style HTTP server on 127.0.0.1 with fault injection, and tiny GGUF files.
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -86,7 +86,7 @@ fn handle(
                 c.lock().unwrap().ranges.push(v.trim().to_string());
             }
         }
-        let sha = model_provisioner_sha(body);
+        let sha = llorch_io::digest::sha256_bytes(body);
         let etag = f.lock().unwrap().linked_etag.clone().unwrap_or(sha);
         let common = format!("X-Repo-Commit: 0123456789abcdef0123456789abcdef01234567\r\nX-Linked-Etag: \"{etag}\"\r\nAccept-Ranges: bytes\r\n");
         if path.contains("missing") {
@@ -157,24 +157,6 @@ fn handle(
     }
 }
 
-pub fn model_provisioner_sha(b: &[u8]) -> String {
-    llorch_io_sha(b)
-}
-
-fn llorch_io_sha(b: &[u8]) -> String {
-    use std::fmt::Write as _;
-    let d = <sha2_shim::Sha as sha2_shim::Digest>::digest(b);
-    let mut s = String::new();
-    for x in d {
-        let _ = write!(s, "{x:02x}");
-    }
-    s
-}
-
-mod sha2_shim {
-    pub use sha2::{Digest, Sha256 as Sha};
-}
-
 /// A small valid GGUF (arch llama, context 4096, F16) padded to `size` bytes.
 pub fn tiny_gguf(size: usize, salt: u8) -> Vec<u8> {
     let mut v = Vec::new();
@@ -200,12 +182,5 @@ pub fn tiny_gguf(size: usize, salt: u8) -> Vec<u8> {
         v.push((i.wrapping_mul(2654435761) >> 24) as u8 ^ salt);
         i += 1;
     }
-    v
-}
-
-#[allow(dead_code)]
-pub fn read_all(mut r: impl Read) -> Vec<u8> {
-    let mut v = Vec::new();
-    r.read_to_end(&mut v).unwrap();
     v
 }
