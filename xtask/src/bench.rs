@@ -143,12 +143,12 @@ fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<Valu
     );
     // The source tree is fetched before timing: both sides build from the same tree.
     let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|_| {})?;
-    std::fs::create_dir_all(cold_cache.join("src-v1"))?;
+    std::fs::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Src))?;
     let id = engine_provisioner::source::source_id(&p.pin);
     Cmd::new("cp")
         .arg("-a")
         .arg(&tree)
-        .arg(cold_cache.join("src-v1").join(&id))
+        .arg(layout.bucket(llorch_io::paths::Bucket::Src).join(&id))
         .read()?;
     let plan = build::plan(&p, &engine_provisioner::preflight::Toolbox::default())?;
     let t = Instant::now();
@@ -277,16 +277,25 @@ fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
 }
 
 fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Value> {
-    use engine_provisioner::lifecycle::{self, Attach};
+    use engine_runtime::lifecycle;
+    use llorch_io::handoff::{Owner, PoolId, ProcessIdentity};
     let p = ctx.profile(profile)?;
-    let (prep, _) =
-        engine_provisioner::provision::prepare(&p, &ctx.layout, &BuildOptions::quiet())?;
+    // Its own pool: never the engine a user provisioned for this profile.
+    let bench_pool = PoolId::parse(&format!(
+        "{}-bench",
+        p.pool().as_str().chars().take(58).collect::<String>()
+    ))?;
+    let prep = llorch_stack::prepare(&p, &bench_pool, &ctx.layout, &BuildOptions::quiet())?.engine;
+    let owner = Owner::Supervised {
+        supervisor: ProcessIdentity::current(),
+        command: "cargo xtask bench provision".into(),
+    };
     let mut ours = Vec::new();
     let mut direct = Vec::new();
     for _ in 0..runs {
         // Through the lifecycle code (port choice, spawn, /health poll, PID file, handoff, /metrics check).
         let t = Instant::now();
-        let e = lifecycle::spawn(&prep, &ctx.layout, Attach::Supervised)?;
+        let e = lifecycle::spawn(&prep, &ctx.layout, &owner)?;
         ours.push(t.elapsed().as_secs_f64() * 1000.0);
         e.stop();
         // Direct: the same binary and flags, a 1 ms /health poll.
@@ -294,11 +303,12 @@ fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Valu
             .local_addr()?
             .port();
         let t = Instant::now();
-        let mut child = std::process::Command::new(&prep.binary)
+        let mut child = Cmd::new(&prep.binary)
             .arg("-m")
             .arg(&prep.model.path)
             .args(["--port", &port.to_string()])
             .args(&prep.flags)
+            .to_std()
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()?;
@@ -319,7 +329,7 @@ fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Valu
     }
     // A no-op provision of the built binary (engine already up with the same inputs).
     let exe = std::env::current_exe()?;
-    let mut pc = Cmd::new(&exe).arg("provision");
+    let mut pc = Cmd::new(&exe).args(["provision", "--pool", bench_pool.as_str()]);
     if let Some(pr) = profile {
         pc = pc.args(["--profile", pr]);
     }
@@ -328,7 +338,7 @@ fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Valu
     for _ in 0..runs {
         noop.push(time_cmd(&pc)? * 1000.0);
     }
-    lifecycle::stop_pool(&ctx.layout, p.pool());
+    lifecycle::stop_pool(&ctx.layout, &bench_pool)?;
     let (mo, md) = (median(&mut ours), median(&mut direct));
     Ok(json!({
         "spawn_to_ready_provision_ms_median": mo,
@@ -352,17 +362,18 @@ fn rss_kib() -> u64 {
 
 fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) -> Result<Value> {
     use futures_util::StreamExt;
-    use test_harness_e2e_haiku::client::stream_task;
+    use orchestratord::client::stream_task;
     let p = ctx.profile(profile)?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
     rt.block_on(async {
         let cfg = orchestratord::Config { addr: "127.0.0.1:0".parse().unwrap(), queue_capacity: 2000, ..Default::default() };
-        let stack = test_harness_e2e_haiku::start_stack(&p, &ctx.layout, cfg, true).await?;
+        let pool = llorch_io::handoff::PoolId::parse(&format!("{}-bench", p.pool().as_str().chars().take(58).collect::<String>()))?;
+        let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg, true, "cargo xtask bench stream").await?;
         let orch = stack.orchestrator_url();
         let engine = stack.engine_url.clone();
-        let http = reqwest::Client::new();
+        let http = llorch_io::http::async_client();
         let prompt = "Write a long story about a lighthouse keeper:\n";
         let body = json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true});
         let mut via = Vec::new();
@@ -437,8 +448,13 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         for id in ids.iter().rev() {
             http.post(format!("{orch}/v1/tasks/{id}/cancel")).send().await?;
         }
-        let server_ttft = stack.server.state.metrics.ttft_ms.count_sum();
-        stack.stop().await;
+        let server_metrics = stack.server.state.metrics.render(0, true);
+        let server_ttft = (server_metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("llorch_time_to_first_token_ms_count "))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0),);
+        stack.stop(Duration::from_secs(5)).await;
         let (v, d) = (median(&mut via), median(&mut direct));
         let (tv, td) = (median(&mut ttft_via), median(&mut ttft_direct));
         anyhow::Ok(json!({

@@ -5,6 +5,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::cache::ArtifactCache;
+use engine_runtime::lifecycle::{self, RunPaths, Stopped};
+use llorch_io::handoff::PoolId;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -27,7 +29,10 @@ enum EngineSub {
     Up {
         #[command(flatten)]
         p: ProfileArgs,
-        /// Stay in the foreground, restart the engine if it crashes, stop it on Ctrl-C
+        /// Pool id (default: the profile's `pool`)
+        #[arg(long)]
+        pool: Option<PoolId>,
+        /// Stay in the foreground, restart the engine if it crashes or hangs, stop it on Ctrl-C
         #[arg(long)]
         foreground: bool,
     },
@@ -49,16 +54,16 @@ enum EngineSub {
 pub struct PoolArgs {
     /// Pool id (default: the default profile's pool)
     #[arg(long)]
-    pub pool: Option<String>,
+    pub pool: Option<PoolId>,
     #[arg(long)]
     pub json: bool,
 }
 
 impl PoolArgs {
-    pub fn pool(&self, ctx: &Ctx) -> Result<String> {
+    pub fn pool(&self, ctx: &Ctx) -> Result<PoolId> {
         match &self.pool {
             Some(p) => Ok(p.clone()),
-            None => Ok(ctx.profile(None)?.pool().to_string()),
+            None => Ok(ctx.profile(None)?.pool().clone()),
         }
     }
 }
@@ -186,28 +191,31 @@ impl EngineCmd {
                 }
                 Ok(())
             }
-            EngineSub::Up { p, foreground } => {
+            EngineSub::Up {
+                p,
+                pool,
+                foreground,
+            } => {
                 if !foreground {
-                    return crate::provision::ProvisionCmd::from_profile(p).run(ctx);
+                    return crate::provision::ProvisionCmd::from_profile(p, pool).run(ctx);
                 }
                 let profile = ctx.profile(p.profile.as_deref())?;
-                let (prep, _) = engine_provisioner::provision::prepare(
-                    &profile,
-                    &ctx.layout,
-                    &BuildOptions::default(),
-                )?;
-                engine_provisioner::lifecycle::stop_pool(&ctx.layout, &prep.pool_id);
-                let sup = engine_provisioner::supervisor::Supervisor::start(
+                let pool = pool.unwrap_or_else(|| profile.pool().clone());
+                let prep =
+                    llorch_stack::prepare(&profile, &pool, &ctx.layout, &BuildOptions::default())?
+                        .engine;
+                let sup = engine_runtime::Supervisor::start(
                     prep,
                     ctx.layout.clone(),
                     Default::default(),
-                );
+                    "cargo xtask engine up --foreground",
+                )?;
                 let url = sup
                     .wait_ready(std::time::Duration::from_secs(
                         profile.file.server.ready_timeout_s + 5,
                     ))
                     .map_err(anyhow::Error::msg)?;
-                println!("engine ready at {url} (supervised; Ctrl-C stops it)");
+                println!("engine for pool {pool} ready at {url} (supervised; SIGINT/SIGTERM/SIGHUP stop it)");
                 crate::wait_for_ctrl_c();
                 eprintln!("stopping engine");
                 sup.stop();
@@ -215,16 +223,15 @@ impl EngineCmd {
             }
             EngineSub::Down(a) => {
                 let pool = a.pool(ctx)?;
-                match engine_provisioner::lifecycle::stop_pool(&ctx.layout, &pool) {
-                    Some(pid) => println!("stopped engine for pool {pool} (pid {pid})"),
-                    None => println!("no engine running for pool {pool}"),
+                match lifecycle::stop_pool(&ctx.layout, &pool)? {
+                    Stopped::Engine(pid) => println!("stopped engine for pool {pool} (pid {pid})"),
+                    Stopped::Nothing => println!("no engine running for pool {pool}"),
                 }
                 Ok(())
             }
             EngineSub::Status(a) => status(ctx, &a),
             EngineSub::Logs { pool, follow } => {
-                let paths =
-                    engine_provisioner::lifecycle::RunPaths::new(&ctx.layout, &pool.pool(ctx)?);
+                let paths = RunPaths::new(&ctx.layout, &pool.pool(ctx)?);
                 let mut f = std::fs::File::open(&paths.log)
                     .with_context(|| format!("no log at {}", paths.log.display()))?;
                 std::io::copy(&mut f, &mut std::io::stdout())?;
@@ -237,55 +244,26 @@ impl EngineCmd {
                 Ok(())
             }
             EngineSub::Gc(a) => {
-                let cache = ArtifactCache::new(&ctx.layout.cache);
-                let mut removed = Vec::new();
-                for (p, m) in cache.list().into_iter().skip(a.keep) {
-                    let lock = llorch_io::fsx::FileLock::try_exclusive(
-                        &ctx.layout
-                            .locks()
-                            .join(format!("engine-{}.lock", m.fingerprint)),
-                    )?;
-                    if lock.is_none() {
-                        eprintln!("skipping {}: in use by a build", &m.fingerprint[..12]);
-                        continue;
-                    }
-                    std::fs::remove_dir_all(&p)
-                        .with_context(|| format!("remove {}", p.display()))?;
-                    let _ = std::fs::remove_dir_all(
-                        ctx.layout.cache.join("build-v1").join(&m.fingerprint),
-                    );
-                    removed.push(m.fingerprint);
-                }
-                // Staging dirs left by a build that was killed (Ctrl-C, power loss): never
-                // mistaken for entries, but garbage once no build of that fingerprint holds the lock.
-                let mut stale = 0;
-                for e in std::fs::read_dir(&cache.dir)
-                    .into_iter()
-                    .flatten()
-                    .flatten()
-                {
-                    let name = e.file_name().to_string_lossy().into_owned();
-                    let Some(rest) = name.strip_prefix(".staging-") else {
-                        continue;
-                    };
-                    let fp = rest.split('-').next().unwrap_or("");
-                    let lock = ctx.layout.locks().join(format!("engine-{fp}.lock"));
-                    if llorch_io::fsx::FileLock::try_exclusive(&lock)?.is_some() {
-                        std::fs::remove_dir_all(e.path())?;
-                        stale += 1;
-                    }
-                }
+                let r = engine_provisioner::cache::gc(&ctx.layout, a.keep)
+                    .map_err(anyhow::Error::msg)?;
                 if a.json {
-                    return print_json(
-                        &serde_json::json!({ "removed": removed, "stale_staging_removed": stale }),
+                    return print_json(&r);
+                }
+                for fp in &r.kept_in_use {
+                    println!(
+                        "kept {}: in use by a running engine or a build",
+                        &fp[..12.min(fp.len())]
                     );
                 }
-                if stale > 0 {
-                    println!("removed {stale} leftover staging dir(s) of interrupted builds");
+                if r.stale_staging_removed > 0 {
+                    println!(
+                        "removed {} leftover staging dir(s) of interrupted builds",
+                        r.stale_staging_removed
+                    );
                 }
                 println!(
                     "removed {} cached build(s), kept the newest {}",
-                    removed.len(),
+                    r.removed.len(),
                     a.keep
                 );
                 Ok(())
@@ -306,29 +284,38 @@ pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::Buil
 }
 
 fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
-    use engine_provisioner::lifecycle::{self, Handoff, RunPaths};
     let pool = a.pool(ctx)?;
-    let paths = RunPaths::new(&ctx.layout, &pool);
-    let pf = lifecycle::check_pid_file(&paths);
-    let h = Handoff::read(&paths.handoff);
-    let (pf, h) = match (pf, h) {
-        (Some(pf), Some(h)) => (pf, h),
+    let run = lifecycle::read_pool(&ctx.layout, &pool);
+    let (pf, h) = match run.as_ref().and_then(|r| r.handoff.clone().map(|h| (r, h))) {
+        Some((r, h)) if r.engine_alive => (r.record.clone(), h),
         _ => {
             if a.json {
-                return print_json(&serde_json::json!({"pool": pool, "running": false}));
+                return print_json(&serde_json::json!({"pool": pool, "running": false,
+                    "owner": run.as_ref().map(|r| r.record.owner.describe())}));
             }
-            println!("pool {pool}: no engine running (start one with `cargo xtask provision`)");
+            match run {
+                Some(r) => println!(
+                    "pool {pool}: no engine ready; {} (restarting?)",
+                    r.record.owner.describe()
+                ),
+                None => println!(
+                    "pool {pool}: no engine running (start one with `cargo xtask provision`)"
+                ),
+            }
             return Ok(());
         }
     };
+    let key = h.api_key()?;
+    let auth = |rb: reqwest::blocking::RequestBuilder| match &key {
+        Some(k) => rb.bearer_auth(k),
+        None => rb,
+    };
     let client = llorch_io::http::probe_client();
-    let health = client
-        .get(format!("{}/health", h.url))
+    let health = auth(client.get(format!("{}/health", h.url)))
         .send()
         .map(|r| r.status().as_u16())
         .ok();
-    let slots: Option<serde_json::Value> = client
-        .get(format!("{}/slots", h.url))
+    let slots: Option<serde_json::Value> = auth(client.get(format!("{}/slots", h.url)))
         .send()
         .ok()
         .and_then(|r| r.json().ok());
@@ -338,19 +325,24 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
             .count()
     });
     let total = slots.as_ref().and_then(|s| s.as_array()).map(|a| a.len());
-    let uptime = std::fs::metadata(format!("/proc/{}", pf.pid))
+    let uptime = std::fs::metadata(format!("/proc/{}", pf.process.pid))
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.elapsed().ok())
         .map(|d| d.as_secs());
     if a.json {
         return print_json(&serde_json::json!({
-            "pool": pool, "running": true, "pid": pf.pid, "url": h.url, "health": health, "uptime_s": uptime,
+            "pool": pool, "running": true, "pid": pf.process.pid, "owner": pf.owner.describe(), "url": h.url, "health": health, "uptime_s": uptime,
             "model": h.model, "fingerprint": h.fingerprint, "slots_busy": busy, "slots_total": total,
             "engine_version": h.engine_version, "started_at": h.started_at, "flags": h.flags,
         }));
     }
-    println!("pool {pool}: pid {} at {}", pf.pid, h.url);
+    println!(
+        "pool {pool}: pid {} at {} ({})",
+        pf.process.pid,
+        h.url,
+        pf.owner.describe()
+    );
     println!(
         "  health:      {}",
         health

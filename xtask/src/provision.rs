@@ -1,4 +1,4 @@
-//! `cargo xtask provision`: build, fetch, start, wait until ready, write the handoff.
+//! `cargo xtask provision`: build, fetch, start detached, wait until ready, write the handoff.
 
 use crate::{print_json, Ctx};
 use anyhow::Result;
@@ -9,25 +9,35 @@ use engine_provisioner::build::BuildOptions;
 pub struct ProvisionCmd {
     #[command(flatten)]
     p: crate::engine::ProfileArgs,
+    /// Pool id (default: the profile's `pool`)
+    #[arg(long)]
+    pool: Option<llorch_io::handoff::PoolId>,
 }
 
 impl ProvisionCmd {
-    pub fn from_profile(p: crate::engine::ProfileArgs) -> Self {
-        ProvisionCmd { p }
+    pub fn from_profile(
+        p: crate::engine::ProfileArgs,
+        pool: Option<llorch_io::handoff::PoolId>,
+    ) -> Self {
+        ProvisionCmd { p, pool }
     }
 
     pub fn run(self, ctx: &Ctx) -> Result<()> {
         let profile = ctx.profile(self.p.profile.as_deref())?;
+        let pool = self.pool.unwrap_or_else(|| profile.pool().clone());
         let opts = BuildOptions {
             quiet: self.p.json,
             ..Default::default()
         };
-        let out = engine_provisioner::provision::provision(&profile, &ctx.layout, &opts)?;
+        let out = llorch_stack::provision(&profile, &pool, &ctx.layout, &opts)?;
         if self.p.json {
             return print_json(&out);
         }
         match out.action.as_str() {
-            "already_running" => println!("engine for pool {} already running with the same build, model and flags: {} (pid {})", out.pool_id, out.url, out.pid),
+            "already_running" => println!(
+                "attached: pool {} already runs an engine with the same build, model and flags at {} (pid {}, {})",
+                out.pool_id, out.url, out.pid, out.owner
+            ),
             a => {
                 if !out.changes.is_empty() {
                     println!("{a}: {}", out.changes.join("; "));

@@ -273,9 +273,30 @@ pub fn build(
     };
     let fp = plan.fingerprint.clone();
     let cache = ArtifactCache::new(&layout.cache);
-    let _lock = FileLock::exclusive(&layout.locks().join(format!("engine-{fp}.lock")), || {
+    // A hit needs only a shared lock (running engines hold it shared too);
+    // writing the entry takes it exclusively, then looks again.
+    let lock_path = layout.engine_lock(&fp);
+    {
+        let _shared = FileLock::shared(&lock_path).map_err(io("lock engine cache entry"))?;
+        if let Lookup::Fresh(m) = cache.lookup(&fp, Some(&plan.inputs)) {
+            let dir = cache.entry(&fp);
+            return Ok(BuildOutcome {
+                profile: profile.name.clone(),
+                binary: dir.join(&m.binary),
+                fingerprint: fp,
+                dir,
+                cache_hit: true,
+                reason: None,
+                cmake_invocations: 0,
+                duration_s: started.elapsed().as_secs_f64(),
+                version: m.version_output.clone(),
+                manifest: *m,
+            });
+        }
+    }
+    let _lock = FileLock::exclusive(&lock_path, || {
         say(&format!(
-            "waiting for another build of {} (fingerprint {})",
+            "waiting for another build of {} (fingerprint {}), or for engines still running a corrupt entry of it",
             profile.name,
             &fp[..12]
         ))
@@ -325,7 +346,7 @@ pub fn build(
             .map_err(BuildError::Install)?,
         None => source::fetch(&profile.pin, layout, &say)?,
     };
-    let build_dir = layout.cache.join("build-v1").join(&fp);
+    let build_dir = layout.bucket(llorch_io::paths::Bucket::Build).join(&fp);
     std::fs::create_dir_all(&build_dir).map_err(io("create build dir"))?;
     let log = build_dir.join("llorch-build.log");
     let _ = std::fs::remove_file(&log);

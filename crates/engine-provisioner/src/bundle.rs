@@ -146,7 +146,7 @@ pub fn unpack_for_build(
     say: &dyn Fn(&str),
 ) -> Result<PathBuf, String> {
     let id = crate::source::source_id(pin);
-    let final_dir = layout.cache.join("src-v1").join(&id);
+    let final_dir = layout.bucket(llorch_io::paths::Bucket::Src).join(&id);
     let _lock = fsx::FileLock::exclusive(&layout.locks().join(format!("src-{id}.lock")), || {})
         .map_err(|e| e.to_string())?;
     let staging = fsx::staging_dir_for(&final_dir).map_err(|e| e.to_string())?;

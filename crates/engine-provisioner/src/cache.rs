@@ -10,7 +10,6 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
-pub const BUCKET: &str = "engines-v1";
 pub const MANIFEST_SCHEMA: u32 = 1;
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -48,7 +47,7 @@ pub struct ArtifactCache {
 impl ArtifactCache {
     pub fn new(cache_root: &Path) -> ArtifactCache {
         ArtifactCache {
-            dir: cache_root.join(BUCKET),
+            dir: cache_root.join(llorch_io::paths::Bucket::Engines.dir_name()),
         }
     }
 
@@ -109,4 +108,54 @@ impl ArtifactCache {
 pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
     let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|e| e.to_string())?;
     serde_json::from_str(&text).map_err(|e| e.to_string())
+}
+
+#[derive(Debug, Default, Serialize)]
+pub struct GcReport {
+    pub removed: Vec<String>,
+    pub kept_in_use: Vec<String>,
+    pub stale_staging_removed: usize,
+}
+
+/// Delete all but the newest `keep` entries (and their build dirs). An entry
+/// whose lock is held (a build writing it, or an engine process running it:
+/// engines hold it shared) is never removed.
+pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, String> {
+    use llorch_io::fsx::FileLock;
+    use llorch_io::paths::Bucket;
+    let cache = ArtifactCache::new(&layout.cache);
+    let mut r = GcReport::default();
+    for (p, m) in cache.list().into_iter().skip(keep) {
+        let lock = FileLock::try_exclusive(&layout.engine_lock(&m.fingerprint))
+            .map_err(|e| format!("lock {}: {e}", layout.engine_lock(&m.fingerprint).display()))?;
+        if lock.is_none() {
+            r.kept_in_use.push(m.fingerprint);
+            continue;
+        }
+        std::fs::remove_dir_all(&p).map_err(|e| format!("remove {}: {e}", p.display()))?;
+        let _ = std::fs::remove_dir_all(layout.bucket(Bucket::Build).join(&m.fingerprint));
+        r.removed.push(m.fingerprint);
+    }
+    // Staging dirs left by a build that was killed (Ctrl-C, power loss): never
+    // mistaken for entries, but garbage once no build of that fingerprint holds the lock.
+    for e in std::fs::read_dir(&cache.dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+    {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(rest) = name.strip_prefix(".staging-") else {
+            continue;
+        };
+        let fp = rest.split('-').next().unwrap_or("");
+        if FileLock::try_exclusive(&layout.engine_lock(fp))
+            .map_err(|e| e.to_string())?
+            .is_some()
+        {
+            std::fs::remove_dir_all(e.path())
+                .map_err(|x| format!("remove {}: {x}", e.path().display()))?;
+            r.stale_staging_removed += 1;
+        }
+    }
+    Ok(r)
 }

@@ -79,36 +79,7 @@ impl BuildInputs {
     }
 }
 
-/// `-D KEY=VALUE`, `-DKEY:TYPE=VALUE` → `-DKEY=VALUE`; anything else is refused.
-pub fn normalize_flag(flag: &str) -> Result<String, String> {
-    let body = flag
-        .trim()
-        .strip_prefix("-D")
-        .map(str::trim_start)
-        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
-    let (key, value) = body
-        .split_once('=')
-        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
-    let key = key.split_once(':').map(|(k, _)| k).unwrap_or(key).trim();
-    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!("cmake flag `{flag}`: bad variable name `{key}`"));
-    }
-    Ok(format!("-D{key}={value}"))
-}
-
-/// Normalize, de-duplicate by key (the last one wins, as in CMake), sort.
-pub fn normalize_flags(flags: &[String]) -> Result<Vec<String>, String> {
-    let mut by_key: BTreeMap<String, String> = BTreeMap::new();
-    for f in flags {
-        let n = normalize_flag(f)?;
-        let key = n[2..]
-            .split_once('=')
-            .map(|(k, _)| k.to_string())
-            .unwrap_or_default();
-        by_key.insert(key, n);
-    }
-    Ok(by_key.into_values().collect())
-}
+pub use llorch_profile::{normalize_flag, normalize_flags};
 
 /// `x86_64-linux-gnu` style triple of this host.
 pub fn host_triple() -> String {

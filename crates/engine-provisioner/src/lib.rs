@@ -10,11 +10,8 @@ pub mod cache;
 pub mod cuda;
 pub mod fingerprint;
 pub mod preflight;
-pub mod profile;
 pub mod source;
 
 pub use build::{build, BuildOptions, BuildOutcome};
-pub use profile::{Backend, Profile};
-pub mod lifecycle;
-pub mod provision;
-pub mod supervisor;
+pub use llorch_profile as profile;
+pub use llorch_profile::{Backend, Profile};

@@ -107,7 +107,7 @@ pub fn source_id(pin: &Pin) -> String {
 
 /// Make the pin's tree present; returns its path. `progress` gets short status lines.
 pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
-    let src_root = layout.cache.join("src-v1");
+    let src_root = layout.bucket(llorch_io::paths::Bucket::Src);
     let id = source_id(pin);
     let final_dir = src_root.join(&id);
     let _lock = FileLock::exclusive(&layout.locks().join(format!("src-{id}.lock")), || {

@@ -25,8 +25,7 @@ fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
     assert_eq!(m.inputs["source"]["id"], sha.as_str());
     let log = ws
         .layout
-        .cache
-        .join("build-v1")
+        .bucket(llorch_io::paths::Bucket::Build)
         .join(&first.fingerprint)
         .join("llorch-build.log");
     let log_mtime = std::fs::metadata(&log).unwrap().modified().unwrap();
@@ -41,7 +40,7 @@ fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
         "no CMake ran on the hit"
     );
     // Nothing half-made is left beside the entry.
-    let names: Vec<String> = std::fs::read_dir(ws.layout.cache.join("engines-v1"))
+    let names: Vec<String> = std::fs::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -114,7 +113,7 @@ fn a_failed_build_shows_the_log_tail_and_leaves_no_entry() {
         "the log path is named: {err}"
     );
     assert!(err.contains("nothing was added to the cache"), "{err}");
-    let entries = std::fs::read_dir(ws.layout.cache.join("engines-v1"))
+    let entries = std::fs::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
         .map(|r| r.count())
         .unwrap_or(0);
     assert_eq!(entries, 0);

@@ -14,7 +14,7 @@ fn layout(dir: &std::path::Path) -> Layout {
 
 /// Source trees present under `src-v1/` (staging dirs start with a dot).
 fn extracted_trees(l: &Layout) -> Vec<std::fs::DirEntry> {
-    std::fs::read_dir(l.cache.join("src-v1"))
+    std::fs::read_dir(l.bucket(llorch_io::paths::Bucket::Src))
         .unwrap()
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))

@@ -207,6 +207,7 @@ impl Cmd {
 
     /// A `std::process::Command` with the same program, args, dir and env,
     /// for long-lived children that a supervisor owns.
+    #[allow(clippy::disallowed_methods)] // this is the door
     pub fn to_std(&self) -> std::process::Command {
         self.announce();
         let mut c = std::process::Command::new(&self.program);

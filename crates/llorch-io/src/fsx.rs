@@ -114,6 +114,12 @@ impl FileLock {
         })
     }
 
+    /// The lock's file descriptor (a child that inherits it holds the lock too).
+    pub fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self._file.as_raw_fd()
+    }
+
     /// Try an exclusive lock without waiting; `None` when someone holds it.
     pub fn try_exclusive(path: &Path) -> std::io::Result<Option<FileLock>> {
         if let Some(p) = path.parent() {

@@ -1,5 +1,7 @@
 //! The HTTP door: one client configuration (connect and read timeouts, a
 //! user agent, proxies from the environment) and one retry policy.
+//! Loopback clients (engine, orchestrator) never use a proxy.
+#![allow(clippy::disallowed_methods)] // this is the door
 
 use std::time::Duration;
 
@@ -46,4 +48,16 @@ pub fn backoff(attempt: u32) -> Duration {
 /// Whether a status is worth retrying (server trouble or rate limiting).
 pub fn is_transient_status(code: u16) -> bool {
     code == 408 || code == 429 || (500..=599).contains(&code)
+}
+
+/// Blocking client that does not follow redirects (the hub's `HEAD` tells the
+/// file digest before it redirects).
+pub fn no_redirect_client() -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .redirect(reqwest::redirect::Policy::none())
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("reqwest client configuration is static")
 }

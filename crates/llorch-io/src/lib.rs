@@ -13,8 +13,10 @@
 pub mod cmd;
 pub mod digest;
 pub mod fsx;
+pub mod handoff;
 pub mod http;
 pub mod paths;
+pub mod signals;
 
 /// Current UTC time as RFC 3339 (`2026-11-25T20:31:02Z`).
 pub fn now_rfc3339() -> String {

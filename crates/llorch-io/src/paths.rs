@@ -64,16 +64,108 @@ impl Layout {
         }
     }
 
+    /// A versioned cache bucket (`cache/engines-v1`, …): the one place bucket names are spelled.
+    pub fn bucket(&self, b: Bucket) -> PathBuf {
+        self.cache.join(b.dir_name())
+    }
     pub fn locks(&self) -> PathBuf {
-        self.cache.join("locks")
+        self.bucket(Bucket::Locks)
     }
     pub fn downloads(&self) -> PathBuf {
-        self.cache.join("downloads")
+        self.bucket(Bucket::Downloads)
     }
     pub fn run_dir(&self) -> PathBuf {
-        self.cache.join("run")
+        self.bucket(Bucket::Run)
     }
     pub fn engines_dir(&self) -> PathBuf {
         self.runtime.join("engines")
+    }
+
+    /// `locks/engine-<fp>.lock`: exclusive while a build writes the entry or gc removes it,
+    /// shared by every engine process running that build.
+    pub fn engine_lock(&self, fingerprint: &str) -> PathBuf {
+        self.locks().join(format!("engine-{fingerprint}.lock"))
+    }
+    /// `locks/blob-<digest>.lock`: shared by every engine process using the model blob,
+    /// exclusive while gc removes it.
+    pub fn blob_lock(&self, digest: &str) -> PathBuf {
+        self.locks().join(format!("blob-{digest}.lock"))
+    }
+    /// `locks/pool-<id>.lock`: orders provision, up, down and supervisor (re)starts of one pool.
+    pub fn pool_lock(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+        self.locks().join(format!("pool-{pool}.lock"))
+    }
+
+    /// Create `dir` (below the cache or runtime root) and make sure no component
+    /// below that root is a symlink: run files are never written through a link
+    /// that leads out of the cache or runtime directory.
+    pub fn ensure_private_dir(&self, dir: &Path) -> Result<(), DirError> {
+        let base = [&self.cache, &self.runtime]
+            .into_iter()
+            .find(|b| dir.starts_with(b))
+            .ok_or_else(|| DirError {
+                path: dir.display().to_string(),
+                why: "is outside the cache and runtime directories".into(),
+            })?;
+        std::fs::create_dir_all(dir).map_err(|e| DirError {
+            path: dir.display().to_string(),
+            why: format!("cannot create it: {e}"),
+        })?;
+        let mut cur = base.clone();
+        for c in dir.strip_prefix(base).unwrap_or(Path::new("")).components() {
+            cur.push(c);
+            let md = std::fs::symlink_metadata(&cur).map_err(|e| DirError {
+                path: cur.display().to_string(),
+                why: e.to_string(),
+            })?;
+            if md.file_type().is_symlink() || !md.is_dir() {
+                return Err(DirError {
+                    path: cur.display().to_string(),
+                    why: "is a symlink or not a directory; refusing to write run state through it (remove it)".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A cache or runtime directory that cannot be used, with its path.
+#[derive(Debug, thiserror::Error)]
+#[error("{path} {why}")]
+pub struct DirError {
+    pub path: String,
+    pub why: String,
+}
+
+/// The versioned buckets of the cache. Bump a version instead of migrating.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Bucket {
+    /// `src-v1/<source-id>/`: checked-out or extracted llama.cpp trees (owner: engine-provisioner::source)
+    Src,
+    /// `build-v1/<fingerprint>/`: CMake build dirs, deletable (owner: engine-provisioner::build)
+    Build,
+    /// `engines-v1/<fingerprint>/`: installed engines + manifest.json (owner: engine-provisioner::cache)
+    Engines,
+    /// `models-v1/`: blobs and refs.json (owner: model-provisioner::store)
+    Models,
+    /// `downloads/`: partial downloads (owner: model-provisioner::download)
+    Downloads,
+    /// `locks/`: flock files (names: `Layout::*_lock`)
+    Locks,
+    /// `run/`: `<pool>.pid` run records and engine logs (owner: engine-runtime)
+    Run,
+}
+
+impl Bucket {
+    pub fn dir_name(self) -> &'static str {
+        match self {
+            Bucket::Src => "src-v1",
+            Bucket::Build => "build-v1",
+            Bucket::Engines => "engines-v1",
+            Bucket::Models => "models-v1",
+            Bucket::Downloads => "downloads",
+            Bucket::Locks => "locks",
+            Bucket::Run => "run",
+        }
     }
 }

@@ -23,7 +23,6 @@ use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-pub const BUCKET: &str = "models-v1";
 pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
 
 #[derive(Debug, thiserror::Error)]
@@ -133,7 +132,7 @@ impl ModelStore {
     pub fn new(layout: &Layout) -> ModelStore {
         ModelStore {
             layout: layout.clone(),
-            dir: layout.cache.join(BUCKET),
+            dir: layout.bucket(llorch_io::paths::Bucket::Models),
             hf_endpoint: std::env::var("HF_ENDPOINT")
                 .ok()
                 .filter(|s| !s.is_empty())
@@ -707,13 +706,7 @@ struct HfHead {
 /// The hub answers `/resolve/` with the file's sha256 (`X-Linked-Etag` for
 /// LFS files) and the repo commit (`X-Repo-Commit`) before redirecting.
 fn hf_head(url: &str, token: Option<&str>) -> HfHead {
-    let client = reqwest::blocking::Client::builder()
-        .user_agent(llorch_io::http::USER_AGENT)
-        .redirect(reqwest::redirect::Policy::none())
-        .connect_timeout(std::time::Duration::from_secs(10))
-        .timeout(std::time::Duration::from_secs(30))
-        .build()
-        .expect("static client config");
+    let client = llorch_io::http::no_redirect_client();
     let mut req = client.head(url);
     if let Some(t) = token {
         req = req.header(reqwest::header::AUTHORIZATION, format!("Bearer {t}"));

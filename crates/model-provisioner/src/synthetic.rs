@@ -102,7 +102,7 @@ pub fn find_vocab(layout: &Layout) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LLORCH_SYNTHETIC_VOCAB") {
         return Some(PathBuf::from(p));
     }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(layout.cache.join("src-v1"))
+    let mut dirs: Vec<PathBuf> = std::fs::read_dir(layout.bucket(llorch_io::paths::Bucket::Src))
         .into_iter()
         .flatten()
         .flatten()
@@ -171,7 +171,7 @@ pub fn write(
     let vocab_path = find_vocab(layout).ok_or_else(|| {
         ModelError::Other(format!(
             "{mref}: needs the tokenizer in {VOCAB_FILE} of a llama.cpp tree, and none is in {}\n  hint: run `cargo xtask engine build` (or build from a source bundle) first, or set LLORCH_SYNTHETIC_VOCAB",
-            layout.cache.join("src-v1").display()
+            layout.bucket(llorch_io::paths::Bucket::Src).display()
         ))
     })?;
     let tok_kvs: Vec<(String, u32, Vec<u8>)> = crate::gguf::read_raw_kvs(&vocab_path)?

@@ -1,32 +1,55 @@
 //! The llama.cpp adapter: one task → one streaming `/completion` request.
 //!
-//! llama-server answers `stream: true` with `data: {json}` frames, one per
-//! generated token (`content`, `tokens`), then a final frame with
-//! `stop: true`, `stop_type` and `timings`. Each token frame becomes a
-//! `token {t, i}` event the moment it is read; nothing is buffered. Chat
-//! `messages` are rendered with the model's own template through
+//! llama-server answers `stream: true` with `data: {json}` frames. A frame
+//! normally carries one token (`content`, `tokens`, `tokens_predicted` = the
+//! running count); a token that ends inside a UTF-8 character is held back
+//! and sent with the next one, so a frame may stand for several tokens, and a
+//! token held back as a possible stop-string prefix comes with empty
+//! `content`. The final frame has `stop: true`, `stop_type`, `timings` and
+//! empty content. So: every frame with text becomes one `token {t, i}` event
+//! the moment it is read (`i` counts events), and `end.tokens_out` is the
+//! engine's own `tokens_predicted`.
+//!
+//! Cancel (request, disconnect, deadline) drops the upstream request:
+//! llama-server sees the closed connection and frees its slot; we wait for
+//! `/slots` to show it idle before ending the stream. An engine that sends
+//! nothing for `stall_timeout` (alive but hung) ends the stream with
+//! `ENGINE_STALLED` and is reported to its owner, which restarts it.
+//!
+//! Chat `messages` are rendered with the model's own template through
 //! llama-server's `/apply-template` first.
 
-use crate::{AppState, Task};
+use crate::events::{EndEvent, ErrorEvent, StartedEvent, TaskEvent, TokenEvent};
+use crate::link::EngineInfo;
+use crate::tasks::{CancelReason, Task};
+use crate::AppState;
+use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
-use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 enum Outcome {
     Finished(Value),
-    Canceled(&'static str),
+    Canceled(CancelReason),
     EngineGone(String),
     EngineError(String),
+    Stalled(String),
+}
+
+/// Tokens the engine reported so far (from `tokens_predicted`).
+#[derive(Default)]
+struct Progress {
+    events: u64,
+    tokens: u64,
 }
 
 pub async fn run_task(st: &AppState, task: &Task) {
     let started_at = Instant::now();
-    task.send(
-        "started",
-        json!({"queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms}),
-    );
-    let Some(url) = st.engine_url() else {
+    task.send(TaskEvent::Started(StartedEvent {
+        queue_position: task.queue_position,
+        predicted_start_ms: task.predicted_start_ms,
+    }));
+    let crate::link::LinkState::Ready(engine) = st.link_state() else {
         fail(
             st,
             task,
@@ -36,85 +59,133 @@ pub async fn run_task(st: &AppState, task: &Task) {
         );
         return;
     };
-    let mut i: u64 = 0;
-    let outcome = generate(st, task, &url, &mut i).await;
+    let mut p = Progress::default();
+    let outcome = generate(st, task, &engine, &mut p).await;
+    let queue_wait_ms = (started_at - task.admitted_at).as_millis() as u64;
     match outcome {
         Outcome::Finished(fin) => {
             let t = &fin["timings"];
-            let tokens_out = t["predicted_n"].as_u64().unwrap_or(i);
-            st.metrics.completed.fetch_add(1, Ordering::Relaxed);
-            task.send(
-                "metrics",
-                json!({
-                    "prompt_tokens": t["prompt_n"], "prompt_ms": t["prompt_ms"],
-                    "decode_tokens_per_s": t["predicted_per_second"], "queue_wait_ms": (started_at - task.admitted_at).as_millis() as u64,
-                }),
-            );
-            task.finish(
-                "end",
-                json!({
-                    "tokens_out": tokens_out,
-                    "decode_ms": t["predicted_ms"].as_f64().unwrap_or(0.0),
-                    "stop_reason": fin["stop_type"].as_str().unwrap_or("eos"),
-                    "canceled": false,
-                }),
-            );
+            let tokens_out = fin["tokens_predicted"].as_u64().unwrap_or(p.tokens);
+            st.metrics.completed.inc();
+            st.metrics.tokens_out.inc_by(tokens_out);
+            task.finish(TaskEvent::End(EndEvent {
+                tokens_out,
+                decode_ms: t["predicted_ms"].as_f64().unwrap_or(0.0),
+                stop_reason: fin["stop_type"].as_str().unwrap_or("eos").to_string(),
+                canceled: false,
+                prompt_tokens: fin["tokens_evaluated"]
+                    .as_u64()
+                    .or_else(|| t["prompt_n"].as_u64())
+                    .unwrap_or(0),
+                prompt_ms: t["prompt_ms"].as_f64().unwrap_or(0.0),
+                decode_tokens_per_s: t["predicted_per_second"].as_f64().unwrap_or(0.0),
+                queue_wait_ms,
+                slot_idle: None,
+            }));
         }
         Outcome::Canceled(reason) => {
             // The upstream request is already dropped; wait until the slot is idle.
-            let idle = wait_slot_idle(st, &url, Duration::from_secs(3)).await;
-            let since = task.cancel_at.lock().unwrap().unwrap_or_else(Instant::now);
+            let idle = wait_slot_idle(st, &engine, Duration::from_secs(3)).await;
+            let since = task
+                .cancel_reason()
+                .map(|(_, t)| t)
+                .unwrap_or_else(Instant::now);
             st.metrics
                 .cancel_latency_ms
                 .observe(since.elapsed().as_secs_f64() * 1000.0);
-            st.metrics.canceled.fetch_add(1, Ordering::Relaxed);
-            task.finish(
-                "end",
-                json!({"tokens_out": i, "decode_ms": started_at.elapsed().as_millis() as u64, "stop_reason": reason, "canceled": true, "slot_idle": idle}),
-            );
+            st.metrics.canceled.inc();
+            st.metrics.tokens_out.inc_by(p.tokens);
+            task.finish(TaskEvent::End(EndEvent {
+                tokens_out: p.tokens,
+                decode_ms: started_at.elapsed().as_secs_f64() * 1000.0,
+                stop_reason: reason.as_str().into(),
+                canceled: true,
+                queue_wait_ms,
+                slot_idle: Some(idle),
+                ..Default::default()
+            }));
         }
         Outcome::EngineGone(msg) => {
-            st.ready.store(false, Ordering::SeqCst);
+            st.mark_not_ready();
             fail(st, task, "ENGINE_CRASHED", msg, true);
+        }
+        Outcome::Stalled(msg) => {
+            st.mark_not_ready();
+            st.link.report_stalled();
+            fail(st, task, "ENGINE_STALLED", msg, true);
         }
         Outcome::EngineError(msg) => fail(st, task, "ENGINE_ERROR", msg, false),
     }
 }
 
 fn fail(st: &AppState, task: &Task, code: &str, message: String, retriable: bool) {
-    st.metrics.failed.fetch_add(1, Ordering::Relaxed);
-    task.finish(
-        "error",
-        json!({"code": code, "message": message, "retriable": retriable}),
-    );
+    st.metrics.failed.inc();
+    task.finish(TaskEvent::Error(ErrorEvent {
+        code: code.into(),
+        message,
+        retriable,
+    }));
 }
 
-async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome {
+fn authed(rb: reqwest::RequestBuilder, engine: &EngineInfo) -> reqwest::RequestBuilder {
+    match &engine.api_key {
+        Some(k) => rb.bearer_auth(k),
+        None => rb,
+    }
+}
+
+/// Wait for `fut` unless the task is canceled, its deadline passes or `stall` elapses.
+async fn guarded<T>(
+    task: &Task,
+    stall: Duration,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Outcome> {
+    if let Some((r, _)) = task.cancel_reason() {
+        return Err(Outcome::Canceled(r));
+    }
+    tokio::select! {
+        v = fut => Ok(v),
+        _ = task.cancel_notify.notified() => Err(Outcome::Canceled(
+            task.cancel_reason().map(|(r, _)| r).unwrap_or(CancelReason::Requested),
+        )),
+        _ = tokio::time::sleep(stall) => Err(Outcome::Stalled(format!(
+            "llama-server sent nothing for {:.0}s; it is being restarted",
+            stall.as_secs_f64()
+        ))),
+    }
+}
+
+async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progress) -> Outcome {
+    let url = &engine.url;
+    let stall = st.cfg.stall_timeout;
     let req = &task.req;
-    let deadline = req
-        .deadline_ms
-        .map(|ms| task.admitted_at + Duration::from_millis(ms));
     let prompt = match (&req.prompt, &req.messages) {
         (Some(p), _) => p.clone(),
-        (None, Some(m)) => match st
-            .http
-            .post(format!("{url}/apply-template"))
-            .json(&json!({"messages": m}))
-            .send()
-            .await
-        {
-            Ok(r) if r.status().is_success() => match r.json::<Value>().await {
-                Ok(v) => v["prompt"].as_str().unwrap_or("").to_string(),
-                Err(e) => return Outcome::EngineError(format!("apply-template: {e}")),
-            },
-            Ok(r) => {
-                return Outcome::EngineError(format!("apply-template answered {}", r.status()))
+        (None, Some(m)) => {
+            let send = authed(st.http.post(format!("{url}/apply-template")), engine)
+                .json(&json!({"messages": m}))
+                .send();
+            let resp = match guarded(task, stall, send).await {
+                Ok(r) => r,
+                Err(o) => return o,
+            };
+            match resp {
+                Ok(r) if r.status().is_success() => {
+                    match guarded(task, stall, r.json::<Value>()).await {
+                        Ok(Ok(v)) => v["prompt"].as_str().unwrap_or("").to_string(),
+                        Ok(Err(e)) => return Outcome::EngineError(format!("apply-template: {e}")),
+                        Err(o) => return o,
+                    }
+                }
+                Ok(r) => {
+                    return Outcome::EngineError(format!("apply-template answered {}", r.status()))
+                }
+                Err(e) => return Outcome::EngineGone(format!("apply-template: {e}")),
             }
-            Err(e) => return Outcome::EngineGone(format!("apply-template: {e}")),
-        },
+        }
         (None, None) => return Outcome::EngineError("empty task".into()),
     };
-    let body = json!({
+    let mut body = json!({
         "prompt": prompt,
         "n_predict": req.max_tokens,
         "temperature": req.temperature,
@@ -123,17 +194,18 @@ async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome
         "cache_prompt": false,
         "ignore_eos": req.ignore_eos,
     });
-    if task.canceled() {
-        return Outcome::Canceled("canceled");
+    if !req.stop.is_empty() {
+        body["stop"] = json!(req.stop);
     }
-    let send = st.http.post(format!("{url}/completion")).json(&body).send();
-    let resp = tokio::select! {
-        r = send => r,
-        _ = task.cancel_notify.notified() => return Outcome::Canceled("canceled"),
-    };
-    let resp = match resp {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => {
+    if let Some(g) = &req.grammar {
+        body["grammar"] = json!(g);
+    }
+    let send = authed(st.http.post(format!("{url}/completion")), engine)
+        .json(&body)
+        .send();
+    let resp = match guarded(task, stall, send).await {
+        Ok(Ok(r)) if r.status().is_success() => r,
+        Ok(Ok(r)) => {
             let s = r.status();
             let text = r.text().await.unwrap_or_default();
             return Outcome::EngineError(format!(
@@ -141,77 +213,77 @@ async fn generate(st: &AppState, task: &Task, url: &str, i: &mut u64) -> Outcome
                 text.chars().take(300).collect::<String>()
             ));
         }
-        Err(e) => return Outcome::EngineGone(format!("cannot reach llama-server at {url}: {e}")),
+        Ok(Err(e)) => {
+            return Outcome::EngineGone(format!("cannot reach llama-server at {url}: {e}"))
+        }
+        Err(o) => return o,
     };
-    let mut stream = resp.bytes_stream();
-    let mut buf: Vec<u8> = Vec::new();
+    let mut frames = resp.bytes_stream().eventsource();
     let mut first = true;
     loop {
-        let sleep_until = deadline.map(tokio::time::Instant::from_std);
-        let next = tokio::select! {
-            n = stream.next() => n,
-            _ = task.cancel_notify.notified() => return Outcome::Canceled("canceled"),
-            _ = async { match sleep_until { Some(d) => tokio::time::sleep_until(d).await, None => std::future::pending().await } } => {
-                task.request_cancel();
-                return Outcome::Canceled("deadline");
-            }
+        let next = match guarded(task, stall, frames.next()).await {
+            Ok(n) => n,
+            Err(o) => return o,
         };
-        if task.canceled() {
-            return Outcome::Canceled("canceled");
-        }
-        let chunk = match next {
-            Some(Ok(c)) => c,
+        let ev = match next {
+            Some(Ok(ev)) => ev,
             Some(Err(e)) => {
                 return Outcome::EngineGone(format!(
-                    "the engine stream broke after {i} tokens: {e}"
+                    "the engine stream broke after {} tokens: {e}",
+                    p.tokens
                 ))
             }
             None => {
                 return Outcome::EngineGone(format!(
-                    "the engine closed the stream after {i} tokens without a final frame"
+                    "the engine closed the stream after {} tokens without a final frame",
+                    p.tokens
                 ))
             }
         };
-        buf.extend_from_slice(&chunk);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            let line = String::from_utf8_lossy(&line);
-            let Some(data) = line.trim().strip_prefix("data:") else {
-                continue;
-            };
-            let v: Value = match serde_json::from_str(data.trim()) {
-                Ok(v) => v,
-                Err(_) => continue,
-            };
-            if let Some(err) = v.get("error") {
-                return Outcome::EngineError(err.to_string());
-            }
-            if v["stop"].as_bool() == Some(true) {
-                return Outcome::Finished(v);
-            }
-            let t = v["content"].as_str().unwrap_or("");
-            if first {
-                first = false;
-                st.metrics
-                    .ttft_ms
-                    .observe(task.admitted_at.elapsed().as_secs_f64() * 1000.0);
-            }
-            if !task.send("token", json!({"t": t, "i": *i})) {
-                // Nobody is listening any more (the client went away).
-                task.request_cancel();
-                return Outcome::Canceled("client_disconnected");
-            }
-            *i += 1;
-            st.metrics.tokens_out.fetch_add(1, Ordering::Relaxed);
+        let v: Value = match serde_json::from_str(&ev.data) {
+            Ok(v) => v,
+            Err(_) => continue,
+        };
+        if let Some(err) = v.get("error") {
+            return Outcome::EngineError(err.to_string());
         }
+        if let Some(n) = v["tokens_predicted"].as_u64() {
+            p.tokens = p.tokens.max(n);
+        }
+        if v["stop"].as_bool() == Some(true) {
+            return Outcome::Finished(v);
+        }
+        let t = v["content"].as_str().unwrap_or("");
+        if t.is_empty() {
+            continue;
+        }
+        if first {
+            first = false;
+            st.metrics
+                .ttft_ms
+                .observe(task.admitted_at.elapsed().as_secs_f64() * 1000.0);
+        }
+        if !task.send(TaskEvent::Token(TokenEvent {
+            t: t.to_string(),
+            i: p.events,
+        })) {
+            // Nobody is listening any more (the client went away).
+            task.request_cancel(CancelReason::ClientDisconnected);
+            return Outcome::Canceled(CancelReason::ClientDisconnected);
+        }
+        p.events += 1;
     }
 }
 
 /// Poll `/slots` until no slot is processing.
-pub async fn wait_slot_idle(st: &AppState, url: &str, timeout: Duration) -> bool {
+pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duration) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
-        if let Ok(r) = st.http.get(format!("{url}/slots")).send().await {
+        let r = authed(st.http.get(format!("{}/slots", engine.url)), engine)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await;
+        if let Ok(r) = r {
             if let Ok(v) = r.json::<Value>().await {
                 if v.as_array()
                     .is_some_and(|a| a.iter().all(|s| s["is_processing"].as_bool() != Some(true)))

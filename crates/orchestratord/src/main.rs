@@ -1,8 +1,11 @@
 //! `orchestratord`: serve the v1 API in front of an engine that
 //! `cargo xtask provision` started (found through its handoff file).
+//! SIGINT, SIGTERM and SIGHUP drain: running tasks finish (up to 30 s), every
+//! stream ends with a terminal event.
 
 use anyhow::{Context, Result};
 use clap::Parser;
+use llorch_io::handoff::PoolId;
 use orchestratord::HandoffLink;
 use std::path::PathBuf;
 
@@ -14,7 +17,7 @@ struct Args {
     handoff: Option<PathBuf>,
     /// Pool whose handoff to follow
     #[arg(long, default_value = "default")]
-    pool: String,
+    pool: PoolId,
     #[command(flatten)]
     listen: orchestratord::ListenArgs,
 }
@@ -39,8 +42,8 @@ async fn main() -> Result<()> {
         srv.addr,
         handoff.display()
     );
-    tokio::signal::ctrl_c().await?;
-    eprintln!("draining");
+    let sig = llorch_io::signals::wait_for_stop().await;
+    eprintln!("{sig}: draining");
     srv.shutdown(std::time::Duration::from_secs(30)).await;
     Ok(())
 }

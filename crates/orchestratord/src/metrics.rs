@@ -1,130 +1,109 @@
-//! Prometheus text metrics of the orchestrator.
+//! Prometheus metrics of the orchestrator, through `prometheus-client`
+//! (OpenMetrics text, which Prometheus scrapes as is).
 
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use prometheus_client::encoding::text::encode;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
 
 pub const BUCKETS_MS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
 ];
 
-#[derive(Default)]
-pub struct Histogram {
-    inner: Mutex<(Vec<u64>, u64, f64)>,
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct Reason {
+    pub reason: &'static str,
 }
 
-impl Histogram {
-    pub fn observe(&self, ms: f64) {
-        let mut g = self.inner.lock().unwrap();
-        if g.0.is_empty() {
-            g.0 = vec![0; BUCKETS_MS.len()];
-        }
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
-            if ms <= *b {
-                g.0[i] += 1;
-            }
-        }
-        g.1 += 1;
-        g.2 += ms;
-    }
-
-    /// All observations so far (count, sum).
-    pub fn count_sum(&self) -> (u64, f64) {
-        let g = self.inner.lock().unwrap();
-        (g.1, g.2)
-    }
-
-    fn render(&self, name: &str, help: &str, out: &mut String) {
-        let g = self.inner.lock().unwrap();
-        out.push_str(&format!("# HELP {name} {help}\n# TYPE {name} histogram\n"));
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
-            let c = g.0.get(i).copied().unwrap_or(0);
-            out.push_str(&format!("{name}_bucket{{le=\"{b}\"}} {c}\n"));
-        }
-        out.push_str(&format!(
-            "{name}_bucket{{le=\"+Inf\"}} {}\n{name}_sum {}\n{name}_count {}\n",
-            g.1, g.2, g.1
-        ));
-    }
-}
-
-#[derive(Default)]
 pub struct Metrics {
-    pub admitted: AtomicU64,
-    pub rejected_queue_full: AtomicU64,
-    pub rejected_not_ready: AtomicU64,
-    pub rejected_invalid: AtomicU64,
-    pub canceled: AtomicU64,
-    pub completed: AtomicU64,
-    pub failed: AtomicU64,
-    pub tokens_out: AtomicU64,
+    registry: Registry,
+    pub admitted: Counter,
+    pub rejected: Family<Reason, Counter>,
+    pub canceled: Counter,
+    pub completed: Counter,
+    pub failed: Counter,
+    pub tokens_out: Counter,
+    pub queue_depth: Gauge,
+    pub engine_ready: Gauge,
     pub ttft_ms: Histogram,
     pub cancel_latency_ms: Histogram,
 }
 
-impl Metrics {
-    pub fn render(&self, queue_depth: usize, ready: bool) -> String {
-        let c = |a: &AtomicU64| a.load(Ordering::Relaxed);
-        let mut s = String::new();
-        let counter = |s: &mut String, name: &str, help: &str, v: u64| {
-            s.push_str(&format!(
-                "# HELP {name} {help}\n# TYPE {name} counter\n{name} {v}\n"
-            ));
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("llorch");
+        let m = Metrics {
+            admitted: Counter::default(),
+            rejected: Family::default(),
+            canceled: Counter::default(),
+            completed: Counter::default(),
+            failed: Counter::default(),
+            tokens_out: Counter::default(),
+            queue_depth: Gauge::default(),
+            engine_ready: Gauge::default(),
+            ttft_ms: Histogram::new(BUCKETS_MS.iter().copied()),
+            cancel_latency_ms: Histogram::new(BUCKETS_MS.iter().copied()),
+            registry: Registry::default(),
         };
-        counter(
-            &mut s,
-            "llorch_tasks_admitted_total",
-            "Tasks admitted.",
-            c(&self.admitted),
+        registry.register("tasks_admitted", "Tasks admitted", m.admitted.clone());
+        registry.register(
+            "tasks_rejected",
+            "Tasks rejected at admission",
+            m.rejected.clone(),
         );
-        s.push_str("# HELP llorch_tasks_rejected_total Tasks rejected at admission.\n# TYPE llorch_tasks_rejected_total counter\n");
-        s.push_str(&format!(
-            "llorch_tasks_rejected_total{{reason=\"queue_full\"}} {}\n",
-            c(&self.rejected_queue_full)
-        ));
-        s.push_str(&format!(
-            "llorch_tasks_rejected_total{{reason=\"not_ready\"}} {}\n",
-            c(&self.rejected_not_ready)
-        ));
-        s.push_str(&format!(
-            "llorch_tasks_rejected_total{{reason=\"invalid\"}} {}\n",
-            c(&self.rejected_invalid)
-        ));
-        counter(
-            &mut s,
-            "llorch_tasks_canceled_total",
-            "Tasks canceled (by request or client disconnect).",
-            c(&self.canceled),
+        registry.register(
+            "tasks_canceled",
+            "Tasks canceled (request, client disconnect, deadline, shutdown)",
+            m.canceled.clone(),
         );
-        counter(
-            &mut s,
-            "llorch_tasks_completed_total",
-            "Tasks that ended normally.",
-            c(&self.completed),
+        registry.register(
+            "tasks_completed",
+            "Tasks that ended normally",
+            m.completed.clone(),
         );
-        counter(
-            &mut s,
-            "llorch_tasks_failed_total",
-            "Tasks that ended with an error event.",
-            c(&self.failed),
+        registry.register(
+            "tasks_failed",
+            "Tasks that ended with an error event",
+            m.failed.clone(),
         );
-        counter(
-            &mut s,
-            "llorch_tokens_out_total",
-            "Tokens streamed to clients.",
-            c(&self.tokens_out),
+        registry.register(
+            "tokens_out",
+            "Tokens generated for clients (the engine's count)",
+            m.tokens_out.clone(),
         );
-        s.push_str(&format!("# HELP llorch_queue_depth Tasks waiting.\n# TYPE llorch_queue_depth gauge\nllorch_queue_depth {queue_depth}\n"));
-        s.push_str(&format!("# HELP llorch_engine_ready Engine readiness.\n# TYPE llorch_engine_ready gauge\nllorch_engine_ready {}\n", ready as u8));
-        self.ttft_ms.render(
-            "llorch_time_to_first_token_ms",
-            "Admission to first token, milliseconds.",
-            &mut s,
+        registry.register("queue_depth", "Tasks waiting", m.queue_depth.clone());
+        registry.register(
+            "engine_ready",
+            "Engine readiness (1 ready, 0 not)",
+            m.engine_ready.clone(),
         );
-        self.cancel_latency_ms.render(
-            "llorch_cancel_latency_ms",
-            "Cancel request to engine slot idle, milliseconds.",
-            &mut s,
+        registry.register(
+            "time_to_first_token_ms",
+            "Admission to first token, milliseconds",
+            m.ttft_ms.clone(),
         );
+        registry.register(
+            "cancel_latency_ms",
+            "Cancel request to engine slot idle, milliseconds",
+            m.cancel_latency_ms.clone(),
+        );
+        Metrics { registry, ..m }
+    }
+}
+
+impl Metrics {
+    pub fn reject(&self, reason: &'static str) {
+        self.rejected.get_or_create(&Reason { reason }).inc();
+    }
+
+    pub fn render(&self, queue_depth: usize, ready: bool) -> String {
+        self.queue_depth.set(queue_depth as i64);
+        self.engine_ready.set(ready as i64);
+        let mut s = String::new();
+        encode(&mut s, &self.registry).expect("writing to a String cannot fail");
         s
     }
 }

@@ -10,8 +10,7 @@ async fn haiku_streams_real_tokens_from_the_engine() {
         .unwrap();
     let rt = tempfile_dir();
     let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.clone());
-    let mut profile = engine_provisioner::Profile::resolve(&root, None).unwrap();
-    profile.file.pool = "e2e-haiku".into();
+    let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
     let report = test_harness_e2e_haiku::run(&profile, &layout, true, &|_| {})
         .await
         .unwrap();
@@ -25,7 +24,7 @@ async fn haiku_streams_real_tokens_from_the_engine() {
     }
     eprintln!("haiku:\n{}", report.text);
     assert!(report.passed, "haiku proof failed: {:#?}", report.checks);
-    assert!(!report.text.trim().is_empty());
+    assert_eq!(test_harness_e2e_haiku::haiku_lines(&report.text).len(), 3);
     assert!(rt.join("haiku/last.json").is_file());
 }
 

@@ -6,8 +6,16 @@
 //! The child gets `PR_SET_PDEATHSIG=SIGKILL` from the supervisor thread and
 //! its own process group, and the [`Supervisor`] stops it on drop: an engine
 //! never outlives its supervisor, also when the supervisor crashes.
+//!
+//! Ownership: [`Supervisor::start`] refuses a pool that another live owner
+//! keeps (a detached engine from `provision`, or another supervisor); each
+//! (re)start runs under the pool lock, and the run record names this process
+//! as the owner for as long as it supervises, also between restarts. A hung
+//! engine reported through [`StateHandle::request_restart`] is killed and
+//! restarted like a crashed one.
 
-use crate::lifecycle::{self, Attach, PreparedEngine, RunningEngine};
+use crate::lifecycle::{self, EngineError, PreparedEngine, RunningEngine};
+use llorch_io::handoff::{Owner, ProcessIdentity};
 use llorch_io::paths::Layout;
 use serde::Serialize;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -23,6 +31,8 @@ pub enum EngineState {
         url: String,
         pid: u32,
         ready_ms: u64,
+        #[serde(skip)]
+        api_key: Option<String>,
     },
     Restarting {
         attempt: u32,
@@ -60,6 +70,7 @@ struct Shared {
     state: Mutex<EngineState>,
     cv: Condvar,
     stop: AtomicBool,
+    restart: AtomicBool,
     restarts: AtomicU32,
 }
 
@@ -81,6 +92,12 @@ impl StateHandle {
     pub fn get(&self) -> EngineState {
         self.0.state.lock().unwrap().clone()
     }
+
+    /// Kill the current engine (hung: alive but silent) so that it is restarted.
+    pub fn request_restart(&self) {
+        self.0.restart.store(true, Ordering::SeqCst);
+        self.0.cv.notify_all();
+    }
 }
 
 pub struct Supervisor {
@@ -89,22 +106,40 @@ pub struct Supervisor {
 }
 
 impl Supervisor {
-    pub fn start(prep: PreparedEngine, layout: Layout, policy: RestartPolicy) -> Supervisor {
+    /// Take the pool (refused if another live owner keeps it) and start supervising.
+    /// `command` names what supervises, for others who find the pool taken.
+    pub fn start(
+        prep: PreparedEngine,
+        layout: Layout,
+        policy: RestartPolicy,
+        command: &str,
+    ) -> Result<Supervisor, EngineError> {
+        {
+            let _lock = lifecycle::lock_pool(&layout, &prep.pool_id, || {})?;
+            if let Some(run) = lifecycle::read_pool(&layout, &prep.pool_id) {
+                return Err(run.busy_error());
+            }
+        }
+        let owner = Owner::Supervised {
+            supervisor: ProcessIdentity::current(),
+            command: command.to_string(),
+        };
         let shared = Arc::new(Shared {
             state: Mutex::new(EngineState::Starting),
             cv: Condvar::new(),
             stop: AtomicBool::new(false),
+            restart: AtomicBool::new(false),
             restarts: AtomicU32::new(0),
         });
         let s2 = shared.clone();
         let thread = std::thread::Builder::new()
             .name(format!("supervise-{}", prep.pool_id))
-            .spawn(move || run(prep, layout, policy, s2))
+            .spawn(move || run(prep, layout, policy, owner, s2))
             .expect("spawn supervisor thread");
-        Supervisor {
+        Ok(Supervisor {
             shared,
             thread: Some(thread),
-        }
+        })
     }
 
     /// A cheap handle for reading the state from elsewhere (e.g. the orchestrator).
@@ -179,26 +214,39 @@ fn sleep_unless_stopped(shared: &Shared, d: Duration) -> bool {
     !shared.stop.load(Ordering::SeqCst)
 }
 
-fn run(prep: PreparedEngine, layout: Layout, policy: RestartPolicy, shared: Arc<Shared>) {
+fn run(
+    prep: PreparedEngine,
+    layout: Layout,
+    policy: RestartPolicy,
+    owner: Owner,
+    shared: Arc<Shared>,
+) {
+    let paths = lifecycle::RunPaths::new(&layout, &prep.pool_id);
     let mut crashes: Vec<Instant> = Vec::new();
     let mut backoff = policy.initial_backoff;
     let mut attempt = 0u32;
     loop {
         if shared.stop.load(Ordering::SeqCst) {
+            release(&paths, &owner);
             shared.set(EngineState::Stopped);
             return;
         }
         shared.set(EngineState::Starting);
-        let last_exit = match lifecycle::spawn(&prep, &layout, Attach::Supervised) {
+        shared.restart.store(false, Ordering::SeqCst);
+        let spawned = lifecycle::lock_pool(&layout, &prep.pool_id, || {})
+            .and_then(|_lock| lifecycle::spawn(&prep, &layout, &owner));
+        let last_exit = match spawned {
             Ok(eng) => {
                 shared.set(EngineState::Ready {
                     url: eng.url.clone(),
-                    pid: eng.pid,
+                    pid: eng.pid(),
                     ready_ms: eng.ready_ms,
+                    api_key: eng.api_key.clone(),
                 });
                 let healthy_since = Instant::now();
                 match watch(eng, &shared) {
                     None => {
+                        release(&paths, &owner);
                         shared.set(EngineState::Stopped);
                         return;
                     }
@@ -219,11 +267,14 @@ fn run(prep: PreparedEngine, layout: Layout, policy: RestartPolicy, shared: Arc<
         if crashes.len() >= policy.max_crashes {
             shared.set(EngineState::Failed {
                 reason: format!(
-                    "llama-server crashed {} times within {}s; giving up. Last exit: {last_exit}",
+                    "llama-server crashed {} times within {}s; giving up. Last exit: {last_exit}\n--- last lines of {} ---\n{}",
                     crashes.len(),
-                    policy.window.as_secs()
+                    policy.window.as_secs(),
+                    paths.log.display(),
+                    llorch_io::tail_lines(&paths.log, 20)
                 ),
             });
+            release(&paths, &owner);
             return;
         }
         attempt += 1;
@@ -234,6 +285,7 @@ fn run(prep: PreparedEngine, layout: Layout, policy: RestartPolicy, shared: Arc<
             last_exit,
         });
         if !sleep_unless_stopped(&shared, backoff) {
+            release(&paths, &owner);
             shared.set(EngineState::Stopped);
             return;
         }
@@ -248,9 +300,16 @@ fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
             eng.stop();
             return None;
         }
+        if shared.restart.swap(false, Ordering::SeqCst) {
+            // Hung (e.g. SIGSTOP): SIGKILL works on a stopped process too.
+            eng.identity.signal(libc::SIGKILL);
+            let _ = eng.child.wait();
+            lifecycle::remove_run_files(&eng.paths, &eng.identity);
+            return Some("killed after it stopped answering (stalled)".into());
+        }
         match eng.child.try_wait() {
             Ok(Some(status)) => {
-                lifecycle::remove_run_files(&eng.paths, eng.pid);
+                lifecycle::remove_run_files(&eng.paths, &eng.identity);
                 return Some(format!(
                     "{status}; log tail:\n{}",
                     llorch_io::tail_lines(&eng.paths.log, 10)
@@ -261,5 +320,16 @@ fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
         }
         let g = shared.state.lock().unwrap();
         let _ = shared.cv.wait_timeout(g, Duration::from_millis(50));
+    }
+}
+
+/// Give the pool up: remove its run files if they still name us as owner.
+fn release(paths: &lifecycle::RunPaths, owner: &Owner) {
+    if let Ok(Some(r)) = llorch_io::handoff::RunRecord::read(&paths.pid_file) {
+        if &r.owner == owner {
+            let _ = std::fs::remove_file(&paths.pid_file);
+            let _ = std::fs::remove_file(&paths.handoff);
+            let _ = std::fs::remove_file(&paths.api_key);
+        }
     }
 }

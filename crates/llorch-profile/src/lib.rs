@@ -5,6 +5,8 @@
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
+
+pub use llorch_io::handoff::PoolId;
 use std::path::{Path, PathBuf};
 
 pub const PROFILE_SCHEMA: u32 = 1;
@@ -190,7 +192,7 @@ pub enum Backend {
 #[serde(deny_unknown_fields)]
 pub struct ProfileFile {
     pub schema: u32,
-    pub pool: String,
+    pub pool: PoolId,
     pub engine: EngineSpec,
     #[serde(default)]
     pub allow_package_installs: bool,
@@ -379,18 +381,34 @@ impl Profile {
                 ),
             ));
         }
-        if file.pool.is_empty()
-            || !file
-                .pool
-                .chars()
-                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
-        {
+        let sv = &file.server;
+        for (key, value, max) in [
+            ("server.ready_timeout_s", sv.ready_timeout_s, 86_400u64),
+            ("server.ctx_size", sv.ctx_size as u64, 1 << 22),
+            ("server.threads", sv.threads as u64, 4096),
+        ] {
+            if value > max {
+                return Err(invalid(
+                    key,
+                    format!("{key} is {value}; the largest accepted value is {max}"),
+                ));
+            }
+        }
+        for (key, list) in [
+            ("server.extra_args", &sv.extra_args),
+            ("engine.cmake_flags", &file.engine.cmake_flags),
+        ] {
+            if list.len() > 64 || list.iter().any(|a| a.len() > 512) {
+                return Err(invalid(
+                    key,
+                    format!("{key}: at most 64 entries of at most 512 characters each"),
+                ));
+            }
+        }
+        if file.engine.build_type.len() > 32 || sv.host.len() > 253 {
             return Err(invalid(
-                "pool",
-                format!(
-                    "pool `{}` must be non-empty letters, digits, '-' or '_'",
-                    file.pool
-                ),
+                "engine.build_type",
+                "engine.build_type or server.host is too long".into(),
             ));
         }
         match file.engine.backend {
@@ -418,7 +436,7 @@ impl Profile {
             }
         }
         for f in &file.engine.cmake_flags {
-            crate::fingerprint::normalize_flag(f).map_err(|m| invalid("engine.cmake_flags", m))?;
+            normalize_flag(f).map_err(|m| invalid("engine.cmake_flags", m))?;
         }
         file.server
             .port
@@ -464,7 +482,7 @@ impl Profile {
         })
     }
 
-    pub fn pool(&self) -> &str {
+    pub fn pool(&self) -> &PoolId {
         &self.file.pool
     }
 }
@@ -482,4 +500,35 @@ pub fn list_profiles(root: &Path) -> Vec<String> {
         .collect();
     v.sort();
     v
+}
+
+/// `-D KEY=VALUE`, `-DKEY:TYPE=VALUE` → `-DKEY=VALUE`; anything else is refused.
+pub fn normalize_flag(flag: &str) -> Result<String, String> {
+    let body = flag
+        .trim()
+        .strip_prefix("-D")
+        .map(str::trim_start)
+        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
+    let (key, value) = body
+        .split_once('=')
+        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
+    let key = key.split_once(':').map(|(k, _)| k).unwrap_or(key).trim();
+    if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+        return Err(format!("cmake flag `{flag}`: bad variable name `{key}`"));
+    }
+    Ok(format!("-D{key}={value}"))
+}
+
+/// Normalize, de-duplicate by key (the last one wins, as in CMake), sort.
+pub fn normalize_flags(flags: &[String]) -> Result<Vec<String>, String> {
+    let mut by_key: BTreeMap<String, String> = BTreeMap::new();
+    for f in flags {
+        let n = normalize_flag(f)?;
+        let key = n[2..]
+            .split_once('=')
+            .map(|(k, _)| k.to_string())
+            .unwrap_or_default();
+        by_key.insert(key, n);
+    }
+    Ok(by_key.into_values().collect())
 }

@@ -1,13 +1,18 @@
 //! Synthetic models: deterministic bytes, and loadable by the real CPU engine.
 
-mod support;
-
 use engine_provisioner::build::BuildOptions;
-use engine_provisioner::lifecycle::{self, Attach, EngineModel};
-use engine_provisioner::Profile;
+use engine_runtime::lifecycle;
+use llorch_io::handoff::{EngineModel, Owner, PoolId, ProcessIdentity};
 use llorch_io::paths::Layout;
+use llorch_profile::Profile;
 use model_provisioner::{FetchOptions, ModelStore};
-use support::repo_root;
+
+fn repo_root() -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
 
 const TINY: &str = "synthetic:llama?embd=64&layers=2&ff=128&heads=4&kv_heads=2&seed=1";
 
@@ -60,8 +65,8 @@ fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
     let root = repo_root();
     let rt = tempfile::tempdir().unwrap();
     let layout = Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
-    let mut p = Profile::resolve(&root, None).unwrap();
-    p.file.pool = "synthetic-test".into();
+    let p = Profile::resolve(&root, None).unwrap();
+    let pool = PoolId::parse("synthetic-test").unwrap();
     let built = engine_provisioner::build(&p, &layout, &BuildOptions::quiet()).unwrap();
     let model = EngineModel {
         reference: TINY.into(),
@@ -69,10 +74,21 @@ fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
         digest: ma.digest.clone(),
         metadata: serde_json::json!({}),
     };
-    let prep =
-        lifecycle::prepare(&p, &built.binary, &built.fingerprint, &built.version, model).unwrap();
-    let eng = lifecycle::spawn(&prep, &layout, Attach::Supervised).unwrap();
-    let r: serde_json::Value = reqwest::blocking::Client::new()
+    let prep = lifecycle::prepare(
+        &p,
+        &pool,
+        &built.binary,
+        &built.fingerprint,
+        &built.version,
+        model,
+    )
+    .unwrap();
+    let owner = Owner::Supervised {
+        supervisor: ProcessIdentity::current(),
+        command: "test".into(),
+    };
+    let eng = lifecycle::spawn(&prep, &layout, &owner).unwrap();
+    let r: serde_json::Value = llorch_io::http::probe_client()
         .post(format!("{}/completion", eng.url))
         .json(&serde_json::json!({"prompt": "Hello", "n_predict": 8, "temperature": 0.0, "ignore_eos": true}))
         .send()

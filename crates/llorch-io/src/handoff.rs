@@ -1,0 +1,397 @@
+//! Run state of a pool, typed: who runs its engine, and how to reach it.
+//!
+//! * `cache/run/<pool>.pid` ([`RunRecord`]) is written right after the engine
+//!   is spawned (before it is ready), so a crash during start-up still leaves
+//!   a record to clean up.
+//! * `.runtime/engines/<pool>.json` ([`Handoff`]) is written once the engine
+//!   is ready; the orchestrator follows it.
+//!
+//! Both name the engine process by [`ProcessIdentity`]: pid, start time (field
+//! 22 of `/proc/<pid>/stat`, clock ticks since boot) and executable. A
+//! record is acted on only while all three still match: a recycled pid, or a
+//! process that merely has the same name, is never signalled.
+//!
+//! Run files are parsed as typed JSON; a file that does not parse is stale.
+
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+pub const RUN_SCHEMA: u32 = 2;
+
+/// A valid pool id: `[a-z0-9][a-z0-9_-]{0,63}`. Pool ids become file names
+/// (run files, logs, locks), so nothing else is accepted anywhere they enter.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
+#[serde(transparent)]
+pub struct PoolId(String);
+
+#[derive(Debug, thiserror::Error)]
+#[error("invalid pool id `{shown}`: a pool id is 1-64 characters of a-z, 0-9, '-' or '_', starting with a letter or digit (it names run files, logs and locks)")]
+pub struct BadPoolId {
+    pub shown: String,
+}
+
+impl PoolId {
+    pub fn parse(s: &str) -> Result<PoolId, BadPoolId> {
+        let b = s.as_bytes();
+        let ok = !b.is_empty()
+            && b.len() <= 64
+            && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+            && b.iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-' || *c == b'_');
+        if ok {
+            Ok(PoolId(s.to_string()))
+        } else {
+            Err(BadPoolId {
+                shown: excerpt(s, 40),
+            })
+        }
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Display for PoolId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::str::FromStr for PoolId {
+    type Err = BadPoolId;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        PoolId::parse(s)
+    }
+}
+
+impl<'de> Deserialize<'de> for PoolId {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        PoolId::parse(&s).map_err(serde::de::Error::custom)
+    }
+}
+
+/// At most `n` characters of `s`, with an ellipsis when cut (for error messages).
+pub fn excerpt(s: &str, n: usize) -> String {
+    let mut out: String = s.chars().take(n).collect();
+    if s.chars().count() > n {
+        out.push('…');
+    }
+    out.escape_debug().to_string()
+}
+
+/// Who a process is: pid, start time and executable.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessIdentity {
+    pub pid: u32,
+    /// Field 22 of `/proc/<pid>/stat`: start time in clock ticks since boot.
+    pub start_time: u64,
+    pub exe: PathBuf,
+}
+
+/// Start time (field 22) and state (field 3) of `pid` from `/proc/<pid>/stat`.
+fn stat_of(pid: u32) -> Option<(u64, char)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) is in parentheses and may hold spaces or ')'.
+    let rest = &s[s.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 is index 19.
+    let state = fields.first()?.chars().next()?;
+    let start = fields.get(19)?.parse().ok()?;
+    Some((start, state))
+}
+
+fn exe_of(pid: u32) -> Option<PathBuf> {
+    let p = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    // A replaced or deleted binary reads as "<path> (deleted)"; it is still that program.
+    let s = p.to_string_lossy();
+    Some(match s.strip_suffix(" (deleted)") {
+        Some(t) => PathBuf::from(t),
+        None => p,
+    })
+}
+
+impl ProcessIdentity {
+    /// The identity of a live process, or `None` if it is gone (or a zombie).
+    pub fn of(pid: u32) -> Option<ProcessIdentity> {
+        let (start_time, state) = stat_of(pid)?;
+        if state == 'Z' || state == 'X' {
+            return None;
+        }
+        Some(ProcessIdentity {
+            pid,
+            start_time,
+            exe: exe_of(pid)?,
+        })
+    }
+
+    pub fn current() -> ProcessIdentity {
+        ProcessIdentity::of(std::process::id()).expect("our own /proc entry is readable")
+    }
+
+    /// Whether the process this names is still running (pid, start time and executable all match).
+    pub fn is_running(&self) -> bool {
+        self.pid > 0 && ProcessIdentity::of(self.pid).as_ref() == Some(self)
+    }
+
+    /// Send `sig` only if the identity still matches. Uses a pidfd, so the
+    /// pid cannot be recycled between the check and the signal.
+    pub fn signal(&self, sig: i32) -> bool {
+        // SAFETY: plain syscalls on integers we own; the fd is closed below.
+        unsafe {
+            let fd = libc::syscall(libc::SYS_pidfd_open, self.pid as libc::c_int, 0) as i32;
+            if fd < 0 {
+                return false;
+            }
+            let ok = self.is_running()
+                && libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd,
+                    sig,
+                    std::ptr::null::<libc::siginfo_t>(),
+                    0,
+                ) == 0;
+            libc::close(fd);
+            ok
+        }
+    }
+
+    /// SIGTERM, wait up to `grace`, then SIGKILL; true once the process is gone.
+    /// Does nothing to a process whose identity does not match.
+    pub fn stop(&self, grace: Duration) -> bool {
+        if !self.is_running() {
+            return true;
+        }
+        self.signal(libc::SIGTERM);
+        if self.wait_gone(grace) {
+            return true;
+        }
+        self.signal(libc::SIGKILL);
+        self.wait_gone(Duration::from_secs(5))
+    }
+
+    fn wait_gone(&self, within: Duration) -> bool {
+        let deadline = Instant::now() + within;
+        loop {
+            // Reap it if it is our child, so it does not linger as a zombie.
+            // SAFETY: waitpid with WNOHANG on a pid; errors (not our child) are fine.
+            unsafe {
+                let mut st = 0;
+                libc::waitpid(self.pid as i32, &mut st, libc::WNOHANG);
+            }
+            if !self.is_running() {
+                return true;
+            }
+            if Instant::now() >= deadline {
+                return false;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+/// Who keeps a pool's engine running.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+pub enum Owner {
+    /// Started by `provision`; runs until `engine down`.
+    Detached,
+    /// Started and restarted by a supervisor (`serve`, `engine up --foreground`, `haiku`), which
+    /// stops it when it exits.
+    Supervised {
+        supervisor: ProcessIdentity,
+        command: String,
+    },
+}
+
+impl Owner {
+    /// Whether the owner is still there (a detached engine owns itself).
+    pub fn is_alive(&self) -> bool {
+        match self {
+            Owner::Detached => true,
+            Owner::Supervised { supervisor, .. } => supervisor.is_running(),
+        }
+    }
+
+    pub fn describe(&self) -> String {
+        match self {
+            Owner::Detached => "started detached by `cargo xtask provision`".into(),
+            Owner::Supervised {
+                supervisor,
+                command,
+            } => format!("supervised by `{command}` (pid {})", supervisor.pid),
+        }
+    }
+}
+
+/// `cache/run/<pool>.pid`: the engine process of a pool.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RunRecord {
+    pub schema: u32,
+    pub pool: PoolId,
+    pub process: ProcessIdentity,
+    pub owner: Owner,
+    pub fingerprint: String,
+    pub port: u16,
+    pub started_at: String,
+}
+
+/// The model as the engine side needs it.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EngineModel {
+    #[serde(rename = "ref")]
+    pub reference: String,
+    pub path: PathBuf,
+    pub digest: String,
+    pub metadata: serde_json::Value,
+}
+
+/// `.runtime/engines/<pool>.json`: what a client of the engine needs.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Handoff {
+    pub schema: u32,
+    pub engine: String,
+    pub engine_version: String,
+    pub provisioning_mode: String,
+    pub url: String,
+    pub pool_id: PoolId,
+    pub replica_id: String,
+    pub model: EngineModel,
+    pub flags: Vec<String>,
+    pub process: ProcessIdentity,
+    pub owner: Owner,
+    pub fingerprint: String,
+    pub started_at: String,
+    /// File holding the key the engine requires (engines bound off loopback); 0600.
+    #[serde(default)]
+    pub api_key_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunFileError {
+    #[error("{path}: {err}")]
+    Io { path: String, err: std::io::Error },
+    #[error("{path}: not a valid run file ({err}); it is stale and will be replaced")]
+    Parse { path: String, err: String },
+}
+
+fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, RunFileError> {
+    let text = match std::fs::read_to_string(path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(err) => {
+            return Err(RunFileError::Io {
+                path: path.display().to_string(),
+                err,
+            })
+        }
+    };
+    serde_json::from_str(&text)
+        .map(Some)
+        .map_err(|e| RunFileError::Parse {
+            path: path.display().to_string(),
+            err: e.to_string(),
+        })
+}
+
+impl RunRecord {
+    pub fn read(path: &Path) -> Result<Option<RunRecord>, RunFileError> {
+        read_json(path)
+    }
+}
+
+impl Handoff {
+    pub fn read(path: &Path) -> Result<Option<Handoff>, RunFileError> {
+        read_json(path)
+    }
+
+    /// The engine's API key, if it requires one.
+    pub fn api_key(&self) -> Result<Option<String>, RunFileError> {
+        let Some(p) = &self.api_key_file else {
+            return Ok(None);
+        };
+        std::fs::read_to_string(p)
+            .map(|s| Some(s.trim().to_string()))
+            .map_err(|err| RunFileError::Io {
+                path: p.display().to_string(),
+                err,
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_ids() {
+        for ok in ["default", "a", "gpu-0", "x_y", &"a".repeat(64)] {
+            assert!(PoolId::parse(ok).is_ok(), "{ok}");
+        }
+        for bad in [
+            "",
+            "../x",
+            "A",
+            "-a",
+            "_a",
+            "a/b",
+            "a.b",
+            "a b",
+            &"a".repeat(65),
+            "é",
+        ] {
+            assert!(PoolId::parse(bad).is_err(), "{bad}");
+        }
+        assert!(serde_json::from_str::<PoolId>("\"../../etc\"").is_err());
+    }
+
+    #[test]
+    fn identity_of_self_and_of_nothing() {
+        let me = ProcessIdentity::current();
+        assert!(me.is_running());
+        let mut other = me.clone();
+        other.start_time += 1;
+        assert!(
+            !other.is_running(),
+            "a different start time is another process"
+        );
+        let mut other = me.clone();
+        other.exe = "/usr/bin/llama-server".into();
+        assert!(
+            !other.is_running(),
+            "a different executable is another process"
+        );
+        assert!(!other.signal(0), "never signalled");
+        assert!(ProcessIdentity::of(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn run_records_round_trip_and_garbage_is_stale() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x.pid");
+        let r = RunRecord {
+            schema: RUN_SCHEMA,
+            pool: PoolId::parse("p").unwrap(),
+            process: ProcessIdentity::current(),
+            owner: Owner::Supervised {
+                supervisor: ProcessIdentity::current(),
+                command: "serve".into(),
+            },
+            fingerprint: "f".into(),
+            port: 1,
+            started_at: "t".into(),
+        };
+        std::fs::write(&p, serde_json::to_string(&r).unwrap()).unwrap();
+        assert_eq!(RunRecord::read(&p).unwrap(), Some(r));
+        std::fs::write(&p, "{\"pid\": 1}").unwrap();
+        assert!(matches!(
+            RunRecord::read(&p),
+            Err(RunFileError::Parse { .. })
+        ));
+        assert_eq!(RunRecord::read(&d.path().join("none")).unwrap(), None);
+    }
+}

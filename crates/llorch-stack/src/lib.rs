@@ -1,0 +1,19 @@
+//! Composition of the other crates, used by `cargo xtask serve`, `haiku`,
+//! `bench` and the `orchestratord` wiring:
+//!
+//! * [`prepare`]: build + fetch + flags (everything but the process);
+//! * [`provision`]: a detached engine per pool, idempotent, under the pool lock;
+//! * [`stack`]: a supervised (or attached) engine and the orchestrator in one process.
+//!
+//! Which commands supervise and which start detached: `provision` and `engine up`
+//! start detached (the engine outlives the command until `engine down`);
+//! `serve`, `engine up --foreground`, `haiku` and `bench` supervise (the engine
+//! is restarted when it crashes or hangs and dies with the command).
+
+pub mod prepare;
+pub mod provision;
+pub mod stack;
+
+pub use prepare::{prepare, Prepared, ProvisionError};
+pub use provision::{provision, ProvisionOutcome};
+pub use stack::{engine_info, start_stack, Stack, StackError, SupervisorLink};

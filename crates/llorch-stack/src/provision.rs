@@ -1,0 +1,152 @@
+//! `provision`: build (or reuse) the engine, fetch (or reuse) the model,
+//! start llama-server detached, wait until ready, write the handoff.
+//!
+//! One engine per pool, whoever asks. Everything below runs under the pool
+//! lock, so two `provision` runs started at the same moment end with one
+//! engine: the second waits, then finds the first one's engine and attaches.
+//! * a live detached engine with the same build, model and flags: `already_running`;
+//! * a live detached engine that differs: stopped and restarted (`restarted`, with what differed);
+//! * a pool kept by a live supervisor (`serve`, `haiku`, `engine up --foreground`):
+//!   attached when it matches, refused when it differs (its supervisor owns it).
+
+use crate::prepare::{self, Prepared};
+use engine_runtime::lifecycle::{self, PreparedEngine, RunPaths};
+use llorch_io::handoff::{Handoff, Owner, PoolId};
+use llorch_io::paths::Layout;
+use llorch_profile::Profile;
+use serde::Serialize;
+use std::time::{Duration, Instant};
+
+pub use crate::prepare::ProvisionError;
+
+#[derive(Debug, Serialize)]
+pub struct ProvisionOutcome {
+    pub pool_id: PoolId,
+    pub url: String,
+    pub pid: u32,
+    /// `already_running` (attached), `started`, or `restarted`.
+    pub action: String,
+    pub owner: String,
+    pub changes: Vec<String>,
+    pub build_cache_hit: bool,
+    pub ready_ms: Option<u64>,
+    pub total_ms: u64,
+    pub handoff: String,
+    pub log: String,
+}
+
+/// What differs between a running engine's handoff and what we would start.
+pub fn differences(h: &Handoff, prep: &PreparedEngine) -> Vec<String> {
+    let mut d = Vec::new();
+    if h.fingerprint != prep.fingerprint {
+        d.push(format!(
+            "engine build {} → {}",
+            &h.fingerprint[..12.min(h.fingerprint.len())],
+            &prep.fingerprint[..12.min(prep.fingerprint.len())]
+        ));
+    }
+    if h.model.digest != prep.model.digest {
+        d.push(format!(
+            "model {} → {}",
+            h.model.reference, prep.model.reference
+        ));
+    }
+    if h.flags != prep.flags {
+        let old: Vec<_> = h
+            .flags
+            .iter()
+            .filter(|f| !prep.flags.contains(f))
+            .cloned()
+            .collect();
+        let new: Vec<_> = prep
+            .flags
+            .iter()
+            .filter(|f| !h.flags.contains(f))
+            .cloned()
+            .collect();
+        d.push(format!(
+            "server flags [{}] → [{}]",
+            old.join(" "),
+            new.join(" ")
+        ));
+    }
+    d
+}
+
+fn healthy(h: &Handoff) -> bool {
+    let mut r = llorch_io::http::probe_client().get(format!("{}/health", h.url));
+    if let Ok(Some(k)) = h.api_key() {
+        r = r.bearer_auth(k);
+    }
+    r.send()
+        .map(|r| r.status().as_u16() == 200)
+        .unwrap_or(false)
+}
+
+/// Start the pool's engine detached (it outlives this process until `engine down`).
+pub fn provision(
+    profile: &Profile,
+    pool: &PoolId,
+    layout: &Layout,
+    opts: &engine_provisioner::BuildOptions,
+) -> Result<ProvisionOutcome, ProvisionError> {
+    let started = Instant::now();
+    let quiet = opts.quiet;
+    let _lock = lifecycle::lock_pool(layout, pool, || {
+        if !quiet {
+            eprintln!("waiting for another provision, start or stop of pool {pool}");
+        }
+    })?;
+    let Prepared {
+        engine: prep,
+        build,
+    } = prepare::prepare(profile, pool, layout, opts)?;
+    let paths = RunPaths::new(layout, pool);
+    let outcome = |action: &str, h: &Handoff, changes: Vec<String>, ready_ms| ProvisionOutcome {
+        pool_id: pool.clone(),
+        url: h.url.clone(),
+        pid: h.process.pid,
+        action: action.into(),
+        owner: h.owner.describe(),
+        changes,
+        build_cache_hit: build.cache_hit,
+        ready_ms,
+        total_ms: started.elapsed().as_millis() as u64,
+        handoff: paths.handoff.display().to_string(),
+        log: paths.log.display().to_string(),
+    };
+    let mut action = "started";
+    let mut changes = Vec::new();
+    if let Some(run) = lifecycle::read_pool(layout, pool) {
+        let h = match &run.handoff {
+            Some(h) if run.engine_alive => h.clone(),
+            // Kept by a live supervisor that is (re)starting its engine: never a second one.
+            _ => return Err(run.busy_error().into()),
+        };
+        changes = differences(&h, &prep);
+        let ok = healthy(&h);
+        if changes.is_empty() && ok {
+            return Ok(outcome("already_running", &h, changes, None));
+        }
+        if let Owner::Supervised { .. } = run.record.owner {
+            return Err(run.busy_error().into());
+        }
+        if !ok {
+            changes.push("running engine is not healthy".into());
+        }
+        if !quiet {
+            eprintln!("restarting engine for pool {pool}: {}", changes.join("; "));
+        }
+        run.record.process.stop(Duration::from_secs(5));
+        action = "restarted";
+    }
+    let eng = lifecycle::spawn(&prep, layout, &Owner::Detached)?;
+    let h = Handoff::read(&paths.handoff)
+        .ok()
+        .flatten()
+        .expect("spawn wrote the handoff");
+    // Detached: dropping the Child handle does not kill it.
+    let out = outcome(action, &h, changes, Some(eng.ready_ms));
+    drop(eng);
+    Ok(out)
+}

@@ -1,0 +1,485 @@
+//! The HTTP surface: typed requests, one error type, handlers, auth, router.
+
+use crate::events::TaskEvent;
+use crate::link::LinkState;
+use crate::tasks::{self, CancelReason, Task, TaskRequest};
+use crate::{AppState, Shared};
+use axum::extract::{DefaultBodyLimit, Path, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde_json::json;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// Every error the API answers: status, a stable code, a message and the field at fault.
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+    pub field: Option<String>,
+    pub retry_after_s: Option<u64>,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
+        ApiError {
+            status,
+            code,
+            message: message.into(),
+            field: None,
+            retry_after_s: None,
+        }
+    }
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
+        ApiError {
+            field: Some(field.into()),
+            ..ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
+        }
+    }
+    fn retry_after(mut self, s: u64) -> ApiError {
+        self.retry_after_s = Some(s);
+        self
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        if let Some(f) = &self.field {
+            body["error"]["field"] = json!(f);
+        }
+        let mut r = (self.status, Json(body)).into_response();
+        if let Some(s) = self.retry_after_s {
+            r.headers_mut().insert(
+                "retry-after",
+                HeaderValue::from_str(&s.to_string()).unwrap(),
+            );
+        }
+        if self.status == StatusCode::UNAUTHORIZED {
+            r.headers_mut()
+                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
+        }
+        r
+    }
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Message {
+    pub role: String,
+    pub content: String,
+}
+
+/// `POST /v1/tasks`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CreateTask {
+    pub prompt: Option<String>,
+    pub messages: Option<Vec<Message>>,
+    pub max_tokens: Option<u64>,
+    pub seed: Option<u64>,
+    pub temperature: Option<f64>,
+    pub deadline_ms: Option<u64>,
+    pub task_id: Option<String>,
+    pub ignore_eos: Option<bool>,
+    pub stop: Option<Vec<String>>,
+    pub grammar: Option<String>,
+}
+
+const MAX_STOP_STRINGS: usize = 8;
+const MAX_STOP_CHARS: usize = 64;
+const MAX_GRAMMAR_CHARS: usize = 16 * 1024;
+
+/// Parse a JSON body into `T`, naming the field at fault.
+pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    let de = &mut serde_json::Deserializer::from_slice(body);
+    serde_path_to_error::deserialize(de).map_err(|e| {
+        let inner = e.inner().to_string();
+        let path = e.path().to_string();
+        let field = if let Some(rest) = inner.strip_prefix("unknown field `") {
+            rest.split('`').next().unwrap_or("body").to_string()
+        } else if path == "." || inner.contains("EOF") || e.inner().is_syntax() {
+            "body".to_string()
+        } else {
+            path
+        };
+        let msg = if field == "body" && e.inner().is_syntax() {
+            format!("invalid JSON: {inner}")
+        } else {
+            inner
+        };
+        ApiError::invalid(field, msg)
+    })
+}
+
+impl CreateTask {
+    pub fn validate(self, st: &AppState) -> Result<(TaskRequest, Option<String>), ApiError> {
+        let c = &st.cfg;
+        if matches!(&self.prompt, Some(p) if p.is_empty()) {
+            return Err(ApiError::invalid("prompt", "prompt is empty"));
+        }
+        let messages = match &self.messages {
+            None => None,
+            Some(m) if m.is_empty() => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "messages must be a non-empty array of {role, content}",
+                ))
+            }
+            Some(m) => Some(json!(m
+                .iter()
+                .map(|m| json!({"role": m.role, "content": m.content}))
+                .collect::<Vec<_>>())),
+        };
+        let chars = match (&self.prompt, &self.messages) {
+            (None, None) => return Err(ApiError::invalid("prompt", "give `prompt` or `messages`")),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "give `prompt` or `messages`, not both",
+                ))
+            }
+            (Some(p), None) => p.chars().count(),
+            (None, Some(m)) => m
+                .iter()
+                .map(|m| m.role.chars().count() + m.content.chars().count())
+                .sum(),
+        };
+        if chars > c.max_prompt_chars {
+            let f = if self.prompt.is_some() {
+                "prompt"
+            } else {
+                "messages"
+            };
+            return Err(ApiError::invalid(
+                f,
+                format!(
+                    "prompt is {chars} characters; the limit is {}",
+                    c.max_prompt_chars
+                ),
+            ));
+        }
+        let max_tokens = match self.max_tokens {
+            None => c.default_max_tokens,
+            Some(n) if n >= 1 && n <= c.max_tokens_limit as u64 => n as u32,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "max_tokens",
+                    format!(
+                        "max_tokens must be an integer from 1 to {}",
+                        c.max_tokens_limit
+                    ),
+                ))
+            }
+        };
+        let temperature = match self.temperature {
+            None => 0.0,
+            Some(t) if (0.0..=2.0).contains(&t) => t,
+            Some(_) => {
+                return Err(ApiError::invalid(
+                    "temperature",
+                    "temperature must be a number from 0 to 2",
+                ))
+            }
+        };
+        if self.deadline_ms == Some(0) || self.deadline_ms.is_some_and(|d| d > 86_400_000) {
+            return Err(ApiError::invalid(
+                "deadline_ms",
+                "deadline_ms must be from 1 to 86400000 (a day)",
+            ));
+        }
+        let stop = self.stop.unwrap_or_default();
+        if stop.len() > MAX_STOP_STRINGS
+            || stop
+                .iter()
+                .any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
+        {
+            return Err(ApiError::invalid(
+                "stop",
+                format!("stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
+            ));
+        }
+        if self
+            .grammar
+            .as_ref()
+            .is_some_and(|g| g.is_empty() || g.chars().count() > MAX_GRAMMAR_CHARS)
+        {
+            return Err(ApiError::invalid(
+                "grammar",
+                format!("grammar must be a non-empty GBNF text of at most {MAX_GRAMMAR_CHARS} characters"),
+            ));
+        }
+        if let Some(id) = &self.task_id {
+            let ok = !id.is_empty()
+                && id.len() <= 64
+                && id
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+            if !ok {
+                return Err(ApiError::invalid(
+                    "task_id",
+                    "task_id must be 1-64 letters, digits, '-' or '_'",
+                ));
+            }
+        }
+        Ok((
+            TaskRequest {
+                prompt: self.prompt,
+                messages,
+                max_tokens,
+                seed: self.seed.unwrap_or(c.default_seed),
+                temperature,
+                deadline_ms: self.deadline_ms,
+                ignore_eos: self.ignore_eos.unwrap_or(false),
+                stop,
+                grammar: self.grammar,
+            },
+            self.task_id,
+        ))
+    }
+}
+
+fn not_ready(st: &AppState) -> ApiError {
+    st.metrics.reject("not_ready");
+    if st.stopping.load(Ordering::SeqCst) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DRAINING",
+            "the orchestrator is shutting down",
+        );
+    }
+    match st.link_state() {
+        LinkState::Failed(reason) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ENGINE_FAILED",
+            format!("the engine has failed and will not be restarted: {reason}"),
+        ),
+        _ => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ENGINE_NOT_READY",
+            "no engine is ready; try again shortly",
+        )
+        .retry_after(1),
+    }
+}
+
+async fn create_task(
+    State(st): State<Shared>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let req: CreateTask = parse_body(&body).inspect_err(|_| st.metrics.reject("invalid"))?;
+    let (req, task_id) = req
+        .validate(&st)
+        .inspect_err(|_| st.metrics.reject("invalid"))?;
+    if st.stopping.load(Ordering::SeqCst) || !st.ready.load(Ordering::SeqCst) {
+        return Err(not_ready(&st));
+    }
+    let task_id = task_id.unwrap_or_else(|| st.new_task_id());
+    let task = {
+        let mut all = st.tasks.lock().unwrap();
+        if all.contains_key(&task_id) {
+            st.metrics.reject("invalid");
+            return Err(ApiError {
+                field: Some("task_id".into()),
+                ..ApiError::new(
+                    StatusCode::CONFLICT,
+                    "TASK_EXISTS",
+                    format!("task `{task_id}` already exists"),
+                )
+            });
+        }
+        let depth = st.queue.len();
+        if depth >= st.cfg.queue_capacity {
+            st.metrics.reject("queue_full");
+            let retry = (st.avg_task_ms.load(Ordering::Relaxed) / 1000).max(1);
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "QUEUE_FULL",
+                format!("the queue is full ({depth} tasks)"),
+            )
+            .retry_after(retry));
+        }
+        let position = depth + st.running.load(Ordering::SeqCst) as usize;
+        let predicted = position as u64 * st.avg_task_ms.load(Ordering::Relaxed);
+        let task = Arc::new(Task::new(task_id.clone(), req, position, predicted));
+        all.insert(task_id.clone(), task.clone());
+        st.queue.push(task.clone());
+        task
+    };
+    tasks::arm_deadline(&st, &task);
+    st.metrics.admitted.inc();
+    st.work.notify_one();
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"task_id": task_id, "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
+    )
+        .into_response())
+}
+
+/// Cancels its task when the client's stream is dropped (disconnect).
+struct DisconnectGuard(Arc<Task>, Shared);
+impl Drop for DisconnectGuard {
+    fn drop(&mut self) {
+        tasks::cancel(&self.1, &self.0, CancelReason::ClientDisconnected);
+    }
+}
+
+fn find_task(st: &AppState, id: &str) -> Result<Arc<Task>, ApiError> {
+    st.tasks.lock().unwrap().get(id).cloned().ok_or_else(|| {
+        ApiError::new(
+            StatusCode::NOT_FOUND,
+            "TASK_NOT_FOUND",
+            format!("no task `{}`", llorch_io::handoff::excerpt(id, 64)),
+        )
+    })
+}
+
+async fn stream_task(
+    method: Method,
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<Response, ApiError> {
+    let task = find_task(&st, &id)?;
+    if method == Method::HEAD {
+        // A probe: says the stream exists, takes nothing.
+        return Ok(([(header::CONTENT_TYPE, "text/event-stream")], "").into_response());
+    }
+    let Some(rx) = task.take_stream() else {
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "STREAM_TAKEN",
+            format!("the stream of task `{id}` is already open"),
+        ));
+    };
+    let guard = DisconnectGuard(task, st.clone());
+    let stream = futures_util::stream::unfold((rx, guard), |(mut rx, g)| async move {
+        rx.recv().await.map(|ev: TaskEvent| {
+            (
+                Ok::<_, std::convert::Infallible>(
+                    Event::default().event(ev.name()).data(ev.data()),
+                ),
+                (rx, g),
+            )
+        })
+    });
+    Ok(Sse::new(stream)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .into_response())
+}
+
+async fn cancel_task(
+    State(st): State<Shared>,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    let task = find_task(&st, &id)?;
+    tasks::cancel(&st, &task, CancelReason::Requested);
+    Ok(StatusCode::NO_CONTENT)
+}
+
+async fn capabilities(State(st): State<Shared>) -> Response {
+    let state = st.link_state();
+    let (e, failed) = match &state {
+        LinkState::Ready(e) => (Some(e.clone()), None),
+        LinkState::Failed(r) => (st.last_engine.lock().unwrap().clone(), Some(r.clone())),
+        LinkState::Starting => (st.last_engine.lock().unwrap().clone(), None),
+    };
+    Json(json!({
+        "api": "v1",
+        "engine": e.as_ref().map(|e| e.engine.clone()),
+        "engine_version": e.as_ref().map(|e| e.engine_version.clone()),
+        "model": e.as_ref().map(|e| json!({"ref": e.model_ref, "digest": e.model_digest})),
+        "ctx_max": e.as_ref().and_then(|e| e.ctx_max),
+        "slots": e.as_ref().map(|e| e.slots).unwrap_or(1),
+        "ready": st.ready.load(Ordering::SeqCst),
+        "state": st.pool_state(),
+        "failed_reason": failed,
+        "limits": {
+            "queue_capacity": st.cfg.queue_capacity,
+            "max_tokens": st.cfg.max_tokens_limit,
+            "max_prompt_chars": st.cfg.max_prompt_chars,
+            "max_body_bytes": st.cfg.max_body_bytes,
+        },
+        "streaming": "sse",
+        "events": ["started", "token", "end", "error"],
+    }))
+    .into_response()
+}
+
+async fn readyz(State(st): State<Shared>) -> Response {
+    if st.ready.load(Ordering::SeqCst) && !st.stopping.load(Ordering::SeqCst) {
+        (StatusCode::OK, "ready\n").into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("{}\n", st.pool_state()),
+        )
+            .into_response()
+    }
+}
+
+async fn metrics_text(State(st): State<Shared>) -> Response {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        st.metrics
+            .render(st.queue.len(), st.ready.load(Ordering::SeqCst)),
+    )
+        .into_response()
+}
+
+fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let Some(want) = &st.cfg.api_token else {
+        return true;
+    };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Hash both so the comparison is constant-time whatever the lengths.
+    let a = Sha256::digest(got.as_bytes());
+    let b = Sha256::digest(want.as_bytes());
+    a.ct_eq(&b).into()
+}
+
+async fn auth(
+    State(st): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let open = path == "/healthz" || path == "/readyz";
+    if !open && !token_ok(&st, req.headers()) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "missing or wrong `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+pub fn router(st: Shared) -> Router {
+    Router::new()
+        .route("/v1/tasks", post(create_task))
+        .route("/v1/tasks/{id}/stream", get(stream_task).head(stream_task))
+        .route("/v1/tasks/{id}/cancel", post(cancel_task))
+        .route("/v1/capabilities", get(capabilities))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_text))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), auth))
+        .layer(DefaultBodyLimit::max(st.cfg.max_body_bytes))
+        .with_state(st)
+}

@@ -1,0 +1,102 @@
+//! Where the engine is right now. A supervisor moves it (restart on a new
+//! port); a handoff file names it for engines that `provision` started.
+
+use llorch_io::handoff::Handoff;
+use serde::{Deserialize, Serialize};
+
+/// What the orchestrator knows about the engine it fronts.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct EngineInfo {
+    pub url: String,
+    pub engine: String,
+    pub engine_version: String,
+    pub model_ref: String,
+    pub model_digest: String,
+    pub ctx_max: Option<u64>,
+    pub slots: usize,
+    /// Sent as `Authorization: Bearer` to an engine that requires a key.
+    #[serde(skip)]
+    pub api_key: Option<String>,
+}
+
+impl EngineInfo {
+    pub fn from_handoff(h: &Handoff) -> Result<EngineInfo, String> {
+        let api_key = h.api_key().map_err(|e| e.to_string())?;
+        if api_key.is_none() && !url_is_loopback(&h.url) {
+            return Err(format!(
+                "the engine at {} is off loopback but its handoff names no API key; refusing to use it",
+                h.url
+            ));
+        }
+        Ok(EngineInfo {
+            url: h.url.clone(),
+            engine: h.engine.clone(),
+            engine_version: h.engine_version.clone(),
+            model_ref: h.model.reference.clone(),
+            model_digest: h.model.digest.clone(),
+            ctx_max: h.model.metadata["ctx_max"].as_u64(),
+            slots: 1,
+            api_key,
+        })
+    }
+}
+
+fn url_is_loopback(url: &str) -> bool {
+    let host = url
+        .split("://")
+        .nth(1)
+        .unwrap_or("")
+        .split('/')
+        .next()
+        .unwrap_or("");
+    let host = host
+        .rsplit_once(':')
+        .map(|(h, _)| h)
+        .unwrap_or(host)
+        .trim_matches(['[', ']']);
+    host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .map(|ip| ip.is_loopback())
+            .unwrap_or(false)
+}
+
+/// The state of the engine behind a link.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LinkState {
+    Ready(EngineInfo),
+    /// Starting or restarting: tasks wait.
+    Starting,
+    /// Given up for good (the reason says why, with the engine's last log lines): tasks fail.
+    Failed(String),
+}
+
+pub trait EngineLink: Send + Sync + 'static {
+    fn current(&self) -> LinkState;
+    /// The engine stopped answering mid-stream: the owner should kill and restart it.
+    fn report_stalled(&self) {}
+}
+
+/// Follows `.runtime/engines/<pool>.json` (an engine that `provision` started).
+pub struct HandoffLink(pub std::path::PathBuf);
+
+impl EngineLink for HandoffLink {
+    fn current(&self) -> LinkState {
+        match Handoff::read(&self.0) {
+            Ok(Some(h)) if h.process.is_running() => match EngineInfo::from_handoff(&h) {
+                Ok(i) => LinkState::Ready(i),
+                Err(e) => LinkState::Failed(e),
+            },
+            _ => LinkState::Starting,
+        }
+    }
+}
+
+impl<F: Fn() -> Option<EngineInfo> + Send + Sync + 'static> EngineLink for F {
+    fn current(&self) -> LinkState {
+        match self() {
+            Some(i) => LinkState::Ready(i),
+            None => LinkState::Starting,
+        }
+    }
+}

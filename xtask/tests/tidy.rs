@@ -1,0 +1,78 @@
+//! Invariants of the house, checked (ARCHITECTURE.md): the CLI depends on no
+//! test crate, and processes and HTTP clients are created only in llorch-io.
+
+use llorch_io::cmd::Cmd;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+#[test]
+fn the_cli_depends_on_no_test_crate() {
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let tree = Cmd::new(cargo)
+        .args([
+            "tree",
+            "-p",
+            "xtask",
+            "--prefix",
+            "none",
+            "--edges",
+            "normal,build",
+            "--offline",
+        ])
+        .dir(root())
+        .read()
+        .unwrap();
+    assert!(tree.contains("llorch-stack"), "{tree}");
+    assert!(
+        !tree.contains("test-harness"),
+        "xtask pulls in a test crate:\n{tree}"
+    );
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for e in std::fs::read_dir(dir).unwrap().flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        if p.is_dir() && name != "target" && !name.starts_with('.') && name != "cache" {
+            rust_files(&p, out);
+        } else if name.ends_with(".rs") {
+            out.push(p);
+        }
+    }
+}
+
+#[test]
+fn only_llorch_io_may_create_processes_and_http_clients() {
+    let clippy = std::fs::read_to_string(root().join("clippy.toml")).unwrap();
+    for m in [
+        "std::process::Command::new",
+        "reqwest::Client::builder",
+        "reqwest::blocking::Client::builder",
+        "reqwest::Client::new",
+    ] {
+        assert!(
+            clippy.contains(&format!("\"{m}\"")),
+            "clippy.toml lacks {m}"
+        );
+    }
+    let mut files = Vec::new();
+    for d in ["crates", "xtask", "tests"] {
+        rust_files(&root().join(d), &mut files);
+    }
+    let escapes: Vec<_> = files
+        .iter()
+        .filter(|f| !f.starts_with(root().join("crates/llorch-io")))
+        .filter(|f| {
+            std::fs::read_to_string(f)
+                .unwrap()
+                .contains(&["clippy::", "disallowed_methods"].concat())
+        })
+        .collect();
+    assert!(escapes.is_empty(), "allowed outside llorch-io: {escapes:?}");
+}
