@@ -276,22 +276,25 @@ pub fn build(
     // A hit needs only a shared lock (running engines hold it shared too);
     // writing the entry takes it exclusively, then looks again.
     let lock_path = layout.engine_lock(&fp);
+    let hit = |m: Box<Manifest>| {
+        let dir = cache.entry(&fp);
+        BuildOutcome {
+            profile: profile.name.clone(),
+            binary: dir.join(&m.binary),
+            fingerprint: fp.clone(),
+            dir,
+            cache_hit: true,
+            reason: None,
+            cmake_invocations: 0,
+            duration_s: started.elapsed().as_secs_f64(),
+            version: m.version_output.clone(),
+            manifest: *m,
+        }
+    };
     {
         let _shared = FileLock::shared(&lock_path).map_err(io("lock engine cache entry"))?;
         if let Lookup::Fresh(m) = cache.lookup(&fp, Some(&plan.inputs)) {
-            let dir = cache.entry(&fp);
-            return Ok(BuildOutcome {
-                profile: profile.name.clone(),
-                binary: dir.join(&m.binary),
-                fingerprint: fp,
-                dir,
-                cache_hit: true,
-                reason: None,
-                cmake_invocations: 0,
-                duration_s: started.elapsed().as_secs_f64(),
-                version: m.version_output.clone(),
-                manifest: *m,
-            });
+            return Ok(hit(m));
         }
     }
     let _lock = FileLock::exclusive(&lock_path, || {
@@ -304,19 +307,7 @@ pub fn build(
     .map_err(io("lock engine cache entry"))?;
     let reason = match cache.lookup(&fp, Some(&plan.inputs)) {
         Lookup::Fresh(m) => {
-            let dir = cache.entry(&fp);
-            return Ok(BuildOutcome {
-                profile: profile.name.clone(),
-                binary: dir.join(&m.binary),
-                fingerprint: fp,
-                dir,
-                cache_hit: true,
-                reason: None,
-                cmake_invocations: 0,
-                duration_s: started.elapsed().as_secs_f64(),
-                version: m.version_output.clone(),
-                manifest: *m,
-            });
+            return Ok(hit(m));
         }
         Lookup::Stale(why) => {
             say(&format!(

@@ -80,13 +80,9 @@ impl EngineLink for ProvisionedLink {
     fn report_stalled(&self) {
         // A hung detached engine: stop it (identity-checked); the next look revives it.
         if let Ok(Some(h)) = llorch_io::handoff::Handoff::read(&self.handoff.0) {
-            h.process.signal(libc_sigkill());
+            h.process.signal(9); // SIGKILL: a stopped process ignores SIGTERM
         }
     }
-}
-
-fn libc_sigkill() -> i32 {
-    9
 }
 
 /// How the stack holds its engine.
