@@ -18,21 +18,32 @@ pub fn blocking_client() -> reqwest::blocking::Client {
 }
 
 /// Short-timeout blocking client for local probes (`/health`, `/metrics`).
+/// Connections are not reused (see [`async_client`]).
 pub fn probe_client() -> reqwest::blocking::Client {
     reqwest::blocking::Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_millis(500))
+        .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(5))
         .no_proxy()
         .build()
         .expect("reqwest client configuration is static")
 }
 
-/// Async client for the orchestrator's engine adapter (loopback, streaming).
+/// Async client for loopback HTTP: the orchestrator's engine adapter and
+/// health loop, and clients of the orchestrator.
+///
+/// Connections are not reused. llama-server (cpp-httplib) may close a
+/// keep-alive connection right after a response without saying so (idle
+/// timeout, a handler that ends the connection), and a request sent on such
+/// a connection fails with "connection closed before message completed":
+/// seen as spurious engine crashes and readiness flaps under load. A fresh
+/// loopback connection per request costs well under a millisecond.
 pub fn async_client() -> reqwest::Client {
     reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(0)
         .no_proxy()
         .tcp_nodelay(true)
         .build()

@@ -544,3 +544,497 @@ async fn an_engine_killed_mid_stream_gives_an_error_then_recovers() {
     }
     srv.shutdown(Duration::from_secs(1)).await;
 }
+
+fn engine_pid() -> u32 {
+    match engine().sup.state() {
+        EngineState::Ready { pid, .. } => pid,
+        s => panic!("engine not ready: {s:?}"),
+    }
+}
+
+/// A hung engine (SIGSTOP) ends the stream with ENGINE_STALLED, `/readyz`
+/// says not ready, the supervisor kills and restarts it, and the next task
+/// succeeds.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_engine_stalls_the_stream_and_is_restarted() {
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config {
+        stall_timeout: Duration::from_secs(2),
+        ..Default::default()
+    })
+    .await;
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    let pid = engine_pid();
+    let t = submit(
+        &c,
+        &base,
+        json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
+    )
+    .await;
+    let id = t["task_id"].as_str().unwrap().to_string();
+    let stopped = std::sync::atomic::AtomicBool::new(false);
+    let stop = |_: &str| {
+        if !stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
+        }
+    };
+    let r = tokio::time::timeout(
+        Duration::from_secs(60),
+        read_stream(&c, &base, &id, Some(&stop), None),
+    )
+    .await
+    .expect("the stream ended")
+    .unwrap();
+    let err = r.error.expect("an error event");
+    assert_eq!(err.code, "ENGINE_STALLED", "{err:?}");
+    assert!(err.retriable);
+    assert_eq!(r.order.last().map(String::as_str), Some("error"));
+    // Not ready from the moment the stall is reported until a new engine is up.
+    assert_eq!(status(c.get(format!("{base}/readyz"))).await, 503);
+    wait_ready(&base).await;
+    let new_pid = engine_pid();
+    assert_ne!(new_pid, pid, "the hung engine was replaced");
+    assert!(
+        !std::path::Path::new(&format!("/proc/{pid}")).exists()
+            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| s.contains(") Z "))
+                .unwrap_or(true),
+        "the hung engine is gone"
+    );
+    let ok = stream_task(
+        &c,
+        &base,
+        &json!({"prompt": "Hello", "max_tokens": 4}),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(ok.order_ok() && ok.end.is_some(), "{:?}", ok.order);
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// `deadline_ms` counts from admission: a task that waits in the queue past
+/// its deadline ends there, without ever starting.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deadline_holds_while_queued() {
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config::default()).await;
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    let a = submit(
+        &c,
+        &base,
+        json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
+    )
+    .await;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 0
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let b = submit(
+        &c,
+        &base,
+        json!({"prompt": "Hi", "max_tokens": 4, "deadline_ms": 300}),
+    )
+    .await;
+    let bid = b["task_id"].as_str().unwrap();
+    let rb = tokio::time::timeout(
+        Duration::from_secs(30),
+        read_stream(&c, &base, bid, None, None),
+    )
+    .await
+    .expect("the queued task ended at its deadline")
+    .unwrap();
+    assert_eq!(rb.order, vec!["end"], "it never started");
+    let end = rb.end.unwrap();
+    assert!(end.canceled && end.stop_reason == "deadline", "{end:?}");
+    assert!(end.queue_wait_ms >= 300, "{end:?}");
+    assert!(
+        srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 1,
+        "A is still running"
+    );
+    // A deadline that passes while decoding ends the running task too.
+    let aid = a["task_id"].as_str().unwrap();
+    c.post(format!("{base}/v1/tasks/{aid}/cancel"))
+        .send()
+        .await
+        .unwrap();
+    let ra = read_stream(&c, &base, aid, None, None).await.unwrap();
+    assert!(ra.canceled());
+    let d = stream_task(
+        &c,
+        &base,
+        &json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true, "deadline_ms": 1500}),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(d.order_ok(), "{:?}", d.order);
+    let end = d.end.unwrap();
+    assert!(end.canceled && end.stop_reason == "deadline", "{end:?}");
+    assert!(end.tokens_out < 2000);
+    assert!(wait_idle(&engine_url(), Duration::from_secs(3)).await);
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// Multi-byte text (CJK and an emoji, forced by a grammar so the output does
+/// not depend on the model's taste): every cut by `max_tokens`, including
+/// cuts inside a character, gives a contiguous, valid stream whose text
+/// equals llama-server's own answer up to its last whole character, and
+/// whose `tokens_out` is the engine's count, not the number of frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_byte_text_and_cuts_inside_a_character() {
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config::default()).await;
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    const PATTERN: &str = "猫😀日本";
+    let grammar = format!("root ::= (\"{PATTERN}\")+");
+    let prompt = "Write cats and smiles:";
+    let mut frames_fewer_than_tokens = false;
+    let mut cut_inside = false;
+    for max_tokens in 1..=14u32 {
+        let r = stream_task(
+            &c,
+            &base,
+            &json!({"prompt": prompt, "max_tokens": max_tokens, "grammar": grammar}),
+            None,
+            None,
+        )
+        .await
+        .unwrap();
+        assert!(
+            r.order_ok() && r.indices_ok(),
+            "{max_tokens}: {:?}",
+            r.order
+        );
+        let end = r.end.as_ref().unwrap();
+        assert_eq!(end.tokens_out, max_tokens as u64, "{max_tokens}: {end:?}");
+        assert!((r.tokens.len() as u64) <= end.tokens_out);
+        if (r.tokens.len() as u64) < end.tokens_out {
+            frames_fewer_than_tokens = true;
+        }
+        let cycle = PATTERN.repeat(max_tokens as usize + 1);
+        assert!(
+            cycle.starts_with(&r.text),
+            "{max_tokens}: {:?} is not a prefix of the forced text",
+            r.text
+        );
+        // llama-server's own answer to the same request, not streamed.
+        let own: Value = c
+            .post(format!("{}/completion", engine_url()))
+            .json(
+                &json!({"prompt": prompt, "n_predict": max_tokens, "grammar": grammar,
+                          "temperature": 0, "seed": 0, "cache_prompt": false}),
+            )
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        assert_eq!(own["tokens_predicted"], json!(max_tokens));
+        // Non-streamed, llama-server renders a cut-off character as U+FFFD;
+        // streamed, it holds the partial bytes back and never sends them.
+        // The stream carries only whole characters.
+        let own = own["content"].as_str().unwrap();
+        let whole = own.trim_end_matches('\u{FFFD}');
+        if whole.len() != own.len() {
+            cut_inside = true;
+        }
+        assert_eq!(
+            whole, r.text,
+            "{max_tokens}: streamed text differs from the engine's"
+        );
+    }
+    assert!(cut_inside, "some max_tokens cuts inside a character");
+    assert!(
+        frames_fewer_than_tokens,
+        "some cut holds back a partial character (one frame for several tokens)"
+    );
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// When the supervisor gives up, the pool says `failed` for good: the API
+/// answers 503 ENGINE_FAILED with the reason, not "try again".
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_engine_gives_503_engine_failed_with_the_reason() {
+    let _t = TURN.lock().await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    let rt = tempfile::tempdir().unwrap();
+    let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().into());
+    let p = llorch_profile::Profile::resolve(&root, None).unwrap();
+    let pool = PoolId::parse(&format!("api-failed-{}", std::process::id())).unwrap();
+    let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
+        .unwrap()
+        .engine;
+    let base_info = llorch_stack::engine_info(&prep);
+    let policy = RestartPolicy {
+        initial_backoff: Duration::from_millis(50),
+        max_crashes: 1,
+        ..Default::default()
+    };
+    let sup = Supervisor::start(prep, layout, policy, "api tests (failed)").unwrap();
+    sup.wait_ready(Duration::from_secs(120)).unwrap();
+    let srv = orchestratord::start(
+        Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            health_interval: Duration::from_millis(50),
+            ..Default::default()
+        },
+        Box::new(SupervisorLink {
+            base: base_info,
+            state: sup.state_handle(),
+        }),
+    )
+    .await
+    .unwrap();
+    let base = format!("http://{}", srv.addr);
+    wait_ready(&base).await;
+    let pid = match sup.state() {
+        EngineState::Ready { pid, .. } => pid,
+        s => panic!("{s:?}"),
+    };
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let c = llorch_io::http::async_client();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let body = loop {
+        let r = c
+            .post(format!("{base}/v1/tasks"))
+            .json(&json!({"prompt": "Hi", "max_tokens": 2}))
+            .send()
+            .await
+            .unwrap();
+        let code = r.status().as_u16();
+        let v: Value = r.json().await.unwrap_or_default();
+        if v["error"]["code"] == "ENGINE_FAILED" {
+            assert_eq!(code, 503);
+            break v;
+        }
+        assert!(Instant::now() < deadline, "never failed: {code} {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let msg = body["error"]["message"].as_str().unwrap();
+    assert!(
+        msg.contains("giving up") && msg.contains("last lines"),
+        "{msg}"
+    );
+    assert_ne!(body["error"]["retriable"], json!(true), "{body}");
+    let caps: Value = c
+        .get(format!("{base}/v1/capabilities"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(caps["state"], "failed");
+    assert!(caps["failed_reason"]
+        .as_str()
+        .unwrap()
+        .contains("giving up"));
+    // It stays failed: nobody restarts it behind the API's back.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(status(c.get(format!("{base}/readyz"))).await, 503);
+    srv.shutdown(Duration::from_secs(1)).await;
+    sup.stop();
+}
+
+/// Thousands of create / cancel / disconnect / abandon sequences at random
+/// moments, from several clients at once: every stream that is read ends
+/// with exactly one terminal event, and every task leaves memory once its
+/// retention has passed. The seed is printed (set LLORCH_FUZZ_SEED to replay).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_create_cancel_disconnect_sequences_all_end_and_are_reaped() {
+    use futures_util::StreamExt;
+    use rand::{Rng, SeedableRng};
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config {
+        queue_capacity: 64,
+        retention: Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    let base = format!("http://{}", srv.addr);
+    let seed: u64 = std::env::var("LLORCH_FUZZ_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(rand::random);
+    let sequences: usize = std::env::var("LLORCH_FUZZ_SEQUENCES")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2000);
+    eprintln!("fuzz seed {seed} ({sequences} sequences)");
+    const CLIENTS: usize = 8;
+    let mut joins = Vec::new();
+    for k in 0..CLIENTS {
+        let base = base.clone();
+        let n = sequences / CLIENTS;
+        joins.push(tokio::spawn(async move {
+            let c = llorch_io::http::async_client();
+            let mut rng = rand::rngs::StdRng::seed_from_u64(seed.wrapping_add(k as u64));
+            let mut counts = [0usize; 7];
+            for _ in 0..n {
+                let prompt = ["Hi", "One, two,", "The sky is"][rng.random_range(0..3)];
+                let mut body = json!({
+                    "prompt": prompt,
+                    "max_tokens": rng.random_range(1..=6),
+                });
+                if rng.random_bool(0.15) {
+                    body["deadline_ms"] = json!(rng.random_range(1..150));
+                }
+                let r = c
+                    .post(format!("{base}/v1/tasks"))
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 429 {
+                    counts[6] += 1;
+                    tokio::time::sleep(Duration::from_millis(rng.random_range(1..20))).await;
+                    continue;
+                }
+                assert_eq!(r.status(), 202);
+                let id = r.json::<Value>().await.unwrap()["task_id"]
+                    .as_str()
+                    .unwrap()
+                    .to_string();
+                let action = rng.random_range(0..6);
+                counts[action] += 1;
+                let cancel = |c: reqwest::Client, base: String, id: String| async move {
+                    let s = c
+                        .post(format!("{base}/v1/tasks/{id}/cancel"))
+                        .send()
+                        .await
+                        .unwrap()
+                        .status();
+                    assert!(s == 204 || s == 404, "cancel {id}: {s}");
+                };
+                let read = |c: reqwest::Client, base: String, id: String| async move {
+                    let r = tokio::time::timeout(
+                        Duration::from_secs(60),
+                        read_stream(&c, &base, &id, None, None),
+                    )
+                    .await
+                    .unwrap_or_else(|_| panic!("stream of {id} never ended"))
+                    .unwrap();
+                    let terminal = r
+                        .order
+                        .iter()
+                        .filter(|e| *e == "end" || *e == "error")
+                        .count();
+                    assert_eq!(terminal, 1, "{id}: {:?}", r.order);
+                    assert!(
+                        r.order_ok() || r.order == ["end"] || r.order == ["error"],
+                        "{id}: {:?}",
+                        r.order
+                    );
+                    assert!(r.indices_ok(), "{id}");
+                    r
+                };
+                match action {
+                    // Read to the end.
+                    0 => {
+                        let r = read(c.clone(), base.clone(), id).await;
+                        if let Some(e) = &r.error {
+                            panic!("unexpected error: {e:?}");
+                        }
+                    }
+                    // Cancel after a random pause, then read.
+                    1 => {
+                        tokio::time::sleep(Duration::from_millis(rng.random_range(0..30))).await;
+                        cancel(c.clone(), base.clone(), id.clone()).await;
+                        read(c.clone(), base.clone(), id).await;
+                    }
+                    // Cancel while the stream is being read.
+                    2 => {
+                        let pause = Duration::from_millis(rng.random_range(0..30));
+                        let (c2, b2, i2) = (c.clone(), base.clone(), id.clone());
+                        let canceller = tokio::spawn(async move {
+                            tokio::time::sleep(pause).await;
+                            cancel(c2, b2, i2).await;
+                        });
+                        read(c.clone(), base.clone(), id).await;
+                        canceller.await.unwrap();
+                    }
+                    // Open the stream and disconnect after a few chunks.
+                    3 => {
+                        let resp = c
+                            .get(format!("{base}/v1/tasks/{id}/stream"))
+                            .send()
+                            .await
+                            .unwrap();
+                        assert_eq!(resp.status(), 200);
+                        let mut s = resp.bytes_stream();
+                        for _ in 0..rng.random_range(0..3) {
+                            if s.next().await.is_none() {
+                                break;
+                            }
+                        }
+                    }
+                    // Cancel and never read.
+                    4 => cancel(c.clone(), base.clone(), id).await,
+                    // Abandon: never read, never cancel.
+                    _ => {}
+                }
+            }
+            counts
+        }));
+    }
+    let mut totals = [0usize; 7];
+    for j in joins {
+        for (t, n) in totals.iter_mut().zip(j.await.unwrap()) {
+            *t += n;
+        }
+    }
+    eprintln!("read {}, cancel+read {}, cancel-while-reading {}, disconnect {}, cancel-only {}, abandon {}, 429 {}",
+        totals[0], totals[1], totals[2], totals[3], totals[4], totals[5], totals[6]);
+    // Every task ends and is dropped once its retention has passed.
+    let st = srv.state.clone();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    loop {
+        let left = st.tasks.lock().unwrap().len();
+        if left == 0 {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{left} tasks still in memory long after their retention"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(st.queue.is_empty());
+    assert_eq!(st.running.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(wait_idle(&engine_url(), Duration::from_secs(5)).await);
+    let m = llorch_io::http::async_client()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let count = |name: &str| -> u64 {
+        m.lines()
+            .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{name} missing: {m}"))
+    };
+    let admitted = count("llorch_tasks_admitted_total ");
+    let ended = count("llorch_tasks_completed_total ")
+        + count("llorch_tasks_canceled_total ")
+        + count("llorch_tasks_failed_total ");
+    assert_eq!(
+        admitted as usize,
+        (sequences / CLIENTS) * CLIENTS - totals[6]
+    );
+    assert_eq!(admitted, ended, "every admitted task ended once: {m}");
+    srv.shutdown(Duration::from_secs(1)).await;
+}

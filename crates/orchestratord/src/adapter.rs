@@ -162,13 +162,11 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
     let prompt = match (&req.prompt, &req.messages) {
         (Some(p), _) => p.clone(),
         (None, Some(m)) => {
-            let send = authed(st.http.post(format!("{url}/apply-template")), engine)
-                .json(&json!({"messages": m}))
-                .send();
-            let resp = match guarded(task, stall, send).await {
-                Ok(r) => r,
-                Err(o) => return o,
-            };
+            let resp = send(st, task, engine, || {
+                authed(st.http.post(format!("{url}/apply-template")), engine)
+                    .json(&json!({"messages": m}))
+            })
+            .await;
             match resp {
                 Ok(r) if r.status().is_success() => {
                     match guarded(task, stall, r.json::<Value>()).await {
@@ -180,7 +178,7 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
                 Ok(r) => {
                     return Outcome::EngineError(format!("apply-template answered {}", r.status()))
                 }
-                Err(e) => return Outcome::EngineGone(format!("apply-template: {e}")),
+                Err(o) => return o,
             }
         }
         (None, None) => return Outcome::EngineError("empty task".into()),
@@ -200,21 +198,19 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
     if let Some(g) = &req.grammar {
         body["grammar"] = json!(g);
     }
-    let send = authed(st.http.post(format!("{url}/completion")), engine)
-        .json(&body)
-        .send();
-    let resp = match guarded(task, stall, send).await {
-        Ok(Ok(r)) if r.status().is_success() => r,
-        Ok(Ok(r)) => {
+    let resp = match send(st, task, engine, || {
+        authed(st.http.post(format!("{url}/completion")), engine).json(&body)
+    })
+    .await
+    {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
             let s = r.status();
             let text = r.text().await.unwrap_or_default();
             return Outcome::EngineError(format!(
                 "llama-server answered {s}: {}",
                 text.chars().take(300).collect::<String>()
             ));
-        }
-        Ok(Err(e)) => {
-            return Outcome::EngineGone(format!("cannot reach llama-server at {url}: {e}"))
         }
         Err(o) => return o,
     };
@@ -273,6 +269,63 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         }
         p.events += 1;
     }
+}
+
+const SEND_ATTEMPTS: u32 = 3;
+
+/// Send a request to the engine (guarded by cancel, deadline and stall).
+///
+/// A request can fail to be sent to a live engine: a pooled keep-alive
+/// connection that llama-server closes at the same moment. That is not a
+/// crash: if the engine still answers `/health`, send again (nothing has been
+/// generated for this request yet, so nothing is repeated). Only an engine
+/// that cannot be reached at all is `EngineGone`.
+async fn send(
+    st: &AppState,
+    task: &Task,
+    engine: &EngineInfo,
+    request: impl Fn() -> reqwest::RequestBuilder,
+) -> Result<reqwest::Response, Outcome> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        match guarded(task, st.cfg.stall_timeout, request().send()).await? {
+            Ok(r) => return Ok(r),
+            Err(e) if attempt < SEND_ATTEMPTS && engine_healthy(st, engine).await => {
+                eprintln!(
+                    "orchestratord: sending to llama-server failed ({}); it answers /health, sending again",
+                    error_chain(&e)
+                );
+            }
+            Err(e) => {
+                return Err(Outcome::EngineGone(format!(
+                    "cannot reach llama-server at {}: {}",
+                    engine.url,
+                    error_chain(&e)
+                )))
+            }
+        }
+    }
+}
+
+/// An error with its causes, `a: b: c`.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+async fn engine_healthy(st: &AppState, engine: &EngineInfo) -> bool {
+    authed(st.http.get(format!("{}/health", engine.url)), engine)
+        .timeout(Duration::from_secs(2))
+        .send()
+        .await
+        .is_ok_and(|r| r.status().is_success())
 }
 
 /// Poll `/slots` until no slot is processing.
