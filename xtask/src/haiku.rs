@@ -11,6 +11,9 @@ use llorch_io::cmd::Cmd;
 pub struct HaikuCmd {
     #[command(flatten)]
     p: crate::engine::ProfileArgs,
+    /// Base pool id: the proof runs under `<pool>-haiku` (default: the profile's `pool`)
+    #[arg(long)]
+    pool: Option<llorch_io::handoff::PoolId>,
 }
 
 impl HaikuCmd {
@@ -31,6 +34,9 @@ impl HaikuCmd {
             .arg("--profile")
             .arg(&profile.path)
             .dir(&ctx.layout.root);
+        if let Some(pool) = &self.pool {
+            cmd = cmd.arg("--pool").arg(pool.as_str());
+        }
         if self.p.json {
             cmd = cmd.arg("--json");
         }

@@ -140,19 +140,20 @@ fn current_minute() -> u32 {
 }
 
 /// The pool the proof runs under: never the profile's own, which `provision` may hold.
-pub fn proof_pool(profile: &Profile) -> PoolId {
-    let base: String = profile.pool().as_str().chars().take(58).collect();
+pub fn proof_pool(pool: &PoolId) -> PoolId {
+    let base: String = pool.as_str().chars().take(58).collect();
     PoolId::parse(&format!("{base}-haiku")).expect("a pool id plus -haiku is a pool id")
 }
 
 /// Run the whole proof. `on_token` sees the first haiku's tokens live.
 pub async fn run(
     profile: &Profile,
+    pool: &PoolId,
     layout: &Layout,
     quiet: bool,
     on_token: &(dyn Fn(&str) + Sync),
 ) -> Result<HaikuReport> {
-    let pool = proof_pool(profile);
+    let pool = proof_pool(pool);
     let stack = llorch_stack::start_stack(
         profile,
         &pool,

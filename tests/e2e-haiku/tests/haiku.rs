@@ -11,7 +11,7 @@ async fn haiku_streams_real_tokens_from_the_engine() {
     let rt = tempfile_dir();
     let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.clone());
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
-    let report = test_harness_e2e_haiku::run(&profile, &layout, true, &|_| {})
+    let report = test_harness_e2e_haiku::run(&profile, profile.pool(), &layout, true, &|_| {})
         .await
         .unwrap();
     for c in &report.checks {
@@ -32,4 +32,54 @@ fn tempfile_dir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("llorch-e2e-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
+}
+
+/// `haiku` never stops or replaces an engine the user started with
+/// `provision`: a detached engine for the pool keeps running, untouched,
+/// through a whole `llorch-haiku` run (the binary `cargo xtask haiku` runs).
+#[test]
+fn a_provisioned_engine_survives_a_haiku_run() {
+    use engine_runtime::lifecycle;
+    use llorch_io::handoff::{Handoff, PoolId};
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap();
+    let rt = tempfile::tempdir().unwrap();
+    let layout =
+        llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
+    let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
+    let pool = PoolId::parse(&format!("survive-{}", std::process::id())).unwrap();
+    let out = llorch_stack::provision(
+        &profile,
+        &pool,
+        &layout,
+        &engine_provisioner::BuildOptions::quiet(),
+    )
+    .unwrap();
+    let handoff_path = layout.engines_dir().join(format!("{pool}.json"));
+    let before = Handoff::read(&handoff_path).unwrap().expect("a handoff");
+    let haiku = llorch_io::cmd::Cmd::new(env!("CARGO_BIN_EXE_llorch-haiku"))
+        .args(["--pool", pool.as_str(), "--json"])
+        .env("LLORCH_ROOT", &root)
+        .env("LLORCH_RUNTIME_DIR", rt.path())
+        .dir(&root)
+        .to_std()
+        .output()
+        .unwrap();
+    let run = lifecycle::read_pool(&layout, &pool);
+    let after = Handoff::read(&handoff_path).unwrap();
+    let stopped = lifecycle::stop_pool(&layout, &pool);
+    assert!(
+        haiku.status.success(),
+        "haiku failed: {}\n{}",
+        String::from_utf8_lossy(&haiku.stdout),
+        String::from_utf8_lossy(&haiku.stderr)
+    );
+    let run = run.expect("the provisioned pool still has its run record");
+    assert!(run.engine_alive, "the provisioned engine died during haiku");
+    assert_eq!(run.record.process, before.process, "same process");
+    assert_eq!(run.record.process.pid, out.pid);
+    assert_eq!(after.as_ref(), Some(&before), "handoff untouched");
+    assert!(matches!(stopped, Ok(lifecycle::Stopped::Engine(p)) if p == out.pid));
 }

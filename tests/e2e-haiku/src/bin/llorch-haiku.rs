@@ -5,6 +5,7 @@ use std::io::Write;
 
 fn main() -> Result<()> {
     let mut profile_arg = None;
+    let mut pool_arg = None;
     let mut json = false;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -12,13 +13,19 @@ fn main() -> Result<()> {
             "--json" => json = true,
             "--profile" | "-p" => profile_arg = args.next(),
             s if s.starts_with("--profile=") => profile_arg = Some(s[10..].to_string()),
+            "--pool" => pool_arg = args.next(),
+            s if s.starts_with("--pool=") => pool_arg = Some(s[7..].to_string()),
             other => {
-                bail!("unknown argument `{other}` (usage: llorch-haiku [--profile P] [--json])")
+                bail!("unknown argument `{other}` (usage: llorch-haiku [--profile P] [--pool POOL] [--json])")
             }
         }
     }
     let layout = llorch_io::paths::Layout::discover()?;
     let profile = llorch_profile::Profile::resolve(&layout.root, profile_arg.as_deref())?;
+    let pool = match pool_arg {
+        Some(p) => llorch_io::handoff::PoolId::parse(&p)?,
+        None => profile.pool().clone(),
+    };
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -26,7 +33,7 @@ fn main() -> Result<()> {
         eprintln!(
             "provisioning profile `{}` under pool `{}` (engine build and model are cached after the first run)",
             profile.name,
-            test_harness_e2e_haiku::proof_pool(&profile)
+            test_harness_e2e_haiku::proof_pool(&pool)
         );
     }
     let streamed = std::sync::atomic::AtomicBool::new(false);
@@ -40,7 +47,7 @@ fn main() -> Result<()> {
         }
     };
     let report = rt.block_on(test_harness_e2e_haiku::run(
-        &profile, &layout, json, &on_token,
+        &profile, &pool, &layout, json, &on_token,
     ))?;
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);

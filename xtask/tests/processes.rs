@@ -1,0 +1,240 @@
+//! Ownership against real processes: the `xtask` binary, real llama-server
+//! engines (the default profile, shared through the workspace cache), a
+//! private runtime directory per test and a pool id per test.
+
+use engine_runtime::lifecycle::RunPaths;
+use llorch_io::cmd::Cmd;
+use llorch_io::handoff::PoolId;
+use llorch_io::paths::Layout;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("..")
+        .canonicalize()
+        .unwrap()
+}
+
+fn layout(rt: &Path) -> Layout {
+    let root = root();
+    Layout::at(root.clone(), root.join("cache"), rt.to_path_buf())
+}
+
+fn xtask(rt: &Path) -> Cmd {
+    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+        .env("LLORCH_ROOT", root())
+        .env("LLORCH_RUNTIME_DIR", rt)
+        .dir(root())
+}
+
+/// Live processes whose stdout is `log` (every engine of a pool writes its log there).
+fn engines_writing(log: &Path) -> Vec<u32> {
+    let mut pids = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
+            continue;
+        };
+        if std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|p| p == log) {
+            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .map(|s| {
+                    s.rsplit_once(')')
+                        .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
+                })
+                .unwrap_or(true);
+            if !zombie {
+                pids.push(pid);
+            }
+        }
+    }
+    pids
+}
+
+fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + within;
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Two `provision` runs started at the same moment end with one engine:
+/// both exit 0, one started it and the other attached, and nothing else
+/// runs for the pool. Repeated (`LLORCH_PROVISION_ROUNDS`, default 8).
+#[test]
+fn two_provisions_at_once_end_with_one_engine() {
+    let rounds: usize = std::env::var("LLORCH_PROVISION_ROUNDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(8);
+    let rt = tempfile::tempdir().unwrap();
+    let layout = layout(rt.path());
+    for round in 0..rounds {
+        let pool = PoolId::parse(&format!("xt-race-{}-{round}", std::process::id())).unwrap();
+        let paths = RunPaths::new(&layout, &pool);
+        let spawn = || {
+            xtask(rt.path())
+                .args(["provision", "--pool", pool.as_str(), "--json"])
+                .to_std()
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let (a, b) = (spawn(), spawn());
+        let (a, b) = (a.wait_with_output().unwrap(), b.wait_with_output().unwrap());
+        let mut outs = Vec::new();
+        for o in [&a, &b] {
+            assert!(
+                o.status.success(),
+                "round {round}: provision failed: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+            let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+                .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&o.stdout)));
+            outs.push(v);
+        }
+        let mut actions: Vec<&str> = outs.iter().map(|v| v["action"].as_str().unwrap()).collect();
+        actions.sort();
+        assert_eq!(actions, ["already_running", "started"], "round {round}");
+        assert_eq!(outs[0]["pid"], outs[1]["pid"], "round {round}: one engine");
+        let pid = outs[0]["pid"].as_u64().unwrap() as u32;
+        assert_eq!(
+            engines_writing(&paths.log),
+            vec![pid],
+            "round {round}: no other engine"
+        );
+        let down = xtask(rt.path())
+            .args(["engine", "down", "--pool", pool.as_str()])
+            .to_std()
+            .output()
+            .unwrap();
+        assert!(
+            down.status.success(),
+            "{}",
+            String::from_utf8_lossy(&down.stderr)
+        );
+        assert!(String::from_utf8_lossy(&down.stdout).contains(&format!("pid {pid}")));
+        wait_until("the engine to exit", Duration::from_secs(10), || {
+            engines_writing(&paths.log).is_empty()
+        });
+        assert!(
+            !paths.pid_file.exists() && !paths.handoff.exists(),
+            "run files removed"
+        );
+        let _ = std::fs::remove_file(&paths.log);
+    }
+}
+
+/// `serve` on SIGTERM and on SIGHUP: an open stream ends with a terminal
+/// event, serve exits 0, and no engine, PID file or handoff is left. While it
+/// runs, a second `provision` or `engine up` for its pool attaches to the
+/// running engine or is refused, naming its pid, and that engine is untouched.
+#[test]
+fn serve_drains_on_sigterm_and_sighup_and_refuses_a_second_owner() {
+    for (sig, name) in [(libc::SIGTERM, "term"), (libc::SIGHUP, "hup")] {
+        let rt = tempfile::tempdir().unwrap();
+        let layout = layout(rt.path());
+        let pool = PoolId::parse(&format!("xt-drain-{}-{name}", std::process::id())).unwrap();
+        let paths = RunPaths::new(&layout, &pool);
+        let mut child = xtask(rt.path())
+            .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
+            .to_std()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("serve printed where it serves")
+                .unwrap();
+            if let Some(rest) = line.strip_prefix("serving ") {
+                let at = rest.split(" at ").nth(1).unwrap();
+                break at.split_whitespace().next().unwrap().to_string();
+            }
+        };
+        let engine_pid = {
+            let r = llorch_io::handoff::RunRecord::read(&paths.pid_file)
+                .unwrap()
+                .expect("a run record");
+            assert!(r.process.is_running());
+            r.process.pid
+        };
+        for args in [
+            vec!["provision", "--pool", pool.as_str()],
+            vec!["engine", "up", "--pool", pool.as_str()],
+        ] {
+            // Refused, or attached to the same engine: both name its pid.
+            let second = xtask(rt.path()).args(&args).to_std().output().unwrap();
+            let said = format!(
+                "{}{}",
+                String::from_utf8_lossy(&second.stdout),
+                String::from_utf8_lossy(&second.stderr)
+            );
+            assert!(
+                said.contains(&format!("pid {engine_pid}")),
+                "{args:?}: {said}"
+            );
+            if second.status.success() {
+                assert!(said.starts_with("attached"), "{args:?}: {said}");
+            }
+        }
+        assert_eq!(engines_writing(&paths.log), vec![engine_pid], "untouched");
+
+        let serve_pid = child.id() as i32;
+        let rt_tokio = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()
+            .unwrap();
+        let r = rt_tokio.block_on(async {
+            let c = llorch_io::http::async_client();
+            let id = orchestratord::client::submit(
+                &c,
+                &url,
+                &serde_json::json!({"prompt": "Count to fifty:", "max_tokens": 48, "ignore_eos": true}),
+            )
+            .await
+            .unwrap();
+            let sent = std::sync::atomic::AtomicBool::new(false);
+            let on_token = |_: &str| {
+                if !sent.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                    unsafe { libc::kill(serve_pid, sig) };
+                }
+            };
+            tokio::time::timeout(
+                Duration::from_secs(60),
+                orchestratord::client::read_stream(&c, &url, &id, Some(&on_token), None),
+            )
+            .await
+            .expect("the stream ended")
+            .unwrap()
+        });
+        assert!(r.order_ok(), "{name}: {:?}", r.order);
+        assert!(
+            r.end.is_some(),
+            "{name}: the running task finishes during the drain"
+        );
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(Instant::now() < deadline, "{name}: serve did not exit");
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        let mut err = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
+        assert!(status.success(), "{name}: serve exited {status}: {err}");
+        wait_until("the engine to exit", Duration::from_secs(10), || {
+            engines_writing(&paths.log).is_empty()
+        });
+        assert!(!paths.pid_file.exists(), "{name}: PID file left");
+        assert!(!paths.handoff.exists(), "{name}: handoff left");
+        let _ = std::fs::remove_file(&paths.log);
+    }
+}
