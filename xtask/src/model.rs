@@ -162,8 +162,7 @@ impl ModelCmd {
                 Ok(())
             }
             ModelSub::Gc { max_bytes, json } => {
-                let in_use = model_provisioner::store::models_in_use(&ctx.layout);
-                let rep = store.gc(max_bytes, &in_use)?;
+                let rep = store.gc(max_bytes)?;
                 if json {
                     return print_json(&rep);
                 }

@@ -24,6 +24,7 @@ use std::time::{Duration, Instant};
 /// What the orchestrator reports about a prepared engine (its URL is filled in once it runs).
 pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
     EngineInfo {
+        pool: prep.pool_id.to_string(),
         url: String::new(),
         engine: "llamacpp".into(),
         engine_version: prep.engine_version.clone(),

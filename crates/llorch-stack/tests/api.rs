@@ -171,6 +171,7 @@ async fn events_in_order_with_contiguous_indices() {
         .await
         .unwrap();
     assert_eq!(caps["engine"], "llamacpp");
+    assert_eq!(caps["pool"], "api-tests");
     assert_eq!(caps["ctx_max"], 8192);
     assert!(caps["model"]["digest"]
         .as_str()
@@ -392,6 +393,8 @@ async fn not_ready_unknown_and_bad_requests() {
         ),
         (r#"{"messages": [{"role": "user"}]}"#, "messages[0]"),
         (r#"{"prompt": "x", "task_id": "../x"}"#, "task_id"),
+        (r#"{"prompt": "x", "pool": "../../x"}"#, "pool"),
+        (r#"{"prompt": "x", "pool": "Upper"}"#, "pool"),
     ] {
         let r = c
             .post(format!("{base}/v1/tasks"))
@@ -403,6 +406,30 @@ async fn not_ready_unknown_and_bad_requests() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["field"], field, "{body}: {v}");
     }
+    // A task may name its pool: only the one served here.
+    let r = c
+        .post(format!("{base}/v1/tasks"))
+        .json(&json!({"prompt": "x", "max_tokens": 1, "pool": "elsewhere"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "POOL_NOT_FOUND", "{v}");
+    assert!(v["error"]["message"]
+        .as_str()
+        .unwrap()
+        .contains("api-tests"));
+    let ok = stream_task(
+        &c,
+        &base,
+        &json!({"prompt": "x", "max_tokens": 1, "pool": "api-tests"}),
+        None,
+        None,
+    )
+    .await
+    .unwrap();
+    assert!(ok.order_ok(), "{:?}", ok.order);
     let long = json!({"prompt": "x".repeat(101)});
     let r = c
         .post(format!("{base}/v1/tasks"))

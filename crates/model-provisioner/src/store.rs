@@ -642,8 +642,11 @@ impl ModelStore {
     }
 
     /// Evict least-recently-used blobs until the store fits `max_bytes`,
-    /// never one in `in_use` (digests of models that running engines use).
-    pub fn gc(&self, max_bytes: u64, in_use: &[String]) -> Result<GcReport, ModelError> {
+    /// never one in use: a blob is deleted only while this holds
+    /// `locks/blob-<digest>.lock` exclusively, and every engine process holds
+    /// it shared for as long as it lives (the kernel drops the lock when the
+    /// process dies, so a crashed engine never pins a blob).
+    pub fn gc(&self, max_bytes: u64) -> Result<GcReport, ModelError> {
         let refs = self.read_refs();
         // One blob may have several refs: its last use is the latest of them.
         let mut blobs: BTreeMap<String, BlobUse> = BTreeMap::new();
@@ -668,10 +671,12 @@ impl ModelStore {
             if total <= max_bytes {
                 break;
             }
-            if in_use.contains(&digest) {
+            let lock = self.layout.blob_lock(&digest);
+            let Some(_lease) = FileLock::try_exclusive(&lock).map_err(io("lock blob for gc"))?
+            else {
                 report.kept_in_use.push(digest);
                 continue;
-            }
+            };
             let _ = std::fs::remove_file(self.blob(&digest));
             self.update_refs(|r| {
                 for x in &rs {
@@ -726,31 +731,4 @@ fn hf_head(url: &str, token: Option<&str>) -> HfHead {
         linked_etag: h("x-linked-etag").or_else(|| h("etag")),
         commit: h("x-repo-commit"),
     }
-}
-
-/// Digests of models used by running engines (from `.runtime/engines/*.json`
-/// handoffs whose pid is alive).
-pub fn models_in_use(layout: &Layout) -> Vec<String> {
-    let mut v = Vec::new();
-    for e in std::fs::read_dir(layout.engines_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        let Ok(text) = std::fs::read_to_string(e.path()) else {
-            continue;
-        };
-        let Ok(j) = serde_json::from_str::<serde_json::Value>(&text) else {
-            continue;
-        };
-        let pid = j["pid"].as_i64().unwrap_or(0) as i32;
-        // SAFETY: kill with signal 0 only checks that the process exists.
-        let alive = pid > 0 && unsafe { libc::kill(pid, 0) } == 0;
-        if alive {
-            if let Some(d) = j["model"]["digest"].as_str() {
-                v.push(d.to_string());
-            }
-        }
-    }
-    v
 }

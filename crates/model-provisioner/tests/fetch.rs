@@ -274,13 +274,11 @@ fn eviction_never_removes_a_model_in_use() {
         digests.push(o.metadata.digest);
         std::thread::sleep(std::time::Duration::from_millis(1100)); // distinct last-use seconds
     }
-    // A running engine (this process) uses the oldest model.
-    std::fs::create_dir_all(l.engines_dir()).unwrap();
-    let handoff = serde_json::json!({"pid": std::process::id(), "model": {"digest": digests[0]}});
-    std::fs::write(l.engines_dir().join("default.json"), handoff.to_string()).unwrap();
-    let in_use = model_provisioner::store::models_in_use(&l);
-    assert_eq!(in_use, vec![digests[0].clone()]);
-    let rep = store.gc(0, &in_use).unwrap();
+    // A running engine uses the oldest model: it holds the blob's lease
+    // (a shared flock; flock conflicts per open file, so holding it here is
+    // what an engine process does).
+    let lease = llorch_io::fsx::FileLock::shared(&l.blob_lock(&digests[0])).unwrap();
+    let rep = store.gc(0).unwrap();
     assert_eq!(rep.kept_in_use, vec![digests[0].clone()]);
     assert_eq!(
         rep.evicted,
@@ -289,6 +287,11 @@ fn eviction_never_removes_a_model_in_use() {
     );
     assert!(store.blob(&digests[0]).is_file());
     assert!(!store.blob(&digests[1]).exists());
+    // Once the engine is gone, the blob can go too.
+    drop(lease);
+    let rep = store.gc(0).unwrap();
+    assert_eq!(rep.evicted, vec![digests[0].clone()]);
+    assert!(!store.blob(&digests[0]).exists());
 }
 
 #[test]

@@ -90,6 +90,8 @@ pub struct CreateTask {
     pub ignore_eos: Option<bool>,
     pub stop: Option<Vec<String>>,
     pub grammar: Option<String>,
+    /// The pool to run on; when given it must be the pool this orchestrator serves.
+    pub pool: Option<String>,
 }
 
 const MAX_STOP_STRINGS: usize = 8;
@@ -119,8 +121,15 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
 }
 
 impl CreateTask {
-    pub fn validate(self, st: &AppState) -> Result<(TaskRequest, Option<String>), ApiError> {
+    pub fn validate(self, st: &AppState) -> Result<Validated, ApiError> {
         let c = &st.cfg;
+        let pool = match &self.pool {
+            None => None,
+            Some(p) => Some(
+                llorch_io::handoff::PoolId::parse(p)
+                    .map_err(|e| ApiError::invalid("pool", e.to_string()))?,
+            ),
+        };
         if matches!(&self.prompt, Some(p) if p.is_empty()) {
             return Err(ApiError::invalid("prompt", "prompt is empty"));
         }
@@ -241,9 +250,17 @@ impl CreateTask {
                 grammar: self.grammar,
             },
             self.task_id,
+            pool,
         ))
     }
 }
+
+/// A checked request, its client-chosen id and the pool it names.
+pub type Validated = (
+    TaskRequest,
+    Option<String>,
+    Option<llorch_io::handoff::PoolId>,
+);
 
 fn not_ready(st: &AppState) -> ApiError {
     st.metrics.reject("not_ready");
@@ -274,11 +291,33 @@ async fn create_task(
     body: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
     let req: CreateTask = parse_body(&body).inspect_err(|_| st.metrics.reject("invalid"))?;
-    let (req, task_id) = req
+    let (req, task_id, pool) = req
         .validate(&st)
         .inspect_err(|_| st.metrics.reject("invalid"))?;
     if st.stopping.load(Ordering::SeqCst) || !st.ready.load(Ordering::SeqCst) {
         return Err(not_ready(&st));
+    }
+    if let Some(want) = &pool {
+        let served = st
+            .last_engine
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|e| e.pool.clone());
+        if served.as_deref() != Some(want.as_str()) {
+            st.metrics.reject("invalid");
+            return Err(ApiError {
+                field: Some("pool".into()),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "POOL_NOT_FOUND",
+                    format!(
+                        "no pool `{want}` here; this orchestrator serves pool `{}`",
+                        served.unwrap_or_default()
+                    ),
+                )
+            });
+        }
     }
     let task_id = task_id.unwrap_or_else(|| st.new_task_id());
     let task = {
@@ -391,6 +430,7 @@ async fn capabilities(State(st): State<Shared>) -> Response {
     };
     Json(json!({
         "api": "v1",
+        "pool": e.as_ref().map(|e| e.pool.clone()),
         "engine": e.as_ref().map(|e| e.engine.clone()),
         "engine_version": e.as_ref().map(|e| e.engine_version.clone()),
         "model": e.as_ref().map(|e| json!({"ref": e.model_ref, "digest": e.model_digest})),

@@ -7,6 +7,8 @@ use serde::{Deserialize, Serialize};
 /// What the orchestrator knows about the engine it fronts.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct EngineInfo {
+    /// The pool this engine serves (tasks may name it: `pool`).
+    pub pool: String,
     pub url: String,
     pub engine: String,
     pub engine_version: String,
@@ -29,6 +31,7 @@ impl EngineInfo {
             ));
         }
         Ok(EngineInfo {
+            pool: h.pool_id.to_string(),
             url: h.url.clone(),
             engine: h.engine.clone(),
             engine_version: h.engine_version.clone(),
