@@ -238,3 +238,31 @@ fn serve_drains_on_sigterm_and_sighup_and_refuses_a_second_owner() {
         let _ = std::fs::remove_file(&paths.log);
     }
 }
+
+/// A cache directory whose path is not UTF-8 is refused up front, by name:
+/// paths below it are written into JSON and are never converted lossily.
+#[test]
+fn a_non_utf8_cache_directory_is_refused_by_name() {
+    use std::os::unix::ffi::OsStrExt;
+    let rt = tempfile::tempdir().unwrap();
+    let mut bad = rt.path().as_os_str().as_bytes().to_vec();
+    bad.extend_from_slice(b"/caf\xe9");
+    let out = xtask(rt.path())
+        .env("LLORCH_CACHE_DIR", std::ffi::OsStr::from_bytes(&bad))
+        .args(["engine", "ls"])
+        .to_std()
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("cache directory")
+            && err.contains("not valid UTF-8")
+            && err.contains("LLORCH_CACHE_DIR"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(std::ffi::OsStr::from_bytes(&bad)).exists(),
+        "nothing created"
+    );
+}

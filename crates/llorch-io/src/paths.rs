@@ -6,17 +6,34 @@
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
-#[error("cannot find the llama-orch workspace from {start}: no toolchains/llama.cpp.yaml in it or any parent\n  hint: run from inside the llama-orch checkout, or set LLORCH_ROOT")]
-pub struct NoWorkspace {
-    pub start: String,
+pub enum NoWorkspace {
+    #[error("cannot find the llama-orch workspace from {start}: no toolchains/llama.cpp.yaml in it or any parent\n  hint: run from inside the llama-orch checkout, or set LLORCH_ROOT")]
+    NotFound { start: String },
+    #[error("{what} {} is not valid UTF-8: its paths are written into JSON run files and handoffs, and are never converted lossily\n  hint: move it to a UTF-8 path or set {var}", .path.display())]
+    NotUtf8 {
+        what: &'static str,
+        var: &'static str,
+        path: PathBuf,
+    },
 }
+
+/// A path as UTF-8 text (camino), or an error naming it. Every path that is
+/// written into JSON or shown as a value goes through this (or is below a
+/// [`Layout`] root, which `discover` has checked).
+pub fn utf8(path: &Path) -> Result<&camino::Utf8Path, NotUtf8> {
+    camino::Utf8Path::from_path(path).ok_or_else(|| NotUtf8(path.to_path_buf()))
+}
+
+#[derive(Debug, thiserror::Error)]
+#[error("{} is not valid UTF-8 (paths written into JSON are never converted lossily); rename it", .0.display())]
+pub struct NotUtf8(pub PathBuf);
 
 pub fn workspace_root() -> Result<PathBuf, NoWorkspace> {
     if let Some(r) = std::env::var_os("LLORCH_ROOT") {
         return Ok(PathBuf::from(r));
     }
     let start = std::env::current_dir().unwrap_or_else(|_| PathBuf::from("."));
-    find_root_from(&start).ok_or_else(|| NoWorkspace {
+    find_root_from(&start).ok_or_else(|| NoWorkspace::NotFound {
         start: start.display().to_string(),
     })
 }
@@ -51,8 +68,24 @@ impl Layout {
         }
     }
 
+    /// The layout of this workspace; its three roots must be UTF-8, so that
+    /// every path below them can be written into JSON as it is.
     pub fn discover() -> Result<Layout, NoWorkspace> {
-        Ok(Layout::from_root(workspace_root()?))
+        let l = Layout::from_root(workspace_root()?);
+        for (what, var, path) in [
+            ("workspace root", "LLORCH_ROOT", &l.root),
+            ("cache directory", "LLORCH_CACHE_DIR", &l.cache),
+            ("runtime directory", "LLORCH_RUNTIME_DIR", &l.runtime),
+        ] {
+            if path.to_str().is_none() {
+                return Err(NoWorkspace::NotUtf8 {
+                    what,
+                    var,
+                    path: path.clone(),
+                });
+            }
+        }
+        Ok(l)
     }
 
     /// A layout with explicit directories (tests).

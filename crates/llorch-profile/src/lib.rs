@@ -469,10 +469,15 @@ impl Profile {
                 pins: pins_path.display().to_string(),
                 available: pins.pins.keys().cloned().collect::<Vec<_>>().join(", "),
             })?;
-        let name = path
-            .file_stem()
-            .map(|s| s.to_string_lossy().into_owned())
-            .unwrap_or_default();
+        let name = match path.file_stem().map(|s| s.to_str()) {
+            Some(Some(n)) => n.to_string(),
+            _ => {
+                return Err(ConfigError::Invalid {
+                    path: path.display().to_string(),
+                    message: "the profile's file name is not UTF-8 (it names the profile in JSON output); rename the file".into(),
+                })
+            }
+        };
         Ok(Profile {
             name,
             path: path.to_path_buf(),
@@ -494,8 +499,10 @@ pub fn list_profiles(root: &Path) -> Vec<String> {
         .flatten()
         .filter_map(|e| {
             let p = e.path();
+            // A file whose name is not UTF-8 is not a profile anyone can name.
             (p.extension().is_some_and(|x| x == "yaml"))
-                .then(|| p.file_stem().unwrap().to_string_lossy().into_owned())
+                .then(|| p.file_stem()?.to_str().map(str::to_string))
+                .flatten()
         })
         .collect();
     v.sort();

@@ -17,6 +17,8 @@ pub enum ProvisionError {
     Engine(#[from] engine_runtime::EngineError),
     #[error("profile {0} has no `model:` section; add `model: {{ref: …, sha256: …}}`")]
     NoModel(String),
+    #[error(transparent)]
+    NotUtf8(#[from] llorch_io::paths::NotUtf8),
 }
 
 pub struct Prepared {

