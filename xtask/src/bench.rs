@@ -425,7 +425,7 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
                 seen.push_str(&String::from_utf8_lossy(&s.next().await.unwrap()?));
             }
             let t = Instant::now();
-            http.post(format!("{orch}/v1/tasks/{id}/cancel")).send().await?;
+            http.post(format!("{orch}/v1/tasks/{id}/cancel")).header("content-type", "application/json").send().await?;
             loop {
                 let v: Value = http.get(format!("{engine}/slots")).send().await?.json().await?;
                 if v.as_array().is_some_and(|a| a.iter().all(|x| x["is_processing"] == json!(false))) {
@@ -446,7 +446,7 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         }
         let after = rss_kib();
         for id in ids.iter().rev() {
-            http.post(format!("{orch}/v1/tasks/{id}/cancel")).send().await?;
+            http.post(format!("{orch}/v1/tasks/{id}/cancel")).header("content-type", "application/json").send().await?;
         }
         let server_metrics = stack.server.state.metrics.render(0, true);
         let server_ttft = (server_metrics

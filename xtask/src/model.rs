@@ -65,6 +65,7 @@ pub fn fetch_for_profile(
             require_digest: m.require_digest,
             import: false,
             quiet,
+            ..Default::default()
         },
     )?)
 }
@@ -91,6 +92,7 @@ impl ModelCmd {
                                 require_digest: false,
                                 import,
                                 quiet: p.json,
+                                ..Default::default()
                             },
                         )?
                     }
@@ -115,7 +117,7 @@ impl ModelCmd {
                 Ok(())
             }
             ModelSub::Ls { json } => {
-                let list = store.list();
+                let list = store.list()?;
                 if json {
                     let v: Vec<_> = list
                         .iter()
@@ -143,7 +145,7 @@ impl ModelCmd {
                 Ok(())
             }
             ModelSub::Verify { json } => {
-                let res = store.verify();
+                let res = store.verify()?;
                 let bad = res.iter().filter(|r| !r.1).count();
                 if json {
                     print_json(

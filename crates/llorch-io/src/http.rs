@@ -17,6 +17,19 @@ pub fn blocking_client() -> reqwest::blocking::Client {
         .expect("reqwest client configuration is static")
 }
 
+/// Blocking client for large downloads: no limit on the whole transfer, but
+/// connecting, the response head and every single read must each finish
+/// within `stall` (reqwest's blocking timeout applies per operation), so a
+/// server that stops sending mid-body is noticed and the download resumes.
+pub fn download_client(stall: Duration) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(10).min(stall))
+        .timeout(stall)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
 /// Short-timeout blocking client for local probes (`/health`, `/metrics`).
 /// Connections are not reused (see [`async_client`]).
 pub fn probe_client() -> reqwest::blocking::Client {

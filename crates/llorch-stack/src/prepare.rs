@@ -48,6 +48,7 @@ pub fn prepare(
             require_digest: m.require_digest,
             import: false,
             quiet: opts.quiet,
+            ..Default::default()
         },
     )?;
     let md = fetched.metadata;

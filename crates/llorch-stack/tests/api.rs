@@ -265,7 +265,11 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     assert!(full.headers().get("retry-after").is_some());
     let bid = b["task_id"].as_str().unwrap();
     assert_eq!(
-        status(c.post(format!("{base}/v1/tasks/{bid}/cancel"))).await,
+        status(
+            c.post(format!("{base}/v1/tasks/{bid}/cancel"))
+                .header("content-type", "application/json")
+        )
+        .await,
         204
     );
     let rb = read_stream(&c, &base, bid, None, None).await.unwrap();
@@ -273,7 +277,11 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     assert!(rb.canceled());
     let aid = a["task_id"].as_str().unwrap();
     assert_eq!(
-        status(c.post(format!("{base}/v1/tasks/{aid}/cancel"))).await,
+        status(
+            c.post(format!("{base}/v1/tasks/{aid}/cancel"))
+                .header("content-type", "application/json")
+        )
+        .await,
         204
     );
     let ra = read_stream(&c, &base, aid, None, None).await.unwrap();
@@ -375,7 +383,11 @@ async fn not_ready_unknown_and_bad_requests() {
         404
     );
     assert_eq!(
-        status(c.post(format!("{base}/v1/tasks/nope/cancel"))).await,
+        status(
+            c.post(format!("{base}/v1/tasks/nope/cancel"))
+                .header("content-type", "application/json")
+        )
+        .await,
         404
     );
     for (body, field) in [
@@ -398,6 +410,7 @@ async fn not_ready_unknown_and_bad_requests() {
     ] {
         let r = c
             .post(format!("{base}/v1/tasks"))
+            .header("content-type", "application/json")
             .body(body)
             .send()
             .await
@@ -687,6 +700,7 @@ async fn a_deadline_holds_while_queued() {
     // A deadline that passes while decoding ends the running task too.
     let aid = a["task_id"].as_str().unwrap();
     c.post(format!("{base}/v1/tasks/{aid}/cancel"))
+        .header("content-type", "application/json")
         .send()
         .await
         .unwrap();
@@ -939,6 +953,7 @@ async fn random_create_cancel_disconnect_sequences_all_end_and_are_reaped() {
                 let cancel = |c: reqwest::Client, base: String, id: String| async move {
                     let s = c
                         .post(format!("{base}/v1/tasks/{id}/cancel"))
+                        .header("content-type", "application/json")
                         .send()
                         .await
                         .unwrap()
@@ -1063,5 +1078,98 @@ async fn random_create_cancel_disconnect_sequences_all_end_and_are_reaped() {
         (sequences / CLIENTS) * CLIENTS - totals[6]
     );
     assert_eq!(admitted, ended, "every admitted task ended once: {m}");
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// What a web page could send is refused: a foreign `Host` (DNS rebinding)
+/// gets 403, a state-changing request that is not `application/json` gets
+/// 415, no CORS header is ever sent, and a client that never finishes its
+/// request head is disconnected.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn web_pages_cannot_drive_the_api_and_slow_heads_are_dropped() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config {
+        allowed_hosts: vec!["llm.lan".into()],
+        header_read_timeout: Duration::from_millis(500),
+        ..Default::default()
+    })
+    .await;
+    let port = srv.addr.port();
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    let body = json!({"prompt": "Hi", "max_tokens": 1});
+    for host in [
+        "evil.example",
+        "evil.example:80",
+        "127.0.0.1.evil.example",
+        "[::2]",
+    ] {
+        for req in [
+            c.get(format!("{base}/v1/capabilities")),
+            c.post(format!("{base}/v1/tasks")).json(&body),
+        ] {
+            let r = req.header("host", host).send().await.unwrap();
+            assert_eq!(r.status(), 403, "{host}");
+            let v: Value = r.json().await.unwrap();
+            assert_eq!(v["error"]["code"], "HOST_NOT_ALLOWED", "{host}: {v}");
+        }
+    }
+    for host in [
+        format!("localhost:{port}"),
+        format!("127.0.0.1:{port}"),
+        "LOCALHOST".into(),
+        "llm.lan".into(),
+        format!("llm.lan:{port}"),
+    ] {
+        let r = c
+            .get(format!("{base}/v1/capabilities"))
+            .header("host", &host)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200, "{host}");
+    }
+    // A cross-origin "simple" request cannot carry application/json.
+    for (ct, payload) in [
+        ("text/plain", body.to_string()),
+        ("application/x-www-form-urlencoded", "prompt=Hi".into()),
+        ("multipart/form-data; boundary=x", "--x--".into()),
+    ] {
+        let r = c
+            .post(format!("{base}/v1/tasks"))
+            .header("content-type", ct)
+            .header("origin", "http://evil.example")
+            .body(payload)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 415, "{ct}");
+        assert!(r.headers().get("access-control-allow-origin").is_none());
+    }
+    let r = c
+        .post(format!("{base}/v1/tasks/whatever/cancel"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 415, "cancel without a JSON content type");
+    let r = c
+        .post(format!("{base}/v1/tasks"))
+        .header("content-type", "application/json; charset=utf-8")
+        .header("origin", "http://evil.example")
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    assert!(r.headers().get("access-control-allow-origin").is_none());
+    // A slow head: the connection is closed at the header timeout.
+    let mut tcp = tokio::net::TcpStream::connect(srv.addr).await.unwrap();
+    tcp.write_all(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "a half-sent request head held the connection");
     srv.shutdown(Duration::from_secs(1)).await;
 }

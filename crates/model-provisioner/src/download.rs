@@ -61,7 +61,13 @@ pub struct DownloadOptions {
     pub bearer: Option<String>,
     pub expected_sha256: Option<String>,
     pub quiet: bool,
+    /// A read that gets nothing for this long is a lost connection (retried
+    /// with resume); default [`DEFAULT_STALL`].
+    pub stall_timeout: Option<std::time::Duration>,
 }
+
+/// How long a download may receive nothing before it is retried.
+pub const DEFAULT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Download `url` into `partial`, resuming what is there.
 pub fn download(
@@ -70,7 +76,7 @@ pub fn download(
     partial: &Path,
     opts: &DownloadOptions,
 ) -> Result<Downloaded, DownloadError> {
-    let client = llorch_io::http::blocking_client();
+    let client = llorch_io::http::download_client(opts.stall_timeout.unwrap_or(DEFAULT_STALL));
     let io = |what: &str| {
         let what = format!("{what} {}", partial.display());
         move |err| DownloadError::Io { what, err }
@@ -141,13 +147,24 @@ pub fn download(
                 });
             }
         }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .write(true)
-            .append(resuming)
-            .truncate(!resuming)
-            .open(partial)
-            .map_err(io("open"))?;
+        // Never written through a link: a partial that is one is removed
+        // (and the open refuses one that appears meanwhile).
+        if std::fs::symlink_metadata(partial).is_ok_and(|m| !m.file_type().is_file()) {
+            std::fs::remove_file(partial).map_err(io("remove non-file partial"))?;
+            last = "the partial download was not a regular file (removed)".into();
+            continue;
+        }
+        let file = {
+            use std::os::unix::fs::OpenOptionsExt;
+            std::fs::OpenOptions::new()
+                .create(true)
+                .write(true)
+                .append(resuming)
+                .truncate(!resuming)
+                .custom_flags(libc::O_NOFOLLOW)
+                .open(partial)
+                .map_err(io("open"))?
+        };
         let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
         let start = if resuming {
             w.prime(partial).map_err(io("re-read"))?;

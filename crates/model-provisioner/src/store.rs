@@ -77,6 +77,41 @@ pub struct RefEntry {
     /// For refs used in place (local files not imported): their path.
     #[serde(default)]
     pub in_place: Option<PathBuf>,
+    /// The file as it was when its bytes last hashed to `digest`. A hit
+    /// whose file differs from this in any field is hashed again.
+    #[serde(default)]
+    pub verified: Option<Stamp>,
+}
+
+/// What identifies a file's bytes without reading them: size, inode, device,
+/// modification and change times (ns). A write, a replace, a copy or a touch
+/// changes at least one of them.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stamp {
+    pub size: u64,
+    pub ino: u64,
+    pub dev: u64,
+    pub mtime_ns: i128,
+    pub ctime_ns: i128,
+}
+
+impl Stamp {
+    /// The stamp of a regular file (never following a symlink); `None` for
+    /// anything else or a missing file.
+    pub fn of(path: &Path) -> Option<Stamp> {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::symlink_metadata(path).ok()?;
+        if !m.file_type().is_file() {
+            return None;
+        }
+        Some(Stamp {
+            size: m.len(),
+            ino: m.ino(),
+            dev: m.dev(),
+            mtime_ns: m.mtime() as i128 * 1_000_000_000 + m.mtime_nsec() as i128,
+            ctime_ns: m.ctime() as i128 * 1_000_000_000 + m.ctime_nsec() as i128,
+        })
+    }
 }
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
@@ -109,6 +144,8 @@ pub struct FetchOptions {
     /// Copy local files into the store instead of using them in place.
     pub import: bool,
     pub quiet: bool,
+    /// Download stall timeout (default `download::DEFAULT_STALL`).
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -148,18 +185,33 @@ impl ModelStore {
         self.dir.join("refs.json")
     }
 
-    pub fn read_refs(&self) -> RefsFile {
-        std::fs::read_to_string(self.refs_path())
-            .ok()
-            .and_then(|t| serde_json::from_str(&t).ok())
-            .unwrap_or_default()
+    /// The index. A missing one is empty; an unreadable or corrupt one is an
+    /// error (never silently replaced by an empty index that orphans blobs).
+    pub fn read_refs(&self) -> Result<RefsFile, ModelError> {
+        let path = self.refs_path();
+        let text = match std::fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RefsFile::default()),
+            Err(err) => {
+                return Err(ModelError::Io {
+                    what: format!("read {}", path.display()),
+                    err,
+                })
+            }
+        };
+        serde_json::from_str(&text).map_err(|e| {
+            ModelError::Other(format!(
+                "the model index {} is corrupt ({e}); nothing was changed\n  hint: move it aside (mv {0} {0}.bad) and fetch again: models already in the store are found by their digest and hashed again before use",
+                path.display()
+            ))
+        })
     }
 
     /// Read-modify-write `refs.json` under its lock.
     pub fn update_refs(&self, f: impl FnOnce(&mut RefsFile)) -> Result<(), ModelError> {
         let _l = FileLock::exclusive(&self.layout.locks().join("models-refs.lock"), || {})
             .map_err(io("lock refs.json"))?;
-        let mut refs = self.read_refs();
+        let mut refs = self.read_refs()?;
         f(&mut refs);
         let json = serde_json::to_vec_pretty(&refs).expect("refs serialize");
         fsx::write_atomic(&self.refs_path(), &json).map_err(io("write refs.json"))
@@ -196,7 +248,7 @@ impl ModelStore {
         .map_err(io("lock model ref"))?;
 
         // Already here? (by recorded ref, or by the expected digest)
-        let refs = self.read_refs();
+        let refs = self.read_refs()?;
         let known = refs.refs.get(&canonical).cloned();
         let hit = match (&known, &opts.expected_sha256) {
             (Some(e), Some(exp)) if &e.digest != exp => None,
@@ -212,19 +264,28 @@ impl ModelStore {
         };
         if let Some(e) = hit {
             let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
-            let size_ok = std::fs::metadata(&path)
-                .map(|m| m.len() == e.size_bytes)
-                .unwrap_or(false);
-            if size_ok {
-                let md = self.metadata_for(&canonical, &path, &e)?;
-                self.touch(&canonical, e)?;
-                return Ok(FetchOutcome {
-                    metadata: md,
-                    cached: true,
-                    transferred_bytes: 0,
-                    resumed_from: 0,
-                    duration_ms: started.elapsed().as_millis() as u64,
-                });
+            match check_hit(&path, &e) {
+                Ok(e) => {
+                    let md = self.metadata_for(&canonical, &path, &e)?;
+                    self.touch(&canonical, e)?;
+                    return Ok(FetchOutcome {
+                        metadata: md,
+                        cached: true,
+                        transferred_bytes: 0,
+                        resumed_from: 0,
+                        duration_ms: started.elapsed().as_millis() as u64,
+                    });
+                }
+                Err(why) if e.in_place.is_some() && !matches!(mref, ModelRef::File { .. }) => {
+                    return Err(ModelError::Other(format!(
+                        "{canonical}: {}: {why}\n  hint: `cargo xtask model verify` lists what is corrupt",
+                        path.display()
+                    )));
+                }
+                Err(why) => say(&format!(
+                    "{}: {why}; fetching {canonical} again",
+                    path.display()
+                )),
             }
         }
 
@@ -277,6 +338,7 @@ impl ModelStore {
                         bearer: token,
                         expected_sha256: expected,
                         quiet: opts.quiet,
+                        stall_timeout: opts.stall_timeout,
                     },
                 )?;
                 let e = self.commit(
@@ -368,6 +430,7 @@ impl ModelStore {
             bearer,
             expected_sha256: expected.or_else(|| opts.expected_sha256.clone()),
             quiet: opts.quiet,
+            stall_timeout: opts.stall_timeout,
         }
     }
 
@@ -395,6 +458,7 @@ impl ModelStore {
             });
         }
         gguf::read_header(&abs)?;
+        let stamp = Stamp::of(&abs);
         let digest =
             llorch_io::digest::sha256_file(&abs).map_err(io(format!("hash {}", abs.display())))?;
         if let Some(exp) = &opts.expected_sha256 {
@@ -432,6 +496,7 @@ impl ModelStore {
                 revision: None,
                 last_use: 0,
                 in_place: Some(abs),
+                verified: stamp,
             },
             0,
             0,
@@ -566,11 +631,10 @@ impl ModelStore {
     ) -> Result<RefEntry, ModelError> {
         let blob = self.blob(digest);
         std::fs::create_dir_all(blob.parent().unwrap()).map_err(io("create blobs dir"))?;
-        if blob.is_file() {
-            let _ = std::fs::remove_file(partial);
-        } else {
-            std::fs::rename(partial, &blob).map_err(io("move download into the store"))?;
-        }
+        // The verified bytes always win: a rename replaces whatever has the
+        // blob's name (a truncated or corrupt file, a symlink) atomically; a
+        // process that has the old file open keeps reading it.
+        std::fs::rename(partial, &blob).map_err(io("move download into the store"))?;
         Ok(RefEntry {
             digest: digest.into(),
             size_bytes: size,
@@ -578,6 +642,7 @@ impl ModelStore {
             revision,
             last_use: 0,
             in_place: None,
+            verified: Stamp::of(&blob),
         })
     }
 
@@ -612,8 +677,9 @@ impl ModelStore {
     }
 
     /// Every stored ref with its metadata (unreadable entries are reported as errors).
-    pub fn list(&self) -> Vec<(String, RefEntry, Result<ModelMetadata, String>)> {
-        self.read_refs()
+    pub fn list(&self) -> Result<Vec<Listed>, ModelError> {
+        Ok(self
+            .read_refs()?
             .refs
             .into_iter()
             .map(|(r, e)| {
@@ -621,13 +687,13 @@ impl ModelStore {
                 let md = self.metadata_for(&r, &path, &e).map_err(|x| x.to_string());
                 (r, e, md)
             })
-            .collect()
+            .collect())
     }
 
     /// Re-hash every stored model; returns (ref, ok, detail).
-    pub fn verify(&self) -> Vec<(String, bool, String)> {
+    pub fn verify(&self) -> Result<Vec<(String, bool, String)>, ModelError> {
         let mut out = Vec::new();
-        for (r, e) in self.read_refs().refs {
+        for (r, e) in self.read_refs()?.refs {
             let started = Instant::now();
             let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
             let (ok, detail) = match llorch_io::digest::sha256_file(&path) {
@@ -653,7 +719,7 @@ impl ModelStore {
             );
             out.push((r, ok, detail));
         }
-        out
+        Ok(out)
     }
 
     /// Evict least-recently-used blobs until the store fits `max_bytes`,
@@ -662,7 +728,7 @@ impl ModelStore {
     /// it shared for as long as it lives (the kernel drops the lock when the
     /// process dies, so a crashed engine never pins a blob).
     pub fn gc(&self, max_bytes: u64) -> Result<GcReport, ModelError> {
-        let refs = self.read_refs();
+        let refs = self.read_refs()?;
         // One blob may have several refs: its last use is the latest of them.
         let mut blobs: BTreeMap<String, BlobUse> = BTreeMap::new();
         for (r, e) in &refs.refs {
@@ -705,6 +771,34 @@ impl ModelStore {
         Ok(report)
     }
 }
+
+/// Whether a cache hit may be served: a regular file of the recorded size
+/// whose stamp is the one recorded when it was verified, or, if anything
+/// changed, whose bytes hash to the digest again (the entry then records the
+/// new stamp). Returns the entry to record, or why the file cannot be used.
+fn check_hit(path: &Path, e: &RefEntry) -> Result<RefEntry, String> {
+    let Some(now) = Stamp::of(path) else {
+        return Err("missing, or not a regular file".into());
+    };
+    if now.size != e.size_bytes {
+        return Err(format!("{} bytes, {} expected", now.size, e.size_bytes));
+    }
+    if e.verified.as_ref() == Some(&now) {
+        return Ok(e.clone());
+    }
+    let actual =
+        llorch_io::digest::sha256_file(path).map_err(|err| format!("cannot read: {err}"))?;
+    if actual != e.digest {
+        return Err(format!("its bytes hash to {actual}, not {}", e.digest));
+    }
+    Ok(RefEntry {
+        verified: Some(now),
+        ..e.clone()
+    })
+}
+
+/// A stored ref, its entry, and its metadata or why it cannot be read.
+pub type Listed = (String, RefEntry, Result<ModelMetadata, String>);
 
 /// (last use, size, refs) of one blob.
 type BlobUse = (u64, u64, Vec<String>);

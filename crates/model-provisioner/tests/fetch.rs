@@ -189,7 +189,7 @@ fn hub_refs_use_the_linked_etag_and_record_the_commit() {
         .as_deref()
         .unwrap()
         .ends_with("/org/repo/resolve/main/sub/model.gguf"));
-    let refs = store.read_refs();
+    let refs = store.read_refs().unwrap();
     assert!(refs.refs.contains_key("hf:org/repo@main/sub/model.gguf"));
     let prov = std::fs::read_to_string(l.runtime.join("provenance/models.jsonl")).unwrap();
     assert!(
@@ -313,4 +313,161 @@ fn local_files_are_used_in_place_and_verified() {
         .unwrap_err()
         .to_string();
     assert!(err.contains("mismatch"), "{err}");
+}
+
+#[test]
+fn a_server_that_stalls_mid_body_is_resumed_after_the_stall_timeout() {
+    let body = tiny_gguf(SIZE, 21);
+    let srv = serve(
+        body.clone(),
+        Faults {
+            stall_first_after: Some(700_000),
+            ..Default::default()
+        },
+    );
+    let (_d, l) = temp_layout();
+    let out = ModelStore::new(&l)
+        .fetch(
+            &srv.url("/m/model.gguf"),
+            &FetchOptions {
+                stall_timeout: Some(std::time::Duration::from_secs(1)),
+                ..opts(Some(sha(&body)))
+            },
+        )
+        .unwrap();
+    let c = srv.counters.lock().unwrap();
+    assert_eq!(c.gets, 2, "the stalled GET, then a resume");
+    assert_eq!(c.ranges, vec!["700000-".to_string()]);
+    assert_eq!(out.resumed_from, 700_000);
+    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+}
+
+/// A cache hit never serves bytes that differ from the digest: a flipped
+/// byte (same size), a truncated blob and a blob replaced by a symlink are
+/// each noticed (the file's stamp changed, so it is hashed again) and
+/// replaced, atomically, by a fresh verified download.
+#[test]
+fn a_corrupt_truncated_or_linked_blob_is_refetched_never_served() {
+    let body = tiny_gguf(SIZE, 22);
+    let srv = serve(body.clone(), Faults::default());
+    let (d, l) = temp_layout();
+    let store = ModelStore::new(&l);
+    let url = srv.url("/m/model.gguf");
+    let first = store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
+    let blob = first.metadata.path.clone();
+    assert_eq!(srv.counters.lock().unwrap().gets, 1);
+    // An untouched blob is a hit without a download.
+    assert!(store.fetch(&url, &opts(Some(sha(&body)))).unwrap().cached);
+    assert_eq!(srv.counters.lock().unwrap().gets, 1);
+
+    type Damage = Box<dyn Fn(&std::path::Path)>;
+    let outside = d.path().join("outside.gguf");
+    let mut evil = body.clone();
+    evil[SIZE - 10] ^= 0xff;
+    std::fs::write(&outside, &evil).unwrap();
+    let damages: Vec<(&str, Damage)> = vec![
+        (
+            "flipped byte",
+            Box::new(|p| {
+                let mut b = std::fs::read(p).unwrap();
+                b[SIZE / 2] ^= 0x01;
+                std::fs::write(p, b).unwrap();
+            }),
+        ),
+        (
+            "truncated",
+            Box::new(|p| {
+                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                f.set_len(1000).unwrap();
+            }),
+        ),
+        (
+            "symlink to same-size bytes",
+            Box::new(move |p| {
+                std::fs::remove_file(p).unwrap();
+                std::os::unix::fs::symlink(&outside, p).unwrap();
+            }),
+        ),
+    ];
+    for (n, (what, damage)) in damages.iter().enumerate() {
+        damage(&blob);
+        let out = store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
+        assert!(!out.cached, "{what}: served from the cache");
+        assert_eq!(srv.counters.lock().unwrap().gets, 2 + n as u32, "{what}");
+        let m = std::fs::symlink_metadata(&blob).unwrap();
+        assert!(
+            m.file_type().is_file(),
+            "{what}: the blob is a regular file again"
+        );
+        assert_eq!(std::fs::read(&blob).unwrap(), body, "{what}");
+    }
+    assert_eq!(
+        std::fs::read(d.path().join("outside.gguf")).unwrap(),
+        evil,
+        "the link target was not written"
+    );
+}
+
+#[test]
+fn a_corrupt_index_is_an_error_not_an_empty_store() {
+    let body = tiny_gguf(SIZE, 23);
+    let srv = serve(body.clone(), Faults::default());
+    let (_d, l) = temp_layout();
+    let store = ModelStore::new(&l);
+    let url = srv.url("/m/model.gguf");
+    store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
+    let refs = l.bucket(llorch_io::paths::Bucket::Models).join("refs.json");
+    std::fs::write(&refs, b"{\"refs\": {\"x\": ").unwrap();
+    let err = store
+        .fetch(&url, &opts(Some(sha(&body))))
+        .unwrap_err()
+        .to_string();
+    assert!(
+        err.contains("corrupt") && err.contains("refs.json"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read(&refs).unwrap(),
+        b"{\"refs\": {\"x\": ",
+        "left as it was"
+    );
+    assert!(
+        store.gc(0).is_err(),
+        "gc refuses too: it would orphan blobs"
+    );
+    // Moved aside, the next fetch finds the blob by digest and hashes it again.
+    std::fs::rename(&refs, refs.with_extension("bad")).unwrap();
+    let out = store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
+    assert!(out.cached);
+    assert_eq!(srv.counters.lock().unwrap().gets, 1);
+}
+
+/// A partial download that is a symlink is never written through.
+#[test]
+fn a_partial_download_that_is_a_symlink_is_not_followed() {
+    let body = tiny_gguf(SIZE, 24);
+    let srv = serve(body.clone(), Faults::default());
+    let (d, l) = temp_layout();
+    let target = d.path().join("victim");
+    std::fs::write(&target, b"precious").unwrap();
+    let partial = d.path().join("dl.partial");
+    std::os::unix::fs::symlink(&target, &partial).unwrap();
+    let got = model_provisioner::download::download(
+        "test",
+        &srv.url("/m/model.gguf"),
+        &partial,
+        &model_provisioner::download::DownloadOptions {
+            expected_sha256: Some(sha(&body)),
+            quiet: true,
+            ..Default::default()
+        },
+    )
+    .unwrap();
+    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
+    assert!(std::fs::symlink_metadata(&partial)
+        .unwrap()
+        .file_type()
+        .is_file());
+    assert_eq!(got.digest, sha(&body));
+    let _ = l;
 }

@@ -510,6 +510,82 @@ async fn auth(
     next.run(req).await
 }
 
+/// The `Host` a request names, lowercased, without its port.
+fn request_host(req: &axum::extract::Request) -> Option<String> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))?;
+    let raw = raw.trim().to_ascii_lowercase();
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("").to_string()
+    } else {
+        raw.rsplit_once(':')
+            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            .map(|(h, _)| h.to_string())
+            .unwrap_or(raw)
+    };
+    Some(host)
+}
+
+/// Whether `host` may address this orchestrator (DNS-rebinding guard).
+pub fn host_allowed(cfg: &crate::Config, host: &str) -> bool {
+    if cfg.allowed_hosts.iter().any(|h| h == host) {
+        return true;
+    }
+    let ip = cfg.addr.ip();
+    if ip.is_loopback() {
+        return matches!(host, "localhost" | "127.0.0.1" | "::1") || host == ip.to_string();
+    }
+    // Off loopback the token protects the API; names are checked only when configured.
+    cfg.allowed_hosts.is_empty() || host == ip.to_string()
+}
+
+/// Refuse what a web page could send: a foreign `Host` (403) and, on
+/// endpoints that change state, a body that is not `application/json` (415;
+/// a cross-origin form or `text/plain` post cannot set that type without a
+/// CORS preflight, which this server never approves).
+async fn guard(
+    State(st): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(host) = request_host(&req) {
+        if !host_allowed(&st.cfg, &host) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "HOST_NOT_ALLOWED",
+                format!(
+                    "requests for host `{}` are not served here; pass --allowed-host {} if this name is yours",
+                    llorch_io::handoff::excerpt(&host, 64),
+                    llorch_io::handoff::excerpt(&host, 64)
+                ),
+            )
+            .into_response();
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "send `Content-Type: application/json`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
 pub fn router(st: Shared) -> Router {
     Router::new()
         .route("/v1/tasks", post(create_task))
@@ -520,6 +596,7 @@ pub fn router(st: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .layer(axum::middleware::from_fn_with_state(st.clone(), auth))
+        .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
         .layer(DefaultBodyLimit::max(st.cfg.max_body_bytes))
         .with_state(st)
 }

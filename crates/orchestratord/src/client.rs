@@ -112,6 +112,7 @@ pub async fn stream_task(
 pub async fn cancel(http: &reqwest::Client, base: &str, id: &str) -> Result<(), ClientError> {
     let r = http
         .post(format!("{base}/v1/tasks/{id}/cancel"))
+        .header("content-type", "application/json")
         .send()
         .await?;
     if r.status().as_u16() != 204 {

@@ -18,6 +18,11 @@ pub struct Config {
     /// A stream that sees no frame from the engine for this long ends with
     /// `ENGINE_STALLED`, and the engine is restarted.
     pub stall_timeout: Duration,
+    /// Extra `Host` names accepted (besides the bound address and, on
+    /// loopback, `localhost`/`127.0.0.1`/`[::1]`): DNS-rebinding guard.
+    pub allowed_hosts: Vec<String>,
+    /// A connection that has not sent a complete request head within this is closed.
+    pub header_read_timeout: Duration,
     /// How long a finished task stays readable (its stream can still be opened).
     pub retention: Duration,
 }
@@ -35,6 +40,8 @@ impl Default for Config {
             default_seed: 42,
             health_interval: Duration::from_millis(200),
             stall_timeout: Duration::from_secs(20),
+            allowed_hosts: Vec::new(),
+            header_read_timeout: Duration::from_secs(10),
             retention: Duration::from_secs(600),
         }
     }
@@ -55,6 +62,12 @@ pub struct ListenArgs {
     /// Seconds without a frame from the engine before a stream ends with ENGINE_STALLED
     #[arg(long, default_value_t = 20)]
     pub stall_timeout_s: u64,
+    /// Also accept requests whose `Host` is NAME (repeatable). On a loopback
+    /// bind only the bound address, localhost, 127.0.0.1 and [::1] are
+    /// accepted otherwise, so a web page cannot reach the API through DNS
+    /// rebinding.
+    #[arg(long = "allowed-host", value_name = "NAME")]
+    pub allowed_hosts: Vec<String>,
 }
 
 impl ListenArgs {
@@ -64,6 +77,11 @@ impl ListenArgs {
             api_token: self.api_token.clone(),
             queue_capacity: self.queue_capacity,
             stall_timeout: Duration::from_secs(self.stall_timeout_s.clamp(1, 3600)),
+            allowed_hosts: self
+                .allowed_hosts
+                .iter()
+                .map(|h| h.to_ascii_lowercase())
+                .collect(),
             ..Default::default()
         }
     }

@@ -189,22 +189,55 @@ pub async fn start(cfg: Config, link: Box<dyn EngineLink>) -> Result<Server, Ser
     tokio::spawn(tasks::reaper(st.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(st.clone());
-    // Each token is a small write: without TCP_NODELAY, Nagle and delayed ACKs hold it ~40 ms.
-    use axum::serve::ListenerExt;
-    let listener = listener.tap_io(|tcp| {
-        let _ = tcp.set_nodelay(true);
-    });
-    let handle = tokio::spawn(async move {
-        let _ = axum::serve(listener, app)
-            .with_graceful_shutdown(async {
-                let _ = rx.await;
-            })
-            .await;
-    });
+    let handle = tokio::spawn(serve_connections(
+        listener,
+        app,
+        st.cfg.header_read_timeout,
+        rx,
+    ));
     Ok(Server {
         addr,
         state: st,
         shutdown: Some(tx),
         handle,
     })
+}
+
+/// Accept and serve HTTP/1.1 connections until `stop` fires, then let open
+/// connections finish (graceful). Unlike `axum::serve`, a connection that has
+/// not sent a complete request head within `header_timeout` is closed, so
+/// slow-header clients cannot hold sockets. Each token is a small write:
+/// TCP_NODELAY keeps Nagle and delayed ACKs from holding it ~40 ms.
+async fn serve_connections(
+    listener: tokio::net::TcpListener,
+    app: axum::Router,
+    header_timeout: Duration,
+    mut stop: tokio::sync::oneshot::Receiver<()>,
+) {
+    use hyper_util::rt::{TokioIo, TokioTimer};
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut builder = hyper::server::conn::http1::Builder::new();
+    builder
+        .timer(TokioTimer::new())
+        .header_read_timeout(header_timeout);
+    loop {
+        let (tcp, _) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(_) => {
+                    // Out of file descriptors and the like: back off, keep serving.
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = &mut stop => break,
+        };
+        let _ = tcp.set_nodelay(true);
+        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), svc));
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
 }

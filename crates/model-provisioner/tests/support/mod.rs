@@ -17,6 +17,9 @@ pub struct Faults {
     pub delay_ms: u64,
     /// Advertise this sha256 as X-Linked-Etag.
     pub linked_etag: Option<String>,
+    /// On the first GET, send this many body bytes, then nothing (the
+    /// connection stays open for a minute).
+    pub stall_first_after: Option<usize>,
 }
 
 #[derive(Default)]
@@ -140,6 +143,15 @@ fn handle(
                 "HTTP/1.1 200 OK\r\n{common}Content-Length: {}\r\n\r\n",
                 part.len()
             )?;
+        }
+        let stall = f.lock().unwrap().stall_first_after;
+        if let (Some(n), true) = (stall, n_get == fail_first + 1) {
+            let n = n.min(part.len());
+            s.write_all(&part[..n])?;
+            s.flush()?;
+            c.lock().unwrap().body_bytes += n as u64;
+            std::thread::sleep(Duration::from_secs(60));
+            return Ok(());
         }
         let limit = if n_get == fail_first + 1 {
             drop_after
