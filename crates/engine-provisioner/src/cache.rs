@@ -79,6 +79,9 @@ impl ArtifactCache {
                 return Lookup::Stale("recorded inputs differ from the fingerprint's".into());
             }
         }
+        if let Err(why) = check_layout(&dir, &m) {
+            return Lookup::Stale(why);
+        }
         for (rel, want) in &m.files {
             let p = dir.join(rel);
             match llorch_io::digest::sha256_file(&p) {
@@ -103,6 +106,70 @@ impl ArtifactCache {
         v.sort_by(|a, b| b.1.built_at.cmp(&a.1.built_at));
         v
     }
+}
+
+/// What a manifest may name: a non-empty file list that includes the binary,
+/// every path relative and plain (no `..`, no root), every file a regular
+/// file reached through real directories inside the entry (no symlink
+/// anywhere), and no file in the entry that the manifest does not list. So a
+/// manifest can never point the engine at something outside its entry, and
+/// nothing unhashed sits next to the binary (where its loader looks).
+fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
+    use std::path::Component;
+    if m.files.is_empty() {
+        return Err("the manifest lists no files".into());
+    }
+    if !m.files.contains_key(&m.binary) {
+        return Err(format!(
+            "the manifest's binary `{}` is not among its hashed files",
+            llorch_io::handoff::excerpt(&m.binary, 80)
+        ));
+    }
+    for rel in m.files.keys() {
+        let p = Path::new(rel);
+        if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
+            return Err(format!(
+                "the manifest names `{}`, which is not a plain path inside the entry",
+                llorch_io::handoff::excerpt(rel, 80)
+            ));
+        }
+        let mut cur = dir.to_path_buf();
+        for c in p.components() {
+            cur.push(c);
+            let md = std::fs::symlink_metadata(&cur).map_err(|e| format!("{rel}: {e}"))?;
+            if md.file_type().is_symlink() {
+                return Err(format!("{rel}: {} is a symlink", cur.display()));
+            }
+        }
+        if !std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_file()) {
+            return Err(format!("{rel}: not a regular file"));
+        }
+    }
+    let mut found = Vec::new();
+    list_files(dir, dir, &mut found).map_err(|e| format!("cannot list the entry: {e}"))?;
+    if let Some(extra) = found
+        .iter()
+        .find(|f| f.as_str() != "manifest.json" && !m.files.contains_key(f.as_str()))
+    {
+        return Err(format!("{extra} is in the entry but not in its manifest"));
+    }
+    Ok(())
+}
+
+/// Every non-directory below `dir`, relative, `/`-separated (symlinks listed, not followed).
+fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let e = e?;
+        let t = e.file_type()?;
+        if t.is_dir() {
+            list_files(root, &e.path(), out)?;
+        } else {
+            let rel = e.path();
+            let rel = rel.strip_prefix(root).unwrap_or(&rel);
+            out.push(rel.to_string_lossy().into_owned());
+        }
+    }
+    Ok(())
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
@@ -158,4 +225,106 @@ pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, St
         }
     }
     Ok(r)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(
+        files: &[(&str, &[u8])],
+        binary: &str,
+        listed: &[(&str, &[u8])],
+    ) -> (tempfile::TempDir, ArtifactCache) {
+        let d = tempfile::tempdir().unwrap();
+        let cache = ArtifactCache::new(d.path());
+        let dir = cache.entry("fp");
+        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        for (rel, body) in files {
+            std::fs::write(dir.join(rel), body).unwrap();
+        }
+        let m = Manifest {
+            schema: MANIFEST_SCHEMA,
+            fingerprint: "fp".into(),
+            inputs: serde_json::Value::Null,
+            files: listed
+                .iter()
+                .map(|(r, b)| (r.to_string(), llorch_io::digest::sha256_bytes(b)))
+                .collect(),
+            binary: binary.into(),
+            version_output: String::new(),
+            built_at: String::new(),
+            configure_s: 0.0,
+            build_s: 0.0,
+            sass_archs: vec![],
+            profile: String::new(),
+            pin: String::new(),
+        };
+        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        (d, cache)
+    }
+
+    fn stale(c: &ArtifactCache) -> String {
+        match c.lookup("fp", None) {
+            Lookup::Stale(why) => why,
+            other => panic!("used: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_sound_entry_is_fresh() {
+        let (_d, c) = entry(
+            &[("bin/llama-server", b"ELF")],
+            "bin/llama-server",
+            &[("bin/llama-server", b"ELF")],
+        );
+        assert!(matches!(c.lookup("fp", None), Lookup::Fresh(_)));
+    }
+
+    #[test]
+    fn hostile_manifests_are_never_used() {
+        let b: &[u8] = b"ELF";
+        let (_d, c) = entry(&[("bin/llama-server", b)], "bin/llama-server", &[]);
+        assert!(stale(&c).contains("no files"));
+        let (_d, c) = entry(
+            &[("bin/llama-server", b)],
+            "/bin/sh",
+            &[("bin/llama-server", b)],
+        );
+        assert!(stale(&c).contains("not among its hashed files"));
+        let (_d, c) = entry(
+            &[("bin/llama-server", b)],
+            "/bin/sh",
+            &[("bin/llama-server", b), ("/bin/sh", b)],
+        );
+        assert!(stale(&c).contains("not a plain path"), "{}", stale(&c));
+        let (_d, c) = entry(
+            &[("bin/llama-server", b)],
+            "../x",
+            &[("bin/llama-server", b), ("../x", b)],
+        );
+        assert!(stale(&c).contains("not a plain path"));
+        // A listed file that is a symlink (to bytes that hash right).
+        let (d, c) = entry(&[], "bin/llama-server", &[("bin/llama-server", b)]);
+        std::fs::write(d.path().join("elsewhere"), b).unwrap();
+        std::os::unix::fs::symlink(
+            d.path().join("elsewhere"),
+            c.entry("fp").join("bin/llama-server"),
+        )
+        .unwrap();
+        assert!(stale(&c).contains("symlink"));
+        // A directory on the way that is a symlink.
+        let (d, c) = entry(&[], "lib/llama-server", &[("lib/llama-server", b)]);
+        std::fs::create_dir_all(d.path().join("real")).unwrap();
+        std::fs::write(d.path().join("real/llama-server"), b).unwrap();
+        std::os::unix::fs::symlink(d.path().join("real"), c.entry("fp").join("lib")).unwrap();
+        assert!(stale(&c).contains("symlink"));
+        // An unlisted library next to the binary.
+        let (_d, c) = entry(
+            &[("bin/llama-server", b), ("bin/libevil.so", b"x")],
+            "bin/llama-server",
+            &[("bin/llama-server", b)],
+        );
+        assert!(stale(&c).contains("libevil.so"));
+    }
 }
