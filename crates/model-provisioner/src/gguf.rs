@@ -104,6 +104,18 @@ pub fn file_type_name(t: u64) -> String {
     .to_string()
 }
 
+/// Limits that no real model comes near (llama.cpp: at most 4 dimensions;
+/// the largest vocabularies have a few hundred thousand entries), so a
+/// hostile header fails fast with "corrupt GGUF header" instead of a stack
+/// overflow, a huge allocation or a loop over 2^64 entries.
+const MAX_KVS: u64 = 1 << 16;
+const MAX_TENSORS: u64 = 1 << 20;
+const MAX_DIMS: u32 = 8;
+const MAX_ARRAY_LEN: u64 = 1 << 26;
+const MAX_STRING: u64 = 1 << 24;
+/// An array may hold arrays, which may not hold arrays.
+const MAX_ARRAY_DEPTH: u32 = 2;
+
 struct R<T: Read> {
     r: T,
     path: String,
@@ -124,22 +136,36 @@ impl<T: Read> R<T> {
     fn u64(&mut self) -> Result<u64, GgufError> {
         Ok(u64::from_le_bytes(self.bytes()?))
     }
-    fn string(&mut self) -> Result<String, GgufError> {
-        let n = self.u64()?;
-        if n > 1 << 24 {
-            return Err(GgufError::Corrupt {
-                path: self.path.clone(),
-                why: format!("string of {n} bytes"),
-            });
-        }
-        let mut b = vec![0u8; n as usize];
-        self.r.read_exact(&mut b).map_err(|e| GgufError::Corrupt {
+    fn corrupt(&self, why: String) -> GgufError {
+        GgufError::Corrupt {
             path: self.path.clone(),
-            why: format!("truncated string ({e})"),
-        })?;
+            why,
+        }
+    }
+    fn count(&mut self, what: &str, max: u64) -> Result<u64, GgufError> {
+        let n = self.u64()?;
+        if n > max {
+            return Err(self.corrupt(format!("{what} {n} (at most {max})")));
+        }
+        Ok(n)
+    }
+    fn string(&mut self) -> Result<String, GgufError> {
+        let n = self.count("string of bytes", MAX_STRING)?;
+        // Read what is there, never allocate what the header merely claims.
+        let mut b = Vec::new();
+        (&mut self.r)
+            .take(n)
+            .read_to_end(&mut b)
+            .map_err(|e| self.corrupt(format!("unreadable string ({e})")))?;
+        if b.len() as u64 != n {
+            return Err(self.corrupt(format!("truncated string ({} of {n} bytes)", b.len())));
+        }
         Ok(String::from_utf8_lossy(&b).into_owned())
     }
     fn value(&mut self, ty: u32) -> Result<Value, GgufError> {
+        self.value_at(ty, 0)
+    }
+    fn value_at(&mut self, ty: u32, depth: u32) -> Result<Value, GgufError> {
         Ok(match ty {
             0 => Value::UInt(self.bytes::<1>()?[0] as u64),
             1 => Value::Int(self.bytes::<1>()?[0] as i8 as i64),
@@ -151,10 +177,15 @@ impl<T: Read> R<T> {
             7 => Value::Bool(self.bytes::<1>()?[0] != 0),
             8 => Value::Str(self.string()?),
             9 => {
+                if depth >= MAX_ARRAY_DEPTH {
+                    return Err(
+                        self.corrupt(format!("arrays nested deeper than {MAX_ARRAY_DEPTH}"))
+                    );
+                }
                 let inner = self.u32()?;
-                let n = self.u64()?;
+                let n = self.count("array of entries", MAX_ARRAY_LEN)?;
                 for _ in 0..n {
-                    self.value(inner)?;
+                    self.value_at(inner, depth + 1)?;
                 }
                 Value::Array { array_len: n }
             }
@@ -178,8 +209,17 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
         path: p.clone(),
         why: e.to_string(),
     })?;
+    parse(BufReader::with_capacity(1 << 16, f), p)
+}
+
+/// Parse a GGUF header from bytes (`name` labels errors).
+pub fn parse_header(bytes: &[u8], name: &str) -> Result<GgufHeader, GgufError> {
+    parse(bytes, name.to_string())
+}
+
+fn parse(reader: impl Read, p: String) -> Result<GgufHeader, GgufError> {
     let mut r = R {
-        r: BufReader::with_capacity(1 << 16, f),
+        r: reader,
         path: p.clone(),
     };
     let magic = r.bytes::<4>().map_err(|_| GgufError::NotGguf {
@@ -196,8 +236,8 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
     if !(2..=3).contains(&version) {
         return Err(GgufError::Version { path: p, version });
     }
-    let tensor_count = r.u64()?;
-    let kv_count = r.u64()?;
+    let tensor_count = r.count("tensor count", MAX_TENSORS)?;
+    let kv_count = r.count("key/value count", MAX_KVS)?;
     let mut kv = BTreeMap::new();
     for _ in 0..kv_count {
         let k = r.string()?;
@@ -209,6 +249,11 @@ pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
     for _ in 0..tensor_count {
         let _name = r.string()?;
         let n_dims = r.u32()?;
+        if n_dims > MAX_DIMS {
+            return Err(r.corrupt(format!(
+                "tensor with {n_dims} dimensions (at most {MAX_DIMS})"
+            )));
+        }
         let mut n: u64 = 1;
         for _ in 0..n_dims {
             n = n.saturating_mul(r.u64()?);
@@ -259,7 +304,7 @@ pub fn read_raw_kvs(path: &Path) -> Result<Vec<(String, u32, Vec<u8>)>, GgufErro
     }
     let _version = r.u32()?;
     let _tensors = r.u64()?;
-    let kv_count = r.u64()?;
+    let kv_count = r.count("key/value count", MAX_KVS)?;
     let mut out = Vec::new();
     for _ in 0..kv_count {
         let k = r.string()?;
