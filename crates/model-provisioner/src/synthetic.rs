@@ -61,6 +61,20 @@ impl Shape {
                 other => return Err(format!("unknown synthetic parameter `{other}` (known: embd, layers, ff, heads, kv_heads, ctx, seed)")),
             }
         }
+        for (name, v, max) in [
+            ("embd", s.embd, 1u64 << 16),
+            ("layers", s.layers, 1 << 10),
+            ("ff", s.ff, 1 << 18),
+            ("heads", s.heads, 1 << 10),
+            ("kv_heads", s.kv_heads, 1 << 10),
+            ("ctx", s.ctx, 1 << 24),
+        ] {
+            if v > max {
+                return Err(format!(
+                    "synthetic parameter {name}={v} is out of range (at most {max})"
+                ));
+            }
+        }
         if s.kv_heads == 0 {
             s.kv_heads = s.heads;
         }
@@ -397,5 +411,16 @@ mod tests {
         assert!(Shape::from_params(&p("embd=64&layers=2&ff=128")).is_err());
         assert!(Shape::from_params(&p("embd=65&layers=2&ff=128&heads=5")).is_err());
         assert!(Shape::from_params(&p("embd=64&layers=2&ff=128&heads=4&bogus=1")).is_err());
+        // Numbers that would overflow the parameter count are refused, not a panic.
+        for bad in [
+            "embd=4294967296&layers=1&ff=32&heads=1",
+            "embd=64&layers=18446744073709551615&ff=128&heads=4",
+            "embd=64&layers=2&ff=128&heads=4&ctx=18446744073709551615",
+        ] {
+            let e = Shape::from_params(&p(bad)).unwrap_err();
+            assert!(e.contains("out of range"), "{bad}: {e}");
+        }
+        let big = Shape::from_params(&p("embd=65536&layers=1024&ff=262144&heads=1024")).unwrap();
+        assert!(big.n_params(1 << 20) > 0);
     }
 }
