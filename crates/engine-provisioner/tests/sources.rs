@@ -281,3 +281,121 @@ fn archive_over_http_is_fetched_verified_and_extracted() {
     let err = source::fetch(&bad, &layout(&tmp.path().join("other")), &|_| {}).unwrap_err();
     assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
 }
+
+/// A tar of raw members (names and link targets written byte for byte, so
+/// hostile ones can be built): (name, kind, link target, body).
+type RawMember<'a> = (&'a str, tar::EntryType, &'a str, &'a [u8]);
+
+fn raw_tar(path: &std::path::Path, members: &[RawMember]) {
+    let f = std::fs::File::create(path).unwrap();
+    let mut t = tar::Builder::new(f);
+    for (name, kind, link, body) in members {
+        let mut h = tar::Header::new_old();
+        let old = h.as_old_mut();
+        old.name[..name.len()].copy_from_slice(name.as_bytes());
+        old.linkname[..link.len()].copy_from_slice(link.as_bytes());
+        h.set_entry_type(*kind);
+        h.set_size(body.len() as u64);
+        h.set_mode(if *kind == tar::EntryType::Directory {
+            0o755
+        } else {
+            0o644
+        });
+        h.set_cksum();
+        t.append(&h, *body).unwrap();
+    }
+    t.finish().unwrap();
+}
+
+/// Each escape shape, including ones that pass a check of member names as
+/// text: a symlink chain (`up -> .`, then `t -> up/..`: inside as text,
+/// outside on disk), a file written through a symlink, a hard link out, a
+/// device file. Each is refused and nothing lands outside the target.
+#[test]
+fn link_chains_and_writes_through_links_cannot_leave_the_tree() {
+    use tar::EntryType as T;
+    let tmp = tempfile::tempdir().unwrap();
+    let outside = tmp.path().join("outside");
+    std::fs::create_dir_all(&outside).unwrap();
+    let cases: Vec<(&str, Vec<RawMember>)> = vec![
+        ("dotdot", vec![("a/../../x", T::Regular, "", b"evil")]),
+        (
+            "absolute",
+            vec![("/tmp/llorch-abs-evil", T::Regular, "", b"evil")],
+        ),
+        ("symlink out", vec![("l", T::Symlink, "../outside", b"")]),
+        ("hard link out", vec![("h", T::Link, "../outside/f", b"")]),
+        (
+            "hard link absolute",
+            vec![("h", T::Link, "/etc/passwd", b"")],
+        ),
+        (
+            "symlink chain",
+            vec![
+                ("up", T::Symlink, ".", b""),
+                ("t", T::Symlink, "up/..", b""),
+            ],
+        ),
+        (
+            "chain then a file through it",
+            vec![
+                ("up", T::Symlink, ".", b""),
+                ("t", T::Symlink, "up/../outside", b""),
+                ("t/pwned", T::Regular, "", b"evil"),
+            ],
+        ),
+        (
+            "a link then a file through it",
+            vec![
+                ("d", T::Directory, "", b""),
+                ("l", T::Symlink, "d", b""),
+                ("l/f", T::Regular, "", b"evil"),
+            ],
+        ),
+        (
+            "a link over a directory member",
+            vec![
+                ("d", T::Symlink, ".", b""),
+                ("d/x", T::Regular, "", b"evil"),
+            ],
+        ),
+        ("device", vec![("dev", T::Char, "", b"")]),
+        ("fifo", vec![("fifo", T::Fifo, "", b"")]),
+    ];
+    for (i, (what, members)) in cases.iter().enumerate() {
+        let archive = tmp.path().join(format!("case{i}.tar"));
+        raw_tar(&archive, members);
+        let dest = tmp.path().join(format!("tree{i}"));
+        let err = source::extract_tar_gz(&archive, &dest, None)
+            .expect_err(what)
+            .to_string();
+        assert!(
+            err.contains("case"),
+            "{what}: the error names the archive: {err}"
+        );
+        assert!(
+            std::fs::read_dir(&outside).unwrap().next().is_none(),
+            "{what}: wrote outside"
+        );
+    }
+    assert!(!std::path::Path::new("/tmp/llorch-abs-evil").exists());
+    assert!(!tmp.path().join("x").exists());
+
+    // Links that stay inside are kept, chains included.
+    let ok = tmp.path().join("ok.tar");
+    raw_tar(
+        &ok,
+        &[
+            ("d/", T::Directory, "", b""),
+            ("d/f", T::Regular, "", b"data"),
+            ("d/e/", T::Directory, "", b""),
+            ("l", T::Symlink, "d", b""),
+            ("m", T::Symlink, "l/e/../f", b""),
+            ("h", T::Link, "d/f", b""),
+        ],
+    );
+    let dest = tmp.path().join("oktree");
+    source::extract_tar_gz(&ok, &dest, None).unwrap();
+    assert_eq!(std::fs::read(dest.join("m")).unwrap(), b"data");
+    assert_eq!(std::fs::read(dest.join("h")).unwrap(), b"data");
+}
