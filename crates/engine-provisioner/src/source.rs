@@ -144,7 +144,7 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
         } => {
             progress(&format!("downloading {package}=={version} sdist with pip"));
             let dl = tempfile::tempdir_in(&src_root).map_err(io("temp dir"))?;
-            let file = pip_download_sdist(package, version, dl.path())?;
+            let file = pip_download_sdist(package, version, sha256, dl.path())?;
             verify_sha256(
                 &file,
                 sha256,
@@ -216,29 +216,68 @@ pub fn verify_sha256(file: &Path, expected: &str, what: &str) -> Result<(), Sour
     Ok(())
 }
 
-fn pip_download_sdist(package: &str, version: &str, dir: &Path) -> Result<PathBuf, SourceError> {
+/// `pip download` of a pinned sdist in pip's hash-checking mode: pip checks
+/// the archive against the pin's sha256 before it prepares metadata, so the
+/// sdist's build backend (code from the registry) never runs unless the
+/// archive is the pinned one. The user's pip configuration (index, proxy,
+/// certificates) is honoured; we only add the hash.
+fn pip_download_sdist(
+    package: &str,
+    version: &str,
+    sha256: &str,
+    dir: &Path,
+) -> Result<PathBuf, SourceError> {
     let spec = format!("{package}=={version}");
-    Cmd::new("python3")
+    if !llorch_io::digest::is_sha256_hex(sha256) {
+        return Err(SourceError::Layout(format!(
+            "{spec}: the pin's sha256 is not 64 hex digits"
+        )));
+    }
+    let req = dir.join("llorch-requirements.txt");
+    std::fs::write(&req, format!("{spec} --hash=sha256:{sha256}\n"))
+        .map_err(io("write pip requirements"))?;
+    let out_dir = dir.join("out");
+    let r = Cmd::new("python3")
         .args([
             "-m",
             "pip",
             "download",
             "--no-deps",
-            "--no-binary",
-            package,
+            "--require-hashes",
             "-q",
             "-d",
         ])
-        .arg(dir)
-        .arg(&spec)
+        .arg(&out_dir)
+        .arg("--no-binary")
+        .arg(package)
+        .arg("-r")
+        .arg(&req)
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
-        .read()
-        .map_err(|source| SourceError::Pip {
+        .read();
+    if let Err(source) = r {
+        let text = source.to_string();
+        if text.contains("DO NOT MATCH THE HASHES") {
+            let actual = text
+                .split("Got")
+                .nth(1)
+                .and_then(|t| t.split_whitespace().next())
+                .unwrap_or("(see pip's message)")
+                .to_string();
+            return Err(SourceError::ChecksumMismatch {
+                what: format!(
+                    "{spec} sdist from pip's index (checked by pip before anything in it ran)"
+                ),
+                expected: sha256.to_string(),
+                actual,
+            });
+        }
+        return Err(SourceError::Pip {
             package: package.into(),
             version: version.into(),
             source: Box::new(source),
-        })?;
-    std::fs::read_dir(dir)
+        });
+    }
+    std::fs::read_dir(&out_dir)
         .map_err(io("list pip download dir"))?
         .flatten()
         .map(|e| e.path())
