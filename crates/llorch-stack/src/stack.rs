@@ -25,6 +25,8 @@ use std::time::{Duration, Instant};
 pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
     EngineInfo {
         pool: prep.pool_id.to_string(),
+        fingerprint: prep.fingerprint.clone(),
+        flags: prep.flags.clone(),
         url: String::new(),
         engine: "llamacpp".into(),
         engine_version: prep.engine_version.clone(),

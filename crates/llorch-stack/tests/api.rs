@@ -19,6 +19,11 @@ struct Engine {
 }
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+/// This process's pool: two test runs at once must not share one (one engine per pool).
+fn pool() -> String {
+    format!("api-tests-{}", std::process::id())
+}
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn engine() -> &'static Engine {
@@ -30,7 +35,7 @@ fn engine() -> &'static Engine {
         let rt = std::env::temp_dir().join(format!("llorch-api-{}", std::process::id()));
         let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
         let p = llorch_profile::Profile::resolve(&root, None).unwrap();
-        let pool = PoolId::parse("api-tests").unwrap();
+        let pool = PoolId::parse(&pool()).unwrap();
         let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
             .unwrap()
             .engine;
@@ -171,7 +176,7 @@ async fn events_in_order_with_contiguous_indices() {
         .await
         .unwrap();
     assert_eq!(caps["engine"], "llamacpp");
-    assert_eq!(caps["pool"], "api-tests");
+    assert_eq!(caps["pool"], pool());
     assert_eq!(caps["ctx_max"], 8192);
     assert!(caps["model"]["digest"]
         .as_str()
@@ -429,14 +434,11 @@ async fn not_ready_unknown_and_bad_requests() {
     assert_eq!(r.status(), 404);
     let v: Value = r.json().await.unwrap();
     assert_eq!(v["error"]["code"], "POOL_NOT_FOUND", "{v}");
-    assert!(v["error"]["message"]
-        .as_str()
-        .unwrap()
-        .contains("api-tests"));
+    assert!(v["error"]["message"].as_str().unwrap().contains(&pool()));
     let ok = stream_task(
         &c,
         &base,
-        &json!({"prompt": "x", "max_tokens": 1, "pool": "api-tests"}),
+        &json!({"prompt": "x", "max_tokens": 1, "pool": pool()}),
         None,
         None,
     )
@@ -1171,5 +1173,405 @@ async fn web_pages_cannot_drive_the_api_and_slow_heads_are_dropped() {
     let mut buf = Vec::new();
     let read = tokio::time::timeout(Duration::from_secs(10), tcp.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "a half-sent request head held the connection");
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+// ------------------------------------------------------------ OpenAI API
+
+/// The `data:` payloads of an SSE body, in order.
+fn sse_data(body: &str) -> Vec<String> {
+    body.split("\n\n")
+        .filter_map(|ev| {
+            let d: Vec<&str> = ev
+                .lines()
+                .filter_map(|l| l.strip_prefix("data:").map(|d| d.trim_start()))
+                .collect();
+            (!d.is_empty()).then(|| d.join("\n"))
+        })
+        .collect()
+}
+
+async fn post_json(c: &reqwest::Client, url: String, body: Value) -> reqwest::Response {
+    c.post(url).json(&body).send().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_models_and_errors_in_openai_shape() {
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config::default()).await;
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    let m: Value = c
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(m["object"], "list");
+    let ids: Vec<&str> = m["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids, [pool().as_str(), "SmolLM2-135M-Instruct.Q4_1"], "{m}");
+    assert_eq!(m["data"][0]["object"], "model");
+    let chat = |extra: Value| {
+        let mut b = json!({"model": pool(), "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2});
+        for (k, v) in extra.as_object().unwrap() {
+            b[k] = v.clone();
+        }
+        b
+    };
+    for (body, status, param) in [
+        (chat(json!({"model": "gpt-4o"})), 404, "model"),
+        (chat(json!({"n": 2})), 400, "n"),
+        (chat(json!({"max_tokens": 0})), 400, "max_tokens"),
+        (
+            chat(json!({"max_completion_tokens": 100000})),
+            400,
+            "max_completion_tokens",
+        ),
+        (chat(json!({"temperature": 3})), 400, "temperature"),
+        (chat(json!({"messages": []})), 400, "messages"),
+        (
+            chat(json!({"messages": [{"role": "wizard", "content": "x"}]})),
+            400,
+            "messages[0].role",
+        ),
+        (
+            chat(json!({"logprobs": true, "top_logprobs": 50})),
+            400,
+            "top_logprobs",
+        ),
+        (
+            json!({"messages": [{"role": "user", "content": "Hi"}]}),
+            400,
+            "model",
+        ),
+    ] {
+        let r = post_json(&c, format!("{base}/v1/chat/completions"), body.clone()).await;
+        assert_eq!(r.status(), status, "{body}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["param"], param, "{body}: {v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        assert!(v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| !m.is_empty()));
+    }
+    let r = c
+        .post(format!("{base}/v1/chat/completions"))
+        .header("content-type", "application/json")
+        .body("{not json")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    // Unknown fields are ignored, as OpenAI clients expect.
+    let r = post_json(
+        &c,
+        format!("{base}/v1/chat/completions"),
+        chat(json!({"frequency_penalty": 0, "user": "me"})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The wire format, field by field, and every token from llama.cpp: the
+/// streamed content equals the non-streamed content and llama-server's own
+/// `/v1/chat/completions` answer for the same messages.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_chat_and_completions_wire_format() {
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config::default()).await;
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    let messages = json!([{"role": "system", "content": "You are brief."}, {"role": "user", "content": "Name three colors."}]);
+    let body = json!({"model": pool(), "messages": messages, "max_tokens": 24, "seed": 7});
+    let full: Value = post_json(&c, format!("{base}/v1/chat/completions"), body.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(full["object"], "chat.completion", "{full}");
+    assert!(full["id"].as_str().unwrap().starts_with("chatcmpl-"));
+    assert!(full["system_fingerprint"]
+        .as_str()
+        .unwrap()
+        .starts_with("fp_"));
+    assert_eq!(full["model"], pool());
+    let choice = &full["choices"][0];
+    assert_eq!(choice["message"]["role"], "assistant");
+    let content = choice["message"]["content"].as_str().unwrap().to_string();
+    assert!(!content.is_empty());
+    assert!(matches!(
+        choice["finish_reason"].as_str(),
+        Some("stop" | "length")
+    ));
+    let u = &full["usage"];
+    assert!(u["prompt_tokens"].as_u64().unwrap() > 0);
+    assert_eq!(
+        u["total_tokens"].as_u64().unwrap(),
+        u["prompt_tokens"].as_u64().unwrap() + u["completion_tokens"].as_u64().unwrap()
+    );
+    // llama-server's own answer.
+    let own: Value = post_json(
+        &c,
+        format!("{}/v1/chat/completions", engine_url()),
+        json!({"messages": messages, "max_tokens": 24, "seed": 7, "temperature": 0}),
+    )
+    .await
+    .json()
+    .await
+    .unwrap();
+    assert_eq!(
+        own["choices"][0]["message"]["content"].as_str().unwrap(),
+        content,
+        "same as llama-server's own"
+    );
+    assert_eq!(own["usage"]["completion_tokens"], u["completion_tokens"]);
+
+    // Streaming, with usage.
+    let mut sbody = body.clone();
+    sbody["stream"] = json!(true);
+    sbody["stream_options"] = json!({"include_usage": true});
+    let r = post_json(&c, format!("{base}/v1/chat/completions"), sbody).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let data = sse_data(&r.text().await.unwrap());
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let chunks: Vec<Value> = data[..data.len() - 1]
+        .iter()
+        .map(|d| serde_json::from_str(d).unwrap())
+        .collect();
+    let id = chunks[0]["id"].as_str().unwrap();
+    for ch in &chunks {
+        assert_eq!(ch["object"], "chat.completion.chunk", "{ch}");
+        assert_eq!(ch["id"], id);
+        assert_eq!(ch["model"], pool());
+        assert!(ch["created"].as_u64().is_some());
+        assert!(ch["system_fingerprint"]
+            .as_str()
+            .unwrap()
+            .starts_with("fp_"));
+    }
+    assert_eq!(chunks[0]["choices"][0]["delta"]["role"], "assistant");
+    let usage = chunks.last().unwrap();
+    assert_eq!(usage["choices"], json!([]));
+    assert_eq!(usage["usage"], full["usage"]);
+    let fin = &chunks[chunks.len() - 2]["choices"][0];
+    assert_eq!(fin["finish_reason"], choice["finish_reason"]);
+    assert_eq!(fin["delta"], json!({}));
+    let streamed: String = chunks[..chunks.len() - 2]
+        .iter()
+        .map(|ch| {
+            let c = &ch["choices"][0];
+            assert!(c["finish_reason"].is_null());
+            c["delta"]["content"].as_str().unwrap_or("").to_string()
+        })
+        .collect();
+    assert_eq!(streamed, content, "streamed = non-streamed");
+
+    // Text completion, with logprobs, streamed and not.
+    let tb = json!({"model": "SmolLM2-135M-Instruct.Q4_1", "prompt": "The sky is", "max_tokens": 6, "logprobs": 2});
+    let t: Value = post_json(&c, format!("{base}/v1/completions"), tb.clone())
+        .await
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(t["object"], "text_completion", "{t}");
+    assert_eq!(t["choices"][0]["finish_reason"], "length");
+    assert_eq!(t["usage"]["completion_tokens"], 6);
+    let lp = &t["choices"][0]["logprobs"];
+    assert_eq!(lp["tokens"].as_array().unwrap().len(), 6, "{lp}");
+    assert!(lp["token_logprobs"][0].as_f64().unwrap() <= 0.0);
+    assert_eq!(lp["top_logprobs"][0].as_object().unwrap().len(), 2);
+    let mut ts = tb.clone();
+    ts["stream"] = json!(true);
+    let data = sse_data(
+        &post_json(&c, format!("{base}/v1/completions"), ts)
+            .await
+            .text()
+            .await
+            .unwrap(),
+    );
+    assert_eq!(data.last().map(String::as_str), Some("[DONE]"));
+    let text: String = data[..data.len() - 1]
+        .iter()
+        .map(|d| {
+            let v: Value = serde_json::from_str(d).unwrap();
+            assert_eq!(v["object"], "text_completion");
+            v["choices"][0]["text"].as_str().unwrap().to_string()
+        })
+        .collect();
+    assert_eq!(text, t["choices"][0]["text"].as_str().unwrap());
+
+    // Chat logprobs.
+    let mut lb = body.clone();
+    lb["logprobs"] = json!(true);
+    lb["top_logprobs"] = json!(3);
+    let l: Value = post_json(&c, format!("{base}/v1/chat/completions"), lb)
+        .await
+        .json()
+        .await
+        .unwrap();
+    let entries = l["choices"][0]["logprobs"]["content"].as_array().unwrap();
+    assert_eq!(
+        entries.len() as u64,
+        l["usage"]["completion_tokens"].as_u64().unwrap()
+    );
+    assert_eq!(
+        entries[0]["top_logprobs"].as_array().unwrap().len(),
+        3,
+        "{}",
+        entries[0]
+    );
+    assert_eq!(
+        l["choices"][0]["message"]["content"].as_str().unwrap(),
+        content,
+        "logprobs change nothing"
+    );
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// A client that leaves a stream frees the slot; a full queue is 429 with
+/// Retry-After; an engine that dies mid-stream gives one error frame and
+/// no `[DONE]`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_disconnect_queue_full_and_error_frames() {
+    use futures_util::StreamExt;
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config {
+        queue_capacity: 1,
+        ..Default::default()
+    })
+    .await;
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    let long = json!({"model": pool(), "prompt": LONG, "max_tokens": 2000, "stream": true});
+    let r = post_json(&c, format!("{base}/v1/completions"), long.clone()).await;
+    let mut s = r.bytes_stream();
+    let mut seen = String::new();
+    while sse_data(&seen).len() < 3 {
+        seen.push_str(&String::from_utf8_lossy(&s.next().await.unwrap().unwrap()));
+    }
+    // Queue: one running (above), one waiting, then full.
+    let waiting = submit(&c, &base, json!({"prompt": "Hi", "max_tokens": 2})).await;
+    let full = post_json(
+        &c,
+        format!("{base}/v1/chat/completions"),
+        json!({"model": pool(), "messages": [{"role": "user", "content": "x"}]}),
+    )
+    .await;
+    assert_eq!(full.status(), 429);
+    assert!(full.headers().get("retry-after").is_some());
+    let v: Value = full.json().await.unwrap();
+    assert_eq!(v["error"]["type"], "rate_limit_error", "{v}");
+    let t0 = Instant::now();
+    drop(s);
+    let rw = read_stream(&c, &base, waiting["task_id"].as_str().unwrap(), None, None)
+        .await
+        .unwrap();
+    assert!(
+        rw.order_ok(),
+        "the waiting task ran after the disconnect: {:?}",
+        rw.order
+    );
+    assert!(t0.elapsed() < Duration::from_secs(10));
+    assert!(wait_idle(&engine_url(), Duration::from_secs(3)).await);
+
+    // The engine dies mid-stream: one error frame, then the end.
+    let pid = engine_pid();
+    let r = post_json(&c, format!("{base}/v1/chat/completions"), json!({"model": pool(), "messages": [{"role": "user", "content": LONG}], "max_tokens": 2000, "stream": true})).await;
+    let mut s = r.bytes_stream();
+    let mut body = String::new();
+    let mut killed = false;
+    while let Some(b) = s.next().await {
+        body.push_str(&String::from_utf8_lossy(&b.unwrap()));
+        if !killed && sse_data(&body).len() >= 3 {
+            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+            killed = true;
+        }
+    }
+    let data = sse_data(&body);
+    let last: Value = serde_json::from_str(data.last().unwrap()).unwrap();
+    assert_eq!(last["error"]["code"], "ENGINE_CRASHED", "{last}");
+    assert_eq!(last["error"]["type"], "server_error");
+    assert!(!data.iter().any(|d| d == "[DONE]"));
+    wait_ready(&base).await;
+    srv.shutdown(Duration::from_secs(1)).await;
+}
+
+/// The `openai` package the Python SDK test uses (pinned; installed from the
+/// package index with pip into the target directory on first use).
+const OPENAI_SDK: &str = "openai==1.109.1";
+
+fn openai_sdk_dir() -> std::path::PathBuf {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let dir = root
+        .join("target")
+        .join(format!("python-{}", OPENAI_SDK.replace("==", "-")));
+    let _lock =
+        llorch_io::fsx::FileLock::exclusive(&root.join("target/python-sdk.lock"), || {}).unwrap();
+    if !dir.join(".complete").exists() {
+        let staging = dir.with_extension("partial");
+        let _ = std::fs::remove_dir_all(&staging);
+        llorch_io::cmd::Cmd::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "-q",
+                "--disable-pip-version-check",
+                "--target",
+            ])
+            .arg(&staging)
+            .arg(OPENAI_SDK)
+            .read()
+            .unwrap_or_else(|e| panic!("installing {OPENAI_SDK} with pip: {e}"));
+        std::fs::write(staging.join(".complete"), OPENAI_SDK).unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::rename(&staging, &dir).unwrap();
+    }
+    dir
+}
+
+/// The official OpenAI Python client drives the orchestrator: models, chat
+/// (plain, same seed twice, streamed with usage), completions, errors as the
+/// SDK's exception types, and closing a stream early frees the slot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn openai_python_sdk() {
+    let sdk = tokio::task::spawn_blocking(openai_sdk_dir).await.unwrap();
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config::default()).await;
+    let base = format!("http://{}", srv.addr);
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/openai_sdk.py");
+    let out = tokio::task::spawn_blocking(move || {
+        llorch_io::cmd::Cmd::new("python3")
+            .arg(&script)
+            .env("PYTHONPATH", &sdk)
+            .env("LLORCH_BASE_URL", &base)
+            .env("LLORCH_MODEL", pool())
+            .env("LLORCH_ENGINE_URL", engine_url())
+            .to_std()
+            .output()
+            .unwrap()
+    })
+    .await
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    eprintln!("{stdout}");
+    assert!(
+        out.status.success() && stdout.contains("all ok"),
+        "the OpenAI SDK test failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     srv.shutdown(Duration::from_secs(1)).await;
 }

@@ -198,6 +198,12 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
     if let Some(g) = &req.grammar {
         body["grammar"] = json!(g);
     }
+    if let Some(t) = req.top_p {
+        body["top_p"] = json!(t);
+    }
+    if let Some(n) = req.n_probs {
+        body["n_probs"] = json!(n);
+    }
     let resp = match send(st, task, engine, || {
         authed(st.http.post(format!("{url}/completion")), engine).json(&body)
     })
@@ -216,6 +222,8 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
     };
     let mut frames = resp.bytes_stream().eventsource();
     let mut first = true;
+    // Probabilities of held-back tokens travel with the next text.
+    let mut pending_probs: Vec<Value> = Vec::new();
     loop {
         let next = match guarded(task, stall, frames.next()).await {
             Ok(n) => n,
@@ -249,6 +257,9 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         if v["stop"].as_bool() == Some(true) {
             return Outcome::Finished(v);
         }
+        if let Some(probs) = v["completion_probabilities"].as_array() {
+            pending_probs.extend(probs.iter().cloned());
+        }
         let t = v["content"].as_str().unwrap_or("");
         if t.is_empty() {
             continue;
@@ -259,9 +270,11 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
                 .ttft_ms
                 .observe(task.admitted_at.elapsed().as_secs_f64() * 1000.0);
         }
+        let probs = (req.n_probs.is_some()).then(|| std::mem::take(&mut pending_probs));
         if !task.send(TaskEvent::Token(TokenEvent {
             t: t.to_string(),
             i: p.events,
+            probs,
         })) {
             // Nobody is listening any more (the client went away).
             task.request_cancel(CancelReason::ClientDisconnected);

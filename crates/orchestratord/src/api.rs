@@ -50,7 +50,20 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let mut body = json!({"error": {"code": self.code, "message": self.message}});
+        // Also OpenAI's shape (`type`, `param`), so OpenAI clients read every error.
+        let kind = match self.status.as_u16() {
+            401 => "authentication_error",
+            403 => "permission_error",
+            429 => "rate_limit_error",
+            s if s >= 500 => "server_error",
+            _ => "invalid_request_error",
+        };
+        let mut body = json!({"error": {
+            "code": self.code,
+            "message": self.message,
+            "type": kind,
+            "param": self.field,
+        }});
         if let Some(f) = &self.field {
             body["error"]["field"] = json!(f);
         }
@@ -248,6 +261,8 @@ impl CreateTask {
                 ignore_eos: self.ignore_eos.unwrap_or(false),
                 stop,
                 grammar: self.grammar,
+                top_p: None,
+                n_probs: None,
             },
             self.task_id,
             pool,
@@ -294,17 +309,33 @@ async fn create_task(
     let (req, task_id, pool) = req
         .validate(&st)
         .inspect_err(|_| st.metrics.reject("invalid"))?;
+    let task = admit(&st, req, task_id, pool.as_ref().map(|p| p.as_str()))?;
+    Ok((
+        StatusCode::ACCEPTED,
+        Json(json!({"task_id": task.id, "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
+    )
+        .into_response())
+}
+
+/// Admit a checked request into the queue (shared by the task API and the
+/// OpenAI endpoints): readiness, the pool it names, a unique id, capacity.
+pub fn admit(
+    st: &Shared,
+    req: TaskRequest,
+    task_id: Option<String>,
+    pool: Option<&str>,
+) -> Result<Arc<Task>, ApiError> {
     if st.stopping.load(Ordering::SeqCst) || !st.ready.load(Ordering::SeqCst) {
-        return Err(not_ready(&st));
+        return Err(not_ready(st));
     }
-    if let Some(want) = &pool {
+    if let Some(want) = pool {
         let served = st
             .last_engine
             .lock()
             .unwrap()
             .as_ref()
             .map(|e| e.pool.clone());
-        if served.as_deref() != Some(want.as_str()) {
+        if served.as_deref() != Some(want) {
             st.metrics.reject("invalid");
             return Err(ApiError {
                 field: Some("pool".into()),
@@ -347,22 +378,18 @@ async fn create_task(
         let position = depth + st.running.load(Ordering::SeqCst) as usize;
         let predicted = position as u64 * st.avg_task_ms.load(Ordering::Relaxed);
         let task = Arc::new(Task::new(task_id.clone(), req, position, predicted));
-        all.insert(task_id.clone(), task.clone());
+        all.insert(task_id, task.clone());
         st.queue.push(task.clone());
         task
     };
-    tasks::arm_deadline(&st, &task);
+    tasks::arm_deadline(st, &task);
     st.metrics.admitted.inc();
     st.work.notify_one();
-    Ok((
-        StatusCode::ACCEPTED,
-        Json(json!({"task_id": task_id, "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
-    )
-        .into_response())
+    Ok(task)
 }
 
 /// Cancels its task when the client's stream is dropped (disconnect).
-struct DisconnectGuard(Arc<Task>, Shared);
+pub struct DisconnectGuard(pub Arc<Task>, pub Shared);
 impl Drop for DisconnectGuard {
     fn drop(&mut self) {
         tasks::cancel(&self.1, &self.0, CancelReason::ClientDisconnected);
@@ -592,6 +619,12 @@ pub fn router(st: Shared) -> Router {
         .route("/v1/tasks/{id}/stream", get(stream_task).head(stream_task))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/v1/capabilities", get(capabilities))
+        .route("/v1/models", get(crate::openai::models))
+        .route(
+            "/v1/chat/completions",
+            post(crate::openai::chat_completions),
+        )
+        .route("/v1/completions", post(crate::openai::completions))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

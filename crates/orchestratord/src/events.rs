@@ -15,6 +15,10 @@ pub struct TokenEvent {
     pub t: String,
     /// Index of this event, contiguous from 0.
     pub i: u64,
+    /// llama-server's `completion_probabilities` for the tokens of this
+    /// event, when the request asked for log-probabilities (OpenAI `logprobs`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub probs: Option<Vec<serde_json::Value>>,
 }
 
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]

@@ -28,6 +28,7 @@ pub mod config;
 pub mod events;
 pub mod link;
 pub mod metrics;
+pub mod openai;
 pub mod tasks;
 
 pub use config::{Config, ListenArgs, ServeError};

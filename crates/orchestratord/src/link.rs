@@ -9,6 +9,12 @@ use serde::{Deserialize, Serialize};
 pub struct EngineInfo {
     /// The pool this engine serves (tasks may name it: `pool`).
     pub pool: String,
+    /// The engine build's fingerprint.
+    #[serde(default)]
+    pub fingerprint: String,
+    /// llama-server's flags (those that change numerics feed OpenAI's `system_fingerprint`).
+    #[serde(default)]
+    pub flags: Vec<String>,
     pub url: String,
     pub engine: String,
     pub engine_version: String,
@@ -32,6 +38,8 @@ impl EngineInfo {
         }
         Ok(EngineInfo {
             pool: h.pool_id.to_string(),
+            fingerprint: h.fingerprint.clone(),
+            flags: h.flags.clone(),
             url: h.url.clone(),
             engine: h.engine.clone(),
             engine_version: h.engine_version.clone(),
@@ -65,6 +73,8 @@ fn url_is_loopback(url: &str) -> bool {
 }
 
 /// The state of the engine behind a link.
+// A short-lived value (read, matched, dropped); boxing would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Clone, Debug, PartialEq)]
 pub enum LinkState {
     Ready(EngineInfo),

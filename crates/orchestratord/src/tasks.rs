@@ -42,6 +42,10 @@ pub struct TaskRequest {
     pub stop: Vec<String>,
     /// A GBNF grammar the output must follow (llama.cpp's own).
     pub grammar: Option<String>,
+    /// Nucleus sampling (llama-server's `top_p`; default: the engine's).
+    pub top_p: Option<f64>,
+    /// Top log-probabilities per generated token (llama-server's `n_probs`).
+    pub n_probs: Option<u32>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

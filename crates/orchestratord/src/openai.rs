@@ -1,0 +1,738 @@
+//! The OpenAI-compatible endpoints: `GET /v1/models`,
+//! `POST /v1/chat/completions`, `POST /v1/completions`.
+//!
+//! A request becomes an ordinary task ([`crate::api::admit`]): the same
+//! queue, admission limits, deadlines, cancel-on-disconnect and metrics as
+//! `/v1/tasks`, and every token is a frame of llama-server's own stream. This
+//! module only translates: OpenAI request → [`TaskRequest`], task events →
+//! OpenAI objects or `data:` chunks ending with `data: [DONE]`.
+//!
+//! Differences from OpenAI, on purpose: `temperature` defaults to 0 and
+//! `seed` to the orchestrator's fixed seed (the deterministic profile); `n`
+//! must be 1. Unknown fields are ignored, as OpenAI clients expect.
+
+use crate::api::{admit, ApiError, DisconnectGuard};
+use crate::events::{EndEvent, TaskEvent, TokenEvent};
+use crate::tasks::TaskRequest;
+use crate::{EngineInfo, Shared};
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde::Deserialize;
+use serde_json::{json, Value};
+use std::time::Duration;
+
+/// Flags that change the numbers llama.cpp computes for the same build:
+/// they go into `system_fingerprint` with the build fingerprint.
+const NUMERIC_FLAGS: &[&str] = &[
+    "-fa",
+    "--flash-attn",
+    "-b",
+    "--batch-size",
+    "-ub",
+    "--ubatch-size",
+    "-ctk",
+    "--cache-type-k",
+    "-ctv",
+    "--cache-type-v",
+    "--no-mmap",
+    "--mlock",
+    "-c",
+    "--ctx-size",
+    "--parallel",
+    "-np",
+    "--no-cont-batching",
+    "-t",
+    "--threads",
+];
+
+/// `fp_` + 16 hex of sha256(build fingerprint, numeric flags with values).
+pub fn system_fingerprint(e: &EngineInfo) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(e.fingerprint.as_bytes());
+    let mut i = 0;
+    while i < e.flags.len() {
+        let f = &e.flags[i];
+        let name = f.split('=').next().unwrap_or(f);
+        if NUMERIC_FLAGS.contains(&name) {
+            h.update(b"\0");
+            h.update(f.as_bytes());
+            if !f.contains('=') {
+                if let Some(v) = e.flags.get(i + 1).filter(|v| !v.starts_with('-')) {
+                    h.update(b"=");
+                    h.update(v.as_bytes());
+                    i += 1;
+                }
+            }
+        }
+        i += 1;
+    }
+    let hex = format!("{:x}", h.finalize());
+    format!("fp_{}", &hex[..16])
+}
+
+/// The model's name from its reference (the file name without `.gguf`).
+pub fn model_alias(e: &EngineInfo) -> String {
+    let tail = e
+        .model_ref
+        .rsplit(['/', '#', ':'])
+        .next()
+        .unwrap_or(&e.model_ref);
+    tail.strip_suffix(".gguf").unwrap_or(tail).to_string()
+}
+
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn engine(st: &Shared) -> Option<EngineInfo> {
+    st.last_engine.lock().unwrap().clone()
+}
+
+/// `GET /v1/models`: the pool id, and the model's name as an alias.
+pub async fn models(State(st): State<Shared>) -> Response {
+    let data: Vec<Value> = match engine(&st) {
+        Some(e) => [e.pool.clone(), model_alias(&e)]
+            .into_iter()
+            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llama-orch"}))
+            .collect(),
+        None => Vec::new(),
+    };
+    Json(json!({"object": "list", "data": data})).into_response()
+}
+
+/// A message's `content`: a string, or OpenAI's list of parts (text only).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Deserialize)]
+struct Part {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(default)]
+    text: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct ChatMessage {
+    role: String,
+    #[serde(default)]
+    content: Option<Content>,
+}
+
+/// `stop`: one string or a list.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Stop {
+    One(String),
+    Many(Vec<String>),
+}
+
+/// A completions `prompt`: one string or a list of one.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Prompt {
+    One(String),
+    Many(Vec<String>),
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    #[serde(default)]
+    include_usage: Option<bool>,
+}
+
+/// `logprobs`: a bool for chat, a count for completions.
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum Logprobs {
+    Flag(bool),
+    Count(u32),
+}
+
+/// The fields both endpoints take (unknown ones are ignored).
+#[derive(Deserialize)]
+struct OpenAiRequest {
+    model: Option<String>,
+    messages: Option<Vec<ChatMessage>>,
+    prompt: Option<Prompt>,
+    max_tokens: Option<i64>,
+    max_completion_tokens: Option<i64>,
+    temperature: Option<f64>,
+    top_p: Option<f64>,
+    seed: Option<i64>,
+    stop: Option<Stop>,
+    n: Option<i64>,
+    stream: Option<bool>,
+    stream_options: Option<StreamOptions>,
+    logprobs: Option<Logprobs>,
+    top_logprobs: Option<i64>,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Kind {
+    Chat,
+    Text,
+}
+
+/// Checked request: the task, and how to answer.
+struct Plan {
+    task: TaskRequest,
+    stream: bool,
+    include_usage: bool,
+    logprobs: bool,
+    model: String,
+}
+
+fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
+    let r: OpenAiRequest = crate::api::parse_body(body)?;
+    let cfg = &st.cfg;
+    let Some(model) = r.model.clone() else {
+        return Err(ApiError::invalid(
+            "model",
+            "you must provide a model parameter",
+        ));
+    };
+    if let Some(e) = engine(st) {
+        if model != e.pool && model != model_alias(&e) {
+            return Err(ApiError {
+                field: Some("model".into()),
+                ..ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    "model_not_found",
+                    format!(
+                        "the model `{}` does not exist here; GET /v1/models lists `{}` and `{}`",
+                        llorch_io::handoff::excerpt(&model, 64),
+                        e.pool,
+                        model_alias(&e)
+                    ),
+                )
+            });
+        }
+    }
+    if let Some(n) = r.n {
+        if n != 1 {
+            return Err(ApiError::invalid("n", "only n=1 is supported"));
+        }
+    }
+    let (prompt, messages) = match kind {
+        Kind::Chat => {
+            if r.prompt.is_some() {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    "chat completions take `messages`, not `prompt`",
+                ));
+            }
+            let msgs = r
+                .messages
+                .as_ref()
+                .filter(|m| !m.is_empty())
+                .ok_or_else(|| {
+                    ApiError::invalid("messages", "`messages` must be a non-empty list")
+                })?;
+            let mut out = Vec::new();
+            let mut chars = 0;
+            for (i, m) in msgs.iter().enumerate() {
+                let text = match &m.content {
+                    None => String::new(),
+                    Some(Content::Text(t)) => t.clone(),
+                    Some(Content::Parts(p)) => {
+                        let mut s = String::new();
+                        for part in p {
+                            if part.kind != "text" {
+                                return Err(ApiError::invalid(
+                                    format!("messages[{i}].content"),
+                                    format!(
+                                        "content parts of type `{}` are not supported (text only)",
+                                        llorch_io::handoff::excerpt(&part.kind, 32)
+                                    ),
+                                ));
+                            }
+                            s.push_str(part.text.as_deref().unwrap_or(""));
+                        }
+                        s
+                    }
+                };
+                if !matches!(
+                    m.role.as_str(),
+                    "system" | "developer" | "user" | "assistant" | "tool"
+                ) {
+                    return Err(ApiError::invalid(
+                        format!("messages[{i}].role"),
+                        format!(
+                            "unknown role `{}`",
+                            llorch_io::handoff::excerpt(&m.role, 32)
+                        ),
+                    ));
+                }
+                let role = if m.role == "developer" {
+                    "system"
+                } else {
+                    m.role.as_str()
+                };
+                chars += text.chars().count();
+                out.push(json!({"role": role, "content": text}));
+            }
+            if chars > cfg.max_prompt_chars {
+                return Err(ApiError::invalid(
+                    "messages",
+                    format!(
+                        "the messages hold {chars} characters; at most {}",
+                        cfg.max_prompt_chars
+                    ),
+                ));
+            }
+            (None, Some(Value::Array(out)))
+        }
+        Kind::Text => {
+            if r.messages.is_some() {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "completions take `prompt`, not `messages`",
+                ));
+            }
+            let p = match r.prompt {
+                Some(Prompt::One(p)) => p,
+                Some(Prompt::Many(mut v)) if v.len() == 1 => v.remove(0),
+                Some(Prompt::Many(_)) => {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        "only one prompt per request is supported",
+                    ))
+                }
+                None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+            };
+            if p.is_empty() {
+                return Err(ApiError::invalid("prompt", "prompt is empty"));
+            }
+            if p.chars().count() > cfg.max_prompt_chars {
+                return Err(ApiError::invalid(
+                    "prompt",
+                    format!(
+                        "the prompt is longer than {} characters",
+                        cfg.max_prompt_chars
+                    ),
+                ));
+            }
+            (Some(p), None)
+        }
+    };
+    let (max_field, max) = match (r.max_completion_tokens, r.max_tokens) {
+        (Some(m), _) => ("max_completion_tokens", Some(m)),
+        (None, Some(m)) => ("max_tokens", Some(m)),
+        (None, None) => ("max_tokens", None),
+    };
+    let max_tokens = match max {
+        None => cfg.default_max_tokens,
+        Some(m) if m >= 1 && m <= cfg.max_tokens_limit as i64 => m as u32,
+        Some(m) => {
+            return Err(ApiError::invalid(
+                max_field,
+                format!(
+                    "{max_field} must be between 1 and {} (got {m})",
+                    cfg.max_tokens_limit
+                ),
+            ))
+        }
+    };
+    let temperature = r.temperature.unwrap_or(0.0);
+    if !(0.0..=2.0).contains(&temperature) {
+        return Err(ApiError::invalid(
+            "temperature",
+            "temperature must be between 0 and 2",
+        ));
+    }
+    if let Some(p) = r.top_p {
+        if !(0.0..=1.0).contains(&p) {
+            return Err(ApiError::invalid("top_p", "top_p must be between 0 and 1"));
+        }
+    }
+    let seed = match r.seed {
+        None => cfg.default_seed,
+        Some(s) if s >= 0 => s as u64,
+        Some(_) => {
+            return Err(ApiError::invalid(
+                "seed",
+                "seed must be a non-negative integer",
+            ))
+        }
+    };
+    let stop = match r.stop {
+        None => Vec::new(),
+        Some(Stop::One(s)) => vec![s],
+        Some(Stop::Many(v)) => v,
+    };
+    if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64) {
+        return Err(ApiError::invalid(
+            "stop",
+            "stop takes up to 4 non-empty strings of at most 64 characters",
+        ));
+    }
+    let (logprobs, n_probs) = match (kind, r.logprobs, r.top_logprobs) {
+        (_, None | Some(Logprobs::Flag(false)), None) => (false, None),
+        (Kind::Chat, Some(Logprobs::Flag(true)), top) => {
+            let top = top.unwrap_or(0);
+            if !(0..=20).contains(&top) {
+                return Err(ApiError::invalid(
+                    "top_logprobs",
+                    "top_logprobs must be between 0 and 20",
+                ));
+            }
+            (true, Some(top.max(1) as u32))
+        }
+        (Kind::Chat, _, Some(_)) => {
+            return Err(ApiError::invalid(
+                "top_logprobs",
+                "top_logprobs needs logprobs: true",
+            ))
+        }
+        (Kind::Text, Some(Logprobs::Count(n)), None) if n <= 5 => (true, Some(n.max(1))),
+        (Kind::Text, Some(Logprobs::Flag(false)), _) | (Kind::Text, None, Some(_)) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                "completions take logprobs as a count from 0 to 5",
+            ))
+        }
+        (_, Some(_), _) => {
+            return Err(ApiError::invalid(
+                "logprobs",
+                match kind {
+                    Kind::Chat => "chat completions take logprobs as true or false",
+                    Kind::Text => "completions take logprobs as a count from 0 to 5",
+                },
+            ))
+        }
+    };
+    let stream = r.stream.unwrap_or(false);
+    let include_usage = r
+        .stream_options
+        .and_then(|o| o.include_usage)
+        .unwrap_or(false);
+    Ok(Plan {
+        task: TaskRequest {
+            prompt,
+            messages,
+            max_tokens,
+            seed,
+            temperature,
+            deadline_ms: None,
+            ignore_eos: false,
+            stop,
+            grammar: None,
+            top_p: r.top_p,
+            n_probs,
+        },
+        stream,
+        include_usage,
+        logprobs,
+        model,
+    })
+}
+
+/// OpenAI's `finish_reason` for our end: `stop` or `length`.
+fn finish_reason(end: &EndEvent) -> &'static str {
+    match end.stop_reason.as_str() {
+        "limit" => "length",
+        _ => "stop",
+    }
+}
+
+fn usage(end: &EndEvent) -> Value {
+    json!({
+        "prompt_tokens": end.prompt_tokens,
+        "completion_tokens": end.tokens_out,
+        "total_tokens": end.prompt_tokens + end.tokens_out,
+    })
+}
+
+/// OpenAI's logprob entries from llama-server's `completion_probabilities`.
+fn chat_logprobs(probs: &[Value]) -> Vec<Value> {
+    let entry = |p: &Value| {
+        json!({
+            "token": p["token"],
+            "logprob": p["logprob"],
+            "bytes": p["bytes"],
+        })
+    };
+    probs
+        .iter()
+        .map(|p| {
+            let mut e = entry(p);
+            e["top_logprobs"] = Value::Array(
+                p["top_logprobs"]
+                    .as_array()
+                    .map(|v| v.iter().map(entry).collect())
+                    .unwrap_or_default(),
+            );
+            e
+        })
+        .collect()
+}
+
+/// The error object of an error event (in a stream, or as a response).
+fn event_error(e: &crate::events::ErrorEvent) -> ApiError {
+    let status = match e.code.as_str() {
+        "ENGINE_ERROR" => StatusCode::INTERNAL_SERVER_ERROR,
+        _ => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let code: &'static str = match e.code.as_str() {
+        "ENGINE_CRASHED" => "ENGINE_CRASHED",
+        "ENGINE_STALLED" => "ENGINE_STALLED",
+        "ENGINE_FAILED" => "ENGINE_FAILED",
+        "DRAINING" => "DRAINING",
+        "ENGINE_NOT_READY" => "ENGINE_NOT_READY",
+        _ => "ENGINE_ERROR",
+    };
+    ApiError::new(status, code, e.message.clone())
+}
+
+fn error_json(e: ApiError) -> Value {
+    let status = e.status.as_u16();
+    json!({"error": {
+        "message": e.message,
+        "type": if status >= 500 { "server_error" } else { "invalid_request_error" },
+        "param": e.field,
+        "code": e.code,
+    }})
+}
+
+pub async fn chat_completions(
+    State(st): State<Shared>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    complete(st, Kind::Chat, &body).await
+}
+
+pub async fn completions(
+    State(st): State<Shared>,
+    body: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    complete(st, Kind::Text, &body).await
+}
+
+async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiError> {
+    let Plan {
+        task: req,
+        stream: streaming,
+        include_usage,
+        logprobs,
+        model,
+    } = plan(&st, kind, body).inspect_err(|_| st.metrics.reject("invalid"))?;
+    let task = admit(&st, req, None, None)?;
+    let rx = task
+        .take_stream()
+        .expect("a new task's stream is not taken");
+    let guard = DisconnectGuard(task.clone(), st.clone());
+    let fp = engine(&st)
+        .map(|e| system_fingerprint(&e))
+        .unwrap_or_default();
+    let (id, object) = match kind {
+        Kind::Chat => (format!("chatcmpl-{}", task.id), "chat.completion"),
+        Kind::Text => (format!("cmpl-{}", task.id), "text_completion"),
+    };
+    let created = unix_now();
+    let head = Head {
+        id,
+        created,
+        model,
+        fp,
+        kind,
+        logprobs,
+    };
+    if streaming {
+        return Ok(stream(head, include_usage, rx, guard));
+    }
+    let mut rx = rx;
+    let mut text = String::new();
+    let mut probs: Vec<Value> = Vec::new();
+    let end = loop {
+        match rx.recv().await {
+            Some(TaskEvent::Token(t)) => {
+                text.push_str(&t.t);
+                probs.extend(t.probs.unwrap_or_default());
+            }
+            Some(TaskEvent::End(e)) => break e,
+            Some(TaskEvent::Error(e)) => return Err(event_error(&e)),
+            Some(TaskEvent::Started(_)) => {}
+            None => {
+                return Err(ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "ENGINE_ERROR",
+                    "the task ended without a result",
+                ))
+            }
+        }
+    };
+    drop(guard);
+    if end.canceled {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "CANCELED",
+            format!("the request was canceled ({})", end.stop_reason),
+        ));
+    }
+    let choice = match kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "logprobs": if head.logprobs { json!({"content": chat_logprobs(&probs)}) } else { Value::Null },
+            "finish_reason": finish_reason(&end),
+        }),
+        Kind::Text => json!({
+            "index": 0,
+            "text": text,
+            "logprobs": if head.logprobs { text_logprobs(&probs) } else { Value::Null },
+            "finish_reason": finish_reason(&end),
+        }),
+    };
+    Ok(Json(json!({
+        "id": head.id,
+        "object": object,
+        "created": head.created,
+        "model": head.model,
+        "system_fingerprint": head.fp,
+        "choices": [choice],
+        "usage": usage(&end),
+    }))
+    .into_response())
+}
+
+/// The legacy completions `logprobs` object.
+fn text_logprobs(probs: &[Value]) -> Value {
+    let tokens: Vec<Value> = probs.iter().map(|p| p["token"].clone()).collect();
+    let lps: Vec<Value> = probs.iter().map(|p| p["logprob"].clone()).collect();
+    let tops: Vec<Value> = probs
+        .iter()
+        .map(|p| {
+            let mut m = serde_json::Map::new();
+            for t in p["top_logprobs"].as_array().into_iter().flatten() {
+                if let Some(k) = t["token"].as_str() {
+                    m.insert(k.to_string(), t["logprob"].clone());
+                }
+            }
+            Value::Object(m)
+        })
+        .collect();
+    json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": Value::Null})
+}
+
+struct Head {
+    id: String,
+    created: u64,
+    model: String,
+    fp: String,
+    kind: Kind,
+    logprobs: bool,
+}
+
+impl Head {
+    fn chunk(&self, choices: Value) -> Value {
+        json!({
+            "id": self.id,
+            "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Text => "text_completion" },
+            "created": self.created,
+            "model": self.model,
+            "system_fingerprint": self.fp,
+            "choices": choices,
+        })
+    }
+    fn token(&self, t: &TokenEvent) -> Value {
+        match self.kind {
+            Kind::Chat => {
+                let mut c = json!({"index": 0, "delta": {"content": t.t}, "logprobs": Value::Null, "finish_reason": Value::Null});
+                if self.logprobs {
+                    c["logprobs"] =
+                        json!({"content": chat_logprobs(t.probs.as_deref().unwrap_or(&[]))});
+                }
+                self.chunk(json!([c]))
+            }
+            Kind::Text => {
+                let lp = if self.logprobs {
+                    text_logprobs(t.probs.as_deref().unwrap_or(&[]))
+                } else {
+                    Value::Null
+                };
+                self.chunk(json!([{"index": 0, "text": t.t, "logprobs": lp, "finish_reason": Value::Null}]))
+            }
+        }
+    }
+    fn last(&self, end: &EndEvent) -> Value {
+        match self.kind {
+            Kind::Chat => self.chunk(json!([{"index": 0, "delta": {}, "logprobs": Value::Null, "finish_reason": finish_reason(end)}])),
+            Kind::Text => self.chunk(json!([{"index": 0, "text": "", "logprobs": Value::Null, "finish_reason": finish_reason(end)}])),
+        }
+    }
+}
+
+/// `data:` chunks: (chat) a role delta, one chunk per engine frame, a chunk
+/// with `finish_reason`, the usage chunk if asked, `[DONE]`. An error after
+/// the stream started is one `data: {"error": …}` frame, then the end.
+fn stream(
+    head: Head,
+    include_usage: bool,
+    rx: tokio::sync::mpsc::UnboundedReceiver<TaskEvent>,
+    guard: DisconnectGuard,
+) -> Response {
+    type Out = std::collections::VecDeque<String>;
+    let state = (rx, guard, head, false, Out::new());
+    let events = futures_util::stream::unfold(
+        state,
+        move |(mut rx, g, head, mut done, mut out)| async move {
+            loop {
+                if let Some(d) = out.pop_front() {
+                    let ev = Ok::<_, std::convert::Infallible>(Event::default().data(d));
+                    return Some((ev, (rx, g, head, done, out)));
+                }
+                if done {
+                    return None;
+                }
+                match rx.recv().await {
+                    Some(TaskEvent::Started(_)) => {
+                        if head.kind == Kind::Chat {
+                            let c = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": Value::Null, "finish_reason": Value::Null}]);
+                            out.push_back(head.chunk(c).to_string());
+                        }
+                    }
+                    Some(TaskEvent::Token(t)) => out.push_back(head.token(&t).to_string()),
+                    Some(TaskEvent::End(e)) => {
+                        done = true;
+                        if e.canceled {
+                            let err = ApiError::new(
+                                StatusCode::SERVICE_UNAVAILABLE,
+                                "CANCELED",
+                                format!("the request was canceled ({})", e.stop_reason),
+                            );
+                            out.push_back(error_json(err).to_string());
+                        } else {
+                            out.push_back(head.last(&e).to_string());
+                            if include_usage {
+                                let mut u = head.chunk(json!([]));
+                                u["usage"] = usage(&e);
+                                out.push_back(u.to_string());
+                            }
+                            out.push_back("[DONE]".into());
+                        }
+                    }
+                    Some(TaskEvent::Error(e)) => {
+                        done = true;
+                        out.push_back(error_json(event_error(&e)).to_string());
+                    }
+                    None => return None,
+                }
+            }
+        },
+    );
+    Sse::new(events)
+        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
+        .into_response()
+}
