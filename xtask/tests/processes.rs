@@ -266,3 +266,71 @@ fn a_non_utf8_cache_directory_is_refused_by_name() {
         "nothing created"
     );
 }
+
+/// When the supervisor gives up (the engine keeps dying), `serve` says so on
+/// its output, with the reason, and exits non-zero, leaving nothing behind.
+#[test]
+fn serve_exits_non_zero_when_the_engine_fails_for_good() {
+    let rt = tempfile::tempdir().unwrap();
+    let layout = layout(rt.path());
+    let pool = PoolId::parse(&format!("xt-fail-{}", std::process::id())).unwrap();
+    let paths = RunPaths::new(&layout, &pool);
+    let mut child = xtask(rt.path())
+        .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
+        .to_std()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = child.stderr.take().unwrap();
+    // Serving first: the failure comes after the engine was up.
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines
+            .next()
+            .expect("serve printed where it serves")
+            .unwrap();
+        if line.starts_with("serving ") {
+            break;
+        }
+    }
+    let err_reader = std::thread::spawn(move || {
+        let mut s = String::new();
+        let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);
+        s
+    });
+    // Kill every engine the supervisor starts until it gives up.
+    let mut killed = std::collections::HashSet::new();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "serve never gave up");
+        if let Ok(Some(r)) = llorch_io::handoff::RunRecord::read(&paths.pid_file) {
+            if r.process.is_running() && killed.insert(r.process.pid) {
+                unsafe { libc::kill(r.process.pid as i32, libc::SIGKILL) };
+            }
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let err = err_reader.join().unwrap();
+    assert!(
+        !status.success(),
+        "serve exited 0 with nothing to serve: {err}"
+    );
+    assert!(
+        err.contains("failed and will not be restarted") && err.contains("giving up"),
+        "{err}"
+    );
+    assert!(killed.len() >= 5, "{} engines", killed.len());
+    assert!(
+        engines_writing(&paths.log).is_empty(),
+        "an engine outlived serve"
+    );
+    assert!(
+        !paths.pid_file.exists() && !paths.handoff.exists(),
+        "run files left"
+    );
+    let _ = std::fs::remove_file(&paths.log);
+}
