@@ -34,6 +34,27 @@ impl HaikuCmd {
             .arg("--profile")
             .arg(&profile.path)
             .dir(&ctx.layout.root);
+        // `cargo xtask` runs us with the variables cargo sets for a package
+        // (CARGO_MANIFEST_DIR, CARGO_PKG_*, …). Passed on, they change the
+        // environment that build scripts (ring's) declared, so the inner cargo
+        // rebuilt ring, rustls and reqwest, and the next `cargo xtask` rebuilt
+        // them back: ~14 crates twice per run. Give the inner cargo the user's
+        // environment instead.
+        for (k, _) in std::env::vars_os() {
+            let k = k.to_string_lossy();
+            if k.starts_with("CARGO_PKG_")
+                || matches!(
+                    k.as_ref(),
+                    "CARGO_MANIFEST_DIR"
+                        | "CARGO_MANIFEST_PATH"
+                        | "CARGO_CRATE_NAME"
+                        | "CARGO_BIN_NAME"
+                        | "CARGO_PRIMARY_PACKAGE"
+                )
+            {
+                cmd = cmd.env_remove(k.as_ref());
+            }
+        }
         if let Some(pool) = &self.pool {
             cmd = cmd.arg("--pool").arg(pool.as_str());
         }
