@@ -52,6 +52,42 @@ fn engines_writing(log: &Path) -> Vec<u32> {
     pids
 }
 
+/// A child process killed (and reaped) if the test panics before it exits:
+/// a failing test never leaves a `serve` or its engine behind.
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
+/// Stops a pool's detached engine when the test ends, passed or not.
+struct PoolDown<'a>(&'a Path, PoolId);
+
+impl Drop for PoolDown<'_> {
+    fn drop(&mut self) {
+        let _ = xtask(self.0)
+            .args(["engine", "down", "--pool", self.1.as_str()])
+            .to_std()
+            .output();
+    }
+}
+
 fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f() {
@@ -74,6 +110,7 @@ fn two_provisions_at_once_end_with_one_engine() {
     for round in 0..rounds {
         let pool = PoolId::parse(&format!("xt-race-{}-{round}", std::process::id())).unwrap();
         let paths = RunPaths::new(&layout, &pool);
+        let _down = PoolDown(rt.path(), pool.clone());
         let spawn = || {
             xtask(rt.path())
                 .args(["provision", "--pool", pool.as_str(), "--json"])
@@ -139,13 +176,15 @@ fn serve_drains_on_sigterm_and_sighup_and_refuses_a_second_owner() {
         let layout = layout(rt.path());
         let pool = PoolId::parse(&format!("xt-drain-{}-{name}", std::process::id())).unwrap();
         let paths = RunPaths::new(&layout, &pool);
-        let mut child = xtask(rt.path())
-            .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
-            .to_std()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Reaped(
+            xtask(rt.path())
+                .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
+                .to_std()
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let url = loop {
             let line = lines
@@ -275,13 +314,15 @@ fn serve_exits_non_zero_when_the_engine_fails_for_good() {
     let layout = layout(rt.path());
     let pool = PoolId::parse(&format!("xt-fail-{}", std::process::id())).unwrap();
     let paths = RunPaths::new(&layout, &pool);
-    let mut child = xtask(rt.path())
-        .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
-        .to_std()
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = Reaped(
+        xtask(rt.path())
+            .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
+            .to_std()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stderr = child.stderr.take().unwrap();
     // Serving first: the failure comes after the engine was up.
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();

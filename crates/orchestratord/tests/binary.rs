@@ -9,6 +9,30 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
+/// A child killed and reaped if the test panics before it exits (checked
+/// with `try_wait`, so a reaped pid is never signalled).
+struct Reaped(std::process::Child);
+
+impl std::ops::Deref for Reaped {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+impl std::ops::DerefMut for Reaped {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[test]
 fn the_binary_drains_on_sigterm_and_sighup() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -27,18 +51,28 @@ fn the_binary_drains_on_sigterm_and_sighup() {
         &engine_provisioner::BuildOptions::quiet(),
     )
     .unwrap();
+    // The provisioned engine is stopped when the test ends, passed or not.
+    struct Down<'a>(&'a llorch_io::paths::Layout, &'a PoolId);
+    impl Drop for Down<'_> {
+        fn drop(&mut self) {
+            let _ = lifecycle::stop_pool(self.0, self.1);
+        }
+    }
     let handoff = layout.engines_dir().join(format!("{pool}.json"));
+    let _down = Down(&layout, &pool);
     let mut failures = Vec::new();
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
-        let mut child = llorch_io::cmd::Cmd::new(env!("CARGO_BIN_EXE_orchestratord"))
-            .arg("--handoff")
-            .arg(&handoff)
-            .args(["--addr", "127.0.0.1:0"])
-            .to_std()
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap();
+        let mut child = Reaped(
+            llorch_io::cmd::Cmd::new(env!("CARGO_BIN_EXE_orchestratord"))
+                .arg("--handoff")
+                .arg(&handoff)
+                .args(["--addr", "127.0.0.1:0"])
+                .to_std()
+                .stdout(Stdio::null())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap(),
+        );
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
         let url = loop {
             let line = lines.next().expect("it says where it listens").unwrap();
