@@ -540,12 +540,16 @@ fn bench_openai(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         let http = llorch_io::http::async_client();
         let messages = json!([{"role": "user", "content": "Write a long story about a lighthouse keeper."}]);
         let body = json!({"model": pool.as_str(), "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 42, "stream": true});
+        // The same work on both sides: the orchestrator never reuses the
+        // prompt cache (bit-identical results), so llama-server is asked not to either.
+        let mut direct_body = body.clone();
+        direct_body["cache_prompt"] = json!(false);
         let (mut ratio, mut ttft_over, mut tps_via, mut tps_direct) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
         let mut chunks = (0, 0);
         // Warm-up, then alternate: direct, orchestrator, in each run.
-        openai_stream(&http, &format!("{engine}/v1/chat/completions"), &body).await?;
+        openai_stream(&http, &format!("{engine}/v1/chat/completions"), &direct_body).await?;
         for _ in 0..runs {
-            let (td, rd, nd) = openai_stream(&http, &format!("{engine}/v1/chat/completions"), &body).await?;
+            let (td, rd, nd) = openai_stream(&http, &format!("{engine}/v1/chat/completions"), &direct_body).await?;
             let (tv, rv, nv) = openai_stream(&http, &format!("{orch}/v1/chat/completions"), &body).await?;
             chunks = (nd, nv);
             tps_direct.push(rd);
