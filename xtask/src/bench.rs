@@ -440,13 +440,7 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
             }
             let t = Instant::now();
             http.post(format!("{orch}/v1/tasks/{id}/cancel")).header("content-type", "application/json").send().await?;
-            loop {
-                let v: Value = http.get(format!("{engine}/slots")).send().await?.json().await?;
-                if v.as_array().is_some_and(|a| a.iter().all(|x| x["is_processing"] == json!(false))) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            slots_idle(&http, &engine).await?;
             cancel_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             while s.next().await.is_some() {}
         }
@@ -570,13 +564,7 @@ fn bench_openai(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
             }
             let t = Instant::now();
             drop(s);
-            loop {
-                let v: Value = http.get(format!("{engine}/slots")).send().await?.json().await?;
-                if v.as_array().is_some_and(|a| a.iter().all(|x| x["is_processing"] == json!(false))) {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(1)).await;
-            }
+            slots_idle(&http, &engine).await?;
             idle_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         stack.stop(Duration::from_secs(5)).await;
@@ -598,4 +586,22 @@ fn bench_openai(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
             "max_tokens": max_tokens,
         }))
     })
+}
+
+/// Poll llama-server's `/slots` (every millisecond) until no slot is processing.
+async fn slots_idle(http: &reqwest::Client, engine: &str) -> Result<()> {
+    loop {
+        let v: Value = http
+            .get(format!("{engine}/slots"))
+            .send()
+            .await?
+            .json()
+            .await?;
+        if v.as_array()
+            .is_some_and(|a| a.iter().all(|x| x["is_processing"] == json!(false)))
+        {
+            return Ok(());
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }

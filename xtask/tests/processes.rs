@@ -52,28 +52,31 @@ fn engines_writing(log: &Path) -> Vec<u32> {
     pids
 }
 
-/// A child process killed (and reaped) if the test panics before it exits:
-/// a failing test never leaves a `serve` or its engine behind.
-struct Reaped(std::process::Child);
-
-impl std::ops::Deref for Reaped {
-    type Target = std::process::Child;
-    fn deref(&self) -> &std::process::Child {
-        &self.0
-    }
-}
-impl std::ops::DerefMut for Reaped {
-    fn deref_mut(&mut self) -> &mut std::process::Child {
-        &mut self.0
-    }
-}
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
+/// `xtask serve --pool P` on a free port, once it serves: the child (stderr
+/// piped, stdout drained in the background) and the orchestrator's URL.
+fn serve(rt: &Path, pool: &PoolId) -> (llorch_io::cmd::KillOnDrop, String) {
+    let mut child = llorch_io::cmd::KillOnDrop(
+        xtask(rt)
+            .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
+            .to_std()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("serve printed where it serves")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("serving ") {
+            let at = rest.split(" at ").nth(1).unwrap();
+            break at.split_whitespace().next().unwrap().to_string();
         }
-    }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, url)
 }
 
 /// Stops a pool's detached engine when the test ends, passed or not.
@@ -176,26 +179,7 @@ fn serve_drains_on_sigterm_and_sighup_and_refuses_a_second_owner() {
         let layout = layout(rt.path());
         let pool = PoolId::parse(&format!("xt-drain-{}-{name}", std::process::id())).unwrap();
         let paths = RunPaths::new(&layout, &pool);
-        let mut child = Reaped(
-            xtask(rt.path())
-                .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
-                .to_std()
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
-                .unwrap(),
-        );
-        let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("serve printed where it serves")
-                .unwrap();
-            if let Some(rest) = line.strip_prefix("serving ") {
-                let at = rest.split(" at ").nth(1).unwrap();
-                break at.split_whitespace().next().unwrap().to_string();
-            }
-        };
+        let (mut child, url) = serve(rt.path(), &pool);
         let engine_pid = {
             let r = llorch_io::handoff::RunRecord::read(&paths.pid_file)
                 .unwrap()
@@ -314,27 +298,9 @@ fn serve_exits_non_zero_when_the_engine_fails_for_good() {
     let layout = layout(rt.path());
     let pool = PoolId::parse(&format!("xt-fail-{}", std::process::id())).unwrap();
     let paths = RunPaths::new(&layout, &pool);
-    let mut child = Reaped(
-        xtask(rt.path())
-            .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
-            .to_std()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .unwrap(),
-    );
-    let stderr = child.stderr.take().unwrap();
     // Serving first: the failure comes after the engine was up.
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    loop {
-        let line = lines
-            .next()
-            .expect("serve printed where it serves")
-            .unwrap();
-        if line.starts_with("serving ") {
-            break;
-        }
-    }
+    let (mut child, _url) = serve(rt.path(), &pool);
+    let stderr = child.stderr.take().unwrap();
     let err_reader = std::thread::spawn(move || {
         let mut s = String::new();
         let _ = std::io::Read::read_to_string(&mut BufReader::new(stderr), &mut s);

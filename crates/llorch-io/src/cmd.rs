@@ -261,6 +261,34 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
+/// A child process that is killed and reaped when dropped while still
+/// running (checked with `try_wait`, so a reaped pid is never signalled).
+/// Tests and tools hold their children in it so that a panic or an early
+/// return never leaves a process behind.
+pub struct KillOnDrop(pub std::process::Child);
+
+impl std::ops::Deref for KillOnDrop {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for KillOnDrop {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        if let Ok(None) = self.0.try_wait() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -9,30 +9,6 @@ use std::io::{BufRead, BufReader};
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-/// A child killed and reaped if the test panics before it exits (checked
-/// with `try_wait`, so a reaped pid is never signalled).
-struct Reaped(std::process::Child);
-
-impl std::ops::Deref for Reaped {
-    type Target = std::process::Child;
-    fn deref(&self) -> &std::process::Child {
-        &self.0
-    }
-}
-impl std::ops::DerefMut for Reaped {
-    fn deref_mut(&mut self) -> &mut std::process::Child {
-        &mut self.0
-    }
-}
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        if let Ok(None) = self.0.try_wait() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 #[test]
 fn the_binary_drains_on_sigterm_and_sighup() {
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -62,7 +38,7 @@ fn the_binary_drains_on_sigterm_and_sighup() {
     let _down = Down(&layout, &pool);
     let mut failures = Vec::new();
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {
-        let mut child = Reaped(
+        let mut child = llorch_io::cmd::KillOnDrop(
             llorch_io::cmd::Cmd::new(env!("CARGO_BIN_EXE_orchestratord"))
                 .arg("--handoff")
                 .arg(&handoff)
