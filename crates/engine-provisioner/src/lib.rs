@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod cache;
 pub mod cuda;
 pub mod fingerprint;
+pub mod git_https;
 pub mod preflight;
 pub mod source;
 

@@ -667,6 +667,9 @@ pub fn git_checkout(
         r
     };
     if db.find_commit(oid).is_err() {
+        if url.starts_with("https://") {
+            crate::git_https::install().map_err(SourceError::Layout)?;
+        }
         progress(&format!("fetching {url}"));
         let mut remote = db.find_remote("origin").map_err(git_err)?;
         let mut opts = git2::FetchOptions::new();

@@ -7,9 +7,62 @@ use std::time::Duration;
 
 pub const USER_AGENT: &str = concat!("llama-orch/", env!("CARGO_PKG_VERSION"));
 
+/// An error with its causes, `a: b: c`.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Extra trusted roots for clients that leave the machine: the PEM bundle
+/// named by `SSL_CERT_FILE` (a corporate proxy's CA, a private registry's),
+/// on top of the built-in webpki roots. An unreadable or empty bundle is
+/// ignored with a warning, never a silent downgrade: the built-in roots stay.
+fn extra_roots() -> Vec<reqwest::Certificate> {
+    let Some(path) = std::env::var_os("SSL_CERT_FILE") else {
+        return Vec::new();
+    };
+    match std::fs::read(&path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
+        Ok(Ok(certs)) if !certs.is_empty() => certs,
+        Ok(Ok(_)) => {
+            eprintln!(
+                "warning: SSL_CERT_FILE={} holds no certificate; ignored",
+                std::path::Path::new(&path).display()
+            );
+            Vec::new()
+        }
+        Ok(Err(e)) => {
+            eprintln!(
+                "warning: SSL_CERT_FILE={}: {e}; ignored",
+                std::path::Path::new(&path).display()
+            );
+            Vec::new()
+        }
+        Err(e) => {
+            eprintln!(
+                "warning: cannot read SSL_CERT_FILE={}: {e}; ignored",
+                std::path::Path::new(&path).display()
+            );
+            Vec::new()
+        }
+    }
+}
+
+fn with_roots(mut b: reqwest::blocking::ClientBuilder) -> reqwest::blocking::ClientBuilder {
+    for c in extra_roots() {
+        b = b.add_root_certificate(c);
+    }
+    b
+}
+
 /// Blocking client for provisioning (downloads, health polls).
 pub fn blocking_client() -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
+    with_roots(reqwest::blocking::Client::builder())
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(10))
         .timeout(None)
@@ -22,7 +75,7 @@ pub fn blocking_client() -> reqwest::blocking::Client {
 /// within `stall` (reqwest's blocking timeout applies per operation), so a
 /// server that stops sending mid-body is noticed and the download resumes.
 pub fn download_client(stall: Duration) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
+    with_roots(reqwest::blocking::Client::builder())
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(10).min(stall))
         .timeout(stall)

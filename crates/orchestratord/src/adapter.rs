@@ -307,30 +307,18 @@ async fn send(
             Err(e) if attempt < SEND_ATTEMPTS && engine_healthy(st, engine).await => {
                 eprintln!(
                     "orchestratord: sending to llama-server failed ({}); it answers /health, sending again",
-                    error_chain(&e)
+                    llorch_io::http::error_chain(&e)
                 );
             }
             Err(e) => {
                 return Err(Outcome::EngineGone(format!(
                     "cannot reach llama-server at {}: {}",
                     engine.url,
-                    error_chain(&e)
+                    llorch_io::http::error_chain(&e)
                 )))
             }
         }
     }
-}
-
-/// An error with its causes, `a: b: c`.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 async fn engine_healthy(st: &AppState, engine: &EngineInfo) -> bool {
