@@ -42,11 +42,21 @@ impl SourceCmd {
                     .context("write source bundle")?;
                 let sha = llorch_io::digest::sha256_file(&out)?;
                 let size = std::fs::metadata(&out)?.len();
+                let tree = engine_provisioner::bundle::tree_digest(&m.files);
+                let backend = serde_json::to_value(m.backend)?;
+                let backend = backend.as_str().unwrap_or("cpu");
+                let pinned = profile.pin.bundle_trees.get(backend);
                 if p.json {
                     return print_json(&serde_json::json!({
                         "bundle": out, "sha256": sha, "size_bytes": size, "files": m.files.len(),
                         "pin": m.pin, "source": m.source, "backend": m.backend,
+                        "tree_digest": tree, "pinned": pinned == Some(&tree),
                     }));
+                }
+                match pinned {
+                    Some(d) if d == &tree => eprintln!("  tree digest {tree}: the pin's bundle_trees.{backend}"),
+                    Some(d) => eprintln!("warning: tree digest {tree}, but the pin's bundle_trees.{backend} is {d}: offline hosts will refuse this bundle"),
+                    None => eprintln!("note: offline hosts accept this bundle only if the pin names it; add to pin {} in toolchains/llama.cpp.yaml:\n    bundle_trees:\n      {backend}: {tree}", m.pin),
                 }
                 println!(
                     "wrote {} ({:.1} MB, {} files, sha256 {sha})\n  pin {} = {} {} (llama.cpp {})",

@@ -7,9 +7,16 @@
 //! GPU backends), plus the llama SPM vocabulary that synthetic models use.
 //!
 //! On an offline host the build unpacks a bundle into the pin's own
-//! `src-v1/<source-id>/` after checking that its identity is the pin's and
-//! that every file hashes as listed (any edit, addition or removal is
-//! refused), so the fingerprint is the same as with the pin's source.
+//! `src-v1/<source-id>/` after checking it against the pin, before a single
+//! file is written: its identity is the pin's, the digest of its file list
+//! is the one the pin names for its backend (`bundle_trees` in
+//! toolchains/llama.cpp.yaml), and every file hashes as listed (any edit,
+//! addition or removal is refused, even with a recomputed manifest). So the
+//! fingerprint is the same as with the pin's source.
+//!
+//! Why a pinned tree digest and not the pinned artifact itself: the default
+//! pin's sdist is 75 MB, the trimmed tree for one backend about 13 MB; GPU
+//! hosts are reached with at most 64 MiB of carried files.
 
 use crate::fingerprint::SourceIdentity;
 use crate::profile::{Backend, Pin, Profile};
@@ -23,7 +30,7 @@ pub const BUNDLE_SCHEMA: u32 = 1;
 const MANIFEST: &str = "llorch-bundle.json";
 pub const VOCAB_FOR_SYNTHETIC: &str = "models/ggml-vocab-llama-spm.gguf";
 
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct BundleManifest {
     pub schema: u32,
     pub pin: String,
@@ -161,57 +168,147 @@ pub fn unpack_for_build(
     Ok(final_dir)
 }
 
-/// Extract `bundle` into `dest` and check it: identity equals the pin's,
-/// every listed file present with its hash, nothing unlisted.
+/// The digest a pin names for a bundle's tree (`bundle_trees`): sha256 over
+/// `"<sha256>  <path>\n"` for every file, in path order.
+pub fn tree_digest(files: &BTreeMap<String, String>) -> String {
+    let mut text = String::new();
+    for (path, sha) in files {
+        text.push_str(sha);
+        text.push_str("  ");
+        text.push_str(path);
+        text.push('\n');
+    }
+    llorch_io::digest::sha256_bytes(text.as_bytes())
+}
+
+fn backend_name(b: Backend) -> &'static str {
+    match b {
+        Backend::Cpu => "cpu",
+        Backend::Cuda => "cuda",
+    }
+}
+
+/// The largest manifest read into memory.
+const MAX_MANIFEST: u64 = 64 << 20;
+
+/// Check `bundle` against `pin` without writing anything, then extract it
+/// into `dest`. Checked, reading the archive as a stream: the manifest's
+/// source identity is the pin's; the digest of its file list is the one the
+/// pin names for its backend (`bundle_trees`), so a file edited together
+/// with its manifest line is refused; every member is a regular file under
+/// `tree/` whose bytes hash as listed; nothing is missing or unlisted. Only
+/// then is it extracted (safely, `source::extract_tar_gz`) and, once
+/// extracted, hashed again.
 pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManifest, String> {
+    let shown = bundle.display();
+    let m = verify_stream(bundle, pin)?;
     crate::source::extract_tar_gz(bundle, dest, None).map_err(|e| e.to_string())?;
-    let text = std::fs::read_to_string(dest.join(MANIFEST)).map_err(|e| {
-        format!(
-            "{}: not a llama-orch source bundle ({MANIFEST}: {e})",
-            bundle.display()
-        )
-    })?;
-    let m: BundleManifest = serde_json::from_str(&text)
-        .map_err(|e| format!("{}: bad {MANIFEST}: {e}", bundle.display()))?;
+    for (rel, h) in &m.files {
+        let actual = llorch_io::digest::sha256_file(&dest.join("tree").join(rel))
+            .map_err(|e| format!("{shown}: `{rel}` missing after extraction ({e})"))?;
+        if &actual != h {
+            return Err(format!("{shown}: `{rel}` changed while it was extracted"));
+        }
+    }
+    Ok(m)
+}
+
+fn verify_stream(bundle: &Path, pin: &Pin) -> Result<BundleManifest, String> {
+    use std::io::Read;
+    let shown = bundle.display();
+    let f = std::fs::File::open(bundle).map_err(|e| format!("open {shown}: {e}"))?;
+    let mut a = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
+    let mut manifest: Option<Vec<u8>> = None;
+    let mut seen: BTreeMap<String, String> = BTreeMap::new();
+    for e in a.entries().map_err(|e| format!("{shown}: {e}"))? {
+        let mut e = e.map_err(|e| format!("{shown}: {e}"))?;
+        let path = e
+            .path()
+            .map_err(|e| format!("{shown}: member path: {e}"))?
+            .to_string_lossy()
+            .into_owned();
+        let kind = e.header().entry_type();
+        if path == MANIFEST {
+            let mut buf = Vec::new();
+            (&mut e)
+                .take(MAX_MANIFEST)
+                .read_to_end(&mut buf)
+                .map_err(|e| format!("{shown}: {MANIFEST}: {e}"))?;
+            manifest = Some(buf);
+            continue;
+        }
+        let Some(rel) = path.strip_prefix("tree/") else {
+            if path == "tree" || path == "tree/" {
+                continue;
+            }
+            return Err(format!(
+                "{shown}: unexpected member `{}` outside tree/",
+                llorch_io::handoff::excerpt(&path, 80)
+            ));
+        };
+        let rel = rel.trim_end_matches('/').to_string();
+        match kind {
+            tar::EntryType::Directory => continue,
+            tar::EntryType::Regular | tar::EntryType::Continuous => {}
+            other => {
+                return Err(format!(
+                    "{shown}: `{rel}` is a {other:?} entry; bundles hold regular files only"
+                ))
+            }
+        }
+        let sha = llorch_io::digest::sha256_reader(&mut e)
+            .map_err(|e| format!("{shown}: read `{rel}`: {e}"))?;
+        if seen.insert(rel.clone(), sha).is_some() {
+            return Err(format!("{shown}: tampered bundle: `{rel}` appears twice"));
+        }
+    }
+    let text = manifest
+        .ok_or_else(|| format!("{shown}: not a llama-orch source bundle (no {MANIFEST})"))?;
+    let m: BundleManifest =
+        serde_json::from_slice(&text).map_err(|e| format!("{shown}: bad {MANIFEST}: {e}"))?;
     if m.schema != BUNDLE_SCHEMA {
         return Err(format!(
-            "{}: bundle schema {} (want {BUNDLE_SCHEMA})",
-            bundle.display(),
+            "{shown}: bundle schema {} (want {BUNDLE_SCHEMA})",
             m.schema
         ));
     }
     let want = crate::source::identity(pin);
     if m.source != want {
         return Err(format!(
-            "{}: bundle is of source {} {} (commit {}), but the pin is {} {} (commit {})\n  hint: make the bundle from the same pin: cargo xtask source bundle --profile <profile>",
-            bundle.display(), m.source.kind, m.source.id, m.source.commit, want.kind, want.id, want.commit
+            "{shown}: bundle is of source {} {} (commit {}), but the pin is {} {} (commit {})\n  hint: make the bundle from the same pin: cargo xtask source bundle --profile <profile>",
+            m.source.kind, m.source.id, m.source.commit, want.kind, want.id, want.commit
         ));
     }
-    let tree = dest.join("tree");
-    let mut present = Vec::new();
-    walk(&tree, &tree, &mut present).map_err(|e| e.to_string())?;
-    for p in &present {
-        let key = p.to_string_lossy();
-        if !m.files.contains_key(key.as_ref()) {
+    let backend = backend_name(m.backend);
+    let digest = tree_digest(&m.files);
+    match pin.bundle_trees.get(backend) {
+        None => {
             return Err(format!(
-                "{}: tampered bundle: `{key}` is not in its manifest",
-                bundle.display()
-            ));
+                "{shown}: the pin names no bundle tree for backend `{backend}`, so this bundle cannot be checked against it\n  hint: on a machine that fetched the pin's source, `cargo xtask source bundle` prints the digest; add `bundle_trees: {{{backend}: {digest}}}` to the pin in toolchains/llama.cpp.yaml"
+            ))
         }
+        Some(p) if p != &digest => {
+            return Err(format!(
+                "{shown}: tampered or foreign bundle: its file list has digest {digest}, the pin's `bundle_trees.{backend}` is {p}"
+            ))
+        }
+        Some(_) => {}
     }
     for (rel, h) in &m.files {
-        let actual = llorch_io::digest::sha256_file(&tree.join(rel)).map_err(|e| {
-            format!(
-                "{}: tampered bundle: `{rel}` missing ({e})",
-                bundle.display()
-            )
-        })?;
-        if &actual != h {
-            return Err(format!(
-                "{}: tampered bundle: `{rel}` has sha256 {actual}, manifest says {h}",
-                bundle.display()
-            ));
+        match seen.get(rel) {
+            None => return Err(format!("{shown}: tampered bundle: `{rel}` missing")),
+            Some(a) if a != h => {
+                return Err(format!(
+                    "{shown}: tampered bundle: `{rel}` has sha256 {a}, manifest says {h}"
+                ))
+            }
+            Some(_) => {}
         }
+    }
+    if let Some(extra) = seen.keys().find(|k| !m.files.contains_key(*k)) {
+        return Err(format!(
+            "{shown}: tampered bundle: `{extra}` is not in its manifest"
+        ));
     }
     Ok(m)
 }

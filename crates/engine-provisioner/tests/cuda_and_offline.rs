@@ -143,12 +143,17 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     let out = tmp.path().join("bundle.tar.gz");
     let m = bundle::create(&p, &tree, &out).unwrap();
     assert_eq!(m.files.len(), 2, "{:?}", m.files.keys());
+    let digest = bundle::tree_digest(&m.files);
+    let mut p = p;
+    p.pin.bundle_trees.insert("cpu".into(), digest.clone());
 
-    // An offline host: no archive reachable, a fresh cache, the bundle.
-    let offline = Workspace::new(
-        &archive_pin_yaml(Path::new("/nonexistent/archive.tar.gz"), &sha),
-        &[("fake", CPU_PROFILE)],
+    // An offline host: no archive reachable, a fresh cache, the bundle, and
+    // a pin that names the bundle's tree.
+    let offline_pin = format!(
+        "{}    bundle_trees:\n      cpu: {digest}\n",
+        archive_pin_yaml(Path::new("/nonexistent/archive.tar.gz"), &sha)
     );
+    let offline = Workspace::new(&offline_pin, &[("fake", CPU_PROFILE)]);
     let opts = BuildOptions {
         source_bundle: Some(out.clone()),
         quiet: true,
@@ -173,6 +178,7 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
         err.contains("tampered") && err.contains("server.c"),
         "{err}"
     );
+    assert!(!tmp.path().join("v1").exists(), "nothing was extracted");
     // An extra file is refused too.
     std::fs::write(unpacked.join("tree/server.c"), fake_server_c("bundled")).unwrap();
     std::fs::write(unpacked.join("tree/extra.c"), "int x;").unwrap();
@@ -184,6 +190,32 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     other.commit = "0".repeat(40);
     let err = bundle::verify_into(&out, &other, &tmp.path().join("v3")).unwrap_err();
     assert!(err.contains("but the pin is"), "{err}");
+
+    // Tampering with a recomputed manifest: the file and its manifest line
+    // both changed. The pin's tree digest refuses it, and nothing is written.
+    std::fs::remove_file(unpacked.join("tree/extra.c")).unwrap();
+    let evil = fake_server_c("evil");
+    std::fs::write(unpacked.join("tree/server.c"), &evil).unwrap();
+    let mut forged = m.clone();
+    forged.files.insert(
+        "server.c".into(),
+        llorch_io::digest::sha256_bytes(evil.as_bytes()),
+    );
+    std::fs::write(
+        unpacked.join("llorch-bundle.json"),
+        serde_json::to_vec_pretty(&forged).unwrap(),
+    )
+    .unwrap();
+    repack(&unpacked, &tampered);
+    let dest = tmp.path().join("v4");
+    let err = bundle::verify_into(&tampered, &p.pin, &dest).unwrap_err();
+    assert!(err.contains("bundle_trees.cpu"), "{err}");
+    assert!(!dest.exists(), "nothing was extracted");
+    // A pin that names no tree for the bundle's backend refuses it, with the fix.
+    let mut unnamed = p.pin.clone();
+    unnamed.bundle_trees.clear();
+    let err = bundle::verify_into(&out, &unnamed, &tmp.path().join("v5")).unwrap_err();
+    assert!(err.contains("bundle_trees: {cpu: "), "{err}");
 }
 
 fn repack(dir: &Path, out: &Path) {

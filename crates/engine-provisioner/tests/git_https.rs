@@ -194,6 +194,7 @@ fn a_git_pin_over_https_is_fetched_verified_and_refused_when_wrong() {
             submodules: false,
         },
         description: None,
+        bundle_trees: Default::default(),
     };
     let layout = |name: &str| {
         let r = d.join(name);

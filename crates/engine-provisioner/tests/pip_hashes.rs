@@ -73,6 +73,7 @@ fn an_sdist_whose_hash_does_not_match_never_runs_its_build_backend() {
             subdir: None,
         },
         description: None,
+        bundle_trees: Default::default(),
     };
     let layout = |d: &str| {
         let root = tmp.path().join(d);

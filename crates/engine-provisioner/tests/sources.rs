@@ -30,6 +30,7 @@ fn git_pin(url: &std::path::Path, commit: &str, rev: Option<&str>) -> Pin {
             submodules: false,
         },
         description: None,
+        bundle_trees: Default::default(),
     }
 }
 
@@ -123,6 +124,7 @@ fn archive_with_wrong_sha256_is_refused_before_extraction() {
             strip_prefix: Some("fake-llama".into()),
         },
         description: None,
+        bundle_trees: Default::default(),
     };
     let l = layout(tmp.path());
     let err = source::fetch(&pin, &l, &|_| {}).unwrap_err();
@@ -144,6 +146,7 @@ fn sdist_with_wrong_sha256_is_refused_before_extraction() {
             subdir: Some("vendor/llama.cpp".into()),
         },
         description: None,
+        bundle_trees: Default::default(),
     };
     let l = layout(tmp.path());
     let err = source::fetch(&pin, &l, &|_| {}).unwrap_err();
@@ -257,6 +260,7 @@ fn archive_over_http_is_fetched_verified_and_extracted() {
             strip_prefix: Some("fake-llama".into()),
         },
         description: None,
+        bundle_trees: Default::default(),
     };
     let l = layout(tmp.path());
     let tree = source::fetch(&pin, &l, &|_| {}).unwrap();
@@ -277,6 +281,7 @@ fn archive_over_http_is_fetched_verified_and_extracted() {
             strip_prefix: Some("fake-llama".into()),
         },
         description: None,
+        bundle_trees: Default::default(),
     };
     let err = source::fetch(&bad, &layout(&tmp.path().join("other")), &|_| {}).unwrap_err();
     assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");

@@ -97,6 +97,11 @@ pub struct Pin {
     pub source: SourceSpec,
     #[serde(default)]
     pub description: Option<String>,
+    /// Offline source bundles this pin accepts: backend (`cpu`, `cuda`) →
+    /// the tree digest that `cargo xtask source bundle` prints. A bundle is
+    /// checked against this, from the pin, before anything in it is written.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub bundle_trees: BTreeMap<String, String>,
 }
 
 #[derive(Clone, Debug, Deserialize, Serialize, PartialEq)]
