@@ -468,6 +468,31 @@ pub fn read_pool(layout: &Layout, pool: &PoolId) -> Option<PoolRun> {
     Some(run)
 }
 
+/// Clean the run records of every pool that nobody keeps any more (a
+/// detached engine that died, a supervisor that was killed). Each pool is
+/// checked under its own lock, taken without waiting: a pool being started
+/// or stopped right now is left to its owner. Logs stay (they are the
+/// diagnostics of what happened). Called on every spawn, so records of
+/// one-off pools do not pile up.
+pub fn sweep_stale(layout: &Layout) {
+    let Ok(entries) = std::fs::read_dir(layout.run_dir()) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name();
+        let Some(pool) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".pid"))
+            .and_then(|n| PoolId::parse(n).ok())
+        else {
+            continue;
+        };
+        if let Ok(Some(_lock)) = FileLock::try_exclusive(&layout.pool_lock(&pool)) {
+            let _ = read_pool(layout, &pool);
+        }
+    }
+}
+
 fn port_free(host: &str, port: u16) -> bool {
     std::net::TcpListener::bind((host, port)).is_ok()
 }
@@ -505,6 +530,7 @@ pub fn spawn(
 ) -> Result<RunningEngine, EngineError> {
     let paths = RunPaths::new(layout, &prep.pool_id);
     paths.ensure_dirs(layout)?;
+    sweep_stale(layout);
     let api_key = if is_loopback(&prep.host) {
         let _ = std::fs::remove_file(&paths.api_key);
         None

@@ -176,6 +176,34 @@ fn a_stale_or_foreign_run_record_is_cleaned_not_acted_on() {
         std::path::Path::new("/proc/1/stat").exists(),
         "pid 1 untouched"
     );
+
+    // Records of other pools that nobody keeps are swept by the next spawn,
+    // so one-off pools do not pile up; a live one is kept.
+    let other = PoolId::parse(&format!("lc-stale-other-{}", std::process::id())).unwrap();
+    let other_paths = RunPaths::new(&layout, &other);
+    let record = RunRecord {
+        schema: 2,
+        pool: other.clone(),
+        process: foreign.clone(),
+        owner: Owner::Detached,
+        fingerprint: "f".into(),
+        port: 1,
+        started_at: "x".into(),
+    };
+    std::fs::write(
+        &other_paths.pid_file,
+        serde_json::to_string(&record).unwrap(),
+    )
+    .unwrap();
+    let p = llorch_profile::Profile::resolve(&layout.root, None).unwrap();
+    let prep = prepare(&p, &pool, &layout);
+    let eng = lifecycle::spawn(&prep, &layout, &supervised()).unwrap();
+    assert!(
+        !other_paths.pid_file.exists(),
+        "the stale record of another pool was swept"
+    );
+    assert!(paths.pid_file.exists(), "the live one stays");
+    eng.stop();
 }
 
 #[test]
