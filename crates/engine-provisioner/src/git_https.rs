@@ -20,7 +20,12 @@ pub fn install() -> Result<(), String> {
         // SAFETY: called once, guarded by the OnceLock, before the first
         // git operation that needs it; the factory is 'static.
         unsafe {
-            git2::transport::register("https", |remote| Transport::smart(remote, true, Https))
+            git2::transport::register("https", |remote| {
+                // One client per remote: its requests share connections.
+                // Per-read stall timeout, no limit on the whole transfer (large packs).
+                let client = llorch_io::http::download_client(Duration::from_secs(60));
+                Transport::smart(remote, true, Https { client })
+            })
         }
         .map_err(|e| {
             format!(
@@ -32,7 +37,9 @@ pub fn install() -> Result<(), String> {
     .clone()
 }
 
-struct Https;
+struct Https {
+    client: reqwest::blocking::Client,
+}
 
 impl SmartSubtransport for Https {
     fn action(
@@ -58,6 +65,7 @@ impl SmartSubtransport for Https {
             }
         };
         Ok(Box::new(Stream {
+            client: self.client.clone(),
             post,
             url,
             expect,
@@ -73,6 +81,7 @@ impl SmartSubtransport for Https {
 
 /// One request: what git writes is the POST body; the first read sends it.
 struct Stream {
+    client: reqwest::blocking::Client,
     post: bool,
     url: String,
     expect: &'static str,
@@ -82,16 +91,14 @@ struct Stream {
 
 impl Stream {
     fn send(&mut self) -> std::io::Result<reqwest::blocking::Response> {
-        // Per-read stall timeout, no limit on the whole transfer (large packs).
-        let client = llorch_io::http::download_client(Duration::from_secs(60));
         let req = if self.post {
-            client
+            self.client
                 .post(&self.url)
                 .header("content-type", "application/x-git-upload-pack-request")
                 .header("accept", self.expect)
                 .body(std::mem::take(&mut self.body))
         } else {
-            client.get(&self.url)
+            self.client.get(&self.url)
         };
         let resp = req.send().map_err(|e| {
             std::io::Error::other(format!(

@@ -23,11 +23,28 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 /// named by `SSL_CERT_FILE` (a corporate proxy's CA, a private registry's),
 /// on top of the built-in webpki roots. An unreadable or empty bundle is
 /// ignored with a warning, never a silent downgrade: the built-in roots stay.
+/// Parsed once per value of `SSL_CERT_FILE` (a system bundle holds ~150
+/// certificates, and a client is built per download).
 fn extra_roots() -> Vec<reqwest::Certificate> {
-    let Some(path) = std::env::var_os("SSL_CERT_FILE") else {
+    type Cached = Option<(Option<std::ffi::OsString>, Vec<reqwest::Certificate>)>;
+    static ROOTS: std::sync::Mutex<Cached> = std::sync::Mutex::new(None);
+    let var = std::env::var_os("SSL_CERT_FILE");
+    let mut cached = ROOTS.lock().unwrap_or_else(|e| e.into_inner());
+    match &*cached {
+        Some((v, roots)) if *v == var => roots.clone(),
+        _ => {
+            let roots = read_extra_roots(var.as_deref());
+            *cached = Some((var, roots.clone()));
+            roots
+        }
+    }
+}
+
+fn read_extra_roots(path: Option<&std::ffi::OsStr>) -> Vec<reqwest::Certificate> {
+    let Some(path) = path else {
         return Vec::new();
     };
-    match std::fs::read(&path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
+    match std::fs::read(path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
         Ok(Ok(certs)) if !certs.is_empty() => certs,
         Ok(Ok(_)) => {
             eprintln!(
