@@ -456,7 +456,7 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         for id in ids.iter().rev() {
             http.post(format!("{orch}/v1/tasks/{id}/cancel")).header("content-type", "application/json").send().await?;
         }
-        let server_metrics = stack.server.state.metrics.render(0, true);
+        let server_metrics = stack.server.state.metrics.render(&stack.server.state.pools);
         let server_ttft = (server_metrics
             .lines()
             .find_map(|l| l.strip_prefix("llorch_time_to_first_token_ms_count "))

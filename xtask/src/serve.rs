@@ -1,61 +1,183 @@
-//! `cargo xtask serve`: provision, supervise (or attach to) the engine, run
+//! `cargo xtask serve`: provision, supervise (or attach to) the engines, run
 //! the orchestrator in the foreground; SIGINT, SIGTERM or SIGHUP drain and
-//! stop everything. Exits non-zero when the engine fails for good.
+//! stop everything. Exits non-zero when an engine fails for good.
+//!
+//! One profile: one pool (an engine `provision` started is attached to).
+//! Several `--profile`s or `--stack FILE`: one pool each, loaded at start or
+//! on demand, unloaded when idle (see `llorch_stack::pools`).
 
 use crate::Ctx;
 use anyhow::{bail, Result};
 use clap::Args;
 use orchestratord::LinkState;
+use std::path::PathBuf;
 
 #[derive(Args)]
 pub struct ServeCmd {
-    #[command(flatten)]
-    p: crate::engine::ProfileArgs,
-    /// Pool id (default: the profile's `pool`)
+    /// Profile name (requirements/NAME.yaml) or path; repeat for one pool per profile
+    #[arg(long, short)]
+    profile: Vec<String>,
+    /// A stack file listing pools (profile, load: eager|lazy, idle_unload_s, keep_loaded, devices)
+    #[arg(long, conflicts_with = "profile")]
+    stack: Option<PathBuf>,
+    /// Pool id (one profile only; default: the profile's `pool`)
     #[arg(long)]
     pool: Option<llorch_io::handoff::PoolId>,
+    /// At most this many engines loaded at once (replaces the stack's max_loaded)
+    #[arg(long)]
+    max_loaded: Option<usize>,
+    /// Unload a pool's engine after this many seconds without a task, 0 never (replaces the stack's values)
+    #[arg(long)]
+    idle_unload_s: Option<u64>,
     #[command(flatten)]
     listen: orchestratord::ListenArgs,
 }
 
 impl ServeCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
-        let profile = ctx.profile(self.p.profile.as_deref())?;
-        let pool = self.pool.unwrap_or_else(|| profile.pool().clone());
         let cfg = self.listen.config();
         // Refused before anything is built or started.
         cfg.check()?;
+        if self.max_loaded == Some(0) {
+            bail!("--max-loaded must be at least 1");
+        }
+        let multi = self.stack.is_some()
+            || self.profile.len() > 1
+            || self.max_loaded.is_some()
+            || self.idle_unload_s.is_some();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        rt.block_on(async {
-            let stack = llorch_stack::start_stack(&profile, &pool, &ctx.layout, cfg, false, "cargo xtask serve").await?;
-            println!(
-                "serving {} (pool {pool}) at {} (engine {}; SIGINT/SIGTERM/SIGHUP drain and stop)\n  try: curl -s {}/v1/tasks -H 'content-type: application/json' -d '{{\"prompt\":\"Hello\",\"max_tokens\":16}}'",
-                stack.model_ref,
-                stack.orchestrator_url(),
-                stack.engine_url,
-                stack.orchestrator_url()
-            );
-            let st = stack.server.state.clone();
-            let failed = async {
-                loop {
-                    if let LinkState::Failed(r) = st.link_state() {
-                        return r;
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-                }
-            };
-            let outcome = tokio::select! {
-                sig = llorch_io::signals::wait_for_stop() => { eprintln!("{sig}: draining (up to 30 s)"); None }
-                reason = failed => { eprintln!("error: the engine of pool {pool} failed and will not be restarted:\n{reason}"); Some(reason) }
-            };
-            stack.stop(std::time::Duration::from_secs(30)).await;
-            eprintln!("stopped");
-            if outcome.is_some() {
-                bail!("nothing left to serve");
+        if !multi {
+            let profile = ctx.profile(self.profile.first().map(String::as_str))?;
+            let pool = self.pool.unwrap_or_else(|| profile.pool().clone());
+            return rt.block_on(serve_one(profile, pool, ctx, cfg));
+        }
+        if self.pool.is_some() {
+            bail!("--pool names the pool of one profile; a stack file gives each pool its id");
+        }
+        let stack = match &self.stack {
+            Some(f) => llorch_profile::stack::Stack::load(f, &ctx.layout.root)?,
+            None => {
+                let profiles = self
+                    .profile
+                    .iter()
+                    .map(|p| ctx.profile(Some(p)))
+                    .collect::<Result<Vec<_>>>()?;
+                let profiles = if profiles.is_empty() {
+                    vec![ctx.profile(None)?]
+                } else {
+                    profiles
+                };
+                llorch_profile::stack::Stack::from_profiles(profiles)?
             }
-            anyhow::Ok(())
-        })
+        };
+        let opts = llorch_stack::PoolsOptions {
+            quiet: false,
+            idle_unload_s: self.idle_unload_s,
+            max_loaded: self.max_loaded,
+            ..Default::default()
+        };
+        rt.block_on(serve_many(stack, opts, ctx, cfg))
     }
+}
+
+async fn serve_one(
+    profile: engine_provisioner::Profile,
+    pool: llorch_io::handoff::PoolId,
+    ctx: &Ctx,
+    cfg: orchestratord::Config,
+) -> Result<()> {
+    let stack = llorch_stack::start_stack(
+        &profile,
+        &pool,
+        &ctx.layout,
+        cfg,
+        false,
+        "cargo xtask serve",
+    )
+    .await?;
+    println!(
+        "serving {} (pool {pool}) at {} (engine {}; SIGINT/SIGTERM/SIGHUP drain and stop)\n  try: curl -s {}/v1/tasks -H 'content-type: application/json' -d '{{\"prompt\":\"Hello\",\"max_tokens\":16}}'",
+        stack.model_ref,
+        stack.orchestrator_url(),
+        stack.engine_url,
+        stack.orchestrator_url()
+    );
+    let st = stack.server.state.clone();
+    let failed = async {
+        loop {
+            if let LinkState::Failed(r) = st.link_state() {
+                return r;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        sig = llorch_io::signals::wait_for_stop() => { eprintln!("{sig}: draining (up to 30 s)"); None }
+        reason = failed => { eprintln!("error: the engine of pool {pool} failed and will not be restarted:\n{reason}"); Some(reason) }
+    };
+    stack.stop(std::time::Duration::from_secs(30)).await;
+    eprintln!("stopped");
+    if outcome.is_some() {
+        bail!("nothing left to serve");
+    }
+    Ok(())
+}
+
+async fn serve_many(
+    stack: llorch_profile::stack::Stack,
+    opts: llorch_stack::PoolsOptions,
+    ctx: &Ctx,
+    cfg: orchestratord::Config,
+) -> Result<()> {
+    let ps =
+        llorch_stack::start_pools(&stack, &ctx.layout, cfg, &opts, "cargo xtask serve").await?;
+    println!(
+        "serving {} pools at {} (SIGINT/SIGTERM/SIGHUP drain and stop)",
+        stack.pools.len(),
+        ps.orchestrator_url()
+    );
+    for p in &ps.server.state.pools {
+        println!(
+            "  pool {:<16} {:<9} {} ({})",
+            p.id.as_str(),
+            p.state(false),
+            p.aliases.join(", "),
+            if p.policy.lazy { "lazy" } else { "eager" }
+        );
+    }
+    println!(
+        "  try: curl -s {}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'",
+        ps.orchestrator_url(),
+        stack.pools[0].id
+    );
+    // Every pool failed for good: nothing left to serve.
+    let st = ps.server.state.clone();
+    let all_failed = async {
+        loop {
+            let failed: Vec<String> = st
+                .pools
+                .iter()
+                .filter_map(|p| match p.link_state() {
+                    LinkState::Failed(r) => Some(format!("pool {}: {r}", p.id)),
+                    _ => None,
+                })
+                .collect();
+            if failed.len() == st.pools.len() {
+                return failed.join("\n");
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+        }
+    };
+    let outcome = tokio::select! {
+        sig = llorch_io::signals::wait_for_stop() => { eprintln!("{sig}: draining (up to 30 s)"); None }
+        reason = all_failed => { eprintln!("error: every pool failed and will not be restarted:\n{reason}"); Some(reason) }
+    };
+    ps.stop(std::time::Duration::from_secs(30)).await;
+    eprintln!("stopped");
+    if outcome.is_some() {
+        bail!("nothing left to serve");
+    }
+    Ok(())
 }

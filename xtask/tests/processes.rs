@@ -55,9 +55,16 @@ fn engines_writing(log: &Path) -> Vec<u32> {
 /// `xtask serve --pool P` on a free port, once it serves: the child (stderr
 /// piped, stdout drained in the background) and the orchestrator's URL.
 fn serve(rt: &Path, pool: &PoolId) -> (llorch_io::cmd::KillOnDrop, String) {
+    serve_with(rt, &["--pool", pool.as_str()])
+}
+
+/// `xtask serve ARGS` on a free port, once it serves.
+fn serve_with(rt: &Path, args: &[&str]) -> (llorch_io::cmd::KillOnDrop, String) {
     let mut child = llorch_io::cmd::KillOnDrop(
         xtask(rt)
-            .args(["serve", "--pool", pool.as_str(), "--addr", "127.0.0.1:0"])
+            .arg("serve")
+            .args(args)
+            .args(["--addr", "127.0.0.1:0"])
             .to_std()
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -340,4 +347,84 @@ fn serve_exits_non_zero_when_the_engine_fails_for_good() {
         "run files left"
     );
     let _ = std::fs::remove_file(&paths.log);
+}
+
+/// `serve --stack` with two pools, killed with SIGKILL: no engine outlives
+/// it (parent-death signal), and the next start sweeps the dead run's
+/// records and serves both pools again. (A live engine of a dead supervisor
+/// is stopped by the same sweep: `real_engine.rs::a_stale_or_foreign_run_record_is_cleaned_not_acted_on`.)
+#[test]
+fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again() {
+    let rt = tempfile::tempdir().unwrap();
+    let layout = layout(rt.path());
+    let ids: Vec<PoolId> = ["a", "b"]
+        .iter()
+        .map(|n| PoolId::parse(&format!("xt-stack-{n}-{}", std::process::id())).unwrap())
+        .collect();
+    let file = rt.path().join("stack.yaml");
+    std::fs::write(
+        &file,
+        format!(
+            "schema: 1\npools:\n  - id: {}\n    profile: cpu\n  - id: {}\n    profile: cpu\n",
+            ids[0], ids[1]
+        ),
+    )
+    .unwrap();
+    let paths: Vec<RunPaths> = ids.iter().map(|p| RunPaths::new(&layout, p)).collect();
+    let engines = |paths: &[RunPaths]| -> Vec<u32> {
+        paths.iter().flat_map(|p| engines_writing(&p.log)).collect()
+    };
+    let http = llorch_io::http::blocking_client();
+    let (mut child, url) = serve_with(rt.path(), &["--stack", file.to_str().unwrap()]);
+    let caps: serde_json::Value = http
+        .get(format!("{url}/v1/capabilities"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let states: Vec<&str> = caps["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["ready", "ready"], "{caps}");
+    let first = engines(&paths);
+    assert_eq!(first.len(), 2, "one engine per pool: {first:?}");
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let _ = child.wait();
+    wait_until(
+        "the engines to die with serve",
+        Duration::from_secs(10),
+        || engines(&paths).is_empty(),
+    );
+    // Again: the dead run's records are swept, both pools serve.
+    let (mut child, url) = serve_with(rt.path(), &["--stack", file.to_str().unwrap()]);
+    let second = engines(&paths);
+    assert_eq!(second.len(), 2, "{second:?}");
+    assert!(second.iter().all(|p| !first.contains(p)));
+    for (p, id) in paths.iter().zip(&ids) {
+        let r = llorch_io::handoff::RunRecord::read(&p.pid_file)
+            .unwrap()
+            .expect("a run record");
+        assert!(
+            r.process.is_running(),
+            "pool {id}: the record names the new engine"
+        );
+        let r: serde_json::Value = http
+            .post(format!("{url}/v1/chat/completions"))
+            .json(&serde_json::json!({"model": id.as_str(), "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}))
+            .send()
+            .unwrap()
+            .json()
+            .unwrap();
+        assert_eq!(r["model"], id.as_str(), "{r}");
+    }
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert!(child.wait().unwrap().success());
+    assert!(engines(&paths).is_empty(), "an engine outlived serve");
+    for p in &paths {
+        assert!(!p.pid_file.exists(), "run files left");
+        let _ = std::fs::remove_file(&p.log);
+    }
 }

@@ -3,6 +3,8 @@
 //! Both are typed, versioned (`schema: 1`) and strict: unknown keys are
 //! errors, and every error names the file, line and column.
 
+pub mod stack;
+
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 

@@ -3,17 +3,20 @@
 //!
 //! * [`prepare`]: build + fetch + flags (everything but the process);
 //! * [`provision`]: a detached engine per pool, idempotent, under the pool lock;
-//! * [`stack`]: a supervised (or attached) engine and the orchestrator in one process.
+//! * [`stack`]: a supervised (or attached) engine and the orchestrator in one process;
+//! * [`pools`]: several pools (loaded at start or on demand, unloaded when idle) behind one orchestrator.
 //!
 //! Which commands supervise and which start detached: `provision` and `engine up`
 //! start detached (the engine outlives the command until `engine down`);
 //! `serve`, `engine up --foreground`, `haiku` and `bench` supervise (the engine
 //! is restarted when it crashes or hangs and dies with the command).
 
+pub mod pools;
 pub mod prepare;
 pub mod provision;
 pub mod stack;
 
+pub use pools::{start_pools, ManagedLink, PoolStack, PoolsOptions};
 pub use prepare::{prepare, Prepared, ProvisionError};
 pub use provision::{provision, ProvisionOutcome};
 pub use stack::{engine_info, start_stack, Stack, StackError, SupervisorLink};

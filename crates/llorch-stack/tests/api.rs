@@ -253,7 +253,10 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     .await;
     // Wait until A runs, so B waits in the queue.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 0
+    while srv.state.pools[0]
+        .running
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -672,7 +675,10 @@ async fn a_deadline_holds_while_queued() {
     )
     .await;
     let deadline = Instant::now() + Duration::from_secs(10);
-    while srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 0
+    while srv.state.pools[0]
+        .running
+        .load(std::sync::atomic::Ordering::SeqCst)
+        == 0
         && Instant::now() < deadline
     {
         tokio::time::sleep(Duration::from_millis(5)).await;
@@ -696,7 +702,10 @@ async fn a_deadline_holds_while_queued() {
     assert!(end.canceled && end.stop_reason == "deadline", "{end:?}");
     assert!(end.queue_wait_ms >= 300, "{end:?}");
     assert!(
-        srv.state.running.load(std::sync::atomic::Ordering::SeqCst) == 1,
+        srv.state.pools[0]
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst)
+            == 1,
         "A is still running"
     );
     // A deadline that passes while decoding ends the running task too.
@@ -1055,8 +1064,13 @@ async fn random_create_cancel_disconnect_sequences_all_end_and_are_reaped() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(st.queue.is_empty());
-    assert_eq!(st.running.load(std::sync::atomic::Ordering::SeqCst), 0);
+    assert!(st.pools[0].queue.is_empty());
+    assert_eq!(
+        st.pools[0]
+            .running
+            .load(std::sync::atomic::Ordering::SeqCst),
+        0
+    );
     assert!(wait_idle(&engine_url(), Duration::from_secs(5)).await);
     let m = llorch_io::http::async_client()
         .get(format!("{base}/metrics"))

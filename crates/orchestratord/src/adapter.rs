@@ -26,6 +26,7 @@ use crate::AppState;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use serde_json::{json, Value};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 enum Outcome {
@@ -49,7 +50,8 @@ pub async fn run_task(st: &AppState, task: &Task) {
         queue_position: task.queue_position,
         predicted_start_ms: task.predicted_start_ms,
     }));
-    let crate::link::LinkState::Ready(engine) = st.link_state() else {
+    let pool = &task.pool;
+    let crate::link::LinkState::Ready(engine) = pool.link_state() else {
         fail(
             st,
             task,
@@ -68,6 +70,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
             let tokens_out = fin["tokens_predicted"].as_u64().unwrap_or(p.tokens);
             st.metrics.completed.inc();
             st.metrics.tokens_out.inc_by(tokens_out);
+            pool.tokens_out.fetch_add(tokens_out, Ordering::Relaxed);
             task.finish(TaskEvent::End(EndEvent {
                 tokens_out,
                 decode_ms: t["predicted_ms"].as_f64().unwrap_or(0.0),
@@ -95,6 +98,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
                 .observe(since.elapsed().as_secs_f64() * 1000.0);
             st.metrics.canceled.inc();
             st.metrics.tokens_out.inc_by(p.tokens);
+            pool.tokens_out.fetch_add(p.tokens, Ordering::Relaxed);
             task.finish(TaskEvent::End(EndEvent {
                 tokens_out: p.tokens,
                 decode_ms: started_at.elapsed().as_secs_f64() * 1000.0,
@@ -106,12 +110,12 @@ pub async fn run_task(st: &AppState, task: &Task) {
             }));
         }
         Outcome::EngineGone(msg) => {
-            st.mark_not_ready();
+            pool.mark_not_ready();
             fail(st, task, "ENGINE_CRASHED", msg, true);
         }
         Outcome::Stalled(msg) => {
-            st.mark_not_ready();
-            st.link.report_stalled();
+            pool.mark_not_ready();
+            pool.link.report_stalled();
             fail(st, task, "ENGINE_STALLED", msg, true);
         }
         Outcome::EngineError(msg) => fail(st, task, "ENGINE_ERROR", msg, false),

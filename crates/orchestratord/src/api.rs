@@ -2,6 +2,7 @@
 
 use crate::events::TaskEvent;
 use crate::link::LinkState;
+use crate::pool::Pool;
 use crate::tasks::{self, CancelReason, Task, TaskRequest};
 use crate::{AppState, Shared};
 use axum::extract::{DefaultBodyLimit, Path, State};
@@ -103,7 +104,7 @@ pub struct CreateTask {
     pub ignore_eos: Option<bool>,
     pub stop: Option<Vec<String>>,
     pub grammar: Option<String>,
-    /// The pool to run on; when given it must be the pool this orchestrator serves.
+    /// The pool to run on: a pool id or a model name (default: the first pool).
     pub pool: Option<String>,
 }
 
@@ -277,7 +278,7 @@ pub type Validated = (
     Option<llorch_io::handoff::PoolId>,
 );
 
-fn not_ready(st: &AppState) -> ApiError {
+fn not_ready(st: &AppState, pool: &Pool) -> ApiError {
     st.metrics.reject("not_ready");
     if st.stopping.load(Ordering::SeqCst) {
         return ApiError::new(
@@ -286,16 +287,22 @@ fn not_ready(st: &AppState) -> ApiError {
             "the orchestrator is shutting down",
         );
     }
-    match st.link_state() {
+    match pool.link_state() {
         LinkState::Failed(reason) => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "ENGINE_FAILED",
-            format!("the engine has failed and will not be restarted: {reason}"),
+            format!(
+                "the engine of pool `{}` has failed and will not be restarted: {reason}",
+                pool.id
+            ),
         ),
         _ => ApiError::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "ENGINE_NOT_READY",
-            "no engine is ready; try again shortly",
+            format!(
+                "the engine of pool `{}` is not ready; try again shortly",
+                pool.id
+            ),
         )
         .retry_after(1),
     }
@@ -309,46 +316,62 @@ async fn create_task(
     let (req, task_id, pool) = req
         .validate(&st)
         .inspect_err(|_| st.metrics.reject("invalid"))?;
-    let task = admit(&st, req, task_id, pool.as_ref().map(|p| p.as_str()))?;
+    let pool = route(
+        &st,
+        pool.as_ref().map(|p| p.as_str()),
+        "pool",
+        "POOL_NOT_FOUND",
+    )?;
+    let task = admit(&st, &pool, req, task_id)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"task_id": task.id, "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
+        Json(json!({"task_id": task.id, "pool": pool.id.as_str(), "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
     )
         .into_response())
 }
 
-/// Admit a checked request into the queue (shared by the task API and the
-/// OpenAI endpoints): readiness, the pool it names, a unique id, capacity.
+/// The pool a request names (`None`: the first pool); 404 with `code` when no pool answers to it.
+pub fn route(
+    st: &AppState,
+    name: Option<&str>,
+    field: &'static str,
+    code: &'static str,
+) -> Result<Arc<Pool>, ApiError> {
+    let Some(name) = name else {
+        return Ok(st.default_pool().clone());
+    };
+    if let Some(p) = st.find_pool(name) {
+        return Ok(p.clone());
+    }
+    st.metrics.reject("invalid");
+    let served: Vec<String> = st.pools.iter().map(|p| format!("`{}`", p.id)).collect();
+    Err(ApiError {
+        field: Some(field.into()),
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            code,
+            format!(
+                "no pool or model `{}` here; this orchestrator serves {} (GET /v1/models lists every name)",
+                llorch_io::handoff::excerpt(name, 64),
+                served.join(", ")
+            ),
+        )
+    })
+}
+
+/// Admit a checked request into a pool's queue (shared by the task API and
+/// the OpenAI endpoints): readiness (or load on demand), a unique id, capacity.
 pub fn admit(
     st: &Shared,
+    pool: &Arc<Pool>,
     req: TaskRequest,
     task_id: Option<String>,
-    pool: Option<&str>,
 ) -> Result<Arc<Task>, ApiError> {
-    if st.stopping.load(Ordering::SeqCst) || !st.ready.load(Ordering::SeqCst) {
-        return Err(not_ready(st));
-    }
-    if let Some(want) = pool {
-        let served = st
-            .last_engine
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|e| e.pool.clone());
-        if served.as_deref() != Some(want) {
-            st.metrics.reject("invalid");
-            return Err(ApiError {
-                field: Some("pool".into()),
-                ..ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "POOL_NOT_FOUND",
-                    format!(
-                        "no pool `{want}` here; this orchestrator serves pool `{}`",
-                        served.unwrap_or_default()
-                    ),
-                )
-            });
-        }
+    let waits_for_load =
+        pool.link.loads_on_demand() && !matches!(pool.link_state(), LinkState::Failed(_));
+    if st.stopping.load(Ordering::SeqCst) || !(pool.ready.load(Ordering::SeqCst) || waits_for_load)
+    {
+        return Err(not_ready(st, pool));
     }
     let task_id = task_id.unwrap_or_else(|| st.new_task_id());
     let task = {
@@ -364,27 +387,35 @@ pub fn admit(
                 )
             });
         }
-        let depth = st.queue.len();
+        let depth = pool.queue.len();
         if depth >= st.cfg.queue_capacity {
             st.metrics.reject("queue_full");
-            let retry = (st.avg_task_ms.load(Ordering::Relaxed) / 1000).max(1);
+            let retry = (pool.avg_task_ms.load(Ordering::Relaxed) / 1000).max(1);
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "QUEUE_FULL",
-                format!("the queue is full ({depth} tasks)"),
+                format!("the queue of pool `{}` is full ({depth} tasks)", pool.id),
             )
             .retry_after(retry));
         }
-        let position = depth + st.running.load(Ordering::SeqCst) as usize;
-        let predicted = position as u64 * st.avg_task_ms.load(Ordering::Relaxed);
-        let task = Arc::new(Task::new(task_id.clone(), req, position, predicted));
+        let position = depth + pool.running.load(Ordering::SeqCst) as usize;
+        let predicted = position as u64 * pool.avg_task_ms.load(Ordering::Relaxed);
+        let task = Arc::new(Task::new(
+            task_id.clone(),
+            pool.clone(),
+            req,
+            position,
+            predicted,
+        ));
         all.insert(task_id, task.clone());
-        st.queue.push(task.clone());
+        pool.queue.push(task.clone());
         task
     };
+    pool.touch();
     tasks::arm_deadline(st, &task);
     st.metrics.admitted.inc();
-    st.work.notify_one();
+    pool.work.notify_one();
+    st.sched.notify_one();
     Ok(task)
 }
 
@@ -448,45 +479,75 @@ async fn cancel_task(
     Ok(StatusCode::NO_CONTENT)
 }
 
-async fn capabilities(State(st): State<Shared>) -> Response {
-    let state = st.link_state();
+fn pool_json(st: &AppState, p: &Pool) -> serde_json::Value {
+    let state = p.link_state();
     let (e, failed) = match &state {
         LinkState::Ready(e) => (Some(e.clone()), None),
-        LinkState::Failed(r) => (st.last_engine.lock().unwrap().clone(), Some(r.clone())),
-        LinkState::Starting => (st.last_engine.lock().unwrap().clone(), None),
+        LinkState::Failed(r) => (p.last_engine.lock().unwrap().clone(), Some(r.clone())),
+        _ => (p.last_engine.lock().unwrap().clone(), None),
     };
-    Json(json!({
-        "api": "v1",
-        "pool": e.as_ref().map(|e| e.pool.clone()),
+    json!({
+        "id": p.id.as_str(),
+        "aliases": p.aliases,
+        "state": p.state(st.stopping.load(Ordering::SeqCst)),
+        "ready": p.ready.load(Ordering::SeqCst),
+        "failed_reason": failed,
         "engine": e.as_ref().map(|e| e.engine.clone()),
         "engine_version": e.as_ref().map(|e| e.engine_version.clone()),
+        "fingerprint": e.as_ref().map(|e| e.fingerprint.clone()),
         "model": e.as_ref().map(|e| json!({"ref": e.model_ref, "digest": e.model_digest})),
         "ctx_max": e.as_ref().and_then(|e| e.ctx_max),
         "slots": e.as_ref().map(|e| e.slots).unwrap_or(1),
-        "ready": st.ready.load(Ordering::SeqCst),
-        "state": st.pool_state(),
-        "failed_reason": failed,
-        "limits": {
+        "queue_depth": p.queue.len(),
+        "running": p.running.load(Ordering::SeqCst),
+        "load": if p.policy.lazy { "lazy" } else { "eager" },
+        "idle_unload_s": p.policy.idle_unload.map(|d| d.as_secs_f64()),
+        "keep_loaded": p.policy.keep_loaded,
+        "loads": p.loads.load(Ordering::Relaxed),
+        "unloads": p.unloads.load(Ordering::Relaxed),
+        "last_load_ms": p.last_load_ms.load(Ordering::Relaxed),
+    })
+}
+
+async fn capabilities(State(st): State<Shared>) -> Response {
+    // The top-level fields describe the default (first) pool; `pools` lists all.
+    let mut body = pool_json(&st, st.default_pool());
+    let pools: Vec<serde_json::Value> = st.pools.iter().map(|p| pool_json(&st, p)).collect();
+    let obj = body.as_object_mut().expect("an object");
+    let id = obj.remove("id").unwrap_or_default();
+    obj.insert("pool".into(), id);
+    obj.insert("api".into(), json!("v1"));
+    obj.insert("pools".into(), json!(pools));
+    obj.insert("max_loaded".into(), json!(st.sched_cfg.max_loaded));
+    obj.insert(
+        "limits".into(),
+        json!({
             "queue_capacity": st.cfg.queue_capacity,
             "max_tokens": st.cfg.max_tokens_limit,
             "max_prompt_chars": st.cfg.max_prompt_chars,
             "max_body_bytes": st.cfg.max_body_bytes,
-        },
-        "streaming": "sse",
-        "events": ["started", "token", "end", "error"],
-    }))
-    .into_response()
+        }),
+    );
+    obj.insert("streaming".into(), json!("sse"));
+    obj.insert("events".into(), json!(["started", "token", "end", "error"]));
+    Json(body).into_response()
 }
 
 async fn readyz(State(st): State<Shared>) -> Response {
-    if st.ready.load(Ordering::SeqCst) && !st.stopping.load(Ordering::SeqCst) {
+    if st.is_ready() {
         (StatusCode::OK, "ready\n").into_response()
     } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("{}\n", st.pool_state()),
-        )
-            .into_response()
+        let states: Vec<String> = st
+            .pools
+            .iter()
+            .map(|p| format!("{} {}", p.id, p.state(st.stopping.load(Ordering::SeqCst))))
+            .collect();
+        let body = if st.pools.len() == 1 {
+            format!("{}\n", st.pool_state())
+        } else {
+            format!("{}\n", states.join("\n"))
+        };
+        (StatusCode::SERVICE_UNAVAILABLE, body).into_response()
     }
 }
 
@@ -496,8 +557,7 @@ async fn metrics_text(State(st): State<Shared>) -> Response {
             header::CONTENT_TYPE,
             "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
-        st.metrics
-            .render(st.queue.len(), st.ready.load(Ordering::SeqCst)),
+        st.metrics.render(&st.pools),
     )
         .into_response()
 }

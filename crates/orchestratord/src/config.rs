@@ -91,6 +91,10 @@ impl ListenArgs {
 pub enum ServeError {
     #[error("refusing to bind {0} without an API token: a non-loopback address is reachable from other machines\n  hint: set LLORCH_API_TOKEN (clients then send `Authorization: Bearer <token>`) or bind 127.0.0.1")]
     TokenRequired(SocketAddr),
+    #[error("no pool to serve")]
+    NoPools,
+    #[error("pool `{0}` is listed twice; every pool needs its own id")]
+    DuplicatePool(String),
     #[error("bind {addr}: {err}")]
     Bind {
         addr: SocketAddr,

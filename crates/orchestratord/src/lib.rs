@@ -29,10 +29,12 @@ pub mod events;
 pub mod link;
 pub mod metrics;
 pub mod openai;
+pub mod pool;
 pub mod tasks;
 
 pub use config::{Config, ListenArgs, ServeError};
-pub use link::{EngineInfo, EngineLink, HandoffLink, LinkState};
+pub use link::{EngineInfo, EngineLink, HandoffLink, LinkState, LoadContext, LoadRefusal};
+pub use pool::{Pool, PoolPolicy, PoolSpec, SchedulerConfig};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -43,61 +45,71 @@ use tokio::sync::Notify;
 
 pub struct AppState {
     pub cfg: Config,
-    pub link: Box<dyn EngineLink>,
+    /// The pools, in the order they were given (the first is the default).
+    pub pools: Vec<Arc<pool::Pool>>,
+    pub sched_cfg: pool::SchedulerConfig,
     pub http: reqwest::Client,
-    pub ready: AtomicBool,
     /// Draining or stopped: no new tasks.
     pub stopping: AtomicBool,
-    /// The engine last seen ready (for capabilities while it restarts).
-    pub last_engine: Mutex<Option<EngineInfo>>,
-    pub queue: tasks::Queue,
     pub tasks: Mutex<HashMap<String, Arc<tasks::Task>>>,
-    pub running: AtomicU64,
-    pub work: Notify,
     pub metrics: metrics::Metrics,
-    pub avg_task_ms: AtomicU64,
+    /// Wakes the scheduler (a task queued on an unloaded pool, a state change).
+    pub sched: Notify,
     seq: AtomicU64,
 }
 
 pub type Shared = Arc<AppState>;
 
 impl AppState {
-    pub fn new(cfg: Config, link: Box<dyn EngineLink>) -> Shared {
+    pub fn new(cfg: Config, pools: Vec<PoolSpec>, sched_cfg: pool::SchedulerConfig) -> Shared {
         Arc::new(AppState {
             cfg,
-            link,
+            pools: pools
+                .into_iter()
+                .map(|p| Arc::new(pool::Pool::new(p)))
+                .collect(),
+            sched_cfg,
             http: llorch_io::http::async_client(),
-            ready: AtomicBool::new(false),
             stopping: AtomicBool::new(false),
-            last_engine: Mutex::new(None),
-            queue: Default::default(),
             tasks: Mutex::new(HashMap::new()),
-            running: AtomicU64::new(0),
-            work: Notify::new(),
             metrics: Default::default(),
-            avg_task_ms: AtomicU64::new(1000),
+            sched: Notify::new(),
             seq: AtomicU64::new(0),
         })
     }
 
+    /// The first pool (the one a task without `pool` runs on).
+    pub fn default_pool(&self) -> &Arc<pool::Pool> {
+        &self.pools[0]
+    }
+
+    /// The pool a name routes to: a pool id first, then an alias (the first pool listed wins).
+    pub fn find_pool(&self, name: &str) -> Option<&Arc<pool::Pool>> {
+        self.pools
+            .iter()
+            .find(|p| p.id.as_str() == name)
+            .or_else(|| self.pools.iter().find(|p| p.answers_to(name)))
+    }
+
+    /// The default pool's engine state (single-pool callers).
     pub fn link_state(&self) -> LinkState {
-        self.link.current()
+        self.default_pool().link_state()
     }
 
-    /// `ready`, `starting`, `failed` or `draining`.
+    /// Every pool is ready or can load on demand, and the orchestrator is not draining.
+    pub fn is_ready(&self) -> bool {
+        !self.stopping.load(Ordering::SeqCst)
+            && self.pools.iter().all(|p| {
+                p.ready.load(Ordering::SeqCst)
+                    || (p.link.loads_on_demand()
+                        && matches!(p.link_state(), LinkState::Unloaded | LinkState::Unloading))
+            })
+    }
+
+    /// The default pool's state, or `draining` (single-pool callers).
     pub fn pool_state(&self) -> &'static str {
-        if self.stopping.load(Ordering::SeqCst) {
-            return "draining";
-        }
-        match self.link_state() {
-            LinkState::Failed(_) => "failed",
-            LinkState::Ready(_) if self.ready.load(Ordering::SeqCst) => "ready",
-            _ => "starting",
-        }
-    }
-
-    pub fn mark_not_ready(&self) {
-        self.ready.store(false, Ordering::SeqCst);
+        self.default_pool()
+            .state(self.stopping.load(Ordering::SeqCst))
     }
 
     fn new_task_id(&self) -> String {
@@ -105,33 +117,12 @@ impl AppState {
         let r: u64 = rand::random();
         format!("t-{:016x}{n:x}", r)
     }
-}
 
-/// Keep `ready` current.
-pub async fn health_loop(st: Shared) {
-    while !st.stopping.load(Ordering::SeqCst) {
-        let ok = match st.link_state() {
-            LinkState::Ready(i) => {
-                let healthy = st
-                    .http
-                    .get(format!("{}/health", i.url))
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16() == 200)
-                    .unwrap_or(false);
-                if healthy {
-                    *st.last_engine.lock().unwrap() = Some(i);
-                }
-                healthy
-            }
-            _ => false,
-        };
-        let was = st.ready.swap(ok, Ordering::SeqCst);
-        if was != ok {
-            st.work.notify_waiters();
-        }
-        tokio::time::sleep(st.cfg.health_interval).await;
+    fn running(&self) -> u64 {
+        self.pools
+            .iter()
+            .map(|p| p.running.load(Ordering::SeqCst))
+            .sum()
     }
 }
 
@@ -149,10 +140,18 @@ impl Server {
     pub async fn shutdown(mut self, drain: Duration) {
         let st = self.state.clone();
         st.stopping.store(true, Ordering::SeqCst);
-        st.work.notify_waiters();
-        tasks::fail_queued(&st, "DRAINING", "the orchestrator is shutting down", true);
+        for p in &st.pools {
+            p.work.notify_waiters();
+            tasks::fail_queued(
+                &st,
+                p,
+                "DRAINING",
+                "the orchestrator is shutting down",
+                true,
+            );
+        }
         let deadline = Instant::now() + drain;
-        while st.running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while st.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         let all: Vec<_> = st.tasks.lock().unwrap().values().cloned().collect();
@@ -161,7 +160,7 @@ impl Server {
         }
         // Running tasks end in the adapter (a canceled `end` once the slot is idle).
         let deadline = Instant::now() + Duration::from_secs(5);
-        while st.running.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+        while st.running() > 0 && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         if let Some(tx) = self.shutdown.take() {
@@ -171,9 +170,35 @@ impl Server {
     }
 }
 
-/// Bind and start serving (health loop, worker, reaper, HTTP).
+/// Serve one pool (its id: the engine's pool when it is ready at start, else `default`).
 pub async fn start(cfg: Config, link: Box<dyn EngineLink>) -> Result<Server, ServeError> {
+    let id = match link.current() {
+        LinkState::Ready(e) => llorch_io::handoff::PoolId::parse(&e.pool).ok(),
+        _ => None,
+    }
+    .unwrap_or_else(|| llorch_io::handoff::PoolId::parse("default").expect("a valid pool id"));
+    start_pools(
+        cfg,
+        vec![PoolSpec::new(id, link)],
+        SchedulerConfig::default(),
+    )
+    .await
+}
+
+/// Bind and start serving (per pool: health loop and worker; the scheduler, the reaper, HTTP).
+pub async fn start_pools(
+    cfg: Config,
+    pools: Vec<PoolSpec>,
+    sched_cfg: SchedulerConfig,
+) -> Result<Server, ServeError> {
     cfg.check()?;
+    if pools.is_empty() {
+        return Err(ServeError::NoPools);
+    }
+    let mut ids = std::collections::HashSet::new();
+    if let Some(dup) = pools.iter().find(|p| !ids.insert(p.id.to_string())) {
+        return Err(ServeError::DuplicatePool(dup.id.to_string()));
+    }
     let listener = tokio::net::TcpListener::bind(cfg.addr)
         .await
         .map_err(|err| ServeError::Bind {
@@ -184,9 +209,12 @@ pub async fn start(cfg: Config, link: Box<dyn EngineLink>) -> Result<Server, Ser
         addr: cfg.addr,
         err,
     })?;
-    let st = AppState::new(cfg, link);
-    tokio::spawn(health_loop(st.clone()));
-    tokio::spawn(tasks::worker(st.clone()));
+    let st = AppState::new(cfg, pools, sched_cfg);
+    for p in &st.pools {
+        tokio::spawn(pool::health_loop(st.clone(), p.clone()));
+        tokio::spawn(tasks::worker(st.clone(), p.clone()));
+    }
+    tokio::spawn(pool::scheduler(st.clone()));
     tokio::spawn(tasks::reaper(st.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(st.clone());

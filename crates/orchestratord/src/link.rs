@@ -82,12 +82,47 @@ pub enum LinkState {
     Starting,
     /// Given up for good (the reason says why, with the engine's last log lines): tasks fail.
     Failed(String),
+    /// No engine runs and none is wanted: a pool that loads on demand.
+    Unloaded,
+    /// Being stopped (idle, or to make room): its memory is not free yet.
+    Unloading,
+}
+
+/// Why a pool could not be loaded now.
+#[derive(Clone, Debug, PartialEq)]
+pub enum LoadRefusal {
+    /// Try again later (memory is being released by an unload under way).
+    Wait(String),
+    /// It cannot load now: its queued tasks fail with this reason.
+    Fail(String),
+}
+
+/// What the scheduler knows when it asks a pool to load.
+#[derive(Clone, Debug, Default)]
+pub struct LoadContext {
+    /// Another pool is unloading right now (its memory will come back).
+    pub unloads_in_flight: bool,
 }
 
 pub trait EngineLink: Send + Sync + 'static {
     fn current(&self) -> LinkState;
     /// The engine stopped answering mid-stream: the owner should kill and restart it.
     fn report_stalled(&self) {}
+    /// Whether this link starts and stops its engine when the scheduler asks
+    /// ([`EngineLink::load`], [`EngineLink::unload`]). Such a pool admits tasks
+    /// while it is unloaded or loading; they wait in its queue.
+    fn loads_on_demand(&self) -> bool {
+        false
+    }
+    /// Start the engine of an unloaded pool; `Ok` once the start is under way.
+    /// May block briefly (a memory probe); called off the async runtime.
+    fn load(&self, _ctx: &LoadContext) -> Result<(), LoadRefusal> {
+        Err(LoadRefusal::Fail(
+            "this pool's engine is not started by the orchestrator".into(),
+        ))
+    }
+    /// Stop the engine (must not block); `current` says `Unloading`, then `Unloaded`.
+    fn unload(&self) {}
 }
 
 /// Follows `.runtime/engines/<pool>.json` (an engine that `provision` started).
@@ -111,5 +146,24 @@ impl<F: Fn() -> Option<EngineInfo> + Send + Sync + 'static> EngineLink for F {
             Some(i) => LinkState::Ready(i),
             None => LinkState::Starting,
         }
+    }
+}
+
+/// A link shared with its owner (who can also stop the engine at shutdown).
+impl<T: EngineLink> EngineLink for std::sync::Arc<T> {
+    fn current(&self) -> LinkState {
+        (**self).current()
+    }
+    fn report_stalled(&self) {
+        (**self).report_stalled()
+    }
+    fn loads_on_demand(&self) -> bool {
+        (**self).loads_on_demand()
+    }
+    fn load(&self, ctx: &LoadContext) -> Result<(), LoadRefusal> {
+        (**self).load(ctx)
+    }
+    fn unload(&self) {
+        (**self).unload()
     }
 }

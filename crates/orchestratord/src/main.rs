@@ -34,9 +34,16 @@ async fn main() -> Result<()> {
     if !handoff.is_file() {
         eprintln!("warning: {} does not exist yet; start an engine with `cargo xtask provision` (the orchestrator answers 503 until then)", handoff.display());
     }
-    let srv = orchestratord::start(a.listen.config(), Box::new(HandoffLink(handoff.clone())))
-        .await
-        .context("start orchestratord")?;
+    let srv = orchestratord::start_pools(
+        a.listen.config(),
+        vec![orchestratord::PoolSpec::new(
+            a.pool.clone(),
+            Box::new(HandoffLink(handoff.clone())),
+        )],
+        Default::default(),
+    )
+    .await
+    .context("start orchestratord")?;
     eprintln!(
         "orchestratord listening on http://{} (engine from {})",
         srv.addr,

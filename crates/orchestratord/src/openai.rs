@@ -91,19 +91,32 @@ fn unix_now() -> u64 {
         .unwrap_or(0)
 }
 
-fn engine(st: &Shared) -> Option<EngineInfo> {
-    st.last_engine.lock().unwrap().clone()
-}
-
-/// `GET /v1/models`: the pool id, and the model's name as an alias.
+/// `GET /v1/models`: every pool id, then each model name that routes to a
+/// pool (once: a name shared by pools routes to the first). Each entry says
+/// its pool and that pool's state (OpenAI clients ignore the extra fields).
 pub async fn models(State(st): State<Shared>) -> Response {
-    let data: Vec<Value> = match engine(&st) {
-        Some(e) => [e.pool.clone(), model_alias(&e)]
-            .into_iter()
-            .map(|id| json!({"id": id, "object": "model", "created": 0, "owned_by": "llama-orch"}))
-            .collect(),
-        None => Vec::new(),
+    let stopping = st.stopping.load(std::sync::atomic::Ordering::SeqCst);
+    let mut data: Vec<Value> = Vec::new();
+    let mut names = std::collections::HashSet::new();
+    let entry = |id: &str, p: &crate::Pool| {
+        json!({"id": id, "object": "model", "created": 0, "owned_by": "llama-orch",
+               "pool": p.id.as_str(), "state": p.state(stopping)})
     };
+    for p in &st.pools {
+        names.insert(p.id.to_string());
+        data.push(entry(p.id.as_str(), p));
+    }
+    for p in &st.pools {
+        let mut aliases = p.aliases.clone();
+        if let Some(e) = p.last_engine.lock().unwrap().as_ref() {
+            aliases.push(model_alias(e));
+        }
+        for a in aliases {
+            if names.insert(a.clone()) {
+                data.push(entry(&a, p));
+            }
+        }
+    }
     Json(json!({"object": "list", "data": data})).into_response()
 }
 
@@ -192,6 +205,7 @@ struct Plan {
     include_usage: bool,
     logprobs: bool,
     model: String,
+    pool: std::sync::Arc<crate::Pool>,
 }
 
 fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
@@ -203,23 +217,7 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
             "you must provide a model parameter",
         ));
     };
-    if let Some(e) = engine(st) {
-        if model != e.pool && model != model_alias(&e) {
-            return Err(ApiError {
-                field: Some("model".into()),
-                ..ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    "model_not_found",
-                    format!(
-                        "the model `{}` does not exist here; GET /v1/models lists `{}` and `{}`",
-                        llorch_io::handoff::excerpt(&model, 64),
-                        e.pool,
-                        model_alias(&e)
-                    ),
-                )
-            });
-        }
-    }
+    let pool = crate::api::route(st, Some(&model), "model", "model_not_found")?;
     if let Some(n) = r.n {
         if n != 1 {
             return Err(ApiError::invalid("n", "only n=1 is supported"));
@@ -436,6 +434,7 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
         include_usage,
         logprobs,
         model,
+        pool,
     })
 }
 
@@ -527,14 +526,20 @@ async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiEr
         include_usage,
         logprobs,
         model,
+        pool,
     } = plan(&st, kind, body).inspect_err(|_| st.metrics.reject("invalid"))?;
-    let task = admit(&st, req, None, None)?;
+    let task = admit(&st, &pool, req, None)?;
     let rx = task
         .take_stream()
         .expect("a new task's stream is not taken");
     let guard = DisconnectGuard(task.clone(), st.clone());
-    let fp = engine(&st)
-        .map(|e| system_fingerprint(&e))
+    // Known once the pool's engine has been seen ready (a lazy pool: after its first load).
+    let fp = pool
+        .last_engine
+        .lock()
+        .unwrap()
+        .as_ref()
+        .map(system_fingerprint)
         .unwrap_or_default();
     let (id, object) = match kind {
         Kind::Chat => (format!("chatcmpl-{}", task.id), "chat.completion"),

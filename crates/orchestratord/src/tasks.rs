@@ -19,6 +19,7 @@
 
 use crate::events::{EndEvent, ErrorEvent, TaskEvent};
 use crate::link::LinkState;
+use crate::pool::Pool;
 use crate::AppState;
 use serde_json::Value;
 use std::collections::VecDeque;
@@ -83,6 +84,8 @@ struct Inner {
 
 pub struct Task {
     pub id: String,
+    /// The pool it runs on.
+    pub pool: Arc<Pool>,
     pub req: TaskRequest,
     pub admitted_at: Instant,
     pub queue_position: usize,
@@ -96,6 +99,7 @@ pub struct Task {
 impl Task {
     pub fn new(
         id: String,
+        pool: Arc<Pool>,
         req: TaskRequest,
         queue_position: usize,
         predicted_start_ms: u64,
@@ -103,6 +107,7 @@ impl Task {
         let (tx, rx) = mpsc::unbounded_channel();
         Task {
             id,
+            pool,
             req,
             admitted_at: Instant::now(),
             queue_position,
@@ -215,7 +220,7 @@ impl Queue {
     pub fn push(&self, t: Arc<Task>) {
         self.0.lock().unwrap().push_back(t)
     }
-    fn pop(&self) -> Option<Arc<Task>> {
+    pub(crate) fn pop(&self) -> Option<Arc<Task>> {
         self.0.lock().unwrap().pop_front()
     }
     fn remove(&self, id: &str) -> bool {
@@ -235,7 +240,7 @@ pub fn cancel(st: &AppState, task: &Arc<Task>, reason: CancelReason) {
         return;
     }
     task.request_cancel(reason);
-    if st.queue.remove(&task.id) && task.finish(task.canceled_end(reason, 0)) {
+    if task.pool.queue.remove(&task.id) && task.finish(task.canceled_end(reason, 0)) {
         st.metrics.canceled.inc();
     }
 }
@@ -255,9 +260,9 @@ pub fn arm_deadline(st: &Arc<AppState>, task: &Arc<Task>) {
     });
 }
 
-/// Fail every queued task (the engine is gone for good, or we are shutting down).
-pub fn fail_queued(st: &AppState, code: &str, message: &str, retriable: bool) {
-    for t in st.queue.drain() {
+/// Fail every queued task of a pool (its engine is gone for good, it cannot load, or we are shutting down).
+pub fn fail_queued(st: &AppState, pool: &Pool, code: &str, message: &str, retriable: bool) {
+    for t in pool.queue.drain() {
         if t.finish(TaskEvent::Error(ErrorEvent {
             code: code.into(),
             message: message.into(),
@@ -269,45 +274,61 @@ pub fn fail_queued(st: &AppState, code: &str, message: &str, retriable: bool) {
 }
 
 /// One worker per engine slot: pop a task, run it.
-pub async fn worker(st: Arc<AppState>) {
+pub async fn worker(st: Arc<AppState>, pool: Arc<Pool>) {
     loop {
         if st.stopping.load(Ordering::SeqCst) {
             return;
         }
-        match st.link_state() {
-            LinkState::Ready(_) if st.ready.load(Ordering::SeqCst) => {}
+        match pool.link_state() {
+            LinkState::Ready(_) if pool.ready.load(Ordering::SeqCst) => {}
             LinkState::Failed(reason) => {
-                fail_queued(&st, "ENGINE_FAILED", &reason, false);
-                wait(&st).await;
+                fail_queued(&st, &pool, "ENGINE_FAILED", &reason, false);
+                wait(&pool).await;
                 continue;
             }
             _ => {
-                wait(&st).await;
+                wait(&pool).await;
                 continue;
             }
         }
-        let Some(task) = st.queue.pop() else {
-            wait(&st).await;
+        // Under the gate: the scheduler never unloads between this pop and `running`.
+        let task = {
+            let closed = pool.gate.lock().unwrap();
+            if *closed {
+                None
+            } else {
+                let t = pool.queue.pop();
+                if t.is_some() {
+                    pool.running.fetch_add(1, Ordering::SeqCst);
+                }
+                t
+            }
+        };
+        let Some(task) = task else {
+            wait(&pool).await;
             continue;
         };
         if let Err(reason) = task.start_running() {
             if task.finish(task.canceled_end(reason, 0)) {
                 st.metrics.canceled.inc();
             }
+            pool.running.fetch_sub(1, Ordering::SeqCst);
             continue;
         }
-        st.running.fetch_add(1, Ordering::SeqCst);
+        pool.touch();
         let t0 = Instant::now();
         crate::adapter::run_task(&st, &task).await;
-        st.running.fetch_sub(1, Ordering::SeqCst);
+        pool.touch();
+        pool.running.fetch_sub(1, Ordering::SeqCst);
         let ms = t0.elapsed().as_millis() as u64;
-        let avg = st.avg_task_ms.load(Ordering::Relaxed);
-        st.avg_task_ms.store((avg * 7 + ms) / 8, Ordering::Relaxed);
+        let avg = pool.avg_task_ms.load(Ordering::Relaxed);
+        pool.avg_task_ms
+            .store((avg * 7 + ms) / 8, Ordering::Relaxed);
     }
 }
 
-async fn wait(st: &AppState) {
-    let n = st.work.notified();
+async fn wait(pool: &Pool) {
+    let n = pool.work.notified();
     tokio::select! { _ = n => {}, _ = tokio::time::sleep(Duration::from_millis(50)) => {} }
 }
 

@@ -1,0 +1,552 @@
+//! Many pools behind one orchestrator (`cargo xtask serve --stack FILE`).
+//!
+//! * Every pool is prepared at start (engine built or reused, model fetched
+//!   and verified), so a load on demand is only a process start.
+//! * Each pool's engine is owned by a [`ManagedLink`]: the scheduler in
+//!   `orchestratord::pool` asks it to load (a [`Supervisor`] starts) and to
+//!   unload (the supervisor stops: signal, grace, kill of the process group).
+//! * Nothing outlives this process: engines get the parent-death signal and
+//!   their own process group from the supervisor; at start the run records
+//!   of a previous crashed run are swept, and a leftover engine whose
+//!   supervisor is gone is stopped (identified by the run files, pid, start
+//!   time and executable, never by name).
+//! * A CUDA pool runs with `CUDA_VISIBLE_DEVICES` set to its devices. Before
+//!   it loads, free memory on those devices is read with `nvidia-smi`; a load
+//!   that cannot fit waits while another pool unloads, or fails with the
+//!   device, its free memory and what the pool needs.
+
+use crate::prepare::{self, Prepared};
+use crate::stack::{engine_info, StackError};
+use engine_provisioner::BuildOptions;
+use engine_runtime::lifecycle::{self, PreparedEngine};
+use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
+use llorch_io::paths::Layout;
+use llorch_profile::stack::{LoadPolicy, Stack};
+use orchestratord::{
+    Config, EngineInfo, EngineLink, LinkState, LoadContext, LoadRefusal, PoolPolicy, PoolSpec,
+    SchedulerConfig,
+};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Memory a pool needs on its GPUs beyond the model file: CUDA context,
+/// compute buffers and the KV cache of a modest context. A stack file's
+/// `memory_mib` replaces the estimate.
+pub const GPU_OVERHEAD_MIB: u64 = 1024;
+
+/// Where the GPU memory probe comes from (`nvidia-smi`, found on `PATH`).
+#[derive(Clone, Debug)]
+pub struct GpuProbe {
+    pub program: String,
+}
+
+impl Default for GpuProbe {
+    fn default() -> Self {
+        GpuProbe {
+            program: "nvidia-smi".into(),
+        }
+    }
+}
+
+/// One GPU as `nvidia-smi` reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuMemory {
+    pub index: u32,
+    pub free_mib: u64,
+    pub total_mib: u64,
+}
+
+impl GpuProbe {
+    /// Free and total memory of every GPU.
+    pub fn read(&self) -> Result<Vec<GpuMemory>, String> {
+        let out = llorch_io::cmd::Cmd::new(&self.program)
+            .args([
+                "--query-gpu=index,memory.free,memory.total",
+                "--format=csv,noheader,nounits",
+            ])
+            .read()
+            .map_err(|e| format!("cannot read GPU memory with {}: {e}", self.program))?;
+        parse_gpu_memory(&out)
+    }
+}
+
+/// Parse `index, free, total` lines (MiB).
+pub fn parse_gpu_memory(text: &str) -> Result<Vec<GpuMemory>, String> {
+    let mut v = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()).take(64) {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let num = |s: &str| s.parse::<u64>().ok();
+        match (f.as_slice(), f.len()) {
+            ([i, free, total], 3) => match (num(i), num(free), num(total)) {
+                (Some(i), Some(free), Some(total)) if i <= 63 && free <= total => {
+                    v.push(GpuMemory {
+                        index: i as u32,
+                        free_mib: free,
+                        total_mib: total,
+                    })
+                }
+                _ => {
+                    return Err(format!(
+                        "unexpected nvidia-smi line `{}`",
+                        llorch_io::handoff::excerpt(line, 80)
+                    ))
+                }
+            },
+            _ => {
+                return Err(format!(
+                    "unexpected nvidia-smi line `{}`",
+                    llorch_io::handoff::excerpt(line, 80)
+                ))
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// A pool's engine, started and stopped when the scheduler asks.
+pub struct ManagedLink {
+    pub base: EngineInfo,
+    prep: PreparedEngine,
+    layout: Layout,
+    command: String,
+    policy: RestartPolicy,
+    /// GPUs the engine is pinned to (empty: CPU, or all GPUs).
+    pub devices: Vec<u32>,
+    /// MiB the pool needs on each of its devices.
+    pub needs_mib: u64,
+    probe: GpuProbe,
+    sup: Mutex<Option<Supervisor>>,
+    unloading: Arc<AtomicBool>,
+}
+
+impl ManagedLink {
+    pub fn new(
+        mut prep: PreparedEngine,
+        layout: Layout,
+        command: &str,
+        devices: Vec<u32>,
+        memory_mib: Option<u64>,
+        probe: GpuProbe,
+    ) -> ManagedLink {
+        if !devices.is_empty() {
+            let list: Vec<String> = devices.iter().map(u32::to_string).collect();
+            prep.env
+                .push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
+        }
+        let model_mib = std::fs::metadata(&prep.model.path)
+            .map(|m| m.len().div_ceil(1 << 20))
+            .unwrap_or(0);
+        let per_device = (model_mib / devices.len().max(1) as u64) + GPU_OVERHEAD_MIB;
+        ManagedLink {
+            base: engine_info(&prep),
+            prep,
+            layout,
+            command: command.into(),
+            policy: RestartPolicy::default(),
+            devices,
+            needs_mib: memory_mib.unwrap_or(per_device),
+            probe,
+            sup: Mutex::new(None),
+            unloading: Arc::new(AtomicBool::new(false)),
+        }
+    }
+
+    /// Whether the memory the pool needs is free on its devices now.
+    fn check_memory(&self, ctx: &LoadContext) -> Result<(), LoadRefusal> {
+        if self.devices.is_empty() {
+            return Ok(());
+        }
+        let gpus = self.probe.read().map_err(LoadRefusal::Fail)?;
+        for d in &self.devices {
+            let Some(g) = gpus.iter().find(|g| g.index == *d) else {
+                return Err(LoadRefusal::Fail(format!(
+                    "pool {} is pinned to GPU {d}, but nvidia-smi lists GPUs {:?}",
+                    self.prep.pool_id,
+                    gpus.iter().map(|g| g.index).collect::<Vec<_>>()
+                )));
+            };
+            if g.free_mib < self.needs_mib {
+                let why = format!(
+                    "GPU {d} has {} MiB free of {} MiB; pool {} needs about {} MiB there",
+                    g.free_mib, g.total_mib, self.prep.pool_id, self.needs_mib
+                );
+                return Err(if ctx.unloads_in_flight {
+                    LoadRefusal::Wait(format!("{why} (waiting for an unload to release memory)"))
+                } else {
+                    LoadRefusal::Fail(format!(
+                        "{why}; free memory on that GPU (stop other processes, or set max_loaded) or set the pool's memory_mib"
+                    ))
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Stop the engine now and wait (shutdown).
+    pub fn stop(&self) {
+        let sup = self.sup.lock().unwrap().take();
+        if let Some(s) = sup {
+            s.stop();
+        }
+    }
+
+    pub fn engine_pid(&self) -> Option<u32> {
+        match self.sup.lock().unwrap().as_ref()?.state() {
+            EngineState::Ready { pid, .. } => Some(pid),
+            _ => None,
+        }
+    }
+}
+
+impl EngineLink for ManagedLink {
+    fn current(&self) -> LinkState {
+        if self.unloading.load(Ordering::SeqCst) {
+            return LinkState::Unloading;
+        }
+        let g = self.sup.lock().unwrap();
+        let Some(sup) = g.as_ref() else {
+            return LinkState::Unloaded;
+        };
+        match sup.state() {
+            EngineState::Ready { url, api_key, .. } => LinkState::Ready(EngineInfo {
+                url,
+                api_key,
+                ..self.base.clone()
+            }),
+            EngineState::Failed { reason } => LinkState::Failed(reason),
+            EngineState::Stopped => LinkState::Unloaded,
+            _ => LinkState::Starting,
+        }
+    }
+
+    fn report_stalled(&self) {
+        if let Some(s) = self.sup.lock().unwrap().as_ref() {
+            s.state_handle().request_restart();
+        }
+    }
+
+    fn loads_on_demand(&self) -> bool {
+        true
+    }
+
+    fn load(&self, ctx: &LoadContext) -> Result<(), LoadRefusal> {
+        if self.sup.lock().unwrap().is_some() {
+            return Ok(());
+        }
+        // Probed without holding the lock (`current` must stay quick).
+        self.check_memory(ctx)?;
+        let mut g = self.sup.lock().unwrap();
+        if g.is_some() {
+            return Ok(());
+        }
+        let sup = Supervisor::start(
+            self.prep.clone(),
+            self.layout.clone(),
+            self.policy.clone(),
+            &self.command,
+        )
+        .map_err(|e| LoadRefusal::Fail(e.to_string()))?;
+        *g = Some(sup);
+        Ok(())
+    }
+
+    fn unload(&self) {
+        self.unloading.store(true, Ordering::SeqCst);
+        let sup = self.sup.lock().unwrap().take();
+        let flag = self.unloading.clone();
+        std::thread::spawn(move || {
+            if let Some(s) = sup {
+                s.stop();
+            }
+            flag.store(false, Ordering::SeqCst);
+        });
+    }
+}
+
+/// An orchestrator and the engines of its pools, in this process.
+pub struct PoolStack {
+    pub server: orchestratord::Server,
+    pub links: Vec<(llorch_io::handoff::PoolId, Arc<ManagedLink>)>,
+}
+
+impl PoolStack {
+    pub fn orchestrator_url(&self) -> String {
+        format!("http://{}", self.server.addr)
+    }
+
+    pub fn link(&self, pool: &str) -> Option<&Arc<ManagedLink>> {
+        self.links
+            .iter()
+            .find(|(id, _)| id.as_str() == pool)
+            .map(|(_, l)| l)
+    }
+
+    /// Drain the orchestrator, then stop every engine.
+    pub async fn stop(self, drain: Duration) {
+        self.server.shutdown(drain).await;
+        let links = self.links;
+        let _ = tokio::task::spawn_blocking(move || {
+            for (_, l) in &links {
+                l.stop();
+            }
+            // Unloads under way finish too.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while links
+                .iter()
+                .any(|(_, l)| l.unloading.load(Ordering::SeqCst))
+                && Instant::now() < deadline
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        })
+        .await;
+    }
+}
+
+/// Options of [`start_pools`] that are not in the stack file.
+#[derive(Clone, Debug, Default)]
+pub struct PoolsOptions {
+    pub quiet: bool,
+    pub probe: GpuProbe,
+    /// Replaces every pool's `idle_unload_s` (seconds; 0: never).
+    pub idle_unload_s: Option<u64>,
+    /// Replaces the stack's `max_loaded`.
+    pub max_loaded: Option<usize>,
+}
+
+/// Prepare every pool, load the eager ones, start the orchestrator.
+pub async fn start_pools(
+    stack: &Stack,
+    layout: &Layout,
+    cfg: Config,
+    opts: &PoolsOptions,
+    command: &str,
+) -> Result<PoolStack, StackError> {
+    cfg.check()?;
+    let max_loaded = opts.max_loaded.or(stack.max_loaded);
+    let eager = stack
+        .pools
+        .iter()
+        .filter(|p| p.load == LoadPolicy::Eager)
+        .count();
+    if let Some(m) = max_loaded {
+        if eager > m {
+            return Err(StackError::Other(format!(
+                "{eager} pools load at start but max_loaded is {m}; mark some `load: lazy` or raise max_loaded"
+            )));
+        }
+    }
+    // Engines left by a previous run that crashed: swept before anything starts.
+    {
+        let l = layout.clone();
+        let _ = tokio::task::spawn_blocking(move || lifecycle::sweep_stale(&l)).await;
+    }
+    let mut specs = Vec::new();
+    let mut links = Vec::new();
+    for p in &stack.pools {
+        let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
+        let Prepared { engine: prep, .. } = tokio::task::spawn_blocking(move || {
+            prepare::prepare(
+                &prof,
+                &id,
+                &l2,
+                &BuildOptions {
+                    quiet,
+                    ..Default::default()
+                },
+            )
+        })
+        .await
+        .map_err(|e| StackError::Other(e.to_string()))??;
+        let taken = {
+            let (l, id) = (layout.clone(), p.id.clone());
+            tokio::task::spawn_blocking(move || lifecycle::read_pool(&l, &id))
+                .await
+                .map_err(|e| StackError::Other(e.to_string()))?
+        };
+        if let Some(run) = taken {
+            return Err(run.busy_error().into());
+        }
+        let link = Arc::new(ManagedLink::new(
+            prep,
+            layout.clone(),
+            command,
+            p.devices.clone(),
+            p.memory_mib,
+            opts.probe.clone(),
+        ));
+        let idle = match opts.idle_unload_s {
+            Some(0) => None,
+            Some(s) => Some(s),
+            None => p.idle_unload_s,
+        };
+        specs.push(PoolSpec {
+            id: p.id.clone(),
+            aliases: vec![orchestratord::openai::model_alias(&link.base)],
+            link: Box::new(link.clone()),
+            policy: PoolPolicy {
+                lazy: p.load == LoadPolicy::Lazy,
+                idle_unload: idle.map(Duration::from_secs),
+                keep_loaded: p.keep_loaded,
+            },
+            engine: Some(link.base.clone()),
+        });
+        links.push((p.id.clone(), link));
+    }
+    // Eager pools: start them all, then wait for each.
+    let loads: Vec<_> = stack
+        .pools
+        .iter()
+        .zip(&links)
+        .filter(|(p, _)| p.load == LoadPolicy::Eager)
+        .map(|(_, (id, l))| (id.clone(), l.clone()))
+        .collect();
+    let started = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        for (id, l) in &loads {
+            l.load(&LoadContext::default()).map_err(|r| match r {
+                LoadRefusal::Wait(m) | LoadRefusal::Fail(m) => {
+                    format!("pool {id} cannot start: {m}")
+                }
+            })?;
+        }
+        for (id, l) in &loads {
+            let timeout = Duration::from_secs(l.prep.ready_timeout_s + 10);
+            let g = l.sup.lock().unwrap();
+            if let Some(s) = g.as_ref() {
+                s.wait_ready(timeout)
+                    .map_err(|e| format!("pool {id}: {e}"))?;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| StackError::Other(e.to_string()))?;
+    if let Err(e) = started {
+        for (_, l) in &links {
+            l.stop();
+        }
+        return Err(StackError::Other(e));
+    }
+    let server = match orchestratord::start_pools(cfg, specs, SchedulerConfig { max_loaded }).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            for (_, l) in &links {
+                l.stop();
+            }
+            return Err(e.into());
+        }
+    };
+    // Wait until the orchestrator has seen every eager engine healthy.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !server.state.is_ready() {
+        if Instant::now() > deadline {
+            return Err(StackError::Other(
+                "the orchestrator did not see the engines ready".into(),
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    Ok(PoolStack { server, links })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llorch_io::handoff::{EngineModel, PoolId};
+
+    #[test]
+    fn nvidia_smi_output_is_parsed_and_hostile_lines_are_refused() {
+        let g = parse_gpu_memory("0, 80000, 81559\n1, 512, 81559\n").unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[1].free_mib, 512);
+        for bad in [
+            "0, 80000",
+            "x, 1, 2",
+            "0, 5, 4",
+            "99, 1, 2",
+            "0, 18446744073709551616, 1",
+        ] {
+            assert!(parse_gpu_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    /// A pool pinned to GPU 0 of a stand-in `nvidia-smi` that reports `free` MiB.
+    fn pinned(dir: &std::path::Path, free: u64) -> ManagedLink {
+        let smi = dir.join(format!("nvidia-smi-{free}"));
+        std::fs::write(
+            &smi,
+            format!("#!/bin/sh\necho '0, {free}, 81559'\necho '1, 81000, 81559'\n"),
+        )
+        .unwrap();
+        let mut perm = std::fs::metadata(&smi).unwrap().permissions();
+        std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
+        std::fs::set_permissions(&smi, perm).unwrap();
+        let model = dir.join("m.gguf");
+        std::fs::write(&model, vec![0u8; 3 << 20]).unwrap();
+        let prep = PreparedEngine {
+            binary: dir.join("llama-server"),
+            model: EngineModel {
+                reference: "file:m.gguf".into(),
+                path: model,
+                digest: "0".repeat(64),
+                metadata: serde_json::json!({}),
+            },
+            flags: Vec::new(),
+            env: Vec::new(),
+            pool_id: PoolId::parse("gpu-pool").unwrap(),
+            replica_id: "r0".into(),
+            fingerprint: "f".into(),
+            host: "127.0.0.1".into(),
+            ports: vec![0],
+            ready_timeout_s: 1,
+            engine_version: "v".into(),
+        };
+        let root = dir.to_path_buf();
+        let layout = Layout::at(root.clone(), root.join("cache"), root.join("rt"));
+        ManagedLink::new(
+            prep,
+            layout,
+            "test",
+            vec![0],
+            None,
+            GpuProbe {
+                program: smi.display().to_string(),
+            },
+        )
+    }
+
+    #[test]
+    fn a_gpu_pool_is_pinned_and_a_load_that_cannot_fit_waits_or_fails_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let l = pinned(dir.path(), 700);
+        assert!(l
+            .prep
+            .env
+            .contains(&("CUDA_VISIBLE_DEVICES".into(), "0".into())));
+        // 3 MiB model + the overhead.
+        assert_eq!(l.needs_mib, 3 + GPU_OVERHEAD_MIB);
+        match l.load(&LoadContext::default()) {
+            Err(LoadRefusal::Fail(m)) => {
+                assert!(m.contains("GPU 0 has 700 MiB free of 81559 MiB"), "{m}");
+                assert!(m.contains("needs about 1027 MiB"), "{m}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(l.current(), LinkState::Unloaded);
+        match l.load(&LoadContext {
+            unloads_in_flight: true,
+        }) {
+            Err(LoadRefusal::Wait(m)) => assert!(m.contains("waiting for an unload"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+        // A probe that is missing is a clear failure, not a guess.
+        let mut l = pinned(dir.path(), 70000);
+        l.probe.program = dir.path().join("absent").display().to_string();
+        match l.load(&LoadContext::default()) {
+            Err(LoadRefusal::Fail(m)) => assert!(m.contains("cannot read GPU memory"), "{m}"),
+            other => panic!("{other:?}"),
+        }
+    }
+}

@@ -1,0 +1,339 @@
+//! Pools: one engine link, one queue, one worker and one health loop each;
+//! the scheduler loads pools on demand, unloads idle ones and keeps at most
+//! `max_loaded` engines.
+//!
+//! Theory of operation:
+//! * A task names its pool (`pool`, or OpenAI's `model`: a pool id or the
+//!   model's name); [`crate::AppState::route`] finds it, and it waits in that
+//!   pool's queue. A pool that loads on demand admits tasks while it is
+//!   unloaded or loading: they wait (bounded by their deadline), they never
+//!   fail because of the load.
+//! * The scheduler ([`scheduler`]) runs every few milliseconds: it unloads a
+//!   pool that has served nothing for its `idle_unload`, loads an unloaded
+//!   pool with queued tasks, and, when `max_loaded` engines already run,
+//!   first unloads the least recently used idle pool that is not
+//!   `keep_loaded`. A pool that is busy (a task queued or running) is never
+//!   unloaded.
+//! * The gate: the worker takes a task (queue → running) and the scheduler
+//!   decides an unload (queue empty, nothing running → closed) under the same
+//!   per-pool mutex, so an unload never cuts a task that was just taken.
+//! * Every state change is one log line: `[pool a] unloaded -> loading (...)`.
+
+use crate::link::{EngineInfo, EngineLink, LinkState, LoadContext, LoadRefusal};
+use crate::tasks::Queue;
+use crate::Shared;
+use llorch_io::handoff::PoolId;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::Notify;
+
+/// How a pool's engine is kept.
+#[derive(Clone, Debug, Default)]
+pub struct PoolPolicy {
+    /// Start the engine at the first request, not at startup.
+    pub lazy: bool,
+    /// Stop the engine after this long without a task.
+    pub idle_unload: Option<Duration>,
+    /// Never unloaded to make room for another pool, nor when idle.
+    pub keep_loaded: bool,
+}
+
+/// A pool to serve: its id, other names that route to it, and its engine.
+pub struct PoolSpec {
+    pub id: PoolId,
+    /// Names that also route here (the model's name); the first pool listed wins a shared name.
+    pub aliases: Vec<String>,
+    pub link: Box<dyn EngineLink>,
+    pub policy: PoolPolicy,
+    /// What the engine will be (build, model, flags; no URL yet), known before
+    /// it loads: capabilities and `system_fingerprint` of an unloaded pool.
+    pub engine: Option<EngineInfo>,
+}
+
+impl PoolSpec {
+    pub fn new(id: PoolId, link: Box<dyn EngineLink>) -> PoolSpec {
+        PoolSpec {
+            id,
+            aliases: Vec::new(),
+            link,
+            policy: PoolPolicy::default(),
+            engine: None,
+        }
+    }
+}
+
+pub struct Pool {
+    pub id: PoolId,
+    pub aliases: Vec<String>,
+    pub policy: PoolPolicy,
+    pub link: Box<dyn EngineLink>,
+    /// The link says Ready and the engine's `/health` answered 200.
+    pub ready: AtomicBool,
+    /// The engine last seen ready (for capabilities while it restarts).
+    pub last_engine: Mutex<Option<EngineInfo>>,
+    pub queue: Queue,
+    pub running: AtomicU64,
+    pub work: Notify,
+    pub avg_task_ms: AtomicU64,
+    /// Closed while the scheduler unloads the pool: the worker takes nothing.
+    pub gate: Mutex<bool>,
+    /// When the last task was admitted or finished (idle unload, LRU).
+    pub last_used: Mutex<Instant>,
+    /// The scheduler asked the engine to load at this instant; cleared when it is ready.
+    pub loading_since: Mutex<Option<Instant>>,
+    /// How long the last load took (load asked → ready), milliseconds.
+    pub last_load_ms: AtomicU64,
+    pub loads: AtomicU64,
+    pub unloads: AtomicU64,
+    pub tokens_out: AtomicU64,
+    /// A load refusal already logged (so a waiting load logs once).
+    waiting_logged: AtomicBool,
+}
+
+impl Pool {
+    pub fn new(spec: PoolSpec) -> Pool {
+        Pool {
+            id: spec.id,
+            aliases: spec.aliases,
+            policy: spec.policy,
+            link: spec.link,
+            ready: AtomicBool::new(false),
+            last_engine: Mutex::new(spec.engine),
+            queue: Default::default(),
+            running: AtomicU64::new(0),
+            work: Notify::new(),
+            avg_task_ms: AtomicU64::new(1000),
+            gate: Mutex::new(false),
+            last_used: Mutex::new(Instant::now()),
+            loading_since: Mutex::new(None),
+            last_load_ms: AtomicU64::new(0),
+            loads: AtomicU64::new(0),
+            unloads: AtomicU64::new(0),
+            tokens_out: AtomicU64::new(0),
+            waiting_logged: AtomicBool::new(false),
+        }
+    }
+
+    pub fn link_state(&self) -> LinkState {
+        self.link.current()
+    }
+
+    /// `unloaded`, `loading`, `ready`, `draining` or `failed`.
+    pub fn state(&self, stopping: bool) -> &'static str {
+        if stopping {
+            return "draining";
+        }
+        state_name(&self.link_state(), self.ready.load(Ordering::SeqCst))
+    }
+
+    pub fn mark_not_ready(&self) {
+        self.ready.store(false, Ordering::SeqCst);
+    }
+
+    pub fn touch(&self) {
+        *self.last_used.lock().unwrap() = Instant::now();
+    }
+
+    pub fn idle_for(&self) -> Duration {
+        self.last_used.lock().unwrap().elapsed()
+    }
+
+    /// Nothing queued, nothing running.
+    pub fn is_idle(&self) -> bool {
+        self.queue.is_empty() && self.running.load(Ordering::SeqCst) == 0
+    }
+
+    /// Whether a name routes here: the pool id, an alias, or the served model's name.
+    pub fn answers_to(&self, name: &str) -> bool {
+        self.id.as_str() == name
+            || self.aliases.iter().any(|a| a == name)
+            || self
+                .last_engine
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|e| e.pool == name || crate::openai::model_alias(e) == name)
+    }
+
+    /// Close the gate and unload, if the pool is idle. False when it is busy.
+    fn try_unload(&self, why: &str) -> bool {
+        let mut closed = self.gate.lock().unwrap();
+        if !self.is_idle() {
+            return false;
+        }
+        *closed = true;
+        self.ready.store(false, Ordering::SeqCst);
+        self.unloads.fetch_add(1, Ordering::Relaxed);
+        eprintln!("[pool {}] unloading ({why})", self.id);
+        self.link.unload();
+        true
+    }
+}
+
+fn state_name(s: &LinkState, ready: bool) -> &'static str {
+    match s {
+        LinkState::Failed(_) => "failed",
+        LinkState::Unloaded => "unloaded",
+        LinkState::Unloading => "draining",
+        LinkState::Ready(_) if ready => "ready",
+        _ => "loading",
+    }
+}
+
+/// Keep `ready` current for one pool. While the engine is not ready it looks
+/// every 5 ms, so a loaded engine takes tasks at once.
+pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
+    while !st.stopping.load(Ordering::SeqCst) {
+        let state = pool.link_state();
+        let ok = match &state {
+            LinkState::Ready(i) => {
+                let healthy = st
+                    .http
+                    .get(format!("{}/health", i.url))
+                    .timeout(Duration::from_secs(2))
+                    .send()
+                    .await
+                    .map(|r| r.status().as_u16() == 200)
+                    .unwrap_or(false);
+                if healthy {
+                    *pool.last_engine.lock().unwrap() = Some(i.clone());
+                }
+                healthy
+            }
+            _ => false,
+        };
+        let was = pool.ready.swap(ok, Ordering::SeqCst);
+        if was != ok {
+            pool.work.notify_waiters();
+            st.sched.notify_one();
+        }
+        let pause = if ok {
+            st.cfg.health_interval
+        } else {
+            Duration::from_millis(5)
+        };
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// The global knobs of the scheduler.
+#[derive(Clone, Debug, Default)]
+pub struct SchedulerConfig {
+    /// At most this many engines loaded (or loading, or unloading) at once.
+    pub max_loaded: Option<usize>,
+}
+
+/// Load, unload and swap pools (see the module header).
+pub async fn scheduler(st: Shared) {
+    let mut seen: Vec<&'static str> = vec![""; st.pools.len()];
+    loop {
+        if st.stopping.load(Ordering::SeqCst) {
+            return;
+        }
+        let states: Vec<LinkState> = st.pools.iter().map(|p| p.link_state()).collect();
+        for (i, p) in st.pools.iter().enumerate() {
+            let now = state_name(&states[i], p.ready.load(Ordering::SeqCst));
+            if now != seen[i] {
+                if !seen[i].is_empty() {
+                    let extra = match &states[i] {
+                        LinkState::Failed(r) => format!(": {}", r.lines().next().unwrap_or("")),
+                        LinkState::Ready(e) => format!(" ({})", e.url),
+                        _ => String::new(),
+                    };
+                    eprintln!("[pool {}] {} -> {now}{extra}", p.id, seen[i]);
+                }
+                if now == "ready" {
+                    if let Some(t0) = p.loading_since.lock().unwrap().take() {
+                        p.last_load_ms
+                            .store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
+                    }
+                }
+                if now == "unloaded" {
+                    *p.gate.lock().unwrap() = false;
+                    p.loading_since.lock().unwrap().take();
+                }
+                seen[i] = now;
+            }
+        }
+        // Idle unload.
+        for (i, p) in st.pools.iter().enumerate() {
+            let Some(idle) = p.policy.idle_unload else {
+                continue;
+            };
+            if p.link.loads_on_demand()
+                && !p.policy.keep_loaded
+                && matches!(states[i], LinkState::Ready(_))
+                && p.idle_for() >= idle
+            {
+                p.try_unload(&format!("idle for {} s", idle.as_secs_f64()));
+            }
+        }
+        // Loads on demand, making room under max_loaded.
+        // Updated as this round decides, so two loads in one round count each other.
+        let mut states: Vec<LinkState> = st.pools.iter().map(|p| p.link_state()).collect();
+        let unloads_in_flight = states.contains(&LinkState::Unloading);
+        for (i, p) in st.pools.iter().enumerate() {
+            if states[i] != LinkState::Unloaded || p.queue.is_empty() || !p.link.loads_on_demand() {
+                continue;
+            }
+            let loaded = states
+                .iter()
+                .filter(|s| !matches!(s, LinkState::Unloaded | LinkState::Failed(_)))
+                .count();
+            if st.sched_cfg.max_loaded.is_some_and(|m| loaded >= m) {
+                let victim = st
+                    .pools
+                    .iter()
+                    .enumerate()
+                    .filter(|(j, q)| {
+                        *j != i
+                            && matches!(states[*j], LinkState::Ready(_))
+                            && !q.policy.keep_loaded
+                            && q.link.loads_on_demand()
+                            && q.is_idle()
+                    })
+                    .max_by_key(|(_, q)| q.idle_for())
+                    .map(|(j, q)| (j, q.clone()));
+                if let Some((j, v)) = victim {
+                    if v.try_unload(&format!("making room for pool {}", p.id)) {
+                        states[j] = LinkState::Unloading;
+                    }
+                }
+                // Load once the victim is down (next rounds).
+                continue;
+            }
+            let (pool, ctx) = (p.clone(), LoadContext { unloads_in_flight });
+            let t0 = Instant::now();
+            let r = tokio::task::spawn_blocking(move || pool.link.load(&ctx))
+                .await
+                .unwrap_or_else(|e| Err(LoadRefusal::Fail(format!("load panicked: {e}"))));
+            match r {
+                Ok(()) => {
+                    states[i] = LinkState::Starting;
+                    p.waiting_logged.store(false, Ordering::Relaxed);
+                    p.loads.fetch_add(1, Ordering::Relaxed);
+                    *p.loading_since.lock().unwrap() = Some(t0);
+                    *p.gate.lock().unwrap() = false;
+                    eprintln!(
+                        "[pool {}] loading ({} task(s) waiting)",
+                        p.id,
+                        p.queue.len()
+                    );
+                }
+                Err(LoadRefusal::Wait(why)) => {
+                    if !p.waiting_logged.swap(true, Ordering::Relaxed) {
+                        eprintln!("[pool {}] waiting to load: {why}", p.id);
+                    }
+                }
+                Err(LoadRefusal::Fail(why)) => {
+                    p.waiting_logged.store(false, Ordering::Relaxed);
+                    eprintln!("[pool {}] cannot load: {why}", p.id);
+                    crate::tasks::fail_queued(&st, p, "POOL_LOAD_FAILED", &why, false);
+                }
+            }
+        }
+        let n = st.sched.notified();
+        tokio::select! { _ = n => {}, _ = tokio::time::sleep(Duration::from_millis(10)) => {} }
+    }
+}
