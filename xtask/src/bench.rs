@@ -52,6 +52,21 @@ enum BenchSub {
         #[arg(long, default_value_t = 128)]
         max_tokens: u32,
     },
+    /// Many pools: lazy-load overhead, a swap under max_loaded 1 vs a cold start; with --devices, two pools' aggregate decode vs hand-launched engines and one pool alone
+    Pools {
+        #[arg(long, short)]
+        profile: Option<String>,
+        #[arg(long, default_value_t = 7)]
+        runs: usize,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+        /// Two GPUs, one pool each (e.g. `0,1`): also measure aggregate decode tokens/s
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<u32>,
+        /// Measure aggregate decode without GPUs too (two CPU pools share the cores)
+        #[arg(long)]
+        throughput: bool,
+    },
     /// Streaming chat through the orchestrator's OpenAI API vs llama-server's own /v1/chat/completions; disconnect → slot idle
     Openai {
         #[arg(long, short)]
@@ -63,7 +78,7 @@ enum BenchSub {
     },
 }
 
-fn median(v: &mut [f64]) -> f64 {
+pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if v.is_empty() {
         return f64::NAN;
@@ -112,6 +127,20 @@ impl BenchCmd {
                 runs,
                 max_tokens,
             } => bench_openai(ctx, profile.as_deref(), *runs, *max_tokens)?,
+            BenchSub::Pools {
+                profile,
+                runs,
+                max_tokens,
+                devices,
+                throughput,
+            } => crate::bench_pools::bench_pools(
+                ctx,
+                profile.as_deref(),
+                *runs,
+                *max_tokens,
+                devices,
+                *throughput,
+            )?,
         };
         if self.json {
             return print_json(&res);

@@ -187,7 +187,14 @@ impl ProcessIdentity {
             if Instant::now() >= deadline {
                 return false;
             }
-            std::thread::sleep(Duration::from_millis(10));
+            // Most engines exit within tens of milliseconds: look often at first.
+            let waited = within.saturating_sub(deadline.saturating_duration_since(Instant::now()));
+            let pause = if waited < Duration::from_millis(100) {
+                1
+            } else {
+                10
+            };
+            std::thread::sleep(Duration::from_millis(pause));
         }
     }
 }

@@ -191,6 +191,19 @@ impl ManagedLink {
         }
     }
 
+    /// What the engine runs (binary, model, flags, environment).
+    pub fn prepared(&self) -> &PreparedEngine {
+        &self.prep
+    }
+
+    /// Spawn to `/health` 200 of the running engine, milliseconds.
+    pub fn ready_ms(&self) -> Option<u64> {
+        match self.sup.lock().unwrap().as_ref()?.state() {
+            EngineState::Ready { ready_ms, .. } => Some(ready_ms),
+            _ => None,
+        }
+    }
+
     pub fn engine_pid(&self) -> Option<u32> {
         match self.sup.lock().unwrap().as_ref()?.state() {
             EngineState::Ready { pid, .. } => Some(pid),

@@ -181,8 +181,7 @@ fn state_name(s: &LinkState, ready: bool) -> &'static str {
     }
 }
 
-/// Keep `ready` current for one pool. While the engine is not ready it looks
-/// every 5 ms, so a loaded engine takes tasks at once.
+/// Keep `ready` current for one pool.
 pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
     while !st.stopping.load(Ordering::SeqCst) {
         let state = pool.link_state();
@@ -208,10 +207,11 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
             pool.work.notify_waiters();
             st.sched.notify_one();
         }
-        let pause = if ok {
-            st.cfg.health_interval
-        } else {
-            Duration::from_millis(5)
+        // Loading: look every 2 ms, so a loaded engine takes tasks at once.
+        let pause = match (&state, ok) {
+            (_, true) => st.cfg.health_interval,
+            (LinkState::Starting | LinkState::Ready(_), false) => Duration::from_millis(2),
+            _ => Duration::from_millis(20),
         };
         tokio::time::sleep(pause).await;
     }
@@ -333,7 +333,12 @@ pub async fn scheduler(st: Shared) {
                 }
             }
         }
+        // While a load or an unload is under way, look every 2 ms (a swap waits on both).
+        let busy = st.pools.iter().any(|p| {
+            p.loading_since.lock().unwrap().is_some() || p.link_state() == LinkState::Unloading
+        });
         let n = st.sched.notified();
-        tokio::select! { _ = n => {}, _ = tokio::time::sleep(Duration::from_millis(10)) => {} }
+        let pause = Duration::from_millis(if busy { 2 } else { 10 });
+        tokio::select! { _ = n => {}, _ = tokio::time::sleep(pause) => {} }
     }
 }
