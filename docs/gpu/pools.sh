@@ -26,7 +26,7 @@ if [[ $PHASE == build || $PHASE == all ]]; then
 fi
 if [[ $PHASE == bench || $PHASE == all ]]; then
   step bench-pools
-  "$X" bench pools --profile h100 --devices 0,1 --runs 7 --max-tokens 256 --json > "$O/bench_pools.json" 2> "$O/bench_pools.log" || tail -40 "$O/bench_pools.log"
+  "$X" bench pools --profile h100 --devices 0,1 --runs 11 --max-tokens 256 --json > "$O/bench_pools.json" 2> "$O/bench_pools.log" || tail -40 "$O/bench_pools.log"
   cat "$O/bench_pools.json"
 fi
 if [[ $PHASE == proof || $PHASE == all ]]; then

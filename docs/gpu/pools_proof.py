@@ -105,6 +105,8 @@ serve = subprocess.Popen([xtask, "serve", "--stack", "docs/gpu/two-h100.yaml", "
 for line in serve.stdout:
     if line.startswith("serving "):
         break
+else:
+    sys.exit(f"serve did not start (exit {serve.wait()}); see {outdir}/serve.log")
 threading.Thread(target=lambda: [None for _ in serve.stdout], daemon=True).start()
 
 def visible_devices(pid):

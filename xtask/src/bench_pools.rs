@@ -104,6 +104,7 @@ pub fn bench_pools(
         let http = llorch_io::http::async_client();
         let req = |pool: &PoolId| json!({"prompt": PROMPT, "max_tokens": 1, "pool": pool.as_str()});
         let mut asked = Vec::new();
+        let mut call = Vec::new();
         let (mut overhead, mut cold, mut swap, mut ready, mut warm, mut ratio) = (
             Vec::new(),
             Vec::new(),
@@ -132,6 +133,11 @@ pub fn bench_pools(
                 .link(a.as_str())
                 .and_then(|l| l.ready_ms())
                 .context("a is not ready")? as f64;
+            call.push(
+                ps.server.state.pools[0]
+                    .last_load_call_ms
+                    .load(std::sync::atomic::Ordering::Relaxed) as f64,
+            );
             asked.push(
                 ps.server.state.pools[0]
                     .last_load_ms
@@ -160,6 +166,7 @@ pub fn bench_pools(
             "lazy_first_token_ms_median": median(&mut cold.clone()),
             "engine_spawn_to_ready_ms_median": median(&mut ready),
             "load_asked_to_pool_ready_ms_median": median(&mut asked),
+            "load_call_ms_median (memory probe + start)": median(&mut call),
             "warm_first_token_ms_median (prompt + 1 token)": median(&mut warm),
             "swap_first_token_ms_median": median(&mut swap),
             "ratio_swap_over_cold_start_median": median(&mut ratio.clone()),

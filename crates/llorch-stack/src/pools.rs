@@ -36,18 +36,26 @@ use std::time::{Duration, Instant};
 pub const GPU_OVERHEAD_MIB: u64 = 1024;
 
 /// Where the GPU memory probe comes from (`nvidia-smi`, found on `PATH`).
+/// Clones share the last reading.
 #[derive(Clone, Debug)]
 pub struct GpuProbe {
     pub program: String,
+    last: Arc<Mutex<Option<Reading>>>,
 }
+
+/// A probe's result and when it was taken.
+type Reading = (Instant, Vec<GpuMemory>);
 
 impl Default for GpuProbe {
     fn default() -> Self {
-        GpuProbe {
-            program: "nvidia-smi".into(),
-        }
+        GpuProbe::new("nvidia-smi")
     }
 }
+
+/// A reading this recent may say "it fits" without probing again (a probe
+/// takes ~30 ms, which a load on demand would otherwise wait for). A reading
+/// that says "it does not fit" is always taken again before anything fails.
+pub const PROBE_FRESH: Duration = Duration::from_secs(1);
 
 /// One GPU as `nvidia-smi` reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -58,8 +66,31 @@ pub struct GpuMemory {
 }
 
 impl GpuProbe {
-    /// Free and total memory of every GPU.
+    pub fn new(program: impl Into<String>) -> GpuProbe {
+        GpuProbe {
+            program: program.into(),
+            last: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The last reading, if it is younger than `max_age`.
+    pub fn recent(&self, max_age: Duration) -> Option<Vec<GpuMemory>> {
+        self.last
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(t, _)| t.elapsed() < max_age)
+            .map(|(_, g)| g.clone())
+    }
+
+    /// Free and total memory of every GPU, read now (and kept as the last reading).
     pub fn read(&self) -> Result<Vec<GpuMemory>, String> {
+        let g = self.read_uncached()?;
+        *self.last.lock().unwrap() = Some((Instant::now(), g.clone()));
+        Ok(g)
+    }
+
+    fn read_uncached(&self) -> Result<Vec<GpuMemory>, String> {
         let out = llorch_io::cmd::Cmd::new(&self.program)
             .args([
                 "--query-gpu=index,memory.free,memory.total",
@@ -152,12 +183,23 @@ impl ManagedLink {
         }
     }
 
-    /// Whether the memory the pool needs is free on its devices now.
+    /// Whether the memory the pool needs is free on its devices now: a recent
+    /// reading ([`PROBE_FRESH`], kept current by [`start_pools`]' monitor) that
+    /// says it fits, else a fresh one.
     fn check_memory(&self, ctx: &LoadContext) -> Result<(), LoadRefusal> {
         if self.devices.is_empty() {
             return Ok(());
         }
+        if let Some(g) = self.probe.recent(PROBE_FRESH) {
+            if self.fits(&g, ctx).is_ok() {
+                return Ok(());
+            }
+        }
         let gpus = self.probe.read().map_err(LoadRefusal::Fail)?;
+        self.fits(&gpus, ctx)
+    }
+
+    fn fits(&self, gpus: &[GpuMemory], ctx: &LoadContext) -> Result<(), LoadRefusal> {
         for d in &self.devices {
             let Some(g) = gpus.iter().find(|g| g.index == *d) else {
                 return Err(LoadRefusal::Fail(format!(
@@ -407,6 +449,30 @@ pub async fn start_pools(
         });
         links.push((p.id.clone(), link));
     }
+    // GPU pools that are unloaded keep a recent memory reading (one probe a
+    // second for all GPUs), so a load on demand does not wait for nvidia-smi.
+    if links.iter().any(|(_, l)| !l.devices.is_empty()) {
+        let watched: Vec<std::sync::Weak<ManagedLink>> = links
+            .iter()
+            .filter(|(_, l)| !l.devices.is_empty())
+            .map(|(_, l)| Arc::downgrade(l))
+            .collect();
+        let probe = opts.probe.clone();
+        std::thread::Builder::new()
+            .name("gpu-memory".into())
+            .spawn(move || loop {
+                std::thread::sleep(PROBE_FRESH / 2);
+                let live: Vec<Arc<ManagedLink>> =
+                    watched.iter().filter_map(|w| w.upgrade()).collect();
+                if live.is_empty() {
+                    return;
+                }
+                if live.iter().any(|l| l.current() == LinkState::Unloaded) {
+                    let _ = probe.read();
+                }
+            })
+            .map_err(|e| StackError::Other(format!("start the GPU memory monitor: {e}")))?;
+    }
     // Eager pools: start them all, then wait for each.
     let loads: Vec<_> = stack
         .pools
@@ -524,9 +590,7 @@ mod tests {
             "test",
             vec![0],
             None,
-            GpuProbe {
-                program: smi.display().to_string(),
-            },
+            GpuProbe::new(smi.display().to_string()),
         )
     }
 
@@ -554,9 +618,23 @@ mod tests {
             Err(LoadRefusal::Wait(m)) => assert!(m.contains("waiting for an unload"), "{m}"),
             other => panic!("{other:?}"),
         }
+        // A recent reading that says "fits" is used without probing again;
+        // one that says "does not fit" is always taken again.
+        let smi = dir.path().join("nvidia-smi-70000");
+        let l = pinned(dir.path(), 70000);
+        assert_eq!(l.check_memory(&LoadContext::default()), Ok(()));
+        std::fs::remove_file(&smi).unwrap();
+        assert_eq!(l.check_memory(&LoadContext::default()), Ok(()));
+        let tight = pinned(dir.path(), 700);
+        tight.check_memory(&LoadContext::default()).unwrap_err();
+        std::fs::remove_file(dir.path().join("nvidia-smi-700")).unwrap();
+        match tight.check_memory(&LoadContext::default()) {
+            Err(LoadRefusal::Fail(m)) => assert!(m.contains("cannot read GPU memory"), "{m}"),
+            other => panic!("{other:?}"),
+        }
         // A probe that is missing is a clear failure, not a guess.
         let mut l = pinned(dir.path(), 70000);
-        l.probe.program = dir.path().join("absent").display().to_string();
+        l.probe = GpuProbe::new(dir.path().join("absent").display().to_string());
         match l.load(&LoadContext::default()) {
             Err(LoadRefusal::Fail(m)) => assert!(m.contains("cannot read GPU memory"), "{m}"),
             other => panic!("{other:?}"),

@@ -84,6 +84,8 @@ pub struct Pool {
     pub loading_since: Mutex<Option<Instant>>,
     /// How long the last load took (load asked → ready), milliseconds.
     pub last_load_ms: AtomicU64,
+    /// How long the last `load` call took (memory probe, taking the pool, starting the process), milliseconds.
+    pub last_load_call_ms: AtomicU64,
     pub loads: AtomicU64,
     pub unloads: AtomicU64,
     pub tokens_out: AtomicU64,
@@ -108,6 +110,7 @@ impl Pool {
             last_used: Mutex::new(Instant::now()),
             loading_since: Mutex::new(None),
             last_load_ms: AtomicU64::new(0),
+            last_load_call_ms: AtomicU64::new(0),
             loads: AtomicU64::new(0),
             unloads: AtomicU64::new(0),
             tokens_out: AtomicU64::new(0),
@@ -310,13 +313,15 @@ pub async fn scheduler(st: Shared) {
                 .unwrap_or_else(|e| Err(LoadRefusal::Fail(format!("load panicked: {e}"))));
             match r {
                 Ok(()) => {
+                    let call_ms = t0.elapsed().as_millis() as u64;
+                    p.last_load_call_ms.store(call_ms, Ordering::Relaxed);
                     states[i] = LinkState::Starting;
                     p.waiting_logged.store(false, Ordering::Relaxed);
                     p.loads.fetch_add(1, Ordering::Relaxed);
                     *p.loading_since.lock().unwrap() = Some(t0);
                     *p.gate.lock().unwrap() = false;
                     eprintln!(
-                        "[pool {}] loading ({} task(s) waiting)",
+                        "[pool {}] loading ({} task(s) waiting; probe and start took {call_ms} ms)",
                         p.id,
                         p.queue.len()
                     );
