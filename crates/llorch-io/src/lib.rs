@@ -15,6 +15,7 @@ pub mod digest;
 pub mod fsx;
 pub mod handoff;
 pub mod http;
+pub mod oci;
 pub mod paths;
 pub mod signals;
 

@@ -1,0 +1,715 @@
+//! OCI registries (the door for them, as `http` is for plain HTTP): strict
+//! references, credentials, pushing an artifact, and pulls that are verified
+//! and resumable. The protocol (token auth, uploads, manifests, ranges) is
+//! `oci-client`'s; this module configures it (roots, timeouts, which hosts may
+//! use plain HTTP) and checks everything it returns.
+//!
+//! * TLS by default; plain HTTP only for a loopback registry or when the
+//!   caller says `insecure` (a profile's `engine.registry.insecure: true`).
+//! * Credentials: `LLORCH_REGISTRY_USERNAME` + `LLORCH_REGISTRY_PASSWORD`, else
+//!   the Docker config (`$DOCKER_CONFIG/config.json` or
+//!   `~/.docker/config.json`, `auths.<host>.auth`), else anonymous. They are
+//!   never printed.
+//! * A pulled blob is written to a `.partial` file while its sha256 is
+//!   computed; a broken transfer resumes from the bytes already there (an
+//!   HTTP range), and the blob is accepted only if its digest and size are the
+//!   descriptor's. A manifest is accepted only if its digest is the one asked
+//!   for (a `@sha256:` reference).
+
+use crate::digest::is_sha256_hex;
+use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest, OCI_IMAGE_MEDIA_TYPE};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::io::{Seek, Write};
+use std::path::Path;
+use std::time::Duration;
+
+pub use oci_client::manifest::OciDescriptor as Descriptor;
+pub use oci_client::manifest::OciImageManifest as ImageManifest;
+
+/// The largest manifest or config blob accepted (they are small JSON).
+pub const MAX_JSON_BYTES: usize = 4 << 20;
+
+#[derive(Debug, thiserror::Error)]
+pub enum OciError {
+    #[error("`{reference}` is not an OCI reference: {why}\n  expected oci://HOST[:PORT]/REPO[:TAG] or oci://HOST[:PORT]/REPO@sha256:HEX")]
+    BadRef { reference: String, why: String },
+    #[error("registry {registry} is not on loopback: plain HTTP is refused (set `insecure: true` for it if you mean it)")]
+    Insecure { registry: String },
+    #[error("{what} at {reference}: {message}")]
+    Registry {
+        what: String,
+        reference: String,
+        message: String,
+    },
+    #[error("{what} at {reference} is not in the registry")]
+    NotFound { what: String, reference: String },
+    #[error("{what} from {reference}: sha256 {actual}, expected {expected}; nothing was kept")]
+    Digest {
+        what: String,
+        reference: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{what} from {reference} is invalid: {why}")]
+    Invalid {
+        what: String,
+        reference: String,
+        why: String,
+    },
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        source: std::io::Error,
+    },
+}
+
+fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
+    let what = what.into();
+    move |source| OciError::Io { what, source }
+}
+
+/// `oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]`, checked part by part.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OciRef {
+    pub registry: String,
+    pub repository: String,
+    pub tag: Option<String>,
+    pub digest: Option<String>,
+}
+
+fn valid_tag(t: &str) -> bool {
+    let b = t.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+}
+
+fn valid_repo(r: &str) -> bool {
+    // Lowercase path components of [a-z0-9] joined by one of `._-` (or `__`), separated by `/`.
+    r.len() <= 255
+        && !r.is_empty()
+        && r.split('/').all(|c| {
+            !c.is_empty()
+                && c.bytes().all(|b| {
+                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
+                })
+                && c.as_bytes()[0].is_ascii_alphanumeric()
+                && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+                && !c.contains("..")
+                && !c.contains("--")
+        })
+}
+
+fn valid_host(h: &str) -> bool {
+    let (host, port) = match h.rsplit_once(':') {
+        Some((a, p)) if !a.ends_with(']') || h.starts_with('[') => (a, Some(p)),
+        _ => (h, None),
+    };
+    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
+        v6.parse::<std::net::Ipv6Addr>().is_ok()
+    } else {
+        !host.is_empty()
+            && host.len() <= 253
+            && host.split('.').all(|l| {
+                !l.is_empty()
+                    && l.len() <= 63
+                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                    && !l.starts_with('-')
+            })
+    };
+    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
+}
+
+impl OciRef {
+    pub fn parse(s: &str) -> Result<OciRef, OciError> {
+        let bad = |why: &str| OciError::BadRef {
+            reference: crate::handoff::excerpt(s, 200),
+            why: why.into(),
+        };
+        if s.len() > 1024 {
+            return Err(bad("longer than 1024 characters"));
+        }
+        let rest = s
+            .strip_prefix("oci://")
+            .ok_or_else(|| bad("it does not start with oci://"))?;
+        let (registry, path) = rest
+            .split_once('/')
+            .ok_or_else(|| bad("no repository after the registry"))?;
+        if !valid_host(registry) {
+            return Err(bad("the registry is not HOST or HOST:PORT"));
+        }
+        let (path, digest) = match path.split_once('@') {
+            Some((p, d)) => {
+                let hex = d
+                    .strip_prefix("sha256:")
+                    .ok_or_else(|| bad("only sha256 digests are accepted"))?;
+                if !is_sha256_hex(hex) {
+                    return Err(bad("the digest is not sha256: and 64 lowercase hex digits"));
+                }
+                (p, Some(d.to_string()))
+            }
+            None => (path, None),
+        };
+        let (repo, tag) = match path.rsplit_once(':') {
+            Some((r, t)) if !t.contains('/') => {
+                if !valid_tag(t) {
+                    return Err(bad("the tag is not 1-128 of [A-Za-z0-9_.-]"));
+                }
+                (r, Some(t.to_string()))
+            }
+            _ => (path, None),
+        };
+        if !valid_repo(repo) {
+            return Err(bad(
+                "the repository is not lowercase [a-z0-9._-] components separated by /",
+            ));
+        }
+        Ok(OciRef {
+            registry: registry.to_string(),
+            repository: repo.to_string(),
+            tag,
+            digest,
+        })
+    }
+
+    /// The same repository with another tag (and no digest).
+    pub fn with_tag(&self, tag: &str) -> Result<OciRef, OciError> {
+        if !valid_tag(tag) {
+            return Err(OciError::BadRef {
+                reference: format!("{self}"),
+                why: format!("`{}` is not a valid tag", crate::handoff::excerpt(tag, 80)),
+            });
+        }
+        Ok(OciRef {
+            tag: Some(tag.to_string()),
+            digest: None,
+            ..self.clone()
+        })
+    }
+
+    /// The registry is this machine (plain HTTP allowed).
+    pub fn is_loopback(&self) -> bool {
+        let host = match self.registry.rsplit_once(':') {
+            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
+            _ => self.registry.as_str(),
+        };
+        let host = host.trim_matches(['[', ']']);
+        host == "localhost"
+            || host
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|ip| ip.is_loopback())
+    }
+
+    fn reference(&self) -> Reference {
+        match (&self.tag, &self.digest) {
+            (_, Some(d)) => {
+                Reference::with_digest(self.registry.clone(), self.repository.clone(), d.clone())
+            }
+            (Some(t), None) => {
+                Reference::with_tag(self.registry.clone(), self.repository.clone(), t.clone())
+            }
+            (None, None) => Reference::with_tag(
+                self.registry.clone(),
+                self.repository.clone(),
+                "latest".into(),
+            ),
+        }
+    }
+}
+
+impl std::fmt::Display for OciRef {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "oci://{}/{}", self.registry, self.repository)?;
+        if let Some(t) = &self.tag {
+            write!(f, ":{t}")?;
+        }
+        if let Some(d) = &self.digest {
+            write!(f, "@{d}")?;
+        }
+        Ok(())
+    }
+}
+
+/// Credentials for `registry` (see the module header); never printed.
+pub fn credentials(registry: &str) -> RegistryAuth {
+    if let (Ok(u), Ok(p)) = (
+        std::env::var("LLORCH_REGISTRY_USERNAME"),
+        std::env::var("LLORCH_REGISTRY_PASSWORD"),
+    ) {
+        if !u.is_empty() {
+            return RegistryAuth::Basic(u, p);
+        }
+    }
+    let path = match std::env::var_os("DOCKER_CONFIG") {
+        Some(d) => std::path::PathBuf::from(d).join("config.json"),
+        None => match std::env::var_os("HOME") {
+            Some(h) => std::path::PathBuf::from(h).join(".docker/config.json"),
+            None => return RegistryAuth::Anonymous,
+        },
+    };
+    docker_config_auth(&path, registry).unwrap_or(RegistryAuth::Anonymous)
+}
+
+/// `auths.<registry>.auth` (base64 of `user:password`) from a Docker config file.
+pub fn docker_config_auth(path: &Path, registry: &str) -> Option<RegistryAuth> {
+    use base64::Engine;
+    let meta = std::fs::metadata(path).ok()?;
+    if meta.len() > 1 << 20 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let entry = v["auths"]
+        .get(registry)
+        .or_else(|| v["auths"].get(format!("https://{registry}")))
+        .or_else(|| v["auths"].get(format!("http://{registry}")))?;
+    if let Some(t) = entry["identitytoken"].as_str().filter(|t| !t.is_empty()) {
+        return Some(RegistryAuth::Bearer(t.to_string()));
+    }
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(entry["auth"].as_str()?.trim())
+        .ok()?;
+    let text = String::from_utf8(raw).ok()?;
+    let (u, p) = text.split_once(':')?;
+    Some(RegistryAuth::Basic(u.to_string(), p.to_string()))
+}
+
+/// The PEM certificates of `SSL_CERT_FILE`, trusted on top of the built-in roots.
+fn extra_roots() -> Vec<Certificate> {
+    let Some(path) = std::env::var_os("SSL_CERT_FILE") else {
+        return Vec::new();
+    };
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    let mut rest = text.as_str();
+    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
+        let Some(len) = rest[start..].find("-----END CERTIFICATE-----") else {
+            break;
+        };
+        let end = start + len + "-----END CERTIFICATE-----".len();
+        out.push(Certificate {
+            encoding: CertificateEncoding::Pem,
+            data: rest[start..end].as_bytes().to_vec(),
+        });
+        rest = &rest[end..];
+    }
+    out
+}
+
+/// A connection to one registry.
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+}
+
+/// Run an async operation of oci-client to completion on its own thread and
+/// runtime (callers are blocking code, possibly inside another runtime).
+fn block<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("a current-thread runtime")
+                .block_on(f)
+        })
+        .join()
+        .expect("the registry thread does not panic")
+    })
+}
+
+fn registry_err(what: &str, r: &OciRef, e: oci_client::errors::OciDistributionError) -> OciError {
+    use oci_client::errors::OciDistributionError as E;
+    let message = match &e {
+        E::RequestError(re) => crate::http::error_chain(re),
+        other => other.to_string(),
+    };
+    let not_found = matches!(&e, E::ImageManifestNotFoundError(_))
+        || matches!(&e, E::ServerError { code: 404, .. })
+        || message.contains("MANIFEST_UNKNOWN")
+        || message.contains("BLOB_UNKNOWN");
+    if not_found {
+        return OciError::NotFound {
+            what: what.into(),
+            reference: r.to_string(),
+        };
+    }
+    OciError::Registry {
+        what: what.into(),
+        reference: r.to_string(),
+        message,
+    }
+}
+
+impl Registry {
+    /// Configure a client for `r`'s registry. Plain HTTP: loopback, or `insecure`.
+    pub fn connect(r: &OciRef, insecure: bool) -> Result<Registry, OciError> {
+        let protocol = if r.is_loopback() || insecure {
+            ClientProtocol::HttpsExcept(vec![r.registry.clone()])
+        } else {
+            ClientProtocol::Https
+        };
+        let client = Client::new(ClientConfig {
+            protocol,
+            extra_root_certificates: extra_roots(),
+            connect_timeout: Some(Duration::from_secs(10)),
+            read_timeout: Some(Duration::from_secs(60)),
+            user_agent: crate::http::USER_AGENT,
+            // One connection per operation: no stale keep-alive across a dying registry.
+            max_concurrent_download: 1,
+            max_concurrent_upload: 1,
+            ..Default::default()
+        });
+        Ok(Registry {
+            client,
+            auth: credentials(&r.registry),
+        })
+    }
+
+    /// Upload `data` as a blob named by its sha256 (a registry that has it keeps one copy).
+    pub fn push_blob(&self, r: &OciRef, data: &[u8]) -> Result<String, OciError> {
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+        let image = r.reference();
+        block(async {
+            self.client
+                .auth(&image, &self.auth, oci_client::RegistryOperation::Push)
+                .await
+                .map_err(|e| registry_err("authentication for push", r, e))?;
+            self.client
+                .push_blob(&image, data, &digest)
+                .await
+                .map(|_| ())
+                .map_err(|e| registry_err("blob upload", r, e))
+        })?;
+        Ok(digest)
+    }
+
+    /// Upload a file as a blob; it is mapped, not read into memory.
+    pub fn push_file(&self, r: &OciRef, path: &Path) -> Result<(String, u64), OciError> {
+        let f = std::fs::File::open(path).map_err(io(format!("open {}", path.display())))?;
+        let len = f
+            .metadata()
+            .map_err(io(format!("stat {}", path.display())))?
+            .len();
+        if len == 0 {
+            return Ok((self.push_blob(r, &[])?, 0));
+        }
+        // SAFETY: blobs pushed from are immutable files (store blobs and staged
+        // archives, replaced only by rename), held under a lease while pushed.
+        let map =
+            unsafe { memmap2::Mmap::map(&f) }.map_err(io(format!("map {}", path.display())))?;
+        Ok((self.push_blob(r, &map)?, len))
+    }
+
+    /// Push a manifest under `r`'s tag; returns its digest.
+    pub fn push_manifest(&self, r: &OciRef, m: &OciImageManifest) -> Result<String, OciError> {
+        let image = r.reference();
+        let manifest = OciManifest::Image(m.clone());
+        block(async {
+            self.client
+                .auth(&image, &self.auth, oci_client::RegistryOperation::Push)
+                .await
+                .map_err(|e| registry_err("authentication for push", r, e))?;
+            self.client
+                .push_manifest(&image, &manifest)
+                .await
+                .map_err(|e| registry_err("manifest upload", r, e))
+        })?;
+        // The digest of what the registry now serves under the tag.
+        let (_, digest) = self.pull_manifest(r)?;
+        Ok(digest)
+    }
+
+    /// The image manifest at `r`, checked: its digest (against `r`'s, when it
+    /// names one), size and shape.
+    pub fn pull_manifest(&self, r: &OciRef) -> Result<(OciImageManifest, String), OciError> {
+        let image = r.reference();
+        let (raw, _) = block(async {
+            self.client
+                .pull_manifest_raw(&image, &self.auth, &[OCI_IMAGE_MEDIA_TYPE])
+                .await
+                .map_err(|e| registry_err("manifest", r, e))
+        })?;
+        if raw.len() > MAX_JSON_BYTES {
+            return Err(OciError::Invalid {
+                what: "manifest".into(),
+                reference: r.to_string(),
+                why: format!("{} bytes (the limit is {MAX_JSON_BYTES})", raw.len()),
+            });
+        }
+        let digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
+        if let Some(want) = &r.digest {
+            if want != &digest {
+                return Err(OciError::Digest {
+                    what: "manifest".into(),
+                    reference: r.to_string(),
+                    expected: want.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        let m: OciImageManifest = serde_json::from_slice(&raw).map_err(|e| OciError::Invalid {
+            what: "manifest".into(),
+            reference: r.to_string(),
+            why: e.to_string(),
+        })?;
+        for d in std::iter::once(&m.config).chain(&m.layers) {
+            let ok = d.digest.strip_prefix("sha256:").is_some_and(is_sha256_hex) && d.size >= 0;
+            if !ok {
+                return Err(OciError::Invalid {
+                    what: "manifest".into(),
+                    reference: r.to_string(),
+                    why: format!(
+                        "descriptor `{}` (size {}) is not a sha256 digest with a size",
+                        crate::handoff::excerpt(&d.digest, 80),
+                        d.size
+                    ),
+                });
+            }
+        }
+        Ok((m, digest))
+    }
+
+    /// A small blob (config JSON) in memory, verified.
+    pub fn pull_small(&self, r: &OciRef, d: &OciDescriptor) -> Result<Vec<u8>, OciError> {
+        if d.size < 0 || d.size as usize > MAX_JSON_BYTES {
+            return Err(OciError::Invalid {
+                what: "config".into(),
+                reference: r.to_string(),
+                why: format!("size {} (the limit is {MAX_JSON_BYTES})", d.size),
+            });
+        }
+        let image = r.reference();
+        let mut buf = Vec::new();
+        block(async {
+            self.client
+                .pull_blob(&image, d, &mut buf)
+                .await
+                .map_err(|e| registry_err("blob", r, e))
+        })?;
+        check_digest("config", r, d, &buf)?;
+        Ok(buf)
+    }
+
+    /// Fetch a blob into `partial` (resuming from what is there), verify its
+    /// size and sha256 against `d`. A transfer that breaks is resumed up to
+    /// `attempts` times; then the error is returned and the partial is kept.
+    /// A digest mismatch removes the partial.
+    pub fn pull_to_file(
+        &self,
+        r: &OciRef,
+        d: &OciDescriptor,
+        partial: &Path,
+        attempts: u32,
+        progress: &(dyn Fn(u64, u64) + Sync),
+    ) -> Result<(), OciError> {
+        use futures_util::StreamExt;
+        let size = d.size as u64;
+        let image = r.reference();
+        let mut last_err = None;
+        for attempt in 0..attempts.max(1) {
+            if attempt > 0 {
+                std::thread::sleep(crate::http::backoff(attempt));
+            }
+            let mut f = crate::fsx::open_partial(partial)
+                .map_err(io(format!("open {}", partial.display())))?;
+            let mut have = f.metadata().map_err(io("stat partial"))?.len();
+            if have > size {
+                f.set_len(0).map_err(io("truncate partial"))?;
+                have = 0;
+            }
+            if have == size {
+                break;
+            }
+            let res: Result<(), OciError> = block(async {
+                let resp = self
+                    .client
+                    .pull_blob_stream_partial(&image, d, have, None)
+                    .await
+                    .map_err(|e| registry_err("blob", r, e))?;
+                let mut s = match resp {
+                    oci_client::client::BlobResponse::Partial(s) => s,
+                    oci_client::client::BlobResponse::Full(s) => {
+                        // The registry ignored the range: start over.
+                        f.set_len(0).map_err(io("truncate partial"))?;
+                        have = 0;
+                        s
+                    }
+                };
+                f.seek(std::io::SeekFrom::Start(have))
+                    .map_err(io("seek partial"))?;
+                while let Some(chunk) = s.stream.next().await {
+                    let chunk = chunk.map_err(|e| OciError::Registry {
+                        what: "blob transfer".into(),
+                        reference: r.to_string(),
+                        message: e.to_string(),
+                    })?;
+                    if have + chunk.len() as u64 > size {
+                        return Err(OciError::Invalid {
+                            what: "blob".into(),
+                            reference: r.to_string(),
+                            why: format!("more than the {size} bytes its descriptor names"),
+                        });
+                    }
+                    f.write_all(&chunk).map_err(io("write partial"))?;
+                    have += chunk.len() as u64;
+                    progress(have, size);
+                }
+                Ok(())
+            });
+            f.sync_all().map_err(io("sync partial"))?;
+            match res {
+                Ok(()) => {
+                    last_err = None;
+                    let len = std::fs::metadata(partial)
+                        .map_err(io("stat partial"))?
+                        .len();
+                    if len == size {
+                        break;
+                    }
+                    last_err = Some(OciError::Registry {
+                        what: "blob transfer".into(),
+                        reference: r.to_string(),
+                        message: format!("ended after {len} of {size} bytes"),
+                    });
+                }
+                Err(e @ OciError::Invalid { .. }) => {
+                    let _ = std::fs::remove_file(partial);
+                    return Err(e);
+                }
+                Err(e @ OciError::NotFound { .. }) => return Err(e),
+                Err(e) => last_err = Some(e),
+            }
+        }
+        if let Some(e) = last_err {
+            return Err(e);
+        }
+        let actual = format!(
+            "sha256:{}",
+            crate::digest::sha256_file(partial).map_err(io("hash partial"))?
+        );
+        if actual != d.digest {
+            let _ = std::fs::remove_file(partial);
+            return Err(OciError::Digest {
+                what: "blob".into(),
+                reference: r.to_string(),
+                expected: d.digest.clone(),
+                actual,
+            });
+        }
+        Ok(())
+    }
+}
+
+fn check_digest(what: &str, r: &OciRef, d: &OciDescriptor, data: &[u8]) -> Result<(), OciError> {
+    let actual = format!("sha256:{}", hex::encode(Sha256::digest(data)));
+    if actual != d.digest || data.len() as i64 != d.size {
+        return Err(OciError::Digest {
+            what: what.into(),
+            reference: r.to_string(),
+            expected: d.digest.clone(),
+            actual,
+        });
+    }
+    Ok(())
+}
+
+/// A descriptor for data of `media_type`.
+pub fn descriptor(
+    media_type: &str,
+    digest: String,
+    size: u64,
+    annotations: Option<BTreeMap<String, String>>,
+) -> OciDescriptor {
+    OciDescriptor {
+        media_type: media_type.into(),
+        digest,
+        size: size as i64,
+        urls: None,
+        annotations,
+    }
+}
+
+/// An OCI image manifest for an artifact (config + layers + annotations).
+pub fn manifest(
+    artifact_type: &str,
+    config: OciDescriptor,
+    layers: Vec<OciDescriptor>,
+    annotations: BTreeMap<String, String>,
+) -> OciImageManifest {
+    OciImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
+        config,
+        layers,
+        subject: None,
+        artifact_type: Some(artifact_type.into()),
+        annotations: Some(annotations),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn references_are_parsed_strictly() {
+        let r = OciRef::parse("oci://127.0.0.1:5000/llorch/engines:abc").unwrap();
+        assert_eq!(r.registry, "127.0.0.1:5000");
+        assert_eq!(r.repository, "llorch/engines");
+        assert_eq!(r.tag.as_deref(), Some("abc"));
+        assert!(r.is_loopback());
+        assert_eq!(r.to_string(), "oci://127.0.0.1:5000/llorch/engines:abc");
+        let d = format!("oci://ghcr.io/org/models@sha256:{}", "a".repeat(64));
+        let r = OciRef::parse(&d).unwrap();
+        assert!(!r.is_loopback());
+        assert_eq!(r.digest.unwrap(), format!("sha256:{}", "a".repeat(64)));
+        for bad in [
+            "https://x/y",
+            "oci://x",
+            "oci:///repo",
+            "oci://x/UPPER",
+            "oci://x/../etc",
+            "oci://x/a//b",
+            "oci://x/a:bad/tag",
+            "oci://x/a:-tag",
+            "oci://x:99999/a",
+            "oci://x/a@sha256:abc",
+            "oci://x/a@md5:aaaa",
+            "oci://ho st/a",
+        ] {
+            assert!(OciRef::parse(bad).is_err(), "{bad}");
+        }
+        assert!(OciRef::parse(&format!("oci://x/{}", "a".repeat(300))).is_err());
+    }
+
+    #[test]
+    fn docker_config_credentials() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.json");
+        // base64("user:pa:ss")
+        std::fs::write(
+            &p,
+            r#"{"auths": {"reg.example:5000": {"auth": "dXNlcjpwYTpzcw=="}, "tok.example": {"identitytoken": "T"}}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            docker_config_auth(&p, "reg.example:5000"),
+            Some(RegistryAuth::Basic("user".into(), "pa:ss".into()))
+        );
+        assert_eq!(
+            docker_config_auth(&p, "tok.example"),
+            Some(RegistryAuth::Bearer("T".into()))
+        );
+        assert_eq!(docker_config_auth(&p, "other"), None);
+        std::fs::write(&p, "not json").unwrap();
+        assert_eq!(docker_config_auth(&p, "reg.example:5000"), None);
+    }
+}
