@@ -23,6 +23,28 @@ enum EngineSub {
     Explain(ProfileArgs),
     /// List cached builds
     Ls(JsonArg),
+    /// Publish the profile's cached engine to an OCI registry, tagged with its fingerprint
+    Push {
+        #[command(flatten)]
+        p: ProfileArgs,
+        /// oci://HOST[:PORT]/REPO (default: LLORCH_ENGINE_REGISTRY or the profile's engine.registry)
+        #[arg(long)]
+        to: Option<String>,
+        /// Allow plain HTTP to a registry off loopback
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Fetch the profile's engine from an OCI registry, verify it and install it into the cache
+    Pull {
+        #[command(flatten)]
+        p: ProfileArgs,
+        /// oci://HOST[:PORT]/REPO (default: LLORCH_ENGINE_REGISTRY or the profile's engine.registry)
+        #[arg(long)]
+        from: Option<String>,
+        /// Allow plain HTTP to a registry off loopback
+        #[arg(long)]
+        insecure: bool,
+    },
     /// Delete all but the newest N cached builds (and their build directories)
     Gc(GcArgs),
     /// Start the pool's engine (like `provision`); --foreground supervises it until Ctrl-C
@@ -131,6 +153,48 @@ impl EngineCmd {
                 }
                 Ok(())
             }
+            EngineSub::Push { p, to, insecure } => {
+                let profile = ctx.profile(p.profile.as_deref())?;
+                let reg = registry_for(&profile, to.as_deref(), insecure)?;
+                let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
+                let pushed =
+                    engine_provisioner::registry::push(&ctx.layout, &ex.fingerprint, &reg)?;
+                if p.json {
+                    return print_json(&pushed);
+                }
+                println!(
+                    "pushed engine {} to {} ({:.1} MB, {:.1}s)\n  manifest {}",
+                    &ex.fingerprint[..12],
+                    pushed.reference,
+                    pushed.layer_bytes as f64 / 1e6,
+                    pushed.seconds,
+                    pushed.manifest_digest
+                );
+                Ok(())
+            }
+            EngineSub::Pull { p, from, insecure } => {
+                let profile = ctx.profile(p.profile.as_deref())?;
+                let reg = registry_for(&profile, from.as_deref(), insecure)?;
+                let pulled = build::pull(&profile, &ctx.layout, &reg, &|m: &str| {
+                    if !p.json {
+                        eprintln!("{m}")
+                    }
+                })?;
+                if p.json {
+                    return print_json(&pulled);
+                }
+                match pulled {
+                    None => println!("already cached: nothing to pull"),
+                    Some(x) => println!(
+                        "pulled {} ({:.1} MB, {:.1}s), verified; installed at {}",
+                        x.reference,
+                        x.layer_bytes as f64 / 1e6,
+                        x.seconds,
+                        x.dir.display()
+                    ),
+                }
+                Ok(())
+            }
             EngineSub::Explain(a) => {
                 let profile = ctx.profile(a.profile.as_deref())?;
                 let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
@@ -140,6 +204,14 @@ impl EngineCmd {
                 println!("profile {} → fingerprint {}", ex.profile, ex.fingerprint);
                 if ex.cached {
                     println!("cached: `engine build` would reuse it without running CMake");
+                    if let Some(o) = &ex.origin {
+                        println!(
+                            "  pulled from {} ({}) at {}",
+                            o.registry, o.manifest_digest, o.pulled_at
+                        );
+                    } else {
+                        println!("  built on this machine");
+                    }
                     return Ok(());
                 }
                 if let Some(r) = &ex.stale_reason {
@@ -370,4 +442,19 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
         total.unwrap_or(0)
     );
     Ok(())
+}
+
+/// The registry a push or pull talks to: the flag, else the configured one.
+fn registry_for(
+    profile: &engine_provisioner::Profile,
+    url: Option<&str>,
+    insecure: bool,
+) -> Result<engine_provisioner::registry::EngineRegistry> {
+    use engine_provisioner::registry::EngineRegistry;
+    match url {
+        Some(u) => Ok(EngineRegistry::new(u, false, insecure)?),
+        None => EngineRegistry::configured(profile)?.context(
+            "no registry: pass --to/--from oci://HOST[:PORT]/REPO, set LLORCH_ENGINE_REGISTRY, or add engine.registry.url to the profile",
+        ),
+    }
 }

@@ -325,6 +325,47 @@ pub fn build(
             None => "no cached build yet".to_string(),
         },
     };
+    // A registry that has this fingerprint saves the build; one that is down
+    // or lacks it costs one line.
+    let registry = crate::registry::EngineRegistry::configured(profile).map_err(|e| {
+        BuildError::Install(format!("engine registry of profile {}: {e}", profile.name))
+    })?;
+    if let Some(reg) = &registry {
+        let inputs = serde_json::to_value(&plan.inputs).unwrap_or_default();
+        match crate::registry::pull(layout, &fp, &inputs, reg, &say) {
+            Ok(p) => {
+                if let Lookup::Fresh(m) = cache.lookup(&fp, Some(&plan.inputs)) {
+                    say(&format!(
+                        "pulled engine {} from {} ({:.1} MB in {:.1}s)",
+                        &fp[..12],
+                        p.reference,
+                        p.layer_bytes as f64 / 1e6,
+                        p.seconds
+                    ));
+                    let dir = cache.entry(&fp);
+                    return Ok(BuildOutcome {
+                        profile: profile.name.clone(),
+                        binary: dir.join(&m.binary),
+                        fingerprint: fp.clone(),
+                        dir,
+                        cache_hit: false,
+                        reason: Some(format!(
+                            "pulled from {} ({})",
+                            p.reference, p.manifest_digest
+                        )),
+                        cmake_invocations: 0,
+                        duration_s: started.elapsed().as_secs_f64(),
+                        version: m.version_output.clone(),
+                        manifest: *m,
+                    });
+                }
+            }
+            Err(e) => say(&format!(
+                "engine registry {}: {e}; building from source",
+                reg.repo
+            )),
+        }
+    }
     say(&format!(
         "building llama-server for profile `{}` (fingerprint {}): {reason}",
         profile.name,
@@ -404,6 +445,22 @@ pub fn build(
         build_s,
         entry.display()
     ));
+    if let Some(reg) = registry.as_ref().filter(|r| r.push) {
+        // Our exclusive lock is held: push reads the finished entry under it.
+        match crate::registry::push_locked(layout, &fp, reg) {
+            Ok(p) => say(&format!(
+                "pushed engine {} to {} ({})",
+                &fp[..12],
+                p.reference,
+                p.manifest_digest
+            )),
+            Err(e) => say(&format!(
+                "could not push engine {} to {}: {e}",
+                &fp[..12],
+                reg.repo
+            )),
+        }
+    }
     Ok(BuildOutcome {
         profile: profile.name.clone(),
         binary: entry.join(&manifest.binary),
@@ -585,6 +642,8 @@ pub struct Explanation {
     pub closest: Option<String>,
     pub changes: Vec<InputChange>,
     pub inputs: BuildInputs,
+    /// Where the cached entry came from, when it was pulled from a registry.
+    pub origin: Option<crate::registry::Origin>,
 }
 
 /// Why a build would (or would not) happen.
@@ -609,6 +668,7 @@ pub fn explain(
         }
     };
     Ok(Explanation {
+        origin: crate::registry::origin(&cache.entry(&plan.fingerprint)),
         profile: profile.name.clone(),
         fingerprint: plan.fingerprint,
         cached,
@@ -694,4 +754,28 @@ mod tests {
         assert_eq!(super::parse_step("[ 45%] Building CXX"), Some((45, 100)));
         assert_eq!(super::parse_step("-- Configuring done"), None);
     }
+}
+
+/// Pull the profile's engine from `reg` into the cache unless it is cached
+/// already (`None`). Takes the entry's lock like a build.
+pub fn pull(
+    profile: &Profile,
+    layout: &Layout,
+    reg: &crate::registry::EngineRegistry,
+    say: &dyn Fn(&str),
+) -> Result<Option<crate::registry::Pulled>, BuildError> {
+    let plan = plan(profile, &Toolbox::default())?;
+    let fp = plan.fingerprint.clone();
+    let cache = ArtifactCache::new(&layout.cache);
+    let _lock = FileLock::exclusive(&layout.engine_lock(&fp), || {
+        say("waiting for another build or pull of this engine")
+    })
+    .map_err(io("lock engine cache entry"))?;
+    if let Lookup::Fresh(_) = cache.lookup(&fp, Some(&plan.inputs)) {
+        return Ok(None);
+    }
+    let inputs = serde_json::to_value(&plan.inputs).unwrap_or_default();
+    crate::registry::pull(layout, &fp, &inputs, reg, say)
+        .map(Some)
+        .map_err(|e| BuildError::Install(e.to_string()))
 }

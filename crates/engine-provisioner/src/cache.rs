@@ -11,6 +11,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_SCHEMA: u32 = 1;
+/// Beside `manifest.json` in an entry pulled from a registry: where it came from.
+pub const ORIGIN_FILE: &str = "origin.json";
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct Manifest {
@@ -61,36 +63,7 @@ impl ArtifactCache {
         if !dir.exists() {
             return Lookup::Missing;
         }
-        let m = match read_manifest(&dir) {
-            Ok(m) => m,
-            Err(e) => return Lookup::Stale(format!("manifest unreadable ({e})")),
-        };
-        if m.schema != MANIFEST_SCHEMA {
-            return Lookup::Stale(format!(
-                "manifest schema {} (want {MANIFEST_SCHEMA})",
-                m.schema
-            ));
-        }
-        if m.fingerprint != fp {
-            return Lookup::Stale(format!("manifest says fingerprint {}", m.fingerprint));
-        }
-        if let Some(i) = inputs {
-            if serde_json::to_value(i).ok().as_ref() != Some(&m.inputs) {
-                return Lookup::Stale("recorded inputs differ from the fingerprint's".into());
-            }
-        }
-        if let Err(why) = check_layout(&dir, &m) {
-            return Lookup::Stale(why);
-        }
-        for (rel, want) in &m.files {
-            let p = dir.join(rel);
-            match llorch_io::digest::sha256_file(&p) {
-                Ok(h) if &h == want => {}
-                Ok(h) => return Lookup::Stale(format!("{rel}: sha256 {h}, manifest says {want}")),
-                Err(e) => return Lookup::Stale(format!("{rel}: {e}")),
-            }
-        }
-        Lookup::Fresh(Box::new(m))
+        check_dir(&dir, fp, inputs)
     }
 
     /// All entries with readable manifests, newest first.
@@ -105,6 +78,50 @@ impl ArtifactCache {
             .collect();
         v.sort_by(|a, b| b.1.built_at.cmp(&a.1.built_at));
         v
+    }
+}
+
+/// The check behind a lookup, on any directory (a pulled entry is checked
+/// in its staging directory before it is renamed into place).
+fn check_dir(dir: &Path, fp: &str, inputs: Option<&BuildInputs>) -> Lookup {
+    let m = match read_manifest(dir) {
+        Ok(m) => m,
+        Err(e) => return Lookup::Stale(format!("manifest unreadable ({e})")),
+    };
+    if m.schema != MANIFEST_SCHEMA {
+        return Lookup::Stale(format!(
+            "manifest schema {} (want {MANIFEST_SCHEMA})",
+            m.schema
+        ));
+    }
+    if m.fingerprint != fp {
+        return Lookup::Stale(format!("manifest says fingerprint {}", m.fingerprint));
+    }
+    if let Some(i) = inputs {
+        if serde_json::to_value(i).ok().as_ref() != Some(&m.inputs) {
+            return Lookup::Stale("recorded inputs differ from the fingerprint's".into());
+        }
+    }
+    if let Err(why) = check_layout(dir, &m) {
+        return Lookup::Stale(why);
+    }
+    for (rel, want) in &m.files {
+        let p = dir.join(rel);
+        match llorch_io::digest::sha256_file(&p) {
+            Ok(h) if &h == want => {}
+            Ok(h) => return Lookup::Stale(format!("{rel}: sha256 {h}, manifest says {want}")),
+            Err(e) => return Lookup::Stale(format!("{rel}: {e}")),
+        }
+    }
+    Lookup::Fresh(Box::new(m))
+}
+
+/// Check an entry outside the cache (a pull's staging directory) as a lookup would.
+pub fn verify_entry(dir: &Path, fp: &str) -> Result<(), String> {
+    match check_dir(dir, fp, None) {
+        Lookup::Fresh(_) => Ok(()),
+        Lookup::Stale(why) => Err(why),
+        Lookup::Missing => Err("nothing there".into()),
     }
 }
 
@@ -147,10 +164,11 @@ fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
     }
     let mut found = Vec::new();
     list_files(dir, dir, &mut found).map_err(|e| format!("cannot list the entry: {e}"))?;
-    if let Some(extra) = found
-        .iter()
-        .find(|f| f.as_str() != "manifest.json" && !m.files.contains_key(f.as_str()))
-    {
+    if let Some(extra) = found.iter().find(|f| {
+        f.as_str() != "manifest.json"
+            && f.as_str() != ORIGIN_FILE
+            && !m.files.contains_key(f.as_str())
+    }) {
         return Err(format!("{extra} is in the entry but not in its manifest"));
     }
     Ok(())

@@ -11,6 +11,7 @@ pub mod cuda;
 pub mod fingerprint;
 pub mod git_https;
 pub mod preflight;
+pub mod registry;
 pub mod source;
 
 pub use build::{build, BuildOptions, BuildOutcome};

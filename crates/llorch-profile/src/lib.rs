@@ -226,6 +226,24 @@ pub struct EngineSpec {
     pub cmake_flags: Vec<String>,
     #[serde(default = "default_build_type")]
     pub build_type: String,
+    /// An OCI repository that shares built engines (pulled before building,
+    /// pushed after when `push: true`). Not a build input.
+    #[serde(default)]
+    pub registry: Option<RegistrySpec>,
+}
+
+/// `engine.registry` of a profile.
+#[derive(Clone, Debug, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistrySpec {
+    /// `oci://HOST[:PORT]/REPO` (no tag: engines are tagged with their fingerprint).
+    pub url: String,
+    /// Push engines this machine builds.
+    #[serde(default)]
+    pub push: bool,
+    /// Allow plain HTTP to a registry that is not on loopback.
+    #[serde(default)]
+    pub insecure: bool,
 }
 
 fn default_build_type() -> String {
@@ -444,6 +462,13 @@ impl Profile {
         }
         for f in &file.engine.cmake_flags {
             normalize_flag(f).map_err(|m| invalid("engine.cmake_flags", m))?;
+        }
+        if let Some(r) = &file.engine.registry {
+            let parsed = llorch_io::oci::OciRef::parse(&r.url)
+                .map_err(|e| invalid("engine.registry", format!("engine.registry.url: {e}")))?;
+            if parsed.tag.is_some() || parsed.digest.is_some() {
+                return Err(invalid("engine.registry", "engine.registry.url names a repository without a tag or digest (engines are tagged with their fingerprint)".into()));
+            }
         }
         file.server
             .port
