@@ -26,6 +26,16 @@ enum ModelSub {
         #[command(flatten)]
         p: crate::engine::ProfileArgs,
     },
+    /// Publish a stored model (the profile's, or REF) to an OCI registry: oci://HOST[:PORT]/REPO:TAG
+    Push {
+        /// A stored model's ref (default: the profile's model)
+        reference: Option<String>,
+        /// oci://HOST[:PORT]/REPO:TAG
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        p: crate::engine::ProfileArgs,
+    },
     /// List stored models (ref, digest, size, arch, context length, quantization, last use)
     Ls {
         #[arg(long)]
@@ -113,6 +123,31 @@ impl ModelCmd {
                     m.quant.as_deref().unwrap_or("?"),
                     m.n_params as f64 / 1e6,
                     if out.cached { " (already in the store)" } else { "" }
+                );
+                Ok(())
+            }
+            ModelSub::Push { reference, to, p } => {
+                let r = match reference {
+                    Some(r) => r,
+                    None => {
+                        let prof = ctx.profile(p.profile.as_deref())?;
+                        prof.file
+                            .model
+                            .as_ref()
+                            .map(|m| m.reference.clone())
+                            .ok_or_else(|| anyhow::anyhow!("profile {} has no model", prof.name))?
+                    }
+                };
+                let pushed = model_provisioner::registry::push_model(&store, &r, &to)?;
+                if p.json {
+                    return print_json(&pushed);
+                }
+                println!(
+                    "pushed {r} to {} ({:.1} MB)\n  sha256 {}\n  manifest {}",
+                    pushed.reference,
+                    pushed.size_bytes as f64 / 1e6,
+                    pushed.sha256,
+                    pushed.manifest_digest
                 );
                 Ok(())
             }

@@ -5,6 +5,7 @@ pub mod download;
 pub mod gguf;
 pub mod model_ref;
 pub mod provenance;
+pub mod registry;
 pub mod store;
 pub mod synthetic;
 

