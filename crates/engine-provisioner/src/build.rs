@@ -743,19 +743,6 @@ pub fn parse_step(line: &str) -> Option<(u64, u64)> {
     Some((pct, 100))
 }
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn steps_parse() {
-        assert_eq!(
-            super::parse_step("[12/315] Building CXX object x.o"),
-            Some((12, 315))
-        );
-        assert_eq!(super::parse_step("[ 45%] Building CXX"), Some((45, 100)));
-        assert_eq!(super::parse_step("-- Configuring done"), None);
-    }
-}
-
 /// Pull the profile's engine from `reg` into the cache unless it is cached
 /// already (`None`). Takes the entry's lock like a build.
 pub fn pull(
@@ -778,4 +765,17 @@ pub fn pull(
     crate::registry::pull(layout, &fp, &inputs, reg, say)
         .map(Some)
         .map_err(|e| BuildError::Install(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn steps_parse() {
+        assert_eq!(
+            super::parse_step("[12/315] Building CXX object x.o"),
+            Some((12, 315))
+        );
+        assert_eq!(super::parse_step("[ 45%] Building CXX"), Some((45, 100)));
+        assert_eq!(super::parse_step("-- Configuring done"), None);
+    }
 }

@@ -158,6 +158,21 @@ pub fn dir_size(dir: &Path) -> u64 {
     total
 }
 
+/// Open (or create) a download's `.partial` file for reading and writing,
+/// never through a symlink (`O_NOFOLLOW`): a link planted there is refused,
+/// its target untouched.
+pub fn open_partial(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .custom_flags(libc::O_NOFOLLOW)
+        .mode(0o644)
+        .open(path)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -194,19 +209,4 @@ mod tests {
         assert_eq!(std::fs::read_to_string(fin.join("f")).unwrap(), "two");
         assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
     }
-}
-
-/// Open (or create) a download's `.partial` file for reading and writing,
-/// never through a symlink (`O_NOFOLLOW`): a link planted there is refused,
-/// its target untouched.
-pub fn open_partial(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .custom_flags(libc::O_NOFOLLOW)
-        .mode(0o644)
-        .open(path)
 }

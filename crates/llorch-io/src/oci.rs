@@ -296,7 +296,7 @@ fn extra_roots() -> Vec<Certificate> {
         let end = start + len + "-----END CERTIFICATE-----".len();
         out.push(Certificate {
             encoding: CertificateEncoding::Pem,
-            data: rest[start..end].as_bytes().to_vec(),
+            data: rest.as_bytes()[start..end].to_vec(),
         });
         rest = &rest[end..];
     }
@@ -341,6 +341,23 @@ fn registry_err(what: &str, r: &OciRef, e: oci_client::errors::OciDistributionEr
             reference: r.to_string(),
         };
     }
+    let unauthorized = matches!(
+        &e,
+        E::ServerError {
+            code: 401 | 403,
+            ..
+        }
+    ) || matches!(&e, E::UnauthorizedError { .. })
+        || message.contains("UNAUTHORIZED")
+        || message.contains("DENIED");
+    let message = if unauthorized {
+        format!(
+            "{message}\n  hint: the registry wants credentials: set LLORCH_REGISTRY_USERNAME and LLORCH_REGISTRY_PASSWORD, or log in with `docker login {}` (~/.docker/config.json)",
+            r.registry
+        )
+    } else {
+        message
+    };
     OciError::Registry {
         what: what.into(),
         reference: r.to_string(),
