@@ -530,6 +530,9 @@ impl Registry {
         use futures_util::StreamExt;
         let size = d.size as u64;
         let image = r.reference();
+        if let Some(dir) = partial.parent() {
+            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+        }
         let mut last_err = None;
         for attempt in 0..attempts.max(1) {
             if attempt > 0 {
