@@ -12,6 +12,44 @@ pub struct DoctorCmd {
     /// Install what is missing through the system package manager (needs root or `sudo -n`)
     #[arg(long)]
     install: bool,
+    /// Also check (and with --install, install) the servers the test suite
+    /// runs on 127.0.0.1: an OCI registry (`docker-registry`) and `htpasswd`
+    #[arg(long)]
+    test_servers: bool,
+}
+
+/// Test servers: (program, package per package manager).
+const TEST_SERVERS: &[(&str, &str, &str, &str)] = &[
+    // program, apt-get, dnf, pacman
+    ("docker-registry", "docker-registry", "docker-distribution", "docker-registry"),
+    ("htpasswd", "apache2-utils", "httpd-tools", "apache"),
+];
+
+fn test_servers(install: bool) -> Result<()> {
+    let missing: Vec<&(&str, &str, &str, &str)> = TEST_SERVERS
+        .iter()
+        .filter(|(prog, ..)| Toolbox::default().find(prog).is_none())
+        .collect();
+    for (prog, ..) in TEST_SERVERS {
+        let mark = if missing.iter().any(|m| m.0 == *prog) { "absent " } else { "ok     " };
+        println!("  [{mark}] {prog:<16} (test server)");
+    }
+    if missing.is_empty() || !install {
+        return Ok(());
+    }
+    let pm = preflight::PackageManager::detect().ok_or_else(|| {
+        anyhow::anyhow!("no supported package manager found; install the OCI registry server (`docker-registry`) and `htpasswd` by hand")
+    })?;
+    let pkgs: Vec<&str> = missing
+        .iter()
+        .map(|(_, apt, dnf, pacman)| match pm {
+            preflight::PackageManager::AptGet => *apt,
+            preflight::PackageManager::Dnf => *dnf,
+            preflight::PackageManager::Pacman => *pacman,
+        })
+        .collect();
+    preflight::install(pm, &pkgs, &|m: &str| eprintln!("{m}"))?;
+    Ok(())
 }
 
 impl DoctorCmd {
@@ -110,6 +148,9 @@ impl DoctorCmd {
             for w in &report.warnings {
                 println!("warning: {w}");
             }
+        }
+        if self.test_servers {
+            test_servers(self.install)?;
         }
         let missing = report.missing_required();
         if !missing.is_empty() {
