@@ -21,7 +21,12 @@ pub struct DoctorCmd {
 /// Test servers: (program, package per package manager).
 const TEST_SERVERS: &[(&str, &str, &str, &str)] = &[
     // program, apt-get, dnf, pacman
-    ("docker-registry", "docker-registry", "docker-distribution", "docker-registry"),
+    (
+        "docker-registry",
+        "docker-registry",
+        "docker-distribution",
+        "docker-registry",
+    ),
     ("htpasswd", "apache2-utils", "httpd-tools", "apache"),
 ];
 
@@ -31,7 +36,11 @@ fn test_servers(install: bool) -> Result<()> {
         .filter(|(prog, ..)| Toolbox::default().find(prog).is_none())
         .collect();
     for (prog, ..) in TEST_SERVERS {
-        let mark = if missing.iter().any(|m| m.0 == *prog) { "absent " } else { "ok     " };
+        let mark = if missing.iter().any(|m| m.0 == *prog) {
+            "absent "
+        } else {
+            "ok     "
+        };
         println!("  [{mark}] {prog:<16} (test server)");
     }
     if missing.is_empty() || !install {
