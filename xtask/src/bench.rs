@@ -67,6 +67,16 @@ enum BenchSub {
         #[arg(long)]
         throughput: bool,
     },
+    /// A registry: engine ready by pull vs a cold build; a fresh machine's first token with a registry hit
+    Fleet {
+        #[arg(long, short)]
+        profile: Option<String>,
+        #[arg(long, default_value_t = 5)]
+        runs: usize,
+        /// Skip the cold build (minutes) and measure only pulls and first tokens
+        #[arg(long)]
+        skip_build: bool,
+    },
     /// Streaming chat through the orchestrator's OpenAI API vs llama-server's own /v1/chat/completions; disconnect → slot idle
     Openai {
         #[arg(long, short)]
@@ -127,6 +137,11 @@ impl BenchCmd {
                 runs,
                 max_tokens,
             } => bench_openai(ctx, profile.as_deref(), *runs, *max_tokens)?,
+            BenchSub::Fleet {
+                profile,
+                runs,
+                skip_build,
+            } => crate::bench_fleet::bench_fleet(ctx, profile.as_deref(), *runs, *skip_build)?,
             BenchSub::Pools {
                 profile,
                 runs,

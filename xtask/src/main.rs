@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_fleet;
 mod bench_pools;
 mod ci;
 mod doctor;
