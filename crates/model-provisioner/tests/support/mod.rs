@@ -1,4 +1,5 @@
 //! A hub-style HTTP server on 127.0.0.1 with fault injection, and tiny GGUF files.
+#![allow(dead_code)]
 
 use std::io::{BufRead, BufReader, Write};
 use std::net::{TcpListener, TcpStream};
