@@ -37,8 +37,6 @@ pub const MAX_JSON_BYTES: usize = 4 << 20;
 pub enum OciError {
     #[error("`{reference}` is not an OCI reference: {why}\n  expected oci://HOST[:PORT]/REPO[:TAG] or oci://HOST[:PORT]/REPO@sha256:HEX")]
     BadRef { reference: String, why: String },
-    #[error("registry {registry} is not on loopback: plain HTTP is refused (set `insecure: true` for it if you mean it)")]
-    Insecure { registry: String },
     #[error("{what} at {reference}: {message}")]
     Registry {
         what: String,

@@ -188,6 +188,15 @@ impl Stack {
                 memory_mib: p.memory_mib,
             });
         }
+        if let Some(m) = f.max_loaded {
+            let pinned = pools.iter().filter(|p| p.keep_loaded).count();
+            if pools.len() > m && pinned >= m {
+                return Err(invalid(
+                    "max_loaded",
+                    format!("max_loaded is {m} but {pinned} pools are keep_loaded: the other pools could never load; raise max_loaded or unpin a pool"),
+                ));
+            }
+        }
         Ok(Stack {
             max_loaded: f.max_loaded,
             pools,
