@@ -88,6 +88,52 @@ enum BenchSub {
     },
 }
 
+/// `lo..hi` of a sample.
+pub(crate) fn spread(v: &[f64]) -> String {
+    let (lo, hi) = v
+        .iter()
+        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
+    format!("{lo:.3}..{hi:.3}")
+}
+
+/// One streaming `/completion` straight from llama-server (no prompt-cache
+/// reuse, `ignore_eos`): (ms to the first token, decode tokens/s after it).
+pub(crate) async fn direct_completion(
+    http: &reqwest::Client,
+    engine: &str,
+    prompt: &str,
+    max_tokens: u32,
+) -> Result<(f64, f64)> {
+    use futures_util::StreamExt;
+    let t = Instant::now();
+    let r = http
+        .post(format!("{engine}/completion"))
+        .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false, "ignore_eos": true}))
+        .send()
+        .await?;
+    let mut s = r.bytes_stream();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    let mut n = 0u64;
+    let mut buf = Vec::new();
+    while let Some(c) = s.next().await {
+        buf.extend_from_slice(&c?);
+        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if line.starts_with(b"data: ") && !line.windows(13).any(|w| w == b"\"stop\":true") {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+                n += 1;
+            }
+        }
+    }
+    let (f, l) = (first.context("no tokens from llama-server")?, last.unwrap());
+    Ok((
+        (f - t).as_secs_f64() * 1000.0,
+        (n as f64 - 1.0) / (l - f).as_secs_f64(),
+    ))
+}
+
 pub(crate) fn median(v: &mut [f64]) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if v.is_empty() {
@@ -426,9 +472,24 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let cfg = orchestratord::Config { addr: "127.0.0.1:0".parse().unwrap(), queue_capacity: 2000, ..Default::default() };
-        let pool = llorch_io::handoff::PoolId::parse(&format!("{}-bench", p.pool().as_str().chars().take(58).collect::<String>()))?;
-        let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg, true, "cargo xtask bench stream").await?;
+        let cfg = orchestratord::Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            queue_capacity: 2000,
+            ..Default::default()
+        };
+        let pool = llorch_io::handoff::PoolId::parse(&format!(
+            "{}-bench",
+            p.pool().as_str().chars().take(58).collect::<String>()
+        ))?;
+        let stack = llorch_stack::start_stack(
+            &p,
+            &pool,
+            &ctx.layout,
+            cfg,
+            true,
+            "cargo xtask bench stream",
+        )
+        .await?;
         let orch = stack.orchestrator_url();
         let engine = stack.engine_url.clone();
         let http = llorch_io::http::async_client();
@@ -441,31 +502,9 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         for _ in 0..runs {
             // Straight from llama-server, streaming, same request. Decode rate in
             // both cases: tokens after the first over the time from first to last token.
-            let t = Instant::now();
-            let r = http
-                .post(format!("{engine}/completion"))
-                .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false, "ignore_eos": true}))
-                .send()
-                .await?;
-            let mut s = r.bytes_stream();
-            let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-            let mut n = 0u64;
-            let mut buf = Vec::new();
-            while let Some(c) = s.next().await {
-                buf.extend_from_slice(&c?);
-                while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if line.starts_with(b"data: ") && !line.windows(13).any(|w| w == b"\"stop\":true") {
-                        let now = Instant::now();
-                        first.get_or_insert(now);
-                        last = Some(now);
-                        n += 1;
-                    }
-                }
-            }
-            let (f, l) = (first.context("no tokens from llama-server")?, last.unwrap());
-            direct.push((n as f64 - 1.0) / (l - f).as_secs_f64());
-            ttft_direct.push((f - t).as_secs_f64() * 1000.0);
+            let (ttft, rate) = direct_completion(&http, &engine, prompt, max_tokens).await?;
+            direct.push(rate);
+            ttft_direct.push(ttft);
             // Through the orchestrator (the client's view: POST, open the stream, tokens).
             let res = stream_task(&http, &orch, &body, None, None).await?;
             via.push((res.tokens.len() as f64 - 1.0) / (res.decode_ms / 1000.0));
@@ -474,16 +513,28 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         // Cancel → slot idle, from the cancel request to /slots idle.
         let mut cancel_ms = Vec::new();
         for _ in 0..runs.max(10) {
-            let r: Value = http.post(format!("{orch}/v1/tasks")).json(&json!({"prompt": prompt, "max_tokens": 1000, "ignore_eos": true})).send().await?.json().await?;
+            let r: Value = http
+                .post(format!("{orch}/v1/tasks"))
+                .json(&json!({"prompt": prompt, "max_tokens": 1000, "ignore_eos": true}))
+                .send()
+                .await?
+                .json()
+                .await?;
             let id = r["task_id"].as_str().unwrap().to_string();
-            let resp = http.get(format!("{orch}/v1/tasks/{id}/stream")).send().await?;
+            let resp = http
+                .get(format!("{orch}/v1/tasks/{id}/stream"))
+                .send()
+                .await?;
             let mut s = resp.bytes_stream();
             let mut seen = String::new();
             while !seen.contains("event: token") {
                 seen.push_str(&String::from_utf8_lossy(&s.next().await.unwrap()?));
             }
             let t = Instant::now();
-            http.post(format!("{orch}/v1/tasks/{id}/cancel")).header("content-type", "application/json").send().await?;
+            http.post(format!("{orch}/v1/tasks/{id}/cancel"))
+                .header("content-type", "application/json")
+                .send()
+                .await?;
             slots_idle(&http, &engine).await?;
             cancel_ms.push(t.elapsed().as_secs_f64() * 1000.0);
             while s.next().await.is_some() {}
@@ -492,13 +543,26 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
         let before = rss_kib();
         let mut ids = Vec::new();
         for i in 0..1001 {
-            let b = if i == 0 { json!({"prompt": prompt, "max_tokens": 2000, "ignore_eos": true}) } else { json!({"prompt": format!("{prompt} #{i}"), "max_tokens": 16}) };
-            let r: Value = http.post(format!("{orch}/v1/tasks")).json(&b).send().await?.json().await?;
+            let b = if i == 0 {
+                json!({"prompt": prompt, "max_tokens": 2000, "ignore_eos": true})
+            } else {
+                json!({"prompt": format!("{prompt} #{i}"), "max_tokens": 16})
+            };
+            let r: Value = http
+                .post(format!("{orch}/v1/tasks"))
+                .json(&b)
+                .send()
+                .await?
+                .json()
+                .await?;
             ids.push(r["task_id"].as_str().unwrap().to_string());
         }
         let after = rss_kib();
         for id in ids.iter().rev() {
-            http.post(format!("{orch}/v1/tasks/{id}/cancel")).header("content-type", "application/json").send().await?;
+            http.post(format!("{orch}/v1/tasks/{id}/cancel"))
+                .header("content-type", "application/json")
+                .send()
+                .await?;
         }
         let server_metrics = stack.server.state.metrics.render(&stack.server.state.pools);
         let server_ttft = (server_metrics
@@ -612,10 +676,6 @@ fn bench_openai(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
             idle_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         }
         stack.stop(Duration::from_secs(5)).await;
-        let spread = |v: &[f64]| {
-            let (lo, hi) = v.iter().fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
-            format!("{lo:.3}..{hi:.3}")
-        };
         anyhow::Ok(json!({
             "decode_ratio_orchestrator_over_direct_median": median(&mut ratio.clone()),
             "decode_ratio_spread": spread(&ratio),

@@ -10,20 +10,13 @@
 //!   token of a haiku prompt through the orchestrator (pull engine, pull
 //!   model, spawn, prompt). The Rust compile of the tool is not included.
 
-use crate::bench::median;
+use crate::bench::{median, spread};
 use crate::Ctx;
 use anyhow::{bail, Context, Result};
 use engine_provisioner::build::{self, BuildOptions};
 use llorch_io::cmd::{Cmd, KillOnDrop};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
-
-fn spread(v: &[f64]) -> String {
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
-    format!("{lo:.3}..{hi:.3}")
-}
 
 /// A registry server on a free loopback port, stopped on drop.
 fn start_registry(dir: &std::path::Path) -> Result<(KillOnDrop, String)> {

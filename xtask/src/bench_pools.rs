@@ -12,10 +12,9 @@
 //!   engines launched by hand (same binary, model, flags and devices) vs one
 //!   pool alone, alternating in every run.
 
-use crate::bench::median;
+use crate::bench::{median, spread};
 use crate::Ctx;
 use anyhow::{bail, Context, Result};
-use futures_util::StreamExt;
 use llorch_io::cmd::Cmd;
 use llorch_io::handoff::PoolId;
 use llorch_profile::stack::{LoadPolicy, Stack, StackPool};
@@ -24,13 +23,6 @@ use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 const PROMPT: &str = "Write a long story about a lighthouse keeper:\n";
-
-fn spread(v: &[f64]) -> String {
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
-    format!("{lo:.3}..{hi:.3}")
-}
 
 fn pool_id(base: &PoolId, tag: &str) -> Result<PoolId> {
     Ok(PoolId::parse(&format!(
@@ -184,32 +176,13 @@ pub fn bench_pools(
     Ok(Value::Object(out))
 }
 
-/// Decode tokens/s of one streaming `/completion` straight from llama-server
-/// (tokens after the first over first → last).
+/// Decode tokens/s of one streaming `/completion` straight from llama-server.
 async fn direct_decode(http: &reqwest::Client, url: &str, max_tokens: u32) -> Result<f64> {
-    let r = http
-        .post(format!("{url}/completion"))
-        .json(&json!({"prompt": PROMPT, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false, "ignore_eos": true}))
-        .send()
-        .await?;
-    let mut s = r.bytes_stream();
-    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    while let Some(c) = s.next().await {
-        buf.extend_from_slice(&c?);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            if line.starts_with(b"data: ") && !line.windows(13).any(|w| w == b"\"stop\":true") {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-                n += 1;
-            }
-        }
-    }
-    let (f, l) = (first.context("no tokens from llama-server")?, last.unwrap());
-    Ok((n as f64 - 1.0) / (l - f).as_secs_f64())
+    Ok(
+        crate::bench::direct_completion(http, url, PROMPT, max_tokens)
+            .await?
+            .1,
+    )
 }
 
 /// Decode tokens/s of one task through the orchestrator.

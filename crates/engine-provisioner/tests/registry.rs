@@ -25,6 +25,17 @@ fn entries(ws: &Workspace) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// The build inputs recorded in a cached entry's manifest.
+fn inputs_of(ws: &Workspace, fp: &str) -> serde_json::Value {
+    let m = ws
+        .layout
+        .bucket(llorch_io::paths::Bucket::Engines)
+        .join(fp)
+        .join("manifest.json");
+    serde_json::from_slice::<serde_json::Value>(&std::fs::read(m).unwrap()).unwrap()["inputs"]
+        .clone()
+}
+
 /// A workspace whose fake engine is built (and its fingerprint).
 fn built(tmp: &Path, name: &str) -> (Workspace, String, std::path::PathBuf, String) {
     let (archive, sha) = fake_archive(tmp, name, &fake_server_c(&format!("{name}-fake")));
@@ -124,17 +135,7 @@ fn a_tampered_layer_is_refused_and_the_build_falls_back_to_source() {
             &profile_with_registry(&reg.url("llorch/engines"), false),
         )],
     );
-    let inputs = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(
-            ws1.layout
-                .bucket(llorch_io::paths::Bucket::Engines)
-                .join(&fp)
-                .join("manifest.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap()["inputs"]
-        .clone();
+    let inputs = inputs_of(&ws1, &fp);
     match registry::pull(&ws2.layout, &fp, &inputs, &r, &|_| {}) {
         Err(RegistryError::Oci(OciError::Digest { .. })) => {}
         other => panic!("{other:?}"),
@@ -157,17 +158,7 @@ fn a_registry_that_dies_mid_pull_leaves_nothing_installed_and_the_next_pull_resu
     let (ws1, fp, archive, sha) = built(tmp.path(), "dies");
     let direct = EngineRegistry::new(&reg.url("llorch/engines"), false, false).unwrap();
     registry::push(&ws1.layout, &fp, &direct).unwrap();
-    let inputs: serde_json::Value = serde_json::from_str::<serde_json::Value>(
-        &std::fs::read_to_string(
-            ws1.layout
-                .bucket(llorch_io::paths::Bucket::Engines)
-                .join(&fp)
-                .join("manifest.json"),
-        )
-        .unwrap(),
-    )
-    .unwrap()["inputs"]
-        .clone();
+    let inputs = inputs_of(&ws1, &fp);
     let ws2 = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
 
     // 1. Cut every blob response after 1500 bytes (head included): each
