@@ -1,4 +1,5 @@
-//! `cargo xtask ci`: what CI runs. Formatting and lints, then the default
+//! `cargo xtask ci`: what CI runs. Formatting and lints, then the test
+//! servers (an OCI registry) are installed if missing, the default
 //! engine and model are made present once (so the tests share them through
 //! the cache instead of racing to build), then every test of the workspace.
 
@@ -49,6 +50,13 @@ impl CiCmd {
             )?;
         }
         let exe = std::env::current_exe()?;
+        // The servers tests start on 127.0.0.1 (an OCI registry): installed
+        // through the package manager when missing, as build tools are.
+        step(
+            "test servers",
+            Cmd::new(&exe).args(["doctor", "--install", "--test-servers"]),
+            root,
+        )?;
         step(
             "engine build (default profile)",
             Cmd::new(&exe).args(["engine", "build"]),

@@ -398,8 +398,31 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
         Duration::from_secs(10),
         || engines(&paths).is_empty(),
     );
-    // Again: the dead run's records are swept, both pools serve.
+    // A leftover engine of that dead run (as if its parent-death signal had
+    // been lost): a live process that pool a's run record names, owned by the
+    // dead `serve`. The next start must stop it (identity-checked), not leave it.
+    let stale = llorch_io::handoff::RunRecord::read(&paths[0].pid_file)
+        .unwrap()
+        .expect("the killed run's record is still there");
+    let mut leftover =
+        llorch_io::cmd::KillOnDrop(Cmd::new("sleep").arg("600").to_std().spawn().unwrap());
+    let leftover_id = llorch_io::handoff::ProcessIdentity::of(leftover.id()).unwrap();
+    std::fs::write(
+        &paths[0].pid_file,
+        serde_json::to_string(&llorch_io::handoff::RunRecord {
+            process: leftover_id,
+            ..stale
+        })
+        .unwrap(),
+    )
+    .unwrap();
+    // Again: the dead run's records are swept (the leftover stopped), both pools serve.
     let (mut child, url) = serve_with(rt.path(), &["--stack", file.to_str().unwrap()]);
+    wait_until(
+        "the next start to stop the leftover engine",
+        Duration::from_secs(10),
+        || leftover.try_wait().unwrap().is_some(),
+    );
     let second = engines(&paths);
     assert_eq!(second.len(), 2, "{second:?}");
     assert!(second.iter().all(|p| !first.contains(p)));
