@@ -365,8 +365,6 @@ pub fn push_locked(
     pack_entry(&dir, &m, &archive)?;
     let r = reg.tagged(fp)?;
     let client = Registry::connect(&r, reg.insecure)?;
-    let (layer_digest, layer_bytes) = client.push_file(&r, &archive)?;
-    let config_digest = client.push_blob(&r, &config)?;
     let mut ann = BTreeMap::new();
     ann.insert(ANN_FINGERPRINT.to_string(), fp.to_string());
     if let Some(g) = glibc_version() {
@@ -385,22 +383,23 @@ pub fn push_locked(
         m.version_output.lines().next().unwrap_or("").to_string(),
     );
     ann.insert("org.llama-orch.pin".into(), m.pin.clone());
-    let manifest = oci::manifest(
-        ARTIFACT_TYPE,
-        oci::descriptor(CONFIG_MEDIA_TYPE, config_digest, config.len() as u64, None),
-        vec![oci::descriptor(
-            LAYER_MEDIA_TYPE,
-            layer_digest,
-            layer_bytes,
-            None,
-        )],
-        ann,
-    );
-    let manifest_digest = client.push_manifest(&r, &manifest)?;
+    let pushed = client.push_artifact(
+        &r,
+        &oci::Artifact {
+            artifact_type: ARTIFACT_TYPE,
+            config_media_type: CONFIG_MEDIA_TYPE,
+            config: &config,
+            layer_media_type: LAYER_MEDIA_TYPE,
+            layer: &archive,
+            layer_annotations: BTreeMap::new(),
+            annotations: ann,
+            expect_layer_digest: None,
+        },
+    )?;
     Ok(Pushed {
         reference: r.to_string(),
-        manifest_digest,
-        layer_bytes,
+        manifest_digest: pushed.manifest_digest,
+        layer_bytes: pushed.layer_bytes,
         seconds: t0.elapsed().as_secs_f64(),
     })
 }

@@ -423,6 +423,49 @@ impl Registry {
         Ok((self.push_blob(r, &map)?, len))
     }
 
+    /// Push an artifact under `r`'s tag: its one layer (a file, mapped), its
+    /// config blob, then the manifest naming both. A layer whose digest is not
+    /// the one expected is refused before any manifest names it.
+    pub fn push_artifact(&self, r: &OciRef, a: &Artifact<'_>) -> Result<PushedArtifact, OciError> {
+        let (layer_digest, layer_bytes) = self.push_file(r, a.layer)?;
+        if let Some(want) = a.expect_layer_digest {
+            if want != layer_digest {
+                return Err(OciError::Digest {
+                    what: format!("layer {}", a.layer.display()),
+                    reference: r.to_string(),
+                    expected: want.to_string(),
+                    actual: layer_digest,
+                });
+            }
+        }
+        let config_digest = self.push_blob(r, a.config)?;
+        let manifest = OciImageManifest {
+            schema_version: 2,
+            media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
+            config: descriptor(
+                a.config_media_type,
+                config_digest,
+                a.config.len() as u64,
+                None,
+            ),
+            layers: vec![descriptor(
+                a.layer_media_type,
+                layer_digest.clone(),
+                layer_bytes,
+                (!a.layer_annotations.is_empty()).then(|| a.layer_annotations.clone()),
+            )],
+            subject: None,
+            artifact_type: Some(a.artifact_type.into()),
+            annotations: Some(a.annotations.clone()),
+        };
+        let manifest_digest = self.push_manifest(r, &manifest)?;
+        Ok(PushedArtifact {
+            manifest_digest,
+            layer_digest,
+            layer_bytes,
+        })
+    }
+
     /// Push a manifest under `r`'s tag; returns its digest.
     pub fn push_manifest(&self, r: &OciRef, m: &OciImageManifest) -> Result<String, OciError> {
         let image = r.reference();
@@ -639,8 +682,28 @@ fn check_digest(what: &str, r: &OciRef, d: &OciDescriptor, data: &[u8]) -> Resul
     Ok(())
 }
 
-/// A descriptor for data of `media_type`.
-pub fn descriptor(
+/// What [`Registry::push_artifact`] publishes: one config blob and one layer.
+pub struct Artifact<'a> {
+    pub artifact_type: &'a str,
+    pub config_media_type: &'a str,
+    pub config: &'a [u8],
+    pub layer_media_type: &'a str,
+    pub layer: &'a Path,
+    pub layer_annotations: BTreeMap<String, String>,
+    pub annotations: BTreeMap<String, String>,
+    /// `sha256:…` the layer must hash to (a stored model's known digest).
+    pub expect_layer_digest: Option<&'a str>,
+}
+
+/// What a push published.
+#[derive(Debug)]
+pub struct PushedArtifact {
+    pub manifest_digest: String,
+    pub layer_digest: String,
+    pub layer_bytes: u64,
+}
+
+fn descriptor(
     media_type: &str,
     digest: String,
     size: u64,
@@ -652,24 +715,6 @@ pub fn descriptor(
         size: size as i64,
         urls: None,
         annotations,
-    }
-}
-
-/// An OCI image manifest for an artifact (config + layers + annotations).
-pub fn manifest(
-    artifact_type: &str,
-    config: OciDescriptor,
-    layers: Vec<OciDescriptor>,
-    annotations: BTreeMap<String, String>,
-) -> OciImageManifest {
-    OciImageManifest {
-        schema_version: 2,
-        media_type: Some(OCI_IMAGE_MEDIA_TYPE.into()),
-        config,
-        layers,
-        subject: None,
-        artifact_type: Some(artifact_type.into()),
-        annotations: Some(annotations),
     }
 }
 

@@ -109,43 +109,47 @@ pub fn push_model(
     let _lease = llorch_io::fsx::FileLock::shared(&store.layout.blob_lock(&entry.digest))
         .map_err(|err| ModelError::Other(format!("lock the model blob: {err}")))?;
     let client = Registry::connect(&r, insecure()).map_err(&e)?;
-    let (layer_digest, size) = client.push_file(&r, &path).map_err(&e)?;
-    if layer_digest != format!("sha256:{}", entry.digest) {
-        return Err(ModelError::Other(format!(
-            "{}: the stored file hashes to {layer_digest}, not {}; run `cargo xtask model verify`",
-            path.display(),
-            entry.digest
-        )));
-    }
     let config = serde_json::to_vec(&serde_json::json!({
         "reference": canonical,
         "sha256": entry.digest,
-        "size_bytes": size,
+        "size_bytes": entry.size_bytes,
     }))
     .expect("json");
-    let config_digest = client.push_blob(&r, &config).map_err(&e)?;
     let title = path
         .file_name()
         .and_then(|n| n.to_str())
         .filter(|n| n.ends_with(".gguf"))
         .map(str::to_string)
         .unwrap_or_else(|| format!("{}.gguf", &entry.digest[..16]));
-    let mut layer_ann = BTreeMap::new();
-    layer_ann.insert("org.opencontainers.image.title".to_string(), title);
-    let mut ann = BTreeMap::new();
-    ann.insert("org.llama-orch.model.ref".to_string(), canonical.clone());
-    let manifest = oci::manifest(
-        ARTIFACT_TYPE,
-        oci::descriptor(CONFIG_MEDIA_TYPE, config_digest, config.len() as u64, None),
-        vec![oci::descriptor(
-            LAYER_MEDIA_TYPE,
-            layer_digest,
-            size,
-            Some(layer_ann),
-        )],
-        ann,
-    );
-    let manifest_digest = client.push_manifest(&r, &manifest).map_err(&e)?;
+    let want = format!("sha256:{}", entry.digest);
+    let pushed = client
+        .push_artifact(
+            &r,
+            &oci::Artifact {
+                artifact_type: ARTIFACT_TYPE,
+                config_media_type: CONFIG_MEDIA_TYPE,
+                config: &config,
+                layer_media_type: LAYER_MEDIA_TYPE,
+                layer: &path,
+                layer_annotations: BTreeMap::from([(
+                    "org.opencontainers.image.title".to_string(),
+                    title,
+                )]),
+                annotations: BTreeMap::from([(
+                    "org.llama-orch.model.ref".to_string(),
+                    canonical.clone(),
+                )]),
+                expect_layer_digest: Some(&want),
+            },
+        )
+        .map_err(|err| match err {
+            oci::OciError::Digest { actual, .. } => ModelError::Other(format!(
+                "{}: the stored file hashes to {actual}, not {want}; run `cargo xtask model verify`",
+                path.display()
+            )),
+            other => e(other),
+        })?;
+    let (manifest_digest, size) = (pushed.manifest_digest, pushed.layer_bytes);
     Ok(ModelPushed {
         reference: r.to_string(),
         manifest_digest,
