@@ -93,6 +93,34 @@ impl StateHandle {
         self.0.state.lock().unwrap().clone()
     }
 
+    /// Wait until the state satisfies `pred` or `timeout` passes.
+    pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&EngineState) -> bool) -> EngineState {
+        let deadline = Instant::now() + timeout;
+        let mut g = self.0.state.lock().unwrap();
+        while !pred(&g) {
+            let now = Instant::now();
+            if now >= deadline {
+                break;
+            }
+            g = self.0.cv.wait_timeout(g, deadline - now).unwrap().0;
+        }
+        g.clone()
+    }
+
+    /// Wait for Ready (returns the URL) or Failed.
+    pub fn wait_ready(&self, timeout: Duration) -> Result<String, String> {
+        match self.wait_for(timeout, |s| {
+            matches!(s, EngineState::Ready { .. } | EngineState::Failed { .. })
+        }) {
+            EngineState::Ready { url, .. } => Ok(url),
+            EngineState::Failed { reason } => Err(reason),
+            other => Err(format!(
+                "engine not ready after {}s (state: {other:?})",
+                timeout.as_secs()
+            )),
+        }
+    }
+
     /// Kill the current engine (hung: alive but silent) so that it is restarted.
     pub fn request_restart(&self) {
         self.0.restart.store(true, Ordering::SeqCst);
@@ -157,30 +185,12 @@ impl Supervisor {
 
     /// Wait until the state satisfies `pred` or `timeout` passes.
     pub fn wait_for(&self, timeout: Duration, pred: impl Fn(&EngineState) -> bool) -> EngineState {
-        let deadline = Instant::now() + timeout;
-        let mut g = self.shared.state.lock().unwrap();
-        while !pred(&g) {
-            let now = Instant::now();
-            if now >= deadline {
-                break;
-            }
-            g = self.shared.cv.wait_timeout(g, deadline - now).unwrap().0;
-        }
-        g.clone()
+        self.state_handle().wait_for(timeout, pred)
     }
 
     /// Wait for Ready (returns the URL) or Failed.
     pub fn wait_ready(&self, timeout: Duration) -> Result<String, String> {
-        match self.wait_for(timeout, |s| {
-            matches!(s, EngineState::Ready { .. } | EngineState::Failed { .. })
-        }) {
-            EngineState::Ready { url, .. } => Ok(url),
-            EngineState::Failed { reason } => Err(reason),
-            other => Err(format!(
-                "engine not ready after {}s (state: {other:?})",
-                timeout.as_secs()
-            )),
-        }
+        self.state_handle().wait_ready(timeout)
     }
 
     /// Stop the engine and the supervising thread.

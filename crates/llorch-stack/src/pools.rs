@@ -491,9 +491,10 @@ pub async fn start_pools(
         }
         for (id, l) in &loads {
             let timeout = Duration::from_secs(l.prep.ready_timeout_s + 10);
-            let g = l.sup.lock().unwrap();
-            if let Some(s) = g.as_ref() {
-                s.wait_ready(timeout)
+            // Waited on through a handle: the link stays readable meanwhile.
+            let handle = l.sup.lock().unwrap().as_ref().map(|s| s.state_handle());
+            if let Some(h) = handle {
+                h.wait_ready(timeout)
                     .map_err(|e| format!("pool {id}: {e}"))?;
             }
         }
