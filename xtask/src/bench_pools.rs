@@ -71,6 +71,8 @@ pub fn bench_pools(
                 keep_loaded: false,
                 devices: dev.into_iter().collect(),
                 memory_mib: None,
+                concurrency: Default::default(),
+                replica_devices: Vec::new(),
             })
         };
     let (d0, d1) = (devices.first().copied(), devices.get(1).copied());
@@ -81,6 +83,7 @@ pub fn bench_pools(
             pool("lazy-a", LoadPolicy::Lazy, Some(1), d0)?,
             pool("lazy-b", LoadPolicy::Lazy, Some(1), d1.or(d0))?,
         ],
+        warnings: Vec::new(),
     };
     let (a, b) = (stack.pools[0].id.clone(), stack.pools[1].id.clone());
     let r = rt.block_on(async {
@@ -216,6 +219,7 @@ async fn aggregate(
             pool("pair-a", LoadPolicy::Eager, None, d0)?,
             pool("pair-b", LoadPolicy::Eager, None, d1)?,
         ],
+        warnings: Vec::new(),
     };
     let (a, b) = (stack.pools[0].id.clone(), stack.pools[1].id.clone());
     let ps = llorch_stack::start_pools(

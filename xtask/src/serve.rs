@@ -29,6 +29,18 @@ pub struct ServeCmd {
     /// Unload a pool's engine after this many seconds without a task, 0 never (replaces the stack's values)
     #[arg(long)]
     idle_unload_s: Option<u64>,
+    /// Exact engines serving the pool, each one slot (replaces the profile's server.replicas)
+    #[arg(long)]
+    replicas: Option<u32>,
+    /// exact (one slot per engine, byte-identical results) or batched (N slots, results depend on load)
+    #[arg(long, value_parser = ["exact", "batched"])]
+    mode: Option<String>,
+    /// Parallel slots of a batched engine (with --mode batched)
+    #[arg(long)]
+    slots: Option<u32>,
+    /// How requests are spread over replicas: none (fewest queued + running) or prefix
+    #[arg(long, value_parser = ["none", "prefix"])]
+    affinity: Option<String>,
     #[command(flatten)]
     listen: orchestratord::ListenArgs,
 }
@@ -41,33 +53,74 @@ impl ServeCmd {
         if self.max_loaded == Some(0) {
             bail!("--max-loaded must be at least 1");
         }
+        let keys = llorch_profile::ConcurrencyKeys {
+            mode: match self.mode.as_deref() {
+                Some("batched") => Some(llorch_profile::Mode::Batched),
+                Some(_) => Some(llorch_profile::Mode::Exact),
+                None => None,
+            },
+            slots: self.slots,
+            replicas: self.replicas,
+            affinity: match self.affinity.as_deref() {
+                Some("prefix") => Some(llorch_profile::Affinity::Prefix),
+                Some(_) => Some(llorch_profile::Affinity::None),
+                None => None,
+            },
+        };
+        let overridden = keys != llorch_profile::ConcurrencyKeys::default();
+        if overridden && self.stack.is_some() {
+            bail!("--replicas, --mode, --slots and --affinity set one profile's pool; in a stack file, set them per pool");
+        }
+        // The flags over each profile's server section, checked like the profile.
+        let with_keys =
+            |mut p: engine_provisioner::Profile| -> Result<engine_provisioner::Profile> {
+                let c = keys
+                    .over(p.file.server.concurrency_keys())
+                    .resolve()
+                    .map_err(|(key, m)| anyhow::anyhow!("--{key}: {m}"))?;
+                p.file.server.set_concurrency(c);
+                Ok(p)
+            };
+        let single = if self.stack.is_none() && self.profile.len() <= 1 {
+            Some(with_keys(
+                ctx.profile(self.profile.first().map(String::as_str))?,
+            )?)
+        } else {
+            None
+        };
+        let replicated = single
+            .as_ref()
+            .is_some_and(|p| p.concurrency().replicas > 1);
         let multi = self.stack.is_some()
             || self.profile.len() > 1
             || self.max_loaded.is_some()
-            || self.idle_unload_s.is_some();
+            || self.idle_unload_s.is_some()
+            || replicated;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()?;
-        if !multi {
-            let profile = ctx.profile(self.profile.first().map(String::as_str))?;
+        if let (false, Some(profile)) = (multi, &single) {
             let pool = self.pool.unwrap_or_else(|| profile.pool().clone());
-            return rt.block_on(serve_one(profile, pool, ctx, cfg));
+            return rt.block_on(serve_one(profile.clone(), pool, ctx, cfg));
         }
-        if self.pool.is_some() {
+        if self.pool.is_some() && single.is_none() {
             bail!("--pool names the pool of one profile; a stack file gives each pool its id");
         }
         let stack = match &self.stack {
             Some(f) => llorch_profile::stack::Stack::load(f, &ctx.layout.root)?,
             None => {
-                let profiles = self
-                    .profile
-                    .iter()
-                    .map(|p| ctx.profile(Some(p)))
-                    .collect::<Result<Vec<_>>>()?;
-                let profiles = if profiles.is_empty() {
-                    vec![ctx.profile(None)?]
-                } else {
-                    profiles
+                let profiles = match single {
+                    Some(mut p) => {
+                        if let Some(id) = &self.pool {
+                            p.file.pool = id.clone();
+                        }
+                        vec![p]
+                    }
+                    None => self
+                        .profile
+                        .iter()
+                        .map(|p| with_keys(ctx.profile(Some(p))?))
+                        .collect::<Result<Vec<_>>>()?,
                 };
                 llorch_profile::stack::Stack::from_profiles(profiles)?
             }
@@ -131,6 +184,9 @@ async fn serve_many(
     ctx: &Ctx,
     cfg: orchestratord::Config,
 ) -> Result<()> {
+    for w in &stack.warnings {
+        eprintln!("warning: {w}");
+    }
     let ps =
         llorch_stack::start_pools(&stack, &ctx.layout, cfg, &opts, "cargo xtask serve").await?;
     println!(
@@ -138,13 +194,22 @@ async fn serve_many(
         stack.pools.len(),
         ps.orchestrator_url()
     );
-    for p in &ps.server.state.pools {
+    for (p, sp) in ps.server.state.heads().zip(&stack.pools) {
+        let c = sp.concurrency;
         println!(
-            "  pool {:<16} {:<9} {} ({})",
-            p.id.as_str(),
-            p.state(false),
+            "  pool {:<16} {:<9} {} ({}; {} x {} slot(s), {}{})",
+            p.group.as_str(),
+            orchestratord::api::group_state(&ps.server.state, &ps.server.state.members(&p.group)),
             p.aliases.join(", "),
-            if p.policy.lazy { "lazy" } else { "eager" }
+            if p.policy.lazy { "lazy" } else { "eager" },
+            c.replicas,
+            c.slots,
+            c.mode.as_str(),
+            if c.mode == llorch_profile::Mode::Batched {
+                ": results depend on load"
+            } else {
+                ""
+            }
         );
     }
     println!(

@@ -3,7 +3,8 @@
 //!
 //! * Flags: the deterministic profile (`--parallel 1 --no-cont-batching
 //!   --no-webui --metrics`, fixed `--threads`, the profile's `--host`) is
-//!   always applied; GPU-layer spellings are normalized to `--n-gpu-layers`,
+//!   always applied (a pool declared `mode: batched` gets `--parallel N
+//!   --cont-batching` and N times the context instead); GPU-layer spellings are normalized to `--n-gpu-layers`,
 //!   a CPU build forces 0. `extra_args` is an allow-list ([`ALLOWED_FLAGS`]):
 //!   anything else is refused with the reason.
 //! * Environment: the engine gets an allow-listed environment
@@ -141,11 +142,11 @@ pub const ALLOWED_FLAGS: &[(&str, bool)] = &[
 const REFUSED: &[(&[&str], &str)] = &[
     (
         &["--parallel", "-np"],
-        "the engine always runs with --parallel 1 (one slot, deterministic)",
+        "the engine runs with --parallel 1 (one slot, deterministic); for more slots set server.mode: batched and server.slots: N, or server.replicas: K for exact concurrency",
     ),
     (
         &["--cont-batching", "-cb"],
-        "continuous batching is off (--no-cont-batching) for determinism",
+        "continuous batching is off (--no-cont-batching) for determinism; server.mode: batched turns it on",
     ),
     (&["--webui", "--ui"], "the web UI is off (--no-webui)"),
     (&["--no-metrics"], "metrics are always on (--metrics)"),
@@ -259,18 +260,30 @@ pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
         Backend::Cpu => 0,
         Backend::Cuda => ngl.unwrap_or(999),
     };
+    // Exact: one slot, no continuous batching. Batched: N slots with
+    // continuous batching, each with the profile's context (llama-server
+    // splits --ctx-size over its slots).
+    let c = profile.concurrency();
+    let (slots, batching, ctx) = match c.mode {
+        llorch_profile::Mode::Exact => (1, "--no-cont-batching", s.ctx_size as u64),
+        llorch_profile::Mode::Batched => (
+            c.slots,
+            "--cont-batching",
+            s.ctx_size as u64 * c.slots as u64,
+        ),
+    };
     let mut f: Vec<String> = vec![
         "--host".into(),
         s.host.clone(),
         "--parallel".into(),
-        "1".into(),
-        "--no-cont-batching".into(),
+        slots.to_string(),
+        batching.into(),
         "--no-webui".into(),
         "--metrics".into(),
         "--threads".into(),
         threads.to_string(),
         "--ctx-size".into(),
-        s.ctx_size.to_string(),
+        ctx.to_string(),
         "--n-gpu-layers".into(),
         ngl.to_string(),
         "--seed".into(),
@@ -910,6 +923,25 @@ mod tests {
         ] {
             assert!(f.contains(want), "{want} missing from {f}");
         }
+    }
+
+    #[test]
+    fn a_batched_pool_gets_its_slots_continuous_batching_and_their_context() {
+        let mut p = profile_with(&[], Backend::Cpu);
+        p.file.server.mode = Some(llorch_profile::Mode::Batched);
+        p.file.server.slots = Some(4);
+        let f = server_flags(&p).unwrap().join(" ");
+        for want in ["--parallel 4", "--cont-batching", "--ctx-size 8192"] {
+            assert!(f.contains(want), "{want} missing from {f}");
+        }
+        assert!(!f.contains("--no-cont-batching"), "{f}");
+        // Replicas change nothing in one engine's flags.
+        let mut p = profile_with(&[], Backend::Cpu);
+        p.file.server.replicas = Some(3);
+        assert_eq!(
+            server_flags(&p).unwrap(),
+            server_flags(&profile_with(&[], Backend::Cpu)).unwrap()
+        );
     }
 
     #[test]

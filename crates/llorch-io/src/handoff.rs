@@ -19,8 +19,11 @@ use std::time::{Duration, Instant};
 
 pub const RUN_SCHEMA: u32 = 2;
 
-/// A valid pool id: `[a-z0-9][a-z0-9_-]{0,63}`. Pool ids become file names
-/// (run files, logs, locks), so nothing else is accepted anywhere they enter.
+/// A valid pool id: `[a-z0-9][a-z0-9_-]{0,63}`, or the run id of a pool's
+/// replica `k` (1 to 64): that id plus `.r<k>` ([`PoolId::replica`]). Pool ids
+/// become file names (run files, logs, locks), so nothing else is accepted
+/// anywhere they enter; a pool a user declares never has the replica form
+/// ([`PoolId::is_replica`]), so replica run files cannot collide with a pool's.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize)]
 #[serde(transparent)]
 pub struct PoolId(String);
@@ -33,7 +36,19 @@ pub struct BadPoolId {
 
 impl PoolId {
     pub fn parse(s: &str) -> Result<PoolId, BadPoolId> {
-        let b = s.as_bytes();
+        let base = match s.rsplit_once(".r") {
+            Some((base, k))
+                if !k.is_empty()
+                    && k.len() <= 2
+                    && !k.starts_with('0')
+                    && k.bytes().all(|c| c.is_ascii_digit())
+                    && k.parse::<usize>().is_ok_and(|k| k <= MAX_REPLICA) =>
+            {
+                base
+            }
+            _ => s,
+        };
+        let b = base.as_bytes();
         let ok = !b.is_empty()
             && b.len() <= 64
             && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
@@ -51,7 +66,30 @@ impl PoolId {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// The run id of replica `k` of this pool: the pool's own id for replica
+    /// 0 (so a one-replica pool keeps its run files), `<id>.r<k>` otherwise.
+    pub fn replica(&self, k: usize) -> PoolId {
+        assert!(k <= MAX_REPLICA, "replica index {k} out of range");
+        if k == 0 {
+            return self.clone();
+        }
+        PoolId(format!("{}.r{k}", self.base()))
+    }
+
+    /// Whether this is the run id of a replica above 0 (`<id>.r<k>`).
+    pub fn is_replica(&self) -> bool {
+        self.0.contains('.')
+    }
+
+    /// The pool this id belongs to (itself, unless it is a replica's run id).
+    pub fn base(&self) -> &str {
+        self.0.split('.').next().unwrap_or(&self.0)
+    }
 }
+
+/// The highest replica index a run id may carry (64 replicas: 0 to 63).
+pub const MAX_REPLICA: usize = 63;
 
 impl std::fmt::Display for PoolId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -354,6 +392,18 @@ mod tests {
             assert!(PoolId::parse(bad).is_err(), "{bad}");
         }
         assert!(serde_json::from_str::<PoolId>("\"../../etc\"").is_err());
+        // Replica run ids: only `.r<k>` with k from 1 to 63, on a valid base.
+        let p = PoolId::parse("chat").unwrap();
+        assert_eq!(p.replica(0), p);
+        assert_eq!(p.replica(3).as_str(), "chat.r3");
+        assert_eq!(PoolId::parse("chat.r3").unwrap(), p.replica(3));
+        assert!(p.replica(3).is_replica() && !p.is_replica());
+        assert_eq!(p.replica(63).base(), "chat");
+        for bad in [
+            "chat.r0", "chat.r64", "chat.r", "chat.r01", ".r1", "a.r1.r2", "a.x1", "A.r1",
+        ] {
+            assert!(PoolId::parse(bad).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -3,7 +3,10 @@
 //! Both are typed, versioned (`schema: 1`) and strict: unknown keys are
 //! errors, and every error names the file, line and column.
 
+pub mod concurrency;
 pub mod stack;
+
+pub use concurrency::{Affinity, Concurrency, ConcurrencyKeys, Mode};
 
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -321,6 +324,38 @@ pub struct ServerSpec {
     pub ready_timeout_s: u64,
     #[serde(default = "default_seed")]
     pub seed: u64,
+    /// `exact` (default: one slot per engine) or `batched` (see [`concurrency`]).
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    /// Parallel slots of a batched engine.
+    #[serde(default)]
+    pub slots: Option<u32>,
+    /// Engines of the same build, model and flags serving the pool.
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    /// How requests are spread over replicas (`none` or `prefix`).
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+}
+
+impl ServerSpec {
+    /// The concurrency keys as written.
+    pub fn concurrency_keys(&self) -> ConcurrencyKeys {
+        ConcurrencyKeys {
+            mode: self.mode,
+            slots: self.slots,
+            replicas: self.replicas,
+            affinity: self.affinity,
+        }
+    }
+
+    /// Set the keys (a stack file's values, already resolved).
+    pub fn set_concurrency(&mut self, c: Concurrency) {
+        self.mode = Some(c.mode);
+        self.slots = Some(c.slots);
+        self.replicas = Some(c.replicas);
+        self.affinity = Some(c.affinity);
+    }
 }
 
 fn default_host() -> String {
@@ -347,6 +382,10 @@ impl Default for ServerSpec {
             extra_args: Vec::new(),
             ready_timeout_s: default_ready_timeout(),
             seed: default_seed(),
+            mode: None,
+            slots: None,
+            replicas: None,
+            affinity: None,
         }
     }
 }
@@ -407,6 +446,21 @@ impl Profile {
             ));
         }
         let sv = &file.server;
+        if file.pool.is_replica() {
+            return Err(invalid(
+                "pool",
+                format!(
+                    "pool `{}`: ids ending in `.r<N>` name replicas; choose another pool id",
+                    file.pool
+                ),
+            ));
+        }
+        if let Err((key, message)) = sv.concurrency_keys().resolve() {
+            return Err(invalid(
+                &format!("server.{key}"),
+                format!("server.{message}"),
+            ));
+        }
         for (key, value, max) in [
             ("server.ready_timeout_s", sv.ready_timeout_s, 86_400u64),
             ("server.ctx_size", sv.ctx_size as u64, 1 << 22),
@@ -521,6 +575,15 @@ impl Profile {
 
     pub fn pool(&self) -> &PoolId {
         &self.file.pool
+    }
+
+    /// How the pool serves many clients (checked when the profile was loaded).
+    pub fn concurrency(&self) -> Concurrency {
+        self.file
+            .server
+            .concurrency_keys()
+            .resolve()
+            .unwrap_or_default()
     }
 }
 

@@ -11,12 +11,21 @@
 //!     idle_unload_s: 60  # this pool only
 //!     keep_loaded: false # true: never unloaded (idle, or to make room)
 //!     devices: [0]       # CUDA pools: the GPUs its engine sees
+//!     replicas: 2        # exact engines serving the pool (default 1)
+//!     replica_devices: [[0], [1]]  # each replica's GPUs (default: round robin over devices)
+//!     affinity: prefix   # none (default): fewest queued + running; prefix: shared prefixes together
+//!     mode: batched      # exact (default) or batched, with
+//!     slots: 8           # parallel slots of a batched engine
 //! ```
+//!
+//! `mode`, `slots`, `replicas` and `affinity` may also stand in the
+//! profile's `server` section; the stack file's value wins.
 //!
 //! Strict like profiles: unknown keys are errors, values are range-checked,
 //! every error names the file and the key.
 
-use crate::{invalid_at, parse_yaml, ConfigError, PoolId, Profile};
+use crate::concurrency::{Concurrency, ConcurrencyKeys, STACKED_REPLICAS_COST};
+use crate::{invalid_at, parse_yaml, Affinity, ConfigError, Mode, PoolId, Profile};
 use serde::Deserialize;
 use std::path::Path;
 
@@ -61,6 +70,17 @@ pub struct PoolEntry {
     /// MiB the pool needs on each device (default: the model's share + 1024).
     #[serde(default)]
     pub memory_mib: Option<u64>,
+    #[serde(default)]
+    pub mode: Option<Mode>,
+    #[serde(default)]
+    pub slots: Option<u32>,
+    #[serde(default)]
+    pub replicas: Option<u32>,
+    #[serde(default)]
+    pub affinity: Option<Affinity>,
+    /// Each replica's GPUs (one list per replica).
+    #[serde(default)]
+    pub replica_devices: Option<Vec<Vec<u32>>>,
 }
 
 /// One pool of a stack, its profile loaded.
@@ -74,12 +94,74 @@ pub struct StackPool {
     pub keep_loaded: bool,
     pub devices: Vec<u32>,
     pub memory_mib: Option<u64>,
+    /// Mode, slots, replicas and affinity (the stack's values over the profile's);
+    /// also written into `profile.file.server`, so the engine flags follow them.
+    pub concurrency: Concurrency,
+    /// Each replica's GPUs: `concurrency.replicas` lists, or empty (CPU, or no devices named).
+    pub replica_devices: Vec<Vec<u32>>,
 }
 
 #[derive(Clone, Debug)]
 pub struct Stack {
     pub max_loaded: Option<usize>,
     pub pools: Vec<StackPool>,
+    /// Things that work but cost (replicas stacked on one device); printed by `serve`.
+    pub warnings: Vec<String>,
+}
+
+/// Each replica's GPUs, and a warning when replicas share a device.
+pub type Placement = (Vec<Vec<u32>>, Option<String>);
+
+/// Each replica's devices: the explicit lists, or round robin over `devices`
+/// (one device per replica); a warning when replicas share a device.
+pub fn place_replicas(
+    pool: &PoolId,
+    c: &Concurrency,
+    cuda: bool,
+    devices: &[u32],
+    explicit: Option<&Vec<Vec<u32>>>,
+) -> Result<Placement, (&'static str, String)> {
+    let k = c.replicas as usize;
+    let placed: Vec<Vec<u32>> = match explicit {
+        Some(_) if !cuda => {
+            return Err((
+                "replica_devices",
+                format!("pool `{pool}`: replica_devices places replicas on GPUs, but its profile builds a CPU engine"),
+            ))
+        }
+        Some(lists) => {
+            if lists.len() != k
+                || lists
+                    .iter()
+                    .any(|l| l.is_empty() || l.len() > 16 || l.iter().any(|d| *d > MAX_DEVICE))
+            {
+                return Err((
+                    "replica_devices",
+                    format!("pool `{pool}`: replica_devices needs one non-empty list of GPU indexes (0 to {MAX_DEVICE}) per replica: {k} lists"),
+                ));
+            }
+            lists.clone()
+        }
+        None if devices.is_empty() => Vec::new(),
+        None => (0..k).map(|i| vec![devices[i % devices.len()]]).collect(),
+    };
+    let warning = if k < 2 {
+        None
+    } else if !cuda {
+        Some(format!("pool `{pool}`: {k} replicas share this machine's CPU cores; replicas pay off one per device or CPU socket ({STACKED_REPLICAS_COST})"))
+    } else if placed.is_empty() {
+        Some(format!("pool `{pool}`: {k} replicas see every GPU; name devices or replica_devices to give each its own GPU ({STACKED_REPLICAS_COST})"))
+    } else {
+        let mut seen = std::collections::HashSet::new();
+        let shared: Vec<u32> = placed
+            .iter()
+            .flatten()
+            .filter(|d| !seen.insert(**d))
+            .copied()
+            .collect();
+        (!shared.is_empty()).then(|| format!("pool `{pool}`: replicas share GPU {shared:?}; replicas pay off one per GPU ({STACKED_REPLICAS_COST})"))
+    };
+    Ok((placed, warning))
 }
 
 impl Stack {
@@ -124,7 +206,17 @@ impl Stack {
         idle_ok(f.idle_unload_s, "idle_unload_s")?;
         let mut seen = std::collections::HashSet::new();
         let mut pools = Vec::new();
+        let mut warnings = Vec::new();
         for p in &f.pools {
+            if p.id.is_replica() {
+                return Err(invalid(
+                    "id",
+                    format!(
+                        "pool `{}`: ids ending in `.r<N>` name replicas; choose another pool id",
+                        p.id
+                    ),
+                ));
+            }
             if !seen.insert(p.id.to_string()) {
                 return Err(invalid(
                     "pools",
@@ -167,7 +259,28 @@ impl Stack {
             } else {
                 p.profile.clone()
             };
-            let profile = Profile::resolve(root, Some(&prof))?;
+            let mut profile = Profile::resolve(root, Some(&prof))?;
+            let keys = ConcurrencyKeys {
+                mode: p.mode,
+                slots: p.slots,
+                replicas: p.replicas,
+                affinity: p.affinity,
+            };
+            let concurrency = keys
+                .over(profile.file.server.concurrency_keys())
+                .resolve()
+                .map_err(|(key, m)| invalid(key, format!("pool `{}`: {m}", p.id)))?;
+            profile.file.server.set_concurrency(concurrency);
+            let cuda = profile.file.engine.backend == crate::Backend::Cuda;
+            let (replica_devices, warning) = place_replicas(
+                &p.id,
+                &concurrency,
+                cuda,
+                &p.devices,
+                p.replica_devices.as_ref(),
+            )
+            .map_err(|(key, m)| invalid(key, m))?;
+            warnings.extend(warning);
             if !p.devices.is_empty() && profile.file.engine.backend != crate::Backend::Cuda {
                 return Err(invalid(
                     "devices",
@@ -186,6 +299,8 @@ impl Stack {
                 keep_loaded: p.keep_loaded,
                 devices: p.devices.clone(),
                 memory_mib: p.memory_mib,
+                concurrency,
+                replica_devices,
             });
         }
         if let Some(m) = f.max_loaded {
@@ -197,9 +312,23 @@ impl Stack {
                 ));
             }
         }
+        if let Some(m) = f.max_loaded {
+            let engines: u32 = pools
+                .iter()
+                .filter(|p| p.load == LoadPolicy::Eager)
+                .map(|p| p.concurrency.replicas)
+                .sum();
+            if engines as usize > m {
+                return Err(invalid(
+                    "max_loaded",
+                    format!("max_loaded is {m} but the pools that load at start have {engines} engines (replicas count one by one); raise max_loaded or mark pools `load: lazy`"),
+                ));
+            }
+        }
         Ok(Stack {
             max_loaded: f.max_loaded,
             pools,
+            warnings,
         })
     }
 
@@ -207,6 +336,7 @@ impl Stack {
     pub fn from_profiles(profiles: Vec<Profile>) -> Result<Stack, ConfigError> {
         let mut seen = std::collections::HashSet::new();
         let mut pools = Vec::new();
+        let mut warnings = Vec::new();
         for profile in profiles {
             let id = profile.pool().clone();
             if !seen.insert(id.to_string()) {
@@ -215,6 +345,14 @@ impl Stack {
                     message: format!("two profiles name pool `{id}`; give each pool its own id in a stack file (--stack FILE)"),
                 });
             }
+            let concurrency = profile.concurrency();
+            let cuda = profile.file.engine.backend == crate::Backend::Cuda;
+            let (replica_devices, warning) = place_replicas(&id, &concurrency, cuda, &[], None)
+                .map_err(|(_, message)| ConfigError::Invalid {
+                    path: profile.path.display().to_string(),
+                    message,
+                })?;
+            warnings.extend(warning);
             pools.push(StackPool {
                 id,
                 profile,
@@ -223,11 +361,124 @@ impl Stack {
                 keep_loaded: false,
                 devices: Vec::new(),
                 memory_mib: None,
+                concurrency,
+                replica_devices,
             });
         }
         Ok(Stack {
             max_loaded: None,
             pools,
+            warnings,
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn root() -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+    }
+
+    fn load(name: &str, yaml: &str) -> Result<Stack, ConfigError> {
+        let dir = std::env::temp_dir().join(format!("llorch-stack-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let f = dir.join("s.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        let r = Stack::load(&f, &root());
+        let _ = std::fs::remove_dir_all(&dir);
+        r
+    }
+
+    #[test]
+    fn replicas_slots_and_affinity_resolve_over_the_profile_and_warn_when_stacked() {
+        let s = load(
+            "ok",
+            "schema: 1\npools:\n  - {id: a, profile: cpu, replicas: 2, affinity: prefix}\n  - {id: b, profile: cpu, mode: batched, slots: 4}\n",
+        )
+        .unwrap();
+        let (a, b) = (&s.pools[0], &s.pools[1]);
+        assert_eq!(
+            (a.concurrency.replicas, a.concurrency.affinity),
+            (2, Affinity::Prefix)
+        );
+        assert_eq!(
+            a.profile.concurrency(),
+            a.concurrency,
+            "written into the profile"
+        );
+        assert_eq!(
+            (b.concurrency.mode, b.concurrency.slots),
+            (Mode::Batched, 4)
+        );
+        assert!(a.replica_devices.is_empty());
+        assert_eq!(s.warnings.len(), 1, "{:?}", s.warnings);
+        assert!(s.warnings[0].contains("451 tokens/s"), "{:?}", s.warnings);
+    }
+
+    #[test]
+    fn replicas_are_placed_round_robin_over_devices_and_sharing_a_gpu_is_warned() {
+        let p = PoolId::parse("g").unwrap();
+        let c = Concurrency {
+            replicas: 2,
+            ..Default::default()
+        };
+        let (placed, w) = place_replicas(&p, &c, true, &[0, 1], None).unwrap();
+        assert_eq!(placed, vec![vec![0], vec![1]]);
+        assert!(w.is_none());
+        let (placed, w) = place_replicas(&p, &c, true, &[3], None).unwrap();
+        assert_eq!(placed, vec![vec![3], vec![3]]);
+        assert!(w.unwrap().contains("share GPU [3]"));
+        let explicit = vec![vec![1], vec![0]];
+        let (placed, _) = place_replicas(&p, &c, true, &[], Some(&explicit)).unwrap();
+        assert_eq!(placed, explicit);
+        for bad in [
+            vec![vec![0]],
+            vec![vec![0], vec![]],
+            vec![vec![0], vec![64]],
+        ] {
+            assert_eq!(
+                place_replicas(&p, &c, true, &[], Some(&bad)).unwrap_err().0,
+                "replica_devices"
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_concurrency_values_are_refused_by_key_before_anything_starts() {
+        for (yaml, key) in [
+            ("replicas: 0", "replicas"),
+            ("replicas: 65", "replicas"),
+            ("replicas: -1", "replicas"),
+            ("replicas: 99999999999", "replicas"),
+            ("mode: batched", "slots"),
+            ("mode: batched, slots: 0", "slots"),
+            ("mode: batched, slots: 257", "slots"),
+            ("slots: 4", "slots"),
+            ("affinity: random", "affinity"),
+            ("mode: fast", "mode"),
+            (
+                "replica_devices: [[0], [1]], replicas: 2",
+                "replica_devices",
+            ),
+        ] {
+            let text = format!("schema: 1\npools:\n  - {{id: a, profile: cpu, {yaml}}}\n");
+            let e = load("bad", &text).expect_err(yaml).to_string();
+            assert!(e.contains(key), "{yaml}: {e}");
+        }
+        // A pool id in a replica's run-id form is refused.
+        let e = load("rid", "schema: 1\npools:\n  - {id: a.r1, profile: cpu}\n")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("replicas"), "{e}");
+        // Eager replicas count one by one against max_loaded.
+        let e = load(
+            "max",
+            "schema: 1\nmax_loaded: 1\npools:\n  - {id: a, profile: cpu, replicas: 2}\n",
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("max_loaded") && e.contains("2 engines"), "{e}");
     }
 }

@@ -380,15 +380,16 @@ pub async fn start_pools(
 ) -> Result<PoolStack, StackError> {
     cfg.check()?;
     let max_loaded = opts.max_loaded.or(stack.max_loaded);
-    let eager = stack
+    let eager: u32 = stack
         .pools
         .iter()
         .filter(|p| p.load == LoadPolicy::Eager)
-        .count();
+        .map(|p| p.concurrency.replicas)
+        .sum();
     if let Some(m) = max_loaded {
-        if eager > m {
+        if eager as usize > m {
             return Err(StackError::Other(format!(
-                "{eager} pools load at start but max_loaded is {m}; mark some `load: lazy` or raise max_loaded"
+                "{eager} engines load at start (replicas count one by one) but max_loaded is {m}; mark some pools `load: lazy` or raise max_loaded"
             )));
         }
     }
@@ -399,6 +400,8 @@ pub async fn start_pools(
     }
     let mut specs = Vec::new();
     let mut links = Vec::new();
+    // Which links load at start (eager pools: every replica).
+    let mut eager_links = Vec::new();
     for p in &stack.pools {
         let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
         let Prepared { engine: prep, .. } = tokio::task::spawn_blocking(move || {
@@ -414,40 +417,70 @@ pub async fn start_pools(
         })
         .await
         .map_err(|e| StackError::Other(e.to_string()))??;
-        let taken = {
-            let (l, id) = (layout.clone(), p.id.clone());
-            tokio::task::spawn_blocking(move || lifecycle::read_pool(&l, &id))
-                .await
-                .map_err(|e| StackError::Other(e.to_string()))?
-        };
-        if let Some(run) = taken {
-            return Err(run.busy_error().into());
-        }
-        let link = Arc::new(ManagedLink::new(
-            prep,
-            layout.clone(),
-            command,
-            p.devices.clone(),
-            p.memory_mib,
-            opts.probe.clone(),
-        ));
+        let c = p.concurrency;
         let idle = match opts.idle_unload_s {
             Some(0) => None,
             Some(s) => Some(s),
             None => p.idle_unload_s,
         };
-        specs.push(PoolSpec {
-            id: p.id.clone(),
-            aliases: vec![orchestratord::openai::model_alias(&link.base)],
-            link: Box::new(link.clone()),
-            policy: PoolPolicy {
-                lazy: p.load == LoadPolicy::Lazy,
-                idle_unload: idle.map(Duration::from_secs),
-                keep_loaded: p.keep_loaded,
-            },
-            engine: Some(link.base.clone()),
-        });
-        links.push((p.id.clone(), link));
+        // One engine per replica: the same build, model and flags, its own run id and devices.
+        for k in 0..c.replicas as usize {
+            let run_id = p.id.replica(k);
+            let taken = {
+                let (l, id) = (layout.clone(), run_id.clone());
+                tokio::task::spawn_blocking(move || lifecycle::read_pool(&l, &id))
+                    .await
+                    .map_err(|e| StackError::Other(e.to_string()))?
+            };
+            if let Some(run) = taken {
+                return Err(run.busy_error().into());
+            }
+            let mut rprep = prep.clone();
+            rprep.pool_id = run_id.clone();
+            rprep.replica_id = format!("r{k}");
+            let devices = p
+                .replica_devices
+                .get(k)
+                .cloned()
+                .unwrap_or_else(|| p.devices.clone());
+            let link = Arc::new(ManagedLink::new(
+                rprep,
+                layout.clone(),
+                command,
+                devices,
+                p.memory_mib,
+                opts.probe.clone(),
+            ));
+            let mut base = link.base.clone();
+            // Capabilities and aliases name the pool, not the replica's run id.
+            base.pool = p.id.to_string();
+            specs.push(PoolSpec {
+                id: run_id.clone(),
+                group: p.id.clone(),
+                replica: k,
+                slots: c.slots as usize,
+                affinity: match c.affinity {
+                    llorch_profile::Affinity::None => orchestratord::Affinity::None,
+                    llorch_profile::Affinity::Prefix => orchestratord::Affinity::Prefix,
+                },
+                aliases: if k == 0 {
+                    vec![orchestratord::openai::model_alias(&link.base)]
+                } else {
+                    Vec::new()
+                },
+                link: Box::new(link.clone()),
+                policy: PoolPolicy {
+                    lazy: p.load == LoadPolicy::Lazy,
+                    idle_unload: idle.map(Duration::from_secs),
+                    keep_loaded: p.keep_loaded,
+                },
+                engine: Some(base),
+            });
+            if p.load == LoadPolicy::Eager {
+                eager_links.push((run_id.clone(), link.clone()));
+            }
+            links.push((run_id, link));
+        }
     }
     // GPU pools that are unloaded keep a recent memory reading (one probe a
     // second for all GPUs), so a load on demand does not wait for nvidia-smi.
@@ -473,14 +506,8 @@ pub async fn start_pools(
             })
             .map_err(|e| StackError::Other(format!("start the GPU memory monitor: {e}")))?;
     }
-    // Eager pools: start them all, then wait for each.
-    let loads: Vec<_> = stack
-        .pools
-        .iter()
-        .zip(&links)
-        .filter(|(p, _)| p.load == LoadPolicy::Eager)
-        .map(|(_, (id, l))| (id.clone(), l.clone()))
-        .collect();
+    // Eager pools: start them all (every replica), then wait for each.
+    let loads = eager_links;
     let started = tokio::task::spawn_blocking(move || -> Result<(), String> {
         for (id, l) in &loads {
             l.load(&LoadContext::default()).map_err(|r| match r {

@@ -19,6 +19,8 @@ pub enum ProvisionError {
     NoModel(String),
     #[error(transparent)]
     NotUtf8(#[from] llorch_io::paths::NotUtf8),
+    #[error("profile {profile} asks for {replicas} replicas; `provision` starts one detached engine per pool\n  hint: run `cargo xtask serve --profile {profile}`, which supervises every replica, or set server.replicas: 1")]
+    Replicas { profile: String, replicas: u32 },
 }
 
 pub struct Prepared {

@@ -92,6 +92,13 @@ pub fn provision(
 ) -> Result<ProvisionOutcome, ProvisionError> {
     let started = Instant::now();
     let quiet = opts.quiet;
+    let replicas = profile.concurrency().replicas;
+    if replicas > 1 {
+        return Err(crate::prepare::ProvisionError::Replicas {
+            profile: profile.name.clone(),
+            replicas,
+        });
+    }
     let _lock = lifecycle::lock_pool(layout, pool, || {
         if !quiet {
             eprintln!("waiting for another provision, start or stop of pool {pool}");

@@ -33,7 +33,8 @@ pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
         model_ref: prep.model.reference.clone(),
         model_digest: prep.model.digest.clone(),
         ctx_max: prep.model.metadata["ctx_max"].as_u64(),
-        slots: 1,
+        slots: orchestratord::link::slots_of(&prep.flags),
+        batched: orchestratord::link::is_batched(&prep.flags),
         api_key: None,
     }
 }

@@ -42,6 +42,8 @@ enum Outcome {
 struct Progress {
     events: u64,
     tokens: u64,
+    /// The engine slot running the task (llama-server's `id_slot`).
+    slot: Option<i64>,
 }
 
 pub async fn run_task(st: &AppState, task: &Task) {
@@ -80,6 +82,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
                     .as_u64()
                     .or_else(|| t["prompt_n"].as_u64())
                     .unwrap_or(0),
+                prompt_evaluated: t["prompt_n"].as_u64().unwrap_or(0),
                 prompt_ms: t["prompt_ms"].as_f64().unwrap_or(0.0),
                 decode_tokens_per_s: t["predicted_per_second"].as_f64().unwrap_or(0.0),
                 queue_wait_ms,
@@ -88,7 +91,13 @@ pub async fn run_task(st: &AppState, task: &Task) {
         }
         Outcome::Canceled(reason) => {
             // The upstream request is already dropped; wait until the slot is idle.
-            let idle = wait_slot_idle(st, &engine, Duration::from_secs(3)).await;
+            // One slot: wait until the engine is idle. Several: until our slot
+            // is idle or runs another task.
+            let idle = if pool.slots > 1 {
+                wait_own_slot_free(st, &engine, p.slot, Duration::from_secs(3)).await
+            } else {
+                wait_slot_idle(st, &engine, Duration::from_secs(3)).await
+            };
             let since = task
                 .cancel_reason()
                 .map(|(_, t)| t)
@@ -193,7 +202,9 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         "temperature": req.temperature,
         "seed": req.seed,
         "stream": true,
-        "cache_prompt": false,
+        // Exact mode evaluates every prompt afresh (byte-identical results);
+        // batched mode reuses a slot's cached prefix.
+        "cache_prompt": engine.batched,
         "ignore_eos": req.ignore_eos,
     });
     if !req.stop.is_empty() {
@@ -257,6 +268,9 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         }
         if let Some(n) = v["tokens_predicted"].as_u64() {
             p.tokens = p.tokens.max(n);
+        }
+        if let Some(id) = v["id_slot"].as_i64() {
+            p.slot = Some(id);
         }
         if v["stop"].as_bool() == Some(true) {
             return Outcome::Finished(v);
@@ -347,6 +361,51 @@ pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duratio
                     .is_some_and(|a| a.iter().all(|s| s["is_processing"].as_bool() != Some(true)))
                 {
                     return true;
+                }
+            }
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// Poll `/slots` until slot `slot` is not processing, or processes a task
+/// other than the one it ran when first seen (a batched engine reuses freed
+/// slots at once). Unknown slot (canceled before the first frame): true once
+/// the request is dropped, since llama-server had not started it.
+pub async fn wait_own_slot_free(
+    st: &AppState,
+    engine: &EngineInfo,
+    slot: Option<i64>,
+    timeout: Duration,
+) -> bool {
+    let Some(slot) = slot else {
+        return true;
+    };
+    let deadline = Instant::now() + timeout;
+    let mut first_task: Option<i64> = None;
+    loop {
+        let r = authed(st.http.get(format!("{}/slots", engine.url)), engine)
+            .timeout(Duration::from_secs(1))
+            .send()
+            .await;
+        if let Ok(r) = r {
+            if let Ok(v) = r.json::<Value>().await {
+                let s = v
+                    .as_array()
+                    .and_then(|a| a.iter().find(|s| s["id"].as_i64() == Some(slot)));
+                if let Some(s) = s {
+                    if s["is_processing"].as_bool() != Some(true) {
+                        return true;
+                    }
+                    let task = s["id_task"].as_i64();
+                    match first_task {
+                        None => first_task = task.or(Some(-1)),
+                        Some(t) if task != Some(t) => return true,
+                        _ => {}
+                    }
                 }
             }
         }

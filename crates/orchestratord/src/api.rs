@@ -325,7 +325,7 @@ async fn create_task(
     let task = admit(&st, &pool, req, task_id)?;
     Ok((
         StatusCode::ACCEPTED,
-        Json(json!({"task_id": task.id, "pool": pool.id.as_str(), "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
+        Json(json!({"task_id": task.id, "pool": pool.group.as_str(), "replica": task.pool.replica, "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
     )
         .into_response())
 }
@@ -344,7 +344,7 @@ pub fn route(
         return Ok(p.clone());
     }
     st.metrics.reject("invalid");
-    let served: Vec<String> = st.pools.iter().map(|p| format!("`{}`", p.id)).collect();
+    let served: Vec<String> = st.heads().map(|p| format!("`{}`", p.group)).collect();
     Err(ApiError {
         field: Some(field.into()),
         ..ApiError::new(
@@ -359,14 +359,67 @@ pub fn route(
     })
 }
 
+/// The text a task's affinity key is taken from: the prompt, or the messages in order.
+fn affinity_text(req: &TaskRequest) -> String {
+    if let Some(p) = &req.prompt {
+        return p.chars().take(crate::pool::AFFINITY_PREFIX_CHARS).collect();
+    }
+    let mut s = String::new();
+    for m in req
+        .messages
+        .as_ref()
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+    {
+        s.push_str(m["role"].as_str().unwrap_or(""));
+        s.push('\n');
+        s.push_str(m["content"].as_str().unwrap_or(""));
+        s.push('\n');
+        if s.len() >= crate::pool::AFFINITY_PREFIX_CHARS * 4 {
+            break;
+        }
+    }
+    s
+}
+
+/// Seconds until the pool `members` frees a place, from its observed
+/// service rate (tasks finished per second over the last ones, summed over
+/// replicas); before any finished, from its slots and the average task time.
+pub fn retry_after_s(members: &[Arc<Pool>]) -> u64 {
+    let observed: f64 = members.iter().filter_map(|p| p.service_rate()).sum();
+    let rate = if observed > 0.0 {
+        observed
+    } else {
+        let slots: usize = members.iter().map(|p| p.slots).sum();
+        let avg_s = members
+            .iter()
+            .map(|p| p.avg_task_ms.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(1000)
+            .max(1) as f64
+            / 1000.0;
+        slots.max(1) as f64 / avg_s
+    };
+    ((1.0 / rate).ceil() as u64).clamp(1, 3600)
+}
+
 /// Admit a checked request into a pool's queue (shared by the task API and
-/// the OpenAI endpoints): readiness (or load on demand), a unique id, capacity.
+/// the OpenAI endpoints): the replica ([`crate::pool::pick_replica`]),
+/// readiness (or load on demand), a unique id, capacity (`queue_capacity`
+/// tasks waiting over all the pool's replicas).
 pub fn admit(
     st: &Shared,
-    pool: &Arc<Pool>,
+    head: &Arc<Pool>,
     req: TaskRequest,
     task_id: Option<String>,
 ) -> Result<Arc<Task>, ApiError> {
+    let members = st.members(&head.group);
+    let pool = &if members.len() > 1 {
+        crate::pool::pick_replica(&members, &affinity_text(&req))
+    } else {
+        head.clone()
+    };
     let waits_for_load =
         pool.link.loads_on_demand() && !matches!(pool.link_state(), LinkState::Failed(_));
     if st.stopping.load(Ordering::SeqCst) || !(pool.ready.load(Ordering::SeqCst) || waits_for_load)
@@ -387,19 +440,20 @@ pub fn admit(
                 )
             });
         }
-        let depth = pool.queue.len();
+        let depth: usize = members.iter().map(|p| p.queue.len()).sum();
         if depth >= st.cfg.queue_capacity {
             st.metrics.reject("queue_full");
-            let retry = (pool.avg_task_ms.load(Ordering::Relaxed) / 1000).max(1);
             return Err(ApiError::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 "QUEUE_FULL",
-                format!("the queue of pool `{}` is full ({depth} tasks)", pool.id),
+                format!("the queue of pool `{}` is full ({depth} tasks)", pool.group),
             )
-            .retry_after(retry));
+            .retry_after(retry_after_s(&members)));
         }
-        let position = depth + pool.running.load(Ordering::SeqCst) as usize;
-        let predicted = position as u64 * pool.avg_task_ms.load(Ordering::Relaxed);
+        // Tasks ahead on this replica, shared by its slots.
+        let ahead = pool.load();
+        let position = ahead;
+        let predicted = (ahead / pool.slots) as u64 * pool.avg_task_ms.load(Ordering::Relaxed);
         let task = Arc::new(Task::new(
             task_id.clone(),
             pool.clone(),
@@ -479,32 +533,75 @@ async fn cancel_task(
     Ok(StatusCode::NO_CONTENT)
 }
 
-fn pool_json(st: &AppState, p: &Pool) -> serde_json::Value {
+/// A pool's state over its replicas: ready if any is, else loading if any
+/// is, else replica 0's (`unloaded`, `draining`, `failed`).
+pub fn group_state(st: &AppState, members: &[Arc<Pool>]) -> &'static str {
+    let stopping = st.stopping.load(Ordering::SeqCst);
+    let states: Vec<&'static str> = members.iter().map(|p| p.state(stopping)).collect();
+    for want in ["ready", "loading"] {
+        if states.contains(&want) {
+            return want;
+        }
+    }
+    if states.iter().all(|s| *s == "failed") {
+        return "failed";
+    }
+    states.first().copied().unwrap_or("unloaded")
+}
+
+fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
+    let members = st.members(&head.group);
+    let p = head;
     let state = p.link_state();
     let (e, failed) = match &state {
         LinkState::Ready(e) => (Some(e.clone()), None),
         LinkState::Failed(r) => (p.last_engine.lock().unwrap().clone(), Some(r.clone())),
         _ => (p.last_engine.lock().unwrap().clone(), None),
     };
+    let stopping = st.stopping.load(Ordering::SeqCst);
+    let sum = |f: &dyn Fn(&Pool) -> u64| members.iter().map(|m| f(m)).sum::<u64>();
+    let replicas: Vec<serde_json::Value> = members
+        .iter()
+        .map(|m| {
+            json!({
+                "replica": m.replica,
+                "run_id": m.id.as_str(),
+                "state": m.state(stopping),
+                "ready": m.ready.load(Ordering::SeqCst),
+                "url": match m.link_state() { LinkState::Ready(e) => Some(e.url), _ => None },
+                "queue_depth": m.queue.len(),
+                "running": m.running.load(Ordering::SeqCst),
+                "tokens_out": m.tokens_out.load(Ordering::Relaxed),
+                "loads": m.loads.load(Ordering::Relaxed),
+                "unloads": m.unloads.load(Ordering::Relaxed),
+            })
+        })
+        .collect();
     json!({
-        "id": p.id.as_str(),
+        "id": p.group.as_str(),
         "aliases": p.aliases,
-        "state": p.state(st.stopping.load(Ordering::SeqCst)),
-        "ready": p.ready.load(Ordering::SeqCst),
+        "state": group_state(st, &members),
+        "ready": members.iter().any(|m| m.ready.load(Ordering::SeqCst)),
         "failed_reason": failed,
         "engine": e.as_ref().map(|e| e.engine.clone()),
         "engine_version": e.as_ref().map(|e| e.engine_version.clone()),
         "fingerprint": e.as_ref().map(|e| e.fingerprint.clone()),
+        "system_fingerprint": e.as_ref().map(crate::openai::system_fingerprint),
         "model": e.as_ref().map(|e| json!({"ref": e.model_ref, "digest": e.model_digest})),
         "ctx_max": e.as_ref().and_then(|e| e.ctx_max),
-        "slots": e.as_ref().map(|e| e.slots).unwrap_or(1),
-        "queue_depth": p.queue.len(),
-        "running": p.running.load(Ordering::SeqCst),
+        "mode": e.as_ref().map(|e| e.mode()).unwrap_or("exact"),
+        "deterministic": !e.as_ref().is_some_and(|e| e.batched),
+        "slots": p.slots,
+        "capacity": p.slots * members.len(),
+        "affinity": p.affinity.as_str(),
+        "replicas": replicas,
+        "queue_depth": sum(&|m| m.queue.len() as u64),
+        "running": sum(&|m| m.running.load(Ordering::SeqCst)),
         "load": if p.policy.lazy { "lazy" } else { "eager" },
         "idle_unload_s": p.policy.idle_unload.map(|d| d.as_secs_f64()),
         "keep_loaded": p.policy.keep_loaded,
-        "loads": p.loads.load(Ordering::Relaxed),
-        "unloads": p.unloads.load(Ordering::Relaxed),
+        "loads": sum(&|m| m.loads.load(Ordering::Relaxed)),
+        "unloads": sum(&|m| m.unloads.load(Ordering::Relaxed)),
         "last_load_ms": p.last_load_ms.load(Ordering::Relaxed),
     })
 }
@@ -512,7 +609,7 @@ fn pool_json(st: &AppState, p: &Pool) -> serde_json::Value {
 async fn capabilities(State(st): State<Shared>) -> Response {
     // The top-level fields describe the default (first) pool; `pools` lists all.
     let mut body = pool_json(&st, st.default_pool());
-    let pools: Vec<serde_json::Value> = st.pools.iter().map(|p| pool_json(&st, p)).collect();
+    let pools: Vec<serde_json::Value> = st.heads().map(|p| pool_json(&st, p)).collect();
     let obj = body.as_object_mut().expect("an object");
     let id = obj.remove("id").unwrap_or_default();
     obj.insert("pool".into(), id);
@@ -538,11 +635,10 @@ async fn readyz(State(st): State<Shared>) -> Response {
         (StatusCode::OK, "ready\n").into_response()
     } else {
         let states: Vec<String> = st
-            .pools
-            .iter()
-            .map(|p| format!("{} {}", p.id, p.state(st.stopping.load(Ordering::SeqCst))))
+            .heads()
+            .map(|p| format!("{} {}", p.group, group_state(&st, &st.members(&p.group))))
             .collect();
-        let body = if st.pools.len() == 1 {
+        let body = if st.heads().count() == 1 && st.pools.len() == 1 {
             format!("{}\n", st.pool_state())
         } else {
             format!("{}\n", states.join("\n"))

@@ -30,6 +30,10 @@ pub struct EndEvent {
     pub stop_reason: String,
     pub canceled: bool,
     pub prompt_tokens: u64,
+    /// Prompt tokens the engine evaluated for this task; fewer than
+    /// `prompt_tokens` when a batched engine reused its prompt cache.
+    #[serde(default)]
+    pub prompt_evaluated: u64,
     pub prompt_ms: f64,
     pub decode_tokens_per_s: f64,
     pub queue_wait_ms: u64,

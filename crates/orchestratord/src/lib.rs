@@ -34,7 +34,7 @@ pub mod tasks;
 
 pub use config::{Config, ListenArgs, ServeError};
 pub use link::{EngineInfo, EngineLink, HandoffLink, LinkState, LoadContext, LoadRefusal};
-pub use pool::{Pool, PoolPolicy, PoolSpec, SchedulerConfig};
+pub use pool::{Affinity, Pool, PoolPolicy, PoolSpec, SchedulerConfig};
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -83,12 +83,29 @@ impl AppState {
         &self.pools[0]
     }
 
-    /// The pool a name routes to: a pool id first, then an alias (the first pool listed wins).
-    pub fn find_pool(&self, name: &str) -> Option<&Arc<pool::Pool>> {
-        self.pools
+    /// Replica 0 of every pool, in the order given: the pools clients see.
+    pub fn heads(&self) -> impl Iterator<Item = &Arc<pool::Pool>> {
+        self.pools.iter().filter(|p| p.replica == 0)
+    }
+
+    /// Every replica of the pool `group`, replica 0 first.
+    pub fn members(&self, group: &llorch_io::handoff::PoolId) -> Vec<Arc<pool::Pool>> {
+        let mut m: Vec<Arc<pool::Pool>> = self
+            .pools
             .iter()
-            .find(|p| p.id.as_str() == name)
-            .or_else(|| self.pools.iter().find(|p| p.answers_to(name)))
+            .filter(|p| &p.group == group)
+            .cloned()
+            .collect();
+        m.sort_by_key(|p| p.replica);
+        m
+    }
+
+    /// The pool a name routes to (its replica 0): a pool id first, then an
+    /// alias (the first pool listed wins). Replica run ids are not names.
+    pub fn find_pool(&self, name: &str) -> Option<&Arc<pool::Pool>> {
+        self.heads()
+            .find(|p| p.group.as_str() == name)
+            .or_else(|| self.heads().find(|p| p.answers_to(name)))
     }
 
     /// The default pool's engine state (single-pool callers).
@@ -96,13 +113,16 @@ impl AppState {
         self.default_pool().link_state()
     }
 
-    /// Every pool is ready or can load on demand, and the orchestrator is not draining.
+    /// Every pool has a replica that is ready or can load on demand, and the
+    /// orchestrator is not draining (a pool of several replicas serves while one restarts).
     pub fn is_ready(&self) -> bool {
         !self.stopping.load(Ordering::SeqCst)
-            && self.pools.iter().all(|p| {
-                p.ready.load(Ordering::SeqCst)
-                    || (p.link.loads_on_demand()
-                        && matches!(p.link_state(), LinkState::Unloaded | LinkState::Unloading))
+            && self.heads().all(|h| {
+                self.members(&h.group).iter().any(|p| {
+                    p.ready.load(Ordering::SeqCst)
+                        || (p.link.loads_on_demand()
+                            && matches!(p.link_state(), LinkState::Unloaded | LinkState::Unloading))
+                })
             })
     }
 
@@ -172,17 +192,15 @@ impl Server {
 
 /// Serve one pool (its id: the engine's pool when it is ready at start, else `default`).
 pub async fn start(cfg: Config, link: Box<dyn EngineLink>) -> Result<Server, ServeError> {
-    let id = match link.current() {
-        LinkState::Ready(e) => llorch_io::handoff::PoolId::parse(&e.pool).ok(),
-        _ => None,
-    }
-    .unwrap_or_else(|| llorch_io::handoff::PoolId::parse("default").expect("a valid pool id"));
-    start_pools(
-        cfg,
-        vec![PoolSpec::new(id, link)],
-        SchedulerConfig::default(),
-    )
-    .await
+    let (id, slots) = match link.current() {
+        LinkState::Ready(e) => (llorch_io::handoff::PoolId::parse(&e.pool).ok(), e.slots),
+        _ => (None, 1),
+    };
+    let id = id
+        .unwrap_or_else(|| llorch_io::handoff::PoolId::parse("default").expect("a valid pool id"));
+    let mut spec = PoolSpec::new(id, link);
+    spec.slots = slots;
+    start_pools(cfg, vec![spec], SchedulerConfig::default()).await
 }
 
 /// Bind and start serving (per pool: health loop and worker; the scheduler, the reaper, HTTP).
@@ -212,7 +230,10 @@ pub async fn start_pools(
     let st = AppState::new(cfg, pools, sched_cfg);
     for p in &st.pools {
         tokio::spawn(pool::health_loop(st.clone(), p.clone()));
-        tokio::spawn(tasks::worker(st.clone(), p.clone()));
+        // One worker per engine slot.
+        for _ in 0..p.slots {
+            tokio::spawn(tasks::worker(st.clone(), p.clone()));
+        }
     }
     tokio::spawn(pool::scheduler(st.clone()));
     tokio::spawn(tasks::reaper(st.clone()));

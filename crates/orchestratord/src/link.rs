@@ -21,7 +21,11 @@ pub struct EngineInfo {
     pub model_ref: String,
     pub model_digest: String,
     pub ctx_max: Option<u64>,
+    /// Parallel slots of the engine (`--parallel`): 1 in exact mode.
     pub slots: usize,
+    /// Continuous batching with prompt-cache reuse (`mode: batched`): results depend on load.
+    #[serde(default)]
+    pub batched: bool,
     /// Sent as `Authorization: Bearer` to an engine that requires a key.
     #[serde(skip)]
     pub api_key: Option<String>,
@@ -46,10 +50,36 @@ impl EngineInfo {
             model_ref: h.model.reference.clone(),
             model_digest: h.model.digest.clone(),
             ctx_max: h.model.metadata["ctx_max"].as_u64(),
-            slots: 1,
+            slots: slots_of(&h.flags),
+            batched: is_batched(&h.flags),
             api_key,
         })
     }
+
+    /// `exact` or `batched`.
+    pub fn mode(&self) -> &'static str {
+        if self.batched {
+            "batched"
+        } else {
+            "exact"
+        }
+    }
+}
+
+/// The slot count llama-server's flags give (`--parallel N`; 1 when absent or odd).
+pub fn slots_of(flags: &[String]) -> usize {
+    flags
+        .iter()
+        .position(|f| f == "--parallel" || f == "-np")
+        .and_then(|i| flags.get(i + 1))
+        .and_then(|v| v.parse::<usize>().ok())
+        .filter(|n| (1..=1024).contains(n))
+        .unwrap_or(1)
+}
+
+/// Whether the flags turn continuous batching on (`--cont-batching`; batched mode).
+pub fn is_batched(flags: &[String]) -> bool {
+    flags.iter().any(|f| f == "--cont-batching" || f == "-cb")
 }
 
 fn url_is_loopback(url: &str) -> bool {

@@ -44,6 +44,7 @@ const NUMERIC_FLAGS: &[&str] = &[
     "--parallel",
     "-np",
     "--no-cont-batching",
+    "--cont-batching",
     "-t",
     "--threads",
 ];
@@ -98,15 +99,30 @@ pub async fn models(State(st): State<Shared>) -> Response {
     let stopping = st.stopping.load(std::sync::atomic::Ordering::SeqCst);
     let mut data: Vec<Value> = Vec::new();
     let mut names = std::collections::HashSet::new();
+    let _ = stopping;
     let entry = |id: &str, p: &crate::Pool| {
+        let members = st.members(&p.group);
+        let replicas: Vec<Value> = members
+            .iter()
+            .map(|m| json!({"replica": m.replica, "state": m.state(stopping), "queue_depth": m.queue.len(),
+                            "running": m.running.load(std::sync::atomic::Ordering::SeqCst)}))
+            .collect();
+        let mode = p
+            .last_engine
+            .lock()
+            .unwrap()
+            .as_ref()
+            .map(|e| e.mode())
+            .unwrap_or("exact");
         json!({"id": id, "object": "model", "created": 0, "owned_by": "llama-orch",
-               "pool": p.id.as_str(), "state": p.state(stopping)})
+               "pool": p.group.as_str(), "state": crate::api::group_state(&st, &members),
+               "mode": mode, "slots": p.slots, "replicas": replicas})
     };
-    for p in &st.pools {
-        names.insert(p.id.to_string());
-        data.push(entry(p.id.as_str(), p));
+    for p in st.heads() {
+        names.insert(p.group.to_string());
+        data.push(entry(p.group.as_str(), p));
     }
-    for p in &st.pools {
+    for p in st.heads() {
         let mut aliases = p.aliases.clone();
         if let Some(e) = p.last_engine.lock().unwrap().as_ref() {
             aliases.push(model_alias(e));

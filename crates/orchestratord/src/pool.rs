@@ -18,6 +18,16 @@
 //!   decides an unload (queue empty, nothing running → closed) under the same
 //!   per-pool mutex, so an unload never cuts a task that was just taken.
 //! * Every state change is one log line: `[pool a] unloaded -> loading (...)`.
+//! * Replicas: a pool served by K engines is K `Pool`s of one `group` (the
+//!   pool id clients name), each with its own link, queue and workers, run
+//!   id `<pool>.r<k>` for k > 0. The scheduler treats them one by one (so
+//!   they count against `max_loaded` one by one); admission picks one
+//!   ([`pick_replica`]): the usable replica with the fewest queued + running
+//!   tasks, or, with `affinity: prefix`, the first replica in the prompt
+//!   prefix's rendezvous-hash order whose load is within the bound
+//!   (consistent hashing with bounded load).
+//! * Slots: a batched engine with N slots gets N workers, so up to N tasks
+//!   run on it at once; the rest wait in its queue.
 
 use crate::link::{EngineInfo, EngineLink, LinkState, LoadContext, LoadRefusal};
 use crate::tasks::Queue;
@@ -39,9 +49,37 @@ pub struct PoolPolicy {
     pub keep_loaded: bool,
 }
 
-/// A pool to serve: its id, other names that route to it, and its engine.
+/// How admission spreads a pool's requests over its replicas.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Affinity {
+    /// The replica with the fewest queued + running tasks.
+    #[default]
+    None,
+    /// Shared prompt prefixes go to one replica while its load is within the bound.
+    Prefix,
+}
+
+impl Affinity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Affinity::None => "none",
+            Affinity::Prefix => "prefix",
+        }
+    }
+}
+
+/// A pool to serve (one engine: the pool, or one replica of it): its id,
+/// other names that route to it, and its engine.
 pub struct PoolSpec {
+    /// The run id (the pool id for replica 0, `<pool>.r<k>` otherwise).
     pub id: PoolId,
+    /// The pool clients name (the same for every replica).
+    pub group: PoolId,
+    /// Replica index within the group (0 for a pool of one engine).
+    pub replica: usize,
+    /// Parallel slots of the engine: this many tasks run at once.
+    pub slots: usize,
+    pub affinity: Affinity,
     /// Names that also route here (the model's name); the first pool listed wins a shared name.
     pub aliases: Vec<String>,
     pub link: Box<dyn EngineLink>,
@@ -54,6 +92,10 @@ pub struct PoolSpec {
 impl PoolSpec {
     pub fn new(id: PoolId, link: Box<dyn EngineLink>) -> PoolSpec {
         PoolSpec {
+            group: id.clone(),
+            replica: 0,
+            slots: 1,
+            affinity: Affinity::None,
             id,
             aliases: Vec::new(),
             link,
@@ -64,7 +106,13 @@ impl PoolSpec {
 }
 
 pub struct Pool {
+    /// The run id: the pool id for replica 0, `<pool>.r<k>` for replica k.
     pub id: PoolId,
+    /// The pool clients name.
+    pub group: PoolId,
+    pub replica: usize,
+    pub slots: usize,
+    pub affinity: Affinity,
     pub aliases: Vec<String>,
     pub policy: PoolPolicy,
     pub link: Box<dyn EngineLink>,
@@ -91,12 +139,21 @@ pub struct Pool {
     pub tokens_out: AtomicU64,
     /// A load refusal already logged (so a waiting load logs once).
     waiting_logged: AtomicBool,
+    /// When its last tasks finished (at most [`RATE_WINDOW`]): the observed service rate.
+    finished: Mutex<std::collections::VecDeque<Instant>>,
 }
+
+/// How many recent completions the service rate is measured over.
+pub const RATE_WINDOW: usize = 64;
 
 impl Pool {
     pub fn new(spec: PoolSpec) -> Pool {
         Pool {
             id: spec.id,
+            group: spec.group,
+            replica: spec.replica,
+            slots: spec.slots.max(1),
+            affinity: spec.affinity,
             aliases: spec.aliases,
             policy: spec.policy,
             link: spec.link,
@@ -115,6 +172,43 @@ impl Pool {
             unloads: AtomicU64::new(0),
             tokens_out: AtomicU64::new(0),
             waiting_logged: AtomicBool::new(false),
+            finished: Mutex::new(Default::default()),
+        }
+    }
+
+    /// Queued + running tasks.
+    pub fn load(&self) -> usize {
+        self.queue.len() + self.running.load(Ordering::SeqCst) as usize
+    }
+
+    /// A task finished (for the observed service rate).
+    pub fn record_finished(&self) {
+        let mut f = self.finished.lock().unwrap();
+        if f.len() == RATE_WINDOW {
+            f.pop_front();
+        }
+        f.push_back(Instant::now());
+    }
+
+    /// Tasks finished per second over the last [`RATE_WINDOW`] (None: too few, or too long ago).
+    pub fn service_rate(&self) -> Option<f64> {
+        let f = self.finished.lock().unwrap();
+        let (first, last) = (f.front()?, f.back()?);
+        let span = last.duration_since(*first).as_secs_f64();
+        // Finishes older than a minute say nothing about now.
+        if f.len() < 2 || span <= 0.0 || last.elapsed() > Duration::from_secs(60) {
+            return None;
+        }
+        Some((f.len() - 1) as f64 / span)
+    }
+
+    /// Whether admission may send tasks here: 0 ready or loads for them, 1 restarting, None failed.
+    fn usability(&self) -> Option<u8> {
+        match self.link_state() {
+            LinkState::Failed(_) => None,
+            LinkState::Ready(_) if self.ready.load(Ordering::SeqCst) => Some(0),
+            LinkState::Unloaded if self.link.loads_on_demand() => Some(0),
+            _ => Some(1),
         }
     }
 
@@ -182,6 +276,61 @@ fn state_name(s: &LinkState, ready: bool) -> &'static str {
         LinkState::Ready(_) if ready => "ready",
         _ => "loading",
     }
+}
+
+/// How many characters of a prompt make its affinity key.
+pub const AFFINITY_PREFIX_CHARS: usize = 256;
+/// A replica takes a shared prefix while its load stays below
+/// `ceil(AFFINITY_BOUND * (total load + 1) / replicas)` (bounded-load consistent hashing).
+pub const AFFINITY_BOUND: f64 = 1.25;
+
+/// The replica of `members` (one group, replica 0 first) a task goes to.
+/// `prefix`: the task's prompt text, for `affinity: prefix`.
+pub fn pick_replica(members: &[Arc<Pool>], prefix: &str) -> Arc<Pool> {
+    let head = &members[0];
+    // Usable replicas; when none is (all failed), replica 0 answers for the group.
+    let usable: Vec<(u8, &Arc<Pool>)> = members
+        .iter()
+        .filter_map(|p| p.usability().map(|u| (u, p)))
+        .collect();
+    if usable.len() <= 1 {
+        return usable
+            .first()
+            .map(|(_, p)| (*p).clone())
+            .unwrap_or(head.clone());
+    }
+    // Replicas that are ready (or load for us) before restarting ones.
+    let best = usable.iter().map(|(u, _)| *u).min().unwrap_or(0);
+    let cands: Vec<&Arc<Pool>> = usable
+        .iter()
+        .filter(|(u, _)| *u == best)
+        .map(|(_, p)| *p)
+        .collect();
+    if head.affinity == Affinity::Prefix {
+        use sha2::{Digest, Sha256};
+        let key: String = prefix.chars().take(AFFINITY_PREFIX_CHARS).collect();
+        let total: usize = cands.iter().map(|p| p.load()).sum();
+        let bound = (AFFINITY_BOUND * (total + 1) as f64 / cands.len() as f64).ceil() as usize;
+        // Rendezvous hashing: each replica's score for this key; highest first.
+        let mut order: Vec<(&Arc<Pool>, [u8; 32])> = cands
+            .iter()
+            .map(|p| {
+                let mut h = Sha256::new();
+                h.update(key.as_bytes());
+                h.update((p.replica as u64).to_le_bytes());
+                (*p, h.finalize().into())
+            })
+            .collect();
+        order.sort_by_key(|o| std::cmp::Reverse(o.1));
+        if let Some((p, _)) = order.iter().find(|(p, _)| p.load() < bound) {
+            return (*p).clone();
+        }
+    }
+    cands
+        .iter()
+        .min_by_key(|p| (p.load(), p.replica))
+        .map(|p| (*p).clone())
+        .unwrap_or(head.clone())
 }
 
 /// Keep `ready` current for one pool.

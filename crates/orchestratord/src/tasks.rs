@@ -319,6 +319,7 @@ pub async fn worker(st: Arc<AppState>, pool: Arc<Pool>) {
         let t0 = Instant::now();
         crate::adapter::run_task(&st, &task).await;
         pool.touch();
+        pool.record_finished();
         pool.running.fetch_sub(1, Ordering::SeqCst);
         let ms = t0.elapsed().as_millis() as u64;
         let avg = pool.avg_task_ms.load(Ordering::Relaxed);

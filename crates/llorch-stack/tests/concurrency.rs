@@ -1,0 +1,389 @@
+//! Many clients at once, against real engines of the default profile:
+//! exact replicas give every client the one-engine answer bit for bit, a
+//! batched engine keeps each client's text its own and reuses its prompt
+//! cache, a killed replica ends only its own streams, `affinity: prefix`
+//! keeps a shared prefix on one replica within its bound, and a full queue
+//! answers 429 with a Retry-After from the observed service rate.
+
+use llorch_io::paths::Layout;
+use llorch_profile::stack::Stack;
+use llorch_stack::{start_pools, PoolStack, PoolsOptions};
+use orchestratord::client::{read_stream, stream_task};
+use orchestratord::Config;
+use serde_json::{json, Value};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .unwrap()
+}
+
+/// Engines of two tests at once would share the 2 cores and time out; one at a time.
+static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+fn id(name: &str) -> String {
+    format!("{name}-{}", std::process::id())
+}
+
+async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> PoolStack {
+    let dir = std::env::temp_dir().join(format!("llorch-conc-{test}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let text = yaml
+        .replace("{a}", &id(&format!("{test}-a")))
+        .replace("{b}", &id(&format!("{test}-b")));
+    std::fs::write(dir.join("stack.yaml"), text).unwrap();
+    let root = root();
+    let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
+    let stack = Stack::load(&dir.join("stack.yaml"), &root).unwrap();
+    let mut cfg = Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        health_interval: Duration::from_millis(50),
+        ..Default::default()
+    };
+    if let Some(c) = queue_capacity {
+        cfg.queue_capacity = c;
+    }
+    start_pools(
+        &stack,
+        &layout,
+        cfg,
+        &PoolsOptions {
+            quiet: true,
+            ..Default::default()
+        },
+        "concurrency tests",
+    )
+    .await
+    .unwrap()
+}
+
+fn http() -> reqwest::Client {
+    llorch_io::http::async_client()
+}
+
+async fn caps(base: &str) -> Value {
+    http()
+        .get(format!("{base}/v1/capabilities"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+fn pool_caps(caps: &Value, pool: &str) -> Value {
+    caps["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["id"] == pool)
+        .unwrap_or_else(|| panic!("pool {pool} in {caps}"))
+        .clone()
+}
+
+/// An OpenAI completion with log-probabilities: (text, logprobs).
+async fn completion(base: &str, model: &str, prompt: &str, n: u32) -> (String, Value) {
+    let r = http()
+        .post(format!("{base}/v1/completions"))
+        .json(&json!({"model": model, "prompt": prompt, "max_tokens": n, "logprobs": 2}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 200);
+    let v: Value = r.json().await.unwrap();
+    (
+        v["choices"][0]["text"].as_str().unwrap().to_string(),
+        v["choices"][0]["logprobs"].clone(),
+    )
+}
+
+/// Submit a task; returns its id and the replica it went to.
+async fn submit(base: &str, body: &Value) -> (String, u64) {
+    let r = http()
+        .post(format!("{base}/v1/tasks"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 202);
+    let v: Value = r.json().await.unwrap();
+    (
+        v["task_id"].as_str().unwrap().to_string(),
+        v["replica"].as_u64().unwrap(),
+    )
+}
+
+const PROMPTS: [&str; 16] = [
+    "The capital of France is",
+    "Once upon a time, a small dog",
+    "List three fruits:",
+    "The best way to learn Rust is",
+    "Water boils at",
+    "My favourite colour is",
+    "In the year 2050, cities will",
+    "A haiku about snow:",
+    "The moon is",
+    "Dear diary, today I",
+    "Three reasons to exercise:",
+    "The recipe for pancakes needs",
+    "Cats and dogs are",
+    "The ocean is deep because",
+    "A good night's sleep",
+    "Mountains are formed when",
+];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sixteen_clients_on_two_exact_replicas_get_the_one_engine_answer_bit_for_bit() {
+    let _t = TURN.lock().await;
+    let ps = start(
+        "exact",
+        "schema: 1\npools:\n  - id: {a}\n    profile: cpu\n    replicas: 2\n  - id: {b}\n    profile: cpu\n",
+        None,
+    )
+    .await;
+    let base = ps.orchestrator_url();
+    let (a, b) = (id("exact-a"), id("exact-b"));
+    let c = caps(&base).await;
+    let pa = pool_caps(&c, &a);
+    assert_eq!(pa["mode"], "exact");
+    assert_eq!(pa["deterministic"], true);
+    assert_eq!(pa["capacity"], 2);
+    assert_eq!(pa["replicas"].as_array().unwrap().len(), 2);
+    assert_eq!(pa["replicas"][1]["run_id"], format!("{a}.r1"));
+    // The same system_fingerprint as a one-engine pool of the same profile.
+    assert_eq!(
+        pa["system_fingerprint"],
+        pool_caps(&c, &b)["system_fingerprint"]
+    );
+    // Concurrently on the two replicas...
+    let got =
+        futures_util::future::join_all(PROMPTS.iter().map(|p| completion(&base, &a, p, 12))).await;
+    // ...then one at a time on the one-engine pool.
+    for (i, p) in PROMPTS.iter().enumerate() {
+        let want = completion(&base, &b, p, 12).await;
+        assert_eq!(got[i], want, "prompt {i} `{p}`");
+    }
+    let c = caps(&base).await;
+    for r in pool_caps(&c, &a)["replicas"].as_array().unwrap() {
+        assert!(
+            r["tokens_out"].as_u64().unwrap() > 0,
+            "every replica served: {r}"
+        );
+    }
+    let m = http()
+        .get(format!("{base}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        m.contains(&format!(
+            "llorch_replica_tokens_out{{pool=\"{a}\",replica=\"1\"}}"
+        )),
+        "{m}"
+    );
+    assert!(
+        m.contains(&format!("llorch_pool_capacity{{pool=\"{a}\"}} 2")),
+        "{m}"
+    );
+    ps.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_batched_engine_keeps_each_clients_text_its_own_and_reuses_its_prompt_cache() {
+    let _t = TURN.lock().await;
+    let ps = start(
+        "batched",
+        "schema: 1\npools:\n  - id: {a}\n    profile: cpu\n    mode: batched\n    slots: 4\n",
+        None,
+    )
+    .await;
+    let base = ps.orchestrator_url();
+    let a = id("batched-a");
+    let pa = pool_caps(&caps(&base).await, &a);
+    assert_eq!(pa["mode"], "batched");
+    assert_eq!(pa["deterministic"], false);
+    assert_eq!(pa["slots"], 4);
+    // Each client's grammar forces its own tag first: a stream that carried
+    // another client's text would show another tag.
+    let tasks = (0..16).map(|i| {
+        let base = base.clone();
+        let a = a.clone();
+        async move {
+            let tag = format!("client{i:02}:");
+            let body = json!({"prompt": PROMPTS[i], "max_tokens": 10, "pool": a,
+                "grammar": format!("root ::= \"{tag}\" [a-z ]+")});
+            let r = stream_task(&http(), &base, &body, None, None)
+                .await
+                .unwrap();
+            (tag, r)
+        }
+    });
+    let results = futures_util::future::join_all(tasks).await;
+    let mut peak_running = 0;
+    for (tag, r) in &results {
+        assert!(r.order_ok() && r.indices_ok(), "{:?}", r.order);
+        assert!(r.error.is_none(), "{:?}", r.error);
+        assert!(r.text.starts_with(tag.as_str()), "{tag} got `{}`", r.text);
+        assert_eq!(
+            r.text.matches("client").count(),
+            1,
+            "{tag} got `{}`",
+            r.text
+        );
+        peak_running = peak_running.max(r.started.as_ref().unwrap().queue_position);
+    }
+    assert!(peak_running >= 4, "16 clients queued behind 4 slots");
+    // A long shared prefix, twice: the second evaluates only what is new.
+    let long: String = (0..60).map(|i| format!("item {i}, ")).collect();
+    let mut evaluated = Vec::new();
+    for _ in 0..2 {
+        let body = json!({"prompt": long, "max_tokens": 4, "pool": a});
+        let r = stream_task(&http(), &base, &body, None, None)
+            .await
+            .unwrap();
+        let end = r.end.unwrap();
+        evaluated.push((end.prompt_tokens, end.prompt_evaluated));
+    }
+    assert!(evaluated[0].0 > 100, "{evaluated:?}");
+    assert!(
+        evaluated[1].1 < evaluated[0].1 / 4,
+        "the repeated prompt came from the cache: {evaluated:?}"
+    );
+    ps.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_killed_replica_ends_only_its_own_streams_and_restarts() {
+    let _t = TURN.lock().await;
+    let ps = start(
+        "kill",
+        "schema: 1\npools:\n  - id: {a}\n    profile: cpu\n    replicas: 2\n",
+        None,
+    )
+    .await;
+    let base = ps.orchestrator_url();
+    let a = id("kill-a");
+    // Four long streams: the fewest-loaded rule puts two on each replica
+    // (one running, one waiting).
+    let mut subs = Vec::new();
+    for _ in 0..4 {
+        let body =
+            json!({"prompt": "Count: one, two,", "max_tokens": 400, "ignore_eos": true, "pool": a});
+        subs.push(submit(&base, &body).await);
+    }
+    let on: Vec<u64> = subs.iter().map(|(_, r)| *r).collect();
+    assert_eq!(on, [0, 1, 0, 1]);
+    let readers: Vec<_> = subs
+        .iter()
+        .map(|(id, _)| {
+            let (base, id) = (base.clone(), id.clone());
+            tokio::spawn(async move { read_stream(&http(), &base, &id, None, None).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let victim = ps.link(&a).unwrap().engine_pid().unwrap();
+    let other = ps.link(&format!("{a}.r1")).unwrap().engine_pid().unwrap();
+    // SAFETY: kill(2) on replica 0's engine, a child of this process.
+    unsafe { libc::kill(victim as i32, libc::SIGKILL) };
+    for (i, h) in readers.into_iter().enumerate() {
+        let r = h.await.unwrap().unwrap();
+        assert!(r.order_ok(), "{:?}", r.order);
+        if i == 0 {
+            // Running on replica 0 when it was killed.
+            let e = r
+                .error
+                .as_ref()
+                .unwrap_or_else(|| panic!("stream 0: {:?}", r.end));
+            assert_eq!(e.code, "ENGINE_CRASHED");
+        } else {
+            // Running on replica 1, or waiting on replica 0 (it runs once replica 0 is back).
+            assert!(r.error.is_none(), "stream {i}: {:?}", r.error);
+            assert_eq!(r.tokens_out(), 400);
+        }
+    }
+    assert_eq!(
+        ps.link(&format!("{a}.r1")).unwrap().engine_pid(),
+        Some(other)
+    );
+    // Replica 0 comes back and serves again.
+    let t0 = Instant::now();
+    loop {
+        let r = &pool_caps(&caps(&base).await, &a)["replicas"][0];
+        if r["state"] == "ready" {
+            break;
+        }
+        assert!(t0.elapsed() < Duration::from_secs(60), "replica 0 is {r}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (id0, on0) = submit(&base, &json!({"prompt": "Hi", "max_tokens": 4, "pool": a})).await;
+    assert_eq!(on0, 0);
+    let r = read_stream(&http(), &base, &id0, None, None).await.unwrap();
+    assert!(r.error.is_none() && r.tokens_out() == 4, "{:?}", r.error);
+    assert_ne!(ps.link(&a).unwrap().engine_pid(), Some(victim));
+    ps.stop(Duration::from_secs(5)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn prefix_affinity_keeps_a_prefix_on_one_replica_within_its_bound_and_a_full_queue_says_when_to_retry(
+) {
+    let _t = TURN.lock().await;
+    let ps = start(
+        "affinity",
+        "schema: 1\npools:\n  - id: {a}\n    profile: cpu\n    replicas: 2\n    affinity: prefix\n",
+        Some(4),
+    )
+    .await;
+    let base = ps.orchestrator_url();
+    let a = id("affinity-a");
+    assert_eq!(pool_caps(&caps(&base).await, &a)["affinity"], "prefix");
+    let long = |n: u32| json!({"prompt": "You are a helpful assistant. Answer briefly.", "max_tokens": n, "ignore_eos": true, "pool": a});
+    // Idle pool: the same prefix goes to the same replica every time.
+    let mut home = None;
+    for _ in 0..3 {
+        let (id, r) = submit(&base, &long(2)).await;
+        assert_eq!(*home.get_or_insert(r), r, "a repeated prefix moved");
+        read_stream(&http(), &base, &id, None, None).await.unwrap();
+    }
+    let home = home.unwrap();
+    // Busy: two tasks stay within the bound at home (ceil(1.25 * 2 / 2) = 2);
+    // the third would be over it and goes to the other replica.
+    let mut subs = Vec::new();
+    for _ in 0..3 {
+        subs.push(submit(&base, &long(200)).await);
+    }
+    let on: Vec<u64> = subs.iter().map(|(_, r)| *r).collect();
+    assert_eq!(on, [home, home, 1 - home]);
+    // Queue capacity 4 over the pool: two run and one waits; three more wait, then 429.
+    for _ in 0..3 {
+        subs.push(submit(&base, &long(200)).await);
+    }
+    let r = http()
+        .post(format!("{base}/v1/tasks"))
+        .json(&long(200))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status().as_u16(), 429);
+    let retry: u64 = r.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=3600).contains(&retry), "{retry}");
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "QUEUE_FULL");
+    for (id, _) in &subs {
+        orchestratord::client::cancel(&http(), &base, id)
+            .await
+            .unwrap();
+    }
+    ps.stop(Duration::from_secs(5)).await;
+}
