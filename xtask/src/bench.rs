@@ -77,6 +77,41 @@ enum BenchSub {
         #[arg(long)]
         skip_build: bool,
     },
+    /// Many streaming clients: aggregate tokens/s, TTFT and inter-token p99 through the orchestrator vs the same engines addressed directly
+    Load {
+        #[arg(long, short)]
+        profile: Option<String>,
+        /// Client counts, one row each
+        #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
+        clients: Vec<usize>,
+        /// Exact single-slot engines serving the pool
+        #[arg(long)]
+        replicas: Option<u32>,
+        /// exact or batched
+        #[arg(long, value_parser = ["exact", "batched"])]
+        mode: Option<String>,
+        /// Slots of the batched engine
+        #[arg(long)]
+        slots: Option<u32>,
+        /// GPUs for the replicas (round robin)
+        #[arg(long, value_delimiter = ',')]
+        devices: Vec<u32>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 64)]
+        max_tokens: u32,
+    },
+    /// Many concurrent streaming clients (short, long, 10 % disconnecting) against a batched pool: every stream ends once, refusals are 429, nothing is left
+    Soak {
+        #[arg(long, short)]
+        profile: Option<String>,
+        #[arg(long, default_value_t = 1000)]
+        clients: usize,
+        #[arg(long, default_value_t = 4)]
+        slots: u32,
+        #[arg(long, default_value_t = 256)]
+        queue_capacity: usize,
+    },
     /// Streaming chat through the orchestrator's OpenAI API vs llama-server's own /v1/chat/completions; disconnect → slot idle
     Openai {
         #[arg(long, short)]
@@ -183,6 +218,47 @@ impl BenchCmd {
                 runs,
                 max_tokens,
             } => bench_openai(ctx, profile.as_deref(), *runs, *max_tokens)?,
+            BenchSub::Load {
+                profile,
+                clients,
+                replicas,
+                mode,
+                slots,
+                devices,
+                runs,
+                max_tokens,
+            } => crate::bench_load::bench_load(
+                ctx,
+                &crate::bench_load::LoadArgs {
+                    profile: profile.as_deref(),
+                    clients,
+                    keys: llorch_profile::ConcurrencyKeys {
+                        mode: match mode.as_deref() {
+                            Some("batched") => Some(llorch_profile::Mode::Batched),
+                            Some(_) => Some(llorch_profile::Mode::Exact),
+                            None => None,
+                        },
+                        slots: *slots,
+                        replicas: *replicas,
+                        affinity: None,
+                    },
+                    devices,
+                    runs: *runs,
+                    max_tokens: *max_tokens,
+                },
+            )?,
+            BenchSub::Soak {
+                profile,
+                clients,
+                slots,
+                queue_capacity,
+            } => crate::bench_load::bench_soak(
+                ctx,
+                profile.as_deref(),
+                *clients,
+                *slots,
+                *queue_capacity,
+            )?,
             BenchSub::Fleet {
                 profile,
                 runs,
@@ -453,7 +529,7 @@ fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Valu
     }))
 }
 
-fn rss_kib() -> u64 {
+pub(crate) fn rss_kib() -> u64 {
     std::fs::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()

@@ -7,6 +7,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod bench_fleet;
+mod bench_load;
 mod bench_pools;
 mod ci;
 mod doctor;

@@ -413,8 +413,11 @@ async fn not_ready_unknown_and_bad_requests() {
         ),
         (r#"{"messages": [{"role": "user"}]}"#, "messages[0]"),
         (r#"{"prompt": "x", "task_id": "../x"}"#, "task_id"),
-        (r#"{"prompt": "x", "pool": "../../x"}"#, "pool"),
-        (r#"{"prompt": "x", "pool": "Upper"}"#, "pool"),
+        (r#"{"prompt": "x", "pool": ""}"#, "pool"),
+        (r#"{"prompt": "x", "pool": "a\u0000b"}"#, "pool"),
+        // One JSON object and nothing after it.
+        (r#"{"prompt": "x"}xyz"#, "body"),
+        (r#"{"prompt": "x"} {"prompt": "y"}"#, "body"),
     ] {
         let r = c
             .post(format!("{base}/v1/tasks"))
@@ -427,17 +430,42 @@ async fn not_ready_unknown_and_bad_requests() {
         let v: Value = r.json().await.unwrap();
         assert_eq!(v["error"]["field"], field, "{body}: {v}");
     }
-    // A task may name its pool: only the one served here.
+    // A task may name its pool: only the one served here (any name that is
+    // no pool id nor model name is 404, quoted shortly).
+    for name in ["elsewhere", "../../x", "Upper", &"z".repeat(256)] {
+        let r = c
+            .post(format!("{base}/v1/tasks"))
+            .json(&json!({"prompt": "x", "max_tokens": 1, "pool": name}))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 404);
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "POOL_NOT_FOUND", "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains(&pool()) && m.len() < 400, "{m}");
+    }
+    // The model's name routes like the pool id (README: a pool id or a model name).
     let r = c
         .post(format!("{base}/v1/tasks"))
-        .json(&json!({"prompt": "x", "max_tokens": 1, "pool": "elsewhere"}))
+        .json(&json!({"prompt": "x", "max_tokens": 1, "pool": "SmolLM2-135M-Instruct.Q4_1"}))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 404);
+    assert_eq!(r.status(), 202);
     let v: Value = r.json().await.unwrap();
-    assert_eq!(v["error"]["code"], "POOL_NOT_FOUND", "{v}");
-    assert!(v["error"]["message"].as_str().unwrap().contains(&pool()));
+    assert_eq!(v["pool"], pool().as_str(), "{v}");
+    // Trailing bytes after the JSON are refused on the OpenAI endpoints too.
+    for path in ["/v1/chat/completions", "/v1/completions"] {
+        let r = c
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(r#"{"model": "x", "prompt": "x", "messages": [{"role": "user", "content": "x"}]}xyz"#)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 400, "{path}");
+    }
     let ok = stream_task(
         &c,
         &base,

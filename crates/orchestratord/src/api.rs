@@ -115,7 +115,7 @@ const MAX_GRAMMAR_CHARS: usize = 16 * 1024;
 /// Parse a JSON body into `T`, naming the field at fault.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
-    serde_path_to_error::deserialize(de).map_err(|e| {
+    let v = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
         let inner = e.inner().to_string();
         let path = e.path().to_string();
         let field = if let Some(rest) = inner.strip_prefix("unknown field `") {
@@ -131,18 +131,30 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
             inner
         };
         ApiError::invalid(field, msg)
-    })
+    })?;
+    // One JSON value and nothing after it (`{...}xyz` is not a request).
+    de.end().map_err(|e| {
+        ApiError::invalid(
+            "body",
+            format!("invalid JSON: unexpected data after the request object ({e})"),
+        )
+    })?;
+    Ok(v)
 }
 
 impl CreateTask {
     pub fn validate(self, st: &AppState) -> Result<Validated, ApiError> {
         let c = &st.cfg;
+        // A pool id or a model name (routed later; an unknown name is 404).
         let pool = match &self.pool {
             None => None,
-            Some(p) => Some(
-                llorch_io::handoff::PoolId::parse(p)
-                    .map_err(|e| ApiError::invalid("pool", e.to_string()))?,
-            ),
+            Some(p) if p.is_empty() || p.len() > 256 || p.chars().any(char::is_control) => {
+                return Err(ApiError::invalid(
+                    "pool",
+                    "pool must be a pool id or a model name of 1 to 256 printable characters",
+                ))
+            }
+            Some(p) => Some(p.clone()),
         };
         if matches!(&self.prompt, Some(p) if p.is_empty()) {
             return Err(ApiError::invalid("prompt", "prompt is empty"));
@@ -272,11 +284,7 @@ impl CreateTask {
 }
 
 /// A checked request, its client-chosen id and the pool it names.
-pub type Validated = (
-    TaskRequest,
-    Option<String>,
-    Option<llorch_io::handoff::PoolId>,
-);
+pub type Validated = (TaskRequest, Option<String>, Option<String>);
 
 fn not_ready(st: &AppState, pool: &Pool) -> ApiError {
     st.metrics.reject("not_ready");
@@ -316,12 +324,7 @@ async fn create_task(
     let (req, task_id, pool) = req
         .validate(&st)
         .inspect_err(|_| st.metrics.reject("invalid"))?;
-    let pool = route(
-        &st,
-        pool.as_ref().map(|p| p.as_str()),
-        "pool",
-        "POOL_NOT_FOUND",
-    )?;
+    let pool = route(&st, pool.as_deref(), "pool", "POOL_NOT_FOUND")?;
     let task = admit(&st, &pool, req, task_id)?;
     Ok((
         StatusCode::ACCEPTED,

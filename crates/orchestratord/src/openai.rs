@@ -206,6 +206,8 @@ struct OpenAiRequest {
     stream_options: Option<StreamOptions>,
     logprobs: Option<Logprobs>,
     top_logprobs: Option<i64>,
+    /// llama-server's extension (also vLLM's): keep generating past end-of-sequence.
+    ignore_eos: Option<bool>,
 }
 
 #[derive(Clone, Copy, PartialEq)]
@@ -440,7 +442,7 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
             seed,
             temperature,
             deadline_ms: None,
-            ignore_eos: false,
+            ignore_eos: r.ignore_eos.unwrap_or(false),
             stop,
             grammar: None,
             top_p: r.top_p,

@@ -1,0 +1,476 @@
+//! `cargo xtask bench load` and `bench soak`: many OpenAI streaming clients
+//! at once.
+//!
+//! `load` starts one pool of the profile (exact with `--replicas K`, or
+//! `--mode batched --slots N`) and, for each client count, alternates in
+//! every run: the clients through the orchestrator, and the same clients
+//! straight against the same engine processes (llama-server's own
+//! `/v1/completions`, clients spread round robin over the replicas, the same
+//! flags, prompts, seeds and `cache_prompt` setting). It reports aggregate
+//! tokens/s, time to first token p50/p99, inter-token p99, errors, and the
+//! ratio orchestrator / direct with its spread.
+//!
+//! `soak` sends many concurrent streaming clients (short and long requests,
+//! 10 % disconnecting mid-stream) at a batched pool and checks that every
+//! admitted stream ended with exactly one terminal frame, every refusal was a
+//! 429, and nothing (tasks, file descriptors) is left afterwards.
+
+use crate::bench::{median, spread};
+use crate::Ctx;
+use anyhow::{Context, Result};
+use eventsource_stream::Eventsource;
+use futures_util::StreamExt;
+use llorch_profile::stack::{LoadPolicy, Stack, StackPool};
+use llorch_profile::{Concurrency, ConcurrencyKeys, Mode};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// What one streamed request saw.
+#[derive(Default)]
+struct Req {
+    ttft_ms: f64,
+    gaps_ms: Vec<f64>,
+    tokens: u64,
+    error: Option<String>,
+}
+
+/// One streamed OpenAI completion; content chunks are tokens (one per frame).
+async fn stream_one(http: &reqwest::Client, url: &str, body: &Value) -> Req {
+    let t0 = Instant::now();
+    let mut out = Req::default();
+    let r = match http.post(url).json(body).send().await {
+        Ok(r) if r.status().is_success() => r,
+        Ok(r) => {
+            out.error = Some(format!("status {}", r.status()));
+            return out;
+        }
+        Err(e) => {
+            out.error = Some(llorch_io::http::error_chain(&e));
+            return out;
+        }
+    };
+    let mut events = r.bytes_stream().eventsource();
+    let mut last: Option<Instant> = None;
+    while let Some(ev) = events.next().await {
+        let Ok(ev) = ev else {
+            out.error = Some("stream broke".into());
+            return out;
+        };
+        if ev.data == "[DONE]" {
+            break;
+        }
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            continue;
+        };
+        if v.get("error").is_some() {
+            out.error = Some(v["error"].to_string());
+            return out;
+        }
+        if v["choices"][0]["text"]
+            .as_str()
+            .is_some_and(|t| !t.is_empty())
+        {
+            let now = Instant::now();
+            match last {
+                None => out.ttft_ms = (now - t0).as_secs_f64() * 1000.0,
+                Some(l) => out.gaps_ms.push((now - l).as_secs_f64() * 1000.0),
+            }
+            last = Some(now);
+            out.tokens += 1;
+        }
+    }
+    out
+}
+
+/// Aggregate figures of one wave of `clients` concurrent requests.
+struct Wave {
+    tok_per_s: f64,
+    ttft: Vec<f64>,
+    gaps: Vec<f64>,
+    errors: usize,
+}
+
+async fn wave(
+    http: &reqwest::Client,
+    targets: &[(String, Value)],
+    clients: usize,
+    max_tokens: u32,
+) -> Wave {
+    let t0 = Instant::now();
+    let reqs = futures_util::future::join_all((0..clients).map(|i| {
+        let (url, base) = &targets[i % targets.len()];
+        let mut body = base.clone();
+        body["prompt"] = json!(format!(
+            "Client {i} asks: write a long story about a lighthouse keeper."
+        ));
+        body["seed"] = json!(1000 + i);
+        body["max_tokens"] = json!(max_tokens);
+        let url = url.clone();
+        async move { stream_one(http, &url, &body).await }
+    }))
+    .await;
+    let wall = t0.elapsed().as_secs_f64();
+    let tokens: u64 = reqs.iter().map(|r| r.tokens).sum();
+    Wave {
+        tok_per_s: tokens as f64 / wall,
+        ttft: reqs
+            .iter()
+            .filter(|r| r.error.is_none())
+            .map(|r| r.ttft_ms)
+            .collect(),
+        gaps: reqs.iter().flat_map(|r| r.gaps_ms.clone()).collect(),
+        errors: reqs.iter().filter(|r| r.error.is_some()).count(),
+    }
+}
+
+fn pct(v: &[f64], p: f64) -> f64 {
+    let mut v = v.to_vec();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        return f64::NAN;
+    }
+    v[((v.len() as f64 - 1.0) * p).round() as usize]
+}
+
+/// The profile's one pool, its concurrency replaced by the flags.
+fn load_stack(
+    ctx: &Ctx,
+    profile: Option<&str>,
+    keys: ConcurrencyKeys,
+    devices: &[u32],
+    tag: &str,
+) -> Result<(Stack, Concurrency)> {
+    let mut p = ctx.profile(profile)?;
+    let c = keys
+        .over(p.file.server.concurrency_keys())
+        .resolve()
+        .map_err(|(k, m)| anyhow::anyhow!("--{k}: {m}"))?;
+    p.file.server.set_concurrency(c);
+    let id = llorch_io::handoff::PoolId::parse(&format!(
+        "{}-{tag}",
+        p.pool().as_str().chars().take(50).collect::<String>()
+    ))?;
+    let cuda = p.file.engine.backend == llorch_profile::Backend::Cuda;
+    let (replica_devices, warning) =
+        llorch_profile::stack::place_replicas(&id, &c, cuda, devices, None)
+            .map_err(|(_, m)| anyhow::anyhow!(m))?;
+    if let Some(w) = warning {
+        eprintln!("warning: {w}");
+    }
+    let stack = Stack {
+        max_loaded: None,
+        pools: vec![StackPool {
+            id,
+            profile: p,
+            load: LoadPolicy::Eager,
+            idle_unload_s: None,
+            keep_loaded: false,
+            devices: devices.to_vec(),
+            memory_mib: None,
+            concurrency: c,
+            replica_devices,
+        }],
+        warnings: Vec::new(),
+    };
+    Ok((stack, c))
+}
+
+pub struct LoadArgs<'a> {
+    pub profile: Option<&'a str>,
+    pub clients: &'a [usize],
+    pub keys: ConcurrencyKeys,
+    pub devices: &'a [u32],
+    pub runs: usize,
+    pub max_tokens: u32,
+}
+
+pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
+    let (stack, c) = load_stack(ctx, a.profile, a.keys, a.devices, "load")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cfg = orchestratord::Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            queue_capacity: 4096,
+            ..Default::default()
+        };
+        let ps = llorch_stack::start_pools(
+            &stack,
+            &ctx.layout,
+            cfg,
+            &llorch_stack::PoolsOptions {
+                quiet: true,
+                ..Default::default()
+            },
+            "cargo xtask bench load",
+        )
+        .await?;
+        let orch = ps.orchestrator_url();
+        let pool = stack.pools[0].id.to_string();
+        let engines: Vec<String> = ps
+            .server
+            .state
+            .members(&stack.pools[0].id)
+            .iter()
+            .map(|m| match m.link_state() {
+                orchestratord::LinkState::Ready(e) => Ok(e.url),
+                s => Err(anyhow::anyhow!("replica {} is {s:?}", m.replica)),
+            })
+            .collect::<Result<_>>()?;
+        let body = json!({"model": pool, "stream": true, "temperature": 0, "ignore_eos": true});
+        // llama-server straight: the same prompt-cache setting the orchestrator sends.
+        let mut direct_body = body.clone();
+        direct_body["cache_prompt"] = json!(c.mode == Mode::Batched);
+        let via = vec![(format!("{orch}/v1/completions"), body)];
+        let direct: Vec<(String, Value)> = engines
+            .iter()
+            .map(|e| (format!("{e}/v1/completions"), direct_body.clone()))
+            .collect();
+        let http = llorch_io::http::async_client();
+        let rss_before = crate::bench::rss_kib();
+        // Warm-up on both paths.
+        wave(&http, &via, 2, 8).await;
+        wave(&http, &direct, 2, 8).await;
+        let mut rows = Vec::new();
+        let mut peak_rss = rss_before;
+        for &n in a.clients {
+            let (mut ratio, mut tps_v, mut tps_d) = (Vec::new(), Vec::new(), Vec::new());
+            let (mut ttft_v, mut ttft_d, mut gaps_v, mut gaps_d) =
+                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+            let (mut err_v, mut err_d) = (0, 0);
+            for run in 0..a.runs {
+                // Alternate which side goes first.
+                let (v, d) = if run % 2 == 0 {
+                    let v = wave(&http, &via, n, a.max_tokens).await;
+                    (v, wave(&http, &direct, n, a.max_tokens).await)
+                } else {
+                    let d = wave(&http, &direct, n, a.max_tokens).await;
+                    (wave(&http, &via, n, a.max_tokens).await, d)
+                };
+                peak_rss = peak_rss.max(crate::bench::rss_kib());
+                ratio.push(v.tok_per_s / d.tok_per_s);
+                tps_v.push(v.tok_per_s);
+                tps_d.push(d.tok_per_s);
+                ttft_v.extend(v.ttft);
+                ttft_d.extend(d.ttft);
+                gaps_v.extend(v.gaps);
+                gaps_d.extend(d.gaps);
+                err_v += v.errors;
+                err_d += d.errors;
+            }
+            let row = json!({
+                "clients": n,
+                "ratio_orchestrator_over_direct_median": median(&mut ratio.clone()),
+                "ratio_spread": spread(&ratio),
+                "tok_per_s_orchestrator_median": median(&mut tps_v),
+                "tok_per_s_direct_median": median(&mut tps_d),
+                "ttft_ms_p50_orchestrator": pct(&ttft_v, 0.5),
+                "ttft_ms_p50_direct": pct(&ttft_d, 0.5),
+                "ttft_overhead_ms_p50": pct(&ttft_v, 0.5) - pct(&ttft_d, 0.5),
+                "ttft_ms_p99_orchestrator": pct(&ttft_v, 0.99),
+                "ttft_ms_p99_direct": pct(&ttft_d, 0.99),
+                "inter_token_ms_p99_orchestrator": pct(&gaps_v, 0.99),
+                "inter_token_ms_p99_direct": pct(&gaps_d, 0.99),
+                "errors_orchestrator": err_v,
+                "errors_direct": err_d,
+            });
+            eprintln!(
+                "{n:>4} clients: {:.0} vs {:.0} tok/s (orchestrator / direct {:.3}, {}), TTFT p50 {:.1} vs {:.1} ms, errors {err_v}/{err_d}",
+                row["tok_per_s_orchestrator_median"].as_f64().unwrap_or(0.0),
+                row["tok_per_s_direct_median"].as_f64().unwrap_or(0.0),
+                row["ratio_orchestrator_over_direct_median"].as_f64().unwrap_or(0.0),
+                row["ratio_spread"].as_str().unwrap_or(""),
+                row["ttft_ms_p50_orchestrator"].as_f64().unwrap_or(0.0),
+                row["ttft_ms_p50_direct"].as_f64().unwrap_or(0.0),
+            );
+            rows.push(row);
+        }
+        ps.stop(Duration::from_secs(5)).await;
+        anyhow::Ok(json!({
+            "mode": c.mode.as_str(),
+            "slots": c.slots,
+            "replicas": c.replicas,
+            "runs": a.runs,
+            "max_tokens": a.max_tokens,
+            "rows": rows,
+            "process_rss_kib_before": rss_before,
+            "process_rss_kib_peak": peak_rss,
+        }))
+    })
+}
+
+/// How one soak client's stream ended.
+#[derive(Debug, PartialEq)]
+enum Ending {
+    /// Exactly one finish frame, then `[DONE]`.
+    Done,
+    /// 429 with a Retry-After.
+    Refused,
+    /// It hung up after the first chunks (on purpose).
+    Disconnected,
+    Bad(String),
+}
+
+async fn soak_client(http: &reqwest::Client, url: &str, body: Value, disconnect: bool) -> Ending {
+    let r = match http.post(url).json(&body).send().await {
+        Ok(r) => r,
+        Err(e) => return Ending::Bad(llorch_io::http::error_chain(&e)),
+    };
+    match r.status().as_u16() {
+        200 => {}
+        429 if r.headers().contains_key("retry-after") => return Ending::Refused,
+        s => return Ending::Bad(format!("status {s}")),
+    }
+    let mut events = r.bytes_stream().eventsource();
+    let (mut finishes, mut chunks, mut done) = (0, 0, false);
+    while let Some(ev) = events.next().await {
+        let Ok(ev) = ev else {
+            return Ending::Bad("stream broke".into());
+        };
+        if done {
+            return Ending::Bad("a frame after [DONE]".into());
+        }
+        if ev.data == "[DONE]" {
+            done = true;
+            continue;
+        }
+        let v: Value = serde_json::from_str(&ev.data).unwrap_or_default();
+        if v.get("error").is_some() {
+            finishes += 1;
+        }
+        if v["choices"][0]["finish_reason"].is_string() {
+            finishes += 1;
+        }
+        chunks += 1;
+        if disconnect && chunks == 2 {
+            return Ending::Disconnected;
+        }
+    }
+    match (finishes, done) {
+        (1, true) => Ending::Done,
+        _ => Ending::Bad(format!("{finishes} terminal frames, [DONE] {done}")),
+    }
+}
+
+fn open_fds() -> usize {
+    std::fs::read_dir("/proc/self/fd")
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+pub fn bench_soak(
+    ctx: &Ctx,
+    profile: Option<&str>,
+    clients: usize,
+    slots: u32,
+    queue_capacity: usize,
+) -> Result<Value> {
+    // Every client holds a socket on each side of the loopback.
+    // SAFETY: plain getrlimit/setrlimit on this process.
+    unsafe {
+        let mut l = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
+            l.rlim_cur = l.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
+        }
+    }
+    let keys = ConcurrencyKeys {
+        mode: Some(Mode::Batched),
+        slots: Some(slots),
+        replicas: Some(1),
+        affinity: None,
+    };
+    let (stack, _) = load_stack(ctx, profile, keys, &[], "soak")?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cfg = orchestratord::Config {
+            addr: "127.0.0.1:0".parse().unwrap(),
+            queue_capacity,
+            ..Default::default()
+        };
+        let ps = llorch_stack::start_pools(
+            &stack,
+            &ctx.layout,
+            cfg,
+            &llorch_stack::PoolsOptions {
+                quiet: true,
+                ..Default::default()
+            },
+            "cargo xtask bench soak",
+        )
+        .await?;
+        let url = format!("{}/v1/completions", ps.orchestrator_url());
+        let pool = stack.pools[0].id.to_string();
+        let http = llorch_io::http::async_client();
+        let (fds_before, rss_before) = (open_fds(), crate::bench::rss_kib());
+        let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let t0 = Instant::now();
+        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_before));
+        let sampler = {
+            let peak = peak.clone();
+            tokio::spawn(async move {
+                loop {
+                    peak.fetch_max(crate::bench::rss_kib(), std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            })
+        };
+        let endings = futures_util::future::join_all((0..clients).map(|i| {
+            let long = i % 2 == 1;
+            let body = json!({"model": pool, "stream": true, "prompt": format!("Soak client {i}: tell a story."),
+                "max_tokens": if long { 48 } else { 4 }, "ignore_eos": true, "seed": i});
+            let (http, url) = (&http, &url);
+            async move { soak_client(http, url, body, i % 10 == 0).await }
+        }))
+        .await;
+        let wall = t0.elapsed().as_secs_f64();
+        sampler.abort();
+        // Everything drains: no task queued or running in the orchestrator.
+        let st = ps.server.state.clone();
+        let drained = Instant::now();
+        while st.pools.iter().any(|p| !p.is_idle()) {
+            anyhow::ensure!(drained.elapsed() < Duration::from_secs(120), "tasks still queued or running 120 s after the last client");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        drop(http);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let (fds_after, rss_after) = (open_fds(), crate::bench::rss_kib());
+        let tasks_after = tokio::runtime::Handle::current().metrics().num_alive_tasks();
+        let count = |e: &Ending| endings.iter().filter(|x| *x == e).count();
+        let bad: Vec<String> = endings
+            .iter()
+            .filter_map(|e| match e {
+                Ending::Bad(m) => Some(m.clone()),
+                _ => None,
+            })
+            .take(5)
+            .collect();
+        let live_tasks = st.tasks.lock().unwrap().len();
+        ps.stop(Duration::from_secs(5)).await;
+        let out = json!({
+            "clients": clients,
+            "slots": slots,
+            "queue_capacity": queue_capacity,
+            "wall_s": wall,
+            "completed_with_one_terminal": count(&Ending::Done),
+            "refused_429": count(&Ending::Refused),
+            "disconnected_mid_stream": count(&Ending::Disconnected),
+            "bad": endings.len() - count(&Ending::Done) - count(&Ending::Refused) - count(&Ending::Disconnected),
+            "bad_examples": bad,
+            "open_fds_before_after": [fds_before, fds_after],
+            "runtime_tasks_before_after": [tasks_before, tasks_after],
+            "tasks_retained_after": live_tasks,
+            "rss_kib_before_peak_after": [rss_before, peak.load(std::sync::atomic::Ordering::Relaxed), rss_after],
+        });
+        anyhow::ensure!(out["bad"] == 0, "soak: some streams did not end right: {out}");
+        anyhow::ensure!(fds_after <= fds_before + 2, "soak: file descriptors left: {fds_before} before, {fds_after} after");
+        Ok(out)
+    })
+    .context("bench soak")
+}
