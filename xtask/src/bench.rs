@@ -100,6 +100,9 @@ enum BenchSub {
         runs: usize,
         #[arg(long, default_value_t = 64)]
         max_tokens: u32,
+        /// Threads of each engine (replaces the profile's; replicas sharing a CPU: cores / replicas)
+        #[arg(long)]
+        threads: Option<u32>,
     },
     /// Many concurrent streaming clients (short, long, 10 % disconnecting) against a batched pool: every stream ends once, refusals are 429, nothing is left
     Soak {
@@ -227,6 +230,7 @@ impl BenchCmd {
                 devices,
                 runs,
                 max_tokens,
+                threads,
             } => crate::bench_load::bench_load(
                 ctx,
                 &crate::bench_load::LoadArgs {
@@ -245,6 +249,7 @@ impl BenchCmd {
                     devices,
                     runs: *runs,
                     max_tokens: *max_tokens,
+                    threads: *threads,
                 },
             )?,
             BenchSub::Soak {

@@ -138,9 +138,13 @@ fn load_stack(
     profile: Option<&str>,
     keys: ConcurrencyKeys,
     devices: &[u32],
+    threads: Option<u32>,
     tag: &str,
 ) -> Result<(Stack, Concurrency)> {
     let mut p = ctx.profile(profile)?;
+    if let Some(t) = threads {
+        p.file.server.threads = t;
+    }
     let c = keys
         .over(p.file.server.concurrency_keys())
         .resolve()
@@ -182,10 +186,12 @@ pub struct LoadArgs<'a> {
     pub devices: &'a [u32],
     pub runs: usize,
     pub max_tokens: u32,
+    /// Replaces the profile's server.threads (replicas sharing a CPU: cores / replicas).
+    pub threads: Option<u32>,
 }
 
 pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
-    let (stack, c) = load_stack(ctx, a.profile, a.keys, a.devices, "load")?;
+    let (stack, c) = load_stack(ctx, a.profile, a.keys, a.devices, a.threads, "load")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
@@ -293,6 +299,7 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
             "replicas": c.replicas,
             "runs": a.runs,
             "max_tokens": a.max_tokens,
+            "threads": stack.pools[0].profile.file.server.threads,
             "rows": rows,
             "process_rss_kib_before": rss_before,
             "process_rss_kib_peak": peak_rss,
@@ -384,7 +391,7 @@ pub fn bench_soak(
         replicas: Some(1),
         affinity: None,
     };
-    let (stack, _) = load_stack(ctx, profile, keys, &[], "soak")?;
+    let (stack, _) = load_stack(ctx, profile, keys, &[], None, "soak")?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;

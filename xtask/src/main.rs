@@ -57,6 +57,8 @@ enum Command {
 }
 
 fn main() {
+    // SIGINT stops every phase (a build, a fetch), also when inherited as ignored.
+    llorch_io::signals::unignore_interrupt();
     let cli = Cli::parse();
     if let Err(e) = run(cli) {
         eprintln!("error: {}", render_error(&e));

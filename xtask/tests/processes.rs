@@ -451,3 +451,76 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
         let _ = std::fs::remove_file(&p.log);
     }
 }
+
+/// `serve` started with SIGINT ignored (as a script's `cmd &` starts it)
+/// stops on SIGINT while it is still fetching its model, with nothing stored.
+#[test]
+fn sigint_stops_serve_while_it_fetches_even_when_inherited_as_ignored() {
+    let rt = tempfile::tempdir().unwrap();
+    // A model server that accepts and never answers: the fetch waits.
+    let stall = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = stall.local_addr().unwrap().port();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for c in stall.incoming().flatten() {
+            held.push(c);
+            let _ = tx.send(());
+        }
+    });
+    let digest = "ab".repeat(32);
+    let cpu = std::fs::read_to_string(root().join("requirements/cpu.yaml")).unwrap();
+    let mut profile = String::new();
+    for line in cpu.lines() {
+        let t = line.trim_start();
+        if t.starts_with("ref:") {
+            profile.push_str(&format!("  ref: http://127.0.0.1:{port}/stalled.gguf\n"));
+        } else if t.starts_with("sha256:") {
+            profile.push_str(&format!("  sha256: {digest}\n"));
+        } else if t.starts_with("pool:") {
+            profile.push_str(&format!("pool: sigint-{}\n", std::process::id()));
+        } else {
+            profile.push_str(line);
+            profile.push('\n');
+        }
+    }
+    let path = rt.path().join("stalled.yaml");
+    std::fs::write(&path, profile).unwrap();
+    let xt = env!("CARGO_BIN_EXE_xtask");
+    let script = format!(
+        "trap '' INT; exec {xt} serve --profile {} --addr 127.0.0.1:0",
+        path.display()
+    );
+    let mut child = llorch_io::cmd::KillOnDrop(
+        Cmd::new("sh")
+            .args(["-c", &script])
+            .env("LLORCH_ROOT", root())
+            .env("LLORCH_RUNTIME_DIR", rt.path())
+            .dir(root())
+            .to_std()
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    rx.recv_timeout(Duration::from_secs(120))
+        .expect("serve reached the model fetch");
+    let t0 = Instant::now();
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(10),
+            "SIGINT did not stop serve while it fetched"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{status:?}");
+    let blob = root()
+        .join("cache/models-v1/blobs")
+        .join(format!("sha256-{digest}"));
+    assert!(!blob.exists(), "nothing half-written is stored");
+}

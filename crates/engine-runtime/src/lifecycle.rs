@@ -881,6 +881,17 @@ impl RunningEngine {
 }
 
 /// Remove run files that still describe `identity` (typed comparison).
+/// Remove the handoff and key of an engine that is gone (if they name it),
+/// keeping its run record: the owner keeps the pool while it restarts.
+pub fn remove_handoff(paths: &RunPaths, identity: &ProcessIdentity) {
+    if let Ok(Some(h)) = Handoff::read(&paths.handoff) {
+        if &h.process == identity {
+            let _ = std::fs::remove_file(&paths.handoff);
+            let _ = std::fs::remove_file(&paths.api_key);
+        }
+    }
+}
+
 pub fn remove_run_files(paths: &RunPaths, identity: &ProcessIdentity) {
     if let Ok(Some(r)) = RunRecord::read(&paths.pid_file) {
         if &r.process == identity {

@@ -243,8 +243,14 @@ fn run(
         }
         shared.set(EngineState::Starting);
         shared.restart.store(false, Ordering::SeqCst);
-        let spawned = lifecycle::lock_pool(&layout, &prep.pool_id, || {})
-            .and_then(|_lock| lifecycle::spawn(&prep, &layout, &owner));
+        // Under the pool lock, look again before spawning: the pool must
+        // still be ours (or free), never someone else's engine.
+        let spawned = lifecycle::lock_pool(&layout, &prep.pool_id, || {}).and_then(|_lock| {
+            match lifecycle::read_pool(&layout, &prep.pool_id) {
+                Some(run) if run.record.owner != owner => Err(run.busy_error()),
+                _ => lifecycle::spawn(&prep, &layout, &owner),
+            }
+        });
         let last_exit = match spawned {
             Ok(eng) => {
                 shared.set(EngineState::Ready {
@@ -310,16 +316,19 @@ fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
             eng.stop();
             return None;
         }
+        // The engine is gone: its handoff goes (nobody may attach to a dead
+        // URL), its run record stays, naming this supervisor as the pool's
+        // owner until the restart replaces it or we give the pool up.
         if shared.restart.swap(false, Ordering::SeqCst) {
             // Hung (e.g. SIGSTOP): SIGKILL works on a stopped process too.
             eng.identity.signal(libc::SIGKILL);
             let _ = eng.child.wait();
-            lifecycle::remove_run_files(&eng.paths, &eng.identity);
+            lifecycle::remove_handoff(&eng.paths, &eng.identity);
             return Some("killed after it stopped answering (stalled)".into());
         }
         match eng.child.try_wait() {
             Ok(Some(status)) => {
-                lifecycle::remove_run_files(&eng.paths, &eng.identity);
+                lifecycle::remove_handoff(&eng.paths, &eng.identity);
                 return Some(format!(
                     "{status}; log tail:\n{}",
                     llorch_io::tail_lines(&eng.paths.log, 10)

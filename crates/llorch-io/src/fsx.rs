@@ -71,25 +71,36 @@ pub struct FileLock {
     pub path: PathBuf,
 }
 
+/// An I/O error that names the path it happened on (and keeps its kind).
+fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
+    move |e| std::io::Error::new(e.kind(), format!("{}: {e}", path.display()))
+}
+
+/// Create the lock's directory and open (or create) the lock file; errors name the path.
+fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
+    if let Some(p) = path.parent() {
+        std::fs::create_dir_all(p).map_err(at(p))?;
+    }
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(at(path))
+}
+
 impl FileLock {
     /// Block until the lock is ours. `on_wait` is called once if someone else
-    /// holds it (to tell the user why nothing happens).
+    /// holds it (to tell the user why nothing happens). Errors name the lock file.
     pub fn exclusive(path: &Path, on_wait: impl FnOnce()) -> std::io::Result<FileLock> {
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
+        let file = open_lock(path)?;
         match file.try_lock() {
             Ok(()) => {}
             Err(std::fs::TryLockError::WouldBlock) => {
                 on_wait();
-                file.lock()?;
+                file.lock().map_err(at(path))?;
             }
-            Err(std::fs::TryLockError::Error(e)) => return Err(e),
+            Err(std::fs::TryLockError::Error(e)) => return Err(at(path)(e)),
         }
         Ok(FileLock {
             _file: file,
@@ -99,15 +110,8 @@ impl FileLock {
 
     /// Shared lock (readers of a cache entry, e.g. a running engine's model).
     pub fn shared(path: &Path) -> std::io::Result<FileLock> {
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
-        file.lock_shared()?;
+        let file = open_lock(path)?;
+        file.lock_shared().map_err(at(path))?;
         Ok(FileLock {
             _file: file,
             path: path.to_path_buf(),
@@ -122,21 +126,14 @@ impl FileLock {
 
     /// Try an exclusive lock without waiting; `None` when someone holds it.
     pub fn try_exclusive(path: &Path) -> std::io::Result<Option<FileLock>> {
-        if let Some(p) = path.parent() {
-            std::fs::create_dir_all(p)?;
-        }
-        let file = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(path)?;
+        let file = open_lock(path)?;
         match file.try_lock() {
             Ok(()) => Ok(Some(FileLock {
                 _file: file,
                 path: path.to_path_buf(),
             })),
             Err(std::fs::TryLockError::WouldBlock) => Ok(None),
-            Err(std::fs::TryLockError::Error(e)) => Err(e),
+            Err(std::fs::TryLockError::Error(e)) => Err(at(path)(e)),
         }
     }
 }
@@ -175,6 +172,23 @@ pub fn open_partial(path: &Path) -> std::io::Result<std::fs::File> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn a_lock_that_cannot_be_taken_names_its_path() {
+        let d = tempfile::tempdir().unwrap();
+        // The cache "directory" is a file: nothing below it can exist.
+        let not_dir = d.path().join("cache");
+        std::fs::write(&not_dir, b"x").unwrap();
+        let lock = not_dir.join("locks/engine-x.lock");
+        for e in [
+            FileLock::exclusive(&lock, || {}).err().unwrap(),
+            FileLock::shared(&lock).err().unwrap(),
+            FileLock::try_exclusive(&lock).err().unwrap(),
+        ] {
+            assert!(e.to_string().contains(&*not_dir.to_string_lossy()), "{e}");
+        }
+    }
+
     use super::*;
 
     #[test]

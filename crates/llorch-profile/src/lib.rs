@@ -76,11 +76,124 @@ fn invalid_at(path: &Path, text: &str, key_path: &str, message: String) -> Confi
     }
 }
 
+/// The largest configuration file read (profiles, pins, stack files).
+pub const MAX_CONFIG_BYTES: u64 = 1 << 20;
+
+/// Read a configuration file: a regular file (a FIFO, a device or a
+/// directory is refused before it is opened) of at most [`MAX_CONFIG_BYTES`],
+/// read with that bound whatever its size claims.
+pub fn read_config(path: &Path) -> Result<String, ConfigError> {
+    use std::io::Read;
+    let shown = path.display().to_string();
+    let bad = |why: String| ConfigError::Invalid {
+        path: shown.clone(),
+        message: why,
+    };
+    let m = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    if !m.is_file() {
+        return Err(bad(
+            "not a regular file (configuration is read only from regular files)".into(),
+        ));
+    }
+    if m.len() > MAX_CONFIG_BYTES {
+        return Err(bad(format!(
+            "{} bytes; a configuration file is at most {MAX_CONFIG_BYTES}",
+            m.len()
+        )));
+    }
+    let f = std::fs::File::open(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let mut buf = Vec::new();
+    f.take(MAX_CONFIG_BYTES + 1)
+        .read_to_end(&mut buf)
+        .map_err(|source| ConfigError::Read {
+            path: shown.clone(),
+            source,
+        })?;
+    if buf.len() as u64 > MAX_CONFIG_BYTES {
+        return Err(bad(format!(
+            "more than {MAX_CONFIG_BYTES} bytes; a configuration file is at most that"
+        )));
+    }
+    String::from_utf8(buf).map_err(|_| bad("not UTF-8 text".into()))
+}
+
+/// A parse error without the file's content: a file that is not a profile
+/// (a credentials file named by mistake) must not be echoed to the
+/// terminal. Quoted values in the parser's message are replaced by `…`;
+/// short key names in backticks stay (they say which key is unknown).
+fn redact(message: &str) -> String {
+    let mut out = String::new();
+    let mut chars = message.chars().peekable();
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                for n in chars.by_ref() {
+                    if n == '"' {
+                        break;
+                    }
+                }
+                out.push_str("\"…\"");
+            }
+            '`' => {
+                let mut inner = String::new();
+                for n in chars.by_ref() {
+                    if n == '`' {
+                        break;
+                    }
+                    inner.push(n);
+                }
+                let key_like = inner.len() <= 40
+                    && inner
+                        .chars()
+                        .all(|c| c.is_ascii_alphanumeric() || "_-.".contains(c));
+                out.push('`');
+                out.push_str(if key_like { &inner } else { "…" });
+                out.push('`');
+            }
+            _ => out.push(c),
+        }
+    }
+    out.chars().take(400).collect()
+}
+
 fn parse_yaml<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
-    serde_saphyr::from_str(text).map_err(|e| ConfigError::Parse {
-        path: path.display().to_string(),
-        message: e.to_string(),
+    let opts = serde_saphyr::options! { with_snippet: false };
+    serde_saphyr::from_str_with_options(text, opts).map_err(|e| {
+        let mut message = redact(&e.to_string());
+        // Name the key at fault (never its value): the last `key:` before
+        // the error's column on its line.
+        if let Some(loc) = e.location() {
+            let line = text.lines().nth((loc.line() as usize).saturating_sub(1));
+            if let Some(key) = line.and_then(|l| key_before(l, loc.column() as usize)) {
+                message = format!("{message} (key `{key}`)");
+            }
+        }
+        ConfigError::Parse {
+            path: path.display().to_string(),
+            message,
+        }
     })
+}
+
+/// The last `key:` on `line` before 1-based `column`, if it looks like a key name.
+fn key_before(line: &str, column: usize) -> Option<String> {
+    let head: String = line.chars().take(column.saturating_sub(1)).collect();
+    let colon = head.rfind(':')?;
+    let key: String = head[..colon]
+        .chars()
+        .rev()
+        .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+        .collect::<Vec<_>>()
+        .into_iter()
+        .rev()
+        .collect();
+    (!key.is_empty() && key.len() <= 40).then_some(key)
 }
 
 // ---------------------------------------------------------------- pins
@@ -138,10 +251,7 @@ pub enum SourceSpec {
 
 impl PinsFile {
     pub fn load(path: &Path) -> Result<PinsFile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_config(path)?;
         let pins: PinsFile = parse_yaml(path, &text)?;
         let invalid = |key: &str, message: String| invalid_at(path, &text, key, message);
         if pins.schema != PINS_SCHEMA {
@@ -430,10 +540,7 @@ impl Profile {
     }
 
     pub fn load(path: &Path, pins_path: &Path) -> Result<Profile, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = read_config(path)?;
         let file: ProfileFile = parse_yaml(path, &text)?;
         let invalid = |key: &str, message: String| invalid_at(path, &text, key, message);
         if file.schema != PROFILE_SCHEMA {
@@ -510,7 +617,8 @@ impl Profile {
                     .is_ok();
             if !ok {
                 return Err(invalid("engine.cuda_archs", format!(
-                    "engine.cuda_archs: `{a}` is not a CUDA architecture (expected e.g. 86, 90, 90a or native)"
+                    "engine.cuda_archs: `{}` is not a CUDA architecture (expected e.g. 86, 90, 90a or native)",
+                    llorch_io::handoff::excerpt(a, 20)
                 )));
             }
         }
@@ -530,11 +638,23 @@ impl Profile {
             .map(|_| ())
             .map_err(|m| invalid("server.port", format!("server.{m}")))?;
         if let Some(m) = &file.model {
+            if m.reference.len() > 4096 {
+                return Err(invalid(
+                    "model.ref",
+                    format!(
+                        "model.ref is {} bytes long; a model ref is at most 4096",
+                        m.reference.len()
+                    ),
+                ));
+            }
             if let Some(d) = &m.sha256 {
                 if !llorch_io::digest::is_sha256_hex(d) {
                     return Err(invalid(
                         "model.sha256",
-                        format!("model.sha256 `{d}` must be 64 lowercase hex digits"),
+                        format!(
+                            "model.sha256 `{}` must be 64 lowercase hex digits",
+                            llorch_io::handoff::excerpt(d, 80)
+                        ),
                     ));
                 }
             }

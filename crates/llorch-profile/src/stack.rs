@@ -167,10 +167,7 @@ pub fn place_replicas(
 impl Stack {
     /// Read a stack file; profiles are resolved against the workspace `root`.
     pub fn load(path: &Path, root: &Path) -> Result<Stack, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
+        let text = crate::read_config(path)?;
         let f: StackFile = parse_yaml(path, &text)?;
         let invalid = |key: &str, message: String| invalid_at(path, &text, key, message);
         if f.schema != STACK_SCHEMA {
@@ -480,5 +477,65 @@ mod tests {
         .unwrap_err()
         .to_string();
         assert!(e.contains("max_loaded") && e.contains("2 engines"), "{e}");
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_profile_is_named_never_echoed() {
+        let dir = tempfile_dir("secret");
+        let creds = dir.join("credentials");
+        std::fs::write(&creds, "TOKEN=supersecret123\napi_key: sk-live-abcdef\n").unwrap();
+        let stack = dir.join("s.yaml");
+        std::fs::write(
+            &stack,
+            format!(
+                "schema: 1\npools:\n  - {{id: a, profile: {}}}\n",
+                creds.display()
+            ),
+        )
+        .unwrap();
+        let e = Stack::load(&stack, &root()).unwrap_err().to_string();
+        assert!(e.contains("credentials"), "names the file: {e}");
+        assert!(!e.contains("supersecret") && !e.contains("sk-live"), "{e}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn configuration_is_read_only_from_bounded_regular_files() {
+        let dir = tempfile_dir("fifo");
+        let fifo = dir.join("stack.yaml");
+        llorch_io::cmd::Cmd::new("mkfifo")
+            .arg(&fifo)
+            .read()
+            .unwrap();
+        let t0 = std::time::Instant::now();
+        for p in [fifo.as_path(), Path::new("/dev/zero"), dir.as_path()] {
+            let e = Stack::load(p, &root()).unwrap_err().to_string();
+            assert!(e.contains("regular file"), "{e}");
+        }
+        assert!(
+            t0.elapsed() < std::time::Duration::from_secs(5),
+            "nothing hangs"
+        );
+        let big = dir.join("big.yaml");
+        std::fs::write(&big, vec![b'#'; (crate::MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+        let e = Stack::load(&big, &root()).unwrap_err().to_string();
+        assert!(e.contains("at most"), "{e}");
+        // A 1 MB model ref is refused by key, in a short message.
+        let cpu = std::fs::read_to_string(root().join("requirements/cpu.yaml")).unwrap();
+        let long = cpu.replace("ref: pypi:", &format!("ref: pypi:{}", "x".repeat(1 << 19)));
+        let prof = dir.join("long.yaml");
+        std::fs::write(&prof, long).unwrap();
+        let e = crate::Profile::load(&prof, &root().join("toolchains/llama.cpp.yaml"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.ref") && e.len() < 1000, "{}", e.len());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    fn tempfile_dir(name: &str) -> std::path::PathBuf {
+        let d = std::env::temp_dir().join(format!("llorch-cfg-{name}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
     }
 }

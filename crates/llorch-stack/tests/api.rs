@@ -1617,3 +1617,108 @@ async fn openai_python_sdk() {
     );
     srv.shutdown(Duration::from_secs(1)).await;
 }
+
+/// Reliability round 3: a stop string's held-back tail is not lost when
+/// generation ends by length; a prompt over the context is the client's 400
+/// (`context_length_exceeded`, with the token counts), streamed or not; the
+/// framework's own 404, 405 and 413 come in the API's error shape.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_tails_context_overflow_and_framework_errors() {
+    let _t = TURN.lock().await;
+    let srv = orchestrator(Config {
+        max_body_bytes: 64 * 1024,
+        ..Default::default()
+    })
+    .await;
+    let base = format!("http://{}", srv.addr);
+    let c = llorch_io::http::async_client();
+    // llama-server holds " Apple\n" back as a possible "\n\n" when max_tokens
+    // cuts it; its own non-streamed answer keeps the "\n", and so must ours.
+    let prompt = "My shopping list:\n1. Banana\n2.";
+    for n in [2u32, 6] {
+        let direct: Value = c
+            .post(format!("{}/completion", engine_url()))
+            .json(&json!({"prompt": prompt, "n_predict": n, "temperature": 0.0, "seed": 42, "cache_prompt": false, "stop": ["\n\n"]}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        let want = direct["content"].as_str().unwrap();
+        assert!(want.ends_with('\n'), "the case this test is for: {want:?}");
+        for stream in [false, true] {
+            let body = json!({"model": pool(), "prompt": prompt, "max_tokens": n, "stop": ["\n\n"], "stream": stream});
+            let r = post_json(&c, format!("{base}/v1/completions"), body).await;
+            assert_eq!(r.status(), 200);
+            let text = if stream {
+                sse_data(&r.text().await.unwrap())
+                    .iter()
+                    .filter(|d| *d != "[DONE]")
+                    .map(|d| {
+                        serde_json::from_str::<Value>(d).unwrap()["choices"][0]["text"]
+                            .as_str()
+                            .unwrap_or("")
+                            .to_string()
+                    })
+                    .collect::<String>()
+            } else {
+                let v: Value = r.json().await.unwrap();
+                v["choices"][0]["text"].as_str().unwrap().to_string()
+            };
+            assert_eq!(text, want, "max_tokens {n}, stream {stream}");
+        }
+    }
+    // A prompt longer than the context (2048 tokens here).
+    let long = "apple banana cherry ".repeat(1200);
+    for (path, body) in [
+        (
+            "/v1/completions",
+            json!({"model": pool(), "prompt": long, "max_tokens": 4}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": pool(), "messages": [{"role": "user", "content": long}], "max_tokens": 4}),
+        ),
+        (
+            "/v1/chat/completions",
+            json!({"model": pool(), "messages": [{"role": "user", "content": long}], "max_tokens": 4, "stream": true}),
+        ),
+    ] {
+        let r = post_json(&c, format!("{base}{path}"), body).await;
+        assert_eq!(r.status(), 400, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "context_length_exceeded", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+        let m = v["error"]["message"].as_str().unwrap();
+        assert!(m.contains("tokens") && m.contains("2048"), "{m}");
+    }
+    // The framework's own answers, in the API's shape.
+    let r = c.get(format!("{base}/v1/tasks")).send().await.unwrap();
+    assert_eq!(r.status(), 405);
+    assert!(r.headers().contains_key("allow"));
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "METHOD_NOT_ALLOWED", "{v}");
+    let r = c
+        .get(format!("{base}/v1/nothing-here"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let v: Value = r.json().await.unwrap();
+    assert_eq!(v["error"]["code"], "NOT_FOUND", "{v}");
+    for path in ["/v1/tasks", "/v1/chat/completions"] {
+        let r = c
+            .post(format!("{base}{path}"))
+            .header("content-type", "application/json")
+            .body(vec![b' '; 128 * 1024])
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 413, "{path}");
+        let v: Value = r.json().await.unwrap();
+        assert_eq!(v["error"]["code"], "BODY_TOO_LARGE", "{v}");
+        assert_eq!(v["error"]["type"], "invalid_request_error", "{v}");
+    }
+    srv.shutdown(Duration::from_secs(1)).await;
+}

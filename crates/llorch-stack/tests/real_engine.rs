@@ -390,3 +390,54 @@ fn a_killed_engine_is_restarted_by_its_supervisor_and_stays_deterministic() {
         "no run files left"
     );
 }
+
+#[test]
+fn a_supervisor_keeps_its_pool_while_it_waits_to_restart_a_crashed_engine() {
+    let (_rt, layout, p, pool) = setup("lc-window");
+    let prep = prepare(&p, &pool, &layout);
+    // A long backoff: the window in which `provision` used to start a second engine.
+    let policy = RestartPolicy {
+        initial_backoff: Duration::from_secs(3),
+        ..Default::default()
+    };
+    let sup = Supervisor::start(prep, layout.clone(), policy, "test").unwrap();
+    sup.wait_ready(Duration::from_secs(60)).unwrap();
+    let pid = match sup.state() {
+        EngineState::Ready { pid, .. } => pid,
+        s => panic!("{s:?}"),
+    };
+    // SAFETY: kill(2) on our supervised engine.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+    let s = sup.wait_for(Duration::from_secs(10), |s| {
+        matches!(s, EngineState::Restarting { .. })
+    });
+    assert!(matches!(s, EngineState::Restarting { .. }), "{s:?}");
+    // The pool is still ours: provision refuses it, naming this supervisor.
+    let e = provision(&p, &pool, &layout, &BuildOptions::quiet())
+        .err()
+        .expect("provision must not start a second engine")
+        .to_string();
+    assert!(
+        e.contains(&std::process::id().to_string()),
+        "names the supervisor: {e}"
+    );
+    let paths = RunPaths::new(&layout, &pool);
+    assert!(
+        !paths.handoff.exists(),
+        "nobody attaches to the dead engine"
+    );
+    // The supervisor restarts it; the run record names the new engine, and only it runs.
+    sup.wait_for(
+        Duration::from_secs(60),
+        |s| matches!(s, EngineState::Ready { pid: p2, .. } if *p2 != pid),
+    );
+    let EngineState::Ready { pid: new, .. } = sup.state() else {
+        panic!("{:?}", sup.state())
+    };
+    let rec = RunRecord::read(&paths.pid_file).unwrap().unwrap();
+    assert_eq!(rec.process.pid, new);
+    assert!(gone(pid));
+    sup.stop();
+    assert!(gone(new));
+    assert!(!paths.pid_file.exists());
+}

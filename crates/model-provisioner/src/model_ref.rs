@@ -54,7 +54,7 @@ pub struct RefError {
 
 fn check_segments(input: &str, path: &str, what: &str) -> Result<(), RefError> {
     let err = |why: String| RefError {
-        input: input.into(),
+        input: llorch_io::handoff::excerpt(input, 120),
         why,
     };
     if path.is_empty() {
@@ -87,15 +87,24 @@ fn simple_name(s: &str) -> bool {
         && s != ".."
 }
 
+/// The longest model ref accepted (a URL with a long query still fits).
+pub const MAX_REF_BYTES: usize = 4096;
+
 impl ModelRef {
     pub fn parse(input: &str) -> Result<ModelRef, RefError> {
         let err = |why: &str| RefError {
-            input: input.into(),
+            input: llorch_io::handoff::excerpt(input, 120),
             why: why.into(),
         };
         let input_t = input.trim();
         if input_t.is_empty() {
             return Err(err("empty"));
+        }
+        if input_t.len() > MAX_REF_BYTES {
+            return Err(err(&format!(
+                "{} bytes long; a model ref is at most {MAX_REF_BYTES}",
+                input_t.len()
+            )));
         }
         if let Some(rest) = input_t.strip_prefix("hf:") {
             let mut parts = rest.splitn(3, '/');

@@ -401,6 +401,30 @@ fn a_corrupt_truncated_or_linked_blob_is_refetched_never_served() {
         );
         assert_eq!(std::fs::read(&blob).unwrap(), body, "{what}");
     }
+    // The same damage with the store's index gone: the blob found by the
+    // expected digest has no verification record, so it is hashed (or, not a
+    // regular file, never used) before anything is handed out.
+    let refs = l.bucket(llorch_io::paths::Bucket::Models).join("refs.json");
+    for (n, (what, damage)) in damages.iter().enumerate() {
+        damage(&blob);
+        std::fs::remove_file(&refs).unwrap();
+        let out = store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
+        assert!(!out.cached, "{what}, no index: served from the cache");
+        assert_eq!(
+            srv.counters.lock().unwrap().gets,
+            2 + damages.len() as u32 + n as u32,
+            "{what}, no index"
+        );
+        assert!(std::fs::symlink_metadata(&blob)
+            .unwrap()
+            .file_type()
+            .is_file());
+        assert_eq!(
+            std::fs::read(&out.metadata.path).unwrap(),
+            body,
+            "{what}, no index"
+        );
+    }
     assert_eq!(
         std::fs::read(d.path().join("outside.gguf")).unwrap(),
         evil,

@@ -29,8 +29,13 @@ use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+/// The error code of a prompt longer than the engine's context (the client's error).
+pub const CONTEXT_LENGTH_EXCEEDED: &str = "CONTEXT_LENGTH_EXCEEDED";
+
 enum Outcome {
     Finished(Value),
+    /// The prompt does not fit the engine's context (llama-server's `exceed_context_size_error`).
+    ContextExceeded(String),
     Canceled(CancelReason),
     EngineGone(String),
     EngineError(String),
@@ -128,6 +133,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
             fail(st, task, "ENGINE_STALLED", msg, true);
         }
         Outcome::EngineError(msg) => fail(st, task, "ENGINE_ERROR", msg, false),
+        Outcome::ContextExceeded(msg) => fail(st, task, CONTEXT_LENGTH_EXCEEDED, msg, false),
     }
 }
 
@@ -228,6 +234,9 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         Ok(r) => {
             let s = r.status();
             let text = r.text().await.unwrap_or_default();
+            if let Some(msg) = context_exceeded(&text) {
+                return Outcome::ContextExceeded(msg);
+            }
             return Outcome::EngineError(format!(
                 "llama-server answered {s}: {}",
                 text.chars().take(300).collect::<String>()
@@ -239,6 +248,8 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
     let mut first = true;
     // Probabilities of held-back tokens travel with the next text.
     let mut pending_probs: Vec<Value> = Vec::new();
+    // Ids of the tokens held back since the last text.
+    let mut held: Vec<i64> = Vec::new();
     loop {
         let next = match guarded(task, stall, frames.next()).await {
             Ok(n) => n,
@@ -273,6 +284,25 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
             p.slot = Some(id);
         }
         if v["stop"].as_bool() == Some(true) {
+            // Cut by max_tokens while text was held back as a possible stop
+            // string: llama-server's stream never sends that text (its final
+            // frame is empty), though its own non-streamed answer has it.
+            // Those tokens' text, from llama-server's /detokenize, ends the stream.
+            if v["stop_type"].as_str() == Some("limit") && !held.is_empty() {
+                let text = match detokenize(st, task, engine, &held).await {
+                    Ok(t) => t,
+                    Err(o) => return o,
+                };
+                if !text.is_empty() {
+                    let probs = (req.n_probs.is_some()).then(|| std::mem::take(&mut pending_probs));
+                    task.send(TaskEvent::Token(TokenEvent {
+                        t: text,
+                        i: p.events,
+                        probs,
+                    }));
+                    p.events += 1;
+                }
+            }
             return Outcome::Finished(v);
         }
         if let Some(probs) = v["completion_probabilities"].as_array() {
@@ -280,8 +310,18 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         }
         let t = v["content"].as_str().unwrap_or("");
         if t.is_empty() {
+            // A token held back (a possible stop-string prefix).
+            held.extend(
+                v["tokens"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(Value::as_i64)
+                    .filter(|t| *t >= 0),
+            );
             continue;
         }
+        held.clear();
         if first {
             first = false;
             st.metrics
@@ -413,5 +453,49 @@ pub async fn wait_own_slot_free(
             return false;
         }
         tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+}
+
+/// llama-server's answer to a prompt over the context
+/// (`{"error": {"type": "exceed_context_size_error", "n_prompt_tokens", "n_ctx"}}`),
+/// as a message with the token counts.
+fn context_exceeded(body: &str) -> Option<String> {
+    let v: Value = serde_json::from_str(body).ok()?;
+    let e = v.get("error").unwrap_or(&v);
+    if e["type"].as_str() != Some("exceed_context_size_error") {
+        return None;
+    }
+    Some(match (e["n_prompt_tokens"].as_u64(), e["n_ctx"].as_u64()) {
+        (Some(p), Some(c)) => format!(
+            "the prompt is {p} tokens; this model's context here is {c} tokens (prompt and completion together). Shorten the prompt, or serve a profile with a larger server.ctx_size"
+        ),
+        _ => format!(
+            "the prompt does not fit the engine's context: {}",
+            llorch_io::handoff::excerpt(e["message"].as_str().unwrap_or(""), 200)
+        ),
+    })
+}
+
+/// llama-server's text for token ids (`POST /detokenize`).
+async fn detokenize(
+    st: &AppState,
+    task: &Task,
+    engine: &EngineInfo,
+    tokens: &[i64],
+) -> Result<String, Outcome> {
+    let url = &engine.url;
+    let r = send(st, task, engine, || {
+        authed(st.http.post(format!("{url}/detokenize")), engine).json(&json!({"tokens": tokens}))
+    })
+    .await?;
+    if !r.status().is_success() {
+        return Err(Outcome::EngineError(format!(
+            "detokenize answered {}",
+            r.status()
+        )));
+    }
+    match guarded(task, st.cfg.stall_timeout, r.json::<Value>()).await? {
+        Ok(v) => Ok(v["content"].as_str().unwrap_or("").to_string()),
+        Err(e) => Err(Outcome::EngineError(format!("detokenize: {e}"))),
     }
 }

@@ -43,6 +43,11 @@ impl ApiError {
             ..ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
         }
     }
+    /// The same error under another stable code (an API's own, e.g. OpenAI's `context_length_exceeded`).
+    pub fn with_code(mut self, code: &'static str) -> ApiError {
+        self.code = code;
+        self
+    }
     fn retry_after(mut self, s: u64) -> ApiError {
         self.retry_after_s = Some(s);
         self
@@ -772,6 +777,65 @@ async fn guard(
     next.run(req).await
 }
 
+/// Every error in the API's shape: what the framework answers on its own
+/// (413 for a body over the limit, 405 for a method a path does not take,
+/// 404 for no such path: plain text or empty) becomes an [`ApiError`].
+async fn error_shape(
+    State(st): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let (method, path) = (req.method().clone(), req.uri().path().to_string());
+    let r = next.run(req).await;
+    let status = r.status();
+    let is_json = r
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
+    if is_json || !(status.is_client_error() || status.is_server_error()) {
+        return r;
+    }
+    let shown = llorch_io::handoff::excerpt(&path, 64);
+    let e = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => ApiError {
+            field: Some("body".into()),
+            ..ApiError::new(
+                status,
+                "BODY_TOO_LARGE",
+                format!(
+                    "the request body is over {} bytes (max_body_bytes)",
+                    st.cfg.max_body_bytes
+                ),
+            )
+        },
+        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
+            status,
+            "METHOD_NOT_ALLOWED",
+            format!("{method} is not served on {shown}"),
+        ),
+        StatusCode::NOT_FOUND => ApiError::new(
+            status,
+            "NOT_FOUND",
+            format!("no endpoint {shown} (GET /v1/capabilities lists what is served)"),
+        ),
+        _ => ApiError::new(
+            status,
+            "HTTP_ERROR",
+            format!(
+                "{} {}",
+                status.as_u16(),
+                status.canonical_reason().unwrap_or("")
+            ),
+        ),
+    };
+    let allow = r.headers().get(header::ALLOW).cloned();
+    let mut out = e.into_response();
+    if let Some(a) = allow {
+        out.headers_mut().insert(header::ALLOW, a);
+    }
+    out
+}
+
 pub fn router(st: Shared) -> Router {
     Router::new()
         .route("/v1/tasks", post(create_task))
@@ -787,8 +851,13 @@ pub fn router(st: Shared) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(axum::middleware::from_fn_with_state(st.clone(), auth))
         .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
         .layer(DefaultBodyLimit::max(st.cfg.max_body_bytes))
+        .layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            error_shape,
+        ))
         .with_state(st)
 }

@@ -497,7 +497,19 @@ fn chat_logprobs(probs: &[Value]) -> Vec<Value> {
 }
 
 /// The error object of an error event (in a stream, or as a response).
-fn event_error(e: &crate::events::ErrorEvent) -> ApiError {
+fn event_error(e: &crate::events::ErrorEvent, kind: Kind) -> ApiError {
+    if e.code == crate::adapter::CONTEXT_LENGTH_EXCEEDED {
+        // The client's error: OpenAI's own code and shape.
+        return ApiError::invalid(
+            if kind == Kind::Chat {
+                "messages"
+            } else {
+                "prompt"
+            },
+            e.message.clone(),
+        )
+        .with_code("context_length_exceeded");
+    }
     let status = match e.code.as_str() {
         "ENGINE_ERROR" => StatusCode::INTERNAL_SERVER_ERROR,
         _ => StatusCode::SERVICE_UNAVAILABLE,
@@ -572,10 +584,25 @@ async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiEr
         kind,
         logprobs,
     };
-    if streaming {
-        return Ok(stream(head, include_usage, rx, guard));
-    }
     let mut rx = rx;
+    if streaming {
+        // Headers go out with the first token (as llama-server does): an
+        // error before it is an HTTP error in OpenAI's shape (a prompt over
+        // the context is the client's 400), not a 200 stream that fails.
+        let mut first = Vec::new();
+        loop {
+            match rx.recv().await {
+                Some(ev @ TaskEvent::Started(_)) => first.push(ev),
+                Some(TaskEvent::Error(e)) => return Err(event_error(&e, kind)),
+                Some(ev) => {
+                    first.push(ev);
+                    break;
+                }
+                None => break,
+            }
+        }
+        return Ok(stream(head, include_usage, first, rx, guard));
+    }
     let mut text = String::new();
     let mut probs: Vec<Value> = Vec::new();
     let end = loop {
@@ -585,7 +612,7 @@ async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiEr
                 probs.extend(t.probs.unwrap_or_default());
             }
             Some(TaskEvent::End(e)) => break e,
-            Some(TaskEvent::Error(e)) => return Err(event_error(&e)),
+            Some(TaskEvent::Error(e)) => return Err(event_error(&e, kind)),
             Some(TaskEvent::Started(_)) => {}
             None => {
                 return Err(ApiError::new(
@@ -703,23 +730,29 @@ impl Head {
 fn stream(
     head: Head,
     include_usage: bool,
+    first: Vec<TaskEvent>,
     rx: tokio::sync::mpsc::UnboundedReceiver<TaskEvent>,
     guard: DisconnectGuard,
 ) -> Response {
     type Out = std::collections::VecDeque<String>;
-    let state = (rx, guard, head, false, Out::new());
+    let pending: std::collections::VecDeque<TaskEvent> = first.into();
+    let state = ((rx, pending), guard, head, false, Out::new());
     let events = futures_util::stream::unfold(
         state,
-        move |(mut rx, g, head, mut done, mut out)| async move {
+        move |((mut rx, mut pending), g, head, mut done, mut out)| async move {
             loop {
                 if let Some(d) = out.pop_front() {
                     let ev = Ok::<_, std::convert::Infallible>(Event::default().data(d));
-                    return Some((ev, (rx, g, head, done, out)));
+                    return Some((ev, ((rx, pending), g, head, done, out)));
                 }
                 if done {
                     return None;
                 }
-                match rx.recv().await {
+                let next = match pending.pop_front() {
+                    Some(ev) => Some(ev),
+                    None => rx.recv().await,
+                };
+                match next {
                     Some(TaskEvent::Started(_)) => {
                         if head.kind == Kind::Chat {
                             let c = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": Value::Null, "finish_reason": Value::Null}]);
@@ -748,7 +781,7 @@ fn stream(
                     }
                     Some(TaskEvent::Error(e)) => {
                         done = true;
-                        out.push_back(error_json(event_error(&e)).to_string());
+                        out.push_back(error_json(event_error(&e, head.kind)).to_string());
                     }
                     None => return None,
                 }
