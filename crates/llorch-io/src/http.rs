@@ -93,6 +93,7 @@ pub fn blocking_client() -> reqwest::blocking::Client {
 /// server that stops sending mid-body is noticed and the download resumes.
 pub fn download_client(stall: Duration) -> reqwest::blocking::Client {
     with_roots(reqwest::blocking::Client::builder())
+        .redirect(tls_keeping_redirects())
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(10).min(stall))
         .timeout(stall)
@@ -129,6 +130,53 @@ pub fn async_client() -> reqwest::Client {
         .pool_max_idle_per_host(0)
         .no_proxy()
         .tcp_nodelay(true)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// Whether `to` may be followed from a chain that was on HTTPS: a transfer
+/// never leaves TLS for plain HTTP, except to a loopback address.
+pub fn keeps_tls(from_https: bool, to: &reqwest::Url) -> bool {
+    let host = to.host_str().unwrap_or("").trim_matches(['[', ']']);
+    let loopback = host == "localhost"
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
+    to.scheme() == "https" || (to.scheme() == "http" && (!from_https || loopback))
+}
+
+/// Redirects that keep the transfer's security ([`keeps_tls`]), at most 10.
+/// (reqwest drops `Authorization` on a redirect to another host, so
+/// credentials never follow one.)
+pub fn tls_keeping_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|a| {
+        if a.previous().len() >= 10 {
+            return a.error("more than 10 redirects");
+        }
+        let from_https = a.previous().iter().any(|u| u.scheme() == "https");
+        if keeps_tls(from_https, a.url()) {
+            a.follow()
+        } else {
+            let to = a.url().to_string();
+            a.error(format!(
+                "refused a redirect from HTTPS to {} (a transfer never leaves TLS off loopback)",
+                crate::handoff::excerpt(&to, 120)
+            ))
+        }
+    })
+}
+
+/// Async client for reading from OCI registries: the extra roots,
+/// timeouts, and redirects that never leave TLS off loopback.
+pub fn registry_client() -> reqwest::Client {
+    let mut b = reqwest::Client::builder();
+    for c in extra_roots() {
+        b = b.add_root_certificate(c);
+    }
+    b.user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(10))
+        .read_timeout(Duration::from_secs(60))
+        .redirect(tls_keeping_redirects())
         .build()
         .expect("reqwest client configuration is static")
 }

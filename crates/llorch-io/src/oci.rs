@@ -305,6 +305,10 @@ fn extra_roots() -> Vec<Certificate> {
 pub struct Registry {
     client: Client,
     auth: RegistryAuth,
+    /// Reads (manifests, configs, layers): bounded while reading, redirects
+    /// that never leave TLS off loopback ([`crate::http::registry_client`]).
+    http: reqwest::Client,
+    scheme: &'static str,
 }
 
 /// Run an async operation of oci-client to completion on its own thread and
@@ -385,6 +389,12 @@ impl Registry {
         Ok(Registry {
             client,
             auth: credentials(&r.registry),
+            http: crate::http::registry_client(),
+            scheme: if r.is_loopback() || insecure {
+                "http"
+            } else {
+                "https"
+            },
         })
     }
 
@@ -485,23 +495,118 @@ impl Registry {
         Ok(digest)
     }
 
-    /// The image manifest at `r`, checked: its digest (against `r`'s, when it
-    /// names one), size and shape.
-    pub fn pull_manifest(&self, r: &OciRef) -> Result<(OciImageManifest, String), OciError> {
+    /// `GET /v2/<repo>/<kind>/<name>` with the pull credentials (a bearer
+    /// token from the registry's token service, through oci-client, or basic
+    /// credentials), from `range_from` on. A non-2xx answer is an error
+    /// (404: [`OciError::NotFound`]). Descriptors' alternate `urls` are never
+    /// used: every byte comes from the registry named by the reference.
+    async fn read(
+        &self,
+        r: &OciRef,
+        what: &str,
+        kind: &str,
+        name: &str,
+        accept: Option<&str>,
+        range_from: Option<u64>,
+    ) -> Result<reqwest::Response, OciError> {
         let image = r.reference();
-        let (raw, _) = block(async {
-            self.client
-                .pull_manifest_raw(&image, &self.auth, &[OCI_IMAGE_MEDIA_TYPE])
-                .await
-                .map_err(|e| registry_err("manifest", r, e))
-        })?;
-        if raw.len() > MAX_JSON_BYTES {
-            return Err(OciError::Invalid {
-                what: "manifest".into(),
-                reference: r.to_string(),
-                why: format!("{} bytes (the limit is {MAX_JSON_BYTES})", raw.len()),
-            });
+        let token = self
+            .client
+            .auth(&image, &self.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| registry_err(what, r, e))?;
+        let url = format!(
+            "{}://{}/v2/{}/{kind}/{name}",
+            self.scheme, r.registry, r.repository
+        );
+        let mut req = self.http.get(&url);
+        if let Some(a) = accept {
+            req = req.header(reqwest::header::ACCEPT, a);
         }
+        req = match (token, &self.auth) {
+            (Some(t), _) => req.bearer_auth(t),
+            (None, RegistryAuth::Basic(u, p)) => req.basic_auth(u, Some(p)),
+            _ => req,
+        };
+        if let Some(from) = range_from.filter(|f| *f > 0) {
+            req = req.header(reqwest::header::RANGE, format!("bytes={from}-"));
+        }
+        let resp = req.send().await.map_err(|e| OciError::Registry {
+            what: what.into(),
+            reference: r.to_string(),
+            message: crate::http::error_chain(&e),
+        })?;
+        let status = resp.status().as_u16();
+        match status {
+            200..=299 => Ok(resp),
+            404 => Err(OciError::NotFound {
+                what: what.into(),
+                reference: r.to_string(),
+            }),
+            s => {
+                let hint = if s == 401 || s == 403 {
+                    format!("\n  hint: the registry wants credentials: set LLORCH_REGISTRY_USERNAME and LLORCH_REGISTRY_PASSWORD, or log in with `docker login {}` (~/.docker/config.json)", r.registry)
+                } else {
+                    String::new()
+                };
+                Err(OciError::Registry {
+                    what: what.into(),
+                    reference: r.to_string(),
+                    message: format!("HTTP {s}{hint}"),
+                })
+            }
+        }
+    }
+
+    /// A small document (manifest, config) read with a bound while reading:
+    /// whatever the registry says its size is, more than `limit` bytes is refused.
+    async fn read_small(
+        &self,
+        r: &OciRef,
+        what: &str,
+        kind: &str,
+        name: &str,
+        accept: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<u8>, OciError> {
+        use futures_util::StreamExt;
+        let resp = self.read(r, what, kind, name, accept, None).await?;
+        let mut body = resp.bytes_stream();
+        let mut buf = Vec::new();
+        while let Some(chunk) = body.next().await {
+            let chunk = chunk.map_err(|e| OciError::Registry {
+                what: what.into(),
+                reference: r.to_string(),
+                message: crate::http::error_chain(&e),
+            })?;
+            if buf.len() + chunk.len() > limit {
+                return Err(OciError::Invalid {
+                    what: what.into(),
+                    reference: r.to_string(),
+                    why: format!("more than {limit} bytes (the limit)"),
+                });
+            }
+            buf.extend_from_slice(&chunk);
+        }
+        Ok(buf)
+    }
+
+    /// The image manifest at `r`, checked: its digest (against `r`'s, when it
+    /// names one), size (bounded while reading) and shape.
+    pub fn pull_manifest(&self, r: &OciRef) -> Result<(OciImageManifest, String), OciError> {
+        let name = match (&r.digest, &r.tag) {
+            (Some(d), _) => d.clone(),
+            (None, Some(t)) => t.clone(),
+            (None, None) => "latest".into(),
+        };
+        let raw = block(self.read_small(
+            r,
+            "manifest",
+            "manifests",
+            &name,
+            Some(OCI_IMAGE_MEDIA_TYPE),
+            MAX_JSON_BYTES,
+        ))?;
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(&raw)));
         if let Some(want) = &r.digest {
             if want != &digest {
@@ -544,14 +649,14 @@ impl Registry {
                 why: format!("size {} (the limit is {MAX_JSON_BYTES})", d.size),
             });
         }
-        let image = r.reference();
-        let mut buf = Vec::new();
-        block(async {
-            self.client
-                .pull_blob(&image, d, &mut buf)
-                .await
-                .map_err(|e| registry_err("blob", r, e))
-        })?;
+        let buf = block(self.read_small(
+            r,
+            "config",
+            "blobs",
+            &d.digest,
+            None,
+            (d.size as usize).min(MAX_JSON_BYTES),
+        ))?;
         check_digest("config", r, d, &buf)?;
         Ok(buf)
     }
@@ -570,7 +675,6 @@ impl Registry {
     ) -> Result<(), OciError> {
         use futures_util::StreamExt;
         let size = d.size as u64;
-        let image = r.reference();
         if let Some(dir) = partial.parent() {
             std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         }
@@ -591,22 +695,17 @@ impl Registry {
             }
             let res: Result<(), OciError> = block(async {
                 let resp = self
-                    .client
-                    .pull_blob_stream_partial(&image, d, have, None)
-                    .await
-                    .map_err(|e| registry_err("blob", r, e))?;
-                let mut s = match resp {
-                    oci_client::client::BlobResponse::Partial(s) => s,
-                    oci_client::client::BlobResponse::Full(s) => {
-                        // The registry ignored the range: start over.
-                        f.set_len(0).map_err(io("truncate partial"))?;
-                        have = 0;
-                        s
-                    }
-                };
+                    .read(r, "blob", "blobs", &d.digest, None, Some(have))
+                    .await?;
+                if have > 0 && resp.status().as_u16() != 206 {
+                    // The registry ignored the range: start over.
+                    f.set_len(0).map_err(io("truncate partial"))?;
+                    have = 0;
+                }
                 f.seek(std::io::SeekFrom::Start(have))
                     .map_err(io("seek partial"))?;
-                while let Some(chunk) = s.stream.next().await {
+                let mut stream = resp.bytes_stream();
+                while let Some(chunk) = stream.next().await {
                     let chunk = chunk.map_err(|e| OciError::Registry {
                         what: "blob transfer".into(),
                         reference: r.to_string(),
@@ -721,6 +820,66 @@ fn descriptor(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry on 127.0.0.1 that answers `/v2/` and then sends an endless
+    /// manifest (or config): the read stops at the limit, memory stays bounded.
+    #[test]
+    fn an_endless_manifest_or_config_is_refused_while_reading() {
+        use std::io::{BufRead, BufReader};
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        std::thread::spawn(move || {
+            for c in l.incoming().flatten() {
+                std::thread::spawn(move || {
+                    let mut w = c.try_clone().unwrap();
+                    let mut line = String::new();
+                    let mut rd = BufReader::new(c);
+                    if rd.read_line(&mut line).is_err() {
+                        return;
+                    }
+                    let mut h = String::new();
+                    while rd.read_line(&mut h).is_ok_and(|n| n > 2) {
+                        h.clear();
+                    }
+                    if line.starts_with("GET /v2/ ") {
+                        let _ = w.write_all(
+                            b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
+                        );
+                        return;
+                    }
+                    // It claims a small size, then never stops.
+                    let _ = w.write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\nconnection: close\r\n\r\n");
+                    let chunk = vec![b' '; 64 * 1024];
+                    while w.write_all(&chunk).is_ok() {}
+                });
+            }
+        });
+        let r = OciRef::parse(&format!("oci://127.0.0.1:{port}/x/y:t")).unwrap();
+        let reg = Registry::connect(&r, false).unwrap();
+        let e = reg.pull_manifest(&r).unwrap_err().to_string();
+        assert!(e.contains("more than") && e.contains("limit"), "{e}");
+        let d = OciDescriptor {
+            media_type: "application/json".into(),
+            digest: format!("sha256:{}", "0".repeat(64)),
+            size: 100,
+            ..Default::default()
+        };
+        let e = reg.pull_small(&r, &d).unwrap_err().to_string();
+        assert!(e.contains("more than 100 bytes"), "{e}");
+    }
+
+    #[test]
+    fn redirects_never_leave_tls_off_loopback() {
+        use crate::http::keeps_tls;
+        let u = |s: &str| reqwest::Url::parse(s).unwrap();
+        assert!(keeps_tls(true, &u("https://cdn.example/blob")));
+        assert!(!keeps_tls(true, &u("http://cdn.example/blob")));
+        assert!(!keeps_tls(true, &u("http://10.0.0.1/blob")));
+        assert!(keeps_tls(true, &u("http://127.0.0.1:5000/blob")));
+        assert!(keeps_tls(true, &u("http://[::1]:5000/blob")));
+        assert!(keeps_tls(false, &u("http://cdn.example/blob")));
+        assert!(!keeps_tls(false, &u("ftp://cdn.example/blob")));
+    }
 
     #[test]
     fn references_are_parsed_strictly() {

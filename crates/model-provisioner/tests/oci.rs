@@ -136,3 +136,31 @@ fn a_cut_transfer_resumes_from_its_partial() {
         "{gets:?}"
     );
 }
+
+/// A partial download of the full size whose bytes are wrong (a bad disk, a
+/// tampered downloads directory) fails verification once and is removed;
+/// the next fetch downloads again and succeeds, instead of failing forever.
+#[test]
+fn a_partial_with_wrong_bytes_is_removed_and_the_next_fetch_downloads_again() {
+    let reg = TestRegistry::start(None);
+    let (_a, to, body) = pushed_model(&reg, "badpartial");
+    let sha = llorch_io::digest::sha256_bytes(&body);
+    let b = tempfile::tempdir().unwrap();
+    let s = store(b.path());
+    // The store's partial for this ref: downloads/<first 16 hex of sha256(ref)>.partial.
+    let key = &llorch_io::digest::sha256_bytes(to.as_bytes())[..16];
+    let dl = b.path().join("cache/downloads");
+    std::fs::create_dir_all(&dl).unwrap();
+    let partial = dl.join(format!("{key}.partial"));
+    let mut wrong = body.clone();
+    wrong[body.len() / 2] ^= 0xff;
+    std::fs::write(&partial, &wrong).unwrap();
+    let e = s
+        .fetch(&to, &opts(Some(sha.clone())))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("sha256"), "{e}");
+    assert!(!partial.exists(), "the wrong partial is removed");
+    let out = s.fetch(&to, &opts(Some(sha))).unwrap();
+    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+}
