@@ -90,7 +90,11 @@ impl DoctorCmd {
         if self.p.json {
             print_json(&report)?;
         } else {
-            println!("profile {} ({:?} backend)", profile.name, report.backend);
+            let backend = match report.backend {
+                engine_provisioner::Backend::Cpu => "CPU",
+                engine_provisioner::Backend::Cuda => "CUDA",
+            };
+            println!("profile {} ({backend} backend)", profile.name);
             match report.package_manager {
                 Some(pm) => println!("package manager: {}", pm.name()),
                 None => println!("package manager: none detected"),

@@ -288,8 +288,8 @@ impl EngineCmd {
                     ))
                     .map_err(anyhow::Error::msg)?;
                 println!("engine for pool {pool} ready at {url} (supervised; SIGINT/SIGTERM/SIGHUP stop it)");
-                crate::wait_for_ctrl_c();
-                eprintln!("stopping engine");
+                let sig = llorch_io::signals::block_until_stop();
+                eprintln!("{sig}: stopping engine");
                 sup.stop();
                 Ok(())
             }

@@ -38,7 +38,7 @@ struct Cli {
 enum Command {
     /// Build, inspect and prune cached llama-server builds
     Engine(engine::EngineCmd),
-    /// Side-by-side measurements: build, model, provision, stream
+    /// Side-by-side measurements: build, model, provision, stream, openai, pools, fleet, load, soak
     Bench(bench::BenchCmd),
     /// What CI runs: fmt check, clippy, the default engine and model, then all tests
     Ci(ci::CiCmd),
@@ -119,21 +119,4 @@ impl Ctx {
 pub fn print_json<T: serde::Serialize>(value: &T) -> Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
-}
-
-/// Block until SIGINT or SIGTERM.
-pub fn wait_for_ctrl_c() {
-    use std::sync::atomic::{AtomicBool, Ordering};
-    static STOP: AtomicBool = AtomicBool::new(false);
-    extern "C" fn on_signal(_: libc::c_int) {
-        STOP.store(true, Ordering::SeqCst);
-    }
-    // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
-    while !STOP.load(Ordering::SeqCst) {
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
 }

@@ -172,7 +172,7 @@ impl ModelCmd {
                             m.arch.unwrap_or_default(),
                             m.ctx_max.unwrap_or(0),
                             m.quant.unwrap_or_default(),
-                            e.last_use
+                            age(e.last_use)
                         ),
                         Err(err) => println!("{}  BROKEN: {err}  {r}", &e.digest[..12]),
                     }
@@ -212,6 +212,45 @@ impl ModelCmd {
                 );
                 Ok(())
             }
+        }
+    }
+}
+
+/// How long ago a unix time was, as people say it: `just now`, `5 min ago`,
+/// `3 h ago`, `2 days ago`; `never` for 0, `in the future` for a clock skew.
+pub fn age(unix_s: u64) -> String {
+    age_at(unix_s, llorch_io::unix_now())
+}
+
+fn age_at(then: u64, now: u64) -> String {
+    if then == 0 {
+        return "never".into();
+    }
+    let Some(d) = now.checked_sub(then) else {
+        return "in the future".into();
+    };
+    match d {
+        0..=59 => "just now".into(),
+        60..=3599 => format!("{} min ago", d / 60),
+        3600..=86_399 => format!("{} h ago", d / 3600),
+        _ => format!("{} days ago", d / 86_400),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn last_use_reads_as_an_age() {
+        let now = 1_800_000_000;
+        for (then, want) in [
+            (0, "never"),
+            (now, "just now"),
+            (now - 300, "5 min ago"),
+            (now - 3 * 3600, "3 h ago"),
+            (now - 2 * 86_400 - 5, "2 days ago"),
+            (now + 10, "in the future"),
+        ] {
+            assert_eq!(super::age_at(then, now), want);
         }
     }
 }

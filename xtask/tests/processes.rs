@@ -524,3 +524,53 @@ fn sigint_stops_serve_while_it_fetches_even_when_inherited_as_ignored() {
         .join(format!("sha256-{digest}"));
     assert!(!blob.exists(), "nothing half-written is stored");
 }
+
+/// `engine up --foreground` stops on SIGHUP (a closed terminal) like on
+/// SIGINT and SIGTERM: through the one signal door, engine and run files gone.
+#[test]
+fn engine_up_foreground_stops_cleanly_on_sighup() {
+    let rt = tempfile::tempdir().unwrap();
+    let pool = PoolId::parse(&format!("fg-hup-{}", std::process::id())).unwrap();
+    let mut child = llorch_io::cmd::KillOnDrop(
+        xtask(rt.path())
+            .args(["engine", "up", "--pool", pool.as_str(), "--foreground"])
+            .to_std()
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    loop {
+        let line = lines.next().expect("engine up said it is ready").unwrap();
+        if line.contains("ready at") {
+            break;
+        }
+    }
+    let paths = RunPaths::new(&layout(rt.path()), &pool);
+    let rec = llorch_io::handoff::RunRecord::read(&paths.pid_file)
+        .unwrap()
+        .expect("a run record while it runs");
+    let engine = rec.process.pid;
+    // SAFETY: kill(2) on our child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            t0.elapsed() < Duration::from_secs(20),
+            "SIGHUP did not stop it"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status:?}");
+    wait_until("the engine is gone", Duration::from_secs(5), || {
+        !rec.process.is_running()
+    });
+    assert!(
+        !paths.pid_file.exists(),
+        "run record of engine {engine} removed"
+    );
+}

@@ -842,11 +842,25 @@ pub fn wait_ready(
 }
 
 /// Stop our own child: SIGTERM, 5 s, SIGKILL; always reaped.
+/// Stop our own child: SIGTERM, up to 5 s, then SIGKILL. std owns the
+/// child and is the only one that reaps it (`try_wait`/`wait`), so until it
+/// does the pid stays a zombie of ours and cannot be reused: every signal
+/// here reaches this engine and no other process.
 fn terminate_child(child: &mut Child) {
-    if let Some(id) = ProcessIdentity::of(child.id()) {
-        id.stop(Duration::from_secs(5));
+    if let Ok(None) = child.try_wait() {
+        // SAFETY: kill(2) on our unreaped child's pid (it cannot have been reused).
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        let mut pause = Duration::from_millis(1);
+        while let Ok(None) = child.try_wait() {
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                break;
+            }
+            std::thread::sleep(pause);
+            pause = (pause * 2).min(Duration::from_millis(20));
+        }
     }
-    let _ = child.kill();
     let _ = child.wait();
 }
 
@@ -880,7 +894,6 @@ impl RunningEngine {
     }
 }
 
-/// Remove run files that still describe `identity` (typed comparison).
 /// Remove the handoff and key of an engine that is gone (if they name it),
 /// keeping its run record: the owner keeps the pool while it restarts.
 pub fn remove_handoff(paths: &RunPaths, identity: &ProcessIdentity) {
@@ -892,6 +905,7 @@ pub fn remove_handoff(paths: &RunPaths, identity: &ProcessIdentity) {
     }
 }
 
+/// Remove run files that still describe `identity` (typed comparison).
 pub fn remove_run_files(paths: &RunPaths, identity: &ProcessIdentity) {
     if let Ok(Some(r)) = RunRecord::read(&paths.pid_file) {
         if &r.process == identity {

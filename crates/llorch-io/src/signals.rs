@@ -33,3 +33,12 @@ pub fn unignore_interrupt() {
         }
     }
 }
+
+/// Block (outside any async runtime) until SIGINT, SIGTERM or SIGHUP; returns its name.
+pub fn block_until_stop() -> &'static str {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("a current-thread runtime")
+        .block_on(wait_for_stop())
+}

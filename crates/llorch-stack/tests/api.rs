@@ -413,6 +413,15 @@ async fn not_ready_unknown_and_bad_requests() {
         ),
         (r#"{"messages": [{"role": "user"}]}"#, "messages[0]"),
         (r#"{"prompt": "x", "task_id": "../x"}"#, "task_id"),
+        // The same limits table as the OpenAI endpoints: roles are checked here too.
+        (
+            r#"{"messages": [{"role": "user", "content": "a"}, {"role": "wizard", "content": "b"}]}"#,
+            "messages[1].role",
+        ),
+        (
+            r#"{"prompt": "x", "stop": ["1","2","3","4","5","6","7","8","9"]}"#,
+            "stop",
+        ),
         (r#"{"prompt": "x", "pool": ""}"#, "pool"),
         (r#"{"prompt": "x", "pool": "a\u0000b"}"#, "pool"),
         // One JSON object and nothing after it.

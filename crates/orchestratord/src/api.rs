@@ -113,10 +113,6 @@ pub struct CreateTask {
     pub pool: Option<String>,
 }
 
-const MAX_STOP_STRINGS: usize = 8;
-const MAX_STOP_CHARS: usize = 64;
-const MAX_GRAMMAR_CHARS: usize = 16 * 1024;
-
 /// Parse a JSON body into `T`, naming the field at fault.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
@@ -172,10 +168,14 @@ impl CreateTask {
                     "messages must be a non-empty array of {role, content}",
                 ))
             }
-            Some(m) => Some(json!(m
-                .iter()
-                .map(|m| json!({"role": m.role, "content": m.content}))
-                .collect::<Vec<_>>())),
+            Some(m) => {
+                let mut out = Vec::new();
+                for (i, m) in m.iter().enumerate() {
+                    let role = crate::limits::check_role(i, &m.role)?;
+                    out.push(json!({"role": role, "content": m.content}));
+                }
+                Some(json!(out))
+            }
         };
         let chars = match (&self.prompt, &self.messages) {
             (None, None) => return Err(ApiError::invalid("prompt", "give `prompt` or `messages`")),
@@ -235,26 +235,8 @@ impl CreateTask {
             ));
         }
         let stop = self.stop.unwrap_or_default();
-        if stop.len() > MAX_STOP_STRINGS
-            || stop
-                .iter()
-                .any(|s| s.is_empty() || s.chars().count() > MAX_STOP_CHARS)
-        {
-            return Err(ApiError::invalid(
-                "stop",
-                format!("stop takes at most {MAX_STOP_STRINGS} non-empty strings of at most {MAX_STOP_CHARS} characters"),
-            ));
-        }
-        if self
-            .grammar
-            .as_ref()
-            .is_some_and(|g| g.is_empty() || g.chars().count() > MAX_GRAMMAR_CHARS)
-        {
-            return Err(ApiError::invalid(
-                "grammar",
-                format!("grammar must be a non-empty GBNF text of at most {MAX_GRAMMAR_CHARS} characters"),
-            ));
-        }
+        crate::limits::check_stop(&stop)?;
+        crate::limits::check_grammar(self.grammar.as_deref())?;
         if let Some(id) = &self.task_id {
             let ok = !id.is_empty()
                 && id.len() <= 64

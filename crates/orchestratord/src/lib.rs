@@ -13,7 +13,7 @@
 //!   frames into `token` events as they arrive.
 //! * Every task ends in exactly one `end` or `error` (see [`tasks`]).
 //!
-//! Module map: [`config`] (flags, limits), [`link`] (where the engine is),
+//! Module map: [`config`] (flags, limits), [`limits`] (the request-limits table of both APIs), [`link`] (where the engine is),
 //! [`tasks`] (queue, state machine, workers, deadlines, retention), [`api`]
 //! (typed requests, `ApiError`, handlers), [`adapter`] (llama.cpp), [`events`]
 //! (the SSE event types), [`metrics`], [`client`] (a client of this API).
@@ -26,6 +26,7 @@ pub mod api;
 pub mod client;
 pub mod config;
 pub mod events;
+pub mod limits;
 pub mod link;
 pub mod metrics;
 pub mod openai;

@@ -279,23 +279,7 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
                         s
                     }
                 };
-                if !matches!(
-                    m.role.as_str(),
-                    "system" | "developer" | "user" | "assistant" | "tool"
-                ) {
-                    return Err(ApiError::invalid(
-                        format!("messages[{i}].role"),
-                        format!(
-                            "unknown role `{}`",
-                            llorch_io::handoff::excerpt(&m.role, 32)
-                        ),
-                    ));
-                }
-                let role = if m.role == "developer" {
-                    "system"
-                } else {
-                    m.role.as_str()
-                };
+                let role = crate::limits::check_role(i, &m.role)?;
                 chars += text.chars().count();
                 out.push(json!({"role": role, "content": text}));
             }
@@ -388,12 +372,7 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    if stop.len() > 4 || stop.iter().any(|s| s.is_empty() || s.chars().count() > 64) {
-        return Err(ApiError::invalid(
-            "stop",
-            "stop takes up to 4 non-empty strings of at most 64 characters",
-        ));
-    }
+    crate::limits::check_stop(&stop)?;
     let (logprobs, n_probs) = match (kind, r.logprobs, r.top_logprobs) {
         (_, None | Some(Logprobs::Flag(false)), None) => (false, None),
         (Kind::Chat, Some(Logprobs::Flag(true)), top) => {

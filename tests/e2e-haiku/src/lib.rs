@@ -110,12 +110,13 @@ pub fn haiku_messages(minute_word: &str, nonce: &str) -> Value {
 }
 
 /// Three non-empty lines of printable ASCII, at most 40 characters each,
-/// separated by newlines; then only end-of-sequence is allowed, so the
+/// separated by single newlines (no blank line: a haiku is exactly three
+/// lines); then only end-of-sequence is allowed, so the
 /// engine itself ends the haiku after its third line. ASCII and the length
 /// bound make every line at most 40 tokens: the haiku always fits
 /// [`HAIKU_MAX_TOKENS`], it can never be cut by the token limit.
 pub const HAIKU_GRAMMAR: &str = r#"root ::= line nl line nl line "\n"?
-nl ::= "\n" "\n"?
+nl ::= "\n"
 line ::= [!-~] [ -~]{0,39}
 "#;
 pub const HAIKU_MAX_TOKENS: u32 = 160;
@@ -326,9 +327,16 @@ fn check(checks: &mut Vec<Check>, name: &str, ok: bool, detail: impl Into<String
     });
 }
 
-/// Non-empty lines of a text.
+/// The lines of a text (without its final newline), blank ones included:
+/// a haiku is exactly three of them, none blank.
 pub fn haiku_lines(text: &str) -> Vec<&str> {
-    text.lines().filter(|l| !l.trim().is_empty()).collect()
+    text.trim_end_matches('\n').split('\n').collect()
+}
+
+/// Exactly three lines, none of them blank.
+pub fn is_three_lines(text: &str) -> bool {
+    let lines = haiku_lines(text);
+    lines.len() == 3 && lines.iter().all(|l| !l.trim().is_empty())
 }
 
 pub async fn prove(
@@ -403,8 +411,8 @@ pub async fn prove(
         .unwrap_or_default();
     check(
         &mut checks,
-        "a haiku: three non-empty lines, ended by the engine",
-        lines.len() == 3 && stop_reason == "eos",
+        "a haiku: exactly three lines, none blank, ended by the engine",
+        is_three_lines(&first.text) && stop_reason == "eos",
         format!("{} lines, stop_reason {stop_reason}", lines.len()),
     );
 
@@ -512,6 +520,21 @@ mod tests {
         let (d, s) = compare_logprobs(&a, &[(1, -0.6), (2, -1.0)]);
         assert!((d - 0.1).abs() < 1e-9 && !s);
         assert!(compare_logprobs(&a, &[(1, -0.5), (3, -1.0)]).1);
+    }
+
+    #[test]
+    fn a_haiku_is_exactly_three_lines_none_blank() {
+        assert!(is_three_lines("a\nb\nc"));
+        assert!(is_three_lines("a\nb\nc\n"));
+        assert!(!is_three_lines("a\nb\n\nc"), "a blank line between");
+        assert!(!is_three_lines("a\nb"));
+        assert!(!is_three_lines("a\nb\nc\nd"));
+        assert!(!is_three_lines("a\n \nc"));
+        // The grammar allows one newline between lines, never two.
+        assert!(
+            HAIKU_GRAMMAR.contains("nl ::= \"\\n\"\n"),
+            "{HAIKU_GRAMMAR}"
+        );
     }
 
     #[test]

@@ -25,6 +25,11 @@ async fn haiku_streams_real_tokens_from_the_engine() {
     eprintln!("haiku:\n{}", report.text);
     assert!(report.passed, "haiku proof failed: {:#?}", report.checks);
     assert_eq!(test_harness_e2e_haiku::haiku_lines(&report.text).len(), 3);
+    assert!(
+        test_harness_e2e_haiku::is_three_lines(&report.text),
+        "{:?}",
+        report.text
+    );
     assert!(rt.join("haiku/last.json").is_file());
 }
 
