@@ -88,8 +88,8 @@ enum BenchSub {
         #[arg(long)]
         replicas: Option<u32>,
         /// exact or batched
-        #[arg(long, value_parser = ["exact", "batched"])]
-        mode: Option<String>,
+        #[arg(long)]
+        mode: Option<llorch_profile::Mode>,
         /// Slots of the batched engine
         #[arg(long)]
         slots: Option<u32>,
@@ -237,11 +237,7 @@ impl BenchCmd {
                     profile: profile.as_deref(),
                     clients,
                     keys: llorch_profile::ConcurrencyKeys {
-                        mode: match mode.as_deref() {
-                            Some("batched") => Some(llorch_profile::Mode::Batched),
-                            Some(_) => Some(llorch_profile::Mode::Exact),
-                            None => None,
-                        },
+                        mode: *mode,
                         slots: *slots,
                         replicas: *replicas,
                         affinity: None,

@@ -179,6 +179,25 @@ fn load_stack(
     Ok((stack, c))
 }
 
+/// The stack's pool behind an orchestrator on a free loopback port.
+async fn start(
+    ctx: &Ctx,
+    stack: &Stack,
+    queue_capacity: usize,
+    command: &str,
+) -> Result<llorch_stack::PoolStack> {
+    let cfg = orchestratord::Config {
+        addr: "127.0.0.1:0".parse().unwrap(),
+        queue_capacity,
+        ..Default::default()
+    };
+    let opts = llorch_stack::PoolsOptions {
+        quiet: true,
+        ..Default::default()
+    };
+    Ok(llorch_stack::start_pools(stack, &ctx.layout, cfg, &opts, command).await?)
+}
+
 pub struct LoadArgs<'a> {
     pub profile: Option<&'a str>,
     pub clients: &'a [usize],
@@ -196,22 +215,7 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let cfg = orchestratord::Config {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            queue_capacity: 4096,
-            ..Default::default()
-        };
-        let ps = llorch_stack::start_pools(
-            &stack,
-            &ctx.layout,
-            cfg,
-            &llorch_stack::PoolsOptions {
-                quiet: true,
-                ..Default::default()
-            },
-            "cargo xtask bench load",
-        )
-        .await?;
+        let ps = start(ctx, &stack, 4096, "cargo xtask bench load").await?;
         let orch = ps.orchestrator_url();
         let pool = stack.pools[0].id.to_string();
         let engines: Vec<String> = ps
@@ -396,22 +400,7 @@ pub fn bench_soak(
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let cfg = orchestratord::Config {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            queue_capacity,
-            ..Default::default()
-        };
-        let ps = llorch_stack::start_pools(
-            &stack,
-            &ctx.layout,
-            cfg,
-            &llorch_stack::PoolsOptions {
-                quiet: true,
-                ..Default::default()
-            },
-            "cargo xtask bench soak",
-        )
-        .await?;
+        let ps = start(ctx, &stack, queue_capacity, "cargo xtask bench soak").await?;
         let url = format!("{}/v1/completions", ps.orchestrator_url());
         let pool = stack.pools[0].id.to_string();
         let http = llorch_io::http::async_client();

@@ -50,6 +50,15 @@ impl CiCmd {
             )?;
         }
         let exe = std::env::current_exe()?;
+        // Tests never inherit the user's LLORCH_* settings (a cache or
+        // runtime directory elsewhere, a token): the engine the tests share is
+        // built into this checkout's cache, where every test looks for it.
+        let isolated = |c: Cmd| -> Cmd {
+            std::env::vars_os()
+                .filter_map(|(k, _)| k.into_string().ok())
+                .filter(|k| k.starts_with("LLORCH_") && k != "LLORCH_VERBOSE")
+                .fold(c, |c, k| c.env_remove(k))
+        };
         // The servers tests start on 127.0.0.1 (an OCI registry): installed
         // through the package manager when missing, as build tools are.
         step(
@@ -59,17 +68,17 @@ impl CiCmd {
         )?;
         step(
             "engine build (default profile)",
-            Cmd::new(&exe).args(["engine", "build"]),
+            isolated(Cmd::new(&exe).args(["engine", "build"])),
             root,
         )?;
         step(
             "model fetch (default profile)",
-            Cmd::new(&exe).args(["model", "fetch"]),
+            isolated(Cmd::new(&exe).args(["model", "fetch"])),
             root,
         )?;
         step(
             "tests",
-            Cmd::new(&cargo).args(["test", "--workspace", "--", "--test-threads", "2"]),
+            isolated(Cmd::new(&cargo).args(["test", "--workspace", "--", "--test-threads", "2"])),
             root,
         )?;
         Ok(())

@@ -33,14 +33,14 @@ pub struct ServeCmd {
     #[arg(long)]
     replicas: Option<u32>,
     /// exact (one slot per engine, byte-identical results) or batched (N slots, results depend on load)
-    #[arg(long, value_parser = ["exact", "batched"])]
-    mode: Option<String>,
+    #[arg(long)]
+    mode: Option<llorch_profile::Mode>,
     /// Parallel slots of a batched engine (with --mode batched)
     #[arg(long)]
     slots: Option<u32>,
     /// How requests are spread over replicas: none (fewest queued + running) or prefix
-    #[arg(long, value_parser = ["none", "prefix"])]
-    affinity: Option<String>,
+    #[arg(long)]
+    affinity: Option<llorch_profile::Affinity>,
     #[command(flatten)]
     listen: orchestratord::ListenArgs,
 }
@@ -54,18 +54,10 @@ impl ServeCmd {
             bail!("--max-loaded must be at least 1");
         }
         let keys = llorch_profile::ConcurrencyKeys {
-            mode: match self.mode.as_deref() {
-                Some("batched") => Some(llorch_profile::Mode::Batched),
-                Some(_) => Some(llorch_profile::Mode::Exact),
-                None => None,
-            },
+            mode: self.mode,
             slots: self.slots,
             replicas: self.replicas,
-            affinity: match self.affinity.as_deref() {
-                Some("prefix") => Some(llorch_profile::Affinity::Prefix),
-                Some(_) => Some(llorch_profile::Affinity::None),
-                None => None,
-            },
+            affinity: self.affinity,
         };
         let overridden = keys != llorch_profile::ConcurrencyKeys::default();
         if overridden && self.stack.is_some() {

@@ -23,10 +23,14 @@ fn layout(rt: &Path) -> Layout {
     Layout::at(root.clone(), root.join("cache"), rt.to_path_buf())
 }
 
+/// The binary with this checkout's cache and a private runtime directory,
+/// whatever `LLORCH_*` the user has set.
 fn xtask(rt: &Path) -> Cmd {
     Cmd::new(env!("CARGO_BIN_EXE_xtask"))
         .env("LLORCH_ROOT", root())
+        .env("LLORCH_CACHE_DIR", root().join("cache"))
         .env("LLORCH_RUNTIME_DIR", rt)
+        .env_remove("LLORCH_API_TOKEN")
         .dir(root())
 }
 
@@ -495,6 +499,7 @@ fn sigint_stops_serve_while_it_fetches_even_when_inherited_as_ignored() {
         Cmd::new("sh")
             .args(["-c", &script])
             .env("LLORCH_ROOT", root())
+            .env("LLORCH_CACHE_DIR", root().join("cache"))
             .env("LLORCH_RUNTIME_DIR", rt.path())
             .dir(root())
             .to_std()

@@ -29,6 +29,17 @@ pub enum Mode {
     Batched,
 }
 
+impl std::str::FromStr for Mode {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Mode, String> {
+        match s {
+            "exact" => Ok(Mode::Exact),
+            "batched" => Ok(Mode::Batched),
+            _ => Err("expected `exact` or `batched`".into()),
+        }
+    }
+}
+
 impl Mode {
     pub fn as_str(self) -> &'static str {
         match self {
@@ -46,6 +57,17 @@ pub enum Affinity {
     None,
     /// Requests sharing a prompt prefix go to one replica (consistent hashing with bounded load).
     Prefix,
+}
+
+impl std::str::FromStr for Affinity {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Affinity, String> {
+        match s {
+            "none" => Ok(Affinity::None),
+            "prefix" => Ok(Affinity::Prefix),
+            _ => Err("expected `none` or `prefix`".into()),
+        }
+    }
 }
 
 impl Affinity {
