@@ -175,6 +175,25 @@ async fn sixteen_clients_on_two_exact_replicas_get_the_one_engine_answer_bit_for
             "every replica served: {r}"
         );
     }
+    let models: Value = http()
+        .get(format!("{base}/v1/models"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let entry = models["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["id"] == a)
+        .unwrap();
+    assert_eq!(entry["mode"], "exact");
+    for r in entry["replicas"].as_array().unwrap() {
+        assert!(r["tokens_out"].as_u64().unwrap() > 0, "{r}");
+        assert_eq!(r["state"], "ready", "{r}");
+    }
     let m = http()
         .get(format!("{base}/metrics"))
         .send()

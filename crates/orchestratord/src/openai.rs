@@ -99,13 +99,13 @@ pub async fn models(State(st): State<Shared>) -> Response {
     let stopping = st.stopping.load(std::sync::atomic::Ordering::SeqCst);
     let mut data: Vec<Value> = Vec::new();
     let mut names = std::collections::HashSet::new();
-    let _ = stopping;
     let entry = |id: &str, p: &crate::Pool| {
         let members = st.members(&p.group);
         let replicas: Vec<Value> = members
             .iter()
             .map(|m| json!({"replica": m.replica, "state": m.state(stopping), "queue_depth": m.queue.len(),
-                            "running": m.running.load(std::sync::atomic::Ordering::SeqCst)}))
+                            "running": m.running.load(std::sync::atomic::Ordering::SeqCst),
+                            "tokens_out": m.tokens_out.load(std::sync::atomic::Ordering::Relaxed)}))
             .collect();
         let mode = p
             .last_engine
