@@ -1,4 +1,10 @@
-//! The HTTP surface: typed requests, one error type, handlers, auth, router.
+//! The HTTP surface: typed requests of the task API, its handlers, pools in
+//! capabilities, the router. Errors: [`crate::errors`]; admission:
+//! [`crate::admission`]; the web-page guard and auth: [`crate::guard`].
+
+pub use crate::admission::{admit, retry_after_s, route, DisconnectGuard};
+pub use crate::errors::{parse_body, ApiError};
+pub use crate::guard::host_allowed;
 
 use crate::events::TaskEvent;
 use crate::link::LinkState;
@@ -6,7 +12,7 @@ use crate::pool::Pool;
 use crate::tasks::{self, CancelReason, Task, TaskRequest};
 use crate::{AppState, Shared};
 use axum::extract::{DefaultBodyLimit, Path, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, Method, StatusCode};
 use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -16,77 +22,6 @@ use serde_json::json;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
-
-/// Every error the API answers: status, a stable code, a message and the field at fault.
-#[derive(Debug)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub code: &'static str,
-    pub message: String,
-    pub field: Option<String>,
-    pub retry_after_s: Option<u64>,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            code,
-            message: message.into(),
-            field: None,
-            retry_after_s: None,
-        }
-    }
-    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> ApiError {
-        ApiError {
-            field: Some(field.into()),
-            ..ApiError::new(StatusCode::BAD_REQUEST, "INVALID_REQUEST", message)
-        }
-    }
-    /// The same error under another stable code (an API's own, e.g. OpenAI's `context_length_exceeded`).
-    pub fn with_code(mut self, code: &'static str) -> ApiError {
-        self.code = code;
-        self
-    }
-    fn retry_after(mut self, s: u64) -> ApiError {
-        self.retry_after_s = Some(s);
-        self
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        // Also OpenAI's shape (`type`, `param`), so OpenAI clients read every error.
-        let kind = match self.status.as_u16() {
-            401 => "authentication_error",
-            403 => "permission_error",
-            429 => "rate_limit_error",
-            s if s >= 500 => "server_error",
-            _ => "invalid_request_error",
-        };
-        let mut body = json!({"error": {
-            "code": self.code,
-            "message": self.message,
-            "type": kind,
-            "param": self.field,
-        }});
-        if let Some(f) = &self.field {
-            body["error"]["field"] = json!(f);
-        }
-        let mut r = (self.status, Json(body)).into_response();
-        if let Some(s) = self.retry_after_s {
-            r.headers_mut().insert(
-                "retry-after",
-                HeaderValue::from_str(&s.to_string()).unwrap(),
-            );
-        }
-        if self.status == StatusCode::UNAUTHORIZED {
-            r.headers_mut()
-                .insert("www-authenticate", HeaderValue::from_static("Bearer"));
-        }
-        r
-    }
-}
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -111,36 +46,6 @@ pub struct CreateTask {
     pub grammar: Option<String>,
     /// The pool to run on: a pool id or a model name (default: the first pool).
     pub pool: Option<String>,
-}
-
-/// Parse a JSON body into `T`, naming the field at fault.
-pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    let de = &mut serde_json::Deserializer::from_slice(body);
-    let v = serde_path_to_error::deserialize(&mut *de).map_err(|e| {
-        let inner = e.inner().to_string();
-        let path = e.path().to_string();
-        let field = if let Some(rest) = inner.strip_prefix("unknown field `") {
-            rest.split('`').next().unwrap_or("body").to_string()
-        } else if path == "." || inner.contains("EOF") || e.inner().is_syntax() {
-            "body".to_string()
-        } else {
-            path
-        };
-        let msg = if field == "body" && e.inner().is_syntax() {
-            format!("invalid JSON: {inner}")
-        } else {
-            inner
-        };
-        ApiError::invalid(field, msg)
-    })?;
-    // One JSON value and nothing after it (`{...}xyz` is not a request).
-    de.end().map_err(|e| {
-        ApiError::invalid(
-            "body",
-            format!("invalid JSON: unexpected data after the request object ({e})"),
-        )
-    })?;
-    Ok(v)
 }
 
 impl CreateTask {
@@ -273,36 +178,6 @@ impl CreateTask {
 /// A checked request, its client-chosen id and the pool it names.
 pub type Validated = (TaskRequest, Option<String>, Option<String>);
 
-fn not_ready(st: &AppState, pool: &Pool) -> ApiError {
-    st.metrics.reject("not_ready");
-    if st.stopping.load(Ordering::SeqCst) {
-        return ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "DRAINING",
-            "the orchestrator is shutting down",
-        );
-    }
-    match pool.link_state() {
-        LinkState::Failed(reason) => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ENGINE_FAILED",
-            format!(
-                "the engine of pool `{}` has failed and will not be restarted: {reason}",
-                pool.id
-            ),
-        ),
-        _ => ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "ENGINE_NOT_READY",
-            format!(
-                "the engine of pool `{}` is not ready; try again shortly",
-                pool.id
-            ),
-        )
-        .retry_after(1),
-    }
-}
-
 async fn create_task(
     State(st): State<Shared>,
     body: axum::body::Bytes,
@@ -318,157 +193,6 @@ async fn create_task(
         Json(json!({"task_id": task.id, "pool": pool.group.as_str(), "replica": task.pool.replica, "queue_position": task.queue_position, "predicted_start_ms": task.predicted_start_ms})),
     )
         .into_response())
-}
-
-/// The pool a request names (`None`: the first pool); 404 with `code` when no pool answers to it.
-pub fn route(
-    st: &AppState,
-    name: Option<&str>,
-    field: &'static str,
-    code: &'static str,
-) -> Result<Arc<Pool>, ApiError> {
-    let Some(name) = name else {
-        return Ok(st.default_pool().clone());
-    };
-    if let Some(p) = st.find_pool(name) {
-        return Ok(p.clone());
-    }
-    st.metrics.reject("invalid");
-    let served: Vec<String> = st.heads().map(|p| format!("`{}`", p.group)).collect();
-    Err(ApiError {
-        field: Some(field.into()),
-        ..ApiError::new(
-            StatusCode::NOT_FOUND,
-            code,
-            format!(
-                "no pool or model `{}` here; this orchestrator serves {} (GET /v1/models lists every name)",
-                llorch_io::handoff::excerpt(name, 64),
-                served.join(", ")
-            ),
-        )
-    })
-}
-
-/// The text a task's affinity key is taken from: the prompt, or the messages in order.
-fn affinity_text(req: &TaskRequest) -> String {
-    if let Some(p) = &req.prompt {
-        return p.chars().take(crate::pool::AFFINITY_PREFIX_CHARS).collect();
-    }
-    let mut s = String::new();
-    for m in req
-        .messages
-        .as_ref()
-        .and_then(|m| m.as_array())
-        .into_iter()
-        .flatten()
-    {
-        s.push_str(m["role"].as_str().unwrap_or(""));
-        s.push('\n');
-        s.push_str(m["content"].as_str().unwrap_or(""));
-        s.push('\n');
-        if s.len() >= crate::pool::AFFINITY_PREFIX_CHARS * 4 {
-            break;
-        }
-    }
-    s
-}
-
-/// Seconds until the pool `members` frees a place, from its observed
-/// service rate (tasks finished per second over the last ones, summed over
-/// replicas); before any finished, from its slots and the average task time.
-pub fn retry_after_s(members: &[Arc<Pool>]) -> u64 {
-    let observed: f64 = members.iter().filter_map(|p| p.service_rate()).sum();
-    let rate = if observed > 0.0 {
-        observed
-    } else {
-        let slots: usize = members.iter().map(|p| p.slots).sum();
-        let avg_s = members
-            .iter()
-            .map(|p| p.avg_task_ms.load(Ordering::Relaxed))
-            .max()
-            .unwrap_or(1000)
-            .max(1) as f64
-            / 1000.0;
-        slots.max(1) as f64 / avg_s
-    };
-    ((1.0 / rate).ceil() as u64).clamp(1, 3600)
-}
-
-/// Admit a checked request into a pool's queue (shared by the task API and
-/// the OpenAI endpoints): the replica ([`crate::pool::pick_replica`]),
-/// readiness (or load on demand), a unique id, capacity (`queue_capacity`
-/// tasks waiting over all the pool's replicas).
-pub fn admit(
-    st: &Shared,
-    head: &Arc<Pool>,
-    req: TaskRequest,
-    task_id: Option<String>,
-) -> Result<Arc<Task>, ApiError> {
-    let members = st.members(&head.group);
-    let pool = &if members.len() > 1 {
-        crate::pool::pick_replica(&members, &affinity_text(&req))
-    } else {
-        head.clone()
-    };
-    let waits_for_load =
-        pool.link.loads_on_demand() && !matches!(pool.link_state(), LinkState::Failed(_));
-    if st.stopping.load(Ordering::SeqCst) || !(pool.ready.load(Ordering::SeqCst) || waits_for_load)
-    {
-        return Err(not_ready(st, pool));
-    }
-    let task_id = task_id.unwrap_or_else(|| st.new_task_id());
-    let task = {
-        let mut all = st.tasks.lock().unwrap();
-        if all.contains_key(&task_id) {
-            st.metrics.reject("invalid");
-            return Err(ApiError {
-                field: Some("task_id".into()),
-                ..ApiError::new(
-                    StatusCode::CONFLICT,
-                    "TASK_EXISTS",
-                    format!("task `{task_id}` already exists"),
-                )
-            });
-        }
-        let depth: usize = members.iter().map(|p| p.queue.len()).sum();
-        if depth >= st.cfg.queue_capacity {
-            st.metrics.reject("queue_full");
-            return Err(ApiError::new(
-                StatusCode::TOO_MANY_REQUESTS,
-                "QUEUE_FULL",
-                format!("the queue of pool `{}` is full ({depth} tasks)", pool.group),
-            )
-            .retry_after(retry_after_s(&members)));
-        }
-        // Tasks ahead on this replica, shared by its slots.
-        let ahead = pool.load();
-        let position = ahead;
-        let predicted = (ahead / pool.slots) as u64 * pool.avg_task_ms.load(Ordering::Relaxed);
-        let task = Arc::new(Task::new(
-            task_id.clone(),
-            pool.clone(),
-            req,
-            position,
-            predicted,
-        ));
-        all.insert(task_id, task.clone());
-        pool.queue.push(task.clone());
-        task
-    };
-    pool.touch();
-    tasks::arm_deadline(st, &task);
-    st.metrics.admitted.inc();
-    pool.work.notify_one();
-    st.sched.notify_one();
-    Ok(task)
-}
-
-/// Cancels its task when the client's stream is dropped (disconnect).
-pub struct DisconnectGuard(pub Arc<Task>, pub Shared);
-impl Drop for DisconnectGuard {
-    fn drop(&mut self) {
-        tasks::cancel(&self.1, &self.0, CancelReason::ClientDisconnected);
-    }
 }
 
 fn find_task(st: &AppState, id: &str) -> Result<Arc<Task>, ApiError> {
@@ -648,176 +372,6 @@ async fn metrics_text(State(st): State<Shared>) -> Response {
         .into_response()
 }
 
-fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
-    use sha2::{Digest, Sha256};
-    use subtle::ConstantTimeEq;
-    let Some(want) = &st.cfg.api_token else {
-        return true;
-    };
-    let got = headers
-        .get(header::AUTHORIZATION)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer "))
-        .unwrap_or("");
-    // Hash both so the comparison is constant-time whatever the lengths.
-    let a = Sha256::digest(got.as_bytes());
-    let b = Sha256::digest(want.as_bytes());
-    a.ct_eq(&b).into()
-}
-
-async fn auth(
-    State(st): State<Shared>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let path = req.uri().path();
-    let open = path == "/healthz" || path == "/readyz";
-    if !open && !token_ok(&st, req.headers()) {
-        return ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "UNAUTHORIZED",
-            "missing or wrong `Authorization: Bearer <token>`",
-        )
-        .into_response();
-    }
-    next.run(req).await
-}
-
-/// The `Host` a request names, lowercased, without its port.
-fn request_host(req: &axum::extract::Request) -> Option<String> {
-    let raw = req
-        .headers()
-        .get(header::HOST)
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_string)
-        .or_else(|| req.uri().authority().map(|a| a.to_string()))?;
-    let raw = raw.trim().to_ascii_lowercase();
-    let host = if let Some(rest) = raw.strip_prefix('[') {
-        // [v6]:port
-        rest.split(']').next().unwrap_or("").to_string()
-    } else {
-        raw.rsplit_once(':')
-            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
-            .map(|(h, _)| h.to_string())
-            .unwrap_or(raw)
-    };
-    Some(host)
-}
-
-/// Whether `host` may address this orchestrator (DNS-rebinding guard).
-pub fn host_allowed(cfg: &crate::Config, host: &str) -> bool {
-    if cfg.allowed_hosts.iter().any(|h| h == host) {
-        return true;
-    }
-    let ip = cfg.addr.ip();
-    if ip.is_loopback() {
-        return matches!(host, "localhost" | "127.0.0.1" | "::1") || host == ip.to_string();
-    }
-    // Off loopback the token protects the API; names are checked only when configured.
-    cfg.allowed_hosts.is_empty() || host == ip.to_string()
-}
-
-/// Refuse what a web page could send: a foreign `Host` (403) and, on
-/// endpoints that change state, a body that is not `application/json` (415;
-/// a cross-origin form or `text/plain` post cannot set that type without a
-/// CORS preflight, which this server never approves).
-async fn guard(
-    State(st): State<Shared>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    if let Some(host) = request_host(&req) {
-        if !host_allowed(&st.cfg, &host) {
-            return ApiError::new(
-                StatusCode::FORBIDDEN,
-                "HOST_NOT_ALLOWED",
-                format!(
-                    "requests for host `{}` are not served here; pass --allowed-host {} if this name is yours",
-                    llorch_io::handoff::excerpt(&host, 64),
-                    llorch_io::handoff::excerpt(&host, 64)
-                ),
-            )
-            .into_response();
-        }
-    }
-    if req.method() == axum::http::Method::POST {
-        let json = req
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.split(';').next())
-            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
-        if !json {
-            return ApiError::new(
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "UNSUPPORTED_MEDIA_TYPE",
-                "send `Content-Type: application/json`",
-            )
-            .into_response();
-        }
-    }
-    next.run(req).await
-}
-
-/// Every error in the API's shape: what the framework answers on its own
-/// (413 for a body over the limit, 405 for a method a path does not take,
-/// 404 for no such path: plain text or empty) becomes an [`ApiError`].
-async fn error_shape(
-    State(st): State<Shared>,
-    req: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
-    let (method, path) = (req.method().clone(), req.uri().path().to_string());
-    let r = next.run(req).await;
-    let status = r.status();
-    let is_json = r
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
-        return r;
-    }
-    let shown = llorch_io::handoff::excerpt(&path, 64);
-    let e = match status {
-        StatusCode::PAYLOAD_TOO_LARGE => ApiError {
-            field: Some("body".into()),
-            ..ApiError::new(
-                status,
-                "BODY_TOO_LARGE",
-                format!(
-                    "the request body is over {} bytes (max_body_bytes)",
-                    st.cfg.max_body_bytes
-                ),
-            )
-        },
-        StatusCode::METHOD_NOT_ALLOWED => ApiError::new(
-            status,
-            "METHOD_NOT_ALLOWED",
-            format!("{method} is not served on {shown}"),
-        ),
-        StatusCode::NOT_FOUND => ApiError::new(
-            status,
-            "NOT_FOUND",
-            format!("no endpoint {shown} (GET /v1/capabilities lists what is served)"),
-        ),
-        _ => ApiError::new(
-            status,
-            "HTTP_ERROR",
-            format!(
-                "{} {}",
-                status.as_u16(),
-                status.canonical_reason().unwrap_or("")
-            ),
-        ),
-    };
-    let allow = r.headers().get(header::ALLOW).cloned();
-    let mut out = e.into_response();
-    if let Some(a) = allow {
-        out.headers_mut().insert(header::ALLOW, a);
-    }
-    out
-}
-
 pub fn router(st: Shared) -> Router {
     Router::new()
         .route("/v1/tasks", post(create_task))
@@ -834,12 +388,18 @@ pub fn router(st: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { StatusCode::NOT_FOUND })
-        .layer(axum::middleware::from_fn_with_state(st.clone(), auth))
-        .layer(axum::middleware::from_fn_with_state(st.clone(), guard))
+        .layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            crate::guard::auth,
+        ))
+        .layer(axum::middleware::from_fn_with_state(
+            st.clone(),
+            crate::guard::guard,
+        ))
         .layer(DefaultBodyLimit::max(st.cfg.max_body_bytes))
         .layer(axum::middleware::from_fn_with_state(
             st.clone(),
-            error_shape,
+            crate::errors::error_shape,
         ))
         .with_state(st)
 }

@@ -13,7 +13,7 @@
 //!   frames into `token` events as they arrive.
 //! * Every task ends in exactly one `end` or `error` (see [`tasks`]).
 //!
-//! Module map: [`config`] (flags, limits), [`limits`] (the request-limits table of both APIs), [`link`] (where the engine is),
+//! Module map: [`config`] (flags, limits), [`limits`] (the request-limits table of both APIs), [`errors`], [`admission`], [`guard`], [`link`] (where the engine is),
 //! [`tasks`] (queue, state machine, workers, deadlines, retention), [`api`]
 //! (typed requests, `ApiError`, handlers), [`adapter`] (llama.cpp), [`events`]
 //! (the SSE event types), [`metrics`], [`client`] (a client of this API).
@@ -22,10 +22,13 @@
 //! cannot answer, the client gets an `error` event.
 
 pub mod adapter;
+pub mod admission;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod errors;
 pub mod events;
+pub mod guard;
 pub mod limits;
 pub mod link;
 pub mod metrics;

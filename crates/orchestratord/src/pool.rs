@@ -496,3 +496,77 @@ pub async fn scheduler(st: Shared) {
         tokio::select! { _ = n => {}, _ = tokio::time::sleep(pause) => {} }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::link::EngineInfo;
+
+    /// `k` ready replicas of pool `p` (closure links that always say Ready).
+    fn group(k: usize, affinity: Affinity) -> Vec<Arc<Pool>> {
+        let id = PoolId::parse("p").unwrap();
+        (0..k)
+            .map(|i| {
+                let link = || {
+                    Some(EngineInfo {
+                        pool: "p".into(),
+                        fingerprint: String::new(),
+                        flags: Vec::new(),
+                        url: "http://127.0.0.1:1".into(),
+                        engine: "llamacpp".into(),
+                        engine_version: String::new(),
+                        model_ref: String::new(),
+                        model_digest: String::new(),
+                        ctx_max: None,
+                        slots: 1,
+                        batched: false,
+                        api_key: None,
+                    })
+                };
+                let mut spec = PoolSpec::new(id.replica(i), Box::new(link));
+                spec.group = id.clone();
+                spec.replica = i;
+                spec.affinity = affinity;
+                let p = Arc::new(Pool::new(spec));
+                p.ready.store(true, Ordering::SeqCst);
+                p
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_fewest_queued_and_running_replica_takes_the_task() {
+        let g = group(3, Affinity::None);
+        assert_eq!(pick_replica(&g, "x").replica, 0);
+        g[0].running.store(1, Ordering::SeqCst);
+        assert_eq!(pick_replica(&g, "x").replica, 1);
+        g[1].running.store(1, Ordering::SeqCst);
+        g[2].running.store(2, Ordering::SeqCst);
+        assert_eq!(pick_replica(&g, "x").replica, 0);
+        // A replica that is not ready is used only when none other can be.
+        g[0].ready.store(false, Ordering::SeqCst);
+        g[0].running.store(0, Ordering::SeqCst);
+        assert_eq!(pick_replica(&g, "x").replica, 1);
+    }
+
+    #[test]
+    fn a_shared_prefix_stays_on_one_replica_within_its_bound() {
+        let g = group(2, Affinity::Prefix);
+        let home = pick_replica(&g, "system prompt A").replica;
+        for _ in 0..5 {
+            assert_eq!(pick_replica(&g, "system prompt A").replica, home);
+        }
+        // Loads (home, other): (1, 0) → bound ceil(1.25 * 2 / 2) = 2: home.
+        g[home].running.store(1, Ordering::SeqCst);
+        assert_eq!(pick_replica(&g, "system prompt A").replica, home);
+        // (2, 0) → bound ceil(1.25 * 3 / 2) = 2: home is at its bound, the other takes it.
+        g[home].running.store(2, Ordering::SeqCst);
+        assert_eq!(pick_replica(&g, "system prompt A").replica, 1 - home);
+        // Prefixes spread: over many keys both replicas are someone's home.
+        g[home].running.store(0, Ordering::SeqCst);
+        let homes: std::collections::HashSet<usize> = (0..32)
+            .map(|i| pick_replica(&g, &format!("prompt {i}")).replica)
+            .collect();
+        assert_eq!(homes.len(), 2);
+    }
+}

@@ -1,0 +1,193 @@
+//! Admission, shared by the task API and the OpenAI endpoints: which pool a
+//! request names ([`route`]), which replica takes it and whether it fits
+//! ([`admit`]), when to retry ([`retry_after_s`]), and cancel on disconnect.
+
+use crate::api::ApiError;
+use crate::link::LinkState;
+use crate::pool::Pool;
+use crate::tasks::{self, CancelReason, Task, TaskRequest};
+use crate::{AppState, Shared};
+use axum::http::StatusCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+fn not_ready(st: &AppState, pool: &Pool) -> ApiError {
+    st.metrics.reject("not_ready");
+    if st.stopping.load(Ordering::SeqCst) {
+        return ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "DRAINING",
+            "the orchestrator is shutting down",
+        );
+    }
+    match pool.link_state() {
+        LinkState::Failed(reason) => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ENGINE_FAILED",
+            format!(
+                "the engine of pool `{}` has failed and will not be restarted: {reason}",
+                pool.id
+            ),
+        ),
+        _ => ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "ENGINE_NOT_READY",
+            format!(
+                "the engine of pool `{}` is not ready; try again shortly",
+                pool.id
+            ),
+        )
+        .retry_after(1),
+    }
+}
+
+/// The pool a request names (`None`: the first pool); 404 with `code` when no pool answers to it.
+pub fn route(
+    st: &AppState,
+    name: Option<&str>,
+    field: &'static str,
+    code: &'static str,
+) -> Result<Arc<Pool>, ApiError> {
+    let Some(name) = name else {
+        return Ok(st.default_pool().clone());
+    };
+    if let Some(p) = st.find_pool(name) {
+        return Ok(p.clone());
+    }
+    st.metrics.reject("invalid");
+    let served: Vec<String> = st.heads().map(|p| format!("`{}`", p.group)).collect();
+    Err(ApiError {
+        field: Some(field.into()),
+        ..ApiError::new(
+            StatusCode::NOT_FOUND,
+            code,
+            format!(
+                "no pool or model `{}` here; this orchestrator serves {} (GET /v1/models lists every name)",
+                llorch_io::handoff::excerpt(name, 64),
+                served.join(", ")
+            ),
+        )
+    })
+}
+
+/// The text a task's affinity key is taken from: the prompt, or the messages in order.
+fn affinity_text(req: &TaskRequest) -> String {
+    if let Some(p) = &req.prompt {
+        return p.chars().take(crate::pool::AFFINITY_PREFIX_CHARS).collect();
+    }
+    let mut s = String::new();
+    for m in req
+        .messages
+        .as_ref()
+        .and_then(|m| m.as_array())
+        .into_iter()
+        .flatten()
+    {
+        s.push_str(m["role"].as_str().unwrap_or(""));
+        s.push('\n');
+        s.push_str(m["content"].as_str().unwrap_or(""));
+        s.push('\n');
+        if s.len() >= crate::pool::AFFINITY_PREFIX_CHARS * 4 {
+            break;
+        }
+    }
+    s
+}
+
+/// Seconds until the pool `members` frees a place, from its observed
+/// service rate (tasks finished per second over the last ones, summed over
+/// replicas); before any finished, from its slots and the average task time.
+pub fn retry_after_s(members: &[Arc<Pool>]) -> u64 {
+    let observed: f64 = members.iter().filter_map(|p| p.service_rate()).sum();
+    let rate = if observed > 0.0 {
+        observed
+    } else {
+        let slots: usize = members.iter().map(|p| p.slots).sum();
+        let avg_s = members
+            .iter()
+            .map(|p| p.avg_task_ms.load(Ordering::Relaxed))
+            .max()
+            .unwrap_or(1000)
+            .max(1) as f64
+            / 1000.0;
+        slots.max(1) as f64 / avg_s
+    };
+    ((1.0 / rate).ceil() as u64).clamp(1, 3600)
+}
+
+/// Admit a checked request into a pool's queue (shared by the task API and
+/// the OpenAI endpoints): the replica ([`crate::pool::pick_replica`]),
+/// readiness (or load on demand), a unique id, capacity (`queue_capacity`
+/// tasks waiting over all the pool's replicas).
+pub fn admit(
+    st: &Shared,
+    head: &Arc<Pool>,
+    req: TaskRequest,
+    task_id: Option<String>,
+) -> Result<Arc<Task>, ApiError> {
+    let members = st.members(&head.group);
+    let pool = &if members.len() > 1 {
+        crate::pool::pick_replica(&members, &affinity_text(&req))
+    } else {
+        head.clone()
+    };
+    let waits_for_load =
+        pool.link.loads_on_demand() && !matches!(pool.link_state(), LinkState::Failed(_));
+    if st.stopping.load(Ordering::SeqCst) || !(pool.ready.load(Ordering::SeqCst) || waits_for_load)
+    {
+        return Err(not_ready(st, pool));
+    }
+    let task_id = task_id.unwrap_or_else(|| st.new_task_id());
+    let task = {
+        let mut all = st.tasks.lock().unwrap();
+        if all.contains_key(&task_id) {
+            st.metrics.reject("invalid");
+            return Err(ApiError {
+                field: Some("task_id".into()),
+                ..ApiError::new(
+                    StatusCode::CONFLICT,
+                    "TASK_EXISTS",
+                    format!("task `{task_id}` already exists"),
+                )
+            });
+        }
+        let depth: usize = members.iter().map(|p| p.queue.len()).sum();
+        if depth >= st.cfg.queue_capacity {
+            st.metrics.reject("queue_full");
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "QUEUE_FULL",
+                format!("the queue of pool `{}` is full ({depth} tasks)", pool.group),
+            )
+            .retry_after(retry_after_s(&members)));
+        }
+        // Tasks ahead on this replica, shared by its slots.
+        let ahead = pool.load();
+        let position = ahead;
+        let predicted = (ahead / pool.slots) as u64 * pool.avg_task_ms.load(Ordering::Relaxed);
+        let task = Arc::new(Task::new(
+            task_id.clone(),
+            pool.clone(),
+            req,
+            position,
+            predicted,
+        ));
+        all.insert(task_id, task.clone());
+        pool.queue.push(task.clone());
+        task
+    };
+    pool.touch();
+    tasks::arm_deadline(st, &task);
+    st.metrics.admitted.inc();
+    pool.work.notify_one();
+    st.sched.notify_one();
+    Ok(task)
+}
+
+/// Cancels its task when the client's stream is dropped (disconnect).
+pub struct DisconnectGuard(pub Arc<Task>, pub Shared);
+impl Drop for DisconnectGuard {
+    fn drop(&mut self) {
+        tasks::cancel(&self.1, &self.0, CancelReason::ClientDisconnected);
+    }
+}

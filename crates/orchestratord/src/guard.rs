@@ -1,0 +1,169 @@
+//! What a web page in a browser could send is refused (`Host` and content
+//! type, [`guard`]); the API token off loopback ([`auth`]).
+
+use crate::api::ApiError;
+use crate::{AppState, Shared};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let Some(want) = &st.cfg.api_token else {
+        return true;
+    };
+    let got = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Hash both so the comparison is constant-time whatever the lengths.
+    let a = Sha256::digest(got.as_bytes());
+    let b = Sha256::digest(want.as_bytes());
+    a.ct_eq(&b).into()
+}
+
+pub(crate) async fn auth(
+    State(st): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let path = req.uri().path();
+    let open = path == "/healthz" || path == "/readyz";
+    if !open && !token_ok(&st, req.headers()) {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "UNAUTHORIZED",
+            "missing or wrong `Authorization: Bearer <token>`",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+/// The `Host` a request names, lowercased, without its port.
+fn request_host(req: &axum::extract::Request) -> Option<String> {
+    let raw = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
+        .or_else(|| req.uri().authority().map(|a| a.to_string()))?;
+    let raw = raw.trim().to_ascii_lowercase();
+    let host = if let Some(rest) = raw.strip_prefix('[') {
+        // [v6]:port
+        rest.split(']').next().unwrap_or("").to_string()
+    } else {
+        raw.rsplit_once(':')
+            .filter(|(_, p)| p.chars().all(|c| c.is_ascii_digit()))
+            .map(|(h, _)| h.to_string())
+            .unwrap_or(raw)
+    };
+    Some(host)
+}
+
+/// Whether `host` may address this orchestrator (DNS-rebinding guard).
+pub fn host_allowed(cfg: &crate::Config, host: &str) -> bool {
+    if cfg.allowed_hosts.iter().any(|h| h == host) {
+        return true;
+    }
+    let ip = cfg.addr.ip();
+    if ip.is_loopback() {
+        return matches!(host, "localhost" | "127.0.0.1" | "::1") || host == ip.to_string();
+    }
+    // Off loopback the token protects the API; names are checked only when configured.
+    cfg.allowed_hosts.is_empty() || host == ip.to_string()
+}
+
+/// Refuse what a web page could send: a foreign `Host` (403) and, on
+/// endpoints that change state, a body that is not `application/json` (415;
+/// a cross-origin form or `text/plain` post cannot set that type without a
+/// CORS preflight, which this server never approves).
+pub(crate) async fn guard(
+    State(st): State<Shared>,
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if let Some(host) = request_host(&req) {
+        if !host_allowed(&st.cfg, &host) {
+            return ApiError::new(
+                StatusCode::FORBIDDEN,
+                "HOST_NOT_ALLOWED",
+                format!(
+                    "requests for host `{}` are not served here; pass --allowed-host {} if this name is yours",
+                    llorch_io::handoff::excerpt(&host, 64),
+                    llorch_io::handoff::excerpt(&host, 64)
+                ),
+            )
+            .into_response();
+        }
+    }
+    if req.method() == axum::http::Method::POST {
+        let json = req
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.split(';').next())
+            .is_some_and(|t| t.trim().eq_ignore_ascii_case("application/json"));
+        if !json {
+            return ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "send `Content-Type: application/json`",
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_names_of_this_server_may_address_it() {
+        let cfg = crate::Config::default();
+        assert!(cfg.addr.ip().is_loopback());
+        for ok in ["localhost", "127.0.0.1", "::1"] {
+            assert!(host_allowed(&cfg, ok), "{ok}");
+        }
+        for bad in [
+            "evil.example",
+            "127.0.0.1.evil.example",
+            "localhost.evil",
+            "",
+        ] {
+            assert!(!host_allowed(&cfg, bad), "{bad}");
+        }
+        let cfg = crate::Config {
+            allowed_hosts: vec!["orch.internal".into()],
+            ..Default::default()
+        };
+        assert!(host_allowed(&cfg, "orch.internal"));
+        assert!(!host_allowed(&cfg, "other.internal"));
+    }
+
+    #[test]
+    fn the_token_is_compared_whole() {
+        let st = crate::AppState::new(
+            crate::Config {
+                api_token: Some("s3cret".into()),
+                ..Default::default()
+            },
+            Vec::new(),
+            Default::default(),
+        );
+        let h = |v: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::AUTHORIZATION, v.parse().unwrap());
+            m
+        };
+        assert!(token_ok(&st, &h("Bearer s3cret")));
+        for bad in ["Bearer s3cre", "Bearer s3cret2", "s3cret", "Basic s3cret"] {
+            assert!(!token_ok(&st, &h(bad)), "{bad}");
+        }
+        assert!(!token_ok(&st, &HeaderMap::new()));
+    }
+}
