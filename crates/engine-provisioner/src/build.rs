@@ -206,6 +206,13 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
             .ok()
             .and_then(|t| crate::cuda::parse_nvcc_version(&t))
             .ok_or_else(|| BuildError::Cuda("could not read `nvcc --version`".into()))?;
+        // The profile's archs against this toolkit, before anything is configured.
+        crate::cuda::check_archs(
+            &profile.file.engine.cuda_archs,
+            &nvcc_version,
+            &crate::cuda::local_gpu_archs(tb),
+        )
+        .map_err(BuildError::Cuda)?;
         extra_flags.push(format!("-DCMAKE_CUDA_COMPILER={}", nvcc.display()));
         let host = crate::cuda::choose_host_compiler(&nvcc, tb).map_err(BuildError::Cuda)?;
         let host_id = match &host {

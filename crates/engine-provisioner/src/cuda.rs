@@ -186,7 +186,12 @@ pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> Cuda
             uncovered.join(", ")
         ));
     }
-    if archs.iter().any(|a| a == "native") && gpus.is_empty() {
+    // The same check a build makes before configuring (native without a GPU, archs vs toolkit).
+    if let Some(v) = &nvcc_version {
+        if let Err(e) = check_archs(archs, v, &gpus) {
+            warnings.push(e);
+        }
+    } else if archs.iter().any(|a| a == "native") && gpus.is_empty() {
         warnings.push("engine.cuda_archs has `native` but no GPU is visible: CMake's detection will fail; name the archs explicitly".into());
     }
     CudaReport {
@@ -232,9 +237,123 @@ pub fn parse_list_elf(text: &str) -> Vec<String> {
     archs
 }
 
+/// A row of [`ARCH_TOOLKITS`]: archs, first toolkit (major, minor), first toolkit without them, family.
+pub type ArchToolkits = (&'static [u32], (u32, u32), Option<(u32, u32)>, &'static str);
+
+/// Which CUDA toolkits build which GPU architectures: `(archs, first toolkit
+/// that builds them, first toolkit that no longer does, who they are)`.
+/// From NVIDIA's release notes, as CMake's own list of "all" architectures
+/// per toolkit records them (`Modules/Internal/CMakeCUDAArchitecturesAll.cmake`).
+pub const ARCH_TOOLKITS: &[ArchToolkits] = &[
+    (&[35, 37], (7, 0), Some((12, 0)), "Kepler"),
+    (&[50, 52, 53], (7, 0), Some((13, 0)), "Maxwell"),
+    (&[60, 61, 62], (8, 0), Some((13, 0)), "Pascal"),
+    (&[70, 72], (9, 0), Some((13, 0)), "Volta"),
+    (&[75], (10, 0), None, "Turing"),
+    (&[80], (11, 0), None, "Ampere (A100)"),
+    (&[86], (11, 1), None, "Ampere (RTX 30, A40)"),
+    (&[87], (11, 4), None, "Ampere (Jetson Orin)"),
+    (&[88], (13, 0), None, "Ampere (Jetson)"),
+    (&[89], (11, 8), None, "Ada (RTX 40, L4, L40)"),
+    (&[90], (11, 8), None, "Hopper (H100, H200)"),
+    (&[100, 120], (12, 8), None, "Blackwell"),
+    (
+        &[101],
+        (12, 8),
+        Some((13, 0)),
+        "Blackwell (Thor; sm_110 from CUDA 13)",
+    ),
+    (&[103, 121], (12, 9), None, "Blackwell"),
+    (&[110], (13, 0), None, "Blackwell (Thor)"),
+];
+
+/// The toolkit version `nvcc --version` reports (`13.0.88`) as (major, minor).
+pub fn toolkit_version(v: &str) -> Option<(u32, u32)> {
+    let mut it = v.split('.');
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
+}
+
+/// Check a profile's archs against the toolkit found, before anything is
+/// configured: an error names the arch, the toolkit and what to change.
+/// `gpus`: compute capabilities visible here (for `native`).
+pub fn check_archs(archs: &[String], nvcc_version: &str, gpus: &[String]) -> Result<(), String> {
+    let Some((maj, min)) = toolkit_version(nvcc_version) else {
+        return Ok(());
+    };
+    let have = (maj, min);
+    let shown = |t: (u32, u32)| format!("{}.{}", t.0, t.1);
+    for a in archs {
+        if a == "native" {
+            if gpus.is_empty() {
+                return Err("engine.cuda_archs has `native` but no GPU is visible here, so there is nothing to build for; name the archs explicitly (e.g. [\"86\"] for an RTX 3090, [\"90\"] for an H100)".into());
+            }
+            continue;
+        }
+        let base = a.trim_end_matches("-real").trim_end_matches("-virtual");
+        let (num, suffix) = match base.strip_suffix(['a', 'f']) {
+            Some(n) => (n, base.chars().last()),
+            None => (base, None),
+        };
+        let Ok(n) = num.parse::<u32>() else {
+            continue;
+        };
+        match suffix {
+            Some('a') if have < (12, 0) => {
+                return Err(format!("engine.cuda_archs: `{a}` (architecture-specific features) needs CUDA 12.0 or later; this toolkit is CUDA {nvcc_version}. Install a newer toolkit or use `{n}`"));
+            }
+            Some('f') if have < (12, 9) => {
+                return Err(format!("engine.cuda_archs: `{a}` (family-specific features) needs CUDA 12.9 or later; this toolkit is CUDA {nvcc_version}. Install a newer toolkit or use `{n}`"));
+            }
+            _ => {}
+        }
+        let Some((_, first, gone, who)) = ARCH_TOOLKITS.iter().find(|(l, ..)| l.contains(&n))
+        else {
+            return Err(format!("engine.cuda_archs: sm_{n} is not an architecture any CUDA toolkit this project knows builds (known: {})", ARCH_TOOLKITS.iter().flat_map(|(l, ..)| l.iter()).map(u32::to_string).collect::<Vec<_>>().join(", ")));
+        };
+        if have < *first {
+            return Err(format!("engine.cuda_archs: sm_{n} ({who}) needs CUDA {} or later; this toolkit is CUDA {nvcc_version}. Install CUDA {} or newer, or build for an older architecture", shown(*first), shown(*first)));
+        }
+        if let Some(g) = gone {
+            if have >= *g {
+                return Err(format!("engine.cuda_archs: CUDA {} and later no longer build for sm_{n} ({who}); this toolkit is CUDA {nvcc_version}. Build with a CUDA {}.x toolkit (point PATH or CUDA_HOME at it), or drop sm_{n} from the profile", shown(*g), g.0 - 1));
+            }
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn archs_are_checked_against_the_toolkit_by_one_table() {
+        let ok = |a: &[&str], v: &str| {
+            check_archs(&a.iter().map(|s| s.to_string()).collect::<Vec<_>>(), v, &[])
+        };
+        ok(&["86"], "12.4.131").unwrap();
+        ok(&["90", "86-real"], "13.0.88").unwrap();
+        ok(&["120"], "12.8.61").unwrap();
+        ok(&["90a"], "12.2.140").unwrap();
+        ok(&["61"], "12.6.20").unwrap();
+        for (archs, v, says) in [
+            (&["61"][..], "13.0.88", "no longer build for sm_61"),
+            (&["70"], "13.0.88", "CUDA 12.x toolkit"),
+            (&["120"], "12.6.20", "needs CUDA 12.8"),
+            (&["100"], "12.4.131", "needs CUDA 12.8"),
+            (&["121"], "12.8.61", "needs CUDA 12.9"),
+            (&["101"], "13.0.88", "no longer build for sm_101"),
+            (&["90a"], "11.8.89", "needs CUDA 12.0"),
+            (&["120f"], "12.8.61", "needs CUDA 12.9"),
+            (&["86", "99"], "12.4.131", "sm_99"),
+            (&["native"], "12.4.131", "no GPU is visible"),
+        ] {
+            let e = ok(archs, v).unwrap_err();
+            assert!(e.contains(says), "{archs:?} on {v}: {e}");
+        }
+        // `native` with a GPU visible is left to CMake.
+        check_archs(&["native".into()], "12.4.131", &["90".into()]).unwrap();
+    }
 
     #[test]
     fn nvcc_version_parses() {

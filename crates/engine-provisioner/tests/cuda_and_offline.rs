@@ -45,6 +45,47 @@ fn cuda_profiles_generate_explicit_arch_flags() {
     assert!(!build::base_flags(&cpu).join(" ").contains("CUDA"));
 }
 
+/// A profile's archs are checked against the toolkit found before anything
+/// is configured: a stand-in CUDA 13 nvcc refuses a Pascal (sm_61) profile
+/// and names the arch, the toolkit and what to change; doctor says the same.
+#[test]
+fn an_arch_the_toolkit_cannot_build_is_refused_before_configuring() {
+    let tmp = tempfile::tempdir().unwrap();
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    script(
+        &bin,
+        "nvcc",
+        r#"case "$*" in
+  *--version*) echo "Cuda compilation tools, release 13.0, V13.0.88"; exit 0;;
+  *) exit 0;;
+esac"#,
+    );
+    for t in ["cmake", "cc", "c++", "g++", "ninja"] {
+        link_real(&bin, t);
+    }
+    let tb = Toolbox {
+        path: Some(bin.clone().into_os_string()),
+    };
+    let mut p = Profile::resolve(&repo_root(), Some("h100")).unwrap();
+    build::plan(&p, &tb).expect("sm_90 builds with CUDA 13");
+    p.file.engine.cuda_archs = vec!["61".into()];
+    let e = match build::plan(&p, &tb) {
+        Ok(_) => panic!("an sm_61 profile was planned with CUDA 13"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("sm_61") && e.contains("13.0.88") && e.contains("CUDA 12.x toolkit"),
+        "{e}"
+    );
+    let report = preflight::check(&p, &tb);
+    assert!(
+        report.warnings.iter().any(|w| w.contains("sm_61")),
+        "{:?}",
+        report.warnings
+    );
+}
+
 #[test]
 fn nvcc_rejecting_the_default_host_compiler_falls_back_to_an_older_one() {
     let tmp = tempfile::tempdir().unwrap();
