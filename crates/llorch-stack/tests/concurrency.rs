@@ -276,6 +276,26 @@ async fn a_batched_engine_keeps_each_clients_text_its_own_and_reuses_its_prompt_
         evaluated[1].1 < evaluated[0].1 / 4,
         "the repeated prompt came from the cache: {evaluated:?}"
     );
+    // A cancel frees the task's own slot, while another task runs beside it.
+    let beside = {
+        let (base, a) = (base.clone(), a.clone());
+        tokio::spawn(async move {
+            let body = json!({"prompt": "Count: one, two,", "max_tokens": 200, "ignore_eos": true, "pool": a});
+            stream_task(&http(), &base, &body, None, None)
+                .await
+                .unwrap()
+        })
+    };
+    let body =
+        json!({"prompt": "Count: one, two,", "max_tokens": 400, "ignore_eos": true, "pool": a});
+    let r = stream_task(&http(), &base, &body, None, Some(2))
+        .await
+        .unwrap();
+    let end = r.end.expect("an end event");
+    assert!(end.canceled, "{end:?}");
+    assert_eq!(end.slot_idle, Some(true), "its slot was freed: {end:?}");
+    let b = beside.await.unwrap();
+    assert!(b.error.is_none() && b.tokens_out() == 200, "{:?}", b.error);
     ps.stop(Duration::from_secs(5)).await;
 }
 

@@ -12,7 +12,8 @@
 //!
 //! Cancel (request, disconnect, deadline) drops the upstream request:
 //! llama-server sees the closed connection and frees its slot; we wait for
-//! `/slots` to show it idle before ending the stream. An engine that sends
+//! `/slots` to show it idle before ending the stream (a batched engine: until
+//! no more slots process than the pool's other running tasks). An engine that sends
 //! nothing for `stall_timeout` (alive but hung) ends the stream with
 //! `ENGINE_STALLED` and is reported to its owner, which restarts it.
 //!
@@ -47,8 +48,6 @@ enum Outcome {
 struct Progress {
     events: u64,
     tokens: u64,
-    /// The engine slot running the task (llama-server's `id_slot`).
-    slot: Option<i64>,
 }
 
 pub async fn run_task(st: &AppState, task: &Task) {
@@ -96,10 +95,19 @@ pub async fn run_task(st: &AppState, task: &Task) {
         }
         Outcome::Canceled(reason) => {
             // The upstream request is already dropped; wait until the slot is idle.
-            // One slot: wait until the engine is idle. Several: until our slot
-            // is idle or runs another task.
+            // One slot: wait until the engine is idle. Several: until no more
+            // slots process than this pool's other running tasks (the
+            // engine is ours alone; llama-server names a task's slot only
+            // in its final frame, so which slot was ours is not known).
             let idle = if pool.slots > 1 {
-                wait_own_slot_free(st, &engine, p.slot, Duration::from_secs(3)).await
+                let others = || pool.running.load(Ordering::SeqCst).saturating_sub(1) as usize;
+                poll_slots(st, &engine, Duration::from_secs(3), |a| {
+                    a.iter()
+                        .filter(|s| s["is_processing"].as_bool() == Some(true))
+                        .count()
+                        <= others()
+                })
+                .await
             } else {
                 wait_slot_idle(st, &engine, Duration::from_secs(3)).await
             };
@@ -280,9 +288,6 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         if let Some(n) = v["tokens_predicted"].as_u64() {
             p.tokens = p.tokens.max(n);
         }
-        if let Some(id) = v["id_slot"].as_i64() {
-            p.slot = Some(id);
-        }
         if v["stop"].as_bool() == Some(true) {
             // Cut by max_tokens while text was held back as a possible stop
             // string: llama-server's stream never sends that text (its final
@@ -387,8 +392,13 @@ async fn engine_healthy(st: &AppState, engine: &EngineInfo) -> bool {
         .is_ok_and(|r| r.status().is_success())
 }
 
-/// Poll `/slots` until no slot is processing.
-pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duration) -> bool {
+/// Poll `/slots` (every 2 ms) until `done` says so of the slot list, or `timeout` passes.
+async fn poll_slots(
+    st: &AppState,
+    engine: &EngineInfo,
+    timeout: Duration,
+    mut done: impl FnMut(&[Value]) -> bool,
+) -> bool {
     let deadline = Instant::now() + timeout;
     loop {
         let r = authed(st.http.get(format!("{}/slots", engine.url)), engine)
@@ -397,9 +407,7 @@ pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duratio
             .await;
         if let Ok(r) = r {
             if let Ok(v) = r.json::<Value>().await {
-                if v.as_array()
-                    .is_some_and(|a| a.iter().all(|s| s["is_processing"].as_bool() != Some(true)))
-                {
+                if v.as_array().is_some_and(|a| done(a)) {
                     return true;
                 }
             }
@@ -411,49 +419,12 @@ pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duratio
     }
 }
 
-/// Poll `/slots` until slot `slot` is not processing, or processes a task
-/// other than the one it ran when first seen (a batched engine reuses freed
-/// slots at once). Unknown slot (canceled before the first frame): true once
-/// the request is dropped, since llama-server had not started it.
-pub async fn wait_own_slot_free(
-    st: &AppState,
-    engine: &EngineInfo,
-    slot: Option<i64>,
-    timeout: Duration,
-) -> bool {
-    let Some(slot) = slot else {
-        return true;
-    };
-    let deadline = Instant::now() + timeout;
-    let mut first_task: Option<i64> = None;
-    loop {
-        let r = authed(st.http.get(format!("{}/slots", engine.url)), engine)
-            .timeout(Duration::from_secs(1))
-            .send()
-            .await;
-        if let Ok(r) = r {
-            if let Ok(v) = r.json::<Value>().await {
-                let s = v
-                    .as_array()
-                    .and_then(|a| a.iter().find(|s| s["id"].as_i64() == Some(slot)));
-                if let Some(s) = s {
-                    if s["is_processing"].as_bool() != Some(true) {
-                        return true;
-                    }
-                    let task = s["id_task"].as_i64();
-                    match first_task {
-                        None => first_task = task.or(Some(-1)),
-                        Some(t) if task != Some(t) => return true,
-                        _ => {}
-                    }
-                }
-            }
-        }
-        if Instant::now() >= deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(2)).await;
-    }
+/// Poll `/slots` until no slot is processing.
+pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duration) -> bool {
+    poll_slots(st, engine, timeout, |a| {
+        a.iter().all(|s| s["is_processing"].as_bool() != Some(true))
+    })
+    .await
 }
 
 /// llama-server's answer to a prompt over the context
