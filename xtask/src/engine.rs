@@ -276,6 +276,8 @@ impl EngineCmd {
                 let prep =
                     llorch_stack::prepare(&profile, &pool, &ctx.layout, &BuildOptions::default())?
                         .engine;
+                // Caught from here on: a stop sent right after "ready" is never lost.
+                let stop = llorch_io::signals::BlockingStop::install();
                 let sup = engine_runtime::Supervisor::start(
                     prep,
                     ctx.layout.clone(),
@@ -288,7 +290,7 @@ impl EngineCmd {
                     ))
                     .map_err(anyhow::Error::msg)?;
                 println!("engine for pool {pool} ready at {url} (supervised; SIGINT/SIGTERM/SIGHUP stop it)");
-                let sig = llorch_io::signals::block_until_stop();
+                let sig = stop.wait();
                 eprintln!("{sig}: stopping engine");
                 sup.stop();
                 Ok(())

@@ -142,6 +142,9 @@ async fn serve_one(
         "cargo xtask serve",
     )
     .await?;
+    // Caught from here on (not earlier: a stop during the build must stop it
+    // at once), before anyone is told where we serve.
+    let mut stop = llorch_io::signals::StopSignals::install();
     println!(
         "serving {} (pool {pool}) at {} (engine {}; SIGINT/SIGTERM/SIGHUP drain and stop)\n  try: curl -s {}/v1/tasks -H 'content-type: application/json' -d '{{\"prompt\":\"Hello\",\"max_tokens\":16}}'",
         stack.model_ref,
@@ -159,7 +162,7 @@ async fn serve_one(
         }
     };
     let outcome = tokio::select! {
-        sig = llorch_io::signals::wait_for_stop() => { eprintln!("{sig}: draining (up to 30 s)"); None }
+        sig = stop.recv() => { eprintln!("{sig}: draining (up to 30 s)"); None }
         reason = failed => { eprintln!("error: the engine of pool {pool} failed and will not be restarted:\n{reason}"); Some(reason) }
     };
     stack.stop(std::time::Duration::from_secs(30)).await;
@@ -181,6 +184,8 @@ async fn serve_many(
     }
     let ps =
         llorch_stack::start_pools(&stack, &ctx.layout, cfg, &opts, "cargo xtask serve").await?;
+    // Caught from here on, before anyone is told where we serve.
+    let mut stop = llorch_io::signals::StopSignals::install();
     println!(
         "serving {} pools at {} (SIGINT/SIGTERM/SIGHUP drain and stop)",
         stack.pools.len(),
@@ -228,7 +233,7 @@ async fn serve_many(
         }
     };
     let outcome = tokio::select! {
-        sig = llorch_io::signals::wait_for_stop() => { eprintln!("{sig}: draining (up to 30 s)"); None }
+        sig = stop.recv() => { eprintln!("{sig}: draining (up to 30 s)"); None }
         reason = all_failed => { eprintln!("error: every pool failed and will not be restarted:\n{reason}"); Some(reason) }
     };
     ps.stop(std::time::Duration::from_secs(30)).await;

@@ -2,16 +2,58 @@
 //! the long-running commands (`serve`, `engine up --foreground`,
 //! `orchestratord`).
 
-/// Wait for SIGINT, SIGTERM or SIGHUP; returns its name.
-pub async fn wait_for_stop() -> &'static str {
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
-    let mut hup = signal(SignalKind::hangup()).expect("install SIGHUP handler");
-    let mut int = signal(SignalKind::interrupt()).expect("install SIGINT handler");
-    tokio::select! {
-        _ = int.recv() => "SIGINT",
-        _ = term.recv() => "SIGTERM",
-        _ = hup.recv() => "SIGHUP",
+/// SIGINT, SIGTERM and SIGHUP, caught from the moment [`StopSignals::install`]
+/// returns: install before telling anyone you are ready, so a signal sent
+/// right after is never met by the default action.
+pub struct StopSignals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    /// Install the handlers (inside a tokio runtime).
+    pub fn install() -> StopSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        StopSignals {
+            int: signal(SignalKind::interrupt()).expect("install SIGINT handler"),
+            term: signal(SignalKind::terminate()).expect("install SIGTERM handler"),
+            hup: signal(SignalKind::hangup()).expect("install SIGHUP handler"),
+        }
+    }
+
+    /// Wait for one of them; returns its name.
+    pub async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.int.recv() => "SIGINT",
+            _ = self.term.recv() => "SIGTERM",
+            _ = self.hup.recv() => "SIGHUP",
+        }
+    }
+}
+
+/// For blocking code: a runtime with the stop handlers already installed;
+/// [`BlockingStop::wait`] blocks until one of the signals comes.
+pub struct BlockingStop {
+    rt: tokio::runtime::Runtime,
+    signals: StopSignals,
+}
+
+impl BlockingStop {
+    pub fn install() -> BlockingStop {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("a current-thread runtime");
+        let signals = {
+            let _g = rt.enter();
+            StopSignals::install()
+        };
+        BlockingStop { rt, signals }
+    }
+
+    pub fn wait(mut self) -> &'static str {
+        self.rt.block_on(self.signals.recv())
     }
 }
 
@@ -32,13 +74,4 @@ pub fn unignore_interrupt() {
             libc::signal(libc::SIGINT, libc::SIG_DFL);
         }
     }
-}
-
-/// Block (outside any async runtime) until SIGINT, SIGTERM or SIGHUP; returns its name.
-pub fn block_until_stop() -> &'static str {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("a current-thread runtime")
-        .block_on(wait_for_stop())
 }

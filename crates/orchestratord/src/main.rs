@@ -44,12 +44,14 @@ async fn main() -> Result<()> {
     )
     .await
     .context("start orchestratord")?;
+    // Caught before anyone is told where we listen.
+    let mut stop = llorch_io::signals::StopSignals::install();
     eprintln!(
         "orchestratord listening on http://{} (engine from {})",
         srv.addr,
         handoff.display()
     );
-    let sig = llorch_io::signals::wait_for_stop().await;
+    let sig = stop.recv().await;
     eprintln!("{sig}: draining");
     srv.shutdown(std::time::Duration::from_secs(30)).await;
     Ok(())
