@@ -327,6 +327,14 @@ fn block<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
     })
 }
 
+/// What to do when a registry wants credentials (one sentence for every answer that says so).
+fn credentials_hint(r: &OciRef) -> String {
+    format!(
+        "\n  hint: the registry wants credentials: set LLORCH_REGISTRY_USERNAME and LLORCH_REGISTRY_PASSWORD, or log in with `docker login {}` (~/.docker/config.json)",
+        r.registry
+    )
+}
+
 fn registry_err(what: &str, r: &OciRef, e: oci_client::errors::OciDistributionError) -> OciError {
     use oci_client::errors::OciDistributionError as E;
     let message = match &e {
@@ -353,10 +361,7 @@ fn registry_err(what: &str, r: &OciRef, e: oci_client::errors::OciDistributionEr
         || message.contains("UNAUTHORIZED")
         || message.contains("DENIED");
     let message = if unauthorized {
-        format!(
-            "{message}\n  hint: the registry wants credentials: set LLORCH_REGISTRY_USERNAME and LLORCH_REGISTRY_PASSWORD, or log in with `docker login {}` (~/.docker/config.json)",
-            r.registry
-        )
+        format!("{message}{}", credentials_hint(r))
     } else {
         message
     };
@@ -545,7 +550,7 @@ impl Registry {
             }),
             s => {
                 let hint = if s == 401 || s == 403 {
-                    format!("\n  hint: the registry wants credentials: set LLORCH_REGISTRY_USERNAME and LLORCH_REGISTRY_PASSWORD, or log in with `docker login {}` (~/.docker/config.json)", r.registry)
+                    credentials_hint(r)
                 } else {
                     String::new()
                 };
