@@ -2,9 +2,10 @@
 //! run files, stop.
 //!
 //! * Flags: the deterministic profile (`--parallel 1 --no-cont-batching
-//!   --no-webui --metrics`, fixed `--threads`, the profile's `--host`) is
-//!   always applied (a pool declared `mode: batched` gets `--parallel N
-//!   --cont-batching` and N times the context instead); GPU-layer spellings are normalized to `--n-gpu-layers`,
+//!   --no-cache-prompt --no-webui --metrics`, fixed `--threads`, the
+//!   profile's `--host`) is always applied (a pool declared `mode: batched`
+//!   gets `--parallel N --cont-batching`, prompt caching and N times the
+//!   context instead; an embedding pool `--embeddings --pooling P`); GPU-layer spellings are normalized to `--n-gpu-layers`,
 //!   a CPU build forces 0. `extra_args` is an allow-list ([`ALLOWED_FLAGS`]):
 //!   anything else is refused with the reason.
 //! * Environment: the engine gets an allow-listed environment
@@ -289,6 +290,22 @@ pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
         "--seed".into(),
         s.seed.to_string(),
     ];
+    // Exact mode evaluates every prompt afresh, whichever endpoint a request
+    // takes (llama-server's Anthropic translation drops a request's
+    // `cache_prompt`): reusing a cached prefix can change the numbers.
+    if c.mode == llorch_profile::Mode::Exact {
+        f.push("--no-cache-prompt".into());
+    }
+    // An embedding pool: vectors (or rerank scores), not chat; mean pooling
+    // unless the profile names another.
+    if s.embeddings {
+        let pooling = s.pooling.unwrap_or(llorch_profile::Pooling::Mean);
+        f.extend([
+            "--embeddings".into(),
+            "--pooling".into(),
+            pooling.as_str().into(),
+        ]);
+    }
     f.extend(extra);
     Ok(f)
 }
@@ -940,6 +957,7 @@ mod tests {
         for want in [
             "--parallel 1",
             "--no-cont-batching",
+            "--no-cache-prompt",
             "--no-webui",
             "--metrics",
             "--threads 3",
@@ -960,6 +978,7 @@ mod tests {
             assert!(f.contains(want), "{want} missing from {f}");
         }
         assert!(!f.contains("--no-cont-batching"), "{f}");
+        assert!(!f.contains("--no-cache-prompt"), "{f}");
         // Replicas change nothing in one engine's flags.
         let mut p = profile_with(&[], Backend::Cpu);
         p.file.server.replicas = Some(3);
@@ -967,6 +986,20 @@ mod tests {
             server_flags(&p).unwrap(),
             server_flags(&profile_with(&[], Backend::Cpu)).unwrap()
         );
+    }
+
+    #[test]
+    fn an_embedding_pool_gets_its_pooling() {
+        let mut p = profile_with(&[], Backend::Cpu);
+        p.file.server.embeddings = true;
+        let f = server_flags(&p).unwrap().join(" ");
+        assert!(f.contains("--embeddings --pooling mean"), "{f}");
+        p.file.server.pooling = Some(llorch_profile::Pooling::Rank);
+        let f = server_flags(&p).unwrap().join(" ");
+        assert!(f.contains("--embeddings --pooling rank"), "{f}");
+        assert!(!server_flags(&profile_with(&[], Backend::Cpu))
+            .unwrap()
+            .contains(&"--embeddings".to_string()));
     }
 
     #[test]

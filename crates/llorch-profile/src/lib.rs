@@ -446,6 +446,37 @@ pub struct ServerSpec {
     /// How requests are spread over replicas (`none` or `prefix`).
     #[serde(default)]
     pub affinity: Option<Affinity>,
+    /// An embedding pool: the engine runs with `--embeddings` and serves
+    /// `/v1/embeddings` (and `/v1/rerank` with `pooling: rank`), not chat.
+    #[serde(default)]
+    pub embeddings: bool,
+    /// How token vectors become one vector (`--pooling`); needs `embeddings: true`.
+    #[serde(default)]
+    pub pooling: Option<Pooling>,
+}
+
+/// llama-server's `--pooling` values.
+#[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Pooling {
+    None,
+    Mean,
+    Cls,
+    Last,
+    /// A reranking model's score: the pool serves `/v1/rerank`.
+    Rank,
+}
+
+impl Pooling {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Pooling::None => "none",
+            Pooling::Mean => "mean",
+            Pooling::Cls => "cls",
+            Pooling::Last => "last",
+            Pooling::Rank => "rank",
+        }
+    }
 }
 
 impl ServerSpec {
@@ -496,6 +527,8 @@ impl Default for ServerSpec {
             slots: None,
             replicas: None,
             affinity: None,
+            embeddings: false,
+            pooling: None,
         }
     }
 }
@@ -560,6 +593,12 @@ impl Profile {
                     "pool `{}`: ids ending in `.r<N>` name replicas; choose another pool id",
                     file.pool
                 ),
+            ));
+        }
+        if sv.pooling.is_some() && !sv.embeddings {
+            return Err(invalid(
+                "server.pooling",
+                "server.pooling applies to an embedding pool; add `embeddings: true` (or remove pooling)".into(),
             ));
         }
         if let Err((key, message)) = sv.concurrency_keys().resolve() {

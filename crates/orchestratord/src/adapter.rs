@@ -32,9 +32,13 @@ use std::time::{Duration, Instant};
 
 /// The error code of a prompt longer than the engine's context (the client's error).
 pub const CONTEXT_LENGTH_EXCEEDED: &str = "CONTEXT_LENGTH_EXCEEDED";
+/// The error code of a request the engine refused as the client's error (a 4xx of llama-server's).
+pub const ENGINE_REFUSED: &str = "ENGINE_REFUSED";
 
-enum Outcome {
+pub(crate) enum Outcome {
     Finished(Value),
+    /// The engine refused the request as the client's error (4xx): its message.
+    Refused(String),
     /// The prompt does not fit the engine's context (llama-server's `exceed_context_size_error`).
     ContextExceeded(String),
     Canceled(CancelReason),
@@ -45,9 +49,9 @@ enum Outcome {
 
 /// Tokens the engine reported so far (from `tokens_predicted`).
 #[derive(Default)]
-struct Progress {
-    events: u64,
-    tokens: u64,
+pub(crate) struct Progress {
+    pub events: u64,
+    pub tokens: u64,
 }
 
 pub async fn run_task(st: &AppState, task: &Task) {
@@ -68,7 +72,10 @@ pub async fn run_task(st: &AppState, task: &Task) {
         return;
     };
     let mut p = Progress::default();
-    let outcome = generate(st, task, &engine, &mut p).await;
+    let outcome = match &task.req.forward {
+        Some(f) => crate::forward::relay(st, task, &engine, f, &mut p).await,
+        None => generate(st, task, &engine, &mut p).await,
+    };
     let queue_wait_ms = (started_at - task.admitted_at).as_millis() as u64;
     match outcome {
         Outcome::Finished(fin) => {
@@ -142,6 +149,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
         }
         Outcome::EngineError(msg) => fail(st, task, "ENGINE_ERROR", msg, false),
         Outcome::ContextExceeded(msg) => fail(st, task, CONTEXT_LENGTH_EXCEEDED, msg, false),
+        Outcome::Refused(msg) => fail(st, task, ENGINE_REFUSED, msg, false),
     }
 }
 
@@ -154,7 +162,7 @@ fn fail(st: &AppState, task: &Task, code: &str, message: String, retriable: bool
     }));
 }
 
-fn authed(rb: reqwest::RequestBuilder, engine: &EngineInfo) -> reqwest::RequestBuilder {
+pub(crate) fn authed(rb: reqwest::RequestBuilder, engine: &EngineInfo) -> reqwest::RequestBuilder {
     match &engine.api_key {
         Some(k) => rb.bearer_auth(k),
         None => rb,
@@ -162,7 +170,7 @@ fn authed(rb: reqwest::RequestBuilder, engine: &EngineInfo) -> reqwest::RequestB
 }
 
 /// Wait for `fut` unless the task is canceled, its deadline passes or `stall` elapses.
-async fn guarded<T>(
+pub(crate) async fn guarded<T>(
     task: &Task,
     stall: Duration,
     fut: impl std::future::Future<Output = T>,
@@ -356,7 +364,7 @@ const SEND_ATTEMPTS: u32 = 3;
 /// crash: if the engine still answers `/health`, send again (nothing has been
 /// generated for this request yet, so nothing is repeated). Only an engine
 /// that cannot be reached at all is `EngineGone`.
-async fn send(
+pub(crate) async fn send(
     st: &AppState,
     task: &Task,
     engine: &EngineInfo,
@@ -430,7 +438,7 @@ pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duratio
 /// llama-server's answer to a prompt over the context
 /// (`{"error": {"type": "exceed_context_size_error", "n_prompt_tokens", "n_ctx"}}`),
 /// as a message with the token counts.
-fn context_exceeded(body: &str) -> Option<String> {
+pub(crate) fn context_exceeded(body: &str) -> Option<String> {
     let v: Value = serde_json::from_str(body).ok()?;
     let e = v.get("error").unwrap_or(&v);
     if e["type"].as_str() != Some("exceed_context_size_error") {

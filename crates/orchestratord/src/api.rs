@@ -168,6 +168,7 @@ impl CreateTask {
                 grammar: self.grammar,
                 top_p: None,
                 n_probs: None,
+                forward: None,
             },
             self.task_id,
             pool,
@@ -187,6 +188,12 @@ async fn create_task(
         .validate(&st)
         .inspect_err(|_| st.metrics.reject("invalid"))?;
     let pool = route(&st, pool.as_deref(), "pool", "POOL_NOT_FOUND")?;
+    crate::endpoints::require(&pool, crate::link::Serves::Generation, "/v1/tasks").map_err(
+        |mut e| {
+            e.field = Some("pool".into());
+            e
+        },
+    )?;
     let task = admit(&st, &pool, req, task_id)?;
     Ok((
         StatusCode::ACCEPTED,
@@ -304,6 +311,8 @@ fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
         "model": e.as_ref().map(|e| json!({"ref": e.model_ref, "digest": e.model_digest})),
         "ctx_max": e.as_ref().and_then(|e| e.ctx_max),
         "mode": e.as_ref().map(|e| e.mode()).unwrap_or("exact"),
+        "serves": crate::endpoints::serves(p).as_str(),
+        "endpoints": crate::endpoints::serves(p).endpoints(),
         "deterministic": !e.as_ref().is_some_and(|e| e.batched),
         "slots": p.slots,
         "capacity": p.slots * members.len(),
@@ -384,6 +393,10 @@ pub fn router(st: Shared) -> Router {
             post(crate::openai::chat_completions),
         )
         .route("/v1/completions", post(crate::openai::completions))
+        .route("/v1/embeddings", post(crate::endpoints::embeddings))
+        .route("/v1/rerank", post(crate::endpoints::rerank))
+        .route("/v1/messages", post(crate::endpoints::messages))
+        .route("/v1/responses", post(crate::endpoints::responses))
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))

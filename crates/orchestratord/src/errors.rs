@@ -81,6 +81,44 @@ impl IntoResponse for ApiError {
     }
 }
 
+/// Anthropic's error type for a status.
+fn anthropic_type(status: u16) -> &'static str {
+    match status {
+        400 | 415 | 422 => "invalid_request_error",
+        401 => "authentication_error",
+        403 => "permission_error",
+        404 => "not_found_error",
+        413 => "request_too_large",
+        429 => "rate_limit_error",
+        503 | 529 => "overloaded_error",
+        _ => "api_error",
+    }
+}
+
+/// An error in Anthropic's shape: `{"type": "error", "error": {"type", "message"}}`.
+pub fn anthropic_error_body(e: &ApiError) -> serde_json::Value {
+    json!({"type": "error", "error": {"type": anthropic_type(e.status.as_u16()), "message": e.message}})
+}
+
+/// Whether a path answers in Anthropic's shape.
+pub fn is_anthropic_path(path: &str) -> bool {
+    path == "/v1/messages" || path.starts_with("/v1/messages/")
+}
+
+/// Re-shape an error answer of ours for an Anthropic client (status and headers kept).
+async fn to_anthropic(r: Response) -> Response {
+    let (mut parts, body) = r.into_parts();
+    let bytes = axum::body::to_bytes(body, 1 << 20)
+        .await
+        .unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_slice(&bytes).unwrap_or_default();
+    let message = v["error"]["message"].as_str().unwrap_or("").to_string();
+    let out = json!({"type": "error", "error": {"type": anthropic_type(parts.status.as_u16()), "message": message}});
+    let body = axum::body::Body::from(out.to_string());
+    parts.headers.remove(header::CONTENT_LENGTH);
+    Response::from_parts(parts, body)
+}
+
 /// Parse a JSON body into `T`, naming the field at fault.
 pub fn parse_body<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
     let de = &mut serde_json::Deserializer::from_slice(body);
@@ -126,8 +164,15 @@ pub(crate) async fn error_shape(
         .headers()
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/json"));
-    if is_json || !(status.is_client_error() || status.is_server_error()) {
+    if !(status.is_client_error() || status.is_server_error()) {
         return r;
+    }
+    if is_json {
+        return if is_anthropic_path(&path) {
+            to_anthropic(r).await
+        } else {
+            r
+        };
     }
     let shown = llorch_io::handoff::excerpt(&path, 64);
     let e = match status {
@@ -166,6 +211,9 @@ pub(crate) async fn error_shape(
     let mut out = e.into_response();
     if let Some(a) = allow {
         out.headers_mut().insert(header::ALLOW, a);
+    }
+    if is_anthropic_path(&path) {
+        return to_anthropic(out).await;
     }
     out
 }

@@ -13,10 +13,12 @@ fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
     let Some(want) = &st.cfg.api_token else {
         return true;
     };
+    // `Authorization: Bearer <token>`, or Anthropic's `x-api-key: <token>`.
     let got = headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .unwrap_or("");
     // Hash both so the comparison is constant-time whatever the lengths.
     let a = Sha256::digest(got.as_bytes());
@@ -35,7 +37,7 @@ pub(crate) async fn auth(
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",
-            "missing or wrong `Authorization: Bearer <token>`",
+            "missing or wrong `Authorization: Bearer <token>` (or `x-api-key: <token>`)",
         )
         .into_response();
     }
@@ -161,6 +163,11 @@ mod tests {
             m
         };
         assert!(token_ok(&st, &h("Bearer s3cret")));
+        let mut k = HeaderMap::new();
+        k.insert("x-api-key", "s3cret".parse().unwrap());
+        assert!(token_ok(&st, &k));
+        k.insert("x-api-key", "s3cre".parse().unwrap());
+        assert!(!token_ok(&st, &k));
         for bad in ["Bearer s3cre", "Bearer s3cret2", "s3cret", "Basic s3cret"] {
             assert!(!token_ok(&st, &h(bad)), "{bad}");
         }

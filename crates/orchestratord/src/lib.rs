@@ -23,11 +23,14 @@
 
 pub mod adapter;
 pub mod admission;
+pub mod anthropic;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod endpoints;
 pub mod errors;
 pub mod events;
+pub mod forward;
 pub mod guard;
 pub mod limits;
 pub mod link;
@@ -35,6 +38,7 @@ pub mod metrics;
 pub mod openai;
 pub mod pool;
 pub mod tasks;
+pub mod tools;
 
 pub use config::{Config, ListenArgs, ServeError};
 pub use link::{EngineInfo, EngineLink, HandoffLink, LinkState, LoadContext, LoadRefusal};

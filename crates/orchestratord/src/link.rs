@@ -64,6 +64,65 @@ impl EngineInfo {
             "exact"
         }
     }
+
+    /// What the engine's flags let it serve.
+    pub fn serves(&self) -> Serves {
+        serves(&self.flags)
+    }
+}
+
+/// What a pool's engine serves: generation (chat, completions, messages,
+/// responses) or, started with `--embeddings`, vectors (and rerank scores
+/// with `--pooling rank`). llama-server serves one or the other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Serves {
+    Generation,
+    Embeddings,
+    Rerank,
+}
+
+impl Serves {
+    /// The endpoints of this kind of pool.
+    pub fn endpoints(self) -> &'static [&'static str] {
+        match self {
+            Serves::Generation => &[
+                "/v1/chat/completions",
+                "/v1/completions",
+                "/v1/messages",
+                "/v1/responses",
+                "/v1/tasks",
+            ],
+            Serves::Embeddings => &["/v1/embeddings"],
+            Serves::Rerank => &["/v1/rerank"],
+        }
+    }
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Serves::Generation => "generation",
+            Serves::Embeddings => "embeddings",
+            Serves::Rerank => "rerank",
+        }
+    }
+}
+
+/// What llama-server's flags let it serve.
+pub fn serves(flags: &[String]) -> Serves {
+    let pooling = flags
+        .iter()
+        .position(|f| f == "--pooling")
+        .and_then(|i| flags.get(i + 1));
+    if flags.iter().any(|f| f == "--reranking" || f == "--rerank")
+        || pooling.is_some_and(|p| p == "rank")
+    {
+        Serves::Rerank
+    } else if flags
+        .iter()
+        .any(|f| f == "--embeddings" || f == "--embedding")
+    {
+        Serves::Embeddings
+    } else {
+        Serves::Generation
+    }
 }
 
 /// The slot count llama-server's flags give (`--parallel N`; 1 when absent or odd).

@@ -9,7 +9,11 @@
 //!
 //! Differences from OpenAI, on purpose: `temperature` defaults to 0 and
 //! `seed` to the orchestrator's fixed seed (the deterministic profile); `n`
-//! must be 1. Unknown fields are ignored, as OpenAI clients expect.
+//! must be 1. A request with fields the task path does not serve (tools,
+//! `response_format`, penalties, tool turns in the history) is relayed to
+//! llama-server's own endpoint instead ([`crate::endpoints`]); the fields
+//! of the limits table's ignore list are accepted and ignored; its refuse
+//! list is a 400 naming the field.
 
 use crate::api::{admit, ApiError, DisconnectGuard};
 use crate::events::{EndEvent, TaskEvent, TokenEvent};
@@ -47,6 +51,8 @@ const NUMERIC_FLAGS: &[&str] = &[
     "--cont-batching",
     "-t",
     "--threads",
+    "--embeddings",
+    "--pooling",
 ];
 
 /// `fp_` + 16 hex of sha256(build fingerprint, numeric flags with values).
@@ -116,7 +122,9 @@ pub async fn models(State(st): State<Shared>) -> Response {
             .unwrap_or("exact");
         json!({"id": id, "object": "model", "created": 0, "owned_by": "llama-orch",
                "pool": p.group.as_str(), "state": crate::api::group_state(&st, &members),
-               "mode": mode, "slots": p.slots, "replicas": replicas})
+               "mode": mode, "slots": p.slots, "replicas": replicas,
+               "serves": crate::endpoints::serves(p).as_str(),
+               "endpoints": crate::endpoints::serves(p).endpoints()})
     };
     for p in st.heads() {
         names.insert(p.group.to_string());
@@ -211,7 +219,7 @@ struct OpenAiRequest {
 }
 
 #[derive(Clone, Copy, PartialEq)]
-enum Kind {
+pub(crate) enum Kind {
     Chat,
     Text,
 }
@@ -236,6 +244,14 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
         ));
     };
     let pool = crate::api::route(st, Some(&model), "model", "model_not_found")?;
+    crate::endpoints::require(
+        &pool,
+        crate::link::Serves::Generation,
+        match kind {
+            Kind::Chat => "chat completions",
+            Kind::Text => "completions",
+        },
+    )?;
     if let Some(n) = r.n {
         if n != 1 {
             return Err(ApiError::invalid("n", "only n=1 is supported"));
@@ -426,6 +442,7 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
             grammar: None,
             top_p: r.top_p,
             n_probs,
+            forward: None,
         },
         stream,
         include_usage,
@@ -476,7 +493,7 @@ fn chat_logprobs(probs: &[Value]) -> Vec<Value> {
 }
 
 /// The error object of an error event (in a stream, or as a response).
-fn event_error(e: &crate::events::ErrorEvent, kind: Kind) -> ApiError {
+pub(crate) fn event_error(e: &crate::events::ErrorEvent, kind: Kind) -> ApiError {
     if e.code == crate::adapter::CONTEXT_LENGTH_EXCEEDED {
         // The client's error: OpenAI's own code and shape.
         return ApiError::invalid(
@@ -488,6 +505,14 @@ fn event_error(e: &crate::events::ErrorEvent, kind: Kind) -> ApiError {
             e.message.clone(),
         )
         .with_code("context_length_exceeded");
+    }
+    if e.code == crate::adapter::ENGINE_REFUSED {
+        // llama-server refused the request as the client's error: its words.
+        return ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_REQUEST",
+            e.message.clone(),
+        );
     }
     let status = match e.code.as_str() {
         "ENGINE_ERROR" => StatusCode::INTERNAL_SERVER_ERROR,
@@ -504,7 +529,7 @@ fn event_error(e: &crate::events::ErrorEvent, kind: Kind) -> ApiError {
     ApiError::new(status, code, e.message.clone())
 }
 
-fn error_json(e: ApiError) -> Value {
+pub(crate) fn error_json(e: ApiError) -> Value {
     let status = e.status.as_u16();
     json!({"error": {
         "message": e.message,
@@ -528,7 +553,55 @@ pub async fn completions(
     complete(st, Kind::Text, &body).await
 }
 
+/// The fields the task path serves; a request with any other (tools,
+/// `response_format`, penalties, …) goes to llama-server's own endpoint
+/// through [`crate::endpoints::openai_forward`].
+const TASK_PATH_FIELDS: &[&str] = &[
+    "model",
+    "messages",
+    "prompt",
+    "max_tokens",
+    "max_completion_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "n",
+    "stream",
+    "stream_options",
+    "logprobs",
+    "top_logprobs",
+    "ignore_eos",
+];
+
+/// Whether the task path serves this request: only its fields, text
+/// content, and no tool turns in the history.
+fn task_path_serves(v: &serde_json::Map<String, Value>) -> bool {
+    let plain_message = |m: &Value| {
+        m.as_object().is_some_and(|o| {
+            o.keys()
+                .all(|k| k == "role" || k == "content" || k == "name")
+                && o.get("role").and_then(Value::as_str) != Some("tool")
+        })
+    };
+    v.keys().all(|k| {
+        TASK_PATH_FIELDS.contains(&k.as_str())
+            || crate::limits::IGNORED_FIELDS.iter().any(|(f, _)| f == k)
+    }) && v
+        .get("messages")
+        .and_then(Value::as_array)
+        .is_none_or(|ms| ms.iter().all(plain_message))
+}
+
 async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiError> {
+    if let Ok(mut v) = serde_json::from_slice::<serde_json::Map<String, Value>>(body) {
+        crate::limits::check_fields(&mut v).inspect_err(|_| st.metrics.reject("invalid"))?;
+        if !task_path_serves(&v) {
+            return crate::endpoints::openai_forward(st.clone(), kind == Kind::Chat, body)
+                .await
+                .inspect_err(|_| st.metrics.reject("invalid"));
+        }
+    }
     let Plan {
         task: req,
         stream: streaming,

@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
 /// A validated task request.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub struct TaskRequest {
     pub prompt: Option<String>,
     pub messages: Option<Value>,
@@ -47,6 +47,9 @@ pub struct TaskRequest {
     pub top_p: Option<f64>,
     /// Top log-probabilities per generated token (llama-server's `n_probs`).
     pub n_probs: Option<u32>,
+    /// Relay this request to one of the engine's own endpoints instead
+    /// ([`crate::forward`]); `prompt` then only names the prompt for affinity.
+    pub forward: Option<std::sync::Arc<crate::forward::Forward>>,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -144,6 +147,9 @@ impl Task {
             }
             g.phase = Phase::Done;
             g.finished_at = Some(Instant::now());
+        }
+        if let Some(f) = &self.req.forward {
+            f.end(&ev);
         }
         if let Some(tx) = self.tx.lock().unwrap().take() {
             let _ = tx.send(ev);

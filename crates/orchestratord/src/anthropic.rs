@@ -1,0 +1,254 @@
+//! Anthropic Messages pieces the orchestrator does itself: a forced tool
+//! call (`tool_choice` `any` or `tool`), which llama-server's translation
+//! turns into `required` and so does not force with every template. The
+//! request is asked as an OpenAI chat request carrying the call's schema
+//! ([`crate::tools::Forced`]) and answered as Anthropic's `tool_use` block
+//! (streamed: Anthropic's events for that one block).
+
+use crate::errors::ApiError;
+use crate::forward::{self, Request};
+use crate::tools::Forced;
+use crate::{Pool, Shared};
+use axum::response::sse::{Event, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use serde_json::{json, Map, Value};
+use std::sync::Arc;
+
+/// Anthropic `system` and `messages` as OpenAI chat messages.
+pub fn to_openai_messages(body: &Map<String, Value>) -> Result<Vec<Value>, ApiError> {
+    let text_of = |v: &Value, field: &str| -> Result<String, ApiError> {
+        match v {
+            Value::String(s) => Ok(s.clone()),
+            Value::Array(blocks) => {
+                let mut s = String::new();
+                for b in blocks {
+                    match b["type"].as_str() {
+                        Some("text") => s.push_str(b["text"].as_str().unwrap_or("")),
+                        other => {
+                            return Err(ApiError::invalid(
+                                field,
+                                format!(
+                                    "{field}: content blocks of type `{}` are not served here",
+                                    llorch_io::handoff::excerpt(other.unwrap_or("?"), 32)
+                                ),
+                            ))
+                        }
+                    }
+                }
+                Ok(s)
+            }
+            Value::Null => Ok(String::new()),
+            _ => Err(ApiError::invalid(
+                field,
+                format!("{field}: a string or a list of blocks"),
+            )),
+        }
+    };
+    let mut out = Vec::new();
+    if let Some(s) = body.get("system").filter(|v| !v.is_null()) {
+        out.push(json!({"role": "system", "content": text_of(s, "system")?}));
+    }
+    for (i, m) in body["messages"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let role = m["role"].as_str().unwrap_or("user");
+        let field = format!("messages.{i}.content");
+        let Value::Array(blocks) = &m["content"] else {
+            out.push(json!({"role": role, "content": text_of(&m["content"], &field)?}));
+            continue;
+        };
+        let mut text = String::new();
+        let mut calls = Vec::new();
+        for b in blocks {
+            match b["type"].as_str() {
+                Some("text") => text.push_str(b["text"].as_str().unwrap_or("")),
+                Some("tool_use") if role == "assistant" => calls.push(json!({
+                    "id": b["id"], "type": "function",
+                    "function": {"name": b["name"], "arguments": b["input"].to_string()}})),
+                Some("tool_result") if role == "user" => out.push(json!({
+                    "role": "tool", "tool_call_id": b["tool_use_id"],
+                    "content": text_of(&b["content"], &field)?})),
+                other => {
+                    return Err(ApiError::invalid(
+                        field.clone(),
+                        format!(
+                            "{field}: content blocks of type `{}` are not served here",
+                            llorch_io::handoff::excerpt(other.unwrap_or("?"), 32)
+                        ),
+                    ))
+                }
+            }
+        }
+        if !calls.is_empty() {
+            out.push(json!({"role": "assistant", "content": if text.is_empty() { Value::Null } else { json!(text) }, "tool_calls": calls}));
+        } else if !text.is_empty() || role == "assistant" {
+            out.push(json!({"role": role, "content": text}));
+        }
+    }
+    Ok(out)
+}
+
+/// The forced call: asked as chat with the call's schema, answered as a `tool_use` block.
+pub async fn forced_call(
+    st: &Shared,
+    pool: &Arc<Pool>,
+    model: &str,
+    body: Map<String, Value>,
+    forced: Forced,
+    stream: bool,
+) -> Result<Response, ApiError> {
+    let mut chat = Map::new();
+    chat.insert("model".into(), json!(model));
+    chat.insert("messages".into(), Value::Array(to_openai_messages(&body)?));
+    for (from, to) in [
+        ("max_tokens", "max_tokens"),
+        ("temperature", "temperature"),
+        ("top_p", "top_p"),
+        ("top_k", "top_k"),
+        ("stop_sequences", "stop"),
+    ] {
+        if let Some(v) = body.get(from).filter(|v| !v.is_null()) {
+            chat.insert(to.into(), v.clone());
+        }
+    }
+    chat.insert("seed".into(), json!(st.cfg.default_seed));
+    forced.apply(&mut chat);
+    let prefix = body
+        .get("messages")
+        .map(|m| m.to_string())
+        .unwrap_or_default()
+        .chars()
+        .take(crate::pool::AFFINITY_PREFIX_CHARS)
+        .collect();
+    let reply = forward::start(
+        st,
+        pool,
+        Request {
+            path: "/v1/chat/completions",
+            body: Value::Object(chat),
+            generation: true,
+            prefix,
+        },
+    )
+    .await?;
+    let v = reply.json().await?;
+    let id = format!("msg_{}", st.new_task_id());
+    let content = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
+    let cut = v["choices"][0]["finish_reason"] == "length";
+    let (blocks, stop_reason) = match forced.call(content) {
+        Some((name, args)) => {
+            let input: Value = serde_json::from_str(&args).unwrap_or(json!({}));
+            (
+                vec![
+                    json!({"type": "tool_use", "id": format!("toolu_{}", st.new_task_id()), "name": name, "input": input}),
+                ],
+                "tool_use",
+            )
+        }
+        None => (
+            vec![json!({"type": "text", "text": content})],
+            if cut { "max_tokens" } else { "end_turn" },
+        ),
+    };
+    let usage = json!({
+        "input_tokens": v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
+        "output_tokens": v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
+    });
+    let message = json!({
+        "id": id, "type": "message", "role": "assistant", "model": model,
+        "content": blocks, "stop_reason": stop_reason, "stop_sequence": Value::Null, "usage": usage,
+    });
+    if !stream {
+        return Ok(Json(message).into_response());
+    }
+    // Anthropic's events for the finished message.
+    let mut start = message.clone();
+    start["content"] = json!([]);
+    start["stop_reason"] = Value::Null;
+    start["usage"]["output_tokens"] = json!(0);
+    let mut evs = vec![(
+        "message_start",
+        json!({"type": "message_start", "message": start}),
+    )];
+    for (i, b) in message["content"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .enumerate()
+    {
+        let (empty, delta) = if b["type"] == "tool_use" {
+            let mut e = b.clone();
+            e["input"] = json!({});
+            (
+                e,
+                json!({"type": "input_json_delta", "partial_json": b["input"].to_string()}),
+            )
+        } else {
+            (
+                json!({"type": "text", "text": ""}),
+                json!({"type": "text_delta", "text": b["text"]}),
+            )
+        };
+        evs.push((
+            "content_block_start",
+            json!({"type": "content_block_start", "index": i, "content_block": empty}),
+        ));
+        evs.push((
+            "content_block_delta",
+            json!({"type": "content_block_delta", "index": i, "delta": delta}),
+        ));
+        evs.push((
+            "content_block_stop",
+            json!({"type": "content_block_stop", "index": i}),
+        ));
+    }
+    evs.push((
+        "message_delta",
+        json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": Value::Null},
+               "usage": {"output_tokens": usage["output_tokens"]}}),
+    ));
+    evs.push(("message_stop", json!({"type": "message_stop"})));
+    let events = futures_util::stream::iter(evs.into_iter().map(|(n, d)| {
+        Ok::<_, std::convert::Infallible>(Event::default().event(n).data(d.to_string()))
+    }));
+    Ok(Sse::new(events).into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn anthropic_history_becomes_chat_messages() {
+        let body = json!({
+            "system": [{"type": "text", "text": "Be brief."}],
+            "messages": [
+                {"role": "user", "content": "Weather in Paris?"},
+                {"role": "assistant", "content": [{"type": "text", "text": "Let me look."},
+                    {"type": "tool_use", "id": "toolu_1", "name": "get_weather", "input": {"city": "Paris"}}]},
+                {"role": "user", "content": [{"type": "tool_result", "tool_use_id": "toolu_1", "content": "sunny"}]},
+            ]
+        });
+        let m = to_openai_messages(body.as_object().unwrap()).unwrap();
+        assert_eq!(m[0], json!({"role": "system", "content": "Be brief."}));
+        assert_eq!(m[1]["content"], "Weather in Paris?");
+        assert_eq!(
+            m[2]["tool_calls"][0]["function"]["arguments"],
+            "{\"city\":\"Paris\"}"
+        );
+        assert_eq!(m[2]["content"], "Let me look.");
+        assert_eq!(
+            m[3],
+            json!({"role": "tool", "tool_call_id": "toolu_1", "content": "sunny"})
+        );
+        assert_eq!(m.len(), 4);
+        let bad =
+            json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]});
+        let e = to_openai_messages(bad.as_object().unwrap()).unwrap_err();
+        assert_eq!(e.field.as_deref(), Some("messages.0.content"));
+    }
+}
