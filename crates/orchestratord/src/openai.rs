@@ -91,7 +91,7 @@ pub fn model_alias(e: &EngineInfo) -> String {
     tail.strip_suffix(".gguf").unwrap_or(tail).to_string()
 }
 
-fn unix_now() -> u64 {
+pub(crate) fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs())
