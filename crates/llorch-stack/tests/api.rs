@@ -13,6 +13,8 @@ use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
+mod common;
+
 struct Engine {
     sup: Supervisor,
     base: EngineInfo,
@@ -1559,38 +1561,11 @@ async fn openai_disconnect_queue_full_and_error_frames() {
     srv.shutdown(Duration::from_secs(1)).await;
 }
 
-/// The `openai` package the Python SDK test uses (pinned; installed from the
-/// package index with pip into the target directory on first use).
+/// The `openai` package the Python SDK test uses (pinned).
 const OPENAI_SDK: &str = "openai==1.109.1";
 
 fn openai_sdk_dir() -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let dir = root
-        .join("target")
-        .join(format!("python-{}", OPENAI_SDK.replace("==", "-")));
-    let _lock =
-        llorch_io::fsx::FileLock::exclusive(&root.join("target/python-sdk.lock"), || {}).unwrap();
-    if !dir.join(".complete").exists() {
-        let staging = dir.with_extension("partial");
-        let _ = std::fs::remove_dir_all(&staging);
-        llorch_io::cmd::Cmd::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&staging)
-            .arg(OPENAI_SDK)
-            .read()
-            .unwrap_or_else(|e| panic!("installing {OPENAI_SDK} with pip: {e}"));
-        std::fs::write(staging.join(".complete"), OPENAI_SDK).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&staging, &dir).unwrap();
-    }
-    dir
+    common::python_packages(&OPENAI_SDK.replace("==", "-"), &[OPENAI_SDK])
 }
 
 /// The official OpenAI Python client drives the orchestrator: models, chat

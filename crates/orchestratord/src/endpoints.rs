@@ -589,7 +589,11 @@ impl ResponsesStream {
         let Some(o) = v.as_object_mut() else {
             return;
         };
-        let kind = o.get("type").and_then(Value::as_str).unwrap_or("").to_string();
+        let kind = o
+            .get("type")
+            .and_then(Value::as_str)
+            .unwrap_or("")
+            .to_string();
         o.entry("sequence_number").or_insert(json!(self.seq));
         self.seq += 1;
         if kind == "response.output_item.added" {
@@ -754,7 +758,10 @@ mod tests {
         assert_eq!(evs[3]["output_index"], 0);
         assert_eq!(evs[3]["content_index"], 0);
         assert_eq!(evs[4]["response"]["output"], json!([1]));
-        let seq: Vec<u64> = evs.iter().map(|v| v["sequence_number"].as_u64().unwrap()).collect();
+        let seq: Vec<u64> = evs
+            .iter()
+            .map(|v| v["sequence_number"].as_u64().unwrap())
+            .collect();
         assert_eq!(seq, vec![0, 1, 2, 3, 4]);
     }
 

@@ -146,7 +146,8 @@ impl AppState {
         format!("t-{:016x}{n:x}", r)
     }
 
-    fn running(&self) -> u64 {
+    /// Tasks running on every engine now.
+    pub fn running(&self) -> u64 {
         self.pools
             .iter()
             .map(|p| p.running.load(Ordering::SeqCst))
