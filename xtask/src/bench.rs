@@ -115,7 +115,7 @@ enum BenchSub {
         #[arg(long, default_value_t = 256)]
         queue_capacity: usize,
     },
-    /// Streaming chat through the orchestrator's OpenAI API vs llama-server's own /v1/chat/completions; disconnect → slot idle
+    /// The OpenAI API vs llama-server's own endpoints: streamed chat, a forced tool call, embeddings inputs/s; disconnect → slot idle
     Openai {
         #[arg(long, short)]
         profile: Option<String>,
@@ -180,7 +180,7 @@ pub(crate) fn median(v: &mut [f64]) -> f64 {
     v[v.len() / 2]
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
+pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     v.sort_by(|a, b| a.partial_cmp(b).unwrap());
     if v.is_empty() {
         return f64::NAN;
@@ -220,7 +220,7 @@ impl BenchCmd {
                 profile,
                 runs,
                 max_tokens,
-            } => bench_openai(ctx, profile.as_deref(), *runs, *max_tokens)?,
+            } => crate::bench_openai::bench_openai(ctx, profile.as_deref(), *runs, *max_tokens)?,
             BenchSub::Load {
                 profile,
                 clients,
@@ -669,108 +669,8 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
     })
 }
 
-/// One streamed OpenAI chat completion: (time to first content chunk in ms,
-/// decode tokens/s over the content chunks after the first, content chunks).
-async fn openai_stream(http: &reqwest::Client, url: &str, body: &Value) -> Result<(f64, f64, u64)> {
-    use eventsource_stream::Eventsource;
-    use futures_util::StreamExt;
-    let t = Instant::now();
-    let r = http.post(url).json(body).send().await?;
-    anyhow::ensure!(r.status().is_success(), "{url} answered {}", r.status());
-    let mut events = r.bytes_stream().eventsource();
-    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    let mut n = 0u64;
-    while let Some(ev) = events.next().await {
-        let ev = ev?;
-        if ev.data == "[DONE]" {
-            break;
-        }
-        let v: Value = serde_json::from_str(&ev.data)?;
-        if v["choices"][0]["delta"]["content"]
-            .as_str()
-            .is_some_and(|c| !c.is_empty())
-        {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = Some(now);
-            n += 1;
-        }
-    }
-    let (f, l) = (first.context("no content chunks")?, last.unwrap());
-    Ok((
-        (f - t).as_secs_f64() * 1000.0,
-        (n as f64 - 1.0) / (l - f).as_secs_f64(),
-        n,
-    ))
-}
-
-fn bench_openai(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) -> Result<Value> {
-    use futures_util::StreamExt;
-    let p = ctx.profile(profile)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let cfg = orchestratord::Config { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
-        let pool = llorch_io::handoff::PoolId::parse(&format!("{}-bench", p.pool().as_str().chars().take(58).collect::<String>()))?;
-        let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg, true, "cargo xtask bench openai").await?;
-        let orch = stack.orchestrator_url();
-        let engine = stack.engine_url.clone();
-        let http = llorch_io::http::async_client();
-        let messages = json!([{"role": "user", "content": "Write a long story about a lighthouse keeper."}]);
-        let body = json!({"model": pool.as_str(), "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 42, "stream": true});
-        // The same work on both sides: the orchestrator never reuses the
-        // prompt cache (bit-identical results), so llama-server is asked not to either.
-        let mut direct_body = body.clone();
-        direct_body["cache_prompt"] = json!(false);
-        let (mut ratio, mut ttft_over, mut tps_via, mut tps_direct) = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut chunks = (0, 0);
-        // Warm-up, then alternate: direct, orchestrator, in each run.
-        openai_stream(&http, &format!("{engine}/v1/chat/completions"), &direct_body).await?;
-        for _ in 0..runs {
-            let (td, rd, nd) = openai_stream(&http, &format!("{engine}/v1/chat/completions"), &direct_body).await?;
-            let (tv, rv, nv) = openai_stream(&http, &format!("{orch}/v1/chat/completions"), &body).await?;
-            chunks = (nd, nv);
-            tps_direct.push(rd);
-            tps_via.push(rv);
-            ratio.push(rv / rd);
-            ttft_over.push(tv - td);
-        }
-        // Disconnect mid-stream → the engine's slot idle.
-        let mut idle_ms = Vec::new();
-        for _ in 0..runs.max(10) {
-            let mut b = body.clone();
-            b["max_tokens"] = json!(1000);
-            let r = http.post(format!("{orch}/v1/chat/completions")).json(&b).send().await?;
-            let mut s = r.bytes_stream();
-            let mut seen = String::new();
-            while seen.matches("data:").count() < 3 {
-                seen.push_str(&String::from_utf8_lossy(&s.next().await.context("stream ended early")??));
-            }
-            let t = Instant::now();
-            drop(s);
-            slots_idle(&http, &engine).await?;
-            idle_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-        }
-        stack.stop(Duration::from_secs(5)).await;
-        anyhow::Ok(json!({
-            "decode_ratio_orchestrator_over_direct_median": median(&mut ratio.clone()),
-            "decode_ratio_spread": spread(&ratio),
-            "decode_tok_per_s_direct_median": median(&mut tps_direct),
-            "decode_tok_per_s_orchestrator_median": median(&mut tps_via),
-            "ttft_overhead_ms_p50": pct(&mut ttft_over.clone(), 0.5),
-            "ttft_overhead_ms_spread": spread(&ttft_over),
-            "disconnect_to_slot_idle_ms_p50": pct(&mut idle_ms.clone(), 0.5),
-            "disconnect_to_slot_idle_ms_p99": pct(&mut idle_ms, 0.99),
-            "content_chunks_direct_orchestrator": [chunks.0, chunks.1],
-            "runs": runs,
-            "max_tokens": max_tokens,
-        }))
-    })
-}
-
 /// Poll llama-server's `/slots` (every millisecond) until no slot is processing.
-async fn slots_idle(http: &reqwest::Client, engine: &str) -> Result<()> {
+pub(crate) async fn slots_idle(http: &reqwest::Client, engine: &str) -> Result<()> {
     loop {
         let v: Value = http
             .get(format!("{engine}/slots"))

@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod bench;
 mod bench_fleet;
 mod bench_load;
+mod bench_openai;
 mod bench_pools;
 mod ci;
 mod doctor;

@@ -1,0 +1,204 @@
+//! `bench openai`: the orchestrator's OpenAI-compatible API against
+//! llama-server's own endpoints, side by side in one run (alternating,
+//! several runs, median and spread): streamed chat, a forced tool call
+//! (streamed `tool_calls` deltas vs the same constrained request asked
+//! directly), embeddings throughput (inputs/s), and disconnect → slot idle.
+
+use crate::bench::{median, pct, slots_idle, spread};
+use crate::Ctx;
+use anyhow::{Context, Result};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// What one streamed answer's text pieces are: chat content, or a tool call's argument deltas.
+#[derive(Clone, Copy)]
+enum Pieces {
+    Content,
+    ToolArguments,
+}
+
+/// One streamed chat completion: (time to the first text piece in ms,
+/// decode pieces/s after the first, pieces).
+async fn openai_stream(
+    http: &reqwest::Client,
+    url: &str,
+    body: &Value,
+    pieces: Pieces,
+) -> Result<(f64, f64, u64)> {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    let t = Instant::now();
+    let r = http.post(url).json(body).send().await?;
+    anyhow::ensure!(r.status().is_success(), "{url} answered {}", r.status());
+    let mut events = r.bytes_stream().eventsource();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    let mut n = 0u64;
+    while let Some(ev) = events.next().await {
+        let ev = ev?;
+        if ev.data == "[DONE]" {
+            break;
+        }
+        let v: Value = serde_json::from_str(&ev.data)?;
+        let d = &v["choices"][0]["delta"];
+        let piece = match pieces {
+            Pieces::Content => d["content"].as_str(),
+            Pieces::ToolArguments => d["tool_calls"][0]["function"]["arguments"].as_str(),
+        };
+        if piece.is_some_and(|c| !c.is_empty()) {
+            let now = Instant::now();
+            first.get_or_insert(now);
+            last = Some(now);
+            n += 1;
+        }
+    }
+    let (f, l) = (first.context("no text in the stream")?, last.unwrap());
+    Ok((
+        (f - t).as_secs_f64() * 1000.0,
+        (n as f64 - 1.0) / (l - f).as_secs_f64(),
+        n,
+    ))
+}
+
+/// Alternate direct and orchestrator streams `runs` times (after a warm-up of each).
+async fn side_by_side(
+    http: &reqwest::Client,
+    direct: (&str, &Value, Pieces),
+    via: (&str, &Value, Pieces),
+    runs: usize,
+) -> Result<Value> {
+    openai_stream(http, direct.0, direct.1, direct.2).await?;
+    openai_stream(http, via.0, via.1, via.2).await?;
+    let (mut ratio, mut ttft_over, mut tps_via, mut tps_direct) =
+        (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut pieces = (0, 0);
+    for _ in 0..runs {
+        let (td, rd, nd) = openai_stream(http, direct.0, direct.1, direct.2).await?;
+        let (tv, rv, nv) = openai_stream(http, via.0, via.1, via.2).await?;
+        pieces = (nd, nv);
+        tps_direct.push(rd);
+        tps_via.push(rv);
+        ratio.push(rv / rd);
+        ttft_over.push(tv - td);
+    }
+    Ok(json!({
+        "decode_ratio_orchestrator_over_direct_median": median(&mut ratio.clone()),
+        "decode_ratio_spread": spread(&ratio),
+        "decode_tok_per_s_direct_median": median(&mut tps_direct),
+        "decode_tok_per_s_orchestrator_median": median(&mut tps_via),
+        "ttft_overhead_ms_p50": pct(&mut ttft_over.clone(), 0.5),
+        "ttft_overhead_ms_spread": spread(&ttft_over),
+        "pieces_direct_orchestrator": [pieces.0, pieces.1],
+    }))
+}
+
+pub(crate) fn bench_openai(
+    ctx: &Ctx,
+    profile: Option<&str>,
+    runs: usize,
+    max_tokens: u32,
+) -> Result<Value> {
+    use futures_util::StreamExt;
+    let p = ctx.profile(profile)?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let cfg = orchestratord::Config { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
+        let stem: String = p.pool().as_str().chars().take(52).collect();
+        let pool = llorch_io::handoff::PoolId::parse(&format!("{stem}-bench"))?;
+        let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg.clone(), true, "cargo xtask bench openai").await?;
+        let orch = stack.orchestrator_url();
+        let engine = stack.engine_url.clone();
+        let http = llorch_io::http::async_client();
+        let (orch_chat, engine_chat) = (format!("{orch}/v1/chat/completions"), format!("{engine}/v1/chat/completions"));
+        let messages = json!([{"role": "user", "content": "Write a long story about a lighthouse keeper."}]);
+        let body = json!({"model": pool.as_str(), "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 42, "stream": true});
+        // The same work on both sides: exact engines never reuse the prompt cache.
+        let mut direct_body = body.clone();
+        direct_body["cache_prompt"] = json!(false);
+        let chat = side_by_side(&http, (&engine_chat, &direct_body, Pieces::Content), (&orch_chat, &body, Pieces::Content), runs).await?;
+        // A forced tool call whose argument is long text: the orchestrator's
+        // tool_calls deltas vs the constrained request it sends, asked directly.
+        let tools = json!([{"type": "function", "function": {"name": "write_story", "description": "Write a story",
+            "parameters": {"type": "object", "properties": {"story": {"type": "string"}}, "required": ["story"]}}}]);
+        let mut tool_body = body.clone();
+        tool_body["tools"] = tools.clone();
+        tool_body["tool_choice"] = json!({"type": "function", "function": {"name": "write_story"}});
+        let parsed = orchestratord::tools::read_tools(&tools).map_err(|e| anyhow::anyhow!(e.message))?;
+        let forced = orchestratord::tools::Forced::of(&orchestratord::tools::Choice::Named("write_story".into()), &parsed)
+            .context("a named tool forces a call")?;
+        let mut direct_tool = direct_body.as_object().cloned().unwrap_or_default();
+        forced.apply(&mut direct_tool);
+        let direct_tool = Value::Object(direct_tool);
+        let tool_call = side_by_side(&http, (&engine_chat, &direct_tool, Pieces::Content), (&orch_chat, &tool_body, Pieces::ToolArguments), runs).await?;
+        // Disconnect mid-stream → the engine's slot idle.
+        let mut idle_ms = Vec::new();
+        for _ in 0..runs.max(10) {
+            let mut b = body.clone();
+            b["max_tokens"] = json!(1000);
+            let r = http.post(&orch_chat).json(&b).send().await?;
+            let mut s = r.bytes_stream();
+            let mut seen = String::new();
+            while seen.matches("data:").count() < 3 {
+                seen.push_str(&String::from_utf8_lossy(&s.next().await.context("stream ended early")??));
+            }
+            let t = Instant::now();
+            drop(s);
+            slots_idle(&http, &engine).await?;
+            idle_ms.push(t.elapsed().as_secs_f64() * 1000.0);
+        }
+        stack.stop(Duration::from_secs(5)).await;
+        // Embeddings: the same profile as an embedding pool; 256 short documents in requests of 16.
+        let mut pe = p.clone();
+        pe.file.server.embeddings = true;
+        let epool = llorch_io::handoff::PoolId::parse(&format!("{stem}-embed"))?;
+        let stack = llorch_stack::start_stack(&pe, &epool, &ctx.layout, cfg, true, "cargo xtask bench openai").await?;
+        let (orch_e, engine_e) = (format!("{}/v1/embeddings", stack.orchestrator_url()), format!("{}/v1/embeddings", stack.engine_url));
+        let docs: Vec<String> = (0..256).map(|i| format!("Document {i}: the lighthouse keeper wrote entry number {i} in the log.")).collect();
+        let embed_all = |url: String, model: Option<String>| {
+            let http = http.clone();
+            let docs = docs.clone();
+            async move {
+                let t = Instant::now();
+                for chunk in docs.chunks(16) {
+                    let mut b = json!({"input": chunk});
+                    if let Some(m) = &model {
+                        b["model"] = json!(m);
+                    }
+                    let r = http.post(&url).json(&b).send().await?;
+                    anyhow::ensure!(r.status().is_success(), "{url} answered {}", r.status());
+                    let v: Value = r.json().await?;
+                    anyhow::ensure!(v["data"].as_array().map(Vec::len) == Some(chunk.len()), "{url}: wrong count");
+                }
+                anyhow::Ok(docs.len() as f64 / t.elapsed().as_secs_f64())
+            }
+        };
+        embed_all(engine_e.clone(), None).await?;
+        embed_all(orch_e.clone(), Some(epool.to_string())).await?;
+        let (mut eratio, mut ed, mut ev) = (Vec::new(), Vec::new(), Vec::new());
+        for _ in 0..runs {
+            let d = embed_all(engine_e.clone(), None).await?;
+            let v = embed_all(orch_e.clone(), Some(epool.to_string())).await?;
+            ed.push(d);
+            ev.push(v);
+            eratio.push(v / d);
+        }
+        stack.stop(Duration::from_secs(5)).await;
+        anyhow::Ok(json!({
+            "chat": chat,
+            "tool_call": tool_call,
+            "embeddings": {
+                "inputs_per_s_ratio_orchestrator_over_direct_median": median(&mut eratio.clone()),
+                "inputs_per_s_ratio_spread": spread(&eratio),
+                "inputs_per_s_direct_median": median(&mut ed),
+                "inputs_per_s_orchestrator_median": median(&mut ev),
+                "documents": docs.len(),
+                "per_request": 16,
+            },
+            "disconnect_to_slot_idle_ms_p50": pct(&mut idle_ms.clone(), 0.5),
+            "disconnect_to_slot_idle_ms_p99": pct(&mut idle_ms, 0.99),
+            "runs": runs,
+            "max_tokens": max_tokens,
+        }))
+    })
+}
