@@ -622,9 +622,15 @@ async fn streams_free_the_slot_and_a_full_queue_is_429_in_each_shape() {
     // The task path, 1,500 tokens whatever the model says: about 10 s here.
     let busy = json!({"model": cp, "stream": true, "max_tokens": 1500, "ignore_eos": true,
                       "messages": [{"role": "user", "content": long}]});
-    let running = hold(busy.clone());
+    // The canceled streams' tasks end once their slot is idle: wait for
+    // that, or the first hold would queue behind one and the second be refused.
     let st = srv.state.clone();
     let deadline = Instant::now() + Duration::from_secs(10);
+    while st.running() > 0 {
+        assert!(Instant::now() < deadline, "canceled tasks still running");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let running = hold(busy.clone());
     while st.running() < 1 {
         assert!(Instant::now() < deadline);
         tokio::time::sleep(Duration::from_millis(10)).await;

@@ -408,21 +408,16 @@ pub async fn embeddings(
     }
     check_inputs(&st, body.get("input"), "input")?;
     let prefix = affinity_prefix(&body);
-    relay(
-        &st,
-        &pool,
-        Request {
-            path: "/v1/embeddings",
-            body: Value::Object(body),
-            generation: false,
-            prefix,
-        },
-        false,
-        move |v| forward::relabel(v, &model, ""),
-        |o| vec![o],
-        openai_stream_error,
-    )
-    .await
+    let req = Request {
+        path: "/v1/embeddings",
+        body: Value::Object(body),
+        generation: false,
+        prefix,
+    };
+    forward::start(&st, &pool, req)
+        .await?
+        .json_relabeled(&model)
+        .await
 }
 
 /// An embeddings `input` (or rerank `documents`): a non-empty string, list
@@ -490,21 +485,16 @@ pub async fn rerank(
     }
     check_inputs(&st, body.get("documents"), "documents")?;
     let prefix = affinity_prefix(&body);
-    relay(
-        &st,
-        &pool,
-        Request {
-            path: "/v1/rerank",
-            body: Value::Object(body),
-            generation: false,
-            prefix,
-        },
-        false,
-        move |v| forward::relabel(v, &model, ""),
-        |o| vec![o],
-        openai_stream_error,
-    )
-    .await
+    let req = Request {
+        path: "/v1/rerank",
+        body: Value::Object(body),
+        generation: false,
+        prefix,
+    };
+    forward::start(&st, &pool, req)
+        .await?
+        .json_relabeled(&model)
+        .await
 }
 
 /// `POST /v1/responses` (OpenAI Responses): text `input` (a string or a

@@ -254,11 +254,12 @@ pub fn end_error(ev: &TaskEvent) -> ApiError {
 }
 
 impl Reply {
-    /// The whole answer as one JSON value.
-    pub async fn json(mut self) -> Result<Value, ApiError> {
+    /// The whole answer's bytes (at most [`MAX_ANSWER_BYTES`]), once the task ended well.
+    async fn body(self) -> Result<Vec<u8>, ApiError> {
+        let Reply { mut rx, guard, .. } = self;
         let mut buf: Vec<u8> = Vec::new();
         loop {
-            match self.rx.recv().await {
+            match rx.recv().await {
                 Some(Piece::Data(b)) => {
                     if buf.len() + b.len() > MAX_ANSWER_BYTES {
                         return Err(ApiError::new(
@@ -275,7 +276,13 @@ impl Reply {
                 None => break,
             }
         }
-        drop(self.guard);
+        drop(guard);
+        Ok(buf)
+    }
+
+    /// The whole answer as one JSON value.
+    pub async fn json(self) -> Result<Value, ApiError> {
+        let buf = self.body().await?;
         serde_json::from_slice(&buf).map_err(|e| {
             ApiError::new(
                 StatusCode::BAD_GATEWAY,
@@ -283,6 +290,32 @@ impl Reply {
                 format!("the engine's answer is not JSON: {e}"),
             )
         })
+    }
+
+    /// The whole answer, a JSON object, with only its top-level `model`
+    /// replaced: the other members pass as the engine wrote them (an
+    /// embeddings answer's vectors are not parsed into numbers and printed
+    /// again).
+    pub async fn json_relabeled(self, model: &str) -> Result<Response, ApiError> {
+        let buf = self.body().await?;
+        let mut raw: std::collections::BTreeMap<String, Box<serde_json::value::RawValue>> =
+            serde_json::from_slice(&buf).map_err(|e| {
+                ApiError::new(
+                    StatusCode::BAD_GATEWAY,
+                    "ENGINE_ERROR",
+                    format!("the engine's answer is not a JSON object: {e}"),
+                )
+            })?;
+        if raw.contains_key("model") {
+            let m = serde_json::value::to_raw_value(model).expect("a string serializes");
+            raw.insert("model".into(), m);
+        }
+        let body = serde_json::to_vec(&raw).expect("raw values serialize");
+        Ok((
+            [(axum::http::header::CONTENT_TYPE, "application/json")],
+            body,
+        )
+            .into_response())
     }
 
     /// The answer's SSE events, each passed through `edit` (which may
