@@ -281,6 +281,11 @@ pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
         batching.into(),
         "--no-webui".into(),
         "--metrics".into(),
+        // The model's own chat template through llama-server's Jinja engine:
+        // tool calls, structured output and the Anthropic and Responses
+        // translations need it (the pin's default, written out so a pin
+        // that changes its default changes nothing here).
+        "--jinja".into(),
         "--threads".into(),
         threads.to_string(),
         "--ctx-size".into(),
@@ -958,6 +963,7 @@ mod tests {
             "--parallel 1",
             "--no-cont-batching",
             "--no-cache-prompt",
+            "--jinja",
             "--no-webui",
             "--metrics",
             "--threads 3",

@@ -198,6 +198,18 @@ async fn each_endpoint_answers_as_llama_server_does() {
             "/choices/0/message",
         ),
         (
+            // Tool turns in the history: an assistant call and its result.
+            "/v1/chat/completions",
+            fixed(
+                json!({"tools": weather_tools(), "max_tokens": 24, "messages": [
+                {"role": "user", "content": "What is the weather in Paris, in celsius?"},
+                {"role": "assistant", "content": null, "tool_calls": [{"id": "call_1", "type": "function",
+                    "function": {"name": "get_weather", "arguments": "{\"city\": \"Paris\", \"unit\": \"celsius\"}"}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "sunny, 21 C"}]}),
+            ),
+            "/choices/0/message",
+        ),
+        (
             "/v1/completions",
             fixed(
                 json!({"prompt": "The capital of France is", "max_tokens": 16, "frequency_penalty": 0.5}),

@@ -28,8 +28,9 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use std::time::Duration;
 
-/// Flags that change the numbers llama.cpp computes for the same build:
-/// they go into `system_fingerprint` with the build fingerprint.
+/// Flags that change the numbers llama.cpp computes for the same build (or
+/// the prompt it renders from messages): they go into `system_fingerprint`
+/// with the build fingerprint.
 const NUMERIC_FLAGS: &[&str] = &[
     "-fa",
     "--flash-attn",
@@ -53,6 +54,8 @@ const NUMERIC_FLAGS: &[&str] = &[
     "--threads",
     "--embeddings",
     "--pooling",
+    "--jinja",
+    "--no-jinja",
 ];
 
 /// `fp_` + 16 hex of sha256(build fingerprint, numeric flags with values).
