@@ -1,4 +1,4 @@
-//! `cargo xtask engine …`: build, explain, ls, gc.
+//! `cargo xtask engine …`: build, explain, verify, ls, push, pull, gc, up, down, status, logs.
 
 use crate::{print_json, Ctx};
 use anyhow::{Context, Result};
@@ -39,6 +39,21 @@ enum EngineSub {
         #[command(flatten)]
         p: ProfileArgs,
         /// oci://HOST[:PORT]/REPO (default: LLORCH_ENGINE_REGISTRY or the profile's engine.registry)
+        #[arg(long)]
+        from: Option<String>,
+        /// Allow plain HTTP to a registry off loopback
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Check the profile's cached engine against its manifest; --rebuild: rebuild it from the pinned
+    /// source in scratch directories (no compiler cache) and compare every file, byte for byte
+    Verify {
+        #[command(flatten)]
+        b: BuildArgs,
+        /// Rebuild from source and compare (exit 1 if any byte differs)
+        #[arg(long)]
+        rebuild: bool,
+        /// Pull the engine from this registry first (oci://HOST[:PORT]/REPO), then verify it
         #[arg(long)]
         from: Option<String>,
         /// Allow plain HTTP to a registry off loopback
@@ -195,6 +210,12 @@ impl EngineCmd {
                 }
                 Ok(())
             }
+            EngineSub::Verify {
+                b,
+                rebuild,
+                from,
+                insecure,
+            } => verify(ctx, &b, rebuild, from.as_deref(), insecure),
             EngineSub::Explain(a) => {
                 let profile = ctx.profile(a.profile.as_deref())?;
                 let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
@@ -459,4 +480,94 @@ fn registry_for(
             "no registry: pass --to/--from oci://HOST[:PORT]/REPO, set LLORCH_ENGINE_REGISTRY, or add engine.registry.url to the profile",
         ),
     }
+}
+
+/// `engine verify [--rebuild] [--from oci://…]`.
+fn verify(
+    ctx: &Ctx,
+    b: &BuildArgs,
+    rebuild: bool,
+    from: Option<&str>,
+    insecure: bool,
+) -> Result<()> {
+    let profile = ctx.profile(b.p.profile.as_deref())?;
+    let say = |m: &str| {
+        if !b.p.json {
+            eprintln!("{m}")
+        }
+    };
+    if let Some(from) = from {
+        let reg = registry_for(&profile, Some(from), insecure)?;
+        build::pull(&profile, &ctx.layout, &reg, &say)?;
+    }
+    if !rebuild {
+        let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
+        let dir = ArtifactCache::new(&ctx.layout.cache).entry(&ex.fingerprint);
+        let ok = engine_provisioner::cache::verify_entry(&dir, &ex.fingerprint);
+        if b.p.json {
+            print_json(
+                &serde_json::json!({"fingerprint": ex.fingerprint, "dir": dir, "ok": ok.is_ok(), "problem": ok.as_ref().err()}),
+            )?;
+        } else if let Err(why) = &ok {
+            eprintln!(
+                "engine {} at {}: {why}",
+                &ex.fingerprint[..12],
+                dir.display()
+            );
+        } else {
+            println!(
+                "engine {} matches its manifest ({})",
+                &ex.fingerprint[..12],
+                dir.display()
+            );
+        }
+        if ok.is_err() {
+            std::process::exit(1);
+        }
+        return Ok(());
+    }
+    let opts = BuildOptions {
+        jobs: b.jobs,
+        source_bundle: b.source_bundle.clone(),
+        quiet: b.p.json,
+        ..Default::default()
+    };
+    let r = engine_provisioner::reproduce::rebuild(&profile, &ctx.layout, &opts)?;
+    if b.p.json {
+        print_json(&r)?;
+    } else if r.reproduced {
+        println!(
+            "reproduced: engine {} rebuilt from source in {:.0}s, {} file(s) identical byte for byte ({})",
+            &r.fingerprint[..12],
+            r.rebuild_s,
+            r.files.len(),
+            r.cached.display()
+        );
+    } else {
+        eprintln!(
+            "NOT reproduced: engine {} ({}) differs from its rebuild:",
+            &r.fingerprint[..12],
+            r.cached.display()
+        );
+        for f in r.files.iter().filter(|f| !f.same) {
+            let ranges: Vec<String> = f
+                .ranges
+                .iter()
+                .map(|(a, b)| format!("{a:#x}..{b:#x}"))
+                .collect();
+            eprintln!(
+                "  {}: {} vs {} bytes, {} byte(s) differ{}{}",
+                f.file,
+                f.cached_bytes.map_or("missing".into(), |n| n.to_string()),
+                f.rebuilt_bytes.map_or("missing".into(), |n| n.to_string()),
+                f.differing_bytes,
+                if ranges.is_empty() { "" } else { " at " },
+                ranges.join(", ")
+            );
+        }
+    }
+    if !r.reproduced {
+        std::process::exit(1);
+    }
+    Ok(())
 }

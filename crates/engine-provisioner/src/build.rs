@@ -243,7 +243,6 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
         c_compiler: c,
         cxx_compiler: cxx,
         cmake_version,
-        generator: generator.into(),
         cuda,
         host_triple: fingerprint::host_triple(),
         env: fingerprint::build_env(),
@@ -386,65 +385,9 @@ pub fn build(
         None => source::fetch(&profile.pin, layout, &say)?,
     };
     let build_dir = layout.bucket(llorch_io::paths::Bucket::Build).join(&fp);
-    std::fs::create_dir_all(&build_dir).map_err(io("create build dir"))?;
-    let log = build_dir.join("llorch-build.log");
-    let _ = std::fs::remove_file(&log);
-    say(&format!(
-        "  source: {}\n  build dir: {}\n  log: {}",
-        src.display(),
-        build_dir.display(),
-        log.display()
-    ));
-
-    let t_conf = Instant::now();
-    let configure = configure_cmd(profile, &plan, &src, &build_dir);
-    say("configuring (cmake)");
-    configure
-        .run_logged(&log, |_| {})
-        .map_err(|source| BuildError::Step {
-            step: "cmake configure",
-            profile: profile.name.clone(),
-            source: Box::new(source),
-        })?;
-    let configure_s = t_conf.elapsed().as_secs_f64();
-
-    let jobs = opts.jobs.unwrap_or_else(default_jobs);
-    let t_build = Instant::now();
-    let build_cmd = Cmd::new("cmake").arg("--build").arg(&build_dir).args([
-        "--target",
-        TARGET,
-        "-j",
-        &jobs.to_string(),
-    ]);
-    say(&format!(
-        "building {TARGET} with {} -j{jobs}",
-        plan.generator
-    ));
-    let mut bar = BuildBar::new(opts.quiet);
-    build_cmd
-        .run_logged(&log, |line| bar.line(line))
-        .map_err(|source| {
-            bar.finish();
-            BuildError::Step {
-                step: "cmake build",
-                profile: profile.name.clone(),
-                source: Box::new(source),
-            }
-        })?;
-    bar.finish();
-    let build_s = t_build.elapsed().as_secs_f64();
-
     let entry = cache.entry(&fp);
-    let manifest = install(
-        profile,
-        &plan,
-        &build_dir,
-        &src,
-        &entry,
-        configure_s,
-        build_s,
-        &opts.toolbox,
-    )?;
+    let (manifest, configure_s, build_s) =
+        compile_and_install(profile, &plan, &src, &build_dir, &entry, opts, &say)?;
     say(&format!(
         "built in {:.0}s (configure {:.1}s, build {:.0}s); cached at {}",
         started.elapsed().as_secs_f64(),
@@ -482,6 +425,99 @@ pub fn build(
     })
 }
 
+/// Configure, compile and install one build of `plan` from `src` in
+/// `build_dir` into `entry` (a cache entry, or a scratch one): paths mapped
+/// away and timestamps fixed ([`crate::reproduce::env`]), so the bytes do
+/// not depend on where the tree and the build are. Returns the manifest and
+/// the configure and compile seconds.
+pub(crate) fn compile_and_install(
+    profile: &Profile,
+    plan: &BuildPlan,
+    src: &Path,
+    build_dir: &Path,
+    entry: &Path,
+    opts: &BuildOptions,
+    say: &dyn Fn(&str),
+) -> Result<(Manifest, f64, f64), BuildError> {
+    // A build directory configured by the other generator (ninja installed
+    // or removed since): CMake refuses to switch, and the bytes do not
+    // depend on it, so start that directory afresh.
+    let cache_txt = std::fs::read_to_string(build_dir.join("CMakeCache.txt")).unwrap_or_default();
+    if let Some(g) = cache_txt
+        .lines()
+        .find_map(|l| l.strip_prefix("CMAKE_GENERATOR:INTERNAL="))
+    {
+        if g != plan.generator {
+            say(&format!(
+                "  build dir was configured for {g}; starting it afresh for {}",
+                plan.generator
+            ));
+            let _ = std::fs::remove_dir_all(build_dir);
+        }
+    }
+    std::fs::create_dir_all(build_dir).map_err(io("create build dir"))?;
+    let log = build_dir.join("llorch-build.log");
+    let _ = std::fs::remove_file(&log);
+    say(&format!(
+        "  source: {}\n  build dir: {}\n  log: {}",
+        src.display(),
+        build_dir.display(),
+        log.display()
+    ));
+
+    let t_conf = Instant::now();
+    let configure = configure_cmd(profile, plan, src, build_dir);
+    say("configuring (cmake)");
+    configure
+        .run_logged(&log, |_| {})
+        .map_err(|source| BuildError::Step {
+            step: "cmake configure",
+            profile: profile.name.clone(),
+            source: Box::new(source),
+        })?;
+    let configure_s = t_conf.elapsed().as_secs_f64();
+
+    let jobs = opts.jobs.unwrap_or_else(default_jobs);
+    let t_build = Instant::now();
+    let mut build_cmd = Cmd::new("cmake").arg("--build").arg(build_dir).args([
+        "--target",
+        TARGET,
+        "-j",
+        &jobs.to_string(),
+    ]);
+    for (k, v) in crate::reproduce::env(src, build_dir) {
+        build_cmd = build_cmd.env(k, v);
+    }
+    say(&format!(
+        "building {TARGET} with {} -j{jobs}",
+        plan.generator
+    ));
+    let mut bar = BuildBar::new(opts.quiet);
+    build_cmd
+        .run_logged(&log, |line| bar.line(line))
+        .map_err(|source| {
+            bar.finish();
+            BuildError::Step {
+                step: "cmake build",
+                profile: profile.name.clone(),
+                source: Box::new(source),
+            }
+        })?;
+    bar.finish();
+    let build_s = t_build.elapsed().as_secs_f64();
+    let manifest = install(
+        profile,
+        plan,
+        build_dir,
+        src,
+        entry,
+        configure_s,
+        build_s,
+        &opts.toolbox,
+    )?;
+    Ok((manifest, configure_s, build_s))
+}
+
 pub fn default_jobs() -> usize {
     std::thread::available_parallelism()
         .map(|n| n.get())
@@ -490,8 +526,11 @@ pub fn default_jobs() -> usize {
 
 /// The configure command for a plan (also used by `bench build` for the hand-run comparison).
 pub fn configure_cmd(profile: &Profile, plan: &BuildPlan, src: &Path, build_dir: &Path) -> Cmd {
-    Cmd::new("cmake")
-        .arg("-S")
+    let mut c = Cmd::new("cmake");
+    for (k, v) in crate::reproduce::env(src, build_dir) {
+        c = c.env(k, v);
+    }
+    c.arg("-S")
         .arg(src)
         .arg("-B")
         .arg(build_dir)

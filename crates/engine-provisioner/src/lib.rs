@@ -12,6 +12,7 @@ pub mod fingerprint;
 pub mod git_https;
 pub mod preflight;
 pub mod registry;
+pub mod reproduce;
 pub mod source;
 
 pub use build::{build, BuildOptions, BuildOutcome};

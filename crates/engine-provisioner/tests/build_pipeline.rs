@@ -215,3 +215,99 @@ fn missing_cmake_with_installs_disallowed_names_the_install_command() {
         "{err}"
     );
 }
+
+/// A stand-in whose binary would name its source path and build time.
+fn path_and_clock_server_c() -> String {
+    fake_server_c("0.0.9-repro").replace(
+        "return 1;",
+        "puts(__FILE__); puts(__DATE__ \" \" __TIME__); return 1;",
+    )
+}
+
+#[test]
+fn the_same_fingerprint_gives_the_same_bytes_in_any_cache_directory() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (archive, sha) = fake_archive(tmp.path(), "r", &path_and_clock_server_c());
+    let pins = archive_pin_yaml(&archive, &sha);
+    let a = Workspace::new(&pins, &[("fake", CPU_PROFILE)]);
+    let b = Workspace::new(&pins, &[("fake", CPU_PROFILE)]);
+    let ba = build::build(&a.profile("fake"), &a.layout, &BuildOptions::quiet()).unwrap();
+    // A second later: a build that took the clock would differ.
+    std::thread::sleep(std::time::Duration::from_millis(1100));
+    let bb = build::build(&b.profile("fake"), &b.layout, &BuildOptions::quiet()).unwrap();
+    assert_eq!(ba.fingerprint, bb.fingerprint);
+    assert_ne!(a.layout.cache, b.layout.cache);
+    assert_eq!(
+        ba.manifest.files, bb.manifest.files,
+        "the two builds differ"
+    );
+    let bytes = std::fs::read(&ba.binary).unwrap();
+    let cache = a.layout.cache.display().to_string();
+    assert!(
+        !bytes.windows(cache.len()).any(|w| w == cache.as_bytes()),
+        "the binary names its cache directory"
+    );
+    assert!(
+        bytes.windows(11).any(|w| w == b"/llorch/src"),
+        "__FILE__ is mapped"
+    );
+}
+
+#[test]
+fn verify_rebuild_reproduces_an_honest_entry_and_names_the_bytes_of_a_tampered_one() {
+    use engine_provisioner::reproduce;
+    let tmp = tempfile::tempdir().unwrap();
+    let (archive, sha) = fake_archive(tmp.path(), "t", &path_and_clock_server_c());
+    let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let p = ws.profile("fake");
+    let built = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    let r = reproduce::rebuild(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    assert!(r.reproduced, "{:?}", r.files);
+    assert_eq!(r.files.len(), 1);
+    // The scratch directories are gone.
+    let left: Vec<_> = std::fs::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Build))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("verify-"))
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
+    // Tampered the way a registry could serve it: bytes changed and the
+    // manifest's digest updated to match, so the entry checks out on its own.
+    let mut bytes = std::fs::read(&built.binary).unwrap();
+    let at = bytes.len() / 2;
+    bytes[at] ^= 0xff;
+    std::fs::write(&built.binary, &bytes).unwrap();
+    let mpath = built.dir.join("manifest.json");
+    let mut m: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+    m["files"]["bin/llama-server"] =
+        serde_json::json!(llorch_io::digest::sha256_file(&built.binary).unwrap());
+    std::fs::write(&mpath, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    engine_provisioner::cache::verify_entry(&built.dir, &built.fingerprint).unwrap();
+    let r = reproduce::rebuild(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    assert!(!r.reproduced);
+    let f = &r.files[0];
+    assert_eq!(
+        (f.file.as_str(), f.same, f.differing_bytes),
+        ("bin/llama-server", false, 1)
+    );
+    assert_eq!(f.ranges, vec![(at as u64, at as u64 + 1)]);
+}
+
+#[test]
+fn verify_rebuild_without_a_cached_engine_says_what_to_do() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (archive, sha) = fake_archive(tmp.path(), "n", &fake_server_c("0.1.0"));
+    let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let e = engine_provisioner::reproduce::rebuild(
+        &ws.profile("fake"),
+        &ws.layout,
+        &BuildOptions::quiet(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("no cached engine") && e.contains("engine build --profile fake"),
+        "{e}"
+    );
+}

@@ -1,14 +1,20 @@
-//! Anthropic Messages pieces the orchestrator does itself: a forced tool
-//! call (`tool_choice` `any` or `tool`), which llama-server's translation
-//! turns into `required` and so does not force with every template. The
-//! request is asked as an OpenAI chat request carrying the call's schema
+//! `POST /v1/messages` (Anthropic Messages) through the forwarding path,
+//! and the piece the orchestrator does itself: a forced tool call
+//! (`tool_choice` `any` or `tool`), which llama-server's translation turns
+//! into `required` and so does not force with every template. That request
+//! is asked as an OpenAI chat request carrying the call's schema
 //! ([`crate::tools::Forced`]) and answered as Anthropic's `tool_use` block
 //! (streamed: Anthropic's events for that one block).
 
+use crate::endpoints::{
+    affinity_prefix, check_generation, each_json, object, pool_of, relay, require, Api,
+};
 use crate::errors::ApiError;
-use crate::forward::{self, Request};
-use crate::tools::Forced;
+use crate::forward::{self, Out, Request};
+use crate::link::Serves;
+use crate::tools::{self, Choice, Forced};
 use crate::{Pool, Shared};
+use axum::extract::State;
 use axum::response::sse::{Event, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
@@ -216,6 +222,113 @@ pub async fn forced_call(
         Ok::<_, std::convert::Infallible>(Event::default().event(n).data(d.to_string()))
     }));
     Ok(Sse::new(events).into_response())
+}
+
+/// `POST /v1/messages` (Anthropic Messages): `system`, `messages`,
+/// `max_tokens`, `stop_sequences`, `temperature`, `tools`, streaming with
+/// Anthropic's events; llama-server translates it. A forced tool
+/// (`tool_choice` `any` or `tool`) is asked as an OpenAI chat request with
+/// the call's schema ([`crate::tools`]) and answered as a `tool_use` block.
+pub async fn messages(
+    State(st): State<Shared>,
+    raw: axum::body::Bytes,
+) -> Result<Response, ApiError> {
+    let mut body = object(&raw)?;
+    let (model, pool) = pool_of(&st, &body)?;
+    require(&pool, Serves::Generation, "/v1/messages")?;
+    check_generation(&st, &mut body, &["max_tokens"], Api::Anthropic)?;
+    let msgs = body
+        .get("messages")
+        .and_then(Value::as_array)
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::invalid("messages", "messages: a non-empty list is required"))?;
+    for (i, m) in msgs.iter().enumerate() {
+        if !matches!(m["role"].as_str(), Some("user" | "assistant")) {
+            return Err(ApiError::invalid(
+                format!("messages.{i}.role"),
+                format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
+            ));
+        }
+    }
+    let tools = anthropic_tools(&body)?;
+    let forced = match body.get("tool_choice") {
+        None | Some(Value::Null) => None,
+        Some(c) => match c["type"].as_str() {
+            Some("auto") | Some("none") => None,
+            Some("any") => Forced::of(&Choice::Required, &tools),
+            Some("tool") => {
+                let name = c["name"].as_str().unwrap_or("");
+                let choice = tools::read_choice(
+                    Some(&json!({"type": "function", "function": {"name": name}})),
+                    &tools,
+                )
+                .map_err(|mut e| {
+                    e.field = Some("tool_choice".into());
+                    e
+                })?;
+                Forced::of(&choice, &tools)
+            }
+            _ => {
+                return Err(ApiError::invalid(
+                    "tool_choice",
+                    "tool_choice.type is `auto`, `any`, `tool` or `none`",
+                ))
+            }
+        },
+    };
+    if body.get("tool_choice").is_some_and(|c| c["type"] == "any") && tools.is_empty() {
+        return Err(ApiError::invalid(
+            "tool_choice",
+            "tool_choice `any` needs `tools`",
+        ));
+    }
+    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    if let Some(f) = forced {
+        return forced_call(&st, &pool, &model, body, f, stream).await;
+    }
+    let prefix = affinity_prefix(&body);
+    let m1 = model.clone();
+    relay(
+        &st,
+        &pool,
+        Request {
+            path: "/v1/messages",
+            body: Value::Object(body),
+            generation: true,
+            prefix,
+        },
+        stream,
+        move |v| forward::relabel(v, &m1, ""),
+        each_json(move |mut v| {
+            forward::relabel(&mut v, &model, "");
+            vec![v]
+        }),
+        |e| {
+            vec![Out {
+                event: Some("error".into()),
+                data: crate::errors::anthropic_error_body(&e).to_string(),
+            }]
+        },
+    )
+    .await
+}
+
+/// Anthropic's `tools` (`name`, `description`, `input_schema`) as [`tools::Tool`]s.
+fn anthropic_tools(body: &Map<String, Value>) -> Result<Vec<tools::Tool>, ApiError> {
+    let Some(list) = body.get("tools").filter(|v| !v.is_null()) else {
+        return Ok(Vec::new());
+    };
+    let list = list
+        .as_array()
+        .ok_or_else(|| ApiError::invalid("tools", "`tools` must be a list"))?;
+    let as_openai: Vec<Value> = list
+        .iter()
+        .map(|t| {
+            json!({"type": if t.get("type").is_none_or(|k| k == "custom") { "function" } else { "unsupported" },
+                   "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}})
+        })
+        .collect();
+    tools::read_tools(&Value::Array(as_openai))
 }
 
 #[cfg(test)]

@@ -1,15 +1,17 @@
-//! The endpoints whose work llama-server does itself, through the one
-//! forwarding path ([`crate::forward`]): chat and completions requests that
-//! use more than the task path serves (tools, structured output, penalties,
-//! …), `POST /v1/embeddings`, `POST /v1/rerank`, `POST /v1/messages`
-//! (Anthropic Messages) and `POST /v1/responses` (OpenAI Responses).
+//! The checks every forwarded endpoint shares, and chat and completions
+//! requests that use more than the task path serves (tools, structured
+//! output, penalties, …), relayed to llama-server's own endpoint through the
+//! one forwarding path ([`crate::forward`]). The other forwarded endpoints
+//! use these checks: [`crate::embeddings`] (`/v1/embeddings`, `/v1/rerank`),
+//! [`crate::anthropic`] (`/v1/messages`), [`crate::responses`]
+//! (`/v1/responses`).
 //!
 //! Each handler checks the request at the edge (a JSON object, the pool its
 //! `model` names and what that pool serves, the limits table, the fields
 //! refused or ignored), fills in the deterministic defaults (`temperature`
 //! 0, the fixed `seed`, `max_tokens`), and relays the body. Errors come in
-//! the endpoint's own shape (Anthropic's for `/v1/messages`, see
-//! [`crate::errors::anthropic_shape`]).
+//! the endpoint's own shape (Anthropic's for `/v1/messages`: the
+//! `errors::error_shape` layer re-shapes them there).
 
 use crate::errors::{parse_body, ApiError};
 use crate::forward::{self, Out, Reply, Request};
@@ -17,7 +19,6 @@ use crate::limits;
 use crate::link::Serves;
 use crate::tools::{self, Choice, Forced};
 use crate::{Pool, Shared};
-use axum::extract::State;
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde_json::{json, Map, Value};
@@ -56,12 +57,15 @@ pub fn require(pool: &Pool, want: Serves, endpoint: &str) -> Result<(), ApiError
 }
 
 /// The request body as a JSON object.
-fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
+pub(crate) fn object(body: &[u8]) -> Result<Map<String, Value>, ApiError> {
     parse_body::<Map<String, Value>>(body)
 }
 
 /// The pool `model` names (required).
-fn pool_of(st: &Shared, body: &Map<String, Value>) -> Result<(String, Arc<Pool>), ApiError> {
+pub(crate) fn pool_of(
+    st: &Shared,
+    body: &Map<String, Value>,
+) -> Result<(String, Arc<Pool>), ApiError> {
     let model = match body.get("model") {
         Some(Value::String(m)) if !m.is_empty() => m.clone(),
         Some(Value::String(_)) | None | Some(Value::Null) => {
@@ -77,7 +81,7 @@ fn pool_of(st: &Shared, body: &Map<String, Value>) -> Result<(String, Arc<Pool>)
 }
 
 /// Characters of the text fields a prompt is made of.
-fn prompt_chars(body: &Map<String, Value>) -> usize {
+pub(crate) fn prompt_chars(body: &Map<String, Value>) -> usize {
     fn count(v: &Value) -> usize {
         match v {
             Value::String(s) => s.chars().count(),
@@ -102,13 +106,13 @@ fn prompt_chars(body: &Map<String, Value>) -> usize {
 
 /// Which API a generation request speaks.
 #[derive(Clone, Copy, PartialEq, Eq)]
-enum Api {
+pub(crate) enum Api {
     OpenAi,
     Anthropic,
 }
 
 /// The limits table and the deterministic defaults for a generation request.
-fn check_generation(
+pub(crate) fn check_generation(
     st: &Shared,
     body: &mut Map<String, Value>,
     max_fields: &[&'static str],
@@ -219,7 +223,7 @@ fn check_generation(
 }
 
 /// `messages[i].role` for OpenAI chat (the limits table's roles).
-fn check_chat_messages(body: &Map<String, Value>) -> Result<(), ApiError> {
+pub(crate) fn check_chat_messages(body: &Map<String, Value>) -> Result<(), ApiError> {
     let msgs = body
         .get("messages")
         .and_then(Value::as_array)
@@ -232,7 +236,7 @@ fn check_chat_messages(body: &Map<String, Value>) -> Result<(), ApiError> {
 }
 
 /// The system fingerprint of a pool's engine (empty before it was seen).
-fn fingerprint(pool: &Pool) -> String {
+pub(crate) fn fingerprint(pool: &Pool) -> String {
     pool.last_engine
         .lock()
         .unwrap()
@@ -242,7 +246,7 @@ fn fingerprint(pool: &Pool) -> String {
 }
 
 /// Relay, then answer with the JSON (edited) or the SSE events (each edited).
-async fn relay(
+pub(crate) async fn relay(
     st: &Shared,
     pool: &Arc<Pool>,
     req: Request,
@@ -261,7 +265,7 @@ async fn relay(
 }
 
 /// An OpenAI error in a stream: one `data: {"error": …}` event.
-fn openai_stream_error(e: ApiError) -> Vec<Out> {
+pub(crate) fn openai_stream_error(e: ApiError) -> Vec<Out> {
     vec![Out {
         event: None,
         data: crate::openai::error_json(e).to_string(),
@@ -269,7 +273,9 @@ fn openai_stream_error(e: ApiError) -> Vec<Out> {
 }
 
 /// Edit each JSON event with `f` (events that are not JSON, like `[DONE]`, pass).
-fn each_json(mut f: impl FnMut(Value) -> Vec<Value> + Send) -> impl FnMut(Out) -> Vec<Out> + Send {
+pub(crate) fn each_json(
+    mut f: impl FnMut(Value) -> Vec<Value> + Send,
+) -> impl FnMut(Out) -> Vec<Out> + Send {
     move |o: Out| match serde_json::from_str::<Value>(&o.data) {
         Ok(v) => f(v)
             .into_iter()
@@ -368,7 +374,7 @@ pub async fn openai_forward(st: Shared, chat: bool, raw: &[u8]) -> Result<Respon
 }
 
 /// The text a request's replica affinity is taken from.
-fn affinity_prefix(body: &Map<String, Value>) -> String {
+pub(crate) fn affinity_prefix(body: &Map<String, Value>) -> String {
     let mut s = String::new();
     for k in ["system", "instructions", "messages", "prompt", "input"] {
         if let Some(v) = body.get(k) {
@@ -381,379 +387,9 @@ fn affinity_prefix(body: &Map<String, Value>) -> String {
     s.chars().take(crate::pool::AFFINITY_PREFIX_CHARS).collect()
 }
 
-/// `POST /v1/embeddings`: OpenAI's embeddings from an embedding pool.
-pub async fn embeddings(
-    State(st): State<Shared>,
-    raw: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Embeddings, "/v1/embeddings")?;
-    limits::check_fields(&mut body)?;
-    if body.get("dimensions").is_some_and(|d| !d.is_null()) {
-        return Err(ApiError::invalid(
-            "dimensions",
-            "`dimensions` is not supported: vectors have the model's own size (n_embd)",
-        ));
-    }
-    match body.get("encoding_format") {
-        None | Some(Value::Null) => {}
-        Some(f) if f == "float" || f == "base64" => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "encoding_format",
-                "encoding_format is `float` or `base64`",
-            ))
-        }
-    }
-    check_inputs(&st, body.get("input"), "input")?;
-    let prefix = affinity_prefix(&body);
-    let req = Request {
-        path: "/v1/embeddings",
-        body: Value::Object(body),
-        generation: false,
-        prefix,
-    };
-    forward::start(&st, &pool, req)
-        .await?
-        .json_relabeled(&model)
-        .await
-}
-
-/// An embeddings `input` (or rerank `documents`): a non-empty string, list
-/// of strings, token list or list of token lists, within the limits.
-fn check_inputs(st: &Shared, v: Option<&Value>, field: &str) -> Result<(), ApiError> {
-    let bad = || {
-        ApiError::invalid(
-            field,
-            format!(
-                "`{field}` is a non-empty string, a list of them, or token ids (at most {} inputs)",
-                limits::EMBED_INPUTS
-            ),
-        )
-    };
-    let too_long = |n: usize| {
-        ApiError::invalid(
-            field,
-            format!(
-                "an input holds {n} characters; at most {}",
-                st.cfg.max_prompt_chars
-            ),
-        )
-    };
-    match v {
-        Some(Value::String(s)) if !s.is_empty() => {
-            let n = s.chars().count();
-            if n > st.cfg.max_prompt_chars {
-                return Err(too_long(n));
-            }
-            Ok(())
-        }
-        Some(Value::Array(a)) if !a.is_empty() && a.len() <= limits::EMBED_INPUTS => {
-            for x in a {
-                match x {
-                    Value::String(s) if !s.is_empty() => {
-                        let n = s.chars().count();
-                        if n > st.cfg.max_prompt_chars {
-                            return Err(too_long(n));
-                        }
-                    }
-                    Value::Number(_) => {}
-                    Value::Array(t) if !t.is_empty() && t.iter().all(Value::is_u64) => {}
-                    _ => return Err(bad()),
-                }
-            }
-            Ok(())
-        }
-        _ => Err(bad()),
-    }
-}
-
-/// `POST /v1/rerank`: scores of documents for a query, from a reranking pool.
-pub async fn rerank(
-    State(st): State<Shared>,
-    raw: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Rerank, "/v1/rerank")?;
-    limits::check_fields(&mut body)?;
-    match body.get("query") {
-        Some(Value::String(q)) if !q.is_empty() && q.chars().count() <= st.cfg.max_prompt_chars => {
-        }
-        _ => return Err(ApiError::invalid("query", "`query` is a non-empty string")),
-    }
-    check_inputs(&st, body.get("documents"), "documents")?;
-    let prefix = affinity_prefix(&body);
-    let req = Request {
-        path: "/v1/rerank",
-        body: Value::Object(body),
-        generation: false,
-        prefix,
-    };
-    forward::start(&st, &pool, req)
-        .await?
-        .json_relabeled(&model)
-        .await
-}
-
-/// `POST /v1/responses` (OpenAI Responses): text `input` (a string or a
-/// list of messages) and `instructions`, plain or streamed; llama-server
-/// translates it to chat and back.
-pub async fn responses(
-    State(st): State<Shared>,
-    raw: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Generation, "/v1/responses")?;
-    check_generation(&st, &mut body, &["max_output_tokens"], Api::OpenAi)?;
-    match body.get("input") {
-        Some(Value::String(s)) if !s.is_empty() => {}
-        Some(Value::Array(a)) if !a.is_empty() => {}
-        _ => {
-            return Err(ApiError::invalid(
-                "input",
-                "`input` is a non-empty string or list of input items",
-            ))
-        }
-    }
-    match body.get("tool_choice") {
-        None | Some(Value::Null) => {}
-        Some(c) if c == "auto" || c == "none" => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "tool_choice",
-                "/v1/responses takes tool_choice `auto` or `none`; a forced tool call is served on /v1/chat/completions and /v1/messages",
-            ))
-        }
-    }
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    let prefix = affinity_prefix(&body);
-    let m1 = model.clone();
-    relay(
-        &st,
-        &pool,
-        Request {
-            path: "/v1/responses",
-            body: Value::Object(body),
-            generation: true,
-            prefix,
-        },
-        stream,
-        move |v| forward::relabel(v, &m1, ""),
-        each_json({
-            let mut ed = ResponsesStream::default();
-            move |mut v| {
-                forward::relabel(&mut v, &model, "");
-                ed.complete(&mut v, &model);
-                vec![v]
-            }
-        }),
-        |e| {
-            vec![Out {
-                event: Some("error".into()),
-                data:
-                    json!({"type": "error", "code": e.code, "message": e.message, "param": e.field})
-                        .to_string(),
-            }]
-        },
-    )
-    .await
-}
-
-/// Completes llama-server's Responses events to OpenAI's schema, which
-/// clients' stream accumulators rely on: every event's `sequence_number`,
-/// the `output_index` and `content_index` of item and content events, and
-/// the `response` object's `output`, `model` and `created_at`.
-#[derive(Default)]
-struct ResponsesStream {
-    seq: u64,
-    items: u64,
-    parts: u64,
-    created_at: u64,
-}
-
-impl ResponsesStream {
-    fn complete(&mut self, v: &mut Value, model: &str) {
-        let Some(o) = v.as_object_mut() else {
-            return;
-        };
-        let kind = o
-            .get("type")
-            .and_then(Value::as_str)
-            .unwrap_or("")
-            .to_string();
-        o.entry("sequence_number").or_insert(json!(self.seq));
-        self.seq += 1;
-        if kind == "response.output_item.added" {
-            self.items += 1;
-            self.parts = 0;
-        }
-        if kind == "response.content_part.added" {
-            self.parts += 1;
-        }
-        if kind.starts_with("response.output_item.")
-            || kind.starts_with("response.content_part.")
-            || kind.starts_with("response.output_text.")
-            || kind.starts_with("response.function_call_arguments.")
-        {
-            o.entry("output_index")
-                .or_insert(json!(self.items.saturating_sub(1)));
-        }
-        if kind.starts_with("response.content_part.") || kind.starts_with("response.output_text.") {
-            o.entry("content_index")
-                .or_insert(json!(self.parts.saturating_sub(1)));
-        }
-        if let Some(r) = o.get_mut("response").and_then(Value::as_object_mut) {
-            if self.created_at == 0 {
-                self.created_at = r
-                    .get("created_at")
-                    .and_then(Value::as_u64)
-                    .unwrap_or_else(crate::openai::unix_now);
-            }
-            r.entry("output").or_insert(json!([]));
-            r.entry("model").or_insert(json!(model));
-            r.entry("created_at").or_insert(json!(self.created_at));
-        }
-    }
-}
-
-/// `POST /v1/messages` (Anthropic Messages): `system`, `messages`,
-/// `max_tokens`, `stop_sequences`, `temperature`, `tools`, streaming with
-/// Anthropic's events; llama-server translates it. A forced tool
-/// (`tool_choice` `any` or `tool`) is asked as an OpenAI chat request with
-/// the call's schema ([`crate::tools`]) and answered as a `tool_use` block.
-pub async fn messages(
-    State(st): State<Shared>,
-    raw: axum::body::Bytes,
-) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Generation, "/v1/messages")?;
-    check_generation(&st, &mut body, &["max_tokens"], Api::Anthropic)?;
-    let msgs = body
-        .get("messages")
-        .and_then(Value::as_array)
-        .filter(|m| !m.is_empty())
-        .ok_or_else(|| ApiError::invalid("messages", "messages: a non-empty list is required"))?;
-    for (i, m) in msgs.iter().enumerate() {
-        if !matches!(m["role"].as_str(), Some("user" | "assistant")) {
-            return Err(ApiError::invalid(
-                format!("messages.{i}.role"),
-                format!("messages.{i}.role: Input should be 'user' or 'assistant'"),
-            ));
-        }
-    }
-    let tools = anthropic_tools(&body)?;
-    let forced = match body.get("tool_choice") {
-        None | Some(Value::Null) => None,
-        Some(c) => match c["type"].as_str() {
-            Some("auto") | Some("none") => None,
-            Some("any") => Forced::of(&Choice::Required, &tools),
-            Some("tool") => {
-                let name = c["name"].as_str().unwrap_or("");
-                let choice = tools::read_choice(
-                    Some(&json!({"type": "function", "function": {"name": name}})),
-                    &tools,
-                )
-                .map_err(|mut e| {
-                    e.field = Some("tool_choice".into());
-                    e
-                })?;
-                Forced::of(&choice, &tools)
-            }
-            _ => {
-                return Err(ApiError::invalid(
-                    "tool_choice",
-                    "tool_choice.type is `auto`, `any`, `tool` or `none`",
-                ))
-            }
-        },
-    };
-    if body.get("tool_choice").is_some_and(|c| c["type"] == "any") && tools.is_empty() {
-        return Err(ApiError::invalid(
-            "tool_choice",
-            "tool_choice `any` needs `tools`",
-        ));
-    }
-    let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
-    if let Some(f) = forced {
-        return crate::anthropic::forced_call(&st, &pool, &model, body, f, stream).await;
-    }
-    let prefix = affinity_prefix(&body);
-    let m1 = model.clone();
-    relay(
-        &st,
-        &pool,
-        Request {
-            path: "/v1/messages",
-            body: Value::Object(body),
-            generation: true,
-            prefix,
-        },
-        stream,
-        move |v| forward::relabel(v, &m1, ""),
-        each_json(move |mut v| {
-            forward::relabel(&mut v, &model, "");
-            vec![v]
-        }),
-        |e| {
-            vec![Out {
-                event: Some("error".into()),
-                data: crate::errors::anthropic_error_body(&e).to_string(),
-            }]
-        },
-    )
-    .await
-}
-
-/// Anthropic's `tools` (`name`, `description`, `input_schema`) as [`tools::Tool`]s.
-fn anthropic_tools(body: &Map<String, Value>) -> Result<Vec<tools::Tool>, ApiError> {
-    let Some(list) = body.get("tools").filter(|v| !v.is_null()) else {
-        return Ok(Vec::new());
-    };
-    let list = list
-        .as_array()
-        .ok_or_else(|| ApiError::invalid("tools", "`tools` must be a list"))?;
-    let as_openai: Vec<Value> = list
-        .iter()
-        .map(|t| {
-            json!({"type": if t.get("type").is_none_or(|k| k == "custom") { "function" } else { "unsupported" },
-                   "function": {"name": t["name"], "description": t["description"], "parameters": t["input_schema"]}})
-        })
-        .collect();
-    tools::read_tools(&Value::Array(as_openai))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn responses_events_get_the_indices_clients_accumulate_by() {
-        let mut ed = ResponsesStream::default();
-        let mut evs = vec![
-            json!({"type": "response.created", "response": {"id": "r", "status": "in_progress"}}),
-            json!({"type": "response.output_item.added", "item": {"type": "message", "content": []}}),
-            json!({"type": "response.content_part.added", "part": {"type": "output_text", "text": ""}}),
-            json!({"type": "response.output_text.delta", "delta": "Hi"}),
-            json!({"type": "response.completed", "response": {"id": "r", "output": [1], "created_at": 5}}),
-        ];
-        for v in &mut evs {
-            ed.complete(v, "smol");
-        }
-        assert_eq!(evs[0]["response"]["output"], json!([]));
-        assert_eq!(evs[0]["response"]["model"], "smol");
-        assert_eq!(evs[3]["output_index"], 0);
-        assert_eq!(evs[3]["content_index"], 0);
-        assert_eq!(evs[4]["response"]["output"], json!([1]));
-        let seq: Vec<u64> = evs
-            .iter()
-            .map(|v| v["sequence_number"].as_u64().unwrap())
-            .collect();
-        assert_eq!(seq, vec![0, 1, 2, 3, 4]);
-    }
 
     #[test]
     fn prompt_characters_count_every_text_field() {

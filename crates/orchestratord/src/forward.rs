@@ -3,7 +3,7 @@
 //! OpenAI Responses (and any chat or completions request with fields beyond
 //! the task path's). A checked request body becomes a task like any other
 //! (the same queue, replica routing, deadlines, cancel on disconnect,
-//! metrics); when a worker takes it, [`relay`] POSTs the body to the
+//! metrics); when a worker takes it, `relay` POSTs the body to the
 //! engine's own endpoint and relays the answer, byte for byte, to the
 //! handler that admitted it. The handler ([`Reply`]) sees the answer's
 //! status first, then its body: one JSON value, or SSE events it may edit

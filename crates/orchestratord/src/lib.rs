@@ -27,6 +27,7 @@ pub mod anthropic;
 pub mod api;
 pub mod client;
 pub mod config;
+pub mod embeddings;
 pub mod endpoints;
 pub mod errors;
 pub mod events;
@@ -37,6 +38,7 @@ pub mod link;
 pub mod metrics;
 pub mod openai;
 pub mod pool;
+pub mod responses;
 pub mod tasks;
 pub mod tools;
 
