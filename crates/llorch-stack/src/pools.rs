@@ -464,7 +464,7 @@ pub async fn start_pools(
                     llorch_profile::Affinity::Prefix => orchestratord::Affinity::Prefix,
                 },
                 aliases: if k == 0 {
-                    vec![orchestratord::openai::model_alias(&link.base)]
+                    vec![orchestratord::models::model_alias(&link.base)]
                 } else {
                     Vec::new()
                 },

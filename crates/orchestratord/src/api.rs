@@ -307,7 +307,7 @@ fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
         "engine": e.as_ref().map(|e| e.engine.clone()),
         "engine_version": e.as_ref().map(|e| e.engine_version.clone()),
         "fingerprint": e.as_ref().map(|e| e.fingerprint.clone()),
-        "system_fingerprint": e.as_ref().map(crate::openai::system_fingerprint),
+        "system_fingerprint": e.as_ref().map(crate::models::system_fingerprint),
         "model": e.as_ref().map(|e| json!({"ref": e.model_ref, "digest": e.model_digest})),
         "ctx_max": e.as_ref().and_then(|e| e.ctx_max),
         "mode": e.as_ref().map(|e| e.mode()).unwrap_or("exact"),
@@ -387,7 +387,7 @@ pub fn router(st: Shared) -> Router {
         .route("/v1/tasks/{id}/stream", get(stream_task).head(stream_task))
         .route("/v1/tasks/{id}/cancel", post(cancel_task))
         .route("/v1/capabilities", get(capabilities))
-        .route("/v1/models", get(crate::openai::models))
+        .route("/v1/models", get(crate::models::models))
         .route(
             "/v1/chat/completions",
             post(crate::openai::chat_completions),

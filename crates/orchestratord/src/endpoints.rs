@@ -241,7 +241,7 @@ pub(crate) fn fingerprint(pool: &Pool) -> String {
         .lock()
         .unwrap()
         .as_ref()
-        .map(crate::openai::system_fingerprint)
+        .map(crate::models::system_fingerprint)
         .unwrap_or_default()
 }
 

@@ -1,5 +1,6 @@
-//! The OpenAI-compatible endpoints: `GET /v1/models`,
-//! `POST /v1/chat/completions`, `POST /v1/completions`.
+//! The OpenAI-compatible endpoints `POST /v1/chat/completions` and
+//! `POST /v1/completions` (`GET /v1/models` is [`crate::models`]; streamed
+//! answers are shaped in [`crate::openai_stream`]).
 //!
 //! A request becomes an ordinary task ([`crate::api::admit`]): the same
 //! queue, admission limits, deadlines, cancel-on-disconnect and metrics as
@@ -16,136 +17,17 @@
 //! list is a 400 naming the field.
 
 use crate::api::{admit, ApiError, DisconnectGuard};
-use crate::events::{EndEvent, TaskEvent, TokenEvent};
+use crate::events::{EndEvent, TaskEvent};
+use crate::models::{system_fingerprint, unix_now};
+use crate::openai_stream::{stream, Head};
 use crate::tasks::TaskRequest;
-use crate::{EngineInfo, Shared};
+use crate::Shared;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::response::sse::{Event, KeepAlive, Sse};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 use serde::Deserialize;
 use serde_json::{json, Value};
-use std::time::Duration;
-
-/// Flags that change the numbers llama.cpp computes for the same build (or
-/// the prompt it renders from messages): they go into `system_fingerprint`
-/// with the build fingerprint.
-const NUMERIC_FLAGS: &[&str] = &[
-    "-fa",
-    "--flash-attn",
-    "-b",
-    "--batch-size",
-    "-ub",
-    "--ubatch-size",
-    "-ctk",
-    "--cache-type-k",
-    "-ctv",
-    "--cache-type-v",
-    "--no-mmap",
-    "--mlock",
-    "-c",
-    "--ctx-size",
-    "--parallel",
-    "-np",
-    "--no-cont-batching",
-    "--cont-batching",
-    "-t",
-    "--threads",
-    "--embeddings",
-    "--pooling",
-    "--jinja",
-    "--no-jinja",
-];
-
-/// `fp_` + 16 hex of sha256(build fingerprint, numeric flags with values).
-pub fn system_fingerprint(e: &EngineInfo) -> String {
-    use sha2::{Digest, Sha256};
-    let mut h = Sha256::new();
-    h.update(e.fingerprint.as_bytes());
-    let mut i = 0;
-    while i < e.flags.len() {
-        let f = &e.flags[i];
-        let name = f.split('=').next().unwrap_or(f);
-        if NUMERIC_FLAGS.contains(&name) {
-            h.update(b"\0");
-            h.update(f.as_bytes());
-            if !f.contains('=') {
-                if let Some(v) = e.flags.get(i + 1).filter(|v| !v.starts_with('-')) {
-                    h.update(b"=");
-                    h.update(v.as_bytes());
-                    i += 1;
-                }
-            }
-        }
-        i += 1;
-    }
-    let hex = format!("{:x}", h.finalize());
-    format!("fp_{}", &hex[..16])
-}
-
-/// The model's name from its reference (the file name without `.gguf`).
-pub fn model_alias(e: &EngineInfo) -> String {
-    let tail = e
-        .model_ref
-        .rsplit(['/', '#', ':'])
-        .next()
-        .unwrap_or(&e.model_ref);
-    tail.strip_suffix(".gguf").unwrap_or(tail).to_string()
-}
-
-pub(crate) fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
-}
-
-/// `GET /v1/models`: every pool id, then each model name that routes to a
-/// pool (once: a name shared by pools routes to the first). Each entry says
-/// its pool and that pool's state (OpenAI clients ignore the extra fields).
-pub async fn models(State(st): State<Shared>) -> Response {
-    let stopping = st.stopping.load(std::sync::atomic::Ordering::SeqCst);
-    let mut data: Vec<Value> = Vec::new();
-    let mut names = std::collections::HashSet::new();
-    let entry = |id: &str, p: &crate::Pool| {
-        let members = st.members(&p.group);
-        let replicas: Vec<Value> = members
-            .iter()
-            .map(|m| json!({"replica": m.replica, "state": m.state(stopping), "queue_depth": m.queue.len(),
-                            "running": m.running.load(std::sync::atomic::Ordering::SeqCst),
-                            "tokens_out": m.tokens_out.load(std::sync::atomic::Ordering::Relaxed)}))
-            .collect();
-        let mode = p
-            .last_engine
-            .lock()
-            .unwrap()
-            .as_ref()
-            .map(|e| e.mode())
-            .unwrap_or("exact");
-        json!({"id": id, "object": "model", "created": 0, "owned_by": "llama-orch",
-               "pool": p.group.as_str(), "state": crate::api::group_state(&st, &members),
-               "mode": mode, "slots": p.slots, "replicas": replicas,
-               "serves": crate::endpoints::serves(p).as_str(),
-               "endpoints": crate::endpoints::serves(p).endpoints()})
-    };
-    for p in st.heads() {
-        names.insert(p.group.to_string());
-        data.push(entry(p.group.as_str(), p));
-    }
-    for p in st.heads() {
-        let mut aliases = p.aliases.clone();
-        if let Some(e) = p.last_engine.lock().unwrap().as_ref() {
-            aliases.push(model_alias(e));
-        }
-        for a in aliases {
-            if names.insert(a.clone()) {
-                data.push(entry(&a, p));
-            }
-        }
-    }
-    Json(json!({"object": "list", "data": data})).into_response()
-}
 
 /// A message's `content`: a string, or OpenAI's list of parts (text only).
 #[derive(Deserialize)]
@@ -456,14 +338,14 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
 }
 
 /// OpenAI's `finish_reason` for our end: `stop` or `length`.
-fn finish_reason(end: &EndEvent) -> &'static str {
+pub(crate) fn finish_reason(end: &EndEvent) -> &'static str {
     match end.stop_reason.as_str() {
         "limit" => "length",
         _ => "stop",
     }
 }
 
-fn usage(end: &EndEvent) -> Value {
+pub(crate) fn usage(end: &EndEvent) -> Value {
     json!({
         "prompt_tokens": end.prompt_tokens,
         "completion_tokens": end.tokens_out,
@@ -472,7 +354,7 @@ fn usage(end: &EndEvent) -> Value {
 }
 
 /// OpenAI's logprob entries from llama-server's `completion_probabilities`.
-fn chat_logprobs(probs: &[Value]) -> Vec<Value> {
+pub(crate) fn chat_logprobs(probs: &[Value]) -> Vec<Value> {
     let entry = |p: &Value| {
         json!({
             "token": p["token"],
@@ -713,7 +595,7 @@ async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiEr
 }
 
 /// The legacy completions `logprobs` object.
-fn text_logprobs(probs: &[Value]) -> Value {
+pub(crate) fn text_logprobs(probs: &[Value]) -> Value {
     let tokens: Vec<Value> = probs.iter().map(|p| p["token"].clone()).collect();
     let lps: Vec<Value> = probs.iter().map(|p| p["logprob"].clone()).collect();
     let tops: Vec<Value> = probs
@@ -729,121 +611,4 @@ fn text_logprobs(probs: &[Value]) -> Value {
         })
         .collect();
     json!({"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": Value::Null})
-}
-
-struct Head {
-    id: String,
-    created: u64,
-    model: String,
-    fp: String,
-    kind: Kind,
-    logprobs: bool,
-}
-
-impl Head {
-    fn chunk(&self, choices: Value) -> Value {
-        json!({
-            "id": self.id,
-            "object": match self.kind { Kind::Chat => "chat.completion.chunk", Kind::Text => "text_completion" },
-            "created": self.created,
-            "model": self.model,
-            "system_fingerprint": self.fp,
-            "choices": choices,
-        })
-    }
-    fn token(&self, t: &TokenEvent) -> Value {
-        match self.kind {
-            Kind::Chat => {
-                let mut c = json!({"index": 0, "delta": {"content": t.t}, "logprobs": Value::Null, "finish_reason": Value::Null});
-                if self.logprobs {
-                    c["logprobs"] =
-                        json!({"content": chat_logprobs(t.probs.as_deref().unwrap_or(&[]))});
-                }
-                self.chunk(json!([c]))
-            }
-            Kind::Text => {
-                let lp = if self.logprobs {
-                    text_logprobs(t.probs.as_deref().unwrap_or(&[]))
-                } else {
-                    Value::Null
-                };
-                self.chunk(json!([{"index": 0, "text": t.t, "logprobs": lp, "finish_reason": Value::Null}]))
-            }
-        }
-    }
-    fn last(&self, end: &EndEvent) -> Value {
-        match self.kind {
-            Kind::Chat => self.chunk(json!([{"index": 0, "delta": {}, "logprobs": Value::Null, "finish_reason": finish_reason(end)}])),
-            Kind::Text => self.chunk(json!([{"index": 0, "text": "", "logprobs": Value::Null, "finish_reason": finish_reason(end)}])),
-        }
-    }
-}
-
-/// `data:` chunks: (chat) a role delta, one chunk per engine frame, a chunk
-/// with `finish_reason`, the usage chunk if asked, `[DONE]`. An error after
-/// the stream started is one `data: {"error": …}` frame, then the end.
-fn stream(
-    head: Head,
-    include_usage: bool,
-    first: Vec<TaskEvent>,
-    rx: tokio::sync::mpsc::UnboundedReceiver<TaskEvent>,
-    guard: DisconnectGuard,
-) -> Response {
-    type Out = std::collections::VecDeque<String>;
-    let pending: std::collections::VecDeque<TaskEvent> = first.into();
-    let state = ((rx, pending), guard, head, false, Out::new());
-    let events = futures_util::stream::unfold(
-        state,
-        move |((mut rx, mut pending), g, head, mut done, mut out)| async move {
-            loop {
-                if let Some(d) = out.pop_front() {
-                    let ev = Ok::<_, std::convert::Infallible>(Event::default().data(d));
-                    return Some((ev, ((rx, pending), g, head, done, out)));
-                }
-                if done {
-                    return None;
-                }
-                let next = match pending.pop_front() {
-                    Some(ev) => Some(ev),
-                    None => rx.recv().await,
-                };
-                match next {
-                    Some(TaskEvent::Started(_)) => {
-                        if head.kind == Kind::Chat {
-                            let c = json!([{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": Value::Null, "finish_reason": Value::Null}]);
-                            out.push_back(head.chunk(c).to_string());
-                        }
-                    }
-                    Some(TaskEvent::Token(t)) => out.push_back(head.token(&t).to_string()),
-                    Some(TaskEvent::End(e)) => {
-                        done = true;
-                        if e.canceled {
-                            let err = ApiError::new(
-                                StatusCode::SERVICE_UNAVAILABLE,
-                                "CANCELED",
-                                format!("the request was canceled ({})", e.stop_reason),
-                            );
-                            out.push_back(error_json(err).to_string());
-                        } else {
-                            out.push_back(head.last(&e).to_string());
-                            if include_usage {
-                                let mut u = head.chunk(json!([]));
-                                u["usage"] = usage(&e);
-                                out.push_back(u.to_string());
-                            }
-                            out.push_back("[DONE]".into());
-                        }
-                    }
-                    Some(TaskEvent::Error(e)) => {
-                        done = true;
-                        out.push_back(error_json(event_error(&e, head.kind)).to_string());
-                    }
-                    None => return None,
-                }
-            }
-        },
-    );
-    Sse::new(events)
-        .keep_alive(KeepAlive::new().interval(Duration::from_secs(10)))
-        .into_response()
 }

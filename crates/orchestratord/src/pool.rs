@@ -250,7 +250,7 @@ impl Pool {
                 .lock()
                 .unwrap()
                 .as_ref()
-                .is_some_and(|e| e.pool == name || crate::openai::model_alias(e) == name)
+                .is_some_and(|e| e.pool == name || crate::models::model_alias(e) == name)
     }
 
     /// Close the gate and unload, if the pool is idle. False when it is busy.

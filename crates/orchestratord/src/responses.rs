@@ -126,7 +126,7 @@ impl ResponsesStream {
                 self.created_at = r
                     .get("created_at")
                     .and_then(Value::as_u64)
-                    .unwrap_or_else(crate::openai::unix_now);
+                    .unwrap_or_else(crate::models::unix_now);
             }
             r.entry("output").or_insert(json!([]));
             r.entry("model").or_insert(json!(model));
