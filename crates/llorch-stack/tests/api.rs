@@ -14,11 +14,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
-
-struct Engine {
-    sup: Supervisor,
-    base: EngineInfo,
-}
+use common::{slots_idle, wait_idle, wait_ready, Engine};
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
 
@@ -29,34 +25,11 @@ fn pool() -> String {
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 fn engine() -> &'static Engine {
-    ENGINE.get_or_init(|| {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../..")
-            .canonicalize()
-            .unwrap();
-        let rt = std::env::temp_dir().join(format!("llorch-api-{}", std::process::id()));
-        let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
-        let p = llorch_profile::Profile::resolve(&root, None).unwrap();
-        let pool = PoolId::parse(&pool()).unwrap();
-        let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
-            .unwrap()
-            .engine;
-        let base = llorch_stack::engine_info(&prep);
-        let policy = RestartPolicy {
-            initial_backoff: Duration::from_millis(100),
-            ..Default::default()
-        };
-        let sup = Supervisor::start(prep, layout, policy, "api tests").unwrap();
-        sup.wait_ready(Duration::from_secs(120)).unwrap();
-        Engine { sup, base }
-    })
+    ENGINE.get_or_init(|| Engine::start(None, &pool(), "api"))
 }
 
 fn engine_url() -> String {
-    match engine().sup.state() {
-        EngineState::Ready { url, .. } => url,
-        s => panic!("engine not ready: {s:?}"),
-    }
+    engine().url()
 }
 
 async fn orchestrator(mut cfg: Config) -> orchestratord::Server {
@@ -78,51 +51,8 @@ async fn orchestrator(mut cfg: Config) -> orchestratord::Server {
     srv
 }
 
-async fn wait_ready(base: &str) {
-    let c = llorch_io::http::async_client();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while Instant::now() < deadline {
-        if c.get(format!("{base}/readyz"))
-            .send()
-            .await
-            .map(|r| r.status() == 200)
-            .unwrap_or(false)
-        {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    panic!("orchestrator never ready");
-}
-
 async fn status(req: reqwest::RequestBuilder) -> u16 {
     req.send().await.unwrap().status().as_u16()
-}
-
-async fn slots_idle(engine: &str) -> bool {
-    let v: Value = llorch_io::http::async_client()
-        .get(format!("{engine}/slots"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .all(|s| s["is_processing"] == json!(false))
-}
-
-async fn wait_idle(engine: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if slots_idle(engine).await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 const LONG: &str = "Count from one to one thousand, one number per line:\n";

@@ -6,22 +6,16 @@
 //! queue is a 429 in each API's own shape; the official `openai` and
 //! `anthropic` SDKs and `langchain-openai` drive it.
 
-use engine_provisioner::build::BuildOptions;
-use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
 use futures_util::StreamExt;
 use llorch_io::handoff::PoolId;
 use llorch_stack::SupervisorLink;
-use orchestratord::{Config, EngineInfo, PoolSpec, SchedulerConfig};
+use orchestratord::{Config, PoolSpec, SchedulerConfig};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
-
-struct Engine {
-    sup: Supervisor,
-    base: EngineInfo,
-}
+use common::{slots_idle, wait_idle, wait_ready, Engine};
 
 static CHAT: OnceLock<Engine> = OnceLock::new();
 static EMBED: OnceLock<Engine> = OnceLock::new();
@@ -35,40 +29,15 @@ fn embed_pool() -> String {
     format!("capi-embed-{}", std::process::id())
 }
 
-fn start_engine(profile: Option<&str>, pool: &str) -> Engine {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
-    let rt = std::env::temp_dir().join(format!("llorch-capi-{}", std::process::id()));
-    let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
-    let p = llorch_profile::Profile::resolve(&root, profile).unwrap();
-    let pool = PoolId::parse(pool).unwrap();
-    let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
-        .unwrap()
-        .engine;
-    let base = llorch_stack::engine_info(&prep);
-    let policy = RestartPolicy {
-        initial_backoff: Duration::from_millis(100),
-        ..Default::default()
-    };
-    let sup = Supervisor::start(prep, layout, policy, "client api tests").unwrap();
-    sup.wait_ready(Duration::from_secs(120)).unwrap();
-    Engine { sup, base }
-}
-
 fn chat() -> &'static Engine {
-    CHAT.get_or_init(|| start_engine(None, &chat_pool()))
+    CHAT.get_or_init(|| Engine::start(None, &chat_pool(), "capi"))
 }
 fn embed() -> &'static Engine {
-    EMBED.get_or_init(|| start_engine(Some("cpu-embed"), &embed_pool()))
+    EMBED.get_or_init(|| Engine::start(Some("cpu-embed"), &embed_pool(), "capi"))
 }
 
 fn url(e: &Engine) -> String {
-    match e.sup.state() {
-        EngineState::Ready { url, .. } => url,
-        s => panic!("engine not ready: {s:?}"),
-    }
+    e.url()
 }
 
 fn spec(e: &Engine) -> PoolSpec {
@@ -93,18 +62,7 @@ async fn orchestrator(mut cfg: Config) -> (orchestratord::Server, String) {
         .await
         .unwrap();
     let base = format!("http://{}", srv.addr);
-    let http = llorch_io::http::async_client();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while http
-        .get(format!("{base}/readyz"))
-        .send()
-        .await
-        .map(|r| r.status() != 200)
-        .unwrap_or(true)
-    {
-        assert!(Instant::now() < deadline, "orchestrator never ready");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    wait_ready(&base).await;
     (srv, base)
 }
 
@@ -121,32 +79,6 @@ async fn post(url: String, body: &Value) -> (u16, Value) {
         s,
         serde_json::from_str(&text).unwrap_or(json!({"raw": text})),
     )
-}
-
-async fn slots_idle(engine: &str) -> bool {
-    let v: Value = llorch_io::http::async_client()
-        .get(format!("{engine}/slots"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .all(|s| s["is_processing"] == json!(false))
-}
-
-async fn wait_idle(engine: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if slots_idle(engine).await {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    false
 }
 
 fn weather_tools() -> Value {

@@ -6,9 +6,7 @@
 //! ([`crate::tools::Forced`]) and answered as Anthropic's `tool_use` block
 //! (streamed: Anthropic's events for that one block).
 
-use crate::endpoints::{
-    affinity_prefix, check_generation, each_json, object, pool_of, relay, require, Api,
-};
+use crate::endpoints::{affinity_prefix, check_generation, each_json, edge, relay, Api, Edge};
 use crate::errors::ApiError;
 use crate::forward::{self, Out, Request};
 use crate::link::Serves;
@@ -233,9 +231,11 @@ pub async fn messages(
     State(st): State<Shared>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Generation, "/v1/messages")?;
+    let Edge {
+        mut body,
+        model,
+        pool,
+    } = edge(&st, &raw, Serves::Generation, "/v1/messages")?;
     check_generation(&st, &mut body, &["max_tokens"], Api::Anthropic)?;
     let msgs = body
         .get("messages")

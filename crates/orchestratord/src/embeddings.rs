@@ -3,9 +3,8 @@
 //! rerank), through the forwarding path. The answer passes through as the
 //! engine wrote it, with only its `model` replaced.
 
-use crate::endpoints::{affinity_prefix, object, pool_of, require};
+use crate::endpoints::{edge, relay_passthrough};
 use crate::errors::ApiError;
-use crate::forward::{self, Request};
 use crate::limits;
 use crate::link::Serves;
 use crate::Shared;
@@ -18,10 +17,9 @@ pub async fn embeddings(
     State(st): State<Shared>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Embeddings, "/v1/embeddings")?;
-    limits::check_fields(&mut body)?;
+    let mut e = edge(&st, &raw, Serves::Embeddings, "/v1/embeddings")?;
+    let body = &mut e.body;
+    limits::check_fields(body)?;
     if body.get("dimensions").is_some_and(|d| !d.is_null()) {
         return Err(ApiError::invalid(
             "dimensions",
@@ -39,17 +37,7 @@ pub async fn embeddings(
         }
     }
     check_inputs(&st, body.get("input"), "input")?;
-    let prefix = affinity_prefix(&body);
-    let req = Request {
-        path: "/v1/embeddings",
-        body: Value::Object(body),
-        generation: false,
-        prefix,
-    };
-    forward::start(&st, &pool, req)
-        .await?
-        .json_relabeled(&model)
-        .await
+    relay_passthrough(&st, e, "/v1/embeddings").await
 }
 
 /// An embeddings `input` (or rerank `documents`): a non-empty string, list
@@ -106,25 +94,14 @@ pub async fn rerank(
     State(st): State<Shared>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Rerank, "/v1/rerank")?;
-    limits::check_fields(&mut body)?;
+    let mut e = edge(&st, &raw, Serves::Rerank, "/v1/rerank")?;
+    let body = &mut e.body;
+    limits::check_fields(body)?;
     match body.get("query") {
         Some(Value::String(q)) if !q.is_empty() && q.chars().count() <= st.cfg.max_prompt_chars => {
         }
         _ => return Err(ApiError::invalid("query", "`query` is a non-empty string")),
     }
     check_inputs(&st, body.get("documents"), "documents")?;
-    let prefix = affinity_prefix(&body);
-    let req = Request {
-        path: "/v1/rerank",
-        body: Value::Object(body),
-        generation: false,
-        prefix,
-    };
-    forward::start(&st, &pool, req)
-        .await?
-        .json_relabeled(&model)
-        .await
+    relay_passthrough(&st, e, "/v1/rerank").await
 }

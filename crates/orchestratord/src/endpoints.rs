@@ -80,6 +80,46 @@ pub(crate) fn pool_of(
     Ok((model, pool))
 }
 
+/// A request at the edge: its body as a JSON object, the model it names,
+/// and the pool that name routes to, which serves what the endpoint needs.
+pub(crate) struct Edge {
+    pub body: Map<String, Value>,
+    pub model: String,
+    pub pool: Arc<Pool>,
+}
+
+/// Parse the body, route its `model`, and check what the pool serves.
+pub(crate) fn edge(
+    st: &Shared,
+    raw: &[u8],
+    serves: Serves,
+    endpoint: &str,
+) -> Result<Edge, ApiError> {
+    let body = object(raw)?;
+    let (model, pool) = pool_of(st, &body)?;
+    require(&pool, serves, endpoint)?;
+    Ok(Edge { body, model, pool })
+}
+
+/// Relay a request whose JSON answer passes through with only `model` replaced.
+pub(crate) async fn relay_passthrough(
+    st: &Shared,
+    e: Edge,
+    path: &'static str,
+) -> Result<Response, ApiError> {
+    let prefix = affinity_prefix(&e.body);
+    let req = Request {
+        path,
+        body: Value::Object(e.body),
+        generation: false,
+        prefix,
+    };
+    forward::start(st, &e.pool, req)
+        .await?
+        .json_relabeled(&e.model)
+        .await
+}
+
 /// Characters of the text fields a prompt is made of.
 pub(crate) fn prompt_chars(body: &Map<String, Value>) -> usize {
     fn count(v: &Value) -> usize {
@@ -291,17 +331,16 @@ pub(crate) fn each_json(
 /// A chat or completions request with fields the task path does not serve:
 /// llama-server's own `/v1/chat/completions` or `/v1/completions`.
 pub async fn openai_forward(st: Shared, chat: bool, raw: &[u8]) -> Result<Response, ApiError> {
-    let mut body = object(raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(
-        &pool,
-        Serves::Generation,
-        if chat {
-            "chat completions"
-        } else {
-            "completions"
-        },
-    )?;
+    let endpoint = if chat {
+        "chat completions"
+    } else {
+        "completions"
+    };
+    let Edge {
+        mut body,
+        model,
+        pool,
+    } = edge(&st, raw, Serves::Generation, endpoint)?;
     check_generation(
         &st,
         &mut body,

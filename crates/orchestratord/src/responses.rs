@@ -2,9 +2,7 @@
 //! llama-server translates it to chat and back; the orchestrator completes
 //! its stream events to the schema clients accumulate by.
 
-use crate::endpoints::{
-    affinity_prefix, check_generation, each_json, object, pool_of, relay, require, Api,
-};
+use crate::endpoints::{affinity_prefix, check_generation, each_json, edge, relay, Api, Edge};
 use crate::errors::ApiError;
 use crate::forward::{self, Out, Request};
 use crate::link::Serves;
@@ -20,9 +18,11 @@ pub async fn responses(
     State(st): State<Shared>,
     raw: axum::body::Bytes,
 ) -> Result<Response, ApiError> {
-    let mut body = object(&raw)?;
-    let (model, pool) = pool_of(&st, &body)?;
-    require(&pool, Serves::Generation, "/v1/responses")?;
+    let Edge {
+        mut body,
+        model,
+        pool,
+    } = edge(&st, &raw, Serves::Generation, "/v1/responses")?;
     check_generation(&st, &mut body, &["max_output_tokens"], Api::OpenAi)?;
     match body.get("input") {
         Some(Value::String(s)) if !s.is_empty() => {}

@@ -1,4 +1,100 @@
-//! Shared by this crate's test files: pinned Python client packages.
+//! Shared by this crate's test files: a real supervised engine of a
+//! profile (the workspace's cached build and model), waits on an engine's
+//! slots and an orchestrator's readiness, pinned Python client packages.
+#![allow(dead_code)]
+
+use engine_provisioner::build::BuildOptions;
+use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
+use llorch_io::handoff::PoolId;
+use orchestratord::EngineInfo;
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+/// A supervised real engine and what the orchestrator knows of it.
+pub struct Engine {
+    pub sup: Supervisor,
+    pub base: EngineInfo,
+}
+
+impl Engine {
+    /// Start the engine of `profile` (default: the default profile) as
+    /// `pool`, from the workspace cache (built once per machine, under its lock).
+    pub fn start(profile: Option<&str>, pool: &str, who: &str) -> Engine {
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../..")
+            .canonicalize()
+            .unwrap();
+        let rt = std::env::temp_dir().join(format!("llorch-{who}-{}", std::process::id()));
+        let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
+        let p = llorch_profile::Profile::resolve(&root, profile).unwrap();
+        let pool = PoolId::parse(pool).unwrap();
+        let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
+            .unwrap()
+            .engine;
+        let base = llorch_stack::engine_info(&prep);
+        let policy = RestartPolicy {
+            initial_backoff: Duration::from_millis(100),
+            ..Default::default()
+        };
+        let sup = Supervisor::start(prep, layout, policy, who).unwrap();
+        sup.wait_ready(Duration::from_secs(120)).unwrap();
+        Engine { sup, base }
+    }
+
+    /// The engine's URL (it must be ready).
+    pub fn url(&self) -> String {
+        match self.sup.state() {
+            EngineState::Ready { url, .. } => url,
+            s => panic!("engine not ready: {s:?}"),
+        }
+    }
+}
+
+/// Whether no slot of the engine is processing.
+pub async fn slots_idle(engine: &str) -> bool {
+    let v: Value = llorch_io::http::async_client()
+        .get(format!("{engine}/slots"))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .all(|s| s["is_processing"] == json!(false))
+}
+
+/// Wait until no slot of the engine is processing; false after `within`.
+pub async fn wait_idle(engine: &str, within: Duration) -> bool {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if slots_idle(engine).await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    false
+}
+
+/// Wait until the orchestrator at `base` answers `/readyz` with 200.
+pub async fn wait_ready(base: &str) {
+    let c = llorch_io::http::async_client();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while Instant::now() < deadline {
+        if c.get(format!("{base}/readyz"))
+            .send()
+            .await
+            .map(|r| r.status() == 200)
+            .unwrap_or(false)
+        {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("orchestrator never ready");
+}
 
 /// Install pinned Python packages with pip (from the configured package
 /// index) into `target/python-<name>` once per machine (under a file lock;
