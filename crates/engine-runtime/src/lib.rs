@@ -2,10 +2,14 @@
 //! readiness, typed run files with process identity, the pool lock, stop,
 //! and a supervisor that restarts a crashed or hung engine.
 //!
-//! * [`lifecycle`]: flags, environment policy, spawn, readiness, run files, stop.
+//! * [`lifecycle`]: spawn, readiness, run files, stop (re-exports the two below).
+//! * [`flags`]: the deterministic flag profile, `extra_args` and environment allow-lists, [`PreparedEngine`].
+//! * [`run_state`]: a pool's run files and lock, who keeps it, stale files.
 //! * [`supervisor`]: one thread owns the child; restart with backoff; give up for good.
 
+pub mod flags;
 pub mod lifecycle;
+pub mod run_state;
 pub mod supervisor;
 
 pub use lifecycle::{EngineError, PreparedEngine, RunPaths};

