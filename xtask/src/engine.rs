@@ -125,6 +125,10 @@ pub struct BuildArgs {
     /// Build from this verified offline source bundle instead of fetching the pin's source
     #[arg(long, env = "LLORCH_SOURCE_BUNDLE")]
     pub source_bundle: Option<PathBuf>,
+    /// Take this fingerprint's engine from another cache directory when it has one
+    /// (copied and checked against its manifest; nothing is written there)
+    #[arg(long, value_name = "CACHE_DIR")]
+    pub reuse_from: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -372,6 +376,7 @@ pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::Buil
     let opts = BuildOptions {
         jobs: a.jobs,
         source_bundle: a.source_bundle.clone(),
+        reuse_from: a.reuse_from.clone(),
         quiet: false,
         ..Default::default()
     };

@@ -6,6 +6,7 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
+mod bench_build;
 mod bench_fleet;
 mod bench_load;
 mod bench_openai;
@@ -15,6 +16,7 @@ mod doctor;
 mod engine;
 mod haiku;
 mod model;
+mod pin;
 mod provision;
 mod serve;
 mod source;
@@ -55,6 +57,8 @@ enum Command {
     Model(model::ModelCmd),
     /// Offline source bundles of the pinned llama.cpp tree
     Source(source::SourceCmd),
+    /// Follow upstream: `pin bump` builds, proves and records the next llama.cpp
+    Pin(pin::PinCmd),
 }
 
 fn main() {
@@ -79,6 +83,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Provision(c) => c.run(&ctx),
         Command::Serve(c) => c.run(&ctx),
         Command::Haiku(c) => c.run(&ctx),
+        Command::Pin(c) => c.run(&ctx),
     }
 }
 

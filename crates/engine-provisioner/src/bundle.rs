@@ -93,9 +93,11 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
     Ok(())
 }
 
-/// Write a bundle of `tree` (the pin's fetched source) for `profile` to `out`.
-pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManifest, String> {
-    let backend = profile.file.engine.backend;
+/// The files of `tree` a bundle for `backend` holds, each with its sha256.
+pub fn tree_files(
+    tree: &Path,
+    backend: Backend,
+) -> Result<(Vec<PathBuf>, BTreeMap<String, String>), String> {
     let mut all = Vec::new();
     walk(tree, tree, &mut all).map_err(|e| format!("list {}: {e}", tree.display()))?;
     all.sort();
@@ -111,6 +113,13 @@ pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManife
         let h = llorch_io::digest::sha256_file(&tree.join(p)).map_err(|e| e.to_string())?;
         files.insert(p.to_string_lossy().into_owned(), h);
     }
+    Ok((kept, files))
+}
+
+/// Write a bundle of `tree` (the pin's fetched source) for `profile` to `out`.
+pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManifest, String> {
+    let backend = profile.file.engine.backend;
+    let (kept, files) = tree_files(tree, backend)?;
     let manifest = BundleManifest {
         schema: BUNDLE_SCHEMA,
         pin: profile.pin_name.clone(),

@@ -219,6 +219,15 @@ pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, St
         }
         std::fs::remove_dir_all(&p).map_err(|e| format!("remove {}: {e}", p.display()))?;
         let _ = std::fs::remove_dir_all(layout.bucket(Bucket::Build).join(&m.fingerprint));
+        // The work dir, when it holds this build and no build is compiling there.
+        let work = crate::build::work_dir(layout);
+        if std::fs::read_to_string(work.join("fingerprint"))
+            .is_ok_and(|f| f.trim() == m.fingerprint)
+        {
+            if let Ok(Some(_w)) = FileLock::try_exclusive(&layout.build_work_lock()) {
+                let _ = std::fs::remove_dir_all(&work);
+            }
+        }
         r.removed.push(m.fingerprint);
     }
     // Staging dirs left by a build that was killed (Ctrl-C, power loss): never

@@ -49,6 +49,11 @@ pub struct CudaInputs {
     pub nvcc_version: String,
     pub archs: Vec<String>,
     pub host_compiler: Option<String>,
+    /// The launcher that makes nvcc's objects reproducible
+    /// ([`crate::reproduce::NVCC_LAUNCHER`]; CUDA 12.9 and later), which
+    /// changes the bytes, so it is an input. Absent: not used.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nvcc_launcher: Option<String>,
 }
 
 /// Every input that changes the built `llama-server`.
@@ -219,11 +224,15 @@ mod tests {
             nvcc_version: "12.4".into(),
             archs: vec!["86".into()],
             host_compiler: None,
+            nvcc_launcher: None,
         });
         variants.push(("cuda", v.clone()));
         let mut w = v.clone();
         w.cuda.as_mut().unwrap().archs = vec!["90".into()];
         variants.push(("cuda archs", w));
+        let mut w = v.clone();
+        w.cuda.as_mut().unwrap().nvcc_launcher = Some("llorch-nvcc-v1".into());
+        variants.push(("nvcc launcher", w));
         let mut w = v;
         w.cuda.as_mut().unwrap().nvcc_version = "13.0".into();
         variants.push(("nvcc", w));

@@ -375,21 +375,6 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
         install: pip_version.is_none().then(|| install_for("pip")).flatten(),
     });
 
-    // ccache: optional speed-up, never part of the fingerprint.
-    let ccache = tb.find("ccache");
-    checks.push(ToolCheck {
-        tool: "ccache".into(),
-        required: false,
-        ok: ccache.is_some(),
-        version: ccache
-            .as_ref()
-            .and_then(|p| version_of(p, "--version"))
-            .map(|s| first_line(&s)),
-        found: ccache.map(|p| p.display().to_string()),
-        note: Some("optional: used as the compiler launcher when present".into()),
-        install: None,
-    });
-
     let cuda = (profile.file.engine.backend == Backend::Cuda).then(|| {
         let report = crate::cuda::probe(tb, &profile.file.engine.cuda_archs, &mut warnings);
         checks.push(ToolCheck {

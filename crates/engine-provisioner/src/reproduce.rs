@@ -65,6 +65,91 @@ pub fn env(src: &Path, build_dir: &Path) -> Vec<(String, String)> {
     ]
 }
 
+/// The nvcc launcher's version, recorded in the CUDA inputs.
+pub const NVCC_LAUNCHER: &str = "llorch-nvcc-v1";
+
+/// nvcc's own objects vary with where the build runs, beyond what the host
+/// compiler's prefix maps cover. Measured on CUDA 13.0 (one kernel compiled
+/// in two directories, `docs/gpu/nvcc_determinism.sh`): its temporary files
+/// are named after its pid (`tmpxft_<pid>_…`), and the hash in every
+/// anonymous namespace's mangled name follows the absolute source path it
+/// hands cudafe++ (`--orig_src_path_name`). This launcher adds, per object,
+/// `--frandom-seed=<object>` (CUDA 12.9+) and that source path mapped as the
+/// prefix maps map it, and runs nvcc under sccache, whose own steps name
+/// the temporaries the same in any directory: objects identical. (nvcc's
+/// `-objtemp` does that alone, but sccache cannot run nvcc with it: it reads
+/// `-objtemp` as `-o bjtemp`, and the long form fails in its steps.) Written
+/// into the build directory; CMake runs `launcher sccache nvcc …`.
+const NVCC_LAUNCHER_SH: &str = r#"#!/bin/sh
+# llama-orch: nvcc launcher for reproducible CUDA objects (engine-provisioner/src/reproduce.rs)
+src= obj= prev=
+for a in "$@"; do
+  [ "$prev" = "-o" ] && obj=$a
+  case "$a" in *.cu) src=$a ;; esac
+  prev=$a
+done
+[ -n "$src" ] && [ -n "$obj" ] || exec "$@"
+case "$src" in
+  "$LLORCH_NVCC_SRC"/*) mapped="/llorch/src${src#"$LLORCH_NVCC_SRC"}" ;;
+  "$LLORCH_NVCC_BUILD"/*) mapped="/llorch/build${src#"$LLORCH_NVCC_BUILD"}" ;;
+  *) mapped=$src ;;
+esac
+# Right after nvcc itself.
+n=$#
+for a in "$@"; do
+  set -- "$@" "$a"
+  case "$a" in
+    nvcc|*/nvcc) set -- "$@" "--frandom-seed=$obj" -Xcudafe "--orig_src_path_name=$mapped" -Xcicc "--orig_src_path_name=$mapped" ;;
+  esac
+done
+shift "$n"
+exec "$@"
+"#;
+
+/// Whether this nvcc gets the launcher: `--frandom-seed` is CUDA 12.9+.
+pub fn nvcc_launcher_for(nvcc_version: &str) -> Option<String> {
+    let v = crate::cuda::toolkit_version(nvcc_version)?;
+    (v >= (12, 9)).then(|| NVCC_LAUNCHER.to_string())
+}
+
+/// The CUDA compiler launcher a plan already has (the compiler cache's sccache).
+pub fn cuda_launcher_of(plan: &crate::build::BuildPlan) -> Option<String> {
+    plan.extra_flags
+        .iter()
+        .rev()
+        .find_map(|f| f.strip_prefix(CUDA_LAUNCHER))
+        .filter(|r| !r.is_empty())
+        .map(str::to_string)
+}
+
+const CUDA_LAUNCHER: &str = "-DCMAKE_CUDA_COMPILER_LAUNCHER=";
+
+/// Write the launcher into `build_dir` and make `launcher;sccache` the CUDA
+/// compiler launcher.
+pub fn use_nvcc_launcher(
+    plan: &mut crate::build::BuildPlan,
+    src: &Path,
+    build_dir: &Path,
+    sccache: &Path,
+) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(build_dir)?;
+    let script = build_dir.join("llorch-nvcc-launcher.sh");
+    std::fs::write(&script, NVCC_LAUNCHER_SH)?;
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    plan.extra_flags.retain(|f| !f.starts_with(CUDA_LAUNCHER));
+    plan.extra_flags.push(format!(
+        "{CUDA_LAUNCHER}{};{}",
+        script.display(),
+        sccache.display()
+    ));
+    plan.extra_env
+        .push(("LLORCH_NVCC_SRC".into(), src.display().to_string()));
+    plan.extra_env
+        .push(("LLORCH_NVCC_BUILD".into(), build_dir.display().to_string()));
+    Ok(())
+}
+
 /// One file of the engine, cached against rebuilt.
 #[derive(Clone, Debug, Serialize, PartialEq)]
 pub struct FileCompare {
@@ -176,7 +261,7 @@ pub fn compare(
 }
 
 /// Copy a directory tree (symlinks as symlinks; nothing else but files and dirs).
-fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
+pub(crate) fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
     std::fs::create_dir_all(to)?;
     for e in std::fs::read_dir(from)? {
         let e = e?;
@@ -214,10 +299,15 @@ fn sweep_scratch(build_bucket: &Path) {
     }
 }
 
-/// Removes the scratch directory however the rebuild ends.
+/// Removes the scratch directory however the rebuild ends (kept, for
+/// comparing objects by hand, when `LLORCH_VERIFY_KEEP=1`).
 struct Scratch(PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
+        if std::env::var_os("LLORCH_VERIFY_KEEP").is_some_and(|v| v == "1") {
+            eprintln!("kept the scratch rebuild at {}", self.0.display());
+            return;
+        }
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
@@ -293,6 +383,7 @@ pub fn rebuild(
     let entry = scratch.0.join("engine");
     let (rebuilt, _, _) = build::compile_and_install(
         profile,
+        layout,
         &plan,
         &tree,
         &scratch.0.join("build"),
@@ -316,6 +407,72 @@ pub fn rebuild(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The launcher hands nvcc the object-named temporaries, the seed and
+    /// the mapped source path, and leaves other commands alone (a stand-in
+    /// nvcc prints what it got).
+    #[test]
+    fn the_nvcc_launcher_adds_what_makes_objects_reproducible() {
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let nvcc = d.path().join("nvcc");
+        std::fs::write(&nvcc, "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n").unwrap();
+        std::fs::set_permissions(&nvcc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut plan = crate::build::BuildPlan {
+            inputs: serde_json::from_value(serde_json::json!({
+                "schema": 2, "source": {"kind": "archive", "id": "x", "commit": "c", "subdir": null},
+                "cmake_flags": [], "build_type": "Release", "targets": [], "c_compiler": "",
+                "cxx_compiler": "", "cmake_version": "", "cuda": null, "host_triple": "", "env": {}
+            }))
+            .unwrap(),
+            fingerprint: String::new(),
+            generator: "Ninja".into(),
+            extra_flags: vec!["-DCMAKE_CUDA_COMPILER_LAUNCHER=/x/sccache".into()],
+            extra_env: vec![],
+        };
+        let (src, build) = (Path::new("/w/src"), d.path().join("build"));
+        assert_eq!(cuda_launcher_of(&plan).as_deref(), Some("/x/sccache"));
+        use_nvcc_launcher(&mut plan, src, &build, Path::new("/x/sccache")).unwrap();
+        let script = build.join("llorch-nvcc-launcher.sh");
+        assert_eq!(
+            plan.extra_flags,
+            vec![format!(
+                "-DCMAKE_CUDA_COMPILER_LAUNCHER={};/x/sccache",
+                script.display()
+            )]
+        );
+        let run = |args: &[&str]| {
+            let mut c = llorch_io::cmd::Cmd::new(&script)
+                .arg("sh")
+                .arg("-c")
+                .arg("for a in \"$@\"; do echo \"$a\"; done")
+                .arg("x")
+                .args(args);
+            for (k, v) in &plan.extra_env {
+                c = c.env(k, v);
+            }
+            c.read().unwrap()
+        };
+        // As CMake runs it: the launcher, then nvcc (a path ending in /nvcc), then its arguments.
+        let nv = nvcc.display().to_string();
+        let got = run(&[
+            &nv,
+            "-x",
+            "cu",
+            "-c",
+            "/w/src/ggml/src/ggml-cuda/acc.cu",
+            "-o",
+            "ggml/CMakeFiles/acc.cu.o",
+        ]);
+        assert_eq!(
+            got,
+            format!("{nv}\n--frandom-seed=ggml/CMakeFiles/acc.cu.o\n-Xcudafe\n--orig_src_path_name=/llorch/src/ggml/src/ggml-cuda/acc.cu\n-Xcicc\n--orig_src_path_name=/llorch/src/ggml/src/ggml-cuda/acc.cu\n-x\ncu\n-c\n/w/src/ggml/src/ggml-cuda/acc.cu\n-o\nggml/CMakeFiles/acc.cu.o")
+        );
+        // Not a compile of a .cu file: passed through untouched.
+        assert_eq!(run(&[&nv, "--version"]), format!("{nv}\n--version"));
+        assert_eq!(nvcc_launcher_for("12.8.93"), None);
+        assert_eq!(nvcc_launcher_for("13.0.88").as_deref(), Some(NVCC_LAUNCHER));
+    }
 
     #[test]
     fn differing_ranges_are_found_and_counted() {

@@ -285,6 +285,51 @@ fn pip_download_sdist(
         .ok_or_else(|| SourceError::Layout(format!("pip downloaded no .tar.gz sdist for {spec}")))
 }
 
+/// The commit a package's own git metadata (shipped in its sdist, as
+/// llama-cpp-python's is) records for the submodule at `sub`.
+pub fn vendored_commit(top: &Path, sub: &str) -> Result<String, SourceError> {
+    let repo = git2::Repository::open(top).map_err(|e| {
+        SourceError::Layout(format!(
+            "{} carries no readable git metadata ({e})",
+            top.display()
+        ))
+    })?;
+    let tree = repo
+        .head()
+        .and_then(|h| h.peel_to_tree())
+        .map_err(git_err)?;
+    let entry = tree.get_path(Path::new(sub)).map_err(git_err)?;
+    if entry.kind() != Some(git2::ObjectType::Commit) {
+        return Err(SourceError::Layout(format!(
+            "{sub} is not a submodule in the package's git tree"
+        )));
+    }
+    Ok(entry.id().to_string())
+}
+
+/// The commit a tag or branch names at `url` (annotated tags peeled).
+pub fn resolve_remote_rev(url: &str, rev: &str) -> Result<String, SourceError> {
+    if url.starts_with("https://") {
+        crate::git_https::install().map_err(SourceError::Layout)?;
+    }
+    let mut remote = git2::Remote::create_detached(url).map_err(git_err)?;
+    remote.connect(git2::Direction::Fetch).map_err(git_err)?;
+    let heads = remote.list().map_err(git_err)?;
+    [
+        format!("refs/tags/{rev}^{{}}"),
+        format!("refs/tags/{rev}"),
+        format!("refs/heads/{rev}"),
+    ]
+    .iter()
+    .find_map(|w| {
+        heads
+            .iter()
+            .find(|h| h.name() == w)
+            .map(|h| h.oid().to_string())
+    })
+    .ok_or_else(|| SourceError::Layout(format!("{url} has no tag or branch `{rev}`")))
+}
+
 /// Stream an http(s) URL to `dest` through the shared client.
 pub fn download_to(url: &str, dest: &Path) -> Result<(), SourceError> {
     let client = llorch_io::http::blocking_client();

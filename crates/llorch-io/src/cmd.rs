@@ -138,6 +138,36 @@ impl Cmd {
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 
+    /// Run, capture stdout and stderr apart; the exit status is not checked
+    /// (tests that read both streams of a command that should fail).
+    pub fn output(&self) -> Result<(bool, String, String), CmdError> {
+        self.announce();
+        let out = self
+            .expr()
+            .stdout_capture()
+            .stderr_capture()
+            .unchecked()
+            .run()
+            .map_err(|e| self.spawn_err(e))?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
+    /// Run with this process's stdin, stdout and stderr, to its end; the
+    /// exit status is returned, not checked (a nested command the user
+    /// watches: the haiku proof).
+    pub fn status(&self) -> Result<std::process::ExitStatus, CmdError> {
+        self.announce();
+        self.expr()
+            .unchecked()
+            .run()
+            .map(|o| o.status)
+            .map_err(|e| self.spawn_err(e))
+    }
+
     /// Run, capture stdout and stderr together (for `--version` style probes
     /// that print to either stream); the exit status is not checked.
     pub fn read_any(&self) -> Result<(bool, String), CmdError> {

@@ -119,6 +119,14 @@ impl Layout {
     pub fn engine_lock(&self, fingerprint: &str) -> PathBuf {
         self.locks().join(format!("engine-{fingerprint}.lock"))
     }
+    /// `locks/build-work.lock`: exclusive while a build compiles in `build-v1/work`.
+    pub fn build_work_lock(&self) -> PathBuf {
+        self.locks().join("build-work.lock")
+    }
+    /// `locks/compile-cache.lock`: held while the compiler cache's server is started.
+    pub fn compile_cache_lock(&self) -> PathBuf {
+        self.locks().join("compile-cache.lock")
+    }
     /// `locks/blob-<digest>.lock`: shared by every engine process using the model blob,
     /// exclusive while gc removes it.
     pub fn blob_lock(&self, digest: &str) -> PathBuf {
@@ -175,8 +183,12 @@ pub struct DirError {
 pub enum Bucket {
     /// `src-v1/<source-id>/`: checked-out or extracted llama.cpp trees (owner: engine-provisioner::source)
     Src,
-    /// `build-v1/<fingerprint>/`: CMake build dirs, deletable (owner: engine-provisioner::build)
+    /// `build-v1/work/`: the one work dir engines compile in; `verify-*` scratch rebuilds (owner: engine-provisioner::build)
     Build,
+    /// `compile-v1/`: the compiler cache's objects (owner: engine-provisioner::compile_cache)
+    Compile,
+    /// `tools-v1/`: tools installed into the cache (sccache) (owner: engine-provisioner::compile_cache)
+    Tools,
     /// `engines-v1/<fingerprint>/`: installed engines + manifest.json (owner: engine-provisioner::cache)
     Engines,
     /// `models-v1/`: blobs and refs.json (owner: model-provisioner::store)
@@ -194,6 +206,8 @@ impl Bucket {
         match self {
             Bucket::Src => "src-v1",
             Bucket::Build => "build-v1",
+            Bucket::Compile => "compile-v1",
+            Bucket::Tools => "tools-v1",
             Bucket::Engines => "engines-v1",
             Bucket::Models => "models-v1",
             Bucket::Downloads => "downloads",

@@ -1,0 +1,149 @@
+//! `cargo xtask pin bump` against a real git repository (a stand-in tree
+//! that builds in seconds) and pip's real index: the new pin is written only
+//! after its build passed; a failed step leaves the pins file as it was.
+
+use llorch_io::cmd::Cmd;
+use std::path::Path;
+
+const CMAKE: &str = "cmake_minimum_required(VERSION 3.14)\nproject(fake_llama C)\nadd_executable(llama-server server.c)\nset_target_properties(llama-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n";
+
+fn server_c(version: &str) -> String {
+    format!(
+        "#include <stdio.h>\n#include <string.h>\nint main(int argc, char **argv) {{\n  if (argc > 1 && strcmp(argv[1], \"--version\") == 0) {{ fprintf(stderr, \"version: {version}\\n\"); return 0; }}\n  return 1;\n}}\n"
+    )
+}
+
+fn commit(repo: &git2::Repository, dir: &Path, server: &str, msg: &str) -> git2::Oid {
+    std::fs::write(dir.join("CMakeLists.txt"), CMAKE).unwrap();
+    std::fs::write(dir.join("server.c"), server).unwrap();
+    let mut idx = repo.index().unwrap();
+    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .unwrap();
+    idx.write().unwrap();
+    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
+    let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
+    let parents: Vec<git2::Commit> = repo
+        .head()
+        .ok()
+        .and_then(|h| h.peel_to_commit().ok())
+        .into_iter()
+        .collect();
+    let refs: Vec<&git2::Commit> = parents.iter().collect();
+    repo.commit(Some("HEAD"), &sig, &sig, msg, &tree, &refs)
+        .unwrap()
+}
+
+fn xtask(root: &Path) -> Cmd {
+    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+        .env("LLORCH_ROOT", root)
+        .env("LLORCH_CACHE_DIR", root.join("cache"))
+        .env("LLORCH_RUNTIME_DIR", root.join("rt"))
+        .env("LLORCH_COMPILE_CACHE", "off")
+        .dir(root)
+}
+
+fn run(cmd: Cmd) -> (bool, String, String) {
+    cmd.output().expect("run xtask")
+}
+
+#[test]
+fn a_git_bump_records_the_new_pin_only_after_it_built() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ws");
+    let up = tmp.path().join("upstream");
+    std::fs::create_dir_all(&up).unwrap();
+    let repo = git2::Repository::init(&up).unwrap();
+    let c1 = commit(&repo, &up, &server_c("1"), "one");
+    let c2 = commit(&repo, &up, &server_c("2"), "two");
+    repo.tag_lightweight("v2", &repo.find_object(c2, None).unwrap(), false)
+        .unwrap();
+    let c3 = commit(&repo, &up, "this is not C\n", "broken");
+    repo.tag(
+        "broken",
+        &repo.find_object(c3, None).unwrap(),
+        &git2::Signature::now("t", "t@example.invalid").unwrap(),
+        "annotated",
+        false,
+    )
+    .unwrap();
+    std::fs::create_dir_all(root.join("toolchains")).unwrap();
+    std::fs::create_dir_all(root.join("requirements")).unwrap();
+    let pins = format!(
+        "# the pins of this test\nschema: 1\ndefault: base\npins:\n  base:\n    commit: {c1}\n    source:\n      kind: git\n      url: {}\n",
+        up.display()
+    );
+    let pins_path = root.join("toolchains/llama.cpp.yaml");
+    std::fs::write(&pins_path, &pins).unwrap();
+    std::fs::write(
+        root.join("requirements/cpu.yaml"),
+        "schema: 1\npool: fake\nallow_package_installs: false\nengine:\n  backend: cpu\n",
+    )
+    .unwrap();
+
+    // A tag whose tree does not build: the error says so, nothing is written.
+    let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--git", "broken", "--skip-haiku"]));
+    assert!(!ok);
+    assert!(err.contains("nothing written"), "{err}");
+    assert_eq!(std::fs::read_to_string(&pins_path).unwrap(), pins);
+    // A tag that does not exist.
+    let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--git", "v9", "--skip-haiku"]));
+    assert!(!ok);
+    assert!(err.contains("no tag or branch `v9`"), "{err}");
+    assert_eq!(std::fs::read_to_string(&pins_path).unwrap(), pins);
+    // A package release on a git default pin.
+    let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--to", "1.0"]));
+    assert!(!ok);
+    assert!(err.contains("not a package sdist"), "{err}");
+
+    // The good tag: built, then written, the old pin and the comment kept.
+    let (ok, out, err) =
+        run(xtask(&root).args(["pin", "bump", "--git", "v2", "--skip-haiku", "--json"]));
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(r["to_commit"], c2.to_string());
+    assert_eq!(r["from_commit"], c1.to_string());
+    assert_eq!(r["haiku"], "skipped");
+    let text = std::fs::read_to_string(&pins_path).unwrap();
+    assert!(text.starts_with("# the pins of this test\n"), "{text}");
+    let new_name = format!("upstream-{}", &c2.to_string()[..7]);
+    assert!(text.contains(&format!("default: {new_name}\n")), "{text}");
+    assert!(text.contains("  base:\n"), "{text}");
+    assert!(text.contains("rev: v2"), "{text}");
+    // The engine the bump built is the one the new default pin gives.
+    let (ok, out, err) = run(xtask(&root).args(["engine", "build", "--json"]));
+    assert!(ok, "{err}");
+    let b: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(b["cache_hit"], true);
+    assert_eq!(b["fingerprint"], r["to_fingerprint"]);
+    assert!(b["version"].as_str().unwrap().contains("version: 2"), "{b}");
+}
+
+/// A release that pip's index does not have: pip's error, nothing written.
+#[test]
+fn a_release_pip_cannot_find_writes_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ws");
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    std::fs::create_dir_all(root.join("toolchains")).unwrap();
+    std::fs::create_dir_all(root.join("requirements")).unwrap();
+    let pins = std::fs::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
+    std::fs::write(root.join("toolchains/llama.cpp.yaml"), &pins).unwrap();
+    std::fs::copy(
+        real.join("requirements/cpu.yaml"),
+        root.join("requirements/cpu.yaml"),
+    )
+    .unwrap();
+    let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--to", "0.0.0.dev0"]));
+    assert!(!ok);
+    assert!(
+        err.contains("pip download llama-cpp-python==0.0.0.dev0"),
+        "{err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(root.join("toolchains/llama.cpp.yaml")).unwrap(),
+        pins
+    );
+    let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--to", "0.3.35"]));
+    assert!(!ok);
+    assert!(err.contains("already llama-cpp-python 0.3.35"), "{err}");
+}
