@@ -197,10 +197,8 @@ pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
 pub(crate) fn time_cmd(cmd: &Cmd) -> Result<f64> {
     let t = Instant::now();
     let out = cmd
-        .to_std()
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .status()?;
+        .spawn(llorch_io::cmd::Io::Null, llorch_io::cmd::Io::Null)?
+        .wait()?;
     if !out.success() {
         bail!("`{cmd}` failed ({out})");
     }
@@ -430,10 +428,7 @@ fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Valu
             .arg(&prep.model.path)
             .args(["--port", &port.to_string()])
             .args(&prep.flags)
-            .to_std()
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()?;
+            .spawn(llorch_io::cmd::Io::Null, llorch_io::cmd::Io::Null)?;
         let c = llorch_io::http::probe_client();
         loop {
             if c.get(format!("http://127.0.0.1:{port}/health"))

@@ -39,10 +39,10 @@ fn start_registry(dir: &std::path::Path) -> Result<(KillOnDrop, String)> {
         Cmd::new(bin)
             .arg("serve")
             .arg(dir.join("config.yml"))
-            .to_std()
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()?,
+            .spawn(
+                llorch_io::cmd::Io::File(log.try_clone()?),
+                llorch_io::cmd::Io::File(log),
+            )?,
     );
     let t0 = Instant::now();
     while std::net::TcpStream::connect(&addr).is_err() {

@@ -248,10 +248,7 @@ async fn aggregate(
             c = c.env(k, v);
         }
         let child = llorch_io::cmd::KillOnDrop(
-            c.to_std()
-                .stdout(std::process::Stdio::null())
-                .stderr(std::process::Stdio::null())
-                .spawn()?,
+            c.spawn(llorch_io::cmd::Io::Null, llorch_io::cmd::Io::Null)?,
         );
         let url = format!("http://127.0.0.1:{port}");
         let t0 = Instant::now();

@@ -18,7 +18,7 @@ pub struct CiCmd {
 fn step(name: &str, cmd: Cmd, root: &std::path::Path) -> Result<()> {
     eprintln!("==> {name}: {cmd}");
     let t = std::time::Instant::now();
-    let status = cmd.clone().dir(root).to_std().status()?;
+    let status = cmd.clone().dir(root).status()?;
     if !status.success() {
         bail!("{name} failed ({status}): `{cmd}`");
     }

@@ -149,7 +149,7 @@ impl DoctorCmd {
                     (Some(p), None) => p.clone(),
                     _ => String::new(),
                 };
-                println!("  [{mark}] {:<8} {what}", c.tool);
+                println!("{}", format!("  [{mark}] {:<8} {what}", c.tool).trim_end());
                 if let Some(n) = &c.note {
                     println!("            {n}");
                 }

@@ -2,19 +2,13 @@
 //! that builds in seconds) and pip's real index: the new pin is written only
 //! after its build passed; a failed step leaves the pins file as it was.
 
-use llorch_io::cmd::Cmd;
+mod common;
+
+use common::*;
 use std::path::Path;
 
-const CMAKE: &str = "cmake_minimum_required(VERSION 3.14)\nproject(fake_llama C)\nadd_executable(llama-server server.c)\nset_target_properties(llama-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n";
-
-fn server_c(version: &str) -> String {
-    format!(
-        "#include <stdio.h>\n#include <string.h>\nint main(int argc, char **argv) {{\n  if (argc > 1 && strcmp(argv[1], \"--version\") == 0) {{ fprintf(stderr, \"version: {version}\\n\"); return 0; }}\n  return 1;\n}}\n"
-    )
-}
-
 fn commit(repo: &git2::Repository, dir: &Path, server: &str, msg: &str) -> git2::Oid {
-    std::fs::write(dir.join("CMakeLists.txt"), CMAKE).unwrap();
+    std::fs::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
     std::fs::write(dir.join("server.c"), server).unwrap();
     let mut idx = repo.index().unwrap();
     idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
@@ -31,19 +25,6 @@ fn commit(repo: &git2::Repository, dir: &Path, server: &str, msg: &str) -> git2:
     let refs: Vec<&git2::Commit> = parents.iter().collect();
     repo.commit(Some("HEAD"), &sig, &sig, msg, &tree, &refs)
         .unwrap()
-}
-
-fn xtask(root: &Path) -> Cmd {
-    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
-        .env("LLORCH_ROOT", root)
-        .env("LLORCH_CACHE_DIR", root.join("cache"))
-        .env("LLORCH_RUNTIME_DIR", root.join("rt"))
-        .env("LLORCH_COMPILE_CACHE", "off")
-        .dir(root)
-}
-
-fn run(cmd: Cmd) -> (bool, String, String) {
-    cmd.output().expect("run xtask")
 }
 
 #[test]

@@ -3,12 +3,11 @@
 //! private runtime directory per test and a pool id per test.
 
 use engine_runtime::lifecycle::RunPaths;
-use llorch_io::cmd::Cmd;
+use llorch_io::cmd::{Cmd, Io};
 use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 fn root() -> PathBuf {
@@ -69,10 +68,7 @@ fn serve_with(rt: &Path, args: &[&str]) -> (llorch_io::cmd::KillOnDrop, String) 
             .arg("serve")
             .args(args)
             .args(["--addr", "127.0.0.1:0"])
-            .to_std()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
+            .spawn(Io::Piped, Io::Piped)
             .unwrap(),
     );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
@@ -97,8 +93,8 @@ impl Drop for PoolDown<'_> {
     fn drop(&mut self) {
         let _ = xtask(self.0)
             .args(["engine", "down", "--pool", self.1.as_str()])
-            .to_std()
-            .output();
+            .spawn(Io::Null, Io::Null)
+            .and_then(|mut c| c.wait());
     }
 }
 
@@ -128,10 +124,7 @@ fn two_provisions_at_once_end_with_one_engine() {
         let spawn = || {
             xtask(rt.path())
                 .args(["provision", "--pool", pool.as_str(), "--json"])
-                .to_std()
-                .stdout(Stdio::piped())
-                .stderr(Stdio::piped())
-                .spawn()
+                .spawn(Io::Piped, Io::Piped)
                 .unwrap()
         };
         let (a, b) = (spawn(), spawn());
@@ -159,8 +152,8 @@ fn two_provisions_at_once_end_with_one_engine() {
         );
         let down = xtask(rt.path())
             .args(["engine", "down", "--pool", pool.as_str()])
-            .to_std()
-            .output()
+            .spawn(Io::Piped, Io::Piped)
+            .and_then(|c| c.wait_with_output())
             .unwrap();
         assert!(
             down.status.success(),
@@ -203,7 +196,11 @@ fn serve_drains_on_sigterm_and_sighup_and_refuses_a_second_owner() {
             vec!["engine", "up", "--pool", pool.as_str()],
         ] {
             // Refused, or attached to the same engine: both name its pid.
-            let second = xtask(rt.path()).args(&args).to_std().output().unwrap();
+            let second = xtask(rt.path())
+                .args(&args)
+                .spawn(Io::Piped, Io::Piped)
+                .and_then(|c| c.wait_with_output())
+                .unwrap();
             let said = format!(
                 "{}{}",
                 String::from_utf8_lossy(&second.stdout),
@@ -284,8 +281,8 @@ fn a_non_utf8_cache_directory_is_refused_by_name() {
     let out = xtask(rt.path())
         .env("LLORCH_CACHE_DIR", std::ffi::OsStr::from_bytes(&bad))
         .args(["engine", "ls"])
-        .to_std()
-        .output()
+        .spawn(Io::Piped, Io::Piped)
+        .and_then(|c| c.wait_with_output())
         .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
@@ -408,8 +405,12 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
     let stale = llorch_io::handoff::RunRecord::read(&paths[0].pid_file)
         .unwrap()
         .expect("the killed run's record is still there");
-    let mut leftover =
-        llorch_io::cmd::KillOnDrop(Cmd::new("sleep").arg("600").to_std().spawn().unwrap());
+    let mut leftover = llorch_io::cmd::KillOnDrop(
+        Cmd::new("sleep")
+            .arg("600")
+            .spawn(Io::Null, Io::Null)
+            .unwrap(),
+    );
     let leftover_id = llorch_io::handoff::ProcessIdentity::of(leftover.id()).unwrap();
     std::fs::write(
         &paths[0].pid_file,
@@ -502,10 +503,7 @@ fn sigint_stops_serve_while_it_fetches_even_when_inherited_as_ignored() {
             .env("LLORCH_CACHE_DIR", root().join("cache"))
             .env("LLORCH_RUNTIME_DIR", rt.path())
             .dir(root())
-            .to_std()
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
+            .spawn(Io::Null, Io::Null)
             .unwrap(),
     );
     rx.recv_timeout(Duration::from_secs(120))
@@ -539,10 +537,7 @@ fn engine_up_foreground_stops_cleanly_on_sighup() {
     let mut child = llorch_io::cmd::KillOnDrop(
         xtask(rt.path())
             .args(["engine", "up", "--pool", pool.as_str(), "--foreground"])
-            .to_std()
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
+            .spawn(Io::Piped, Io::Null)
             .unwrap(),
     );
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();

@@ -65,14 +65,47 @@ fn only_llorch_io_may_create_processes_and_http_clients() {
     for d in ["crates", "xtask", "tests"] {
         rust_files(&root().join(d), &mut files);
     }
+    // The lint silenced by name, or by a group that holds it (`style`,
+    // `all`), in an attribute anywhere outside llorch-io.
+    let silencers = [
+        ["clippy::", "disallowed_methods"].concat(),
+        ["clippy::", "style"].concat(),
+        ["clippy::", "all"].concat(),
+    ];
     let escapes: Vec<_> = files
         .iter()
         .filter(|f| !f.starts_with(root().join("crates/llorch-io")))
         .filter(|f| {
-            std::fs::read_to_string(f)
-                .unwrap()
-                .contains(&["clippy::", "disallowed_methods"].concat())
+            let text = std::fs::read_to_string(f).unwrap();
+            silencers.iter().any(|s| {
+                text.lines()
+                    .any(|l| l.contains(s.as_str()) && l.contains("allow"))
+            })
         })
         .collect();
     assert!(escapes.is_empty(), "allowed outside llorch-io: {escapes:?}");
+    // …or by a `[lints]` table of a manifest (or the workspace's).
+    let mut manifests = vec![root().join("Cargo.toml")];
+    for d in ["crates", "tests"] {
+        for e in std::fs::read_dir(root().join(d)).unwrap().flatten() {
+            manifests.push(e.path().join("Cargo.toml"));
+        }
+    }
+    manifests.push(root().join("xtask/Cargo.toml"));
+    for m in manifests.iter().filter(|m| m.is_file()) {
+        let text = std::fs::read_to_string(m).unwrap();
+        let lints = text
+            .split("\n[")
+            .filter(|sec| sec.starts_with("lints") || sec.starts_with("workspace.lints"))
+            .any(|sec| {
+                ["disallowed_methods", "disallowed-methods", "style", "all"]
+                    .iter()
+                    .any(|k| sec.contains(k) && sec.contains("allow"))
+            });
+        assert!(
+            !lints,
+            "{} silences the process/HTTP door lint in a [lints] table",
+            m.display()
+        );
+    }
 }

@@ -170,8 +170,7 @@ fn a_git_pin_over_https_is_fetched_verified_and_refused_when_wrong() {
             .arg(d.join("srv.pem"))
             .arg(d.join("srv.key"))
             .arg(&portfile)
-            .to_std()
-            .spawn()
+            .spawn(llorch_io::cmd::Io::Inherit, llorch_io::cmd::Io::Inherit)
             .unwrap(),
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);

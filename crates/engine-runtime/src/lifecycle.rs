@@ -231,40 +231,39 @@ fn spawn_on(
     if api_key.is_some() {
         cmd = cmd.arg("--api-key-file").arg(&paths.api_key);
     }
-    let mut c = cmd.to_std();
-    c.env_clear();
-    for (k, v) in std::env::vars_os() {
-        if k.to_str().is_some_and(env_allowed) {
-            c.env(k, v);
-        }
-    }
-    for (k, v) in &prep.env {
-        c.env(k, v);
-    }
-    c.stdin(Stdio::null())
-        .stdout(log.try_clone().map_err(|e| fatal(io("dup log")(e)))?)
-        .stderr(log);
+    let log_out = log.try_clone().map_err(|e| fatal(io("dup log")(e)))?;
     let lease_fds: Vec<i32> = leases.iter().map(|l| l.raw_fd()).collect();
     let detached = matches!(owner, Owner::Detached);
-    // SAFETY: only async-signal-safe calls (fcntl, prctl, setsid, setpgid) run in the child before exec.
-    unsafe {
-        c.pre_exec(move || {
-            for fd in &lease_fds {
-                let flags = libc::fcntl(*fd, libc::F_GETFD);
-                libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-            }
-            if detached {
-                libc::setsid();
-            } else {
-                libc::setpgid(0, 0);
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-            }
-            Ok(())
-        });
-    }
     let started = Instant::now();
-    let mut child = c
-        .spawn()
+    let mut child = cmd
+        .spawn_with(|c| {
+            c.env_clear();
+            for (k, v) in std::env::vars_os() {
+                if k.to_str().is_some_and(env_allowed) {
+                    c.env(k, v);
+                }
+            }
+            for (k, v) in &prep.env {
+                c.env(k, v);
+            }
+            c.stdin(Stdio::null()).stdout(log_out).stderr(log);
+            // SAFETY: only async-signal-safe calls (fcntl, prctl, setsid, setpgid) run in the child before exec.
+            unsafe {
+                c.pre_exec(move || {
+                    for fd in &lease_fds {
+                        let flags = libc::fcntl(*fd, libc::F_GETFD);
+                        libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                    }
+                    if detached {
+                        libc::setsid();
+                    } else {
+                        libc::setpgid(0, 0);
+                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                    }
+                    Ok(())
+                });
+            }
+        })
         .map_err(|e| fatal(io(format!("start {}", prep.binary.display()))(e)))?;
     drop(leases);
     let pid = child.id();

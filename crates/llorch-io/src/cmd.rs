@@ -95,7 +95,9 @@ impl Cmd {
         if let Some(d) = &self.dir {
             e = e.dir(d);
         }
-        for (k, v) in &self.env {
+        // duct lets the innermost (first applied) setting win; the last call
+        // to `env`/`env_remove` must win, as with std's Command: apply in reverse.
+        for (k, v) in self.env.iter().rev() {
             e = match v {
                 Some(v) => e.env(k, v),
                 None => e.env_remove(k),
@@ -235,6 +237,28 @@ impl Cmd {
         }
     }
 
+    /// Spawn with stdin from /dev/null and stdout and stderr as given
+    /// (long-lived children: servers, engines, a proof run).
+    pub fn spawn(&self, stdout: Io, stderr: Io) -> std::io::Result<std::process::Child> {
+        self.spawn_with(|c| {
+            c.stdout(stdout.stdio()).stderr(stderr.stdio());
+        })
+    }
+
+    /// Spawn after `configure` set what this builder does not say itself
+    /// (the engine's `pre_exec`, its environment cleared to an allow-list).
+    /// stdin is /dev/null unless `configure` sets it.
+    #[allow(clippy::disallowed_methods)] // this is the door
+    pub fn spawn_with(
+        &self,
+        configure: impl FnOnce(&mut std::process::Command),
+    ) -> std::io::Result<std::process::Child> {
+        let mut c = self.to_std();
+        c.stdin(std::process::Stdio::null());
+        configure(&mut c);
+        c.spawn()
+    }
+
     /// A `std::process::Command` with the same program, args, dir and env,
     /// for long-lived children that a supervisor owns.
     #[allow(clippy::disallowed_methods)] // this is the door
@@ -295,6 +319,25 @@ fn shell_quote(s: &str) -> String {
 /// running (checked with `try_wait`, so a reaped pid is never signalled).
 /// Tests and tools hold their children in it so that a panic or an early
 /// return never leaves a process behind.
+/// Where a spawned child's stdout or stderr goes.
+pub enum Io {
+    Inherit,
+    Null,
+    Piped,
+    File(std::fs::File),
+}
+
+impl Io {
+    fn stdio(self) -> std::process::Stdio {
+        match self {
+            Io::Inherit => std::process::Stdio::inherit(),
+            Io::Null => std::process::Stdio::null(),
+            Io::Piped => std::process::Stdio::piped(),
+            Io::File(f) => f.into(),
+        }
+    }
+}
+
 pub struct KillOnDrop(pub std::process::Child);
 
 impl std::ops::Deref for KillOnDrop {
@@ -322,6 +365,25 @@ impl Drop for KillOnDrop {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The last `env`/`env_remove` of a variable wins, on every way to run.
+    #[test]
+    fn the_last_env_call_wins() {
+        let c = Cmd::new("sh")
+            .args(["-c", "echo \"${A-unset}${B-unset}\""])
+            .env("A", "1")
+            .env_remove("A")
+            .env_remove("B")
+            .env("B", "2");
+        assert_eq!(c.read().unwrap(), "unset2");
+        assert_eq!(c.output().unwrap().1.trim(), "unset2");
+        let out = c
+            .spawn(Io::Piped, Io::Null)
+            .unwrap()
+            .wait_with_output()
+            .unwrap();
+        assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "unset2");
+    }
 
     #[test]
     fn failure_names_command_and_shows_tail() {

@@ -4,9 +4,9 @@
 //! not by the orchestrator) keeps running.
 
 use engine_runtime::lifecycle;
+use llorch_io::cmd::Io;
 use llorch_io::handoff::PoolId;
 use std::io::{BufRead, BufReader};
-use std::process::Stdio;
 use std::time::{Duration, Instant};
 
 #[test]
@@ -43,10 +43,7 @@ fn the_binary_drains_on_sigterm_and_sighup() {
                 .arg("--handoff")
                 .arg(&handoff)
                 .args(["--addr", "127.0.0.1:0"])
-                .to_std()
-                .stdout(Stdio::null())
-                .stderr(Stdio::piped())
-                .spawn()
+                .spawn(Io::Null, Io::Piped)
                 .unwrap(),
         );
         let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();

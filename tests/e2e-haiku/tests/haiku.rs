@@ -64,23 +64,17 @@ fn a_provisioned_engine_survives_a_haiku_run() {
     .unwrap();
     let handoff_path = layout.engines_dir().join(format!("{pool}.json"));
     let before = Handoff::read(&handoff_path).unwrap().expect("a handoff");
-    let haiku = llorch_io::cmd::Cmd::new(env!("CARGO_BIN_EXE_llorch-haiku"))
+    let (ok, stdout, stderr) = llorch_io::cmd::Cmd::new(env!("CARGO_BIN_EXE_llorch-haiku"))
         .args(["--pool", pool.as_str(), "--json"])
         .env("LLORCH_ROOT", &root)
         .env("LLORCH_RUNTIME_DIR", rt.path())
         .dir(&root)
-        .to_std()
         .output()
         .unwrap();
     let run = lifecycle::read_pool(&layout, &pool);
     let after = Handoff::read(&handoff_path).unwrap();
     let stopped = lifecycle::stop_pool(&layout, &pool);
-    assert!(
-        haiku.status.success(),
-        "haiku failed: {}\n{}",
-        String::from_utf8_lossy(&haiku.stdout),
-        String::from_utf8_lossy(&haiku.stderr)
-    );
+    assert!(ok, "haiku failed: {stdout}\n{stderr}");
     let run = run.expect("the provisioned pool still has its run record");
     assert!(run.engine_alive, "the provisioned engine died during haiku");
     assert_eq!(run.record.process, before.process, "same process");

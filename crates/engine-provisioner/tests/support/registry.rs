@@ -63,10 +63,10 @@ impl TestRegistry {
             let child = llorch_io::cmd::Cmd::new(&bin)
                 .arg("serve")
                 .arg(dir.path().join("config.yml"))
-                .to_std()
-                .stdout(log.try_clone().unwrap())
-                .stderr(log)
-                .spawn()
+                .spawn(
+                    llorch_io::cmd::Io::File(log.try_clone().unwrap()),
+                    llorch_io::cmd::Io::File(log),
+                )
                 .unwrap();
             let mut reg = TestRegistry { child, dir, addr };
             let t0 = Instant::now();

@@ -1,0 +1,106 @@
+//! What users read, pinned: `engine explain` (why a build would run) and
+//! `doctor` (what is found, what is missing and how to get it, and that a
+//! missing required tool fails it), from the
+//! real binary in a scratch workspace, compared with `tests/snapshots/`
+//! after digests and the workspace path are normalized.
+
+mod common;
+
+use common::*;
+use std::os::unix::fs::PermissionsExt;
+use std::path::Path;
+
+/// A git repository of the stand-in tree with one commit at a fixed time
+/// (so its id, and the build flags naming it, are the same every run).
+fn fixed_repo(dir: &Path) -> String {
+    std::fs::create_dir_all(dir).unwrap();
+    std::fs::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
+    std::fs::write(dir.join("server.c"), server_c("1.0-fake")).unwrap();
+    let repo = git2::Repository::init(dir).unwrap();
+    let mut idx = repo.index().unwrap();
+    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
+        .unwrap();
+    idx.write().unwrap();
+    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
+    let sig = git2::Signature::new("t", "t@example.invalid", &git2::Time::new(0, 0)).unwrap();
+    repo.commit(Some("HEAD"), &sig, &sig, "one", &tree, &[])
+        .unwrap()
+        .to_string()
+}
+
+#[test]
+fn engine_explain_says_why_a_build_would_run() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ws");
+    let commit = fixed_repo(&tmp.path().join("upstream"));
+    let pins = format!(
+        "schema: 1\ndefault: fake\npins:\n  fake:\n    commit: {commit}\n    source:\n      kind: git\n      url: {}\n",
+        tmp.path().join("upstream").display()
+    );
+    workspace(&root, &pins, FAKE_PROFILE);
+    let step = |title: &str, args: &[&str]| -> String {
+        let (ok, out, err) = run(xtask(&root).args(args));
+        assert!(ok, "{title}: {err}");
+        format!("$ xtask {}\n{out}\n", args.join(" "))
+    };
+    let mut shown = step("nothing built", &["engine", "explain"]);
+    step("build", &["engine", "build", "--json"]);
+    shown += &step("built", &["engine", "explain"]);
+    std::fs::write(
+        root.join("requirements/cpu.yaml"),
+        format!("{FAKE_PROFILE}  cmake_flags:\n    - -DFAKE_OPTION=ON\n"),
+    )
+    .unwrap();
+    shown += &step("a flag added", &["engine", "explain"]);
+    snapshot("engine_explain", &normalize(&shown, tmp.path()));
+}
+
+fn stand_in(bin: &Path, name: &str, body: &str) {
+    let p = bin.join(name);
+    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+}
+
+#[test]
+fn doctor_names_what_is_found_what_is_missing_and_how_to_get_it() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ws");
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pins = std::fs::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
+    workspace(&root, &pins, FAKE_PROFILE);
+    // Stand-ins with fixed versions; no ninja, no sccache.
+    let bin = tmp.path().join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    stand_in(&bin, "cmake", "echo 'cmake version 3.28.3'");
+    stand_in(&bin, "cc", "echo 'cc (stand-in) 13.2.0'");
+    stand_in(&bin, "c++", "echo 'c++ (stand-in) 13.2.0'");
+    stand_in(
+        &bin,
+        "python3",
+        "if [ \"$1\" = -m ]; then echo 'pip 24.0 from /stand-in (python 3.12)'; else echo 'Python 3.12.1'; fi",
+    );
+    let (ok, out, err) = run(xtask(&root)
+        .env("PATH", &bin)
+        .env_remove("CC")
+        .env_remove("LLORCH_COMPILE_CACHE")
+        .env_remove("CXX")
+        .arg("doctor"));
+    // A required tool is missing (ninja): doctor says so and fails.
+    assert!(!ok, "{out}");
+    let out = format!("{out}(exit 1) {err}");
+    // The package manager (and so every install command) is this machine's.
+    let text: String = normalize(&out, tmp.path())
+        .lines()
+        .map(|l| {
+            if l.starts_with("package manager:") {
+                "package manager: <this machine's>".to_string()
+            } else if let Some(i) = l.find("install: ").filter(|_| !l.contains("cargo xtask")) {
+                format!("{}install: <this machine's command>", &l[..i])
+            } else {
+                l.to_string()
+            }
+        })
+        .map(|l| l + "\n")
+        .collect();
+    snapshot("doctor", &text);
+}

@@ -1,0 +1,91 @@
+//! Shared by the xtask test files: the xtask binary in a scratch workspace,
+//! a stand-in llama.cpp tree that builds in seconds, and snapshots of what
+//! users read.
+#![allow(dead_code)]
+
+use llorch_io::cmd::Cmd;
+use std::path::Path;
+
+pub const FAKE_CMAKE: &str = "cmake_minimum_required(VERSION 3.14)\nproject(fake_llama C)\nadd_executable(llama-server server.c)\nset_target_properties(llama-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n";
+
+pub const FAKE_PROFILE: &str =
+    "schema: 1\npool: fake\nallow_package_installs: false\nengine:\n  backend: cpu\n";
+
+pub fn server_c(version: &str) -> String {
+    format!(
+        "#include <stdio.h>\n#include <string.h>\nint main(int argc, char **argv) {{\n  if (argc > 1 && strcmp(argv[1], \"--version\") == 0) {{ fprintf(stderr, \"version: {version}\\n\"); return 0; }}\n  return 1;\n}}\n"
+    )
+}
+
+/// The xtask binary with `root` as its workspace and cache and runtime
+/// directories inside it; no compiler cache.
+pub fn xtask(root: &Path) -> Cmd {
+    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+        .env("LLORCH_ROOT", root)
+        .env("LLORCH_CACHE_DIR", root.join("cache"))
+        .env("LLORCH_RUNTIME_DIR", root.join("rt"))
+        .env("LLORCH_COMPILE_CACHE", "off")
+        .env_remove("LLORCH_VERBOSE")
+        .dir(root)
+}
+
+/// Run: (success, stdout, stderr).
+pub fn run(cmd: Cmd) -> (bool, String, String) {
+    cmd.output().expect("run xtask")
+}
+
+/// A workspace at `root` with `pins` and the stand-in `cpu` profile.
+pub fn workspace(root: &Path, pins: &str, profile: &str) {
+    std::fs::create_dir_all(root.join("toolchains")).unwrap();
+    std::fs::create_dir_all(root.join("requirements")).unwrap();
+    std::fs::write(root.join("toolchains/llama.cpp.yaml"), pins).unwrap();
+    std::fs::write(root.join("requirements/cpu.yaml"), profile).unwrap();
+}
+
+/// Compare `text` with `tests/snapshots/<name>.txt`, after `normalize`;
+/// `LLORCH_UPDATE_SNAPSHOTS=1` writes it instead (then review the diff).
+pub fn snapshot(name: &str, text: &str) {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/snapshots")
+        .join(format!("{name}.txt"));
+    if std::env::var_os("LLORCH_UPDATE_SNAPSHOTS").is_some_and(|v| v == "1") {
+        std::fs::write(&path, text).unwrap();
+        return;
+    }
+    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e} (LLORCH_UPDATE_SNAPSHOTS=1 writes it)",
+            path.display()
+        )
+    });
+    assert_eq!(
+        text, want,
+        "{name}: the output users read changed; if on purpose, LLORCH_UPDATE_SNAPSHOTS=1 rewrites {}",
+        path.display()
+    );
+}
+
+/// Hex digests (12 or more hex digits) as `<hex>`, `root` as `<ws>`.
+pub fn normalize(text: &str, root: &Path) -> String {
+    let text = text.replace(&root.display().to_string(), "<ws>");
+    let mut out = String::new();
+    let mut run = String::new();
+    let flush = |run: &mut String, out: &mut String| {
+        if run.len() >= 12 {
+            out.push_str("<hex>");
+        } else {
+            out.push_str(run);
+        }
+        run.clear();
+    };
+    for c in text.chars() {
+        if c.is_ascii_hexdigit() {
+            run.push(c);
+        } else {
+            flush(&mut run, &mut out);
+            out.push(c);
+        }
+    }
+    flush(&mut run, &mut out);
+    out
+}
