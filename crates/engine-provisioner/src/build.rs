@@ -284,15 +284,17 @@ pub fn build(
     // A hit needs only a shared lock (running engines hold it shared too);
     // writing the entry takes it exclusively, then looks again.
     let lock_path = layout.engine_lock(&fp);
-    let hit = |m: Box<Manifest>| {
+    // An entry that is in the cache without a compile: a hit (`reason`
+    // None), or one just copied in (reused from another cache, pulled).
+    let present = |m: Box<Manifest>, reason: Option<String>| {
         let dir = cache.entry(&fp);
         BuildOutcome {
             profile: profile.name.clone(),
             binary: dir.join(&m.binary),
             fingerprint: fp.clone(),
             dir,
-            cache_hit: true,
-            reason: None,
+            cache_hit: reason.is_none(),
+            reason,
             cmake_invocations: 0,
             duration_s: started.elapsed().as_secs_f64(),
             version: m.version_output.clone(),
@@ -300,6 +302,7 @@ pub fn build(
             manifest: *m,
         }
     };
+    let hit = |m: Box<Manifest>| present(m, None);
     {
         let _shared = FileLock::shared(&lock_path).map_err(io("lock engine cache entry"))?;
         if let Lookup::Fresh(m) = cache.lookup(&fp, Some(&plan.inputs)) {
@@ -344,20 +347,7 @@ pub fn build(
                     &fp[..12],
                     other.display()
                 ));
-                let dir = cache.entry(&fp);
-                return Ok(BuildOutcome {
-                    profile: profile.name.clone(),
-                    binary: dir.join(&m.binary),
-                    fingerprint: fp.clone(),
-                    dir,
-                    cache_hit: false,
-                    reason: Some(format!("reused from {}", other.display())),
-                    cmake_invocations: 0,
-                    duration_s: started.elapsed().as_secs_f64(),
-                    version: m.version_output.clone(),
-                    compile_cache: None,
-                    manifest: *m,
-                });
+                return Ok(present(m, Some(format!("reused from {}", other.display()))));
             }
             Err(why) => say(&format!(
                 "not reusing engine {} from {}: {why}",
@@ -383,23 +373,13 @@ pub fn build(
                         p.layer_bytes as f64 / 1e6,
                         p.seconds
                     ));
-                    let dir = cache.entry(&fp);
-                    return Ok(BuildOutcome {
-                        profile: profile.name.clone(),
-                        binary: dir.join(&m.binary),
-                        fingerprint: fp.clone(),
-                        dir,
-                        cache_hit: false,
-                        reason: Some(format!(
+                    return Ok(present(
+                        m,
+                        Some(format!(
                             "pulled from {} ({})",
                             p.reference, p.manifest_digest
                         )),
-                        cmake_invocations: 0,
-                        duration_s: started.elapsed().as_secs_f64(),
-                        version: m.version_output.clone(),
-                        compile_cache: None,
-                        manifest: *m,
-                    });
+                    ));
                 }
             }
             Err(e) => say(&format!(

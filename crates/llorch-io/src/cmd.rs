@@ -120,16 +120,20 @@ impl Cmd {
         }
     }
 
-    /// Run, capture stdout (trimmed); stderr is captured and shown on failure.
-    pub fn read(&self) -> Result<String, CmdError> {
+    /// Run to the end with stdout and stderr captured; status unchecked.
+    fn captured(&self) -> Result<std::process::Output, CmdError> {
         self.announce();
-        let out = self
-            .expr()
+        self.expr()
             .stdout_capture()
             .stderr_capture()
             .unchecked()
             .run()
-            .map_err(|e| self.spawn_err(e))?;
+            .map_err(|e| self.spawn_err(e))
+    }
+
+    /// Run, capture stdout (trimmed); stderr is captured and shown on failure.
+    pub fn read(&self) -> Result<String, CmdError> {
+        let out = self.captured()?;
         if !out.status.success() {
             return Err(CmdError::FailedCaptured {
                 cmd: self.to_string(),
@@ -143,14 +147,7 @@ impl Cmd {
     /// Run, capture stdout and stderr apart; the exit status is not checked
     /// (tests that read both streams of a command that should fail).
     pub fn output(&self) -> Result<(bool, String, String), CmdError> {
-        self.announce();
-        let out = self
-            .expr()
-            .stdout_capture()
-            .stderr_capture()
-            .unchecked()
-            .run()
-            .map_err(|e| self.spawn_err(e))?;
+        let out = self.captured()?;
         Ok((
             out.status.success(),
             String::from_utf8_lossy(&out.stdout).into_owned(),
