@@ -7,6 +7,7 @@
 pub mod build;
 pub mod bundle;
 pub mod cache;
+pub mod compile;
 pub mod compile_cache;
 pub mod cuda;
 pub mod fingerprint;
