@@ -138,13 +138,7 @@ fn bump(ctx: &Ctx, a: &BumpArgs) -> Result<()> {
         "skipped"
     } else {
         say("running the haiku proof on the new engine");
-        let scratch_profile = scratch.path().join("requirements").join(
-            old_profile
-                .path
-                .file_name()
-                .ok_or_else(|| anyhow!("profile path has no file name"))?,
-        );
-        let mut cmd = crate::haiku::proof_cmd(&ctx.layout.root, &scratch_profile)
+        let mut cmd = crate::haiku::proof_cmd(&ctx.layout.root, &profile.path)
             .env("LLORCH_ROOT", scratch.path())
             .env("LLORCH_CACHE_DIR", &ctx.layout.cache)
             .env("LLORCH_RUNTIME_DIR", &ctx.layout.runtime);

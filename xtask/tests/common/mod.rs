@@ -18,9 +18,15 @@ pub fn server_c(version: &str) -> String {
 }
 
 /// The xtask binary with `root` as its workspace and cache and runtime
-/// directories inside it; no compiler cache.
+/// directories inside it, none of the caller's `LLORCH_*`; no compiler cache.
 pub fn xtask(root: &Path) -> Cmd {
-    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+    // None of the caller's LLORCH_* (a registry, a token, a cache elsewhere).
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("LLORCH_"))
+        .fold(Cmd::new(env!("CARGO_BIN_EXE_xtask")), |c, k| {
+            c.env_remove(k)
+        })
         .env("LLORCH_ROOT", root)
         .env("LLORCH_CACHE_DIR", root.join("cache"))
         .env("LLORCH_RUNTIME_DIR", root.join("rt"))
