@@ -570,6 +570,9 @@ fn verify(
                 ranges.join(", ")
             );
         }
+        for n in &r.notes {
+            eprintln!("  note: {n}");
+        }
     }
     if !r.reproduced {
         std::process::exit(1);

@@ -141,6 +141,36 @@ pub fn sass_targets(archs: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Archs (as written in a profile) that embed PTX in the engine: a plain
+/// number (`90`: CMake builds the cubin and embeds the PTX) and `-virtual`.
+/// That PTX is what keeps a CUDA engine from reproducing: cicc (NVVM) numbers
+/// its virtual registers differently from run to run for the largest kernels
+/// (measured on the fattn-tile instances, CUDA 13.0.88, docs/gpu.md), while
+/// ptxas turns either text into the same cubin. `-real` archs reproduce.
+pub fn ptx_archs(archs: &[String]) -> Vec<String> {
+    archs
+        .iter()
+        .filter(|a| a.as_str() != "native" && !a.ends_with("-real"))
+        .cloned()
+        .collect()
+}
+
+/// Why a CUDA engine that embeds PTX may not reproduce, and what to change;
+/// `None` when every arch is `-real` (or `native`).
+pub fn ptx_note(archs: &[String]) -> Option<String> {
+    let ptx = ptx_archs(archs);
+    if ptx.is_empty() {
+        return None;
+    }
+    let real: Vec<String> = ptx
+        .iter()
+        .map(|a| format!("{}-real", a.trim_end_matches("-virtual")))
+        .collect();
+    Some(format!(
+        "engine.cuda_archs {ptx:?} embed PTX: cicc gives different PTX from run to run for the largest kernels (the cubins are the same), so such an engine cannot reproduce byte for byte; name {real:?} to build cubins only, which reproduce (the engine then runs only on those GPUs, with no PTX to JIT for others)"
+    ))
+}
+
 /// Archs the profile does not cover for the local GPUs.
 pub fn uncovered_gpus(profile_archs: &[String], local: &[String]) -> Vec<String> {
     if profile_archs.iter().any(|a| a == "native") {
@@ -325,6 +355,25 @@ pub fn check_archs(archs: &[String], nvcc_version: &str, gpus: &[String]) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn only_real_archs_leave_ptx_out() {
+        let v = |a: &[&str]| a.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        assert_eq!(
+            ptx_archs(&v(&["90-real", "86-real", "native"])),
+            Vec::<String>::new()
+        );
+        assert_eq!(
+            ptx_archs(&v(&["90", "86-real", "120a-virtual"])),
+            v(&["90", "120a-virtual"])
+        );
+        assert!(ptx_note(&v(&["90-real"])).is_none());
+        let note = ptx_note(&v(&["90", "86-real"])).unwrap();
+        assert!(
+            note.contains("[\"90\"]") && note.contains("[\"90-real\"]"),
+            "{note}"
+        );
+    }
 
     #[test]
     fn archs_are_checked_against_the_toolkit_by_one_table() {

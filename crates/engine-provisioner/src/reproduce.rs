@@ -15,7 +15,7 @@ use crate::build::{self, BuildError, BuildOptions};
 use crate::cache::{ArtifactCache, Lookup};
 use llorch_io::fsx::FileLock;
 use llorch_io::paths::{Bucket, Layout};
-use llorch_profile::Profile;
+use llorch_profile::{Backend, Profile};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -173,6 +173,9 @@ pub struct Reproduction {
     pub reproduced: bool,
     pub files: Vec<FileCompare>,
     pub rebuild_s: f64,
+    /// Why it may differ, when the profile asks for something known not to
+    /// reproduce (PTX embedded by a CUDA engine).
+    pub notes: Vec<String>,
 }
 
 /// Compare two files byte by byte: the differing ranges (the first 16) and
@@ -394,13 +397,22 @@ pub fn rebuild(
     let dir = cache.entry(&fp);
     let files = compare(&dir, &cached.files, &entry, &rebuilt.files)
         .map_err(io("compare the rebuilt engine"))?;
+    let reproduced = files.iter().all(|f| f.same);
+    let engine = &profile.file.engine;
+    let notes = match engine.backend {
+        Backend::Cuda if !reproduced => crate::cuda::ptx_note(&engine.cuda_archs)
+            .into_iter()
+            .collect(),
+        _ => Vec::new(),
+    };
     Ok(Reproduction {
         profile: profile.name.clone(),
         fingerprint: fp,
         cached: dir,
-        reproduced: files.iter().all(|f| f.same),
+        reproduced,
         files,
         rebuild_s: started.elapsed().as_secs_f64(),
+        notes,
     })
 }
 

@@ -27,15 +27,15 @@ fn link_real(dir: &Path, tool: &str) {
 fn cuda_profiles_generate_explicit_arch_flags() {
     let root = repo_root();
     let rtx = Profile::resolve(&root, Some("llamacpp-3090-source")).unwrap();
-    let f = build::base_flags(&rtx).join(" ");
+    let f = build::base_flags(&rtx).join(" ") + " ";
     assert!(
-        f.contains("-DGGML_CUDA=ON") && f.contains("-DCMAKE_CUDA_ARCHITECTURES=86"),
+        f.contains("-DGGML_CUDA=ON") && f.contains("-DCMAKE_CUDA_ARCHITECTURES=86-real "),
         "{f}"
     );
     let h100 = Profile::resolve(&root, Some("h100")).unwrap();
     assert!(build::base_flags(&h100)
         .join(" ")
-        .contains("-DCMAKE_CUDA_ARCHITECTURES=90"));
+        .contains("-DCMAKE_CUDA_ARCHITECTURES=90-real"));
     let mut multi = h100.clone();
     multi.file.engine.cuda_archs = vec!["86".into(), "90".into()];
     assert!(build::base_flags(&multi)
@@ -121,7 +121,7 @@ esac"#,
     let plan = build::plan(&p, &tb).unwrap();
     let cuda = plan.inputs.cuda.as_ref().unwrap();
     assert_eq!(cuda.nvcc_version, "12.4.131");
-    assert_eq!(cuda.archs, vec!["90"]);
+    assert_eq!(cuda.archs, vec!["90-real"]);
     // Before CUDA 12.9 (no --frandom-seed) nvcc runs without the reproducibility launcher.
     assert_eq!(cuda.nvcc_launcher, None);
     assert_eq!(

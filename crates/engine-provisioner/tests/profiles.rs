@@ -18,7 +18,7 @@ fn shipped_profiles_load() {
     assert_eq!(cpu.file.engine.backend, Backend::Cpu);
     assert_eq!(cpu.pin.commit, "4df29be4f4c3673f428170fda944a5b19f743bb8");
     let rtx = Profile::resolve(&r, Some("llamacpp-3090-source")).unwrap();
-    assert_eq!(rtx.file.engine.cuda_archs, vec!["86"]);
+    assert_eq!(rtx.file.engine.cuda_archs, vec!["86-real"]);
     assert!(matches!(
         rtx.pin.source,
         engine_provisioner::profile::SourceSpec::Git { .. }
@@ -28,7 +28,7 @@ fn shipped_profiles_load() {
         "both pins are the same llama.cpp commit"
     );
     let h100 = Profile::resolve(&r, Some("h100")).unwrap();
-    assert_eq!(h100.file.engine.cuda_archs, vec!["90"]);
+    assert_eq!(h100.file.engine.cuda_archs, vec!["90-real"]);
 }
 
 fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
