@@ -116,16 +116,7 @@ pub fn local_gpu_archs(tb: &Toolbox) -> Vec<String> {
     let Some(smi) = tb.find("nvidia-smi") else {
         return Vec::new();
     };
-    Cmd::new(smi)
-        .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
-        .read()
-        .map(|out| {
-            out.lines()
-                .map(|l| l.trim().replace('.', ""))
-                .filter(|s| !s.is_empty())
-                .collect()
-        })
-        .unwrap_or_default()
+    llorch_io::gpu::compute_caps(smi).unwrap_or_default()
 }
 
 /// Archs (as written in a profile) → the numeric SASS archs they produce.

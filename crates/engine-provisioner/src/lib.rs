@@ -10,6 +10,7 @@ pub mod cache;
 pub mod compile;
 pub mod compile_cache;
 pub mod cuda;
+pub mod extract;
 pub mod fingerprint;
 pub mod git_https;
 pub mod preflight;

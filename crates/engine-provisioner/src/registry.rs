@@ -253,18 +253,6 @@ fn cuda_toolkit(inputs: &serde_json::Value) -> Option<String> {
     (!rel.is_empty()).then_some(rel)
 }
 
-/// The highest CUDA version this machine's driver supports (`nvidia-smi`'s header).
-fn driver_cuda() -> Result<String, String> {
-    let out = Cmd::new("nvidia-smi")
-        .read()
-        .map_err(|e| format!("no NVIDIA driver answers (`nvidia-smi`: {e})"))?;
-    out.split("CUDA Version:")
-        .nth(1)
-        .and_then(|r| r.split_whitespace().next())
-        .map(str::to_string)
-        .ok_or_else(|| "nvidia-smi does not say which CUDA version its driver supports".into())
-}
-
 /// Can an engine with these annotations run here? The reason when not.
 pub fn runnable_here(ann: &BTreeMap<String, String>) -> Result<(), String> {
     if let (Some(need), Some(have)) = (ann.get(ANN_GLIBC), glibc_version()) {
@@ -288,7 +276,7 @@ pub fn runnable_here(ann: &BTreeMap<String, String>) -> Result<(), String> {
         }
     }
     if let Some(toolkit) = ann.get(ANN_CUDA) {
-        let driver = driver_cuda()?;
+        let driver = llorch_io::gpu::driver_cuda(llorch_io::gpu::NVIDIA_SMI)?;
         if version_tuple(&driver) < version_tuple(toolkit) {
             return Err(format!(
                 "it was built with CUDA {toolkit}; this machine's driver supports CUDA {driver} at most (update the driver)"

@@ -174,26 +174,23 @@ impl ProcessIdentity {
         self.pid > 0 && ProcessIdentity::of(self.pid).as_ref() == Some(self)
     }
 
-    /// Send `sig` only if the identity still matches. Uses a pidfd, so the
-    /// pid cannot be recycled between the check and the signal.
+    /// A pidfd for this pid (it names that one process even if the pid is
+    /// reused later); `None` when the pid is gone or cannot be opened.
+    fn pidfd(&self) -> Option<std::os::fd::OwnedFd> {
+        use rustix::process::{pidfd_open, Pid, PidfdFlags};
+        let pid = Pid::from_raw(i32::try_from(self.pid).ok()?)?;
+        pidfd_open(pid, PidfdFlags::empty()).ok()
+    }
+
+    /// Send `sig` only if the identity still matches. Uses a pidfd opened
+    /// before the check, so the pid cannot be recycled between the check and
+    /// the signal.
     pub fn signal(&self, sig: i32) -> bool {
-        // SAFETY: plain syscalls on integers we own; the fd is closed below.
-        unsafe {
-            let fd = libc::syscall(libc::SYS_pidfd_open, self.pid as libc::c_int, 0) as i32;
-            if fd < 0 {
-                return false;
-            }
-            let ok = self.is_running()
-                && libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd,
-                    sig,
-                    std::ptr::null::<libc::siginfo_t>(),
-                    0,
-                ) == 0;
-            libc::close(fd);
-            ok
-        }
+        let (Some(fd), Some(sig)) = (self.pidfd(), rustix::process::Signal::from_named_raw(sig))
+        else {
+            return false;
+        };
+        self.is_running() && rustix::process::pidfd_send_signal(&fd, sig).is_ok()
     }
 
     /// SIGTERM, wait up to `grace`, then SIGKILL; true once the process is gone.
@@ -210,29 +207,33 @@ impl ProcessIdentity {
         self.wait_gone(Duration::from_secs(5))
     }
 
+    /// Wait until the process has exited, woken by its pidfd (readable once
+    /// it has terminated), not by polling. It reaps nothing: this waits for
+    /// processes found through run files; a child of ours belongs to its
+    /// `std::process::Child`, which reaps it.
     fn wait_gone(&self, within: Duration) -> bool {
+        use rustix::event::{poll, PollFd, PollFlags, Timespec};
         let deadline = Instant::now() + within;
+        let Some(fd) = self.pidfd() else {
+            return !self.is_running();
+        };
         loop {
-            // Reap it if it is our child, so it does not linger as a zombie.
-            // SAFETY: waitpid with WNOHANG on a pid; errors (not our child) are fine.
-            unsafe {
-                let mut st = 0;
-                libc::waitpid(self.pid as i32, &mut st, libc::WNOHANG);
-            }
             if !self.is_running() {
                 return true;
             }
-            if Instant::now() >= deadline {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
                 return false;
             }
-            // Most engines exit within tens of milliseconds: look often at first.
-            let waited = within.saturating_sub(deadline.saturating_duration_since(Instant::now()));
-            let pause = if waited < Duration::from_millis(100) {
-                1
-            } else {
-                10
-            };
-            std::thread::sleep(Duration::from_millis(pause));
+            let mut fds = [PollFd::new(&fd, PollFlags::IN)];
+            let timeout = Timespec::try_from(left).ok();
+            if let Ok(n) = poll(&mut fds, timeout.as_ref()) {
+                if n > 0 {
+                    // Terminated: a zombie until its parent reaps it, which
+                    // `is_running` already counts as gone (no executable).
+                    return true;
+                }
+            }
         }
     }
 }
@@ -404,6 +405,69 @@ mod tests {
         ] {
             assert!(PoolId::parse(bad).is_err(), "{bad}");
         }
+    }
+
+    /// `stop` ends a process found by identity: SIGTERM, and SIGKILL after
+    /// the grace when SIGTERM is ignored; woken by the pidfd, it reaps
+    /// nothing (the `Child` below does), and a stale identity is left alone.
+    #[test]
+    fn stop_terminates_kills_after_grace_and_spares_another_identity() {
+        use crate::cmd::{Cmd, Io};
+        let identity_of = |child: &std::process::Child| {
+            let deadline = Instant::now() + Duration::from_secs(5);
+            loop {
+                if let Some(id) = ProcessIdentity::of(child.id()) {
+                    return id;
+                }
+                assert!(Instant::now() < deadline, "no /proc entry");
+                std::thread::sleep(Duration::from_millis(5));
+            }
+        };
+        let mut polite = Cmd::new("sleep")
+            .args(["30"])
+            .spawn(Io::Null, Io::Null)
+            .unwrap();
+        let id = identity_of(&polite);
+        let mut stale = id.clone();
+        stale.start_time += 1;
+        assert!(
+            !stale.signal(libc::SIGTERM),
+            "a stale identity is not signalled"
+        );
+        assert!(
+            id.is_running(),
+            "the stale identity's signal reached the process"
+        );
+        let t = Instant::now();
+        assert!(id.stop(Duration::from_secs(10)));
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(!polite.wait().unwrap().success());
+
+        let mut stubborn = Cmd::new("sh")
+            .args([
+                "-c",
+                "trap '' TERM; echo trapped; while :; do sleep 1; done",
+            ])
+            .spawn(Io::Piped, Io::Null)
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(stubborn.stdout.take().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line, "trapped\n", "the trap is set before the signal");
+        let id = identity_of(&stubborn);
+        let t = Instant::now();
+        assert!(id.stop(Duration::from_millis(300)));
+        assert!(
+            t.elapsed() >= Duration::from_millis(300),
+            "{:?}",
+            t.elapsed()
+        );
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(stubborn.wait().unwrap().signal(), Some(libc::SIGKILL));
+        assert!(id.stop(Duration::from_secs(1)), "gone is gone");
     }
 
     #[test]

@@ -6,6 +6,7 @@
 //! * [`fsx`]: atomic writes, staging directories and advisory locks.
 //! * [`digest`]: streaming sha256.
 //! * [`paths`]: where the workspace, the cache and the run state live.
+//! * [`gpu`]: every `nvidia-smi` reading (memory, compute capability, driver CUDA).
 //!
 //! Tests point these doors at local servers and repositories; nothing else in
 //! the workspace opens sockets or spawns build tools on its own.
@@ -13,6 +14,7 @@
 pub mod cmd;
 pub mod digest;
 pub mod fsx;
+pub mod gpu;
 pub mod handoff;
 pub mod http;
 pub mod oci;

@@ -35,105 +35,7 @@ use std::time::{Duration, Instant};
 /// `memory_mib` replaces the estimate.
 pub const GPU_OVERHEAD_MIB: u64 = 1024;
 
-/// Where the GPU memory probe comes from (`nvidia-smi`, found on `PATH`).
-/// Clones share the last reading.
-#[derive(Clone, Debug)]
-pub struct GpuProbe {
-    pub program: String,
-    last: Arc<Mutex<Option<Reading>>>,
-}
-
-/// A probe's result and when it was taken.
-type Reading = (Instant, Vec<GpuMemory>);
-
-impl Default for GpuProbe {
-    fn default() -> Self {
-        GpuProbe::new("nvidia-smi")
-    }
-}
-
-/// A reading this recent may say "it fits" without probing again (a probe
-/// takes ~30 ms, which a load on demand would otherwise wait for). A reading
-/// that says "it does not fit" is always taken again before anything fails.
-pub const PROBE_FRESH: Duration = Duration::from_secs(1);
-
-/// One GPU as `nvidia-smi` reports it.
-#[derive(Clone, Debug, PartialEq)]
-pub struct GpuMemory {
-    pub index: u32,
-    pub free_mib: u64,
-    pub total_mib: u64,
-}
-
-impl GpuProbe {
-    pub fn new(program: impl Into<String>) -> GpuProbe {
-        GpuProbe {
-            program: program.into(),
-            last: Arc::new(Mutex::new(None)),
-        }
-    }
-
-    /// The last reading, if it is younger than `max_age`.
-    pub fn recent(&self, max_age: Duration) -> Option<Vec<GpuMemory>> {
-        self.last
-            .lock()
-            .unwrap()
-            .as_ref()
-            .filter(|(t, _)| t.elapsed() < max_age)
-            .map(|(_, g)| g.clone())
-    }
-
-    /// Free and total memory of every GPU, read now (and kept as the last reading).
-    pub fn read(&self) -> Result<Vec<GpuMemory>, String> {
-        let g = self.read_uncached()?;
-        *self.last.lock().unwrap() = Some((Instant::now(), g.clone()));
-        Ok(g)
-    }
-
-    fn read_uncached(&self) -> Result<Vec<GpuMemory>, String> {
-        let out = llorch_io::cmd::Cmd::new(&self.program)
-            .args([
-                "--query-gpu=index,memory.free,memory.total",
-                "--format=csv,noheader,nounits",
-            ])
-            .read()
-            .map_err(|e| format!("cannot read GPU memory with {}: {e}", self.program))?;
-        parse_gpu_memory(&out)
-    }
-}
-
-/// Parse `index, free, total` lines (MiB).
-pub fn parse_gpu_memory(text: &str) -> Result<Vec<GpuMemory>, String> {
-    let mut v = Vec::new();
-    for line in text.lines().filter(|l| !l.trim().is_empty()).take(64) {
-        let f: Vec<&str> = line.split(',').map(str::trim).collect();
-        let num = |s: &str| s.parse::<u64>().ok();
-        match (f.as_slice(), f.len()) {
-            ([i, free, total], 3) => match (num(i), num(free), num(total)) {
-                (Some(i), Some(free), Some(total)) if i <= 63 && free <= total => {
-                    v.push(GpuMemory {
-                        index: i as u32,
-                        free_mib: free,
-                        total_mib: total,
-                    })
-                }
-                _ => {
-                    return Err(format!(
-                        "unexpected nvidia-smi line `{}`",
-                        llorch_io::handoff::excerpt(line, 80)
-                    ))
-                }
-            },
-            _ => {
-                return Err(format!(
-                    "unexpected nvidia-smi line `{}`",
-                    llorch_io::handoff::excerpt(line, 80)
-                ))
-            }
-        }
-    }
-    Ok(v)
-}
+pub use llorch_io::gpu::{GpuMemory, GpuProbe, PROBE_FRESH};
 
 /// A pool's engine, started and stopped when the scheduler asks.
 pub struct ManagedLink {
@@ -562,22 +464,6 @@ pub async fn start_pools(
 mod tests {
     use super::*;
     use llorch_io::handoff::{EngineModel, PoolId};
-
-    #[test]
-    fn nvidia_smi_output_is_parsed_and_hostile_lines_are_refused() {
-        let g = parse_gpu_memory("0, 80000, 81559\n1, 512, 81559\n").unwrap();
-        assert_eq!(g.len(), 2);
-        assert_eq!(g[1].free_mib, 512);
-        for bad in [
-            "0, 80000",
-            "x, 1, 2",
-            "0, 5, 4",
-            "99, 1, 2",
-            "0, 18446744073709551616, 1",
-        ] {
-            assert!(parse_gpu_memory(bad).is_err(), "{bad}");
-        }
-    }
 
     /// A pool pinned to GPU 0 of a stand-in `nvidia-smi` that reports `free` MiB.
     fn pinned(dir: &std::path::Path, free: u64) -> ManagedLink {

@@ -1,0 +1,211 @@
+//! The one place `nvidia-smi` is read: GPU memory (for pool placement),
+//! compute capabilities (is a profile's arch list enough for this machine?)
+//! and the driver's CUDA version (can a pulled engine run here?). Every
+//! reading is parsed as hostile text: a line that does not fit is an error
+//! naming it, never a guess.
+
+use crate::cmd::Cmd;
+use std::ffi::OsStr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// The tool's name, looked up on `PATH` unless a caller names another.
+pub const NVIDIA_SMI: &str = "nvidia-smi";
+
+/// One GPU's memory as `nvidia-smi` reports it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct GpuMemory {
+    pub index: u32,
+    pub free_mib: u64,
+    pub total_mib: u64,
+}
+
+/// Where the GPU memory probe comes from (`nvidia-smi`, found on `PATH`).
+/// Clones share the last reading.
+#[derive(Clone, Debug)]
+pub struct GpuProbe {
+    pub program: String,
+    last: Arc<Mutex<Option<Reading>>>,
+}
+
+/// A probe's result and when it was taken.
+type Reading = (Instant, Vec<GpuMemory>);
+
+impl Default for GpuProbe {
+    fn default() -> Self {
+        GpuProbe::new(NVIDIA_SMI)
+    }
+}
+
+/// A reading this recent may say "it fits" without probing again (a probe
+/// takes ~30 ms, which a load on demand would otherwise wait for). A reading
+/// that says "it does not fit" is always taken again before anything fails.
+pub const PROBE_FRESH: Duration = Duration::from_secs(1);
+
+impl GpuProbe {
+    pub fn new(program: impl Into<String>) -> GpuProbe {
+        GpuProbe {
+            program: program.into(),
+            last: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// The last reading, if it is younger than `max_age`.
+    pub fn recent(&self, max_age: Duration) -> Option<Vec<GpuMemory>> {
+        self.last
+            .lock()
+            .unwrap()
+            .as_ref()
+            .filter(|(t, _)| t.elapsed() < max_age)
+            .map(|(_, g)| g.clone())
+    }
+
+    /// Free and total memory of every GPU, read now (and kept as the last reading).
+    pub fn read(&self) -> Result<Vec<GpuMemory>, String> {
+        let g = self.read_uncached()?;
+        *self.last.lock().unwrap() = Some((Instant::now(), g.clone()));
+        Ok(g)
+    }
+
+    fn read_uncached(&self) -> Result<Vec<GpuMemory>, String> {
+        read_memory(&self.program)
+    }
+}
+
+/// Free and total memory of every GPU, read now with `program`.
+pub fn read_memory(program: impl AsRef<OsStr>) -> Result<Vec<GpuMemory>, String> {
+    let program = program.as_ref();
+    let out = Cmd::new(program)
+        .args([
+            "--query-gpu=index,memory.free,memory.total",
+            "--format=csv,noheader,nounits",
+        ])
+        .read()
+        .map_err(|e| {
+            format!(
+                "cannot read GPU memory with {}: {e}",
+                program.to_string_lossy()
+            )
+        })?;
+    parse_memory(&out)
+}
+
+/// Parse `index, free, total` lines (MiB), at most 64 GPUs.
+pub fn parse_memory(text: &str) -> Result<Vec<GpuMemory>, String> {
+    let mut v = Vec::new();
+    for line in text.lines().filter(|l| !l.trim().is_empty()).take(64) {
+        let f: Vec<&str> = line.split(',').map(str::trim).collect();
+        let num = |s: &str| s.parse::<u64>().ok();
+        let parsed = match f.as_slice() {
+            [i, free, total] => match (num(i), num(free), num(total)) {
+                (Some(i), Some(free), Some(total)) if i <= 63 && free <= total => Some(GpuMemory {
+                    index: i as u32,
+                    free_mib: free,
+                    total_mib: total,
+                }),
+                _ => None,
+            },
+            _ => None,
+        };
+        match parsed {
+            Some(g) => v.push(g),
+            None => {
+                return Err(format!(
+                    "unexpected nvidia-smi line `{}`",
+                    crate::handoff::excerpt(line, 80)
+                ))
+            }
+        }
+    }
+    Ok(v)
+}
+
+/// Compute capabilities of the GPUs `program` sees (`8.6` → `86`).
+pub fn compute_caps(program: impl AsRef<OsStr>) -> Result<Vec<String>, String> {
+    let program = program.as_ref();
+    let out = Cmd::new(program)
+        .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
+        .read()
+        .map_err(|e| format!("{}: {e}", program.to_string_lossy()))?;
+    parse_compute_caps(&out)
+}
+
+/// Parse one `MAJOR.MINOR` per line (at most 64) into `MAJORMINOR`.
+pub fn parse_compute_caps(text: &str) -> Result<Vec<String>, String> {
+    text.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .take(64)
+        .map(|l| match l.split_once('.') {
+            Some((a, b))
+                if (1..=3).contains(&a.len())
+                    && (1..=2).contains(&b.len())
+                    && (a.to_owned() + b).bytes().all(|c| c.is_ascii_digit()) =>
+            {
+                Ok(format!("{a}{b}"))
+            }
+            _ => Err(format!(
+                "unexpected nvidia-smi compute capability `{}`",
+                crate::handoff::excerpt(l, 40)
+            )),
+        })
+        .collect()
+}
+
+/// The highest CUDA version the driver supports (the `CUDA Version:` of
+/// `nvidia-smi`'s header).
+pub fn driver_cuda(program: impl AsRef<OsStr>) -> Result<String, String> {
+    let out = Cmd::new(program.as_ref())
+        .read()
+        .map_err(|e| format!("no NVIDIA driver answers (`nvidia-smi`: {e})"))?;
+    parse_driver_cuda(&out)
+}
+
+/// The `CUDA Version: X.Y` of an `nvidia-smi` header.
+pub fn parse_driver_cuda(text: &str) -> Result<String, String> {
+    text.split("CUDA Version:")
+        .nth(1)
+        .and_then(|r| r.split_whitespace().next())
+        .filter(|v| {
+            !v.is_empty() && v.len() <= 16 && v.bytes().all(|c| c.is_ascii_digit() || c == b'.')
+        })
+        .map(str::to_string)
+        .ok_or_else(|| "nvidia-smi does not say which CUDA version its driver supports".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn memory_lines_are_parsed_and_hostile_lines_are_refused() {
+        let g = parse_memory("0, 80000, 81559\n1, 512, 81559\n").unwrap();
+        assert_eq!(g.len(), 2);
+        assert_eq!(g[1].free_mib, 512);
+        for bad in [
+            "0, 80000",
+            "x, 1, 2",
+            "0, 5, 4",
+            "99, 1, 2",
+            "0, 18446744073709551616, 1",
+        ] {
+            assert!(parse_memory(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn compute_caps_and_the_driver_version_are_read_strictly() {
+        assert_eq!(
+            parse_compute_caps("8.6\n9.0\n\n12.0\n").unwrap(),
+            ["86", "90", "120"]
+        );
+        for bad in ["86", "8.x", "../9", "8.6.1"] {
+            assert!(parse_compute_caps(bad).is_err(), "{bad}");
+        }
+        let header =
+            "| NVIDIA-SMI 580.95.05   Driver Version: 580.95.05   CUDA Version: 13.0     |";
+        assert_eq!(parse_driver_cuda(header).unwrap(), "13.0");
+        assert!(parse_driver_cuda("No devices were found").is_err());
+        assert!(parse_driver_cuda("CUDA Version: $(rm)").is_err());
+    }
+}
