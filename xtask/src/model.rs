@@ -166,7 +166,7 @@ impl ModelCmd {
                 for (r, e, md) in list {
                     match md {
                         Ok(m) => println!(
-                            "{}  {:>8.1} MB  {:<8} ctx {:<7} {:<7} last use {}  {r}",
+                            "{}  {:>8.1} MB  {:<8} ctx {:<7} {:<7} last use {:<11} {r}",
                             &e.digest[..12],
                             e.size_bytes as f64 / 1e6,
                             m.arch.unwrap_or_default(),

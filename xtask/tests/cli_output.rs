@@ -1,6 +1,7 @@
-//! What users read, pinned: `engine explain` (why a build would run) and
+//! What users read, pinned: `engine explain` (why a build would run),
 //! `doctor` (what is found, what is missing and how to get it, and that a
-//! missing required tool fails it), from the
+//! missing required tool fails it) and `model ls` (what is stored, last use
+//! as an age), from the
 //! real binary in a scratch workspace, compared with `tests/snapshots/`
 //! after digests and the workspace path are normalized.
 
@@ -13,19 +14,13 @@ use std::path::Path;
 /// A git repository of the stand-in tree with one commit at a fixed time
 /// (so its id, and the build flags naming it, are the same every run).
 fn fixed_repo(dir: &Path) -> String {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
-    std::fs::write(dir.join("server.c"), server_c("1.0-fake")).unwrap();
-    let repo = git2::Repository::init(dir).unwrap();
-    let mut idx = repo.index().unwrap();
-    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .unwrap();
-    idx.write().unwrap();
-    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::new("t", "t@example.invalid", &git2::Time::new(0, 0)).unwrap();
-    repo.commit(Some("HEAD"), &sig, &sig, "one", &tree, &[])
-        .unwrap()
-        .to_string()
+    let server = server_c("1.0-fake");
+    let files = [
+        ("CMakeLists.txt", FAKE_CMAKE),
+        ("server.c", server.as_str()),
+    ];
+    let (_, oid) = test_support::git::repo_with(dir, &files, "one", test_support::git::When::At(0));
+    oid.to_string()
 }
 
 #[test]
@@ -103,4 +98,41 @@ fn doctor_names_what_is_found_what_is_missing_and_how_to_get_it() {
         .map(|l| l + "\n")
         .collect();
     snapshot("doctor", &text);
+}
+
+#[test]
+fn model_ls_lists_what_is_stored_with_its_last_use_as_an_age() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ws");
+    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let pins = std::fs::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
+    workspace(&root, &pins, FAKE_PROFILE);
+    let step = |title: &str, args: &[&str]| -> String {
+        let (ok, out, err) = run(xtask(&root).args(args));
+        assert!(ok, "{title}: {err}");
+        format!("$ xtask {}\n{out}\n", args.join(" "))
+    };
+    let mut shown = step("empty", &["model", "ls"]);
+    let mut refs = Vec::new();
+    for (name, size, salt) in [("small.gguf", 3_000_000, 1), ("large.gguf", 12_500_000, 2)] {
+        let path = root.join(name);
+        std::fs::write(&path, test_support::gguf::tiny_gguf(size, salt)).unwrap();
+        let r = format!("file:{}", path.display());
+        step("fetch", &["model", "fetch", &r, "--import"]);
+        refs.push(r);
+    }
+    // Last uses at fixed distances from now, so the ages read the same on every run.
+    let file = root.join("cache/models-v1/refs.json");
+    let mut v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    for (r, ago) in refs.iter().zip([3 * 86_400 + 100, 2 * 3600 + 10]) {
+        v["refs"][r]["last_use"] = serde_json::json!(now - ago);
+    }
+    std::fs::write(&file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    shown += &step("two models", &["model", "ls"]);
+    snapshot("model_ls", &normalize(&shown, tmp.path()));
 }

@@ -10,21 +10,7 @@ use std::path::Path;
 fn commit(repo: &git2::Repository, dir: &Path, server: &str, msg: &str) -> git2::Oid {
     std::fs::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
     std::fs::write(dir.join("server.c"), server).unwrap();
-    let mut idx = repo.index().unwrap();
-    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .unwrap();
-    idx.write().unwrap();
-    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("t", "t@example.invalid").unwrap();
-    let parents: Vec<git2::Commit> = repo
-        .head()
-        .ok()
-        .and_then(|h| h.peel_to_commit().ok())
-        .into_iter()
-        .collect();
-    let refs: Vec<&git2::Commit> = parents.iter().collect();
-    repo.commit(Some("HEAD"), &sig, &sig, msg, &tree, &refs)
-        .unwrap()
+    test_support::git::commit_all(repo, msg, test_support::git::When::Now)
 }
 
 #[test]

@@ -1,5 +1,6 @@
 //! Invariants of the house, checked (ARCHITECTURE.md): the CLI depends on no
-//! test crate, and processes and HTTP clients are created only in llorch-io.
+//! test crate, processes and HTTP clients are created only in llorch-io, and
+//! the code map names every public module.
 
 use llorch_io::cmd::Cmd;
 use std::path::{Path, PathBuf};
@@ -29,10 +30,12 @@ fn the_cli_depends_on_no_test_crate() {
         .read()
         .unwrap();
     assert!(tree.contains("llorch-stack"), "{tree}");
-    assert!(
-        !tree.contains("test-harness"),
-        "xtask pulls in a test crate:\n{tree}"
-    );
+    for test_crate in ["test-harness", "test-support"] {
+        assert!(
+            !tree.contains(test_crate),
+            "xtask pulls in the test crate {test_crate}:\n{tree}"
+        );
+    }
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
@@ -108,4 +111,45 @@ fn only_llorch_io_may_create_processes_and_http_clients() {
             m.display()
         );
     }
+}
+
+/// Every public module of every crate is named (as `` `module` ``) in its
+/// crate's row of ARCHITECTURE.md's code map, so the map cannot fall behind
+/// a new module.
+#[test]
+fn every_public_module_is_in_its_crates_row_of_the_code_map() {
+    let root = root();
+    let arch = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let mut missing = Vec::new();
+    let mut crates = 0;
+    for entry in std::fs::read_dir(root.join("crates")).unwrap() {
+        let dir = entry.unwrap().path();
+        let Ok(lib) = std::fs::read_to_string(dir.join("src/lib.rs")) else {
+            continue;
+        };
+        crates += 1;
+        let name = dir.file_name().unwrap().to_string_lossy().into_owned();
+        let prefix = format!("| `crates/{name}/` |");
+        let Some(row) = arch.lines().find(|l| l.starts_with(&prefix)) else {
+            missing.push(format!("crates/{name}: no row in the code map"));
+            continue;
+        };
+        for line in lib.lines() {
+            let Some(m) = line
+                .trim()
+                .strip_prefix("pub mod ")
+                .and_then(|r| r.strip_suffix(';'))
+            else {
+                continue;
+            };
+            if !row.contains(&format!("`{m}`")) {
+                missing.push(format!("crates/{name}: `{m}`"));
+            }
+        }
+    }
+    assert!(crates >= 7, "found only {crates} crates under crates/");
+    assert!(
+        missing.is_empty(),
+        "public modules missing from ARCHITECTURE.md's code map: {missing:?}"
+    );
 }

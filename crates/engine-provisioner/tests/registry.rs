@@ -2,8 +2,7 @@
 //! the stand-in llama.cpp tree so each build takes seconds.
 
 mod support;
-#[path = "support/registry.rs"]
-mod test_registry;
+use test_support::registry as test_registry;
 
 use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::registry::{self, EngineRegistry, RegistryError};

@@ -3,8 +3,7 @@
 //! One test in its own binary: it sets environment variables.
 
 mod support;
-#[path = "support/registry.rs"]
-mod test_registry;
+use test_support::registry as test_registry;
 
 use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::registry::{self, EngineRegistry};

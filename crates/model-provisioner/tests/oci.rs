@@ -2,8 +2,7 @@
 //! `model push`, then `oci://` refs into an empty store; verified, resumable.
 
 mod support;
-#[path = "../../engine-provisioner/tests/support/registry.rs"]
-mod test_registry;
+use test_support::registry as test_registry;
 
 use llorch_io::paths::Layout;
 use model_provisioner::store::ModelError;

@@ -2,8 +2,7 @@
 //! pushed to a real OCI registry (`docker-registry` on 127.0.0.1), pulled into
 //! an empty cache by a profile that names the registry, serve the haiku proof.
 
-#[path = "../../../crates/engine-provisioner/tests/support/registry.rs"]
-mod test_registry;
+use test_support::registry as test_registry;
 
 use engine_provisioner::registry::{self, EngineRegistry};
 

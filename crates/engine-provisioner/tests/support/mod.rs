@@ -101,20 +101,7 @@ pub fn git_repo(dir: &Path) -> (PathBuf, git2::Oid) {
     (path, oid)
 }
 
+/// Commit every file of the work tree on top of HEAD.
 pub fn commit_all(repo: &git2::Repository, msg: &str) -> git2::Oid {
-    let mut idx = repo.index().unwrap();
-    idx.add_all(["*"], git2::IndexAddOption::DEFAULT, None)
-        .unwrap();
-    idx.write().unwrap();
-    let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
-    let sig = git2::Signature::now("test", "test@example.invalid").unwrap();
-    let parents: Vec<git2::Commit> = repo
-        .head()
-        .ok()
-        .and_then(|h| h.peel_to_commit().ok())
-        .into_iter()
-        .collect();
-    let refs: Vec<&git2::Commit> = parents.iter().collect();
-    repo.commit(Some("HEAD"), &sig, &sig, msg, &tree, &refs)
-        .unwrap()
+    test_support::git::commit_all(repo, msg, test_support::git::When::Now)
 }

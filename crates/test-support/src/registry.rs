@@ -2,8 +2,6 @@
 //! (Debian's `docker-registry`, installed by `cargo xtask doctor --install
 //! --test-servers`) on 127.0.0.1, with its own storage, optionally with
 //! htpasswd auth; and a proxy in front of it that can cut blob downloads.
-//! Shared by the tests of several crates (`#[path]`-included).
-#![allow(dead_code)]
 
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
