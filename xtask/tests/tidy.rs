@@ -153,3 +153,32 @@ fn every_public_module_is_in_its_crates_row_of_the_code_map() {
         "public modules missing from ARCHITECTURE.md's code map: {missing:?}"
     );
 }
+
+/// No file under `crates/*/src` is over 600 lines unless ARCHITECTURE.md's
+/// table of one-idea files names it.
+#[test]
+fn long_files_are_only_those_architecture_names() {
+    let root = root();
+    let arch = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let mut files = Vec::new();
+    rust_files(&root.join("crates"), &mut files);
+    let mut long = Vec::new();
+    for f in files {
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if !rel.contains("/src/") {
+            continue;
+        }
+        let lines = std::fs::read_to_string(&f).unwrap().lines().count();
+        if lines > 600 && !arch.contains(&format!("| `{rel}` |")) {
+            long.push(format!("{rel} ({lines} lines)"));
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "over 600 lines and not in ARCHITECTURE.md's table of one-idea files: {long:?} (split it, or say there why it is one idea)"
+    );
+}

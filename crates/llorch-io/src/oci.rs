@@ -17,15 +17,22 @@
 //!   for (a `@sha256:` reference).
 
 use crate::digest::is_sha256_hex;
-use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
+use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
-use oci_client::{Client, Reference};
+use oci_client::Client;
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Seek, Write};
 use std::path::Path;
 use std::time::Duration;
+
+mod auth;
+mod reference;
+
+use auth::extra_roots;
+pub use auth::{credentials, docker_config_auth};
+pub use reference::OciRef;
 
 pub use oci_client::manifest::OciDescriptor as Descriptor;
 pub use oci_client::manifest::OciImageManifest as ImageManifest;
@@ -68,237 +75,6 @@ pub enum OciError {
 fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
     let what = what.into();
     move |source| OciError::Io { what, source }
-}
-
-/// `oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]`, checked part by part.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct OciRef {
-    pub registry: String,
-    pub repository: String,
-    pub tag: Option<String>,
-    pub digest: Option<String>,
-}
-
-fn valid_tag(t: &str) -> bool {
-    let b = t.as_bytes();
-    !b.is_empty()
-        && b.len() <= 128
-        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-        && b.iter()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
-}
-
-fn valid_repo(r: &str) -> bool {
-    // Lowercase path components of [a-z0-9] joined by one of `._-` (or `__`), separated by `/`.
-    r.len() <= 255
-        && !r.is_empty()
-        && r.split('/').all(|c| {
-            !c.is_empty()
-                && c.bytes().all(|b| {
-                    b.is_ascii_lowercase() || b.is_ascii_digit() || matches!(b, b'.' | b'_' | b'-')
-                })
-                && c.as_bytes()[0].is_ascii_alphanumeric()
-                && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
-                && !c.contains("..")
-                && !c.contains("--")
-        })
-}
-
-fn valid_host(h: &str) -> bool {
-    let (host, port) = match h.rsplit_once(':') {
-        Some((a, p)) if !a.ends_with(']') || h.starts_with('[') => (a, Some(p)),
-        _ => (h, None),
-    };
-    let host_ok = if let Some(v6) = host.strip_prefix('[').and_then(|x| x.strip_suffix(']')) {
-        v6.parse::<std::net::Ipv6Addr>().is_ok()
-    } else {
-        !host.is_empty()
-            && host.len() <= 253
-            && host.split('.').all(|l| {
-                !l.is_empty()
-                    && l.len() <= 63
-                    && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-                    && !l.starts_with('-')
-            })
-    };
-    host_ok && port.is_none_or(|p| p.parse::<u16>().is_ok_and(|n| n > 0))
-}
-
-impl OciRef {
-    pub fn parse(s: &str) -> Result<OciRef, OciError> {
-        let bad = |why: &str| OciError::BadRef {
-            reference: crate::handoff::excerpt(s, 200),
-            why: why.into(),
-        };
-        if s.len() > 1024 {
-            return Err(bad("longer than 1024 characters"));
-        }
-        let rest = s
-            .strip_prefix("oci://")
-            .ok_or_else(|| bad("it does not start with oci://"))?;
-        let (registry, path) = rest
-            .split_once('/')
-            .ok_or_else(|| bad("no repository after the registry"))?;
-        if !valid_host(registry) {
-            return Err(bad("the registry is not HOST or HOST:PORT"));
-        }
-        let (path, digest) = match path.split_once('@') {
-            Some((p, d)) => {
-                let hex = d
-                    .strip_prefix("sha256:")
-                    .ok_or_else(|| bad("only sha256 digests are accepted"))?;
-                if !is_sha256_hex(hex) {
-                    return Err(bad("the digest is not sha256: and 64 lowercase hex digits"));
-                }
-                (p, Some(d.to_string()))
-            }
-            None => (path, None),
-        };
-        let (repo, tag) = match path.rsplit_once(':') {
-            Some((r, t)) if !t.contains('/') => {
-                if !valid_tag(t) {
-                    return Err(bad("the tag is not 1-128 of [A-Za-z0-9_.-]"));
-                }
-                (r, Some(t.to_string()))
-            }
-            _ => (path, None),
-        };
-        if !valid_repo(repo) {
-            return Err(bad(
-                "the repository is not lowercase [a-z0-9._-] components separated by /",
-            ));
-        }
-        Ok(OciRef {
-            registry: registry.to_string(),
-            repository: repo.to_string(),
-            tag,
-            digest,
-        })
-    }
-
-    /// The same repository with another tag (and no digest).
-    pub fn with_tag(&self, tag: &str) -> Result<OciRef, OciError> {
-        if !valid_tag(tag) {
-            return Err(OciError::BadRef {
-                reference: format!("{self}"),
-                why: format!("`{}` is not a valid tag", crate::handoff::excerpt(tag, 80)),
-            });
-        }
-        Ok(OciRef {
-            tag: Some(tag.to_string()),
-            digest: None,
-            ..self.clone()
-        })
-    }
-
-    /// The registry is this machine (plain HTTP allowed).
-    pub fn is_loopback(&self) -> bool {
-        let host = match self.registry.rsplit_once(':') {
-            Some((h, p)) if p.bytes().all(|b| b.is_ascii_digit()) => h,
-            _ => self.registry.as_str(),
-        };
-        let host = host.trim_matches(['[', ']']);
-        host == "localhost"
-            || host
-                .parse::<std::net::IpAddr>()
-                .is_ok_and(|ip| ip.is_loopback())
-    }
-
-    fn reference(&self) -> Reference {
-        match (&self.tag, &self.digest) {
-            (_, Some(d)) => {
-                Reference::with_digest(self.registry.clone(), self.repository.clone(), d.clone())
-            }
-            (Some(t), None) => {
-                Reference::with_tag(self.registry.clone(), self.repository.clone(), t.clone())
-            }
-            (None, None) => Reference::with_tag(
-                self.registry.clone(),
-                self.repository.clone(),
-                "latest".into(),
-            ),
-        }
-    }
-}
-
-impl std::fmt::Display for OciRef {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "oci://{}/{}", self.registry, self.repository)?;
-        if let Some(t) = &self.tag {
-            write!(f, ":{t}")?;
-        }
-        if let Some(d) = &self.digest {
-            write!(f, "@{d}")?;
-        }
-        Ok(())
-    }
-}
-
-/// Credentials for `registry` (see the module header); never printed.
-pub fn credentials(registry: &str) -> RegistryAuth {
-    if let (Ok(u), Ok(p)) = (
-        std::env::var("LLORCH_REGISTRY_USERNAME"),
-        std::env::var("LLORCH_REGISTRY_PASSWORD"),
-    ) {
-        if !u.is_empty() {
-            return RegistryAuth::Basic(u, p);
-        }
-    }
-    let path = match std::env::var_os("DOCKER_CONFIG") {
-        Some(d) => std::path::PathBuf::from(d).join("config.json"),
-        None => match std::env::var_os("HOME") {
-            Some(h) => std::path::PathBuf::from(h).join(".docker/config.json"),
-            None => return RegistryAuth::Anonymous,
-        },
-    };
-    docker_config_auth(&path, registry).unwrap_or(RegistryAuth::Anonymous)
-}
-
-/// `auths.<registry>.auth` (base64 of `user:password`) from a Docker config file.
-pub fn docker_config_auth(path: &Path, registry: &str) -> Option<RegistryAuth> {
-    use base64::Engine;
-    let meta = std::fs::metadata(path).ok()?;
-    if meta.len() > 1 << 20 {
-        return None;
-    }
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
-    let entry = v["auths"]
-        .get(registry)
-        .or_else(|| v["auths"].get(format!("https://{registry}")))
-        .or_else(|| v["auths"].get(format!("http://{registry}")))?;
-    if let Some(t) = entry["identitytoken"].as_str().filter(|t| !t.is_empty()) {
-        return Some(RegistryAuth::Bearer(t.to_string()));
-    }
-    let raw = base64::engine::general_purpose::STANDARD
-        .decode(entry["auth"].as_str()?.trim())
-        .ok()?;
-    let text = String::from_utf8(raw).ok()?;
-    let (u, p) = text.split_once(':')?;
-    Some(RegistryAuth::Basic(u.to_string(), p.to_string()))
-}
-
-/// The PEM certificates of `SSL_CERT_FILE`, trusted on top of the built-in roots.
-fn extra_roots() -> Vec<Certificate> {
-    let Some(path) = std::env::var_os("SSL_CERT_FILE") else {
-        return Vec::new();
-    };
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Vec::new();
-    };
-    let mut out = Vec::new();
-    let mut rest = text.as_str();
-    while let Some(start) = rest.find("-----BEGIN CERTIFICATE-----") {
-        let Some(len) = rest[start..].find("-----END CERTIFICATE-----") else {
-            break;
-        };
-        let end = start + len + "-----END CERTIFICATE-----".len();
-        out.push(Certificate {
-            encoding: CertificateEncoding::Pem,
-            data: rest.as_bytes()[start..end].to_vec(),
-        });
-        rest = &rest[end..];
-    }
-    out
 }
 
 /// A connection to one registry.
@@ -884,59 +660,5 @@ mod tests {
         assert!(keeps_tls(true, &u("http://[::1]:5000/blob")));
         assert!(keeps_tls(false, &u("http://cdn.example/blob")));
         assert!(!keeps_tls(false, &u("ftp://cdn.example/blob")));
-    }
-
-    #[test]
-    fn references_are_parsed_strictly() {
-        let r = OciRef::parse("oci://127.0.0.1:5000/llorch/engines:abc").unwrap();
-        assert_eq!(r.registry, "127.0.0.1:5000");
-        assert_eq!(r.repository, "llorch/engines");
-        assert_eq!(r.tag.as_deref(), Some("abc"));
-        assert!(r.is_loopback());
-        assert_eq!(r.to_string(), "oci://127.0.0.1:5000/llorch/engines:abc");
-        let d = format!("oci://ghcr.io/org/models@sha256:{}", "a".repeat(64));
-        let r = OciRef::parse(&d).unwrap();
-        assert!(!r.is_loopback());
-        assert_eq!(r.digest.unwrap(), format!("sha256:{}", "a".repeat(64)));
-        for bad in [
-            "https://x/y",
-            "oci://x",
-            "oci:///repo",
-            "oci://x/UPPER",
-            "oci://x/../etc",
-            "oci://x/a//b",
-            "oci://x/a:bad/tag",
-            "oci://x/a:-tag",
-            "oci://x:99999/a",
-            "oci://x/a@sha256:abc",
-            "oci://x/a@md5:aaaa",
-            "oci://ho st/a",
-        ] {
-            assert!(OciRef::parse(bad).is_err(), "{bad}");
-        }
-        assert!(OciRef::parse(&format!("oci://x/{}", "a".repeat(300))).is_err());
-    }
-
-    #[test]
-    fn docker_config_credentials() {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path().join("config.json");
-        // base64("user:pa:ss")
-        std::fs::write(
-            &p,
-            r#"{"auths": {"reg.example:5000": {"auth": "dXNlcjpwYTpzcw=="}, "tok.example": {"identitytoken": "T"}}}"#,
-        )
-        .unwrap();
-        assert_eq!(
-            docker_config_auth(&p, "reg.example:5000"),
-            Some(RegistryAuth::Basic("user".into(), "pa:ss".into()))
-        );
-        assert_eq!(
-            docker_config_auth(&p, "tok.example"),
-            Some(RegistryAuth::Bearer("T".into()))
-        );
-        assert_eq!(docker_config_auth(&p, "other"), None);
-        std::fs::write(&p, "not json").unwrap();
-        assert_eq!(docker_config_auth(&p, "reg.example:5000"), None);
     }
 }

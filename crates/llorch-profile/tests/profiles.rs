@@ -1,6 +1,6 @@
 //! Profiles and pins: the shipped ones load; bad ones fail with file, line and column.
 
-use engine_provisioner::profile::{Backend, Profile};
+use llorch_profile::{Backend, Profile};
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -21,7 +21,7 @@ fn shipped_profiles_load() {
     assert_eq!(rtx.file.engine.cuda_archs, vec!["86-real"]);
     assert!(matches!(
         rtx.pin.source,
-        engine_provisioner::profile::SourceSpec::Git { .. }
+        llorch_profile::SourceSpec::Git { .. }
     ));
     assert_eq!(
         rtx.pin.commit, cpu.pin.commit,
@@ -127,15 +127,9 @@ fn bad_cmake_flag_is_refused() {
 fn locate_finds_nested_keys() {
     let text = "schema: 1\nengine:\n  backend: cuda\n  cuda_archs: []\nserver:\n  port: x\n";
     assert_eq!(
-        engine_provisioner::profile::locate(text, "engine.cuda_archs"),
+        llorch_profile::locate(text, "engine.cuda_archs"),
         Some((4, 3))
     );
-    assert_eq!(
-        engine_provisioner::profile::locate(text, "server.port"),
-        Some((6, 3))
-    );
-    assert_eq!(
-        engine_provisioner::profile::locate(text, "model.sha256"),
-        None
-    );
+    assert_eq!(llorch_profile::locate(text, "server.port"), Some((6, 3)));
+    assert_eq!(llorch_profile::locate(text, "model.sha256"), None);
 }
