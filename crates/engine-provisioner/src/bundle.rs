@@ -163,8 +163,8 @@ pub fn unpack_for_build(
 ) -> Result<PathBuf, String> {
     let id = crate::source::source_id(pin);
     let final_dir = layout.bucket(llorch_io::paths::Bucket::Src).join(&id);
-    let _lock = fsx::FileLock::exclusive(&layout.locks().join(format!("src-{id}.lock")), || {})
-        .map_err(|e| e.to_string())?;
+    let _lock =
+        fsx::FileLock::exclusive(&layout.source_lock(&id), || {}).map_err(|e| e.to_string())?;
     let staging = fsx::staging_dir_for(&final_dir).map_err(|e| e.to_string())?;
     say(&format!("verifying source bundle {}", bundle.display()));
     let manifest = verify_into(bundle, pin, staging.path())?;

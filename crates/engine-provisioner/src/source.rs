@@ -111,7 +111,7 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
     let src_root = layout.bucket(llorch_io::paths::Bucket::Src);
     let id = source_id(pin);
     let final_dir = src_root.join(&id);
-    let _lock = FileLock::exclusive(&layout.locks().join(format!("src-{id}.lock")), || {
+    let _lock = FileLock::exclusive(&layout.source_lock(&id), || {
         progress(&format!(
             "waiting for another process preparing source {id}"
         ))

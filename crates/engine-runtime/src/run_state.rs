@@ -21,10 +21,10 @@ pub struct RunPaths {
 impl RunPaths {
     pub fn new(layout: &Layout, pool: &PoolId) -> RunPaths {
         RunPaths {
-            pid_file: layout.run_dir().join(format!("{pool}.pid")),
-            log: layout.run_dir().join(format!("llamacpp-{pool}.log")),
-            handoff: layout.engines_dir().join(format!("{pool}.json")),
-            api_key: layout.engines_dir().join(format!("{pool}.key")),
+            pid_file: layout.pid_file(pool),
+            log: layout.engine_log(pool),
+            handoff: layout.handoff(pool),
+            api_key: layout.api_key(pool),
         }
     }
 

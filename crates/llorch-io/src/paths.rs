@@ -136,6 +136,30 @@ impl Layout {
     pub fn pool_lock(&self, pool: &crate::handoff::PoolId) -> PathBuf {
         self.locks().join(format!("pool-{pool}.lock"))
     }
+    /// `locks/src-<source-id>.lock`: exclusive while one pinned source tree is
+    /// fetched or unpacked from a bundle.
+    pub fn source_lock(&self, source_id: &str) -> PathBuf {
+        self.locks().join(format!("src-{source_id}.lock"))
+    }
+    /// `locks/models-refs.lock`: held while `models-v1/refs.json` is read, changed and rewritten.
+    pub fn model_refs_lock(&self) -> PathBuf {
+        self.locks().join("models-refs.lock")
+    }
+
+    /// A pool's run files: `run/<id>.pid`, `run/llamacpp-<id>.log`, and in the
+    /// runtime directory its handoff `engines/<id>.json` and API key `engines/<id>.key`.
+    pub fn pid_file(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+        self.run_dir().join(format!("{pool}.pid"))
+    }
+    pub fn engine_log(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+        self.run_dir().join(format!("llamacpp-{pool}.log"))
+    }
+    pub fn handoff(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+        self.engines_dir().join(format!("{pool}.json"))
+    }
+    pub fn api_key(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+        self.engines_dir().join(format!("{pool}.key"))
+    }
 
     /// Create `dir` (below the cache or runtime root) and make sure no component
     /// below that root is a symlink: run files are never written through a link

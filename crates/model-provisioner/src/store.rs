@@ -208,7 +208,7 @@ impl ModelStore {
 
     /// Read-modify-write `refs.json` under its lock.
     pub fn update_refs(&self, f: impl FnOnce(&mut RefsFile)) -> Result<(), ModelError> {
-        let _l = FileLock::exclusive(&self.layout.locks().join("models-refs.lock"), || {})
+        let _l = FileLock::exclusive(&self.layout.model_refs_lock(), || {})
             .map_err(io("lock refs.json"))?;
         let mut refs = self.read_refs()?;
         f(&mut refs);

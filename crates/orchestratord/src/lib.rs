@@ -13,10 +13,21 @@
 //!   frames into `token` events as they arrive.
 //! * Every task ends in exactly one `end` or `error` (see [`tasks`]).
 //!
-//! Module map: [`config`] (flags, limits), [`limits`] (the request-limits table of both APIs), [`errors`], [`admission`], [`guard`], [`link`] (where the engine is),
-//! [`tasks`] (queue, state machine, workers, deadlines, retention), [`api`]
-//! (typed requests, `ApiError`, handlers), [`adapter`] (llama.cpp), [`events`]
-//! (the SSE event types), [`metrics`], [`client`] (a client of this API).
+//! Module map:
+//! * the server: [`config`] (flags), [`limits`] (the one request-limits table
+//!   of every API), [`errors`] (error shapes), [`guard`] (Host and
+//!   Content-Type), [`admission`] (auth, queue bounds), [`metrics`];
+//! * engines: [`link`] (where a pool's engine is, load and unload), [`pool`]
+//!   (per engine: queue, health loop, gate, workers), [`adapter`] (llama.cpp's
+//!   streaming frames → `token` events);
+//! * tasks: [`tasks`] (queue, state machine, deadlines, retention), [`events`]
+//!   (the SSE event types), [`api`] (typed `/v1/tasks` requests, `ApiError`);
+//! * client APIs: [`openai`] and [`openai_stream`] (chat and completions),
+//!   [`endpoints`] (the relayed llama-server endpoints), [`forward`] (one
+//!   forwarding path for them), [`tools`] (forced tool calls under a grammar),
+//!   [`anthropic`] (Messages), [`responses`] (Responses), [`embeddings`]
+//!   (embeddings and rerank), [`models`] (`/v1/models`, capabilities);
+//! * [`client`]: a client of this API (the CLI and tests use it).
 //!
 //! Architecture Invariant: no token is ever made up here. If the engine
 //! cannot answer, the client gets an `error` event.

@@ -27,9 +27,7 @@ async fn main() -> Result<()> {
     let a = Args::parse();
     let handoff = match a.handoff {
         Some(h) => h,
-        None => llorch_io::paths::Layout::discover()?
-            .engines_dir()
-            .join(format!("{}.json", a.pool)),
+        None => llorch_io::paths::Layout::discover()?.handoff(&a.pool),
     };
     if !handoff.is_file() {
         eprintln!("warning: {} does not exist yet; start an engine with `cargo xtask provision` (the orchestrator answers 503 until then)", handoff.display());

@@ -34,7 +34,7 @@ fn the_binary_drains_on_sigterm_and_sighup() {
             let _ = lifecycle::stop_pool(self.0, self.1);
         }
     }
-    let handoff = layout.engines_dir().join(format!("{pool}.json"));
+    let handoff = layout.handoff(&pool);
     let _down = Down(&layout, &pool);
     let mut failures = Vec::new();
     for (sig, name) in [(libc::SIGTERM, "SIGTERM"), (libc::SIGHUP, "SIGHUP")] {

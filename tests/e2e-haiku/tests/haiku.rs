@@ -62,7 +62,7 @@ fn a_provisioned_engine_survives_a_haiku_run() {
         &engine_provisioner::BuildOptions::quiet(),
     )
     .unwrap();
-    let handoff_path = layout.engines_dir().join(format!("{pool}.json"));
+    let handoff_path = layout.handoff(&pool);
     let before = Handoff::read(&handoff_path).unwrap().expect("a handoff");
     let (ok, stdout, stderr) = llorch_io::cmd::Cmd::new(env!("CARGO_BIN_EXE_llorch-haiku"))
         .args(["--pool", pool.as_str(), "--json"])
