@@ -138,17 +138,20 @@ fn bump(ctx: &Ctx, a: &BumpArgs) -> Result<()> {
         "skipped"
     } else {
         say("running the haiku proof on the new engine");
-        let mut cmd = crate::haiku::proof_cmd(&ctx.layout.root, &profile.path)
-            .env("LLORCH_ROOT", scratch.path())
-            .env("LLORCH_CACHE_DIR", &ctx.layout.cache)
-            .env("LLORCH_RUNTIME_DIR", &ctx.layout.runtime);
-        if a.json {
-            cmd = cmd.arg("--json");
-        }
-        let status = cmd.status()?;
-        if !status.success() {
+        // The proof reads the pins of the scratch root, as the build did.
+        let layout = llorch_io::paths::Layout::at(
+            scratch.path().to_path_buf(),
+            ctx.layout.cache.clone(),
+            ctx.layout.runtime.clone(),
+        );
+        let output = if a.json {
+            llorch_proof::Output::Quiet
+        } else {
+            llorch_proof::Output::Live
+        };
+        if !llorch_proof::cli(&profile, profile.pool(), &layout, output)? {
             bail!(
-                "the haiku proof failed on pin {} ({status}); nothing written to {}",
+                "the haiku proof failed on pin {}; nothing written to {}",
                 cand.name,
                 path.display()
             );

@@ -11,7 +11,7 @@ async fn haiku_streams_real_tokens_from_the_engine() {
     let rt = tempfile_dir();
     let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.clone());
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
-    let report = test_harness_e2e_haiku::run(&profile, profile.pool(), &layout, true, &|_| {})
+    let report = llorch_proof::run(&profile, profile.pool(), &layout, true, &|_| {})
         .await
         .unwrap();
     for c in &report.checks {
@@ -24,9 +24,9 @@ async fn haiku_streams_real_tokens_from_the_engine() {
     }
     eprintln!("haiku:\n{}", report.text);
     assert!(report.passed, "haiku proof failed: {:#?}", report.checks);
-    assert_eq!(test_harness_e2e_haiku::haiku_lines(&report.text).len(), 3);
+    assert_eq!(llorch_proof::haiku_lines(&report.text).len(), 3);
     assert!(
-        test_harness_e2e_haiku::is_three_lines(&report.text),
+        llorch_proof::is_three_lines(&report.text),
         "{:?}",
         report.text
     );

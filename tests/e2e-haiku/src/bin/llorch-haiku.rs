@@ -1,7 +1,8 @@
-//! `llorch-haiku`: the haiku proof with live output (what `cargo xtask haiku` runs).
+//! `llorch-haiku`: the haiku proof with live output, standalone (the same
+//! `llorch_proof::cli` that `cargo xtask haiku` calls), for hosts that run
+//! prebuilt binaries (`docs/gpu/proof.sh`).
 
 use anyhow::{bail, Result};
-use std::io::Write;
 
 fn main() -> Result<()> {
     let mut profile_arg = None;
@@ -26,71 +27,12 @@ fn main() -> Result<()> {
         Some(p) => llorch_io::handoff::PoolId::parse(&p)?,
         None => profile.pool().clone(),
     };
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    if !json {
-        eprintln!(
-            "provisioning profile `{}` under pool `{}` (engine build and model are cached after the first run)",
-            profile.name,
-            test_harness_e2e_haiku::proof_pool(&pool)
-        );
-    }
-    let streamed = std::sync::atomic::AtomicBool::new(false);
-    let on_token = |t: &str| {
-        if !json {
-            if !streamed.swap(true, std::sync::atomic::Ordering::Relaxed) {
-                println!("--- haiku, streamed token by token from llama-server ---");
-            }
-            print!("{t}");
-            let _ = std::io::stdout().flush();
-        }
-    };
-    let report = rt.block_on(test_harness_e2e_haiku::run(
-        &profile, &pool, &layout, json, &on_token,
-    ))?;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&report)?);
+    let output = if json {
+        llorch_proof::Output::Json
     } else {
-        println!("\n--- end ---");
-        for c in &report.checks {
-            println!("  [{}] {}", if c.ok { "ok" } else { "FAIL" }, c.name);
-            if !c.ok {
-                println!("         {}", c.detail);
-            }
-        }
-        println!(
-            "  another nonce {} the text (reported only: at temperature 0 a small model may write the same haiku)",
-            if report.other_nonce_text_differs { "changed" } else { "did not change" }
-        );
-        println!(
-            "  minute word `{}`: {}{}",
-            report.minute_word,
-            if report.minute_word_present {
-                "present"
-            } else {
-                "absent"
-            },
-            if report.minute_word_required {
-                ""
-            } else {
-                " (reported only: this profile's model is not asked to follow it)"
-            }
-        );
-        println!(
-            "  {} tokens, decode {:.0} ms, first token after {:.0} ms; engine {}; model {}",
-            report.tokens_out,
-            report.decode_ms,
-            report.time_to_first_token_ms,
-            report.engine_version.lines().next().unwrap_or(""),
-            report.model_ref
-        );
-        println!(
-            "  summary: {}",
-            layout.runtime.join("haiku/last.json").display()
-        );
-    }
-    if !report.passed {
+        llorch_proof::Output::Live
+    };
+    if !llorch_proof::cli(&profile, &pool, &layout, output)? {
         eprintln!("error: the haiku proof failed (see the checks above)");
         std::process::exit(1);
     }

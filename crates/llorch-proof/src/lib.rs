@@ -1,5 +1,7 @@
-//! The haiku proof, run by `cargo xtask haiku` (through this crate's
-//! `llorch-haiku` binary) and by this crate's test.
+//! The haiku proof, a library: `cargo xtask haiku` and `pin bump` call
+//! [`cli`], the e2e tests (`tests/e2e-haiku`) call [`run`], and the
+//! standalone `llorch-haiku` binary there (for GPU hosts without a Rust
+//! toolchain) calls [`cli`] too.
 //!
 //! From a profile: build (or reuse) the engine, fetch the model, run the
 //! engine under a supervisor with the orchestrator in front of it (under
@@ -23,6 +25,10 @@
 //! Reported, not asserted: whether another nonce changed the text (at
 //! temperature 0 a 135M model often writes the same haiku for a different
 //! nonce), and whether the minute word appears.
+
+pub mod cli;
+
+pub use cli::{cli, Output};
 
 use anyhow::{Context, Result};
 use llorch_io::handoff::PoolId;
