@@ -174,10 +174,30 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
             strip_prefix,
         } => {
             let file = if location.starts_with("http://") || location.starts_with("https://") {
+                // The one downloader: resumable (a cut transfer continues from
+                // the bytes already in `downloads/`), hashed while it streams,
+                // refused (and deleted) unless it is the pinned sha256.
                 progress(&format!("downloading {location}"));
-                let dest = staging.path().join("archive.download");
-                download_to(location, &dest)?;
-                dest
+                let partial = layout.downloads().join(format!("archive-{sha256}.partial"));
+                let opts = llorch_io::download::DownloadOptions {
+                    expected_sha256: Some(sha256.clone()),
+                    ..Default::default()
+                };
+                llorch_io::download::download(location, location, &partial, &opts).map_err(
+                    |e| match e {
+                        llorch_io::download::DownloadError::DigestMismatch {
+                            expected,
+                            actual,
+                            ..
+                        } => SourceError::ChecksumMismatch {
+                            what: format!("archive {location}"),
+                            expected,
+                            actual,
+                        },
+                        e => SourceError::Download(e.to_string()),
+                    },
+                )?;
+                partial
             } else {
                 let p = PathBuf::from(location);
                 if p.is_absolute() {
@@ -189,7 +209,9 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
             verify_sha256(&file, sha256, &format!("archive {location}"))?;
             progress("extracting archive");
             extract_tar_gz(&file, &staging.path().join("tree"), strip_prefix.as_deref())?;
-            let _ = std::fs::remove_file(staging.path().join("archive.download"));
+            if file.starts_with(layout.downloads()) {
+                let _ = std::fs::remove_file(&file);
+            }
         }
         SourceSpec::Git { .. } => unreachable!(),
     }
@@ -329,40 +351,6 @@ pub fn resolve_remote_rev(url: &str, rev: &str) -> Result<String, SourceError> {
             .map(|h| h.oid().to_string())
     })
     .ok_or_else(|| SourceError::Layout(format!("{url} has no tag or branch `{rev}`")))
-}
-
-/// Stream an http(s) URL to `dest` through the shared client.
-pub fn download_to(url: &str, dest: &Path) -> Result<(), SourceError> {
-    let client = llorch_io::http::blocking_client();
-    let mut last = String::new();
-    for attempt in 0..4 {
-        if attempt > 0 {
-            std::thread::sleep(llorch_io::http::backoff(attempt - 1));
-        }
-        match client.get(url).send() {
-            Ok(mut r) if r.status().is_success() => {
-                let mut f = std::fs::File::create(dest)
-                    .map_err(io(format!("create {}", dest.display())))?;
-                return match r.copy_to(&mut f) {
-                    Ok(_) => Ok(()),
-                    Err(e) => Err(SourceError::Download(format!("download {url}: {e}"))),
-                };
-            }
-            Ok(r) if llorch_io::http::is_transient_status(r.status().as_u16()) => {
-                last = format!("HTTP {}", r.status());
-            }
-            Ok(r) => {
-                return Err(SourceError::Download(format!(
-                    "download {url}: HTTP {}",
-                    r.status()
-                )))
-            }
-            Err(e) => last = e.to_string(),
-        }
-    }
-    Err(SourceError::Download(format!(
-        "download {url} failed after retries: {last}"
-    )))
 }
 
 fn single_top_dir(dir: &Path) -> Result<PathBuf, SourceError> {

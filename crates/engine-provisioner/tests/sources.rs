@@ -133,6 +133,51 @@ fn archive_with_wrong_sha256_is_refused_before_extraction() {
     assert!(extracted_trees(&l).is_empty(), "nothing extracted");
 }
 
+/// An archive pin over HTTP goes through the one downloader: a transfer cut
+/// halfway resumes from the bytes already in `downloads/` (a `Range`
+/// request), the tree is the archive's, and the partial is gone after; a
+/// wrong pinned sha256 is refused while nothing is extracted.
+#[test]
+fn an_archive_over_http_resumes_a_cut_transfer_and_is_checked() {
+    use test_support::http::{serve, Faults};
+    let tmp = tempfile::tempdir().unwrap();
+    let (archive, sha) = fake_archive(tmp.path(), "x", &fake_server_c("x"));
+    let bytes = std::fs::read(&archive).unwrap();
+    let srv = serve(
+        bytes.clone(),
+        Faults {
+            drop_first_after: Some(bytes.len() / 2),
+            ..Default::default()
+        },
+    );
+    let pin = |sha256: &str| Pin {
+        commit: COMMIT.into(),
+        source: SourceSpec::Archive {
+            location: srv.url("/fake-llama.tar.gz"),
+            sha256: sha256.into(),
+            strip_prefix: Some("fake-llama".into()),
+        },
+        description: None,
+        bundle_trees: Default::default(),
+    };
+    let l = layout(tmp.path());
+    let err = source::fetch(&pin(&"b".repeat(64)), &l, &|_| {}).unwrap_err();
+    assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
+    assert!(extracted_trees(&l).is_empty(), "nothing extracted");
+
+    let srv_gets = srv.counters.lock().unwrap().gets;
+    let tree = source::fetch(&pin(&sha), &l, &|_| {}).unwrap();
+    assert!(tree.join("CMakeLists.txt").is_file());
+    let c = srv.counters.lock().unwrap();
+    assert!(c.gets > srv_gets, "downloaded again after the refused one");
+    // The first transfer (cut after half) resumed where it broke.
+    assert_eq!(c.ranges, [format!("{}-", bytes.len() / 2)]);
+    assert!(
+        std::fs::read_dir(l.downloads()).map_or(true, |d| d.count() == 0),
+        "the partial download is removed once extracted"
+    );
+}
+
 #[test]
 fn sdist_with_wrong_sha256_is_refused_before_extraction() {
     let tmp = tempfile::tempdir().unwrap();

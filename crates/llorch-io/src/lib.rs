@@ -13,6 +13,7 @@
 
 pub mod cmd;
 pub mod digest;
+pub mod download;
 pub mod fsx;
 pub mod gpu;
 pub mod handoff;

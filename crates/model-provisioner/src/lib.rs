@@ -1,7 +1,7 @@
 //! Model provisioning: refs → resumable, verified downloads → the
 //! content-addressed store, GGUF metadata, provenance and eviction.
 
-pub mod download;
+pub use llorch_io::download;
 pub mod gc;
 pub mod gguf;
 pub mod model_ref;

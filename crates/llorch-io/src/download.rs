@@ -8,7 +8,7 @@
 //! mismatch deletes the partial (the bytes are wrong, resuming them would
 //! not help). The caller renames the verified file into the store.
 
-use llorch_io::digest::HashingWriter;
+use crate::digest::HashingWriter;
 use reqwest::header::{AUTHORIZATION, CONTENT_RANGE, RANGE};
 use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
@@ -76,7 +76,7 @@ pub fn download(
     partial: &Path,
     opts: &DownloadOptions,
 ) -> Result<Downloaded, DownloadError> {
-    let client = llorch_io::http::download_client(opts.stall_timeout.unwrap_or(DEFAULT_STALL));
+    let client = crate::http::download_client(opts.stall_timeout.unwrap_or(DEFAULT_STALL));
     let io = |what: &str| {
         let what = format!("{what} {}", partial.display());
         move |err| DownloadError::Io { what, err }
@@ -90,7 +90,7 @@ pub fn download(
     let mut progress = Progress::new(reference, opts.quiet);
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {
-            std::thread::sleep(llorch_io::http::backoff(attempt - 1));
+            std::thread::sleep(crate::http::backoff(attempt - 1));
         }
         let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
         let mut req = client.get(url);
@@ -129,13 +129,13 @@ pub fn download(
                     url: url.into(),
                 })
             }
-            s if llorch_io::http::is_transient_status(s) => {
+            s if crate::http::is_transient_status(s) => {
                 last = format!("HTTP {s}");
                 continue;
             }
             s => {
                 let hint = if s == 401 || s == 403 {
-                    "\n  hint: the file may be gated or private: set HF_TOKEN (a read token) and accept the model's terms"
+                    "\n  hint: the server refused access: the file may be private or gated (an hf: ref: set HF_TOKEN, a read token, and accept the model's terms)"
                 } else {
                     ""
                 };
