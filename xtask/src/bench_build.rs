@@ -38,7 +38,6 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
     // Cold builds, side by side, no compiler cache for either, same jobs and flags.
     let tmp = tempfile::tempdir_in(&ctx.layout.cache)?;
     let jobs = build::default_jobs();
-    std::env::set_var("LLORCH_COMPILE_CACHE", "off");
     let cold_cache = tmp.path().join("cold");
     let layout = llorch_io::paths::Layout::at(
         ctx.layout.root.clone(),
@@ -62,6 +61,7 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
         &BuildOptions {
             quiet: true,
             jobs: Some(jobs),
+            compile_cache: Some(false),
             ..Default::default()
         },
     )?;
@@ -78,7 +78,6 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
     time_cmd(&hand_cfg)?;
     time_cmd(&hand_build)?;
     let hand = t.elapsed().as_secs_f64();
-    std::env::remove_var("LLORCH_COMPILE_CACHE");
     out.insert("cold_engine_build_s".into(), json!(ours));
     out.insert("cold_hand_cmake_build_s".into(), json!(hand));
     out.insert("ratio_engine_build_over_hand".into(), json!(ours / hand));
@@ -138,6 +137,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: Option<&str>) -
     let opts = BuildOptions {
         quiet: true,
         jobs: Some(jobs),
+        compile_cache: Some(true),
         ..Default::default()
     };
     let timed = |what: &str,

@@ -172,7 +172,7 @@ pub fn bench_fleet(
         json!(spread(&first)),
     );
     if !skip_build {
-        // A cold build of the same fingerprint from the same source tree, ccache off.
+        // A cold build of the same fingerprint from the same source tree, no compiler cache.
         let l = fresh("build");
         let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|_| {})?;
         let src = l.bucket(llorch_io::paths::Bucket::Src);
@@ -182,11 +182,13 @@ pub fn bench_fleet(
             .arg(&tree)
             .arg(src.join(engine_provisioner::source::source_id(&p.pin)))
             .read()?;
-        std::env::set_var("CCACHE_DISABLE", "1");
         let t = Instant::now();
-        let b = build::build(&p, &l, &BuildOptions::quiet())?;
+        let cold = BuildOptions {
+            compile_cache: Some(false),
+            ..BuildOptions::quiet()
+        };
+        let b = build::build(&p, &l, &cold)?;
         let build_s = t.elapsed().as_secs_f64();
-        std::env::remove_var("CCACHE_DISABLE");
         if b.fingerprint != fp {
             bail!("the cold build has another fingerprint ({})", b.fingerprint);
         }

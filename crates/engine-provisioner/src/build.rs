@@ -74,6 +74,11 @@ pub struct BuildOptions {
     /// (copied, then checked against its manifest; nothing is written there).
     pub reuse_from: Option<PathBuf>,
     pub quiet: bool,
+    /// Compile through the compiler cache: `None` lets `LLORCH_COMPILE_CACHE`
+    /// decide (on unless `off`); `Some` decides for this build alone (a bench
+    /// measuring cold builds, a test that must not depend on the caller's
+    /// environment).
+    pub compile_cache: Option<bool>,
 }
 
 impl BuildOptions {

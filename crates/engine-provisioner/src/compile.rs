@@ -57,7 +57,7 @@ pub(crate) fn compiler_cache(
     say: &dyn Fn(&str),
 ) -> Option<crate::compile_cache::CompileCache> {
     use crate::compile_cache as cc;
-    if cc::disabled() {
+    if !opts.compile_cache.unwrap_or(!cc::disabled()) {
         return None;
     }
     if cc::find(layout, &opts.toolbox).is_none() {

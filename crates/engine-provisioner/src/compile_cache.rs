@@ -88,11 +88,9 @@ pub fn find(layout: &Layout, tb: &crate::preflight::Toolbox) -> Option<PathBuf> 
 
 impl CompileCache {
     /// The compiler cache of `layout`'s cache directory, if one is installed
-    /// and not turned off.
+    /// (whether a build uses it is `BuildOptions::compile_cache`'s, or
+    /// `LLORCH_COMPILE_CACHE`'s).
     pub fn for_layout(layout: &Layout, tb: &crate::preflight::Toolbox) -> Option<CompileCache> {
-        if disabled() {
-            return None;
-        }
         let exe = find(layout, tb)?;
         let dir = layout.bucket(Bucket::Compile);
         Some(CompileCache {

