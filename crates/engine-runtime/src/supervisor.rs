@@ -75,6 +75,15 @@ struct Shared {
 }
 
 impl Shared {
+    /// Raise `flag` (stop, restart) and wake every waiter. Raised under the
+    /// state lock, so a waiter that checked the flag and is about to wait
+    /// cannot miss the wake-up.
+    fn flag(&self, flag: &AtomicBool) {
+        let _g = self.state.lock().unwrap();
+        flag.store(true, Ordering::SeqCst);
+        self.cv.notify_all();
+    }
+
     fn set(&self, s: EngineState) {
         eprintln!(
             "[supervisor] {}",
@@ -123,8 +132,7 @@ impl StateHandle {
 
     /// Kill the current engine (hung: alive but silent) so that it is restarted.
     pub fn request_restart(&self) {
-        self.0.restart.store(true, Ordering::SeqCst);
-        self.0.cv.notify_all();
+        self.0.flag(&self.0.restart);
     }
 }
 
@@ -199,8 +207,7 @@ impl Supervisor {
     }
 
     fn stop_inner(&mut self) {
-        self.shared.stop.store(true, Ordering::SeqCst);
-        self.shared.cv.notify_all();
+        self.shared.flag(&self.shared.stop);
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
@@ -213,15 +220,21 @@ impl Drop for Supervisor {
     }
 }
 
+/// Wait `d` (a restart's backoff) unless a stop comes first: woken by the
+/// condition variable `stop` is raised with, not by polling.
 fn sleep_unless_stopped(shared: &Shared, d: Duration) -> bool {
     let deadline = Instant::now() + d;
-    while Instant::now() < deadline {
+    let mut g = shared.state.lock().unwrap();
+    loop {
         if shared.stop.load(Ordering::SeqCst) {
             return false;
         }
-        std::thread::sleep(Duration::from_millis(20).min(deadline - Instant::now()));
+        let now = Instant::now();
+        if now >= deadline {
+            return true;
+        }
+        g = shared.cv.wait_timeout(g, deadline - now).unwrap().0;
     }
-    !shared.stop.load(Ordering::SeqCst)
 }
 
 fn run(

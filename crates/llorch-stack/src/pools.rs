@@ -448,14 +448,14 @@ pub async fn start_pools(
         }
     };
     // Wait until the orchestrator has seen every eager engine healthy.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !server.state.is_ready() {
-        if Instant::now() > deadline {
-            return Err(StackError::Other(
-                "the orchestrator did not see the engines ready".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    if !server
+        .state
+        .wait_until(Duration::from_secs(10), |s| s.is_ready())
+        .await
+    {
+        return Err(StackError::Other(
+            "the orchestrator did not see the engines ready".into(),
+        ));
     }
     Ok(PoolStack { server, links })
 }

@@ -19,7 +19,7 @@ use llorch_profile::Profile;
 use orchestratord::{Config, EngineInfo, EngineLink, HandoffLink, LinkState};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// What the orchestrator reports about a prepared engine (its URL is filled in once it runs).
 pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
@@ -243,23 +243,16 @@ pub async fn start_stack(
         }
     };
     let server = orchestratord::start(cfg, link).await?;
-    // Wait until the orchestrator has seen the engine healthy.
-    let client = llorch_io::http::async_client();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let r = client
-            .get(format!("http://{}/readyz", server.addr))
-            .send()
-            .await;
-        if r.map(|r| r.status().is_success()).unwrap_or(false) {
-            break;
-        }
-        if Instant::now() > deadline {
-            return Err(StackError::Other(
-                "the orchestrator did not see the engine ready".into(),
-            ));
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    // Wait until the orchestrator has seen the engine healthy (its own
+    // state, woken when readiness changes; no HTTP to itself).
+    if !server
+        .state
+        .wait_until(Duration::from_secs(10), |s| s.is_ready())
+        .await
+    {
+        return Err(StackError::Other(
+            "the orchestrator did not see the engine ready".into(),
+        ));
     }
     Ok(Stack {
         hold,

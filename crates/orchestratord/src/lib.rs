@@ -63,7 +63,7 @@ use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::sync::Notify;
 
 pub struct AppState {
@@ -78,6 +78,10 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Wakes the scheduler (a task queued on an unloaded pool, a state change).
     pub sched: Notify,
+    /// Wakes whoever waits for readiness or for running tasks to end (the
+    /// stacks at start, the drain at shutdown): a pool's `ready` changed or
+    /// a task stopped running.
+    pub changed: Notify,
     seq: AtomicU64,
 }
 
@@ -97,6 +101,7 @@ impl AppState {
             tasks: Mutex::new(HashMap::new()),
             metrics: Default::default(),
             sched: Notify::new(),
+            changed: Notify::new(),
             seq: AtomicU64::new(0),
         })
     }
@@ -161,6 +166,27 @@ impl AppState {
         format!("t-{:016x}{n:x}", r)
     }
 
+    /// Wait until `done` holds or `within` passes, woken by [`AppState::changed`];
+    /// whether it holds. (A pool that loads on demand changes its link state
+    /// outside this state, so a wake-up also comes every 250 ms.)
+    pub async fn wait_until(&self, within: Duration, done: impl Fn(&AppState) -> bool) -> bool {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let changed = self.changed.notified();
+            tokio::pin!(changed);
+            changed.as_mut().enable();
+            if done(self) {
+                return true;
+            }
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return false;
+            }
+            let tick = (deadline - now).min(Duration::from_millis(250));
+            let _ = tokio::time::timeout(tick, changed).await;
+        }
+    }
+
     /// Tasks running on every engine now.
     pub fn running(&self) -> u64 {
         self.pools
@@ -194,19 +220,14 @@ impl Server {
                 true,
             );
         }
-        let deadline = Instant::now() + drain;
-        while st.running() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+        st.wait_until(drain, |s| s.running() == 0).await;
         let all: Vec<_> = st.tasks.lock().unwrap().values().cloned().collect();
         for t in &all {
             tasks::cancel(&st, t, tasks::CancelReason::Shutdown);
         }
         // Running tasks end in the adapter (a canceled `end` once the slot is idle).
-        let deadline = Instant::now() + Duration::from_secs(5);
-        while st.running() > 0 && Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(10)).await;
-        }
+        st.wait_until(Duration::from_secs(5), |s| s.running() == 0)
+            .await;
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
         }

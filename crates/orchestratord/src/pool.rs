@@ -358,6 +358,7 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
         if was != ok {
             pool.work.notify_waiters();
             st.sched.notify_one();
+            st.changed.notify_waiters();
         }
         // Loading: look every 2 ms, so a loaded engine takes tasks at once.
         let pause = match (&state, ok) {

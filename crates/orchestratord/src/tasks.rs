@@ -319,6 +319,7 @@ pub async fn worker(st: Arc<AppState>, pool: Arc<Pool>) {
                 st.metrics.canceled.inc();
             }
             pool.running.fetch_sub(1, Ordering::SeqCst);
+            st.changed.notify_waiters();
             continue;
         }
         pool.touch();
@@ -327,6 +328,7 @@ pub async fn worker(st: Arc<AppState>, pool: Arc<Pool>) {
         pool.touch();
         pool.record_finished();
         pool.running.fetch_sub(1, Ordering::SeqCst);
+        st.changed.notify_waiters();
         let ms = t0.elapsed().as_millis() as u64;
         let avg = pool.avg_task_ms.load(Ordering::Relaxed);
         pool.avg_task_ms
