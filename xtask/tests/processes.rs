@@ -392,6 +392,12 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
     assert_eq!(states, ["ready", "ready"], "{caps}");
     let first = engines(&paths);
     assert_eq!(first.len(), 2, "one engine per pool: {first:?}");
+    // Read now: once `serve` is dead its records are stale, and any other
+    // test starting a command meanwhile sweeps them (the run dir is the
+    // shared cache's).
+    let stale = llorch_io::handoff::RunRecord::read(&paths[0].pid_file)
+        .unwrap()
+        .expect("pool a's run record");
     unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
     let _ = child.wait();
     wait_until(
@@ -401,10 +407,8 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
     );
     // A leftover engine of that dead run (as if its parent-death signal had
     // been lost): a live process that pool a's run record names, owned by the
-    // dead `serve`. The next start must stop it (identity-checked), not leave it.
-    let stale = llorch_io::handoff::RunRecord::read(&paths[0].pid_file)
-        .unwrap()
-        .expect("the killed run's record is still there");
+    // dead `serve`. The next start must stop it (identity-checked), not leave
+    // it (or a sweep of another test's spawn does: the same check).
     let mut leftover = llorch_io::cmd::KillOnDrop(
         Cmd::new("sleep")
             .arg("600")

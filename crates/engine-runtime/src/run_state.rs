@@ -2,7 +2,7 @@
 //! who keeps it ([`PoolRun`], read under the lock; stale files removed,
 //! never acted on), and removing files that still name a given process.
 
-use crate::lifecycle::{io, EngineError};
+use crate::lifecycle::{io, EngineError, PreparedEngine};
 use llorch_io::fsx::FileLock;
 use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord};
 use llorch_io::paths::Layout;
@@ -93,6 +93,101 @@ impl PoolRun {
     }
 }
 
+/// What differs between a running engine's handoff and what we would start.
+pub fn differences(h: &Handoff, prep: &PreparedEngine) -> Vec<String> {
+    let mut d = Vec::new();
+    if h.fingerprint != prep.fingerprint {
+        d.push(format!(
+            "engine build {} → {}",
+            &h.fingerprint[..12.min(h.fingerprint.len())],
+            &prep.fingerprint[..12.min(prep.fingerprint.len())]
+        ));
+    }
+    if h.model.digest != prep.model.digest {
+        d.push(format!(
+            "model {} → {}",
+            h.model.reference, prep.model.reference
+        ));
+    }
+    if h.flags != prep.flags {
+        let old: Vec<_> = h
+            .flags
+            .iter()
+            .filter(|f| !prep.flags.contains(f))
+            .cloned()
+            .collect();
+        let new: Vec<_> = prep
+            .flags
+            .iter()
+            .filter(|f| !h.flags.contains(f))
+            .cloned()
+            .collect();
+        d.push(format!(
+            "server flags [{}] → [{}]",
+            old.join(" "),
+            new.join(" ")
+        ));
+    }
+    d
+}
+
+/// What a caller means to do with a pool; [`claim`] answers for all of them.
+#[derive(Clone, Copy, Debug)]
+pub enum Intent<'a> {
+    /// Run an engine of its own under a supervisor (a stack's replica, a
+    /// supervisor's start): only a free pool.
+    Supervise,
+    /// `serve`: supervise an engine of its own, or attach to the detached
+    /// engine `provision` started if it is this very engine.
+    SuperviseOrAttach(&'a PreparedEngine),
+    /// `provision`: a detached engine; one that runs and is this engine is
+    /// reused, a different detached one is replaced.
+    Provision(&'a PreparedEngine),
+}
+
+/// [`claim`]'s answer: what the caller may do. A pool kept by someone else
+/// is an `Err` naming the owner and how to stop it.
+#[derive(Debug)]
+pub enum Claim {
+    /// Nobody keeps the pool (stale run files were swept): start one.
+    Free,
+    /// A live detached engine that is the caller's engine: use it.
+    Attach(Box<Handoff>),
+    /// (`Provision` only) a live detached engine that differs: stop it, then
+    /// start the caller's. `changes` says how it differs.
+    Replace {
+        run: Box<PoolRun>,
+        changes: Vec<String>,
+    },
+}
+
+/// Who may do what with `pool`, decided in one place for provision, serve,
+/// stacks and supervisors. Call it under the pool lock when acting on the
+/// answer (the run files may change otherwise).
+pub fn claim(layout: &Layout, pool: &PoolId, intent: Intent<'_>) -> Result<Claim, EngineError> {
+    let Some(run) = read_pool(layout, pool) else {
+        return Ok(Claim::Free);
+    };
+    let detached = match (&run.record.owner, &run.handoff) {
+        (Owner::Detached, Some(h)) if run.engine_alive => h.clone(),
+        // A live supervisor (even between restarts), or an engine still starting.
+        _ => return Err(run.busy_error()),
+    };
+    let prep = match intent {
+        Intent::Supervise => return Err(run.busy_error()),
+        Intent::SuperviseOrAttach(p) | Intent::Provision(p) => p,
+    };
+    let changes = differences(&detached, prep);
+    match intent {
+        _ if changes.is_empty() => Ok(Claim::Attach(Box::new(detached))),
+        Intent::Provision(_) => Ok(Claim::Replace {
+            run: Box::new(run),
+            changes,
+        }),
+        _ => Err(run.busy_error()),
+    }
+}
+
 /// Read the pool's run files. Files that do not parse, or that name neither a
 /// live engine nor a live supervisor, are stale: removed, never acted on.
 pub fn read_pool(layout: &Layout, pool: &PoolId) -> Option<PoolRun> {
@@ -176,5 +271,134 @@ pub fn remove_run_files(paths: &RunPaths, identity: &ProcessIdentity) {
         if &h.process == identity {
             let _ = std::fs::remove_file(&paths.handoff);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use llorch_io::handoff::{EngineModel, RUN_SCHEMA};
+
+    fn prep(pool: &PoolId, fingerprint: &str) -> PreparedEngine {
+        PreparedEngine {
+            binary: PathBuf::from("/nonexistent/llama-server"),
+            model: EngineModel {
+                reference: "file:m.gguf".into(),
+                path: PathBuf::from("/nonexistent/m.gguf"),
+                digest: "0".repeat(64),
+                metadata: serde_json::json!({}),
+            },
+            flags: vec!["--ctx-size".into(), "2048".into()],
+            env: Vec::new(),
+            pool_id: pool.clone(),
+            replica_id: "r0".into(),
+            fingerprint: fingerprint.into(),
+            host: "127.0.0.1".into(),
+            ports: vec![0],
+            ready_timeout_s: 1,
+            engine_version: "v".into(),
+        }
+    }
+
+    /// Run files naming `process` (this test process stands in for a live
+    /// engine) as the pool's engine, kept by `owner`, built as `p`.
+    fn write_run(layout: &Layout, p: &PreparedEngine, process: ProcessIdentity, owner: Owner) {
+        let paths = RunPaths::new(layout, &p.pool_id);
+        paths.ensure_dirs(layout).unwrap();
+        let record = RunRecord {
+            schema: RUN_SCHEMA,
+            pool: p.pool_id.clone(),
+            process: process.clone(),
+            owner: owner.clone(),
+            fingerprint: p.fingerprint.clone(),
+            port: 1,
+            started_at: "now".into(),
+        };
+        let handoff = Handoff {
+            schema: RUN_SCHEMA,
+            engine: "llamacpp".into(),
+            engine_version: "v".into(),
+            provisioning_mode: "test".into(),
+            url: "http://127.0.0.1:1".into(),
+            pool_id: p.pool_id.clone(),
+            replica_id: "r0".into(),
+            model: p.model.clone(),
+            flags: p.flags.clone(),
+            process,
+            owner,
+            fingerprint: p.fingerprint.clone(),
+            started_at: "now".into(),
+            api_key_file: None,
+        };
+        let write = |path: &std::path::Path, json: String| {
+            llorch_io::fsx::write_atomic(path, json.as_bytes()).unwrap()
+        };
+        write(&paths.pid_file, serde_json::to_string(&record).unwrap());
+        write(&paths.handoff, serde_json::to_string(&handoff).unwrap());
+    }
+
+    /// One answer for every caller: a free pool is free for all; a live
+    /// detached engine is attached to when it is the caller's engine,
+    /// replaced only by `provision` when it differs, refused otherwise; a
+    /// live supervisor's pool is refused to everyone; a dead owner's files
+    /// are swept and the pool is free.
+    #[test]
+    fn claim_answers_every_caller_from_the_run_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let layout = Layout::at(root.clone(), root.join("cache"), root.join("rt"));
+        let pool = PoolId::parse("claimed").unwrap();
+        let mine = prep(&pool, "fp-a");
+        let other = prep(&pool, "fp-b");
+        let all = [
+            Intent::Supervise,
+            Intent::SuperviseOrAttach(&mine),
+            Intent::Provision(&mine),
+        ];
+        for intent in all {
+            assert!(matches!(claim(&layout, &pool, intent), Ok(Claim::Free)));
+        }
+
+        write_run(&layout, &mine, ProcessIdentity::current(), Owner::Detached);
+        assert!(claim(&layout, &pool, Intent::Supervise).is_err());
+        assert!(matches!(
+            claim(&layout, &pool, Intent::SuperviseOrAttach(&mine)),
+            Ok(Claim::Attach(h)) if h.fingerprint == "fp-a"
+        ));
+        assert!(matches!(
+            claim(&layout, &pool, Intent::Provision(&mine)),
+            Ok(Claim::Attach(_))
+        ));
+        match claim(&layout, &pool, Intent::Provision(&other)) {
+            Ok(Claim::Replace { changes, .. }) => {
+                assert!(changes[0].starts_with("engine build"), "{changes:?}")
+            }
+            other => panic!("{other:?}"),
+        }
+        let busy = claim(&layout, &pool, Intent::SuperviseOrAttach(&other)).unwrap_err();
+        assert!(busy.to_string().contains("claimed"), "{busy}");
+
+        let supervised = Owner::Supervised {
+            supervisor: ProcessIdentity::current(),
+            command: "serve".into(),
+        };
+        write_run(&layout, &mine, ProcessIdentity::current(), supervised);
+        for intent in all {
+            assert!(claim(&layout, &pool, intent).is_err(), "{intent:?}");
+        }
+
+        // Neither the engine nor a supervisor lives: stale, swept, free.
+        let mut dead = ProcessIdentity::current();
+        dead.start_time += 1;
+        let gone = Owner::Supervised {
+            supervisor: dead.clone(),
+            command: "serve".into(),
+        };
+        write_run(&layout, &mine, dead, gone);
+        assert!(matches!(
+            claim(&layout, &pool, Intent::Supervise),
+            Ok(Claim::Free)
+        ));
+        assert!(!RunPaths::new(&layout, &pool).pid_file.exists(), "swept");
     }
 }

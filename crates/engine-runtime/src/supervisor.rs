@@ -152,9 +152,7 @@ impl Supervisor {
     ) -> Result<Supervisor, EngineError> {
         {
             let _lock = lifecycle::lock_pool(&layout, &prep.pool_id, || {})?;
-            if let Some(run) = lifecycle::read_pool(&layout, &prep.pool_id) {
-                return Err(run.busy_error());
-            }
+            lifecycle::claim(&layout, &prep.pool_id, lifecycle::Intent::Supervise)?;
         }
         let owner = Owner::Supervised {
             supervisor: ProcessIdentity::current(),

@@ -330,13 +330,13 @@ pub async fn start_pools(
             let run_id = p.id.replica(k);
             let taken = {
                 let (l, id) = (layout.clone(), run_id.clone());
-                tokio::task::spawn_blocking(move || lifecycle::read_pool(&l, &id))
-                    .await
-                    .map_err(|e| StackError::Other(e.to_string()))?
+                tokio::task::spawn_blocking(move || {
+                    lifecycle::claim(&l, &id, lifecycle::Intent::Supervise)
+                })
+                .await
+                .map_err(|e| StackError::Other(e.to_string()))?
             };
-            if let Some(run) = taken {
-                return Err(run.busy_error().into());
-            }
+            taken?;
             let mut rprep = prep.clone();
             rprep.pool_id = run_id.clone();
             rprep.replica_id = format!("r{k}");

@@ -10,7 +10,7 @@
 //!   attached when it matches, refused when it differs (its supervisor owns it).
 
 use crate::prepare::{self, Prepared};
-use engine_runtime::lifecycle::{self, PreparedEngine, RunPaths};
+use engine_runtime::lifecycle::{self, RunPaths};
 use llorch_io::handoff::{Handoff, Owner, PoolId};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
@@ -35,43 +35,7 @@ pub struct ProvisionOutcome {
     pub log: String,
 }
 
-/// What differs between a running engine's handoff and what we would start.
-pub fn differences(h: &Handoff, prep: &PreparedEngine) -> Vec<String> {
-    let mut d = Vec::new();
-    if h.fingerprint != prep.fingerprint {
-        d.push(format!(
-            "engine build {} → {}",
-            &h.fingerprint[..12.min(h.fingerprint.len())],
-            &prep.fingerprint[..12.min(prep.fingerprint.len())]
-        ));
-    }
-    if h.model.digest != prep.model.digest {
-        d.push(format!(
-            "model {} → {}",
-            h.model.reference, prep.model.reference
-        ));
-    }
-    if h.flags != prep.flags {
-        let old: Vec<_> = h
-            .flags
-            .iter()
-            .filter(|f| !prep.flags.contains(f))
-            .cloned()
-            .collect();
-        let new: Vec<_> = prep
-            .flags
-            .iter()
-            .filter(|f| !h.flags.contains(f))
-            .cloned()
-            .collect();
-        d.push(format!(
-            "server flags [{}] → [{}]",
-            old.join(" "),
-            new.join(" ")
-        ));
-    }
-    d
-}
+pub use engine_runtime::run_state::differences;
 
 fn healthy(h: &Handoff) -> bool {
     let mut r = llorch_io::http::probe_client().get(format!("{}/health", h.url));
@@ -128,23 +92,17 @@ pub fn provision(
     };
     let mut action = "started";
     let mut changes = Vec::new();
-    if let Some(run) = lifecycle::read_pool(layout, pool) {
-        let h = match &run.handoff {
-            Some(h) if run.engine_alive => h.clone(),
-            // Kept by a live supervisor that is (re)starting its engine: never a second one.
-            _ => return Err(run.busy_error().into()),
-        };
-        changes = differences(&h, &prep);
-        let ok = healthy(&h);
-        if changes.is_empty() && ok {
+    let replace = match lifecycle::claim(layout, pool, lifecycle::Intent::Provision(&prep))? {
+        lifecycle::Claim::Free => None,
+        lifecycle::Claim::Attach(h) if healthy(&h) => {
             return Ok(outcome("already_running", &h, changes, None));
         }
-        if let Owner::Supervised { .. } = run.record.owner {
-            return Err(run.busy_error().into());
-        }
-        if !ok {
-            changes.push("running engine is not healthy".into());
-        }
+        lifecycle::Claim::Attach(_) => lifecycle::read_pool(layout, pool)
+            .map(|run| (run, vec!["running engine is not healthy".to_string()])),
+        lifecycle::Claim::Replace { run, changes } => Some((*run, changes)),
+    };
+    if let Some((run, c)) = replace {
+        changes = c;
         if !quiet {
             eprintln!("restarting engine for pool {pool}: {}", changes.join("; "));
         }

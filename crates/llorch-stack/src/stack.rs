@@ -13,7 +13,7 @@ use crate::prepare::{self, Prepared};
 use engine_provisioner::BuildOptions;
 use engine_runtime::lifecycle::{self, PreparedEngine, RunPaths};
 use engine_runtime::supervisor::{EngineState, RestartPolicy, StateHandle, Supervisor};
-use llorch_io::handoff::{Owner, PoolId};
+use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
 use orchestratord::{Config, EngineInfo, EngineLink, HandoffLink, LinkState};
@@ -176,9 +176,12 @@ pub async fn start_stack(
     );
     let existing = {
         let (l, p) = (layout.clone(), pool.clone());
-        tokio::task::spawn_blocking(move || lifecycle::read_pool(&l, &p))
-            .await
-            .map_err(|e| StackError::Other(e.to_string()))?
+        let prep = prep.clone();
+        tokio::task::spawn_blocking(move || {
+            lifecycle::claim(&l, &p, lifecycle::Intent::SuperviseOrAttach(&prep))
+        })
+        .await
+        .map_err(|e| StackError::Other(e.to_string()))??
     };
     let (hold, link, engine_url, engine_api_key): (
         EngineHold,
@@ -186,15 +189,7 @@ pub async fn start_stack(
         String,
         Option<String>,
     ) = match existing {
-        Some(run) => {
-            let h = match (&run.record.owner, &run.handoff) {
-                (Owner::Detached, Some(h))
-                    if run.engine_alive && crate::provision::differences(h, &prep).is_empty() =>
-                {
-                    h.clone()
-                }
-                _ => return Err(run.busy_error().into()),
-            };
+        lifecycle::Claim::Attach(h) => {
             if !quiet {
                 eprintln!(
                         "attaching to the engine that `provision` started for pool {pool} (pid {}); it keeps running after this exits",
@@ -221,7 +216,8 @@ pub async fn start_stack(
                 key,
             )
         }
-        None => {
+        lifecycle::Claim::Replace { .. } => unreachable!("claim replaces for Provision only"),
+        lifecycle::Claim::Free => {
             let timeout = Duration::from_secs(prep.ready_timeout_s + 10);
             let (l3, cmd) = (layout.clone(), command.to_string());
             let sup = tokio::task::spawn_blocking(move || {
