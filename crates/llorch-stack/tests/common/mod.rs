@@ -3,6 +3,8 @@
 //! slots and an orchestrator's readiness, pinned Python client packages.
 #![allow(dead_code)]
 
+pub mod api;
+
 use engine_provisioner::build::BuildOptions;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
 use llorch_io::handoff::PoolId;

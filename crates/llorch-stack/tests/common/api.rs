@@ -1,0 +1,75 @@
+//! One real supervised engine per test binary of the v1 API (`api.rs`,
+//! `api_faults.rs`, `openai_api.rs`): tests take turns on it ([`TURN`]: it
+//! has one slot), each with its own orchestrator.
+
+use super::{wait_ready, Engine};
+use engine_runtime::supervisor::EngineState;
+use llorch_stack::SupervisorLink;
+use orchestratord::Config;
+use serde_json::Value;
+use std::sync::OnceLock;
+use std::time::Duration;
+
+static ENGINE: OnceLock<Engine> = OnceLock::new();
+
+/// This test binary's pool (its name and pid): two runs at once must not
+/// share one (one engine per pool).
+pub fn pool() -> String {
+    format!(
+        "{}-{}",
+        env!("CARGO_CRATE_NAME").replace('_', "-"),
+        std::process::id()
+    )
+}
+pub static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+pub fn engine() -> &'static Engine {
+    ENGINE.get_or_init(|| Engine::start(None, &pool(), env!("CARGO_CRATE_NAME")))
+}
+
+pub fn engine_url() -> String {
+    engine().url()
+}
+
+pub async fn orchestrator(mut cfg: Config) -> orchestratord::Server {
+    let e = engine();
+    cfg.health_interval = Duration::from_millis(50);
+    if cfg.addr.port() == 8080 {
+        cfg.addr = "127.0.0.1:0".parse().unwrap();
+    }
+    let srv = orchestratord::start(
+        cfg,
+        Box::new(SupervisorLink {
+            base: e.base.clone(),
+            state: e.sup.state_handle(),
+        }),
+    )
+    .await
+    .unwrap();
+    wait_ready(&format!("http://{}", srv.addr)).await;
+    srv
+}
+
+pub async fn status(req: reqwest::RequestBuilder) -> u16 {
+    req.send().await.unwrap().status().as_u16()
+}
+
+pub const LONG: &str = "Count from one to one thousand, one number per line:\n";
+
+pub async fn submit(c: &reqwest::Client, base: &str, body: Value) -> Value {
+    let r = c
+        .post(format!("{base}/v1/tasks"))
+        .json(&body)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    r.json().await.unwrap()
+}
+
+pub fn engine_pid() -> u32 {
+    match engine().sup.state() {
+        EngineState::Ready { pid, .. } => pid,
+        s => panic!("engine not ready: {s:?}"),
+    }
+}
