@@ -10,7 +10,7 @@ use llorch_io::cmd::Cmd;
 
 #[derive(Args)]
 pub struct CiCmd {
-    /// Skip `cargo fmt --check` and clippy
+    /// Skip `cargo fmt --check`, clippy and the doc check
     #[arg(long)]
     no_lint: bool,
 }
@@ -46,6 +46,14 @@ impl CiCmd {
                     "-D",
                     "warnings",
                 ]),
+                root,
+            )?;
+            // Doc comments that link to what moved or vanished fail here.
+            step(
+                "doc",
+                Cmd::new(&cargo)
+                    .args(["doc", "--workspace", "--no-deps"])
+                    .env("RUSTDOCFLAGS", "-D warnings"),
                 root,
             )?;
         }

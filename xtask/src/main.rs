@@ -1,6 +1,9 @@
 //! `cargo xtask`: the llama-orch command line. `main` parses flags, finds the
 //! workspace and dispatches; each command lives in its own module and calls
 //! into the library crates, which do the work.
+// The doc comments of the commands are their `--help` text, written for a
+// terminal (`oci://HOST[:PORT]/REPO`), not rustdoc links.
+#![allow(rustdoc::broken_intra_doc_links)]
 
 use anyhow::Result;
 use clap::{Parser, Subcommand};
@@ -43,7 +46,7 @@ enum Command {
     Engine(engine::EngineCmd),
     /// Side-by-side measurements: build, model, provision, stream, openai, pools, fleet, load, soak
     Bench(bench::BenchCmd),
-    /// What CI runs: fmt check, clippy, the default engine and model, then all tests
+    /// What CI runs: fmt check, clippy, rustdoc links, the default engine and model, then all tests
     Ci(ci::CiCmd),
     /// Report every tool a profile needs, found or not, and how to install what is missing
     Doctor(doctor::DoctorCmd),

@@ -3,7 +3,7 @@
 //! A fingerprint is the sha256 of the canonical JSON (sorted keys, no
 //! whitespace) of [`BuildInputs`]: everything that changes the binary, and
 //! nothing that does not (never mtimes, never absolute paths). The same JSON
-//! is stored in the artifact's `manifest.json`, so [`explain`] can say which
+//! is stored in the artifact's `manifest.json`, so [`explain`](crate::build::explain) can say which
 //! input differs from the closest cached build.
 //!
 //! Architecture Invariant: runtime flags (port, threads, context size) are

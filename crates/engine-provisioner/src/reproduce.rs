@@ -4,7 +4,7 @@
 //! (`-ffile-prefix-map`, which also covers `__FILE__` and debug info; for
 //! CUDA through `-Xcompiler` to nvcc's host compiler) and fixes the clock
 //! (`SOURCE_DATE_EPOCH`), so where the cache lives changes no byte of the
-//! engine ([`env`]). [`rebuild`] proves it for one engine: it builds the
+//! engine ([`env()`]). [`rebuild`] proves it for one engine: it builds the
 //! profile again from its pinned source, in a scratch copy of the tree and a
 //! scratch build directory, with no compiler cache (a cache hit returns the
 //! bytes it stored and would prove nothing about the compiler), and

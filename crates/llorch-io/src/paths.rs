@@ -217,7 +217,7 @@ pub enum Bucket {
     Engines,
     /// `models-v1/`: blobs and refs.json (owner: model-provisioner::store)
     Models,
-    /// `downloads/`: partial downloads (owner: model-provisioner::download)
+    /// `downloads/`: partial downloads (owner: llorch_io::download, for the model store and archive pins)
     Downloads,
     /// `locks/`: flock files (names: `Layout::*_lock`)
     Locks,

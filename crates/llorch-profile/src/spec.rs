@@ -139,7 +139,7 @@ pub struct ServerSpec {
     pub ready_timeout_s: u64,
     #[serde(default = "default_seed")]
     pub seed: u64,
-    /// `exact` (default: one slot per engine) or `batched` (see [`concurrency`]).
+    /// `exact` (default: one slot per engine) or `batched` (see [`concurrency`](crate::concurrency)).
     #[serde(default)]
     pub mode: Option<Mode>,
     /// Parallel slots of a batched engine.

@@ -1,7 +1,7 @@
 //! The haiku proof, a library: `cargo xtask haiku` and `pin bump` call
-//! [`cli`], the e2e tests (`tests/e2e-haiku`) call [`run`], and the
+//! [`cli()`], the e2e tests (`tests/e2e-haiku`) call [`run`], and the
 //! standalone `llorch-haiku` binary there (for GPU hosts without a Rust
-//! toolchain) calls [`cli`] too.
+//! toolchain) calls [`cli()`] too.
 //!
 //! From a profile: build (or reuse) the engine, fetch the model, run the
 //! engine under a supervisor with the orchestrator in front of it (under

@@ -1,8 +1,8 @@
 //! Composition of the other crates, used by `cargo xtask serve`, `haiku`,
 //! `bench` and the `orchestratord` wiring:
 //!
-//! * [`prepare`]: build + fetch + flags (everything but the process);
-//! * [`provision`]: a detached engine per pool, idempotent, under the pool lock;
+//! * [`prepare`](mod@prepare): build + fetch + flags (everything but the process);
+//! * [`provision`](mod@provision): a detached engine per pool, idempotent, under the pool lock;
 //! * [`stack`]: a supervised (or attached) engine and the orchestrator in one process;
 //! * [`pools`]: several pools (loaded at start or on demand, unloaded when idle) behind one orchestrator.
 //!

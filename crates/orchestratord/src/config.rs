@@ -63,7 +63,7 @@ pub struct ListenArgs {
     #[arg(long, default_value_t = 20)]
     pub stall_timeout_s: u64,
     /// Also accept requests whose `Host` is NAME (repeatable). On a loopback
-    /// bind only the bound address, localhost, 127.0.0.1 and [::1] are
+    /// bind only the bound address, localhost, 127.0.0.1 and `[::1]` are
     /// accepted otherwise, so a web page cannot reach the API through DNS
     /// rebinding.
     #[arg(long = "allowed-host", value_name = "NAME")]

@@ -1,5 +1,5 @@
 //! What a web page in a browser could send is refused (`Host` and content
-//! type, [`guard`]); the API token off loopback ([`auth`]).
+//! type, `guard`); the API token off loopback (`auth`).
 
 use crate::api::ApiError;
 use crate::{AppState, Shared};

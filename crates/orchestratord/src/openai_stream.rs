@@ -1,7 +1,7 @@
 //! OpenAI's streamed answers of the task path: task events → `data:`
 //! chunks (a role delta, one chunk per engine frame, the chunk with
 //! `finish_reason`, the usage chunk if asked, `[DONE]`), and the object of
-//! each chunk ([`Head`]).
+//! each chunk (`Head`).
 
 use crate::api::{ApiError, DisconnectGuard};
 use crate::events::{EndEvent, TaskEvent, TokenEvent};

@@ -4,7 +4,7 @@
 //!
 //! Theory of operation:
 //! * A task names its pool (`pool`, or OpenAI's `model`: a pool id or the
-//!   model's name); [`crate::AppState::route`] finds it, and it waits in that
+//!   model's name); [`crate::admission::route`] finds it, and it waits in that
 //!   pool's queue. A pool that loads on demand admits tasks while it is
 //!   unloaded or loading: they wait (bounded by their deadline), they never
 //!   fail because of the load.
