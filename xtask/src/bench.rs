@@ -7,6 +7,7 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use engine_provisioner::build::BuildOptions;
 use llorch_io::cmd::Cmd;
+use llorch_io::llama_server::{all_idle, Api, LlamaServer};
 use serde_json::{json, Value};
 use std::io::{Read, Write};
 use std::path::Path;
@@ -150,8 +151,8 @@ pub(crate) async fn direct_completion(
 ) -> Result<(f64, f64)> {
     use futures_util::StreamExt;
     let t = Instant::now();
-    let r = http
-        .post(format!("{engine}/completion"))
+    let r = LlamaServer::new(engine, None)
+        .post(http, Api::Completion)
         .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false, "ignore_eos": true}))
         .send()
         .await?;
@@ -431,11 +432,7 @@ fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Valu
             .spawn(llorch_io::cmd::Io::Null, llorch_io::cmd::Io::Null)?;
         let c = llorch_io::http::probe_client();
         loop {
-            if c.get(format!("http://127.0.0.1:{port}/health"))
-                .send()
-                .map(|r| r.status() == 200)
-                .unwrap_or(false)
-            {
+            if LlamaServer::new(format!("http://127.0.0.1:{port}"), None).healthy_blocking(&c) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(1));
@@ -607,16 +604,13 @@ fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) 
 
 /// Poll llama-server's `/slots` (every millisecond) until no slot is processing.
 pub(crate) async fn slots_idle(http: &reqwest::Client, engine: &str) -> Result<()> {
+    let server = LlamaServer::new(engine, None);
     loop {
-        let v: Value = http
-            .get(format!("{engine}/slots"))
-            .send()
-            .await?
-            .json()
-            .await?;
-        if v.as_array()
-            .is_some_and(|a| a.iter().all(|x| x["is_processing"] == json!(false)))
-        {
+        let slots = server
+            .slots(http, Duration::from_secs(5))
+            .await
+            .map_err(anyhow::Error::msg)?;
+        if all_idle(&slots) {
             return Ok(());
         }
         tokio::time::sleep(Duration::from_millis(1)).await;

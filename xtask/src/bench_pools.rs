@@ -17,6 +17,7 @@ use crate::Ctx;
 use anyhow::{bail, Context, Result};
 use llorch_io::cmd::Cmd;
 use llorch_io::handoff::PoolId;
+use llorch_io::llama_server::LlamaServer;
 use llorch_profile::stack::{LoadPolicy, Stack, StackPool};
 use orchestratord::client::stream_task;
 use serde_json::{json, Value};
@@ -252,11 +253,9 @@ async fn aggregate(
         );
         let url = format!("http://127.0.0.1:{port}");
         let t0 = Instant::now();
-        while !http
-            .get(format!("{url}/health"))
-            .send()
+        while !LlamaServer::new(url.as_str(), None)
+            .healthy(&http, Duration::from_secs(2))
             .await
-            .is_ok_and(|r| r.status() == 200)
         {
             if t0.elapsed() > Duration::from_secs(prep.ready_timeout_s) {
                 bail!("the hand-launched engine at {url} did not become ready");

@@ -405,26 +405,18 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
             return Ok(());
         }
     };
-    let key = h.api_key()?;
-    let auth = |rb: reqwest::blocking::RequestBuilder| match &key {
-        Some(k) => rb.bearer_auth(k),
-        None => rb,
-    };
+    let server = llorch_io::llama_server::LlamaServer::new(h.url.clone(), h.api_key()?);
     let client = llorch_io::http::probe_client();
-    let health = auth(client.get(format!("{}/health", h.url)))
+    let health = server
+        .get_blocking(&client, llorch_io::llama_server::Api::Health)
         .send()
         .map(|r| r.status().as_u16())
         .ok();
-    let slots: Option<serde_json::Value> = auth(client.get(format!("{}/slots", h.url)))
-        .send()
-        .ok()
-        .and_then(|r| r.json().ok());
-    let busy = slots.as_ref().and_then(|s| s.as_array()).map(|a| {
-        a.iter()
-            .filter(|s| s["is_processing"].as_bool() == Some(true))
-            .count()
-    });
-    let total = slots.as_ref().and_then(|s| s.as_array()).map(|a| a.len());
+    let slots = server.slots_blocking(&client).ok();
+    let busy = slots
+        .as_ref()
+        .map(|a| a.iter().filter(|s| s.is_processing).count());
+    let total = slots.as_ref().map(|a| a.len());
     let uptime = std::fs::metadata(format!("/proc/{}", pf.process.pid))
         .and_then(|m| m.modified())
         .ok()

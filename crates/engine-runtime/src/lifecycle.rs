@@ -32,6 +32,7 @@
 
 use llorch_io::fsx::FileLock;
 use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord, RUN_SCHEMA};
+use llorch_io::llama_server::{Api, LlamaServer};
 use llorch_io::paths::Layout;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
@@ -312,14 +313,10 @@ fn spawn_on(
         return Err(fatal(e));
     }
     let ready_ms = started.elapsed().as_millis() as u64;
-    let mut probe = llorch_io::http::probe_client().get(format!("{url}/metrics"));
-    if let Some(k) = api_key {
-        probe = probe.bearer_auth(k);
-    }
-    let metrics_ok = probe
+    let metrics_ok = LlamaServer::new(url.clone(), api_key.map(str::to_string))
+        .get_blocking(&llorch_io::http::probe_client(), Api::Metrics)
         .send()
-        .map(|r| r.status().is_success())
-        .unwrap_or(false);
+        .is_ok_and(|r| r.status().is_success());
     if !metrics_ok {
         eprintln!("warning: {url}/metrics did not answer 200 (was the engine built without metrics support?)");
     }
@@ -390,7 +387,10 @@ pub fn wait_ready(
                 tail: llorch_io::tail_lines(log, 40),
             });
         }
-        match client.get(format!("{url}/health")).send() {
+        match LlamaServer::new(url, None)
+            .get_blocking(&client, Api::Health)
+            .send()
+        {
             Ok(r) if r.status().as_u16() == 200 => return Ok(()),
             Ok(r) => last = format!("HTTP {}", r.status().as_u16()),
             Err(e) => {

@@ -7,6 +7,7 @@
 //! * [`digest`]: streaming sha256.
 //! * [`paths`]: where the workspace, the cache and the run state live.
 //! * [`gpu`]: every `nvidia-smi` reading (memory, compute capability, driver CUDA).
+//! * [`llama_server`]: llama-server's own HTTP API (endpoints, keys, `/slots`, `/metrics`).
 //!
 //! Tests point these doors at local servers and repositories; nothing else in
 //! the workspace opens sockets or spawns build tools on its own.
@@ -18,6 +19,7 @@ pub mod fsx;
 pub mod gpu;
 pub mod handoff;
 pub mod http;
+pub mod llama_server;
 pub mod oci;
 pub mod paths;
 pub mod signals;

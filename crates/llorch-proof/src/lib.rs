@@ -32,6 +32,7 @@ pub use cli::{cli, Output};
 
 use anyhow::{Context, Result};
 use llorch_io::handoff::PoolId;
+use llorch_io::llama_server::{all_idle, Api, LlamaServer};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
 use llorch_stack::Stack;
@@ -186,52 +187,42 @@ pub async fn run(
 }
 
 /// Talks to the engine directly (no orchestrator), with its key if it has one.
-struct Direct<'a> {
+struct Direct {
     http: reqwest::Client,
-    url: &'a str,
-    key: Option<&'a str>,
+    server: LlamaServer,
 }
 
-impl Direct<'_> {
-    fn req(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
-        match self.key {
-            Some(k) => rb.bearer_auth(k),
-            None => rb,
+impl Direct {
+    fn new(http: &reqwest::Client, url: &str, key: Option<&str>) -> Direct {
+        Direct {
+            http: http.clone(),
+            server: LlamaServer::new(url, key.map(str::to_string)),
         }
     }
 
-    async fn post(&self, path: &str, body: &Value) -> Result<Value> {
-        let r = self
-            .req(self.http.post(format!("{}{path}", self.url)))
-            .json(body)
-            .send()
-            .await?;
+    async fn post(&self, api: Api, body: &Value) -> Result<Value> {
+        let r = self.server.post(&self.http, api).json(body).send().await?;
         let status = r.status();
         let v: Value = r.json().await?;
         anyhow::ensure!(
             status.is_success(),
-            "llama-server {path} answered {status}: {v}"
+            "llama-server {} answered {status}: {v}",
+            api.path()
         );
         Ok(v)
     }
 
     async fn tokens_predicted_total(&self) -> Result<u64> {
-        let text = self
-            .req(self.http.get(format!("{}/metrics", self.url)))
-            .send()
-            .await?
-            .text()
-            .await?;
-        text.lines()
-            .find_map(|l| l.strip_prefix("llamacpp:tokens_predicted_total "))
-            .and_then(|v| v.trim().parse::<f64>().ok())
+        self.server
+            .metric(&self.http, "llamacpp:tokens_predicted_total")
+            .await
             .map(|v| v as u64)
-            .context("llama-server /metrics has no llamacpp:tokens_predicted_total")
+            .map_err(anyhow::Error::msg)
     }
 
     async fn render(&self, messages: &Value) -> Result<String> {
         let p = self
-            .post("/apply-template", &json!({"messages": messages}))
+            .post(Api::ApplyTemplate, &json!({"messages": messages}))
             .await?;
         p["prompt"]
             .as_str()
@@ -244,7 +235,7 @@ impl Direct<'_> {
         let prompt = self.render(messages).await?;
         let r = self
             .post(
-                "/completion",
+                Api::Completion,
                 &json!({"prompt": prompt, "n_predict": HAIKU_MAX_TOKENS, "temperature": 0.0, "seed": seed,
                         "stream": false, "cache_prompt": false, "grammar": HAIKU_GRAMMAR}),
             )
@@ -276,15 +267,11 @@ pub async fn first_position_logprobs(
     key: Option<&str>,
     messages: &Value,
 ) -> Result<Vec<(i64, f64)>> {
-    let d = Direct {
-        http: http.clone(),
-        url: engine,
-        key,
-    };
+    let d = Direct::new(http, engine, key);
     let prompt = d.render(messages).await?;
     let r = d
         .post(
-            "/completion",
+            Api::Completion,
             &json!({"prompt": prompt, "n_predict": 1, "n_probs": 10, "temperature": 0.0,
                     "stream": false, "cache_prompt": false}),
         )
@@ -353,11 +340,7 @@ pub async fn prove(
     let http = llorch_io::http::async_client();
     let orch = stack.orchestrator_url();
     let engine = &stack.engine_url;
-    let direct = Direct {
-        http: http.clone(),
-        url: engine,
-        key: stack.engine_api_key.as_deref(),
-    };
+    let direct = Direct::new(&http, engine, stack.engine_api_key.as_deref());
     let seed = profile.file.server.seed;
     let minute_word = minute_in_words(current_minute());
     let nonce = new_nonce();
@@ -437,9 +420,17 @@ pub async fn prove(
         }
     };
     let other_messages = haiku_messages(&minute_word, &other_nonce);
-    let a = first_position_logprobs(&http, engine, direct.key, &messages).await?;
-    let a2 = first_position_logprobs(&http, engine, direct.key, &messages).await?;
-    let b = first_position_logprobs(&http, engine, direct.key, &other_messages).await?;
+    let a =
+        first_position_logprobs(&http, engine, stack.engine_api_key.as_deref(), &messages).await?;
+    let a2 =
+        first_position_logprobs(&http, engine, stack.engine_api_key.as_deref(), &messages).await?;
+    let b = first_position_logprobs(
+        &http,
+        engine,
+        stack.engine_api_key.as_deref(),
+        &other_messages,
+    )
+    .await?;
     let (max_delta, sets_differ) = compare_logprobs(&a, &b);
     check(
         &mut checks,
@@ -458,16 +449,12 @@ pub async fn prove(
 
     let long = json!({"prompt": "Count from one to one thousand, one number per line:\n", "max_tokens": 2048, "ignore_eos": true});
     let canceled = stream_task(&http, &orch, &long, None, Some(1)).await?;
-    let slots: Value = direct
-        .req(http.get(format!("{engine}/slots")))
-        .send()
-        .await?
-        .json()
-        .await?;
-    let idle = slots.as_array().is_some_and(|a| {
-        a.iter()
-            .all(|s| s["is_processing"].as_bool() == Some(false))
-    });
+    let slots = direct
+        .server
+        .slots(&http, Duration::from_secs(5))
+        .await
+        .map_err(anyhow::Error::msg)?;
+    let idle = all_idle(&slots);
     check(
         &mut checks,
         "cancel after the first token ends canceled and frees the slot",

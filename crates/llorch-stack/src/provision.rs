@@ -38,13 +38,11 @@ pub struct ProvisionOutcome {
 pub use engine_runtime::run_state::differences;
 
 fn healthy(h: &Handoff) -> bool {
-    let mut r = llorch_io::http::probe_client().get(format!("{}/health", h.url));
-    if let Ok(Some(k)) = h.api_key() {
-        r = r.bearer_auth(k);
-    }
-    r.send()
-        .map(|r| r.status().as_u16() == 200)
-        .unwrap_or(false)
+    let Ok(key) = h.api_key() else {
+        return false;
+    };
+    llorch_io::llama_server::LlamaServer::new(h.url.clone(), key)
+        .healthy_blocking(&llorch_io::http::probe_client())
 }
 
 /// Start the pool's engine detached (it outlives this process until `engine down`).

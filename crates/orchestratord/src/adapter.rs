@@ -26,6 +26,7 @@ use crate::tasks::{CancelReason, Task};
 use crate::AppState;
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
+use llorch_io::llama_server::{all_idle, Api, Slot};
 use serde_json::{json, Value};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -109,10 +110,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
             let idle = if pool.slots > 1 {
                 let others = || pool.running.load(Ordering::SeqCst).saturating_sub(1) as usize;
                 poll_slots(st, &engine, Duration::from_secs(3), |a| {
-                    a.iter()
-                        .filter(|s| s["is_processing"].as_bool() == Some(true))
-                        .count()
-                        <= others()
+                    a.iter().filter(|s| s.is_processing).count() <= others()
                 })
                 .await
             } else {
@@ -163,10 +161,7 @@ fn fail(st: &AppState, task: &Task, code: &str, message: String, retriable: bool
 }
 
 pub(crate) fn authed(rb: reqwest::RequestBuilder, engine: &EngineInfo) -> reqwest::RequestBuilder {
-    match &engine.api_key {
-        Some(k) => rb.bearer_auth(k),
-        None => rb,
-    }
+    engine.server().authed(rb)
 }
 
 /// Wait for `fut` unless the task is canceled, its deadline passes or `stall` elapses.
@@ -191,14 +186,15 @@ pub(crate) async fn guarded<T>(
 }
 
 async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progress) -> Outcome {
-    let url = &engine.url;
     let stall = st.cfg.stall_timeout;
     let req = &task.req;
     let prompt = match (&req.prompt, &req.messages) {
         (Some(p), _) => p.clone(),
         (None, Some(m)) => {
             let resp = send(st, task, engine, || {
-                authed(st.http.post(format!("{url}/apply-template")), engine)
+                engine
+                    .server()
+                    .post(&st.http, Api::ApplyTemplate)
                     .json(&json!({"messages": m}))
             })
             .await;
@@ -242,7 +238,7 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
         body["n_probs"] = json!(n);
     }
     let resp = match send(st, task, engine, || {
-        authed(st.http.post(format!("{url}/completion")), engine).json(&body)
+        engine.server().post(&st.http, Api::Completion).json(&body)
     })
     .await
     {
@@ -393,11 +389,10 @@ pub(crate) async fn send(
 }
 
 async fn engine_healthy(st: &AppState, engine: &EngineInfo) -> bool {
-    authed(st.http.get(format!("{}/health", engine.url)), engine)
-        .timeout(Duration::from_secs(2))
-        .send()
+    engine
+        .server()
+        .healthy(&st.http, Duration::from_secs(2))
         .await
-        .is_ok_and(|r| r.status().is_success())
 }
 
 /// Poll `/slots` (every 2 ms) until `done` says so of the slot list, or `timeout` passes.
@@ -405,19 +400,14 @@ async fn poll_slots(
     st: &AppState,
     engine: &EngineInfo,
     timeout: Duration,
-    mut done: impl FnMut(&[Value]) -> bool,
+    mut done: impl FnMut(&[Slot]) -> bool,
 ) -> bool {
     let deadline = Instant::now() + timeout;
+    let server = engine.server();
     loop {
-        let r = authed(st.http.get(format!("{}/slots", engine.url)), engine)
-            .timeout(Duration::from_secs(1))
-            .send()
-            .await;
-        if let Ok(r) = r {
-            if let Ok(v) = r.json::<Value>().await {
-                if v.as_array().is_some_and(|a| done(a)) {
-                    return true;
-                }
+        if let Ok(slots) = server.slots(&st.http, Duration::from_secs(1)).await {
+            if done(&slots) {
+                return true;
             }
         }
         if Instant::now() >= deadline {
@@ -429,10 +419,7 @@ async fn poll_slots(
 
 /// Poll `/slots` until no slot is processing.
 pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duration) -> bool {
-    poll_slots(st, engine, timeout, |a| {
-        a.iter().all(|s| s["is_processing"].as_bool() != Some(true))
-    })
-    .await
+    poll_slots(st, engine, timeout, all_idle).await
 }
 
 /// llama-server's answer to a prompt over the context
@@ -462,9 +449,11 @@ async fn detokenize(
     engine: &EngineInfo,
     tokens: &[i64],
 ) -> Result<String, Outcome> {
-    let url = &engine.url;
     let r = send(st, task, engine, || {
-        authed(st.http.post(format!("{url}/detokenize")), engine).json(&json!({"tokens": tokens}))
+        engine
+            .server()
+            .post(&st.http, Api::Detokenize)
+            .json(&json!({"tokens": tokens}))
     })
     .await?;
     if !r.status().is_success() {

@@ -32,6 +32,11 @@ pub struct EngineInfo {
 }
 
 impl EngineInfo {
+    /// The engine's own HTTP API (its URL and key).
+    pub fn server(&self) -> llorch_io::llama_server::LlamaServer {
+        llorch_io::llama_server::LlamaServer::new(self.url.clone(), self.api_key.clone())
+    }
+
     pub fn from_handoff(h: &Handoff) -> Result<EngineInfo, String> {
         let api_key = h.api_key().map_err(|e| e.to_string())?;
         if api_key.is_none() && !url_is_loopback(&h.url) {

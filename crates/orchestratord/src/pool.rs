@@ -339,14 +339,7 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
         let state = pool.link_state();
         let ok = match &state {
             LinkState::Ready(i) => {
-                let healthy = st
-                    .http
-                    .get(format!("{}/health", i.url))
-                    .timeout(Duration::from_secs(2))
-                    .send()
-                    .await
-                    .map(|r| r.status().as_u16() == 200)
-                    .unwrap_or(false);
+                let healthy = i.server().healthy(&st.http, Duration::from_secs(2)).await;
                 if healthy {
                     *pool.last_engine.lock().unwrap() = Some(i.clone());
                 }

@@ -9,7 +9,6 @@ use engine_provisioner::build::BuildOptions;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
 use llorch_io::handoff::PoolId;
 use orchestratord::EngineInfo;
-use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
 /// A supervised real engine and what the orchestrator knows of it.
@@ -54,18 +53,12 @@ impl Engine {
 
 /// Whether no slot of the engine is processing.
 pub async fn slots_idle(engine: &str) -> bool {
-    let v: Value = llorch_io::http::async_client()
-        .get(format!("{engine}/slots"))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    use llorch_io::llama_server::{all_idle, LlamaServer};
+    let slots = LlamaServer::new(engine, None)
+        .slots(&llorch_io::http::async_client(), Duration::from_secs(5))
         .await
         .unwrap();
-    v.as_array()
-        .unwrap()
-        .iter()
-        .all(|s| s["is_processing"] == json!(false))
+    all_idle(&slots)
 }
 
 /// Wait until no slot of the engine is processing; false after `within`.

@@ -1,0 +1,231 @@
+//! llama-server's own HTTP API, spelled in one place: the endpoints this
+//! workspace calls, requests that carry the engine's key, and typed readings
+//! of what comes back (`/slots`, `/metrics`), parsed strictly. Used by the
+//! orchestrator's adapter and health loop, the runtime's readiness wait,
+//! `provision`, `engine status`, the benches and the haiku proof.
+//!
+//! Async callers pass their `reqwest::Client`, blocking callers their
+//! `reqwest::blocking::Client` (both from [`crate::http`]): this module
+//! builds requests and reads answers, it keeps no connection of its own.
+
+use serde::Deserialize;
+use std::time::Duration;
+
+/// The llama-server endpoints the workspace uses.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Api {
+    /// `GET /health`: 200 once the model is loaded (no key needed).
+    Health,
+    /// `GET /slots`: each slot and whether it is processing.
+    Slots,
+    /// `POST /completion`: llama-server's native completion (streamed or not).
+    Completion,
+    /// `POST /apply-template`: the model's chat template applied to messages.
+    ApplyTemplate,
+    /// `GET /metrics`: Prometheus text (`--metrics`).
+    Metrics,
+    /// `POST /detokenize`: token ids back to text.
+    Detokenize,
+}
+
+impl Api {
+    pub fn path(self) -> &'static str {
+        match self {
+            Api::Health => "/health",
+            Api::Slots => "/slots",
+            Api::Completion => "/completion",
+            Api::ApplyTemplate => "/apply-template",
+            Api::Metrics => "/metrics",
+            Api::Detokenize => "/detokenize",
+        }
+    }
+}
+
+/// One llama-server: its base URL and the key it requires, if any.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LlamaServer {
+    pub url: String,
+    pub api_key: Option<String>,
+}
+
+impl LlamaServer {
+    pub fn new(url: impl Into<String>, api_key: Option<String>) -> LlamaServer {
+        LlamaServer {
+            url: url.into(),
+            api_key,
+        }
+    }
+
+    /// The endpoint's full URL.
+    pub fn endpoint(&self, api: Api) -> String {
+        format!("{}{}", self.url.trim_end_matches('/'), api.path())
+    }
+
+    /// `GET` (async), with the key when the engine has one.
+    pub fn get(&self, http: &reqwest::Client, api: Api) -> reqwest::RequestBuilder {
+        self.authed(http.get(self.endpoint(api)))
+    }
+
+    /// `POST` (async), with the key when the engine has one.
+    pub fn post(&self, http: &reqwest::Client, api: Api) -> reqwest::RequestBuilder {
+        self.authed(http.post(self.endpoint(api)))
+    }
+
+    /// `GET` (blocking), with the key when the engine has one.
+    pub fn get_blocking(
+        &self,
+        http: &reqwest::blocking::Client,
+        api: Api,
+    ) -> reqwest::blocking::RequestBuilder {
+        let rb = http.get(self.endpoint(api));
+        match &self.api_key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        }
+    }
+
+    /// Add the engine's key to a request for another of its endpoints
+    /// (the OpenAI-compatible ones the orchestrator relays).
+    pub fn authed(&self, rb: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+        match &self.api_key {
+            Some(k) => rb.bearer_auth(k),
+            None => rb,
+        }
+    }
+
+    /// Whether `/health` answers 200 within `timeout`.
+    pub async fn healthy(&self, http: &reqwest::Client, timeout: Duration) -> bool {
+        self.get(http, Api::Health)
+            .timeout(timeout)
+            .send()
+            .await
+            .is_ok_and(|r| r.status().as_u16() == 200)
+    }
+
+    /// Whether `/health` answers 200 (blocking).
+    pub fn healthy_blocking(&self, http: &reqwest::blocking::Client) -> bool {
+        self.get_blocking(http, Api::Health)
+            .send()
+            .is_ok_and(|r| r.status().as_u16() == 200)
+    }
+
+    /// The slots, as `/slots` reports them now.
+    pub async fn slots(
+        &self,
+        http: &reqwest::Client,
+        timeout: Duration,
+    ) -> Result<Vec<Slot>, String> {
+        let r = self
+            .get(http, Api::Slots)
+            .timeout(timeout)
+            .send()
+            .await
+            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
+        let status = r.status();
+        let body = r
+            .bytes()
+            .await
+            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
+        if !status.is_success() {
+            return Err(format!("{} answered {status}", self.endpoint(Api::Slots)));
+        }
+        parse_slots(&body)
+    }
+
+    /// The slots (blocking).
+    pub fn slots_blocking(&self, http: &reqwest::blocking::Client) -> Result<Vec<Slot>, String> {
+        let r = self
+            .get_blocking(http, Api::Slots)
+            .send()
+            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
+        let status = r.status();
+        let body = r
+            .bytes()
+            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
+        if !status.is_success() {
+            return Err(format!("{} answered {status}", self.endpoint(Api::Slots)));
+        }
+        parse_slots(&body)
+    }
+
+    /// One counter or gauge of `/metrics`.
+    pub async fn metric(&self, http: &reqwest::Client, name: &str) -> Result<f64, String> {
+        let text = self
+            .get(http, Api::Metrics)
+            .send()
+            .await
+            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Metrics)))?
+            .text()
+            .await
+            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Metrics)))?;
+        metric(&text, name).ok_or_else(|| format!("{} has no {name}", self.endpoint(Api::Metrics)))
+    }
+}
+
+/// One slot of `/slots`.
+#[derive(Clone, Debug, Deserialize, PartialEq, Eq)]
+pub struct Slot {
+    pub id: u32,
+    pub is_processing: bool,
+}
+
+/// `/slots`' body: an array of slots, each with its `id` and `is_processing`
+/// (other fields ignored); at most 4,096 of them.
+pub fn parse_slots(body: &[u8]) -> Result<Vec<Slot>, String> {
+    let slots: Vec<Slot> =
+        serde_json::from_slice(body).map_err(|e| format!("unexpected /slots answer: {e}"))?;
+    if slots.len() > 4096 {
+        return Err(format!("/slots lists {} slots", slots.len()));
+    }
+    Ok(slots)
+}
+
+/// No slot is processing.
+pub fn all_idle(slots: &[Slot]) -> bool {
+    slots.iter().all(|s| !s.is_processing)
+}
+
+/// The value of the sample `name` (no labels) in Prometheus text, e.g.
+/// `llamacpp:tokens_predicted_total`.
+pub fn metric(text: &str, name: &str) -> Option<f64> {
+    text.lines().filter(|l| !l.starts_with('#')).find_map(|l| {
+        let (n, v) = l.split_once(char::is_whitespace)?;
+        (n == name).then(|| v.split_whitespace().next()?.parse::<f64>().ok())?
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slots_and_metrics_are_read_strictly() {
+        let s = parse_slots(
+            br#"[{"id":0,"is_processing":false,"n_ctx":2048},{"id":1,"is_processing":true}]"#,
+        )
+        .unwrap();
+        assert_eq!(s.len(), 2);
+        assert!(!all_idle(&s) && all_idle(&s[..1]));
+        for bad in [
+            &b"{}"[..],
+            br#"[{"id":0}]"#,
+            br#"[{"id":-1,"is_processing":false}]"#,
+            b"not json",
+        ] {
+            assert!(
+                parse_slots(bad).is_err(),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let text = "# HELP llamacpp:tokens_predicted_total x\n# TYPE llamacpp:tokens_predicted_total counter\nllamacpp:tokens_predicted_total 42\nllamacpp:tokens_predicted_total_other 7\n";
+        assert_eq!(metric(text, "llamacpp:tokens_predicted_total"), Some(42.0));
+        assert_eq!(metric(text, "llamacpp:tokens"), None);
+        assert_eq!(metric("llamacpp:x nan?", "llamacpp:x"), None);
+        let s = LlamaServer::new("http://127.0.0.1:8080/", Some("k".into()));
+        assert_eq!(
+            s.endpoint(Api::ApplyTemplate),
+            "http://127.0.0.1:8080/apply-template"
+        );
+    }
+}
