@@ -141,7 +141,8 @@ pub enum Intent<'a> {
     /// engine `provision` started if it is this very engine.
     SuperviseOrAttach(&'a PreparedEngine),
     /// `provision`: a detached engine; one that runs and is this engine is
-    /// reused, a different detached one is replaced.
+    /// reused (also when a supervisor keeps it), a different detached one is
+    /// replaced, a different supervised one is refused.
     Provision(&'a PreparedEngine),
 }
 
@@ -151,7 +152,8 @@ pub enum Intent<'a> {
 pub enum Claim {
     /// Nobody keeps the pool (stale run files were swept): start one.
     Free,
-    /// A live detached engine that is the caller's engine: use it.
+    /// A live engine that is the caller's engine: use it (`serve`: only a
+    /// detached one; `provision`: whoever keeps it).
     Attach(Box<Handoff>),
     /// (`Provision` only) a live detached engine that differs: stop it, then
     /// start the caller's. `changes` says how it differs.
@@ -168,22 +170,29 @@ pub fn claim(layout: &Layout, pool: &PoolId, intent: Intent<'_>) -> Result<Claim
     let Some(run) = read_pool(layout, pool) else {
         return Ok(Claim::Free);
     };
-    let detached = match (&run.record.owner, &run.handoff) {
-        (Owner::Detached, Some(h)) if run.engine_alive => h.clone(),
-        // A live supervisor (even between restarts), or an engine still starting.
+    let running = match &run.handoff {
+        Some(h) if run.engine_alive => h.clone(),
+        // A supervisor between restarts, or an engine still starting.
         _ => return Err(run.busy_error()),
     };
     let prep = match intent {
         Intent::Supervise => return Err(run.busy_error()),
         Intent::SuperviseOrAttach(p) | Intent::Provision(p) => p,
     };
-    let changes = differences(&detached, prep);
+    let detached = matches!(run.record.owner, Owner::Detached);
+    let changes = differences(&running, prep);
     match intent {
-        _ if changes.is_empty() => Ok(Claim::Attach(Box::new(detached))),
-        Intent::Provision(_) => Ok(Claim::Replace {
+        // `provision` of the engine that runs, whoever keeps it: nothing to do.
+        Intent::Provision(_) if changes.is_empty() => Ok(Claim::Attach(Box::new(running))),
+        // A different one: replaced only if detached (a supervisor owns its own).
+        Intent::Provision(_) if detached => Ok(Claim::Replace {
             run: Box::new(run),
             changes,
         }),
+        // `serve` attaches only to what `provision` started, and only to the same engine.
+        Intent::SuperviseOrAttach(_) if detached && changes.is_empty() => {
+            Ok(Claim::Attach(Box::new(running)))
+        }
         _ => Err(run.busy_error()),
     }
 }
@@ -340,8 +349,9 @@ mod tests {
     /// One answer for every caller: a free pool is free for all; a live
     /// detached engine is attached to when it is the caller's engine,
     /// replaced only by `provision` when it differs, refused otherwise; a
-    /// live supervisor's pool is refused to everyone; a dead owner's files
-    /// are swept and the pool is free.
+    /// live supervisor's engine is `provision`'s when it is the same engine
+    /// and refused to everyone else; a dead owner's files are swept and the
+    /// pool is free.
     #[test]
     fn claim_answers_every_caller_from_the_run_files() {
         let dir = tempfile::tempdir().unwrap();
@@ -383,7 +393,15 @@ mod tests {
             command: "serve".into(),
         };
         write_run(&layout, &mine, ProcessIdentity::current(), supervised);
-        for intent in all {
+        assert!(matches!(
+            claim(&layout, &pool, Intent::Provision(&mine)),
+            Ok(Claim::Attach(_))
+        ));
+        for intent in [
+            Intent::Supervise,
+            Intent::SuperviseOrAttach(&mine),
+            Intent::Provision(&other),
+        ] {
             assert!(claim(&layout, &pool, intent).is_err(), "{intent:?}");
         }
 

@@ -38,10 +38,8 @@ pub struct ProvisionOutcome {
 pub use engine_runtime::run_state::differences;
 
 fn healthy(h: &Handoff) -> bool {
-    let Ok(key) = h.api_key() else {
-        return false;
-    };
-    llorch_io::llama_server::LlamaServer::new(h.url.clone(), key)
+    // `/health` needs no key; an unreadable key file does not make the engine unhealthy.
+    llorch_io::llama_server::LlamaServer::new(h.url.clone(), h.api_key().ok().flatten())
         .healthy_blocking(&llorch_io::http::probe_client())
 }
 
@@ -95,8 +93,14 @@ pub fn provision(
         lifecycle::Claim::Attach(h) if healthy(&h) => {
             return Ok(outcome("already_running", &h, changes, None));
         }
-        lifecycle::Claim::Attach(_) => lifecycle::read_pool(layout, pool)
-            .map(|run| (run, vec!["running engine is not healthy".to_string()])),
+        // The same engine, not answering: replaced if detached; a supervisor restarts its own.
+        lifecycle::Claim::Attach(_) => match lifecycle::read_pool(layout, pool) {
+            Some(run) if run.record.owner == Owner::Detached => {
+                Some((run, vec!["running engine is not healthy".to_string()]))
+            }
+            Some(run) => return Err(run.busy_error().into()),
+            None => None,
+        },
         lifecycle::Claim::Replace { run, changes } => Some((*run, changes)),
     };
     if let Some((run, c)) = replace {
