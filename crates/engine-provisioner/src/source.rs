@@ -178,6 +178,12 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
                 // the bytes already in `downloads/`), hashed while it streams,
                 // refused (and deleted) unless it is the pinned sha256.
                 progress(&format!("downloading {location}"));
+                // The digest names the partial file: only a digest, never a path.
+                if !llorch_io::digest::is_sha256_hex(sha256) {
+                    return Err(SourceError::Layout(format!(
+                        "archive {location}: sha256 `{sha256}` is not 64 lowercase hex digits"
+                    )));
+                }
                 let partial = layout.downloads().join(format!("archive-{sha256}.partial"));
                 let opts = llorch_io::download::DownloadOptions {
                     expected_sha256: Some(sha256.clone()),

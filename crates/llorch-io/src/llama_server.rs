@@ -9,7 +9,41 @@
 //! builds requests and reads answers, it keeps no connection of its own.
 
 use serde::Deserialize;
+use std::io::Read;
 use std::time::Duration;
+
+/// The most of a `/slots` or `/metrics` answer read: both are small (a
+/// slot is a few KiB, the metrics a few dozen lines); an answer that does
+/// not end is an error, not memory.
+pub const MAX_BODY_BYTES: usize = 4 << 20;
+
+fn too_large(url: &str) -> String {
+    format!("{url} answered more than {MAX_BODY_BYTES} bytes")
+}
+
+/// An answer's body, read up to [`MAX_BODY_BYTES`].
+async fn body_capped(mut r: reqwest::Response, url: &str) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    while let Some(chunk) = r.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+        if body.len() + chunk.len() > MAX_BODY_BYTES {
+            return Err(too_large(url));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// An answer's body (blocking), read up to [`MAX_BODY_BYTES`].
+fn body_capped_blocking(r: reqwest::blocking::Response, url: &str) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    r.take(MAX_BODY_BYTES as u64 + 1)
+        .read_to_end(&mut body)
+        .map_err(|e| format!("{url}: {e}"))?;
+    if body.len() > MAX_BODY_BYTES {
+        return Err(too_large(url));
+    }
+    Ok(body)
+}
 
 /// The llama-server endpoints the workspace uses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -115,50 +149,42 @@ impl LlamaServer {
         http: &reqwest::Client,
         timeout: Duration,
     ) -> Result<Vec<Slot>, String> {
+        let url = self.endpoint(Api::Slots);
         let r = self
             .get(http, Api::Slots)
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
-        let status = r.status();
-        let body = r
-            .bytes()
-            .await
-            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
-        if !status.is_success() {
-            return Err(format!("{} answered {status}", self.endpoint(Api::Slots)));
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("{url} answered {}", r.status()));
         }
-        parse_slots(&body)
+        parse_slots(&body_capped(r, &url).await?)
     }
 
     /// The slots (blocking).
     pub fn slots_blocking(&self, http: &reqwest::blocking::Client) -> Result<Vec<Slot>, String> {
+        let url = self.endpoint(Api::Slots);
         let r = self
             .get_blocking(http, Api::Slots)
             .send()
-            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
-        let status = r.status();
-        let body = r
-            .bytes()
-            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Slots)))?;
-        if !status.is_success() {
-            return Err(format!("{} answered {status}", self.endpoint(Api::Slots)));
+            .map_err(|e| format!("{url}: {e}"))?;
+        if !r.status().is_success() {
+            return Err(format!("{url} answered {}", r.status()));
         }
-        parse_slots(&body)
+        parse_slots(&body_capped_blocking(r, &url)?)
     }
 
     /// One counter or gauge of `/metrics`.
     pub async fn metric(&self, http: &reqwest::Client, name: &str) -> Result<f64, String> {
-        let text = self
+        let url = self.endpoint(Api::Metrics);
+        let r = self
             .get(http, Api::Metrics)
             .send()
             .await
-            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Metrics)))?
-            .text()
-            .await
-            .map_err(|e| format!("{}: {e}", self.endpoint(Api::Metrics)))?;
-        metric(&text, name).ok_or_else(|| format!("{} has no {name}", self.endpoint(Api::Metrics)))
+            .map_err(|e| format!("{url}: {e}"))?;
+        let body = body_capped(r, &url).await?;
+        metric(&String::from_utf8_lossy(&body), name).ok_or_else(|| format!("{url} has no {name}"))
     }
 }
 
@@ -197,6 +223,28 @@ pub fn metric(text: &str, name: &str) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// An engine (or something on its port) that answers `/slots` with a
+    /// body that never ends: the read stops at the cap with an error.
+    #[test]
+    fn an_endless_slots_answer_is_refused_at_the_cap() {
+        use std::io::Write;
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let url = format!("http://{}", l.local_addr().unwrap());
+        std::thread::spawn(move || {
+            if let Ok((mut s, _)) = l.accept() {
+                let mut req = [0u8; 1024];
+                let _ = std::io::Read::read(&mut s, &mut req);
+                let _ = s.write_all(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n[");
+                let chunk = vec![b' '; 64 * 1024];
+                while s.write_all(&chunk).is_ok() {}
+            }
+        });
+        let e = LlamaServer::new(url, None)
+            .slots_blocking(&crate::http::probe_client())
+            .unwrap_err();
+        assert!(e.contains("more than"), "{e}");
+    }
 
     #[test]
     fn slots_and_metrics_are_read_strictly() {

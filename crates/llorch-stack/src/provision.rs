@@ -35,8 +35,6 @@ pub struct ProvisionOutcome {
     pub log: String,
 }
 
-pub use engine_runtime::run_state::differences;
-
 fn healthy(h: &Handoff) -> bool {
     // `/health` needs no key; an unreadable key file does not make the engine unhealthy.
     llorch_io::llama_server::LlamaServer::new(h.url.clone(), h.api_key().ok().flatten())
