@@ -30,6 +30,7 @@ impl CiCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
         let root = &ctx.layout.root;
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        disk_report(ctx);
         if !self.no_lint {
             step(
                 "fmt",
@@ -90,11 +91,40 @@ impl CiCmd {
             isolated(Cmd::new(&exe).args(["model", "fetch"])),
             root,
         )?;
+        disk_report(ctx);
         step(
             "tests",
             isolated(Cmd::new(&cargo).args(["test", "--workspace", "--", "--test-threads", "2"])),
             root,
         )?;
         Ok(())
+    }
+}
+
+/// What the run needs most besides time is disk: the test binaries, the
+/// engine's build tree and the compiler cache. Said up front, so that a
+/// linker that dies of a full disk (SIGBUS) is recognised in the log.
+fn disk_report(ctx: &Ctx) {
+    const NEEDED: u64 = 6 << 30;
+    let target = std::env::var_os("CARGO_TARGET_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| ctx.layout.root.join("target"));
+    for (what, dir) in [("target", target), ("cache", ctx.layout.cache.clone())] {
+        match llorch_io::fsx::free_space(&dir) {
+            Ok(free) => {
+                let gib = free as f64 / f64::from(1u32 << 30);
+                eprintln!("==> disk: {gib:.1} GiB free for {what} ({})", dir.display());
+                if free < NEEDED {
+                    eprintln!(
+                        "warning: less than {} GiB free at {}: the workspace's test binaries and \
+                         the engine build need about that much; a linker killed by SIGBUS \
+                         ('ld terminated with signal 7') means the disk filled up",
+                        NEEDED >> 30,
+                        dir.display()
+                    );
+                }
+            }
+            Err(e) => eprintln!("==> disk: free space at {} unknown: {e}", dir.display()),
+        }
     }
 }

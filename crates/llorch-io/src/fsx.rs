@@ -155,6 +155,17 @@ pub fn dir_size(dir: &Path) -> u64 {
     total
 }
 
+/// Bytes an unprivileged writer may still use on the filesystem that holds
+/// `path` (the nearest existing ancestor when `path` does not exist yet).
+pub fn free_space(path: &Path) -> std::io::Result<u64> {
+    let mut p = path;
+    while !p.exists() {
+        p = p.parent().unwrap_or(Path::new("/"));
+    }
+    let st = rustix::fs::statvfs(p).map_err(std::io::Error::from)?;
+    Ok(st.f_bavail.saturating_mul(st.f_frsize))
+}
+
 /// Open (or create) a download's `.partial` file for reading and writing,
 /// never through a symlink (`O_NOFOLLOW`): a link planted there is refused,
 /// its target untouched.
@@ -172,6 +183,15 @@ pub fn open_partial(path: &Path) -> std::io::Result<std::fs::File> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn free_space_reads_the_nearest_existing_ancestor() {
+        let d = tempfile::tempdir().unwrap();
+        let here = super::free_space(d.path()).unwrap();
+        let below = super::free_space(&d.path().join("not/yet/made")).unwrap();
+        assert!(here > 0);
+        // Same filesystem: within what other writers changed meanwhile.
+        assert!(here.abs_diff(below) < 1 << 30, "{here} vs {below}");
+    }
 
     #[test]
     fn a_lock_that_cannot_be_taken_names_its_path() {
