@@ -320,7 +320,7 @@ fn serve_file(path: &Path) -> Result<(String, std::thread::JoinHandle<()>)> {
                     Ok(n) => req.extend_from_slice(&buf[..n]),
                 }
             }
-            let Ok(mut f) = std::fs::File::open(&path) else {
+            let Ok(mut f) = fs_err::File::open(&path) else {
                 return;
             };
             let len = f.metadata().map(|m| m.len()).unwrap_or(0);
@@ -338,7 +338,7 @@ fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
     let tmp = tempfile::tempdir_in(&ctx.layout.cache)?;
     let file = tmp.path().join("big.bin");
     {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&file)?);
+        let mut f = std::io::BufWriter::new(fs_err::File::create(&file)?);
         let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
         let mut chunk = vec![0u8; 1 << 20];
         for _ in 0..mib {
@@ -361,7 +361,7 @@ fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
         rates.push(bytes / t.elapsed().as_secs_f64() / 1e9);
     }
     let sha_gbps = median(&mut rates);
-    let shani = std::fs::read_to_string("/proc/cpuinfo")
+    let shani = fs_err::read_to_string("/proc/cpuinfo")
         .unwrap_or_default()
         .contains(" sha_ni");
     // Download: ours vs curl, same server, same file, both writing to disk.
@@ -464,7 +464,7 @@ fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Valu
 }
 
 pub(crate) fn rss_kib() -> u64 {
-    std::fs::read_to_string("/proc/self/status")
+    fs_err::read_to_string("/proc/self/status")
         .unwrap_or_default()
         .lines()
         .find_map(|l| {

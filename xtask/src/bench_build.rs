@@ -46,7 +46,7 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
     );
     // The source tree is fetched before timing: both sides build from the same tree.
     let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|_| {})?;
-    std::fs::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Src))?;
+    fs_err::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Src))?;
     let id = engine_provisioner::source::source_id(&p.pin);
     Cmd::new("cp")
         .arg("-a")
@@ -97,7 +97,7 @@ fn seed_source(
     let dst = layout
         .bucket(llorch_io::paths::Bucket::Src)
         .join(engine_provisioner::source::source_id(&p.pin));
-    std::fs::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Src))?;
+    fs_err::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Src))?;
     if !dst.exists() {
         Cmd::new("cp").arg("-a").arg(&tree).arg(&dst).read()?;
     }
@@ -156,7 +156,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: Option<&str>) -
     let (cold_s, cold) = timed("cold build, empty compiler cache", &p)?;
     engine_provisioner::cache::gc(&layout, 0).map_err(anyhow::Error::msg)?;
     let (warm_s, warm) = timed("same fingerprint after engine gc, compiler cache warm", &p)?;
-    let same_bytes = std::fs::read(&cold.binary)? == std::fs::read(&warm.binary)?;
+    let same_bytes = fs_err::read(&cold.binary)? == fs_err::read(&warm.binary)?;
     let (next_s, nxt) = timed("next pin after the current one", &p_next)?;
     if let Some(c) = compile_cache::CompileCache::for_layout(&layout, &Default::default()) {
         c.stop();

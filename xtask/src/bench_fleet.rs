@@ -27,21 +27,21 @@ fn start_registry(dir: &std::path::Path) -> Result<(KillOnDrop, String)> {
         .local_addr()?
         .port();
     let addr = format!("127.0.0.1:{port}");
-    std::fs::write(
+    fs_err::write(
         dir.join("config.yml"),
         format!(
             "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}\n  secret: llorch-bench\n",
             dir.join("data").display()
         ),
     )?;
-    let log = std::fs::File::create(dir.join("registry.log"))?;
+    let log = fs_err::File::create(dir.join("registry.log"))?;
     let child = KillOnDrop(
         Cmd::new(bin)
             .arg("serve")
             .arg(dir.join("config.yml"))
             .spawn(
-                llorch_io::cmd::Io::File(log.try_clone()?),
-                llorch_io::cmd::Io::File(log),
+                llorch_io::cmd::Io::File(log.try_clone()?.into()),
+                llorch_io::cmd::Io::File(log.into()),
             )?,
     );
     let t0 = Instant::now();
@@ -80,7 +80,7 @@ pub fn bench_fleet(
         &model_to,
     )?;
     // The other machine's profile: engine registry set, model from the registry.
-    let text = std::fs::read_to_string(&p.path)?
+    let text = fs_err::read_to_string(&p.path)?
         .replace(
             &format!("ref: {}", model.reference),
             &format!("ref: {model_to}"),
@@ -90,7 +90,7 @@ pub fn bench_fleet(
             &format!("engine:\n  registry:\n    url: {engines_url}\n"),
         );
     let fleet_file = tmp.path().join("fleet.yaml");
-    std::fs::write(&fleet_file, text)?;
+    fs_err::write(&fleet_file, text)?;
     let fleet = engine_provisioner::Profile::load(
         &fleet_file,
         &ctx.layout.root.join("toolchains/llama.cpp.yaml"),
@@ -176,7 +176,7 @@ pub fn bench_fleet(
         let l = fresh("build");
         let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|_| {})?;
         let src = l.bucket(llorch_io::paths::Bucket::Src);
-        std::fs::create_dir_all(&src)?;
+        fs_err::create_dir_all(&src)?;
         Cmd::new("cp")
             .arg("-a")
             .arg(&tree)

@@ -365,7 +365,7 @@ async fn soak_client(http: &reqwest::Client, url: &str, body: Value, disconnect:
 }
 
 fn open_fds() -> usize {
-    std::fs::read_dir("/proc/self/fd")
+    fs_err::read_dir("/proc/self/fd")
         .map(|d| d.count())
         .unwrap_or(0)
 }

@@ -331,7 +331,7 @@ impl EngineCmd {
             EngineSub::Status(a) => status(ctx, &a),
             EngineSub::Logs { pool, follow } => {
                 let paths = RunPaths::new(&ctx.layout, &pool.pool(ctx)?);
-                let mut f = std::fs::File::open(&paths.log)
+                let mut f = fs_err::File::open(&paths.log)
                     .with_context(|| format!("no log at {}", paths.log.display()))?;
                 std::io::copy(&mut f, &mut std::io::stdout())?;
                 if follow {
@@ -417,7 +417,7 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
         .as_ref()
         .map(|a| a.iter().filter(|s| s.is_processing).count());
     let total = slots.as_ref().map(|a| a.len());
-    let uptime = std::fs::metadata(format!("/proc/{}", pf.process.pid))
+    let uptime = fs_err::metadata(format!("/proc/{}", pf.process.pid))
         .and_then(|m| m.modified())
         .ok()
         .and_then(|t| t.elapsed().ok())

@@ -92,7 +92,7 @@ fn bump(ctx: &Ctx, a: &BumpArgs) -> Result<()> {
     };
     let path = pins_path(ctx);
     let original =
-        std::fs::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
+        fs_err::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
     let before = PinsFile::load(&path)?;
     let old = before.pins[&before.default].clone();
     let cand = resolve(ctx, a.to.as_deref(), a.git.as_deref(), &say)?;
@@ -159,7 +159,7 @@ fn bump(ctx: &Ctx, a: &BumpArgs) -> Result<()> {
         "passed"
     };
     // The file changed under us (an edit, another bump): refuse rather than lose it.
-    let now = std::fs::read_to_string(&path)?;
+    let now = fs_err::read_to_string(&path)?;
     if now != original {
         bail!(
             "{} changed while the new pin was built; nothing written (run the bump again)",
@@ -236,14 +236,14 @@ fn profile_arg(p: &Profile) -> String {
 /// workspace's profiles.
 pub fn candidate_root(ctx: &Ctx, text: &str) -> Result<tempfile::TempDir> {
     let t = tempfile::Builder::new().prefix("llorch-pin-").tempdir()?;
-    std::fs::create_dir_all(t.path().join("toolchains"))?;
-    std::fs::write(t.path().join("toolchains/llama.cpp.yaml"), text)?;
+    fs_err::create_dir_all(t.path().join("toolchains"))?;
+    fs_err::write(t.path().join("toolchains/llama.cpp.yaml"), text)?;
     let req = t.path().join("requirements");
-    std::fs::create_dir_all(&req)?;
-    for e in std::fs::read_dir(ctx.layout.root.join("requirements"))? {
+    fs_err::create_dir_all(&req)?;
+    for e in fs_err::read_dir(ctx.layout.root.join("requirements"))? {
         let e = e?;
         if e.file_type()?.is_file() {
-            std::fs::copy(e.path(), req.join(e.file_name()))?;
+            fs_err::copy(e.path(), req.join(e.file_name()))?;
         }
     }
     // Checked as the real file would be.
@@ -260,7 +260,7 @@ pub fn resolve(
     say: &dyn Fn(&str),
 ) -> Result<Candidate> {
     let path = pins_path(ctx);
-    let text = std::fs::read_to_string(&path)?;
+    let text = fs_err::read_to_string(&path)?;
     let pins = PinsFile::load(&path)?;
     let current = &pins.pins[&pins.default];
     let (name, pin) = match git {
@@ -336,7 +336,7 @@ fn resolve_sdist(
     }
     let dl = tempfile::Builder::new().prefix("pin-bump-").tempdir_in({
         let d = ctx.layout.downloads();
-        std::fs::create_dir_all(&d)?;
+        fs_err::create_dir_all(&d)?;
         d
     })?;
     say(&format!("downloading {package}=={version} sdist with pip"));
@@ -351,7 +351,7 @@ fn resolve_sdist(
         .with_context(|| {
             format!("pip download {package}=={version} (is it a release on pip's index?)")
         })?;
-    let archive = std::fs::read_dir(dl.path())?
+    let archive = fs_err::read_dir(dl.path())?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.to_string_lossy().ends_with(".tar.gz"))
@@ -359,7 +359,7 @@ fn resolve_sdist(
     let sha256 = llorch_io::digest::sha256_file(&archive)?;
     let tree = dl.path().join("tree");
     engine_provisioner::source::extract_tar_gz(&archive, &tree, None)?;
-    let top = std::fs::read_dir(&tree)?
+    let top = fs_err::read_dir(&tree)?
         .flatten()
         .map(|e| e.path())
         .find(|p| p.is_dir())
@@ -471,7 +471,7 @@ mod tests {
 
     fn load(text: &str) -> PinsFile {
         let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("p.yaml"), text).unwrap();
+        fs_err::write(d.path().join("p.yaml"), text).unwrap();
         PinsFile::load(&d.path().join("p.yaml")).unwrap()
     }
 

@@ -41,7 +41,7 @@ impl SourceCmd {
                     .map_err(anyhow::Error::msg)
                     .context("write source bundle")?;
                 let sha = llorch_io::digest::sha256_file(&out)?;
-                let size = std::fs::metadata(&out)?.len();
+                let size = fs_err::metadata(&out)?.len();
                 let tree = engine_provisioner::bundle::tree_digest(&m.files);
                 let backend = serde_json::to_value(m.backend)?;
                 let backend = backend.as_str().unwrap_or("cpu");

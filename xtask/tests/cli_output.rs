@@ -41,7 +41,7 @@ fn engine_explain_says_why_a_build_would_run() {
     let mut shown = step("nothing built", &["engine", "explain"]);
     step("build", &["engine", "build", "--json"]);
     shown += &step("built", &["engine", "explain"]);
-    std::fs::write(
+    fs_err::write(
         root.join("requirements/cpu.yaml"),
         format!("{FAKE_PROFILE}  cmake_flags:\n    - -DFAKE_OPTION=ON\n"),
     )
@@ -52,8 +52,8 @@ fn engine_explain_says_why_a_build_would_run() {
 
 fn stand_in(bin: &Path, name: &str, body: &str) {
     let p = bin.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fs_err::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    fs_err::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 #[test]
@@ -61,11 +61,11 @@ fn doctor_names_what_is_found_what_is_missing_and_how_to_get_it() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ws");
     let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let pins = std::fs::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
+    let pins = fs_err::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
     workspace(&root, &pins, FAKE_PROFILE);
     // Stand-ins with fixed versions; no ninja, no sccache.
     let bin = tmp.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    fs_err::create_dir_all(&bin).unwrap();
     stand_in(&bin, "cmake", "echo 'cmake version 3.28.3'");
     stand_in(&bin, "cc", "echo 'cc (stand-in) 13.2.0'");
     stand_in(&bin, "c++", "echo 'c++ (stand-in) 13.2.0'");
@@ -105,7 +105,7 @@ fn model_ls_lists_what_is_stored_with_its_last_use_as_an_age() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ws");
     let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    let pins = std::fs::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
+    let pins = fs_err::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
     workspace(&root, &pins, FAKE_PROFILE);
     let step = |title: &str, args: &[&str]| -> String {
         let (ok, out, err) = run(xtask(&root).args(args));
@@ -116,7 +116,7 @@ fn model_ls_lists_what_is_stored_with_its_last_use_as_an_age() {
     let mut refs = Vec::new();
     for (name, size, salt) in [("small.gguf", 3_000_000, 1), ("large.gguf", 12_500_000, 2)] {
         let path = root.join(name);
-        std::fs::write(&path, test_support::gguf::tiny_gguf(size, salt)).unwrap();
+        fs_err::write(&path, test_support::gguf::tiny_gguf(size, salt)).unwrap();
         let r = format!("file:{}", path.display());
         step("fetch", &["model", "fetch", &r, "--import"]);
         refs.push(r);
@@ -124,7 +124,7 @@ fn model_ls_lists_what_is_stored_with_its_last_use_as_an_age() {
     // Last uses at fixed distances from now, so the ages read the same on every run.
     let file = root.join("cache/models-v1/refs.json");
     let mut v: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&file).unwrap()).unwrap();
+        serde_json::from_str(&fs_err::read_to_string(&file).unwrap()).unwrap();
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
@@ -132,7 +132,7 @@ fn model_ls_lists_what_is_stored_with_its_last_use_as_an_age() {
     for (r, ago) in refs.iter().zip([3 * 86_400 + 100, 2 * 3600 + 10]) {
         v["refs"][r]["last_use"] = serde_json::json!(now - ago);
     }
-    std::fs::write(&file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
+    fs_err::write(&file, serde_json::to_vec_pretty(&v).unwrap()).unwrap();
     shown += &step("two models", &["model", "ls"]);
     snapshot("model_ls", &normalize(&shown, tmp.path()));
 }

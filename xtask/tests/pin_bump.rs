@@ -8,8 +8,8 @@ use common::*;
 use std::path::Path;
 
 fn commit(repo: &git2::Repository, dir: &Path, server: &str, msg: &str) -> git2::Oid {
-    std::fs::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
-    std::fs::write(dir.join("server.c"), server).unwrap();
+    fs_err::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
+    fs_err::write(dir.join("server.c"), server).unwrap();
     test_support::git::commit_all(repo, msg, test_support::git::When::Now)
 }
 
@@ -18,7 +18,7 @@ fn a_git_bump_records_the_new_pin_only_after_it_built() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ws");
     let up = tmp.path().join("upstream");
-    std::fs::create_dir_all(&up).unwrap();
+    fs_err::create_dir_all(&up).unwrap();
     let repo = git2::Repository::init(&up).unwrap();
     let c1 = commit(&repo, &up, &server_c("1"), "one");
     let c2 = commit(&repo, &up, &server_c("2"), "two");
@@ -33,15 +33,15 @@ fn a_git_bump_records_the_new_pin_only_after_it_built() {
         false,
     )
     .unwrap();
-    std::fs::create_dir_all(root.join("toolchains")).unwrap();
-    std::fs::create_dir_all(root.join("requirements")).unwrap();
+    fs_err::create_dir_all(root.join("toolchains")).unwrap();
+    fs_err::create_dir_all(root.join("requirements")).unwrap();
     let pins = format!(
         "# the pins of this test\nschema: 1\ndefault: base\npins:\n  base:\n    commit: {c1}\n    source:\n      kind: git\n      url: {}\n",
         up.display()
     );
     let pins_path = root.join("toolchains/llama.cpp.yaml");
-    std::fs::write(&pins_path, &pins).unwrap();
-    std::fs::write(
+    fs_err::write(&pins_path, &pins).unwrap();
+    fs_err::write(
         root.join("requirements/cpu.yaml"),
         "schema: 1\npool: fake\nallow_package_installs: false\nengine:\n  backend: cpu\n",
     )
@@ -51,12 +51,12 @@ fn a_git_bump_records_the_new_pin_only_after_it_built() {
     let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--git", "broken", "--skip-haiku"]));
     assert!(!ok);
     assert!(err.contains("nothing written"), "{err}");
-    assert_eq!(std::fs::read_to_string(&pins_path).unwrap(), pins);
+    assert_eq!(fs_err::read_to_string(&pins_path).unwrap(), pins);
     // A tag that does not exist.
     let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--git", "v9", "--skip-haiku"]));
     assert!(!ok);
     assert!(err.contains("no tag or branch `v9`"), "{err}");
-    assert_eq!(std::fs::read_to_string(&pins_path).unwrap(), pins);
+    assert_eq!(fs_err::read_to_string(&pins_path).unwrap(), pins);
     // A package release on a git default pin.
     let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--to", "1.0"]));
     assert!(!ok);
@@ -70,7 +70,7 @@ fn a_git_bump_records_the_new_pin_only_after_it_built() {
     assert_eq!(r["to_commit"], c2.to_string());
     assert_eq!(r["from_commit"], c1.to_string());
     assert_eq!(r["haiku"], "skipped");
-    let text = std::fs::read_to_string(&pins_path).unwrap();
+    let text = fs_err::read_to_string(&pins_path).unwrap();
     assert!(text.starts_with("# the pins of this test\n"), "{text}");
     let new_name = format!("upstream-{}", &c2.to_string()[..7]);
     assert!(text.contains(&format!("default: {new_name}\n")), "{text}");
@@ -91,11 +91,11 @@ fn a_release_pip_cannot_find_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ws");
     let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-    std::fs::create_dir_all(root.join("toolchains")).unwrap();
-    std::fs::create_dir_all(root.join("requirements")).unwrap();
-    let pins = std::fs::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
-    std::fs::write(root.join("toolchains/llama.cpp.yaml"), &pins).unwrap();
-    std::fs::copy(
+    fs_err::create_dir_all(root.join("toolchains")).unwrap();
+    fs_err::create_dir_all(root.join("requirements")).unwrap();
+    let pins = fs_err::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
+    fs_err::write(root.join("toolchains/llama.cpp.yaml"), &pins).unwrap();
+    fs_err::copy(
         real.join("requirements/cpu.yaml"),
         root.join("requirements/cpu.yaml"),
     )
@@ -107,7 +107,7 @@ fn a_release_pip_cannot_find_writes_nothing() {
         "{err}"
     );
     assert_eq!(
-        std::fs::read_to_string(root.join("toolchains/llama.cpp.yaml")).unwrap(),
+        fs_err::read_to_string(root.join("toolchains/llama.cpp.yaml")).unwrap(),
         pins
     );
     let (ok, _, err) = run(xtask(&root).args(["pin", "bump", "--to", "0.3.35"]));

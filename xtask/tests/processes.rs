@@ -36,12 +36,12 @@ fn xtask(rt: &Path) -> Cmd {
 /// Live processes whose stdout is `log` (every engine of a pool writes its log there).
 fn engines_writing(log: &Path) -> Vec<u32> {
     let mut pids = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+    for e in fs_err::read_dir("/proc").unwrap().flatten() {
         let Some(pid) = e.file_name().to_str().and_then(|s| s.parse::<u32>().ok()) else {
             continue;
         };
-        if std::fs::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|p| p == log) {
-            let zombie = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        if fs_err::read_link(format!("/proc/{pid}/fd/1")).is_ok_and(|p| p == log) {
+            let zombie = fs_err::read_to_string(format!("/proc/{pid}/stat"))
                 .map(|s| {
                     s.rsplit_once(')')
                         .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
@@ -168,7 +168,7 @@ fn two_provisions_at_once_end_with_one_engine() {
             !paths.pid_file.exists() && !paths.handoff.exists(),
             "run files removed"
         );
-        let _ = std::fs::remove_file(&paths.log);
+        let _ = fs_err::remove_file(&paths.log);
     }
 }
 
@@ -266,7 +266,7 @@ fn serve_drains_on_sigterm_and_sighup_and_refuses_a_second_owner() {
         });
         assert!(!paths.pid_file.exists(), "{name}: PID file left");
         assert!(!paths.handoff.exists(), "{name}: handoff left");
-        let _ = std::fs::remove_file(&paths.log);
+        let _ = fs_err::remove_file(&paths.log);
     }
 }
 
@@ -347,7 +347,7 @@ fn serve_exits_non_zero_when_the_engine_fails_for_good() {
         !paths.pid_file.exists() && !paths.handoff.exists(),
         "run files left"
     );
-    let _ = std::fs::remove_file(&paths.log);
+    let _ = fs_err::remove_file(&paths.log);
 }
 
 /// `serve --stack` with two pools, killed with SIGKILL: no engine outlives
@@ -363,7 +363,7 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
         .map(|n| PoolId::parse(&format!("xt-stack-{n}-{}", std::process::id())).unwrap())
         .collect();
     let file = rt.path().join("stack.yaml");
-    std::fs::write(
+    fs_err::write(
         &file,
         format!(
             "schema: 1\npools:\n  - id: {}\n    profile: cpu\n  - id: {}\n    profile: cpu\n",
@@ -416,7 +416,7 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
             .unwrap(),
     );
     let leftover_id = llorch_io::handoff::ProcessIdentity::of(leftover.id()).unwrap();
-    std::fs::write(
+    fs_err::write(
         &paths[0].pid_file,
         serde_json::to_string(&llorch_io::handoff::RunRecord {
             process: leftover_id,
@@ -457,7 +457,7 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
     assert!(engines(&paths).is_empty(), "an engine outlived serve");
     for p in &paths {
         assert!(!p.pid_file.exists(), "run files left");
-        let _ = std::fs::remove_file(&p.log);
+        let _ = fs_err::remove_file(&p.log);
     }
 }
 
@@ -478,7 +478,7 @@ fn sigint_stops_serve_while_it_fetches_even_when_inherited_as_ignored() {
         }
     });
     let digest = "ab".repeat(32);
-    let cpu = std::fs::read_to_string(root().join("requirements/cpu.yaml")).unwrap();
+    let cpu = fs_err::read_to_string(root().join("requirements/cpu.yaml")).unwrap();
     let mut profile = String::new();
     for line in cpu.lines() {
         let t = line.trim_start();
@@ -494,7 +494,7 @@ fn sigint_stops_serve_while_it_fetches_even_when_inherited_as_ignored() {
         }
     }
     let path = rt.path().join("stalled.yaml");
-    std::fs::write(&path, profile).unwrap();
+    fs_err::write(&path, profile).unwrap();
     let xt = env!("CARGO_BIN_EXE_xtask");
     let script = format!(
         "trap '' INT; exec {xt} serve --profile {} --addr 127.0.0.1:0",

@@ -39,7 +39,7 @@ fn the_cli_depends_on_no_test_crate() {
 }
 
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for e in std::fs::read_dir(dir).unwrap().flatten() {
+    for e in fs_err::read_dir(dir).unwrap().flatten() {
         let p = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
         if p.is_dir() && name != "target" && !name.starts_with('.') && name != "cache" {
@@ -52,7 +52,7 @@ fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
 
 #[test]
 fn only_llorch_io_may_create_processes_and_http_clients() {
-    let clippy = std::fs::read_to_string(root().join("clippy.toml")).unwrap();
+    let clippy = fs_err::read_to_string(root().join("clippy.toml")).unwrap();
     for m in [
         "std::process::Command::new",
         "reqwest::Client::builder",
@@ -79,7 +79,7 @@ fn only_llorch_io_may_create_processes_and_http_clients() {
         .iter()
         .filter(|f| !f.starts_with(root().join("crates/llorch-io")))
         .filter(|f| {
-            let text = std::fs::read_to_string(f).unwrap();
+            let text = fs_err::read_to_string(f).unwrap();
             silencers.iter().any(|s| {
                 text.lines()
                     .any(|l| l.contains(s.as_str()) && l.contains("allow"))
@@ -90,13 +90,13 @@ fn only_llorch_io_may_create_processes_and_http_clients() {
     // …or by a `[lints]` table of a manifest (or the workspace's).
     let mut manifests = vec![root().join("Cargo.toml")];
     for d in ["crates", "tests"] {
-        for e in std::fs::read_dir(root().join(d)).unwrap().flatten() {
+        for e in fs_err::read_dir(root().join(d)).unwrap().flatten() {
             manifests.push(e.path().join("Cargo.toml"));
         }
     }
     manifests.push(root().join("xtask/Cargo.toml"));
     for m in manifests.iter().filter(|m| m.is_file()) {
-        let text = std::fs::read_to_string(m).unwrap();
+        let text = fs_err::read_to_string(m).unwrap();
         let lints = text
             .split("\n[")
             .filter(|sec| sec.starts_with("lints") || sec.starts_with("workspace.lints"))
@@ -119,12 +119,12 @@ fn only_llorch_io_may_create_processes_and_http_clients() {
 #[test]
 fn every_public_module_is_in_its_crates_row_of_the_code_map() {
     let root = root();
-    let arch = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let arch = fs_err::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
     let mut missing = Vec::new();
     let mut crates = 0;
-    for entry in std::fs::read_dir(root.join("crates")).unwrap() {
+    for entry in fs_err::read_dir(root.join("crates")).unwrap() {
         let dir = entry.unwrap().path();
-        let Ok(lib) = std::fs::read_to_string(dir.join("src/lib.rs")) else {
+        let Ok(lib) = fs_err::read_to_string(dir.join("src/lib.rs")) else {
             continue;
         };
         crates += 1;
@@ -159,7 +159,7 @@ fn every_public_module_is_in_its_crates_row_of_the_code_map() {
 #[test]
 fn long_files_are_only_those_architecture_names() {
     let root = root();
-    let arch = std::fs::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let arch = fs_err::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
     let mut files = Vec::new();
     rust_files(&root.join("crates"), &mut files);
     let mut long = Vec::new();
@@ -172,7 +172,7 @@ fn long_files_are_only_those_architecture_names() {
         if !rel.contains("/src/") {
             continue;
         }
-        let lines = std::fs::read_to_string(&f).unwrap().lines().count();
+        let lines = fs_err::read_to_string(&f).unwrap().lines().count();
         if lines > 600 && !arch.contains(&format!("| `{rel}` |")) {
             long.push(format!("{rel} ({lines} lines)"));
         }

@@ -42,19 +42,13 @@ pub enum BuildError {
     },
     #[error("{0}")]
     Install(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
     #[error("CUDA: {0}")]
     Cuda(String),
 }
 
-pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> BuildError {
-    let what = what.into();
-    move |source| BuildError::Io { what, source }
-}
+pub(crate) use llorch_io::io;
 
 /// How to report progress.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -81,7 +81,7 @@ pub fn keep(rel: &str, backend: Backend) -> bool {
 }
 
 fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
+    for e in fs_err::read_dir(dir)? {
         let e = e?;
         let ft = e.file_type()?;
         if ft.is_dir() {
@@ -129,8 +129,7 @@ pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManife
     };
     let tmp = out.with_extension("partial");
     {
-        let f =
-            std::fs::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+        let f = fs_err::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
         let gz = flate2::write::GzEncoder::new(f, flate2::Compression::new(6));
         let mut tar = tar::Builder::new(gz);
         let json = serde_json::to_vec_pretty(&manifest).unwrap();
@@ -150,7 +149,7 @@ pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManife
             .sync_all()
             .map_err(|e| e.to_string())?;
     }
-    std::fs::rename(&tmp, out).map_err(|e| e.to_string())?;
+    fs_err::rename(&tmp, out).map_err(|e| e.to_string())?;
     Ok(manifest)
 }
 
@@ -168,7 +167,7 @@ pub fn unpack_for_build(
     let staging = fsx::staging_dir_for(&final_dir).map_err(|e| e.to_string())?;
     say(&format!("verifying source bundle {}", bundle.display()));
     let manifest = verify_into(bundle, pin, staging.path())?;
-    std::fs::write(
+    fs_err::write(
         staging.path().join("tree/.llorch-complete"),
         &manifest.source.id,
     )
@@ -225,7 +224,7 @@ pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManife
 fn verify_stream(bundle: &Path, pin: &Pin) -> Result<BundleManifest, String> {
     use std::io::Read;
     let shown = bundle.display();
-    let f = std::fs::File::open(bundle).map_err(|e| format!("open {shown}: {e}"))?;
+    let f = fs_err::File::open(bundle).map_err(|e| format!("open {shown}: {e}"))?;
     let mut a = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
     let mut manifest: Option<Vec<u8>> = None;
     let mut seen: BTreeMap<String, String> = BTreeMap::new();

@@ -68,7 +68,7 @@ impl ArtifactCache {
 
     /// All entries with readable manifests, newest first.
     pub fn list(&self) -> Vec<(PathBuf, Manifest)> {
-        let mut v: Vec<(PathBuf, Manifest)> = std::fs::read_dir(&self.dir)
+        let mut v: Vec<(PathBuf, Manifest)> = fs_err::read_dir(&self.dir)
             .into_iter()
             .flatten()
             .flatten()
@@ -153,12 +153,12 @@ fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
         let mut cur = dir.to_path_buf();
         for c in p.components() {
             cur.push(c);
-            let md = std::fs::symlink_metadata(&cur).map_err(|e| format!("{rel}: {e}"))?;
+            let md = fs_err::symlink_metadata(&cur).map_err(|e| format!("{rel}: {e}"))?;
             if md.file_type().is_symlink() {
                 return Err(format!("{rel}: {} is a symlink", cur.display()));
             }
         }
-        if !std::fs::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_file()) {
+        if !fs_err::symlink_metadata(&cur).is_ok_and(|m| m.file_type().is_file()) {
             return Err(format!("{rel}: not a regular file"));
         }
     }
@@ -176,7 +176,7 @@ fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
 
 /// Every non-directory below `dir`, relative, `/`-separated (symlinks listed, not followed).
 fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result<()> {
-    for e in std::fs::read_dir(dir)? {
+    for e in fs_err::read_dir(dir)? {
         let e = e?;
         let t = e.file_type()?;
         if t.is_dir() {
@@ -191,7 +191,7 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result
 }
 
 pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
-    let text = std::fs::read_to_string(dir.join("manifest.json")).map_err(|e| e.to_string())?;
+    let text = fs_err::read_to_string(dir.join("manifest.json")).map_err(|e| e.to_string())?;
     serde_json::from_str(&text).map_err(|e| e.to_string())
 }
 
@@ -217,26 +217,21 @@ pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, St
             r.kept_in_use.push(m.fingerprint);
             continue;
         }
-        std::fs::remove_dir_all(&p).map_err(|e| format!("remove {}: {e}", p.display()))?;
-        let _ = std::fs::remove_dir_all(layout.bucket(Bucket::Build).join(&m.fingerprint));
+        fs_err::remove_dir_all(&p).map_err(|e| format!("remove {}: {e}", p.display()))?;
+        let _ = fs_err::remove_dir_all(layout.bucket(Bucket::Build).join(&m.fingerprint));
         // The work dir, when it holds this build and no build is compiling there.
         let work = crate::build::work_dir(layout);
-        if std::fs::read_to_string(work.join("fingerprint"))
-            .is_ok_and(|f| f.trim() == m.fingerprint)
+        if fs_err::read_to_string(work.join("fingerprint")).is_ok_and(|f| f.trim() == m.fingerprint)
         {
             if let Ok(Some(_w)) = FileLock::try_exclusive(&layout.build_work_lock()) {
-                let _ = std::fs::remove_dir_all(&work);
+                let _ = fs_err::remove_dir_all(&work);
             }
         }
         r.removed.push(m.fingerprint);
     }
     // Staging dirs left by a build that was killed (Ctrl-C, power loss): never
     // mistaken for entries, but garbage once no build of that fingerprint holds the lock.
-    for e in std::fs::read_dir(&cache.dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
+    for e in fs_err::read_dir(&cache.dir).into_iter().flatten().flatten() {
         let name = e.file_name().to_string_lossy().into_owned();
         let Some(rest) = name.strip_prefix(".staging-") else {
             continue;
@@ -246,7 +241,7 @@ pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, St
             .map_err(|e| e.to_string())?
             .is_some()
         {
-            std::fs::remove_dir_all(e.path())
+            fs_err::remove_dir_all(e.path())
                 .map_err(|x| format!("remove {}: {x}", e.path().display()))?;
             r.stale_staging_removed += 1;
         }
@@ -266,9 +261,9 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let cache = ArtifactCache::new(d.path());
         let dir = cache.entry("fp");
-        std::fs::create_dir_all(dir.join("bin")).unwrap();
+        fs_err::create_dir_all(dir.join("bin")).unwrap();
         for (rel, body) in files {
-            std::fs::write(dir.join(rel), body).unwrap();
+            fs_err::write(dir.join(rel), body).unwrap();
         }
         let m = Manifest {
             schema: MANIFEST_SCHEMA,
@@ -287,7 +282,7 @@ mod tests {
             profile: String::new(),
             pin: String::new(),
         };
-        std::fs::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
+        fs_err::write(dir.join("manifest.json"), serde_json::to_vec(&m).unwrap()).unwrap();
         (d, cache)
     }
 
@@ -333,8 +328,8 @@ mod tests {
         assert!(stale(&c).contains("not a plain path"));
         // A listed file that is a symlink (to bytes that hash right).
         let (d, c) = entry(&[], "bin/llama-server", &[("bin/llama-server", b)]);
-        std::fs::write(d.path().join("elsewhere"), b).unwrap();
-        std::os::unix::fs::symlink(
+        fs_err::write(d.path().join("elsewhere"), b).unwrap();
+        fs_err::os::unix::fs::symlink(
             d.path().join("elsewhere"),
             c.entry("fp").join("bin/llama-server"),
         )
@@ -342,9 +337,9 @@ mod tests {
         assert!(stale(&c).contains("symlink"));
         // A directory on the way that is a symlink.
         let (d, c) = entry(&[], "lib/llama-server", &[("lib/llama-server", b)]);
-        std::fs::create_dir_all(d.path().join("real")).unwrap();
-        std::fs::write(d.path().join("real/llama-server"), b).unwrap();
-        std::os::unix::fs::symlink(d.path().join("real"), c.entry("fp").join("lib")).unwrap();
+        fs_err::create_dir_all(d.path().join("real")).unwrap();
+        fs_err::write(d.path().join("real/llama-server"), b).unwrap();
+        fs_err::os::unix::fs::symlink(d.path().join("real"), c.entry("fp").join("lib")).unwrap();
         assert!(stale(&c).contains("symlink"));
         // An unlisted library next to the binary.
         let (_d, c) = entry(

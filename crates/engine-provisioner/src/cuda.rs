@@ -55,7 +55,7 @@ pub fn parse_nvcc_version(text: &str) -> Option<String> {
 pub fn nvcc_accepts(nvcc: &Path, host: Option<&Path>) -> Result<(), String> {
     let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
     let src = dir.path().join("probe.cu");
-    std::fs::write(&src, "__global__ void k(float *x) { x[0] = 1.0f; }\n")
+    fs_err::write(&src, "__global__ void k(float *x) { x[0] = 1.0f; }\n")
         .map_err(|e| e.to_string())?;
     let mut c = Cmd::new(nvcc)
         .arg("-c")

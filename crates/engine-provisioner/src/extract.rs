@@ -31,11 +31,11 @@ fn check_member(archive: &Path, member: &Path) -> Result<(), SourceError> {
 /// member paths; refuses unsafe members before writing anything.
 pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Result<(), SourceError> {
     let open = || -> Result<tar::Archive<Box<dyn std::io::Read>>, SourceError> {
-        let f = std::fs::File::open(archive).map_err(io(format!("open {}", archive.display())))?;
+        let f = fs_err::File::open(archive).map_err(io(format!("open {}", archive.display())))?;
         let mut magic = [0u8; 2];
         let gz = {
             use std::io::Read;
-            let mut g = std::fs::File::open(archive).map_err(io("open"))?;
+            let mut g = fs_err::File::open(archive).map_err(io("open"))?;
             g.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]
         };
         let r: Box<dyn std::io::Read> = if gz {
@@ -69,7 +69,7 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
     // Pass 2: extract, checking every write against the tree as it is on
     // disk: a path never goes through a symlink, and every link resolves,
     // following the links already extracted (chains), to a place inside.
-    std::fs::create_dir_all(dest).map_err(io(format!("create {}", dest.display())))?;
+    fs_err::create_dir_all(dest).map_err(io(format!("create {}", dest.display())))?;
     let mut a = open()?;
     // Modes without setuid/setgid/sticky bits.
     a.set_preserve_permissions(false);
@@ -95,7 +95,7 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
         let parent = rel.parent().unwrap_or(Path::new(""));
         real_dirs(dest, parent).map_err(|why| unsafe_member(&path, why))?;
         let target = dest.join(&rel);
-        let existing = std::fs::symlink_metadata(&target).ok();
+        let existing = fs_err::symlink_metadata(&target).ok();
         if existing
             .as_ref()
             .is_some_and(|m| m.file_type().is_symlink())
@@ -109,15 +109,14 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
         match kind {
             T::Directory => {
                 if existing.is_none() {
-                    std::fs::create_dir(&target)
-                        .map_err(io(format!("create {}", rel.display())))?;
+                    fs_err::create_dir(&target).map_err(io(format!("create {}", rel.display())))?;
                 } else if !existing.as_ref().is_some_and(|m| m.is_dir()) {
                     return Err(unsafe_member(&path, "a directory over a file".into()));
                 }
             }
             T::Regular | T::Continuous => {
                 if existing.is_some_and(|m| m.is_file()) {
-                    std::fs::remove_file(&target)
+                    fs_err::remove_file(&target)
                         .map_err(io(format!("replace {}", rel.display())))?;
                 }
                 e.unpack(&target)
@@ -138,7 +137,7 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
                         "a symlink over an existing member".into(),
                     ));
                 }
-                std::os::unix::fs::symlink(&link, &target)
+                fs_err::os::unix::fs::symlink(&link, &target)
                     .map_err(io(format!("link {}", rel.display())))?;
             }
             T::Link => {
@@ -160,17 +159,17 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
                     )
                 })?;
                 let src = dest.join(src);
-                if !std::fs::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
+                if !fs_err::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
                     return Err(unsafe_member(
                         &path,
                         format!("hard-links to `{}`, not an extracted file", link.display()),
                     ));
                 }
                 if existing.is_some() {
-                    std::fs::remove_file(&target)
+                    fs_err::remove_file(&target)
                         .map_err(io(format!("replace {}", rel.display())))?;
                 }
-                std::fs::hard_link(&src, &target).map_err(io(format!("link {}", rel.display())))?;
+                fs_err::hard_link(&src, &target).map_err(io(format!("link {}", rel.display())))?;
             }
             other => {
                 return Err(unsafe_member(
@@ -194,7 +193,7 @@ fn real_dirs(root: &Path, rel: &Path) -> Result<(), String> {
             return Err("is not a plain relative path".into());
         };
         cur.push(n);
-        match std::fs::symlink_metadata(&cur) {
+        match fs_err::symlink_metadata(&cur) {
             Ok(m) if m.file_type().is_symlink() => {
                 return Err(format!(
                     "goes through the symlink `{}`",
@@ -208,7 +207,7 @@ fn real_dirs(root: &Path, rel: &Path) -> Result<(), String> {
                     cur.strip_prefix(root).unwrap_or(&cur).display()
                 ))
             }
-            Err(_) => std::fs::create_dir(&cur)
+            Err(_) => fs_err::create_dir(&cur)
                 .map_err(|e| format!("cannot create {}: {e}", cur.display()))?,
         }
     }
@@ -249,13 +248,13 @@ fn resolve_in_tree(root: &Path, rel: &Path) -> Result<PathBuf, String> {
                 let mut p = root.to_path_buf();
                 p.extend(&at);
                 p.push(&n);
-                match std::fs::symlink_metadata(&p) {
+                match fs_err::symlink_metadata(&p) {
                     Ok(m) if m.file_type().is_symlink() => {
                         hops += 1;
                         if hops > 40 {
                             return Err("goes through more than 40 links".into());
                         }
-                        let t = std::fs::read_link(&p).map_err(|e| e.to_string())?;
+                        let t = fs_err::read_link(&p).map_err(|e| e.to_string())?;
                         for s in segs(&t)?.into_iter().rev() {
                             todo.push_front(s);
                         }

@@ -38,7 +38,7 @@ pub enum PackageManager {
 
 impl PackageManager {
     pub fn detect() -> Option<PackageManager> {
-        let os = std::fs::read_to_string("/etc/os-release").unwrap_or_default();
+        let os = fs_err::read_to_string("/etc/os-release").unwrap_or_default();
         Self::from_os_release(&os)
     }
 

@@ -95,17 +95,11 @@ pub enum RegistryError {
     Rejected { reference: String, why: String },
     #[error("the engine at {reference} cannot run on this machine: {why}")]
     CannotRun { reference: String, why: String },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> RegistryError {
-    let what = what.into();
-    move |source| RegistryError::Io { what, source }
-}
+use llorch_io::io;
 
 /// What a push did.
 #[derive(Debug, serde::Serialize)]
@@ -136,7 +130,7 @@ pub struct Origin {
 
 /// Where a cached entry came from (`None`: built here).
 pub fn origin(dir: &Path) -> Option<Origin> {
-    let text = std::fs::read_to_string(dir.join(cache::ORIGIN_FILE)).ok()?;
+    let text = fs_err::read_to_string(dir.join(cache::ORIGIN_FILE)).ok()?;
     serde_json::from_str(&text).ok()
 }
 
@@ -182,7 +176,7 @@ pub const CPU_FEATURES: &[&str] = &[
 
 /// This CPU's flags from `/proc/cpuinfo` (those in [`CPU_FEATURES`]).
 pub fn cpu_features() -> Vec<String> {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let info = fs_err::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let flags: std::collections::BTreeSet<&str> = info
         .lines()
         .find(|l| l.starts_with("flags"))
@@ -289,7 +283,7 @@ pub fn runnable_here(ann: &BTreeMap<String, String>) -> Result<(), String> {
 /// A deterministic `tar.gz` of an entry: its manifest and listed files,
 /// sorted, with mode bits kept and times, owners and names of users zeroed.
 fn pack_entry(dir: &Path, m: &Manifest, out: &Path) -> Result<(), RegistryError> {
-    let f = std::fs::File::create(out).map_err(io(format!("create {}", out.display())))?;
+    let f = fs_err::File::create(out).map_err(io(format!("create {}", out.display())))?;
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut t = tar::Builder::new(gz);
     let mut names: Vec<&str> = m.files.keys().map(String::as_str).collect();
@@ -297,7 +291,7 @@ fn pack_entry(dir: &Path, m: &Manifest, out: &Path) -> Result<(), RegistryError>
     names.sort();
     for rel in names {
         let p = dir.join(rel);
-        let meta = std::fs::metadata(&p).map_err(io(format!("stat {}", p.display())))?;
+        let meta = fs_err::metadata(&p).map_err(io(format!("stat {}", p.display())))?;
         let mut h = tar::Header::new_gnu();
         h.set_size(meta.len());
         h.set_mode(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o755);
@@ -305,7 +299,7 @@ fn pack_entry(dir: &Path, m: &Manifest, out: &Path) -> Result<(), RegistryError>
         h.set_uid(0);
         h.set_gid(0);
         h.set_entry_type(tar::EntryType::Regular);
-        let file = std::fs::File::open(&p).map_err(io(format!("open {}", p.display())))?;
+        let file = fs_err::File::open(&p).map_err(io(format!("open {}", p.display())))?;
         t.append_data(&mut h, rel, file)
             .map_err(io(format!("pack {rel}")))?;
     }
@@ -338,12 +332,12 @@ pub fn push_locked(
         Lookup::Stale(why) => return Err(RegistryError::Corrupt { fp: fp.into(), why }),
     };
     let dir = cache.entry(fp);
-    let config = std::fs::read(dir.join("manifest.json")).map_err(io("read manifest.json"))?;
+    let config = fs_err::read(dir.join("manifest.json")).map_err(io("read manifest.json"))?;
     let tmp = tempfile::Builder::new()
         .prefix(".push-")
         .tempdir_in(layout.bucket(llorch_io::paths::Bucket::Downloads))
         .or_else(|_| {
-            std::fs::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Downloads))?;
+            fs_err::create_dir_all(layout.bucket(llorch_io::paths::Bucket::Downloads))?;
             tempfile::Builder::new()
                 .prefix(".push-")
                 .tempdir_in(layout.bucket(llorch_io::paths::Bucket::Downloads))
@@ -450,7 +444,7 @@ pub fn pull(
         why,
     })?;
     let downloads = layout.bucket(llorch_io::paths::Bucket::Downloads);
-    std::fs::create_dir_all(&downloads).map_err(io("create downloads dir"))?;
+    fs_err::create_dir_all(&downloads).map_err(io("create downloads dir"))?;
     let partial = downloads.join(format!("engine-{fp}.tar.gz.partial"));
     say(&format!(
         "pulling engine {} from {} ({:.1} MB)",
@@ -461,11 +455,11 @@ pub fn pull(
     client.pull_to_file(&r, layer, &partial, 6, &|_, _| {})?;
     let cache = ArtifactCache::new(&layout.cache);
     let entry = cache.entry(fp);
-    std::fs::create_dir_all(&cache.dir).map_err(io("create engines dir"))?;
+    fs_err::create_dir_all(&cache.dir).map_err(io("create engines dir"))?;
     let staging = fsx::staging_dir_for(&entry).map_err(io("create staging dir"))?;
     crate::source::extract_tar_gz(&partial, staging.path(), None)
         .map_err(|e| reject(format!("its layer does not unpack safely: {e}")))?;
-    let extracted = std::fs::read(staging.path().join("manifest.json"))
+    let extracted = fs_err::read(staging.path().join("manifest.json"))
         .map_err(|_| reject("its layer has no manifest.json".into()))?;
     if extracted != config {
         return Err(reject(
@@ -503,7 +497,7 @@ pub fn pull(
     )
     .map_err(io("write origin.json"))?;
     fsx::commit_dir(staging, &entry).map_err(io("install the pulled engine"))?;
-    let _ = std::fs::remove_file(&partial);
+    let _ = fs_err::remove_file(&partial);
     Ok(Pulled {
         reference,
         manifest_digest,

@@ -133,10 +133,10 @@ pub fn use_nvcc_launcher(
     sccache: &Path,
 ) -> std::io::Result<()> {
     use std::os::unix::fs::PermissionsExt;
-    std::fs::create_dir_all(build_dir)?;
+    fs_err::create_dir_all(build_dir)?;
     let script = build_dir.join("llorch-nvcc-launcher.sh");
-    std::fs::write(&script, NVCC_LAUNCHER_SH)?;
-    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
+    fs_err::write(&script, NVCC_LAUNCHER_SH)?;
+    fs_err::set_permissions(&script, std::fs::Permissions::from_mode(0o755))?;
     plan.extra_flags.retain(|f| !f.starts_with(CUDA_LAUNCHER));
     plan.extra_flags.push(format!(
         "{CUDA_LAUNCHER}{};{}",
@@ -182,8 +182,8 @@ pub struct Reproduction {
 /// how many bytes differ (a length difference counts as differing bytes).
 pub fn diff_files(a: &Path, b: &Path) -> std::io::Result<(Vec<(u64, u64)>, u64)> {
     use std::io::Read;
-    let mut fa = std::io::BufReader::new(std::fs::File::open(a)?);
-    let mut fb = std::io::BufReader::new(std::fs::File::open(b)?);
+    let mut fa = std::io::BufReader::new(fs_err::File::open(a)?);
+    let mut fb = std::io::BufReader::new(fs_err::File::open(b)?);
     let (mut ba, mut bb) = (vec![0u8; 1 << 16], vec![0u8; 1 << 16]);
     let (mut ranges, mut differing, mut pos) = (Vec::new(), 0u64, 0u64);
     let mut open: Option<u64> = None;
@@ -239,7 +239,7 @@ pub fn compare(
     let mut names: Vec<&String> = cached.keys().chain(rebuilt.keys()).collect();
     names.sort();
     names.dedup();
-    let size = |d: &Path, f: &str| std::fs::metadata(d.join(f)).ok().map(|m| m.len());
+    let size = |d: &Path, f: &str| fs_err::metadata(d.join(f)).ok().map(|m| m.len());
     let mut out = Vec::new();
     for f in names {
         let (a, b) = (cached.get(f), rebuilt.get(f));
@@ -265,17 +265,17 @@ pub fn compare(
 
 /// Copy a directory tree (symlinks as symlinks; nothing else but files and dirs).
 pub(crate) fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
-    std::fs::create_dir_all(to)?;
-    for e in std::fs::read_dir(from)? {
+    fs_err::create_dir_all(to)?;
+    for e in fs_err::read_dir(from)? {
         let e = e?;
         let (src, dst) = (e.path(), to.join(e.file_name()));
         let t = e.file_type()?;
         if t.is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&src)?, &dst)?;
+            fs_err::os::unix::fs::symlink(fs_err::read_link(&src)?, &dst)?;
         } else if t.is_dir() {
             copy_tree(&src, &dst)?;
         } else if t.is_file() {
-            std::fs::copy(&src, &dst)?;
+            fs_err::copy(&src, &dst)?;
         }
     }
     Ok(())
@@ -283,7 +283,7 @@ pub(crate) fn copy_tree(from: &Path, to: &Path) -> std::io::Result<()> {
 
 /// Scratch directories of rebuilds whose process is gone (Ctrl-C, a crash).
 fn sweep_scratch(build_bucket: &Path) {
-    for e in std::fs::read_dir(build_bucket)
+    for e in fs_err::read_dir(build_bucket)
         .into_iter()
         .flatten()
         .flatten()
@@ -297,7 +297,7 @@ fn sweep_scratch(build_bucket: &Path) {
             continue;
         };
         if !Path::new(&format!("/proc/{pid}")).exists() {
-            let _ = std::fs::remove_dir_all(e.path());
+            let _ = fs_err::remove_dir_all(e.path());
         }
     }
 }
@@ -311,7 +311,7 @@ impl Drop for Scratch {
             eprintln!("kept the scratch rebuild at {}", self.0.display());
             return;
         }
-        let _ = std::fs::remove_dir_all(&self.0);
+        let _ = fs_err::remove_dir_all(&self.0);
     }
 }
 
@@ -370,10 +370,10 @@ pub fn rebuild(
         None => crate::source::fetch(&profile.pin, layout, &say)?,
     };
     let bucket = layout.bucket(Bucket::Build);
-    std::fs::create_dir_all(&bucket).map_err(io("create build bucket"))?;
+    fs_err::create_dir_all(&bucket).map_err(io("create build bucket"))?;
     sweep_scratch(&bucket);
     let scratch = Scratch(bucket.join(format!("verify-{}-{}", &fp[..12], std::process::id())));
-    let _ = std::fs::remove_dir_all(&scratch.0);
+    let _ = fs_err::remove_dir_all(&scratch.0);
     let tree = scratch.0.join("src");
     say(&format!(
         "rebuilding {} (fingerprint {}) in {} from a copy of {}, no compiler cache",
@@ -428,8 +428,8 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let d = tempfile::tempdir().unwrap();
         let nvcc = d.path().join("nvcc");
-        std::fs::write(&nvcc, "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n").unwrap();
-        std::fs::set_permissions(&nvcc, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fs_err::write(&nvcc, "#!/bin/sh\nfor a in \"$@\"; do echo \"$a\"; done\n").unwrap();
+        fs_err::set_permissions(&nvcc, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut plan = crate::build::BuildPlan {
             inputs: serde_json::from_value(serde_json::json!({
                 "schema": 2, "source": {"kind": "archive", "id": "x", "commit": "c", "subdir": null},
@@ -491,19 +491,19 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let (a, b) = (d.path().join("a"), d.path().join("b"));
         let mut x = vec![7u8; 200_000];
-        std::fs::write(&a, &x).unwrap();
-        std::fs::write(&b, &x).unwrap();
+        fs_err::write(&a, &x).unwrap();
+        fs_err::write(&b, &x).unwrap();
         assert_eq!(diff_files(&a, &b).unwrap(), (vec![], 0));
         x[10] = 0;
         x[11] = 0;
         x[150_000] = 1;
-        std::fs::write(&b, &x).unwrap();
+        fs_err::write(&b, &x).unwrap();
         assert_eq!(
             diff_files(&a, &b).unwrap(),
             (vec![(10, 12), (150_000, 150_001)], 3)
         );
         x.truncate(199_990);
-        std::fs::write(&b, &x).unwrap();
+        fs_err::write(&b, &x).unwrap();
         let (r, n) = diff_files(&a, &b).unwrap();
         assert_eq!(r.last(), Some(&(199_990, 200_000)));
         assert_eq!(n, 3 + 10);

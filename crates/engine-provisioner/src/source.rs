@@ -50,19 +50,13 @@ pub enum SourceError {
     },
     #[error("{0}")]
     Download(String),
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
     #[error("{0}")]
     Layout(String),
 }
 
-pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> SourceError {
-    let what = what.into();
-    move |source| SourceError::Io { what, source }
-}
+pub(crate) use llorch_io::io;
 
 /// The identity of a pin's source (what the fingerprint records).
 pub fn identity(pin: &Pin) -> SourceIdentity {
@@ -165,8 +159,8 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
                     subdir.as_deref().unwrap_or(".")
                 )));
             }
-            std::fs::rename(&tree, staging.path().join("tree")).map_err(io("move tree"))?;
-            std::fs::remove_dir_all(&unpack).map_err(io("clean unpack dir"))?;
+            fs_err::rename(&tree, staging.path().join("tree")).map_err(io("move tree"))?;
+            fs_err::remove_dir_all(&unpack).map_err(io("clean unpack dir"))?;
         }
         SourceSpec::Archive {
             location,
@@ -216,12 +210,12 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
             progress("extracting archive");
             extract_tar_gz(&file, &staging.path().join("tree"), strip_prefix.as_deref())?;
             if file.starts_with(layout.downloads()) {
-                let _ = std::fs::remove_file(&file);
+                let _ = fs_err::remove_file(&file);
             }
         }
         SourceSpec::Git { .. } => unreachable!(),
     }
-    std::fs::write(
+    fs_err::write(
         staging.path().join("tree/.llorch-complete"),
         identity(pin).id,
     )
@@ -235,7 +229,7 @@ pub fn verify_sha256(file: &Path, expected: &str, what: &str) -> Result<(), Sour
     let actual =
         llorch_io::digest::sha256_file(file).map_err(io(format!("hash {}", file.display())))?;
     if actual != expected {
-        let _ = std::fs::remove_file(file);
+        let _ = fs_err::remove_file(file);
         return Err(SourceError::ChecksumMismatch {
             what: what.to_string(),
             expected: expected.to_string(),
@@ -263,7 +257,7 @@ fn pip_download_sdist(
         )));
     }
     let req = dir.join("llorch-requirements.txt");
-    std::fs::write(&req, format!("{spec} --hash=sha256:{sha256}\n"))
+    fs_err::write(&req, format!("{spec} --hash=sha256:{sha256}\n"))
         .map_err(io("write pip requirements"))?;
     let out_dir = dir.join("out");
     let r = Cmd::new("python3")
@@ -306,7 +300,7 @@ fn pip_download_sdist(
             source: Box::new(source),
         });
     }
-    std::fs::read_dir(&out_dir)
+    fs_err::read_dir(&out_dir)
         .map_err(io("list pip download dir"))?
         .flatten()
         .map(|e| e.path())
@@ -360,7 +354,7 @@ pub fn resolve_remote_rev(url: &str, rev: &str) -> Result<String, SourceError> {
 }
 
 fn single_top_dir(dir: &Path) -> Result<PathBuf, SourceError> {
-    let entries: Vec<PathBuf> = std::fs::read_dir(dir)
+    let entries: Vec<PathBuf> = fs_err::read_dir(dir)
         .map_err(io("list extracted sdist"))?
         .flatten()
         .map(|e| e.path())
@@ -416,7 +410,7 @@ pub fn git_checkout(
             "checkout {} has HEAD {head}, not {commit}: recreating it",
             final_dir.display()
         ));
-        std::fs::remove_dir_all(&final_dir).map_err(io("remove stale checkout"))?;
+        fs_err::remove_dir_all(&final_dir).map_err(io("remove stale checkout"))?;
     }
     let db_path = src_root
         .join("git-db")
@@ -424,7 +418,7 @@ pub fn git_checkout(
     let db = if db_path.exists() {
         git2::Repository::open_bare(&db_path).map_err(git_err)?
     } else {
-        std::fs::create_dir_all(&db_path).map_err(io("create git store"))?;
+        fs_err::create_dir_all(&db_path).map_err(io("create git store"))?;
         let r = git2::Repository::init_bare(&db_path).map_err(git_err)?;
         r.remote("origin", url).map_err(git_err)?;
         r
@@ -486,8 +480,8 @@ pub fn git_checkout(
     let staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
     let repo = git2::Repository::init(staging.path()).map_err(git_err)?;
     let alternates = repo.path().join("objects/info/alternates");
-    std::fs::create_dir_all(alternates.parent().unwrap()).map_err(io("alternates dir"))?;
-    std::fs::write(
+    fs_err::create_dir_all(alternates.parent().unwrap()).map_err(io("alternates dir"))?;
+    fs_err::write(
         &alternates,
         format!("{}\n", db_path.join("objects").display()),
     )

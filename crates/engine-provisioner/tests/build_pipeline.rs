@@ -25,19 +25,19 @@ fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
     assert_eq!(m.inputs["source"]["kind"], "archive");
     assert_eq!(m.inputs["source"]["id"], sha.as_str());
     let log = build::work_dir(&ws.layout).join("build/llorch-build.log");
-    let log_mtime = std::fs::metadata(&log).unwrap().modified().unwrap();
+    let log_mtime = fs_err::metadata(&log).unwrap().modified().unwrap();
 
     let second = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(second.cache_hit);
     assert_eq!(second.cmake_invocations, 0);
     assert_eq!(second.fingerprint, first.fingerprint);
     assert_eq!(
-        std::fs::metadata(&log).unwrap().modified().unwrap(),
+        fs_err::metadata(&log).unwrap().modified().unwrap(),
         log_mtime,
         "no CMake ran on the hit"
     );
     // Nothing half-made is left beside the entry.
-    let names: Vec<String> = std::fs::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
+    let names: Vec<String> = fs_err::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
@@ -51,7 +51,7 @@ fn a_corrupted_entry_is_detected_reported_and_rebuilt() {
     let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
     let p = ws.profile("fake");
     let first = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
-    std::fs::write(&first.binary, b"garbage").unwrap();
+    fs_err::write(&first.binary, b"garbage").unwrap();
     let cache = ArtifactCache::new(&ws.layout.cache);
     match cache.lookup(&first.fingerprint, None) {
         Lookup::Stale(why) => assert!(
@@ -65,7 +65,7 @@ fn a_corrupted_entry_is_detected_reported_and_rebuilt() {
     let again = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(!again.cache_hit);
     assert!(again.reason.unwrap().contains("corrupt"));
-    std::fs::remove_file(&again.binary).unwrap();
+    fs_err::remove_file(&again.binary).unwrap();
     assert!(
         matches!(cache.lookup(&first.fingerprint, None), Lookup::Stale(w) if w.contains("No such file"))
     );
@@ -110,7 +110,7 @@ fn a_failed_build_shows_the_log_tail_and_leaves_no_entry() {
         "the log path is named: {err}"
     );
     assert!(err.contains("nothing was added to the cache"), "{err}");
-    let entries = std::fs::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
+    let entries = fs_err::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
         .map(|r| r.count())
         .unwrap_or(0);
     assert_eq!(entries, 0);
@@ -149,7 +149,7 @@ fn fingerprint_ignores_checkout_location_and_mtimes() {
     // Touch the pin and profile files: mtimes are not inputs.
     std::thread::sleep(std::time::Duration::from_millis(20));
     let prof = b.layout.root.join("requirements/fake.yaml");
-    std::fs::write(&prof, std::fs::read(&prof).unwrap()).unwrap();
+    fs_err::write(&prof, fs_err::read(&prof).unwrap()).unwrap();
     let fb = build::plan(&b.profile("fake"), &Toolbox::default()).unwrap();
     assert_eq!(fa.fingerprint, fb.fingerprint);
     // Runtime settings are not build inputs either.
@@ -182,7 +182,7 @@ fn missing_cmake_with_installs_disallowed_names_the_install_command() {
     let (archive, sha) = fake_archive(tmp.path(), "h", &fake_server_c("x"));
     let ws = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
     let empty = tmp.path().join("empty-bin");
-    std::fs::create_dir_all(&empty).unwrap();
+    fs_err::create_dir_all(&empty).unwrap();
     let tb = Toolbox {
         path: Some(empty.into_os_string()),
     };
@@ -238,7 +238,7 @@ fn the_same_fingerprint_gives_the_same_bytes_in_any_cache_directory() {
         ba.manifest.files, bb.manifest.files,
         "the two builds differ"
     );
-    let bytes = std::fs::read(&ba.binary).unwrap();
+    let bytes = fs_err::read(&ba.binary).unwrap();
     let cache = a.layout.cache.display().to_string();
     assert!(
         !bytes.windows(cache.len()).any(|w| w == cache.as_bytes()),
@@ -262,7 +262,7 @@ fn verify_rebuild_reproduces_an_honest_entry_and_names_the_bytes_of_a_tampered_o
     assert!(r.reproduced, "{:?}", r.files);
     assert_eq!(r.files.len(), 1);
     // The scratch directories are gone.
-    let left: Vec<_> = std::fs::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Build))
+    let left: Vec<_> = fs_err::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Build))
         .unwrap()
         .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
         .filter(|n| n.starts_with("verify-"))
@@ -270,16 +270,16 @@ fn verify_rebuild_reproduces_an_honest_entry_and_names_the_bytes_of_a_tampered_o
     assert!(left.is_empty(), "{left:?}");
     // Tampered the way a registry could serve it: bytes changed and the
     // manifest's digest updated to match, so the entry checks out on its own.
-    let mut bytes = std::fs::read(&built.binary).unwrap();
+    let mut bytes = fs_err::read(&built.binary).unwrap();
     let at = bytes.len() / 2;
     bytes[at] ^= 0xff;
-    std::fs::write(&built.binary, &bytes).unwrap();
+    fs_err::write(&built.binary, &bytes).unwrap();
     let mpath = built.dir.join("manifest.json");
     let mut m: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(&mpath).unwrap()).unwrap();
+        serde_json::from_str(&fs_err::read_to_string(&mpath).unwrap()).unwrap();
     m["files"]["bin/llama-server"] =
         serde_json::json!(llorch_io::digest::sha256_file(&built.binary).unwrap());
-    std::fs::write(&mpath, serde_json::to_string_pretty(&m).unwrap()).unwrap();
+    fs_err::write(&mpath, serde_json::to_string_pretty(&m).unwrap()).unwrap();
     engine_provisioner::cache::verify_entry(&built.dir, &built.fingerprint).unwrap();
     let r = reproduce::rebuild(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(!r.reproduced);
@@ -317,19 +317,19 @@ fn two_unit_archive(dir: &Path, name: &str, version: &str) -> (PathBuf, String) 
         &tree,
         &fake_server_c(version).replace("int main(", "int lib_answer(void);\nint main("),
     );
-    std::fs::write(
+    fs_err::write(
         tree.join("CMakeLists.txt"),
         FAKE_CMAKE.replace("server.c)", "server.c lib.c)"),
     )
     .unwrap();
-    std::fs::write(
+    fs_err::write(
         tree.join("lib.c"),
         "#include <stdio.h>\nint lib_answer(void) { puts(__FILE__); return 42; }\n",
     )
     .unwrap();
     let out = dir.join(format!("{name}.tar.gz"));
     let gz = flate2::write::GzEncoder::new(
-        std::fs::File::create(&out).unwrap(),
+        fs_err::File::create(&out).unwrap(),
         flate2::Compression::fast(),
     );
     let mut t = tar::Builder::new(gz);
@@ -373,8 +373,8 @@ fn the_compiler_cache_serves_rebuilds_and_unchanged_files_of_the_next_pin() {
         .expect("the build used the compiler cache");
     assert_eq!((s.hits, s.misses), (0, 2), "{s:?}");
     assert_eq!(
-        std::fs::read(&cold.binary).unwrap(),
-        std::fs::read(&reference.binary).unwrap(),
+        fs_err::read(&cold.binary).unwrap(),
+        fs_err::read(&reference.binary).unwrap(),
         "a build through the compiler cache has the bytes of one without it"
     );
 
@@ -397,12 +397,12 @@ fn the_compiler_cache_serves_rebuilds_and_unchanged_files_of_the_next_pin() {
     let s = warm.compile_cache.clone().unwrap();
     assert_eq!((s.hits, s.misses), (2, 0), "{s:?}");
     assert_eq!(
-        std::fs::read(&warm.binary).unwrap(),
-        std::fs::read(&cold.binary).unwrap()
+        fs_err::read(&warm.binary).unwrap(),
+        fs_err::read(&cold.binary).unwrap()
     );
 
     // The next pin: lib.c unchanged (a hit although the source moved), server.c compiled.
-    std::fs::write(
+    fs_err::write(
         ws.layout.root.join("toolchains/llama.cpp.yaml"),
         archive_pin_yaml(&a2, &s2),
     )
@@ -446,8 +446,8 @@ fn an_engine_of_another_cache_is_reused_checked_and_never_written_back() {
     );
     assert!(!build::work_dir(&ci.layout).exists(), "nothing compiled");
     assert_eq!(
-        std::fs::read(&got.binary).unwrap(),
-        std::fs::read(&built.binary).unwrap()
+        fs_err::read(&got.binary).unwrap(),
+        fs_err::read(&built.binary).unwrap()
     );
     assert_eq!(
         listing(&user.layout.cache),
@@ -456,24 +456,24 @@ fn an_engine_of_another_cache_is_reused_checked_and_never_written_back() {
     );
 
     // Tampered there (bytes changed, manifest left): refused, built here instead.
-    let mut b = std::fs::read(&built.binary).unwrap();
+    let mut b = fs_err::read(&built.binary).unwrap();
     let n = b.len() / 2;
     b[n] ^= 0xff;
-    std::fs::write(&built.binary, &b).unwrap();
+    fs_err::write(&built.binary, &b).unwrap();
     let ci2 = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
     let got = build::build(&ci2.profile("fake"), &ci2.layout, &opts).unwrap();
     assert_eq!(got.cmake_invocations, 2, "{:?}", got.reason);
-    assert_ne!(std::fs::read(&got.binary).unwrap(), b);
+    assert_ne!(fs_err::read(&got.binary).unwrap(), b);
 }
 
 fn walkdir(d: &Path) -> Vec<String> {
     let mut out = Vec::new();
-    for e in std::fs::read_dir(d).into_iter().flatten().flatten() {
+    for e in fs_err::read_dir(d).into_iter().flatten().flatten() {
         let p = e.path();
         if p.is_dir() {
             out.extend(walkdir(&p));
         } else {
-            let m = std::fs::metadata(&p).unwrap();
+            let m = fs_err::metadata(&p).unwrap();
             out.push(format!("{} {}", p.display(), m.len()));
         }
     }

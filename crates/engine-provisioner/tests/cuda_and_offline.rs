@@ -13,13 +13,13 @@ use support::*;
 
 fn script(dir: &Path, name: &str, body: &str) {
     let p = dir.join(name);
-    std::fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-    std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+    fs_err::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+    fs_err::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
 }
 
 fn link_real(dir: &Path, tool: &str) {
     if let Ok(p) = which::which(tool) {
-        std::os::unix::fs::symlink(p, dir.join(tool)).unwrap();
+        fs_err::os::unix::fs::symlink(p, dir.join(tool)).unwrap();
     }
 }
 
@@ -52,7 +52,7 @@ fn cuda_profiles_generate_explicit_arch_flags() {
 fn an_arch_the_toolkit_cannot_build_is_refused_before_configuring() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = tmp.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    fs_err::create_dir_all(&bin).unwrap();
     script(
         &bin,
         "nvcc",
@@ -95,7 +95,7 @@ esac"#,
 fn nvcc_rejecting_the_default_host_compiler_falls_back_to_an_older_one() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = tmp.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    fs_err::create_dir_all(&bin).unwrap();
     // A stand-in nvcc that accepts only `-ccbin .../g++-12`, like CUDA 12.x with a too-new default gcc.
     script(
         &bin,
@@ -155,7 +155,7 @@ esac"#,
 fn doctor_without_nvcc_names_it_and_how_to_install_it_everywhere() {
     let tmp = tempfile::tempdir().unwrap();
     let bin = tmp.path().join("bin");
-    std::fs::create_dir_all(&bin).unwrap();
+    fs_err::create_dir_all(&bin).unwrap();
     for t in ["cmake", "cc", "c++", "ninja", "python3"] {
         link_real(&bin, t);
     }
@@ -218,7 +218,7 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     // Tampering: change a file, keep the manifest.
     let unpacked = tmp.path().join("unpacked");
     source::extract_tar_gz(&out, &unpacked, None).unwrap();
-    std::fs::write(unpacked.join("tree/server.c"), fake_server_c("evil")).unwrap();
+    fs_err::write(unpacked.join("tree/server.c"), fake_server_c("evil")).unwrap();
     let tampered = tmp.path().join("tampered.tar.gz");
     repack(&unpacked, &tampered);
     let err = bundle::verify_into(&tampered, &p.pin, &tmp.path().join("v1")).unwrap_err();
@@ -228,8 +228,8 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     );
     assert!(!tmp.path().join("v1").exists(), "nothing was extracted");
     // An extra file is refused too.
-    std::fs::write(unpacked.join("tree/server.c"), fake_server_c("bundled")).unwrap();
-    std::fs::write(unpacked.join("tree/extra.c"), "int x;").unwrap();
+    fs_err::write(unpacked.join("tree/server.c"), fake_server_c("bundled")).unwrap();
+    fs_err::write(unpacked.join("tree/extra.c"), "int x;").unwrap();
     repack(&unpacked, &tampered);
     let err = bundle::verify_into(&tampered, &p.pin, &tmp.path().join("v2")).unwrap_err();
     assert!(err.contains("extra.c"), "{err}");
@@ -241,15 +241,15 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
 
     // Tampering with a recomputed manifest: the file and its manifest line
     // both changed. The pin's tree digest refuses it, and nothing is written.
-    std::fs::remove_file(unpacked.join("tree/extra.c")).unwrap();
+    fs_err::remove_file(unpacked.join("tree/extra.c")).unwrap();
     let evil = fake_server_c("evil");
-    std::fs::write(unpacked.join("tree/server.c"), &evil).unwrap();
+    fs_err::write(unpacked.join("tree/server.c"), &evil).unwrap();
     let mut forged = m.clone();
     forged.files.insert(
         "server.c".into(),
         llorch_io::digest::sha256_bytes(evil.as_bytes()),
     );
-    std::fs::write(
+    fs_err::write(
         unpacked.join("llorch-bundle.json"),
         serde_json::to_vec_pretty(&forged).unwrap(),
     )
@@ -267,7 +267,7 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
 }
 
 fn repack(dir: &Path, out: &Path) {
-    let f = std::fs::File::create(out).unwrap();
+    let f = fs_err::File::create(out).unwrap();
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut t = tar::Builder::new(gz);
     t.append_path_with_name(dir.join("llorch-bundle.json"), "llorch-bundle.json")
@@ -291,7 +291,7 @@ fn the_real_pin_bundles_what_the_cpu_build_needs() {
     assert!(m.files.contains_key(bundle::VOCAB_FOR_SYNTHETIC));
     assert!(!m.files.keys().any(|k| k.starts_with("ggml/src/ggml-cuda/")));
     assert!(!m.files.keys().any(|k| k.starts_with("docs/")));
-    let size = std::fs::metadata(&out).unwrap().len();
+    let size = fs_err::metadata(&out).unwrap().len();
     assert!(size < 30_000_000, "compact: {size} bytes");
     let check = tmp.path().join("check");
     bundle::verify_into(&out, &p.pin, &check).unwrap();

@@ -103,7 +103,7 @@ fn certificates(dir: &Path) {
             "/CN=127.0.0.1",
         ],
     );
-    std::fs::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
+    fs_err::write(dir.join("ext.cnf"), "subjectAltName=IP:127.0.0.1\n").unwrap();
     openssl(
         dir,
         &[
@@ -131,7 +131,7 @@ fn certificates(dir: &Path) {
 fn repository(root: &Path) -> (String, String) {
     let work = root.join("work");
     let repo = git2::Repository::init(&work).unwrap();
-    std::fs::write(work.join("CMakeLists.txt"), "project(fake C)\n").unwrap();
+    fs_err::write(work.join("CMakeLists.txt"), "project(fake C)\n").unwrap();
     let mut idx = repo.index().unwrap();
     idx.add_path(Path::new("CMakeLists.txt")).unwrap();
     let tree = repo.find_tree(idx.write_tree().unwrap()).unwrap();
@@ -161,7 +161,7 @@ fn a_git_pin_over_https_is_fetched_verified_and_refused_when_wrong() {
     let d = tmp.path();
     certificates(d);
     let (commit, branch) = repository(d);
-    std::fs::write(d.join("server.py"), SERVER).unwrap();
+    fs_err::write(d.join("server.py"), SERVER).unwrap();
     let portfile = d.join("port");
     let _srv = Server(
         Cmd::new("python3")
@@ -175,7 +175,7 @@ fn a_git_pin_over_https_is_fetched_verified_and_refused_when_wrong() {
     );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
     let port = loop {
-        if let Ok(p) = std::fs::read_to_string(&portfile) {
+        if let Ok(p) = fs_err::read_to_string(&portfile) {
             break p;
         }
         assert!(
@@ -210,7 +210,7 @@ fn a_git_pin_over_https_is_fetched_verified_and_refused_when_wrong() {
     unsafe { std::env::set_var("SSL_CERT_FILE", d.join("ca.pem")) };
     let tree = source::fetch(&pin(&commit, Some(&branch)), &layout("ok"), &|_| {}).unwrap();
     assert_eq!(
-        std::fs::read_to_string(tree.join("CMakeLists.txt")).unwrap(),
+        fs_err::read_to_string(tree.join("CMakeLists.txt")).unwrap(),
         "project(fake C)\n"
     );
     let head = git2::Repository::open(&tree)

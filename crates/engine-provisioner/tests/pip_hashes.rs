@@ -27,7 +27,7 @@ def prepare_metadata_for_build_wheel(metadata_directory, config_settings=None):
 
 fn sdist(dir: &std::path::Path) -> std::path::PathBuf {
     let path = dir.join("evilpkg-1.0.tar.gz");
-    let f = std::fs::File::create(&path).unwrap();
+    let f = fs_err::File::create(&path).unwrap();
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::default());
     let mut t = tar::Builder::new(gz);
     let files: [(&str, &str); 3] = [
@@ -54,7 +54,7 @@ fn sdist(dir: &std::path::Path) -> std::path::PathBuf {
 fn an_sdist_whose_hash_does_not_match_never_runs_its_build_backend() {
     let tmp = tempfile::tempdir().unwrap();
     let links = tmp.path().join("links");
-    std::fs::create_dir_all(&links).unwrap();
+    fs_err::create_dir_all(&links).unwrap();
     let archive = sdist(&links);
     let good = llorch_io::digest::sha256_file(&archive).unwrap();
     let marker = tmp.path().join("marker");

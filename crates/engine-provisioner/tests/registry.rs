@@ -16,7 +16,7 @@ fn profile_with_registry(url: &str, push: bool) -> String {
 }
 
 fn entries(ws: &Workspace) -> Vec<String> {
-    std::fs::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
+    fs_err::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Engines))
         .map(|d| {
             d.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
                 .collect()
@@ -31,7 +31,7 @@ fn inputs_of(ws: &Workspace, fp: &str) -> serde_json::Value {
         .bucket(llorch_io::paths::Bucket::Engines)
         .join(fp)
         .join("manifest.json");
-    serde_json::from_slice::<serde_json::Value>(&std::fs::read(m).unwrap()).unwrap()["inputs"]
+    serde_json::from_slice::<serde_json::Value>(&fs_err::read(m).unwrap()).unwrap()["inputs"]
         .clone()
 }
 
@@ -81,8 +81,8 @@ fn push_then_pull_into_an_empty_cache_gives_the_same_engine_and_no_build() {
         .join(&fp);
     for f in ["bin/llama-server", "manifest.json"] {
         assert_eq!(
-            std::fs::read(e1.join(f)).unwrap(),
-            std::fs::read(e2.join(f)).unwrap(),
+            fs_err::read(e1.join(f)).unwrap(),
+            fs_err::read(e2.join(f)).unwrap(),
             "{f}"
         );
     }
@@ -101,7 +101,7 @@ fn push_then_pull_into_an_empty_cache_gives_the_same_engine_and_no_build() {
     assert_eq!(entries(&ws2), vec![fp.clone()]);
     let downloads = ws2.layout.bucket(llorch_io::paths::Bucket::Downloads);
     assert!(
-        std::fs::read_dir(&downloads).unwrap().next().is_none(),
+        fs_err::read_dir(&downloads).unwrap().next().is_none(),
         "no partial left"
     );
 }
@@ -119,10 +119,10 @@ fn a_tampered_layer_is_refused_and_the_build_falls_back_to_source() {
         .pull_manifest(&r.repo.with_tag(&fp).unwrap())
         .unwrap();
     let blob = reg.blob_path(&m.layers[0].digest);
-    let mut bytes = std::fs::read(&blob).unwrap();
+    let mut bytes = fs_err::read(&blob).unwrap();
     let mid = bytes.len() / 2;
     bytes[mid] ^= 0xff;
-    std::fs::write(&blob, &bytes).unwrap();
+    fs_err::write(&blob, &bytes).unwrap();
 
     let ws2 = Workspace::new(
         &archive_pin_yaml(&archive, &sha),
@@ -201,7 +201,7 @@ fn a_registry_that_dies_mid_pull_leaves_nothing_installed_and_the_next_pull_resu
         .layout
         .bucket(llorch_io::paths::Bucket::Downloads)
         .join(format!("engine-{fp}.tar.gz.partial"));
-    let kept = std::fs::metadata(&partial)
+    let kept = fs_err::metadata(&partial)
         .expect("the partial is kept")
         .len();
     assert!(

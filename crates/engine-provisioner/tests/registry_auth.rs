@@ -54,9 +54,9 @@ fn credentials_from_the_environment_or_a_docker_config_are_honoured() {
     set("LLORCH_REGISTRY_USERNAME", None);
     set("LLORCH_REGISTRY_PASSWORD", None);
     let dc = tmp.path().join("docker");
-    std::fs::create_dir_all(&dc).unwrap();
+    fs_err::create_dir_all(&dc).unwrap();
     // base64("alice:s3cret")
-    std::fs::write(
+    fs_err::write(
         dc.join("config.json"),
         format!(
             r#"{{"auths": {{"{}": {{"auth": "YWxpY2U6czNjcmV0"}}}}}}"#,

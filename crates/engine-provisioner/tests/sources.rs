@@ -13,8 +13,8 @@ fn layout(dir: &std::path::Path) -> Layout {
 }
 
 /// Source trees present under `src-v1/` (staging dirs start with a dot).
-fn extracted_trees(l: &Layout) -> Vec<std::fs::DirEntry> {
-    std::fs::read_dir(l.bucket(llorch_io::paths::Bucket::Src))
+fn extracted_trees(l: &Layout) -> Vec<fs_err::DirEntry> {
+    fs_err::read_dir(l.bucket(llorch_io::paths::Bucket::Src))
         .unwrap()
         .flatten()
         .filter(|e| !e.file_name().to_string_lossy().starts_with('.'))
@@ -43,21 +43,21 @@ fn git_clones_fetches_newer_commits_and_verifies_head() {
     let repo = git2::Repository::open(&t1).unwrap();
     assert_eq!(repo.head().unwrap().peel_to_commit().unwrap().id(), c1);
     assert!(repo.head_detached().unwrap());
-    assert!(std::fs::read_to_string(t1.join("server.c"))
+    assert!(fs_err::read_to_string(t1.join("server.c"))
         .unwrap()
         .contains("git-1"));
 
     // A newer upstream commit is fetched into the same object store.
     let upr = git2::Repository::open(&up).unwrap();
-    std::fs::write(up.join("server.c"), fake_server_c("git-2")).unwrap();
+    fs_err::write(up.join("server.c"), fake_server_c("git-2")).unwrap();
     let c2 = commit_all(&upr, "second");
     let branch = upr.head().unwrap().shorthand().unwrap().to_string();
     let t2 = source::fetch(&git_pin(&up, &c2.to_string(), Some(&branch)), &l, &|_| {}).unwrap();
     assert_ne!(t1, t2);
-    assert!(std::fs::read_to_string(t2.join("server.c"))
+    assert!(fs_err::read_to_string(t2.join("server.c"))
         .unwrap()
         .contains("git-2"));
-    let stores: Vec<_> = std::fs::read_dir(l.cache.join("src-v1/git-db"))
+    let stores: Vec<_> = fs_err::read_dir(l.cache.join("src-v1/git-db"))
         .unwrap()
         .collect();
     assert_eq!(stores.len(), 1, "one object store per URL");
@@ -98,7 +98,7 @@ fn git_pin_mismatch_is_refused() {
     let tmp = tempfile::tempdir().unwrap();
     let (up, c1) = git_repo(tmp.path());
     let upr = git2::Repository::open(&up).unwrap();
-    std::fs::write(up.join("server.c"), fake_server_c("git-2")).unwrap();
+    fs_err::write(up.join("server.c"), fake_server_c("git-2")).unwrap();
     commit_all(&upr, "second");
     // The branch now points at the second commit, the pin says the first.
     let branch = upr.head().unwrap().shorthand().unwrap().to_string();
@@ -142,7 +142,7 @@ fn an_archive_over_http_resumes_a_cut_transfer_and_is_checked() {
     use test_support::http::{serve, Faults};
     let tmp = tempfile::tempdir().unwrap();
     let (archive, sha) = fake_archive(tmp.path(), "x", &fake_server_c("x"));
-    let bytes = std::fs::read(&archive).unwrap();
+    let bytes = fs_err::read(&archive).unwrap();
     let srv = serve(
         bytes.clone(),
         Faults {
@@ -173,7 +173,7 @@ fn an_archive_over_http_resumes_a_cut_transfer_and_is_checked() {
     // The first transfer (cut after half) resumed where it broke.
     assert_eq!(c.ranges, [format!("{}-", bytes.len() / 2)]);
     assert!(
-        std::fs::read_dir(l.downloads()).map_or(true, |d| d.count() == 0),
+        fs_err::read_dir(l.downloads()).map_or(true, |d| d.count() == 0),
         "the partial download is removed once extracted"
     );
 }
@@ -205,7 +205,7 @@ fn sdist_with_wrong_sha256_is_refused_before_extraction() {
 }
 
 fn tar_with_raw_name(path: &std::path::Path, name: &[u8], link: Option<&[u8]>) {
-    let f = std::fs::File::create(path).unwrap();
+    let f = fs_err::File::create(path).unwrap();
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut t = tar::Builder::new(gz);
     let mut ok = tar::Header::new_gnu();
@@ -296,7 +296,7 @@ fn serve_once(body: Vec<u8>) -> (String, std::sync::Arc<std::sync::atomic::Atomi
 fn archive_over_http_is_fetched_verified_and_extracted() {
     let tmp = tempfile::tempdir().unwrap();
     let (archive, sha) = fake_archive(tmp.path(), "web", &fake_server_c("from-http"));
-    let (url, hits) = serve_once(std::fs::read(&archive).unwrap());
+    let (url, hits) = serve_once(fs_err::read(&archive).unwrap());
     let pin = Pin {
         commit: COMMIT.into(),
         source: SourceSpec::Archive {
@@ -309,7 +309,7 @@ fn archive_over_http_is_fetched_verified_and_extracted() {
     };
     let l = layout(tmp.path());
     let tree = source::fetch(&pin, &l, &|_| {}).unwrap();
-    assert!(std::fs::read_to_string(tree.join("server.c"))
+    assert!(fs_err::read_to_string(tree.join("server.c"))
         .unwrap()
         .contains("from-http"));
     assert!(tree.join("CMakeLists.txt").is_file());
@@ -317,7 +317,7 @@ fn archive_over_http_is_fetched_verified_and_extracted() {
     source::fetch(&pin, &l, &|_| {}).unwrap();
     assert_eq!(hits.load(std::sync::atomic::Ordering::SeqCst), 1);
     // Same server, wrong digest: refused.
-    let (url2, _) = serve_once(std::fs::read(&archive).unwrap());
+    let (url2, _) = serve_once(fs_err::read(&archive).unwrap());
     let bad = Pin {
         commit: COMMIT.into(),
         source: SourceSpec::Archive {
@@ -337,7 +337,7 @@ fn archive_over_http_is_fetched_verified_and_extracted() {
 type RawMember<'a> = (&'a str, tar::EntryType, &'a str, &'a [u8]);
 
 fn raw_tar(path: &std::path::Path, members: &[RawMember]) {
-    let f = std::fs::File::create(path).unwrap();
+    let f = fs_err::File::create(path).unwrap();
     let mut t = tar::Builder::new(f);
     for (name, kind, link, body) in members {
         let mut h = tar::Header::new_old();
@@ -366,7 +366,7 @@ fn link_chains_and_writes_through_links_cannot_leave_the_tree() {
     use tar::EntryType as T;
     let tmp = tempfile::tempdir().unwrap();
     let outside = tmp.path().join("outside");
-    std::fs::create_dir_all(&outside).unwrap();
+    fs_err::create_dir_all(&outside).unwrap();
     let cases: Vec<(&str, Vec<RawMember>)> = vec![
         ("dotdot", vec![("a/../../x", T::Regular, "", b"evil")]),
         (
@@ -424,7 +424,7 @@ fn link_chains_and_writes_through_links_cannot_leave_the_tree() {
             "{what}: the error names the archive: {err}"
         );
         assert!(
-            std::fs::read_dir(&outside).unwrap().next().is_none(),
+            fs_err::read_dir(&outside).unwrap().next().is_none(),
             "{what}: wrote outside"
         );
     }
@@ -446,6 +446,6 @@ fn link_chains_and_writes_through_links_cannot_leave_the_tree() {
     );
     let dest = tmp.path().join("oktree");
     source::extract_tar_gz(&ok, &dest, None).unwrap();
-    assert_eq!(std::fs::read(dest.join("m")).unwrap(), b"data");
-    assert_eq!(std::fs::read(dest.join("h")).unwrap(), b"data");
+    assert_eq!(fs_err::read(dest.join("m")).unwrap(), b"data");
+    assert_eq!(fs_err::read(dest.join("h")).unwrap(), b"data");
 }

@@ -69,16 +69,13 @@ pub enum EngineError {
         url: String,
         extra: String,
     },
-    #[error("{what}: {err}")]
-    Io { what: String, err: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
     #[error(transparent)]
     Dir(#[from] llorch_io::paths::DirError),
 }
 
-pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> EngineError {
-    let what = what.into();
-    move |err| EngineError::Io { what, err }
-}
+pub(crate) use llorch_io::io;
 
 fn port_free(host: &str, port: u16) -> bool {
     std::net::TcpListener::bind((host, port)).is_ok()
@@ -119,7 +116,7 @@ pub fn spawn(
     paths.ensure_dirs(layout)?;
     sweep_stale(layout);
     let api_key = if is_loopback(&prep.host) {
-        let _ = std::fs::remove_file(&paths.api_key);
+        let _ = fs_err::remove_file(&paths.api_key);
         None
     } else {
         Some(write_api_key(&paths.api_key)?)
@@ -153,15 +150,15 @@ pub fn spawn(
 
 /// A fresh 256-bit key, written 0600 (never through a symlink).
 fn write_api_key(path: &Path) -> Result<String, EngineError> {
+    use fs_err::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let key = format!(
         "llorch-{:032x}{:032x}",
         rand::random::<u128>(),
         rand::random::<u128>()
     );
-    let _ = std::fs::remove_file(path);
-    let mut f = std::fs::OpenOptions::new()
+    let _ = fs_err::remove_file(path);
+    let mut f = fs_err::OpenOptions::new()
         .write(true)
         .create_new(true)
         .mode(0o600)
@@ -179,21 +176,25 @@ enum SpawnFail {
 }
 
 fn open_log(path: &Path) -> Result<std::fs::File, EngineError> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+    use fs_err::os::unix::fs::OpenOptionsExt;
+    fs_err::OpenOptions::new()
         .create(true)
         .append(true)
         .custom_flags(libc::O_NOFOLLOW)
         .open(path)
-        .map_err(io(format!(
-            "open engine log {} (a symlink is refused)",
-            path.display()
-        )))
+        .map(std::fs::File::from)
+        .map_err(|e| {
+            io(format!(
+                "open engine log {} (a symlink is refused)",
+                path.display()
+            ))(e)
+            .into()
+        })
 }
 
 fn write_run_file(path: &Path, json: &str) -> Result<(), EngineError> {
     llorch_io::fsx::write_atomic(path, json.as_bytes())
-        .map_err(io(format!("write {}", path.display())))
+        .map_err(|e| io(format!("write {}", path.display()))(e).into())
 }
 
 fn spawn_on(
@@ -215,13 +216,16 @@ fn spawn_on(
     .iter()
     .map(|p| FileLock::shared(p).map_err(io(format!("lock {}", p.display()))))
     .collect::<Result<Vec<_>, _>>()
-    .map_err(fatal)?;
+    .map_err(|e| fatal(e.into()))?;
     for f in [&prep.binary, &prep.model.path] {
         if !f.is_file() {
-            return Err(fatal(EngineError::Io {
-                what: format!("{} is gone (collected while starting?)", f.display()),
-                err: std::io::ErrorKind::NotFound.into(),
-            }));
+            return Err(fatal(
+                llorch_io::IoError::new(
+                    format!("{} is gone (collected while starting?)", f.display()),
+                    std::io::ErrorKind::NotFound.into(),
+                )
+                .into(),
+            ));
         }
     }
     let mut cmd = llorch_io::cmd::Cmd::new(&prep.binary)
@@ -232,7 +236,9 @@ fn spawn_on(
     if api_key.is_some() {
         cmd = cmd.arg("--api-key-file").arg(&paths.api_key);
     }
-    let log_out = log.try_clone().map_err(|e| fatal(io("dup log")(e)))?;
+    let log_out = log
+        .try_clone()
+        .map_err(|e| fatal(io("dup log")(e).into()))?;
     let lease_fds: Vec<i32> = leases.iter().map(|l| l.raw_fd()).collect();
     let detached = matches!(owner, Owner::Detached);
     let started = Instant::now();
@@ -265,7 +271,7 @@ fn spawn_on(
                 });
             }
         })
-        .map_err(|e| fatal(io(format!("start {}", prep.binary.display()))(e)))?;
+        .map_err(|e| fatal(io(format!("start {}", prep.binary.display()))(e).into()))?;
     drop(leases);
     let pid = child.id();
     let identity = match ProcessIdentity::of(pid) {
@@ -305,7 +311,7 @@ fn spawn_on(
         &paths.log,
     ) {
         terminate_child(&mut child);
-        let _ = std::fs::remove_file(&paths.pid_file);
+        let _ = fs_err::remove_file(&paths.pid_file);
         let new_log = read_from(&paths.log, log_start);
         if new_log.contains("couldn't bind") || new_log.contains("Address already in use") {
             return Err(SpawnFail::PortTaken("llama-server could not bind".into()));
@@ -364,7 +370,7 @@ fn url_host(host: &str) -> String {
 }
 
 fn read_from(path: &Path, offset: u64) -> String {
-    let b = std::fs::read(path).unwrap_or_default();
+    let b = fs_err::read(path).unwrap_or_default();
     String::from_utf8_lossy(&b[(offset as usize).min(b.len())..]).into_owned()
 }
 

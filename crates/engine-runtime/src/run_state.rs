@@ -37,7 +37,7 @@ impl RunPaths {
 
     pub(crate) fn remove_all(&self) {
         for p in [&self.pid_file, &self.handoff, &self.api_key] {
-            let _ = std::fs::remove_file(p);
+            let _ = fs_err::remove_file(p);
         }
     }
 }
@@ -50,7 +50,7 @@ pub fn lock_pool(
 ) -> Result<FileLock, EngineError> {
     layout.ensure_private_dir(&layout.locks())?;
     let p = layout.pool_lock(pool);
-    FileLock::exclusive(&p, on_wait).map_err(io(format!("lock {}", p.display())))
+    FileLock::exclusive(&p, on_wait).map_err(|e| io(format!("lock {}", p.display()))(e).into())
 }
 
 /// What runs for a pool now (read under its lock).
@@ -204,7 +204,7 @@ pub fn read_pool(layout: &Layout, pool: &PoolId) -> Option<PoolRun> {
     let record = match RunRecord::read(&paths.pid_file) {
         Ok(Some(r)) if &r.pool == pool => r,
         Ok(None) => {
-            let _ = std::fs::remove_file(&paths.handoff);
+            let _ = fs_err::remove_file(&paths.handoff);
             return None;
         }
         _ => {
@@ -240,7 +240,7 @@ pub fn read_pool(layout: &Layout, pool: &PoolId) -> Option<PoolRun> {
 /// diagnostics of what happened). Called on every spawn, so records of
 /// one-off pools do not pile up.
 pub fn sweep_stale(layout: &Layout) {
-    let Ok(entries) = std::fs::read_dir(layout.run_dir()) else {
+    let Ok(entries) = fs_err::read_dir(layout.run_dir()) else {
         return;
     };
     for e in entries.flatten() {
@@ -263,8 +263,8 @@ pub fn sweep_stale(layout: &Layout) {
 pub fn remove_handoff(paths: &RunPaths, identity: &ProcessIdentity) {
     if let Ok(Some(h)) = Handoff::read(&paths.handoff) {
         if &h.process == identity {
-            let _ = std::fs::remove_file(&paths.handoff);
-            let _ = std::fs::remove_file(&paths.api_key);
+            let _ = fs_err::remove_file(&paths.handoff);
+            let _ = fs_err::remove_file(&paths.api_key);
         }
     }
 }
@@ -278,7 +278,7 @@ pub fn remove_run_files(paths: &RunPaths, identity: &ProcessIdentity) {
     }
     if let Ok(Some(h)) = Handoff::read(&paths.handoff) {
         if &h.process == identity {
-            let _ = std::fs::remove_file(&paths.handoff);
+            let _ = fs_err::remove_file(&paths.handoff);
         }
     }
 }

@@ -357,9 +357,9 @@ fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
 fn release(paths: &lifecycle::RunPaths, owner: &Owner) {
     if let Ok(Some(r)) = llorch_io::handoff::RunRecord::read(&paths.pid_file) {
         if &r.owner == owner {
-            let _ = std::fs::remove_file(&paths.pid_file);
-            let _ = std::fs::remove_file(&paths.handoff);
-            let _ = std::fs::remove_file(&paths.api_key);
+            let _ = fs_err::remove_file(&paths.pid_file);
+            let _ = fs_err::remove_file(&paths.handoff);
+            let _ = fs_err::remove_file(&paths.api_key);
         }
     }
 }

@@ -188,7 +188,7 @@ impl Cmd {
     /// handed to `on_line` (for progress). Fails with the log tail.
     pub fn run_logged(&self, log: &Path, mut on_line: impl FnMut(&str)) -> Result<(), CmdError> {
         self.announce();
-        let mut file = std::fs::OpenOptions::new()
+        let mut file = fs_err::OpenOptions::new()
             .create(true)
             .append(true)
             .open(log)

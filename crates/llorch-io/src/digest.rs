@@ -6,7 +6,7 @@ use std::path::Path;
 
 /// Lowercase hex sha256 of a file, read in 1 MiB chunks.
 pub fn sha256_file(path: &Path) -> std::io::Result<String> {
-    sha256_reader(&mut std::fs::File::open(path)?)
+    sha256_reader(&mut fs_err::File::open(path)?)
 }
 
 /// Lowercase hex sha256 of everything a reader yields, read in 1 MiB chunks.
@@ -45,7 +45,7 @@ impl<W: Write> HashingWriter<W> {
 
     /// Feed bytes that are already in the file (a resumed download) into the hash.
     pub fn prime(&mut self, existing: &Path) -> std::io::Result<u64> {
-        let mut f = std::fs::File::open(existing)?;
+        let mut f = fs_err::File::open(existing)?;
         let mut buf = vec![0u8; 1 << 20];
         let mut total = 0;
         loop {

@@ -41,8 +41,8 @@ pub enum DownloadError {
         expected: String,
         actual: String,
     },
-    #[error("{what}: {err}")]
-    Io { what: String, err: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
 }
 
 /// What a finished download produced.
@@ -79,10 +79,10 @@ pub fn download(
     let client = crate::http::download_client(opts.stall_timeout.unwrap_or(DEFAULT_STALL));
     let io = |what: &str| {
         let what = format!("{what} {}", partial.display());
-        move |err| DownloadError::Io { what, err }
+        move |err| crate::IoError::new(what, err)
     };
     if let Some(p) = partial.parent() {
-        std::fs::create_dir_all(p).map_err(io("create dir for"))?;
+        fs_err::create_dir_all(p).map_err(io("create dir for"))?;
     }
     let mut last = String::new();
     let mut transferred = 0u64;
@@ -92,7 +92,7 @@ pub fn download(
         if attempt > 0 {
             std::thread::sleep(crate::http::backoff(attempt - 1));
         }
-        let have = std::fs::metadata(partial).map(|m| m.len()).unwrap_or(0);
+        let have = fs_err::metadata(partial).map(|m| m.len()).unwrap_or(0);
         let mut req = client.get(url);
         if let Some(t) = &opts.bearer {
             req = req.header(AUTHORIZATION, format!("Bearer {t}"));
@@ -119,7 +119,7 @@ pub fn download(
             200 | 206 => {}
             416 if have > 0 => {
                 // The server has nothing past our end: our partial is not a prefix it knows.
-                let _ = std::fs::remove_file(partial);
+                let _ = fs_err::remove_file(partial);
                 last = "416 Range Not Satisfiable (restarting)".into();
                 continue;
             }
@@ -149,14 +149,14 @@ pub fn download(
         }
         // Never written through a link: a partial that is one is removed
         // (and the open refuses one that appears meanwhile).
-        if std::fs::symlink_metadata(partial).is_ok_and(|m| !m.file_type().is_file()) {
-            std::fs::remove_file(partial).map_err(io("remove non-file partial"))?;
+        if fs_err::symlink_metadata(partial).is_ok_and(|m| !m.file_type().is_file()) {
+            fs_err::remove_file(partial).map_err(io("remove non-file partial"))?;
             last = "the partial download was not a regular file (removed)".into();
             continue;
         }
         let file = {
-            use std::os::unix::fs::OpenOptionsExt;
-            std::fs::OpenOptions::new()
+            use fs_err::os::unix::fs::OpenOptionsExt;
+            fs_err::OpenOptions::new()
                 .create(true)
                 .write(true)
                 .append(resuming)
@@ -181,10 +181,7 @@ pub fn download(
                 Ok(0) => break Ok(()),
                 Ok(n) => {
                     if let Err(e) = w.write_all(&buf[..n]) {
-                        return Err(DownloadError::Io {
-                            what: format!("write {}", partial.display()),
-                            err: e,
-                        });
+                        return Err(crate::IoError::new("write", e).into());
                     }
                     transferred += n as u64;
                     progress.advance(w.written);
@@ -194,9 +191,8 @@ pub fn download(
         };
         let size = w.written;
         let (bw, digest) = w.finish();
-        let file = bw.into_inner().map_err(|e| DownloadError::Io {
-            what: format!("flush {}", partial.display()),
-            err: e.into_error(),
+        let file = bw.into_inner().map_err(|e| {
+            crate::IoError::new(format!("flush {}", partial.display()), e.into_error())
         })?;
         if let Err(e) = result {
             last = format!("connection lost after {size} bytes: {e}");
@@ -212,7 +208,7 @@ pub fn download(
         progress.finish();
         if let Some(exp) = &opts.expected_sha256 {
             if exp != &digest {
-                let _ = std::fs::remove_file(partial);
+                let _ = fs_err::remove_file(partial);
                 return Err(DownloadError::DigestMismatch {
                     reference: reference.into(),
                     url: url.into(),

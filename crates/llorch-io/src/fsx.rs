@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 /// Write `bytes` to `path` atomically (temp file in the same dir, fsync, rename).
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
     let dir = path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir)?;
+    fs_err::create_dir_all(dir)?;
     let mut tmp = tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir)?;
     tmp.write_all(bytes)?;
     tmp.as_file().sync_all()?;
@@ -23,7 +23,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// rename is atomic); removed on drop unless committed.
 pub fn staging_dir_for(final_path: &Path) -> std::io::Result<tempfile::TempDir> {
     let parent = final_path.parent().unwrap_or(Path::new("."));
-    std::fs::create_dir_all(parent)?;
+    fs_err::create_dir_all(parent)?;
     let name = final_path
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())
@@ -54,11 +54,11 @@ pub fn commit_subdir(
 fn replace_dir(staged: &Path, final_path: &Path) -> std::io::Result<()> {
     if final_path.exists() {
         let aside = final_path.with_extension(format!("old-{}", std::process::id()));
-        std::fs::rename(final_path, &aside)?;
-        std::fs::rename(staged, final_path)?;
-        let _ = std::fs::remove_dir_all(aside);
+        fs_err::rename(final_path, &aside)?;
+        fs_err::rename(staged, final_path)?;
+        let _ = fs_err::remove_dir_all(aside);
     } else {
-        std::fs::rename(staged, final_path)?;
+        fs_err::rename(staged, final_path)?;
     }
     Ok(())
 }
@@ -79,14 +79,14 @@ fn at(path: &Path) -> impl Fn(std::io::Error) -> std::io::Error + '_ {
 /// Create the lock's directory and open (or create) the lock file; errors name the path.
 fn open_lock(path: &Path) -> std::io::Result<std::fs::File> {
     if let Some(p) = path.parent() {
-        std::fs::create_dir_all(p).map_err(at(p))?;
+        fs_err::create_dir_all(p)?;
     }
-    std::fs::OpenOptions::new()
+    fs_err::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(path)
-        .map_err(at(path))
+        .map(std::fs::File::from)
 }
 
 impl FileLock {
@@ -141,7 +141,7 @@ impl FileLock {
 /// Total size in bytes of the regular files below `dir`.
 pub fn dir_size(dir: &Path) -> u64 {
     let mut total = 0;
-    let Ok(rd) = std::fs::read_dir(dir) else {
+    let Ok(rd) = fs_err::read_dir(dir) else {
         return 0;
     };
     for e in rd.flatten() {
@@ -169,9 +169,9 @@ pub fn free_space(path: &Path) -> std::io::Result<u64> {
 /// Open (or create) a download's `.partial` file for reading and writing,
 /// never through a symlink (`O_NOFOLLOW`): a link planted there is refused,
 /// its target untouched.
-pub fn open_partial(path: &Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
+pub fn open_partial(path: &Path) -> std::io::Result<fs_err::File> {
+    use fs_err::os::unix::fs::OpenOptionsExt;
+    fs_err::OpenOptions::new()
         .read(true)
         .write(true)
         .create(true)
@@ -198,7 +198,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         // The cache "directory" is a file: nothing below it can exist.
         let not_dir = d.path().join("cache");
-        std::fs::write(&not_dir, b"x").unwrap();
+        fs_err::write(&not_dir, b"x").unwrap();
         let lock = not_dir.join("locks/engine-x.lock");
         for e in [
             FileLock::exclusive(&lock, || {}).err().unwrap(),
@@ -217,8 +217,8 @@ mod tests {
         let p = d.path().join("a.json");
         write_atomic(&p, b"1").unwrap();
         write_atomic(&p, b"2").unwrap();
-        assert_eq!(std::fs::read(&p).unwrap(), b"2");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+        assert_eq!(fs_err::read(&p).unwrap(), b"2");
+        assert_eq!(fs_err::read_dir(d.path()).unwrap().count(), 1);
     }
 
     #[test]
@@ -237,10 +237,10 @@ mod tests {
         let fin = d.path().join("entry");
         for v in ["one", "two"] {
             let s = staging_dir_for(&fin).unwrap();
-            std::fs::write(s.path().join("f"), v).unwrap();
+            fs_err::write(s.path().join("f"), v).unwrap();
             commit_dir(s, &fin).unwrap();
         }
-        assert_eq!(std::fs::read_to_string(fin.join("f")).unwrap(), "two");
-        assert_eq!(std::fs::read_dir(d.path()).unwrap().count(), 1);
+        assert_eq!(fs_err::read_to_string(fin.join("f")).unwrap(), "two");
+        assert_eq!(fs_err::read_dir(d.path()).unwrap().count(), 1);
     }
 }

@@ -131,7 +131,7 @@ pub struct ProcessIdentity {
 
 /// Start time (field 22) and state (field 3) of `pid` from `/proc/<pid>/stat`.
 fn stat_of(pid: u32) -> Option<(u64, char)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let s = fs_err::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name (field 2) is in parentheses and may hold spaces or ')'.
     let rest = &s[s.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_whitespace().collect();
@@ -142,7 +142,7 @@ fn stat_of(pid: u32) -> Option<(u64, char)> {
 }
 
 fn exe_of(pid: u32) -> Option<PathBuf> {
-    let p = std::fs::read_link(format!("/proc/{pid}/exe")).ok()?;
+    let p = fs_err::read_link(format!("/proc/{pid}/exe")).ok()?;
     // A replaced or deleted binary reads as "<path> (deleted)"; it is still that program.
     let s = p.to_string_lossy();
     Some(match s.strip_suffix(" (deleted)") {
@@ -326,7 +326,7 @@ pub enum RunFileError {
 }
 
 fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, RunFileError> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match fs_err::read_to_string(path) {
         Ok(t) => t,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(err) => {
@@ -360,7 +360,7 @@ impl Handoff {
         let Some(p) = &self.api_key_file else {
             return Ok(None);
         };
-        std::fs::read_to_string(p)
+        fs_err::read_to_string(p)
             .map(|s| Some(s.trim().to_string()))
             .map_err(|err| RunFileError::Io {
                 path: p.display().to_string(),
@@ -506,9 +506,9 @@ mod tests {
             port: 1,
             started_at: "t".into(),
         };
-        std::fs::write(&p, serde_json::to_string(&r).unwrap()).unwrap();
+        fs_err::write(&p, serde_json::to_string(&r).unwrap()).unwrap();
         assert_eq!(RunRecord::read(&p).unwrap(), Some(r));
-        std::fs::write(&p, "{\"pid\": 1}").unwrap();
+        fs_err::write(&p, "{\"pid\": 1}").unwrap();
         assert!(matches!(
             RunRecord::read(&p),
             Err(RunFileError::Parse { .. })

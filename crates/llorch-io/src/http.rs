@@ -44,7 +44,7 @@ fn read_extra_roots(path: Option<&std::ffi::OsStr>) -> Vec<reqwest::Certificate>
     let Some(path) = path else {
         return Vec::new();
     };
-    match std::fs::read(path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
+    match fs_err::read(path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
         Ok(Ok(certs)) if !certs.is_empty() => certs,
         Ok(Ok(_)) => {
             eprintln!(

@@ -24,6 +24,32 @@ pub mod oci;
 pub mod paths;
 pub mod signals;
 
+/// An I/O failure and what was being done: the one shape of every crate's
+/// `Io` error variant. File-system calls go through `fs_err` (clippy's
+/// `disallowed-methods` enforces it), so `source` already names the path.
+#[derive(Debug, thiserror::Error)]
+#[error("{what}: {source}")]
+pub struct IoError {
+    pub what: String,
+    pub source: std::io::Error,
+}
+
+impl IoError {
+    pub fn new(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self {
+            what: what.into(),
+            source,
+        }
+    }
+}
+
+/// `.map_err(io("what was being done"))?` into any error that holds an
+/// [`IoError`] (`#[error(transparent)] Io(#[from] IoError)`).
+pub fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> IoError {
+    let what = what.into();
+    move |source| IoError { what, source }
+}
+
 /// Current UTC time as RFC 3339 (`2026-11-25T20:31:02Z`).
 pub fn now_rfc3339() -> String {
     time::OffsetDateTime::now_utc()
@@ -41,7 +67,7 @@ pub fn unix_now() -> u64 {
 
 /// Last `n` lines of a text file (lossy UTF-8); empty when unreadable.
 pub fn tail_lines(path: &std::path::Path, n: usize) -> String {
-    let Ok(bytes) = std::fs::read(path) else {
+    let Ok(bytes) = fs_err::read(path) else {
         return String::new();
     };
     let text = String::from_utf8_lossy(&bytes);

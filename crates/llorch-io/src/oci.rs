@@ -65,17 +65,11 @@ pub enum OciError {
         reference: String,
         why: String,
     },
-    #[error("{what}: {source}")]
-    Io {
-        what: String,
-        source: std::io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] crate::IoError),
 }
 
-fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> OciError {
-    let what = what.into();
-    move |source| OciError::Io { what, source }
-}
+use crate::io;
 
 /// A connection to one registry.
 pub struct Registry {
@@ -199,7 +193,7 @@ impl Registry {
 
     /// Upload a file as a blob; it is mapped, not read into memory.
     pub fn push_file(&self, r: &OciRef, path: &Path) -> Result<(String, u64), OciError> {
-        let f = std::fs::File::open(path).map_err(io(format!("open {}", path.display())))?;
+        let f = fs_err::File::open(path).map_err(io(format!("open {}", path.display())))?;
         let len = f
             .metadata()
             .map_err(io(format!("stat {}", path.display())))?
@@ -457,7 +451,7 @@ impl Registry {
         use futures_util::StreamExt;
         let size = d.size as u64;
         if let Some(dir) = partial.parent() {
-            std::fs::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+            fs_err::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
         }
         let mut last_err = None;
         for attempt in 0..attempts.max(1) {
@@ -509,9 +503,7 @@ impl Registry {
             match res {
                 Ok(()) => {
                     last_err = None;
-                    let len = std::fs::metadata(partial)
-                        .map_err(io("stat partial"))?
-                        .len();
+                    let len = fs_err::metadata(partial).map_err(io("stat partial"))?.len();
                     if len == size {
                         break;
                     }
@@ -522,7 +514,7 @@ impl Registry {
                     });
                 }
                 Err(e @ OciError::Invalid { .. }) => {
-                    let _ = std::fs::remove_file(partial);
+                    let _ = fs_err::remove_file(partial);
                     return Err(e);
                 }
                 Err(e @ OciError::NotFound { .. }) => return Err(e),
@@ -537,7 +529,7 @@ impl Registry {
             crate::digest::sha256_file(partial).map_err(io("hash partial"))?
         );
         if actual != d.digest {
-            let _ = std::fs::remove_file(partial);
+            let _ = fs_err::remove_file(partial);
             return Err(OciError::Digest {
                 what: "blob".into(),
                 reference: r.to_string(),

@@ -172,14 +172,14 @@ impl Layout {
                 path: dir.display().to_string(),
                 why: "is outside the cache and runtime directories".into(),
             })?;
-        std::fs::create_dir_all(dir).map_err(|e| DirError {
+        fs_err::create_dir_all(dir).map_err(|e| DirError {
             path: dir.display().to_string(),
             why: format!("cannot create it: {e}"),
         })?;
         let mut cur = base.clone();
         for c in dir.strip_prefix(base).unwrap_or(Path::new("")).components() {
             cur.push(c);
-            let md = std::fs::symlink_metadata(&cur).map_err(|e| DirError {
+            let md = fs_err::symlink_metadata(&cur).map_err(|e| DirError {
                 path: cur.display().to_string(),
                 why: e.to_string(),
             })?;

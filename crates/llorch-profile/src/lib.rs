@@ -93,7 +93,7 @@ pub fn read_config(path: &Path) -> Result<String, ConfigError> {
         path: shown.clone(),
         message: why,
     };
-    let m = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+    let m = fs_err::metadata(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
@@ -108,7 +108,7 @@ pub fn read_config(path: &Path) -> Result<String, ConfigError> {
             m.len()
         )));
     }
-    let f = std::fs::File::open(path).map_err(|source| ConfigError::Read {
+    let f = fs_err::File::open(path).map_err(|source| ConfigError::Read {
         path: shown.clone(),
         source,
     })?;
@@ -405,7 +405,7 @@ impl Profile {
 }
 
 pub fn list_profiles(root: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(root.join("requirements"))
+    let mut v: Vec<String> = fs_err::read_dir(root.join("requirements"))
         .into_iter()
         .flatten()
         .flatten()

@@ -380,11 +380,11 @@ mod tests {
 
     fn load(name: &str, yaml: &str) -> Result<Stack, ConfigError> {
         let dir = std::env::temp_dir().join(format!("llorch-stack-{name}-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
+        fs_err::create_dir_all(&dir).unwrap();
         let f = dir.join("s.yaml");
-        std::fs::write(&f, yaml).unwrap();
+        fs_err::write(&f, yaml).unwrap();
         let r = Stack::load(&f, &root());
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = fs_err::remove_dir_all(&dir);
         r
     }
 
@@ -483,9 +483,9 @@ mod tests {
     fn a_file_that_is_not_a_profile_is_named_never_echoed() {
         let dir = tempfile_dir("secret");
         let creds = dir.join("credentials");
-        std::fs::write(&creds, "TOKEN=supersecret123\napi_key: sk-live-abcdef\n").unwrap();
+        fs_err::write(&creds, "TOKEN=supersecret123\napi_key: sk-live-abcdef\n").unwrap();
         let stack = dir.join("s.yaml");
-        std::fs::write(
+        fs_err::write(
             &stack,
             format!(
                 "schema: 1\npools:\n  - {{id: a, profile: {}}}\n",
@@ -496,7 +496,7 @@ mod tests {
         let e = Stack::load(&stack, &root()).unwrap_err().to_string();
         assert!(e.contains("credentials"), "names the file: {e}");
         assert!(!e.contains("supersecret") && !e.contains("sk-live"), "{e}");
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = fs_err::remove_dir_all(&dir);
     }
 
     #[test]
@@ -517,25 +517,25 @@ mod tests {
             "nothing hangs"
         );
         let big = dir.join("big.yaml");
-        std::fs::write(&big, vec![b'#'; (crate::MAX_CONFIG_BYTES + 1) as usize]).unwrap();
+        fs_err::write(&big, vec![b'#'; (crate::MAX_CONFIG_BYTES + 1) as usize]).unwrap();
         let e = Stack::load(&big, &root()).unwrap_err().to_string();
         assert!(e.contains("at most"), "{e}");
         // A 1 MB model ref is refused by key, in a short message.
-        let cpu = std::fs::read_to_string(root().join("requirements/cpu.yaml")).unwrap();
+        let cpu = fs_err::read_to_string(root().join("requirements/cpu.yaml")).unwrap();
         let long = cpu.replace("ref: pypi:", &format!("ref: pypi:{}", "x".repeat(1 << 19)));
         let prof = dir.join("long.yaml");
-        std::fs::write(&prof, long).unwrap();
+        fs_err::write(&prof, long).unwrap();
         let e = crate::Profile::load(&prof, &root().join("toolchains/llama.cpp.yaml"))
             .unwrap_err()
             .to_string();
         assert!(e.contains("model.ref") && e.len() < 1000, "{}", e.len());
-        let _ = std::fs::remove_dir_all(&dir);
+        let _ = fs_err::remove_dir_all(&dir);
     }
 
     fn tempfile_dir(name: &str) -> std::path::PathBuf {
         let d = std::env::temp_dir().join(format!("llorch-cfg-{name}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
+        let _ = fs_err::remove_dir_all(&d);
+        fs_err::create_dir_all(&d).unwrap();
         d
     }
 }

@@ -67,7 +67,7 @@ impl ManagedLink {
             prep.env
                 .push(("CUDA_VISIBLE_DEVICES".into(), list.join(",")));
         }
-        let model_mib = std::fs::metadata(&prep.model.path)
+        let model_mib = fs_err::metadata(&prep.model.path)
             .map(|m| m.len().div_ceil(1 << 20))
             .unwrap_or(0);
         let per_device = (model_mib / devices.len().max(1) as u64) + GPU_OVERHEAD_MIB;
@@ -468,16 +468,16 @@ mod tests {
     /// A pool pinned to GPU 0 of a stand-in `nvidia-smi` that reports `free` MiB.
     fn pinned(dir: &std::path::Path, free: u64) -> ManagedLink {
         let smi = dir.join(format!("nvidia-smi-{free}"));
-        std::fs::write(
+        fs_err::write(
             &smi,
             format!("#!/bin/sh\necho '0, {free}, 81559'\necho '1, 81000, 81559'\n"),
         )
         .unwrap();
-        let mut perm = std::fs::metadata(&smi).unwrap().permissions();
+        let mut perm = fs_err::metadata(&smi).unwrap().permissions();
         std::os::unix::fs::PermissionsExt::set_mode(&mut perm, 0o755);
-        std::fs::set_permissions(&smi, perm).unwrap();
+        fs_err::set_permissions(&smi, perm).unwrap();
         let model = dir.join("m.gguf");
-        std::fs::write(&model, vec![0u8; 3 << 20]).unwrap();
+        fs_err::write(&model, vec![0u8; 3 << 20]).unwrap();
         let prep = PreparedEngine {
             binary: dir.join("llama-server"),
             model: EngineModel {
@@ -537,11 +537,11 @@ mod tests {
         let smi = dir.path().join("nvidia-smi-70000");
         let l = pinned(dir.path(), 70000);
         assert_eq!(l.check_memory(&LoadContext::default()), Ok(()));
-        std::fs::remove_file(&smi).unwrap();
+        fs_err::remove_file(&smi).unwrap();
         assert_eq!(l.check_memory(&LoadContext::default()), Ok(()));
         let tight = pinned(dir.path(), 700);
         tight.check_memory(&LoadContext::default()).unwrap_err();
-        std::fs::remove_file(dir.path().join("nvidia-smi-700")).unwrap();
+        fs_err::remove_file(dir.path().join("nvidia-smi-700")).unwrap();
         match tight.check_memory(&LoadContext::default()) {
             Err(LoadRefusal::Fail(m)) => assert!(m.contains("cannot read GPU memory"), "{m}"),
             other => panic!("{other:?}"),

@@ -116,7 +116,7 @@ async fn a_stopped_engine_stalls_the_stream_and_is_restarted() {
     assert_ne!(new_pid, pid, "the hung engine was replaced");
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists()
-            || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+            || fs_err::read_to_string(format!("/proc/{pid}/stat"))
                 .map(|s| s.contains(") Z "))
                 .unwrap_or(true),
         "the hung engine is gone"

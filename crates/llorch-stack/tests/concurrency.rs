@@ -30,12 +30,12 @@ fn id(name: &str) -> String {
 
 async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> PoolStack {
     let dir = std::env::temp_dir().join(format!("llorch-conc-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let _ = fs_err::remove_dir_all(&dir);
+    fs_err::create_dir_all(&dir).unwrap();
     let text = yaml
         .replace("{a}", &id(&format!("{test}-a")))
         .replace("{b}", &id(&format!("{test}-b")));
-    std::fs::write(dir.join("stack.yaml"), text).unwrap();
+    fs_err::write(dir.join("stack.yaml"), text).unwrap();
     let root = root();
     let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
     let stack = Stack::load(&dir.join("stack.yaml"), &root).unwrap();

@@ -30,12 +30,12 @@ fn id(name: &str) -> String {
 /// A stack file in a fresh directory; `{a}` and `{b}` are pool ids.
 fn stack(test: &str, yaml: &str) -> (Stack, Layout) {
     let dir = std::env::temp_dir().join(format!("llorch-pools-{test}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
+    let _ = fs_err::remove_dir_all(&dir);
+    fs_err::create_dir_all(&dir).unwrap();
     let text = yaml
         .replace("{a}", &id(&format!("{test}-a")))
         .replace("{b}", &id(&format!("{test}-b")));
-    std::fs::write(dir.join("stack.yaml"), text).unwrap();
+    fs_err::write(dir.join("stack.yaml"), text).unwrap();
     let root = root();
     let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
     (Stack::load(&dir.join("stack.yaml"), &root).unwrap(), layout)
@@ -63,7 +63,7 @@ async fn start(test: &str, yaml: &str) -> PoolStack {
 }
 
 fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
+    fs_err::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|s| {
         !s.rsplit_once(')')
             .is_some_and(|(_, r)| r.trim_start().starts_with('Z'))
     })
@@ -392,7 +392,7 @@ async fn killing_one_pools_engine_mid_stream_leaves_the_other_pools_stream_untou
 #[test]
 fn hostile_stack_files_are_refused_by_key() {
     let dir = std::env::temp_dir().join(format!("llorch-stack-bad-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    fs_err::create_dir_all(&dir).unwrap();
     let root = root();
     for (yaml, key) in [
         ("schema: 1\npools: []\n", "pools"),
@@ -423,7 +423,7 @@ fn hostile_stack_files_are_refused_by_key() {
             "no-such-profile",
         ),
     ] {
-        std::fs::write(dir.join("s.yaml"), yaml).unwrap();
+        fs_err::write(dir.join("s.yaml"), yaml).unwrap();
         let e = Stack::load(&dir.join("s.yaml"), &root)
             .expect_err(yaml)
             .to_string();

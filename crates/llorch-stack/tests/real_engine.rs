@@ -53,7 +53,7 @@ fn completion(url: &str, prompt: &str, n: u32) -> String {
 
 fn gone(pid: u32) -> bool {
     !std::path::Path::new(&format!("/proc/{pid}")).exists()
-        || std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        || fs_err::read_to_string(format!("/proc/{pid}/stat"))
             .map(|s| s.contains(") Z"))
             .unwrap_or(true)
 }
@@ -80,7 +80,7 @@ fn the_default_pin_builds_once_and_is_relocatable() {
     );
     let moved = tempfile::tempdir().unwrap();
     let copy = moved.path().join("llama-server");
-    std::fs::copy(&out.binary, &copy).unwrap();
+    fs_err::copy(&out.binary, &copy).unwrap();
     let (ok, v) = llorch_io::cmd::Cmd::new(&copy)
         .arg("--version")
         .read_any()
@@ -97,7 +97,7 @@ fn spawn_ready_complete_stop_leaves_nothing() {
     std::env::set_var("LLORCH_API_TOKEN", "orch-secret-in-test");
     let eng = lifecycle::spawn(&prep, &layout, &supervised()).unwrap();
     let pid = eng.pid();
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).unwrap();
+    let environ = fs_err::read(format!("/proc/{pid}/environ")).unwrap();
     let environ = String::from_utf8_lossy(&environ);
     assert!(
         !environ.contains("secret-in-test") && environ.contains("PATH="),
@@ -163,10 +163,10 @@ fn a_stale_or_foreign_run_record_is_cleaned_not_acted_on() {
         "{\"pid\": 1, \"llama-server\": true}".to_string(),
         "not json".to_string(),
     ] {
-        std::fs::write(&paths.pid_file, &text).unwrap();
+        fs_err::write(&paths.pid_file, &text).unwrap();
         assert!(lifecycle::read_pool(&layout, &pool).is_none(), "{text}");
         assert!(!paths.pid_file.exists(), "stale record removed");
-        std::fs::write(&paths.pid_file, &text).unwrap();
+        fs_err::write(&paths.pid_file, &text).unwrap();
         assert_eq!(
             lifecycle::stop_pool(&layout, &pool).unwrap(),
             Stopped::Nothing
@@ -190,7 +190,7 @@ fn a_stale_or_foreign_run_record_is_cleaned_not_acted_on() {
         port: 1,
         started_at: "x".into(),
     };
-    std::fs::write(
+    fs_err::write(
         &other_paths.pid_file,
         serde_json::to_string(&record).unwrap(),
     )
@@ -210,9 +210,9 @@ fn a_stale_or_foreign_run_record_is_cleaned_not_acted_on() {
 fn run_state_is_never_written_through_a_symlink_and_errors_name_the_path() {
     let (rt, _layout, p, pool) = setup("lc-link");
     let cache = rt.path().join("cache");
-    std::fs::create_dir_all(&cache).unwrap();
+    fs_err::create_dir_all(&cache).unwrap();
     let outside = tempfile::tempdir().unwrap();
-    std::os::unix::fs::symlink(outside.path(), cache.join("run")).unwrap();
+    fs_err::os::unix::fs::symlink(outside.path(), cache.join("run")).unwrap();
     let layout = Layout::at(repo_root(), cache.clone(), rt.path().join("runtime"));
     let prep = prepare(
         &p,
@@ -227,7 +227,7 @@ fn run_state_is_never_written_through_a_symlink_and_errors_name_the_path() {
         "{e}"
     );
     assert_eq!(
-        std::fs::read_dir(outside.path()).unwrap().count(),
+        fs_err::read_dir(outside.path()).unwrap().count(),
         0,
         "nothing written outside"
     );
@@ -241,15 +241,15 @@ fn an_engine_bound_off_loopback_gets_a_private_api_key() {
     let prep = prepare(&p, &pool, &layout);
     let eng = lifecycle::spawn(&prep, &layout, &supervised()).unwrap();
     let paths = RunPaths::new(&layout, &pool);
-    let mode = std::fs::metadata(&paths.api_key)
+    let mode = fs_err::metadata(&paths.api_key)
         .unwrap()
         .permissions()
         .mode();
     assert_eq!(mode & 0o777, 0o600);
-    let key = std::fs::read_to_string(&paths.api_key).unwrap();
+    let key = fs_err::read_to_string(&paths.api_key).unwrap();
     let h = Handoff::read(&paths.handoff).unwrap().unwrap();
     assert_eq!(h.api_key().unwrap().as_deref(), Some(key.trim()));
-    let cmdline = std::fs::read(format!("/proc/{}/cmdline", eng.pid())).unwrap();
+    let cmdline = fs_err::read(format!("/proc/{}/cmdline", eng.pid())).unwrap();
     assert!(
         !String::from_utf8_lossy(&cmdline).contains(key.trim()),
         "the key is not on the command line"

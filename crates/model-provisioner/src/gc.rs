@@ -43,7 +43,7 @@ impl ModelStore {
                 report.kept_in_use.push(digest);
                 continue;
             };
-            let _ = std::fs::remove_file(self.blob(&digest));
+            let _ = fs_err::remove_file(self.blob(&digest));
             self.update_refs(|r| {
                 for x in &rs {
                     r.refs.remove(x);

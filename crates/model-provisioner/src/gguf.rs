@@ -205,7 +205,7 @@ impl<T: Read> R<T> {
 /// Read the header of the GGUF file at `path`.
 pub fn read_header(path: &Path) -> Result<GgufHeader, GgufError> {
     let p = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|e| GgufError::Corrupt {
+    let f = fs_err::File::open(path).map_err(|e| GgufError::Corrupt {
         path: p.clone(),
         why: e.to_string(),
     })?;
@@ -285,7 +285,7 @@ pub fn read_raw_kvs(path: &Path) -> Result<Vec<(String, u32, Vec<u8>)>, GgufErro
         }
     }
     let p = path.display().to_string();
-    let f = std::fs::File::open(path).map_err(|e| GgufError::Corrupt {
+    let f = fs_err::File::open(path).map_err(|e| GgufError::Corrupt {
         path: p.clone(),
         why: e.to_string(),
     })?;

@@ -21,10 +21,10 @@ pub struct Record<'a> {
 /// Append a record; O_APPEND writes of one line are atomic for concurrent writers.
 pub fn append(runtime: &Path, rec: &Record) -> std::io::Result<()> {
     let dir = runtime.join("provenance");
-    std::fs::create_dir_all(&dir)?;
+    fs_err::create_dir_all(&dir)?;
     let mut line = serde_json::to_string(rec).map_err(std::io::Error::other)?;
     line.push('\n');
-    let mut f = std::fs::OpenOptions::new()
+    let mut f = fs_err::OpenOptions::new()
         .create(true)
         .append(true)
         .open(dir.join("models.jsonl"))?;

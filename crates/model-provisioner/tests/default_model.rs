@@ -35,7 +35,7 @@ fn default_model_fetches_and_reads_its_header() {
         "{}",
         m.n_params
     );
-    assert_eq!(m.size_bytes, std::fs::metadata(&m.path).unwrap().len());
+    assert_eq!(m.size_bytes, fs_err::metadata(&m.path).unwrap().len());
 }
 
 #[test]

@@ -53,7 +53,7 @@ fn resume_after_a_dropped_connection_transfers_only_the_missing_bytes() {
         "the resume sent only the missing bytes"
     );
     assert_eq!(out.resumed_from, 600_000);
-    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+    assert_eq!(fs_err::read(&out.metadata.path).unwrap(), body);
     assert_eq!(out.metadata.arch.as_deref(), Some("llama"));
     assert_eq!(out.metadata.ctx_max, Some(4096));
 }
@@ -74,7 +74,7 @@ fn a_server_that_ignores_range_still_yields_a_correct_file() {
         .fetch(&srv.url("/m/model.gguf"), &opts(Some(sha(&body))))
         .unwrap();
     assert_eq!(out.resumed_from, 0, "a 200 is never taken as a resume");
-    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+    assert_eq!(fs_err::read(&out.metadata.path).unwrap(), body);
 }
 
 #[test]
@@ -94,11 +94,11 @@ fn wrong_content_is_refused_and_nothing_reaches_the_store() {
         "{msg}"
     );
     assert!(!store.blob(&want).exists());
-    let blobs = std::fs::read_dir(store.dir.join("blobs"))
+    let blobs = fs_err::read_dir(store.dir.join("blobs"))
         .map(|r| r.count())
         .unwrap_or(0);
     assert_eq!(blobs, 0);
-    let partials = std::fs::read_dir(l.downloads())
+    let partials = fs_err::read_dir(l.downloads())
         .map(|r| r.count())
         .unwrap_or(0);
     assert_eq!(partials, 0, "a corrupt partial is deleted");
@@ -191,7 +191,7 @@ fn hub_refs_use_the_linked_etag_and_record_the_commit() {
         .ends_with("/org/repo/resolve/main/sub/model.gguf"));
     let refs = store.read_refs().unwrap();
     assert!(refs.refs.contains_key("hf:org/repo@main/sub/model.gguf"));
-    let prov = std::fs::read_to_string(l.runtime.join("provenance/models.jsonl")).unwrap();
+    let prov = fs_err::read_to_string(l.runtime.join("provenance/models.jsonl")).unwrap();
     assert!(
         prov.contains("\"event\":\"fetch\"") && prov.contains(&sha(&body)),
         "{prov}"
@@ -245,7 +245,7 @@ fn strict_mode_refuses_a_ref_without_digest() {
 fn a_file_that_is_not_gguf_is_refused() {
     let (d, l) = temp_layout();
     let p = d.path().join("weights.bin");
-    std::fs::write(&p, b"PK\x03\x04 not a model").unwrap();
+    fs_err::write(&p, b"PK\x03\x04 not a model").unwrap();
     let err = ModelStore::new(&l)
         .fetch(p.to_str().unwrap(), &opts(None))
         .unwrap_err()
@@ -260,7 +260,7 @@ fn eviction_never_removes_a_model_in_use() {
     let mut digests = Vec::new();
     for i in 0..3u8 {
         let p = d.path().join(format!("m{i}.gguf"));
-        std::fs::write(&p, tiny_gguf(100_000, i)).unwrap();
+        fs_err::write(&p, tiny_gguf(100_000, i)).unwrap();
         let o = store
             .fetch(
                 p.to_str().unwrap(),
@@ -299,7 +299,7 @@ fn local_files_are_used_in_place_and_verified() {
     let (d, l) = temp_layout();
     let p = d.path().join("local.gguf");
     let body = tiny_gguf(50_000, 9);
-    std::fs::write(&p, &body).unwrap();
+    fs_err::write(&p, &body).unwrap();
     let store = ModelStore::new(&l);
     let out = store
         .fetch(&format!("file:{}", p.display()), &opts(Some(sha(&body))))
@@ -339,7 +339,7 @@ fn a_server_that_stalls_mid_body_is_resumed_after_the_stall_timeout() {
     assert_eq!(c.gets, 2, "the stalled GET, then a resume");
     assert_eq!(c.ranges, vec!["700000-".to_string()]);
     assert_eq!(out.resumed_from, 700_000);
-    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+    assert_eq!(fs_err::read(&out.metadata.path).unwrap(), body);
 }
 
 /// A cache hit never serves bytes that differ from the digest: a flipped
@@ -364,28 +364,28 @@ fn a_corrupt_truncated_or_linked_blob_is_refetched_never_served() {
     let outside = d.path().join("outside.gguf");
     let mut evil = body.clone();
     evil[SIZE - 10] ^= 0xff;
-    std::fs::write(&outside, &evil).unwrap();
+    fs_err::write(&outside, &evil).unwrap();
     let damages: Vec<(&str, Damage)> = vec![
         (
             "flipped byte",
             Box::new(|p| {
-                let mut b = std::fs::read(p).unwrap();
+                let mut b = fs_err::read(p).unwrap();
                 b[SIZE / 2] ^= 0x01;
-                std::fs::write(p, b).unwrap();
+                fs_err::write(p, b).unwrap();
             }),
         ),
         (
             "truncated",
             Box::new(|p| {
-                let f = std::fs::OpenOptions::new().write(true).open(p).unwrap();
+                let f = fs_err::OpenOptions::new().write(true).open(p).unwrap();
                 f.set_len(1000).unwrap();
             }),
         ),
         (
             "symlink to same-size bytes",
             Box::new(move |p| {
-                std::fs::remove_file(p).unwrap();
-                std::os::unix::fs::symlink(&outside, p).unwrap();
+                fs_err::remove_file(p).unwrap();
+                fs_err::os::unix::fs::symlink(&outside, p).unwrap();
             }),
         ),
     ];
@@ -394,12 +394,12 @@ fn a_corrupt_truncated_or_linked_blob_is_refetched_never_served() {
         let out = store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
         assert!(!out.cached, "{what}: served from the cache");
         assert_eq!(srv.counters.lock().unwrap().gets, 2 + n as u32, "{what}");
-        let m = std::fs::symlink_metadata(&blob).unwrap();
+        let m = fs_err::symlink_metadata(&blob).unwrap();
         assert!(
             m.file_type().is_file(),
             "{what}: the blob is a regular file again"
         );
-        assert_eq!(std::fs::read(&blob).unwrap(), body, "{what}");
+        assert_eq!(fs_err::read(&blob).unwrap(), body, "{what}");
     }
     // The same damage with the store's index gone: the blob found by the
     // expected digest has no verification record, so it is hashed (or, not a
@@ -407,7 +407,7 @@ fn a_corrupt_truncated_or_linked_blob_is_refetched_never_served() {
     let refs = l.bucket(llorch_io::paths::Bucket::Models).join("refs.json");
     for (n, (what, damage)) in damages.iter().enumerate() {
         damage(&blob);
-        std::fs::remove_file(&refs).unwrap();
+        fs_err::remove_file(&refs).unwrap();
         let out = store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
         assert!(!out.cached, "{what}, no index: served from the cache");
         assert_eq!(
@@ -415,18 +415,18 @@ fn a_corrupt_truncated_or_linked_blob_is_refetched_never_served() {
             2 + damages.len() as u32 + n as u32,
             "{what}, no index"
         );
-        assert!(std::fs::symlink_metadata(&blob)
+        assert!(fs_err::symlink_metadata(&blob)
             .unwrap()
             .file_type()
             .is_file());
         assert_eq!(
-            std::fs::read(&out.metadata.path).unwrap(),
+            fs_err::read(&out.metadata.path).unwrap(),
             body,
             "{what}, no index"
         );
     }
     assert_eq!(
-        std::fs::read(d.path().join("outside.gguf")).unwrap(),
+        fs_err::read(d.path().join("outside.gguf")).unwrap(),
         evil,
         "the link target was not written"
     );
@@ -441,7 +441,7 @@ fn a_corrupt_index_is_an_error_not_an_empty_store() {
     let url = srv.url("/m/model.gguf");
     store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
     let refs = l.bucket(llorch_io::paths::Bucket::Models).join("refs.json");
-    std::fs::write(&refs, b"{\"refs\": {\"x\": ").unwrap();
+    fs_err::write(&refs, b"{\"refs\": {\"x\": ").unwrap();
     let err = store
         .fetch(&url, &opts(Some(sha(&body))))
         .unwrap_err()
@@ -451,7 +451,7 @@ fn a_corrupt_index_is_an_error_not_an_empty_store() {
         "{err}"
     );
     assert_eq!(
-        std::fs::read(&refs).unwrap(),
+        fs_err::read(&refs).unwrap(),
         b"{\"refs\": {\"x\": ",
         "left as it was"
     );
@@ -460,7 +460,7 @@ fn a_corrupt_index_is_an_error_not_an_empty_store() {
         "gc refuses too: it would orphan blobs"
     );
     // Moved aside, the next fetch finds the blob by digest and hashes it again.
-    std::fs::rename(&refs, refs.with_extension("bad")).unwrap();
+    fs_err::rename(&refs, refs.with_extension("bad")).unwrap();
     let out = store.fetch(&url, &opts(Some(sha(&body)))).unwrap();
     assert!(out.cached);
     assert_eq!(srv.counters.lock().unwrap().gets, 1);
@@ -473,9 +473,9 @@ fn a_partial_download_that_is_a_symlink_is_not_followed() {
     let srv = serve(body.clone(), Faults::default());
     let (d, l) = temp_layout();
     let target = d.path().join("victim");
-    std::fs::write(&target, b"precious").unwrap();
+    fs_err::write(&target, b"precious").unwrap();
     let partial = d.path().join("dl.partial");
-    std::os::unix::fs::symlink(&target, &partial).unwrap();
+    fs_err::os::unix::fs::symlink(&target, &partial).unwrap();
     let got = model_provisioner::download::download(
         "test",
         &srv.url("/m/model.gguf"),
@@ -487,8 +487,8 @@ fn a_partial_download_that_is_a_symlink_is_not_followed() {
         },
     )
     .unwrap();
-    assert_eq!(std::fs::read(&target).unwrap(), b"precious");
-    assert!(std::fs::symlink_metadata(&partial)
+    assert_eq!(fs_err::read(&target).unwrap(), b"precious");
+    assert!(fs_err::symlink_metadata(&partial)
         .unwrap()
         .file_type()
         .is_file());

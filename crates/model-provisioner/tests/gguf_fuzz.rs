@@ -141,11 +141,11 @@ fn thousands_of_mutated_headers_never_panic() {
     let mut seeds = vec![realistic()];
     // The default model's real header, when a test run already fetched it.
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    if let Ok(rd) = std::fs::read_dir(root.join("cache/models-v1/blobs")) {
+    if let Ok(rd) = fs_err::read_dir(root.join("cache/models-v1/blobs")) {
         for e in rd.flatten().take(1) {
             use std::io::Read;
             let mut b = Vec::new();
-            if let Ok(f) = std::fs::File::open(e.path()) {
+            if let Ok(f) = fs_err::File::open(e.path()) {
                 let _ = f.take(4 << 20).read_to_end(&mut b);
                 seeds.push(b);
             }

@@ -28,7 +28,7 @@ fn pushed_model(reg: &TestRegistry, tag: &str) -> (tempfile::TempDir, String, Ve
     let d = tempfile::tempdir().unwrap();
     let body = tiny_gguf(1_500_000, 7);
     let file = d.path().join("tiny.gguf");
-    std::fs::write(&file, &body).unwrap();
+    fs_err::write(&file, &body).unwrap();
     let a = store(d.path());
     let r = format!("file:{}", file.display());
     a.fetch(
@@ -54,7 +54,7 @@ fn push_then_fetch_by_tag_and_by_digest_into_an_empty_store() {
     let s = store(b.path());
     let out = s.fetch(&to, &opts(Some(sha.clone()))).unwrap();
     assert_eq!(out.metadata.digest, sha);
-    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+    assert_eq!(fs_err::read(&out.metadata.path).unwrap(), body);
     assert!(!out.cached);
     // A second fetch is a hit; the manifest digest is recorded as the revision.
     assert!(s.fetch(&to, &opts(Some(sha.clone()))).unwrap().cached);
@@ -91,7 +91,7 @@ fn a_wrong_expected_digest_or_a_tampered_layer_stores_nothing() {
         other => panic!("{other:?}"),
     }
     let downloads = b.path().join("cache/downloads");
-    assert!(std::fs::read_dir(&downloads)
+    assert!(fs_err::read_dir(&downloads)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true));
     // Flip a byte of the stored layer in the registry.
@@ -99,14 +99,14 @@ fn a_wrong_expected_digest_or_a_tampered_layer_stores_nothing() {
         "sha256:{}",
         llorch_io::digest::sha256_bytes(&body)
     ));
-    let mut bytes = std::fs::read(&blob).unwrap();
+    let mut bytes = fs_err::read(&blob).unwrap();
     bytes[1000] ^= 0xff;
-    std::fs::write(&blob, &bytes).unwrap();
+    fs_err::write(&blob, &bytes).unwrap();
     let e = s.fetch(&to, &opts(None)).unwrap_err().to_string();
     assert!(e.contains("sha256"), "{e}");
     assert!(s.list().unwrap().is_empty(), "nothing stored");
     let blobs = b.path().join("cache/models-v1/blobs");
-    assert!(std::fs::read_dir(&blobs)
+    assert!(fs_err::read_dir(&blobs)
         .map(|mut d| d.next().is_none())
         .unwrap_or(true));
 }
@@ -125,7 +125,7 @@ fn a_cut_transfer_resumes_from_its_partial() {
     let out = store(b.path())
         .fetch(&via, &opts(Some(sha.clone())))
         .unwrap();
-    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+    assert_eq!(fs_err::read(&out.metadata.path).unwrap(), body);
     let gets = proxy.blob_gets();
     assert!(gets.len() >= 3, "cut twice, resumed twice: {gets:?}");
     assert!(
@@ -149,11 +149,11 @@ fn a_partial_with_wrong_bytes_is_removed_and_the_next_fetch_downloads_again() {
     // The store's partial for this ref: downloads/<first 16 hex of sha256(ref)>.partial.
     let key = &llorch_io::digest::sha256_bytes(to.as_bytes())[..16];
     let dl = b.path().join("cache/downloads");
-    std::fs::create_dir_all(&dl).unwrap();
+    fs_err::create_dir_all(&dl).unwrap();
     let partial = dl.join(format!("{key}.partial"));
     let mut wrong = body.clone();
     wrong[body.len() / 2] ^= 0xff;
-    std::fs::write(&partial, &wrong).unwrap();
+    fs_err::write(&partial, &wrong).unwrap();
     let e = s
         .fetch(&to, &opts(Some(sha.clone())))
         .unwrap_err()
@@ -161,5 +161,5 @@ fn a_partial_with_wrong_bytes_is_removed_and_the_next_fetch_downloads_again() {
     assert!(e.contains("sha256"), "{e}");
     assert!(!partial.exists(), "the wrong partial is removed");
     let out = s.fetch(&to, &opts(Some(sha))).unwrap();
-    assert_eq!(std::fs::read(&out.metadata.path).unwrap(), body);
+    assert_eq!(fs_err::read(&out.metadata.path).unwrap(), body);
 }

@@ -43,9 +43,9 @@ pub fn repo_with(
     msg: &str,
     when: When,
 ) -> (git2::Repository, git2::Oid) {
-    std::fs::create_dir_all(dir).unwrap();
+    fs_err::create_dir_all(dir).unwrap();
     for (name, text) in files {
-        std::fs::write(dir.join(name), text).unwrap();
+        fs_err::write(dir.join(name), text).unwrap();
     }
     let repo = git2::Repository::init(dir).unwrap();
     let oid = commit_all(&repo, msg, when);

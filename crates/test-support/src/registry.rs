@@ -50,20 +50,20 @@ impl TestRegistry {
                     .args(["-Bbn", u, "s3cret"])
                     .read()
                     .expect("htpasswd (apache2-utils) is installed by `doctor --install --test-servers`");
-                std::fs::write(dir.path().join("htpasswd"), out).unwrap();
+                fs_err::write(dir.path().join("htpasswd"), out).unwrap();
                 cfg.push_str(&format!(
                     "auth:\n  htpasswd:\n    realm: llorch-test\n    path: {}\n",
                     dir.path().join("htpasswd").display()
                 ));
             }
-            std::fs::write(dir.path().join("config.yml"), cfg).unwrap();
-            let log = std::fs::File::create(dir.path().join("registry.log")).unwrap();
+            fs_err::write(dir.path().join("config.yml"), cfg).unwrap();
+            let log = fs_err::File::create(dir.path().join("registry.log")).unwrap();
             let child = llorch_io::cmd::Cmd::new(&bin)
                 .arg("serve")
                 .arg(dir.path().join("config.yml"))
                 .spawn(
-                    llorch_io::cmd::Io::File(log.try_clone().unwrap()),
-                    llorch_io::cmd::Io::File(log),
+                    llorch_io::cmd::Io::File(log.try_clone().unwrap().into()),
+                    llorch_io::cmd::Io::File(log.into()),
                 )
                 .unwrap();
             let mut reg = TestRegistry { child, dir, addr };

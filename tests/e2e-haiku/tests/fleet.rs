@@ -42,7 +42,7 @@ async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
     .unwrap();
     // Another machine: the same profile, but its model comes from the registry
     // and its engine registry is set; an empty cache.
-    let text = std::fs::read_to_string(root.join("requirements/cpu.yaml"))
+    let text = fs_err::read_to_string(root.join("requirements/cpu.yaml"))
         .unwrap()
         .replace(&format!("ref: {model_ref}"), &format!("ref: {model_to}"))
         .replace(
@@ -53,7 +53,7 @@ async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
             ),
         );
     let pfile = here.path().join("fleet.yaml");
-    std::fs::write(&pfile, text).unwrap();
+    fs_err::write(&pfile, text).unwrap();
     let fleet =
         llorch_profile::Profile::load(&pfile, &root.join("toolchains/llama.cpp.yaml")).unwrap();
     let cache2 = here.path().join("cache");
@@ -68,7 +68,7 @@ async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
     let e1 = root.join("cache/engines-v1").join(&fp);
     let e2 = cache2.join("engines-v1").join(&fp);
     let m: serde_json::Value =
-        serde_json::from_slice(&std::fs::read(e1.join("manifest.json")).unwrap()).unwrap();
+        serde_json::from_slice(&fs_err::read(e1.join("manifest.json")).unwrap()).unwrap();
     for f in m["files"]
         .as_object()
         .unwrap()
@@ -76,8 +76,8 @@ async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
         .chain(["manifest.json".to_string()].iter())
     {
         assert_eq!(
-            std::fs::read(e1.join(f)).unwrap(),
-            std::fs::read(e2.join(f)).unwrap(),
+            fs_err::read(e1.join(f)).unwrap(),
+            fs_err::read(e2.join(f)).unwrap(),
             "{f}"
         );
     }

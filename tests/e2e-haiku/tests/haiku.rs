@@ -35,7 +35,7 @@ async fn haiku_streams_real_tokens_from_the_engine() {
 
 fn tempfile_dir() -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("llorch-e2e-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
+    fs_err::create_dir_all(&d).unwrap();
     d
 }
 

@@ -42,10 +42,10 @@ pub fn run(cmd: Cmd) -> (bool, String, String) {
 
 /// A workspace at `root` with `pins` and the stand-in `cpu` profile.
 pub fn workspace(root: &Path, pins: &str, profile: &str) {
-    std::fs::create_dir_all(root.join("toolchains")).unwrap();
-    std::fs::create_dir_all(root.join("requirements")).unwrap();
-    std::fs::write(root.join("toolchains/llama.cpp.yaml"), pins).unwrap();
-    std::fs::write(root.join("requirements/cpu.yaml"), profile).unwrap();
+    fs_err::create_dir_all(root.join("toolchains")).unwrap();
+    fs_err::create_dir_all(root.join("requirements")).unwrap();
+    fs_err::write(root.join("toolchains/llama.cpp.yaml"), pins).unwrap();
+    fs_err::write(root.join("requirements/cpu.yaml"), profile).unwrap();
 }
 
 /// Compare `text` with `tests/snapshots/<name>.txt`, after `normalize`;
@@ -55,10 +55,10 @@ pub fn snapshot(name: &str, text: &str) {
         .join("tests/snapshots")
         .join(format!("{name}.txt"));
     if std::env::var_os("LLORCH_UPDATE_SNAPSHOTS").is_some_and(|v| v == "1") {
-        std::fs::write(&path, text).unwrap();
+        fs_err::write(&path, text).unwrap();
         return;
     }
-    let want = std::fs::read_to_string(&path).unwrap_or_else(|e| {
+    let want = fs_err::read_to_string(&path).unwrap_or_else(|e| {
         panic!(
             "{}: {e} (LLORCH_UPDATE_SNAPSHOTS=1 writes it)",
             path.display()

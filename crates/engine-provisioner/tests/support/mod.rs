@@ -36,9 +36,9 @@ int main(int argc, char **argv) {{
 
 /// Write the fake llama.cpp tree into `dir`.
 pub fn write_fake_tree(dir: &Path, server_c: &str) {
-    std::fs::create_dir_all(dir).unwrap();
-    std::fs::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
-    std::fs::write(dir.join("server.c"), server_c).unwrap();
+    fs_err::create_dir_all(dir).unwrap();
+    fs_err::write(dir.join("CMakeLists.txt"), FAKE_CMAKE).unwrap();
+    fs_err::write(dir.join("server.c"), server_c).unwrap();
 }
 
 /// A `.tar.gz` of the fake tree under `prefix/`; returns (path, sha256).
@@ -46,7 +46,7 @@ pub fn fake_archive(dir: &Path, name: &str, server_c: &str) -> (PathBuf, String)
     let tree = dir.join(format!("{name}-tree"));
     write_fake_tree(&tree, server_c);
     let out = dir.join(format!("{name}.tar.gz"));
-    let f = std::fs::File::create(&out).unwrap();
+    let f = fs_err::File::create(&out).unwrap();
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut t = tar::Builder::new(gz);
     t.append_dir_all("fake-llama", &tree).unwrap();
@@ -67,11 +67,11 @@ impl Workspace {
     pub fn new(pins_yaml: &str, profiles: &[(&str, &str)]) -> Workspace {
         let dir = tempfile::tempdir().unwrap();
         let root = dir.path().join("ws");
-        std::fs::create_dir_all(root.join("toolchains")).unwrap();
-        std::fs::create_dir_all(root.join("requirements")).unwrap();
-        std::fs::write(root.join("toolchains/llama.cpp.yaml"), pins_yaml).unwrap();
+        fs_err::create_dir_all(root.join("toolchains")).unwrap();
+        fs_err::create_dir_all(root.join("requirements")).unwrap();
+        fs_err::write(root.join("toolchains/llama.cpp.yaml"), pins_yaml).unwrap();
         for (name, text) in profiles {
-            std::fs::write(root.join("requirements").join(format!("{name}.yaml")), text).unwrap();
+            fs_err::write(root.join("requirements").join(format!("{name}.yaml")), text).unwrap();
         }
         let layout = Layout::at(root, dir.path().join("cache"), dir.path().join("runtime"));
         Workspace { dir, layout }

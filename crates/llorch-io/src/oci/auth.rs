@@ -28,11 +28,11 @@ pub fn credentials(registry: &str) -> RegistryAuth {
 /// `auths.<registry>.auth` (base64 of `user:password`) from a Docker config file.
 pub fn docker_config_auth(path: &Path, registry: &str) -> Option<RegistryAuth> {
     use base64::Engine;
-    let meta = std::fs::metadata(path).ok()?;
+    let meta = fs_err::metadata(path).ok()?;
     if meta.len() > 1 << 20 {
         return None;
     }
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path).ok()?).ok()?;
+    let v: serde_json::Value = serde_json::from_slice(&fs_err::read(path).ok()?).ok()?;
     let entry = v["auths"]
         .get(registry)
         .or_else(|| v["auths"].get(format!("https://{registry}")))
@@ -53,7 +53,7 @@ pub(super) fn extra_roots() -> Vec<Certificate> {
     let Some(path) = std::env::var_os("SSL_CERT_FILE") else {
         return Vec::new();
     };
-    let Ok(text) = std::fs::read_to_string(path) else {
+    let Ok(text) = fs_err::read_to_string(path) else {
         return Vec::new();
     };
     let mut out = Vec::new();
@@ -81,7 +81,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("config.json");
         // base64("user:pa:ss")
-        std::fs::write(
+        fs_err::write(
             &p,
             r#"{"auths": {"reg.example:5000": {"auth": "dXNlcjpwYTpzcw=="}, "tok.example": {"identitytoken": "T"}}}"#,
         )
@@ -95,7 +95,7 @@ mod tests {
             Some(RegistryAuth::Bearer("T".into()))
         );
         assert_eq!(docker_config_auth(&p, "other"), None);
-        std::fs::write(&p, "not json").unwrap();
+        fs_err::write(&p, "not json").unwrap();
         assert_eq!(docker_config_auth(&p, "reg.example:5000"), None);
     }
 }

@@ -101,13 +101,13 @@ pub fn python_packages(name: &str, pins: &[&str]) -> std::path::PathBuf {
     let _lock =
         llorch_io::fsx::FileLock::exclusive(&root.join("target/python-sdk.lock"), || {}).unwrap();
     let want = pins.join("\n");
-    if std::fs::read_to_string(dir.join(".complete"))
+    if fs_err::read_to_string(dir.join(".complete"))
         .ok()
         .as_deref()
         != Some(want.as_str())
     {
         let staging = dir.with_extension("partial");
-        let _ = std::fs::remove_dir_all(&staging);
+        let _ = fs_err::remove_dir_all(&staging);
         llorch_io::cmd::Cmd::new("python3")
             .args([
                 "-m",
@@ -121,9 +121,9 @@ pub fn python_packages(name: &str, pins: &[&str]) -> std::path::PathBuf {
             .args(pins.iter().copied())
             .read()
             .unwrap_or_else(|e| panic!("installing {pins:?} with pip: {e}"));
-        std::fs::write(staging.join(".complete"), &want).unwrap();
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&staging, &dir).unwrap();
+        fs_err::write(staging.join(".complete"), &want).unwrap();
+        let _ = fs_err::remove_dir_all(&dir);
+        fs_err::rename(&staging, &dir).unwrap();
     }
     dir
 }
