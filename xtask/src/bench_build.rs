@@ -132,7 +132,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: Option<&str>) -
     );
     seed_source(ctx, &p, &layout)?;
     seed_source(ctx, &p_next, &layout)?;
-    compile_cache::install(&layout, &say).map_err(anyhow::Error::msg)?;
+    compile_cache::install(&layout, &say)?;
     let jobs = build::default_jobs();
     let opts = BuildOptions {
         quiet: true,
@@ -154,7 +154,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: Option<&str>) -
         Ok((s, b))
     };
     let (cold_s, cold) = timed("cold build, empty compiler cache", &p)?;
-    engine_provisioner::cache::gc(&layout, 0).map_err(anyhow::Error::msg)?;
+    engine_provisioner::cache::gc(&layout, 0)?;
     let (warm_s, warm) = timed("same fingerprint after engine gc, compiler cache warm", &p)?;
     let same_bytes = fs_err::read(&cold.binary)? == fs_err::read(&warm.binary)?;
     let (next_s, nxt) = timed("next pin after the current one", &p_next)?;

@@ -309,11 +309,9 @@ impl EngineCmd {
                     Default::default(),
                     "cargo xtask engine up --foreground",
                 )?;
-                let url = sup
-                    .wait_ready(std::time::Duration::from_secs(
-                        profile.file.server.ready_timeout_s + 5,
-                    ))
-                    .map_err(anyhow::Error::msg)?;
+                let url = sup.wait_ready(std::time::Duration::from_secs(
+                    profile.file.server.ready_timeout_s + 5,
+                ))?;
                 println!("engine for pool {pool} ready at {url} (supervised; SIGINT/SIGTERM/SIGHUP stop it)");
                 let sig = stop.wait();
                 eprintln!("{sig}: stopping engine");
@@ -343,8 +341,7 @@ impl EngineCmd {
                 Ok(())
             }
             EngineSub::Gc(a) => {
-                let r = engine_provisioner::cache::gc(&ctx.layout, a.keep)
-                    .map_err(anyhow::Error::msg)?;
+                let r = engine_provisioner::cache::gc(&ctx.layout, a.keep)?;
                 if a.json {
                     return print_json(&r);
                 }
@@ -503,7 +500,7 @@ fn verify(
         let ok = engine_provisioner::cache::verify_entry(&dir, &ex.fingerprint);
         if b.p.json {
             print_json(
-                &serde_json::json!({"fingerprint": ex.fingerprint, "dir": dir, "ok": ok.is_ok(), "problem": ok.as_ref().err()}),
+                &serde_json::json!({"fingerprint": ex.fingerprint, "dir": dir, "ok": ok.is_ok(), "problem": ok.as_ref().err().map(|e| e.to_string())}),
             )?;
         } else if let Err(why) = &ok {
             eprintln!(

@@ -156,7 +156,7 @@ impl ModelCmd {
                 if json {
                     let v: Vec<_> = list
                         .iter()
-                        .map(|(r, e, md)| serde_json::json!({"ref": r, "entry": e, "metadata": md.as_ref().ok(), "error": md.as_ref().err()}))
+                        .map(|(r, e, md)| serde_json::json!({"ref": r, "entry": e, "metadata": md.as_ref().ok(), "error": md.as_ref().err().map(|e| e.to_string())}))
                         .collect();
                     return print_json(&v);
                 }

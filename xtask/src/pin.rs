@@ -370,8 +370,7 @@ fn resolve_sdist(
     let llama = top.join(sub);
     let mut bundle_trees = std::collections::BTreeMap::new();
     for (b, name) in [(Backend::Cpu, "cpu"), (Backend::Cuda, "cuda")] {
-        let (_, files) =
-            engine_provisioner::bundle::tree_files(&llama, b).map_err(|e| anyhow!(e))?;
+        let (_, files) = engine_provisioner::bundle::tree_files(&llama, b)?;
         bundle_trees.insert(
             name.to_string(),
             engine_provisioner::bundle::tree_digest(&files),
@@ -425,7 +424,7 @@ fn resolve_git(pins: &PinsFile, rev: &str, say: &dyn Fn(&str)) -> Result<(String
 /// The pins file with `pin` added as `name` (or replacing it) and made the
 /// default; comments and the other pins stay as written.
 pub fn with_pin(text: &str, name: &str, pin: &Pin) -> Result<String> {
-    let block = llorch_profile::pin_yaml(name, pin).map_err(|e| anyhow!(e))?;
+    let block = llorch_profile::pin_yaml(name, pin)?;
     let indented: String = block.lines().map(|l| format!("  {l}\n")).collect();
     let mut out = String::new();
     let mut lines = text.lines().peekable();

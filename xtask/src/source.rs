@@ -38,7 +38,6 @@ impl SourceCmd {
                     eprintln!("{m}")
                 })?;
                 let m = engine_provisioner::bundle::create(&profile, &tree, &out)
-                    .map_err(anyhow::Error::msg)
                     .context("write source bundle")?;
                 let sha = llorch_io::digest::sha256_file(&out)?;
                 let size = fs_err::metadata(&out)?.len();
@@ -73,8 +72,7 @@ impl SourceCmd {
             SourceSub::Verify { p, bundle } => {
                 let profile = ctx.profile(p.profile.as_deref())?;
                 let tmp = tempfile::tempdir()?;
-                let m = engine_provisioner::bundle::verify_into(&bundle, &profile.pin, tmp.path())
-                    .map_err(anyhow::Error::msg)?;
+                let m = engine_provisioner::bundle::verify_into(&bundle, &profile.pin, tmp.path())?;
                 println!(
                     "ok: {} files match the manifest; source {} {}",
                     m.files.len(),

@@ -1,6 +1,7 @@
 //! Invariants of the house, checked (ARCHITECTURE.md): the CLI depends on no
-//! test crate, processes and HTTP clients are created only in llorch-io, and
-//! the code map names every public module.
+//! test crate, processes and HTTP clients are created only in llorch-io, the
+//! code map names every public module, and public functions fail with typed
+//! errors.
 
 use llorch_io::cmd::Cmd;
 use std::path::{Path, PathBuf};
@@ -180,5 +181,56 @@ fn long_files_are_only_those_architecture_names() {
     assert!(
         long.is_empty(),
         "over 600 lines and not in ARCHITECTURE.md's table of one-idea files: {long:?} (split it, or say there why it is one idea)"
+    );
+}
+
+/// The `pub` functions whose signature ends in `-> Result<…, String>` in `text`.
+fn string_errors(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, _) in text.match_indices("fn ") {
+        let line_start = text[..i].rfind('\n').map_or(0, |n| n + 1);
+        let head = text[line_start..i].trim_start();
+        if !head.starts_with("pub") || head.starts_with("pub(") && !head.starts_with("pub(crate)") {
+            continue;
+        }
+        let Some(end) = text[i..].find(['{', ';']) else {
+            continue;
+        };
+        let sig = text[i..i + end]
+            .split_whitespace()
+            .collect::<Vec<_>>()
+            .join(" ");
+        if sig.contains("-> Result<") && sig.ends_with(", String>") {
+            found.push(sig);
+        }
+    }
+    found
+}
+
+#[test]
+fn library_errors_are_typed() {
+    assert_eq!(
+        string_errors("pub fn a(x: u8) -> Result<u8, String> {}\npub(crate) fn b(\n  y: u8,\n) -> Result<(), String> {}\nfn c() -> Result<(), String> {}\npub fn d() -> Result<BTreeMap<String, String>, E> {}"),
+        vec!["fn a(x: u8) -> Result<u8, String>", "fn b( y: u8, ) -> Result<(), String>"]
+    );
+    let mut files = Vec::new();
+    for d in ["crates", "xtask/src"] {
+        rust_files(&root().join(d), &mut files);
+    }
+    let offenders: Vec<String> = files
+        .iter()
+        .filter(|f| f.components().any(|c| c.as_os_str() == "src"))
+        .flat_map(|f| {
+            let text = fs_err::read_to_string(f).unwrap();
+            string_errors(&text)
+                .into_iter()
+                .map(|s| format!("{}: {s}", f.strip_prefix(root()).unwrap().display()))
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    assert!(
+        offenders.is_empty(),
+        "public functions that fail with a String (give them a thiserror type):\n{}",
+        offenders.join("\n")
     );
 }

@@ -46,6 +46,12 @@ pub enum BuildError {
     Io(#[from] llorch_io::IoError),
     #[error("CUDA: {0}")]
     Cuda(String),
+    #[error(transparent)]
+    Bundle(#[from] crate::bundle::BundleError),
+    #[error("CUDA: {0}")]
+    CudaCheck(#[from] crate::cuda::CudaError),
+    #[error(transparent)]
+    Flag(#[from] llorch_profile::FlagError),
 }
 
 pub(crate) use llorch_io::io;
@@ -187,7 +193,7 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
     };
     let mut flags = base_flags(profile);
     flags.extend(profile.file.engine.cmake_flags.iter().cloned());
-    let cmake_flags = fingerprint::normalize_flags(&flags).map_err(BuildError::Install)?;
+    let cmake_flags = fingerprint::normalize_flags(&flags)?;
     let mut extra_flags = Vec::new();
     let cuda = if profile.file.engine.backend == Backend::Cuda {
         let (nvcc, _root) = crate::cuda::find_nvcc(tb).ok_or_else(|| {
@@ -212,10 +218,9 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
             &profile.file.engine.cuda_archs,
             &nvcc_version,
             &crate::cuda::local_gpu_archs(tb),
-        )
-        .map_err(BuildError::Cuda)?;
+        )?;
         extra_flags.push(format!("-DCMAKE_CUDA_COMPILER={}", nvcc.display()));
-        let host = crate::cuda::choose_host_compiler(&nvcc, tb).map_err(BuildError::Cuda)?;
+        let host = crate::cuda::choose_host_compiler(&nvcc, tb)?;
         let host_id = match &host {
             Some(h) => {
                 extra_flags.push(format!("-DCMAKE_CUDA_HOST_COMPILER={}", h.display()));
@@ -397,8 +402,7 @@ pub fn build(
     preflight::ensure(profile, &opts.toolbox, say)?;
 
     let src = match &opts.source_bundle {
-        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say)
-            .map_err(BuildError::Install)?,
+        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say)?,
         None => source::fetch(&profile.pin, layout, &say)?,
     };
     let work = WorkDir::enter(layout, &fp, &src, &say)?;

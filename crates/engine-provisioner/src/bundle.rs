@@ -21,6 +21,7 @@
 use crate::fingerprint::SourceIdentity;
 use crate::profile::{Backend, Pin, Profile};
 use llorch_io::fsx;
+use llorch_io::io;
 use llorch_io::paths::Layout;
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
@@ -93,13 +94,26 @@ fn walk(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> std::io::Result<()> 
     Ok(())
 }
 
+/// Why a bundle could not be made, or was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum BundleError {
+    /// Not the bundle the pin names, or not a bundle at all: the reason
+    /// names the member and what is wrong with it.
+    #[error("{0}")]
+    Refused(String),
+    #[error(transparent)]
+    Source(#[from] crate::source::SourceError),
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
+}
+
 /// The files of `tree` a bundle for `backend` holds, each with its sha256.
 pub fn tree_files(
     tree: &Path,
     backend: Backend,
-) -> Result<(Vec<PathBuf>, BTreeMap<String, String>), String> {
+) -> Result<(Vec<PathBuf>, BTreeMap<String, String>), BundleError> {
     let mut all = Vec::new();
-    walk(tree, tree, &mut all).map_err(|e| format!("list {}: {e}", tree.display()))?;
+    walk(tree, tree, &mut all).map_err(io("list the source tree"))?;
     all.sort();
     let mut files = BTreeMap::new();
     let kept: Vec<PathBuf> = all
@@ -110,14 +124,14 @@ pub fn tree_files(
         })
         .collect();
     for p in &kept {
-        let h = llorch_io::digest::sha256_file(&tree.join(p)).map_err(|e| e.to_string())?;
+        let h = llorch_io::digest::sha256_file(&tree.join(p)).map_err(io("hash a source file"))?;
         files.insert(p.to_string_lossy().into_owned(), h);
     }
     Ok((kept, files))
 }
 
 /// Write a bundle of `tree` (the pin's fetched source) for `profile` to `out`.
-pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManifest, String> {
+pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManifest, BundleError> {
     let backend = profile.file.engine.backend;
     let (kept, files) = tree_files(tree, backend)?;
     let manifest = BundleManifest {
@@ -129,7 +143,7 @@ pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManife
     };
     let tmp = out.with_extension("partial");
     {
-        let f = fs_err::File::create(&tmp).map_err(|e| format!("create {}: {e}", tmp.display()))?;
+        let f = fs_err::File::create(&tmp).map_err(io("create the bundle"))?;
         let gz = flate2::write::GzEncoder::new(f, flate2::Compression::new(6));
         let mut tar = tar::Builder::new(gz);
         let json = serde_json::to_vec_pretty(&manifest).unwrap();
@@ -138,18 +152,18 @@ pub fn create(profile: &Profile, tree: &Path, out: &Path) -> Result<BundleManife
         h.set_mode(0o644);
         h.set_cksum();
         tar.append_data(&mut h, MANIFEST, json.as_slice())
-            .map_err(|e| e.to_string())?;
+            .map_err(io("write the bundle's manifest"))?;
         for p in &kept {
             tar.append_path_with_name(tree.join(p), Path::new("tree").join(p))
-                .map_err(|e| format!("add {}: {e}", p.display()))?;
+                .map_err(io(format!("add {} to the bundle", p.display())))?;
         }
-        let gz = tar.into_inner().map_err(|e| e.to_string())?;
+        let gz = tar.into_inner().map_err(io("write the bundle"))?;
         gz.finish()
-            .map_err(|e| e.to_string())?
+            .map_err(io("write the bundle"))?
             .sync_all()
-            .map_err(|e| e.to_string())?;
+            .map_err(io("sync the bundle"))?;
     }
-    fs_err::rename(&tmp, out).map_err(|e| e.to_string())?;
+    fs_err::rename(&tmp, out).map_err(io("rename the bundle into place"))?;
     Ok(manifest)
 }
 
@@ -159,20 +173,21 @@ pub fn unpack_for_build(
     pin: &Pin,
     layout: &Layout,
     say: &dyn Fn(&str),
-) -> Result<PathBuf, String> {
+) -> Result<PathBuf, BundleError> {
     let id = crate::source::source_id(pin);
     let final_dir = layout.bucket(llorch_io::paths::Bucket::Src).join(&id);
     let _lock =
-        fsx::FileLock::exclusive(&layout.source_lock(&id), || {}).map_err(|e| e.to_string())?;
-    let staging = fsx::staging_dir_for(&final_dir).map_err(|e| e.to_string())?;
+        fsx::FileLock::exclusive(&layout.source_lock(&id), || {}).map_err(io("lock the source"))?;
+    let staging = fsx::staging_dir_for(&final_dir).map_err(io("create a staging dir"))?;
     say(&format!("verifying source bundle {}", bundle.display()));
     let manifest = verify_into(bundle, pin, staging.path())?;
     fs_err::write(
         staging.path().join("tree/.llorch-complete"),
         &manifest.source.id,
     )
-    .map_err(|e| e.to_string())?;
-    fsx::commit_subdir(staging, Path::new("tree"), &final_dir).map_err(|e| e.to_string())?;
+    .map_err(io("mark the source complete"))?;
+    fsx::commit_subdir(staging, Path::new("tree"), &final_dir)
+        .map_err(io("rename the source into place"))?;
     Ok(final_dir)
 }
 
@@ -207,20 +222,24 @@ const MAX_MANIFEST: u64 = 64 << 20;
 /// `tree/` whose bytes hash as listed; nothing is missing or unlisted. Only
 /// then is it extracted (safely, `source::extract_tar_gz`) and, once
 /// extracted, hashed again.
-pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManifest, String> {
+pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManifest, BundleError> {
     let shown = bundle.display();
-    let m = verify_stream(bundle, pin)?;
-    crate::source::extract_tar_gz(bundle, dest, None).map_err(|e| e.to_string())?;
+    let m = verify_stream(bundle, pin).map_err(BundleError::Refused)?;
+    crate::source::extract_tar_gz(bundle, dest, None)?;
     for (rel, h) in &m.files {
-        let actual = llorch_io::digest::sha256_file(&dest.join("tree").join(rel))
-            .map_err(|e| format!("{shown}: `{rel}` missing after extraction ({e})"))?;
+        let actual = llorch_io::digest::sha256_file(&dest.join("tree").join(rel)).map_err(|e| {
+            BundleError::Refused(format!("{shown}: `{rel}` missing after extraction ({e})"))
+        })?;
         if &actual != h {
-            return Err(format!("{shown}: `{rel}` changed while it was extracted"));
+            return Err(BundleError::Refused(format!(
+                "{shown}: `{rel}` changed while it was extracted"
+            )));
         }
     }
     Ok(m)
 }
 
+/// The reason a bundle is refused, naming the member, as `Err`.
 fn verify_stream(bundle: &Path, pin: &Pin) -> Result<BundleManifest, String> {
     use std::io::Read;
     let shown = bundle.display();

@@ -11,6 +11,25 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 pub const MANIFEST_SCHEMA: u32 = 1;
+
+/// Why an entry cannot be used, or the cache could not be collected.
+#[derive(Debug, thiserror::Error)]
+pub enum CacheError {
+    #[error("nothing there")]
+    Missing,
+    /// Present but not what its manifest says; the reason names the file.
+    #[error("{0}")]
+    Stale(String),
+    #[error("{}: {why}", path.display())]
+    Manifest { path: PathBuf, why: String },
+    /// Another cache has no entry of that fingerprint (`--reuse-from`).
+    #[error("it has no engine of this fingerprint")]
+    NotInOther,
+    #[error("its recorded inputs differ from this fingerprint's")]
+    InputsDiffer,
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
+}
 /// Beside `manifest.json` in an entry pulled from a registry: where it came from.
 pub const ORIGIN_FILE: &str = "origin.json";
 
@@ -117,11 +136,11 @@ fn check_dir(dir: &Path, fp: &str, inputs: Option<&BuildInputs>) -> Lookup {
 }
 
 /// Check an entry outside the cache (a pull's staging directory) as a lookup would.
-pub fn verify_entry(dir: &Path, fp: &str) -> Result<(), String> {
+pub fn verify_entry(dir: &Path, fp: &str) -> Result<(), CacheError> {
     match check_dir(dir, fp, None) {
         Lookup::Fresh(_) => Ok(()),
-        Lookup::Stale(why) => Err(why),
-        Lookup::Missing => Err("nothing there".into()),
+        Lookup::Stale(why) => Err(CacheError::Stale(why)),
+        Lookup::Missing => Err(CacheError::Missing),
     }
 }
 
@@ -190,9 +209,13 @@ fn list_files(root: &Path, dir: &Path, out: &mut Vec<String>) -> std::io::Result
     Ok(())
 }
 
-pub fn read_manifest(dir: &Path) -> Result<Manifest, String> {
-    let text = fs_err::read_to_string(dir.join("manifest.json")).map_err(|e| e.to_string())?;
-    serde_json::from_str(&text).map_err(|e| e.to_string())
+pub fn read_manifest(dir: &Path) -> Result<Manifest, CacheError> {
+    let path = dir.join("manifest.json");
+    let text = fs_err::read_to_string(&path).map_err(llorch_io::io("read the engine manifest"))?;
+    serde_json::from_str(&text).map_err(|e| CacheError::Manifest {
+        path,
+        why: e.to_string(),
+    })
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -205,19 +228,20 @@ pub struct GcReport {
 /// Delete all but the newest `keep` entries (and their build dirs). An entry
 /// whose lock is held (a build writing it, or an engine process running it:
 /// engines hold it shared) is never removed.
-pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, String> {
+pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, CacheError> {
     use llorch_io::fsx::FileLock;
+    use llorch_io::io;
     use llorch_io::paths::Bucket;
     let cache = ArtifactCache::new(&layout.cache);
     let mut r = GcReport::default();
     for (p, m) in cache.list().into_iter().skip(keep) {
         let lock = FileLock::try_exclusive(&layout.engine_lock(&m.fingerprint))
-            .map_err(|e| format!("lock {}: {e}", layout.engine_lock(&m.fingerprint).display()))?;
+            .map_err(io("lock the engine entry"))?;
         if lock.is_none() {
             r.kept_in_use.push(m.fingerprint);
             continue;
         }
-        fs_err::remove_dir_all(&p).map_err(|e| format!("remove {}: {e}", p.display()))?;
+        fs_err::remove_dir_all(&p).map_err(io("remove the engine entry"))?;
         let _ = fs_err::remove_dir_all(layout.bucket(Bucket::Build).join(&m.fingerprint));
         // The work dir, when it holds this build and no build is compiling there.
         let work = crate::build::work_dir(layout);
@@ -238,11 +262,10 @@ pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, St
         };
         let fp = rest.split('-').next().unwrap_or("");
         if FileLock::try_exclusive(&layout.engine_lock(fp))
-            .map_err(|e| e.to_string())?
+            .map_err(io("lock the engine entry"))?
             .is_some()
         {
-            fs_err::remove_dir_all(e.path())
-                .map_err(|x| format!("remove {}: {x}", e.path().display()))?;
+            fs_err::remove_dir_all(e.path()).map_err(io("remove a stale staging dir"))?;
             r.stale_staging_removed += 1;
         }
     }

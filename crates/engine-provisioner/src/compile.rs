@@ -5,7 +5,7 @@
 //! whether to compile; this is how. (Split out of `build`.)
 
 use crate::build::{io, BuildError, BuildOptions, BuildPlan, TARGET};
-use crate::cache::{ArtifactCache, Lookup, Manifest, MANIFEST_SCHEMA};
+use crate::cache::{ArtifactCache, CacheError, Lookup, Manifest, MANIFEST_SCHEMA};
 use crate::fingerprint::BuildInputs;
 use crate::preflight::Toolbox;
 use crate::profile::{Backend, Profile};
@@ -25,25 +25,26 @@ pub(crate) fn reuse(
     fp: &str,
     inputs: &BuildInputs,
     cache: &ArtifactCache,
-) -> Result<Box<Manifest>, String> {
+) -> Result<Box<Manifest>, CacheError> {
     let src = ArtifactCache::new(other).entry(fp);
     if !src.is_dir() {
-        return Err("it has no engine of this fingerprint".into());
+        return Err(CacheError::NotInOther);
     }
-    fs_err::create_dir_all(&cache.dir).map_err(|e| e.to_string())?;
-    let staging = fsx::staging_dir_for(&cache.entry(fp)).map_err(|e| e.to_string())?;
+    fs_err::create_dir_all(&cache.dir).map_err(io("create the engine cache"))?;
+    let staging = fsx::staging_dir_for(&cache.entry(fp)).map_err(io("create a staging dir"))?;
     let tree = staging.path().join("entry");
-    crate::reproduce::copy_tree(&src, &tree).map_err(|e| format!("copy: {e}"))?;
+    crate::reproduce::copy_tree(&src, &tree).map_err(io("copy the entry"))?;
     crate::cache::verify_entry(&tree, fp)?;
     let m = crate::cache::read_manifest(&tree)?;
     if serde_json::to_value(inputs).ok().as_ref() != Some(&m.inputs) {
-        return Err("its recorded inputs differ from this fingerprint's".into());
+        return Err(CacheError::InputsDiffer);
     }
-    fsx::commit_subdir(staging, Path::new("entry"), &cache.entry(fp)).map_err(|e| e.to_string())?;
+    fsx::commit_subdir(staging, Path::new("entry"), &cache.entry(fp))
+        .map_err(io("rename the entry into place"))?;
     match cache.lookup(fp, Some(inputs)) {
         Lookup::Fresh(m) => Ok(m),
-        Lookup::Stale(why) => Err(why),
-        Lookup::Missing => Err("the copy is not in place".into()),
+        Lookup::Stale(why) => Err(CacheError::Stale(why)),
+        Lookup::Missing => Err(CacheError::Missing),
     }
 }
 
@@ -206,7 +207,7 @@ pub(crate) fn compile_and_install(
                     build_dir.join("llorch-sccache-scratch"),
                 );
                 c.start(&build_dir.join("llorch-sccache-scratch.lock"))
-                    .map_err(BuildError::Cuda)?;
+                    .map_err(|e| BuildError::Cuda(e.to_string()))?;
                 plan.extra_env.extend(c.env());
                 scratch = Some(c);
                 exe
@@ -389,7 +390,7 @@ fn install(
             .map(|e| e.path())
             .find(|p| p.to_string_lossy().contains("ggml-cuda"))
             .unwrap_or_else(|| staged_server.clone());
-        sass_archs = crate::cuda::sass_archs_in(&lib, tb).map_err(BuildError::Cuda)?;
+        sass_archs = crate::cuda::sass_archs_in(&lib, tb)?;
         let want = crate::cuda::sass_targets(&profile.file.engine.cuda_archs);
         let missing: Vec<_> = want.iter().filter(|a| !sass_archs.contains(a)).collect();
         if !missing.is_empty() {

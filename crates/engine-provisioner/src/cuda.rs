@@ -51,12 +51,55 @@ pub fn parse_nvcc_version(text: &str) -> Option<String> {
         })
 }
 
-/// Ask nvcc whether it accepts `host` (None = its default) as host compiler.
-pub fn nvcc_accepts(nvcc: &Path, host: Option<&Path>) -> Result<(), String> {
-    let dir = tempfile::tempdir().map_err(|e| e.to_string())?;
+/// What stops a CUDA build before CMake runs; each names the arch or the
+/// compiler, the toolkit, and what to change.
+#[derive(Debug, thiserror::Error)]
+pub enum CudaError {
+    #[error("engine.cuda_archs has `native` but no GPU is visible here, so there is nothing to build for; name the archs explicitly (e.g. [\"86-real\"] for an RTX 3090, [\"90-real\"] for an H100)")]
+    NativeWithoutGpu,
+    #[error("engine.cuda_archs: `{arch}` ({features} features) needs CUDA {need} or later; this toolkit is CUDA {have}. Install a newer toolkit or use `{plain}`")]
+    FeaturesNeedNewer {
+        arch: String,
+        features: &'static str,
+        need: &'static str,
+        have: String,
+        plain: u32,
+    },
+    #[error("engine.cuda_archs: sm_{sm} is not an architecture any CUDA toolkit this project knows builds (known: {known})")]
+    UnknownArch { sm: u32, known: String },
+    #[error("engine.cuda_archs: sm_{sm} ({gpus}) needs CUDA {need} or later; this toolkit is CUDA {have}. Install CUDA {need} or newer, or build for an older architecture")]
+    ArchNeedsNewer {
+        sm: u32,
+        gpus: &'static str,
+        need: String,
+        have: String,
+    },
+    #[error("engine.cuda_archs: CUDA {since} and later no longer build for sm_{sm} ({gpus}); this toolkit is CUDA {have}. Build with a CUDA {last_major}.x toolkit (point PATH or CUDA_HOME at it), or drop sm_{sm} from the profile")]
+    ArchDropped {
+        sm: u32,
+        gpus: &'static str,
+        since: String,
+        have: String,
+        last_major: u32,
+    },
+    #[error("nvcc rejects the default host compiler ({0}) and no older g++/clang++ on PATH works either\n  hint: install a gcc that your CUDA supports (Arch/CachyOS: pacman -S gcc14; Debian/Ubuntu: apt-get install g++-12) or set CUDAHOSTCXX")]
+    NoHostCompiler(String),
+    #[error("cuobjdump not found (it ships with the CUDA toolkit next to nvcc)")]
+    NoCuobjdump,
+    #[error("cuobjdump: {0}")]
+    Cuobjdump(llorch_io::cmd::CmdError),
+    #[error(transparent)]
+    Io(#[from] llorch_io::IoError),
+}
+
+/// Ask nvcc whether it accepts `host` (None = its default) as host
+/// compiler: `Ok(Err(first lines of what nvcc said))` when it does not.
+pub fn nvcc_accepts(nvcc: &Path, host: Option<&Path>) -> Result<Result<(), String>, CudaError> {
+    use llorch_io::io;
+    let dir = tempfile::tempdir().map_err(io("create a temp dir for nvcc's probe"))?;
     let src = dir.path().join("probe.cu");
     fs_err::write(&src, "__global__ void k(float *x) { x[0] = 1.0f; }\n")
-        .map_err(|e| e.to_string())?;
+        .map_err(io("write nvcc's probe"))?;
     let mut c = Cmd::new(nvcc)
         .arg("-c")
         .arg(&src)
@@ -65,11 +108,11 @@ pub fn nvcc_accepts(nvcc: &Path, host: Option<&Path>) -> Result<(), String> {
     if let Some(h) = host {
         c = c.arg("-ccbin").arg(h);
     }
-    match c.read_any() {
+    Ok(match c.read_any() {
         Ok((true, _)) => Ok(()),
         Ok((false, out)) => Err(out.lines().take(3).collect::<Vec<_>>().join(" ")),
         Err(e) => Err(e.to_string()),
-    }
+    })
 }
 
 /// Older host compilers to try when nvcc refuses the default one.
@@ -93,22 +136,20 @@ pub fn host_compiler_candidates(tb: &Toolbox) -> Vec<PathBuf> {
 }
 
 /// Pick the host compiler: `None` when nvcc accepts the default.
-pub fn choose_host_compiler(nvcc: &Path, tb: &Toolbox) -> Result<Option<PathBuf>, String> {
+pub fn choose_host_compiler(nvcc: &Path, tb: &Toolbox) -> Result<Option<PathBuf>, CudaError> {
     if let Some(explicit) = std::env::var_os("CUDAHOSTCXX") {
         return Ok(Some(PathBuf::from(explicit)));
     }
-    let default_err = match nvcc_accepts(nvcc, None) {
+    let default_err = match nvcc_accepts(nvcc, None)? {
         Ok(()) => return Ok(None),
         Err(e) => e,
     };
     for cand in host_compiler_candidates(tb) {
-        if nvcc_accepts(nvcc, Some(&cand)).is_ok() {
+        if nvcc_accepts(nvcc, Some(&cand))?.is_ok() {
             return Ok(Some(cand));
         }
     }
-    Err(format!(
-        "nvcc rejects the default host compiler ({default_err}) and no older g++/clang++ on PATH works either\n  hint: install a gcc that your CUDA supports (Arch/CachyOS: pacman -S gcc14; Debian/Ubuntu: apt-get install g++-12) or set CUDAHOSTCXX"
-    ))
+    Err(CudaError::NoHostCompiler(default_err))
 }
 
 /// Compute capabilities of the local GPUs (`8.6` → `86`), empty without nvidia-smi.
@@ -191,7 +232,7 @@ pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> Cuda
                 Some(true),
             ),
             Err(e) => {
-                warnings.push(e);
+                warnings.push(e.to_string());
                 (None, Some(false))
             }
         },
@@ -210,7 +251,7 @@ pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> Cuda
     // The same check a build makes before configuring (native without a GPU, archs vs toolkit).
     if let Some(v) = &nvcc_version {
         if let Err(e) = check_archs(archs, v, &gpus) {
-            warnings.push(e);
+            warnings.push(e.to_string());
         }
     } else if archs.iter().any(|a| a == "native") && gpus.is_empty() {
         warnings.push("engine.cuda_archs has `native` but no GPU is visible: CMake's detection will fail; name the archs explicitly".into());
@@ -226,7 +267,7 @@ pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> Cuda
 }
 
 /// SASS archs (`sm_90` → `90`) embedded in a binary, via `cuobjdump --list-elf`.
-pub fn sass_archs_in(binary: &Path, tb: &Toolbox) -> Result<Vec<String>, String> {
+pub fn sass_archs_in(binary: &Path, tb: &Toolbox) -> Result<Vec<String>, CudaError> {
     let cuobjdump = tb
         .find("cuobjdump")
         .or_else(|| {
@@ -234,12 +275,12 @@ pub fn sass_archs_in(binary: &Path, tb: &Toolbox) -> Result<Vec<String>, String>
                 .and_then(|(n, _)| Some(n.parent()?.join("cuobjdump")))
                 .filter(|p| p.is_file())
         })
-        .ok_or("cuobjdump not found (it ships with the CUDA toolkit next to nvcc)")?;
+        .ok_or(CudaError::NoCuobjdump)?;
     let out = Cmd::new(cuobjdump)
         .arg("--list-elf")
         .arg(binary)
         .read()
-        .map_err(|e| e.to_string())?;
+        .map_err(CudaError::Cuobjdump)?;
     Ok(parse_list_elf(&out))
 }
 
@@ -297,7 +338,7 @@ pub fn toolkit_version(v: &str) -> Option<(u32, u32)> {
 /// Check a profile's archs against the toolkit found, before anything is
 /// configured: an error names the arch, the toolkit and what to change.
 /// `gpus`: compute capabilities visible here (for `native`).
-pub fn check_archs(archs: &[String], nvcc_version: &str, gpus: &[String]) -> Result<(), String> {
+pub fn check_archs(archs: &[String], nvcc_version: &str, gpus: &[String]) -> Result<(), CudaError> {
     let Some((maj, min)) = toolkit_version(nvcc_version) else {
         return Ok(());
     };
@@ -306,7 +347,7 @@ pub fn check_archs(archs: &[String], nvcc_version: &str, gpus: &[String]) -> Res
     for a in archs {
         if a == "native" {
             if gpus.is_empty() {
-                return Err("engine.cuda_archs has `native` but no GPU is visible here, so there is nothing to build for; name the archs explicitly (e.g. [\"86\"] for an RTX 3090, [\"90\"] for an H100)".into());
+                return Err(CudaError::NativeWithoutGpu);
             }
             continue;
         }
@@ -318,25 +359,49 @@ pub fn check_archs(archs: &[String], nvcc_version: &str, gpus: &[String]) -> Res
         let Ok(n) = num.parse::<u32>() else {
             continue;
         };
-        match suffix {
-            Some('a') if have < (12, 0) => {
-                return Err(format!("engine.cuda_archs: `{a}` (architecture-specific features) needs CUDA 12.0 or later; this toolkit is CUDA {nvcc_version}. Install a newer toolkit or use `{n}`"));
-            }
-            Some('f') if have < (12, 9) => {
-                return Err(format!("engine.cuda_archs: `{a}` (family-specific features) needs CUDA 12.9 or later; this toolkit is CUDA {nvcc_version}. Install a newer toolkit or use `{n}`"));
-            }
-            _ => {}
+        let features = match suffix {
+            Some('a') if have < (12, 0) => Some(("architecture-specific", "12.0")),
+            Some('f') if have < (12, 9) => Some(("family-specific", "12.9")),
+            _ => None,
+        };
+        if let Some((features, need)) = features {
+            return Err(CudaError::FeaturesNeedNewer {
+                arch: a.clone(),
+                features,
+                need,
+                have: nvcc_version.into(),
+                plain: n,
+            });
         }
         let Some((_, first, gone, who)) = ARCH_TOOLKITS.iter().find(|(l, ..)| l.contains(&n))
         else {
-            return Err(format!("engine.cuda_archs: sm_{n} is not an architecture any CUDA toolkit this project knows builds (known: {})", ARCH_TOOLKITS.iter().flat_map(|(l, ..)| l.iter()).map(u32::to_string).collect::<Vec<_>>().join(", ")));
+            return Err(CudaError::UnknownArch {
+                sm: n,
+                known: ARCH_TOOLKITS
+                    .iter()
+                    .flat_map(|(l, ..)| l.iter())
+                    .map(u32::to_string)
+                    .collect::<Vec<_>>()
+                    .join(", "),
+            });
         };
         if have < *first {
-            return Err(format!("engine.cuda_archs: sm_{n} ({who}) needs CUDA {} or later; this toolkit is CUDA {nvcc_version}. Install CUDA {} or newer, or build for an older architecture", shown(*first), shown(*first)));
+            return Err(CudaError::ArchNeedsNewer {
+                sm: n,
+                gpus: who,
+                need: shown(*first),
+                have: nvcc_version.into(),
+            });
         }
         if let Some(g) = gone {
             if have >= *g {
-                return Err(format!("engine.cuda_archs: CUDA {} and later no longer build for sm_{n} ({who}); this toolkit is CUDA {nvcc_version}. Build with a CUDA {}.x toolkit (point PATH or CUDA_HOME at it), or drop sm_{n} from the profile", shown(*g), g.0 - 1));
+                return Err(CudaError::ArchDropped {
+                    sm: n,
+                    gpus: who,
+                    since: shown(*g),
+                    have: nvcc_version.into(),
+                    last_major: g.0 - 1,
+                });
             }
         }
     }
@@ -388,7 +453,7 @@ mod tests {
             (&["86", "99"], "12.4.131", "sm_99"),
             (&["native"], "12.4.131", "no GPU is visible"),
         ] {
-            let e = ok(archs, v).unwrap_err();
+            let e = ok(archs, v).unwrap_err().to_string();
             assert!(e.contains(says), "{archs:?} on {v}: {e}");
         }
         // `native` with a GPU visible is left to CMake.

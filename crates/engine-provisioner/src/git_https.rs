@@ -13,9 +13,14 @@ use std::io::{Read, Write};
 use std::sync::OnceLock;
 use std::time::Duration;
 
+/// libgit2 refused to register the transport (its message).
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("cannot install the https transport for git: {0}")]
+pub struct TransportError(String);
+
 /// Install the transport for `https://` URLs (once per process).
-pub fn install() -> Result<(), String> {
-    static DONE: OnceLock<Result<(), String>> = OnceLock::new();
+pub fn install() -> Result<(), TransportError> {
+    static DONE: OnceLock<Result<(), TransportError>> = OnceLock::new();
     DONE.get_or_init(|| {
         // SAFETY: called once, guarded by the OnceLock, before the first
         // git operation that needs it; the factory is 'static.
@@ -27,12 +32,7 @@ pub fn install() -> Result<(), String> {
                 Transport::smart(remote, true, Https { client })
             })
         }
-        .map_err(|e| {
-            format!(
-                "cannot install the https transport for git: {}",
-                e.message()
-            )
-        })
+        .map_err(|e| TransportError(e.message().to_string()))
     })
     .clone()
 }

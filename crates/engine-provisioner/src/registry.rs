@@ -247,34 +247,47 @@ fn cuda_toolkit(inputs: &serde_json::Value) -> Option<String> {
     (!rel.is_empty()).then_some(rel)
 }
 
+/// Why a pulled engine cannot run on this machine.
+#[derive(Debug, thiserror::Error)]
+pub enum NotRunnable {
+    #[error("it needs glibc {need} or newer; this machine has {have}")]
+    Glibc { need: String, have: String },
+    #[error("it uses CPU instructions this machine lacks: {}", .0.join(", "))]
+    CpuFeatures(Vec<String>),
+    #[error("it was built with CUDA {toolkit}; this machine's driver supports CUDA {driver} at most (update the driver)")]
+    CudaDriver { toolkit: String, driver: String },
+    #[error(transparent)]
+    Gpu(#[from] llorch_io::gpu::GpuError),
+}
+
 /// Can an engine with these annotations run here? The reason when not.
-pub fn runnable_here(ann: &BTreeMap<String, String>) -> Result<(), String> {
+pub fn runnable_here(ann: &BTreeMap<String, String>) -> Result<(), NotRunnable> {
     if let (Some(need), Some(have)) = (ann.get(ANN_GLIBC), glibc_version()) {
         if version_tuple(&have) < version_tuple(need) {
-            return Err(format!(
-                "it needs glibc {need} or newer; this machine has {have}"
-            ));
+            return Err(NotRunnable::Glibc {
+                need: need.clone(),
+                have,
+            });
         }
     }
     if let Some(need) = ann.get(ANN_CPU) {
         let have = cpu_features();
-        let missing: Vec<&str> = need
+        let missing: Vec<String> = need
             .split(',')
             .filter(|f| !f.is_empty() && !have.iter().any(|h| h == f))
+            .map(String::from)
             .collect();
         if !missing.is_empty() {
-            return Err(format!(
-                "it uses CPU instructions this machine lacks: {}",
-                missing.join(", ")
-            ));
+            return Err(NotRunnable::CpuFeatures(missing));
         }
     }
     if let Some(toolkit) = ann.get(ANN_CUDA) {
         let driver = llorch_io::gpu::driver_cuda(llorch_io::gpu::NVIDIA_SMI)?;
         if version_tuple(&driver) < version_tuple(toolkit) {
-            return Err(format!(
-                "it was built with CUDA {toolkit}; this machine's driver supports CUDA {driver} at most (update the driver)"
-            ));
+            return Err(NotRunnable::CudaDriver {
+                toolkit: toolkit.clone(),
+                driver,
+            });
         }
     }
     Ok(())
@@ -441,7 +454,7 @@ pub fn pull(
     }
     runnable_here(&ann).map_err(|why| RegistryError::CannotRun {
         reference: reference.clone(),
-        why,
+        why: why.to_string(),
     })?;
     let downloads = layout.bucket(llorch_io::paths::Bucket::Downloads);
     fs_err::create_dir_all(&downloads).map_err(io("create downloads dir"))?;
@@ -467,7 +480,7 @@ pub fn pull(
         ));
     }
     if let Err(why) = cache::verify_entry(staging.path(), fp) {
-        return Err(reject(why));
+        return Err(reject(why.to_string()));
     }
     // It must start here (shared libraries, glibc symbols) before anything uses it.
     let (ok, out) = Cmd::new(staging.path().join(&em.binary))

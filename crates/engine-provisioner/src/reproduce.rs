@@ -341,10 +341,7 @@ pub fn rebuild(
         .retain(|f| !f.contains("_COMPILER_LAUNCHER="));
     let fp = plan.fingerprint.clone();
     let cache = ArtifactCache::new(&layout.cache);
-    let io = |what: &str| {
-        let what = what.to_string();
-        move |e: std::io::Error| BuildError::Install(format!("{what}: {e}"))
-    };
+    use llorch_io::io;
     // Held shared for the whole check: `engine gc` cannot remove the entry meanwhile.
     let _lock =
         FileLock::shared(&layout.engine_lock(&fp)).map_err(io("lock engine cache entry"))?;
@@ -365,8 +362,7 @@ pub fn rebuild(
     };
     crate::preflight::ensure(profile, &opts.toolbox, say)?;
     let src = match &opts.source_bundle {
-        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say)
-            .map_err(BuildError::Install)?,
+        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say)?,
         None => crate::source::fetch(&profile.pin, layout, &say)?,
     };
     let bucket = layout.bucket(Bucket::Build);

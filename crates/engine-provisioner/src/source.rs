@@ -54,6 +54,8 @@ pub enum SourceError {
     Io(#[from] llorch_io::IoError),
     #[error("{0}")]
     Layout(String),
+    #[error(transparent)]
+    Transport(#[from] crate::git_https::TransportError),
 }
 
 pub(crate) use llorch_io::io;
@@ -333,7 +335,7 @@ pub fn vendored_commit(top: &Path, sub: &str) -> Result<String, SourceError> {
 /// The commit a tag or branch names at `url` (annotated tags peeled).
 pub fn resolve_remote_rev(url: &str, rev: &str) -> Result<String, SourceError> {
     if url.starts_with("https://") {
-        crate::git_https::install().map_err(SourceError::Layout)?;
+        crate::git_https::install()?;
     }
     let mut remote = git2::Remote::create_detached(url).map_err(git_err)?;
     remote.connect(git2::Direction::Fetch).map_err(git_err)?;
@@ -425,7 +427,7 @@ pub fn git_checkout(
     };
     if db.find_commit(oid).is_err() {
         if url.starts_with("https://") {
-            crate::git_https::install().map_err(SourceError::Layout)?;
+            crate::git_https::install()?;
         }
         progress(&format!("fetching {url}"));
         let mut remote = db.find_remote("origin").map_err(git_err)?;

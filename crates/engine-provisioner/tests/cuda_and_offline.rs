@@ -221,7 +221,9 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     fs_err::write(unpacked.join("tree/server.c"), fake_server_c("evil")).unwrap();
     let tampered = tmp.path().join("tampered.tar.gz");
     repack(&unpacked, &tampered);
-    let err = bundle::verify_into(&tampered, &p.pin, &tmp.path().join("v1")).unwrap_err();
+    let err = bundle::verify_into(&tampered, &p.pin, &tmp.path().join("v1"))
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("tampered") && err.contains("server.c"),
         "{err}"
@@ -231,12 +233,16 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     fs_err::write(unpacked.join("tree/server.c"), fake_server_c("bundled")).unwrap();
     fs_err::write(unpacked.join("tree/extra.c"), "int x;").unwrap();
     repack(&unpacked, &tampered);
-    let err = bundle::verify_into(&tampered, &p.pin, &tmp.path().join("v2")).unwrap_err();
+    let err = bundle::verify_into(&tampered, &p.pin, &tmp.path().join("v2"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("extra.c"), "{err}");
     // A bundle of another pin is refused.
     let mut other = p.pin.clone();
     other.commit = "0".repeat(40);
-    let err = bundle::verify_into(&out, &other, &tmp.path().join("v3")).unwrap_err();
+    let err = bundle::verify_into(&out, &other, &tmp.path().join("v3"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("but the pin is"), "{err}");
 
     // Tampering with a recomputed manifest: the file and its manifest line
@@ -256,13 +262,17 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     .unwrap();
     repack(&unpacked, &tampered);
     let dest = tmp.path().join("v4");
-    let err = bundle::verify_into(&tampered, &p.pin, &dest).unwrap_err();
+    let err = bundle::verify_into(&tampered, &p.pin, &dest)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bundle_trees.cpu"), "{err}");
     assert!(!dest.exists(), "nothing was extracted");
     // A pin that names no tree for the bundle's backend refuses it, with the fix.
     let mut unnamed = p.pin.clone();
     unnamed.bundle_trees.clear();
-    let err = bundle::verify_into(&out, &unnamed, &tmp.path().join("v5")).unwrap_err();
+    let err = bundle::verify_into(&out, &unnamed, &tmp.path().join("v5"))
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("bundle_trees: {cpu: "), "{err}");
 }
 

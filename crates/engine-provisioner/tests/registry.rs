@@ -300,7 +300,7 @@ fn an_engine_that_cannot_run_here_is_refused_with_the_reason() {
     use std::collections::BTreeMap;
     let mut ann = BTreeMap::new();
     ann.insert(registry::ANN_GLIBC.to_string(), "99.0".to_string());
-    let e = registry::runnable_here(&ann).unwrap_err();
+    let e = registry::runnable_here(&ann).unwrap_err().to_string();
     assert!(e.contains("glibc 99.0"), "{e}");
     let mut ann = BTreeMap::new();
     ann.insert(
@@ -308,12 +308,12 @@ fn an_engine_that_cannot_run_here_is_refused_with_the_reason() {
         "avx2,no_such_feature".to_string(),
     );
     // `no_such_feature` is never in /proc/cpuinfo's known set.
-    let e = registry::runnable_here(&ann).unwrap_err();
+    let e = registry::runnable_here(&ann).unwrap_err().to_string();
     assert!(e.contains("no_such_feature"), "{e}");
     let mut ann = BTreeMap::new();
     ann.insert(registry::ANN_CUDA.to_string(), "13.0".to_string());
     if test_registry::which("nvidia-smi").is_none() {
-        let e = registry::runnable_here(&ann).unwrap_err();
+        let e = registry::runnable_here(&ann).unwrap_err().to_string();
         assert!(e.contains("no NVIDIA driver"), "{e}");
     }
     // What this machine built, it can run.

@@ -287,7 +287,7 @@ pub fn prepare(
         Err(e) => {
             return Err(EngineError::NoPort {
                 candidates: format!("{:?}", profile.file.server.port),
-                why: e,
+                why: e.to_string(),
             })
         }
     };

@@ -97,6 +97,16 @@ impl Shared {
 #[derive(Clone)]
 pub struct StateHandle(Arc<Shared>);
 
+/// A supervised engine that did not become ready.
+#[derive(Debug, thiserror::Error)]
+pub enum NotReady {
+    /// It failed for good (restarts spent, or it cannot start): the reason.
+    #[error("{0}")]
+    Failed(String),
+    #[error("engine not ready after {secs}s (state: {state:?})")]
+    Timeout { secs: u64, state: EngineState },
+}
+
 impl StateHandle {
     pub fn get(&self) -> EngineState {
         self.0.state.lock().unwrap().clone()
@@ -117,16 +127,16 @@ impl StateHandle {
     }
 
     /// Wait for Ready (returns the URL) or Failed.
-    pub fn wait_ready(&self, timeout: Duration) -> Result<String, String> {
+    pub fn wait_ready(&self, timeout: Duration) -> Result<String, NotReady> {
         match self.wait_for(timeout, |s| {
             matches!(s, EngineState::Ready { .. } | EngineState::Failed { .. })
         }) {
             EngineState::Ready { url, .. } => Ok(url),
-            EngineState::Failed { reason } => Err(reason),
-            other => Err(format!(
-                "engine not ready after {}s (state: {other:?})",
-                timeout.as_secs()
-            )),
+            EngineState::Failed { reason } => Err(NotReady::Failed(reason)),
+            state => Err(NotReady::Timeout {
+                secs: timeout.as_secs(),
+                state,
+            }),
         }
     }
 
@@ -195,7 +205,7 @@ impl Supervisor {
     }
 
     /// Wait for Ready (returns the URL) or Failed.
-    pub fn wait_ready(&self, timeout: Duration) -> Result<String, String> {
+    pub fn wait_ready(&self, timeout: Duration) -> Result<String, NotReady> {
         self.state_handle().wait_ready(timeout)
     }
 

@@ -77,12 +77,9 @@ pub fn download(
     opts: &DownloadOptions,
 ) -> Result<Downloaded, DownloadError> {
     let client = crate::http::download_client(opts.stall_timeout.unwrap_or(DEFAULT_STALL));
-    let io = |what: &str| {
-        let what = format!("{what} {}", partial.display());
-        move |err| crate::IoError::new(what, err)
-    };
+    use crate::io;
     if let Some(p) = partial.parent() {
-        fs_err::create_dir_all(p).map_err(io("create dir for"))?;
+        fs_err::create_dir_all(p).map_err(io("create the download dir"))?;
     }
     let mut last = String::new();
     let mut transferred = 0u64;
@@ -150,7 +147,8 @@ pub fn download(
         // Never written through a link: a partial that is one is removed
         // (and the open refuses one that appears meanwhile).
         if fs_err::symlink_metadata(partial).is_ok_and(|m| !m.file_type().is_file()) {
-            fs_err::remove_file(partial).map_err(io("remove non-file partial"))?;
+            fs_err::remove_file(partial)
+                .map_err(io("remove a partial download that is not a file"))?;
             last = "the partial download was not a regular file (removed)".into();
             continue;
         }
@@ -163,11 +161,12 @@ pub fn download(
                 .truncate(!resuming)
                 .custom_flags(libc::O_NOFOLLOW)
                 .open(partial)
-                .map_err(io("open"))?
+                .map_err(io("open the partial download"))?
         };
         let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
         let start = if resuming {
-            w.prime(partial).map_err(io("re-read"))?;
+            w.prime(partial)
+                .map_err(io("re-read the partial download"))?;
             first_resume.get_or_insert(have);
             have
         } else {
@@ -204,7 +203,7 @@ pub fn download(
                 continue;
             }
         }
-        file.sync_all().map_err(io("sync"))?;
+        file.sync_all().map_err(io("sync the download"))?;
         progress.finish();
         if let Some(exp) = &opts.expected_sha256 {
             if exp != &digest {

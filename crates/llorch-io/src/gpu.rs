@@ -4,13 +4,36 @@
 //! reading is parsed as hostile text: a line that does not fit is an error
 //! naming it, never a guess.
 
-use crate::cmd::Cmd;
+use crate::cmd::{Cmd, CmdError};
 use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The tool's name, looked up on `PATH` unless a caller names another.
 pub const NVIDIA_SMI: &str = "nvidia-smi";
+
+/// `nvidia-smi` did not answer, or said something that is not a reading.
+#[derive(Debug, thiserror::Error)]
+pub enum GpuError {
+    /// The tool is missing or failed: no NVIDIA driver answers.
+    #[error("no NVIDIA driver answers (`{program}`: {source})")]
+    NoDriver { program: String, source: CmdError },
+    /// A line that does not fit what was asked for, quoted (shortened).
+    #[error("unexpected nvidia-smi {what} `{line}`")]
+    Unexpected { what: &'static str, line: String },
+    #[error("nvidia-smi does not say which CUDA version its driver supports")]
+    NoCudaVersion,
+}
+
+fn run(program: &OsStr, args: &[&str]) -> Result<String, GpuError> {
+    Cmd::new(program)
+        .args(args)
+        .read()
+        .map_err(|source| GpuError::NoDriver {
+            program: program.to_string_lossy().into_owned(),
+            source,
+        })
+}
 
 /// One GPU's memory as `nvidia-smi` reports it.
 #[derive(Clone, Debug, PartialEq)]
@@ -61,37 +84,31 @@ impl GpuProbe {
     }
 
     /// Free and total memory of every GPU, read now (and kept as the last reading).
-    pub fn read(&self) -> Result<Vec<GpuMemory>, String> {
+    pub fn read(&self) -> Result<Vec<GpuMemory>, GpuError> {
         let g = self.read_uncached()?;
         *self.last.lock().unwrap() = Some((Instant::now(), g.clone()));
         Ok(g)
     }
 
-    fn read_uncached(&self) -> Result<Vec<GpuMemory>, String> {
+    fn read_uncached(&self) -> Result<Vec<GpuMemory>, GpuError> {
         read_memory(&self.program)
     }
 }
 
 /// Free and total memory of every GPU, read now with `program`.
-pub fn read_memory(program: impl AsRef<OsStr>) -> Result<Vec<GpuMemory>, String> {
-    let program = program.as_ref();
-    let out = Cmd::new(program)
-        .args([
+pub fn read_memory(program: impl AsRef<OsStr>) -> Result<Vec<GpuMemory>, GpuError> {
+    let out = run(
+        program.as_ref(),
+        &[
             "--query-gpu=index,memory.free,memory.total",
             "--format=csv,noheader,nounits",
-        ])
-        .read()
-        .map_err(|e| {
-            format!(
-                "cannot read GPU memory with {}: {e}",
-                program.to_string_lossy()
-            )
-        })?;
+        ],
+    )?;
     parse_memory(&out)
 }
 
 /// Parse `index, free, total` lines (MiB), at most 64 GPUs.
-pub fn parse_memory(text: &str) -> Result<Vec<GpuMemory>, String> {
+pub fn parse_memory(text: &str) -> Result<Vec<GpuMemory>, GpuError> {
     let mut v = Vec::new();
     for line in text.lines().filter(|l| !l.trim().is_empty()).take(64) {
         let f: Vec<&str> = line.split(',').map(str::trim).collect();
@@ -110,10 +127,10 @@ pub fn parse_memory(text: &str) -> Result<Vec<GpuMemory>, String> {
         match parsed {
             Some(g) => v.push(g),
             None => {
-                return Err(format!(
-                    "unexpected nvidia-smi line `{}`",
-                    crate::handoff::excerpt(line, 80)
-                ))
+                return Err(GpuError::Unexpected {
+                    what: "line",
+                    line: crate::handoff::excerpt(line, 80),
+                })
             }
         }
     }
@@ -121,17 +138,16 @@ pub fn parse_memory(text: &str) -> Result<Vec<GpuMemory>, String> {
 }
 
 /// Compute capabilities of the GPUs `program` sees (`8.6` → `86`).
-pub fn compute_caps(program: impl AsRef<OsStr>) -> Result<Vec<String>, String> {
-    let program = program.as_ref();
-    let out = Cmd::new(program)
-        .args(["--query-gpu=compute_cap", "--format=csv,noheader"])
-        .read()
-        .map_err(|e| format!("{}: {e}", program.to_string_lossy()))?;
+pub fn compute_caps(program: impl AsRef<OsStr>) -> Result<Vec<String>, GpuError> {
+    let out = run(
+        program.as_ref(),
+        &["--query-gpu=compute_cap", "--format=csv,noheader"],
+    )?;
     parse_compute_caps(&out)
 }
 
 /// Parse one `MAJOR.MINOR` per line (at most 64) into `MAJORMINOR`.
-pub fn parse_compute_caps(text: &str) -> Result<Vec<String>, String> {
+pub fn parse_compute_caps(text: &str) -> Result<Vec<String>, GpuError> {
     text.lines()
         .map(str::trim)
         .filter(|l| !l.is_empty())
@@ -144,25 +160,23 @@ pub fn parse_compute_caps(text: &str) -> Result<Vec<String>, String> {
             {
                 Ok(format!("{a}{b}"))
             }
-            _ => Err(format!(
-                "unexpected nvidia-smi compute capability `{}`",
-                crate::handoff::excerpt(l, 40)
-            )),
+            _ => Err(GpuError::Unexpected {
+                what: "compute capability",
+                line: crate::handoff::excerpt(l, 40),
+            }),
         })
         .collect()
 }
 
 /// The highest CUDA version the driver supports (the `CUDA Version:` of
 /// `nvidia-smi`'s header).
-pub fn driver_cuda(program: impl AsRef<OsStr>) -> Result<String, String> {
-    let out = Cmd::new(program.as_ref())
-        .read()
-        .map_err(|e| format!("no NVIDIA driver answers (`nvidia-smi`: {e})"))?;
+pub fn driver_cuda(program: impl AsRef<OsStr>) -> Result<String, GpuError> {
+    let out = run(program.as_ref(), &[])?;
     parse_driver_cuda(&out)
 }
 
 /// The `CUDA Version: X.Y` of an `nvidia-smi` header.
-pub fn parse_driver_cuda(text: &str) -> Result<String, String> {
+pub fn parse_driver_cuda(text: &str) -> Result<String, GpuError> {
     text.split("CUDA Version:")
         .nth(1)
         .and_then(|r| r.split_whitespace().next())
@@ -170,7 +184,7 @@ pub fn parse_driver_cuda(text: &str) -> Result<String, String> {
             !v.is_empty() && v.len() <= 16 && v.bytes().all(|c| c.is_ascii_digit() || c == b'.')
         })
         .map(str::to_string)
-        .ok_or_else(|| "nvidia-smi does not say which CUDA version its driver supports".into())
+        .ok_or(GpuError::NoCudaVersion)
 }
 
 #[cfg(test)]

@@ -17,16 +17,39 @@ use std::time::Duration;
 /// not end is an error, not memory.
 pub const MAX_BODY_BYTES: usize = 4 << 20;
 
-fn too_large(url: &str) -> String {
-    format!("{url} answered more than {MAX_BODY_BYTES} bytes")
+/// A reading of llama-server that failed; each names the URL.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("{url}: {source}")]
+    Http { url: String, source: reqwest::Error },
+    #[error("{url}: {source}")]
+    Read { url: String, source: std::io::Error },
+    #[error("{url} answered {status}")]
+    Status {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("{url} answered more than {MAX_BODY_BYTES} bytes")]
+    TooLarge { url: String },
+    #[error("unexpected /slots answer: {0}")]
+    Slots(String),
+    #[error("{url} has no {name}")]
+    NoMetric { url: String, name: String },
+}
+
+fn http_err(url: &str) -> impl FnOnce(reqwest::Error) -> ServerError + '_ {
+    move |source| ServerError::Http {
+        url: url.into(),
+        source,
+    }
 }
 
 /// An answer's body, read up to [`MAX_BODY_BYTES`].
-async fn body_capped(mut r: reqwest::Response, url: &str) -> Result<Vec<u8>, String> {
+async fn body_capped(mut r: reqwest::Response, url: &str) -> Result<Vec<u8>, ServerError> {
     let mut body = Vec::new();
-    while let Some(chunk) = r.chunk().await.map_err(|e| format!("{url}: {e}"))? {
+    while let Some(chunk) = r.chunk().await.map_err(http_err(url))? {
         if body.len() + chunk.len() > MAX_BODY_BYTES {
-            return Err(too_large(url));
+            return Err(ServerError::TooLarge { url: url.into() });
         }
         body.extend_from_slice(&chunk);
     }
@@ -34,13 +57,16 @@ async fn body_capped(mut r: reqwest::Response, url: &str) -> Result<Vec<u8>, Str
 }
 
 /// An answer's body (blocking), read up to [`MAX_BODY_BYTES`].
-fn body_capped_blocking(r: reqwest::blocking::Response, url: &str) -> Result<Vec<u8>, String> {
+fn body_capped_blocking(r: reqwest::blocking::Response, url: &str) -> Result<Vec<u8>, ServerError> {
     let mut body = Vec::new();
     r.take(MAX_BODY_BYTES as u64 + 1)
         .read_to_end(&mut body)
-        .map_err(|e| format!("{url}: {e}"))?;
+        .map_err(|source| ServerError::Read {
+            url: url.into(),
+            source,
+        })?;
     if body.len() > MAX_BODY_BYTES {
-        return Err(too_large(url));
+        return Err(ServerError::TooLarge { url: url.into() });
     }
     Ok(body)
 }
@@ -148,43 +174,55 @@ impl LlamaServer {
         &self,
         http: &reqwest::Client,
         timeout: Duration,
-    ) -> Result<Vec<Slot>, String> {
+    ) -> Result<Vec<Slot>, ServerError> {
         let url = self.endpoint(Api::Slots);
         let r = self
             .get(http, Api::Slots)
             .timeout(timeout)
             .send()
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(http_err(&url))?;
         if !r.status().is_success() {
-            return Err(format!("{url} answered {}", r.status()));
+            return Err(ServerError::Status {
+                status: r.status(),
+                url,
+            });
         }
         parse_slots(&body_capped(r, &url).await?)
     }
 
     /// The slots (blocking).
-    pub fn slots_blocking(&self, http: &reqwest::blocking::Client) -> Result<Vec<Slot>, String> {
+    pub fn slots_blocking(
+        &self,
+        http: &reqwest::blocking::Client,
+    ) -> Result<Vec<Slot>, ServerError> {
         let url = self.endpoint(Api::Slots);
         let r = self
             .get_blocking(http, Api::Slots)
             .send()
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(http_err(&url))?;
         if !r.status().is_success() {
-            return Err(format!("{url} answered {}", r.status()));
+            return Err(ServerError::Status {
+                status: r.status(),
+                url,
+            });
         }
         parse_slots(&body_capped_blocking(r, &url)?)
     }
 
     /// One counter or gauge of `/metrics`.
-    pub async fn metric(&self, http: &reqwest::Client, name: &str) -> Result<f64, String> {
+    pub async fn metric(&self, http: &reqwest::Client, name: &str) -> Result<f64, ServerError> {
         let url = self.endpoint(Api::Metrics);
         let r = self
             .get(http, Api::Metrics)
             .send()
             .await
-            .map_err(|e| format!("{url}: {e}"))?;
+            .map_err(http_err(&url))?;
         let body = body_capped(r, &url).await?;
-        metric(&String::from_utf8_lossy(&body), name).ok_or_else(|| format!("{url} has no {name}"))
+        metric(&String::from_utf8_lossy(&body), name).ok_or_else(|| ServerError::NoMetric {
+            url,
+            name: name.into(),
+        })
     }
 }
 
@@ -197,11 +235,11 @@ pub struct Slot {
 
 /// `/slots`' body: an array of slots, each with its `id` and `is_processing`
 /// (other fields ignored); at most 4,096 of them.
-pub fn parse_slots(body: &[u8]) -> Result<Vec<Slot>, String> {
+pub fn parse_slots(body: &[u8]) -> Result<Vec<Slot>, ServerError> {
     let slots: Vec<Slot> =
-        serde_json::from_slice(body).map_err(|e| format!("unexpected /slots answer: {e}"))?;
+        serde_json::from_slice(body).map_err(|e| ServerError::Slots(e.to_string()))?;
     if slots.len() > 4096 {
-        return Err(format!("/slots lists {} slots", slots.len()));
+        return Err(ServerError::Slots(format!("{} slots listed", slots.len())));
     }
     Ok(slots)
 }
@@ -243,7 +281,8 @@ mod tests {
         let e = LlamaServer::new(url, None)
             .slots_blocking(&crate::http::probe_client())
             .unwrap_err();
-        assert!(e.contains("more than"), "{e}");
+        assert!(matches!(e, ServerError::TooLarge { .. }), "{e}");
+        assert!(e.to_string().contains("more than"), "{e}");
     }
 
     #[test]

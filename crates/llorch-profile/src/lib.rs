@@ -320,7 +320,7 @@ impl Profile {
             }
         }
         for f in &file.engine.cmake_flags {
-            normalize_flag(f).map_err(|m| invalid("engine.cmake_flags", m))?;
+            normalize_flag(f).map_err(|m| invalid("engine.cmake_flags", m.to_string()))?;
         }
         if let Some(r) = &file.engine.registry {
             let parsed = llorch_io::oci::OciRef::parse(&r.url)
@@ -421,25 +421,36 @@ pub fn list_profiles(root: &Path) -> Vec<String> {
     v
 }
 
+/// A CMake flag a profile may not pass.
+#[derive(Debug, thiserror::Error)]
+pub enum FlagError {
+    #[error("cmake flag `{0}` must have the form -DKEY=VALUE")]
+    Form(String),
+    #[error("cmake flag `{flag}`: bad variable name `{key}`")]
+    Name { flag: String, key: String },
+}
+
 /// `-D KEY=VALUE`, `-DKEY:TYPE=VALUE` → `-DKEY=VALUE`; anything else is refused.
-pub fn normalize_flag(flag: &str) -> Result<String, String> {
+pub fn normalize_flag(flag: &str) -> Result<String, FlagError> {
+    let form = || FlagError::Form(flag.into());
     let body = flag
         .trim()
         .strip_prefix("-D")
         .map(str::trim_start)
-        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
-    let (key, value) = body
-        .split_once('=')
-        .ok_or_else(|| format!("cmake flag `{flag}` must have the form -DKEY=VALUE"))?;
+        .ok_or_else(form)?;
+    let (key, value) = body.split_once('=').ok_or_else(form)?;
     let key = key.split_once(':').map(|(k, _)| k).unwrap_or(key).trim();
     if key.is_empty() || !key.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-        return Err(format!("cmake flag `{flag}`: bad variable name `{key}`"));
+        return Err(FlagError::Name {
+            flag: flag.into(),
+            key: key.into(),
+        });
     }
     Ok(format!("-D{key}={value}"))
 }
 
 /// Normalize, de-duplicate by key (the last one wins, as in CMake), sort.
-pub fn normalize_flags(flags: &[String]) -> Result<Vec<String>, String> {
+pub fn normalize_flags(flags: &[String]) -> Result<Vec<String>, FlagError> {
     let mut by_key: BTreeMap<String, String> = BTreeMap::new();
     for f in flags {
         let n = normalize_flag(f)?;

@@ -60,8 +60,8 @@ pub enum SourceSpec {
 
 /// One pin as the block a pins file holds (`name:` and its keys), for
 /// tools that add a pin without rewriting the rest of the file.
-pub fn pin_yaml(name: &str, pin: &Pin) -> Result<String, String> {
-    serde_saphyr::to_string(&BTreeMap::from([(name, pin)])).map_err(|e| e.to_string())
+pub fn pin_yaml(name: &str, pin: &Pin) -> Result<String, serde_saphyr::ser::Error> {
+    serde_saphyr::to_string(&BTreeMap::from([(name, pin)]))
 }
 
 impl PinsFile {

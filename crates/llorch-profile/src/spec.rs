@@ -92,25 +92,31 @@ impl Default for PortSpec {
     }
 }
 
+/// A port range a profile names that is not one.
+#[derive(Debug, thiserror::Error)]
+#[error("port `{spec}`: {why}")]
+pub struct PortError {
+    pub spec: String,
+    pub why: &'static str,
+}
+
 impl PortSpec {
     /// Candidate ports in order; `[0]` means "any free port".
-    pub fn candidates(&self) -> Result<Vec<u16>, String> {
+    pub fn candidates(&self) -> Result<Vec<u16>, PortError> {
         match self {
             PortSpec::Number(n) => Ok(vec![*n]),
             PortSpec::Range(s) => {
-                let (a, b) = s.split_once('-').ok_or_else(|| {
-                    format!("port `{s}`: expected a number or a range like 8080-8090")
-                })?;
-                let a: u16 = a
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("port `{s}`: bad start"))?;
-                let b: u16 = b
-                    .trim()
-                    .parse()
-                    .map_err(|_| format!("port `{s}`: bad end"))?;
+                let bad = |why| PortError {
+                    spec: s.clone(),
+                    why,
+                };
+                let (a, b) = s
+                    .split_once('-')
+                    .ok_or_else(|| bad("expected a number or a range like 8080-8090"))?;
+                let a: u16 = a.trim().parse().map_err(|_| bad("bad start"))?;
+                let b: u16 = b.trim().parse().map_err(|_| bad("bad end"))?;
                 if a == 0 || b < a {
-                    return Err(format!("port `{s}`: range must be ascending and above 0"));
+                    return Err(bad("range must be ascending and above 0"));
                 }
                 Ok((a..=b).collect())
             }

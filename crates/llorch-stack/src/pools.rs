@@ -97,7 +97,10 @@ impl ManagedLink {
                 return Ok(());
             }
         }
-        let gpus = self.probe.read().map_err(LoadRefusal::Fail)?;
+        let gpus = self
+            .probe
+            .read()
+            .map_err(|e| LoadRefusal::Fail(format!("cannot read GPU memory: {e}")))?;
         self.fits(&gpus, ctx)
     }
 

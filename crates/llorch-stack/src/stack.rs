@@ -226,7 +226,7 @@ pub async fn start_stack(
             .await
             .map_err(|e| StackError::Other(e.to_string()))??;
             let url = tokio::task::block_in_place(|| sup.wait_ready(timeout))
-                .map_err(StackError::Other)?;
+                .map_err(|e| StackError::Other(e.to_string()))?;
             let key = match sup.state() {
                 EngineState::Ready { api_key, .. } => api_key,
                 _ => None,

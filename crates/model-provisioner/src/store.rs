@@ -509,7 +509,7 @@ impl ModelStore {
             .into_iter()
             .map(|(r, e)| {
                 let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
-                let md = self.metadata_for(&r, &path, &e).map_err(|x| x.to_string());
+                let md = self.metadata_for(&r, &path, &e);
                 (r, e, md)
             })
             .collect())
@@ -548,24 +548,42 @@ impl ModelStore {
     }
 }
 
+/// Why a stored model may not be served.
+#[derive(Debug, thiserror::Error)]
+enum BadHit {
+    #[error("missing, or not a regular file")]
+    Missing,
+    #[error("{have} bytes, {want} expected")]
+    Size { have: u64, want: u64 },
+    #[error("cannot read: {0}")]
+    Unreadable(std::io::Error),
+    #[error("its bytes hash to {actual}, not {want}")]
+    Digest { actual: String, want: String },
+}
+
 /// Whether a cache hit may be served: a regular file of the recorded size
 /// whose stamp is the one recorded when it was verified, or, if anything
 /// changed, whose bytes hash to the digest again (the entry then records the
 /// new stamp). Returns the entry to record, or why the file cannot be used.
-fn check_hit(path: &Path, e: &RefEntry) -> Result<RefEntry, String> {
+fn check_hit(path: &Path, e: &RefEntry) -> Result<RefEntry, BadHit> {
     let Some(now) = Stamp::of(path) else {
-        return Err("missing, or not a regular file".into());
+        return Err(BadHit::Missing);
     };
     if now.size != e.size_bytes {
-        return Err(format!("{} bytes, {} expected", now.size, e.size_bytes));
+        return Err(BadHit::Size {
+            have: now.size,
+            want: e.size_bytes,
+        });
     }
     if e.verified.as_ref() == Some(&now) {
         return Ok(e.clone());
     }
-    let actual =
-        llorch_io::digest::sha256_file(path).map_err(|err| format!("cannot read: {err}"))?;
+    let actual = llorch_io::digest::sha256_file(path).map_err(BadHit::Unreadable)?;
     if actual != e.digest {
-        return Err(format!("its bytes hash to {actual}, not {}", e.digest));
+        return Err(BadHit::Digest {
+            actual,
+            want: e.digest.clone(),
+        });
     }
     Ok(RefEntry {
         verified: Some(now),
@@ -574,4 +592,4 @@ fn check_hit(path: &Path, e: &RefEntry) -> Result<RefEntry, String> {
 }
 
 /// A stored ref, its entry, and its metadata or why it cannot be read.
-pub type Listed = (String, RefEntry, Result<ModelMetadata, String>);
+pub type Listed = (String, RefEntry, Result<ModelMetadata, ModelError>);

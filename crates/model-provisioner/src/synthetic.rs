@@ -35,8 +35,31 @@ pub struct Shape {
     pub seed: u64,
 }
 
+/// A synthetic model ref whose parameters do not make a model.
+#[derive(Debug, thiserror::Error)]
+pub enum ShapeError {
+    #[error("synthetic parameter {key}={value} is not a number")]
+    NotNumber { key: String, value: String },
+    #[error(
+        "unknown synthetic parameter `{0}` (known: embd, layers, ff, heads, kv_heads, ctx, seed)"
+    )]
+    Unknown(String),
+    #[error("synthetic parameter {name}={value} is out of range (at most {max})")]
+    OutOfRange {
+        name: &'static str,
+        value: u64,
+        max: u64,
+    },
+    #[error("synthetic parameter `{0}` is required and must be > 0")]
+    Required(&'static str),
+    #[error("embd must be a multiple of heads, and heads a multiple of kv_heads")]
+    Heads,
+    #[error("embd and ff must be multiples of 32")]
+    NotMultipleOf32,
+}
+
 impl Shape {
-    pub fn from_params(params: &[(String, String)]) -> Result<Shape, String> {
+    pub fn from_params(params: &[(String, String)]) -> Result<Shape, ShapeError> {
         let mut s = Shape {
             embd: 0,
             layers: 0,
@@ -47,9 +70,10 @@ impl Shape {
             seed: 0,
         };
         for (k, v) in params {
-            let n: u64 = v
-                .parse()
-                .map_err(|_| format!("synthetic parameter {k}={v} is not a number"))?;
+            let n: u64 = v.parse().map_err(|_| ShapeError::NotNumber {
+                key: k.clone(),
+                value: v.clone(),
+            })?;
             match k.as_str() {
                 "embd" => s.embd = n,
                 "layers" => s.layers = n,
@@ -58,7 +82,7 @@ impl Shape {
                 "kv_heads" => s.kv_heads = n,
                 "ctx" => s.ctx = n,
                 "seed" => s.seed = n,
-                other => return Err(format!("unknown synthetic parameter `{other}` (known: embd, layers, ff, heads, kv_heads, ctx, seed)")),
+                other => return Err(ShapeError::Unknown(other.into())),
             }
         }
         for (name, v, max) in [
@@ -70,9 +94,11 @@ impl Shape {
             ("ctx", s.ctx, 1 << 24),
         ] {
             if v > max {
-                return Err(format!(
-                    "synthetic parameter {name}={v} is out of range (at most {max})"
-                ));
+                return Err(ShapeError::OutOfRange {
+                    name,
+                    value: v,
+                    max,
+                });
             }
         }
         if s.kv_heads == 0 {
@@ -85,18 +111,14 @@ impl Shape {
             ("heads", s.heads),
         ] {
             if v == 0 {
-                return Err(format!(
-                    "synthetic parameter `{name}` is required and must be > 0"
-                ));
+                return Err(ShapeError::Required(name));
             }
         }
         if !s.embd.is_multiple_of(s.heads) || !s.heads.is_multiple_of(s.kv_heads) {
-            return Err(
-                "embd must be a multiple of heads, and heads a multiple of kv_heads".into(),
-            );
+            return Err(ShapeError::Heads);
         }
         if !s.embd.is_multiple_of(32) || !s.ff.is_multiple_of(32) {
-            return Err("embd and ff must be multiples of 32".into());
+            return Err(ShapeError::NotMultipleOf32);
         }
         Ok(s)
     }
@@ -410,7 +432,7 @@ mod tests {
             "embd=64&layers=2&ff=128&heads=4&ctx=18446744073709551615",
         ] {
             let e = Shape::from_params(&p(bad)).unwrap_err();
-            assert!(e.contains("out of range"), "{bad}: {e}");
+            assert!(matches!(e, ShapeError::OutOfRange { .. }), "{bad}: {e}");
         }
         let big = Shape::from_params(&p("embd=65536&layers=1024&ff=262144&heads=1024")).unwrap();
         assert!(big.n_params(1 << 20) > 0);

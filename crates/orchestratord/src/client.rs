@@ -156,7 +156,9 @@ pub async fn read_stream(
             continue; // keep-alive comment
         }
         res.order.push(ev.event.clone());
-        match TaskEvent::parse(&ev.event, &ev.data).map_err(ClientError::Protocol)? {
+        match TaskEvent::parse(&ev.event, &ev.data)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?
+        {
             TaskEvent::Started(s) => res.started = Some(s),
             TaskEvent::Token(t) => {
                 let now = Instant::now();

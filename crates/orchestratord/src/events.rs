@@ -56,6 +56,19 @@ pub enum TaskEvent {
     Error(ErrorEvent),
 }
 
+/// An SSE event that is not one of the task stream's.
+#[derive(Debug, thiserror::Error)]
+pub enum EventError {
+    #[error("bad `{name}` event {data:?}: {source}")]
+    Bad {
+        name: String,
+        data: String,
+        source: serde_json::Error,
+    },
+    #[error("unknown event `{0}`")]
+    Unknown(String),
+}
+
 impl TaskEvent {
     pub fn name(&self) -> &'static str {
         match self {
@@ -81,14 +94,18 @@ impl TaskEvent {
     }
 
     /// Parse an SSE event (name + data) back (clients, tests).
-    pub fn parse(name: &str, data: &str) -> Result<TaskEvent, String> {
-        let e = |x: serde_json::Error| format!("bad `{name}` event {data:?}: {x}");
+    pub fn parse(name: &str, data: &str) -> Result<TaskEvent, EventError> {
+        let e = |source| EventError::Bad {
+            name: name.into(),
+            data: data.into(),
+            source,
+        };
         Ok(match name {
             "started" => TaskEvent::Started(serde_json::from_str(data).map_err(e)?),
             "token" => TaskEvent::Token(serde_json::from_str(data).map_err(e)?),
             "end" => TaskEvent::End(serde_json::from_str(data).map_err(e)?),
             "error" => TaskEvent::Error(serde_json::from_str(data).map_err(e)?),
-            other => return Err(format!("unknown event `{other}`")),
+            other => return Err(EventError::Unknown(other.into())),
         })
     }
 }

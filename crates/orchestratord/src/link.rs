@@ -31,19 +31,27 @@ pub struct EngineInfo {
     pub api_key: Option<String>,
 }
 
+/// Why an engine's handoff cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum HandoffRefused {
+    #[error(transparent)]
+    Key(#[from] llorch_io::handoff::RunFileError),
+    #[error(
+        "the engine at {0} is off loopback but its handoff names no API key; refusing to use it"
+    )]
+    OffLoopbackWithoutKey(String),
+}
+
 impl EngineInfo {
     /// The engine's own HTTP API (its URL and key).
     pub fn server(&self) -> llorch_io::llama_server::LlamaServer {
         llorch_io::llama_server::LlamaServer::new(self.url.clone(), self.api_key.clone())
     }
 
-    pub fn from_handoff(h: &Handoff) -> Result<EngineInfo, String> {
-        let api_key = h.api_key().map_err(|e| e.to_string())?;
+    pub fn from_handoff(h: &Handoff) -> Result<EngineInfo, HandoffRefused> {
+        let api_key = h.api_key()?;
         if api_key.is_none() && !url_is_loopback(&h.url) {
-            return Err(format!(
-                "the engine at {} is off loopback but its handoff names no API key; refusing to use it",
-                h.url
-            ));
+            return Err(HandoffRefused::OffLoopbackWithoutKey(h.url.clone()));
         }
         Ok(EngineInfo {
             pool: h.pool_id.to_string(),
@@ -227,7 +235,7 @@ impl EngineLink for HandoffLink {
         match Handoff::read(&self.0) {
             Ok(Some(h)) if h.process.is_running() => match EngineInfo::from_handoff(&h) {
                 Ok(i) => LinkState::Ready(i),
-                Err(e) => LinkState::Failed(e),
+                Err(e) => LinkState::Failed(e.to_string()),
             },
             _ => LinkState::Starting,
         }
