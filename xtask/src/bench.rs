@@ -1,17 +1,10 @@
-//! `cargo xtask bench`: side-by-side measurements on this machine, printed
-//! as a table (and JSON with --json). Nothing here asserts a time: the
-//! figures go into notes and docs/bench.md.
+//! `cargo xtask bench`: the arguments, and the table (or JSON with
+//! --json) of what `llorch-bench` measured. Nothing here asserts a time:
+//! the figures go into notes and docs/bench.md.
 
 use crate::{print_json, Ctx};
-use anyhow::{bail, Context, Result};
+use anyhow::Result;
 use clap::{Args, Subcommand};
-use engine_provisioner::build::BuildOptions;
-use llorch_io::cmd::Cmd;
-use llorch_io::llama_server::{all_idle, Api, LlamaServer};
-use serde_json::{json, Value};
-use std::io::{Read, Write};
-use std::path::Path;
-use std::time::{Duration, Instant};
 
 #[derive(Args)]
 pub struct BenchCmd {
@@ -133,81 +126,9 @@ enum BenchSub {
     },
 }
 
-/// `lo..hi` of a sample.
-pub(crate) fn spread(v: &[f64]) -> String {
-    let (lo, hi) = v
-        .iter()
-        .fold((f64::MAX, f64::MIN), |(a, b), x| (a.min(*x), b.max(*x)));
-    format!("{lo:.3}..{hi:.3}")
-}
-
-/// One streaming `/completion` straight from llama-server (no prompt-cache
-/// reuse, `ignore_eos`): (ms to the first token, decode tokens/s after it).
-pub(crate) async fn direct_completion(
-    http: &reqwest::Client,
-    engine: &str,
-    prompt: &str,
-    max_tokens: u32,
-) -> Result<(f64, f64)> {
-    use futures_util::StreamExt;
-    let t = Instant::now();
-    let r = LlamaServer::new(engine, None)
-        .post(http, Api::Completion)
-        .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false, "ignore_eos": true}))
-        .send()
-        .await?;
-    let mut s = r.bytes_stream();
-    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    while let Some(c) = s.next().await {
-        buf.extend_from_slice(&c?);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            if line.starts_with(b"data: ") && !line.windows(13).any(|w| w == b"\"stop\":true") {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-                n += 1;
-            }
-        }
-    }
-    let (f, l) = (first.context("no tokens from llama-server")?, last.unwrap());
-    Ok((
-        (f - t).as_secs_f64() * 1000.0,
-        (n as f64 - 1.0) / (l - f).as_secs_f64(),
-    ))
-}
-
-pub(crate) fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[v.len() / 2]
-}
-
-pub(crate) fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
-}
-
-pub(crate) fn time_cmd(cmd: &Cmd) -> Result<f64> {
-    let t = Instant::now();
-    let out = cmd
-        .spawn(llorch_io::cmd::Io::Null, llorch_io::cmd::Io::Null)?
-        .wait()?;
-    if !out.success() {
-        bail!("`{cmd}` failed ({out})");
-    }
-    Ok(t.elapsed().as_secs_f64())
-}
-
 impl BenchCmd {
-    pub fn run(self, ctx: &Ctx) -> Result<()> {
+    pub fn run(self, outer: &Ctx) -> Result<()> {
+        let ctx = &llorch_bench::Ctx::new(outer.layout.clone());
         let res = match &self.cmd {
             BenchSub::Build {
                 profile,
@@ -216,25 +137,35 @@ impl BenchCmd {
                 next,
             } => {
                 if *incremental {
-                    crate::bench_build::bench_incremental(ctx, profile.as_deref(), next.as_deref())?
+                    let say = |m: &str| eprintln!("{m}");
+                    let cand = crate::pin::resolve(outer, next.as_deref(), None, &say)?;
+                    let root = crate::pin::candidate_root(outer, &cand.text)?;
+                    llorch_bench::build::bench_incremental(
+                        ctx,
+                        profile.as_deref(),
+                        llorch_bench::build::NextPin {
+                            name: &cand.name,
+                            root: root.path(),
+                        },
+                    )?
                 } else {
-                    crate::bench_build::bench_build(ctx, profile.as_deref(), *hits_only)?
+                    llorch_bench::build::bench_build(ctx, profile.as_deref(), *hits_only)?
                 }
             }
-            BenchSub::Model { mib } => bench_model(ctx, *mib)?,
+            BenchSub::Model { mib } => llorch_bench::single::bench_model(ctx, *mib)?,
             BenchSub::Provision { profile, runs } => {
-                bench_provision(ctx, profile.as_deref(), *runs)?
+                llorch_bench::single::bench_provision(ctx, profile.as_deref(), *runs)?
             }
             BenchSub::Stream {
                 profile,
                 runs,
                 max_tokens,
-            } => bench_stream(ctx, profile.as_deref(), *runs, *max_tokens)?,
+            } => llorch_bench::single::bench_stream(ctx, profile.as_deref(), *runs, *max_tokens)?,
             BenchSub::Openai {
                 profile,
                 runs,
                 max_tokens,
-            } => crate::bench_openai::bench_openai(ctx, profile.as_deref(), *runs, *max_tokens)?,
+            } => llorch_bench::openai::bench_openai(ctx, profile.as_deref(), *runs, *max_tokens)?,
             BenchSub::Load {
                 profile,
                 clients,
@@ -245,9 +176,9 @@ impl BenchCmd {
                 runs,
                 max_tokens,
                 threads,
-            } => crate::bench_load::bench_load(
+            } => llorch_bench::load::bench_load(
                 ctx,
-                &crate::bench_load::LoadArgs {
+                &llorch_bench::load::LoadArgs {
                     profile: profile.as_deref(),
                     clients,
                     keys: llorch_profile::ConcurrencyKeys {
@@ -267,7 +198,7 @@ impl BenchCmd {
                 clients,
                 slots,
                 queue_capacity,
-            } => crate::bench_load::bench_soak(
+            } => llorch_bench::load::bench_soak(
                 ctx,
                 profile.as_deref(),
                 *clients,
@@ -278,14 +209,14 @@ impl BenchCmd {
                 profile,
                 runs,
                 skip_build,
-            } => crate::bench_fleet::bench_fleet(ctx, profile.as_deref(), *runs, *skip_build)?,
+            } => llorch_bench::fleet::bench_fleet(ctx, profile.as_deref(), *runs, *skip_build)?,
             BenchSub::Pools {
                 profile,
                 runs,
                 max_tokens,
                 devices,
                 throughput,
-            } => crate::bench_pools::bench_pools(
+            } => llorch_bench::pools::bench_pools(
                 ctx,
                 profile.as_deref(),
                 *runs,
@@ -301,318 +232,5 @@ impl BenchCmd {
             println!("{k:<44} {v}");
         }
         Ok(())
-    }
-}
-
-/// A minimal file server on 127.0.0.1 (sendfile through std::io::copy) for the download bench.
-fn serve_file(path: &Path) -> Result<(String, std::thread::JoinHandle<()>)> {
-    let l = std::net::TcpListener::bind("127.0.0.1:0")?;
-    let addr = l.local_addr()?;
-    let path = path.to_path_buf();
-    let h = std::thread::spawn(move || {
-        for s in l.incoming().take(2).flatten() {
-            let mut s = s;
-            let mut buf = [0u8; 4096];
-            let mut req = Vec::new();
-            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
-                match s.read(&mut buf) {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => req.extend_from_slice(&buf[..n]),
-                }
-            }
-            let Ok(mut f) = fs_err::File::open(&path) else {
-                return;
-            };
-            let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-            let _ = write!(
-                s,
-                "HTTP/1.1 200 OK\r\nContent-Length: {len}\r\nConnection: close\r\n\r\n"
-            );
-            let _ = std::io::copy(&mut f, &mut s);
-        }
-    });
-    Ok((format!("http://{addr}/model.gguf"), h))
-}
-
-fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
-    let tmp = tempfile::tempdir_in(&ctx.layout.cache)?;
-    let file = tmp.path().join("big.bin");
-    {
-        let mut f = std::io::BufWriter::new(fs_err::File::create(&file)?);
-        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-        let mut chunk = vec![0u8; 1 << 20];
-        for _ in 0..mib {
-            for c in chunk.chunks_mut(8) {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                c.copy_from_slice(&x.to_le_bytes());
-            }
-            f.write_all(&chunk)?;
-        }
-    }
-    let bytes = mib as f64 * 1048576.0;
-    // Warm the page cache, then hash.
-    llorch_io::digest::sha256_file(&file)?;
-    let mut rates = Vec::new();
-    for _ in 0..3 {
-        let t = Instant::now();
-        llorch_io::digest::sha256_file(&file)?;
-        rates.push(bytes / t.elapsed().as_secs_f64() / 1e9);
-    }
-    let sha_gbps = median(&mut rates);
-    let shani = fs_err::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .contains(" sha_ni");
-    // Download: ours vs curl, same server, same file, both writing to disk.
-    let (url, h) = serve_file(&file)?;
-    let dest = tmp.path().join("ours.partial");
-    let t = Instant::now();
-    model_provisioner::download::download(
-        "bench",
-        &url,
-        &dest,
-        &model_provisioner::download::DownloadOptions {
-            quiet: true,
-            ..Default::default()
-        },
-    )?;
-    let ours = bytes / t.elapsed().as_secs_f64() / 1e6;
-    let t = Instant::now();
-    Cmd::new("curl")
-        .args(["-s", "-o"])
-        .arg(tmp.path().join("curl.out"))
-        .arg(&url)
-        .read()
-        .context("curl (install it to compare)")?;
-    let curl = bytes / t.elapsed().as_secs_f64() / 1e6;
-    let _ = h.join();
-    Ok(json!({
-        "file_mib": mib,
-        "sha256_gb_per_s": sha_gbps,
-        "cpu_has_sha_ni": shani,
-        "download_ours_mb_per_s (hash + write)": ours,
-        "download_curl_mb_per_s (write)": curl,
-        "ratio_ours_over_curl": ours / curl,
-    }))
-}
-
-fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Value> {
-    use engine_runtime::lifecycle;
-    use llorch_io::handoff::{Owner, PoolId, ProcessIdentity};
-    let p = ctx.profile(profile)?;
-    // Its own pool: never the engine a user provisioned for this profile.
-    let bench_pool = PoolId::parse(&format!(
-        "{}-bench",
-        p.pool().as_str().chars().take(58).collect::<String>()
-    ))?;
-    let prep = llorch_stack::prepare(&p, &bench_pool, &ctx.layout, &BuildOptions::quiet())?.engine;
-    let owner = Owner::Supervised {
-        supervisor: ProcessIdentity::current(),
-        command: "cargo xtask bench provision".into(),
-    };
-    let mut ours = Vec::new();
-    let mut direct = Vec::new();
-    for _ in 0..runs {
-        // Through the lifecycle code (port choice, spawn, /health poll, PID file, handoff, /metrics check).
-        let t = Instant::now();
-        let e = lifecycle::spawn(&prep, &ctx.layout, &owner)?;
-        ours.push(t.elapsed().as_secs_f64() * 1000.0);
-        e.stop();
-        // Direct: the same binary and flags, a 1 ms /health poll.
-        let port = std::net::TcpListener::bind("127.0.0.1:0")?
-            .local_addr()?
-            .port();
-        let t = Instant::now();
-        let mut child = Cmd::new(&prep.binary)
-            .arg("-m")
-            .arg(&prep.model.path)
-            .args(["--port", &port.to_string()])
-            .args(&prep.flags)
-            .spawn(llorch_io::cmd::Io::Null, llorch_io::cmd::Io::Null)?;
-        let c = llorch_io::http::probe_client();
-        loop {
-            if LlamaServer::new(format!("http://127.0.0.1:{port}"), None).healthy_blocking(&c) {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(1));
-        }
-        direct.push(t.elapsed().as_secs_f64() * 1000.0);
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    // A no-op provision of the built binary (engine already up with the same inputs).
-    let exe = std::env::current_exe()?;
-    let mut pc = Cmd::new(&exe).args(["provision", "--pool", bench_pool.as_str()]);
-    if let Some(pr) = profile {
-        pc = pc.args(["--profile", pr]);
-    }
-    time_cmd(&pc)?;
-    let mut noop = Vec::new();
-    for _ in 0..runs {
-        noop.push(time_cmd(&pc)? * 1000.0);
-    }
-    lifecycle::stop_pool(&ctx.layout, &bench_pool)?;
-    let (mo, md) = (median(&mut ours), median(&mut direct));
-    Ok(json!({
-        "spawn_to_ready_provision_ms_median": mo,
-        "spawn_to_ready_direct_ms_median": md,
-        "provision_overhead_ms": mo - md,
-        "noop_provision_ms_median": median(&mut noop),
-        "runs": runs,
-    }))
-}
-
-pub(crate) fn rss_kib() -> u64 {
-    fs_err::read_to_string("/proc/self/status")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("VmRSS:")
-                .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
-        })
-        .unwrap_or(0)
-}
-
-fn bench_stream(ctx: &Ctx, profile: Option<&str>, runs: usize, max_tokens: u32) -> Result<Value> {
-    use futures_util::StreamExt;
-    use orchestratord::client::stream_task;
-    let p = ctx.profile(profile)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
-    rt.block_on(async {
-        let cfg = orchestratord::Config {
-            addr: "127.0.0.1:0".parse().unwrap(),
-            queue_capacity: 2000,
-            ..Default::default()
-        };
-        let pool = llorch_io::handoff::PoolId::parse(&format!(
-            "{}-bench",
-            p.pool().as_str().chars().take(58).collect::<String>()
-        ))?;
-        let stack = llorch_stack::start_stack(
-            &p,
-            &pool,
-            &ctx.layout,
-            cfg,
-            true,
-            "cargo xtask bench stream",
-        )
-        .await?;
-        let orch = stack.orchestrator_url();
-        let engine = stack.engine_url.clone();
-        let http = llorch_io::http::async_client();
-        let prompt = "Write a long story about a lighthouse keeper:\n";
-        let body = json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true});
-        let mut via = Vec::new();
-        let mut direct = Vec::new();
-        let mut ttft_via = Vec::new();
-        let mut ttft_direct = Vec::new();
-        for _ in 0..runs {
-            // Straight from llama-server, streaming, same request. Decode rate in
-            // both cases: tokens after the first over the time from first to last token.
-            let (ttft, rate) = direct_completion(&http, &engine, prompt, max_tokens).await?;
-            direct.push(rate);
-            ttft_direct.push(ttft);
-            // Through the orchestrator (the client's view: POST, open the stream, tokens).
-            let res = stream_task(&http, &orch, &body, None, None).await?;
-            via.push((res.tokens.len() as f64 - 1.0) / (res.decode_ms / 1000.0));
-            ttft_via.push(res.ttft_from_submit_ms);
-        }
-        // Cancel → slot idle, from the cancel request to /slots idle.
-        let mut cancel_ms = Vec::new();
-        for _ in 0..runs.max(10) {
-            let r: Value = http
-                .post(format!("{orch}/v1/tasks"))
-                .json(&json!({"prompt": prompt, "max_tokens": 1000, "ignore_eos": true}))
-                .send()
-                .await?
-                .json()
-                .await?;
-            let id = r["task_id"].as_str().unwrap().to_string();
-            let resp = http
-                .get(format!("{orch}/v1/tasks/{id}/stream"))
-                .send()
-                .await?;
-            let mut s = resp.bytes_stream();
-            let mut seen = String::new();
-            while !seen.contains("event: token") {
-                seen.push_str(&String::from_utf8_lossy(&s.next().await.unwrap()?));
-            }
-            let t = Instant::now();
-            http.post(format!("{orch}/v1/tasks/{id}/cancel"))
-                .header("content-type", "application/json")
-                .send()
-                .await?;
-            slots_idle(&http, &engine).await?;
-            cancel_ms.push(t.elapsed().as_secs_f64() * 1000.0);
-            while s.next().await.is_some() {}
-        }
-        // Memory with 1,000 queued tasks (behind one long running task).
-        let before = rss_kib();
-        let mut ids = Vec::new();
-        for i in 0..1001 {
-            let b = if i == 0 {
-                json!({"prompt": prompt, "max_tokens": 2000, "ignore_eos": true})
-            } else {
-                json!({"prompt": format!("{prompt} #{i}"), "max_tokens": 16})
-            };
-            let r: Value = http
-                .post(format!("{orch}/v1/tasks"))
-                .json(&b)
-                .send()
-                .await?
-                .json()
-                .await?;
-            ids.push(r["task_id"].as_str().unwrap().to_string());
-        }
-        let after = rss_kib();
-        for id in ids.iter().rev() {
-            http.post(format!("{orch}/v1/tasks/{id}/cancel"))
-                .header("content-type", "application/json")
-                .send()
-                .await?;
-        }
-        let server_metrics = stack.server.state.metrics.render(&stack.server.state.pools);
-        let server_ttft = (server_metrics
-            .lines()
-            .find_map(|l| l.strip_prefix("llorch_time_to_first_token_ms_count "))
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .unwrap_or(0),);
-        stack.stop(Duration::from_secs(5)).await;
-        let (v, d) = (median(&mut via), median(&mut direct));
-        let (tv, td) = (median(&mut ttft_via), median(&mut ttft_direct));
-        anyhow::Ok(json!({
-            "decode_tok_per_s_direct_median": d,
-            "decode_tok_per_s_orchestrator_median": v,
-            "ratio_orchestrator_over_direct": v / d,
-            "ttft_ms_direct_p50": td,
-            "ttft_ms_orchestrator_p50 (POST + stream)": tv,
-            "ttft_overhead_ms_p50": tv - td,
-            "cancel_to_slot_idle_ms_p50": pct(&mut cancel_ms.clone(), 0.5),
-            "cancel_to_slot_idle_ms_p99": pct(&mut cancel_ms, 0.99),
-            "rss_kib_before_1000_queued": before,
-            "rss_kib_with_1000_queued": after,
-            "rss_kib_per_queued_task": (after as f64 - before as f64) / 1000.0,
-            "server_ttft_observations": server_ttft.0,
-            "runs": runs,
-            "max_tokens": max_tokens,
-        }))
-    })
-}
-
-/// Poll llama-server's `/slots` (every millisecond) until no slot is processing.
-pub(crate) async fn slots_idle(http: &reqwest::Client, engine: &str) -> Result<()> {
-    let server = LlamaServer::new(engine, None);
-    loop {
-        let slots = server
-            .slots(http, Duration::from_secs(5))
-            .await
-            .map_err(anyhow::Error::msg)?;
-        if all_idle(&slots) {
-            return Ok(());
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
     }
 }

@@ -9,11 +9,6 @@ use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 mod bench;
-mod bench_build;
-mod bench_fleet;
-mod bench_load;
-mod bench_openai;
-mod bench_pools;
 mod ci;
 mod doctor;
 mod engine;

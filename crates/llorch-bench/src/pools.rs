@@ -12,8 +12,7 @@
 //!   engines launched by hand (same binary, model, flags and devices) vs one
 //!   pool alone, alternating in every run.
 
-use crate::bench::{median, spread};
-use crate::Ctx;
+use crate::{median, spread, Ctx};
 use anyhow::{bail, Context, Result};
 use llorch_io::cmd::Cmd;
 use llorch_io::handoff::PoolId;
@@ -182,11 +181,9 @@ pub fn bench_pools(
 
 /// Decode tokens/s of one streaming `/completion` straight from llama-server.
 async fn direct_decode(http: &reqwest::Client, url: &str, max_tokens: u32) -> Result<f64> {
-    Ok(
-        crate::bench::direct_completion(http, url, PROMPT, max_tokens)
-            .await?
-            .1,
-    )
+    Ok(crate::direct_completion(http, url, PROMPT, max_tokens)
+        .await?
+        .1)
 }
 
 /// Decode tokens/s of one task through the orchestrator.

@@ -10,8 +10,7 @@
 //!   token of a haiku prompt through the orchestrator (pull engine, pull
 //!   model, spawn, prompt). The Rust compile of the tool is not included.
 
-use crate::bench::{median, spread};
-use crate::Ctx;
+use crate::{median, spread, Ctx};
 use anyhow::{bail, Context, Result};
 use engine_provisioner::build::{self, BuildOptions};
 use llorch_io::cmd::{Cmd, KillOnDrop};

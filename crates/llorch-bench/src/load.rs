@@ -15,8 +15,7 @@
 //! admitted stream ended with exactly one terminal frame, every refusal was a
 //! 429, and nothing (tasks, file descriptors) is left afterwards.
 
-use crate::bench::{median, spread};
-use crate::Ctx;
+use crate::{median, pct, spread, Ctx};
 use anyhow::{Context, Result};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
@@ -121,15 +120,6 @@ async fn wave(
         gaps: reqs.iter().flat_map(|r| r.gaps_ms.clone()).collect(),
         errors: reqs.iter().filter(|r| r.error.is_some()).count(),
     }
-}
-
-fn pct(v: &[f64], p: f64) -> f64 {
-    let mut v = v.to_vec();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        return f64::NAN;
-    }
-    v[((v.len() as f64 - 1.0) * p).round() as usize]
 }
 
 /// The profile's one pool, its concurrency replaced by the flags.
@@ -238,7 +228,7 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
             .map(|e| (format!("{e}/v1/completions"), direct_body.clone()))
             .collect();
         let http = llorch_io::http::async_client();
-        let rss_before = crate::bench::rss_kib();
+        let rss_before = crate::rss_kib();
         // Warm-up on both paths.
         wave(&http, &via, 2, 8).await;
         wave(&http, &direct, 2, 8).await;
@@ -258,7 +248,7 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
                     let d = wave(&http, &direct, n, a.max_tokens).await;
                     (wave(&http, &via, n, a.max_tokens).await, d)
                 };
-                peak_rss = peak_rss.max(crate::bench::rss_kib());
+                peak_rss = peak_rss.max(crate::rss_kib());
                 ratio.push(v.tok_per_s / d.tok_per_s);
                 tps_v.push(v.tok_per_s);
                 tps_d.push(d.tok_per_s);
@@ -404,7 +394,7 @@ pub fn bench_soak(
         let url = format!("{}/v1/completions", ps.orchestrator_url());
         let pool = stack.pools[0].id.to_string();
         let http = llorch_io::http::async_client();
-        let (fds_before, rss_before) = (open_fds(), crate::bench::rss_kib());
+        let (fds_before, rss_before) = (open_fds(), crate::rss_kib());
         let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
         let t0 = Instant::now();
         let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_before));
@@ -412,7 +402,7 @@ pub fn bench_soak(
             let peak = peak.clone();
             tokio::spawn(async move {
                 loop {
-                    peak.fetch_max(crate::bench::rss_kib(), std::sync::atomic::Ordering::Relaxed);
+                    peak.fetch_max(crate::rss_kib(), std::sync::atomic::Ordering::Relaxed);
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             })
@@ -436,7 +426,7 @@ pub fn bench_soak(
         }
         drop(http);
         tokio::time::sleep(Duration::from_millis(500)).await;
-        let (fds_after, rss_after) = (open_fds(), crate::bench::rss_kib());
+        let (fds_after, rss_after) = (open_fds(), crate::rss_kib());
         let tasks_after = tokio::runtime::Handle::current().metrics().num_alive_tasks();
         let count = |e: &Ending| endings.iter().filter(|x| *x == e).count();
         let bad: Vec<String> = endings

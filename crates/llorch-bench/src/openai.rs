@@ -4,8 +4,7 @@
 //! (streamed `tool_calls` deltas vs the same constrained request asked
 //! directly), embeddings throughput (inputs/s), and disconnect → slot idle.
 
-use crate::bench::{median, pct, slots_idle, spread};
-use crate::Ctx;
+use crate::{median, pct, slots_idle, spread, Ctx};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -88,13 +87,13 @@ async fn side_by_side(
         "decode_ratio_spread": spread(&ratio),
         "decode_tok_per_s_direct_median": median(&mut tps_direct),
         "decode_tok_per_s_orchestrator_median": median(&mut tps_via),
-        "ttft_overhead_ms_p50": pct(&mut ttft_over.clone(), 0.5),
+        "ttft_overhead_ms_p50": pct(&ttft_over, 0.5),
         "ttft_overhead_ms_spread": spread(&ttft_over),
         "pieces_direct_orchestrator": [pieces.0, pieces.1],
     }))
 }
 
-pub(crate) fn bench_openai(
+pub fn bench_openai(
     ctx: &Ctx,
     profile: Option<&str>,
     runs: usize,
@@ -203,8 +202,8 @@ pub(crate) fn bench_openai(
                 "documents": docs.len(),
                 "per_request": 16,
             },
-            "disconnect_to_slot_idle_ms_p50": pct(&mut idle_ms.clone(), 0.5),
-            "disconnect_to_slot_idle_ms_p99": pct(&mut idle_ms, 0.99),
+            "disconnect_to_slot_idle_ms_p50": pct(&idle_ms, 0.5),
+            "disconnect_to_slot_idle_ms_p99": pct(&idle_ms, 0.99),
             "runs": runs,
             "max_tokens": max_tokens,
         }))

@@ -4,8 +4,7 @@
 //! `engine gc` with the compile cache warm, and a build of the next pin
 //! after the current one, side by side in one scratch cache.
 
-use crate::bench::{median, time_cmd};
-use crate::Ctx;
+use crate::{median, time_cmd, Ctx};
 use anyhow::Result;
 use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::compile_cache::{self, CompileStats};
@@ -111,17 +110,23 @@ fn stats_json(s: &Option<CompileStats>) -> Value {
     }
 }
 
-pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: Option<&str>) -> Result<Value> {
+/// The pin after the current one, resolved by the caller (`pin bump`'s
+/// resolution): its name and a workspace root whose pins file makes it the
+/// default.
+pub struct NextPin<'a> {
+    pub name: &'a str,
+    pub root: &'a std::path::Path,
+}
+
+pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: NextPin) -> Result<Value> {
     let p = ctx.profile(profile)?;
     let say = |m: &str| eprintln!("{m}");
-    let cand = crate::pin::resolve(ctx, next, None, &say)?;
-    let root = crate::pin::candidate_root(ctx, &cand.text)?;
     let stem = p
         .path
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let p_next = engine_provisioner::Profile::resolve(root.path(), Some(&stem))?;
+    let p_next = engine_provisioner::Profile::resolve(next.root, Some(&stem))?;
     let tmp = tempfile::Builder::new()
         .prefix("bench-incremental-")
         .tempdir_in(&ctx.layout.cache)?;
@@ -165,7 +170,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: Option<&str>) -
         "profile": p.name,
         "jobs": jobs,
         "pin": p.pin_name,
-        "next_pin": cand.name,
+        "next_pin": next.name,
         "cold_s": cold_s,
         "cold_compiler_cache": stats_json(&cold.compile_cache),
         "warm_after_gc_s": warm_s,
