@@ -9,7 +9,6 @@
 use crate::Ctx;
 use anyhow::{bail, Result};
 use clap::Args;
-use orchestratord::LinkState;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -152,19 +151,7 @@ async fn serve_one(
         stack.engine_url,
         stack.orchestrator_url()
     );
-    let st = stack.server.state.clone();
-    let failed = async {
-        loop {
-            if let LinkState::Failed(r) = st.link_state() {
-                return r;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
-    };
-    let outcome = tokio::select! {
-        sig = stop.recv() => { eprintln!("{sig}: draining (up to 30 s)"); None }
-        reason = failed => { eprintln!("error: the engine of pool {pool} failed and will not be restarted:\n{reason}"); Some(reason) }
-    };
+    let outcome = until_stopped(&stack.server.state, &mut stop).await;
     stack.stop(std::time::Duration::from_secs(30)).await;
     eprintln!("stopped");
     if outcome.is_some() {
@@ -214,32 +201,36 @@ async fn serve_many(
         ps.orchestrator_url(),
         stack.pools[0].id
     );
-    // Every pool failed for good: nothing left to serve.
-    let st = ps.server.state.clone();
-    let all_failed = async {
-        loop {
-            let failed: Vec<String> = st
-                .pools
-                .iter()
-                .filter_map(|p| match p.link_state() {
-                    LinkState::Failed(r) => Some(format!("pool {}: {r}", p.id)),
-                    _ => None,
-                })
-                .collect();
-            if failed.len() == st.pools.len() {
-                return failed.join("\n");
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-        }
-    };
-    let outcome = tokio::select! {
-        sig = stop.recv() => { eprintln!("{sig}: draining (up to 30 s)"); None }
-        reason = all_failed => { eprintln!("error: every pool failed and will not be restarted:\n{reason}"); Some(reason) }
-    };
+    let outcome = until_stopped(&ps.server.state, &mut stop).await;
     ps.stop(std::time::Duration::from_secs(30)).await;
     eprintln!("stopped");
     if outcome.is_some() {
         bail!("nothing left to serve");
     }
     Ok(())
+}
+
+/// Serve until a stop signal (then drain) or until every pool has failed
+/// for good (the reasons, one line per pool): `serve` of one pool and of a
+/// stack end the same way.
+async fn until_stopped(
+    st: &orchestratord::AppState,
+    stop: &mut llorch_io::signals::StopSignals,
+) -> Option<String> {
+    let all_failed = async {
+        loop {
+            if st
+                .wait_until(std::time::Duration::from_secs(3600), |s| {
+                    s.all_failed().is_some()
+                })
+                .await
+            {
+                return st.all_failed().unwrap_or_default();
+            }
+        }
+    };
+    tokio::select! {
+        sig = stop.recv() => { eprintln!("{sig}: draining (up to 30 s)"); None }
+        reason = all_failed => { eprintln!("error: every pool failed and will not be restarted:\n{reason}"); Some(reason) }
+    }
 }

@@ -136,6 +136,20 @@ impl AppState {
             .or_else(|| self.heads().find(|p| p.answers_to(name)))
     }
 
+    /// Every pool's engine failed for good (no restart left): the reasons,
+    /// one line per pool; `None` while any pool can still serve.
+    pub fn all_failed(&self) -> Option<String> {
+        let failed: Vec<String> = self
+            .pools
+            .iter()
+            .filter_map(|p| match p.link_state() {
+                LinkState::Failed(r) => Some(format!("pool {}: {r}", p.id)),
+                _ => None,
+            })
+            .collect();
+        (!failed.is_empty() && failed.len() == self.pools.len()).then(|| failed.join("\n"))
+    }
+
     /// The default pool's engine state (single-pool callers).
     pub fn link_state(&self) -> LinkState {
         self.default_pool().link_state()
