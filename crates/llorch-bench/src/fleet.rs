@@ -113,9 +113,7 @@ pub fn bench_fleet(
         pulls.push(t.elapsed().as_secs_f64());
     }
     // Fresh machine → first token, with a registry hit for engine and model.
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime()?;
     let mut first = Vec::new();
     for i in 0..runs {
         let l = fresh(&format!("machine-{i}"));

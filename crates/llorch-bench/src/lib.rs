@@ -43,6 +43,20 @@ impl Ctx {
     }
 }
 
+/// A bench's own pool (`<pool>-bench`): never the engine a user
+/// provisioned for this profile.
+pub fn bench_pool(p: &engine_provisioner::Profile) -> Result<llorch_io::handoff::PoolId> {
+    let stem: String = p.pool().as_str().chars().take(58).collect();
+    Ok(llorch_io::handoff::PoolId::parse(&format!("{stem}-bench"))?)
+}
+
+/// The runtime a bench drives its servers and clients on.
+pub fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
 /// `lo..hi` of a sample.
 pub fn spread(v: &[f64]) -> String {
     let (lo, hi) = v

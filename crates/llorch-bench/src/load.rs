@@ -201,9 +201,7 @@ pub struct LoadArgs<'a> {
 
 pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
     let (stack, c) = load_stack(ctx, a.profile, a.keys, a.devices, a.threads, "load")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime()?;
     rt.block_on(async {
         let ps = start(ctx, &stack, 4096, "cargo xtask bench load").await?;
         let orch = ps.orchestrator_url();
@@ -386,9 +384,7 @@ pub fn bench_soak(
         affinity: None,
     };
     let (stack, _) = load_stack(ctx, profile, keys, &[], None, "soak")?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime()?;
     rt.block_on(async {
         let ps = start(ctx, &stack, queue_capacity, "cargo xtask bench soak").await?;
         let url = format!("{}/v1/completions", ps.orchestrator_url());

@@ -101,13 +101,11 @@ pub fn bench_openai(
 ) -> Result<Value> {
     use futures_util::StreamExt;
     let p = ctx.profile(profile)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime()?;
     rt.block_on(async {
         let cfg = orchestratord::Config { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
         let stem: String = p.pool().as_str().chars().take(52).collect();
-        let pool = llorch_io::handoff::PoolId::parse(&format!("{stem}-bench"))?;
+        let pool = crate::bench_pool(&p)?;
         let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg.clone(), true, "cargo xtask bench openai").await?;
         let orch = stack.orchestrator_url();
         let engine = stack.engine_url.clone();

@@ -57,9 +57,7 @@ pub fn bench_pools(
     if !devices.is_empty() && devices.len() != 2 {
         bail!("--devices takes two GPU indexes, one per pool (e.g. 0,1)");
     }
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime()?;
     let mut out = serde_json::Map::new();
     let pool =
         |tag: &str, load: LoadPolicy, idle: Option<u64>, dev: Option<u32>| -> Result<StackPool> {

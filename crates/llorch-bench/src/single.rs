@@ -108,13 +108,9 @@ pub fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
 
 pub fn bench_provision(ctx: &Ctx, profile: Option<&str>, runs: usize) -> Result<Value> {
     use engine_runtime::lifecycle;
-    use llorch_io::handoff::{Owner, PoolId, ProcessIdentity};
+    use llorch_io::handoff::{Owner, ProcessIdentity};
     let p = ctx.profile(profile)?;
-    // Its own pool: never the engine a user provisioned for this profile.
-    let bench_pool = PoolId::parse(&format!(
-        "{}-bench",
-        p.pool().as_str().chars().take(58).collect::<String>()
-    ))?;
+    let bench_pool = crate::bench_pool(&p)?;
     let prep = llorch_stack::prepare(&p, &bench_pool, &ctx.layout, &BuildOptions::quiet())?.engine;
     let owner = Owner::Supervised {
         supervisor: ProcessIdentity::current(),
@@ -181,19 +177,14 @@ pub fn bench_stream(
     use futures_util::StreamExt;
     use orchestratord::client::stream_task;
     let p = ctx.profile(profile)?;
-    let rt = tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()?;
+    let rt = crate::runtime()?;
     rt.block_on(async {
         let cfg = orchestratord::Config {
             addr: "127.0.0.1:0".parse().unwrap(),
             queue_capacity: 2000,
             ..Default::default()
         };
-        let pool = llorch_io::handoff::PoolId::parse(&format!(
-            "{}-bench",
-            p.pool().as_str().chars().take(58).collect::<String>()
-        ))?;
+        let pool = crate::bench_pool(&p)?;
         let stack = llorch_stack::start_stack(
             &p,
             &pool,
