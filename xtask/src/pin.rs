@@ -389,6 +389,9 @@ fn resolve_sdist(
         )),
         bundle_trees,
     };
+    // The source cache gets this very file (checked against the digest just
+    // recorded), so the build below does not download the sdist again.
+    engine_provisioner::source::fetch_using(&pin, &ctx.layout, say, Some(&archive))?;
     Ok((format!("{package}-{version}"), pin))
 }
 

@@ -24,7 +24,7 @@ use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum SourceError {
-    #[error("sha256 mismatch for {what}\n  expected: {expected}\n  actual:   {actual}\n  nothing was extracted; the file was deleted. If the pin is right, the download is corrupt or was tampered with: try again, or check your package index / mirror.")]
+    #[error("sha256 mismatch for {what}\n  expected: {expected}\n  actual:   {actual}\n  nothing was extracted (a download of ours is deleted; a file of yours is left as it is). If the pin is right, the file is corrupt or was tampered with: try again, or check your package index / mirror.")]
     ChecksumMismatch {
         what: String,
         expected: String,
@@ -104,6 +104,18 @@ pub fn source_id(pin: &Pin) -> String {
 
 /// Make the pin's tree present; returns its path. `progress` gets short status lines.
 pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<PathBuf, SourceError> {
+    fetch_using(pin, layout, progress, None)
+}
+
+/// [`fetch`], with the sdist of a package pin already on disk (`pin bump`
+/// downloaded it to learn its digest): checked against the pin's sha256
+/// like a download, so the source is not downloaded a second time.
+pub fn fetch_using(
+    pin: &Pin,
+    layout: &Layout,
+    progress: &dyn Fn(&str),
+    sdist: Option<&Path>,
+) -> Result<PathBuf, SourceError> {
     let src_root = layout.bucket(llorch_io::paths::Bucket::Src);
     let id = source_id(pin);
     let final_dir = src_root.join(&id);
@@ -139,9 +151,14 @@ pub fn fetch(pin: &Pin, layout: &Layout, progress: &dyn Fn(&str)) -> Result<Path
             sha256,
             subdir,
         } => {
-            progress(&format!("downloading {package}=={version} sdist with pip"));
             let dl = tempfile::tempdir_in(&src_root).map_err(io("temp dir"))?;
-            let file = pip_download_sdist(package, version, sha256, dl.path())?;
+            let file = match sdist {
+                Some(f) => f.to_path_buf(),
+                None => {
+                    progress(&format!("downloading {package}=={version} sdist with pip"));
+                    pip_download_sdist(package, version, sha256, dl.path())?
+                }
+            };
             verify_sha256(
                 &file,
                 sha256,
@@ -231,7 +248,9 @@ pub fn verify_sha256(file: &Path, expected: &str, what: &str) -> Result<(), Sour
     let actual =
         llorch_io::digest::sha256_file(file).map_err(io(format!("hash {}", file.display())))?;
     if actual != expected {
-        let _ = fs_err::remove_file(file);
+        // Never deleted here: it may be the user's own file (a local archive
+        // pin, the sdist `pin bump` hands over); downloads live in temporary
+        // directories, and the downloader deletes a partial that mismatches.
         return Err(SourceError::ChecksumMismatch {
             what: what.to_string(),
             expected: expected.to_string(),

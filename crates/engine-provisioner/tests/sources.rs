@@ -131,6 +131,7 @@ fn archive_with_wrong_sha256_is_refused_before_extraction() {
     assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
     assert!(err.to_string().contains(&"a".repeat(64)));
     assert!(extracted_trees(&l).is_empty(), "nothing extracted");
+    assert!(archive.is_file(), "the user's own archive is left as it is");
 }
 
 /// An archive pin over HTTP goes through the one downloader: a transfer cut
@@ -202,6 +203,48 @@ fn sdist_with_wrong_sha256_is_refused_before_extraction() {
         "the actual digest is shown: {err}"
     );
     assert!(extracted_trees(&l).is_empty(), "nothing extracted");
+}
+
+/// `pin bump` hands the sdist it downloaded to learn its digest to the
+/// source cache (`fetch_using`): checked against the pin like a download,
+/// and never downloaded again. The package is one pip's index does not
+/// have, so a download would fail the test.
+#[test]
+fn an_sdist_already_on_disk_is_checked_and_used_without_a_download() {
+    let tmp = tempfile::tempdir().unwrap();
+    let (archive, sha) = fake_archive(tmp.path(), "sd", &fake_server_c("sd"));
+    let pin = |sha256: String| Pin {
+        commit: COMMIT.into(),
+        source: SourceSpec::PypiSdist {
+            package: "llorch-no-such-package".into(),
+            version: "0.0.1".into(),
+            sha256,
+            subdir: None,
+        },
+        description: None,
+        bundle_trees: Default::default(),
+    };
+    let l = layout(tmp.path());
+    let err = source::fetch_using(&pin("c".repeat(64)), &l, &|_| {}, Some(&archive)).unwrap_err();
+    assert!(matches!(err, SourceError::ChecksumMismatch { .. }), "{err}");
+    assert!(extracted_trees(&l).is_empty(), "nothing extracted");
+    assert!(archive.is_file(), "the caller's file is left as it is");
+    let said = std::cell::RefCell::new(Vec::<String>::new());
+    let tree = source::fetch_using(
+        &pin(sha.clone()),
+        &l,
+        &|m| said.borrow_mut().push(m.into()),
+        Some(&archive),
+    )
+    .unwrap();
+    assert!(tree.join("server.c").is_file());
+    assert!(
+        !said.borrow().iter().any(|m| m.contains("downloading")),
+        "{:?}",
+        said.borrow()
+    );
+    // The same pin, fetched as a build would: the cached tree, no download.
+    assert_eq!(source::fetch(&pin(sha), &l, &|_| {}).unwrap(), tree);
 }
 
 fn tar_with_raw_name(path: &std::path::Path, name: &[u8], link: Option<&[u8]>) {
