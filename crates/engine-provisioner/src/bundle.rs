@@ -243,7 +243,7 @@ pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManife
 fn verify_stream(bundle: &Path, pin: &Pin) -> Result<BundleManifest, String> {
     use std::io::Read;
     let shown = bundle.display();
-    let f = fs_err::File::open(bundle).map_err(|e| format!("open {shown}: {e}"))?;
+    let f = fs_err::File::open(bundle).map_err(|e| e.to_string())?;
     let mut a = tar::Archive::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)));
     let mut manifest: Option<Vec<u8>> = None;
     let mut seen: BTreeMap<String, String> = BTreeMap::new();

@@ -31,7 +31,7 @@ fn check_member(archive: &Path, member: &Path) -> Result<(), SourceError> {
 /// member paths; refuses unsafe members before writing anything.
 pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Result<(), SourceError> {
     let open = || -> Result<tar::Archive<Box<dyn std::io::Read>>, SourceError> {
-        let f = fs_err::File::open(archive).map_err(io(format!("open {}", archive.display())))?;
+        let f = fs_err::File::open(archive).map_err(io("read the archive"))?;
         let mut magic = [0u8; 2];
         let gz = {
             use std::io::Read;
@@ -69,7 +69,7 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
     // Pass 2: extract, checking every write against the tree as it is on
     // disk: a path never goes through a symlink, and every link resolves,
     // following the links already extracted (chains), to a place inside.
-    fs_err::create_dir_all(dest).map_err(io(format!("create {}", dest.display())))?;
+    fs_err::create_dir_all(dest).map_err(io("create the extraction dir"))?;
     let mut a = open()?;
     // Modes without setuid/setgid/sticky bits.
     a.set_preserve_permissions(false);
@@ -109,7 +109,7 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
         match kind {
             T::Directory => {
                 if existing.is_none() {
-                    fs_err::create_dir(&target).map_err(io(format!("create {}", rel.display())))?;
+                    fs_err::create_dir(&target).map_err(io("extract a directory"))?;
                 } else if !existing.as_ref().is_some_and(|m| m.is_dir()) {
                     return Err(unsafe_member(&path, "a directory over a file".into()));
                 }
@@ -137,8 +137,7 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
                         "a symlink over an existing member".into(),
                     ));
                 }
-                fs_err::os::unix::fs::symlink(&link, &target)
-                    .map_err(io(format!("link {}", rel.display())))?;
+                fs_err::os::unix::fs::symlink(&link, &target).map_err(io("extract a hard link"))?;
             }
             T::Link => {
                 let link = e

@@ -296,7 +296,7 @@ pub fn runnable_here(ann: &BTreeMap<String, String>) -> Result<(), NotRunnable> 
 /// A deterministic `tar.gz` of an entry: its manifest and listed files,
 /// sorted, with mode bits kept and times, owners and names of users zeroed.
 fn pack_entry(dir: &Path, m: &Manifest, out: &Path) -> Result<(), RegistryError> {
-    let f = fs_err::File::create(out).map_err(io(format!("create {}", out.display())))?;
+    let f = fs_err::File::create(out).map_err(io("pack the engine"))?;
     let gz = flate2::write::GzEncoder::new(f, flate2::Compression::fast());
     let mut t = tar::Builder::new(gz);
     let mut names: Vec<&str> = m.files.keys().map(String::as_str).collect();
@@ -304,7 +304,7 @@ fn pack_entry(dir: &Path, m: &Manifest, out: &Path) -> Result<(), RegistryError>
     names.sort();
     for rel in names {
         let p = dir.join(rel);
-        let meta = fs_err::metadata(&p).map_err(io(format!("stat {}", p.display())))?;
+        let meta = fs_err::metadata(&p).map_err(io("pack the engine"))?;
         let mut h = tar::Header::new_gnu();
         h.set_size(meta.len());
         h.set_mode(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o755);
@@ -312,7 +312,7 @@ fn pack_entry(dir: &Path, m: &Manifest, out: &Path) -> Result<(), RegistryError>
         h.set_uid(0);
         h.set_gid(0);
         h.set_entry_type(tar::EntryType::Regular);
-        let file = fs_err::File::open(&p).map_err(io(format!("open {}", p.display())))?;
+        let file = fs_err::File::open(&p).map_err(io("pack the engine"))?;
         t.append_data(&mut h, rel, file)
             .map_err(io(format!("pack {rel}")))?;
     }

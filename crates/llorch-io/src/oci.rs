@@ -193,7 +193,7 @@ impl Registry {
 
     /// Upload a file as a blob; it is mapped, not read into memory.
     pub fn push_file(&self, r: &OciRef, path: &Path) -> Result<(String, u64), OciError> {
-        let f = fs_err::File::open(path).map_err(io(format!("open {}", path.display())))?;
+        let f = fs_err::File::open(path).map_err(io("push a blob"))?;
         let len = f
             .metadata()
             .map_err(io(format!("stat {}", path.display())))?
@@ -451,7 +451,7 @@ impl Registry {
         use futures_util::StreamExt;
         let size = d.size as u64;
         if let Some(dir) = partial.parent() {
-            fs_err::create_dir_all(dir).map_err(io(format!("create {}", dir.display())))?;
+            fs_err::create_dir_all(dir).map_err(io("create the download dir"))?;
         }
         let mut last_err = None;
         for attempt in 0..attempts.max(1) {
