@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::api::*;
-use common::{slots_idle, wait_idle};
+use common::{get_json, slots_idle, wait_idle};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_order_with_contiguous_indices() {
@@ -46,14 +46,7 @@ async fn events_in_order_with_contiguous_indices() {
     .await
     .unwrap();
     assert!(chat.order_ok() && chat.indices_ok(), "{:?}", chat.order);
-    let caps: Value = c
-        .get(format!("{base}/v1/capabilities"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let caps: Value = get_json(&c, format!("{base}/v1/capabilities")).await;
     assert_eq!(caps["engine"], "llamacpp");
     assert_eq!(caps["pool"], pool());
     assert_eq!(caps["ctx_max"], 8192);

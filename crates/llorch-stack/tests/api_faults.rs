@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::api::*;
+use common::get_json;
 use common::wait_ready;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -22,10 +23,7 @@ async fn an_engine_killed_mid_stream_gives_an_error_then_recovers() {
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = llorch_io::http::async_client();
-    let pid = match engine().sup.state() {
-        EngineState::Ready { pid, .. } => pid,
-        s => panic!("{s:?}"),
-    };
+    let pid = engine_pid();
     let t = submit(
         &c,
         &base,
@@ -34,16 +32,11 @@ async fn an_engine_killed_mid_stream_gives_an_error_then_recovers() {
     .await;
     let id = t["task_id"].as_str().unwrap().to_string();
     // Kill the engine as soon as the first token has arrived.
-    let killed = std::sync::atomic::AtomicBool::new(false);
-    let kill = |_: &str| {
-        if !killed.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-        }
-    };
-    let r = read_stream(&c, &base, &id, Some(&kill), None)
+    let kill = OnFirstToken::new(pid, libc::SIGKILL);
+    let r = read_stream(&c, &base, &id, Some(&|t| kill.token(t)), None)
         .await
         .unwrap();
-    assert!(killed.load(std::sync::atomic::Ordering::SeqCst));
+    assert!(kill.sent());
     let err = r.error.expect("an error event");
     assert_eq!(err.code, "ENGINE_CRASHED", "{err:?}");
     assert!(err.retriable);
@@ -92,15 +85,10 @@ async fn a_stopped_engine_stalls_the_stream_and_is_restarted() {
     )
     .await;
     let id = t["task_id"].as_str().unwrap().to_string();
-    let stopped = std::sync::atomic::AtomicBool::new(false);
-    let stop = |_: &str| {
-        if !stopped.swap(true, std::sync::atomic::Ordering::SeqCst) {
-            unsafe { libc::kill(pid as i32, libc::SIGSTOP) };
-        }
-    };
+    let stop = OnFirstToken::new(pid, libc::SIGSTOP);
     let r = tokio::time::timeout(
         Duration::from_secs(60),
-        read_stream(&c, &base, &id, Some(&stop), None),
+        read_stream(&c, &base, &id, Some(&|t| stop.token(t)), None),
     )
     .await
     .expect("the stream ended")
@@ -202,14 +190,7 @@ async fn a_failed_engine_gives_503_engine_failed_with_the_reason() {
         "{msg}"
     );
     assert_ne!(body["error"]["retriable"], json!(true), "{body}");
-    let caps: Value = c
-        .get(format!("{base}/v1/capabilities"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let caps: Value = get_json(&c, format!("{base}/v1/capabilities")).await;
     assert_eq!(caps["state"], "failed");
     assert!(caps["failed_reason"]
         .as_str()

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{slots_idle, wait_idle, wait_ready, Engine};
+use common::{get_json, slots_idle, wait_idle, wait_ready, Engine};
 
 static CHAT: OnceLock<Engine> = OnceLock::new();
 static EMBED: OnceLock<Engine> = OnceLock::new();
@@ -190,14 +190,11 @@ async fn each_endpoint_answers_as_llama_server_does() {
     };
     assert_eq!(vecs(&o1), vecs(&d));
     assert_eq!(vecs(&o1), vecs(&o2));
-    let models: Value = llorch_io::http::async_client()
-        .get(format!("{direct_embed}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let models: Value = get_json(
+        &llorch_io::http::async_client(),
+        format!("{direct_embed}/v1/models"),
+    )
+    .await;
     let n_embd = models["data"][0]["meta"]["n_embd"].as_u64().unwrap();
     assert_eq!(vecs(&o1)[0].as_array().unwrap().len() as u64, n_embd);
     assert_eq!(o1["usage"]["prompt_tokens"], d["usage"]["prompt_tokens"]);

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::api::*;
-use common::{wait_idle, wait_ready};
+use common::{get_json, wait_idle, wait_ready};
 
 /// The `data:` payloads of an SSE body, in order.
 fn sse_data(body: &str) -> Vec<String> {
@@ -35,14 +35,7 @@ async fn openai_models_and_errors_in_openai_shape() {
     let srv = orchestrator(Config::default()).await;
     let base = format!("http://{}", srv.addr);
     let c = llorch_io::http::async_client();
-    let m: Value = c
-        .get(format!("{base}/v1/models"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let m: Value = get_json(&c, format!("{base}/v1/models")).await;
     assert_eq!(m["object"], "list");
     let ids: Vec<&str> = m["data"]
         .as_array()

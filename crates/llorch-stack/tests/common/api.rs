@@ -73,3 +73,31 @@ pub fn engine_pid() -> u32 {
         s => panic!("engine not ready: {s:?}"),
     }
 }
+
+/// A signal sent to the engine once, on the first token a stream reads
+/// (`read_stream`'s per-token callback): the crash and stall tests.
+pub struct OnFirstToken {
+    pid: u32,
+    signal: i32,
+    sent: std::sync::atomic::AtomicBool,
+}
+
+impl OnFirstToken {
+    pub fn new(pid: u32, signal: i32) -> OnFirstToken {
+        OnFirstToken {
+            pid,
+            signal,
+            sent: std::sync::atomic::AtomicBool::new(false),
+        }
+    }
+
+    pub fn token(&self, _: &str) {
+        if !self.sent.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            unsafe { libc::kill(self.pid as i32, self.signal) };
+        }
+    }
+
+    pub fn sent(&self) -> bool {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}

@@ -127,3 +127,8 @@ pub fn python_packages(name: &str, pins: &[&str]) -> std::path::PathBuf {
     }
     dir
 }
+
+/// `GET url` and its JSON body (any status).
+pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> serde_json::Value {
+    c.get(url).send().await.unwrap().json().await.unwrap()
+}
