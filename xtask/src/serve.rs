@@ -2,9 +2,10 @@
 //! the orchestrator in the foreground; SIGINT, SIGTERM or SIGHUP drain and
 //! stop everything. Exits non-zero when an engine fails for good.
 //!
-//! One profile: one pool (an engine `provision` started is attached to).
-//! Several `--profile`s or `--stack FILE`: one pool each, loaded at start or
-//! on demand, unloaded when idle (see `llorch_stack::pools`).
+//! One profile is a stack of one pool; several `--profile`s or `--stack
+//! FILE` give one pool each, loaded at start or on demand, unloaded when
+//! idle. A pool of one engine that `provision` started is attached to (see
+//! `llorch_stack::pools`).
 
 use crate::Ctx;
 use anyhow::{bail, Result};
@@ -72,47 +73,25 @@ impl ServeCmd {
                 p.file.server.set_concurrency(c);
                 Ok(p)
             };
-        let single = if self.stack.is_none() && self.profile.len() <= 1 {
-            Some(with_keys(
-                ctx.profile(self.profile.first().map(String::as_str))?,
-            )?)
-        } else {
-            None
-        };
-        let replicated = single
-            .as_ref()
-            .is_some_and(|p| p.concurrency().replicas > 1);
-        let multi = self.stack.is_some()
-            || self.profile.len() > 1
-            || self.max_loaded.is_some()
-            || self.idle_unload_s.is_some()
-            || replicated;
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()?;
-        if let (false, Some(profile)) = (multi, &single) {
-            let pool = self.pool.unwrap_or_else(|| profile.pool().clone());
-            return rt.block_on(serve_one(profile.clone(), pool, ctx, cfg));
-        }
-        if self.pool.is_some() && single.is_none() {
+        if self.pool.is_some() && (self.stack.is_some() || self.profile.len() > 1) {
             bail!("--pool names the pool of one profile; a stack file gives each pool its id");
         }
+        // One profile is a stack of one pool: every `serve` runs the same way.
         let stack = match &self.stack {
             Some(f) => llorch_profile::stack::Stack::load(f, &ctx.layout.root)?,
             None => {
-                let profiles = match single {
-                    Some(mut p) => {
-                        if let Some(id) = &self.pool {
-                            p.file.pool = id.clone();
-                        }
-                        vec![p]
-                    }
-                    None => self
-                        .profile
-                        .iter()
-                        .map(|p| with_keys(ctx.profile(Some(p))?))
-                        .collect::<Result<Vec<_>>>()?,
+                let names: Vec<Option<&str>> = if self.profile.is_empty() {
+                    vec![None]
+                } else {
+                    self.profile.iter().map(|p| Some(p.as_str())).collect()
                 };
+                let mut profiles = names
+                    .into_iter()
+                    .map(|p| with_keys(ctx.profile(p)?))
+                    .collect::<Result<Vec<_>>>()?;
+                if let (Some(id), [p]) = (&self.pool, profiles.as_mut_slice()) {
+                    p.file.pool = id.clone();
+                }
                 llorch_profile::stack::Stack::from_profiles(profiles)?
             }
         };
@@ -122,45 +101,14 @@ impl ServeCmd {
             max_loaded: self.max_loaded,
             ..Default::default()
         };
-        rt.block_on(serve_many(stack, opts, ctx, cfg))
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(serve(stack, opts, ctx, cfg))
     }
 }
 
-async fn serve_one(
-    profile: engine_provisioner::Profile,
-    pool: llorch_io::handoff::PoolId,
-    ctx: &Ctx,
-    cfg: orchestratord::Config,
-) -> Result<()> {
-    let stack = llorch_stack::start_stack(
-        &profile,
-        &pool,
-        &ctx.layout,
-        cfg,
-        false,
-        "cargo xtask serve",
-    )
-    .await?;
-    // Caught from here on (not earlier: a stop during the build must stop it
-    // at once), before anyone is told where we serve.
-    let mut stop = llorch_io::signals::StopSignals::install();
-    println!(
-        "serving {} (pool {pool}) at {} (engine {}; SIGINT/SIGTERM/SIGHUP drain and stop)\n  try: curl -s {}/v1/tasks -H 'content-type: application/json' -d '{{\"prompt\":\"Hello\",\"max_tokens\":16}}'",
-        stack.model_ref,
-        stack.orchestrator_url(),
-        stack.engine_url,
-        stack.orchestrator_url()
-    );
-    let outcome = until_stopped(&stack.server.state, &mut stop).await;
-    stack.stop(std::time::Duration::from_secs(30)).await;
-    eprintln!("stopped");
-    if outcome.is_some() {
-        bail!("nothing left to serve");
-    }
-    Ok(())
-}
-
-async fn serve_many(
+async fn serve(
     stack: llorch_profile::stack::Stack,
     opts: llorch_stack::PoolsOptions,
     ctx: &Ctx,
@@ -171,17 +119,31 @@ async fn serve_many(
     }
     let ps =
         llorch_stack::start_pools(&stack, &ctx.layout, cfg, &opts, "cargo xtask serve").await?;
-    // Caught from here on, before anyone is told where we serve.
+    // Caught from here on (not earlier: a stop during the build must stop it
+    // at once), before anyone is told where we serve.
     let mut stop = llorch_io::signals::StopSignals::install();
+    let n = stack.pools.len();
     println!(
-        "serving {} pools at {} (SIGINT/SIGTERM/SIGHUP drain and stop)",
-        stack.pools.len(),
+        "serving {n} pool{} at {} (SIGINT/SIGTERM/SIGHUP drain and stop)",
+        if n == 1 { "" } else { "s" },
         ps.orchestrator_url()
     );
     for (p, sp) in ps.server.state.heads().zip(&stack.pools) {
         let c = sp.concurrency;
+        // A pool of one engine that runs: where it is, and whether it is attached.
+        let engine = match ps.links.iter().find(|(id, _)| id == &p.group) {
+            Some((_, l)) if c.replicas == 1 => match orchestratord::EngineLink::current(&**l) {
+                orchestratord::LinkState::Ready(e) => format!(
+                    "; engine {}{}",
+                    e.url,
+                    if l.is_attached() { ", attached" } else { "" }
+                ),
+                _ => String::new(),
+            },
+            _ => String::new(),
+        };
         println!(
-            "  pool {:<16} {:<9} {} ({}; {} x {} slot(s), {}{})",
+            "  pool {:<16} {:<9} {} ({}; {} x {} slot(s), {}{}{engine})",
             p.group.as_str(),
             orchestratord::api::group_state(&ps.server.state, &ps.server.state.members(&p.group)),
             p.aliases.join(", "),

@@ -172,6 +172,112 @@ fn two_provisions_at_once_end_with_one_engine() {
     }
 }
 
+/// `serve` of a pool whose detached engine `provision` started (one profile
+/// is a stack of one pool, and a stack attaches): tokens stream through the
+/// orchestrator from that very engine; when it dies, `serve` provisions it
+/// again; when `serve` stops, the detached engine keeps running until
+/// `engine down`.
+#[test]
+fn serve_attaches_to_a_provisioned_engine_revives_it_and_leaves_it_running() {
+    let rt = tempfile::tempdir().unwrap();
+    let layout = layout(rt.path());
+    let pool = PoolId::parse(&format!("xt-attach-{}", std::process::id())).unwrap();
+    let paths = RunPaths::new(&layout, &pool);
+    let _down = PoolDown(rt.path(), pool.clone());
+    let out = xtask(rt.path())
+        .args(["provision", "--pool", pool.as_str(), "--json"])
+        .spawn(Io::Piped, Io::Piped)
+        .and_then(|c| c.wait_with_output())
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let first = v["pid"].as_u64().unwrap() as u32;
+    let detached = || {
+        llorch_io::handoff::RunRecord::read(&paths.pid_file)
+            .unwrap()
+            .filter(|r| {
+                r.process.is_running() && matches!(r.owner, llorch_io::handoff::Owner::Detached)
+            })
+            .map(|r| r.process.pid)
+    };
+    let (mut child, url) = serve(rt.path(), &pool);
+    assert_eq!(detached(), Some(first), "serve kept the detached engine");
+    assert_eq!(engines_writing(&paths.log), vec![first], "and started none");
+    let tokio_rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let stream = || {
+        tokio_rt.block_on(async {
+            let c = llorch_io::http::async_client();
+            let body = serde_json::json!({"prompt": "Hello", "max_tokens": 8});
+            orchestratord::client::stream_task(&c, &url, &body, None, None).await
+        })
+    };
+    let r = stream().unwrap();
+    assert!(
+        r.order_ok() && r.end.is_some() && !r.tokens.is_empty(),
+        "{:?}",
+        r.order
+    );
+    // The detached engine dies: serve starts it again through `provision`.
+    unsafe { libc::kill(first as i32, libc::SIGKILL) };
+    wait_until(
+        "the engine provisioned again",
+        Duration::from_secs(120),
+        || detached().is_some_and(|p| p != first) && paths.handoff.exists(),
+    );
+    let second = detached().unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        match stream() {
+            Ok(r) if r.end.is_some() && !r.tokens.is_empty() => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "no tokens after the revival: {:?}",
+                other.map(|r| r.order)
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    // serve stops; the detached engine does not.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "serve did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert!(status.success(), "serve exited {status}");
+    assert_eq!(
+        detached(),
+        Some(second),
+        "the detached engine keeps running"
+    );
+    assert_eq!(engines_writing(&paths.log), vec![second]);
+    let down = xtask(rt.path())
+        .args(["engine", "down", "--pool", pool.as_str()])
+        .spawn(Io::Piped, Io::Piped)
+        .and_then(|c| c.wait_with_output())
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    wait_until("the engine to exit", Duration::from_secs(10), || {
+        engines_writing(&paths.log).is_empty()
+    });
+    let _ = fs_err::remove_file(&paths.log);
+}
+
 /// `serve` on SIGTERM and on SIGHUP: an open stream ends with a terminal
 /// event, serve exits 0, and no engine, PID file or handoff is left. While it
 /// runs, a second `provision` or `engine up` for its pool attaches to the

@@ -175,7 +175,7 @@ async fn start(
     stack: &Stack,
     queue_capacity: usize,
     command: &str,
-) -> Result<llorch_stack::PoolStack> {
+) -> Result<llorch_stack::Stack> {
     let cfg = orchestratord::Config {
         addr: "127.0.0.1:0".parse().unwrap(),
         queue_capacity,

@@ -108,7 +108,7 @@ pub fn bench_openai(
         let pool = crate::bench_pool(&p)?;
         let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg.clone(), true, "cargo xtask bench openai").await?;
         let orch = stack.orchestrator_url();
-        let engine = stack.engine_url.clone();
+        let engine = stack.engine()?.url;
         let http = llorch_io::http::async_client();
         let (orch_chat, engine_chat) = (format!("{orch}/v1/chat/completions"), format!("{engine}/v1/chat/completions"));
         let messages = json!([{"role": "user", "content": "Write a long story about a lighthouse keeper."}]);
@@ -158,7 +158,7 @@ pub fn bench_openai(
         pe.file.server.embeddings = true;
         let epool = llorch_io::handoff::PoolId::parse(&format!("{stem}-embed"))?;
         let stack = llorch_stack::start_stack(&pe, &epool, &ctx.layout, cfg, true, "cargo xtask bench openai").await?;
-        let (orch_e, engine_e) = (format!("{}/v1/embeddings", stack.orchestrator_url()), format!("{}/v1/embeddings", stack.engine_url));
+        let (orch_e, engine_e) = (format!("{}/v1/embeddings", stack.orchestrator_url()), format!("{}/v1/embeddings", stack.engine()?.url));
         let docs: Vec<String> = (0..256).map(|i| format!("Document {i}: the lighthouse keeper wrote entry number {i} in the log.")).collect();
         let embed_all = |url: String, model: Option<String>| {
             let http = http.clone();

@@ -195,7 +195,7 @@ pub fn bench_stream(
         )
         .await?;
         let orch = stack.orchestrator_url();
-        let engine = stack.engine_url.clone();
+        let engine = stack.engine()?.url;
         let http = llorch_io::http::async_client();
         let prompt = "Write a long story about a lighthouse keeper:\n";
         let body = json!({"prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true});

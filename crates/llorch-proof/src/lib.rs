@@ -339,8 +339,9 @@ pub async fn prove(
 ) -> Result<HaikuReport> {
     let http = llorch_io::http::async_client();
     let orch = stack.orchestrator_url();
-    let engine = &stack.engine_url;
-    let direct = Direct::new(&http, engine, stack.engine_api_key.as_deref());
+    let info = stack.engine()?;
+    let engine = &info.url;
+    let direct = Direct::new(&http, engine, info.api_key.as_deref());
     let seed = profile.file.server.seed;
     let minute_word = minute_in_words(current_minute());
     let nonce = new_nonce();
@@ -420,17 +421,10 @@ pub async fn prove(
         }
     };
     let other_messages = haiku_messages(&minute_word, &other_nonce);
-    let a =
-        first_position_logprobs(&http, engine, stack.engine_api_key.as_deref(), &messages).await?;
-    let a2 =
-        first_position_logprobs(&http, engine, stack.engine_api_key.as_deref(), &messages).await?;
-    let b = first_position_logprobs(
-        &http,
-        engine,
-        stack.engine_api_key.as_deref(),
-        &other_messages,
-    )
-    .await?;
+    let a = first_position_logprobs(&http, engine, info.api_key.as_deref(), &messages).await?;
+    let a2 = first_position_logprobs(&http, engine, info.api_key.as_deref(), &messages).await?;
+    let b =
+        first_position_logprobs(&http, engine, info.api_key.as_deref(), &other_messages).await?;
     let (max_delta, sets_differ) = compare_logprobs(&a, &b);
     check(
         &mut checks,
@@ -480,7 +474,7 @@ pub async fn prove(
     Ok(HaikuReport {
         passed,
         profile: profile.name.clone(),
-        pool: stack.pool.to_string(),
+        pool: info.pool.clone(),
         text: first.text.clone(),
         prompt: messages[0]["content"].as_str().unwrap_or("").to_string(),
         minute_word,
@@ -493,10 +487,10 @@ pub async fn prove(
         time_to_first_token_ms: first.ttft_ms,
         engine_url: engine.clone(),
         orchestrator_url: orch,
-        engine_version: stack.engine_version.clone(),
-        fingerprint: stack.fingerprint.clone(),
-        model_ref: stack.model_ref.clone(),
-        model_digest: stack.model_digest.clone(),
+        engine_version: info.engine_version.clone(),
+        fingerprint: info.fingerprint.clone(),
+        model_ref: info.model_ref.clone(),
+        model_digest: info.model_digest.clone(),
         checks,
         finished_at: llorch_io::now_rfc3339(),
     })

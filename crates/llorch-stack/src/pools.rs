@@ -1,11 +1,19 @@
-//! Many pools behind one orchestrator (`cargo xtask serve --stack FILE`).
+//! A stack: pools behind one orchestrator, in this process. Every `serve`
+//! (one profile is a stack of one pool, see [`start_stack`](crate::stack::start_stack)),
+//! the proof and the benches run one.
 //!
 //! * Every pool is prepared at start (engine built or reused, model fetched
 //!   and verified), so a load on demand is only a process start.
 //! * Each pool's engine is owned by a [`ManagedLink`]: the scheduler in
 //!   `orchestratord::pool` asks it to load (a [`Supervisor`] starts) and to
 //!   unload (the supervisor stops: signal, grace, kill of the process group).
-//! * Nothing outlives this process: engines get the parent-death signal and
+//! * A pool of one engine (one replica, no pinned GPUs) whose detached
+//!   engine `provision` started with the same build, model and flags is
+//!   attached to instead ([`ProvisionedLink`]): always loaded, started again
+//!   through `provision` if it dies, and left running when the stack stops.
+//!   A pool kept by another supervisor, or by a detached engine that
+//!   differs, is refused with the owner's pid and how to stop it.
+//! * Nothing else outlives this process: engines get the parent-death signal and
 //!   their own process group from the supervisor; at start the run records
 //!   of a previous crashed run are swept, and a leftover engine whose
 //!   supervisor is gone is stopped (identified by the run files, pid, start
@@ -16,12 +24,12 @@
 //!   device, its free memory and what the pool needs.
 
 use crate::prepare::{self, Prepared};
-use crate::stack::{engine_info, StackError};
+use crate::stack::{engine_info, ProvisionedLink, StackError};
 use engine_provisioner::BuildOptions;
 use engine_runtime::lifecycle::{self, PreparedEngine};
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
 use llorch_io::paths::Layout;
-use llorch_profile::stack::{LoadPolicy, Stack};
+use llorch_profile::stack::LoadPolicy;
 use orchestratord::{
     Config, EngineInfo, EngineLink, LinkState, LoadContext, LoadRefusal, PoolPolicy, PoolSpec,
     SchedulerConfig,
@@ -37,7 +45,9 @@ pub const GPU_OVERHEAD_MIB: u64 = 1024;
 
 pub use llorch_io::gpu::{GpuMemory, GpuProbe, PROBE_FRESH};
 
-/// A pool's engine, started and stopped when the scheduler asks.
+/// A pool's engine, started and stopped when the scheduler asks; or the
+/// detached engine `provision` started, attached to (never started or
+/// stopped here).
 pub struct ManagedLink {
     pub base: EngineInfo,
     prep: PreparedEngine,
@@ -51,6 +61,7 @@ pub struct ManagedLink {
     probe: GpuProbe,
     sup: Mutex<Option<Supervisor>>,
     unloading: Arc<AtomicBool>,
+    attached: Option<ProvisionedLink>,
 }
 
 impl ManagedLink {
@@ -82,7 +93,13 @@ impl ManagedLink {
             probe,
             sup: Mutex::new(None),
             unloading: Arc::new(AtomicBool::new(false)),
+            attached: None,
         }
+    }
+
+    /// Whether this link follows a detached engine `provision` started.
+    pub fn is_attached(&self) -> bool {
+        self.attached.is_some()
     }
 
     /// Whether the memory the pool needs is free on its devices now: a recent
@@ -130,7 +147,7 @@ impl ManagedLink {
         Ok(())
     }
 
-    /// Stop the engine now and wait (shutdown).
+    /// Stop the engine now and wait (shutdown). An attached engine keeps running.
     pub fn stop(&self) {
         let sup = self.sup.lock().unwrap().take();
         if let Some(s) = sup {
@@ -152,6 +169,9 @@ impl ManagedLink {
     }
 
     pub fn engine_pid(&self) -> Option<u32> {
+        if let Some(a) = &self.attached {
+            return a.engine_pid();
+        }
         match self.sup.lock().unwrap().as_ref()?.state() {
             EngineState::Ready { pid, .. } => Some(pid),
             _ => None,
@@ -161,6 +181,9 @@ impl ManagedLink {
 
 impl EngineLink for ManagedLink {
     fn current(&self) -> LinkState {
+        if let Some(a) = &self.attached {
+            return a.current();
+        }
         if self.unloading.load(Ordering::SeqCst) {
             return LinkState::Unloading;
         }
@@ -181,17 +204,20 @@ impl EngineLink for ManagedLink {
     }
 
     fn report_stalled(&self) {
+        if let Some(a) = &self.attached {
+            return a.report_stalled();
+        }
         if let Some(s) = self.sup.lock().unwrap().as_ref() {
             s.state_handle().request_restart();
         }
     }
 
     fn loads_on_demand(&self) -> bool {
-        true
+        self.attached.is_none()
     }
 
     fn load(&self, ctx: &LoadContext) -> Result<(), LoadRefusal> {
-        if self.sup.lock().unwrap().is_some() {
+        if self.attached.is_some() || self.sup.lock().unwrap().is_some() {
             return Ok(());
         }
         // Probed without holding the lock (`current` must stay quick).
@@ -212,6 +238,9 @@ impl EngineLink for ManagedLink {
     }
 
     fn unload(&self) {
+        if self.attached.is_some() {
+            return;
+        }
         self.unloading.store(true, Ordering::SeqCst);
         let sup = self.sup.lock().unwrap().take();
         let flag = self.unloading.clone();
@@ -224,15 +253,32 @@ impl EngineLink for ManagedLink {
     }
 }
 
-/// An orchestrator and the engines of its pools, in this process.
-pub struct PoolStack {
+/// An orchestrator and the engines of its pools, in this process: what
+/// `serve`, the proof and the benches run against.
+pub struct Stack {
     pub server: orchestratord::Server,
+    /// Each engine (a pool's replicas one by one), by run id, in the stack's order.
     pub links: Vec<(llorch_io::handoff::PoolId, Arc<ManagedLink>)>,
 }
 
-impl PoolStack {
+impl Stack {
     pub fn orchestrator_url(&self) -> String {
         format!("http://{}", self.server.addr)
+    }
+
+    /// The first pool's engine as it runs now (URL, key, build, model):
+    /// what a stack of one pool serves.
+    pub fn engine(&self) -> Result<EngineInfo, StackError> {
+        let (id, link) = self
+            .links
+            .first()
+            .ok_or_else(|| StackError::Other("the stack has no pool".into()))?;
+        match link.current() {
+            LinkState::Ready(e) => Ok(e),
+            other => Err(StackError::Other(format!(
+                "pool {id} has no engine ready ({other:?})"
+            ))),
+        }
     }
 
     pub fn link(&self, pool: &str) -> Option<&Arc<ManagedLink>> {
@@ -277,12 +323,12 @@ pub struct PoolsOptions {
 
 /// Prepare every pool, load the eager ones, start the orchestrator.
 pub async fn start_pools(
-    stack: &Stack,
+    stack: &llorch_profile::stack::Stack,
     layout: &Layout,
     cfg: Config,
     opts: &PoolsOptions,
     command: &str,
-) -> Result<PoolStack, StackError> {
+) -> Result<Stack, StackError> {
     cfg.check()?;
     let max_loaded = opts.max_loaded.or(stack.max_loaded);
     let eager: u32 = stack
@@ -331,15 +377,6 @@ pub async fn start_pools(
         // One engine per replica: the same build, model and flags, its own run id and devices.
         for k in 0..c.replicas as usize {
             let run_id = p.id.replica(k);
-            let taken = {
-                let (l, id) = (layout.clone(), run_id.clone());
-                tokio::task::spawn_blocking(move || {
-                    lifecycle::claim(&l, &id, lifecycle::Intent::Supervise)
-                })
-                .await
-                .map_err(|e| StackError::Other(e.to_string()))?
-            };
-            taken?;
             let mut rprep = prep.clone();
             rprep.pool_id = run_id.clone();
             rprep.replica_id = format!("r{k}");
@@ -348,14 +385,41 @@ pub async fn start_pools(
                 .get(k)
                 .cloned()
                 .unwrap_or_else(|| p.devices.clone());
-            let link = Arc::new(ManagedLink::new(
+            // A pool of one engine may be the detached one `provision` started.
+            let attachable = c.replicas == 1 && devices.is_empty();
+            let claimed = {
+                let (l, id, rp) = (layout.clone(), run_id.clone(), rprep.clone());
+                tokio::task::spawn_blocking(move || {
+                    let intent = if attachable {
+                        lifecycle::Intent::SuperviseOrAttach(&rp)
+                    } else {
+                        lifecycle::Intent::Supervise
+                    };
+                    lifecycle::claim(&l, &id, intent)
+                })
+                .await
+                .map_err(|e| StackError::Other(e.to_string()))??
+            };
+            let mut link = ManagedLink::new(
                 rprep,
                 layout.clone(),
                 command,
                 devices,
                 p.memory_mib,
                 opts.probe.clone(),
-            ));
+            );
+            if let lifecycle::Claim::Attach(h) = claimed {
+                if !opts.quiet {
+                    eprintln!(
+                        "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
+                        h.process.pid
+                    );
+                }
+                link.attached = Some(ProvisionedLink::new(&p.profile, &run_id, layout));
+            }
+            let link = Arc::new(link);
+            // Nothing here starts or stops an attached engine: it is loaded, and stays.
+            let eager = p.load == LoadPolicy::Eager || link.is_attached();
             let mut base = link.base.clone();
             // Capabilities and aliases name the pool, not the replica's run id.
             base.pool = p.id.to_string();
@@ -375,13 +439,15 @@ pub async fn start_pools(
                 },
                 link: Box::new(link.clone()),
                 policy: PoolPolicy {
-                    lazy: p.load == LoadPolicy::Lazy,
-                    idle_unload: idle.map(Duration::from_secs),
+                    lazy: !eager,
+                    idle_unload: idle
+                        .filter(|_| !link.is_attached())
+                        .map(Duration::from_secs),
                     keep_loaded: p.keep_loaded,
                 },
                 engine: Some(base),
             });
-            if p.load == LoadPolicy::Eager {
+            if eager {
                 eager_links.push((run_id.clone(), link.clone()));
             }
             links.push((run_id, link));
@@ -460,7 +526,7 @@ pub async fn start_pools(
             "the orchestrator did not see the engines ready".into(),
         ));
     }
-    Ok(PoolStack { server, links })
+    Ok(Stack { server, links })
 }
 
 #[cfg(test)]

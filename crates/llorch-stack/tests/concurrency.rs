@@ -6,8 +6,8 @@
 //! answers 429 with a Retry-After from the observed service rate.
 
 use llorch_io::paths::Layout;
-use llorch_profile::stack::Stack;
-use llorch_stack::{start_pools, PoolStack, PoolsOptions};
+use llorch_profile::stack::Stack as StackSpec;
+use llorch_stack::{start_pools, PoolsOptions, Stack};
 use orchestratord::client::{read_stream, stream_task};
 use orchestratord::Config;
 use serde_json::{json, Value};
@@ -28,7 +28,7 @@ fn id(name: &str) -> String {
     format!("{name}-{}", std::process::id())
 }
 
-async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> PoolStack {
+async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> Stack {
     let dir = std::env::temp_dir().join(format!("llorch-conc-{test}-{}", std::process::id()));
     let _ = fs_err::remove_dir_all(&dir);
     fs_err::create_dir_all(&dir).unwrap();
@@ -38,7 +38,7 @@ async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> PoolSta
     fs_err::write(dir.join("stack.yaml"), text).unwrap();
     let root = root();
     let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
-    let stack = Stack::load(&dir.join("stack.yaml"), &root).unwrap();
+    let stack = StackSpec::load(&dir.join("stack.yaml"), &root).unwrap();
     let mut cfg = Config {
         addr: "127.0.0.1:0".parse().unwrap(),
         health_interval: Duration::from_millis(50),

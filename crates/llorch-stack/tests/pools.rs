@@ -3,8 +3,8 @@
 //! its own pool ids (with this process id) and its own orchestrator.
 
 use llorch_io::paths::Layout;
-use llorch_profile::stack::Stack;
-use llorch_stack::{start_pools, PoolStack, PoolsOptions};
+use llorch_profile::stack::Stack as StackSpec;
+use llorch_stack::{start_pools, PoolsOptions, Stack};
 use orchestratord::client::stream_task;
 use orchestratord::Config;
 use serde_json::{json, Value};
@@ -28,7 +28,7 @@ fn id(name: &str) -> String {
 }
 
 /// A stack file in a fresh directory; `{a}` and `{b}` are pool ids.
-fn stack(test: &str, yaml: &str) -> (Stack, Layout) {
+fn stack(test: &str, yaml: &str) -> (StackSpec, Layout) {
     let dir = std::env::temp_dir().join(format!("llorch-pools-{test}-{}", std::process::id()));
     let _ = fs_err::remove_dir_all(&dir);
     fs_err::create_dir_all(&dir).unwrap();
@@ -38,10 +38,10 @@ fn stack(test: &str, yaml: &str) -> (Stack, Layout) {
     fs_err::write(dir.join("stack.yaml"), text).unwrap();
     let root = root();
     let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
-    (Stack::load(&dir.join("stack.yaml"), &root).unwrap(), layout)
+    (StackSpec::load(&dir.join("stack.yaml"), &root).unwrap(), layout)
 }
 
-async fn start(test: &str, yaml: &str) -> PoolStack {
+async fn start(test: &str, yaml: &str) -> Stack {
     let (s, layout) = stack(test, yaml);
     let cfg = Config {
         addr: "127.0.0.1:0".parse().unwrap(),
@@ -424,7 +424,7 @@ fn hostile_stack_files_are_refused_by_key() {
         ),
     ] {
         fs_err::write(dir.join("s.yaml"), yaml).unwrap();
-        let e = Stack::load(&dir.join("s.yaml"), &root)
+        let e = StackSpec::load(&dir.join("s.yaml"), &root)
             .expect_err(yaml)
             .to_string();
         assert!(e.contains(key), "{yaml}: {e}");
