@@ -5,7 +5,7 @@
 //! One profile is a stack of one pool; several `--profile`s or `--stack
 //! FILE` give one pool each, loaded at start or on demand, unloaded when
 //! idle. A pool of one engine that `provision` started is attached to (see
-//! `llorch_stack::pools`).
+//! `llorch_stack::stack`).
 
 use crate::Ctx;
 use anyhow::{bail, Result};

@@ -3,21 +3,22 @@
 //!
 //! * [`prepare`](mod@prepare): build + fetch + flags (everything but the process);
 //! * [`provision`](mod@provision): a detached engine per pool, idempotent, under the pool lock;
-//! * [`pools`]: a [`Stack`]: pools (loaded at start or on demand, unloaded when idle;
-//!   a pool's detached engine attached to) behind one orchestrator, in one process;
-//! * [`stack`]: how an engine is linked to the orchestrator, and one profile as a stack of one pool.
+//! * [`stack`]: a [`Stack`], pools (loaded at start or on demand, unloaded when idle;
+//!   a pool's detached engine attached to) behind one orchestrator, in one process:
+//!   the one composition shape, one profile being a stack of one pool;
+//! * [`link`]: how each engine is linked to the orchestrator (supervised, attached, managed).
 //!
 //! Which commands supervise and which start detached: `provision` and `engine up`
 //! start detached (the engine outlives the command until `engine down`);
 //! `serve`, `engine up --foreground`, `haiku` and `bench` supervise (the engine
 //! is restarted when it crashes or hangs and dies with the command).
 
-pub mod pools;
+pub mod link;
 pub mod prepare;
 pub mod provision;
 pub mod stack;
 
-pub use pools::{start_pools, ManagedLink, PoolsOptions, Stack};
+pub use link::{engine_info, ManagedLink, ProvisionedLink, SupervisorLink};
 pub use prepare::{prepare, Prepared, ProvisionError};
 pub use provision::{provision, ProvisionOutcome};
-pub use stack::{engine_info, start_stack, ProvisionedLink, StackError, SupervisorLink};
+pub use stack::{start_pools, start_stack, PoolsOptions, Stack, StackError};

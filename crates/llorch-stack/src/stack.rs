@@ -1,116 +1,318 @@
-//! How an engine is linked to the orchestrator, and the stack of one pool.
+//! A stack: pools behind one orchestrator, in this process. Every `serve`
+//! (one profile is a stack of one pool, see [`start_stack`]),
+//! the proof and the benches run one.
 //!
-//! * [`SupervisorLink`]: an engine under a [`Supervisor`] of this process.
-//! * [`ProvisionedLink`]: the detached engine `provision` started, attached
-//!   to: the orchestrator follows its handoff, and if that engine dies it is
-//!   started again through `provision` (the same path, under the pool lock).
-//! * [`start_stack`]: one profile as a stack of one pool; every stack,
-//!   of one pool or many, is started by [`start_pools`](crate::pools::start_pools).
+//! * Every pool is prepared at start (engine built or reused, model fetched
+//!   and verified), so a load on demand is only a process start.
+//! * Each pool's engine is owned by a [`ManagedLink`]: the scheduler in
+//!   `orchestratord::pool` asks it to load (a [`Supervisor`] starts) and to
+//!   unload (the supervisor stops: signal, grace, kill of the process group).
+//! * A pool of one engine (one replica, no pinned GPUs) whose detached
+//!   engine `provision` started with the same build, model and flags is
+//!   attached to instead ([`ProvisionedLink`]): always loaded, started again
+//!   through `provision` if it dies, and left running when the stack stops.
+//!   A pool kept by another supervisor, or by a detached engine that
+//!   differs, is refused with the owner's pid and how to stop it.
+//! * Nothing else outlives this process: engines get the parent-death signal and
+//!   their own process group from the supervisor; at start the run records
+//!   of a previous crashed run are swept, and a leftover engine whose
+//!   supervisor is gone is stopped (identified by the run files, pid, start
+//!   time and executable, never by name).
+//! * A CUDA pool runs with `CUDA_VISIBLE_DEVICES` set to its devices. Before
+//!   it loads, free memory on those devices is read with `nvidia-smi`; a load
+//!   that cannot fit waits while another pool unloads, or fails with the
+//!   device, its free memory and what the pool needs.
 
-use crate::pools::{start_pools, PoolsOptions, Stack};
-use crate::prepare;
+use crate::link::{ManagedLink, ProvisionedLink};
+use crate::prepare::{self, Prepared};
 use engine_provisioner::BuildOptions;
-use engine_runtime::lifecycle::{PreparedEngine, RunPaths};
+use engine_runtime::lifecycle;
 #[cfg(doc)]
 use engine_runtime::supervisor::Supervisor;
-use engine_runtime::supervisor::{EngineState, StateHandle};
 use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
+use llorch_profile::stack::LoadPolicy;
 use llorch_profile::Profile;
-use orchestratord::{Config, EngineInfo, EngineLink, HandoffLink, LinkState};
-use std::sync::atomic::{AtomicBool, Ordering};
+use orchestratord::{
+    Config, EngineInfo, EngineLink, LinkState, LoadContext, LoadRefusal, PoolPolicy, PoolSpec,
+    SchedulerConfig,
+};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-/// What the orchestrator reports about a prepared engine (its URL is filled in once it runs).
-pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
-    EngineInfo {
-        pool: prep.pool_id.to_string(),
-        fingerprint: prep.fingerprint.clone(),
-        flags: prep.flags.clone(),
-        url: String::new(),
-        engine: "llamacpp".into(),
-        engine_version: prep.engine_version.clone(),
-        model_ref: prep.model.reference.clone(),
-        model_digest: prep.model.digest.clone(),
-        ctx_max: prep.model.metadata["ctx_max"].as_u64(),
-        slots: orchestratord::link::slots_of(&prep.flags),
-        batched: orchestratord::link::is_batched(&prep.flags),
-        api_key: None,
+pub use llorch_io::gpu::GpuProbe;
+use llorch_io::gpu::PROBE_FRESH;
+
+/// An orchestrator and the engines of its pools, in this process: what
+/// `serve`, the proof and the benches run against.
+pub struct Stack {
+    pub server: orchestratord::Server,
+    /// Each engine (a pool's replicas one by one), by run id, in the stack's order.
+    pub links: Vec<(llorch_io::handoff::PoolId, Arc<ManagedLink>)>,
+}
+
+impl Stack {
+    pub fn orchestrator_url(&self) -> String {
+        format!("http://{}", self.server.addr)
     }
-}
 
-/// Points the orchestrator at wherever the supervisor's engine is now.
-pub struct SupervisorLink {
-    pub base: EngineInfo,
-    pub state: StateHandle,
-}
-
-impl EngineLink for SupervisorLink {
-    fn current(&self) -> LinkState {
-        match self.state.get() {
-            EngineState::Ready { url, api_key, .. } => LinkState::Ready(EngineInfo {
-                url,
-                api_key,
-                ..self.base.clone()
-            }),
-            EngineState::Failed { reason } => LinkState::Failed(reason),
-            _ => LinkState::Starting,
+    /// The first pool's engine as it runs now (URL, key, build, model):
+    /// what a stack of one pool serves.
+    pub fn engine(&self) -> Result<EngineInfo, StackError> {
+        let (id, link) = self
+            .links
+            .first()
+            .ok_or_else(|| StackError::Other("the stack has no pool".into()))?;
+        match link.current() {
+            LinkState::Ready(e) => Ok(e),
+            other => Err(StackError::Other(format!(
+                "pool {id} has no engine ready ({other:?})"
+            ))),
         }
     }
-    fn report_stalled(&self) {
-        self.state.request_restart();
+
+    pub fn link(&self, pool: &str) -> Option<&Arc<ManagedLink>> {
+        self.links
+            .iter()
+            .find(|(id, _)| id.as_str() == pool)
+            .map(|(_, l)| l)
+    }
+
+    /// Drain the orchestrator, then stop every engine.
+    pub async fn stop(self, drain: Duration) {
+        self.server.shutdown(drain).await;
+        let links = self.links;
+        let _ = tokio::task::spawn_blocking(move || {
+            for (_, l) in &links {
+                l.stop();
+            }
+            // Unloads under way finish too.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            for (_, l) in &links {
+                l.unloading.wait_done(deadline);
+            }
+        })
+        .await;
     }
 }
 
-/// Follows a detached engine's handoff; starts it again through `provision` when it is gone.
-pub struct ProvisionedLink {
-    handoff: HandoffLink,
-    reviving: Arc<AtomicBool>,
-    revive: Arc<dyn Fn() + Send + Sync>,
+/// Options of [`start_pools`] that are not in the stack file.
+#[derive(Clone, Debug, Default)]
+pub struct PoolsOptions {
+    pub quiet: bool,
+    pub probe: GpuProbe,
+    /// Replaces every pool's `idle_unload_s` (seconds; 0: never).
+    pub idle_unload_s: Option<u64>,
+    /// Replaces the stack's `max_loaded`.
+    pub max_loaded: Option<usize>,
 }
 
-impl ProvisionedLink {
-    /// Follow `pool`'s handoff; when its engine is gone, `provision` it again from `profile`.
-    pub fn new(profile: &Profile, pool: &PoolId, layout: &Layout) -> ProvisionedLink {
-        let (p, l, id) = (profile.clone(), layout.clone(), pool.clone());
-        ProvisionedLink {
-            handoff: HandoffLink(RunPaths::new(layout, pool).handoff),
-            reviving: Arc::new(AtomicBool::new(false)),
-            revive: Arc::new(move || {
-                if let Err(e) = crate::provision::provision(&p, &id, &l, &BuildOptions::quiet()) {
-                    eprintln!("could not start the engine of pool {id} again: {e}");
+/// Prepare every pool, load the eager ones, start the orchestrator.
+pub async fn start_pools(
+    stack: &llorch_profile::stack::Stack,
+    layout: &Layout,
+    cfg: Config,
+    opts: &PoolsOptions,
+    command: &str,
+) -> Result<Stack, StackError> {
+    cfg.check()?;
+    let max_loaded = opts.max_loaded.or(stack.max_loaded);
+    let eager: u32 = stack
+        .pools
+        .iter()
+        .filter(|p| p.load == LoadPolicy::Eager)
+        .map(|p| p.concurrency.replicas)
+        .sum();
+    if let Some(m) = max_loaded {
+        if eager as usize > m {
+            return Err(StackError::Other(format!(
+                "{eager} engines load at start (replicas count one by one) but max_loaded is {m}; mark some pools `load: lazy` or raise max_loaded"
+            )));
+        }
+    }
+    // Engines left by a previous run that crashed: swept before anything starts.
+    {
+        let l = layout.clone();
+        let _ = tokio::task::spawn_blocking(move || lifecycle::sweep_stale(&l)).await;
+    }
+    let mut specs = Vec::new();
+    let mut links = Vec::new();
+    // Which links load at start (eager pools: every replica).
+    let mut eager_links = Vec::new();
+    for p in &stack.pools {
+        let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
+        let Prepared { engine: prep, .. } = tokio::task::spawn_blocking(move || {
+            prepare::prepare(
+                &prof,
+                &id,
+                &l2,
+                &BuildOptions {
+                    quiet,
+                    ..Default::default()
+                },
+            )
+        })
+        .await
+        .map_err(|e| StackError::Other(e.to_string()))??;
+        let c = p.concurrency;
+        let idle = match opts.idle_unload_s {
+            Some(0) => None,
+            Some(s) => Some(s),
+            None => p.idle_unload_s,
+        };
+        // One engine per replica: the same build, model and flags, its own run id and devices.
+        for k in 0..c.replicas as usize {
+            let run_id = p.id.replica(k);
+            let mut rprep = prep.clone();
+            rprep.pool_id = run_id.clone();
+            rprep.replica_id = format!("r{k}");
+            let devices = p
+                .replica_devices
+                .get(k)
+                .cloned()
+                .unwrap_or_else(|| p.devices.clone());
+            // A pool of one engine may be the detached one `provision` started.
+            let attachable = c.replicas == 1 && devices.is_empty();
+            let claimed = {
+                let (l, id, rp) = (layout.clone(), run_id.clone(), rprep.clone());
+                tokio::task::spawn_blocking(move || {
+                    let intent = if attachable {
+                        lifecycle::Intent::SuperviseOrAttach(&rp)
+                    } else {
+                        lifecycle::Intent::Supervise
+                    };
+                    lifecycle::claim(&l, &id, intent)
+                })
+                .await
+                .map_err(|e| StackError::Other(e.to_string()))??
+            };
+            let mut link = ManagedLink::new(
+                rprep,
+                layout.clone(),
+                command,
+                devices,
+                p.memory_mib,
+                opts.probe.clone(),
+            );
+            if let lifecycle::Claim::Attach(h) = claimed {
+                if !opts.quiet {
+                    eprintln!(
+                        "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
+                        h.process.pid
+                    );
                 }
-            }),
-        }
-    }
-
-    /// The pid of the engine it follows now.
-    pub fn engine_pid(&self) -> Option<u32> {
-        match llorch_io::handoff::Handoff::read(&self.handoff.0) {
-            Ok(Some(h)) if h.process.is_running() => Some(h.process.pid),
-            _ => None,
-        }
-    }
-}
-
-impl EngineLink for ProvisionedLink {
-    fn current(&self) -> LinkState {
-        let s = self.handoff.current();
-        if s == LinkState::Starting && !self.reviving.swap(true, Ordering::SeqCst) {
-            let (flag, revive) = (self.reviving.clone(), self.revive.clone());
-            std::thread::spawn(move || {
-                revive();
-                flag.store(false, Ordering::SeqCst);
+                link.attached = Some(ProvisionedLink::new(&p.profile, &run_id, layout));
+            }
+            let link = Arc::new(link);
+            // Nothing here starts or stops an attached engine: it is loaded, and stays.
+            let eager = p.load == LoadPolicy::Eager || link.is_attached();
+            let mut base = link.base.clone();
+            // Capabilities and aliases name the pool, not the replica's run id.
+            base.pool = p.id.to_string();
+            specs.push(PoolSpec {
+                id: run_id.clone(),
+                group: p.id.clone(),
+                replica: k,
+                slots: c.slots as usize,
+                affinity: match c.affinity {
+                    llorch_profile::Affinity::None => orchestratord::Affinity::None,
+                    llorch_profile::Affinity::Prefix => orchestratord::Affinity::Prefix,
+                },
+                aliases: if k == 0 {
+                    vec![orchestratord::models::model_alias(&link.base)]
+                } else {
+                    Vec::new()
+                },
+                link: Box::new(link.clone()),
+                policy: PoolPolicy {
+                    lazy: !eager,
+                    idle_unload: idle
+                        .filter(|_| !link.is_attached())
+                        .map(Duration::from_secs),
+                    keep_loaded: p.keep_loaded,
+                },
+                engine: Some(base),
             });
-        }
-        s
-    }
-    fn report_stalled(&self) {
-        // A hung detached engine: stop it (identity-checked); the next look revives it.
-        if let Ok(Some(h)) = llorch_io::handoff::Handoff::read(&self.handoff.0) {
-            h.process.signal(9); // SIGKILL: a stopped process ignores SIGTERM
+            if eager {
+                eager_links.push((run_id.clone(), link.clone()));
+            }
+            links.push((run_id, link));
         }
     }
+    // GPU pools that are unloaded keep a recent memory reading (one probe a
+    // second for all GPUs), so a load on demand does not wait for nvidia-smi.
+    if links.iter().any(|(_, l)| !l.devices.is_empty()) {
+        let watched: Vec<std::sync::Weak<ManagedLink>> = links
+            .iter()
+            .filter(|(_, l)| !l.devices.is_empty())
+            .map(|(_, l)| Arc::downgrade(l))
+            .collect();
+        let probe = opts.probe.clone();
+        std::thread::Builder::new()
+            .name("gpu-memory".into())
+            .spawn(move || loop {
+                std::thread::sleep(PROBE_FRESH / 2);
+                let live: Vec<Arc<ManagedLink>> =
+                    watched.iter().filter_map(|w| w.upgrade()).collect();
+                if live.is_empty() {
+                    return;
+                }
+                if live.iter().any(|l| l.current() == LinkState::Unloaded) {
+                    let _ = probe.read();
+                }
+            })
+            .map_err(|e| StackError::Other(format!("start the GPU memory monitor: {e}")))?;
+    }
+    // Eager pools: start them all (every replica), then wait for each.
+    let loads = eager_links;
+    let started = tokio::task::spawn_blocking(move || -> Result<(), String> {
+        for (id, l) in &loads {
+            l.load(&LoadContext::default()).map_err(|r| match r {
+                LoadRefusal::Wait(m) | LoadRefusal::Fail(m) => {
+                    format!("pool {id} cannot start: {m}")
+                }
+            })?;
+        }
+        for (id, l) in &loads {
+            let timeout = Duration::from_secs(l.prep.ready_timeout_s + 10);
+            // Waited on through a handle: the link stays readable meanwhile.
+            let handle = l.sup.lock().unwrap().as_ref().map(|s| s.state_handle());
+            if let Some(h) = handle {
+                h.wait_ready(timeout)
+                    .map_err(|e| format!("pool {id}: {e}"))?;
+            }
+        }
+        Ok(())
+    })
+    .await
+    .map_err(|e| StackError::Other(e.to_string()))?;
+    if let Err(e) = started {
+        for (_, l) in &links {
+            l.stop();
+        }
+        return Err(StackError::Other(e));
+    }
+    let server = match orchestratord::start_pools(cfg, specs, SchedulerConfig { max_loaded }).await
+    {
+        Ok(s) => s,
+        Err(e) => {
+            for (_, l) in &links {
+                l.stop();
+            }
+            return Err(e.into());
+        }
+    };
+    // Wait until the orchestrator has seen every eager engine healthy.
+    if !server
+        .state
+        .wait_until(Duration::from_secs(10), |s| s.is_ready())
+        .await
+    {
+        return Err(StackError::Other(
+            "the orchestrator did not see the engines ready".into(),
+        ));
+    }
+    Ok(Stack { server, links })
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -38,7 +38,10 @@ fn stack(test: &str, yaml: &str) -> (StackSpec, Layout) {
     fs_err::write(dir.join("stack.yaml"), text).unwrap();
     let root = root();
     let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
-    (StackSpec::load(&dir.join("stack.yaml"), &root).unwrap(), layout)
+    (
+        StackSpec::load(&dir.join("stack.yaml"), &root).unwrap(),
+        layout,
+    )
 }
 
 async fn start(test: &str, yaml: &str) -> Stack {
