@@ -419,7 +419,6 @@ pub fn wait_ready(
     }
 }
 
-/// Stop our own child: SIGTERM, 5 s, SIGKILL; always reaped.
 /// Stop our own child: SIGTERM, up to 5 s, then SIGKILL. std owns the
 /// child and is the only one that reaps it (`try_wait`/`wait`), so until it
 /// does the pid stays a zombie of ours and cannot be reused: every signal

@@ -134,11 +134,12 @@ pub fn differences(h: &Handoff, prep: &PreparedEngine) -> Vec<String> {
 /// What a caller means to do with a pool; [`claim`] answers for all of them.
 #[derive(Clone, Copy, Debug)]
 pub enum Intent<'a> {
-    /// Run an engine of its own under a supervisor (a stack's replica, a
-    /// supervisor's start): only a free pool.
+    /// Run an engine of its own under a supervisor (a stack's replica or
+    /// GPU-pinned pool, a supervisor's start): only a free pool.
     Supervise,
-    /// `serve`: supervise an engine of its own, or attach to the detached
-    /// engine `provision` started if it is this very engine.
+    /// A stack's pool of one engine (`serve`, the proof, a bench): supervise
+    /// an engine of its own, or attach to the detached engine `provision`
+    /// started if it is this very engine.
     SuperviseOrAttach(&'a PreparedEngine),
     /// `provision`: a detached engine; one that runs and is this engine is
     /// reused (also when a supervisor keeps it), a different detached one is
