@@ -98,6 +98,40 @@ impl Drop for PoolDown<'_> {
     }
 }
 
+/// How `child` exited; it must exit within `within` (`what` names it in the failure).
+fn exit_within(
+    child: &mut std::process::Child,
+    what: &str,
+    within: Duration,
+) -> std::process::ExitStatus {
+    let deadline = Instant::now() + within;
+    loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            return s;
+        }
+        assert!(Instant::now() < deadline, "{what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// `engine down --pool` succeeds and the pool's engines are gone: what it printed.
+fn engine_down(rt: &Path, pool: &PoolId, log: &Path) -> String {
+    let down = xtask(rt)
+        .args(["engine", "down", "--pool", pool.as_str()])
+        .spawn(Io::Piped, Io::Piped)
+        .and_then(|c| c.wait_with_output())
+        .unwrap();
+    assert!(
+        down.status.success(),
+        "{}",
+        String::from_utf8_lossy(&down.stderr)
+    );
+    wait_until("the engine to exit", Duration::from_secs(10), || {
+        engines_writing(log).is_empty()
+    });
+    String::from_utf8_lossy(&down.stdout).into_owned()
+}
+
 fn wait_until(what: &str, within: Duration, mut f: impl FnMut() -> bool) {
     let deadline = Instant::now() + within;
     while !f() {
@@ -150,20 +184,8 @@ fn two_provisions_at_once_end_with_one_engine() {
             vec![pid],
             "round {round}: no other engine"
         );
-        let down = xtask(rt.path())
-            .args(["engine", "down", "--pool", pool.as_str()])
-            .spawn(Io::Piped, Io::Piped)
-            .and_then(|c| c.wait_with_output())
-            .unwrap();
-        assert!(
-            down.status.success(),
-            "{}",
-            String::from_utf8_lossy(&down.stderr)
-        );
-        assert!(String::from_utf8_lossy(&down.stdout).contains(&format!("pid {pid}")));
-        wait_until("the engine to exit", Duration::from_secs(10), || {
-            engines_writing(&paths.log).is_empty()
-        });
+        let down = engine_down(rt.path(), &pool, &paths.log);
+        assert!(down.contains(&format!("pid {pid}")), "{down}");
         assert!(
             !paths.pid_file.exists() && !paths.handoff.exists(),
             "run files removed"
@@ -247,14 +269,7 @@ fn serve_attaches_to_a_provisioned_engine_revives_it_and_leaves_it_running() {
     }
     // serve stops; the detached engine does not.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "serve did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = exit_within(&mut child, "serve did not exit", Duration::from_secs(60));
     assert!(status.success(), "serve exited {status}");
     assert_eq!(
         detached(),
@@ -262,19 +277,8 @@ fn serve_attaches_to_a_provisioned_engine_revives_it_and_leaves_it_running() {
         "the detached engine keeps running"
     );
     assert_eq!(engines_writing(&paths.log), vec![second]);
-    let down = xtask(rt.path())
-        .args(["engine", "down", "--pool", pool.as_str()])
-        .spawn(Io::Piped, Io::Piped)
-        .and_then(|c| c.wait_with_output())
-        .unwrap();
-    assert!(
-        down.status.success(),
-        "{}",
-        String::from_utf8_lossy(&down.stderr)
-    );
-    wait_until("the engine to exit", Duration::from_secs(10), || {
-        engines_writing(&paths.log).is_empty()
-    });
+    let down = engine_down(rt.path(), &pool, &paths.log);
+    assert!(down.contains(&format!("pid {second}")), "{down}");
     let _ = fs_err::remove_file(&paths.log);
 }
 
@@ -356,14 +360,11 @@ fn serve_drains_on_sigterm_and_sighup_and_refuses_a_second_owner() {
             r.end.is_some(),
             "{name}: the running task finishes during the drain"
         );
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let status = loop {
-            if let Some(s) = child.try_wait().unwrap() {
-                break s;
-            }
-            assert!(Instant::now() < deadline, "{name}: serve did not exit");
-            std::thread::sleep(Duration::from_millis(50));
-        };
+        let status = exit_within(
+            &mut child,
+            &format!("{name}: serve did not exit"),
+            Duration::from_secs(60),
+        );
         let mut err = String::new();
         std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut err).unwrap();
         assert!(status.success(), "{name}: serve exited {status}: {err}");
@@ -618,19 +619,13 @@ fn sigint_stops_serve_while_it_fetches_even_when_inherited_as_ignored() {
     );
     rx.recv_timeout(Duration::from_secs(120))
         .expect("serve reached the model fetch");
-    let t0 = Instant::now();
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(10),
-            "SIGINT did not stop serve while it fetched"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(
+        &mut child,
+        "SIGINT did not stop serve while it fetched",
+        Duration::from_secs(10),
+    );
     assert!(!status.success(), "{status:?}");
     let blob = root()
         .join("cache/models-v1/blobs")
@@ -664,17 +659,11 @@ fn engine_up_foreground_stops_cleanly_on_sighup() {
     let engine = rec.process.pid;
     // SAFETY: kill(2) on our child.
     unsafe { libc::kill(child.id() as i32, libc::SIGHUP) };
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        assert!(
-            t0.elapsed() < Duration::from_secs(20),
-            "SIGHUP did not stop it"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = exit_within(
+        &mut child,
+        "SIGHUP did not stop it",
+        Duration::from_secs(20),
+    );
     assert!(status.success(), "{status:?}");
     wait_until("the engine is gone", Duration::from_secs(5), || {
         !rec.process.is_running()
