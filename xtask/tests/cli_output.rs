@@ -60,7 +60,7 @@ fn stand_in(bin: &Path, name: &str, body: &str) {
 fn doctor_names_what_is_found_what_is_missing_and_how_to_get_it() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ws");
-    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let real = test_support::workspace_root();
     let pins = fs_err::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
     workspace(&root, &pins, FAKE_PROFILE);
     // Stand-ins with fixed versions; no ninja, no sccache.
@@ -104,7 +104,7 @@ fn doctor_names_what_is_found_what_is_missing_and_how_to_get_it() {
 fn model_ls_lists_what_is_stored_with_its_last_use_as_an_age() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ws");
-    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let real = test_support::workspace_root();
     let pins = fs_err::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();
     workspace(&root, &pins, FAKE_PROFILE);
     let step = |title: &str, args: &[&str]| -> String {

@@ -90,7 +90,7 @@ fn a_git_bump_records_the_new_pin_only_after_it_built() {
 fn a_release_pip_cannot_find_writes_nothing() {
     let tmp = tempfile::tempdir().unwrap();
     let root = tmp.path().join("ws");
-    let real = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let real = test_support::workspace_root();
     fs_err::create_dir_all(root.join("toolchains")).unwrap();
     fs_err::create_dir_all(root.join("requirements")).unwrap();
     let pins = fs_err::read_to_string(real.join("toolchains/llama.cpp.yaml")).unwrap();

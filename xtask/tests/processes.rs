@@ -7,15 +7,10 @@ use llorch_io::cmd::{Cmd, Io};
 use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
 use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
+use test_support::workspace_root as root;
 
 fn layout(rt: &Path) -> Layout {
     let root = root();

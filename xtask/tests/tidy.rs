@@ -6,12 +6,7 @@
 use llorch_io::cmd::Cmd;
 use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("..")
-        .canonicalize()
-        .unwrap()
-}
+use test_support::workspace_root as root;
 
 #[test]
 fn the_cli_depends_on_no_test_crate() {
@@ -232,5 +227,65 @@ fn library_errors_are_typed() {
         offenders.is_empty(),
         "public functions that fail with a String (give them a thiserror type):\n{}",
         offenders.join("\n")
+    );
+}
+
+/// Whether `rel` (relative to the root) is test code: below a `tests/`
+/// directory and not in a crate's `src/` under it (the e2e crate's binary).
+fn is_test_code(rel: &str) -> bool {
+    let parts: Vec<&str> = rel.split('/').collect();
+    match parts.iter().rposition(|p| *p == "tests") {
+        Some(i) => !parts[i..].contains(&"src"),
+        None => false,
+    }
+}
+
+/// What test code must not do to find the workspace (`test_support` does it
+/// once): read the user's `LLORCH_*` variables, or compute the root again.
+fn inherited_layouts(text: &str) -> Vec<&'static str> {
+    const NEEDLES: [&str; 3] = [
+        concat!("Layout::", "from_root("),
+        concat!("Layout::", "discover("),
+        concat!("env!(\"CARGO_MANIFEST_DIR\"))", ".join(\".."),
+    ];
+    NEEDLES.into_iter().filter(|n| text.contains(n)).collect()
+}
+
+#[test]
+fn tests_never_inherit_the_users_llorch_variables() {
+    assert!(is_test_code("crates/a/tests/common/mod.rs"));
+    assert!(is_test_code("xtask/tests/tidy.rs"));
+    assert!(!is_test_code("tests/e2e-haiku/src/bin/llorch-haiku.rs"));
+    assert!(!is_test_code("crates/a/src/lib.rs"));
+    // The check can fail: a sample that does both.
+    let sample = format!(
+        "let l = {}root);\nlet r = Path::new({}).join(\"../..\");",
+        concat!("Layout::", "from_root("),
+        "env!(\"CARGO_MANIFEST_DIR\")"
+    );
+    assert_eq!(inherited_layouts(&sample).len(), 2, "{sample}");
+    let root = root();
+    let mut files = Vec::new();
+    for dir in ["crates", "xtask", "tests"] {
+        rust_files(&root.join(dir), &mut files);
+    }
+    let mut found = Vec::new();
+    for f in files {
+        let rel = f
+            .strip_prefix(&root)
+            .unwrap()
+            .to_string_lossy()
+            .into_owned();
+        if !is_test_code(&rel) {
+            continue;
+        }
+        let text = fs_err::read_to_string(&f).unwrap();
+        for n in inherited_layouts(&text) {
+            found.push(format!("{rel}: {n}"));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "tests find the workspace through test_support::{{workspace_root, layout, workspace_layout}}, never the user's LLORCH_* variables: {found:?}"
     );
 }

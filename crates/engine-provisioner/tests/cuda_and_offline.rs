@@ -10,6 +10,7 @@ use engine_provisioner::{bundle, source, Profile};
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use support::*;
+use test_support::workspace_root as repo_root;
 
 fn script(dir: &Path, name: &str, body: &str) {
     let p = dir.join(name);
@@ -290,7 +291,7 @@ fn repack(dir: &Path, out: &Path) {
 fn the_real_pin_bundles_what_the_cpu_build_needs() {
     // The default pin's tree (fetched by the default build) trimmed for a CPU build.
     let root = repo_root();
-    let layout = llorch_io::paths::Layout::from_root(root.clone());
+    let layout = test_support::workspace_layout();
     let p = Profile::resolve(&root, None).unwrap();
     let tree = source::fetch(&p.pin, &layout, &|_| {}).unwrap();
     let tmp = tempfile::tempdir().unwrap();

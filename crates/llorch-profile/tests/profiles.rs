@@ -3,12 +3,7 @@
 use llorch_profile::{Backend, Profile};
 use std::path::{Path, PathBuf};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use test_support::workspace_root as root;
 
 #[test]
 fn shipped_profiles_load() {

@@ -127,10 +127,7 @@ async fn a_stopped_engine_stalls_the_stream_and_is_restarted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_failed_engine_gives_503_engine_failed_with_the_reason() {
     let _t = TURN.lock().await;
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = test_support::workspace_root();
     let rt = tempfile::tempdir().unwrap();
     let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().into());
     let p = llorch_profile::Profile::resolve(&root, None).unwrap();

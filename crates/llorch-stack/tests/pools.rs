@@ -8,17 +8,12 @@ use llorch_stack::{start_pools, PoolsOptions, Stack};
 use orchestratord::client::stream_task;
 use orchestratord::Config;
 use serde_json::{json, Value};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use test_support::workspace_root as root;
 
 /// Engines of two tests at once would share the 2 cores and time out; one at a time.
 static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());

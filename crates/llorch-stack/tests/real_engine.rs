@@ -11,12 +11,7 @@ use llorch_profile::Profile;
 use llorch_stack::provision;
 use std::time::Duration;
 
-fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use test_support::workspace_root as repo_root;
 
 /// The workspace cache (shared), a private runtime dir, and a pool of our own.
 fn setup(pool: &str) -> (tempfile::TempDir, Layout, Profile, PoolId) {

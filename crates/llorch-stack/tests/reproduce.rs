@@ -7,10 +7,7 @@ use engine_provisioner::build::BuildOptions;
 
 #[test]
 fn the_default_engine_reproduces_bit_for_bit() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = test_support::workspace_root();
     let rt = std::env::temp_dir().join(format!("llorch-repro-{}", std::process::id()));
     let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
     let p = llorch_profile::Profile::resolve(&root, None).unwrap();

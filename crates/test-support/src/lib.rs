@@ -6,8 +6,37 @@
 //! * [`git`]: commits of a directory's files into a repository.
 //! * [`gguf`]: small valid GGUF files.
 //! * [`http`]: an HTTP server on 127.0.0.1 with fault injection.
+//! * [`workspace_root`], [`layout`], [`workspace_layout`]: where the tests
+//!   find the workspace and its shared cache, never through the user's
+//!   `LLORCH_*` variables (`tidy.rs` refuses `Layout::from_root` and
+//!   `Layout::discover` in tests, and copies of the root's computation).
 
 pub mod gguf;
 pub mod git;
 pub mod http;
 pub mod registry;
+
+use llorch_io::paths::Layout;
+use std::path::{Path, PathBuf};
+
+/// The workspace root: `Cargo.toml`, `requirements/`, `toolchains/`, and
+/// the `cache/` the test suite shares (one engine build per machine).
+pub fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../..")
+        .canonicalize()
+        .expect("the workspace root")
+}
+
+/// The workspace's own cache (`<root>/cache`) with the runtime directory
+/// `rt`: what a test that shares the built engine and fetched models uses.
+pub fn layout(rt: &Path) -> Layout {
+    let root = workspace_root();
+    Layout::at(root.clone(), root.join("cache"), rt.to_path_buf())
+}
+
+/// The workspace's own cache and runtime directories, as the CLI uses them
+/// when no `LLORCH_*` variable is set.
+pub fn workspace_layout() -> Layout {
+    layout(&workspace_root().join(".runtime"))
+}

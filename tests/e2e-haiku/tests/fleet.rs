@@ -9,10 +9,7 @@ use engine_provisioner::registry::{self, EngineRegistry};
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
     let reg = test_registry::TestRegistry::start(None);
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = test_support::workspace_root();
     let here = tempfile::tempdir().unwrap();
     let layout =
         llorch_io::paths::Layout::at(root.clone(), root.join("cache"), here.path().join("rt"));

@@ -4,10 +4,7 @@
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn haiku_streams_real_tokens_from_the_engine() {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = test_support::workspace_root();
     let rt = tempfile_dir();
     let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.clone());
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
@@ -46,10 +43,7 @@ fn tempfile_dir() -> std::path::PathBuf {
 fn a_provisioned_engine_survives_a_haiku_run() {
     use engine_runtime::lifecycle;
     use llorch_io::handoff::{Handoff, PoolId};
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap();
+    let root = test_support::workspace_root();
     let rt = tempfile::tempdir().unwrap();
     let layout =
         llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());

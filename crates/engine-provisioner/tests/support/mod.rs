@@ -6,13 +6,6 @@
 use llorch_io::paths::Layout;
 use std::path::{Path, PathBuf};
 
-pub fn repo_root() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../..")
-        .canonicalize()
-        .unwrap()
-}
-
 pub const FAKE_CMAKE: &str = r#"cmake_minimum_required(VERSION 3.14)
 project(fake_llama C)
 add_executable(llama-server server.c)

@@ -21,10 +21,7 @@ impl Engine {
     /// Start the engine of `profile` (default: the default profile) as
     /// `pool`, from the workspace cache (built once per machine, under its lock).
     pub fn start(profile: Option<&str>, pool: &str, who: &str) -> Engine {
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../..")
-            .canonicalize()
-            .unwrap();
+        let root = test_support::workspace_root();
         let rt = std::env::temp_dir().join(format!("llorch-{who}-{}", std::process::id()));
         let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
         let p = llorch_profile::Profile::resolve(&root, profile).unwrap();
@@ -96,7 +93,7 @@ pub async fn wait_ready(base: &str) {
 /// a half-installed directory is never used), and return that directory for
 /// `PYTHONPATH`.
 pub fn python_packages(name: &str, pins: &[&str]) -> std::path::PathBuf {
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let root = test_support::workspace_root();
     let dir = root.join("target").join(format!("python-{name}"));
     let _lock =
         llorch_io::fsx::FileLock::exclusive(&root.join("target/python-sdk.lock"), || {}).unwrap();
