@@ -34,6 +34,27 @@ fn the_cli_depends_on_no_test_crate() {
     }
 }
 
+/// The Rust files below `dirs` (relative to the root): each as its path
+/// relative to the root, and the file.
+fn workspace_files(dirs: &[&str]) -> Vec<(String, PathBuf)> {
+    let root = root();
+    let mut files = Vec::new();
+    for d in dirs {
+        rust_files(&root.join(d), &mut files);
+    }
+    files
+        .into_iter()
+        .map(|f| {
+            let rel = f
+                .strip_prefix(&root)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned();
+            (rel, f)
+        })
+        .collect()
+}
+
 fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
     for e in fs_err::read_dir(dir).unwrap().flatten() {
         let p = e.path();
@@ -60,10 +81,10 @@ fn only_llorch_io_may_create_processes_and_http_clients() {
             "clippy.toml lacks {m}"
         );
     }
-    let mut files = Vec::new();
-    for d in ["crates", "xtask", "tests"] {
-        rust_files(&root().join(d), &mut files);
-    }
+    let files: Vec<PathBuf> = workspace_files(&["crates", "xtask", "tests"])
+        .into_iter()
+        .map(|(_, f)| f)
+        .collect();
     // The lint silenced by name, or by a group that holds it (`style`,
     // `all`), in an attribute anywhere outside llorch-io.
     let silencers = [
@@ -156,15 +177,8 @@ fn every_public_module_is_in_its_crates_row_of_the_code_map() {
 fn long_files_are_only_those_architecture_names() {
     let root = root();
     let arch = fs_err::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
-    let mut files = Vec::new();
-    rust_files(&root.join("crates"), &mut files);
     let mut long = Vec::new();
-    for f in files {
-        let rel = f
-            .strip_prefix(&root)
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+    for (rel, f) in workspace_files(&["crates"]) {
         if !rel.contains("/src/") {
             continue;
         }
@@ -208,18 +222,14 @@ fn library_errors_are_typed() {
         string_errors("pub fn a(x: u8) -> Result<u8, String> {}\npub(crate) fn b(\n  y: u8,\n) -> Result<(), String> {}\nfn c() -> Result<(), String> {}\npub fn d() -> Result<BTreeMap<String, String>, E> {}"),
         vec!["fn a(x: u8) -> Result<u8, String>", "fn b( y: u8, ) -> Result<(), String>"]
     );
-    let mut files = Vec::new();
-    for d in ["crates", "xtask/src"] {
-        rust_files(&root().join(d), &mut files);
-    }
-    let offenders: Vec<String> = files
+    let offenders: Vec<String> = workspace_files(&["crates", "xtask/src"])
         .iter()
-        .filter(|f| f.components().any(|c| c.as_os_str() == "src"))
-        .flat_map(|f| {
+        .filter(|(_, f)| f.components().any(|c| c.as_os_str() == "src"))
+        .flat_map(|(rel, f)| {
             let text = fs_err::read_to_string(f).unwrap();
             string_errors(&text)
                 .into_iter()
-                .map(|s| format!("{}: {s}", f.strip_prefix(root()).unwrap().display()))
+                .map(|s| format!("{rel}: {s}"))
                 .collect::<Vec<_>>()
         })
         .collect();
@@ -264,18 +274,8 @@ fn tests_never_inherit_the_users_llorch_variables() {
         "env!(\"CARGO_MANIFEST_DIR\")"
     );
     assert_eq!(inherited_layouts(&sample).len(), 2, "{sample}");
-    let root = root();
-    let mut files = Vec::new();
-    for dir in ["crates", "xtask", "tests"] {
-        rust_files(&root.join(dir), &mut files);
-    }
     let mut found = Vec::new();
-    for f in files {
-        let rel = f
-            .strip_prefix(&root)
-            .unwrap()
-            .to_string_lossy()
-            .into_owned();
+    for (rel, f) in workspace_files(&["crates", "xtask", "tests"]) {
         if !is_test_code(&rel) {
             continue;
         }
