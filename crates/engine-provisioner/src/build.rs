@@ -50,6 +50,9 @@ pub enum BuildError {
     Bundle(#[from] crate::bundle::BundleError),
     #[error("CUDA: {0}")]
     CudaCheck(#[from] crate::cuda::CudaError),
+    /// The compiler cache a CUDA build runs nvcc under could not start.
+    #[error("CUDA: {0}")]
+    CompileCache(#[from] crate::compile_cache::CompileCacheError),
     #[error(transparent)]
     Flag(#[from] llorch_profile::FlagError),
 }

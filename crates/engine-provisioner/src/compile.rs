@@ -206,8 +206,7 @@ pub(crate) fn compile_and_install(
                     exe.clone(),
                     build_dir.join("llorch-sccache-scratch"),
                 );
-                c.start(&build_dir.join("llorch-sccache-scratch.lock"))
-                    .map_err(|e| BuildError::Cuda(e.to_string()))?;
+                c.start(&build_dir.join("llorch-sccache-scratch.lock"))?;
                 plan.extra_env.extend(c.env());
                 scratch = Some(c);
                 exe

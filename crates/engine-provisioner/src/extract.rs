@@ -137,7 +137,7 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
                         "a symlink over an existing member".into(),
                     ));
                 }
-                fs_err::os::unix::fs::symlink(&link, &target).map_err(io("extract a hard link"))?;
+                fs_err::os::unix::fs::symlink(&link, &target).map_err(io("extract a symlink"))?;
             }
             T::Link => {
                 let link = e

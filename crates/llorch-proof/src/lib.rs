@@ -213,11 +213,11 @@ impl Direct {
     }
 
     async fn tokens_predicted_total(&self) -> Result<u64> {
-        self.server
+        let v = self
+            .server
             .metric(&self.http, "llamacpp:tokens_predicted_total")
-            .await
-            .map(|v| v as u64)
-            .map_err(anyhow::Error::msg)
+            .await?;
+        Ok(v as u64)
     }
 
     async fn render(&self, messages: &Value) -> Result<String> {
@@ -443,11 +443,7 @@ pub async fn prove(
 
     let long = json!({"prompt": "Count from one to one thousand, one number per line:\n", "max_tokens": 2048, "ignore_eos": true});
     let canceled = stream_task(&http, &orch, &long, None, Some(1)).await?;
-    let slots = direct
-        .server
-        .slots(&http, Duration::from_secs(5))
-        .await
-        .map_err(anyhow::Error::msg)?;
+    let slots = direct.server.slots(&http, Duration::from_secs(5)).await?;
     let idle = all_idle(&slots);
     check(
         &mut checks,

@@ -116,7 +116,7 @@ impl EngineLink for ProvisionedLink {
 /// `memory_mib` replaces the estimate.
 pub const GPU_OVERHEAD_MIB: u64 = 1024;
 
-pub use llorch_io::gpu::{GpuMemory, GpuProbe, PROBE_FRESH};
+use llorch_io::gpu::{GpuMemory, GpuProbe, PROBE_FRESH};
 
 /// A pool's engine, started and stopped when the scheduler asks; or the
 /// detached engine `provision` started, attached to (never started or

@@ -40,8 +40,7 @@ use orchestratord::{
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-pub use llorch_io::gpu::GpuProbe;
-use llorch_io::gpu::PROBE_FRESH;
+use llorch_io::gpu::{GpuProbe, PROBE_FRESH};
 
 /// An orchestrator and the engines of its pools, in this process: what
 /// `serve`, the proof and the benches run against.
