@@ -65,6 +65,54 @@ pub fn spread(v: &[f64]) -> String {
     format!("{lo:.3}..{hi:.3}")
 }
 
+/// What one event of a streamed answer is, to [`time_pieces`].
+pub enum Piece {
+    /// One piece of generated text.
+    Text,
+    /// Anything else (an empty delta, the final stats).
+    Other,
+    /// The end of the stream.
+    Done,
+}
+
+/// Time a streamed (SSE) answer whose request was sent at `sent`: (ms to
+/// the first text piece, pieces/s after it, pieces). `piece` classifies
+/// each event's data.
+pub async fn time_pieces(
+    sent: Instant,
+    url: &str,
+    r: reqwest::Response,
+    mut piece: impl FnMut(&str) -> Result<Piece>,
+) -> Result<(f64, f64, u64)> {
+    use eventsource_stream::Eventsource;
+    use futures_util::StreamExt;
+    if !r.status().is_success() {
+        let s = r.status();
+        bail!("{url} answered {s}: {}", r.text().await.unwrap_or_default());
+    }
+    let mut events = r.bytes_stream().eventsource();
+    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
+    let mut n = 0u64;
+    while let Some(ev) = events.next().await {
+        match piece(&ev?.data)? {
+            Piece::Done => break,
+            Piece::Other => {}
+            Piece::Text => {
+                let now = Instant::now();
+                first.get_or_insert(now);
+                last = Some(now);
+                n += 1;
+            }
+        }
+    }
+    let (f, l) = (first.context("no text in the stream")?, last.unwrap());
+    Ok((
+        (f - sent).as_secs_f64() * 1000.0,
+        (n as f64 - 1.0) / (l - f).as_secs_f64(),
+        n,
+    ))
+}
+
 /// One streaming `/completion` straight from llama-server (no prompt-cache
 /// reuse, `ignore_eos`): (ms to the first token, decode tokens/s after it).
 pub async fn direct_completion(
@@ -73,34 +121,22 @@ pub async fn direct_completion(
     prompt: &str,
     max_tokens: u32,
 ) -> Result<(f64, f64)> {
-    use futures_util::StreamExt;
     let t = Instant::now();
     let r = LlamaServer::new(engine, None)
         .post(http, Api::Completion)
         .json(&json!({"prompt": prompt, "n_predict": max_tokens, "temperature": 0.0, "seed": 42, "stream": true, "cache_prompt": false, "ignore_eos": true}))
         .send()
         .await?;
-    let mut s = r.bytes_stream();
-    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    let mut n = 0u64;
-    let mut buf = Vec::new();
-    while let Some(c) = s.next().await {
-        buf.extend_from_slice(&c?);
-        while let Some(pos) = buf.iter().position(|b| *b == b'\n') {
-            let line: Vec<u8> = buf.drain(..=pos).collect();
-            if line.starts_with(b"data: ") && !line.windows(13).any(|w| w == b"\"stop\":true") {
-                let now = Instant::now();
-                first.get_or_insert(now);
-                last = Some(now);
-                n += 1;
-            }
-        }
-    }
-    let (f, l) = (first.context("no tokens from llama-server")?, last.unwrap());
-    Ok((
-        (f - t).as_secs_f64() * 1000.0,
-        (n as f64 - 1.0) / (l - f).as_secs_f64(),
-    ))
+    // Every event is a token but the last, which carries `"stop": true`.
+    let (ttft, rate, _) = time_pieces(t, engine, r, |data| {
+        Ok(if data.contains("\"stop\":true") {
+            Piece::Other
+        } else {
+            Piece::Text
+        })
+    })
+    .await?;
+    Ok((ttft, rate))
 }
 
 /// The median (the mean of the two middle values of an even sample); NaN
@@ -151,10 +187,7 @@ pub fn rss_kib() -> u64 {
 pub async fn slots_idle(http: &reqwest::Client, engine: &str) -> Result<()> {
     let server = LlamaServer::new(engine, None);
     loop {
-        let slots = server
-            .slots(http, Duration::from_secs(5))
-            .await
-            .map_err(anyhow::Error::msg)?;
+        let slots = server.slots(http, Duration::from_secs(5)).await?;
         if all_idle(&slots) {
             return Ok(());
         }

@@ -4,7 +4,7 @@
 //! (streamed `tool_calls` deltas vs the same constrained request asked
 //! directly), embeddings throughput (inputs/s), and disconnect → slot idle.
 
-use crate::{median, pct, slots_idle, spread, Ctx};
+use crate::{median, pct, slots_idle, spread, time_pieces, Ctx, Piece};
 use anyhow::{Context, Result};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
@@ -24,41 +24,25 @@ async fn openai_stream(
     body: &Value,
     pieces: Pieces,
 ) -> Result<(f64, f64, u64)> {
-    use eventsource_stream::Eventsource;
-    use futures_util::StreamExt;
     let t = Instant::now();
     let r = http.post(url).json(body).send().await?;
-    if !r.status().is_success() {
-        let s = r.status();
-        anyhow::bail!("{url} answered {s}: {}", r.text().await.unwrap_or_default());
-    }
-    let mut events = r.bytes_stream().eventsource();
-    let (mut first, mut last) = (None::<Instant>, None::<Instant>);
-    let mut n = 0u64;
-    while let Some(ev) = events.next().await {
-        let ev = ev?;
-        if ev.data == "[DONE]" {
-            break;
+    time_pieces(t, url, r, |data| {
+        if data == "[DONE]" {
+            return Ok(Piece::Done);
         }
-        let v: Value = serde_json::from_str(&ev.data)?;
+        let v: Value = serde_json::from_str(data)?;
         let d = &v["choices"][0]["delta"];
         let piece = match pieces {
             Pieces::Content => d["content"].as_str(),
             Pieces::ToolArguments => d["tool_calls"][0]["function"]["arguments"].as_str(),
         };
-        if piece.is_some_and(|c| !c.is_empty()) {
-            let now = Instant::now();
-            first.get_or_insert(now);
-            last = Some(now);
-            n += 1;
-        }
-    }
-    let (f, l) = (first.context("no text in the stream")?, last.unwrap());
-    Ok((
-        (f - t).as_secs_f64() * 1000.0,
-        (n as f64 - 1.0) / (l - f).as_secs_f64(),
-        n,
-    ))
+        Ok(if piece.is_some_and(|c| !c.is_empty()) {
+            Piece::Text
+        } else {
+            Piece::Other
+        })
+    })
+    .await
 }
 
 /// Alternate direct and orchestrator streams `runs` times (after a warm-up of each).

@@ -38,11 +38,16 @@ fn cfg() -> orchestratord::Config {
     }
 }
 
-fn opts() -> llorch_stack::PoolsOptions {
-    llorch_stack::PoolsOptions {
+/// The stack of a bench's pools, started quietly.
+async fn start(stack: &Stack, ctx: &Ctx) -> Result<llorch_stack::Stack> {
+    let opts = llorch_stack::PoolsOptions {
         quiet: true,
         ..Default::default()
-    }
+    };
+    Ok(
+        llorch_stack::start_pools(stack, &ctx.layout, cfg(), &opts, "cargo xtask bench pools")
+            .await?,
+    )
 }
 
 pub fn bench_pools(
@@ -85,14 +90,7 @@ pub fn bench_pools(
     };
     let (a, b) = (stack.pools[0].id.clone(), stack.pools[1].id.clone());
     let r = rt.block_on(async {
-        let ps = llorch_stack::start_pools(
-            &stack,
-            &ctx.layout,
-            cfg(),
-            &opts(),
-            "cargo xtask bench pools",
-        )
-        .await?;
+        let ps = start(&stack, ctx).await?;
         let base = ps.orchestrator_url();
         let http = llorch_io::http::async_client();
         let req = |pool: &PoolId| json!({"prompt": PROMPT, "max_tokens": 1, "pool": pool.as_str()});
@@ -218,14 +216,7 @@ async fn aggregate(
         warnings: Vec::new(),
     };
     let (a, b) = (stack.pools[0].id.clone(), stack.pools[1].id.clone());
-    let ps = llorch_stack::start_pools(
-        &stack,
-        &ctx.layout,
-        cfg(),
-        &opts(),
-        "cargo xtask bench pools",
-    )
-    .await?;
+    let ps = start(&stack, ctx).await?;
     let base = ps.orchestrator_url();
     let http = llorch_io::http::async_client();
     // The same two engines by hand: same binary, model, flags and GPU.
