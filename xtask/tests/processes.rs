@@ -5,17 +5,11 @@
 use engine_runtime::lifecycle::RunPaths;
 use llorch_io::cmd::{Cmd, Io};
 use llorch_io::handoff::PoolId;
-use llorch_io::paths::Layout;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use test_support::workspace_root as root;
-
-fn layout(rt: &Path) -> Layout {
-    let root = root();
-    Layout::at(root.clone(), root.join("cache"), rt.to_path_buf())
-}
+use test_support::{layout, workspace_root as root};
 
 /// The binary with this checkout's cache and a private runtime directory,
 /// whatever `LLORCH_*` the user has set.

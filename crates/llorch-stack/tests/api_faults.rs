@@ -129,7 +129,7 @@ async fn a_failed_engine_gives_503_engine_failed_with_the_reason() {
     let _t = TURN.lock().await;
     let root = test_support::workspace_root();
     let rt = tempfile::tempdir().unwrap();
-    let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().into());
+    let layout = test_support::layout(rt.path());
     let p = llorch_profile::Profile::resolve(&root, None).unwrap();
     let pool = PoolId::parse(&format!("api-failed-{}", std::process::id())).unwrap();
     let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())

@@ -5,7 +5,6 @@
 //! keeps a shared prefix on one replica within its bound, and a full queue
 //! answers 429 with a Retry-After from the observed service rate.
 
-use llorch_io::paths::Layout;
 use llorch_profile::stack::Stack as StackSpec;
 use llorch_stack::{start_pools, PoolsOptions, Stack};
 use orchestratord::client::{read_stream, stream_task};
@@ -31,7 +30,7 @@ async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> Stack {
         .replace("{b}", &id(&format!("{test}-b")));
     fs_err::write(dir.join("stack.yaml"), text).unwrap();
     let root = root();
-    let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
+    let layout = test_support::layout(&dir.join("runtime"));
     let stack = StackSpec::load(&dir.join("stack.yaml"), &root).unwrap();
     let mut cfg = Config {
         addr: "127.0.0.1:0".parse().unwrap(),

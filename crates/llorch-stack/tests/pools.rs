@@ -32,7 +32,7 @@ fn stack(test: &str, yaml: &str) -> (StackSpec, Layout) {
         .replace("{b}", &id(&format!("{test}-b")));
     fs_err::write(dir.join("stack.yaml"), text).unwrap();
     let root = root();
-    let layout = Layout::at(root.clone(), root.join("cache"), dir.join("runtime"));
+    let layout = test_support::layout(&dir.join("runtime"));
     (
         StackSpec::load(&dir.join("stack.yaml"), &root).unwrap(),
         layout,
@@ -213,8 +213,7 @@ async fn routing_by_model_and_pool_and_a_lazy_pool_loads_at_its_first_request() 
 
 /// The run record of a pool (run files live in the cache).
 fn pid_file(pool: &str) -> PathBuf {
-    let root = root();
-    let layout = Layout::at(root.clone(), root.join("cache"), std::env::temp_dir());
+    let layout = test_support::layout(&std::env::temp_dir());
     let pool = llorch_io::handoff::PoolId::parse(pool).unwrap();
     engine_runtime::lifecycle::RunPaths::new(&layout, &pool).pid_file
 }

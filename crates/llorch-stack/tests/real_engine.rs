@@ -17,7 +17,7 @@ use test_support::workspace_root as repo_root;
 fn setup(pool: &str) -> (tempfile::TempDir, Layout, Profile, PoolId) {
     let rt = tempfile::tempdir().unwrap();
     let root = repo_root();
-    let layout = Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
+    let layout = test_support::layout(rt.path());
     let p = Profile::resolve(&root, None).unwrap();
     (rt, layout, p, PoolId::parse(pool).unwrap())
 }

@@ -9,7 +9,7 @@ use engine_provisioner::build::BuildOptions;
 fn the_default_engine_reproduces_bit_for_bit() {
     let root = test_support::workspace_root();
     let rt = std::env::temp_dir().join(format!("llorch-repro-{}", std::process::id()));
-    let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
+    let layout = test_support::layout(&rt);
     let p = llorch_profile::Profile::resolve(&root, None).unwrap();
     // The shared engine (built once per machine, under the cache lock).
     let built = engine_provisioner::build(&p, &layout, &BuildOptions::quiet()).unwrap();

@@ -59,7 +59,7 @@ fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
     // The real CPU engine loads it and generates.
     let root = repo_root();
     let rt = tempfile::tempdir().unwrap();
-    let layout = Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
+    let layout = test_support::layout(rt.path());
     let p = Profile::resolve(&root, None).unwrap();
     let pool = PoolId::parse("synthetic-test").unwrap();
     let built = engine_provisioner::build(&p, &layout, &BuildOptions::quiet()).unwrap();

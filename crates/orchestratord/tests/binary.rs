@@ -13,8 +13,7 @@ use std::time::{Duration, Instant};
 fn the_binary_drains_on_sigterm_and_sighup() {
     let root = test_support::workspace_root();
     let rt = tempfile::tempdir().unwrap();
-    let layout =
-        llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
+    let layout = test_support::layout(rt.path());
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
     let pool = PoolId::parse(&format!("orch-bin-{}", std::process::id())).unwrap();
     let out = llorch_stack::provision(

@@ -11,8 +11,7 @@ async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
     let reg = test_registry::TestRegistry::start(None);
     let root = test_support::workspace_root();
     let here = tempfile::tempdir().unwrap();
-    let layout =
-        llorch_io::paths::Layout::at(root.clone(), root.join("cache"), here.path().join("rt"));
+    let layout = test_support::layout(&here.path().join("rt"));
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
     // This machine: the engine and model (built and fetched once per machine, shared).
     let prep = tokio::task::block_in_place(|| {

@@ -6,7 +6,7 @@
 async fn haiku_streams_real_tokens_from_the_engine() {
     let root = test_support::workspace_root();
     let rt = tempfile_dir();
-    let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.clone());
+    let layout = test_support::layout(&rt);
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
     let report = llorch_proof::run(&profile, profile.pool(), &layout, true, &|_| {})
         .await
@@ -45,8 +45,7 @@ fn a_provisioned_engine_survives_a_haiku_run() {
     use llorch_io::handoff::{Handoff, PoolId};
     let root = test_support::workspace_root();
     let rt = tempfile::tempdir().unwrap();
-    let layout =
-        llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt.path().to_path_buf());
+    let layout = test_support::layout(rt.path());
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
     let pool = PoolId::parse(&format!("survive-{}", std::process::id())).unwrap();
     let out = llorch_stack::provision(

@@ -23,7 +23,7 @@ impl Engine {
     pub fn start(profile: Option<&str>, pool: &str, who: &str) -> Engine {
         let root = test_support::workspace_root();
         let rt = std::env::temp_dir().join(format!("llorch-{who}-{}", std::process::id()));
-        let layout = llorch_io::paths::Layout::at(root.clone(), root.join("cache"), rt);
+        let layout = test_support::layout(&rt);
         let p = llorch_profile::Profile::resolve(&root, profile).unwrap();
         let pool = PoolId::parse(pool).unwrap();
         let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
