@@ -10,6 +10,7 @@ use clap::{Parser, Subcommand};
 
 mod bench;
 mod ci;
+mod deploy;
 mod doctor;
 mod engine;
 mod haiku;
@@ -57,6 +58,10 @@ enum Command {
     Source(source::SourceCmd),
     /// Follow upstream: `pin bump` builds, proves and records the next llama.cpp
     Pin(pin::PinCmd),
+    /// Container images of the fingerprinted engine (OCI layout, pushed with --to)
+    Image(deploy::ImageCmd),
+    /// Kubernetes manifests: per pool a Deployment, Service, PodDisruptionBudget and InferencePool
+    K8s(deploy::K8sCmd),
 }
 
 fn main() {
@@ -82,6 +87,8 @@ fn run(cli: Cli) -> Result<()> {
         Command::Serve(c) => c.run(&ctx),
         Command::Haiku(c) => c.run(&ctx),
         Command::Pin(c) => c.run(&ctx),
+        Command::Image(c) => c.run(&ctx),
+        Command::K8s(c) => c.run(&ctx),
     }
 }
 

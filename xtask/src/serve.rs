@@ -8,7 +8,7 @@
 //! `llorch_stack::stack`).
 
 use crate::Ctx;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::Args;
 use std::path::PathBuf;
 
@@ -41,13 +41,143 @@ pub struct ServeCmd {
     /// How requests are spread over replicas: none (fewest queued + running) or prefix
     #[arg(long)]
     affinity: Option<llorch_profile::Affinity>,
+    /// Serve the pool baked into this container image (its entrypoint): the engine from
+    /// $LLORCH_ROOT/prebuilt, the model at $LLORCH_MODEL checked against the digest the image
+    /// expects, on 0.0.0.0:$PORT with the token from LLORCH_API_TOKEN or LLORCH_API_TOKEN_FILE
+    #[arg(long)]
+    in_image: bool,
     #[command(flatten)]
     listen: orchestratord::ListenArgs,
 }
 
+/// One or more profiles (one pool each), or a stack file, as a stack; with
+/// `keys`, the concurrency flags and `--pool` of a one-profile `serve`.
+pub fn stack_from(
+    ctx: &Ctx,
+    profiles: &[String],
+    stack: Option<&std::path::Path>,
+    keys: Option<(
+        &llorch_profile::ConcurrencyKeys,
+        Option<&llorch_io::handoff::PoolId>,
+    )>,
+) -> Result<llorch_profile::stack::Stack> {
+    if let Some(f) = stack {
+        return Ok(llorch_profile::stack::Stack::load(f, &ctx.layout.root)?);
+    }
+    let names: Vec<Option<&str>> = if profiles.is_empty() {
+        vec![None]
+    } else {
+        profiles.iter().map(|p| Some(p.as_str())).collect()
+    };
+    let mut ps = names
+        .into_iter()
+        .map(|n| ctx.profile(n))
+        .collect::<Result<Vec<_>>>()?;
+    if let Some((keys, pool)) = keys {
+        // The flags over each profile's server section, checked like the profile.
+        for p in &mut ps {
+            let c = keys
+                .over(p.file.server.concurrency_keys())
+                .resolve()
+                .map_err(|(key, m)| anyhow::anyhow!("--{key}: {m}"))?;
+            p.file.server.set_concurrency(c);
+        }
+        if let (Some(id), [p]) = (pool, ps.as_mut_slice()) {
+            p.file.pool = id.clone();
+        }
+    }
+    Ok(llorch_profile::stack::Stack::from_profiles(ps)?)
+}
+
+/// In an image: listen on 0.0.0.0:$PORT (default 8080), the token from
+/// `LLORCH_API_TOKEN` or the file `LLORCH_API_TOKEN_FILE` names (a mounted secret).
+fn image_listen(cfg: &mut orchestratord::Config) -> Result<()> {
+    let port: u16 = match std::env::var("PORT") {
+        Ok(p) => p.trim().parse().ok().filter(|p| *p > 0).with_context(|| {
+            format!(
+                "PORT=`{}` is not a port number (1-65535)",
+                llorch_io::handoff::excerpt(&p, 16)
+            )
+        })?,
+        Err(_) => llorch_deploy::image::DEFAULT_PORT,
+    };
+    cfg.addr = std::net::SocketAddr::from(([0, 0, 0, 0], port));
+    if cfg.api_token.as_deref().unwrap_or("").is_empty() {
+        if let Some(f) = std::env::var_os("LLORCH_API_TOKEN_FILE") {
+            let t = fs_err::read_to_string(&f).context("read LLORCH_API_TOKEN_FILE")?;
+            cfg.api_token = Some(t.trim().to_string()).filter(|t| !t.is_empty());
+        }
+    }
+    Ok(())
+}
+
+/// In an image: the one pool to serve (`--pool`, else `LLORCH_POOL`, else
+/// the only one), its model at `LLORCH_MODEL` (default /models/model.gguf)
+/// with the digest the image expects, and the prebuilt engines' directory.
+fn image_stack(
+    ctx: &Ctx,
+    pool: Option<&llorch_io::handoff::PoolId>,
+) -> Result<(llorch_profile::stack::Stack, std::path::PathBuf)> {
+    let root = &ctx.layout.root;
+    let spec = llorch_deploy::image::ImageSpec::read(root)?;
+    let wanted = pool
+        .map(|p| p.to_string())
+        .or_else(|| std::env::var("LLORCH_POOL").ok().filter(|s| !s.is_empty()));
+    let ip = spec.pool(wanted.as_deref())?;
+    let mut profile = ctx.profile(Some(
+        root.join(&ip.profile)
+            .to_str()
+            .context("the image root is not UTF-8")?,
+    ))?;
+    let model_path = std::env::var("LLORCH_MODEL")
+        .unwrap_or_else(|_| llorch_deploy::image::DEFAULT_MODEL.to_string());
+    let model = profile
+        .file
+        .model
+        .as_mut()
+        .context("the image's profile has no model section")?;
+    // The image's digest, never the mounted file's own word for it.
+    model.reference = format!("file:{model_path}");
+    model.sha256 = Some(ip.model_sha256.clone());
+    model.require_digest = true;
+    profile.file.pool = llorch_io::handoff::PoolId::parse(&ip.id)?;
+    let keys = llorch_profile::ConcurrencyKeys {
+        mode: Some(
+            ip.mode
+                .parse()
+                .map_err(|e| anyhow::anyhow!("image.json mode: {e}"))?,
+        ),
+        slots: Some(ip.slots),
+        replicas: Some(ip.replicas),
+        affinity: Some(
+            ip.affinity
+                .parse()
+                .map_err(|e| anyhow::anyhow!("image.json affinity: {e}"))?,
+        ),
+    };
+    let c = keys
+        .resolve()
+        .map_err(|(key, m)| anyhow::anyhow!("image.json {key}: {m}"))?;
+    profile.file.server.set_concurrency(c);
+    eprintln!(
+        "image: serving pool {} (engine {}, model {} expected to hash to {})",
+        ip.id,
+        &ip.fingerprint[..12.min(ip.fingerprint.len())],
+        model_path,
+        &ip.model_sha256[..12.min(ip.model_sha256.len())]
+    );
+    Ok((
+        llorch_profile::stack::Stack::from_profiles(vec![profile])?,
+        root.join(llorch_deploy::image::PREBUILT),
+    ))
+}
+
 impl ServeCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
-        let cfg = self.listen.config();
+        let mut cfg = self.listen.config();
+        if self.in_image {
+            image_listen(&mut cfg)?;
+        }
         // Refused before anything is built or started.
         cfg.check()?;
         if self.max_loaded == Some(0) {
@@ -63,42 +193,30 @@ impl ServeCmd {
         if overridden && self.stack.is_some() {
             bail!("--replicas, --mode, --slots and --affinity set one profile's pool; in a stack file, set them per pool");
         }
-        // The flags over each profile's server section, checked like the profile.
-        let with_keys =
-            |mut p: engine_provisioner::Profile| -> Result<engine_provisioner::Profile> {
-                let c = keys
-                    .over(p.file.server.concurrency_keys())
-                    .resolve()
-                    .map_err(|(key, m)| anyhow::anyhow!("--{key}: {m}"))?;
-                p.file.server.set_concurrency(c);
-                Ok(p)
-            };
         if self.pool.is_some() && (self.stack.is_some() || self.profile.len() > 1) {
             bail!("--pool names the pool of one profile; a stack file gives each pool its id");
         }
-        // One profile is a stack of one pool: every `serve` runs the same way.
-        let stack = match &self.stack {
-            Some(f) => llorch_profile::stack::Stack::load(f, &ctx.layout.root)?,
-            None => {
-                let names: Vec<Option<&str>> = if self.profile.is_empty() {
-                    vec![None]
-                } else {
-                    self.profile.iter().map(|p| Some(p.as_str())).collect()
-                };
-                let mut profiles = names
-                    .into_iter()
-                    .map(|p| with_keys(ctx.profile(p)?))
-                    .collect::<Result<Vec<_>>>()?;
-                if let (Some(id), [p]) = (&self.pool, profiles.as_mut_slice()) {
-                    p.file.pool = id.clone();
-                }
-                llorch_profile::stack::Stack::from_profiles(profiles)?
+        let mut prebuilt = None;
+        let stack = if self.in_image {
+            if self.stack.is_some() || !self.profile.is_empty() || overridden {
+                bail!("--in-image serves the pool baked into the image; --profile, --stack and the concurrency flags do not apply");
             }
+            let (stack, dir) = image_stack(ctx, self.pool.as_ref())?;
+            prebuilt = Some(dir);
+            stack
+        } else {
+            stack_from(
+                ctx,
+                &self.profile,
+                self.stack.as_deref(),
+                Some((&keys, self.pool.as_ref())),
+            )?
         };
         let opts = llorch_stack::PoolsOptions {
             quiet: false,
             idle_unload_s: self.idle_unload_s,
             max_loaded: self.max_loaded,
+            prebuilt,
             ..Default::default()
         };
         let rt = tokio::runtime::Builder::new_multi_thread()

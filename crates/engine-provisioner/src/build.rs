@@ -55,6 +55,8 @@ pub enum BuildError {
     CompileCache(#[from] crate::compile_cache::CompileCacheError),
     #[error(transparent)]
     Flag(#[from] llorch_profile::FlagError),
+    #[error(transparent)]
+    Prebuilt(#[from] crate::prebuilt::PrebuiltError),
 }
 
 pub(crate) use llorch_io::io;
@@ -82,6 +84,10 @@ pub struct BuildOptions {
     /// measuring cold builds, a test that must not depend on the caller's
     /// environment).
     pub compile_cache: Option<bool>,
+    /// Never build: take the engine from this directory of prebuilt entries
+    /// (`engines-v1/<fingerprint>/`, a container image's), checked as a
+    /// cache hit is ([`crate::prebuilt`]).
+    pub prebuilt: Option<PathBuf>,
 }
 
 impl BuildOptions {
@@ -272,6 +278,9 @@ pub fn build(
     layout: &Layout,
     opts: &BuildOptions,
 ) -> Result<BuildOutcome, BuildError> {
+    if let Some(root) = &opts.prebuilt {
+        return Ok(crate::prebuilt::find(profile, root)?);
+    }
     let started = Instant::now();
     let say = |m: &str| {
         if !opts.quiet {

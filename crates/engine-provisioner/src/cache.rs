@@ -116,6 +116,17 @@ fn check_dir(dir: &Path, fp: &str, inputs: Option<&BuildInputs>) -> Lookup {
     if m.fingerprint != fp {
         return Lookup::Stale(format!("manifest says fingerprint {}", m.fingerprint));
     }
+    // The recorded inputs must be the ones the fingerprint is the hash of:
+    // an edited input (a pin, a flag) is caught by a plain lookup, not only
+    // by a rebuild.
+    let of_inputs = inputs_fingerprint(&m.inputs);
+    if of_inputs != m.fingerprint {
+        return Lookup::Stale(format!(
+            "the manifest's recorded inputs hash to {}, not to its fingerprint {} (edited?)",
+            &of_inputs[..12.min(of_inputs.len())],
+            &m.fingerprint[..12.min(m.fingerprint.len())]
+        ));
+    }
     if let Some(i) = inputs {
         if serde_json::to_value(i).ok().as_ref() != Some(&m.inputs) {
             return Lookup::Stale("recorded inputs differ from the fingerprint's".into());
@@ -133,6 +144,14 @@ fn check_dir(dir: &Path, fp: &str, inputs: Option<&BuildInputs>) -> Lookup {
         }
     }
     Lookup::Fresh(Box::new(m))
+}
+
+/// The fingerprint a manifest's recorded inputs give: the sha256 of their
+/// canonical JSON (serde_json's maps are sorted, so the text is canonical),
+/// exactly as [`BuildInputs::fingerprint`] computes it when the entry is built.
+pub fn inputs_fingerprint(inputs: &serde_json::Value) -> String {
+    let text = serde_json::to_string(inputs).expect("a JSON value serializes");
+    llorch_io::digest::sha256_bytes(text.as_bytes())
 }
 
 /// Check an entry outside the cache (a pull's staging directory) as a lookup would.
@@ -276,6 +295,11 @@ pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, Ca
 mod tests {
     use super::*;
 
+    /// The fingerprint of the test entries' recorded inputs (`null`).
+    fn fp() -> String {
+        inputs_fingerprint(&serde_json::Value::Null)
+    }
+
     fn entry(
         files: &[(&str, &[u8])],
         binary: &str,
@@ -283,14 +307,14 @@ mod tests {
     ) -> (tempfile::TempDir, ArtifactCache) {
         let d = tempfile::tempdir().unwrap();
         let cache = ArtifactCache::new(d.path());
-        let dir = cache.entry("fp");
+        let dir = cache.entry(&fp());
         fs_err::create_dir_all(dir.join("bin")).unwrap();
         for (rel, body) in files {
             fs_err::write(dir.join(rel), body).unwrap();
         }
         let m = Manifest {
             schema: MANIFEST_SCHEMA,
-            fingerprint: "fp".into(),
+            fingerprint: fp(),
             inputs: serde_json::Value::Null,
             files: listed
                 .iter()
@@ -310,7 +334,7 @@ mod tests {
     }
 
     fn stale(c: &ArtifactCache) -> String {
-        match c.lookup("fp", None) {
+        match c.lookup(&fp(), None) {
             Lookup::Stale(why) => why,
             other => panic!("used: {other:?}"),
         }
@@ -323,7 +347,7 @@ mod tests {
             "bin/llama-server",
             &[("bin/llama-server", b"ELF")],
         );
-        assert!(matches!(c.lookup("fp", None), Lookup::Fresh(_)));
+        assert!(matches!(c.lookup(&fp(), None), Lookup::Fresh(_)));
     }
 
     #[test]
@@ -354,7 +378,7 @@ mod tests {
         fs_err::write(d.path().join("elsewhere"), b).unwrap();
         fs_err::os::unix::fs::symlink(
             d.path().join("elsewhere"),
-            c.entry("fp").join("bin/llama-server"),
+            c.entry(&fp()).join("bin/llama-server"),
         )
         .unwrap();
         assert!(stale(&c).contains("symlink"));
@@ -362,7 +386,7 @@ mod tests {
         let (d, c) = entry(&[], "lib/llama-server", &[("lib/llama-server", b)]);
         fs_err::create_dir_all(d.path().join("real")).unwrap();
         fs_err::write(d.path().join("real/llama-server"), b).unwrap();
-        fs_err::os::unix::fs::symlink(d.path().join("real"), c.entry("fp").join("lib")).unwrap();
+        fs_err::os::unix::fs::symlink(d.path().join("real"), c.entry(&fp()).join("lib")).unwrap();
         assert!(stale(&c).contains("symlink"));
         // An unlisted library next to the binary.
         let (_d, c) = entry(
@@ -371,5 +395,21 @@ mod tests {
             &[("bin/llama-server", b)],
         );
         assert!(stale(&c).contains("libevil.so"));
+    }
+
+    #[test]
+    fn a_manifest_whose_inputs_were_edited_is_stale_without_a_rebuild() {
+        let b: &[u8] = b"ELF";
+        let (_d, c) = entry(
+            &[("bin/llama-server", b)],
+            "bin/llama-server",
+            &[("bin/llama-server", b)],
+        );
+        let path = c.entry(&fp()).join("manifest.json");
+        let mut m: Manifest = serde_json::from_slice(&fs_err::read(&path).unwrap()).unwrap();
+        m.inputs = serde_json::json!({"cmake_flags": ["-DGGML_NATIVE=ON"]});
+        fs_err::write(&path, serde_json::to_vec(&m).unwrap()).unwrap();
+        let why = stale(&c);
+        assert!(why.contains("recorded inputs hash to"), "{why}");
     }
 }

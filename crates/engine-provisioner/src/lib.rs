@@ -13,6 +13,7 @@ pub mod cuda;
 pub mod extract;
 pub mod fingerprint;
 pub mod git_https;
+pub mod prebuilt;
 pub mod preflight;
 pub mod registry;
 pub mod reproduce;

@@ -134,6 +134,28 @@ pub fn async_client() -> reqwest::Client {
         .expect("reqwest client configuration is static")
 }
 
+/// [`async_client`] that sends `Authorization: Bearer <token>` with every
+/// request (a client of an orchestrator bound off loopback).
+pub fn async_client_with_token(token: Option<&str>) -> reqwest::Client {
+    let Some(t) = token.filter(|t| !t.is_empty()) else {
+        return async_client();
+    };
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Ok(mut v) = reqwest::header::HeaderValue::from_str(&format!("Bearer {t}")) {
+        v.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, v);
+    }
+    reqwest::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(2))
+        .pool_max_idle_per_host(0)
+        .no_proxy()
+        .tcp_nodelay(true)
+        .default_headers(headers)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
 /// Whether `to` may be followed from a chain that was on HTTPS: a transfer
 /// never leaves TLS for plain HTTP, except to a loopback address.
 pub fn keeps_tls(from_https: bool, to: &reqwest::Url) -> bool {

@@ -231,10 +231,35 @@ impl LlamaServer {
 pub struct Slot {
     pub id: u32,
     pub is_processing: bool,
+    /// The slot's context size in tokens (its share of the KV cache).
+    #[serde(default)]
+    pub n_ctx: u64,
+    /// Tokens the slot's KV cache holds for its current (or last) task:
+    /// prompt and generated tokens (llama-server's `prompt.tokens`).
+    #[serde(default)]
+    pub n_prompt_tokens: u64,
 }
 
-/// `/slots`' body: an array of slots, each with its `id` and `is_processing`
-/// (other fields ignored); at most 4,096 of them.
+/// KV-cache use of a slot list: tokens held by the slots that are
+/// processing, and the tokens all slots can hold. An idle slot's retained
+/// prefix (a batched engine's prompt cache) is free for the next task, so it
+/// does not count as used.
+pub fn kv_use(slots: &[Slot]) -> (u64, u64) {
+    let held = slots
+        .iter()
+        .filter(|s| s.is_processing)
+        .map(|s| s.n_prompt_tokens.min(s.n_ctx))
+        .fold(0u64, u64::saturating_add);
+    let capacity = slots
+        .iter()
+        .map(|s| s.n_ctx)
+        .fold(0u64, u64::saturating_add);
+    (held, capacity)
+}
+
+/// `/slots`' body: an array of slots, each with its `id`, `is_processing`
+/// and, where given, `n_ctx` and `n_prompt_tokens` (other fields ignored);
+/// at most 4,096 of them.
 pub fn parse_slots(body: &[u8]) -> Result<Vec<Slot>, ServerError> {
     let slots: Vec<Slot> =
         serde_json::from_slice(body).map_err(|e| ServerError::Slots(e.to_string()))?;
@@ -314,5 +339,27 @@ mod tests {
             s.endpoint(Api::ApplyTemplate),
             "http://127.0.0.1:8080/apply-template"
         );
+    }
+
+    #[test]
+    fn kv_use_counts_processing_slots_only_and_never_overflows() {
+        let s = parse_slots(
+            br#"[{"id":0,"is_processing":true,"n_ctx":1024,"n_prompt_tokens":300},
+                 {"id":1,"is_processing":false,"n_ctx":1024,"n_prompt_tokens":900},
+                 {"id":2,"is_processing":true,"n_ctx":1024,"n_prompt_tokens":5000}]"#,
+        )
+        .unwrap();
+        // 300 + min(5000, 1024): a slot never holds more than its context.
+        assert_eq!(kv_use(&s), (1324, 3072));
+        assert_eq!(kv_use(&[]), (0, 0));
+        let huge = format!(
+            r#"[{{"id":0,"is_processing":true,"n_ctx":{m},"n_prompt_tokens":{m}}},{{"id":1,"is_processing":true,"n_ctx":{m},"n_prompt_tokens":{m}}}]"#,
+            m = u64::MAX
+        );
+        assert_eq!(
+            kv_use(&parse_slots(huge.as_bytes()).unwrap()),
+            (u64::MAX, u64::MAX)
+        );
+        assert!(parse_slots(br#"[{"id":0,"is_processing":true,"n_ctx":-5}]"#).is_err());
     }
 }

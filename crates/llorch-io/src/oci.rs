@@ -270,6 +270,45 @@ impl Registry {
         Ok(digest)
     }
 
+    /// Push a manifest given as its exact bytes (an image built locally whose
+    /// digest is already known) under `r`'s tag; the digest the registry
+    /// serves must be the bytes' own.
+    pub fn push_manifest_bytes(
+        &self,
+        r: &OciRef,
+        bytes: &[u8],
+        media_type: &str,
+    ) -> Result<String, OciError> {
+        let image = r.reference();
+        let want = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
+        let content_type =
+            reqwest::header::HeaderValue::from_str(media_type).map_err(|e| OciError::Invalid {
+                what: "manifest media type".into(),
+                reference: r.to_string(),
+                why: e.to_string(),
+            })?;
+        block(async {
+            self.client
+                .auth(&image, &self.auth, oci_client::RegistryOperation::Push)
+                .await
+                .map_err(|e| registry_err("authentication for push", r, e))?;
+            self.client
+                .push_manifest_raw(&image, bytes.to_vec(), content_type)
+                .await
+                .map_err(|e| registry_err("manifest upload", r, e))
+        })?;
+        let (_, digest) = self.pull_manifest(r)?;
+        if digest != want {
+            return Err(OciError::Digest {
+                what: "the pushed manifest".into(),
+                reference: r.to_string(),
+                expected: want,
+                actual: digest,
+            });
+        }
+        Ok(digest)
+    }
+
     /// `GET /v2/<repo>/<kind>/<name>` with the pull credentials (a bearer
     /// token from the registry's token service, through oci-client, or basic
     /// credentials), from `range_from` on. A non-2xx answer is an error

@@ -17,15 +17,36 @@ pub enum Output {
     Quiet,
 }
 
-/// The proof with its output, as `cargo xtask haiku` shows it. Returns
-/// whether the proof passed; an error only when it could not run at all.
+/// The proof with its output, as `cargo xtask haiku` shows it: for a
+/// profile, run under its own pool. Returns whether the proof passed; an
+/// error only when it could not run at all.
 pub fn cli(profile: &Profile, pool: &PoolId, layout: &Layout, output: Output) -> Result<bool> {
+    show(Subject::Profile(profile, pool, layout), output)
+}
+
+/// The proof against an orchestrator that runs already (an unpacked
+/// container image's), with the engine its handoff file names.
+pub fn cli_running(
+    orchestrator: &str,
+    handoff: &std::path::Path,
+    token: Option<String>,
+    output: Output,
+) -> Result<bool> {
+    show(Subject::Running(orchestrator, handoff, token), output)
+}
+
+enum Subject<'a> {
+    Profile(&'a Profile, &'a PoolId, &'a Layout),
+    Running(&'a str, &'a std::path::Path, Option<String>),
+}
+
+fn show(subject: Subject<'_>, output: Output) -> Result<bool> {
     use std::io::Write;
     let json = output != Output::Live;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    if !json {
+    if let (false, Subject::Profile(profile, pool, _)) = (json, &subject) {
         eprintln!(
             "provisioning profile `{}` under pool `{}` (engine build and model are cached after the first run)",
             profile.name,
@@ -42,7 +63,17 @@ pub fn cli(profile: &Profile, pool: &PoolId, layout: &Layout, output: Output) ->
             let _ = std::io::stdout().flush();
         }
     };
-    let report = rt.block_on(run(profile, pool, layout, json, &on_token))?;
+    let report = rt.block_on(async {
+        match &subject {
+            Subject::Profile(profile, pool, layout) => {
+                run(profile, pool, layout, json, &on_token).await
+            }
+            Subject::Running(orch, handoff, token) => {
+                let t = crate::Target::running(orch, handoff, token.clone())?;
+                crate::prove(&t, &on_token).await
+            }
+        }
+    })?;
     match output {
         Output::Json => {
             println!("{}", serde_json::to_string_pretty(&report)?);
@@ -88,9 +119,11 @@ pub fn cli(profile: &Profile, pool: &PoolId, layout: &Layout, output: Output) ->
         report.engine_version.lines().next().unwrap_or(""),
         report.model_ref
     );
-    println!(
-        "  summary: {}",
-        layout.runtime.join("haiku/last.json").display()
-    );
+    if let Subject::Profile(_, _, layout) = subject {
+        println!(
+            "  summary: {}",
+            layout.runtime.join("haiku/last.json").display()
+        );
+    }
     Ok(report.passed)
 }

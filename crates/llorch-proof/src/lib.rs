@@ -28,7 +28,7 @@
 
 pub mod cli;
 
-pub use cli::{cli, Output};
+pub use cli::{cli, cli_running, Output};
 
 use anyhow::{Context, Result};
 use llorch_io::handoff::PoolId;
@@ -153,6 +153,52 @@ pub fn proof_pool(pool: &PoolId) -> PoolId {
     PoolId::parse(&format!("{base}-haiku")).expect("a pool id plus -haiku is a pool id")
 }
 
+/// What the proof runs against: an orchestrator, and the engine behind it
+/// (asked directly to compare), with what the profile says about seeds and
+/// the minute word.
+pub struct Target {
+    pub orchestrator: String,
+    pub engine: orchestratord::EngineInfo,
+    /// Sent as `Authorization: Bearer` to an orchestrator bound off loopback.
+    pub token: Option<String>,
+    pub profile: String,
+    pub seed: u64,
+    pub require_minute_word: bool,
+}
+
+impl Target {
+    /// The stack's first pool, as a profile configures it.
+    pub fn of_stack(profile: &Profile, stack: &Stack) -> Result<Target> {
+        Ok(Target {
+            orchestrator: stack.orchestrator_url(),
+            engine: stack.engine()?,
+            token: None,
+            profile: profile.name.clone(),
+            seed: profile.file.server.seed,
+            require_minute_word: profile.file.haiku.require_minute_word,
+        })
+    }
+
+    /// An orchestrator someone else runs (an unpacked container image) and
+    /// the engine its handoff file names.
+    pub fn running(
+        orchestrator: &str,
+        handoff: &std::path::Path,
+        token: Option<String>,
+    ) -> Result<Target> {
+        let h = llorch_io::handoff::Handoff::read(handoff)?
+            .with_context(|| format!("no handoff at {}", handoff.display()))?;
+        Ok(Target {
+            orchestrator: orchestrator.trim_end_matches('/').to_string(),
+            engine: orchestratord::EngineInfo::from_handoff(&h)?,
+            token,
+            profile: format!("(running: {})", h.pool_id),
+            seed: Config::default().default_seed,
+            require_minute_word: false,
+        })
+    }
+}
+
 /// Run the whole proof. `on_token` sees the first haiku's tokens live.
 pub async fn run(
     profile: &Profile,
@@ -174,7 +220,10 @@ pub async fn run(
         "cargo xtask haiku",
     )
     .await?;
-    let res = prove(profile, &stack, on_token).await;
+    let res = match Target::of_stack(profile, &stack) {
+        Ok(t) => prove(&t, on_token).await,
+        Err(e) => Err(e),
+    };
     stack.stop(Duration::from_secs(5)).await;
     let report = res?;
     let dir = layout.runtime.join("haiku");
@@ -332,17 +381,14 @@ pub fn is_three_lines(text: &str) -> bool {
     lines.len() == 3 && lines.iter().all(|l| !l.trim().is_empty())
 }
 
-pub async fn prove(
-    profile: &Profile,
-    stack: &Stack,
-    on_token: &(dyn Fn(&str) + Sync),
-) -> Result<HaikuReport> {
-    let http = llorch_io::http::async_client();
-    let orch = stack.orchestrator_url();
-    let info = stack.engine()?;
+pub async fn prove(target: &Target, on_token: &(dyn Fn(&str) + Sync)) -> Result<HaikuReport> {
+    let http = llorch_io::http::async_client_with_token(target.token.as_deref());
+    let direct_http = llorch_io::http::async_client();
+    let orch = target.orchestrator.clone();
+    let info = target.engine.clone();
     let engine = &info.url;
-    let direct = Direct::new(&http, engine, info.api_key.as_deref());
-    let seed = profile.file.server.seed;
+    let direct = Direct::new(&direct_http, engine, info.api_key.as_deref());
+    let seed = target.seed;
     let minute_word = minute_in_words(current_minute());
     let nonce = new_nonce();
     let messages = haiku_messages(&minute_word, &nonce);
@@ -421,10 +467,17 @@ pub async fn prove(
         }
     };
     let other_messages = haiku_messages(&minute_word, &other_nonce);
-    let a = first_position_logprobs(&http, engine, info.api_key.as_deref(), &messages).await?;
-    let a2 = first_position_logprobs(&http, engine, info.api_key.as_deref(), &messages).await?;
-    let b =
-        first_position_logprobs(&http, engine, info.api_key.as_deref(), &other_messages).await?;
+    let a =
+        first_position_logprobs(&direct_http, engine, info.api_key.as_deref(), &messages).await?;
+    let a2 =
+        first_position_logprobs(&direct_http, engine, info.api_key.as_deref(), &messages).await?;
+    let b = first_position_logprobs(
+        &direct_http,
+        engine,
+        info.api_key.as_deref(),
+        &other_messages,
+    )
+    .await?;
     let (max_delta, sets_differ) = compare_logprobs(&a, &b);
     check(
         &mut checks,
@@ -443,7 +496,10 @@ pub async fn prove(
 
     let long = json!({"prompt": "Count from one to one thousand, one number per line:\n", "max_tokens": 2048, "ignore_eos": true});
     let canceled = stream_task(&http, &orch, &long, None, Some(1)).await?;
-    let slots = direct.server.slots(&http, Duration::from_secs(5)).await?;
+    let slots = direct
+        .server
+        .slots(&direct_http, Duration::from_secs(5))
+        .await?;
     let idle = all_idle(&slots);
     check(
         &mut checks,
@@ -457,7 +513,7 @@ pub async fn prove(
     );
 
     let present = first.text.to_lowercase().contains(&minute_word);
-    let required = profile.file.haiku.require_minute_word;
+    let required = target.require_minute_word;
     if required {
         check(
             &mut checks,
@@ -469,7 +525,7 @@ pub async fn prove(
     let passed = checks.iter().all(|c| c.ok);
     Ok(HaikuReport {
         passed,
-        profile: profile.name.clone(),
+        profile: target.profile.clone(),
         pool: info.pool.clone(),
         text: first.text.clone(),
         prompt: messages[0]["content"].as_str().unwrap_or("").to_string(),

@@ -104,6 +104,9 @@ pub struct PoolsOptions {
     pub idle_unload_s: Option<u64>,
     /// Replaces the stack's `max_loaded`.
     pub max_loaded: Option<usize>,
+    /// Never build: every pool's engine comes from this directory of
+    /// prebuilt entries (a container image's; see `engine_provisioner::prebuilt`).
+    pub prebuilt: Option<std::path::PathBuf>,
 }
 
 /// Prepare every pool, load the eager ones, start the orchestrator.
@@ -140,6 +143,7 @@ pub async fn start_pools(
     let mut eager_links = Vec::new();
     for p in &stack.pools {
         let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
+        let prebuilt = opts.prebuilt.clone();
         let Prepared { engine: prep, .. } = tokio::task::spawn_blocking(move || {
             prepare::prepare(
                 &prof,
@@ -147,6 +151,7 @@ pub async fn start_pools(
                 &l2,
                 &BuildOptions {
                     quiet,
+                    prebuilt,
                     ..Default::default()
                 },
             )

@@ -270,6 +270,13 @@ pub fn group_state(st: &AppState, members: &[Arc<Pool>]) -> &'static str {
     states.first().copied().unwrap_or("unloaded")
 }
 
+/// Tokens held in the engines' processing slots, what their slots hold at
+/// most, and the ratio (the `llorch_pool_kv_cache_utilization` gauge).
+fn kv_json(members: &[Arc<Pool>]) -> serde_json::Value {
+    let (held, capacity, utilization) = Pool::kv_utilization(members);
+    json!({"tokens_held": held, "capacity": capacity, "utilization": utilization})
+}
+
 fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
     let members = st.members(&head.group);
     let p = head;
@@ -293,6 +300,7 @@ fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
                 "queue_depth": m.queue.len(),
                 "running": m.running.load(Ordering::SeqCst),
                 "tokens_out": m.tokens_out.load(Ordering::Relaxed),
+                "kv_cache": kv_json(std::slice::from_ref(m)),
                 "loads": m.loads.load(Ordering::Relaxed),
                 "unloads": m.unloads.load(Ordering::Relaxed),
             })
@@ -320,6 +328,7 @@ fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
         "replicas": replicas,
         "queue_depth": sum(&|m| m.queue.len() as u64),
         "running": sum(&|m| m.running.load(Ordering::SeqCst)),
+        "kv_cache": kv_json(&members),
         "load": if p.policy.lazy { "lazy" } else { "eager" },
         "idle_unload_s": p.policy.idle_unload.map(|d| d.as_secs_f64()),
         "keep_loaded": p.policy.keep_loaded,

@@ -25,6 +25,10 @@ pub struct Config {
     pub header_read_timeout: Duration,
     /// How long a finished task stays readable (its stream can still be opened).
     pub retention: Duration,
+    /// `/metrics` is served without the API token (counts and pool names
+    /// only), for scrapers that send none: Prometheus, an inference
+    /// gateway's endpoint picker.
+    pub open_metrics: bool,
 }
 
 impl Default for Config {
@@ -43,6 +47,7 @@ impl Default for Config {
             allowed_hosts: Vec::new(),
             header_read_timeout: Duration::from_secs(10),
             retention: Duration::from_secs(600),
+            open_metrics: false,
         }
     }
 }
@@ -68,6 +73,11 @@ pub struct ListenArgs {
     /// rebinding.
     #[arg(long = "allowed-host", value_name = "NAME")]
     pub allowed_hosts: Vec<String>,
+    /// Serve /metrics without the API token (it holds counts and pool names
+    /// only): for Prometheus and an inference gateway's endpoint picker,
+    /// which scrape without credentials
+    #[arg(long, env = "LLORCH_OPEN_METRICS")]
+    pub open_metrics: bool,
 }
 
 impl ListenArgs {
@@ -82,6 +92,7 @@ impl ListenArgs {
                 .iter()
                 .map(|h| h.to_ascii_lowercase())
                 .collect(),
+            open_metrics: self.open_metrics,
             ..Default::default()
         }
     }

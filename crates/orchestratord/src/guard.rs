@@ -32,7 +32,8 @@ pub(crate) async fn auth(
     next: axum::middleware::Next,
 ) -> Response {
     let path = req.uri().path();
-    let open = path == "/healthz" || path == "/readyz";
+    let open =
+        path == "/healthz" || path == "/readyz" || (st.cfg.open_metrics && path == "/metrics");
     if !open && !token_ok(&st, req.headers()) {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,

@@ -8,6 +8,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
+use std::sync::atomic::AtomicU64;
 
 pub const BUCKETS_MS: &[f64] = &[
     1.0, 2.5, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0,
@@ -50,6 +51,8 @@ pub struct Metrics {
     pub pool_tokens_out: Family<PoolLabel, Gauge>,
     pub pool_running: Family<PoolLabel, Gauge>,
     pub pool_capacity: Family<PoolLabel, Gauge>,
+    pub pool_kv_utilization: Family<PoolLabel, Gauge<f64, AtomicU64>>,
+    pub replica_kv_utilization: Family<ReplicaLabel, Gauge<f64, AtomicU64>>,
     pub replica_queue_depth: Family<ReplicaLabel, Gauge>,
     pub replica_running: Family<ReplicaLabel, Gauge>,
     pub replica_ready: Family<ReplicaLabel, Gauge>,
@@ -79,6 +82,8 @@ impl Default for Metrics {
             pool_tokens_out: Family::default(),
             pool_running: Family::default(),
             pool_capacity: Family::default(),
+            pool_kv_utilization: Family::default(),
+            replica_kv_utilization: Family::default(),
             replica_queue_depth: Family::default(),
             replica_running: Family::default(),
             replica_ready: Family::default(),
@@ -173,6 +178,16 @@ impl Default for Metrics {
             m.pool_capacity.clone(),
         );
         registry.register(
+            "pool_kv_cache_utilization",
+            "KV-cache utilization, 0 to 1: tokens held by the engines' processing slots over what all their slots hold (slots x context)",
+            m.pool_kv_utilization.clone(),
+        );
+        registry.register(
+            "replica_kv_cache_utilization",
+            "KV-cache utilization of one replica's engine, 0 to 1",
+            m.replica_kv_utilization.clone(),
+        );
+        registry.register(
             "replica_queue_depth",
             "Tasks waiting, per replica",
             m.replica_queue_depth.clone(),
@@ -241,6 +256,11 @@ impl Metrics {
             self.pool_capacity
                 .get_or_create(&l)
                 .set(sum(&|p| p.slots as u64));
+            let owned: Vec<std::sync::Arc<crate::pool::Pool>> =
+                members.iter().map(|p| (*p).clone()).collect();
+            self.pool_kv_utilization
+                .get_or_create(&l)
+                .set(crate::pool::Pool::kv_utilization(&owned).2);
             for p in &members {
                 let r = ReplicaLabel {
                     pool: head.group.to_string(),
@@ -258,6 +278,9 @@ impl Metrics {
                 self.replica_tokens_out
                     .get_or_create(&r)
                     .set(p.tokens_out.load(Relaxed) as i64);
+                self.replica_kv_utilization
+                    .get_or_create(&r)
+                    .set(crate::pool::Pool::kv_utilization(std::slice::from_ref(*p)).2);
             }
         }
         self.queue_depth.set(depth);

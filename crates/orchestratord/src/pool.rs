@@ -137,6 +137,11 @@ pub struct Pool {
     pub loads: AtomicU64,
     pub unloads: AtomicU64,
     pub tokens_out: AtomicU64,
+    /// KV-cache tokens held by the engine's processing slots, and what all
+    /// its slots hold at most (llama-server's `/slots`, sampled by the
+    /// health loop while tasks run: [`Pool::kv_utilization`]).
+    pub kv_held: AtomicU64,
+    pub kv_capacity: AtomicU64,
     /// A load refusal already logged (so a waiting load logs once).
     waiting_logged: AtomicBool,
     /// When its last tasks finished (at most [`RATE_WINDOW`]): the observed service rate.
@@ -171,9 +176,31 @@ impl Pool {
             loads: AtomicU64::new(0),
             unloads: AtomicU64::new(0),
             tokens_out: AtomicU64::new(0),
+            kv_held: AtomicU64::new(0),
+            kv_capacity: AtomicU64::new(0),
             waiting_logged: AtomicBool::new(false),
             finished: Mutex::new(Default::default()),
         }
+    }
+
+    /// KV-cache utilization of these engines together: tokens held by
+    /// processing slots over what all their slots can hold (0 when nothing
+    /// was sampled yet, or nothing runs).
+    pub fn kv_utilization(members: &[Arc<Pool>]) -> (u64, u64, f64) {
+        let held = members
+            .iter()
+            .map(|p| p.kv_held.load(Ordering::Relaxed))
+            .fold(0u64, u64::saturating_add);
+        let cap = members
+            .iter()
+            .map(|p| p.kv_capacity.load(Ordering::Relaxed))
+            .fold(0u64, u64::saturating_add);
+        let ratio = if cap == 0 {
+            0.0
+        } else {
+            (held as f64 / cap as f64).clamp(0.0, 1.0)
+        };
+        (held, cap, ratio)
     }
 
     /// Queued + running tasks.
@@ -347,6 +374,7 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
             }
             _ => false,
         };
+        sample_kv(&st, &pool, &state, ok).await;
         let was = pool.ready.swap(ok, Ordering::SeqCst);
         if was != ok {
             pool.work.notify_waiters();
@@ -355,11 +383,39 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
         }
         // Loading: look every 2 ms, so a loaded engine takes tasks at once.
         let pause = match (&state, ok) {
+            // While tasks run, the KV gauges follow them every 100 ms at most.
+            (_, true) if pool.running.load(Ordering::SeqCst) > 0 => {
+                st.cfg.health_interval.min(Duration::from_millis(100))
+            }
             (_, true) => st.cfg.health_interval,
             (LinkState::Starting | LinkState::Ready(_), false) => Duration::from_millis(2),
             _ => Duration::from_millis(20),
         };
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// Read the engine's `/slots` for the KV-cache gauges while tasks run (and
+/// once more after, so the gauges return to zero); an engine that is not
+/// ready holds nothing.
+async fn sample_kv(st: &Shared, pool: &Pool, state: &LinkState, ready: bool) {
+    let LinkState::Ready(i) = state else {
+        pool.kv_held.store(0, Ordering::Relaxed);
+        return;
+    };
+    if !ready {
+        pool.kv_held.store(0, Ordering::Relaxed);
+        return;
+    }
+    let busy = pool.running.load(Ordering::SeqCst) > 0;
+    let known = pool.kv_capacity.load(Ordering::Relaxed) > 0;
+    if !busy && known && pool.kv_held.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    if let Ok(slots) = i.server().slots(&st.http, Duration::from_secs(2)).await {
+        let (held, cap) = llorch_io::llama_server::kv_use(&slots);
+        pool.kv_capacity.store(cap, Ordering::Relaxed);
+        pool.kv_held.store(held, Ordering::Relaxed);
     }
 }
 
