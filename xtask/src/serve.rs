@@ -89,13 +89,14 @@ pub fn stack_from(
     Ok(llorch_profile::stack::Stack::from_profiles(ps)?)
 }
 
-/// In an image: listen on 0.0.0.0:$PORT (default 8080), the token from
+/// In an image: listen on 0.0.0.0:$PORT (default 8080; 0: any free port, as
+/// the line `serving … at` then says), the token from
 /// `LLORCH_API_TOKEN` or the file `LLORCH_API_TOKEN_FILE` names (a mounted secret).
 fn image_listen(cfg: &mut orchestratord::Config) -> Result<()> {
     let port: u16 = match std::env::var("PORT") {
-        Ok(p) => p.trim().parse().ok().filter(|p| *p > 0).with_context(|| {
+        Ok(p) => p.trim().parse().ok().with_context(|| {
             format!(
-                "PORT=`{}` is not a port number (1-65535)",
+                "PORT=`{}` is not a port number (0-65535)",
                 llorch_io::handoff::excerpt(&p, 16)
             )
         })?,

@@ -88,42 +88,7 @@ pub async fn wait_ready(base: &str) {
     panic!("orchestrator never ready");
 }
 
-/// Install pinned Python packages with pip (from the configured package
-/// index) into `target/python-<name>` once per machine (under a file lock;
-/// a half-installed directory is never used), and return that directory for
-/// `PYTHONPATH`.
-pub fn python_packages(name: &str, pins: &[&str]) -> std::path::PathBuf {
-    let root = test_support::workspace_root();
-    let dir = root.join("target").join(format!("python-{name}"));
-    let _lock =
-        llorch_io::fsx::FileLock::exclusive(&root.join("target/python-sdk.lock"), || {}).unwrap();
-    let want = pins.join("\n");
-    if fs_err::read_to_string(dir.join(".complete"))
-        .ok()
-        .as_deref()
-        != Some(want.as_str())
-    {
-        let staging = dir.with_extension("partial");
-        let _ = fs_err::remove_dir_all(&staging);
-        llorch_io::cmd::Cmd::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "-q",
-                "--disable-pip-version-check",
-                "--target",
-            ])
-            .arg(&staging)
-            .args(pins.iter().copied())
-            .read()
-            .unwrap_or_else(|e| panic!("installing {pins:?} with pip: {e}"));
-        fs_err::write(staging.join(".complete"), &want).unwrap();
-        let _ = fs_err::remove_dir_all(&dir);
-        fs_err::rename(&staging, &dir).unwrap();
-    }
-    dir
-}
+pub use test_support::python_packages;
 
 /// `GET url` and its JSON body (any status).
 pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> serde_json::Value {

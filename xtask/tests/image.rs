@@ -1,0 +1,312 @@
+//! The container image against real processes: built from the default
+//! engine (shared through the workspace cache), unpacked by an independent
+//! tool (`umoci`), and its entrypoint run chrooted in its own mount and pid
+//! namespaces, as the image's non-root user, with only the unpacked root,
+//! the model (read-only) and a state directory mounted. The haiku proof
+//! passes against it; two builds in two cache directories give one digest;
+//! a model that is not the one the image expects is refused before anything
+//! serves.
+
+use llorch_io::cmd::{Cmd, Io};
+use serde_json::Value;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+use test_support::workspace_root as root;
+
+fn xtask(cache: &Path, rt: &Path) -> Cmd {
+    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+        .env("LLORCH_ROOT", root())
+        .env("LLORCH_CACHE_DIR", cache)
+        .env("LLORCH_RUNTIME_DIR", rt)
+        .env_remove("LLORCH_API_TOKEN")
+        .env_remove("LLORCH_ENGINE_REGISTRY")
+        .dir(root())
+}
+
+fn json_of(cmd: Cmd, what: &str) -> Value {
+    let (ok, out, err) = cmd.output().unwrap();
+    assert!(ok, "{what}: {err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{what}: {e}: {out}"))
+}
+
+fn is_root() -> bool {
+    Cmd::new("id")
+        .arg("-u")
+        .read()
+        .is_ok_and(|s| s.trim() == "0")
+}
+
+/// The default profile's image, built into `out` from `cache`.
+fn build_image(cache: &Path, rt: &Path, out: &Path) -> Value {
+    json_of(
+        xtask(cache, rt)
+            .args(["image", "build", "--json", "--out"])
+            .arg(out),
+        "image build",
+    )
+}
+
+/// `umoci unpack` of the layout's one tag into `bundle` (rootless unless root).
+fn unpack(layout: &Path, tag: &str, bundle: &Path) -> PathBuf {
+    let mut c = Cmd::new("umoci").arg("unpack");
+    if !is_root() {
+        c = c.arg("--rootless");
+    }
+    c.arg("--image")
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(bundle)
+        .read()
+        .expect("umoci unpack (installed by `cargo xtask doctor --install --test-servers`)");
+    bundle.join("rootfs")
+}
+
+/// The image config's environment, as the layout says (not as we wrote it).
+fn image_env(layout: &Path) -> Vec<String> {
+    let blob = |d: &str| {
+        layout
+            .join("blobs/sha256")
+            .join(d.trim_start_matches("sha256:"))
+    };
+    let index: Value =
+        serde_json::from_slice(&fs_err::read(layout.join("index.json")).unwrap()).unwrap();
+    let m: Value = serde_json::from_slice(
+        &fs_err::read(blob(index["manifests"][0]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    let c: Value = serde_json::from_slice(
+        &fs_err::read(blob(m["config"]["digest"].as_str().unwrap())).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(c["config"]["User"], "65532:65532");
+    assert_eq!(
+        c["config"]["Entrypoint"],
+        serde_json::json!(["/usr/local/bin/llorch", "serve", "--in-image"])
+    );
+    c["config"]["Env"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The entrypoint, chrooted into `rootfs` in new mount and pid namespaces,
+/// with `model` bound read-only at /models/model.gguf and `state` at
+/// /var/lib/llorch; as uid 65532 when we are root (else in a user namespace
+/// that maps us to root, where only our uid exists).
+fn run_entrypoint(
+    rootfs: &Path,
+    env: &[String],
+    model: &Path,
+    state: &Path,
+) -> llorch_io::cmd::KillOnDrop {
+    for d in ["proc", "dev"] {
+        fs_err::create_dir_all(rootfs.join(d)).unwrap();
+    }
+    fs_err::write(rootfs.join("models/model.gguf"), b"").unwrap();
+    let setuid = if is_root() {
+        Cmd::new("chown")
+            .arg("65532:65532")
+            .arg(state)
+            .read()
+            .unwrap();
+        "--setuid=65532 --setgid=65532"
+    } else {
+        ""
+    };
+    let envs: Vec<String> = env
+        .iter()
+        .filter(|e| !e.starts_with("PORT="))
+        .map(|e| format!("'{e}'"))
+        .collect();
+    let script = format!(
+        r#"set -e
+R='{r}'
+mount --bind '{state}' "$R/var/lib/llorch"
+mount --bind '{model}' "$R/models/model.gguf"
+mount -o remount,bind,ro "$R/models/model.gguf"
+mount -t tmpfs -o mode=755 tmpfs "$R/dev"
+for d in null zero urandom random; do touch "$R/dev/$d"; mount --bind /dev/$d "$R/dev/$d"; done
+exec /usr/bin/env -i {envs} PORT=0 LLORCH_API_TOKEN=image-test-token /usr/bin/unshare --root="$R" --wd=/opt/llorch --mount-proc {setuid} /usr/local/bin/llorch serve --in-image
+"#,
+        r = rootfs.display(),
+        state = state.display(),
+        model = model.display(),
+        envs = envs.join(" "),
+    );
+    let mut ns = Cmd::new("unshare");
+    if !is_root() {
+        ns = ns.args(["--user", "--map-root-user"]);
+    }
+    llorch_io::cmd::KillOnDrop(
+        ns.args(["--mount", "--pid", "--fork", "--kill-child", "bash", "-c"])
+            .arg(script)
+            .spawn(Io::Piped, Io::Piped)
+            .unwrap(),
+    )
+}
+
+/// Where the entrypoint serves (its `serving … at URL` line), or everything
+/// it said on stderr if it exited first.
+fn served_at(child: &mut llorch_io::cmd::KillOnDrop) -> Result<String, String> {
+    let stderr = child.0.stderr.take().unwrap();
+    let err_text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let et = err_text.clone();
+    let err_reader = std::thread::spawn(move || {
+        for l in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let mut t = et.lock().unwrap();
+            t.push_str(&l);
+            t.push('\n');
+        }
+    });
+    let mut lines = BufReader::new(child.0.stdout.take().unwrap()).lines();
+    for line in lines.by_ref() {
+        let line = line.unwrap();
+        if let Some(rest) = line.strip_prefix("serving ") {
+            let at = rest.split(" at ").nth(1).unwrap();
+            let url = at
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .replace("0.0.0.0", "127.0.0.1");
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok(url);
+        }
+    }
+    // Stdout closed: the entrypoint exited; its stderr says why.
+    let _ = child.0.wait();
+    let _ = err_reader.join();
+    let t = err_text.lock().unwrap().clone();
+    Err(t)
+}
+
+fn default_model(cache: &Path, rt: &Path) -> PathBuf {
+    let v = json_of(
+        xtask(cache, rt).args(["model", "fetch", "--json"]),
+        "model fetch",
+    );
+    PathBuf::from(
+        v["metadata"]["path"]
+            .as_str()
+            .or(v["path"].as_str())
+            .unwrap(),
+    )
+}
+
+#[test]
+fn the_image_reproduces_in_another_cache_and_its_unpacked_entrypoint_serves_the_haiku() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tmp.path().join("rt");
+    let shared = root().join("cache");
+    // The default engine, built once per machine (a hit after `ci` built it).
+    let (ok, _, err) = xtask(&shared, &rt)
+        .args(["engine", "build"])
+        .output()
+        .unwrap();
+    assert!(ok, "engine build: {err}");
+    let a = build_image(&shared, &rt, &tmp.path().join("image-a"));
+    // Another cache directory, its engine copied in and checked: the same image.
+    let other = tmp.path().join("another/cache");
+    let (ok, _, err) = xtask(&other, &rt)
+        .args(["engine", "build", "--reuse-from"])
+        .arg(&shared)
+        .output()
+        .unwrap();
+    assert!(ok, "engine build --reuse-from: {err}");
+    let b = build_image(&other, &rt, &tmp.path().join("image-b"));
+    assert_eq!(a["image"]["digest"], b["image"]["digest"], "{a}\n{b}");
+    assert_eq!(a["image"]["layers"], b["image"]["layers"]);
+    let digest = a["image"]["digest"].as_str().unwrap();
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
+
+    // Unpacked by umoci, run by hand: the haiku proof passes against it.
+    let layout = tmp.path().join("image-a");
+    let rootfs = unpack(&layout, "default", &tmp.path().join("bundle"));
+    let spec: Value =
+        serde_json::from_slice(&fs_err::read(rootfs.join("opt/llorch/image.json")).unwrap())
+            .unwrap();
+    // Every file of the image is explained (origin and sha256), and only those are there.
+    let explained: std::collections::BTreeSet<String> = spec["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap().to_string())
+        .collect();
+    let mut present = std::collections::BTreeSet::new();
+    let mut stack = vec![rootfs.clone()];
+    while let Some(d) = stack.pop() {
+        for e in fs_err::read_dir(&d).unwrap().flatten() {
+            let t = e.file_type().unwrap();
+            if t.is_dir() {
+                stack.push(e.path());
+            } else {
+                assert!(t.is_file(), "{} is not a regular file", e.path().display());
+                present.insert(format!(
+                    "/{}",
+                    e.path().strip_prefix(&rootfs).unwrap().display()
+                ));
+            }
+        }
+    }
+    present.remove("/opt/llorch/image.json");
+    assert_eq!(present, explained);
+    let model = default_model(&shared, &rt);
+    let state = tmp.path().join("state");
+    fs_err::create_dir_all(&state).unwrap();
+    let mut child = run_entrypoint(&rootfs, &image_env(&layout), &model, &state);
+    let url = served_at(&mut child).unwrap_or_else(|e| panic!("the entrypoint exited:\n{e}"));
+    let handoff = state.join("run/engines/default.json");
+    let rt2 = tokio::runtime::Runtime::new().unwrap();
+    let report = rt2
+        .block_on(async {
+            let t = llorch_proof::Target::running(&url, &handoff, Some("image-test-token".into()))?;
+            llorch_proof::prove(&t, &|_| {}).await
+        })
+        .unwrap();
+    assert!(report.passed, "{:#?}", report.checks);
+    assert_eq!(report.checks.len(), 9, "{:#?}", report.checks);
+    // Off loopback the API wants the token; probes and metrics are open.
+    let http = llorch_io::http::blocking_client();
+    let caps = http.get(format!("{url}/v1/capabilities")).send().unwrap();
+    assert_eq!(caps.status().as_u16(), 401);
+    assert_eq!(
+        http.get(format!("{url}/readyz"))
+            .send()
+            .unwrap()
+            .status()
+            .as_u16(),
+        200
+    );
+    drop(child);
+}
+
+#[test]
+fn the_image_refuses_a_model_that_does_not_hash_to_the_digest_it_expects() {
+    let tmp = tempfile::tempdir().unwrap();
+    let rt = tmp.path().join("rt");
+    let shared = root().join("cache");
+    let (ok, _, err) = xtask(&shared, &rt)
+        .args(["engine", "build"])
+        .output()
+        .unwrap();
+    assert!(ok, "engine build: {err}");
+    let layout = tmp.path().join("image");
+    build_image(&shared, &rt, &layout);
+    let rootfs = unpack(&layout, "default", &tmp.path().join("bundle"));
+    // The real model, cut short: its GGUF header still parses.
+    let good = default_model(&shared, &rt);
+    let bytes = fs_err::read(&good).unwrap();
+    let bad = tmp.path().join("model.gguf");
+    fs_err::write(&bad, &bytes[..bytes.len() / 2]).unwrap();
+    let state = tmp.path().join("state");
+    fs_err::create_dir_all(&state).unwrap();
+    let mut child = run_entrypoint(&rootfs, &image_env(&layout), &bad, &state);
+    let err = served_at(&mut child).expect_err("a model of the wrong digest was served");
+    assert!(err.contains("sha256") || err.contains("digest"), "{err}");
+    assert!(!state.join("run/engines/default.json").exists());
+    let _ = Duration::ZERO;
+}
