@@ -13,7 +13,8 @@ pub struct DoctorCmd {
     #[arg(long)]
     install: bool,
     /// Also check (and with --install, install) the servers the test suite
-    /// runs on 127.0.0.1: an OCI registry (`docker-registry`) and `htpasswd`
+    /// runs on 127.0.0.1: an OCI registry (`docker-registry`) and `htpasswd`,
+    /// and `umoci`, which unpacks the container image the tests build
     #[arg(long)]
     test_servers: bool,
 }
@@ -28,6 +29,8 @@ const TEST_SERVERS: &[(&str, &str, &str, &str)] = &[
         "docker-registry",
     ),
     ("htpasswd", "apache2-utils", "httpd-tools", "apache"),
+    // Unpacks the container image the tests build (an independent OCI tool).
+    ("umoci", "umoci", "umoci", "umoci"),
 ];
 
 fn test_servers(install: bool) -> Result<()> {
@@ -47,7 +50,7 @@ fn test_servers(install: bool) -> Result<()> {
         return Ok(());
     }
     let pm = preflight::PackageManager::detect().ok_or_else(|| {
-        anyhow::anyhow!("no supported package manager found; install the OCI registry server (`docker-registry`) and `htpasswd` by hand")
+        anyhow::anyhow!("no supported package manager found; install the OCI registry server (`docker-registry`), `htpasswd` and `umoci` by hand")
     })?;
     let pkgs: Vec<&str> = missing
         .iter()

@@ -40,8 +40,13 @@ pub enum LddLine {
     Virtual,
 }
 
+/// A line of `ldd`'s output that is none of the shapes it prints.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot read ldd line `{0}`")]
+pub struct UnreadableLdd(pub String);
+
 /// Read `ldd`'s output; a line it cannot read is an error.
-pub fn parse_ldd(text: &str) -> Result<Vec<LddLine>, String> {
+pub fn parse_ldd(text: &str) -> Result<Vec<LddLine>, UnreadableLdd> {
     let mut out = Vec::new();
     for raw in text.lines() {
         let line = raw.trim();
@@ -57,10 +62,7 @@ pub fn parse_ldd(text: &str) -> Result<Vec<LddLine>, String> {
             }
             let path = rest.split(" (").next().unwrap_or("").trim();
             if !path.starts_with('/') {
-                return Err(format!(
-                    "cannot read ldd line `{}`",
-                    llorch_io::handoff::excerpt(raw, 120)
-                ));
+                return Err(UnreadableLdd(llorch_io::handoff::excerpt(raw, 120)));
             }
             out.push(LddLine::Found {
                 name,
@@ -73,10 +75,7 @@ pub fn parse_ldd(text: &str) -> Result<Vec<LddLine>, String> {
             } else if first.starts_with("linux-vdso") || first.starts_with("linux-gate") {
                 out.push(LddLine::Virtual);
             } else {
-                return Err(format!(
-                    "cannot read ldd line `{}`",
-                    llorch_io::handoff::excerpt(raw, 120)
-                ));
+                return Err(UnreadableLdd(llorch_io::handoff::excerpt(raw, 120)));
             }
         }
     }
@@ -119,9 +118,9 @@ pub fn of(binaries: &[(&str, &Path)], extra_dirs: &[PathBuf]) -> Result<Closure,
                 binary: bin.display().to_string(),
                 why: e.to_string(),
             })?;
-        let lines = parse_ldd(&text).map_err(|why| DeployError::Ldd {
+        let lines = parse_ldd(&text).map_err(|e| DeployError::Ldd {
             binary: bin.display().to_string(),
-            why,
+            why: e.to_string(),
         })?;
         for l in lines {
             match l {

@@ -24,11 +24,13 @@
 
 use crate::closure;
 use crate::layer::{Layer, LayerBlob, Source, COMPRESSOR};
+pub use crate::push::{push, PushedImage};
+pub use crate::spec::{Explained, ImagePool, ImageSpec, SPEC_SCHEMA};
 use crate::DeployError;
 use engine_provisioner::{BuildOptions, BuildOutcome};
 use llorch_io::paths::Layout;
 use llorch_profile::stack::Stack;
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -46,101 +48,11 @@ pub const DEFAULT_MODEL: &str = "/models/model.gguf";
 pub const USER: &str = "65532:65532";
 pub const DEFAULT_PORT: u16 = 8080;
 pub const CA_CERTS: &str = "/etc/ssl/certs/ca-certificates.crt";
-pub const SPEC_SCHEMA: u32 = 1;
 
 pub const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 pub const LAYER_MEDIA_TYPE: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 pub const INDEX_MEDIA_TYPE: &str = "application/vnd.oci.image.index.v1+json";
-
-/// `/opt/llorch/image.json`: what the image serves and where its files came from.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ImageSpec {
-    pub schema: u32,
-    pub pools: Vec<ImagePool>,
-    /// Every file of the image but this one, with its origin and sha256.
-    pub files: Vec<Explained>,
-    pub compressor: String,
-}
-
-/// One pool the image can serve.
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct ImagePool {
-    pub id: String,
-    /// The profile file, relative to [`IMAGE_ROOT`].
-    pub profile: String,
-    pub profile_sha256: String,
-    pub fingerprint: String,
-    pub pin: String,
-    pub backend: String,
-    /// The model the pool expects at `$LLORCH_MODEL`: its sha256, and the
-    /// ref it was published under (for `model fetch` into a volume).
-    pub model_sha256: String,
-    pub model_ref: String,
-    pub mode: String,
-    pub slots: u32,
-    pub replicas: u32,
-    pub affinity: String,
-    pub ctx_size: u32,
-    pub threads: u32,
-}
-
-#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct Explained {
-    pub path: String,
-    pub origin: String,
-    pub sha256: String,
-}
-
-impl ImageSpec {
-    /// Read the spec an image carries (`$LLORCH_ROOT/image.json`).
-    pub fn read(root: &Path) -> Result<ImageSpec, DeployError> {
-        let p = root.join(SPEC_FILE);
-        let text =
-            fs_err::read_to_string(&p).map_err(llorch_io::io("read the image description"))?;
-        let s: ImageSpec = serde_json::from_str(&text).map_err(|e| DeployError::Spec {
-            path: p.display().to_string(),
-            why: e.to_string(),
-        })?;
-        if s.schema != SPEC_SCHEMA {
-            return Err(DeployError::Spec {
-                path: p.display().to_string(),
-                why: format!("schema {} (this llorch reads {SPEC_SCHEMA})", s.schema),
-            });
-        }
-        Ok(s)
-    }
-
-    /// The pool to serve: `wanted`, or the only one.
-    pub fn pool(&self, wanted: Option<&str>) -> Result<&ImagePool, DeployError> {
-        let ids = || {
-            self.pools
-                .iter()
-                .map(|p| p.id.clone())
-                .collect::<Vec<_>>()
-                .join(", ")
-        };
-        match wanted {
-            Some(w) => {
-                self.pools
-                    .iter()
-                    .find(|p| p.id == w)
-                    .ok_or_else(|| DeployError::NoSuchPool {
-                        pool: llorch_io::handoff::excerpt(w, 64),
-                        pools: ids(),
-                    })
-            }
-            None if self.pools.len() == 1 => Ok(&self.pools[0]),
-            None => Err(DeployError::NoSuchPool {
-                pool: "(none given: set LLORCH_POOL)".into(),
-                pools: ids(),
-            }),
-        }
-    }
-}
 
 /// How to build the image.
 #[derive(Clone, Debug)]
@@ -570,73 +482,4 @@ fn put_blob(blobs: &Path, bytes: &[u8]) -> Result<String, DeployError> {
 fn write(dir: &Path, name: &str, bytes: &[u8]) -> Result<(), DeployError> {
     fs_err::write(dir.join(name), bytes).map_err(llorch_io::io("write the image layout"))?;
     Ok(())
-}
-
-/// What a pushed image is.
-#[derive(Clone, Debug, Serialize)]
-pub struct PushedImage {
-    pub reference: String,
-    pub digest: String,
-}
-
-/// Push an image layout (its one manifest, config and layers) to `to`
-/// (`oci://HOST[:PORT]/REPO[:TAG]`; the layout's tag when none is given).
-/// The digest the registry serves is the layout's, byte for byte.
-pub fn push(dir: &Path, to: &str, insecure: bool) -> Result<PushedImage, DeployError> {
-    use llorch_io::oci::{OciRef, Registry};
-    let index: Value = serde_json::from_slice(
-        &fs_err::read(dir.join("index.json")).map_err(llorch_io::io("read the image index"))?,
-    )
-    .map_err(|e| DeployError::Spec {
-        path: dir.join("index.json").display().to_string(),
-        why: e.to_string(),
-    })?;
-    let m = &index["manifests"][0];
-    let digest = m["digest"].as_str().unwrap_or("").to_string();
-    let tag = m["annotations"]["org.opencontainers.image.ref.name"]
-        .as_str()
-        .unwrap_or("latest");
-    let mut r = OciRef::parse(to)?;
-    if r.tag.is_none() && r.digest.is_none() {
-        r = r.with_tag(tag)?;
-    }
-    let blob = |d: &str| -> Result<PathBuf, DeployError> {
-        let hex = d
-            .strip_prefix("sha256:")
-            .filter(|h| llorch_io::digest::is_sha256_hex(h))
-            .ok_or_else(|| DeployError::Spec {
-                path: dir.display().to_string(),
-                why: format!(
-                    "`{}` is not a sha256 digest",
-                    llorch_io::handoff::excerpt(d, 80)
-                ),
-            })?;
-        Ok(dir.join("blobs/sha256").join(hex))
-    };
-    let manifest_bytes =
-        fs_err::read(blob(&digest)?).map_err(llorch_io::io("read the image manifest"))?;
-    let manifest: Value =
-        serde_json::from_slice(&manifest_bytes).map_err(|e| DeployError::Spec {
-            path: dir.display().to_string(),
-            why: e.to_string(),
-        })?;
-    let reg = Registry::connect(&r, insecure)?;
-    for l in manifest["layers"].as_array().into_iter().flatten() {
-        let d = l["digest"].as_str().unwrap_or("");
-        let (got, _) = reg.push_file(&r, &blob(d)?)?;
-        if got != d {
-            return Err(DeployError::Spec {
-                path: dir.display().to_string(),
-                why: format!("layer {d} hashes to {got}"),
-            });
-        }
-    }
-    let cd = manifest["config"]["digest"].as_str().unwrap_or("");
-    let cfg = fs_err::read(blob(cd)?).map_err(llorch_io::io("read the image config"))?;
-    reg.push_blob(&r, &cfg)?;
-    let pushed = reg.push_manifest_bytes(&r, &manifest_bytes, MANIFEST_MEDIA_TYPE)?;
-    Ok(PushedImage {
-        reference: r.to_string(),
-        digest: pushed,
-    })
 }

@@ -10,13 +10,16 @@
 //! shared libraries `ldd` names), [`image`] (the OCI layout, its config,
 //! `/opt/llorch/image.json`, push), [`k8s`] (Deployment, Service,
 //! PodDisruptionBudget, InferencePool and its endpoint picker's config),
-//! [`names`] (DNS-1123 names).
+//! [`names`] (DNS-1123 names), [`spec`] (`image.json`), [`push`] (to a
+//! registry, byte for byte).
 
 pub mod closure;
 pub mod image;
 pub mod k8s;
 pub mod layer;
 pub mod names;
+pub mod push;
+pub mod spec;
 
 use std::path::PathBuf;
 

@@ -609,7 +609,7 @@ const SDKS: &[&str] = &[
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_clients_drive_every_endpoint() {
-    let sdk = tokio::task::spawn_blocking(|| common::python_packages("client-sdks", SDKS))
+    let sdk = tokio::task::spawn_blocking(|| test_support::python_packages("client-sdks", SDKS))
         .await
         .unwrap();
     let _t = TURN.lock().await;

@@ -339,7 +339,7 @@ async fn openai_disconnect_queue_full_and_error_frames() {
 const OPENAI_SDK: &str = "openai==1.109.1";
 
 fn openai_sdk_dir() -> std::path::PathBuf {
-    common::python_packages(&OPENAI_SDK.replace("==", "-"), &[OPENAI_SDK])
+    test_support::python_packages(&OPENAI_SDK.replace("==", "-"), &[OPENAI_SDK])
 }
 
 /// The official OpenAI Python client drives the orchestrator: models, chat

@@ -273,7 +273,7 @@ pub fn group_state(st: &AppState, members: &[Arc<Pool>]) -> &'static str {
 /// Tokens held in the engines' processing slots, what their slots hold at
 /// most, and the ratio (the `llorch_pool_kv_cache_utilization` gauge).
 fn kv_json(members: &[Arc<Pool>]) -> serde_json::Value {
-    let (held, capacity, utilization) = Pool::kv_utilization(members);
+    let (held, capacity, utilization) = crate::metrics::kv_utilization(members);
     json!({"tokens_held": held, "capacity": capacity, "utilization": utilization})
 }
 

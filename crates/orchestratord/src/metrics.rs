@@ -260,7 +260,7 @@ impl Metrics {
                 members.iter().map(|p| (*p).clone()).collect();
             self.pool_kv_utilization
                 .get_or_create(&l)
-                .set(crate::pool::Pool::kv_utilization(&owned).2);
+                .set(kv_utilization(&owned).2);
             for p in &members {
                 let r = ReplicaLabel {
                     pool: head.group.to_string(),
@@ -280,7 +280,7 @@ impl Metrics {
                     .set(p.tokens_out.load(Relaxed) as i64);
                 self.replica_kv_utilization
                     .get_or_create(&r)
-                    .set(crate::pool::Pool::kv_utilization(std::slice::from_ref(*p)).2);
+                    .set(kv_utilization(std::slice::from_ref(*p)).2);
             }
         }
         self.queue_depth.set(depth);
@@ -290,5 +290,57 @@ impl Metrics {
         let mut s = String::new();
         encode(&mut s, &self.registry).expect("writing to a String cannot fail");
         s
+    }
+}
+
+/// KV-cache utilization of these engines together: tokens held by
+/// processing slots over what all their slots can hold (0 when nothing
+/// was sampled yet, or nothing runs).
+pub fn kv_utilization(members: &[std::sync::Arc<crate::pool::Pool>]) -> (u64, u64, f64) {
+    let held = members
+        .iter()
+        .map(|p| p.kv_held.load(std::sync::atomic::Ordering::Relaxed))
+        .fold(0u64, u64::saturating_add);
+    let cap = members
+        .iter()
+        .map(|p| p.kv_capacity.load(std::sync::atomic::Ordering::Relaxed))
+        .fold(0u64, u64::saturating_add);
+    let ratio = if cap == 0 {
+        0.0
+    } else {
+        (held as f64 / cap as f64).clamp(0.0, 1.0)
+    };
+    (held, cap, ratio)
+}
+
+/// Read the engine's `/slots` for the KV-cache gauges while tasks run (and
+/// once more after, so the gauges return to zero); an engine that is not
+/// ready holds nothing.
+pub(crate) async fn sample_kv(
+    st: &crate::Shared,
+    pool: &crate::pool::Pool,
+    state: &crate::link::LinkState,
+    ready: bool,
+) {
+    use crate::link::LinkState;
+    use std::sync::atomic::Ordering;
+    use std::time::Duration;
+    let LinkState::Ready(i) = state else {
+        pool.kv_held.store(0, Ordering::Relaxed);
+        return;
+    };
+    if !ready {
+        pool.kv_held.store(0, Ordering::Relaxed);
+        return;
+    }
+    let busy = pool.running.load(Ordering::SeqCst) > 0;
+    let known = pool.kv_capacity.load(Ordering::Relaxed) > 0;
+    if !busy && known && pool.kv_held.load(Ordering::Relaxed) == 0 {
+        return;
+    }
+    if let Ok(slots) = i.server().slots(&st.http, Duration::from_secs(2)).await {
+        let (held, cap) = llorch_io::llama_server::kv_use(&slots);
+        pool.kv_capacity.store(cap, Ordering::Relaxed);
+        pool.kv_held.store(held, Ordering::Relaxed);
     }
 }

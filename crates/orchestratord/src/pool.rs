@@ -183,26 +183,6 @@ impl Pool {
         }
     }
 
-    /// KV-cache utilization of these engines together: tokens held by
-    /// processing slots over what all their slots can hold (0 when nothing
-    /// was sampled yet, or nothing runs).
-    pub fn kv_utilization(members: &[Arc<Pool>]) -> (u64, u64, f64) {
-        let held = members
-            .iter()
-            .map(|p| p.kv_held.load(Ordering::Relaxed))
-            .fold(0u64, u64::saturating_add);
-        let cap = members
-            .iter()
-            .map(|p| p.kv_capacity.load(Ordering::Relaxed))
-            .fold(0u64, u64::saturating_add);
-        let ratio = if cap == 0 {
-            0.0
-        } else {
-            (held as f64 / cap as f64).clamp(0.0, 1.0)
-        };
-        (held, cap, ratio)
-    }
-
     /// Queued + running tasks.
     pub fn load(&self) -> usize {
         self.queue.len() + self.running.load(Ordering::SeqCst) as usize
@@ -374,7 +354,7 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
             }
             _ => false,
         };
-        sample_kv(&st, &pool, &state, ok).await;
+        crate::metrics::sample_kv(&st, &pool, &state, ok).await;
         let was = pool.ready.swap(ok, Ordering::SeqCst);
         if was != ok {
             pool.work.notify_waiters();
@@ -392,30 +372,6 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
             _ => Duration::from_millis(20),
         };
         tokio::time::sleep(pause).await;
-    }
-}
-
-/// Read the engine's `/slots` for the KV-cache gauges while tasks run (and
-/// once more after, so the gauges return to zero); an engine that is not
-/// ready holds nothing.
-async fn sample_kv(st: &Shared, pool: &Pool, state: &LinkState, ready: bool) {
-    let LinkState::Ready(i) = state else {
-        pool.kv_held.store(0, Ordering::Relaxed);
-        return;
-    };
-    if !ready {
-        pool.kv_held.store(0, Ordering::Relaxed);
-        return;
-    }
-    let busy = pool.running.load(Ordering::SeqCst) > 0;
-    let known = pool.kv_capacity.load(Ordering::Relaxed) > 0;
-    if !busy && known && pool.kv_held.load(Ordering::Relaxed) == 0 {
-        return;
-    }
-    if let Ok(slots) = i.server().slots(&st.http, Duration::from_secs(2)).await {
-        let (held, cap) = llorch_io::llama_server::kv_use(&slots);
-        pool.kv_capacity.store(cap, Ordering::Relaxed);
-        pool.kv_held.store(held, Ordering::Relaxed);
     }
 }
 

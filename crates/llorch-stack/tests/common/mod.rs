@@ -88,8 +88,6 @@ pub async fn wait_ready(base: &str) {
     panic!("orchestrator never ready");
 }
 
-pub use test_support::python_packages;
-
 /// `GET url` and its JSON body (any status).
 pub async fn get_json(c: &reqwest::Client, url: impl reqwest::IntoUrl) -> serde_json::Value {
     c.get(url).send().await.unwrap().json().await.unwrap()
