@@ -16,7 +16,10 @@ use std::collections::BTreeMap;
 /// 2: builds map their directories away and fix the clock
 /// ([`crate::reproduce`]): the same fingerprint gives the same bytes; the
 /// CMake generator is no longer an input (both give the same bytes).
-pub const FINGERPRINT_SCHEMA: u32 = 2;
+/// 3: what the compilers compile against ([`BuildInputs::compiler_runtime`]):
+/// the same `--version` line gave three different CUDA engines on lent GPU
+/// hosts whose `gcc` is a wrapper adding the system's libstdc++ headers.
+pub const FINGERPRINT_SCHEMA: u32 = 3;
 
 /// Environment variables that change what CMake and the compilers produce.
 pub const BUILD_ENV_VARS: &[&str] = &[
@@ -67,6 +70,13 @@ pub struct BuildInputs {
     pub targets: Vec<String>,
     pub c_compiler: String,
     pub cxx_compiler: String,
+    /// What the compilers compile against, beyond their `--version` line:
+    /// the sha256 of each driver executable as resolved (a wrapper script
+    /// that adds include paths or flags is part of it), and the C++ and C
+    /// library headers' versions (`__GLIBCXX__` or `_LIBCPP_VERSION`,
+    /// `__GLIBC__.__GLIBC_MINOR__`), which a distribution updates apart
+    /// from the compiler.
+    pub compiler_runtime: String,
     pub cmake_version: String,
     // Not the CMake generator: Ninja and Unix Makefiles give the same bytes
     // (measured: docs/gpu.md), so installing ninja later rebuilds nothing.
@@ -183,6 +193,7 @@ mod tests {
             targets: vec!["llama-server".into()],
             c_compiler: "gcc 12".into(),
             cxx_compiler: "g++ 12".into(),
+            compiler_runtime: "cc 00 c++ 00 libstdc++ 20230528 glibc 2.36".into(),
             cmake_version: "3.25.1".into(),
             cuda: None,
             host_triple: "x86_64-linux-gnu".into(),
@@ -216,6 +227,9 @@ mod tests {
         let mut v = base.clone();
         v.cxx_compiler = "clang++ 17".into();
         variants.push(("cxx compiler", v));
+        let mut v = base.clone();
+        v.compiler_runtime = "cc 00 c++ 00 libstdc++ 20240904 glibc 2.36".into();
+        variants.push(("compiler runtime", v));
         let mut v = base.clone();
         v.cmake_version = "3.31.0".into();
         variants.push(("cmake", v));
@@ -269,6 +283,7 @@ mod tests {
             targets: _,
             c_compiler: _,
             cxx_compiler: _,
+            compiler_runtime: _,
             cmake_version: _,
             cuda: _,
             host_triple: _,
@@ -281,7 +296,7 @@ mod tests {
         );
     }
 
-    const GOLDEN: &str = "fe5ed486c3dbc973f3e02e440fb64fb72558607263aadcf48f23afc1186cbdb2";
+    const GOLDEN: &str = "ec94ce3a551299d39d26c0c72fc2b9c5e8df91c4a4e779ef41147eb77deb116c";
 
     #[test]
     fn flag_order_and_spelling_do_not_matter() {

@@ -428,9 +428,9 @@ mod tests {
         fs_err::set_permissions(&nvcc, std::fs::Permissions::from_mode(0o755)).unwrap();
         let mut plan = crate::build::BuildPlan {
             inputs: serde_json::from_value(serde_json::json!({
-                "schema": 2, "source": {"kind": "archive", "id": "x", "commit": "c", "subdir": null},
+                "schema": 3, "source": {"kind": "archive", "id": "x", "commit": "c", "subdir": null},
                 "cmake_flags": [], "build_type": "Release", "targets": [], "c_compiler": "",
-                "cxx_compiler": "", "cmake_version": "", "cuda": null, "host_triple": "", "env": {}
+                "cxx_compiler": "", "compiler_runtime": "", "cmake_version": "", "cuda": null, "host_triple": "", "env": {}
             }))
             .unwrap(),
             fingerprint: String::new(),
