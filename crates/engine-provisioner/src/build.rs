@@ -666,6 +666,10 @@ mod tests {
         let (cxx, _) = compiler_identity(&tb, "CXX", &["c++", "g++", "clang++"]).unwrap();
         let r = compiler_runtime(&c, &cxx);
         assert!(!r.contains("unreadable") && !r.contains("unknown"), "{r}");
-        assert_eq!(r, compiler_runtime(&c, &cxx), "the same machine gives the same text");
+        assert_eq!(
+            r,
+            compiler_runtime(&c, &cxx),
+            "the same machine gives the same text"
+        );
     }
 }

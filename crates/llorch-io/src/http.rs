@@ -225,3 +225,133 @@ pub fn no_redirect_client() -> reqwest::blocking::Client {
         .build()
         .expect("reqwest client configuration is static")
 }
+
+/// Why a request on an owned connection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum OwnedError {
+    #[error("`{0}` is not an http:// URL with a host and port")]
+    Url(String),
+    #[error("connect to {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("HTTP to {addr}: {source}")]
+    Http { addr: String, source: hyper::Error },
+    #[error("request to {addr}: {why}")]
+    Request { addr: String, why: String },
+}
+
+/// An answer on a connection of its own ([`post_owned`]): its status and
+/// body; dropping it (or the future that gets it) closes the connection.
+pub struct OwnedResponse {
+    pub status: u16,
+    body: hyper::body::Incoming,
+    conn: tokio::task::JoinHandle<()>,
+}
+
+impl OwnedResponse {
+    /// The next piece of the body; `None` at its end.
+    pub async fn chunk(&mut self) -> Option<Result<Vec<u8>, String>> {
+        use http_body_util::BodyExt;
+        loop {
+            match self.body.frame().await? {
+                Ok(f) => match f.into_data() {
+                    Ok(d) => return Some(Ok(d.to_vec())),
+                    Err(_) => continue, // trailers
+                },
+                Err(e) => return Some(Err(error_chain(&e))),
+            }
+        }
+    }
+}
+
+impl Drop for OwnedResponse {
+    fn drop(&mut self) {
+        self.conn.abort();
+    }
+}
+
+/// Aborts the connection task when the request is dropped before its answer.
+struct AbortOnDrop(Option<tokio::task::JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(h) = self.0.take() {
+            h.abort();
+        }
+    }
+}
+
+/// POST `body` (JSON) to a loopback server on a TCP connection of its own,
+/// with `Authorization: Bearer <key>` when given. Dropping the future or the
+/// [`OwnedResponse`] closes that connection at once: a server that watches
+/// for hang-ups (llama-server, for an answer it has not sent yet) stops the
+/// work. A pooled client keeps a connection whose answer nobody awaits open
+/// until that answer ends.
+pub async fn post_owned(
+    url: &str,
+    key: Option<&str>,
+    body: Vec<u8>,
+) -> Result<OwnedResponse, OwnedError> {
+    let uri: hyper::Uri = url.parse().map_err(|_| OwnedError::Url(url.into()))?;
+    let (host, port) = match (uri.host(), uri.port_u16(), uri.scheme_str()) {
+        (Some(h), Some(p), Some("http")) => (h.trim_matches(['[', ']']).to_string(), p),
+        _ => return Err(OwnedError::Url(url.into())),
+    };
+    let addr = format!("{host}:{port}");
+    let tcp = tokio::time::timeout(
+        Duration::from_secs(2),
+        tokio::net::TcpStream::connect((host.as_str(), port)),
+    )
+    .await
+    .map_err(|_| OwnedError::Connect {
+        addr: addr.clone(),
+        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
+    })?
+    .map_err(|source| OwnedError::Connect {
+        addr: addr.clone(),
+        source,
+    })?;
+    let _ = tcp.set_nodelay(true);
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+            .await
+            .map_err(|source| OwnedError::Http {
+                addr: addr.clone(),
+                source,
+            })?;
+    let mut guard = AbortOnDrop(Some(tokio::spawn(async move {
+        let _ = conn.await;
+    })));
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    let mut req = hyper::Request::post(path)
+        .header(hyper::header::HOST, addr.as_str())
+        .header(hyper::header::CONTENT_TYPE, "application/json")
+        .header(hyper::header::USER_AGENT, USER_AGENT);
+    if let Some(k) = key {
+        req = req.header(hyper::header::AUTHORIZATION, format!("Bearer {k}"));
+    }
+    let req = req
+        .body(http_body_util::Full::new(hyper::body::Bytes::from(body)))
+        .map_err(|e| OwnedError::Request {
+            addr: addr.clone(),
+            why: e.to_string(),
+        })?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .map_err(|source| OwnedError::Http {
+            addr: addr.clone(),
+            source,
+        })?;
+    let conn = guard
+        .0
+        .take()
+        .expect("the connection task is held until now");
+    Ok(OwnedResponse {
+        status: resp.status().as_u16(),
+        body: resp.into_body(),
+        conn,
+    })
+}

@@ -495,3 +495,48 @@ fn a_partial_download_that_is_a_symlink_is_not_followed() {
     assert_eq!(got.digest, sha(&body));
     let _ = l;
 }
+
+/// A blob for the expected digest that is present without its index entry
+/// (refs.json gone) is never vouched for by its name: truncated (its GGUF
+/// header still parses) or replaced by a link to another valid GGUF, the
+/// next fetch hashes it, downloads the model again and replaces it by a
+/// regular file whose bytes hash to the digest.
+#[test]
+fn a_blob_without_its_index_is_hashed_and_replaced_never_trusted_by_name() {
+    let body = tiny_gguf(SIZE, 7);
+    let digest = sha(&body);
+    let srv = serve(body.clone(), Faults::default());
+    let (d, l) = temp_layout();
+    let store = ModelStore::new(&l);
+    let url = srv.url("/m/model.gguf");
+    let first = store.fetch(&url, &opts(Some(digest.clone()))).unwrap();
+    let blob = first.metadata.path.clone();
+    let refs = l.cache.join("models-v1/refs.json");
+    // Truncated, index gone.
+    fs_err::write(&blob, &body[..SIZE / 2]).unwrap();
+    fs_err::remove_file(&refs).unwrap();
+    let again = store.fetch(&url, &opts(Some(digest.clone()))).unwrap();
+    assert!(!again.cached);
+    assert_eq!(
+        llorch_io::digest::sha256_file(&again.metadata.path).unwrap(),
+        digest
+    );
+    // A link to another valid GGUF, index gone.
+    let other = d.path().join("other.gguf");
+    fs_err::write(&other, tiny_gguf(SIZE, 8)).unwrap();
+    fs_err::remove_file(&blob).unwrap();
+    fs_err::os::unix::fs::symlink(&other, &blob).unwrap();
+    fs_err::remove_file(&refs).unwrap();
+    let third = store.fetch(&url, &opts(Some(digest.clone()))).unwrap();
+    assert!(!third.cached);
+    let md = fs_err::symlink_metadata(&third.metadata.path).unwrap();
+    assert!(
+        md.file_type().is_file(),
+        "the link was replaced by the blob itself"
+    );
+    assert_eq!(
+        llorch_io::digest::sha256_file(&third.metadata.path).unwrap(),
+        digest
+    );
+    assert_eq!(srv.counters.lock().unwrap().gets, 3);
+}

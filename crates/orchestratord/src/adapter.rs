@@ -73,6 +73,14 @@ pub async fn run_task(st: &AppState, task: &Task) {
         return;
     };
     let mut p = Progress::default();
+    // A non-streamed relay: nothing here polls the engine's queue until its
+    // slot is idle again (see `Pool::silent_waits`).
+    let _silent = task
+        .req
+        .forward
+        .as_ref()
+        .filter(|f| f.silent())
+        .map(|_| crate::forward::SilentWait::new(&task.pool));
     let outcome = match &task.req.forward {
         Some(f) => crate::forward::relay(st, task, &engine, f, &mut p).await,
         None => generate(st, task, &engine, &mut p).await,
@@ -107,14 +115,26 @@ pub async fn run_task(st: &AppState, task: &Task) {
             // slots process than this pool's other running tasks (the
             // engine is ours alone; llama-server names a task's slot only
             // in its final frame, so which slot was ours is not known).
+            // A non-streamed relay is stopped by llama-server only after a
+            // second with no result at all: poll slower than that, and for
+            // longer (a streamed one stops at its next write).
+            let silent = _silent.is_some();
+            let (every, within) = if silent {
+                (
+                    Duration::from_millis(1200),
+                    st.cfg.stall_timeout.max(Duration::from_secs(5)),
+                )
+            } else {
+                (Duration::from_millis(2), Duration::from_secs(3))
+            };
             let idle = if pool.slots > 1 {
                 let others = || pool.running.load(Ordering::SeqCst).saturating_sub(1) as usize;
-                poll_slots(st, &engine, Duration::from_secs(3), |a| {
+                poll_slots(st, &engine, within, every, |a| {
                     a.iter().filter(|s| s.is_processing).count() <= others()
                 })
                 .await
             } else {
-                wait_slot_idle(st, &engine, Duration::from_secs(3)).await
+                poll_slots(st, &engine, within, every, all_idle).await
             };
             let since = task
                 .cancel_reason()
@@ -160,10 +180,6 @@ fn fail(st: &AppState, task: &Task, code: &str, message: String, retriable: bool
     }));
 }
 
-pub(crate) fn authed(rb: reqwest::RequestBuilder, engine: &EngineInfo) -> reqwest::RequestBuilder {
-    engine.server().authed(rb)
-}
-
 /// Wait for `fut` unless the task is canceled, its deadline passes or `stall` elapses.
 pub(crate) async fn guarded<T>(
     task: &Task,
@@ -182,6 +198,41 @@ pub(crate) async fn guarded<T>(
             "llama-server sent nothing for {:.0}s; it is being restarted",
             stall.as_secs_f64()
         ))),
+    }
+}
+
+/// Wait for `fut` unless the task is canceled or its deadline passes; when
+/// nothing arrives for `stall_timeout`, ask the engine whether it is still
+/// working (its `/slots` answers within the stall timeout: its loop runs, a
+/// long prompt, a big embedding batch or a non-streamed answer is under way)
+/// and keep waiting if so. Only an engine that no longer answers is stalled:
+/// the absence of frames alone never is (an answer may have none until it ends).
+pub(crate) async fn watched<T>(
+    st: &AppState,
+    task: &Task,
+    engine: &EngineInfo,
+    fut: impl std::future::Future<Output = T>,
+) -> Result<T, Outcome> {
+    let stall = st.cfg.stall_timeout;
+    tokio::pin!(fut);
+    loop {
+        match guarded(task, stall, &mut fut).await {
+            Err(Outcome::Stalled(_)) => {
+                let server = engine.server();
+                let alive = tokio::select! {
+                    r = server.slots(&st.http, stall) => r.is_ok(),
+                    _ = task.cancel_notify.notified() => true,
+                };
+                if !alive {
+                    return Err(Outcome::Stalled(format!(
+                        "llama-server sent nothing for {:.0}s and did not answer /slots within {:.0}s; it is being restarted",
+                        stall.as_secs_f64(),
+                        stall.as_secs_f64()
+                    )));
+                }
+            }
+            other => return other,
+        }
     }
 }
 
@@ -263,7 +314,7 @@ async fn generate(st: &AppState, task: &Task, engine: &EngineInfo, p: &mut Progr
     // Ids of the tokens held back since the last text.
     let mut held: Vec<i64> = Vec::new();
     loop {
-        let next = match guarded(task, stall, frames.next()).await {
+        let next = match watched(st, task, engine, frames.next()).await {
             Ok(n) => n,
             Err(o) => return o,
         };
@@ -395,11 +446,12 @@ async fn engine_healthy(st: &AppState, engine: &EngineInfo) -> bool {
         .await
 }
 
-/// Poll `/slots` (every 2 ms) until `done` says so of the slot list, or `timeout` passes.
+/// Poll `/slots` (every `every`) until `done` says so of the slot list, or `timeout` passes.
 async fn poll_slots(
     st: &AppState,
     engine: &EngineInfo,
     timeout: Duration,
+    every: Duration,
     mut done: impl FnMut(&[Slot]) -> bool,
 ) -> bool {
     let deadline = Instant::now() + timeout;
@@ -413,13 +465,13 @@ async fn poll_slots(
         if Instant::now() >= deadline {
             return false;
         }
-        tokio::time::sleep(Duration::from_millis(2)).await;
+        tokio::time::sleep(every).await;
     }
 }
 
-/// Poll `/slots` until no slot is processing.
+/// Poll `/slots` (every 2 ms) until no slot is processing.
 pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duration) -> bool {
-    poll_slots(st, engine, timeout, all_idle).await
+    poll_slots(st, engine, timeout, Duration::from_millis(2), all_idle).await
 }
 
 /// llama-server's answer to a prompt over the context

@@ -28,7 +28,12 @@ pub fn to_openai_messages(body: &Map<String, Value>) -> Result<Vec<Value>, ApiEr
                 let mut s = String::new();
                 for b in blocks {
                     match b["type"].as_str() {
-                        Some("text") => s.push_str(b["text"].as_str().unwrap_or("")),
+                        Some("text") => s.push_str(b["text"].as_str().ok_or_else(|| {
+                            ApiError::invalid(
+                                field,
+                                format!("{field}: a text block needs a string `text`"),
+                            )
+                        })?),
                         other => {
                             return Err(ApiError::invalid(
                                 field,
@@ -69,7 +74,12 @@ pub fn to_openai_messages(body: &Map<String, Value>) -> Result<Vec<Value>, ApiEr
         let mut calls = Vec::new();
         for b in blocks {
             match b["type"].as_str() {
-                Some("text") => text.push_str(b["text"].as_str().unwrap_or("")),
+                Some("text") => text.push_str(b["text"].as_str().ok_or_else(|| {
+                    ApiError::invalid(
+                        &field,
+                        format!("{field}: a text block needs a string `text`"),
+                    )
+                })?),
                 Some("tool_use") if role == "assistant" => calls.push(json!({
                     "id": b["id"], "type": "function",
                     "function": {"name": b["name"], "arguments": b["input"].to_string()}})),
@@ -250,6 +260,10 @@ pub async fn messages(
             ));
         }
     }
+    // Every block checked here (the same reading a forced call uses): an
+    // image, a text block without text or a `system` that is not text is
+    // the client's 400, never llama-server's 500.
+    to_openai_messages(&body)?;
     let tools = anthropic_tools(&body)?;
     let forced = match body.get("tool_choice") {
         None | Some(Value::Null) => None,

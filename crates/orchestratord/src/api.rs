@@ -410,6 +410,7 @@ pub fn router(st: Shared) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
         .fallback(|| async { StatusCode::NOT_FOUND })
+        .layer(axum::middleware::from_fn(crate::guard::client_gone))
         .layer(axum::middleware::from_fn_with_state(
             st.clone(),
             crate::guard::auth,

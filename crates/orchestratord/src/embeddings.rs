@@ -78,8 +78,12 @@ fn check_inputs(st: &Shared, v: Option<&Value>, field: &str) -> Result<(), ApiEr
                             return Err(too_long(n));
                         }
                     }
-                    Value::Number(_) => {}
-                    Value::Array(t) if !t.is_empty() && t.iter().all(Value::is_u64) => {}
+                    // Token ids: whole numbers a vocabulary can hold (the
+                    // engine refuses ids past its vocabulary itself, with a 400).
+                    Value::Number(n) if is_token_id(n) => {}
+                    Value::Array(t)
+                        if !t.is_empty()
+                            && t.iter().all(|x| x.as_number().is_some_and(is_token_id)) => {}
                     _ => return Err(bad()),
                 }
             }
@@ -87,6 +91,12 @@ fn check_inputs(st: &Shared, v: Option<&Value>, field: &str) -> Result<(), ApiEr
         }
         _ => Err(bad()),
     }
+}
+
+/// A token id: an integer from 0 below 2^31 (llama.cpp's `llama_token` is
+/// an `int32_t`; a fraction or `1e30` is not one).
+fn is_token_id(n: &serde_json::Number) -> bool {
+    n.as_u64().is_some_and(|v| v < (1u64 << 31))
 }
 
 /// `POST /v1/rerank`: scores of documents for a query, from a reranking pool.

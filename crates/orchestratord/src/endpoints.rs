@@ -351,9 +351,11 @@ pub async fn openai_forward(st: Shared, chat: bool, raw: &[u8]) -> Result<Respon
         body.insert("max_tokens".into(), v);
     }
     let stream = body.get("stream").and_then(Value::as_bool).unwrap_or(false);
+    response_format(&mut body, chat)?;
     let mut forced: Option<Forced> = None;
     if chat {
         check_chat_messages(&body)?;
+        check_tool_history(&body)?;
         let tools = match body.get("tools") {
             None | Some(Value::Null) => Vec::new(),
             Some(t) => tools::read_tools(t)?,
@@ -410,6 +412,74 @@ pub async fn openai_forward(st: Shared, chat: bool, raw: &[u8]) -> Result<Respon
         openai_stream_error,
     )
     .await
+}
+
+/// `response_format`, checked: on chat, `json_object` is enforced as the
+/// schema `{"type": "object"}` (llama-server turns a schema into a grammar;
+/// it leaves `json_object` to the model's goodwill); on completions only
+/// `text` is served (send `grammar` through the task API, or use chat).
+fn response_format(body: &mut Map<String, Value>, chat: bool) -> Result<(), ApiError> {
+    let Some(rf) = body.get("response_format").filter(|v| !v.is_null()) else {
+        return Ok(());
+    };
+    limits::check_response_format(rf)?;
+    let kind = rf["type"].as_str().unwrap_or("").to_string();
+    if !chat && kind != "text" {
+        return Err(ApiError::invalid(
+            "response_format",
+            "structured output is served on /v1/chat/completions (or a `grammar` through /v1/tasks), not on /v1/completions",
+        ));
+    }
+    if kind == "json_object" {
+        body.insert(
+            "response_format".into(),
+            json!({"type": "json_schema", "json_schema": {"name": "json_object", "schema": {"type": "object"}}}),
+        );
+    }
+    Ok(())
+}
+
+/// Tool turns in a chat history: an assistant's `tool_calls` is a list of
+/// `{"id"?, "type": "function", "function": {"name", "arguments"}}` (a
+/// string of arguments), a `tool` message has string content. A malformed
+/// history is the client's 400, never the engine's 500.
+pub(crate) fn check_tool_history(body: &Map<String, Value>) -> Result<(), ApiError> {
+    let Some(msgs) = body.get("messages").and_then(Value::as_array) else {
+        return Ok(());
+    };
+    for (i, m) in msgs.iter().enumerate() {
+        if let Some(calls) = m.get("tool_calls").filter(|v| !v.is_null()) {
+            let calls = calls.as_array().ok_or_else(|| {
+                ApiError::invalid(
+                    format!("messages[{i}].tool_calls"),
+                    "`tool_calls` must be a list",
+                )
+            })?;
+            for (j, c) in calls.iter().enumerate() {
+                let f = &c["function"];
+                let field = format!("messages[{i}].tool_calls[{j}].function");
+                if !f["name"].is_string() || f["name"].as_str() == Some("") {
+                    return Err(ApiError::invalid(
+                        format!("{field}.name"),
+                        "a tool call needs the function's `name`",
+                    ));
+                }
+                if !f["arguments"].is_string() {
+                    return Err(ApiError::invalid(
+                        format!("{field}.arguments"),
+                        "a tool call's `arguments` is a string of JSON",
+                    ));
+                }
+            }
+        }
+        if m["role"] == "tool" && !(m["content"].is_string() || m["content"].is_array()) {
+            return Err(ApiError::invalid(
+                format!("messages[{i}].content"),
+                "a `tool` message carries the call's result as `content`",
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// The text a request's replica affinity is taken from.

@@ -84,7 +84,7 @@ impl IntoResponse for ApiError {
 /// Anthropic's error type for a status.
 fn anthropic_type(status: u16) -> &'static str {
     match status {
-        400 | 415 | 422 => "invalid_request_error",
+        400 | 405 | 415 | 422 => "invalid_request_error",
         401 => "authentication_error",
         403 => "permission_error",
         404 => "not_found_error",

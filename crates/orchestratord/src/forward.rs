@@ -11,7 +11,7 @@
 //! before they go out. Templates, tool-call parsing, JSON schema to grammar,
 //! pooling and the Anthropic and Responses translations stay llama-server's.
 
-use crate::adapter::{authed, context_exceeded, guarded, send, Outcome, Progress};
+use crate::adapter::{context_exceeded, watched, Outcome, Progress};
 use crate::admission::{admit, DisconnectGuard};
 use crate::errors::ApiError;
 use crate::events::TaskEvent;
@@ -63,6 +63,12 @@ impl std::fmt::Debug for Forward {
 }
 
 impl Forward {
+    /// Whether llama-server answers this request in one piece at its end
+    /// (and notices a hang-up only by polling; see [`SilentWait`]).
+    pub fn silent(&self) -> bool {
+        self.body["stream"] != Value::Bool(true)
+    }
+
     fn send(&self, p: Piece) -> bool {
         match self.tx.lock().unwrap().as_ref() {
             Some(tx) => tx.send(p).is_ok(),
@@ -86,25 +92,23 @@ pub(crate) async fn relay(
     p: &mut Progress,
 ) -> Outcome {
     let url = format!("{}{}", engine.url, f.path);
-    let stall = st.cfg.stall_timeout;
     let mut body = f.body.clone();
     if f.generation {
         body["cache_prompt"] = Value::Bool(engine.batched);
     }
-    let resp = match send(st, task, engine, || {
-        authed(st.http.post(&url), engine).json(&body)
-    })
-    .await
-    {
+    let bytes = serde_json::to_vec(&body).expect("a JSON value serializes");
+    // A connection of its own: a cancel (or the client hanging up) closes it,
+    // and llama-server stops an answer nobody waits for.
+    let mut resp = match send_owned(st, task, engine, &url, &bytes).await {
         Ok(r) => r,
         Err(o) => return o,
     };
-    let status = resp.status();
-    let mut chunks = resp.bytes_stream();
+    let status =
+        reqwest::StatusCode::from_u16(resp.status).unwrap_or(reqwest::StatusCode::BAD_GATEWAY);
     if !status.is_success() {
         let mut text = Vec::new();
         loop {
-            match guarded(task, stall, chunks.next()).await {
+            match watched(st, task, engine, resp.chunk()).await {
                 Ok(Some(Ok(b))) if text.len() < MAX_ERROR_BYTES => text.extend_from_slice(&b),
                 Ok(Some(Ok(_))) | Ok(None) | Ok(Some(Err(_))) => break,
                 Err(o) => return o,
@@ -115,6 +119,13 @@ pub(crate) async fn relay(
             return Outcome::ContextExceeded(msg);
         }
         let msg = engine_message(&text);
+        // An input over the engine's batch or context (embeddings): the
+        // client's request, answered like a prompt over the context.
+        if msg.contains("too large to process") || msg.contains("exceeds the available context") {
+            return Outcome::ContextExceeded(format!(
+                "the input does not fit the engine: {msg}; shorten it, or serve a profile with a larger server.ctx_size"
+            ));
+        }
         return if status.is_client_error() {
             Outcome::Refused(msg)
         } else {
@@ -125,7 +136,7 @@ pub(crate) async fn relay(
     let mut tail: Vec<u8> = Vec::new();
     let mut first = true;
     loop {
-        let next = match guarded(task, stall, chunks.next()).await {
+        let next = match watched(st, task, engine, resp.chunk()).await {
             Ok(n) => n,
             Err(o) => return o,
         };
@@ -142,18 +153,70 @@ pub(crate) async fn relay(
                     tail.drain(..tail.len() - TAIL_BYTES);
                 }
                 p.events += 1;
-                if !f.send(Piece::Data(b)) {
+                if !f.send(Piece::Data(Bytes::from(b))) {
                     task.request_cancel(CancelReason::ClientDisconnected);
                     return Outcome::Canceled(CancelReason::ClientDisconnected);
                 }
             }
             Some(Err(e)) => {
-                return Outcome::EngineGone(format!(
-                    "the engine's answer broke off: {}",
-                    llorch_io::http::error_chain(&e)
-                ))
+                return Outcome::EngineGone(format!("the engine's answer broke off: {e}"))
             }
             None => return Outcome::Finished(summary(&tail)),
+        }
+    }
+}
+
+/// Counts a non-streamed relay in [`crate::Pool::silent_waits`] while it
+/// lives: from its send until the engine's slot is idle after a cancel.
+pub(crate) struct SilentWait(Arc<Pool>);
+
+impl SilentWait {
+    pub(crate) fn new(p: &Arc<Pool>) -> SilentWait {
+        p.silent_waits
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        SilentWait(p.clone())
+    }
+}
+
+impl Drop for SilentWait {
+    fn drop(&mut self) {
+        self.0
+            .silent_waits
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// POST to the engine on a connection of its own (guarded by cancel,
+/// deadline and the engine's progress). A failed send to an engine that
+/// still answers `/health` is sent again (nothing was generated for it).
+async fn send_owned(
+    st: &AppState,
+    task: &Task,
+    engine: &EngineInfo,
+    url: &str,
+    body: &[u8],
+) -> Result<llorch_io::http::OwnedResponse, Outcome> {
+    let mut attempt = 0;
+    loop {
+        attempt += 1;
+        let fut = llorch_io::http::post_owned(url, engine.api_key.as_deref(), body.to_vec());
+        match watched(st, task, engine, fut).await? {
+            Ok(r) => return Ok(r),
+            Err(e)
+                if attempt < 3
+                    && engine
+                        .server()
+                        .healthy(&st.http, Duration::from_secs(2))
+                        .await =>
+            {
+                eprintln!("orchestratord: sending to llama-server failed ({e}); it answers /health, sending again");
+            }
+            Err(e) => {
+                return Err(Outcome::EngineGone(format!(
+                    "cannot reach llama-server at {}: {e}",
+                    engine.url
+                )))
+            }
         }
     }
 }

@@ -121,6 +121,81 @@ pub(crate) async fn guard(
     next.run(req).await
 }
 
+/// Whether the client of a connection has hung up: set by a watcher that
+/// peeks at the socket (end of stream), read by [`client_gone`].
+#[derive(Clone, Debug)]
+pub struct ClientGone(pub tokio::sync::watch::Receiver<bool>);
+
+impl ClientGone {
+    /// Wait until the client has hung up (forever if it never does).
+    pub async fn wait(&mut self) {
+        loop {
+            if *self.0.borrow() {
+                return;
+            }
+            if self.0.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+}
+
+/// Split off a watcher of `tcp`'s read side: when the peer closes its end
+/// (a peek reads end of stream) or the socket fails, [`ClientGone`] says so.
+/// hyper itself notices a hang-up only when it writes, so a handler that
+/// waits for a whole non-streamed answer would otherwise run to its end.
+pub(crate) fn watch_hang_up(
+    tcp: tokio::net::TcpStream,
+) -> std::io::Result<(
+    tokio::net::TcpStream,
+    ClientGone,
+    tokio::task::JoinHandle<()>,
+)> {
+    let std = tcp.into_std()?;
+    let peer = tokio::net::TcpStream::from_std(std.try_clone()?)?;
+    let tcp = tokio::net::TcpStream::from_std(std)?;
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    let watcher = tokio::spawn(async move {
+        let mut b = [0u8; 1];
+        loop {
+            if peer.readable().await.is_err() {
+                let _ = tx.send(true);
+                return;
+            }
+            match peer.peek(&mut b).await {
+                Ok(0) | Err(_) => {
+                    let _ = tx.send(true);
+                    return;
+                }
+                // Bytes the server has not read yet (a pipelined request):
+                // look again once it had time to read them.
+                Ok(_) => tokio::time::sleep(std::time::Duration::from_millis(50)).await,
+            }
+        }
+    });
+    Ok((tcp, ClientGone(rx), watcher))
+}
+
+/// A handler whose client hung up before it answered is dropped: its task
+/// is canceled (the `DisconnectGuard` it holds), so the engine stops work
+/// nobody will read. Streamed answers are past this point once their head
+/// is sent; a failed write ends them.
+pub(crate) async fn client_gone(
+    req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let Some(mut gone) = req.extensions().get::<ClientGone>().cloned() else {
+        return next.run(req).await;
+    };
+    tokio::select! {
+        r = next.run(req) => r,
+        _ = gone.wait() => {
+            // Nobody reads this; the connection is closed.
+            StatusCode::from_u16(499).unwrap_or(StatusCode::BAD_REQUEST).into_response()
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -342,10 +342,24 @@ async fn serve_connections(
             _ = &mut stop => break,
         };
         let _ = tcp.set_nodelay(true);
-        let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+        // Who watches for the client hanging up while a handler still works
+        // (hyper notices only when it writes): see `guard::client_gone`.
+        let (tcp, gone, watcher) = match guard::watch_hang_up(tcp) {
+            Ok(w) => w,
+            Err(_) => continue,
+        };
+        let svc = tower::ServiceExt::map_request(
+            app.clone(),
+            move |mut req: hyper::Request<hyper::body::Incoming>| {
+                req.extensions_mut().insert(gone.clone());
+                req
+            },
+        );
+        let svc = hyper_util::service::TowerToHyperService::new(svc);
         let conn = graceful.watch(builder.serve_connection(TokioIo::new(tcp), svc));
         tokio::spawn(async move {
             let _ = conn.await;
+            watcher.abort();
         });
     }
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;

@@ -128,6 +128,114 @@ pub const REFUSED_FIELDS: &[(&str, &str)] = &[
     ),
 ];
 
+/// llama-server's own request fields: they steer its slots, its limits or
+/// its answer's shape behind this server's back (a request pinned to a slot
+/// stalls another client's, `n_predict` overrides `max_tokens`). A request
+/// that names one is refused with the field, never relayed.
+pub const ENGINE_FIELDS: &[(&str, &str)] = &[
+    ("id_slot", "slots are assigned by the server"),
+    ("slot_id", "slots are assigned by the server"),
+    ("n_predict", "send `max_tokens`"),
+    ("cache_prompt", "prompt caching follows the pool's mode"),
+    ("n_keep", "the context is never shifted here"),
+    ("n_discard", "the context is never shifted here"),
+    (
+        "t_max_predict_ms",
+        "send `max_tokens` or the task API's `deadline_ms`",
+    ),
+    ("t_max_prompt_ms", "send the task API's `deadline_ms`"),
+    ("n_cmpl", "one completion per request (`n`: 1)"),
+    ("lora", "adapters are a pool's configuration"),
+    ("response_fields", "the answer's shape is the API's"),
+    ("return_tokens", "the answer's shape is the API's"),
+    ("timings_per_token", "the answer's shape is the API's"),
+    ("post_sampling_probs", "send `logprobs`"),
+    ("samplers", "sampling follows the deterministic profile"),
+    ("n_indent", "not served here"),
+];
+
+/// JSON nesting levels and serialized bytes of a schema a request brings
+/// (a tool's `parameters`, `response_format`'s schema): a deeper or larger
+/// one becomes a grammar that stalls the engine for every client.
+pub const SCHEMA_DEPTH: usize = 32;
+pub const SCHEMA_BYTES: usize = 64 * 1024;
+
+/// Nesting levels of a JSON value (a scalar is 0, `[]` or `{}` is 1).
+pub fn depth(v: &serde_json::Value) -> usize {
+    // Iterative: a hostile value cannot overflow the stack here.
+    let mut max = 0;
+    let mut stack = vec![(v, 0usize)];
+    while let Some((v, d)) = stack.pop() {
+        match v {
+            serde_json::Value::Array(a) => {
+                max = max.max(d + 1);
+                stack.extend(a.iter().map(|x| (x, d + 1)));
+            }
+            serde_json::Value::Object(o) => {
+                max = max.max(d + 1);
+                stack.extend(o.values().map(|x| (x, d + 1)));
+            }
+            _ => {}
+        }
+    }
+    max
+}
+
+/// A schema within [`SCHEMA_DEPTH`] levels and [`SCHEMA_BYTES`] bytes.
+pub fn check_schema(field: &str, schema: &serde_json::Value) -> Result<(), ApiError> {
+    let d = depth(schema);
+    let bytes = serde_json::to_string(schema)
+        .map(|s| s.len())
+        .unwrap_or(usize::MAX);
+    if d > SCHEMA_DEPTH || bytes > SCHEMA_BYTES {
+        return Err(ApiError::invalid(
+            field,
+            format!(
+                "a schema may nest at most {SCHEMA_DEPTH} levels and hold at most {SCHEMA_BYTES} bytes (this one: {d} levels, {bytes} bytes)"
+            ),
+        ));
+    }
+    Ok(())
+}
+
+/// `response_format`: `{"type": "text"}`, `{"type": "json_object"}`, or
+/// `{"type": "json_schema", "json_schema": {"schema": {…}, "name"?, "strict"?}}`;
+/// anything else is the client's error, naming the field.
+pub fn check_response_format(v: &serde_json::Value) -> Result<(), ApiError> {
+    let field = "response_format";
+    let o = v.as_object().ok_or_else(|| {
+        ApiError::invalid(field, "`response_format` must be an object with a `type`")
+    })?;
+    match o.get("type").and_then(serde_json::Value::as_str) {
+        Some("text") | Some("json_object") => Ok(()),
+        Some("json_schema") => {
+            let js = o
+                .get("json_schema")
+                .and_then(serde_json::Value::as_object)
+                .ok_or_else(|| {
+                    ApiError::invalid(
+                        "response_format.json_schema",
+                        "`json_schema` must be an object holding `schema`",
+                    )
+                })?;
+            match js.get("schema") {
+                Some(s @ serde_json::Value::Object(_)) => {
+                    check_schema("response_format.json_schema.schema", s)
+                }
+                Some(serde_json::Value::Bool(true)) => Ok(()),
+                _ => Err(ApiError::invalid(
+                    "response_format.json_schema.schema",
+                    "`schema` must be a JSON Schema object",
+                )),
+            }
+        }
+        _ => Err(ApiError::invalid(
+            "response_format.type",
+            "`type` must be `text`, `json_object` or `json_schema`",
+        )),
+    }
+}
+
 /// Drop the ignored fields of a request object; refuse a refused one (and
 /// `modalities` other than text, `n` other than 1).
 pub fn check_fields(body: &mut serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
@@ -137,6 +245,14 @@ pub fn check_fields(body: &mut serde_json::Map<String, serde_json::Value>) -> Re
     for (f, why) in REFUSED_FIELDS {
         if body.get(*f).is_some_and(|v| !v.is_null()) {
             return Err(ApiError::invalid(*f, format!("`{f}`: {why}")));
+        }
+    }
+    for (f, why) in ENGINE_FIELDS {
+        if body.contains_key(*f) {
+            return Err(ApiError::invalid(
+                *f,
+                format!("`{f}` is llama-server's own field and is not passed through: {why}"),
+            ));
         }
     }
     if let Some(m) = body.get("modalities").filter(|v| !v.is_null()) {
@@ -202,6 +318,58 @@ mod tests {
             .unwrap()
             .clone();
         check_fields(&mut m).unwrap();
+    }
+
+    #[test]
+    fn engine_fields_are_refused_by_name() {
+        for f in ["id_slot", "n_predict", "cache_prompt", "samplers"] {
+            let mut m = serde_json::json!({"model": "m", f: 1})
+                .as_object()
+                .unwrap()
+                .clone();
+            let e = check_fields(&mut m).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(f));
+        }
+    }
+
+    #[test]
+    fn schemas_and_response_formats_are_bounded_and_well_formed() {
+        let mut deep = serde_json::json!({"type": "string"});
+        for _ in 0..SCHEMA_DEPTH {
+            deep = serde_json::json!({"type": "object", "properties": {"a": deep}});
+        }
+        assert!(depth(&deep) > SCHEMA_DEPTH);
+        let e = check_schema("tools[0].function.parameters", &deep).unwrap_err();
+        assert!(e.message.contains("levels"), "{}", e.message);
+        // Deep arrays do not overflow the stack.
+        let mut v = serde_json::json!(1);
+        for _ in 0..100_000 {
+            v = serde_json::Value::Array(vec![v]);
+        }
+        assert_eq!(depth(&v), 100_000);
+        std::mem::forget(v); // dropping 100k nested values recursively could overflow
+        check_response_format(&serde_json::json!({"type": "json_object"})).unwrap();
+        check_response_format(&serde_json::json!({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}})).unwrap();
+        for (bad, field) in [
+            (serde_json::json!("json_object"), "response_format"),
+            (serde_json::json!(["json_object"]), "response_format"),
+            (serde_json::json!({}), "response_format.type"),
+            (
+                serde_json::json!({"type": "json_schema"}),
+                "response_format.json_schema",
+            ),
+            (
+                serde_json::json!({"type": "json_schema", "json_schema": {"schema": "x"}}),
+                "response_format.json_schema.schema",
+            ),
+            (
+                serde_json::json!({"type": "json_schema", "json_schema": {"schema": 5}}),
+                "response_format.json_schema.schema",
+            ),
+        ] {
+            let e = check_response_format(&bad).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{bad}");
+        }
     }
 
     #[test]

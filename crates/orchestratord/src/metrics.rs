@@ -333,6 +333,11 @@ pub(crate) async fn sample_kv(
         pool.kv_held.store(0, Ordering::Relaxed);
         return;
     }
+    // Polling /slots would keep llama-server from noticing a dropped
+    // non-streamed request (see `Pool::silent_waits`): keep the last value.
+    if pool.silent_waits.load(Ordering::SeqCst) > 0 {
+        return;
+    }
     let busy = pool.running.load(Ordering::SeqCst) > 0;
     let known = pool.kv_capacity.load(Ordering::Relaxed) > 0;
     if !busy && known && pool.kv_held.load(Ordering::Relaxed) == 0 {

@@ -479,13 +479,15 @@ fn task_path_serves(v: &serde_json::Map<String, Value>) -> bool {
 }
 
 async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiError> {
-    if let Ok(mut v) = serde_json::from_slice::<serde_json::Map<String, Value>>(body) {
-        crate::limits::check_fields(&mut v).inspect_err(|_| st.metrics.reject("invalid"))?;
-        if !task_path_serves(&v) {
-            return crate::endpoints::openai_forward(st.clone(), kind == Kind::Chat, body)
-                .await
-                .inspect_err(|_| st.metrics.reject("invalid"));
-        }
+    // A body that cannot be read as the request (nested too deep, not an
+    // object, not JSON) is a 400, never read again as a smaller request.
+    let mut v = crate::api::parse_body::<serde_json::Map<String, Value>>(body)
+        .inspect_err(|_| st.metrics.reject("invalid"))?;
+    crate::limits::check_fields(&mut v).inspect_err(|_| st.metrics.reject("invalid"))?;
+    if !task_path_serves(&v) {
+        return crate::endpoints::openai_forward(st.clone(), kind == Kind::Chat, body)
+            .await
+            .inspect_err(|_| st.metrics.reject("invalid"));
     }
     let Plan {
         task: req,

@@ -142,6 +142,12 @@ pub struct Pool {
     /// health loop while tasks run: [`Pool::kv_utilization`]).
     pub kv_held: AtomicU64,
     pub kv_capacity: AtomicU64,
+    /// Non-streamed answers being relayed from the engine now. llama-server
+    /// notices that such a request was dropped only when its results queue
+    /// stays silent for a whole second, and every answer to a `/slots` or
+    /// `/metrics` request ends that silence: while one runs, nothing here
+    /// polls those (see [`crate::forward`]).
+    pub silent_waits: AtomicU64,
     /// A load refusal already logged (so a waiting load logs once).
     waiting_logged: AtomicBool,
     /// When its last tasks finished (at most [`RATE_WINDOW`]): the observed service rate.
@@ -178,6 +184,7 @@ impl Pool {
             tokens_out: AtomicU64::new(0),
             kv_held: AtomicU64::new(0),
             kv_capacity: AtomicU64::new(0),
+            silent_waits: AtomicU64::new(0),
             waiting_logged: AtomicBool::new(false),
             finished: Mutex::new(Default::default()),
         }

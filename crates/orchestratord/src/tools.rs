@@ -62,12 +62,26 @@ pub fn read_tools(v: &Value) -> Result<Vec<Tool>, ApiError> {
                 format!("two tools are named `{name}`"),
             ));
         }
+        let field = format!("tools[{i}].function.parameters");
         let parameters = match &f["parameters"] {
             Value::Null => json!({"type": "object", "properties": {}}),
-            p @ Value::Object(_) => p.clone(),
+            // Function arguments are an object: a call streamed or not gives
+            // one, so a schema of another type is refused, never half-served.
+            p @ Value::Object(o)
+                if o.get("type").is_none_or(|t| t == "object") && !o.contains_key("enum") =>
+            {
+                crate::limits::check_schema(&field, p)?;
+                p.clone()
+            }
+            Value::Object(_) => {
+                return Err(ApiError::invalid(
+                    field,
+                    "`parameters` must be an object schema (`\"type\": \"object\"`): a function's arguments are a JSON object",
+                ))
+            }
             _ => {
                 return Err(ApiError::invalid(
-                    format!("tools[{i}].function.parameters"),
+                    field,
                     "`parameters` must be a JSON Schema object",
                 ))
             }
