@@ -11,7 +11,6 @@ use llorch_io::cmd::{Cmd, Io};
 use serde_json::Value;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
 use test_support::workspace_root as root;
 
 fn xtask(cache: &Path, rt: &Path) -> Cmd {
@@ -194,18 +193,25 @@ fn default_model(cache: &Path, rt: &Path) -> PathBuf {
     )
 }
 
-#[test]
-fn the_image_reproduces_in_another_cache_and_its_unpacked_entrypoint_serves_the_haiku() {
+/// A scratch directory, its runtime dir, the shared cache (its default
+/// engine built once per machine: a hit after `ci` built it), and the
+/// default profile's image built from it into `<tmp>/image-a`.
+fn scratch_and_image() -> (tempfile::TempDir, PathBuf, PathBuf, Value) {
     let tmp = tempfile::tempdir().unwrap();
     let rt = tmp.path().join("rt");
     let shared = root().join("cache");
-    // The default engine, built once per machine (a hit after `ci` built it).
     let (ok, _, err) = xtask(&shared, &rt)
         .args(["engine", "build"])
         .output()
         .unwrap();
     assert!(ok, "engine build: {err}");
     let a = build_image(&shared, &rt, &tmp.path().join("image-a"));
+    (tmp, rt, shared, a)
+}
+
+#[test]
+fn the_image_reproduces_in_another_cache_and_its_unpacked_entrypoint_serves_the_haiku() {
+    let (tmp, rt, shared, a) = scratch_and_image();
     // Another cache directory, its engine copied in and checked: the same image.
     let other = tmp.path().join("another/cache");
     let (ok, _, err) = xtask(&other, &rt)
@@ -286,16 +292,8 @@ fn the_image_reproduces_in_another_cache_and_its_unpacked_entrypoint_serves_the_
 
 #[test]
 fn the_image_refuses_a_model_that_does_not_hash_to_the_digest_it_expects() {
-    let tmp = tempfile::tempdir().unwrap();
-    let rt = tmp.path().join("rt");
-    let shared = root().join("cache");
-    let (ok, _, err) = xtask(&shared, &rt)
-        .args(["engine", "build"])
-        .output()
-        .unwrap();
-    assert!(ok, "engine build: {err}");
-    let layout = tmp.path().join("image");
-    build_image(&shared, &rt, &layout);
+    let (tmp, rt, shared, _) = scratch_and_image();
+    let layout = tmp.path().join("image-a");
     let rootfs = unpack(&layout, "default", &tmp.path().join("bundle"));
     // The real model, cut short: its GGUF header still parses.
     let good = default_model(&shared, &rt);
@@ -308,5 +306,46 @@ fn the_image_refuses_a_model_that_does_not_hash_to_the_digest_it_expects() {
     let err = served_at(&mut child).expect_err("a model of the wrong digest was served");
     assert!(err.contains("sha256") || err.contains("digest"), "{err}");
     assert!(!state.join("run/engines/default.json").exists());
-    let _ = Duration::ZERO;
+}
+
+/// `image build --to` pushes the layout to a registry (the reference
+/// registry server on 127.0.0.1) and the registry serves the layout's own
+/// digest, every layer and config blob byte for byte.
+#[test]
+fn the_image_is_pushed_with_its_own_digest() {
+    let (tmp, rt, shared, a) = scratch_and_image();
+    let reg = test_support::registry::TestRegistry::start(None);
+    let to = reg.url("llorch/image");
+    let out = json_of(
+        xtask(&shared, &rt)
+            .args(["image", "build", "--json", "--out"])
+            .arg(tmp.path().join("image-push"))
+            .args(["--to", &to]),
+        "image build --to",
+    );
+    let digest = a["image"]["digest"].as_str().unwrap();
+    assert_eq!(
+        out["image"]["digest"], digest,
+        "the same inputs, the same image"
+    );
+    assert_eq!(out["pushed"]["digest"], digest, "{out}");
+    assert!(
+        out["pushed"]["reference"]
+            .as_str()
+            .unwrap()
+            .ends_with(":default"),
+        "{out}"
+    );
+    // What the registry stores is the layout's bytes.
+    let layout = tmp.path().join("image-push");
+    for l in out["image"]["layers"].as_array().unwrap() {
+        let d = l["digest"].as_str().unwrap();
+        let local = fs_err::read(
+            layout
+                .join("blobs/sha256")
+                .join(d.trim_start_matches("sha256:")),
+        )
+        .unwrap();
+        assert_eq!(fs_err::read(reg.blob_path(d)).unwrap(), local, "{d}");
+    }
 }

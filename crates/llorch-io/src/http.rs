@@ -124,14 +124,19 @@ pub fn probe_client() -> reqwest::blocking::Client {
 /// seen as spurious engine crashes and readiness flaps under load. A fresh
 /// loopback connection per request costs well under a millisecond.
 pub fn async_client() -> reqwest::Client {
+    loopback_builder()
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// The loopback clients' configuration: no proxy, no connection reuse, no Nagle.
+fn loopback_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_secs(2))
         .pool_max_idle_per_host(0)
         .no_proxy()
         .tcp_nodelay(true)
-        .build()
-        .expect("reqwest client configuration is static")
 }
 
 /// [`async_client`] that sends `Authorization: Bearer <token>` with every
@@ -145,12 +150,7 @@ pub fn async_client_with_token(token: Option<&str>) -> reqwest::Client {
         v.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, v);
     }
-    reqwest::Client::builder()
-        .user_agent(USER_AGENT)
-        .connect_timeout(Duration::from_secs(2))
-        .pool_max_idle_per_host(0)
-        .no_proxy()
-        .tcp_nodelay(true)
+    loopback_builder()
         .default_headers(headers)
         .build()
         .expect("reqwest client configuration is static")
