@@ -125,7 +125,10 @@ pub async fn run_task(st: &AppState, task: &Task) {
                     st.cfg.stall_timeout.max(Duration::from_secs(5)),
                 )
             } else {
-                (Duration::from_millis(2), Duration::from_secs(3))
+                // Every `/slots` request is a task in the engine's own queue,
+                // handled between decode steps: polling it hard delays the
+                // very cancel it waits for on a busy machine.
+                (Duration::from_millis(10), Duration::from_secs(3))
             };
             let idle = if pool.slots > 1 {
                 let others = || pool.running.load(Ordering::SeqCst).saturating_sub(1) as usize;

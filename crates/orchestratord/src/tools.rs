@@ -309,11 +309,13 @@ impl StreamEditor {
             }
         }
         match finish.as_deref() {
-            Some("stop") if self.forced.only.is_none() => {
-                // Several tools: the whole call, then the finish.
+            Some(f) if self.forced.only.is_none() => {
+                // Several tools: the whole call, then the finish; a call cut
+                // by `max_tokens` (or any other end) is the text so far, as
+                // the non-streamed answer gives it.
                 let mut head = v.clone();
                 head["choices"][0]["finish_reason"] = Value::Null;
-                match self.forced.call(&self.text) {
+                match self.forced.call(&self.text).filter(|_| f == "stop") {
                     Some((name, args)) => {
                         head["choices"][0]["delta"] = json!({"tool_calls": [{"index": 0, "id": self.call_id, "type": "function",
                             "function": {"name": name, "arguments": args}}]});
@@ -497,5 +499,27 @@ mod tests {
                 "tool_calls"
             );
         }
+    }
+
+    #[test]
+    fn a_streamed_call_over_several_tools_cut_by_max_tokens_gives_its_text_as_plain_does() {
+        let t = tools();
+        let f = Forced::of(&Choice::Required, &t).unwrap();
+        let mut e = f.stream_editor("call_1".into());
+        let chunk = |content: &str, finish: Value| json!({"choices": [{"index": 0, "delta": {"content": content}, "finish_reason": finish}]});
+        let mut out = Vec::new();
+        out.extend(e.chunk(chunk("{\"name\": \"get_wea", Value::Null)));
+        out.extend(e.chunk(chunk("ther\", \"argu", Value::Null)));
+        out.extend(e.chunk(chunk("", json!("length"))));
+        let text: String = out
+            .iter()
+            .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+            .collect();
+        assert_eq!(text, "{\"name\": \"get_weather\", \"argu");
+        assert_eq!(out.last().unwrap()["choices"][0]["finish_reason"], "length");
+        // The non-streamed answer of the same cut call: the same text.
+        let mut v = json!({"choices": [{"index": 0, "message": {"content": text.clone()}, "finish_reason": "length"}]});
+        f.edit_response(&mut v, "call_1");
+        assert_eq!(v["choices"][0]["message"]["content"], json!(text));
     }
 }
