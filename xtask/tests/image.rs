@@ -349,3 +349,45 @@ fn the_image_is_pushed_with_its_own_digest() {
         assert_eq!(fs_err::read(reg.blob_path(d)).unwrap(), local, "{d}");
     }
 }
+
+/// An image of a stack holds every pool (pools of one build share one
+/// engine entry) and names each file once.
+#[test]
+fn a_stack_image_holds_every_pool_and_each_file_once() {
+    let (tmp, rt, shared, _) = scratch_and_image();
+    let stack = tmp.path().join("stack.yaml");
+    fs_err::write(
+        &stack,
+        "schema: 1\npools:\n  - id: chat\n    profile: cpu\n  - id: embed\n    profile: cpu-embed\n",
+    )
+    .unwrap();
+    let layout = tmp.path().join("image-stack");
+    let out = json_of(
+        xtask(&shared, &rt)
+            .args(["image", "build", "--json", "--stack"])
+            .arg(&stack)
+            .arg("--out")
+            .arg(&layout),
+        "image build --stack",
+    );
+    let pools: Vec<&str> = out["image"]["pools"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["id"].as_str().unwrap())
+        .collect();
+    assert_eq!(pools, ["chat", "embed"]);
+    let rootfs = unpack(&layout, "chat", &tmp.path().join("bundle"));
+    let spec: Value =
+        serde_json::from_slice(&fs_err::read(rootfs.join("opt/llorch/image.json")).unwrap())
+            .unwrap();
+    let paths: Vec<&str> = spec["files"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["path"].as_str().unwrap())
+        .collect();
+    let unique: std::collections::BTreeSet<&&str> = paths.iter().collect();
+    assert_eq!(paths.len(), unique.len(), "{paths:?}");
+    assert!(rootfs.join("opt/llorch/requirements/embed.yaml").is_file());
+}

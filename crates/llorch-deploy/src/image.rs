@@ -181,15 +181,13 @@ fn write_image(
     cuda: bool,
 ) -> Result<BuiltImage, DeployError> {
     // The runtime closure of every engine and of llama-orch.
-    let mut bins: Vec<(String, PathBuf)> = engines
-        .iter()
-        .map(|(e, _)| {
-            (
-                format!("llama-server {}", &e.fingerprint[..12]),
-                e.binary.clone(),
-            )
-        })
-        .collect();
+    let mut bins: Vec<(String, PathBuf)> = Vec::new();
+    for (e, _) in engines {
+        let label = format!("llama-server {}", &e.fingerprint[..12]);
+        if !bins.iter().any(|(l, _)| *l == label) {
+            bins.push((label, e.binary.clone()));
+        }
+    }
     bins.push(("llorch".into(), opts.binary.clone()));
     let bin_refs: Vec<(&str, &Path)> = bins
         .iter()
@@ -250,7 +248,12 @@ fn write_image(
     }
 
     let mut eng = Layer::new("engines");
-    for (e, _) in engines {
+    let mut added = std::collections::BTreeSet::new();
+    // Pools of one build share one entry.
+    for (e, _) in engines
+        .iter()
+        .filter(|(e, _)| added.insert(e.fingerprint.clone()))
+    {
         let dest = format!("{IMAGE_ROOT}/{PREBUILT}/engines-v1/{}", e.fingerprint);
         eng.tree(&dest, &e.dir)?;
         for (path, node) in eng.nodes() {
