@@ -119,16 +119,19 @@ pub async fn run_task(st: &AppState, task: &Task) {
             // second with no result at all: poll slower than that, and for
             // longer (a streamed one stops at its next write).
             let silent = _silent.is_some();
-            let (every, within) = if silent {
-                (
-                    Duration::from_millis(1200),
-                    st.cfg.stall_timeout.max(Duration::from_secs(5)),
-                )
+            // Wait for the state, not for a time: the engine frees the slot
+            // at its next decode step, which a busy machine makes slow
+            // (measured on two loaded cores: up to 5.9 s, where a fixed 3 s
+            // wait ended streams with `slot_idle: false`). An engine that
+            // does not free it within the stall timeout is as good as stalled.
+            let within = st.cfg.stall_timeout.max(Duration::from_secs(5));
+            let every = if silent {
+                Duration::from_millis(1200)
             } else {
                 // Every `/slots` request is a task in the engine's own queue,
                 // handled between decode steps: polling it hard delays the
                 // very cancel it waits for on a busy machine.
-                (Duration::from_millis(10), Duration::from_secs(3))
+                Duration::from_millis(10)
             };
             let idle = if pool.slots > 1 {
                 let others = || pool.running.load(Ordering::SeqCst).saturating_sub(1) as usize;
