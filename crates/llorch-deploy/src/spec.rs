@@ -25,7 +25,7 @@ pub struct ImageSpec {
 #[serde(deny_unknown_fields)]
 pub struct ImagePool {
     pub id: String,
-    /// The profile file, relative to [`IMAGE_ROOT`].
+    /// The profile file, relative to [`IMAGE_ROOT`](crate::image::IMAGE_ROOT).
     pub profile: String,
     pub profile_sha256: String,
     pub fingerprint: String,

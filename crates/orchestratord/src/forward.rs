@@ -64,7 +64,7 @@ impl std::fmt::Debug for Forward {
 
 impl Forward {
     /// Whether llama-server answers this request in one piece at its end
-    /// (and notices a hang-up only by polling; see [`SilentWait`]).
+    /// (and notices a hang-up only by polling; see `SilentWait`).
     pub fn silent(&self) -> bool {
         self.body["stream"] != Value::Bool(true)
     }

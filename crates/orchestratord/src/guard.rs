@@ -122,7 +122,7 @@ pub(crate) async fn guard(
 }
 
 /// Whether the client of a connection has hung up: set by a watcher that
-/// peeks at the socket (end of stream), read by [`client_gone`].
+/// peeks at the socket (end of stream), read by `client_gone`.
 #[derive(Clone, Debug)]
 pub struct ClientGone(pub tokio::sync::watch::Receiver<bool>);
 

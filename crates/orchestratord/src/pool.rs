@@ -139,7 +139,7 @@ pub struct Pool {
     pub tokens_out: AtomicU64,
     /// KV-cache tokens held by the engine's processing slots, and what all
     /// its slots hold at most (llama-server's `/slots`, sampled by the
-    /// health loop while tasks run: [`Pool::kv_utilization`]).
+    /// health loop while tasks run: [`crate::metrics::kv_utilization`]).
     pub kv_held: AtomicU64,
     pub kv_capacity: AtomicU64,
     /// Non-streamed answers being relayed from the engine now. llama-server
