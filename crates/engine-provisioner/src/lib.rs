@@ -9,6 +9,7 @@ pub mod bundle;
 pub mod cache;
 pub mod compile;
 pub mod compile_cache;
+pub mod compilers;
 pub mod cuda;
 pub mod extract;
 pub mod fingerprint;
