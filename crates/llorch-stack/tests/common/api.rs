@@ -33,6 +33,23 @@ pub fn engine_url() -> String {
 
 pub async fn orchestrator(mut cfg: Config) -> orchestratord::Server {
     let e = engine();
+    // The orchestrator names its pool after the engine it finds ready; a
+    // test before this one may have killed it (the supervisor restarts it):
+    // wait for the state, woken by the supervisor, not for a time.
+    let sup_state = {
+        let s = e.sup.state_handle();
+        tokio::task::spawn_blocking(move || {
+            s.wait_for(Duration::from_secs(300), |st| {
+                matches!(st, EngineState::Ready { .. })
+            })
+        })
+        .await
+        .unwrap()
+    };
+    assert!(
+        matches!(sup_state, EngineState::Ready { .. }),
+        "the shared engine is not ready: {sup_state:?}"
+    );
     cfg.health_interval = Duration::from_millis(50);
     if cfg.addr.port() == 8080 {
         cfg.addr = "127.0.0.1:0".parse().unwrap();
