@@ -14,12 +14,16 @@ use std::path::{Path, PathBuf};
 use test_support::workspace_root as root;
 
 fn xtask(cache: &Path, rt: &Path) -> Cmd {
-    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+    // None of the caller's LLORCH_* (a model, a pool, a token, a registry).
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("LLORCH_"))
+        .fold(Cmd::new(env!("CARGO_BIN_EXE_xtask")), |c, k| {
+            c.env_remove(k)
+        })
         .env("LLORCH_ROOT", root())
         .env("LLORCH_CACHE_DIR", cache)
         .env("LLORCH_RUNTIME_DIR", rt)
-        .env_remove("LLORCH_API_TOKEN")
-        .env_remove("LLORCH_ENGINE_REGISTRY")
         .dir(root())
 }
 

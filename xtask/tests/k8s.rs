@@ -13,7 +13,13 @@ use test_support::workspace_root as root;
 const VALIDATORS: &[&str] = &["kubernetes-validate==1.37.0", "jsonschema==4.26.0"];
 
 fn xtask(rt: &Path) -> Cmd {
-    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+    // None of the caller's LLORCH_* (a model, a pool, a token, a registry).
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("LLORCH_"))
+        .fold(Cmd::new(env!("CARGO_BIN_EXE_xtask")), |c, k| {
+            c.env_remove(k)
+        })
         .env("LLORCH_ROOT", root())
         .env("LLORCH_CACHE_DIR", root().join("cache"))
         .env("LLORCH_RUNTIME_DIR", rt)

@@ -55,8 +55,12 @@ impl ImageSpec {
     /// Read the spec an image carries (`$LLORCH_ROOT/image.json`).
     pub fn read(root: &Path) -> Result<ImageSpec, DeployError> {
         let p = root.join(SPEC_FILE);
-        let text =
-            fs_err::read_to_string(&p).map_err(llorch_io::io("read the image description"))?;
+        // A regular file of at most 1 MiB, as all configuration is read
+        // (never a FIFO or an endless file).
+        let text = llorch_profile::read_config(&p).map_err(|e| DeployError::Spec {
+            path: p.display().to_string(),
+            why: e.to_string(),
+        })?;
         let s: ImageSpec = serde_json::from_str(&text).map_err(|e| DeployError::Spec {
             path: p.display().to_string(),
             why: e.to_string(),

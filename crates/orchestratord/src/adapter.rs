@@ -475,11 +475,6 @@ async fn poll_slots(
     }
 }
 
-/// Poll `/slots` (every 2 ms) until no slot is processing.
-pub async fn wait_slot_idle(st: &AppState, engine: &EngineInfo, timeout: Duration) -> bool {
-    poll_slots(st, engine, timeout, Duration::from_millis(2), all_idle).await
-}
-
 /// llama-server's answer to a prompt over the context
 /// (`{"error": {"type": "exceed_context_size_error", "n_prompt_tokens", "n_ctx"}}`),
 /// as a message with the token counts.
