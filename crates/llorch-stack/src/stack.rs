@@ -268,6 +268,7 @@ pub async fn start_pools(
             .map_err(|e| StackError::Other(format!("start the GPU memory monitor: {e}")))?;
     }
     // Eager pools: start them all (every replica), then wait for each.
+    let eager_ids: Vec<PoolId> = eager_links.iter().map(|(id, _)| id.clone()).collect();
     let loads = eager_links;
     let started = tokio::task::spawn_blocking(move || -> Result<(), String> {
         for (id, l) in &loads {
@@ -306,10 +307,17 @@ pub async fn start_pools(
             return Err(e.into());
         }
     };
-    // Wait until the orchestrator has seen every eager engine healthy.
+    // Wait until the orchestrator has seen every eager engine healthy (every
+    // replica: one seen ready is enough for /readyz, not for routing).
     if !server
         .state
-        .wait_until(Duration::from_secs(10), |s| s.is_ready())
+        .wait_until(Duration::from_secs(60), |s| {
+            s.is_ready()
+                && s.pools
+                    .iter()
+                    .filter(|p| eager_ids.contains(&p.id))
+                    .all(|p| p.ready.load(std::sync::atomic::Ordering::SeqCst))
+        })
         .await
     {
         return Err(StackError::Other(

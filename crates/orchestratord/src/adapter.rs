@@ -44,6 +44,9 @@ pub(crate) enum Outcome {
     ContextExceeded(String),
     Canceled(CancelReason),
     EngineGone(String),
+    /// The engine could not be connected to (the request never left): it
+    /// went away before this task reached it, so nothing was generated.
+    NotSent(String),
     EngineError(String),
     Stalled(String),
 }
@@ -62,7 +65,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
         predicted_start_ms: task.predicted_start_ms,
     }));
     let pool = &task.pool;
-    let crate::link::LinkState::Ready(engine) = pool.link_state() else {
+    let crate::link::LinkState::Ready(mut engine) = pool.link_state() else {
         fail(
             st,
             task,
@@ -81,9 +84,33 @@ pub async fn run_task(st: &AppState, task: &Task) {
         .as_ref()
         .filter(|f| f.silent())
         .map(|_| crate::forward::SilentWait::new(&task.pool));
-    let outcome = match &task.req.forward {
-        Some(f) => crate::forward::relay(st, task, &engine, f, &mut p).await,
-        None => generate(st, task, &engine, &mut p).await,
+    let mut restarts = 0;
+    let outcome = loop {
+        let outcome = match &task.req.forward {
+            Some(f) => crate::forward::relay(st, task, &engine, f, &mut p).await,
+            None => generate(st, task, &engine, &mut p).await,
+        };
+        // An engine that died before this task reached it (its supervisor
+        // restarts it): the task waits for the new engine, as a queued one
+        // does, instead of failing for a crash it never saw.
+        match outcome {
+            Outcome::NotSent(msg) if p.events == 0 && restarts < NOT_SENT_RESTARTS => {
+                restarts += 1;
+                pool.mark_not_ready();
+                match engine_after(st, task, &engine).await {
+                    Ok(next) => {
+                        eprintln!(
+                            "orchestratord: {msg}; task {} goes to the restarted engine at {}",
+                            task.id, next.url
+                        );
+                        engine = next;
+                    }
+                    Err(o) => break o,
+                }
+            }
+            Outcome::NotSent(msg) => break Outcome::EngineGone(msg),
+            o => break o,
+        }
     };
     let queue_wait_ms = (started_at - task.admitted_at).as_millis() as u64;
     match outcome {
@@ -162,7 +189,7 @@ pub async fn run_task(st: &AppState, task: &Task) {
                 ..Default::default()
             }));
         }
-        Outcome::EngineGone(msg) => {
+        Outcome::EngineGone(msg) | Outcome::NotSent(msg) => {
             pool.mark_not_ready();
             fail(st, task, "ENGINE_CRASHED", msg, true);
         }
@@ -435,12 +462,64 @@ pub(crate) async fn send(
                 );
             }
             Err(e) => {
-                return Err(Outcome::EngineGone(format!(
+                let msg = format!(
                     "cannot reach llama-server at {}: {}",
                     engine.url,
                     llorch_io::http::error_chain(&e)
+                );
+                return Err(if e.is_connect() {
+                    Outcome::NotSent(msg)
+                } else {
+                    Outcome::EngineGone(msg)
+                });
+            }
+        }
+    }
+}
+
+/// How many engine restarts one task waits through before its connect failure is a crash.
+const NOT_SENT_RESTARTS: u32 = 3;
+
+/// Wait until the task's pool is ready again after `gone` could not be
+/// reached (its supervisor restarts it), unless the task is canceled or
+/// the pool fails for good.
+async fn engine_after(
+    st: &AppState,
+    task: &Task,
+    gone: &EngineInfo,
+) -> Result<EngineInfo, Outcome> {
+    let pool = &task.pool;
+    loop {
+        if let Some((r, _)) = task.cancel_reason() {
+            return Err(Outcome::Canceled(r));
+        }
+        if st.stopping.load(Ordering::SeqCst) {
+            return Err(Outcome::EngineGone(format!(
+                "the engine at {} went away while the orchestrator stops",
+                gone.url
+            )));
+        }
+        match pool.link_state() {
+            // Ready as the health loop saw it, and answering now (a stale
+            // look of the health loop may still call the dead engine ready).
+            crate::link::LinkState::Ready(e)
+                if pool.ready.load(Ordering::SeqCst) && engine_healthy(st, &e).await =>
+            {
+                return Ok(e)
+            }
+            crate::link::LinkState::Failed(why) => {
+                return Err(Outcome::EngineGone(format!(
+                    "the engine at {} went away and could not be restarted: {why}",
+                    gone.url
                 )))
             }
+            _ => {}
+        }
+        let changed = pool.work.notified();
+        tokio::select! {
+            _ = changed => {}
+            _ = task.cancel_notify.notified() => {}
+            _ = tokio::time::sleep(Duration::from_millis(50)) => {}
         }
     }
 }

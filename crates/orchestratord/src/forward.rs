@@ -212,10 +212,11 @@ async fn send_owned(
                 eprintln!("orchestratord: sending to llama-server failed ({e}); it answers /health, sending again");
             }
             Err(e) => {
-                return Err(Outcome::EngineGone(format!(
-                    "cannot reach llama-server at {}: {e}",
-                    engine.url
-                )))
+                let msg = format!("cannot reach llama-server at {}: {e}", engine.url);
+                return Err(match e {
+                    llorch_io::http::OwnedError::Connect { .. } => Outcome::NotSent(msg),
+                    _ => Outcome::EngineGone(msg),
+                });
             }
         }
     }

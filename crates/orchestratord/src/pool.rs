@@ -118,6 +118,9 @@ pub struct Pool {
     pub link: Box<dyn EngineLink>,
     /// The link says Ready and the engine's `/health` answered 200.
     pub ready: AtomicBool,
+    /// Counts [`Pool::mark_not_ready`]: a health look that began before a
+    /// task found the engine gone must not call it ready again.
+    not_ready_marks: AtomicU64,
     /// The engine last seen ready (for capabilities while it restarts).
     pub last_engine: Mutex<Option<EngineInfo>>,
     pub queue: Queue,
@@ -169,6 +172,7 @@ impl Pool {
             policy: spec.policy,
             link: spec.link,
             ready: AtomicBool::new(false),
+            not_ready_marks: AtomicU64::new(0),
             last_engine: Mutex::new(spec.engine),
             queue: Default::default(),
             running: AtomicU64::new(0),
@@ -239,6 +243,7 @@ impl Pool {
     }
 
     pub fn mark_not_ready(&self) {
+        self.not_ready_marks.fetch_add(1, Ordering::SeqCst);
         self.ready.store(false, Ordering::SeqCst);
     }
 
@@ -350,6 +355,7 @@ pub fn pick_replica(members: &[Arc<Pool>], prefix: &str) -> Arc<Pool> {
 /// Keep `ready` current for one pool.
 pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
     while !st.stopping.load(Ordering::SeqCst) {
+        let marks = pool.not_ready_marks.load(Ordering::SeqCst);
         let state = pool.link_state();
         let ok = match &state {
             LinkState::Ready(i) => {
@@ -362,6 +368,9 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
             _ => false,
         };
         crate::metrics::sample_kv(&st, &pool, &state, ok).await;
+        // A task marked the engine gone while this look was under way: the
+        // next look decides.
+        let ok = ok && pool.not_ready_marks.load(Ordering::SeqCst) == marks;
         let was = pool.ready.swap(ok, Ordering::SeqCst);
         if was != ok {
             pool.work.notify_waiters();
