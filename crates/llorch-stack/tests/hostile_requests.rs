@@ -104,6 +104,44 @@ async fn hostile_bodies_are_the_clients_400_and_never_reach_the_engine_as_someth
         .await;
         assert_eq!(s, 400, "{f} on completions");
     }
+    // A llama-server field on no deny-list (an allow-list per API): each
+    // endpoint refuses what its table does not name, by name. `n_probs`
+    // changes the answer's shape, `embd_normalize` the vectors.
+    for (path, body, f) in [
+        (
+            "/v1/chat/completions",
+            chat(json!({"n_probs": 3})),
+            "n_probs",
+        ),
+        (
+            "/v1/completions",
+            json!({"model": gen, "prompt": "Hi", "input_extra": []}),
+            "input_extra",
+        ),
+        (
+            "/v1/responses",
+            json!({"model": gen, "input": "Hi", "return_progress": true}),
+            "return_progress",
+        ),
+        (
+            "/v1/messages",
+            json!({"model": gen, "max_tokens": 4, "messages": [{"role": "user", "content": "Hi"}], "min_p": 0.5}),
+            "min_p",
+        ),
+        (
+            "/v1/embeddings",
+            json!({"model": emb, "input": "Hi", "embd_normalize": -1}),
+            "embd_normalize",
+        ),
+    ] {
+        let (s, e) = post(&base, path, &body).await;
+        assert_eq!(s, 400, "{f} on {path}: {e}");
+        let said = e.to_string();
+        assert!(
+            said.contains(f) && said.contains(path),
+            "{f} on {path}: {e}"
+        );
+    }
     // A body nested deeper than the parser reads is a 400, never a task.
     let deep = format!(
         "{{\"model\":\"{gen}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hi\"}}],\"tools\":{}1{},\"audio\":1}}",

@@ -96,6 +96,7 @@ pub(crate) fn edge(
     endpoint: &str,
 ) -> Result<Edge, ApiError> {
     let body = object(raw)?;
+    crate::fields::check_known(endpoint, &body)?;
     let (model, pool) = pool_of(st, &body)?;
     require(&pool, serves, endpoint)?;
     Ok(Edge { body, model, pool })
@@ -332,9 +333,9 @@ pub(crate) fn each_json(
 /// llama-server's own `/v1/chat/completions` or `/v1/completions`.
 pub async fn openai_forward(st: Shared, chat: bool, raw: &[u8]) -> Result<Response, ApiError> {
     let endpoint = if chat {
-        "chat completions"
+        "/v1/chat/completions"
     } else {
-        "completions"
+        "/v1/completions"
     };
     let Edge {
         mut body,

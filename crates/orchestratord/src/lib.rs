@@ -42,6 +42,7 @@ pub mod embeddings;
 pub mod endpoints;
 pub mod errors;
 pub mod events;
+pub mod fields;
 pub mod forward;
 pub mod guard;
 pub mod limits;
