@@ -7,7 +7,8 @@
 //! straight against the same engine processes (llama-server's own
 //! `/v1/completions`, clients spread round robin over the replicas, the same
 //! flags, prompts, seeds and `cache_prompt` setting). It reports aggregate
-//! tokens/s, time to first token p50/p99, inter-token p99, errors, and the
+//! tokens/s, time to first token p50/p99, inter-token p99, fairness (the
+//! slowest client's tokens/s over the median client's), errors, and the
 //! ratio orchestrator / direct with its spread.
 //!
 //! `soak` sends many concurrent streaming clients (short and long requests,
@@ -30,6 +31,8 @@ struct Req {
     ttft_ms: f64,
     gaps_ms: Vec<f64>,
     tokens: u64,
+    /// Seconds from the request to its last token.
+    elapsed_s: f64,
     error: Option<String>,
 }
 
@@ -76,6 +79,7 @@ async fn stream_one(http: &reqwest::Client, url: &str, body: &Value) -> Req {
             }
             last = Some(now);
             out.tokens += 1;
+            out.elapsed_s = (now - t0).as_secs_f64();
         }
     }
     out
@@ -86,7 +90,24 @@ struct Wave {
     tok_per_s: f64,
     ttft: Vec<f64>,
     gaps: Vec<f64>,
+    /// The slowest client's tokens/s over the median client's (1: all served alike).
+    fairness: f64,
     errors: usize,
+}
+
+/// The slowest client's tokens/s over the median client's, of the clients
+/// that ended without error (NaN with none).
+fn fairness(reqs: &[Req]) -> f64 {
+    let mut rates: Vec<f64> = reqs
+        .iter()
+        .filter(|r| r.error.is_none() && r.elapsed_s > 0.0)
+        .map(|r| r.tokens as f64 / r.elapsed_s)
+        .collect();
+    if rates.is_empty() {
+        return f64::NAN;
+    }
+    let slowest = rates.iter().copied().fold(f64::INFINITY, f64::min);
+    slowest / median(&mut rates)
 }
 
 async fn wave(
@@ -118,6 +139,7 @@ async fn wave(
             .map(|r| r.ttft_ms)
             .collect(),
         gaps: reqs.iter().flat_map(|r| r.gaps_ms.clone()).collect(),
+        fairness: fairness(&reqs),
         errors: reqs.iter().filter(|r| r.error.is_some()).count(),
     }
 }
@@ -237,6 +259,7 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
             let (mut ttft_v, mut ttft_d, mut gaps_v, mut gaps_d) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut err_v, mut err_d) = (0, 0);
+            let (mut fair_v, mut fair_d) = (Vec::new(), Vec::new());
             for run in 0..a.runs {
                 // Alternate which side goes first.
                 let (v, d) = if run % 2 == 0 {
@@ -256,6 +279,8 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
                 gaps_d.extend(d.gaps);
                 err_v += v.errors;
                 err_d += d.errors;
+                fair_v.push(v.fairness);
+                fair_d.push(d.fairness);
             }
             let row = json!({
                 "clients": n,
@@ -270,17 +295,23 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
                 "ttft_ms_p99_direct": pct(&ttft_d, 0.99),
                 "inter_token_ms_p99_orchestrator": pct(&gaps_v, 0.99),
                 "inter_token_ms_p99_direct": pct(&gaps_d, 0.99),
+                "fairness_orchestrator_median": median(&mut fair_v),
+                "fairness_direct_median": median(&mut fair_d),
                 "errors_orchestrator": err_v,
                 "errors_direct": err_d,
             });
             eprintln!(
-                "{n:>4} clients: {:.0} vs {:.0} tok/s (orchestrator / direct {:.3}, {}), TTFT p50 {:.1} vs {:.1} ms, errors {err_v}/{err_d}",
+                "{n:>4} clients: {:.0} vs {:.0} tok/s (orchestrator / direct {:.3}, {}), TTFT p50 {:.1} vs {:.1} ms, p99 {:.1} vs {:.1} ms, fairness {:.2} vs {:.2}, errors {err_v}/{err_d}",
                 row["tok_per_s_orchestrator_median"].as_f64().unwrap_or(0.0),
                 row["tok_per_s_direct_median"].as_f64().unwrap_or(0.0),
                 row["ratio_orchestrator_over_direct_median"].as_f64().unwrap_or(0.0),
                 row["ratio_spread"].as_str().unwrap_or(""),
                 row["ttft_ms_p50_orchestrator"].as_f64().unwrap_or(0.0),
                 row["ttft_ms_p50_direct"].as_f64().unwrap_or(0.0),
+                row["ttft_ms_p99_orchestrator"].as_f64().unwrap_or(0.0),
+                row["ttft_ms_p99_direct"].as_f64().unwrap_or(0.0),
+                row["fairness_orchestrator_median"].as_f64().unwrap_or(f64::NAN),
+                row["fairness_direct_median"].as_f64().unwrap_or(f64::NAN),
             );
             rows.push(row);
         }
