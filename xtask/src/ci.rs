@@ -26,20 +26,44 @@ fn step(name: &str, cmd: Cmd, root: &std::path::Path) -> Result<()> {
     Ok(())
 }
 
+/// `cargo` as a command of its own, without the variables `cargo run` gave
+/// this process (`CARGO_MANIFEST_DIR`, `CARGO_PKG_*`, …). A build script
+/// that watches one of them (ring's watches `CARGO_MANIFEST_DIR`) would see
+/// it change between `cargo xtask ci`'s test build and the user's next
+/// `cargo xtask …`, and the two would keep recompiling ring, rustls,
+/// reqwest and every crate above them for each other.
+pub fn cargo(cargo: &str) -> Cmd {
+    without_cargo_run_env(Cmd::new(cargo))
+}
+
+fn without_cargo_run_env(c: Cmd) -> Cmd {
+    const SET_BY_CARGO_RUN: &[&str] = &[
+        "CARGO_MANIFEST_DIR",
+        "CARGO_MANIFEST_PATH",
+        "CARGO_MANIFEST_LINKS",
+        "CARGO_BIN_NAME",
+        "CARGO_CRATE_NAME",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_TARGET_TMPDIR",
+        "CARGO_RUSTC_CURRENT_DIR",
+    ];
+    std::env::vars_os()
+        .filter_map(|(k, _)| k.into_string().ok())
+        .filter(|k| k.starts_with("CARGO_PKG_") || SET_BY_CARGO_RUN.contains(&k.as_str()))
+        .fold(c, |c, k| c.env_remove(k))
+}
+
 impl CiCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
         let root = &ctx.layout.root;
-        let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let cargo_exe = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+        let cargo = || cargo(&cargo_exe);
         disk_report(ctx);
         if !self.no_lint {
-            step(
-                "fmt",
-                Cmd::new(&cargo).args(["fmt", "--all", "--", "--check"]),
-                root,
-            )?;
+            step("fmt", cargo().args(["fmt", "--all", "--", "--check"]), root)?;
             step(
                 "clippy",
-                Cmd::new(&cargo).args([
+                cargo().args([
                     "clippy",
                     "--workspace",
                     "--all-targets",
@@ -52,13 +76,13 @@ impl CiCmd {
             // Doc comments that link to what moved or vanished fail here.
             step(
                 "doc",
-                Cmd::new(&cargo)
+                cargo()
                     .args(["doc", "--workspace", "--no-deps"])
                     .env("RUSTDOCFLAGS", "-D warnings"),
                 root,
             )?;
         }
-        let exe = std::env::current_exe()?;
+        let xtask = std::env::current_exe()?;
         // Tests never inherit the user's LLORCH_* settings (a cache or
         // runtime directory elsewhere, a token): the engine the tests share is
         // built into this checkout's cache, where every test looks for it.
@@ -72,13 +96,13 @@ impl CiCmd {
         // through the package manager when missing, as build tools are.
         step(
             "test servers",
-            Cmd::new(&exe).args(["doctor", "--install", "--test-servers"]),
+            Cmd::new(&xtask).args(["doctor", "--install", "--test-servers"]),
             root,
         )?;
         // The engine the user's own cache holds for the same fingerprint (a
         // `cargo xtask haiku` with LLORCH_CACHE_DIR elsewhere) is copied, checked
         // against its manifest, instead of compiled again.
-        let mut engine = isolated(Cmd::new(&exe).args(["engine", "build"]));
+        let mut engine = isolated(Cmd::new(&xtask).args(["engine", "build"]));
         if let Some(user) = std::env::var_os("LLORCH_CACHE_DIR")
             .map(std::path::PathBuf::from)
             .filter(|d| d.is_dir() && *d != root.join("cache"))
@@ -88,13 +112,13 @@ impl CiCmd {
         step("engine build (default profile)", engine, root)?;
         step(
             "model fetch (default profile)",
-            isolated(Cmd::new(&exe).args(["model", "fetch"])),
+            isolated(Cmd::new(&xtask).args(["model", "fetch"])),
             root,
         )?;
         disk_report(ctx);
         step(
             "tests",
-            isolated(Cmd::new(&cargo).args(["test", "--workspace", "--", "--test-threads", "2"])),
+            isolated(cargo().args(["test", "--workspace", "--", "--test-threads", "2"])),
             root,
         )?;
         Ok(())
@@ -128,5 +152,26 @@ fn disk_report(ctx: &Ctx) {
             }
             Err(e) => eprintln!("==> disk: free space at {} unknown: {e}", dir.display()),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn cargo_runs_without_what_cargo_run_set_for_this_process() {
+        // `cargo test` sets these for the test process as `cargo run` does for xtask.
+        assert!(std::env::var_os("CARGO_MANIFEST_DIR").is_some());
+        assert!(std::env::var_os("CARGO_PKG_NAME").is_some());
+        let env = super::without_cargo_run_env(llorch_io::cmd::Cmd::new("env"))
+            .read()
+            .unwrap();
+        let names: Vec<&str> = env.lines().filter_map(|l| l.split('=').next()).collect();
+        assert!(!names.contains(&"CARGO_MANIFEST_DIR"), "{names:?}");
+        assert!(
+            !names.iter().any(|n| n.starts_with("CARGO_PKG_")),
+            "{names:?}"
+        );
+        // What the user set stays (the toolchain, the cargo home).
+        assert!(names.contains(&"PATH"));
     }
 }
