@@ -193,6 +193,15 @@ impl DoctorCmd {
                     cuda.gpus_compute_cap.join(", ")
                 };
                 println!("  local GPUs (compute capability): {gpus}");
+                match &cuda.mps {
+                    Some(m) => println!(
+                        "  NVIDIA MPS:    control daemon running (pid {}, pipes in {}): engines sharing a GPU share its SMs",
+                        m.pid, m.pipe_dir
+                    ),
+                    None => println!(
+                        "  NVIDIA MPS:    no control daemon: engines sharing a GPU time-slice it (see README, Many clients)"
+                    ),
+                }
                 println!(
                     "  profile archs: {}",
                     profile.file.engine.cuda_archs.join(", ")

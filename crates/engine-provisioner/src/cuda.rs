@@ -263,6 +263,7 @@ pub fn probe(tb: &Toolbox, archs: &[String], warnings: &mut Vec<String>) -> Cuda
         host_compiler,
         host_compiler_ok,
         gpus_compute_cap: gpus,
+        mps: llorch_io::gpu::mps_control_daemon(),
     }
 }
 

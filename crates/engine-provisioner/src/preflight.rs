@@ -170,6 +170,9 @@ pub struct CudaReport {
     pub host_compiler: Option<String>,
     pub host_compiler_ok: Option<bool>,
     pub gpus_compute_cap: Vec<String>,
+    /// An NVIDIA MPS control daemon running here (several engines on one
+    /// GPU share its SMs under it, instead of time-slicing).
+    pub mps: Option<llorch_io::gpu::MpsDaemon>,
 }
 
 impl Preflight {

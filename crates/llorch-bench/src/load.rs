@@ -255,6 +255,12 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
         let mut rows = Vec::new();
         let mut peak_rss = rss_before;
         for &n in a.clients {
+            // Warm both paths at this width: the engines' first batches of a
+            // new size are slower (CUDA graphs, kernels), and the side that
+            // met them first lost (measured on an H100: one run 0.33, the
+            // next 0.89, with only a 2-client warm-up).
+            wave(&http, &via, n, 16).await;
+            wave(&http, &direct, n, 16).await;
             let (mut ratio, mut tps_v, mut tps_d) = (Vec::new(), Vec::new(), Vec::new());
             let (mut ttft_v, mut ttft_d, mut gaps_v, mut gaps_d) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());

@@ -180,7 +180,37 @@ fn write_image(
     engines: &[(BuildOutcome, String)],
     cuda: bool,
 ) -> Result<BuiltImage, DeployError> {
-    // The runtime closure of every engine and of llama-orch.
+    let mut explained: Vec<Explained> = Vec::new();
+    let base = closure_layer(opts, engines, cuda, &mut explained)?;
+    let eng = engines_layer(engines, &mut explained)?;
+    let top = llorch_layer(layout, stack, opts, engines, &pools, explained)?;
+    write_layout(opts, pools, [&base, &eng, &top], cuda)
+}
+
+/// Record where an image file comes from, with its sha256.
+fn explain(
+    to: &mut Vec<Explained>,
+    path: &str,
+    origin: String,
+    src: &Path,
+) -> Result<(), DeployError> {
+    to.push(Explained {
+        path: path.to_string(),
+        origin,
+        sha256: llorch_io::digest::sha256_file(src)
+            .map_err(llorch_io::io("hash a file for the image"))?,
+    });
+    Ok(())
+}
+
+/// The runtime closure of every engine and of llama-orch: the ELF
+/// interpreter, the shared libraries `ldd` names, CA certificates.
+fn closure_layer(
+    opts: &ImageOptions,
+    engines: &[(BuildOutcome, String)],
+    cuda: bool,
+    explained: &mut Vec<Explained>,
+) -> Result<Layer, DeployError> {
     let mut bins: Vec<(String, PathBuf)> = Vec::new();
     for (e, _) in engines {
         let label = format!("llama-server {}", &e.fingerprint[..12]);
@@ -195,27 +225,11 @@ fn write_image(
         .collect();
     let extra = if cuda { cuda_lib_dirs() } else { Vec::new() };
     let cl = closure::of(&bin_refs, &extra)?;
-    let mut explained: Vec<Explained> = Vec::new();
-    fn explain(
-        to: &mut Vec<Explained>,
-        path: &str,
-        origin: String,
-        src: &Path,
-    ) -> Result<(), DeployError> {
-        to.push(Explained {
-            path: path.to_string(),
-            origin,
-            sha256: llorch_io::digest::sha256_file(src)
-                .map_err(llorch_io::io("hash a file for the image"))?,
-        });
-        Ok(())
-    }
-
     let mut base = Layer::new("closure");
     for (path, real) in &cl.interpreters {
         base.file(path, Source::File(real.clone()), true)?;
         explain(
-            &mut explained,
+            explained,
             path,
             format!("ELF interpreter, from {}", real.display()),
             real,
@@ -230,7 +244,7 @@ fn write_image(
             .map(|v| v.join(", "))
             .unwrap_or_default();
         explain(
-            &mut explained,
+            explained,
             &at,
             format!("shared library needed by {by}, from {}", real.display()),
             real,
@@ -240,16 +254,23 @@ fn write_image(
     if ca.is_file() {
         base.file(CA_CERTS, Source::File(ca.to_path_buf()), false)?;
         explain(
-            &mut explained,
+            explained,
             CA_CERTS,
             format!("CA certificates, from {CA_CERTS}"),
             ca,
         )?;
     }
+    Ok(base)
+}
 
+/// Each engine's cache entry, byte for byte, under the prebuilt directory
+/// (pools of one build share one entry).
+fn engines_layer(
+    engines: &[(BuildOutcome, String)],
+    explained: &mut Vec<Explained>,
+) -> Result<Layer, DeployError> {
     let mut eng = Layer::new("engines");
     let mut added = std::collections::BTreeSet::new();
-    // Pools of one build share one entry.
     for (e, _) in engines
         .iter()
         .filter(|(e, _)| added.insert(e.fingerprint.clone()))
@@ -266,7 +287,7 @@ fn write_image(
             ) = (path.starts_with(&dest), node)
             {
                 explain(
-                    &mut explained,
+                    explained,
                     path,
                     format!(
                         "engine {} as cached (its manifest lists this file)",
@@ -277,7 +298,19 @@ fn write_image(
             }
         }
     }
+    Ok(eng)
+}
 
+/// The llama-orch binary, the pins file, the pools' profiles, the state
+/// directories, and `image.json` naming every file of the image.
+fn llorch_layer(
+    layout: &Layout,
+    stack: &Stack,
+    opts: &ImageOptions,
+    engines: &[(BuildOutcome, String)],
+    pools: &[ImagePool],
+    mut explained: Vec<Explained>,
+) -> Result<Layer, DeployError> {
     let mut top = Layer::new("llorch");
     top.file(BINARY, Source::File(opts.binary.clone()), true)?;
     explain(
@@ -307,7 +340,7 @@ fn write_image(
     explained.sort_by(|a, b| a.path.cmp(&b.path));
     let spec = ImageSpec {
         schema: SPEC_SCHEMA,
-        pools: pools.clone(),
+        pools: pools.to_vec(),
         files: explained,
         compressor: COMPRESSOR.into(),
     };
@@ -317,8 +350,17 @@ fn write_image(
         Source::Bytes(spec_bytes),
         false,
     )?;
+    Ok(top)
+}
 
-    // Write the layout in a staging directory beside `out`; one rename publishes it.
+/// Write the layers, config, manifest and index as an OCI image layout in
+/// a staging directory beside `opts.out`; one rename publishes it.
+fn write_layout(
+    opts: &ImageOptions,
+    pools: Vec<ImagePool>,
+    layers_in: [&Layer; 3],
+    cuda: bool,
+) -> Result<BuiltImage, DeployError> {
     if let Some(parent) = opts.out.parent() {
         fs_err::create_dir_all(parent).map_err(llorch_io::io("create the image's directory"))?;
     }
@@ -327,7 +369,7 @@ fn write_image(
     let blobs = staging.path().join("blobs/sha256");
     fs_err::create_dir_all(&blobs).map_err(llorch_io::io("create the image's blobs"))?;
     let mut layers = Vec::new();
-    for l in [&base, &eng, &top] {
+    for l in layers_in {
         layers.push(l.write(&blobs)?);
     }
     let labels = labels(&pools);

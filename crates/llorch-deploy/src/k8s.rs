@@ -152,15 +152,14 @@ fn meta(name: &str, opts: &RenderOptions, labels: &BTreeMap<&str, String>) -> Va
     m
 }
 
-/// The objects of one pool.
+/// The objects of one pool: its Deployment, Service, PodDisruptionBudget,
+/// InferencePool and the endpoint picker's ConfigMap.
 fn pool_objects(
     p: &llorch_profile::stack::StackPool,
     opts: &RenderOptions,
 ) -> Result<Vec<Value>, DeployError> {
     let id = p.id.as_str();
     let name = format!("{PREFIX}{id}");
-    let prof = &p.profile;
-    let cuda = prof.file.engine.backend == llorch_profile::Backend::Cuda;
     let labels: BTreeMap<&str, String> = BTreeMap::from([
         ("app.kubernetes.io/name", "llama-orch".to_string()),
         ("app.kubernetes.io/instance", name.clone()),
@@ -169,7 +168,69 @@ fn pool_objects(
     let mut pod_labels = labels.clone();
     pod_labels.insert(ENGINE_TYPE_LABEL, ENGINE_TYPE.into());
     let selector = json!({POOL_LABEL: id});
-    let sha = prof.file.model.as_ref().and_then(|m| m.sha256.clone());
+    let deployment = json!({
+        "apiVersion": "apps/v1",
+        "kind": "Deployment",
+        "metadata": meta(&name, opts, &labels),
+        "spec": {
+            "replicas": opts.hosts,
+            "selector": {"matchLabels": selector},
+            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
+            "template": {
+                "metadata": {
+                    "labels": pod_labels,
+                    "annotations": {
+                        "prometheus.io/scrape": "true",
+                        "prometheus.io/port": DEFAULT_PORT.to_string(),
+                        "prometheus.io/path": "/metrics",
+                    },
+                },
+                "spec": pod_spec(p, opts)?,
+            },
+        },
+    });
+    let service = json!({
+        "apiVersion": "v1",
+        "kind": "Service",
+        "metadata": meta(&name, opts, &labels),
+        "spec": {
+            "selector": selector,
+            "ports": [{"name": "http", "port": DEFAULT_PORT, "targetPort": "http", "protocol": "TCP"}],
+        },
+    });
+    let pdb = json!({
+        "apiVersion": "policy/v1",
+        "kind": "PodDisruptionBudget",
+        "metadata": meta(&name, opts, &labels),
+        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
+    });
+    let epp_name = format!("{name}-epp");
+    let pool = json!({
+        "apiVersion": "inference.networking.k8s.io/v1",
+        "kind": "InferencePool",
+        "metadata": meta(&name, opts, &labels),
+        "spec": {
+            "selector": {"matchLabels": selector},
+            "targetPorts": [{"number": DEFAULT_PORT}],
+            "endpointPickerRef": {"name": epp_name, "port": {"number": EPP_PORT}, "failureMode": "FailClose"},
+        },
+    });
+    let config_map = json!({
+        "apiVersion": "v1",
+        "kind": "ConfigMap",
+        "metadata": meta(&format!("{name}-epp-config"), opts, &labels),
+        "data": {"epp-config.yaml": to_yaml(&epp_config(id))?},
+    });
+    Ok(vec![deployment, service, pdb, pool, config_map])
+}
+
+/// The model file's name in the model volume: `--model-file`, or the
+/// digest's name in a model image, or `model.gguf`.
+fn model_file(
+    p: &llorch_profile::stack::StackPool,
+    opts: &RenderOptions,
+) -> Result<String, DeployError> {
+    let sha = p.profile.file.model.as_ref().and_then(|m| m.sha256.clone());
     let model_file = opts
         .model_file
         .clone()
@@ -184,6 +245,18 @@ fn pool_objects(
             why: "a file name in the model volume (no `/`, not hidden)".into(),
         });
     }
+    Ok(model_file)
+}
+
+/// One pool's pod: non-root, read-only root, no privilege, probes on
+/// `/readyz` and `/healthz`, the model volume read-only, GPUs for CUDA.
+fn pod_spec(
+    p: &llorch_profile::stack::StackPool,
+    opts: &RenderOptions,
+) -> Result<Value, DeployError> {
+    let prof = &p.profile;
+    let cuda = prof.file.engine.backend == llorch_profile::Backend::Cuda;
+    let model_file = model_file(p, opts)?;
     let model_volume = match &opts.model_image {
         Some(r) => {
             json!({"name": "models", "image": {"reference": r.trim_start_matches("oci://"), "pullPolicy": "IfNotPresent"}})
@@ -211,7 +284,7 @@ fn pool_objects(
     liveness["failureThreshold"] = json!(3);
     let env = json!([
         {"name": "PORT", "value": DEFAULT_PORT.to_string()},
-        {"name": "LLORCH_POOL", "value": id},
+        {"name": "LLORCH_POOL", "value": p.id.as_str()},
         {"name": "LLORCH_MODEL", "value": format!("{MODELS_DIR}/{model_file}")},
         {"name": "LLORCH_OPEN_METRICS", "value": "true"},
         {"name": "LLORCH_API_TOKEN", "valueFrom": {"secretKeyRef": {"name": TOKEN_SECRET, "key": TOKEN_KEY}}},
@@ -253,60 +326,7 @@ fn pool_objects(
         pod_spec["tolerations"] =
             json!([{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]);
     }
-    let deployment = json!({
-        "apiVersion": "apps/v1",
-        "kind": "Deployment",
-        "metadata": meta(&name, opts, &labels),
-        "spec": {
-            "replicas": opts.hosts,
-            "selector": {"matchLabels": selector},
-            "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxUnavailable": 0, "maxSurge": 1}},
-            "template": {
-                "metadata": {
-                    "labels": pod_labels,
-                    "annotations": {
-                        "prometheus.io/scrape": "true",
-                        "prometheus.io/port": DEFAULT_PORT.to_string(),
-                        "prometheus.io/path": "/metrics",
-                    },
-                },
-                "spec": pod_spec,
-            },
-        },
-    });
-    let service = json!({
-        "apiVersion": "v1",
-        "kind": "Service",
-        "metadata": meta(&name, opts, &labels),
-        "spec": {
-            "selector": selector,
-            "ports": [{"name": "http", "port": DEFAULT_PORT, "targetPort": "http", "protocol": "TCP"}],
-        },
-    });
-    let pdb = json!({
-        "apiVersion": "policy/v1",
-        "kind": "PodDisruptionBudget",
-        "metadata": meta(&name, opts, &labels),
-        "spec": {"maxUnavailable": 1, "selector": {"matchLabels": selector}},
-    });
-    let epp_name = format!("{name}-epp");
-    let pool = json!({
-        "apiVersion": "inference.networking.k8s.io/v1",
-        "kind": "InferencePool",
-        "metadata": meta(&name, opts, &labels),
-        "spec": {
-            "selector": {"matchLabels": selector},
-            "targetPorts": [{"number": DEFAULT_PORT}],
-            "endpointPickerRef": {"name": epp_name, "port": {"number": EPP_PORT}, "failureMode": "FailClose"},
-        },
-    });
-    let config_map = json!({
-        "apiVersion": "v1",
-        "kind": "ConfigMap",
-        "metadata": meta(&format!("{name}-epp-config"), opts, &labels),
-        "data": {"epp-config.yaml": to_yaml(&epp_config(id))?},
-    });
-    Ok(vec![deployment, service, pdb, pool, config_map])
+    Ok(pod_spec)
 }
 
 /// The endpoint picker's configuration (`EndpointPickerConfig`): its data

@@ -187,6 +187,64 @@ pub fn parse_driver_cuda(text: &str) -> Result<String, GpuError> {
         .ok_or(GpuError::NoCudaVersion)
 }
 
+/// The MPS control daemon's default pipe directory (`CUDA_MPS_PIPE_DIRECTORY` unset).
+pub const MPS_DEFAULT_PIPE_DIR: &str = "/tmp/nvidia-mps";
+
+/// An NVIDIA Multi-Process Service control daemon running on this machine:
+/// CUDA processes that find its pipe directory share the GPU's SMs instead
+/// of time-slicing it.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize)]
+pub struct MpsDaemon {
+    pub pid: u32,
+    /// Where its clients find it (`CUDA_MPS_PIPE_DIRECTORY` of the daemon, or the default).
+    pub pipe_dir: String,
+}
+
+/// The MPS control daemon running here, if any (read from `/proc`).
+pub fn mps_control_daemon() -> Option<MpsDaemon> {
+    mps_control_daemon_in(std::path::Path::new("/proc"))
+}
+
+/// [`mps_control_daemon`] over a `/proc`-shaped directory: the first process
+/// whose program is `nvidia-cuda-mps-control`. What cannot be read (another
+/// user's environment, a process gone meanwhile) is skipped or defaulted,
+/// and reads are bounded.
+pub fn mps_control_daemon_in(proc: &std::path::Path) -> Option<MpsDaemon> {
+    fn read_bounded(p: &std::path::Path, max: u64) -> Option<Vec<u8>> {
+        use std::io::Read;
+        let mut out = Vec::new();
+        fs_err::File::open(p)
+            .ok()?
+            .take(max)
+            .read_to_end(&mut out)
+            .ok()?;
+        Some(out)
+    }
+    let mut pids: Vec<u32> = fs_err::read_dir(proc)
+        .ok()?
+        .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+        .collect();
+    pids.sort_unstable();
+    pids.into_iter().find_map(|pid| {
+        let dir = proc.join(pid.to_string());
+        let cmdline = read_bounded(&dir.join("cmdline"), 4096)?;
+        let program = cmdline.split(|b| *b == 0).next()?;
+        let name = program.rsplit(|b| *b == b'/').next()?;
+        if name != b"nvidia-cuda-mps-control" {
+            return None;
+        }
+        let pipe_dir = read_bounded(&dir.join("environ"), 256 * 1024)
+            .and_then(|env| {
+                env.split(|b| *b == 0)
+                    .find_map(|kv| kv.strip_prefix(b"CUDA_MPS_PIPE_DIRECTORY="))
+                    .filter(|v| !v.is_empty())
+                    .map(|v| String::from_utf8_lossy(v).into_owned())
+            })
+            .unwrap_or_else(|| MPS_DEFAULT_PIPE_DIR.to_string());
+        Some(MpsDaemon { pid, pipe_dir })
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -221,5 +279,40 @@ mod tests {
         assert_eq!(parse_driver_cuda(header).unwrap(), "13.0");
         assert!(parse_driver_cuda("No devices were found").is_err());
         assert!(parse_driver_cuda("CUDA Version: $(rm)").is_err());
+    }
+
+    #[test]
+    fn the_mps_control_daemon_is_found_by_its_program_and_its_pipe_dir_read_or_defaulted() {
+        let d = tempfile::tempdir().unwrap();
+        let proc_ = d.path();
+        let put = |pid: &str, cmdline: &[u8], environ: Option<&[u8]>| {
+            let p = proc_.join(pid);
+            fs_err::create_dir_all(&p).unwrap();
+            fs_err::write(p.join("cmdline"), cmdline).unwrap();
+            if let Some(e) = environ {
+                fs_err::write(p.join("environ"), e).unwrap();
+            }
+        };
+        fs_err::create_dir_all(proc_.join("self")).unwrap();
+        put("7", b"/usr/bin/llama-server\0--port\0", None);
+        assert_eq!(mps_control_daemon_in(proc_), None);
+        // A server process of MPS is not the control daemon.
+        put("8", b"nvidia-cuda-mps-server\0", None);
+        assert_eq!(mps_control_daemon_in(proc_), None);
+        put("40", b"/usr/bin/nvidia-cuda-mps-control\0-d\0", None);
+        assert_eq!(
+            mps_control_daemon_in(proc_),
+            Some(MpsDaemon {
+                pid: 40,
+                pipe_dir: MPS_DEFAULT_PIPE_DIR.into()
+            })
+        );
+        put(
+            "12",
+            b"nvidia-cuda-mps-control\0-d\0",
+            Some(b"PATH=/bin\0CUDA_MPS_PIPE_DIRECTORY=/run/mps-a\0"),
+        );
+        assert_eq!(mps_control_daemon_in(proc_).unwrap().pipe_dir, "/run/mps-a");
+        assert_eq!(mps_control_daemon_in(&proc_.join("absent")), None);
     }
 }

@@ -168,6 +168,28 @@ async fn sixteen_clients_on_two_exact_replicas_get_the_one_engine_answer_bit_for
             "every replica served: {r}"
         );
     }
+    // Sixteen long tasks arriving at once are spread 8 and 8: each admission
+    // sees every earlier one's task (none of them can end meanwhile: each
+    // runs 400 tokens). Then they are canceled.
+    let long =
+        json!({"prompt": "Count: one, two,", "max_tokens": 400, "ignore_eos": true, "pool": a});
+    let subs = futures_util::future::join_all((0..16).map(|_| submit(&base, &long))).await;
+    let on_zero = subs.iter().filter(|(_, r)| *r == 0).count();
+    assert_eq!(
+        on_zero,
+        8,
+        "{:?}",
+        subs.iter().map(|s| s.1).collect::<Vec<_>>()
+    );
+    for (task, _) in &subs {
+        orchestratord::client::cancel(&http(), &base, task)
+            .await
+            .unwrap();
+    }
+    for (task, _) in &subs {
+        let r = read_stream(&http(), &base, task, None, None).await.unwrap();
+        assert!(r.canceled(), "{task}: {:?}", r.end);
+    }
     let models: Value = http()
         .get(format!("{base}/v1/models"))
         .send()

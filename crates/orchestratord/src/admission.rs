@@ -126,20 +126,26 @@ pub fn admit(
     task_id: Option<String>,
 ) -> Result<Arc<Task>, ApiError> {
     let members = st.members(&head.group);
-    let pool = &if members.len() > 1 {
-        crate::pool::pick_replica(&members, &affinity_text(&req))
-    } else {
-        head.clone()
-    };
-    let waits_for_load =
-        pool.link.loads_on_demand() && !matches!(pool.link_state(), LinkState::Failed(_));
-    if st.stopping.load(Ordering::SeqCst) || !(pool.ready.load(Ordering::SeqCst) || waits_for_load)
-    {
-        return Err(not_ready(st, pool));
-    }
+    let key = (members.len() > 1).then(|| affinity_text(&req));
     let task_id = task_id.unwrap_or_else(|| st.new_task_id());
-    let task = {
+    let (pool, task) = {
+        // One admission at a time from the replica choice to the push:
+        // clients arriving at once could otherwise see the same loads and
+        // pick one replica, whose queue then holds tasks while another
+        // replica's slots are free.
         let mut all = st.tasks.lock().unwrap();
+        let pool = &match &key {
+            Some(k) => crate::pool::pick_replica(&members, k),
+            None => head.clone(),
+        };
+        let waits_for_load =
+            pool.link.loads_on_demand() && !matches!(pool.link_state(), LinkState::Failed(_));
+        if st.stopping.load(Ordering::SeqCst)
+            || !(pool.ready.load(Ordering::SeqCst) || waits_for_load)
+        {
+            drop(all);
+            return Err(not_ready(st, pool));
+        }
         if all.contains_key(&task_id) {
             st.metrics.reject("invalid");
             return Err(ApiError {
@@ -174,7 +180,7 @@ pub fn admit(
         ));
         all.insert(task_id, task.clone());
         pool.queue.push(task.clone());
-        task
+        (pool.clone(), task)
     };
     pool.touch();
     tasks::arm_deadline(st, &task);
@@ -189,5 +195,46 @@ pub struct DisconnectGuard(pub Arc<Task>, pub Shared);
 impl Drop for DisconnectGuard {
     fn drop(&mut self) {
         tasks::cancel(&self.1, &self.0, CancelReason::ClientDisconnected);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn clients_arriving_at_once_are_spread_evenly_over_the_replicas() {
+        let cfg = crate::Config {
+            queue_capacity: 1024,
+            ..Default::default()
+        };
+        let st = crate::AppState::new(
+            cfg,
+            crate::pool::tests::ready_specs(4, crate::Affinity::None),
+            crate::pool::SchedulerConfig::default(),
+        );
+        for p in &st.pools {
+            p.ready.store(true, Ordering::SeqCst);
+        }
+        let head = st.pools[0].clone();
+        // No workers run: every admitted task stays queued, so an even
+        // spread is exact: 256 tasks from 8 threads at once, 64 each.
+        let start = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for _ in 0..8 {
+                s.spawn(|| {
+                    start.wait();
+                    for _ in 0..32 {
+                        let req = TaskRequest {
+                            prompt: Some("x".into()),
+                            ..TaskRequest::default()
+                        };
+                        admit(&st, &head, req, None).unwrap();
+                    }
+                });
+            }
+        });
+        let queued: Vec<usize> = st.pools.iter().map(|p| p.queue.len()).collect();
+        assert_eq!(queued, [64, 64, 64, 64]);
     }
 }

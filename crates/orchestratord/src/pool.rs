@@ -520,12 +520,12 @@ pub async fn scheduler(st: Shared) {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::link::EngineInfo;
 
-    /// `k` ready replicas of pool `p` (closure links that always say Ready).
-    fn group(k: usize, affinity: Affinity) -> Vec<Arc<Pool>> {
+    /// Specs of `k` replicas of pool `p` whose closure links always say Ready.
+    pub(crate) fn ready_specs(k: usize, affinity: Affinity) -> Vec<PoolSpec> {
         let id = PoolId::parse("p").unwrap();
         (0..k)
             .map(|i| {
@@ -549,6 +549,16 @@ mod tests {
                 spec.group = id.clone();
                 spec.replica = i;
                 spec.affinity = affinity;
+                spec
+            })
+            .collect()
+    }
+
+    /// `k` ready replicas of pool `p`.
+    fn group(k: usize, affinity: Affinity) -> Vec<Arc<Pool>> {
+        ready_specs(k, affinity)
+            .into_iter()
+            .map(|spec| {
                 let p = Arc::new(Pool::new(spec));
                 p.ready.store(true, Ordering::SeqCst);
                 p
