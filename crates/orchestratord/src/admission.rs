@@ -211,7 +211,7 @@ mod tests {
         let st = crate::AppState::new(
             cfg,
             crate::pool::tests::ready_specs(4, crate::Affinity::None),
-            crate::pool::SchedulerConfig::default(),
+            crate::scheduler::SchedulerConfig::default(),
         );
         for p in &st.pools {
             p.ready.store(true, Ordering::SeqCst);

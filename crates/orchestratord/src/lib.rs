@@ -53,12 +53,15 @@ pub mod openai;
 pub mod openai_stream;
 pub mod pool;
 pub mod responses;
+pub mod runner;
+pub mod scheduler;
 pub mod tasks;
 pub mod tools;
 
 pub use config::{Config, ListenArgs, ServeError};
 pub use link::{EngineInfo, EngineLink, HandoffLink, LinkState, LoadContext, LoadRefusal};
-pub use pool::{Affinity, Pool, PoolPolicy, PoolSpec, SchedulerConfig};
+pub use pool::{Affinity, Pool, PoolPolicy, PoolSpec};
+pub use scheduler::SchedulerConfig;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -71,7 +74,7 @@ pub struct AppState {
     pub cfg: Config,
     /// The pools, in the order they were given (the first is the default).
     pub pools: Vec<Arc<pool::Pool>>,
-    pub sched_cfg: pool::SchedulerConfig,
+    pub sched_cfg: scheduler::SchedulerConfig,
     pub http: reqwest::Client,
     /// Draining or stopped: no new tasks.
     pub stopping: AtomicBool,
@@ -89,7 +92,7 @@ pub struct AppState {
 pub type Shared = Arc<AppState>;
 
 impl AppState {
-    pub fn new(cfg: Config, pools: Vec<PoolSpec>, sched_cfg: pool::SchedulerConfig) -> Shared {
+    pub fn new(cfg: Config, pools: Vec<PoolSpec>, sched_cfg: scheduler::SchedulerConfig) -> Shared {
         Arc::new(AppState {
             cfg,
             pools: pools
@@ -295,7 +298,7 @@ pub async fn start_pools(
             tokio::spawn(tasks::worker(st.clone(), p.clone()));
         }
     }
-    tokio::spawn(pool::scheduler(st.clone()));
+    tokio::spawn(scheduler::run(st.clone()));
     tokio::spawn(tasks::reaper(st.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(st.clone());

@@ -8,7 +8,7 @@
 //!   pool's queue. A pool that loads on demand admits tasks while it is
 //!   unloaded or loading: they wait (bounded by their deadline), they never
 //!   fail because of the load.
-//! * The scheduler ([`scheduler`]) runs every few milliseconds: it unloads a
+//! * The scheduler ([`crate::scheduler::run`]) runs every few milliseconds: it unloads a
 //!   pool that has served nothing for its `idle_unload`, loads an unloaded
 //!   pool with queued tasks, and, when `max_loaded` engines already run,
 //!   first unloads the least recently used idle pool that is not
@@ -29,7 +29,7 @@
 //! * Slots: a batched engine with N slots gets N workers, so up to N tasks
 //!   run on it at once; the rest wait in its queue.
 
-use crate::link::{EngineInfo, EngineLink, LinkState, LoadContext, LoadRefusal};
+use crate::link::{EngineInfo, EngineLink, LinkState};
 use crate::tasks::Queue;
 use crate::Shared;
 use llorch_io::handoff::PoolId;
@@ -152,7 +152,7 @@ pub struct Pool {
     /// polls those (see [`crate::forward`]).
     pub silent_waits: AtomicU64,
     /// A load refusal already logged (so a waiting load logs once).
-    waiting_logged: AtomicBool,
+    pub(crate) waiting_logged: AtomicBool,
     /// When its last tasks finished (at most [`RATE_WINDOW`]): the observed service rate.
     finished: Mutex<std::collections::VecDeque<Instant>>,
 }
@@ -273,7 +273,7 @@ impl Pool {
     }
 
     /// Close the gate and unload, if the pool is idle. False when it is busy.
-    fn try_unload(&self, why: &str) -> bool {
+    pub(crate) fn try_unload(&self, why: &str) -> bool {
         let mut closed = self.gate.lock().unwrap();
         if !self.is_idle() {
             return false;
@@ -287,7 +287,7 @@ impl Pool {
     }
 }
 
-fn state_name(s: &LinkState, ready: bool) -> &'static str {
+pub(crate) fn state_name(s: &LinkState, ready: bool) -> &'static str {
     match s {
         LinkState::Failed(_) => "failed",
         LinkState::Unloaded => "unloaded",
@@ -388,134 +388,6 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
             _ => Duration::from_millis(20),
         };
         tokio::time::sleep(pause).await;
-    }
-}
-
-/// The global knobs of the scheduler.
-#[derive(Clone, Debug, Default)]
-pub struct SchedulerConfig {
-    /// At most this many engines loaded (or loading, or unloading) at once.
-    pub max_loaded: Option<usize>,
-}
-
-/// Load, unload and swap pools (see the module header).
-pub async fn scheduler(st: Shared) {
-    let mut seen: Vec<&'static str> = vec![""; st.pools.len()];
-    loop {
-        if st.stopping.load(Ordering::SeqCst) {
-            return;
-        }
-        let states: Vec<LinkState> = st.pools.iter().map(|p| p.link_state()).collect();
-        for (i, p) in st.pools.iter().enumerate() {
-            let now = state_name(&states[i], p.ready.load(Ordering::SeqCst));
-            if now != seen[i] {
-                if !seen[i].is_empty() {
-                    let extra = match &states[i] {
-                        LinkState::Failed(r) => format!(": {}", r.lines().next().unwrap_or("")),
-                        LinkState::Ready(e) => format!(" ({})", e.url),
-                        _ => String::new(),
-                    };
-                    eprintln!("[pool {}] {} -> {now}{extra}", p.id, seen[i]);
-                }
-                if now == "ready" {
-                    if let Some(t0) = p.loading_since.lock().unwrap().take() {
-                        p.last_load_ms
-                            .store(t0.elapsed().as_millis() as u64, Ordering::Relaxed);
-                    }
-                }
-                if now == "unloaded" {
-                    *p.gate.lock().unwrap() = false;
-                    p.loading_since.lock().unwrap().take();
-                }
-                seen[i] = now;
-            }
-        }
-        // Idle unload.
-        for (i, p) in st.pools.iter().enumerate() {
-            let Some(idle) = p.policy.idle_unload else {
-                continue;
-            };
-            if p.link.loads_on_demand()
-                && !p.policy.keep_loaded
-                && matches!(states[i], LinkState::Ready(_))
-                && p.idle_for() >= idle
-            {
-                p.try_unload(&format!("idle for {} s", idle.as_secs_f64()));
-            }
-        }
-        // Loads on demand, making room under max_loaded.
-        // Updated as this round decides, so two loads in one round count each other.
-        let mut states: Vec<LinkState> = st.pools.iter().map(|p| p.link_state()).collect();
-        let unloads_in_flight = states.contains(&LinkState::Unloading);
-        for (i, p) in st.pools.iter().enumerate() {
-            if states[i] != LinkState::Unloaded || p.queue.is_empty() || !p.link.loads_on_demand() {
-                continue;
-            }
-            let loaded = states
-                .iter()
-                .filter(|s| !matches!(s, LinkState::Unloaded | LinkState::Failed(_)))
-                .count();
-            if st.sched_cfg.max_loaded.is_some_and(|m| loaded >= m) {
-                let victim = st
-                    .pools
-                    .iter()
-                    .enumerate()
-                    .filter(|(j, q)| {
-                        *j != i
-                            && matches!(states[*j], LinkState::Ready(_))
-                            && !q.policy.keep_loaded
-                            && q.link.loads_on_demand()
-                            && q.is_idle()
-                    })
-                    .max_by_key(|(_, q)| q.idle_for())
-                    .map(|(j, q)| (j, q.clone()));
-                if let Some((j, v)) = victim {
-                    if v.try_unload(&format!("making room for pool {}", p.id)) {
-                        states[j] = LinkState::Unloading;
-                    }
-                }
-                // Load once the victim is down (next rounds).
-                continue;
-            }
-            let (pool, ctx) = (p.clone(), LoadContext { unloads_in_flight });
-            let t0 = Instant::now();
-            let r = tokio::task::spawn_blocking(move || pool.link.load(&ctx))
-                .await
-                .unwrap_or_else(|e| Err(LoadRefusal::Fail(format!("load panicked: {e}"))));
-            match r {
-                Ok(()) => {
-                    let call_ms = t0.elapsed().as_millis() as u64;
-                    p.last_load_call_ms.store(call_ms, Ordering::Relaxed);
-                    states[i] = LinkState::Starting;
-                    p.waiting_logged.store(false, Ordering::Relaxed);
-                    p.loads.fetch_add(1, Ordering::Relaxed);
-                    *p.loading_since.lock().unwrap() = Some(t0);
-                    *p.gate.lock().unwrap() = false;
-                    eprintln!(
-                        "[pool {}] loading ({} task(s) waiting; probe and start took {call_ms} ms)",
-                        p.id,
-                        p.queue.len()
-                    );
-                }
-                Err(LoadRefusal::Wait(why)) => {
-                    if !p.waiting_logged.swap(true, Ordering::Relaxed) {
-                        eprintln!("[pool {}] waiting to load: {why}", p.id);
-                    }
-                }
-                Err(LoadRefusal::Fail(why)) => {
-                    p.waiting_logged.store(false, Ordering::Relaxed);
-                    eprintln!("[pool {}] cannot load: {why}", p.id);
-                    crate::tasks::fail_queued(&st, p, "POOL_LOAD_FAILED", &why, false);
-                }
-            }
-        }
-        // While a load or an unload is under way, look every 2 ms (a swap waits on both).
-        let busy = st.pools.iter().any(|p| {
-            p.loading_since.lock().unwrap().is_some() || p.link_state() == LinkState::Unloading
-        });
-        let n = st.sched.notified();
-        let pause = Duration::from_millis(if busy { 2 } else { 10 });
-        tokio::select! { _ = n => {}, _ = tokio::time::sleep(pause) => {} }
     }
 }
 

@@ -324,7 +324,7 @@ pub async fn worker(st: Arc<AppState>, pool: Arc<Pool>) {
         }
         pool.touch();
         let t0 = Instant::now();
-        crate::adapter::run_task(&st, &task).await;
+        crate::runner::run_task(&st, &task).await;
         pool.touch();
         pool.record_finished();
         pool.running.fetch_sub(1, Ordering::SeqCst);
