@@ -84,15 +84,15 @@ enum BenchSub {
         /// Client counts, one row each
         #[arg(long, value_delimiter = ',', default_value = "1,4,16,64")]
         clients: Vec<usize>,
-        /// Exact single-slot engines serving the pool
+        /// Engines serving the pool (exact: one slot each; batched: --slots each)
         #[arg(long)]
-        replicas: Option<u32>,
+        replicas: Option<llorch_profile::Count>,
         /// exact or batched
         #[arg(long)]
         mode: Option<llorch_profile::Mode>,
-        /// Slots of the batched engine
+        /// Slots of each batched engine
         #[arg(long)]
-        slots: Option<u32>,
+        slots: Option<llorch_profile::Count>,
         /// GPUs for the replicas (round robin)
         #[arg(long, value_delimiter = ',')]
         devices: Vec<u32>,
@@ -103,6 +103,27 @@ enum BenchSub {
         /// Threads of each engine (replaces the profile's; replicas sharing a CPU: cores / replicas)
         #[arg(long)]
         threads: Option<u32>,
+    },
+    /// Sweep slots x engines per device for a batched pool through the orchestrator and print what `slots: auto` / `replicas: auto` would choose; --write records it where auto reads it
+    Tune {
+        #[arg(long, short)]
+        profile: Option<String>,
+        /// Client counts, one row each (auto chooses by the largest)
+        #[arg(long, value_delimiter = ',', default_value = "16,64")]
+        clients: Vec<usize>,
+        /// Slot counts to try (default: 1,2,4 on a CPU; 8,16,32,64 on a GPU)
+        #[arg(long, value_delimiter = ',')]
+        slots: Vec<u32>,
+        /// Engines per device to try (default: 1 on a CPU; 1,2,4 on a GPU)
+        #[arg(long, value_delimiter = ',')]
+        replicas: Vec<u32>,
+        #[arg(long, default_value_t = 3)]
+        runs: usize,
+        #[arg(long, default_value_t = 256)]
+        max_tokens: u32,
+        /// Record the table in the cache, where `auto` reads it
+        #[arg(long)]
+        write: bool,
     },
     /// Many concurrent streaming clients (short, long, 10 % disconnecting) against a batched pool: every stream ends once, refusals are 429, nothing is left
     Soak {
@@ -191,6 +212,26 @@ impl BenchCmd {
                     runs: *runs,
                     max_tokens: *max_tokens,
                     threads: *threads,
+                },
+            )?,
+            BenchSub::Tune {
+                profile,
+                clients,
+                slots,
+                replicas,
+                runs,
+                max_tokens,
+                write,
+            } => llorch_bench::tune::bench_tune(
+                ctx,
+                &llorch_bench::tune::TuneArgs {
+                    profile: profile.as_deref(),
+                    clients,
+                    slots,
+                    replicas,
+                    runs: *runs,
+                    max_tokens: *max_tokens,
+                    write: *write,
                 },
             )?,
             BenchSub::Soak {

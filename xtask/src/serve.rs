@@ -29,15 +29,15 @@ pub struct ServeCmd {
     /// Unload a pool's engine after this many seconds without a task, 0 never (replaces the stack's values)
     #[arg(long)]
     idle_unload_s: Option<u64>,
-    /// Exact engines serving the pool, each one slot (replaces the profile's server.replicas)
+    /// Engines serving the pool (replaces the profile's server.replicas); batched pools: a number or auto
     #[arg(long)]
-    replicas: Option<u32>,
+    replicas: Option<llorch_profile::Count>,
     /// exact (one slot per engine, byte-identical results) or batched (N slots, results depend on load)
     #[arg(long)]
     mode: Option<llorch_profile::Mode>,
-    /// Parallel slots of a batched engine (with --mode batched)
+    /// Parallel slots of a batched engine (with --mode batched): a number or auto
     #[arg(long)]
-    slots: Option<u32>,
+    slots: Option<llorch_profile::Count>,
     /// How requests are spread over replicas: none (fewest queued + running) or prefix
     #[arg(long)]
     affinity: Option<llorch_profile::Affinity>,
@@ -148,8 +148,8 @@ fn image_stack(
                 .parse()
                 .map_err(|e| anyhow::anyhow!("image.json mode: {e}"))?,
         ),
-        slots: Some(ip.slots),
-        replicas: Some(ip.replicas),
+        slots: Some(llorch_profile::Count::Fixed(ip.slots)),
+        replicas: Some(llorch_profile::Count::Fixed(ip.replicas)),
         affinity: Some(
             ip.affinity
                 .parse()

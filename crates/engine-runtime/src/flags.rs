@@ -351,7 +351,7 @@ mod tests {
     fn a_batched_pool_gets_its_slots_continuous_batching_and_their_context() {
         let mut p = profile_with(&[], Backend::Cpu);
         p.file.server.mode = Some(llorch_profile::Mode::Batched);
-        p.file.server.slots = Some(4);
+        p.file.server.slots = Some(llorch_profile::Count::Fixed(4));
         let f = server_flags(&p).unwrap().join(" ");
         for want in ["--parallel 4", "--cont-batching", "--ctx-size 8192"] {
             assert!(f.contains(want), "{want} missing from {f}");
@@ -360,7 +360,7 @@ mod tests {
         assert!(!f.contains("--no-cache-prompt"), "{f}");
         // Replicas change nothing in one engine's flags.
         let mut p = profile_with(&[], Backend::Cpu);
-        p.file.server.replicas = Some(3);
+        p.file.server.replicas = Some(llorch_profile::Count::Fixed(3));
         assert_eq!(
             server_flags(&p).unwrap(),
             server_flags(&profile_with(&[], Backend::Cpu)).unwrap()

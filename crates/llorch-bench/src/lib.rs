@@ -17,6 +17,7 @@ pub mod load;
 pub mod openai;
 pub mod pools;
 pub mod single;
+pub mod tune;
 
 use anyhow::{bail, Context, Result};
 use llorch_io::cmd::Cmd;

@@ -21,7 +21,7 @@ use anyhow::{Context, Result};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use llorch_profile::stack::{LoadPolicy, Stack, StackPool};
-use llorch_profile::{Concurrency, ConcurrencyKeys, Mode};
+use llorch_profile::{Concurrency, ConcurrencyKeys, Count, Mode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -86,13 +86,13 @@ async fn stream_one(http: &reqwest::Client, url: &str, body: &Value) -> Req {
 }
 
 /// Aggregate figures of one wave of `clients` concurrent requests.
-struct Wave {
-    tok_per_s: f64,
-    ttft: Vec<f64>,
-    gaps: Vec<f64>,
+pub(crate) struct Wave {
+    pub tok_per_s: f64,
+    pub ttft: Vec<f64>,
+    pub gaps: Vec<f64>,
     /// The slowest client's tokens/s over the median client's (1: all served alike).
-    fairness: f64,
-    errors: usize,
+    pub fairness: f64,
+    pub errors: usize,
 }
 
 /// The slowest client's tokens/s over the median client's, of the clients
@@ -110,7 +110,7 @@ fn fairness(reqs: &[Req]) -> f64 {
     slowest / median(&mut rates)
 }
 
-async fn wave(
+pub(crate) async fn wave(
     http: &reqwest::Client,
     targets: &[(String, Value)],
     clients: usize,
@@ -145,7 +145,7 @@ async fn wave(
 }
 
 /// The profile's one pool, its concurrency replaced by the flags.
-fn load_stack(
+pub(crate) fn load_stack(
     ctx: &Ctx,
     profile: Option<&str>,
     keys: ConcurrencyKeys,
@@ -192,7 +192,7 @@ fn load_stack(
 }
 
 /// The stack's pool behind an orchestrator on a free loopback port.
-async fn start(
+pub(crate) async fn start(
     ctx: &Ctx,
     stack: &Stack,
     queue_capacity: usize,
@@ -416,8 +416,8 @@ pub fn bench_soak(
     }
     let keys = ConcurrencyKeys {
         mode: Some(Mode::Batched),
-        slots: Some(slots),
-        replicas: Some(1),
+        slots: Some(Count::Fixed(slots)),
+        replicas: Some(Count::Fixed(1)),
         affinity: None,
     };
     let (stack, _) = load_stack(ctx, profile, keys, &[], None, "soak")?;

@@ -147,6 +147,15 @@ pub fn build(
             fs_err::read(&prof.path).map_err(llorch_io::io("read a profile for the image"))?;
         let profile_rel = format!("requirements/{}.yaml", p.id);
         let c = p.concurrency;
+        if c.auto.any() {
+            // Chosen on the machine that serves, from its memory: an image
+            // records the counts it serves with.
+            return Err(DeployError::BadName {
+                key: "slots".into(),
+                value: "auto".into(),
+                why: format!("pool `{}` leaves slots or replicas to auto; an image needs them named (bench tune on the target says which)", p.id),
+            });
+        }
         pools.push(ImagePool {
             id: p.id.to_string(),
             profile: profile_rel.clone(),

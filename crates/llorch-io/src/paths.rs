@@ -223,6 +223,8 @@ pub enum Bucket {
     Locks,
     /// `run/`: `<pool>.pid` run records and engine logs (owner: engine-runtime)
     Run,
+    /// `tune-v1/`: what `bench tune --write` measured, read by `slots: auto` (owner: llorch-stack::auto)
+    Tune,
 }
 
 impl Bucket {
@@ -237,6 +239,7 @@ impl Bucket {
             Bucket::Downloads => "downloads",
             Bucket::Locks => "locks",
             Bucket::Run => "run",
+            Bucket::Tune => "tune-v1",
         }
     }
 }

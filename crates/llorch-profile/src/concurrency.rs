@@ -11,6 +11,9 @@
 //!   the same request can give different text under different load.
 //! * `affinity: prefix` sends requests whose prompts share a prefix to the
 //!   same replica while its load stays within a bound.
+//! * `slots: auto` and `replicas: auto` (batched pools) are chosen when the
+//!   pool starts, from the memory the device has, the model and its KV cache
+//!   per slot, and what `bench tune` measured (`llorch_stack::auto`).
 
 use serde::{Deserialize, Serialize};
 
@@ -79,14 +82,100 @@ impl Affinity {
     }
 }
 
+/// A count as written: a number, or `auto` (chosen when the pool starts).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Count {
+    Fixed(u32),
+    Auto,
+}
+
+impl std::str::FromStr for Count {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Count, String> {
+        match s {
+            "auto" => Ok(Count::Auto),
+            n => n
+                .parse::<u32>()
+                .map(Count::Fixed)
+                .map_err(|_| "expected a positive number or `auto`".into()),
+        }
+    }
+}
+
+impl std::fmt::Display for Count {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Count::Fixed(n) => write!(f, "{n}"),
+            Count::Auto => f.write_str("auto"),
+        }
+    }
+}
+
+impl Serialize for Count {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        match self {
+            Count::Fixed(n) => s.serialize_u32(*n),
+            Count::Auto => s.serialize_str("auto"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Count {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = Count;
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a positive number or `auto`")
+            }
+            fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<Count, E> {
+                u32::try_from(v)
+                    .map(Count::Fixed)
+                    .map_err(|_| E::custom(format!("{v} is too large")))
+            }
+            fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<Count, E> {
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is negative: a positive number or `auto`")))
+                    .and_then(|v| self.visit_u64(v))
+            }
+            fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<Count, E> {
+                match v {
+                    "auto" => Ok(Count::Auto),
+                    _ => Err(E::custom(format!(
+                        "`{}`: a positive number or `auto`",
+                        llorch_io::handoff::excerpt(v, 32)
+                    ))),
+                }
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+/// Which counts are still to be chosen when the pool starts (`auto`).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Auto {
+    pub slots: bool,
+    pub replicas: bool,
+}
+
+impl Auto {
+    pub fn any(self) -> bool {
+        self.slots || self.replicas
+    }
+}
+
 /// The resolved concurrency of a pool.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Concurrency {
     pub mode: Mode,
-    /// Parallel slots of each engine (1 in exact mode).
+    /// Parallel slots of each engine (1 in exact mode; 1 until chosen when `auto.slots`).
     pub slots: u32,
+    /// Engines of the pool (1 until chosen when `auto.replicas`).
     pub replicas: u32,
     pub affinity: Affinity,
+    /// Counts written as `auto`, chosen when the pool starts.
+    pub auto: Auto,
 }
 
 impl Default for Concurrency {
@@ -96,6 +185,20 @@ impl Default for Concurrency {
             slots: 1,
             replicas: 1,
             affinity: Affinity::None,
+            auto: Auto::default(),
+        }
+    }
+}
+
+impl Concurrency {
+    /// The keys that give this concurrency again (`auto` where it was).
+    pub fn keys(self) -> ConcurrencyKeys {
+        let count = |auto: bool, n: u32| if auto { Count::Auto } else { Count::Fixed(n) };
+        ConcurrencyKeys {
+            mode: Some(self.mode),
+            slots: Some(count(self.auto.slots, self.slots)),
+            replicas: Some(count(self.auto.replicas, self.replicas)),
+            affinity: Some(self.affinity),
         }
     }
 }
@@ -104,8 +207,8 @@ impl Default for Concurrency {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ConcurrencyKeys {
     pub mode: Option<Mode>,
-    pub slots: Option<u32>,
-    pub replicas: Option<u32>,
+    pub slots: Option<Count>,
+    pub replicas: Option<Count>,
     pub affinity: Option<Affinity>,
 }
 
@@ -123,9 +226,16 @@ impl ConcurrencyKeys {
     /// Check and resolve; an error names the key (`slots`, `replicas`, …) and says why.
     pub fn resolve(self) -> Result<Concurrency, (&'static str, String)> {
         let mode = self.mode.unwrap_or_default();
+        let mut auto = Auto::default();
         let slots = match (mode, self.slots) {
-            (Mode::Exact, None | Some(1)) => 1,
-            (Mode::Exact, Some(n)) => {
+            (Mode::Exact, None | Some(Count::Fixed(1))) => 1,
+            (Mode::Exact, Some(Count::Auto)) => {
+                return Err((
+                    "slots",
+                    "slots: auto needs mode: batched (an exact engine has one slot)".into(),
+                ))
+            }
+            (Mode::Exact, Some(Count::Fixed(n))) => {
                 return Err((
                     "slots",
                     format!("slots is {n} but mode is exact (one slot per engine, so results never depend on load); set mode: batched for {n} slots in one engine, or replicas: {n} for exact concurrency"),
@@ -134,12 +244,16 @@ impl ConcurrencyKeys {
             (Mode::Batched, None) => {
                 return Err((
                     "slots",
-                    "mode: batched needs slots: N (parallel sequences in the one engine, e.g. 4)"
+                    "mode: batched needs slots: N (parallel sequences in the one engine, e.g. 4) or slots: auto"
                         .into(),
                 ))
             }
-            (Mode::Batched, Some(n)) if (1..=MAX_SLOTS).contains(&n) => n,
-            (Mode::Batched, Some(n)) => {
+            (Mode::Batched, Some(Count::Auto)) => {
+                auto.slots = true;
+                1
+            }
+            (Mode::Batched, Some(Count::Fixed(n))) if (1..=MAX_SLOTS).contains(&n) => n,
+            (Mode::Batched, Some(Count::Fixed(n))) => {
                 return Err((
                     "slots",
                     format!("slots is {n}; it must be from 1 to {MAX_SLOTS}"),
@@ -148,8 +262,18 @@ impl ConcurrencyKeys {
         };
         let replicas = match self.replicas {
             None => 1,
-            Some(k) if (1..=MAX_REPLICAS).contains(&k) => k,
-            Some(k) => {
+            Some(Count::Auto) if mode == Mode::Batched => {
+                auto.replicas = true;
+                1
+            }
+            Some(Count::Auto) => {
+                return Err((
+                    "replicas",
+                    "replicas: auto needs mode: batched (exact replicas pay off one per device: name how many)".into(),
+                ))
+            }
+            Some(Count::Fixed(k)) if (1..=MAX_REPLICAS).contains(&k) => k,
+            Some(Count::Fixed(k)) => {
                 return Err((
                     "replicas",
                     format!("replicas is {k}; it must be from 1 to {MAX_REPLICAS}"),
@@ -161,6 +285,7 @@ impl ConcurrencyKeys {
             slots,
             replicas,
             affinity: self.affinity.unwrap_or_default(),
+            auto,
         })
     }
 }
@@ -171,6 +296,7 @@ pub const STACKED_REPLICAS_COST: &str = "measured on one H200, four single-slot 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use Count::{Auto as A, Fixed as F};
 
     #[test]
     fn defaults_are_one_exact_slot_and_bad_values_name_their_key() {
@@ -184,22 +310,49 @@ mod tests {
             replicas,
             affinity: None,
         };
-        let b = k(Some(Mode::Batched), Some(4), None).resolve().unwrap();
+        let b = k(Some(Mode::Batched), Some(F(4)), None).resolve().unwrap();
         assert_eq!((b.mode, b.slots, b.replicas), (Mode::Batched, 4, 1));
         for (keys, key) in [
-            (k(None, Some(4), None), "slots"),
+            (k(None, Some(F(4)), None), "slots"),
             (k(Some(Mode::Batched), None, None), "slots"),
-            (k(Some(Mode::Batched), Some(0), None), "slots"),
-            (k(Some(Mode::Batched), Some(MAX_SLOTS + 1), None), "slots"),
-            (k(None, None, Some(0)), "replicas"),
-            (k(None, None, Some(MAX_REPLICAS + 1)), "replicas"),
+            (k(Some(Mode::Batched), Some(F(0)), None), "slots"),
+            (
+                k(Some(Mode::Batched), Some(F(MAX_SLOTS + 1)), None),
+                "slots",
+            ),
+            (k(None, None, Some(F(0))), "replicas"),
+            (k(None, None, Some(F(MAX_REPLICAS + 1))), "replicas"),
+            (k(None, Some(A), None), "slots"),
+            (k(None, None, Some(A)), "replicas"),
         ] {
             assert_eq!(keys.resolve().unwrap_err().0, key, "{keys:?}");
         }
         // The stack's value wins over the profile's.
-        let stack = k(None, None, Some(2));
-        let profile = k(Some(Mode::Batched), Some(8), Some(4));
+        let stack = k(None, None, Some(F(2)));
+        let profile = k(Some(Mode::Batched), Some(F(8)), Some(F(4)));
         let r = stack.over(profile).resolve().unwrap();
         assert_eq!((r.mode, r.slots, r.replicas), (Mode::Batched, 8, 2));
+        // `auto` is kept to be chosen at start, and survives a round trip.
+        let a = k(Some(Mode::Batched), Some(A), Some(A)).resolve().unwrap();
+        assert_eq!(
+            a.auto,
+            super::Auto {
+                slots: true,
+                replicas: true
+            }
+        );
+        assert_eq!(a.keys().resolve().unwrap(), a);
+    }
+
+    #[test]
+    fn counts_read_as_numbers_or_auto_and_nothing_else() {
+        let read = |y: &str| serde_saphyr::from_str::<Count>(y);
+        assert_eq!(read("4").unwrap(), F(4));
+        assert_eq!(read("auto").unwrap(), A);
+        for bad in ["-1", "\"4\"", "Auto", "4294967296", "1.5", "[]"] {
+            assert!(read(bad).is_err(), "{bad}");
+        }
+        assert_eq!("auto".parse::<Count>().unwrap(), A);
+        assert!("-3".parse::<Count>().is_err());
     }
 }

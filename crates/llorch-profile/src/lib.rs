@@ -11,7 +11,7 @@ pub mod stack;
 pub use pins::*;
 pub use spec::*;
 
-pub use concurrency::{Affinity, Concurrency, ConcurrencyKeys, Mode};
+pub use concurrency::{Affinity, Auto, Concurrency, ConcurrencyKeys, Count, Mode};
 
 use std::collections::BTreeMap;
 

@@ -3,7 +3,7 @@
 //! the model, the server flags and the haiku proof's options. Validation
 //! that needs several fields at once is `Profile::resolve`'s.
 
-use crate::{Affinity, Concurrency, ConcurrencyKeys, Mode, PoolId};
+use crate::{Affinity, Concurrency, ConcurrencyKeys, Count, Mode, PoolId};
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]
@@ -159,10 +159,10 @@ pub struct ServerSpec {
     pub mode: Option<Mode>,
     /// Parallel slots of a batched engine.
     #[serde(default)]
-    pub slots: Option<u32>,
+    pub slots: Option<Count>,
     /// Engines of the same build, model and flags serving the pool.
     #[serde(default)]
-    pub replicas: Option<u32>,
+    pub replicas: Option<Count>,
     /// How requests are spread over replicas (`none` or `prefix`).
     #[serde(default)]
     pub affinity: Option<Affinity>,
@@ -212,10 +212,11 @@ impl ServerSpec {
 
     /// Set the keys (a stack file's values, already resolved).
     pub fn set_concurrency(&mut self, c: Concurrency) {
-        self.mode = Some(c.mode);
-        self.slots = Some(c.slots);
-        self.replicas = Some(c.replicas);
-        self.affinity = Some(c.affinity);
+        let k = c.keys();
+        self.mode = k.mode;
+        self.slots = k.slots;
+        self.replicas = k.replicas;
+        self.affinity = k.affinity;
     }
 }
 

@@ -24,7 +24,7 @@
 //! Strict like profiles: unknown keys are errors, values are range-checked,
 //! every error names the file and the key.
 
-use crate::concurrency::{Concurrency, ConcurrencyKeys, STACKED_REPLICAS_COST};
+use crate::concurrency::{Concurrency, ConcurrencyKeys, Count, STACKED_REPLICAS_COST};
 use crate::{invalid_at, parse_yaml, Affinity, ConfigError, Mode, PoolId, Profile};
 use serde::Deserialize;
 use std::path::Path;
@@ -73,9 +73,9 @@ pub struct PoolEntry {
     #[serde(default)]
     pub mode: Option<Mode>,
     #[serde(default)]
-    pub slots: Option<u32>,
+    pub slots: Option<Count>,
     #[serde(default)]
-    pub replicas: Option<u32>,
+    pub replicas: Option<Count>,
     #[serde(default)]
     pub affinity: Option<Affinity>,
     /// Each replica's GPUs (one list per replica).
@@ -122,6 +122,14 @@ pub fn place_replicas(
     explicit: Option<&Vec<Vec<u32>>>,
 ) -> Result<Placement, (&'static str, String)> {
     let k = c.replicas as usize;
+    if c.auto.replicas && explicit.is_some() {
+        return Err((
+            "replica_devices",
+            format!(
+                "pool `{pool}`: replica_devices needs a number of replicas, not replicas: auto"
+            ),
+        ));
+    }
     let placed: Vec<Vec<u32>> = match explicit {
         Some(_) if !cuda => {
             return Err((

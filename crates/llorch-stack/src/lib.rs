@@ -13,6 +13,8 @@
 //! `serve`, `engine up --foreground`, `haiku` and `bench` supervise (the engine
 //! is restarted when it crashes or hangs and dies with the command).
 
+pub mod auto;
+pub mod auto_table;
 pub mod link;
 pub mod prepare;
 pub mod provision;

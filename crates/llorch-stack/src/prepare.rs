@@ -21,6 +21,8 @@ pub enum ProvisionError {
     NotUtf8(#[from] llorch_io::paths::NotUtf8),
     #[error("profile {profile} asks for {replicas} replicas; `provision` starts one detached engine per pool\n  hint: run `cargo xtask serve --profile {profile}`, which supervises every replica, or set server.replicas: 1")]
     Replicas { profile: String, replicas: u32 },
+    #[error("profile {profile} leaves slots or replicas to `auto`, which `serve` chooses when the pool starts; `provision` starts one engine as written\n  hint: run `cargo xtask serve --profile {profile}`, or name the counts")]
+    Auto { profile: String },
 }
 
 pub struct Prepared {

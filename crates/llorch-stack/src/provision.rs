@@ -50,7 +50,13 @@ pub fn provision(
 ) -> Result<ProvisionOutcome, ProvisionError> {
     let started = Instant::now();
     let quiet = opts.quiet;
-    let replicas = profile.concurrency().replicas;
+    let c = profile.concurrency();
+    if c.auto.any() {
+        return Err(crate::prepare::ProvisionError::Auto {
+            profile: profile.name.clone(),
+        });
+    }
+    let replicas = c.replicas;
     if replicas > 1 {
         return Err(crate::prepare::ProvisionError::Replicas {
             profile: profile.name.clone(),

@@ -144,7 +144,10 @@ pub async fn start_pools(
     for p in &stack.pools {
         let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
         let prebuilt = opts.prebuilt.clone();
-        let Prepared { engine: prep, .. } = tokio::task::spawn_blocking(move || {
+        let Prepared {
+            engine: mut prep,
+            build,
+        } = tokio::task::spawn_blocking(move || {
             prepare::prepare(
                 &prof,
                 &id,
@@ -158,7 +161,26 @@ pub async fn start_pools(
         })
         .await
         .map_err(|e| StackError::Other(e.to_string()))??;
-        let c = p.concurrency;
+        let mut c = p.concurrency;
+        let mut auto_why = None;
+        if c.auto.any() {
+            let (choice, prof) = choose_auto(p, layout, &prep, opts).await?;
+            c.slots = choice.slots;
+            c.replicas = choice.replicas;
+            c.auto = Default::default();
+            let mut prof = prof;
+            prof.file.server.set_concurrency(c);
+            // The engine's flags follow the chosen slot count (`--parallel`).
+            prep = lifecycle::prepare(
+                &prof,
+                &p.id,
+                &build.binary,
+                &build.fingerprint,
+                &build.version,
+                prep.model.clone(),
+            )?;
+            auto_why = Some(choice.why);
+        }
         let idle = match opts.idle_unload_s {
             Some(0) => None,
             Some(s) => Some(s),
@@ -228,6 +250,7 @@ pub async fn start_pools(
                     Vec::new()
                 },
                 link: Box::new(link.clone()),
+                auto: auto_why.clone(),
                 policy: PoolPolicy {
                     lazy: !eager,
                     idle_unload: idle
@@ -327,8 +350,35 @@ pub async fn start_pools(
     Ok(Stack { server, links })
 }
 
+/// Choose a pool's `auto` counts (printed unless quiet) and return the
+/// choice with the pool's profile to apply it to.
+async fn choose_auto(
+    p: &llorch_profile::stack::StackPool,
+    layout: &Layout,
+    prep: &engine_runtime::flags::PreparedEngine,
+    opts: &PoolsOptions,
+) -> Result<(crate::auto::Choice, Profile), StackError> {
+    let (pool, l, pr, probe) = (p.clone(), layout.clone(), prep.clone(), opts.probe.clone());
+    let (choice, warning) =
+        tokio::task::spawn_blocking(move || crate::auto::resolve(&l, &pool, &pr, &probe))
+            .await
+            .map_err(|e| StackError::Other(e.to_string()))??;
+    if !opts.quiet {
+        if let Some(w) = warning {
+            eprintln!("warning: pool {}: {w}", p.id);
+        }
+        eprintln!(
+            "pool {}: auto chose {} slots x {} engine(s): {}",
+            p.id, choice.slots, choice.replicas, choice.why
+        );
+    }
+    Ok((choice, p.profile.clone()))
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum StackError {
+    #[error(transparent)]
+    Auto(#[from] crate::auto::AutoError),
     #[error(transparent)]
     Provision(#[from] prepare::ProvisionError),
     #[error(transparent)]

@@ -480,3 +480,65 @@ async fn prefix_affinity_keeps_a_prefix_on_one_replica_within_its_bound_and_a_fu
     }
     ps.stop(Duration::from_secs(5)).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn slots_auto_fits_the_machine_then_follows_a_recorded_tune_table_and_ignores_a_tampered_one()
+{
+    use llorch_stack::{auto, auto_table};
+    let _t = TURN.lock().await;
+    let yaml = "schema: 1\npools:\n  - id: {a}\n    profile: cpu\n    mode: batched\n    slots: auto\n    replicas: auto\n";
+    let a = id("auto-a");
+    // No table: one engine, one slot per core.
+    let ps = start("auto", yaml, None).await;
+    let base = ps.orchestrator_url();
+    let dev = auto::measure_device(false, &[], &Default::default()).unwrap();
+    let p = pool_caps(&caps(&base).await, &a);
+    assert_eq!(p["slots"], dev.cores.min(auto::MAX_AUTO_SLOTS), "{p}");
+    assert_eq!(p["replicas"].as_array().unwrap().len(), 1, "{p}");
+    assert!(p["auto"].as_str().unwrap().contains("no tune table"), "{p}");
+    let fp = p["fingerprint"].as_str().unwrap().to_string();
+    let md = p["model"]["digest"].as_str().unwrap().to_string();
+    ps.stop(Duration::from_secs(5)).await;
+    // A table recorded for this engine, model and device chooses (3 slots,
+    // which no rule without it would give here); removed when the test ends.
+    let path = auto_table::table_path(&test_support::workspace_layout(), &fp, &md, &dev);
+    struct Remove(std::path::PathBuf);
+    impl Drop for Remove {
+        fn drop(&mut self) {
+            let _ = fs_err::remove_file(&self.0);
+        }
+    }
+    let _rm = Remove(path.clone());
+    let row = |slots, replicas, tok_per_s| auto_table::TuneRow {
+        slots,
+        replicas,
+        clients: 4,
+        tok_per_s,
+        ttft_ms_p99: 100.0,
+        fairness: 1.0,
+    };
+    let table =
+        auto_table::TuneTable::new(&fp, &md, &dev, 16, vec![row(3, 1, 90.0), row(1, 2, 40.0)]);
+    auto_table::write_table(&path, &table).unwrap();
+    let ps = start("auto", yaml, None).await;
+    let p = pool_caps(&caps(&ps.orchestrator_url()).await, &a);
+    assert_eq!(p["slots"], 3, "{p}");
+    assert!(
+        p["auto"]
+            .as_str()
+            .unwrap()
+            .contains("measured by bench tune"),
+        "{p}"
+    );
+    // The engine runs with the slots chosen (`--parallel 3`).
+    assert_eq!(ps.link(&a).unwrap().base.slots, 3);
+    ps.stop(Duration::from_secs(5)).await;
+    // The same table edited by hand is not trusted.
+    let mut edited = table.clone();
+    edited.rows[0].slots = 5;
+    auto_table::write_table(&path, &edited).unwrap();
+    let ps = start("auto", yaml, None).await;
+    let p = pool_caps(&caps(&ps.orchestrator_url()).await, &a);
+    assert_eq!(p["slots"], dev.cores.min(auto::MAX_AUTO_SLOTS), "{p}");
+    ps.stop(Duration::from_secs(5)).await;
+}

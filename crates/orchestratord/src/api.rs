@@ -325,6 +325,7 @@ fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
         "slots": p.slots,
         "capacity": p.slots * members.len(),
         "affinity": p.affinity.as_str(),
+        "auto": p.auto,
         "replicas": replicas,
         "queue_depth": sum(&|m| m.queue.len() as u64),
         "running": sum(&|m| m.running.load(Ordering::SeqCst)),

@@ -87,6 +87,8 @@ pub struct PoolSpec {
     /// What the engine will be (build, model, flags; no URL yet), known before
     /// it loads: capabilities and `system_fingerprint` of an unloaded pool.
     pub engine: Option<EngineInfo>,
+    /// How `slots: auto` / `replicas: auto` were chosen (shown in capabilities).
+    pub auto: Option<String>,
 }
 
 impl PoolSpec {
@@ -101,6 +103,7 @@ impl PoolSpec {
             link,
             policy: PoolPolicy::default(),
             engine: None,
+            auto: None,
         }
     }
 }
@@ -115,6 +118,8 @@ pub struct Pool {
     pub affinity: Affinity,
     pub aliases: Vec<String>,
     pub policy: PoolPolicy,
+    /// How `auto` counts were chosen, if any were.
+    pub auto: Option<String>,
     pub link: Box<dyn EngineLink>,
     /// The link says Ready and the engine's `/health` answered 200.
     pub ready: AtomicBool,
@@ -168,6 +173,7 @@ impl Pool {
             replica: spec.replica,
             slots: spec.slots.max(1),
             affinity: spec.affinity,
+            auto: spec.auto,
             aliases: spec.aliases,
             policy: spec.policy,
             link: spec.link,

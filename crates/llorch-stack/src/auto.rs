@@ -1,0 +1,434 @@
+//! `slots: auto` and `replicas: auto`: a batched pool's slot count and
+//! engines per device, chosen when the pool starts.
+//!
+//! The rule, in order:
+//! 1. Memory decides what can run at all: an engine needs the model file,
+//!    `slots` × the KV cache of one slot (each slot keeps its own context of
+//!    `ctx_size` tokens: split KV, F16), and a fixed reserve (CUDA context and
+//!    compute buffers, [`RESERVE_MIB_CUDA`]; [`RESERVE_MIB_CPU`] on a CPU),
+//!    within [`BUDGET_SHARE`] of the device's free memory (a CPU: available
+//!    RAM). A model that does not fit with one slot is refused with the sizes.
+//! 2. A tune table that `cargo xtask bench tune --write` recorded for this
+//!    engine fingerprint, model digest, device and MPS state chooses: the
+//!    measured configuration with the most tokens/s at its largest client
+//!    count (fairness at least [`MIN_FAIRNESS`]) that fits and agrees with
+//!    any count written as a number. A table that cannot be read, whose
+//!    digest does not match its rows, or whose values are out of range is
+//!    ignored with a warning, never trusted.
+//! 3. Without a table: one engine (several engines on one device paid off
+//!    only where they were measured: under MPS, for a small model), and as
+//!    many slots as fit, at most [`MAX_AUTO_SLOTS`] on a GPU and the core
+//!    count on a CPU.
+
+use crate::auto_table::TuneTable;
+use llorch_profile::Concurrency;
+use serde::Serialize;
+
+/// Share of the free memory auto plans with (the rest absorbs what the
+/// estimate does not count).
+pub const BUDGET_SHARE: f64 = 0.9;
+/// MiB each CUDA engine needs besides the model and the KV cache.
+pub const RESERVE_MIB_CUDA: u64 = 768;
+/// MiB each CPU engine needs besides the model and the KV cache.
+pub const RESERVE_MIB_CPU: u64 = 256;
+/// Most slots auto gives one engine without a tune table.
+pub const MAX_AUTO_SLOTS: u32 = 64;
+/// Configurations whose slowest client got less than this share of the
+/// median client's tokens/s are never chosen from a table.
+pub const MIN_FAIRNESS: f64 = 0.8;
+
+/// Where the pool will run, as auto sees it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Device {
+    /// `cpu-<cores>c` or `cuda-sm<cc>-<total MiB>MiB`: part of the table's key.
+    pub name: String,
+    pub cuda: bool,
+    /// MiB auto may plan with (already [`BUDGET_SHARE`] of what is free).
+    pub budget_mib: u64,
+    pub cores: u32,
+    /// An MPS control daemon serves the GPU.
+    pub mps: bool,
+}
+
+/// What one engine of the model needs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct ModelNeeds {
+    pub file_mib: u64,
+    /// KV cache of one slot (`ctx_size` tokens), MiB.
+    pub kv_mib_per_slot: f64,
+}
+
+impl ModelNeeds {
+    /// From the GGUF header's layer and head counts and the context per slot.
+    pub fn of(
+        file_bytes: u64,
+        header: &model_provisioner::gguf::GgufHeader,
+        ctx_size: u32,
+    ) -> Result<ModelNeeds, AutoError> {
+        let arch = header.arch().unwrap_or("llama");
+        let key = |k: &str| format!("{arch}.{k}");
+        let get = |k: &str| header.uint(&key(k));
+        let missing = |k: &str| AutoError::ModelShape(key(k));
+        let layers = get("block_count").ok_or_else(|| missing("block_count"))?;
+        let heads = get("attention.head_count").ok_or_else(|| missing("attention.head_count"))?;
+        let kv_heads = get("attention.head_count_kv").unwrap_or(heads);
+        let head_dim = match get("attention.key_length") {
+            Some(d) => d,
+            None => {
+                let embd = get("embedding_length").ok_or_else(|| missing("embedding_length"))?;
+                embd.checked_div(heads)
+                    .ok_or_else(|| missing("attention.head_count"))?
+            }
+        };
+        // K and V, F16, per token: 2 × layers × kv_heads × head_dim × 2 bytes.
+        let per_token = 4.0 * layers as f64 * kv_heads as f64 * head_dim as f64;
+        let kv = per_token * ctx_size as f64 / (1024.0 * 1024.0);
+        if !kv.is_finite() || kv <= 0.0 {
+            return Err(AutoError::ModelShape(key("attention.head_count_kv")));
+        }
+        Ok(ModelNeeds {
+            file_mib: file_bytes.div_ceil(1024 * 1024),
+            kv_mib_per_slot: kv,
+        })
+    }
+}
+
+/// What auto chose, and why (printed at start, shown in capabilities).
+#[derive(Clone, Debug, PartialEq, Serialize)]
+pub struct Choice {
+    pub slots: u32,
+    pub replicas: u32,
+    pub why: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AutoError {
+    #[error("auto cannot measure the device or model: {0}")]
+    Probe(String),
+    #[error("auto cannot size the pool: the model file has no `{0}` (needed for its KV cache per slot); name slots and replicas")]
+    ModelShape(String),
+    #[error("auto: one engine with one slot needs {need} MiB (model {model} MiB, KV {kv:.0} MiB per slot, reserve {reserve} MiB) but {device} has {budget} MiB to plan with; free memory, lower server.ctx_size, or use a smaller model")]
+    NoRoom {
+        device: String,
+        need: u64,
+        model: u64,
+        kv: f64,
+        reserve: u64,
+        budget: u64,
+    },
+    #[error("auto: {fixed} fixed by the profile or stack, and nothing else fits {device}'s {budget} MiB; lower it or use auto for both")]
+    FixedDoesNotFit {
+        fixed: String,
+        device: String,
+        budget: u64,
+    },
+}
+
+/// MiB one engine of `slots` slots needs.
+fn engine_mib(dev: &Device, m: &ModelNeeds, slots: u32) -> f64 {
+    let reserve = if dev.cuda {
+        RESERVE_MIB_CUDA
+    } else {
+        RESERVE_MIB_CPU
+    };
+    m.file_mib as f64 + slots as f64 * m.kv_mib_per_slot + reserve as f64
+}
+
+/// Whether `replicas` engines of `slots` slots fit the device.
+fn fits(dev: &Device, m: &ModelNeeds, slots: u32, replicas: u32) -> bool {
+    replicas as f64 * engine_mib(dev, m, slots) <= dev.budget_mib as f64
+}
+
+/// Choose the counts `c` leaves to auto.
+pub fn choose(
+    c: &Concurrency,
+    dev: &Device,
+    m: &ModelNeeds,
+    table: Option<&TuneTable>,
+) -> Result<Choice, AutoError> {
+    if !fits(dev, m, 1, 1) {
+        let reserve = if dev.cuda {
+            RESERVE_MIB_CUDA
+        } else {
+            RESERVE_MIB_CPU
+        };
+        return Err(AutoError::NoRoom {
+            device: dev.name.clone(),
+            need: engine_mib(dev, m, 1).ceil() as u64,
+            model: m.file_mib,
+            kv: m.kv_mib_per_slot,
+            reserve,
+            budget: dev.budget_mib,
+        });
+    }
+    let slots_ok = |s: u32| c.auto.slots || s == c.slots;
+    let replicas_ok = |r: u32| c.auto.replicas || r == c.replicas;
+    if let Some(t) = table {
+        let best = t
+            .best_rows()
+            .filter(|r| slots_ok(r.slots) && replicas_ok(r.replicas))
+            .filter(|r| fits(dev, m, r.slots, r.replicas))
+            .max_by(|a, b| a.tok_per_s.total_cmp(&b.tok_per_s));
+        if let Some(r) = best {
+            return Ok(Choice {
+                slots: r.slots,
+                replicas: r.replicas,
+                why: format!(
+                    "measured by bench tune: {:.0} tok/s at {} clients, the best of {} configurations that fit {} ({} MiB)",
+                    r.tok_per_s,
+                    r.clients,
+                    t.best_rows().count(),
+                    dev.name,
+                    dev.budget_mib
+                ),
+            });
+        }
+    }
+    let replicas = if c.auto.replicas { 1 } else { c.replicas };
+    let cap = if dev.cuda {
+        MAX_AUTO_SLOTS
+    } else {
+        dev.cores.clamp(1, MAX_AUTO_SLOTS)
+    };
+    let slots = if c.auto.slots {
+        (1..=cap)
+            .rev()
+            .find(|s| fits(dev, m, *s, replicas))
+            .ok_or_else(|| AutoError::FixedDoesNotFit {
+                fixed: format!("replicas: {replicas}"),
+                device: dev.name.clone(),
+                budget: dev.budget_mib,
+            })?
+    } else if fits(dev, m, c.slots, replicas) {
+        c.slots
+    } else {
+        return Err(AutoError::FixedDoesNotFit {
+            fixed: format!("slots: {}", c.slots),
+            device: dev.name.clone(),
+            budget: dev.budget_mib,
+        });
+    };
+    let bound = if dev.cuda {
+        format!("at most {MAX_AUTO_SLOTS}")
+    } else {
+        format!("one per core ({})", dev.cores)
+    };
+    Ok(Choice {
+        slots,
+        replicas,
+        why: format!(
+            "no tune table for this engine, model and device: one engine{}, slots as many as fit {} MiB ({:.0} MiB of KV each), {bound}; `cargo xtask bench tune --write` measures instead",
+            if c.auto.replicas { " (several engines per device pay off only where measured)" } else { "" },
+            dev.budget_mib,
+            m.kv_mib_per_slot
+        ),
+    })
+}
+
+/// The device a pool's engines will use, measured now: the first of its
+/// `devices` (GPU 0 when it names none) through the GPU probe, or this
+/// machine's available RAM and cores for a CPU pool.
+pub fn measure_device(
+    cuda: bool,
+    devices: &[u32],
+    probe: &llorch_io::gpu::GpuProbe,
+) -> Result<Device, AutoError> {
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get() as u32)
+        .unwrap_or(1);
+    if !cuda {
+        let text =
+            fs_err::read_to_string("/proc/meminfo").map_err(|e| AutoError::Probe(e.to_string()))?;
+        let avail_kib = mem_available_kib(&text)
+            .ok_or_else(|| AutoError::Probe("/proc/meminfo has no MemAvailable line".into()))?;
+        return Ok(Device {
+            name: format!("cpu-{cores}c"),
+            cuda: false,
+            budget_mib: ((avail_kib / 1024) as f64 * BUDGET_SHARE) as u64,
+            cores,
+            mps: false,
+        });
+    }
+    let index = devices.first().copied().unwrap_or(0);
+    let readings = probe.read().map_err(|e| AutoError::Probe(e.to_string()))?;
+    let g = readings
+        .iter()
+        .find(|g| g.index == index)
+        .ok_or_else(|| AutoError::Probe(format!("nvidia-smi lists no GPU {index}")))?;
+    let caps = llorch_io::gpu::compute_caps(&probe.program).unwrap_or_default();
+    let cap = caps
+        .get(index as usize)
+        .map(|c| c.replace('.', ""))
+        .unwrap_or_else(|| "unknown".into());
+    Ok(Device {
+        name: format!("cuda-sm{cap}-{}MiB", g.total_mib),
+        cuda: true,
+        budget_mib: (g.free_mib as f64 * BUDGET_SHARE) as u64,
+        cores,
+        mps: llorch_io::gpu::mps_control_daemon().is_some(),
+    })
+}
+
+/// `MemAvailable` of `/proc/meminfo`, KiB.
+fn mem_available_kib(meminfo: &str) -> Option<u64> {
+    meminfo.lines().find_map(|l| {
+        let rest = l.strip_prefix("MemAvailable:")?;
+        rest.trim().strip_suffix("kB")?.trim().parse().ok()
+    })
+}
+
+/// Choose a pool's `auto` counts for the engine and model `prep` names:
+/// the choice, and a warning when a tune table was found but not used.
+pub fn resolve(
+    layout: &llorch_io::paths::Layout,
+    pool: &llorch_profile::stack::StackPool,
+    prep: &engine_runtime::flags::PreparedEngine,
+    probe: &llorch_io::gpu::GpuProbe,
+) -> Result<(Choice, Option<String>), AutoError> {
+    let cuda = pool.profile.file.engine.backend == llorch_profile::Backend::Cuda;
+    let dev = measure_device(cuda, &pool.devices, probe)?;
+    let bytes = fs_err::metadata(&prep.model.path)
+        .map_err(|e| AutoError::Probe(e.to_string()))?
+        .len();
+    let header = model_provisioner::gguf::read_header(&prep.model.path)
+        .map_err(|e| AutoError::Probe(e.to_string()))?;
+    let needs = ModelNeeds::of(bytes, &header, pool.profile.file.server.ctx_size)?;
+    let path = crate::auto_table::table_path(layout, &prep.fingerprint, &prep.model.digest, &dev);
+    let (table, warning) =
+        crate::auto_table::read_table(&path, &prep.fingerprint, &prep.model.digest, &dev);
+    let choice = choose(&pool.concurrency, &dev, &needs, table.as_ref())?;
+    Ok((choice, warning))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use llorch_profile::{Auto, Mode};
+
+    pub(crate) fn gpu(budget_mib: u64) -> Device {
+        Device {
+            name: "cuda-sm90-81559MiB".into(),
+            cuda: true,
+            budget_mib,
+            cores: 16,
+            mps: true,
+        }
+    }
+
+    fn batched(slots: Option<u32>, replicas: Option<u32>) -> Concurrency {
+        Concurrency {
+            mode: Mode::Batched,
+            slots: slots.unwrap_or(1),
+            replicas: replicas.unwrap_or(1),
+            auto: Auto {
+                slots: slots.is_none(),
+                replicas: replicas.is_none(),
+            },
+            ..Default::default()
+        }
+    }
+
+    const M: ModelNeeds = ModelNeeds {
+        file_mib: 2100,
+        kv_mib_per_slot: 88.0,
+    };
+
+    pub(crate) fn table(rows: &[(u32, u32, f64, f64)]) -> TuneTable {
+        TuneTable::new(
+            "f".repeat(64).as_str(),
+            "m".repeat(64).as_str(),
+            &gpu(0),
+            256,
+            rows.iter()
+                .map(
+                    |&(slots, replicas, tok_per_s, fairness)| crate::auto_table::TuneRow {
+                        slots,
+                        replicas,
+                        clients: 64,
+                        tok_per_s,
+                        ttft_ms_p99: 100.0,
+                        fairness,
+                    },
+                )
+                .collect(),
+        )
+    }
+
+    #[test]
+    fn without_a_table_one_engine_gets_the_slots_that_fit() {
+        let c = choose(&batched(None, None), &gpu(70_000), &M, None).unwrap();
+        assert_eq!((c.slots, c.replicas), (MAX_AUTO_SLOTS, 1));
+        // 2100 + 768 + s × 88 ≤ 4000: s = 12.
+        let c = choose(&batched(None, None), &gpu(4000), &M, None).unwrap();
+        assert_eq!((c.slots, c.replicas), (12, 1));
+        let cpu = Device {
+            name: "cpu-2c".into(),
+            cuda: false,
+            budget_mib: 16_000,
+            cores: 2,
+            mps: false,
+        };
+        let c = choose(&batched(None, None), &cpu, &M, None).unwrap();
+        assert_eq!((c.slots, c.replicas), (2, 1));
+        // A fixed count is kept; the other fits around it.
+        let c = choose(&batched(None, Some(2)), &gpu(8000), &M, None).unwrap();
+        assert_eq!(c.replicas, 2);
+        assert!(2.0 * engine_mib(&gpu(8000), &M, c.slots) <= 8000.0);
+    }
+
+    #[test]
+    fn available_memory_is_read_from_meminfo_strictly() {
+        let m = "MemTotal:       24000000 kB\nMemAvailable:   20000000 kB\n";
+        assert_eq!(mem_available_kib(m), Some(20_000_000));
+        for bad in [
+            "MemTotal: 1 kB\n",
+            "MemAvailable: lots kB\n",
+            "MemAvailable: 5\n",
+        ] {
+            assert_eq!(mem_available_kib(bad), None, "{bad}");
+        }
+        let d = measure_device(false, &[], &llorch_io::gpu::GpuProbe::default()).unwrap();
+        assert!(!d.cuda && d.budget_mib > 0 && d.cores >= 1, "{d:?}");
+        assert!(d.name.starts_with("cpu-"));
+    }
+
+    #[test]
+    fn hostile_sizes_are_refused_with_the_numbers() {
+        for (budget, m) in [
+            (0, M),
+            (2000, M),
+            (
+                70_000,
+                ModelNeeds {
+                    file_mib: 100,
+                    kv_mib_per_slot: 1e12,
+                },
+            ),
+        ] {
+            let e = choose(&batched(None, None), &gpu(budget), &m, None).unwrap_err();
+            assert!(matches!(e, AutoError::NoRoom { .. }), "{e}");
+            assert!(e.to_string().contains("MiB"), "{e}");
+        }
+        let e = choose(&batched(Some(256), Some(64)), &gpu(70_000), &M, None).unwrap_err();
+        assert!(matches!(e, AutoError::FixedDoesNotFit { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_table_chooses_the_best_fair_configuration_that_fits() {
+        let t = table(&[
+            (64, 1, 4000.0, 1.0),
+            (16, 4, 10_500.0, 0.95),
+            (8, 8, 9000.0, 0.99),
+            (32, 2, 12_000.0, 0.5),
+        ]);
+        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t)).unwrap();
+        assert_eq!((c.slots, c.replicas), (16, 4), "{}", c.why);
+        assert!(c.why.contains("10500 tok/s"), "{}", c.why);
+        // Four engines do not fit 10 GB: the best that does.
+        let c = choose(&batched(None, None), &gpu(10_000), &M, Some(&t)).unwrap();
+        assert_eq!((c.slots, c.replicas), (64, 1), "{}", c.why);
+        // A fixed count restricts the rows.
+        let c = choose(&batched(None, Some(8)), &gpu(70_000), &M, Some(&t)).unwrap();
+        assert_eq!((c.slots, c.replicas), (8, 8));
+    }
+}

@@ -1,0 +1,214 @@
+//! The tune table: what `cargo xtask bench tune --write` measured for one
+//! engine fingerprint, model digest, device and MPS state, read by
+//! `slots: auto` / `replicas: auto` ([`crate::auto`]). Read like all
+//! configuration (a regular file of at most 1 MiB) and trusted only when
+//! its digest matches its contents, its key matches, and every value is in
+//! range.
+
+use crate::auto::{Device, MIN_FAIRNESS};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// The tune table's schema.
+pub const TABLE_SCHEMA: u32 = 1;
+
+/// One measured configuration.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneRow {
+    pub slots: u32,
+    pub replicas: u32,
+    pub clients: u32,
+    pub tok_per_s: f64,
+    pub ttft_ms_p99: f64,
+    pub fairness: f64,
+}
+
+/// What `bench tune --write` recorded for one engine, model, device and
+/// MPS state.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct TuneTable {
+    pub schema: u32,
+    pub fingerprint: String,
+    pub model_digest: String,
+    pub device: String,
+    pub mps: bool,
+    pub max_tokens: u32,
+    pub rows: Vec<TuneRow>,
+    /// sha256 of the table with this field empty: an edited or damaged
+    /// table is ignored.
+    pub digest: String,
+}
+
+impl TuneTable {
+    pub fn new(
+        fingerprint: &str,
+        model_digest: &str,
+        device: &Device,
+        max_tokens: u32,
+        rows: Vec<TuneRow>,
+    ) -> TuneTable {
+        let mut t = TuneTable {
+            schema: TABLE_SCHEMA,
+            fingerprint: fingerprint.into(),
+            model_digest: model_digest.into(),
+            device: device.name.clone(),
+            mps: device.mps,
+            max_tokens,
+            rows,
+            digest: String::new(),
+        };
+        t.digest = t.computed_digest();
+        t
+    }
+
+    fn computed_digest(&self) -> String {
+        let mut t = self.clone();
+        t.digest = String::new();
+        let bytes = serde_json::to_vec(&t).expect("a table serializes");
+        llorch_io::digest::sha256_bytes(&bytes)
+    }
+
+    /// The rows at the largest client count measured, fair enough to choose.
+    pub fn best_rows(&self) -> impl Iterator<Item = &TuneRow> {
+        let most = self.rows.iter().map(|r| r.clients).max().unwrap_or(0);
+        self.rows
+            .iter()
+            .filter(move |r| r.clients == most && r.fairness >= MIN_FAIRNESS)
+    }
+
+    /// Why this table cannot be trusted for this key, if it cannot.
+    fn refuse(&self, fingerprint: &str, model_digest: &str, device: &Device) -> Option<String> {
+        if self.schema != TABLE_SCHEMA {
+            return Some(format!("schema {} (expected {TABLE_SCHEMA})", self.schema));
+        }
+        if self.digest != self.computed_digest() {
+            return Some("its digest does not match its contents (edited or damaged)".into());
+        }
+        if self.fingerprint != fingerprint
+            || self.model_digest != model_digest
+            || self.device != device.name
+            || self.mps != device.mps
+        {
+            return Some("it was measured for another engine, model, device or MPS state".into());
+        }
+        let bad = self.rows.iter().find(|r| {
+            !(1..=llorch_profile::concurrency::MAX_SLOTS).contains(&r.slots)
+                || !(1..=llorch_profile::concurrency::MAX_REPLICAS).contains(&r.replicas)
+                || r.clients == 0
+                || !r.tok_per_s.is_finite()
+                || r.tok_per_s <= 0.0
+                || !r.fairness.is_finite()
+        });
+        bad.map(|r| format!("a row out of range: {r:?}"))
+    }
+}
+
+/// The table's file: `<cache>/tune-v1/<fingerprint 16>-<model 16>-<device>[-mps].json`.
+pub fn table_path(
+    layout: &llorch_io::paths::Layout,
+    fingerprint: &str,
+    model_digest: &str,
+    device: &Device,
+) -> PathBuf {
+    let short = |s: &str| s.chars().take(16).collect::<String>();
+    let name = format!(
+        "{}-{}-{}{}.json",
+        short(fingerprint),
+        short(model_digest),
+        device.name,
+        if device.mps { "-mps" } else { "" }
+    );
+    layout.bucket(llorch_io::paths::Bucket::Tune).join(name)
+}
+
+/// The table for this key, or None with a warning that says why it is not used.
+pub fn read_table(
+    path: &Path,
+    fingerprint: &str,
+    model_digest: &str,
+    device: &Device,
+) -> (Option<TuneTable>, Option<String>) {
+    if !path.exists() {
+        return (None, None);
+    }
+    // A regular file of at most 1 MiB, as all configuration is read.
+    let text = match llorch_profile::read_config(path) {
+        Ok(t) => t,
+        Err(e) => return (None, Some(format!("tune table: {e}; ignored"))),
+    };
+    let t: TuneTable = match serde_json::from_str(&text) {
+        Ok(t) => t,
+        Err(e) => {
+            return (
+                None,
+                Some(format!(
+                    "tune table {} is not a table ({e}); ignored",
+                    path.display()
+                )),
+            )
+        }
+    };
+    match t.refuse(fingerprint, model_digest, device) {
+        Some(why) => (
+            None,
+            Some(format!("tune table {}: {why}; ignored", path.display())),
+        ),
+        None => (Some(t), None),
+    }
+}
+
+/// Write a table atomically.
+pub fn write_table(path: &Path, t: &TuneTable) -> Result<(), std::io::Error> {
+    if let Some(dir) = path.parent() {
+        fs_err::create_dir_all(dir)?;
+    }
+    let bytes = serde_json::to_vec_pretty(t).expect("a table serializes");
+    llorch_io::fsx::write_atomic(path, &bytes)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auto::tests::{gpu, table};
+
+    #[test]
+    fn a_tampered_foreign_or_unreadable_table_is_ignored_with_a_reason() {
+        let dir = tempfile::tempdir().unwrap();
+        let (fp, md) = ("f".repeat(64), "m".repeat(64));
+        let dev = gpu(0);
+        let p = dir.path().join("t.json");
+        assert_eq!(read_table(&p, &fp, &md, &dev), (None, None));
+        let good = table(&[(16, 4, 10_500.0, 0.95)]);
+        write_table(&p, &good).unwrap();
+        assert_eq!(read_table(&p, &fp, &md, &dev).0, Some(good.clone()));
+        let mut edited = good.clone();
+        edited.rows[0].tok_per_s = 1e9;
+        write_table(&p, &edited).unwrap();
+        let (t, w) = read_table(&p, &fp, &md, &dev);
+        assert!(t.is_none() && w.unwrap().contains("digest"));
+        let mut bad = good.clone();
+        bad.rows[0].slots = 0;
+        bad.digest = bad.computed_digest();
+        write_table(&p, &bad).unwrap();
+        assert!(read_table(&p, &fp, &md, &dev)
+            .1
+            .unwrap()
+            .contains("out of range"));
+        write_table(&p, &good).unwrap();
+        let other = Device {
+            mps: false,
+            ..dev.clone()
+        };
+        assert!(read_table(&p, &fp, &md, &other)
+            .1
+            .unwrap()
+            .contains("another"));
+        fs_err::write(&p, b"{not json").unwrap();
+        assert!(read_table(&p, &fp, &md, &dev)
+            .1
+            .unwrap()
+            .contains("not a table"));
+        fs_err::write(&p, vec![b' '; 2 * 1024 * 1024]).unwrap();
+        assert!(read_table(&p, &fp, &md, &dev).0.is_none());
+    }
+}
