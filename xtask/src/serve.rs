@@ -249,9 +249,11 @@ async fn serve(
     );
     for (p, sp) in ps.server.state.heads().zip(&stack.pools) {
         let c = sp.concurrency;
+        // What runs (`auto` counts are chosen at start).
+        let replicas = ps.server.state.members(&p.group).len();
         // A pool of one engine that runs: where it is, and whether it is attached.
         let engine = match ps.links.iter().find(|(id, _)| id == &p.group) {
-            Some((_, l)) if c.replicas == 1 => match orchestratord::EngineLink::current(&**l) {
+            Some((_, l)) if replicas == 1 => match orchestratord::EngineLink::current(&**l) {
                 orchestratord::LinkState::Ready(e) => format!(
                     "; engine {}{}",
                     e.url,
@@ -267,8 +269,8 @@ async fn serve(
             orchestratord::api::group_state(&ps.server.state, &ps.server.state.members(&p.group)),
             p.aliases.join(", "),
             if p.policy.lazy { "lazy" } else { "eager" },
-            c.replicas,
-            c.slots,
+            replicas,
+            p.slots,
             c.mode.as_str(),
             if c.mode == llorch_profile::Mode::Batched {
                 ": results depend on load"

@@ -174,7 +174,12 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
             auto::MIN_FAIRNESS
         ),
     }
-    let path = auto_table::table_path(&ctx.layout, &fingerprint, &model_digest, &device);
+    let path = auto_table::table_path(
+        &auto_table::tune_dir(&ctx.layout),
+        &fingerprint,
+        &model_digest,
+        &device,
+    );
     if a.write {
         auto_table::write_table(&path, &table)?;
         eprintln!("recorded for slots/replicas: auto: {}", path.display());

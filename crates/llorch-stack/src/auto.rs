@@ -277,10 +277,11 @@ fn mem_available_kib(meminfo: &str) -> Option<u64> {
     })
 }
 
-/// Choose a pool's `auto` counts for the engine and model `prep` names:
-/// the choice, and a warning when a tune table was found but not used.
+/// Choose a pool's `auto` counts for the engine and model `prep` names,
+/// with the tables kept in `tune_dir`: the choice, and a warning when a
+/// tune table was found but not used.
 pub fn resolve(
-    layout: &llorch_io::paths::Layout,
+    tune_dir: &std::path::Path,
     pool: &llorch_profile::stack::StackPool,
     prep: &engine_runtime::flags::PreparedEngine,
     probe: &llorch_io::gpu::GpuProbe,
@@ -293,7 +294,7 @@ pub fn resolve(
     let header = model_provisioner::gguf::read_header(&prep.model.path)
         .map_err(|e| AutoError::Probe(e.to_string()))?;
     let needs = ModelNeeds::of(bytes, &header, pool.profile.file.server.ctx_size)?;
-    let path = crate::auto_table::table_path(layout, &prep.fingerprint, &prep.model.digest, &dev);
+    let path = crate::auto_table::table_path(tune_dir, &prep.fingerprint, &prep.model.digest, &dev);
     let (table, warning) =
         crate::auto_table::read_table(&path, &prep.fingerprint, &prep.model.digest, &dev);
     let choice = choose(&pool.concurrency, &dev, &needs, table.as_ref())?;

@@ -103,13 +103,13 @@ impl TuneTable {
     }
 }
 
-/// The table's file: `<cache>/tune-v1/<fingerprint 16>-<model 16>-<device>[-mps].json`.
-pub fn table_path(
-    layout: &llorch_io::paths::Layout,
-    fingerprint: &str,
-    model_digest: &str,
-    device: &Device,
-) -> PathBuf {
+/// Where tables are kept: `<cache>/tune-v1/`.
+pub fn tune_dir(layout: &llorch_io::paths::Layout) -> PathBuf {
+    layout.bucket(llorch_io::paths::Bucket::Tune)
+}
+
+/// A table's file in `dir`: `<fingerprint 16>-<model 16>-<device>[-mps].json`.
+pub fn table_path(dir: &Path, fingerprint: &str, model_digest: &str, device: &Device) -> PathBuf {
     let short = |s: &str| s.chars().take(16).collect::<String>();
     let name = format!(
         "{}-{}-{}{}.json",
@@ -118,7 +118,7 @@ pub fn table_path(
         device.name,
         if device.mps { "-mps" } else { "" }
     );
-    layout.bucket(llorch_io::paths::Bucket::Tune).join(name)
+    dir.join(name)
 }
 
 /// The table for this key, or None with a warning that says why it is not used.

@@ -107,6 +107,8 @@ pub struct PoolsOptions {
     /// Never build: every pool's engine comes from this directory of
     /// prebuilt entries (a container image's; see `engine_provisioner::prebuilt`).
     pub prebuilt: Option<std::path::PathBuf>,
+    /// Where `auto` looks for tune tables (default: the cache's `tune-v1/`).
+    pub tune_dir: Option<std::path::PathBuf>,
 }
 
 /// Prepare every pool, load the eager ones, start the orchestrator.
@@ -358,9 +360,13 @@ async fn choose_auto(
     prep: &engine_runtime::flags::PreparedEngine,
     opts: &PoolsOptions,
 ) -> Result<(crate::auto::Choice, Profile), StackError> {
-    let (pool, l, pr, probe) = (p.clone(), layout.clone(), prep.clone(), opts.probe.clone());
+    let dir = opts
+        .tune_dir
+        .clone()
+        .unwrap_or_else(|| crate::auto_table::tune_dir(layout));
+    let (pool, pr, probe) = (p.clone(), prep.clone(), opts.probe.clone());
     let (choice, warning) =
-        tokio::task::spawn_blocking(move || crate::auto::resolve(&l, &pool, &pr, &probe))
+        tokio::task::spawn_blocking(move || crate::auto::resolve(&dir, &pool, &pr, &probe))
             .await
             .map_err(|e| StackError::Other(e.to_string()))??;
     if !opts.quiet {

@@ -22,6 +22,16 @@ fn id(name: &str) -> String {
 }
 
 async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> Stack {
+    start_with(test, yaml, queue_capacity, None).await
+}
+
+/// [`start`], with `auto`'s tune tables read from `tune_dir`.
+async fn start_with(
+    test: &str,
+    yaml: &str,
+    queue_capacity: Option<usize>,
+    tune_dir: Option<std::path::PathBuf>,
+) -> Stack {
     let dir = std::env::temp_dir().join(format!("llorch-conc-{test}-{}", std::process::id()));
     let _ = fs_err::remove_dir_all(&dir);
     fs_err::create_dir_all(&dir).unwrap();
@@ -46,6 +56,7 @@ async fn start(test: &str, yaml: &str, queue_capacity: Option<usize>) -> Stack {
         cfg,
         &PoolsOptions {
             quiet: true,
+            tune_dir,
             ..Default::default()
         },
         "concurrency tests",
@@ -488,8 +499,11 @@ async fn slots_auto_fits_the_machine_then_follows_a_recorded_tune_table_and_igno
     let _t = TURN.lock().await;
     let yaml = "schema: 1\npools:\n  - id: {a}\n    profile: cpu\n    mode: batched\n    slots: auto\n    replicas: auto\n";
     let a = id("auto-a");
+    // Tables of this test's own (never the user's cache).
+    let tables = tempfile::tempdir().unwrap();
+    let dir = Some(tables.path().to_path_buf());
     // No table: one engine, one slot per core.
-    let ps = start("auto", yaml, None).await;
+    let ps = start_with("auto", yaml, None, dir.clone()).await;
     let base = ps.orchestrator_url();
     let dev = auto::measure_device(false, &[], &Default::default()).unwrap();
     let p = pool_caps(&caps(&base).await, &a);
@@ -500,15 +514,8 @@ async fn slots_auto_fits_the_machine_then_follows_a_recorded_tune_table_and_igno
     let md = p["model"]["digest"].as_str().unwrap().to_string();
     ps.stop(Duration::from_secs(5)).await;
     // A table recorded for this engine, model and device chooses (3 slots,
-    // which no rule without it would give here); removed when the test ends.
-    let path = auto_table::table_path(&test_support::workspace_layout(), &fp, &md, &dev);
-    struct Remove(std::path::PathBuf);
-    impl Drop for Remove {
-        fn drop(&mut self) {
-            let _ = fs_err::remove_file(&self.0);
-        }
-    }
-    let _rm = Remove(path.clone());
+    // which no rule without it would give here).
+    let path = auto_table::table_path(tables.path(), &fp, &md, &dev);
     let row = |slots, replicas, tok_per_s| auto_table::TuneRow {
         slots,
         replicas,
@@ -520,7 +527,7 @@ async fn slots_auto_fits_the_machine_then_follows_a_recorded_tune_table_and_igno
     let table =
         auto_table::TuneTable::new(&fp, &md, &dev, 16, vec![row(3, 1, 90.0), row(1, 2, 40.0)]);
     auto_table::write_table(&path, &table).unwrap();
-    let ps = start("auto", yaml, None).await;
+    let ps = start_with("auto", yaml, None, dir.clone()).await;
     let p = pool_caps(&caps(&ps.orchestrator_url()).await, &a);
     assert_eq!(p["slots"], 3, "{p}");
     assert!(
@@ -537,7 +544,7 @@ async fn slots_auto_fits_the_machine_then_follows_a_recorded_tune_table_and_igno
     let mut edited = table.clone();
     edited.rows[0].slots = 5;
     auto_table::write_table(&path, &edited).unwrap();
-    let ps = start("auto", yaml, None).await;
+    let ps = start_with("auto", yaml, None, dir.clone()).await;
     let p = pool_caps(&caps(&ps.orchestrator_url()).await, &a);
     assert_eq!(p["slots"], dev.cores.min(auto::MAX_AUTO_SLOTS), "{p}");
     ps.stop(Duration::from_secs(5)).await;
