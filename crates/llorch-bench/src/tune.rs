@@ -12,7 +12,7 @@
 //! records the table where auto reads it (keyed by engine fingerprint, model
 //! digest, device and MPS state).
 
-use crate::load::{load_stack, start, wave};
+use crate::load::{load_stack, start, wave, Wave};
 use crate::{median, pct, spread, Ctx};
 use anyhow::{bail, Result};
 use llorch_profile::{ConcurrencyKeys, Count, Mode};
@@ -77,39 +77,8 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
             order.reverse();
         }
         for &(s, k) in &order {
-            let keys = ConcurrencyKeys {
-                mode: Some(Mode::Batched),
-                slots: Some(Count::Fixed(s)),
-                replicas: Some(Count::Fixed(k)),
-                affinity: None,
-            };
-            let (stack, _) = load_stack(ctx, a.profile, keys, &[], None, "tune")?;
             eprintln!("run {}/{}: {s} slots x {k} engine(s)", run + 1, a.runs);
-            let measured = rt.block_on(async {
-                let ps = match start(ctx, &stack, 4096, "cargo xtask bench tune").await {
-                    Ok(ps) => ps,
-                    // Too big for the device (or another start failure): a
-                    // configuration that does not run is not a row.
-                    Err(e) => {
-                        eprintln!("  {s} slots x {k} engine(s) did not start: {e:#}");
-                        return anyhow::Ok((None, Vec::new()));
-                    }
-                };
-                let id = stack.pools[0].id.to_string();
-                let base = ps.link(&id).map(|l| l.base.clone());
-                let orch = ps.orchestrator_url();
-                let body =
-                    json!({"model": id, "stream": true, "temperature": 0, "ignore_eos": true});
-                let via = vec![(format!("{orch}/v1/completions"), body)];
-                let http = llorch_io::http::async_client();
-                let mut rows = Vec::new();
-                for &n in a.clients {
-                    wave(&http, &via, n, 16).await;
-                    rows.push((n, wave(&http, &via, n, a.max_tokens).await));
-                }
-                ps.stop(Duration::from_secs(5)).await;
-                anyhow::Ok((base, rows))
-            })?;
+            let measured = rt.block_on(measure_config(ctx, a, s, k))?;
             let (base, rows) = measured;
             if let Some(b) = base {
                 key.get_or_insert((b.fingerprint, b.model_digest));
@@ -123,33 +92,7 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
             }
         }
     }
-    let mut table_rows = Vec::new();
-    let mut out_rows = Vec::new();
-    for (((s, k), n), mut v) in samples {
-        let tps = median(&mut v.tok_per_s.clone());
-        let fair = median(&mut v.fairness);
-        let ttft_p99 = pct(&v.ttft, 0.99);
-        eprintln!(
-            "{s:>4} slots x {k} engine(s), {n:>4} clients: {tps:.0} tok/s ({}), TTFT p99 {ttft_p99:.0} ms, fairness {fair:.2}, errors {}",
-            spread(&v.tok_per_s),
-            v.errors
-        );
-        out_rows.push(json!({
-            "slots": s, "replicas": k, "clients": n,
-            "tok_per_s_median": tps, "tok_per_s_spread": spread(&v.tok_per_s),
-            "ttft_ms_p99": ttft_p99, "fairness_median": fair, "errors": v.errors,
-        }));
-        if v.errors == 0 && tps.is_finite() && tps > 0.0 {
-            table_rows.push(TuneRow {
-                slots: s,
-                replicas: k,
-                clients: n as u32,
-                tok_per_s: tps,
-                ttft_ms_p99: if ttft_p99.is_finite() { ttft_p99 } else { 0.0 },
-                fairness: if fair.is_finite() { fair } else { 0.0 },
-            });
-        }
-    }
+    let (out_rows, table_rows) = summarize(samples);
     let Some((fingerprint, model_digest)) = key else {
         bail!("no configuration started an engine");
     };
@@ -196,4 +139,75 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         "recommended": best.map(|b| json!({"slots": b.slots, "replicas": b.replicas, "tok_per_s": b.tok_per_s, "clients": b.clients})),
         "table": if a.write { Some(path.display().to_string()) } else { None },
     }))
+}
+
+/// Start one configuration (`slots` × `engines`), warm it and measure each
+/// client count through the orchestrator. A configuration that does not
+/// start (too big for the device) gives no engine and no rows.
+async fn measure_config(
+    ctx: &Ctx,
+    a: &TuneArgs<'_>,
+    s: u32,
+    k: u32,
+) -> Result<(Option<orchestratord::link::EngineInfo>, Vec<(usize, Wave)>)> {
+    let keys = ConcurrencyKeys {
+        mode: Some(Mode::Batched),
+        slots: Some(Count::Fixed(s)),
+        replicas: Some(Count::Fixed(k)),
+        affinity: None,
+    };
+    let (stack, _) = load_stack(ctx, a.profile, keys, &[], None, "tune")?;
+    let ps = match start(ctx, &stack, 4096, "cargo xtask bench tune").await {
+        Ok(ps) => ps,
+        Err(e) => {
+            eprintln!("  {s} slots x {k} engine(s) did not start: {e:#}");
+            return Ok((None, Vec::new()));
+        }
+    };
+    let id = stack.pools[0].id.to_string();
+    let base = ps.link(&id).map(|l| l.base.clone());
+    let orch = ps.orchestrator_url();
+    let body = json!({"model": id, "stream": true, "temperature": 0, "ignore_eos": true});
+    let via = vec![(format!("{orch}/v1/completions"), body)];
+    let http = llorch_io::http::async_client();
+    let mut rows = Vec::new();
+    for &n in a.clients {
+        wave(&http, &via, n, 16).await;
+        rows.push((n, wave(&http, &via, n, a.max_tokens).await));
+    }
+    ps.stop(Duration::from_secs(5)).await;
+    Ok((base, rows))
+}
+
+/// Per configuration and client count: the printed line, the JSON row, and
+/// (without errors) the table row auto may choose.
+fn summarize(samples: BTreeMap<((u32, u32), usize), Samples>) -> (Vec<Value>, Vec<TuneRow>) {
+    let mut table_rows = Vec::new();
+    let mut out_rows = Vec::new();
+    for (((s, k), n), mut v) in samples {
+        let tps = median(&mut v.tok_per_s.clone());
+        let fair = median(&mut v.fairness);
+        let ttft_p99 = pct(&v.ttft, 0.99);
+        eprintln!(
+            "{s:>4} slots x {k} engine(s), {n:>4} clients: {tps:.0} tok/s ({}), TTFT p99 {ttft_p99:.0} ms, fairness {fair:.2}, errors {}",
+            spread(&v.tok_per_s),
+            v.errors
+        );
+        out_rows.push(json!({
+            "slots": s, "replicas": k, "clients": n,
+            "tok_per_s_median": tps, "tok_per_s_spread": spread(&v.tok_per_s),
+            "ttft_ms_p99": ttft_p99, "fairness_median": fair, "errors": v.errors,
+        }));
+        if v.errors == 0 && tps.is_finite() && tps > 0.0 {
+            table_rows.push(TuneRow {
+                slots: s,
+                replicas: k,
+                clients: n as u32,
+                tok_per_s: tps,
+                ttft_ms_p99: if ttft_p99.is_finite() { ttft_p99 } else { 0.0 },
+                fairness: if fair.is_finite() { fair } else { 0.0 },
+            });
+        }
+    }
+    (out_rows, table_rows)
 }

@@ -147,7 +147,7 @@ pub async fn start_pools(
         let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
         let prebuilt = opts.prebuilt.clone();
         let Prepared {
-            engine: mut prep,
+            engine: prep,
             build,
         } = tokio::task::spawn_blocking(move || {
             prepare::prepare(
@@ -163,26 +163,7 @@ pub async fn start_pools(
         })
         .await
         .map_err(|e| StackError::Other(e.to_string()))??;
-        let mut c = p.concurrency;
-        let mut auto_why = None;
-        if c.auto.any() {
-            let (choice, prof) = choose_auto(p, layout, &prep, opts).await?;
-            c.slots = choice.slots;
-            c.replicas = choice.replicas;
-            c.auto = Default::default();
-            let mut prof = prof;
-            prof.file.server.set_concurrency(c);
-            // The engine's flags follow the chosen slot count (`--parallel`).
-            prep = lifecycle::prepare(
-                &prof,
-                &p.id,
-                &build.binary,
-                &build.fingerprint,
-                &build.version,
-                prep.model.clone(),
-            )?;
-            auto_why = Some(choice.why);
-        }
+        let (c, prep, auto_why) = with_auto(p, layout, prep, &build, opts).await?;
         let idle = match opts.idle_unload_s {
             Some(0) => None,
             Some(s) => Some(s),
@@ -352,14 +333,50 @@ pub async fn start_pools(
     Ok(Stack { server, links })
 }
 
-/// Choose a pool's `auto` counts (printed unless quiet) and return the
-/// choice with the pool's profile to apply it to.
+/// A pool's concurrency and prepared engine with its `auto` counts chosen
+/// (the engine's `--parallel` follows), and how they were chosen.
+async fn with_auto(
+    p: &llorch_profile::stack::StackPool,
+    layout: &Layout,
+    mut prep: engine_runtime::flags::PreparedEngine,
+    build: &engine_provisioner::BuildOutcome,
+    opts: &PoolsOptions,
+) -> Result<
+    (
+        llorch_profile::Concurrency,
+        engine_runtime::flags::PreparedEngine,
+        Option<String>,
+    ),
+    StackError,
+> {
+    let mut c = p.concurrency;
+    if !c.auto.any() {
+        return Ok((c, prep, None));
+    }
+    let choice = choose_auto(p, layout, &prep, opts).await?;
+    c.slots = choice.slots;
+    c.replicas = choice.replicas;
+    c.auto = Default::default();
+    let mut prof = p.profile.clone();
+    prof.file.server.set_concurrency(c);
+    prep = lifecycle::prepare(
+        &prof,
+        &p.id,
+        &build.binary,
+        &build.fingerprint,
+        &build.version,
+        prep.model.clone(),
+    )?;
+    Ok((c, prep, Some(choice.why)))
+}
+
+/// Choose a pool's `auto` counts (printed unless quiet).
 async fn choose_auto(
     p: &llorch_profile::stack::StackPool,
     layout: &Layout,
     prep: &engine_runtime::flags::PreparedEngine,
     opts: &PoolsOptions,
-) -> Result<(crate::auto::Choice, Profile), StackError> {
+) -> Result<crate::auto::Choice, StackError> {
     let dir = opts
         .tune_dir
         .clone()
@@ -378,7 +395,7 @@ async fn choose_auto(
             p.id, choice.slots, choice.replicas, choice.why
         );
     }
-    Ok((choice, p.profile.clone()))
+    Ok(choice)
 }
 
 #[derive(Debug, thiserror::Error)]

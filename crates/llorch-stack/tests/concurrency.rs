@@ -353,8 +353,7 @@ async fn a_batched_pool_of_two_engines_serves_through_both_and_a_killed_one_ends
 /// one gets all its tokens, replica 1's engine is untouched, and replica 0
 /// comes back and serves again.
 async fn kill_replica_zero(test: &str, extra: &str, n: u64, running: &[usize]) {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
     let ps = start(
         test,
         &format!("schema: 1\npools:\n  - id: {{a}}\n    profile: cpu\n    replicas: 2\n{extra}"),
@@ -371,28 +370,35 @@ async fn kill_replica_zero(test: &str, extra: &str, n: u64, running: &[usize]) {
     }
     let on: Vec<u64> = subs.iter().map(|(_, r)| *r).collect();
     assert_eq!(on, [0, 1, 0, 1]);
-    let generating = Arc::new(AtomicUsize::new(0));
+    // Each reader says once: its first token came, or its stream ended without one.
+    let (said, mut heard) = tokio::sync::mpsc::unbounded_channel::<()>();
     let readers: Vec<_> = subs
         .iter()
         .map(|(id, _)| {
-            let (base, id, generating) = (base.clone(), id.clone(), generating.clone());
+            let (base, id, said) = (base.clone(), id.clone(), said.clone());
             tokio::spawn(async move {
                 let first = AtomicBool::new(true);
                 let seen = |_: &str| {
                     if first.swap(false, Ordering::SeqCst) {
-                        generating.fetch_add(1, Ordering::SeqCst);
+                        let _ = said.send(());
                     }
                 };
-                read_stream(&http(), &base, &id, Some(&seen), None).await
+                let r = read_stream(&http(), &base, &id, Some(&seen), None).await;
+                if first.load(Ordering::SeqCst) {
+                    let _ = said.send(());
+                }
+                r
             })
         })
         .collect();
-    // A state, not a time: the running streams each have a token (or one
+    drop(said);
+    // An event, not a time: the running streams each have a token (or one
     // ended early, which the checks below report).
-    while generating.load(Ordering::SeqCst) < running.len()
-        && !readers.iter().any(|h| h.is_finished())
-    {
-        tokio::time::sleep(Duration::from_millis(10)).await;
+    for _ in 0..running.len() {
+        heard
+            .recv()
+            .await
+            .expect("every reader ended before the running streams began");
     }
     let victim = ps.link(&a).unwrap().engine_pid().unwrap();
     let other = ps.link(&format!("{a}.r1")).unwrap().engine_pid().unwrap();
