@@ -512,6 +512,11 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
             .unwrap(),
     );
     let leftover_id = llorch_io::handoff::ProcessIdentity::of(leftover.id()).unwrap();
+    // Written under the pool's lock, as every writer of run files does: a
+    // sweep by another test's spawn may have read the dead run's record just
+    // before and would remove this one after (CI failed so once). Under the
+    // lock a sweep sees either the old record or this one, whole.
+    let pool_lock = llorch_io::fsx::FileLock::exclusive(&layout.pool_lock(&ids[0]), || {}).unwrap();
     fs_err::write(
         &paths[0].pid_file,
         serde_json::to_string(&llorch_io::handoff::RunRecord {
@@ -521,6 +526,7 @@ fn a_stack_killed_with_sigkill_leaves_no_engine_and_the_next_start_serves_again(
         .unwrap(),
     )
     .unwrap();
+    drop(pool_lock);
     // Again: the dead run's records are swept (the leftover stopped), both pools serve.
     let (mut child, url) = serve_with(rt.path(), &["--stack", file.to_str().unwrap()]);
     wait_until(
