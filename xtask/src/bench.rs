@@ -52,6 +52,15 @@ enum BenchSub {
         #[arg(long, default_value_t = 128)]
         max_tokens: u32,
     },
+    /// The engine sandbox's cost: decode tokens/s and TTFT of the same engine sandboxed vs unconfined, alternating
+    Sandbox {
+        #[arg(long, short)]
+        profile: Option<String>,
+        #[arg(long, default_value_t = 6)]
+        runs: usize,
+        #[arg(long, default_value_t = 128)]
+        max_tokens: u32,
+    },
     /// Many pools: lazy-load overhead, a swap under max_loaded 1 vs a cold start; with --devices, two pools' aggregate decode vs hand-launched engines and one pool alone
     Pools {
         #[arg(long, short)]
@@ -182,6 +191,11 @@ impl BenchCmd {
                 runs,
                 max_tokens,
             } => llorch_bench::single::bench_stream(ctx, profile.as_deref(), *runs, *max_tokens)?,
+            BenchSub::Sandbox {
+                profile,
+                runs,
+                max_tokens,
+            } => llorch_bench::sandbox::bench_sandbox(ctx, profile.as_deref(), *runs, *max_tokens)?,
             BenchSub::Openai {
                 profile,
                 runs,

@@ -86,10 +86,16 @@ impl CiCmd {
         // Tests never inherit the user's LLORCH_* settings (a cache or
         // runtime directory elsewhere, a token): the engine the tests share is
         // built into this checkout's cache, where every test looks for it.
+        // Kept: LLORCH_VERBOSE, and LLORCH_REQUIRE_SANDBOX (CI's: the sandbox
+        // tests fail on a kernel that lacks a protection, not skip it).
         let isolated = |c: Cmd| -> Cmd {
             std::env::vars_os()
                 .filter_map(|(k, _)| k.into_string().ok())
-                .filter(|k| k.starts_with("LLORCH_") && k != "LLORCH_VERBOSE")
+                .filter(|k| {
+                    k.starts_with("LLORCH_")
+                        && k != "LLORCH_VERBOSE"
+                        && k != "LLORCH_REQUIRE_SANDBOX"
+                })
                 .fold(c, |c, k| c.env_remove(k))
         };
         // The servers tests start on 127.0.0.1 (an OCI registry): installed

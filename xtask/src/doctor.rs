@@ -127,8 +127,12 @@ impl DoctorCmd {
                 )),
             });
         }
+        // What a spawned engine is confined by, on this kernel under this profile.
+        let sandbox = engine_runtime::sandbox::Protections::planned(profile.file.server.sandbox);
         if self.p.json {
-            print_json(&report)?;
+            let mut v = serde_json::to_value(&report)?;
+            v["sandbox"] = serde_json::to_value(&sandbox)?;
+            print_json(&v)?;
         } else {
             let backend = match report.backend {
                 engine_provisioner::Backend::Cpu => "CPU",
@@ -207,6 +211,7 @@ impl DoctorCmd {
                     profile.file.engine.cuda_archs.join(", ")
                 );
             }
+            println!("engine {}", sandbox.summary());
             for w in &report.warnings {
                 println!("warning: {w}");
             }

@@ -43,11 +43,12 @@ impl ProvisionCmd {
                     println!("{a}: {}", out.changes.join("; "));
                 }
                 println!(
-                    "engine for pool {} ready at {} (pid {}, ready in {} ms)\n  handoff: {}\n  log: {}\n  stop it with: cargo xtask engine down --pool {}",
+                    "engine for pool {} ready at {} (pid {}, ready in {} ms)\n  {}\n  handoff: {}\n  log: {}\n  stop it with: cargo xtask engine down --pool {}",
                     out.pool_id,
                     out.url,
                     out.pid,
                     out.ready_ms.unwrap_or(0),
+                    sandbox_line(out.sandbox.as_ref()),
                     out.handoff,
                     out.log,
                     out.pool_id
@@ -56,4 +57,14 @@ impl ProvisionCmd {
         }
         Ok(())
     }
+}
+
+/// The engine's protections, one line (an engine started with the sandbox
+/// off was also warned about on stderr when it started).
+pub fn sandbox_line(recorded: Option<&serde_json::Value>) -> String {
+    recorded
+        .map(engine_runtime::sandbox::Protections::describe)
+        .unwrap_or_else(|| {
+            "sandbox: not recorded (an engine started by an older llama-orch)".into()
+        })
 }

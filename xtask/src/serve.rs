@@ -278,6 +278,14 @@ async fn serve(
                 ""
             }
         );
+        let info = match p.link_state() {
+            orchestratord::LinkState::Ready(e) => Some(e),
+            _ => p.last_engine.lock().unwrap().clone(),
+        };
+        println!(
+            "    {}",
+            crate::provision::sandbox_line(info.and_then(|e| e.sandbox).as_ref())
+        );
     }
     println!(
         "  try: curl -s {}/v1/chat/completions -H 'content-type: application/json' -d '{{\"model\":\"{}\",\"messages\":[{{\"role\":\"user\",\"content\":\"Hello\"}}],\"max_tokens\":16}}'",

@@ -25,6 +25,8 @@ pub struct PreparedEngine {
     pub ports: Vec<u16>,
     pub ready_timeout_s: u64,
     pub engine_version: String,
+    /// How the engine is confined (`server.sandbox`; see [`crate::sandbox`]).
+    pub sandbox: llorch_profile::SandboxMode,
 }
 
 /// Flags `extra_args` may carry: they change neither the deterministic
@@ -302,6 +304,7 @@ pub fn prepare(
         host: host.clone(),
         ports,
         ready_timeout_s: profile.file.server.ready_timeout_s,
+        sandbox: profile.file.server.sandbox,
         engine_version: engine_version.into(),
     })
 }

@@ -10,6 +10,7 @@
 pub mod flags;
 pub mod lifecycle;
 pub mod run_state;
+pub mod sandbox;
 pub mod supervisor;
 
 pub use lifecycle::{EngineError, PreparedEngine, RunPaths};

@@ -73,6 +73,8 @@ pub enum EngineError {
     Io(#[from] llorch_io::IoError),
     #[error(transparent)]
     Dir(#[from] llorch_io::paths::DirError),
+    #[error(transparent)]
+    Sandbox(#[from] crate::sandbox::SandboxError),
 }
 
 pub(crate) use llorch_io::io;
@@ -97,6 +99,8 @@ pub struct RunningEngine {
     pub paths: RunPaths,
     pub metrics_ok: bool,
     pub api_key: Option<String>,
+    /// The protections it runs with (see [`crate::sandbox`]).
+    pub sandbox: crate::sandbox::Protections,
 }
 
 impl RunningEngine {
@@ -240,6 +244,23 @@ fn spawn_on(
         .try_clone()
         .map_err(|e| fatal(io("dup log")(e).into()))?;
     let lease_fds: Vec<i32> = leases.iter().map(|l| l.raw_fd()).collect();
+    let mut read_files = vec![prep.model.path.clone()];
+    if api_key.is_some() {
+        read_files.push(paths.api_key.clone());
+    }
+    let sandbox = crate::sandbox::Sandbox::build(
+        prep.sandbox,
+        &crate::sandbox::EngineAccess {
+            binary: prep.binary.clone(),
+            read_files,
+            port,
+        },
+    )
+    .map_err(|e| fatal(e.into()))?;
+    let protections = sandbox.protections.clone();
+    if prep.sandbox == llorch_profile::SandboxMode::Off {
+        eprintln!("warning: pool {}: {}", prep.pool_id, protections.summary());
+    }
     let detached = matches!(owner, Owner::Detached);
     let started = Instant::now();
     let mut child = cmd
@@ -270,6 +291,8 @@ fn spawn_on(
                     Ok(())
                 });
             }
+            // Last: the limits, no_new_privs, Landlock and seccomp.
+            sandbox.apply_to(c);
         })
         .map_err(|e| fatal(io(format!("start {}", prep.binary.display()))(e).into()))?;
     drop(leases);
@@ -341,6 +364,7 @@ fn spawn_on(
         fingerprint: prep.fingerprint.clone(),
         started_at,
         api_key_file: api_key.map(|_| paths.api_key.clone()),
+        sandbox: serde_json::to_value(&protections).ok(),
     };
     if let Err(e) = write_run_file(
         &paths.handoff,
@@ -357,6 +381,7 @@ fn spawn_on(
         paths: paths.clone(),
         metrics_ok,
         api_key: api_key.map(String::from),
+        sandbox: protections,
     })
 }
 

@@ -306,6 +306,7 @@ mod tests {
             host: "127.0.0.1".into(),
             ports: vec![0],
             ready_timeout_s: 1,
+            sandbox: llorch_profile::SandboxMode::Auto,
             engine_version: "v".into(),
         }
     }
@@ -339,6 +340,7 @@ mod tests {
             fingerprint: p.fingerprint.clone(),
             started_at: "now".into(),
             api_key_file: None,
+            sandbox: None,
         };
         let write = |path: &std::path::Path, json: String| {
             llorch_io::fsx::write_atomic(path, json.as_bytes()).unwrap()

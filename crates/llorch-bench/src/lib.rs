@@ -10,12 +10,14 @@
 //! * [`load`]: `bench load` and `bench soak` (many clients at once).
 //! * [`pools`]: `bench pools` (lazy load, swap, two pools at once).
 //! * [`fleet`]: `bench fleet` (a registry pull vs a cold build).
+//! * [`sandbox`]: `bench sandbox` (an engine sandboxed vs unconfined).
 
 pub mod build;
 pub mod fleet;
 pub mod load;
 pub mod openai;
 pub mod pools;
+pub mod sandbox;
 pub mod single;
 pub mod tune;
 

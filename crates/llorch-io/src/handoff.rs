@@ -315,6 +315,9 @@ pub struct Handoff {
     /// File holding the key the engine requires (engines bound off loopback); 0600.
     #[serde(default)]
     pub api_key_file: Option<PathBuf>,
+    /// The protections the engine runs with (`engine_runtime::sandbox::Protections`).
+    #[serde(default)]
+    pub sandbox: Option<serde_json::Value>,
 }
 
 #[derive(Debug, thiserror::Error)]

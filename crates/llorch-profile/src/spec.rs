@@ -173,6 +173,34 @@ pub struct ServerSpec {
     /// How token vectors become one vector (`--pooling`); needs `embeddings: true`.
     #[serde(default)]
     pub pooling: Option<Pooling>,
+    /// How the engine is confined (Landlock, seccomp, no_new_privs, limits):
+    /// `auto` (default: every protection this kernel has), `strict` (refuse
+    /// to start without all of them) or `off` (loud: full user rights).
+    #[serde(default)]
+    pub sandbox: SandboxMode,
+}
+
+/// `server.sandbox`: how a spawned engine is confined.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum SandboxMode {
+    /// Every protection the kernel supports; the start line says which.
+    #[default]
+    Auto,
+    /// All protections or no start.
+    Strict,
+    /// None: the engine runs with the user's full rights (warned at start).
+    Off,
+}
+
+impl SandboxMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SandboxMode::Auto => "auto",
+            SandboxMode::Strict => "strict",
+            SandboxMode::Off => "off",
+        }
+    }
 }
 
 /// llama-server's `--pooling` values.
@@ -250,6 +278,7 @@ impl Default for ServerSpec {
             affinity: None,
             embeddings: false,
             pooling: None,
+            sandbox: SandboxMode::Auto,
         }
     }
 }

@@ -34,6 +34,8 @@ pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
         slots: orchestratord::link::slots_of(&prep.flags),
         batched: orchestratord::link::is_batched(&prep.flags),
         api_key: None,
+        sandbox: serde_json::to_value(engine_runtime::sandbox::Protections::planned(prep.sandbox))
+            .ok(),
     }
 }
 
@@ -392,6 +394,7 @@ mod tests {
             host: "127.0.0.1".into(),
             ports: vec![0],
             ready_timeout_s: 1,
+            sandbox: llorch_profile::SandboxMode::Auto,
             engine_version: "v".into(),
         };
         let root = dir.to_path_buf();

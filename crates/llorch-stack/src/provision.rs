@@ -33,6 +33,8 @@ pub struct ProvisionOutcome {
     pub total_ms: u64,
     pub handoff: String,
     pub log: String,
+    /// The protections the engine runs with (`engine_runtime::sandbox`).
+    pub sandbox: Option<serde_json::Value>,
 }
 
 fn healthy(h: &Handoff) -> bool {
@@ -89,6 +91,7 @@ pub fn provision(
         total_ms: started.elapsed().as_millis() as u64,
         handoff: handoff_path.clone(),
         log: log_path.clone(),
+        sandbox: h.sandbox.clone(),
     };
     let mut action = "started";
     let mut changes = Vec::new();

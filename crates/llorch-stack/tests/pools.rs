@@ -27,6 +27,14 @@ fn stack(test: &str, yaml: &str) -> (StackSpec, Layout) {
     let dir = std::env::temp_dir().join(format!("llorch-pools-{test}-{}", std::process::id()));
     let _ = fs_err::remove_dir_all(&dir);
     fs_err::create_dir_all(&dir).unwrap();
+    // `profile: ./sandbox-off.yaml`: the default profile with the sandbox off.
+    let cpu = fs_err::read_to_string(root().join("requirements/cpu.yaml")).unwrap();
+    let off = cpu.replace(
+        "  ready_timeout_s: 120\n",
+        "  ready_timeout_s: 120\n  sandbox: off\n",
+    );
+    assert_ne!(off, cpu, "requirements/cpu.yaml changed shape");
+    fs_err::write(dir.join("sandbox-off.yaml"), off).unwrap();
     let text = yaml
         .replace("{a}", &id(&format!("{test}-a")))
         .replace("{b}", &id(&format!("{test}-b")));
@@ -209,6 +217,62 @@ async fn routing_by_model_and_pool_and_a_lazy_pool_loads_at_its_first_request() 
     );
     ps.stop(Duration::from_secs(5)).await;
     assert!(!alive(pid_b), "the engine stops with the stack");
+}
+
+/// `/proc/<pid>/status` says whether the process runs with no_new_privs and a seccomp filter.
+fn confined(pid: u32) -> (bool, bool) {
+    let status = fs_err::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    (
+        status.contains("NoNewPrivs:\t1"),
+        status.contains("Seccomp:\t2"),
+    )
+}
+
+/// The sandbox is on by default and reported per pool; `sandbox: off` in a
+/// profile starts that pool's engine unconfined and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn each_pools_sandbox_is_applied_and_reported_and_off_means_off() {
+    let _t = TURN.lock().await;
+    let ps = start(
+        "sandbox",
+        "schema: 1\npools:\n  - id: {a}\n    profile: cpu\n  - id: {b}\n    profile: ./sandbox-off.yaml\n",
+    )
+    .await;
+    let (a, b) = (id("sandbox-a"), id("sandbox-b"));
+    let caps = get(&ps.orchestrator_url(), "/v1/capabilities").await;
+    let sandbox = |pool: &str| -> Value {
+        caps["pools"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["id"] == pool)
+            .unwrap()["sandbox"]
+            .clone()
+    };
+    let (sa, sb) = (sandbox(&a), sandbox(&b));
+    assert_eq!(sa["mode"], "auto", "{caps}");
+    assert_eq!(sb["mode"], "off", "{caps}");
+    assert_eq!(sb["seccomp"], false);
+    assert_eq!(sb["filesystem"], false);
+    let pid_a = ps.link(&a).unwrap().engine_pid().unwrap();
+    let pid_b = ps.link(&b).unwrap().engine_pid().unwrap();
+    assert_eq!(
+        confined(pid_a),
+        (true, sa["seccomp"] == true),
+        "pool a's engine runs as reported: {sa}"
+    );
+    assert_eq!(confined(pid_b), (false, false), "sandbox: off is off");
+    if std::env::var_os("LLORCH_REQUIRE_SANDBOX").is_some() {
+        for k in ["filesystem", "network", "ioctl", "scopes", "seccomp"] {
+            assert_eq!(sa[k], true, "{k}: {sa}");
+        }
+    }
+    // Both serve.
+    for pool in [&a, &b] {
+        let (s, body) = chat(&ps.orchestrator_url(), pool).await;
+        assert_eq!(s, 200, "{body}");
+    }
+    ps.stop(Duration::from_secs(5)).await;
 }
 
 /// The run record of a pool (run files live in the cache).

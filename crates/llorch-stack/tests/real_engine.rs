@@ -113,6 +113,35 @@ fn spawn_ready_complete_stop_leaves_nothing() {
         .join(" ")
         .contains("--parallel 1 --no-cont-batching --no-webui --metrics"));
     assert!(eng.metrics_ok);
+    // The engine runs sandboxed (server.sandbox defaults to auto): the kernel
+    // says so for the process itself, and the handoff records what is on.
+    let status = fs_err::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("NoNewPrivs:\t1"), "{status}");
+    assert_eq!(
+        status.contains("Seccomp:\t2"),
+        eng.sandbox.seccomp,
+        "seccomp filter mode iff reported: {status}"
+    );
+    let limits = fs_err::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    assert!(
+        limits
+            .lines()
+            .any(|l| l.starts_with("Max core file size") && l.contains(" 0 ")),
+        "{limits}"
+    );
+    assert_eq!(
+        h.sandbox
+            .as_ref()
+            .map(engine_runtime::sandbox::Protections::describe),
+        Some(eng.sandbox.summary())
+    );
+    if std::env::var_os("LLORCH_REQUIRE_SANDBOX").is_some() {
+        assert!(
+            eng.sandbox.missing().is_empty(),
+            "{}",
+            eng.sandbox.summary()
+        );
+    }
     let text = completion(&eng.url, "The capital of France is", 8);
     assert!(!text.is_empty());
     eng.stop();

@@ -319,6 +319,7 @@ fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
         "model": e.as_ref().map(|e| json!({"ref": e.model_ref, "digest": e.model_digest})),
         "ctx_max": e.as_ref().and_then(|e| e.ctx_max),
         "mode": e.as_ref().map(|e| e.mode()).unwrap_or("exact"),
+        "sandbox": e.as_ref().and_then(|e| e.sandbox.clone()),
         "serves": crate::endpoints::serves(p).as_str(),
         "endpoints": crate::endpoints::serves(p).endpoints(),
         "deterministic": !e.as_ref().is_some_and(|e| e.batched),

@@ -29,6 +29,9 @@ pub struct EngineInfo {
     /// Sent as `Authorization: Bearer` to an engine that requires a key.
     #[serde(skip)]
     pub api_key: Option<String>,
+    /// The protections the engine runs with (see `engine_runtime::sandbox`).
+    #[serde(default)]
+    pub sandbox: Option<serde_json::Value>,
 }
 
 /// Why an engine's handoff cannot be used.
@@ -66,6 +69,7 @@ impl EngineInfo {
             slots: slots_of(&h.flags),
             batched: is_batched(&h.flags),
             api_key,
+            sandbox: h.sandbox.clone(),
         })
     }
 

@@ -421,6 +421,7 @@ pub(crate) mod tests {
                         slots: 1,
                         batched: false,
                         api_key: None,
+                        sandbox: None,
                     })
                 };
                 let mut spec = PoolSpec::new(id.replica(i), Box::new(link));

@@ -1,0 +1,143 @@
+//! A stand-in for an exploited engine (tests only): started in the engine's
+//! sandbox, it tries what an attacker would and prints one JSON line per
+//! attempt, `{"who", "attempt", "allowed", "detail"}`. The sandbox test
+//! fails if any attempt but binding its own port is allowed.
+//!
+//! Arguments: `--port P` (its own port), `--connect C` (a listener outside),
+//! `--secret FILE` (a file under the user's home), `--write-dir DIR` (outside
+//! its reach), and `--child` when it re-executed itself (the restrictions
+//! must survive exec); `--safe` (unconfined control runs) skips ptrace,
+//! signals and the re-exec.
+
+use llorch_io::cmd::Cmd;
+use std::io::Write;
+use std::net::{TcpListener, TcpStream};
+
+fn report(who: &str, attempt: &str, result: Result<String, std::io::Error>) {
+    let (allowed, detail) = match result {
+        Ok(d) => (true, d),
+        Err(e) => (false, e.to_string()),
+    };
+    let line =
+        serde_json::json!({"who": who, "attempt": attempt, "allowed": allowed, "detail": detail});
+    let mut out = std::io::stdout().lock();
+    let _ = writeln!(out, "{line}");
+    let _ = out.flush();
+}
+
+fn os(r: libc::c_long) -> Result<String, std::io::Error> {
+    if r < 0 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(format!("returned {r}"))
+    }
+}
+
+fn arg(args: &[String], name: &str) -> String {
+    args.iter()
+        .position(|a| a == name)
+        .and_then(|i| args.get(i + 1))
+        .cloned()
+        .unwrap_or_else(|| panic!("sandbox-probe: {name} is required"))
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let child = args.iter().any(|a| a == "--child");
+    // Unconfined runs (the test's control) skip what would disturb the test process.
+    let safe = args.iter().any(|a| a == "--safe");
+    let who = if child { "child" } else { "engine" };
+    let port = arg(&args, "--port");
+    let connect = arg(&args, "--connect");
+    let secret = arg(&args, "--secret");
+    let write_dir = arg(&args, "--write-dir");
+
+    // Allowed: its own port (kept open while it tries the rest).
+    let own = TcpListener::bind(format!("127.0.0.1:{port}"));
+    report(
+        who,
+        "bind_own_port",
+        own.as_ref()
+            .map(|_| "bound".into())
+            .map_err(|e| e.kind().into()),
+    );
+    report(
+        who,
+        "bind_another_port",
+        TcpListener::bind("127.0.0.1:0").map(|l| format!("bound {:?}", l.local_addr())),
+    );
+    report(
+        who,
+        "connect_out",
+        TcpStream::connect(format!("127.0.0.1:{connect}")).map(|_| "connected".into()),
+    );
+    report(
+        who,
+        "udp_socket",
+        std::net::UdpSocket::bind("127.0.0.1:0").map(|_| "bound".into()),
+    );
+    // SAFETY: plain system calls with constant arguments; fds are closed when they succeed.
+    unsafe {
+        let fd = libc::socket(libc::AF_NETLINK, libc::SOCK_RAW, 0);
+        report(who, "netlink_socket", os(fd as libc::c_long));
+        if fd >= 0 {
+            libc::close(fd);
+        }
+    }
+    report(
+        who,
+        "read_home_file",
+        fs_err::read_to_string(&secret).map(|s| format!("read {} bytes", s.len())),
+    );
+    report(
+        who,
+        "write_outside",
+        fs_err::write(format!("{write_dir}/escaped-{who}"), b"x").map(|_| "written".into()),
+    );
+    // SAFETY: ptrace/kill/unshare/io_uring_setup with constant or checked arguments.
+    unsafe {
+        let parent = libc::getppid();
+        if !safe {
+            report(
+                who,
+                "ptrace_parent",
+                os(libc::ptrace(libc::PTRACE_ATTACH, parent, 0, 0) as libc::c_long),
+            );
+            report(
+                who,
+                "signal_parent",
+                os(libc::kill(parent, libc::SIGWINCH) as libc::c_long),
+            );
+        }
+        report(
+            who,
+            "unshare_user_namespace",
+            os(libc::unshare(libc::CLONE_NEWUSER) as libc::c_long),
+        );
+        let mut params = [0u8; 120];
+        let fd = libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr());
+        report(who, "io_uring", os(fd));
+    }
+    report(
+        who,
+        "exec_shell",
+        Cmd::new("/bin/sh")
+            .args(["-c", "echo shell ran"])
+            .output()
+            .map(|(_, out, _)| out)
+            .map_err(|e| std::io::Error::other(e.to_string())),
+    );
+    drop(own);
+    if !child && !safe {
+        // Its own binary may run (it is the engine): the copy is as confined.
+        let me = std::env::current_exe().expect("current_exe");
+        let status = Cmd::new(me).args(&args[1..]).arg("--child").status();
+        report(
+            who,
+            "exec_self",
+            status
+                .map(|s| format!("ran, {s}"))
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+    }
+}

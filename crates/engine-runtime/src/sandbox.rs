@@ -1,0 +1,537 @@
+//! The engine's sandbox: what a spawned `llama-server` may touch.
+//!
+//! The engine is C++ compiled from upstream source and fed models and prompts
+//! from anywhere; if it is ever exploited it must not have the user's full
+//! rights. Without containers and without root, every engine gets, between
+//! fork and exec:
+//!
+//! - resource limits: no core dumps, a bounded number of open files;
+//! - `no_new_privs` (no set-user-ID gain, required by the two below);
+//! - a Landlock ruleset: read the engine's directory, its one model blob, its
+//!   API key file, the system's libraries (`/usr`, `/lib*`, `/opt`) and the
+//!   few `/etc` files the loader reads, `/proc` and `/sys`; read and write
+//!   `/dev/null` and the GPU's device nodes; execute only its own binary and
+//!   the ELF loader; write nothing else. Network (ABI 4): bind its one TCP
+//!   port, connect nowhere. Scopes (ABI 6): no signals to, and no abstract
+//!   unix sockets of, processes outside the sandbox;
+//! - a seccomp deny-list (`EPERM`): ptrace and cross-process memory, mounts
+//!   and namespaces, bpf, kexec, modules, perf_event_open, io_uring, keyrings;
+//!   socket families other than unix and TCP (no UDP, raw, netlink, packet).
+//!
+//! Everything is prepared in the parent (the ruleset is a file descriptor,
+//! the filters are compiled BPF); the child only makes system calls, which is
+//! all that is safe between fork and exec. What the kernel supports decides
+//! what is on (`auto`); `strict` refuses to start without all of it; `off`
+//! applies nothing. [`Protections`] says exactly which parts are active, and
+//! `doctor`, the start line and `/v1/capabilities` show it.
+
+use landlock::{
+    Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
+    RulesetCreatedAttr, Scope, ABI,
+};
+use llorch_profile::SandboxMode;
+use seccompiler::BpfProgram;
+use serde::Serialize;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+mod seccomp;
+use seccomp::{seccomp_filters, target_arch};
+
+/// The most open files an engine may hold (it needs one per client
+/// connection and a few per model; far below what an exploit would use to
+/// exhaust the host).
+pub const MAX_OPEN_FILES: u64 = 16_384;
+
+/// What the kernel offers (read once per spawn; cheap system calls).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Support {
+    /// Landlock ABI version, 0 when the kernel has no Landlock (or it is off).
+    pub landlock_abi: u32,
+    /// seccomp filters (`CONFIG_SECCOMP_FILTER`) on an architecture the
+    /// filter is compiled for (x86_64, aarch64).
+    pub seccomp: bool,
+}
+
+impl Support {
+    pub fn detect() -> Support {
+        // SAFETY: the version query takes no pointer (NULL, 0) and only returns a number.
+        let abi = unsafe {
+            libc::syscall(
+                libc::SYS_landlock_create_ruleset,
+                std::ptr::null::<u8>(),
+                0usize,
+                1u32, // LANDLOCK_CREATE_RULESET_VERSION
+            )
+        };
+        // SAFETY: PR_GET_SECCOMP reads this thread's mode; EINVAL without seccomp.
+        let seccomp = unsafe { libc::prctl(libc::PR_GET_SECCOMP, 0, 0, 0, 0) } >= 0;
+        Support {
+            landlock_abi: u32::try_from(abi).unwrap_or(0),
+            seccomp: seccomp && target_arch().is_some(),
+        }
+    }
+}
+
+/// Which protections an engine runs with (the start line, `doctor` and
+/// `/v1/capabilities` print this, never a guess).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct Protections {
+    /// The profile's `server.sandbox`.
+    pub mode: String,
+    /// The kernel's Landlock ABI (0: none).
+    pub landlock_abi: u32,
+    /// Landlock file rules (ABI 1).
+    pub filesystem: bool,
+    /// Landlock TCP rules: bind the one port, connect nowhere (ABI 4).
+    pub network: bool,
+    /// Landlock device ioctls limited to the GPU nodes (ABI 5).
+    pub ioctl: bool,
+    /// Landlock scopes: signals and abstract unix sockets stay inside (ABI 6).
+    pub scopes: bool,
+    /// The seccomp deny-list.
+    pub seccomp: bool,
+    /// `no_new_privs`.
+    pub no_new_privs: bool,
+    /// Core dumps off, open files bounded.
+    pub rlimits: bool,
+}
+
+impl Protections {
+    /// What an engine started now under `mode` runs with (the kernel's support).
+    pub fn planned(mode: SandboxMode) -> Protections {
+        Protections::for_support(mode, Support::detect())
+    }
+
+    fn for_support(mode: SandboxMode, s: Support) -> Protections {
+        if mode == SandboxMode::Off {
+            return Protections {
+                mode: mode.as_str().into(),
+                landlock_abi: s.landlock_abi,
+                ..Default::default()
+            };
+        }
+        Protections {
+            mode: mode.as_str().into(),
+            landlock_abi: s.landlock_abi,
+            filesystem: s.landlock_abi >= 1,
+            network: s.landlock_abi >= 4,
+            ioctl: s.landlock_abi >= 5,
+            scopes: s.landlock_abi >= 6,
+            seccomp: s.seccomp,
+            no_new_privs: true,
+            rlimits: true,
+        }
+    }
+
+    /// Protections this mode wants that are not active, by name.
+    pub fn missing(&self) -> Vec<&'static str> {
+        if self.mode == "off" {
+            return Vec::new();
+        }
+        let mut m = Vec::new();
+        for (on, what) in [
+            (
+                self.filesystem,
+                "Landlock file rules (Linux 5.13+, `lsm=landlock` at boot)",
+            ),
+            (self.network, "Landlock network rules (ABI 4, Linux 6.7+)"),
+            (
+                self.ioctl,
+                "Landlock device ioctl rules (ABI 5, Linux 6.10+)",
+            ),
+            (
+                self.scopes,
+                "Landlock signal and socket scopes (ABI 6, Linux 6.12+)",
+            ),
+            (
+                self.seccomp,
+                "seccomp filters (CONFIG_SECCOMP_FILTER, x86_64 or aarch64)",
+            ),
+        ] {
+            if !on {
+                m.push(what);
+            }
+        }
+        m
+    }
+
+    /// The summary of protections recorded as JSON (a handoff, capabilities).
+    pub fn describe(v: &serde_json::Value) -> String {
+        serde_json::from_value::<Protections>(v.clone())
+            .map(|p| p.summary())
+            .unwrap_or_else(|_| "sandbox: not recorded".into())
+    }
+
+    /// One line for the start and `doctor`: what is on and what is not.
+    pub fn summary(&self) -> String {
+        if self.mode == "off" {
+            return "sandbox off (server.sandbox: off): the engine runs with your full rights"
+                .into();
+        }
+        let mut on = Vec::new();
+        if self.filesystem {
+            let mut parts = vec!["files"];
+            if self.network {
+                parts.push("network");
+            }
+            if self.ioctl {
+                parts.push("ioctl");
+            }
+            if self.scopes {
+                parts.push("scopes");
+            }
+            on.push(format!(
+                "landlock v{} ({})",
+                self.landlock_abi,
+                parts.join(", ")
+            ));
+        }
+        if self.seccomp {
+            on.push("seccomp".into());
+        }
+        on.push("no_new_privs".into());
+        on.push("rlimits".into());
+        let missing = self.missing();
+        if missing.is_empty() {
+            format!("sandbox {}: {}", self.mode, on.join(", "))
+        } else {
+            format!(
+                "sandbox {}: {}; not on this kernel: {}",
+                self.mode,
+                on.join(", "),
+                missing.join("; ")
+            )
+        }
+    }
+}
+
+/// What one engine needs to reach.
+#[derive(Clone, Debug)]
+pub struct EngineAccess {
+    /// The `llama-server` binary (its directory's parent is readable: `bin/`, `lib/`).
+    pub binary: PathBuf,
+    /// Single files it reads: the model blob, its API key file.
+    pub read_files: Vec<PathBuf>,
+    /// The one TCP port it binds.
+    pub port: u16,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum SandboxError {
+    #[error("server.sandbox is `strict` but this kernel lacks: {missing}\n  hint: run the engine on Linux 6.12 or newer with Landlock enabled (`lsm=…,landlock` on the kernel command line), or set `server.sandbox: auto` to start with what this kernel supports (`cargo xtask doctor` lists it)")]
+    Strict { missing: String },
+    #[error("sandbox: {what}: {err}\n  hint: set `server.sandbox: off` in the profile only to check whether the sandbox is the cause, and report it")]
+    Build { what: String, err: String },
+}
+
+/// A prepared sandbox: applied to a command with [`Sandbox::apply_to`].
+pub struct Sandbox {
+    ruleset: Option<OwnedFd>,
+    filters: Vec<BpfProgram>,
+    nofile: libc::rlim_t,
+    pub protections: Protections,
+}
+
+impl Sandbox {
+    /// Prepare the sandbox for `access` under `mode` on this kernel.
+    pub fn build(mode: SandboxMode, access: &EngineAccess) -> Result<Sandbox, SandboxError> {
+        Sandbox::build_on(mode, access, Support::detect())
+    }
+
+    fn build_on(
+        mode: SandboxMode,
+        access: &EngineAccess,
+        support: Support,
+    ) -> Result<Sandbox, SandboxError> {
+        let protections = Protections::for_support(mode, support);
+        let missing = protections.missing();
+        if mode == SandboxMode::Strict && !missing.is_empty() {
+            return Err(SandboxError::Strict {
+                missing: missing.join("; "),
+            });
+        }
+        let mut sandbox = Sandbox {
+            ruleset: None,
+            filters: Vec::new(),
+            nofile: 0,
+            protections,
+        };
+        if mode == SandboxMode::Off {
+            return Ok(sandbox);
+        }
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: getrlimit writes the struct we pass.
+        unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
+        sandbox.nofile = limit.rlim_max.min(MAX_OPEN_FILES as libc::rlim_t);
+        if sandbox.protections.filesystem {
+            sandbox.ruleset = Some(landlock_ruleset(access, support.landlock_abi)?);
+        }
+        if sandbox.protections.seccomp {
+            sandbox.filters = seccomp_filters().map_err(|e| SandboxError::Build {
+                what: "compile the seccomp filter".into(),
+                err: e,
+            })?;
+        }
+        Ok(sandbox)
+    }
+
+    /// Apply the sandbox in the child between fork and exec (after any
+    /// other `pre_exec` of `c`). The child makes only system calls.
+    pub fn apply_to(self, c: &mut std::process::Command) {
+        if self.protections.mode == "off" {
+            return;
+        }
+        let Sandbox {
+            ruleset,
+            filters,
+            nofile,
+            ..
+        } = self;
+        use std::os::unix::process::CommandExt;
+        // SAFETY: only async-signal-safe system calls run in the child
+        // (setrlimit, prctl, landlock_restrict_self, seccomp); nothing allocates.
+        unsafe {
+            c.pre_exec(move || {
+                let fail = |r: libc::c_long| {
+                    if r != 0 {
+                        Err(std::io::Error::last_os_error())
+                    } else {
+                        Ok(())
+                    }
+                };
+                let zero = libc::rlimit {
+                    rlim_cur: 0,
+                    rlim_max: 0,
+                };
+                let files = libc::rlimit {
+                    rlim_cur: nofile,
+                    rlim_max: nofile,
+                };
+                fail(libc::setrlimit(libc::RLIMIT_CORE, &zero) as libc::c_long)?;
+                fail(libc::setrlimit(libc::RLIMIT_NOFILE, &files) as libc::c_long)?;
+                fail(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+                if let Some(fd) = &ruleset {
+                    fail(libc::syscall(
+                        libc::SYS_landlock_restrict_self,
+                        fd.as_raw_fd(),
+                        0u32,
+                    ))?;
+                }
+                for f in &filters {
+                    if seccompiler::apply_filter(f).is_err() {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+    }
+}
+
+/// System directories an engine reads (libraries, loader configuration,
+/// process and device information), where they exist.
+const READ_DIRS: &[&str] = &[
+    "/usr",
+    "/lib",
+    "/lib64",
+    "/lib32",
+    "/opt",
+    "/etc/ld.so.conf.d",
+    "/etc/alternatives",
+    "/etc/vulkan",
+    "/etc/OpenCL",
+    "/proc",
+    "/sys",
+];
+const READ_FILES: &[&str] = &[
+    "/etc/ld.so.cache",
+    "/etc/ld.so.conf",
+    "/etc/ld.so.preload",
+    "/etc/localtime",
+    "/etc/nsswitch.conf",
+    "/etc/hosts",
+    "/etc/host.conf",
+    "/etc/gai.conf",
+    "/dev/urandom",
+    "/dev/random",
+    "/dev/zero",
+];
+/// ELF loaders (execute right: the kernel opens the interpreter for exec).
+const LOADERS: &[&str] = &[
+    "/lib64/ld-linux-x86-64.so.2",
+    "/lib/ld-linux-aarch64.so.1",
+    "/lib/ld-linux-x86-64.so.2",
+];
+
+/// GPU device nodes (NVIDIA, DRM render nodes for Vulkan, AMD's KFD), read,
+/// written and ioctl'd; `/dev/shm` and the MPS pipe directory where an NVIDIA
+/// device is present (CUDA's inter-process state, MPS clients).
+fn gpu_paths() -> (Vec<PathBuf>, Vec<PathBuf>) {
+    let mut devices = Vec::new();
+    let mut shared = Vec::new();
+    if let Ok(rd) = fs_err::read_dir("/dev") {
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let name = name.to_string_lossy();
+            if name.starts_with("nvidia") || name == "dri" || name == "kfd" {
+                devices.push(e.path());
+            }
+        }
+    }
+    devices.sort();
+    if devices
+        .iter()
+        .any(|d| d.to_string_lossy().contains("nvidia"))
+    {
+        shared.push(PathBuf::from("/dev/shm"));
+        let pipe = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/tmp/nvidia-mps"));
+        shared.push(pipe);
+    }
+    (devices, shared)
+}
+
+fn build_err(what: impl Into<String>) -> impl FnOnce(landlock::RulesetError) -> SandboxError {
+    let what = what.into();
+    move |e| SandboxError::Build {
+        what,
+        err: e.to_string(),
+    }
+}
+
+/// Rights on `path`, narrowed to those a file can carry when it is not a directory.
+fn rule(path: &Path, rights: BitFlags<AccessFs>, abi: ABI) -> Option<PathBeneath<PathFd>> {
+    let fd = PathFd::new(path).ok()?;
+    let is_dir = fs_err::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
+    let rights = if is_dir {
+        rights
+    } else {
+        rights & AccessFs::from_file(abi)
+    };
+    Some(PathBeneath::new(fd, rights))
+}
+
+fn landlock_ruleset(access: &EngineAccess, kernel_abi: u32) -> Result<OwnedFd, SandboxError> {
+    // The newest ABI this code knows what to grant for; the crate narrows it
+    // to the kernel's (best effort), and `Protections` reports the kernel's.
+    let abi = ABI::V6;
+    let read = AccessFs::ReadFile | AccessFs::ReadDir;
+    let exec = AccessFs::ReadFile | AccessFs::Execute;
+    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
+    let scratch = AccessFs::from_all(abi) & !AccessFs::Execute;
+    let mut rs = Ruleset::default()
+        .handle_access(AccessFs::from_all(abi))
+        .map_err(build_err("handle file access"))?;
+    if kernel_abi >= 4 {
+        rs = rs
+            .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
+            .map_err(build_err("handle TCP access"))?;
+    }
+    if kernel_abi >= 6 {
+        rs = rs
+            .scope(Scope::AbstractUnixSocket | Scope::Signal)
+            .map_err(build_err("scope signals and sockets"))?;
+    }
+    let mut created = rs.create().map_err(build_err("create the ruleset"))?;
+    let mut rules: Vec<PathBeneath<PathFd>> = Vec::new();
+    let engine_dir = access
+        .binary
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(Path::new("/"));
+    rules.extend(rule(engine_dir, read, abi));
+    rules.extend(rule(&access.binary, exec, abi));
+    for f in &access.read_files {
+        rules.extend(rule(f, read, abi));
+    }
+    for d in READ_DIRS.iter().chain(READ_FILES) {
+        rules.extend(rule(Path::new(d), read, abi));
+    }
+    for l in LOADERS {
+        rules.extend(rule(Path::new(l), exec, abi));
+    }
+    rules.extend(rule(
+        Path::new("/dev/null"),
+        AccessFs::ReadFile | AccessFs::WriteFile,
+        abi,
+    ));
+    let (devices, shared) = gpu_paths();
+    for d in &devices {
+        rules.extend(rule(d, device | AccessFs::ReadDir, abi));
+    }
+    for d in &shared {
+        rules.extend(rule(d, scratch, abi));
+    }
+    for r in rules {
+        created = created.add_rule(r).map_err(build_err("add a file rule"))?;
+    }
+    if kernel_abi >= 4 {
+        created = created
+            .add_rule(NetPort::new(access.port, AccessNet::BindTcp))
+            .map_err(build_err(format!("allow binding port {}", access.port)))?;
+    }
+    let fd: Option<OwnedFd> = created.into();
+    fd.ok_or_else(|| SandboxError::Build {
+        what: "create the ruleset".into(),
+        err: "the kernel gave no Landlock ruleset".into(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn access() -> EngineAccess {
+        EngineAccess {
+            binary: PathBuf::from("/bin/true"),
+            read_files: Vec::new(),
+            port: 1,
+        }
+    }
+
+    #[test]
+    fn strict_names_what_the_kernel_lacks_and_auto_starts_with_less() {
+        let old = Support {
+            landlock_abi: 3,
+            seccomp: true,
+        };
+        let e = Sandbox::build_on(SandboxMode::Strict, &access(), old)
+            .err()
+            .expect("strict refuses ABI 3");
+        let msg = e.to_string();
+        assert!(msg.contains("network rules (ABI 4"), "{msg}");
+        assert!(msg.contains("server.sandbox: auto"), "{msg}");
+        let p = Protections::for_support(SandboxMode::Auto, old);
+        assert!(p.filesystem && !p.network && p.seccomp);
+        assert!(
+            p.summary().contains("not on this kernel"),
+            "{}",
+            p.summary()
+        );
+        let none = Protections::for_support(
+            SandboxMode::Auto,
+            Support {
+                landlock_abi: 0,
+                seccomp: false,
+            },
+        );
+        assert!(!none.filesystem && !none.seccomp && none.no_new_privs);
+        let off = Protections::for_support(SandboxMode::Off, old);
+        assert_eq!(off.missing(), Vec::<&str>::new());
+        assert!(off.summary().contains("full rights"));
+    }
+
+    #[test]
+    fn the_filters_compile_on_this_architecture() {
+        if target_arch().is_some() {
+            let f = seccomp_filters().unwrap();
+            assert_eq!(f.len(), 2);
+            assert!(f[0].len() > seccomp::denied_syscalls().len());
+        }
+    }
+}
