@@ -660,7 +660,7 @@ fn engine_up_foreground_stops_cleanly_on_sighup() {
         Duration::from_secs(20),
     );
     assert!(status.success(), "{status:?}");
-    wait_until("the engine is gone", Duration::from_secs(5), || {
+    wait_until("the engine is gone", Duration::from_secs(60), || {
         !rec.process.is_running()
     });
     assert!(

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::api::*;
-use common::{get_json, slots_idle, wait_idle};
+use common::{get_json, slots_idle, wait_idle, STOPPED_WITHIN_TOKENS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_order_with_contiguous_indices() {
@@ -166,7 +166,7 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
     );
     let ra = read_stream(&c, &base, aid, None, None).await.unwrap();
     assert!(ra.canceled());
-    assert!(wait_idle(&engine_url(), Duration::from_secs(2)).await);
+    assert!(wait_idle(&engine_url(), STOPPED_WITHIN_TOKENS).await);
     srv.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -198,10 +198,10 @@ async fn a_client_that_disconnects_frees_the_slot() {
         // Dropping the stream closes the connection.
     }
     assert!(
-        wait_idle(&engine_url(), Duration::from_secs(3)).await,
+        wait_idle(&engine_url(), STOPPED_WITHIN_TOKENS).await,
         "slot still busy after the client left"
     );
-    let deadline = Instant::now() + Duration::from_secs(3);
+    let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let m = c
             .get(format!("{base}/metrics"))
@@ -514,7 +514,7 @@ async fn a_deadline_holds_while_queued() {
     let end = d.end.unwrap();
     assert!(end.canceled && end.stop_reason == "deadline", "{end:?}");
     assert!(end.tokens_out < 2000);
-    assert!(wait_idle(&engine_url(), Duration::from_secs(3)).await);
+    assert!(wait_idle(&engine_url(), STOPPED_WITHIN_TOKENS).await);
     srv.shutdown(Duration::from_secs(1)).await;
 }
 
@@ -789,7 +789,7 @@ async fn random_create_cancel_disconnect_sequences_all_end_and_are_reaped() {
             .load(std::sync::atomic::Ordering::SeqCst),
         0
     );
-    assert!(wait_idle(&engine_url(), Duration::from_secs(5)).await);
+    assert!(wait_idle(&engine_url(), STOPPED_WITHIN_TOKENS).await);
     let m = llorch_io::http::async_client()
         .get(format!("{base}/metrics"))
         .send()

@@ -15,7 +15,7 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{get_json, slots_idle, wait_idle, wait_ready, Engine};
+use common::{get_json, slots_idle, wait_idle, wait_ready, Engine, STOPPED_WITHIN_TOKENS};
 
 static CHAT: OnceLock<Engine> = OnceLock::new();
 static EMBED: OnceLock<Engine> = OnceLock::new();
@@ -541,7 +541,7 @@ async fn streams_free_the_slot_and_a_full_queue_is_429_in_each_shape() {
         );
         drop(s);
         assert!(
-            wait_idle(&engine, Duration::from_secs(3)).await,
+            wait_idle(&engine, STOPPED_WITHIN_TOKENS).await,
             "{path}: slot still busy after disconnect"
         );
     }
@@ -594,7 +594,7 @@ async fn streams_free_the_slot_and_a_full_queue_is_429_in_each_shape() {
     }
     running.abort();
     queued.abort();
-    assert!(wait_idle(&engine, Duration::from_secs(5)).await);
+    assert!(wait_idle(&engine, STOPPED_WITHIN_TOKENS).await);
     srv.shutdown(Duration::from_secs(1)).await;
 }
 

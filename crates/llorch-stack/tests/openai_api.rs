@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::api::*;
-use common::{get_json, wait_idle, wait_ready};
+use common::{get_json, wait_idle, wait_ready, STOPPED_WITHIN_TOKENS};
 
 /// The `data:` payloads of an SSE body, in order.
 fn sse_data(body: &str) -> Vec<String> {
@@ -311,7 +311,7 @@ async fn openai_disconnect_queue_full_and_error_frames() {
         rw.order
     );
     assert!(t0.elapsed() < Duration::from_secs(10));
-    assert!(wait_idle(&engine_url(), Duration::from_secs(3)).await);
+    assert!(wait_idle(&engine_url(), STOPPED_WITHIN_TOKENS).await);
 
     // The engine dies mid-stream: one error frame, then the end.
     let pid = engine_pid();

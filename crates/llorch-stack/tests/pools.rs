@@ -325,11 +325,11 @@ async fn an_idle_pool_is_unloaded_and_the_next_request_loads_it_again() {
         .engine_pid()
         .expect("eager pool loaded");
     task(&base, &a, 2).await;
-    wait_state(&base, &a, "unloaded", Duration::from_secs(10)).await;
+    wait_state(&base, &a, "unloaded", Duration::from_secs(60)).await;
     let t0 = Instant::now();
     while alive(first) {
         assert!(
-            t0.elapsed() < Duration::from_secs(5),
+            t0.elapsed() < Duration::from_secs(60),
             "engine {first} still runs"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;

@@ -58,16 +58,48 @@ pub async fn slots_idle(engine: &str) -> bool {
     all_idle(&slots)
 }
 
-/// Wait until no slot of the engine is processing; false after `within`.
-pub async fn wait_idle(engine: &str, within: Duration) -> bool {
-    let deadline = Instant::now() + within;
-    while Instant::now() < deadline {
-        if slots_idle(engine).await {
+/// How many more tokens a slot may hold after a stop before [`wait_idle`]
+/// calls the task not stopped (llama-server stops a slot within a few).
+pub const STOPPED_WITHIN_TOKENS: u64 = 400;
+
+/// Wait until no slot of the engine is processing. False when the task was
+/// not stopped: a processing slot went on to hold `ran_on` more tokens than
+/// when the wait began (the tests' tasks run to 1,500 or 2,000 tokens unless
+/// stopped), or it made no progress at all for a minute. Never a bound on
+/// time: a slow or busy machine only makes the wait longer.
+pub async fn wait_idle(engine: &str, ran_on: u64) -> bool {
+    use llorch_io::llama_server::LlamaServer;
+    let server = LlamaServer::new(engine, None);
+    let http = llorch_io::http::async_client();
+    let held = |slots: &[llorch_io::llama_server::Slot]| {
+        slots
+            .iter()
+            .filter(|s| s.is_processing)
+            .map(|s| s.n_prompt_tokens)
+            .max()
+    };
+    let first = server.slots(&http, Duration::from_secs(30)).await.unwrap();
+    let Some(start) = held(&first) else {
+        return true;
+    };
+    let (mut last, mut since) = (start, Instant::now());
+    loop {
+        let slots = server.slots(&http, Duration::from_secs(30)).await.unwrap();
+        let Some(now) = held(&slots) else {
             return true;
+        };
+        if now >= start + ran_on {
+            eprintln!("wait_idle: a slot went on from {start} to {now} tokens: not stopped");
+            return false;
+        }
+        if now != last {
+            (last, since) = (now, Instant::now());
+        } else if since.elapsed() > Duration::from_secs(60) {
+            eprintln!("wait_idle: a slot stayed busy at {now} tokens for a minute");
+            return false;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    false
 }
 
 /// Wait until the orchestrator at `base` answers `/readyz` with 200.
