@@ -33,6 +33,10 @@ enum EngineSub {
         /// Allow plain HTTP to a registry off loopback
         #[arg(long)]
         insecure: bool,
+        /// Sign the engine's provenance with this private key (from `engine keygen`) and attach
+        /// it in the registry (default: LLORCH_SIGNING_KEY)
+        #[arg(long)]
+        sign_key: Option<std::path::PathBuf>,
     },
     /// Fetch the profile's engine from an OCI registry, verify it and install it into the cache
     Pull {
@@ -44,6 +48,17 @@ enum EngineSub {
         /// Allow plain HTTP to a registry off loopback
         #[arg(long)]
         insecure: bool,
+        /// Refuse an engine whose provenance is not signed by this public key
+        /// (default: LLORCH_TRUSTED_KEY)
+        #[arg(long)]
+        trusted_key: Option<std::path::PathBuf>,
+    },
+    /// Make an Ed25519 key pair for signing pushed engines: PATH.key (mode 0600) and PATH.pub
+    Keygen {
+        /// Where: PATH.key and PATH.pub (an existing key is never replaced)
+        path: std::path::PathBuf,
+        #[arg(long)]
+        json: bool,
     },
     /// Check the profile's cached engine against its manifest; --rebuild: rebuild it from the pinned
     /// source in scratch directories (no compiler cache) and compare every file, byte for byte
@@ -172,9 +187,17 @@ impl EngineCmd {
                 }
                 Ok(())
             }
-            EngineSub::Push { p, to, insecure } => {
+            EngineSub::Push {
+                p,
+                to,
+                insecure,
+                sign_key,
+            } => {
                 let profile = ctx.profile(p.profile.as_deref())?;
-                let reg = registry_for(&profile, to.as_deref(), insecure)?;
+                let mut reg = registry_for(&profile, to.as_deref(), insecure)?;
+                if sign_key.is_some() {
+                    reg.signing_key = sign_key;
+                }
                 let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
                 let pushed =
                     engine_provisioner::registry::push(&ctx.layout, &ex.fingerprint, &reg)?;
@@ -182,18 +205,43 @@ impl EngineCmd {
                     return print_json(&pushed);
                 }
                 println!(
-                    "pushed engine {} to {} ({:.1} MB, {:.1}s)\n  manifest {}",
+                    "pushed engine {} to {} ({:.1} MB, {:.1}s)\n  manifest {}\n  provenance: {}",
                     &ex.fingerprint[..12],
                     pushed.reference,
                     pushed.layer_bytes as f64 / 1e6,
                     pushed.seconds,
-                    pushed.manifest_digest
+                    pushed.manifest_digest,
+                    match &pushed.signed_by {
+                        Some(k) => format!("signed by key {k}, attached as a referrer"),
+                        None => "not signed (pass --sign-key or set LLORCH_SIGNING_KEY)".into(),
+                    }
                 );
                 Ok(())
             }
-            EngineSub::Pull { p, from, insecure } => {
+            EngineSub::Keygen { path, json } => {
+                let k = engine_provisioner::provenance::keygen(&path)?;
+                if json {
+                    return print_json(&k);
+                }
+                println!(
+                    "key {}\n  private: {} (mode 0600; keep it on the builder)\n  public:  {} (give it to the hosts that pull: LLORCH_TRUSTED_KEY)",
+                    k.key_id,
+                    k.private_key.display(),
+                    k.public_key.display()
+                );
+                Ok(())
+            }
+            EngineSub::Pull {
+                p,
+                from,
+                insecure,
+                trusted_key,
+            } => {
                 let profile = ctx.profile(p.profile.as_deref())?;
-                let reg = registry_for(&profile, from.as_deref(), insecure)?;
+                let mut reg = registry_for(&profile, from.as_deref(), insecure)?;
+                if trusted_key.is_some() {
+                    reg.trusted_key = trusted_key;
+                }
                 let pulled = build::pull(&profile, &ctx.layout, &reg, &|m: &str| {
                     if !p.json {
                         eprintln!("{m}")
@@ -205,11 +253,12 @@ impl EngineCmd {
                 match pulled {
                     None => println!("already cached: nothing to pull"),
                     Some(x) => println!(
-                        "pulled {} ({:.1} MB, {:.1}s), verified; installed at {}",
+                        "pulled {} ({:.1} MB, {:.1}s), verified; installed at {}\n  signature: {}",
                         x.reference,
                         x.layer_bytes as f64 / 1e6,
                         x.seconds,
-                        x.dir.display()
+                        x.dir.display(),
+                        x.signature
                     ),
                 }
                 Ok(())

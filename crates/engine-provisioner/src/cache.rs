@@ -205,6 +205,7 @@ fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
     if let Some(extra) = found.iter().find(|f| {
         f.as_str() != "manifest.json"
             && f.as_str() != ORIGIN_FILE
+            && f.as_str() != crate::provenance::FILE
             && !m.files.contains_key(f.as_str())
     }) {
         return Err(format!("{extra} is in the entry but not in its manifest"));

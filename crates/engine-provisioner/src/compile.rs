@@ -426,7 +426,14 @@ fn install(
         pin: profile.pin_name.clone(),
     };
     let json = serde_json::to_string_pretty(&manifest).expect("manifest serializes");
-    fs_err::write(staging.path().join("manifest.json"), json).map_err(io("write manifest"))?;
+    fs_err::write(staging.path().join("manifest.json"), &json).map_err(io("write manifest"))?;
+    // Where it came from: an in-toto statement of this build (signed at push).
+    let statement = crate::provenance::statement(&manifest, json.as_bytes(), profile);
+    fs_err::write(
+        staging.path().join(crate::provenance::FILE),
+        serde_json::to_string_pretty(&statement).expect("a statement serializes"),
+    )
+    .map_err(io("write provenance.json"))?;
     fsx::commit_dir(staging, entry).map_err(io("install cache entry"))?;
     Ok(manifest)
 }

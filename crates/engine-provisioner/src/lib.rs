@@ -16,6 +16,7 @@ pub mod fingerprint;
 pub mod git_https;
 pub mod prebuilt;
 pub mod preflight;
+pub mod provenance;
 pub mod registry;
 pub mod reproduce;
 pub mod source;

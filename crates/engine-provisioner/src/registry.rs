@@ -21,6 +21,7 @@ use llorch_io::cmd::Cmd;
 use llorch_io::fsx;
 use llorch_io::oci::{self, OciError, OciRef, Registry};
 use llorch_io::paths::Layout;
+use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -43,6 +44,16 @@ pub struct EngineRegistry {
     pub repo: OciRef,
     pub push: bool,
     pub insecure: bool,
+    /// Sign what is pushed with this private key (`LLORCH_SIGNING_KEY`, `--sign-key`).
+    pub signing_key: Option<PathBuf>,
+    /// Pull only engines signed by this public key (`LLORCH_TRUSTED_KEY`, `--trusted-key`).
+    pub trusted_key: Option<PathBuf>,
+}
+
+fn env_path(name: &str) -> Option<PathBuf> {
+    std::env::var_os(name)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
 }
 
 impl EngineRegistry {
@@ -58,6 +69,8 @@ impl EngineRegistry {
             repo,
             push,
             insecure,
+            signing_key: env_path("LLORCH_SIGNING_KEY"),
+            trusted_key: env_path("LLORCH_TRUSTED_KEY"),
         })
     }
 
@@ -95,6 +108,14 @@ pub enum RegistryError {
     Rejected { reference: String, why: String },
     #[error("the engine at {reference} cannot run on this machine: {why}")]
     CannotRun { reference: String, why: String },
+    #[error("the engine at {reference} {why}\n  hint: {hint}")]
+    Signature {
+        reference: String,
+        why: String,
+        hint: String,
+    },
+    #[error(transparent)]
+    Provenance(#[from] crate::provenance::ProvenanceError),
     #[error(transparent)]
     Io(#[from] llorch_io::IoError),
 }
@@ -108,6 +129,8 @@ pub struct Pushed {
     pub manifest_digest: String,
     pub layer_bytes: u64,
     pub seconds: f64,
+    /// The key id that signed its provenance (attached as a referrer), if signed.
+    pub signed_by: Option<String>,
 }
 
 /// What a pull did.
@@ -118,6 +141,8 @@ pub struct Pulled {
     pub layer_bytes: u64,
     pub seconds: f64,
     pub dir: PathBuf,
+    /// `verified: signed by key …`, or why signatures were not checked.
+    pub signature: String,
 }
 
 /// `origin.json` beside a pulled entry's manifest.
@@ -391,12 +416,123 @@ pub fn push_locked(
             expect_layer_digest: None,
         },
     )?;
+    let signed_by = match &reg.signing_key {
+        Some(k) => Some(sign_pushed(&client, &r, &dir, k, &pushed)?),
+        None => None,
+    };
     Ok(Pushed {
         reference: r.to_string(),
         manifest_digest: pushed.manifest_digest,
         layer_bytes: pushed.layer_bytes,
         seconds: t0.elapsed().as_secs_f64(),
+        signed_by,
     })
+}
+
+/// Sign the entry's statement, with the pushed archive added to its subject,
+/// and attach it to the pushed engine; the key id.
+fn sign_pushed(
+    client: &Registry,
+    r: &OciRef,
+    dir: &Path,
+    key_path: &Path,
+    pushed: &oci::PushedArtifact,
+) -> Result<String, RegistryError> {
+    use crate::provenance as p;
+    let key = p::SigningKey::load(key_path)?;
+    let text = fs_err::read_to_string(dir.join(p::FILE)).map_err(|_| RegistryError::Corrupt {
+        fp: dir.display().to_string(),
+        why: format!(
+            "it has no {} (built by an older llama-orch); rebuild it to sign it",
+            p::FILE
+        ),
+    })?;
+    let statement: serde_json::Value =
+        serde_json::from_str(&text).map_err(|e| RegistryError::Corrupt {
+            fp: dir.display().to_string(),
+            why: format!("{}: {e}", p::FILE),
+        })?;
+    let manifest = fs_err::read(dir.join("manifest.json")).map_err(io("read manifest.json"))?;
+    let manifest_sha = hex::encode(sha2::Sha256::digest(&manifest));
+    if p::subject_digest(&statement, "manifest.json") != Some(manifest_sha.as_str()) {
+        return Err(RegistryError::Corrupt {
+            fp: dir.display().to_string(),
+            why: format!("its {} does not name its manifest.json", p::FILE),
+        });
+    }
+    let bundle = p::sign(&p::with_archive(&statement, &pushed.layer_digest), &key);
+    client.attach(r, &pushed.manifest_digest, p::BUNDLE_MEDIA_TYPE, &bundle)?;
+    Ok(key.key_id)
+}
+
+/// The pulled engine's signed statement, checked with the trusted key
+/// against what is being pulled: the manifest.json (`config_sha`) and the
+/// archive (`layer_digest`) must be its subject.
+fn verify_pulled(
+    client: &Registry,
+    r: &OciRef,
+    manifest_digest: &str,
+    key_path: &Path,
+    config_sha: &str,
+    layer_digest: &str,
+) -> Result<(serde_json::Value, String), RegistryError> {
+    use crate::provenance as p;
+    let key = p::TrustedKey::load(key_path)?;
+    let refuse = |why: String, hint: &str| RegistryError::Signature {
+        reference: r.to_string(),
+        why,
+        hint: hint.into(),
+    };
+    let bundles: Vec<_> = client
+        .referrers(r, manifest_digest)?
+        .into_iter()
+        .filter(|x| x.artifact_type == p::BUNDLE_MEDIA_TYPE)
+        .collect();
+    if bundles.is_empty() {
+        return Err(refuse(
+            "has no signature: no signed provenance is attached to it".into(),
+            "push it with `cargo xtask engine push --sign-key KEY`, or pull without a trusted key (LLORCH_TRUSTED_KEY)",
+        ));
+    }
+    let mut last = None;
+    for b in bundles.iter().take(16) {
+        let bytes = client.referrer_payload(r, b)?;
+        match p::verify(&bytes, &key) {
+            Ok(st) => {
+                let layer_hex = layer_digest.strip_prefix("sha256:").unwrap_or(layer_digest);
+                let named = (
+                    p::subject_digest(&st, "manifest.json"),
+                    p::subject_digest(&st, p::ARCHIVE_SUBJECT),
+                );
+                if named != (Some(config_sha), Some(layer_hex)) {
+                    return Err(refuse(
+                        format!(
+                            "is signed by the trusted key, but its statement does not name the pulled bytes: manifest.json sha256 {config_sha} and archive {layer_digest}, it names {} and {}",
+                            named.0.unwrap_or("nothing"),
+                            named.1.unwrap_or("nothing")
+                        ),
+                        "the signature belongs to another build: do not use this engine; push it again from a trusted builder",
+                    ));
+                }
+                return Ok((st, key.key_id));
+            }
+            Err(e) => last = Some(e),
+        }
+    }
+    let why = match last {
+        Some(p::BundleRefused::OtherKey { found, trusted }) => {
+            format!("is signed by key {found}, not by the trusted key {trusted}")
+        }
+        Some(e) => format!("has a signature that does not hold: {e}"),
+        None => "has no signature".into(),
+    };
+    Err(refuse(
+        why,
+        &format!(
+            "trust the builder's public key (LLORCH_TRUSTED_KEY={}) only if it is the right one",
+            key_path.display()
+        ),
+    ))
 }
 
 /// Fetch engine `fp` from `reg` and install it, verified, as a local build
@@ -456,6 +592,19 @@ pub fn pull(
         reference: reference.clone(),
         why: why.to_string(),
     })?;
+    // Its signature, before a byte of the archive is fetched.
+    let config_sha = hex::encode(sha2::Sha256::digest(&config));
+    let signed = match &reg.trusted_key {
+        Some(k) => Some(verify_pulled(
+            &client,
+            &r,
+            &manifest_digest,
+            k,
+            &config_sha,
+            &layer.digest,
+        )?),
+        None => None,
+    };
     let downloads = layout.bucket(llorch_io::paths::Bucket::Downloads);
     fs_err::create_dir_all(&downloads).map_err(io("create downloads dir"))?;
     let partial = downloads.join(format!("engine-{fp}.tar.gz.partial"));
@@ -509,6 +658,20 @@ pub fn pull(
         serde_json::to_string_pretty(&origin).unwrap().as_bytes(),
     )
     .map_err(io("write origin.json"))?;
+    // The verified statement travels with the entry (a mirror can sign it again).
+    let signature = match &signed {
+        Some((st, key_id)) => {
+            fsx::write_atomic(
+                &staging.path().join(crate::provenance::FILE),
+                serde_json::to_string_pretty(st).unwrap().as_bytes(),
+            )
+            .map_err(io("write provenance.json"))?;
+            format!("verified: its provenance is signed by the trusted key {key_id}")
+        }
+        None => {
+            "not checked: no trusted key (set LLORCH_TRUSTED_KEY to a builder's public key)".into()
+        }
+    };
     fsx::commit_dir(staging, &entry).map_err(io("install the pulled engine"))?;
     let _ = fs_err::remove_file(&partial);
     Ok(Pulled {
@@ -517,5 +680,6 @@ pub fn pull(
         layer_bytes: layer.size as u64,
         seconds: t0.elapsed().as_secs_f64(),
         dir: entry,
+        signature,
     })
 }

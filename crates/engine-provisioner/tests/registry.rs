@@ -327,3 +327,169 @@ fn an_engine_that_cannot_run_here_is_refused_with_the_reason() {
     );
     registry::runnable_here(&ann).unwrap();
 }
+
+/// A registry client and the pushed engine's reference, layer digest and manifest digest.
+fn pushed_engine(
+    r: &EngineRegistry,
+    fp: &str,
+) -> (
+    llorch_io::oci::Registry,
+    llorch_io::oci::OciRef,
+    String,
+    String,
+) {
+    let tagged = r.repo.with_tag(fp).unwrap();
+    let client = llorch_io::oci::Registry::connect(&tagged, false).unwrap();
+    let (m, digest) = client.pull_manifest(&tagged).unwrap();
+    let layer = m.layers[0].digest.clone();
+    (client, tagged, layer, digest)
+}
+
+/// Signed provenance end to end: the build's statement names its
+/// manifest.json; a host that trusts a key refuses an unsigned engine and one
+/// signed by another key (naming both keys), and takes one signed by the
+/// trusted key, keeping the statement that names the pulled bytes; a
+/// statement signed by the trusted key for other bytes is refused; an
+/// independent verifier (Python's `cryptography`, written from the bundle,
+/// DSSE and in-toto formats) accepts the bundle the registry holds.
+#[test]
+fn signed_engines_are_pulled_only_with_the_trusted_key_and_each_refusal_says_why() {
+    use engine_provisioner::provenance as p;
+    use sha2::Digest;
+    let reg = TestRegistry::start(None);
+    let tmp = tempfile::tempdir().unwrap();
+    let (ws1, fp, archive, sha) = built(tmp.path(), "sig");
+    let keys = tmp.path().join("keys");
+    fs_err::create_dir_all(&keys).unwrap();
+    let a = p::keygen(&keys.join("builder")).unwrap();
+    let b = p::keygen(&keys.join("other")).unwrap();
+    // The build wrote its statement beside the manifest.
+    let entry = ws1
+        .layout
+        .bucket(llorch_io::paths::Bucket::Engines)
+        .join(&fp);
+    let manifest_sha = hex::encode(sha2::Sha256::digest(
+        fs_err::read(entry.join("manifest.json")).unwrap(),
+    ));
+    let st: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(entry.join(p::FILE)).unwrap()).unwrap();
+    assert_eq!(
+        p::subject_digest(&st, "manifest.json"),
+        Some(manifest_sha.as_str())
+    );
+    assert_eq!(st["predicateType"], p::PREDICATE_TYPE);
+    assert_eq!(
+        st["predicate"]["buildDefinition"]["internalParameters"]["fingerprint"],
+        fp.as_str()
+    );
+    assert_eq!(
+        st["predicate"]["buildDefinition"]["externalParameters"]["profile"],
+        "fake"
+    );
+    // Keys come from the test, never from the environment.
+    let mut plain = EngineRegistry::new(&reg.url("llorch/signed"), false, false).unwrap();
+    plain.signing_key = None;
+    plain.trusted_key = None;
+    let with = |sign: Option<&Path>, trust: Option<&Path>| EngineRegistry {
+        signing_key: sign.map(Path::to_path_buf),
+        trusted_key: trust.map(Path::to_path_buf),
+        ..plain.clone()
+    };
+    let trusting = with(None, Some(&a.public_key));
+    let ws2 = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let inputs = inputs_of(&ws1, &fp);
+    let pull = |r: &EngineRegistry| registry::pull(&ws2.layout, &fp, &inputs, r, &|_| {});
+    // Unsigned.
+    assert_eq!(
+        registry::push(&ws1.layout, &fp, &plain).unwrap().signed_by,
+        None
+    );
+    let e = pull(&trusting).unwrap_err().to_string();
+    assert!(e.contains("has no signature"), "{e}");
+    assert!(entries(&ws2).is_empty(), "nothing installed");
+    // Signed by another key.
+    let pushed = registry::push(&ws1.layout, &fp, &with(Some(&b.private_key), None)).unwrap();
+    assert_eq!(pushed.signed_by.as_deref(), Some(b.key_id.as_str()));
+    let e = pull(&trusting).unwrap_err().to_string();
+    assert!(e.contains(&b.key_id) && e.contains(&a.key_id), "{e}");
+    assert!(entries(&ws2).is_empty(), "nothing installed");
+    // Signed by the trusted key: pulled, and the statement names what was pulled.
+    registry::push(&ws1.layout, &fp, &with(Some(&a.private_key), None)).unwrap();
+    let pulled = pull(&trusting).unwrap();
+    assert!(pulled.signature.contains(&a.key_id), "{}", pulled.signature);
+    let (client, tagged, layer, manifest_digest) = pushed_engine(&plain, &fp);
+    let kept: serde_json::Value =
+        serde_json::from_slice(&fs_err::read(pulled.dir.join(p::FILE)).unwrap()).unwrap();
+    assert_eq!(
+        p::subject_digest(&kept, p::ARCHIVE_SUBJECT),
+        layer.strip_prefix("sha256:")
+    );
+    assert_eq!(
+        p::subject_digest(&kept, "manifest.json"),
+        Some(manifest_sha.as_str())
+    );
+    // The independent verifier, on each bundle the registry holds for it:
+    // the trusted key's holds, the other key's does not.
+    let py = test_support::python_packages("cryptography", &["cryptography==48.0.0"]);
+    let verifier = test_support::workspace_root()
+        .join("crates/engine-provisioner/tests/python/verify_bundle.py");
+    let mut verdicts = Vec::new();
+    for x in client.referrers(&tagged, &manifest_digest).unwrap() {
+        assert_eq!(x.artifact_type, p::BUNDLE_MEDIA_TYPE);
+        let file = tmp.path().join("bundle.json");
+        fs_err::write(&file, client.referrer_payload(&tagged, &x).unwrap()).unwrap();
+        let (ok, out, err) = llorch_io::cmd::Cmd::new("python3")
+            .arg(&verifier)
+            .arg(&file)
+            .arg(&a.public_key)
+            .arg(layer.strip_prefix("sha256:").unwrap())
+            .env("PYTHONPATH", &py)
+            .output()
+            .unwrap();
+        verdicts.push((ok, format!("{out}{err}")));
+    }
+    assert_eq!(verdicts.len(), 2, "{verdicts:?}");
+    assert!(
+        !verdicts[0].0 && verdicts[0].1.contains("no signature by key"),
+        "{verdicts:?}"
+    );
+    assert!(
+        verdicts[1].0 && verdicts[1].1.contains(&a.key_id),
+        "{verdicts:?}"
+    );
+    // A statement for other bytes, signed by the trusted key, on another engine: refused.
+    let forged = with(None, Some(&a.public_key));
+    let forged = EngineRegistry {
+        repo: llorch_io::oci::OciRef::parse(&reg.url("llorch/forged")).unwrap(),
+        ..forged
+    };
+    registry::push(
+        &ws1.layout,
+        &fp,
+        &EngineRegistry {
+            trusted_key: None,
+            ..forged.clone()
+        },
+    )
+    .unwrap();
+    let (client, tagged, _, manifest_digest) = pushed_engine(&forged, &fp);
+    let other = p::with_archive(&st, &format!("sha256:{}", "0".repeat(64)));
+    let bundle = p::sign(&other, &p::SigningKey::load(&a.private_key).unwrap());
+    client
+        .attach(&tagged, &manifest_digest, p::BUNDLE_MEDIA_TYPE, &bundle)
+        .unwrap();
+    let ws3 = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let e = registry::pull(&ws3.layout, &fp, &inputs, &forged, &|_| {})
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("does not name the pulled bytes"), "{e}");
+    assert!(entries(&ws3).is_empty());
+    // Without a trusted key a pull says it checked no signature.
+    let ws4 = Workspace::new(&archive_pin_yaml(&archive, &sha), &[("fake", CPU_PROFILE)]);
+    let pulled = registry::pull(&ws4.layout, &fp, &inputs, &plain, &|_| {}).unwrap();
+    assert!(
+        pulled.signature.starts_with("not checked"),
+        "{}",
+        pulled.signature
+    );
+}

@@ -29,6 +29,7 @@ use std::time::Duration;
 
 mod auth;
 mod reference;
+pub mod referrers;
 
 use auth::extra_roots;
 pub use auth::{credentials, docker_config_auth};
