@@ -206,6 +206,7 @@ fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
         f.as_str() != "manifest.json"
             && f.as_str() != ORIGIN_FILE
             && f.as_str() != crate::provenance::FILE
+            && f.as_str() != crate::provenance::REPRODUCED_FILE
             && !m.files.contains_key(f.as_str())
     }) {
         return Err(format!("{extra} is in the entry but not in its manifest"));

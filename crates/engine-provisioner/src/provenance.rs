@@ -30,6 +30,9 @@ use std::path::{Path, PathBuf};
 
 /// The statement beside `manifest.json` in an engine entry.
 pub const FILE: &str = "provenance.json";
+/// The second statement `engine verify --rebuild` writes when the rebuild
+/// reproduced the entry byte for byte: the same subject, by the verifier.
+pub const REPRODUCED_FILE: &str = "reproduced.json";
 pub const STATEMENT_TYPE: &str = "https://in-toto.io/Statement/v1";
 pub const PREDICATE_TYPE: &str = "https://slsa.dev/provenance/v1";
 pub const BUILD_TYPE: &str = "https://llama-orch.dev/engine-build/v1";
@@ -122,6 +125,47 @@ pub fn statement(m: &Manifest, manifest_json: &[u8], profile: &crate::Profile) -
             "runDetails": {
                 "builder": {"id": builder_id()},
                 "metadata": {"invocationId": m.fingerprint, "startedOn": started, "finishedOn": finished},
+            },
+        },
+    })
+}
+
+/// The "reproduced by" statement: the entry's `manifest.json` (its exact
+/// bytes) rebuilt from source by this builder, `identical` of `files` files
+/// the same byte for byte. The build definition is the build statement's.
+pub fn reproduced_statement(
+    build: Option<&Value>,
+    manifest_json: &[u8],
+    fingerprint: &str,
+    started: &str,
+    identical: usize,
+) -> Value {
+    let definition = build
+        .map(|b| b["predicate"]["buildDefinition"].clone())
+        .filter(|d| d.is_object())
+        .unwrap_or_else(
+            || json!({"buildType": BUILD_TYPE, "internalParameters": {"fingerprint": fingerprint}}),
+        );
+    json!({
+        "_type": STATEMENT_TYPE,
+        "subject": [{"name": "manifest.json", "digest": {"sha256": sha256_hex(manifest_json)}}],
+        "predicateType": PREDICATE_TYPE,
+        "predicate": {
+            "buildDefinition": definition,
+            "runDetails": {
+                "builder": {"id": builder_id()},
+                "metadata": {
+                    "invocationId": format!("reproduce:{fingerprint}"),
+                    "startedOn": started,
+                    "finishedOn": llorch_io::now_rfc3339(),
+                },
+                "byproducts": [{
+                    "name": "reproduced",
+                    "annotations": {
+                        "files_identical": identical,
+                        "method": "cargo xtask engine verify --rebuild: the pinned source copied to a scratch tree, built with no compiler cache, every file compared byte for byte",
+                    },
+                }],
             },
         },
     })

@@ -324,6 +324,7 @@ pub fn rebuild(
     opts: &BuildOptions,
 ) -> Result<Reproduction, BuildError> {
     let started = Instant::now();
+    let started_at = llorch_io::now_rfc3339();
     let say = |m: &str| {
         if !opts.quiet {
             eprintln!("{m}");
@@ -394,6 +395,26 @@ pub fn rebuild(
     let files = compare(&dir, &cached.files, &entry, &rebuilt.files)
         .map_err(io("compare the rebuilt engine"))?;
     let reproduced = files.iter().all(|f| f.same);
+    if reproduced {
+        // A second statement: this builder reproduced the entry.
+        use crate::provenance as p;
+        let manifest = fs_err::read(dir.join("manifest.json")).map_err(io("read manifest.json"))?;
+        let build: Option<serde_json::Value> = fs_err::read(dir.join(p::FILE))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let statement =
+            p::reproduced_statement(build.as_ref(), &manifest, &fp, &started_at, files.len());
+        llorch_io::fsx::write_atomic(
+            &dir.join(p::REPRODUCED_FILE),
+            serde_json::to_string_pretty(&statement)
+                .expect("a statement serializes")
+                .as_bytes(),
+        )
+        .map_err(io("write reproduced.json"))?;
+    } else {
+        // What no longer holds is not claimed.
+        let _ = fs_err::remove_file(dir.join(crate::provenance::REPRODUCED_FILE));
+    }
     let engine = &profile.file.engine;
     let notes = match engine.backend {
         Backend::Cuda if !reproduced => crate::cuda::ptx_note(&engine.cuda_archs)

@@ -261,6 +261,24 @@ fn verify_rebuild_reproduces_an_honest_entry_and_names_the_bytes_of_a_tampered_o
     let r = reproduce::rebuild(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(r.reproduced, "{:?}", r.files);
     assert_eq!(r.files.len(), 1);
+    // A second statement says so, over the same manifest and build definition.
+    use engine_provisioner::provenance as pv;
+    let read = |f: &str| -> serde_json::Value {
+        serde_json::from_slice(&fs_err::read(built.dir.join(f)).unwrap()).unwrap()
+    };
+    let (build_st, repro_st) = (read(pv::FILE), read(pv::REPRODUCED_FILE));
+    assert_eq!(
+        pv::subject_digest(&repro_st, "manifest.json"),
+        pv::subject_digest(&build_st, "manifest.json")
+    );
+    assert_eq!(
+        repro_st["predicate"]["buildDefinition"],
+        build_st["predicate"]["buildDefinition"]
+    );
+    assert_eq!(
+        repro_st["predicate"]["runDetails"]["byproducts"][0]["annotations"]["files_identical"],
+        1
+    );
     // The scratch directories are gone.
     let left: Vec<_> = fs_err::read_dir(ws.layout.bucket(llorch_io::paths::Bucket::Build))
         .unwrap()
@@ -283,6 +301,10 @@ fn verify_rebuild_reproduces_an_honest_entry_and_names_the_bytes_of_a_tampered_o
     engine_provisioner::cache::verify_entry(&built.dir, &built.fingerprint).unwrap();
     let r = reproduce::rebuild(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
     assert!(!r.reproduced);
+    assert!(
+        !built.dir.join(pv::REPRODUCED_FILE).exists(),
+        "a reproduction that no longer holds is not claimed"
+    );
     let f = &r.files[0];
     assert_eq!(
         (f.file.as_str(), f.same, f.differing_bytes),

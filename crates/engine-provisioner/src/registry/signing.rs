@@ -40,6 +40,15 @@ pub(super) fn sign_pushed(
     }
     let bundle = p::sign(&p::with_archive(&statement, &pushed.layer_digest), &key);
     client.attach(r, &pushed.manifest_digest, p::BUNDLE_MEDIA_TYPE, &bundle)?;
+    // "Reproduced by" (`engine verify --rebuild`), when it names the same manifest.
+    let reproduced = fs_err::read(dir.join(p::REPRODUCED_FILE))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .filter(|s| p::subject_digest(s, "manifest.json") == Some(manifest_sha.as_str()));
+    if let Some(s) = reproduced {
+        let bundle = p::sign(&p::with_archive(&s, &pushed.layer_digest), &key);
+        client.attach(r, &pushed.manifest_digest, p::BUNDLE_MEDIA_TYPE, &bundle)?;
+    }
     Ok(key.key_id)
 }
 
