@@ -27,6 +27,8 @@ pub struct PreparedEngine {
     pub engine_version: String,
     /// How the engine is confined (`server.sandbox`; see [`crate::sandbox`]).
     pub sandbox: llorch_profile::SandboxMode,
+    /// A GPU build (CUDA): the sandbox limits itself (see [`crate::sandbox`]).
+    pub gpu: bool,
 }
 
 /// Flags `extra_args` may carry: they change neither the deterministic
@@ -305,6 +307,7 @@ pub fn prepare(
         ports,
         ready_timeout_s: profile.file.server.ready_timeout_s,
         sandbox: profile.file.server.sandbox,
+        gpu: profile.file.engine.backend != llorch_profile::Backend::Cpu,
         engine_version: engine_version.into(),
     })
 }

@@ -254,6 +254,7 @@ fn spawn_on(
             binary: prep.binary.clone(),
             read_files,
             port,
+            gpu: prep.gpu,
         },
     )
     .map_err(|e| fatal(e.into()))?;

@@ -307,6 +307,7 @@ mod tests {
             ports: vec![0],
             ready_timeout_s: 1,
             sandbox: llorch_profile::SandboxMode::Auto,
+            gpu: false,
             engine_version: "v".into(),
         }
     }

@@ -95,15 +95,34 @@ pub struct Protections {
     pub no_new_privs: bool,
     /// Core dumps off, open files bounded.
     pub rlimits: bool,
+    /// Why this engine runs with less than the kernel offers (a GPU engine).
+    #[serde(default)]
+    pub limited: Option<String>,
 }
 
+/// Why a GPU engine gets only the limits: measured on an H100 host
+/// (`docs/gpu/sandbox_cuda.sh`, docs/gpu.md), a CUDA program under the full
+/// sandbox fails its first CUDA call (`cudaErrorOperatingSystem`), alone and
+/// as an MPS client; which rule it needs is not isolated yet.
+pub const GPU_LIMITED: &str = "GPU engines run with the limits only: CUDA fails to initialise under Landlock, seccomp and no_new_privs (measured on an H100, docs/gpu.md), until the rules it needs are found";
+
 impl Protections {
-    /// What an engine started now under `mode` runs with (the kernel's support).
-    pub fn planned(mode: SandboxMode) -> Protections {
-        Protections::for_support(mode, Support::detect())
+    /// What an engine started now under `mode` runs with (the kernel's
+    /// support; `gpu`: a GPU build).
+    pub fn planned(mode: SandboxMode, gpu: bool) -> Protections {
+        Protections::for_support(mode, Support::detect(), gpu)
     }
 
-    fn for_support(mode: SandboxMode, s: Support) -> Protections {
+    fn for_support(mode: SandboxMode, s: Support, gpu: bool) -> Protections {
+        if gpu && mode != SandboxMode::Off {
+            return Protections {
+                mode: mode.as_str().into(),
+                landlock_abi: s.landlock_abi,
+                rlimits: true,
+                limited: Some(GPU_LIMITED.into()),
+                ..Default::default()
+            };
+        }
         if mode == SandboxMode::Off {
             return Protections {
                 mode: mode.as_str().into(),
@@ -121,6 +140,7 @@ impl Protections {
             seccomp: s.seccomp,
             no_new_privs: true,
             rlimits: true,
+            limited: None,
         }
     }
 
@@ -128,6 +148,9 @@ impl Protections {
     pub fn missing(&self) -> Vec<&'static str> {
         if self.mode == "off" {
             return Vec::new();
+        }
+        if self.limited.is_some() {
+            return vec!["Landlock, seccomp and no_new_privs for GPU engines (not yet: CUDA fails to initialise under them)"];
         }
         let mut m = Vec::new();
         for (on, what) in [
@@ -168,6 +191,9 @@ impl Protections {
         if self.mode == "off" {
             return "sandbox off (server.sandbox: off): the engine runs with your full rights"
                 .into();
+        }
+        if let Some(why) = &self.limited {
+            return format!("sandbox {}: rlimits only: {why}", self.mode);
         }
         let mut on = Vec::new();
         if self.filesystem {
@@ -215,6 +241,8 @@ pub struct EngineAccess {
     pub read_files: Vec<PathBuf>,
     /// The one TCP port it binds.
     pub port: u16,
+    /// A GPU build: only the limits apply (see [`GPU_LIMITED`]).
+    pub gpu: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -244,7 +272,7 @@ impl Sandbox {
         access: &EngineAccess,
         support: Support,
     ) -> Result<Sandbox, SandboxError> {
-        let protections = Protections::for_support(mode, support);
+        let protections = Protections::for_support(mode, support, access.gpu);
         let missing = protections.missing();
         if mode == SandboxMode::Strict && !missing.is_empty() {
             return Err(SandboxError::Strict {
@@ -279,12 +307,26 @@ impl Sandbox {
         Ok(sandbox)
     }
 
+    /// Leave out the Landlock ruleset, the seccomp filters or the limits
+    /// (`sandbox-probe run` bisects a failing program with this; engines
+    /// never do).
+    pub fn diagnose_without(mut self, landlock: bool, seccomp: bool) -> Sandbox {
+        if landlock {
+            self.ruleset = None;
+        }
+        if seccomp {
+            self.filters.clear();
+        }
+        self
+    }
+
     /// Apply the sandbox in the child between fork and exec (after any
     /// other `pre_exec` of `c`). The child makes only system calls.
     pub fn apply_to(self, c: &mut std::process::Command) {
         if self.protections.mode == "off" {
             return;
         }
+        let no_new_privs = self.protections.no_new_privs;
         let Sandbox {
             ruleset,
             filters,
@@ -313,7 +355,9 @@ impl Sandbox {
                 };
                 fail(libc::setrlimit(libc::RLIMIT_CORE, &zero) as libc::c_long)?;
                 fail(libc::setrlimit(libc::RLIMIT_NOFILE, &files) as libc::c_long)?;
-                fail(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+                if no_new_privs {
+                    fail(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
+                }
                 if let Some(fd) = &ruleset {
                     fail(libc::syscall(
                         libc::SYS_landlock_restrict_self,
@@ -416,6 +460,20 @@ fn rule(path: &Path, rights: BitFlags<AccessFs>, abi: ABI) -> Option<PathBeneath
     Some(PathBeneath::new(fd, rights))
 }
 
+/// The directory of an engine's build: `<entry>` of `<entry>/bin/llama-server`,
+/// else the binary's own directory; never `/` or a top-level directory (a
+/// binary in `/usr/bin` or `/bin` reads its libraries through the system
+/// rules, not the whole tree).
+fn engine_dir(binary: &Path) -> Option<&Path> {
+    let parent = binary.parent()?;
+    let dir = if parent.file_name().is_some_and(|n| n == "bin") {
+        parent.parent()?
+    } else {
+        parent
+    };
+    (dir.components().count() > 2).then_some(dir)
+}
+
 fn landlock_ruleset(access: &EngineAccess, kernel_abi: u32) -> Result<OwnedFd, SandboxError> {
     // The newest ABI this code knows what to grant for; the crate narrows it
     // to the kernel's (best effort), and `Protections` reports the kernel's.
@@ -439,12 +497,9 @@ fn landlock_ruleset(access: &EngineAccess, kernel_abi: u32) -> Result<OwnedFd, S
     }
     let mut created = rs.create().map_err(build_err("create the ruleset"))?;
     let mut rules: Vec<PathBeneath<PathFd>> = Vec::new();
-    let engine_dir = access
-        .binary
-        .parent()
-        .and_then(Path::parent)
-        .unwrap_or(Path::new("/"));
-    rules.extend(rule(engine_dir, read, abi));
+    if let Some(dir) = engine_dir(&access.binary) {
+        rules.extend(rule(dir, read, abi));
+    }
     rules.extend(rule(&access.binary, exec, abi));
     for f in &access.read_files {
         rules.extend(rule(f, read, abi));
@@ -491,6 +546,7 @@ mod tests {
             binary: PathBuf::from("/bin/true"),
             read_files: Vec::new(),
             port: 1,
+            gpu: false,
         }
     }
 
@@ -506,7 +562,7 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("network rules (ABI 4"), "{msg}");
         assert!(msg.contains("server.sandbox: auto"), "{msg}");
-        let p = Protections::for_support(SandboxMode::Auto, old);
+        let p = Protections::for_support(SandboxMode::Auto, old, false);
         assert!(p.filesystem && !p.network && p.seccomp);
         assert!(
             p.summary().contains("not on this kernel"),
@@ -519,11 +575,45 @@ mod tests {
                 landlock_abi: 0,
                 seccomp: false,
             },
+            false,
         );
         assert!(!none.filesystem && !none.seccomp && none.no_new_privs);
-        let off = Protections::for_support(SandboxMode::Off, old);
+        // A GPU engine: the limits only, said why; strict refuses it.
+        let gpu = Protections::for_support(SandboxMode::Auto, old, true);
+        assert!(gpu.rlimits && !gpu.filesystem && !gpu.seccomp && !gpu.no_new_privs);
+        assert!(gpu.summary().contains("rlimits only"), "{}", gpu.summary());
+        let gpu_access = EngineAccess {
+            gpu: true,
+            ..access()
+        };
+        let e = Sandbox::build_on(SandboxMode::Strict, &gpu_access, old)
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("GPU engines"), "{e}");
+        let off = Protections::for_support(SandboxMode::Off, old, false);
         assert_eq!(off.missing(), Vec::<&str>::new());
         assert!(off.summary().contains("full rights"));
+    }
+
+    #[test]
+    fn an_engine_reads_its_own_tree_never_a_top_level_one() {
+        let d = |p: &str| engine_dir(Path::new(p)).map(|d| d.display().to_string());
+        assert_eq!(
+            d("/home/u/.cache/llama-orch/engines-v1/f/bin/llama-server").as_deref(),
+            Some("/home/u/.cache/llama-orch/engines-v1/f")
+        );
+        assert_eq!(
+            d("/opt/llorch/srv/llama-server").as_deref(),
+            Some("/opt/llorch/srv")
+        );
+        for top in [
+            "/bin/cat",
+            "/usr/bin/llama-server",
+            "/llama-server",
+            "/opt/bin/x",
+        ] {
+            assert_eq!(d(top), None, "{top}");
+        }
     }
 
     #[test]

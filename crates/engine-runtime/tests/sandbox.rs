@@ -120,6 +120,7 @@ fn a_hostile_stand_in_engine_can_bind_its_port_and_nothing_else() {
         binary: s.probe.clone(),
         read_files: Vec::new(),
         port: s.port,
+        gpu: false,
     };
     let sandbox = Sandbox::build(SandboxMode::Auto, &access).unwrap();
     let p = sandbox.protections.clone();
@@ -186,6 +187,7 @@ fn unconfined_the_same_attempts_succeed() {
             binary: s.probe.clone(),
             read_files: Vec::new(),
             port: s.port,
+            gpu: false,
         },
     )
     .unwrap();

@@ -8,6 +8,11 @@
 //! its reach), and `--child` when it re-executed itself (the restrictions
 //! must survive exec); `--safe` (unconfined control runs) skips ptrace,
 //! signals and the re-exec.
+//!
+//! `sandbox-probe run PROGRAM [ARGS…]` instead runs PROGRAM in the engine's
+//! sandbox (`auto`, reading PROGRAM's directory's parent, as an engine's
+//! build) and exits with its status: how a GPU program is checked under the
+//! sandbox on a host without a Rust toolchain (`docs/gpu/sandbox_cuda.sh`).
 
 use llorch_io::cmd::Cmd;
 use std::io::Write;
@@ -41,8 +46,53 @@ fn arg(args: &[String], name: &str) -> String {
         .unwrap_or_else(|| panic!("sandbox-probe: {name} is required"))
 }
 
+/// `run PROGRAM [ARGS…]`: PROGRAM in the engine sandbox; its exit status.
+fn run_sandboxed(args: &[String]) -> ! {
+    use engine_runtime::sandbox::{EngineAccess, Sandbox};
+    let program = std::path::PathBuf::from(&args[0]);
+    let sandbox = Sandbox::build(
+        llorch_profile::SandboxMode::Auto,
+        &EngineAccess {
+            binary: program.clone(),
+            read_files: Vec::new(),
+            port: 1,
+            gpu: false,
+        },
+    )
+    .unwrap_or_else(|e| {
+        eprintln!("sandbox-probe: {e}");
+        std::process::exit(2)
+    });
+    // LLORCH_SANDBOX_PROBE_WITHOUT=landlock|seccomp: bisect a failing program.
+    let without = std::env::var("LLORCH_SANDBOX_PROBE_WITHOUT").unwrap_or_default();
+    let sandbox =
+        sandbox.diagnose_without(without.contains("landlock"), without.contains("seccomp"));
+    eprintln!(
+        "sandbox-probe: {}{}",
+        sandbox.protections.summary(),
+        if without.is_empty() {
+            String::new()
+        } else {
+            format!(" (without {without})")
+        }
+    );
+    let status = Cmd::new(&program)
+        .args(&args[1..])
+        .spawn_with(|c| sandbox.apply_to(c))
+        .and_then(|mut c| c.wait())
+        .unwrap_or_else(|e| {
+            eprintln!("sandbox-probe: start {}: {e}", program.display());
+            std::process::exit(2)
+        });
+    eprintln!("sandbox-probe: {} exited: {status}", program.display());
+    std::process::exit(status.code().unwrap_or(1))
+}
+
 fn main() {
     let args: Vec<String> = std::env::args().collect();
+    if args.get(1).map(String::as_str) == Some("run") && args.len() > 2 {
+        run_sandboxed(&args[2..]);
+    }
     let child = args.iter().any(|a| a == "--child");
     // Unconfined runs (the test's control) skip what would disturb the test process.
     let safe = args.iter().any(|a| a == "--safe");
