@@ -463,11 +463,8 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
         .as_ref()
         .map(|a| a.iter().filter(|s| s.is_processing).count());
     let total = slots.as_ref().map(|a| a.len());
-    let uptime = fs_err::metadata(format!("/proc/{}", pf.process.pid))
-        .and_then(|m| m.modified())
-        .ok()
-        .and_then(|t| t.elapsed().ok())
-        .map(|d| d.as_secs());
+    // From the process's own start time (its /proc entry's times change).
+    let uptime = pf.process.uptime().map(|d| d.as_secs());
     if a.json {
         return print_json(&serde_json::json!({
             "pool": pool, "running": true, "pid": pf.process.pid, "owner": pf.owner.describe(), "url": h.url, "health": health, "uptime_s": uptime,

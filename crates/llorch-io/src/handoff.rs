@@ -169,6 +169,24 @@ impl ProcessIdentity {
         ProcessIdentity::of(std::process::id()).expect("our own /proc entry is readable")
     }
 
+    /// How long the process has run: the system's uptime less its start time
+    /// (in clock ticks since boot); `None` if either cannot be read.
+    pub fn uptime(&self) -> Option<Duration> {
+        let up: f64 = fs_err::read_to_string("/proc/uptime")
+            .ok()?
+            .split_whitespace()
+            .next()?
+            .parse()
+            .ok()?;
+        // SAFETY: sysconf reads a constant of the system.
+        let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if ticks <= 0 {
+            return None;
+        }
+        let started = self.start_time as f64 / ticks as f64;
+        Some(Duration::from_secs_f64((up - started).max(0.0)))
+    }
+
     /// Whether the process this names is still running (pid, start time and executable all match).
     pub fn is_running(&self) -> bool {
         self.pid > 0 && ProcessIdentity::of(self.pid).as_ref() == Some(self)
@@ -491,6 +509,26 @@ mod tests {
         );
         assert!(!other.signal(0), "never signalled");
         assert!(ProcessIdentity::of(u32::MAX - 1).is_none());
+    }
+
+    #[test]
+    fn uptime_counts_from_the_process_start() {
+        let me = ProcessIdentity::current();
+        let t0 = std::time::Instant::now();
+        let a = me.uptime().expect("our uptime");
+        let child = crate::cmd::KillOnDrop(
+            crate::cmd::Cmd::new("sleep")
+                .arg("30")
+                .spawn(crate::cmd::Io::Null, crate::cmd::Io::Null)
+                .unwrap(),
+        );
+        let c = ProcessIdentity::of(child.id()).unwrap().uptime().unwrap();
+        // The child started after this process (tick resolution: 10 ms at
+        // most), and no later than now.
+        assert!(
+            c <= a + t0.elapsed() + Duration::from_millis(20),
+            "{c:?} {a:?}"
+        );
     }
 
     #[test]
