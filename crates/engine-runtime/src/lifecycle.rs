@@ -445,18 +445,27 @@ pub fn wait_ready(
     }
 }
 
-/// Stop our own child: SIGTERM, up to 5 s, then SIGKILL. std owns the
-/// child and is the only one that reaps it (`try_wait`/`wait`), so until it
-/// does the pid stays a zombie of ours and cannot be reused: every signal
-/// here reaches this engine and no other process.
+/// Stop our own child and its process group (it leads one: `setpgid` or
+/// `setsid` at spawn, so anything it started goes too): SIGTERM, up to 5 s,
+/// then SIGKILL. std owns the child and is the only one that reaps it
+/// (`try_wait`/`wait`), so until it does the pid stays a zombie of ours and
+/// cannot be reused, nor can the group id it leads: every signal here
+/// reaches this engine's group and no other process.
 fn terminate_child(child: &mut Child) {
+    let pid = child.id() as i32;
     if let Ok(None) = child.try_wait() {
-        // SAFETY: kill(2) on our unreaped child's pid (it cannot have been reused).
-        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        // SAFETY: kill(2) on our unreaped child's group, else the child alone.
+        unsafe {
+            if libc::kill(-pid, libc::SIGTERM) != 0 {
+                libc::kill(pid, libc::SIGTERM);
+            }
+        };
         let deadline = Instant::now() + Duration::from_secs(5);
         let mut pause = Duration::from_millis(1);
         while let Ok(None) = child.try_wait() {
             if Instant::now() >= deadline {
+                // SAFETY: the child is still unreaped: its group id is its own.
+                unsafe { libc::kill(-pid, libc::SIGKILL) };
                 let _ = child.kill();
                 break;
             }
