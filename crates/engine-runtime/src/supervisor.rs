@@ -66,6 +66,63 @@ impl Default for RestartPolicy {
     }
 }
 
+/// What the supervisor does after its engine ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AfterExit {
+    /// Start it again after `after` (the `attempt`-th restart).
+    Restart { attempt: u32, after: Duration },
+    /// Too many crashes within the window: `crashes` of them.
+    GiveUp { crashes: usize },
+}
+
+/// The restart policy's memory: crashes in the window, the next backoff.
+/// Pure (times are passed in), so the policy is tested without an engine.
+#[derive(Debug)]
+pub struct Crashes {
+    policy: RestartPolicy,
+    at: Vec<Instant>,
+    backoff: Duration,
+    attempt: u32,
+}
+
+impl Crashes {
+    pub fn new(policy: RestartPolicy) -> Crashes {
+        Crashes {
+            backoff: policy.initial_backoff,
+            policy,
+            at: Vec::new(),
+            attempt: 0,
+        }
+    }
+
+    /// The engine ended at `now` after running healthy for `healthy`
+    /// (zero: it never became ready). A long healthy run forgets earlier
+    /// crashes and resets the backoff; then the crash counts, and either
+    /// the engine is given up or restarted after a backoff that doubles up
+    /// to the maximum.
+    pub fn on_exit(&mut self, now: Instant, healthy: Duration) -> AfterExit {
+        if healthy >= self.policy.healthy_reset {
+            self.backoff = self.policy.initial_backoff;
+            self.at.clear();
+        }
+        let window = self.policy.window;
+        self.at.retain(|t| now.duration_since(*t) < window);
+        self.at.push(now);
+        if self.at.len() >= self.policy.max_crashes {
+            return AfterExit::GiveUp {
+                crashes: self.at.len(),
+            };
+        }
+        self.attempt += 1;
+        let after = self.backoff;
+        self.backoff = (self.backoff * 2).min(self.policy.max_backoff);
+        AfterExit::Restart {
+            attempt: self.attempt,
+            after,
+        }
+    }
+}
+
 struct Shared {
     state: Mutex<EngineState>,
     cv: Condvar,
@@ -253,9 +310,8 @@ fn run(
     shared: Arc<Shared>,
 ) {
     let paths = lifecycle::RunPaths::new(&layout, &prep.pool_id);
-    let mut crashes: Vec<Instant> = Vec::new();
-    let mut backoff = policy.initial_backoff;
-    let mut attempt = 0u32;
+    let window = policy.window;
+    let mut crashes = Crashes::new(policy);
     loop {
         if shared.stop.load(Ordering::SeqCst) {
             release(&paths, &owner);
@@ -272,6 +328,7 @@ fn run(
                 _ => lifecycle::spawn(&prep, &layout, &owner),
             }
         });
+        let mut healthy = Duration::ZERO;
         let last_exit = match spawned {
             Ok(eng) => {
                 shared.set(EngineState::Ready {
@@ -288,33 +345,28 @@ fn run(
                         return;
                     }
                     Some(status) => {
-                        if healthy_since.elapsed() >= policy.healthy_reset {
-                            backoff = policy.initial_backoff;
-                            crashes.clear();
-                        }
+                        healthy = healthy_since.elapsed();
                         status
                     }
                 }
             }
             Err(e) => e.to_string(),
         };
-        let now = Instant::now();
-        crashes.retain(|t| now.duration_since(*t) < policy.window);
-        crashes.push(now);
-        if crashes.len() >= policy.max_crashes {
-            shared.set(EngineState::Failed {
-                reason: format!(
-                    "llama-server crashed {} times within {}s; giving up. Last exit: {last_exit}\n--- last lines of {} ---\n{}",
-                    crashes.len(),
-                    policy.window.as_secs(),
-                    paths.log.display(),
-                    llorch_io::tail_lines(&paths.log, 20)
-                ),
-            });
-            release(&paths, &owner);
-            return;
-        }
-        attempt += 1;
+        let (attempt, backoff) = match crashes.on_exit(Instant::now(), healthy) {
+            AfterExit::GiveUp { crashes } => {
+                shared.set(EngineState::Failed {
+                    reason: format!(
+                        "llama-server crashed {crashes} times within {}s; giving up. Last exit: {last_exit}\n--- last lines of {} ---\n{}",
+                        window.as_secs(),
+                        paths.log.display(),
+                        llorch_io::tail_lines(&paths.log, 20)
+                    ),
+                });
+                release(&paths, &owner);
+                return;
+            }
+            AfterExit::Restart { attempt, after } => (attempt, after),
+        };
         shared.restarts.fetch_add(1, Ordering::Relaxed);
         shared.set(EngineState::Restarting {
             attempt,
@@ -326,7 +378,6 @@ fn run(
             shared.set(EngineState::Stopped);
             return;
         }
-        backoff = (backoff * 2).min(policy.max_backoff);
     }
 }
 
@@ -371,5 +422,70 @@ fn release(paths: &lifecycle::RunPaths, owner: &Owner) {
             let _ = fs_err::remove_file(&paths.handoff);
             let _ = fs_err::remove_file(&paths.api_key);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy() -> RestartPolicy {
+        RestartPolicy {
+            initial_backoff: Duration::from_millis(500),
+            max_backoff: Duration::from_secs(4),
+            healthy_reset: Duration::from_secs(60),
+            max_crashes: 5,
+            window: Duration::from_secs(300),
+        }
+    }
+
+    fn restart(attempt: u32, ms: u64) -> AfterExit {
+        AfterExit::Restart {
+            attempt,
+            after: Duration::from_millis(ms),
+        }
+    }
+
+    #[test]
+    fn backoff_doubles_to_its_maximum_and_the_fifth_crash_in_the_window_gives_up() {
+        let mut c = Crashes::new(policy());
+        let t0 = Instant::now();
+        let s = Duration::from_secs;
+        assert_eq!(c.on_exit(t0, Duration::ZERO), restart(1, 500));
+        assert_eq!(c.on_exit(t0 + s(1), s(1)), restart(2, 1000));
+        assert_eq!(c.on_exit(t0 + s(2), s(1)), restart(3, 2000));
+        assert_eq!(c.on_exit(t0 + s(3), s(1)), restart(4, 4000));
+        assert_eq!(c.on_exit(t0 + s(4), s(1)), AfterExit::GiveUp { crashes: 5 });
+    }
+
+    #[test]
+    fn crashes_outside_the_window_are_forgotten_and_a_long_healthy_run_resets_the_backoff() {
+        let s = Duration::from_secs;
+        let t0 = Instant::now();
+        // Four crashes, then one more only after the window: not a give-up.
+        let mut c = Crashes::new(policy());
+        for i in 0..4 {
+            assert!(matches!(
+                c.on_exit(t0 + s(i), s(1)),
+                AfterExit::Restart { .. }
+            ));
+        }
+        assert!(matches!(
+            c.on_exit(t0 + s(301), s(1)),
+            AfterExit::Restart { .. }
+        ));
+        // The backoff kept growing (capped); a healthy minute resets it and the count.
+        assert_eq!(c.on_exit(t0 + s(302), s(1)), restart(6, 4000));
+        assert_eq!(c.on_exit(t0 + s(400), s(60)), restart(7, 500));
+        for i in 0..3 {
+            assert!(matches!(
+                c.on_exit(t0 + s(401 + i), s(1)),
+                AfterExit::Restart { .. }
+            ));
+        }
+        assert_eq!(
+            c.on_exit(t0 + s(405), s(1)),
+            AfterExit::GiveUp { crashes: 5 }
+        );
     }
 }
