@@ -94,16 +94,40 @@ fn image_env(layout: &Path) -> Vec<String> {
         .collect()
 }
 
+/// The entrypoint's process tree. On drop the pid namespace's init (the
+/// entrypoint, `unshare`'s one child) is killed first, and the kernel kills
+/// everything else in the namespace with it; then `unshare`. Killing
+/// `unshare` alone does not do it as root: the inner `--setuid` clears the
+/// parent-death signal `--kill-child` gave the entrypoint (the clean-clone CI
+/// left one serving so once).
+struct Entrypoint(llorch_io::cmd::KillOnDrop);
+
+impl Entrypoint {
+    /// The namespace's init as the host sees it (`unshare`'s children).
+    fn inits(&self) -> Vec<i32> {
+        let outer = self.0.id();
+        fs_err::read_to_string(format!("/proc/{outer}/task/{outer}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect()
+    }
+}
+
+impl Drop for Entrypoint {
+    fn drop(&mut self) {
+        for pid in self.inits() {
+            // SAFETY: kill(2) of our unreaped child's child (unshare waits for it).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+    }
+}
+
 /// The entrypoint, chrooted into `rootfs` in new mount and pid namespaces,
 /// with `model` bound read-only at /models/model.gguf and `state` at
 /// /var/lib/llorch; as uid 65532 when we are root (else in a user namespace
 /// that maps us to root, where only our uid exists).
-fn run_entrypoint(
-    rootfs: &Path,
-    env: &[String],
-    model: &Path,
-    state: &Path,
-) -> llorch_io::cmd::KillOnDrop {
+fn run_entrypoint(rootfs: &Path, env: &[String], model: &Path, state: &Path) -> Entrypoint {
     for d in ["proc", "dev"] {
         fs_err::create_dir_all(rootfs.join(d)).unwrap();
     }
@@ -142,17 +166,18 @@ exec /usr/bin/env -i {envs} PORT=0 LLORCH_API_TOKEN=image-test-token /usr/bin/un
     if !is_root() {
         ns = ns.args(["--user", "--map-root-user"]);
     }
-    llorch_io::cmd::KillOnDrop(
+    Entrypoint(llorch_io::cmd::KillOnDrop(
         ns.args(["--mount", "--pid", "--fork", "--kill-child", "bash", "-c"])
             .arg(script)
             .spawn(Io::Piped, Io::Piped)
             .unwrap(),
-    )
+    ))
 }
 
 /// Where the entrypoint serves (its `serving … at URL` line), or everything
 /// it said on stderr if it exited first.
-fn served_at(child: &mut llorch_io::cmd::KillOnDrop) -> Result<String, String> {
+fn served_at(child: &mut Entrypoint) -> Result<String, String> {
+    let child = &mut child.0;
     let stderr = child.0.stderr.take().unwrap();
     let err_text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
     let et = err_text.clone();
@@ -291,7 +316,19 @@ fn the_image_reproduces_in_another_cache_and_its_unpacked_entrypoint_serves_the_
             .as_u16(),
         200
     );
+    // Nothing of it outlives the test: its namespace's init is gone (and
+    // with it every process of the namespace, the engine among them).
+    let inits = child.inits();
+    assert_eq!(inits.len(), 1, "one namespace init: {inits:?}");
     drop(child);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while llorch_io::handoff::ProcessIdentity::of(inits[0] as u32).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the entrypoint outlived the test"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
 }
 
 #[test]
