@@ -25,17 +25,15 @@
 //! applies nothing. [`Protections`] says exactly which parts are active, and
 //! `doctor`, the start line and `/v1/capabilities` show it.
 
-use landlock::{
-    Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
-    RulesetCreatedAttr, Scope, ABI,
-};
 use llorch_profile::SandboxMode;
 use seccompiler::BpfProgram;
 use serde::Serialize;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
+mod fs_rules;
 mod seccomp;
+use fs_rules::landlock_ruleset;
 use seccomp::{seccomp_filters, target_arch};
 
 /// The most open files an engine may hold (it needs one per client
@@ -376,170 +374,10 @@ impl Sandbox {
     }
 }
 
-/// System directories an engine reads (libraries, loader configuration,
-/// process and device information), where they exist.
-const READ_DIRS: &[&str] = &[
-    "/usr",
-    "/lib",
-    "/lib64",
-    "/lib32",
-    "/opt",
-    "/etc/ld.so.conf.d",
-    "/etc/alternatives",
-    "/etc/vulkan",
-    "/etc/OpenCL",
-    "/proc",
-    "/sys",
-];
-const READ_FILES: &[&str] = &[
-    "/etc/ld.so.cache",
-    "/etc/ld.so.conf",
-    "/etc/ld.so.preload",
-    "/etc/localtime",
-    "/etc/nsswitch.conf",
-    "/etc/hosts",
-    "/etc/host.conf",
-    "/etc/gai.conf",
-    "/dev/urandom",
-    "/dev/random",
-    "/dev/zero",
-];
-/// ELF loaders (execute right: the kernel opens the interpreter for exec).
-const LOADERS: &[&str] = &[
-    "/lib64/ld-linux-x86-64.so.2",
-    "/lib/ld-linux-aarch64.so.1",
-    "/lib/ld-linux-x86-64.so.2",
-];
-
-/// GPU device nodes (NVIDIA, DRM render nodes for Vulkan, AMD's KFD), read,
-/// written and ioctl'd; `/dev/shm` and the MPS pipe directory where an NVIDIA
-/// device is present (CUDA's inter-process state, MPS clients).
-fn gpu_paths() -> (Vec<PathBuf>, Vec<PathBuf>) {
-    let mut devices = Vec::new();
-    let mut shared = Vec::new();
-    if let Ok(rd) = fs_err::read_dir("/dev") {
-        for e in rd.flatten() {
-            let name = e.file_name();
-            let name = name.to_string_lossy();
-            if name.starts_with("nvidia") || name == "dri" || name == "kfd" {
-                devices.push(e.path());
-            }
-        }
-    }
-    devices.sort();
-    if devices
-        .iter()
-        .any(|d| d.to_string_lossy().contains("nvidia"))
-    {
-        shared.push(PathBuf::from("/dev/shm"));
-        let pipe = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp/nvidia-mps"));
-        shared.push(pipe);
-    }
-    (devices, shared)
-}
-
-fn build_err(what: impl Into<String>) -> impl FnOnce(landlock::RulesetError) -> SandboxError {
-    let what = what.into();
-    move |e| SandboxError::Build {
-        what,
-        err: e.to_string(),
-    }
-}
-
-/// Rights on `path`, narrowed to those a file can carry when it is not a directory.
-fn rule(path: &Path, rights: BitFlags<AccessFs>, abi: ABI) -> Option<PathBeneath<PathFd>> {
-    let fd = PathFd::new(path).ok()?;
-    let is_dir = fs_err::metadata(path).map(|m| m.is_dir()).unwrap_or(false);
-    let rights = if is_dir {
-        rights
-    } else {
-        rights & AccessFs::from_file(abi)
-    };
-    Some(PathBeneath::new(fd, rights))
-}
-
-/// The directory of an engine's build: `<entry>` of `<entry>/bin/llama-server`,
-/// else the binary's own directory; never `/` or a top-level directory (a
-/// binary in `/usr/bin` or `/bin` reads its libraries through the system
-/// rules, not the whole tree).
-fn engine_dir(binary: &Path) -> Option<&Path> {
-    let parent = binary.parent()?;
-    let dir = if parent.file_name().is_some_and(|n| n == "bin") {
-        parent.parent()?
-    } else {
-        parent
-    };
-    (dir.components().count() > 2).then_some(dir)
-}
-
-fn landlock_ruleset(access: &EngineAccess, kernel_abi: u32) -> Result<OwnedFd, SandboxError> {
-    // The newest ABI this code knows what to grant for; the crate narrows it
-    // to the kernel's (best effort), and `Protections` reports the kernel's.
-    let abi = ABI::V6;
-    let read = AccessFs::ReadFile | AccessFs::ReadDir;
-    let exec = AccessFs::ReadFile | AccessFs::Execute;
-    let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
-    let scratch = AccessFs::from_all(abi) & !AccessFs::Execute;
-    let mut rs = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
-        .map_err(build_err("handle file access"))?;
-    if kernel_abi >= 4 {
-        rs = rs
-            .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
-            .map_err(build_err("handle TCP access"))?;
-    }
-    if kernel_abi >= 6 {
-        rs = rs
-            .scope(Scope::AbstractUnixSocket | Scope::Signal)
-            .map_err(build_err("scope signals and sockets"))?;
-    }
-    let mut created = rs.create().map_err(build_err("create the ruleset"))?;
-    let mut rules: Vec<PathBeneath<PathFd>> = Vec::new();
-    if let Some(dir) = engine_dir(&access.binary) {
-        rules.extend(rule(dir, read, abi));
-    }
-    rules.extend(rule(&access.binary, exec, abi));
-    for f in &access.read_files {
-        rules.extend(rule(f, read, abi));
-    }
-    for d in READ_DIRS.iter().chain(READ_FILES) {
-        rules.extend(rule(Path::new(d), read, abi));
-    }
-    for l in LOADERS {
-        rules.extend(rule(Path::new(l), exec, abi));
-    }
-    rules.extend(rule(
-        Path::new("/dev/null"),
-        AccessFs::ReadFile | AccessFs::WriteFile,
-        abi,
-    ));
-    let (devices, shared) = gpu_paths();
-    for d in &devices {
-        rules.extend(rule(d, device | AccessFs::ReadDir, abi));
-    }
-    for d in &shared {
-        rules.extend(rule(d, scratch, abi));
-    }
-    for r in rules {
-        created = created.add_rule(r).map_err(build_err("add a file rule"))?;
-    }
-    if kernel_abi >= 4 {
-        created = created
-            .add_rule(NetPort::new(access.port, AccessNet::BindTcp))
-            .map_err(build_err(format!("allow binding port {}", access.port)))?;
-    }
-    let fd: Option<OwnedFd> = created.into();
-    fd.ok_or_else(|| SandboxError::Build {
-        what: "create the ruleset".into(),
-        err: "the kernel gave no Landlock ruleset".into(),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     fn access() -> EngineAccess {
         EngineAccess {
@@ -597,7 +435,7 @@ mod tests {
 
     #[test]
     fn an_engine_reads_its_own_tree_never_a_top_level_one() {
-        let d = |p: &str| engine_dir(Path::new(p)).map(|d| d.display().to_string());
+        let d = |p: &str| fs_rules::engine_dir(Path::new(p)).map(|d| d.display().to_string());
         assert_eq!(
             d("/home/u/.cache/llama-orch/engines-v1/f/bin/llama-server").as_deref(),
             Some("/home/u/.cache/llama-orch/engines-v1/f")
