@@ -251,6 +251,28 @@ pub enum SandboxError {
     Build { what: String, err: String },
 }
 
+/// Changes to the sandbox for bisecting a program that fails in it (only
+/// `sandbox-probe run` makes them, from `LLORCH_SANDBOX_PROBE_*`).
+#[derive(Clone, Debug, Default)]
+pub struct Diagnose {
+    /// Parts left out: `landlock`, `seccomp`, `nnp` (with both of those),
+    /// `net` (Landlock's TCP rules), `scopes` (its signal and abstract socket
+    /// scopes), `ioctl` (Landlock's device ioctl rule), `denylist`, `socket`,
+    /// `clone`, `clone3` (the seccomp filter's parts).
+    pub without: Vec<String>,
+    /// Extra directories or files readable, and readable and writable.
+    pub read: Vec<PathBuf>,
+    pub write: Vec<PathBuf>,
+    /// Seccomp logs (the kernel's audit log) instead of refusing.
+    pub log_only: bool,
+}
+
+impl Diagnose {
+    pub fn without(&self, part: &str) -> bool {
+        self.without.iter().any(|w| w == part)
+    }
+}
+
 /// A prepared sandbox: applied to a command with [`Sandbox::apply_to`].
 pub struct Sandbox {
     ruleset: Option<OwnedFd>,
@@ -262,13 +284,34 @@ pub struct Sandbox {
 impl Sandbox {
     /// Prepare the sandbox for `access` under `mode` on this kernel.
     pub fn build(mode: SandboxMode, access: &EngineAccess) -> Result<Sandbox, SandboxError> {
-        Sandbox::build_on(mode, access, Support::detect())
+        Sandbox::build_on(mode, access, Support::detect(), &Diagnose::default())
+    }
+
+    /// The sandbox with a bisection's changes (`sandbox-probe run` finds
+    /// which rule a failing program needs with this; engines never do).
+    pub fn build_diagnostic(
+        mode: SandboxMode,
+        access: &EngineAccess,
+        diagnose: &Diagnose,
+    ) -> Result<Sandbox, SandboxError> {
+        let mut sandbox = Sandbox::build_on(mode, access, Support::detect(), diagnose)?;
+        if diagnose.without("landlock") {
+            sandbox.ruleset = None;
+        }
+        if diagnose.without("seccomp") {
+            sandbox.filters.clear();
+        }
+        if diagnose.without("nnp") && sandbox.ruleset.is_none() && sandbox.filters.is_empty() {
+            sandbox.protections.no_new_privs = false;
+        }
+        Ok(sandbox)
     }
 
     fn build_on(
         mode: SandboxMode,
         access: &EngineAccess,
         support: Support,
+        diagnose: &Diagnose,
     ) -> Result<Sandbox, SandboxError> {
         let protections = Protections::for_support(mode, support, access.gpu);
         let missing = protections.missing();
@@ -294,28 +337,15 @@ impl Sandbox {
         unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) };
         sandbox.nofile = limit.rlim_max.min(MAX_OPEN_FILES as libc::rlim_t);
         if sandbox.protections.filesystem {
-            sandbox.ruleset = Some(landlock_ruleset(access, support.landlock_abi)?);
+            sandbox.ruleset = Some(landlock_ruleset(access, support.landlock_abi, diagnose)?);
         }
         if sandbox.protections.seccomp {
-            sandbox.filters = seccomp_filters().map_err(|e| SandboxError::Build {
+            sandbox.filters = seccomp_filters(diagnose).map_err(|e| SandboxError::Build {
                 what: "compile the seccomp filter".into(),
                 err: e,
             })?;
         }
         Ok(sandbox)
-    }
-
-    /// Leave out the Landlock ruleset, the seccomp filters or the limits
-    /// (`sandbox-probe run` bisects a failing program with this; engines
-    /// never do).
-    pub fn diagnose_without(mut self, landlock: bool, seccomp: bool) -> Sandbox {
-        if landlock {
-            self.ruleset = None;
-        }
-        if seccomp {
-            self.filters.clear();
-        }
-        self
     }
 
     /// Apply the sandbox in the child between fork and exec (after any
@@ -394,7 +424,7 @@ mod tests {
             landlock_abi: 3,
             seccomp: true,
         };
-        let e = Sandbox::build_on(SandboxMode::Strict, &access(), old)
+        let e = Sandbox::build_on(SandboxMode::Strict, &access(), old, &Diagnose::default())
             .err()
             .expect("strict refuses ABI 3");
         let msg = e.to_string();
@@ -424,7 +454,7 @@ mod tests {
             gpu: true,
             ..access()
         };
-        let e = Sandbox::build_on(SandboxMode::Strict, &gpu_access, old)
+        let e = Sandbox::build_on(SandboxMode::Strict, &gpu_access, old, &Diagnose::default())
             .err()
             .unwrap();
         assert!(e.to_string().contains("GPU engines"), "{e}");
@@ -457,7 +487,7 @@ mod tests {
     #[test]
     fn the_filters_compile_on_this_architecture() {
         if target_arch().is_some() {
-            let f = seccomp_filters().unwrap();
+            let f = seccomp_filters(&Diagnose::default()).unwrap();
             assert_eq!(f.len(), 2);
             assert!(f[0].len() > seccomp::denied_syscalls().len());
         }

@@ -48,9 +48,31 @@ fn arg(args: &[String], name: &str) -> String {
 
 /// `run PROGRAM [ARGS…]`: PROGRAM in the engine sandbox; its exit status.
 fn run_sandboxed(args: &[String]) -> ! {
-    use engine_runtime::sandbox::{EngineAccess, Sandbox};
+    use engine_runtime::sandbox::{Diagnose, EngineAccess, Sandbox};
     let program = std::path::PathBuf::from(&args[0]);
-    let sandbox = Sandbox::build(
+    // Bisecting a failing program: LLORCH_SANDBOX_PROBE_WITHOUT (parts, by
+    // commas: landlock, seccomp, nnp, net, scopes, ioctl, denylist, socket,
+    // clone, clone3), LLORCH_SANDBOX_PROBE_READ / _WRITE (extra paths, by
+    // colons), LLORCH_SANDBOX_PROBE_SECCOMP_LOG=1 (log, don't refuse).
+    let env = |k: &str| std::env::var(k).unwrap_or_default();
+    let paths = |k: &str| {
+        env(k)
+            .split(':')
+            .filter(|p| !p.is_empty())
+            .map(std::path::PathBuf::from)
+            .collect::<Vec<_>>()
+    };
+    let diagnose = Diagnose {
+        without: env("LLORCH_SANDBOX_PROBE_WITHOUT")
+            .split(',')
+            .filter(|p| !p.is_empty())
+            .map(String::from)
+            .collect(),
+        read: paths("LLORCH_SANDBOX_PROBE_READ"),
+        write: paths("LLORCH_SANDBOX_PROBE_WRITE"),
+        log_only: env("LLORCH_SANDBOX_PROBE_SECCOMP_LOG") == "1",
+    };
+    let sandbox = Sandbox::build_diagnostic(
         llorch_profile::SandboxMode::Auto,
         &EngineAccess {
             binary: program.clone(),
@@ -58,23 +80,15 @@ fn run_sandboxed(args: &[String]) -> ! {
             port: 1,
             gpu: false,
         },
+        &diagnose,
     )
     .unwrap_or_else(|e| {
         eprintln!("sandbox-probe: {e}");
         std::process::exit(2)
     });
-    // LLORCH_SANDBOX_PROBE_WITHOUT=landlock|seccomp: bisect a failing program.
-    let without = std::env::var("LLORCH_SANDBOX_PROBE_WITHOUT").unwrap_or_default();
-    let sandbox =
-        sandbox.diagnose_without(without.contains("landlock"), without.contains("seccomp"));
     eprintln!(
-        "sandbox-probe: {}{}",
-        sandbox.protections.summary(),
-        if without.is_empty() {
-            String::new()
-        } else {
-            format!(" (without {without})")
-        }
+        "sandbox-probe: {} (diagnose: {diagnose:?})",
+        sandbox.protections.summary()
     );
     let status = Cmd::new(&program)
         .args(&args[1..])

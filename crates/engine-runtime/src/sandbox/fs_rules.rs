@@ -2,7 +2,7 @@
 //! write, execute and ioctl, and the one TCP port it binds, as a ruleset
 //! built in the parent (its file descriptor is all the child needs).
 
-use super::{EngineAccess, SandboxError};
+use super::{Diagnose, EngineAccess, SandboxError};
 use landlock::{
     Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, Scope, ABI,
@@ -111,6 +111,7 @@ pub(super) fn engine_dir(binary: &Path) -> Option<&Path> {
 pub(super) fn landlock_ruleset(
     access: &EngineAccess,
     kernel_abi: u32,
+    diagnose: &Diagnose,
 ) -> Result<OwnedFd, SandboxError> {
     // The newest ABI this code knows what to grant for; the crate narrows it
     // to the kernel's (best effort), and `Protections` reports the kernel's.
@@ -119,15 +120,24 @@ pub(super) fn landlock_ruleset(
     let exec = AccessFs::ReadFile | AccessFs::Execute;
     let device = AccessFs::ReadFile | AccessFs::WriteFile | AccessFs::IoctlDev;
     let scratch = AccessFs::from_all(abi) & !AccessFs::Execute;
+    let handled = if diagnose.without("ioctl") {
+        AccessFs::from_all(abi) & !AccessFs::IoctlDev
+    } else {
+        AccessFs::from_all(abi)
+    };
+    // A rule grants only rights the ruleset handles.
+    let device = device & handled;
+    let scratch = scratch & handled;
+    let net = kernel_abi >= 4 && !diagnose.without("net");
     let mut rs = Ruleset::default()
-        .handle_access(AccessFs::from_all(abi))
+        .handle_access(handled)
         .map_err(build_err("handle file access"))?;
-    if kernel_abi >= 4 {
+    if net {
         rs = rs
             .handle_access(AccessNet::BindTcp | AccessNet::ConnectTcp)
             .map_err(build_err("handle TCP access"))?;
     }
-    if kernel_abi >= 6 {
+    if kernel_abi >= 6 && !diagnose.without("scopes") {
         rs = rs
             .scope(Scope::AbstractUnixSocket | Scope::Signal)
             .map_err(build_err("scope signals and sockets"))?;
@@ -159,10 +169,16 @@ pub(super) fn landlock_ruleset(
     for d in &shared {
         rules.extend(rule(d, scratch, abi));
     }
+    for d in &diagnose.read {
+        rules.extend(rule(d, read, abi));
+    }
+    for d in &diagnose.write {
+        rules.extend(rule(d, scratch, abi));
+    }
     for r in rules {
         created = created.add_rule(r).map_err(build_err("add a file rule"))?;
     }
-    if kernel_abi >= 4 {
+    if net {
         created = created
             .add_rule(NetPort::new(access.port, AccessNet::BindTcp))
             .map_err(build_err(format!("allow binding port {}", access.port)))?;

@@ -1,6 +1,7 @@
 //! The seccomp half of the engine sandbox: a deny-list compiled to BPF in
 //! the parent (seccompiler), installed in the child with one system call.
 
+use super::Diagnose;
 use seccompiler::{
     BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompFilter,
     SeccompRule, TargetArch,
@@ -78,11 +79,13 @@ fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, Strin
 /// answers `ENOSYS` (its flags sit in memory a filter cannot read, so the C
 /// library falls back to `clone`, whose namespace flags the first filter
 /// refuses).
-pub(super) fn seccomp_filters() -> Result<Vec<BpfProgram>, String> {
+pub(super) fn seccomp_filters(diagnose: &Diagnose) -> Result<Vec<BpfProgram>, String> {
     let arch = target_arch().ok_or("no filter for this architecture")?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
-    for s in denied_syscalls() {
-        rules.insert(s, Vec::new());
+    if !diagnose.without("denylist") {
+        for s in denied_syscalls() {
+            rules.insert(s, Vec::new());
+        }
     }
     // socket(2): families other than unix and IP refused; IP only as a stream.
     let mut socket = vec![SeccompRule::new(vec![
@@ -102,7 +105,9 @@ pub(super) fn seccomp_filters() -> Result<Vec<BpfProgram>, String> {
             );
         }
     }
-    rules.insert(libc::SYS_socket, socket);
+    if !diagnose.without("socket") {
+        rules.insert(libc::SYS_socket, socket);
+    }
     // clone(2) with any namespace flag.
     let namespaces = [
         libc::CLONE_NEWNS,
@@ -126,26 +131,34 @@ pub(super) fn seccomp_filters() -> Result<Vec<BpfProgram>, String> {
             .map_err(|e| e.to_string())?,
         );
     }
-    rules.insert(libc::SYS_clone, clone);
-    let deny = SeccompFilter::new(
-        rules,
-        SeccompAction::Allow,
-        SeccompAction::Errno(libc::EPERM as u32),
-        arch,
-    )
-    .map_err(|e| e.to_string())?;
+    if !diagnose.without("clone") {
+        rules.insert(libc::SYS_clone, clone);
+    }
+    let refuse = |errno: i32| {
+        if diagnose.log_only {
+            SeccompAction::Log
+        } else {
+            SeccompAction::Errno(errno as u32)
+        }
+    };
+    let deny = SeccompFilter::new(rules, SeccompAction::Allow, refuse(libc::EPERM), arch)
+        .map_err(|e| e.to_string())?;
     let clone3 = SeccompFilter::new(
         BTreeMap::from([(libc::SYS_clone3, Vec::new())]),
         SeccompAction::Allow,
-        SeccompAction::Errno(libc::ENOSYS as u32),
+        refuse(libc::ENOSYS),
         arch,
     )
     .map_err(|e| e.to_string())?;
-    Ok(vec![
-        deny.try_into()
-            .map_err(|e: seccompiler::BackendError| e.to_string())?,
-        clone3
-            .try_into()
-            .map_err(|e: seccompiler::BackendError| e.to_string())?,
-    ])
+    let mut filters = vec![deny
+        .try_into()
+        .map_err(|e: seccompiler::BackendError| e.to_string())?];
+    if !diagnose.without("clone3") {
+        filters.push(
+            clone3
+                .try_into()
+                .map_err(|e: seccompiler::BackendError| e.to_string())?,
+        );
+    }
+    Ok(filters)
 }
