@@ -14,7 +14,9 @@ pub struct DoctorCmd {
     install: bool,
     /// Also check (and with --install, install) the servers the test suite
     /// runs on 127.0.0.1: an OCI registry (`docker-registry`) and `htpasswd`,
-    /// and `umoci`, which unpacks the container image the tests build
+    /// `umoci`, which unpacks the container image the tests build, and
+    /// headless Chromium with its WebDriver (`chromedriver`), which drives
+    /// the status page
     #[arg(long)]
     test_servers: bool,
 }
@@ -31,6 +33,14 @@ const TEST_SERVERS: &[(&str, &str, &str, &str)] = &[
     ("htpasswd", "apache2-utils", "httpd-tools", "apache"),
     // Unpacks the container image the tests build (an independent OCI tool).
     ("umoci", "umoci", "umoci", "umoci"),
+    // The status page is tested in a real headless browser over WebDriver.
+    ("chromium", "chromium", "chromium", "chromium"),
+    (
+        "chromedriver",
+        "chromium-driver",
+        "chromedriver",
+        "chromium",
+    ),
 ];
 
 fn test_servers(install: bool) -> Result<()> {
@@ -50,9 +60,9 @@ fn test_servers(install: bool) -> Result<()> {
         return Ok(());
     }
     let pm = preflight::PackageManager::detect().ok_or_else(|| {
-        anyhow::anyhow!("no supported package manager found; install the OCI registry server (`docker-registry`), `htpasswd` and `umoci` by hand")
+        anyhow::anyhow!("no supported package manager found; install the OCI registry server (`docker-registry`), `htpasswd`, `umoci`, `chromium` and `chromedriver` by hand")
     })?;
-    let pkgs: Vec<&str> = missing
+    let mut pkgs: Vec<&str> = missing
         .iter()
         .map(|(_, apt, dnf, pacman)| match pm {
             preflight::PackageManager::AptGet => *apt,
@@ -60,6 +70,8 @@ fn test_servers(install: bool) -> Result<()> {
             preflight::PackageManager::Pacman => *pacman,
         })
         .collect();
+    // One package may bring two programs (Arch's chromium has chromedriver).
+    pkgs.dedup();
     preflight::install(pm, &pkgs, &|m: &str| eprintln!("{m}"))?;
     Ok(())
 }

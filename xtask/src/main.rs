@@ -19,6 +19,7 @@ mod pin;
 mod provision;
 mod serve;
 mod source;
+mod status;
 
 #[derive(Parser)]
 #[command(
@@ -62,6 +63,8 @@ enum Command {
     Image(deploy::ImageCmd),
     /// Kubernetes manifests: per pool a Deployment, Service, PodDisruptionBudget and InferencePool
     K8s(deploy::K8sCmd),
+    /// What a running orchestrator is doing: pools, replicas, engines, the last requests
+    Status(status::StatusCmd),
 }
 
 fn main() {
@@ -89,6 +92,7 @@ fn run(cli: Cli) -> Result<()> {
         Command::Pin(c) => c.run(&ctx),
         Command::Image(c) => c.run(&ctx),
         Command::K8s(c) => c.run(&ctx),
+        Command::Status(c) => c.run(),
     }
 }
 

@@ -68,6 +68,7 @@ impl EngineLink for SupervisorLink {
 /// Follows a detached engine's handoff; starts it again through `provision` when it is gone.
 pub struct ProvisionedLink {
     handoff: HandoffLink,
+    log: std::path::PathBuf,
     reviving: Arc<AtomicBool>,
     revive: Arc<dyn Fn() + Send + Sync>,
 }
@@ -78,6 +79,7 @@ impl ProvisionedLink {
         let (p, l, id) = (profile.clone(), layout.clone(), pool.clone());
         ProvisionedLink {
             handoff: HandoffLink(RunPaths::new(layout, pool).handoff),
+            log: RunPaths::new(layout, pool).log,
             reviving: Arc::new(AtomicBool::new(false)),
             revive: Arc::new(move || {
                 if let Err(e) = crate::provision::provision(&p, &id, &l, &BuildOptions::quiet()) {
@@ -107,6 +109,10 @@ impl EngineLink for ProvisionedLink {
             });
         }
         s
+    }
+
+    fn log_path(&self) -> Option<std::path::PathBuf> {
+        Some(self.log.clone())
     }
     fn report_stalled(&self) {
         // A hung detached engine: stop it (identity-checked); the next look revives it.
@@ -313,6 +319,17 @@ impl EngineLink for ManagedLink {
         .map_err(|e| LoadRefusal::Fail(e.to_string()))?;
         *g = Some(sup);
         Ok(())
+    }
+
+    fn log_path(&self) -> Option<std::path::PathBuf> {
+        match &self.attached {
+            Some(a) => a.log_path(),
+            None => Some(RunPaths::new(&self.layout, &self.prep.pool_id).log),
+        }
+    }
+
+    fn devices(&self) -> Vec<u32> {
+        self.devices.clone()
     }
 
     fn unload(&self) {

@@ -177,6 +177,7 @@ pub fn admit(
             req,
             position,
             predicted,
+            st.status.clone(),
         ));
         all.insert(task_id, task.clone());
         pool.queue.push(task.clone());
@@ -185,6 +186,7 @@ pub fn admit(
     pool.touch();
     tasks::arm_deadline(st, &task);
     st.metrics.admitted.inc();
+    st.status.poke();
     pool.work.notify_one();
     st.sched.notify_one();
     Ok(task)

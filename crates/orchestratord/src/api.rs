@@ -277,7 +277,7 @@ fn kv_json(members: &[Arc<Pool>]) -> serde_json::Value {
     json!({"tokens_held": held, "capacity": capacity, "utilization": utilization})
 }
 
-fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
+pub(crate) fn pool_json(st: &AppState, head: &Pool) -> serde_json::Value {
     let members = st.members(&head.group);
     let p = head;
     let state = p.link_state();
@@ -411,8 +411,16 @@ pub fn router(st: Shared) -> Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_text))
+        .route("/status", get(crate::status::status_page))
+        .route("/status/app.js", get(crate::status::app_js))
+        .route("/status/app.css", get(crate::status::app_css))
+        .route("/status/login", post(crate::status::login))
+        .route("/v1/status", get(crate::status::status_json))
+        .route("/v1/status/events", get(crate::status::events))
+        .route("/v1/status/pools/{pool}/log", get(crate::status::pool_log))
         .fallback(|| async { StatusCode::NOT_FOUND })
         .layer(axum::middleware::from_fn(crate::guard::client_gone))
+        .layer(axum::middleware::from_fn(crate::status::api_scope))
         .layer(axum::middleware::from_fn_with_state(
             st.clone(),
             crate::guard::auth,

@@ -7,12 +7,10 @@ use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
-    use sha2::{Digest, Sha256};
-    use subtle::ConstantTimeEq;
-    let Some(want) = &st.cfg.api_token else {
+pub(crate) fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
+    if st.cfg.api_token.is_none() {
         return true;
-    };
+    }
     // `Authorization: Bearer <token>`, or Anthropic's `x-api-key: <token>`.
     let got = headers
         .get(header::AUTHORIZATION)
@@ -20,6 +18,16 @@ fn token_ok(st: &AppState, headers: &HeaderMap) -> bool {
         .and_then(|v| v.strip_prefix("Bearer "))
         .or_else(|| headers.get("x-api-key").and_then(|v| v.to_str().ok()))
         .unwrap_or("");
+    token_matches(st, got)
+}
+
+/// Whether `got` is the API token (constant-time; false when none is set).
+pub(crate) fn token_matches(st: &AppState, got: &str) -> bool {
+    use sha2::{Digest, Sha256};
+    use subtle::ConstantTimeEq;
+    let Some(want) = &st.cfg.api_token else {
+        return false;
+    };
     // Hash both so the comparison is constant-time whatever the lengths.
     let a = Sha256::digest(got.as_bytes());
     let b = Sha256::digest(want.as_bytes());
@@ -34,7 +42,17 @@ pub(crate) async fn auth(
     let path = req.uri().path();
     let open =
         path == "/healthz" || path == "/readyz" || (st.cfg.open_metrics && path == "/metrics");
-    if !open && !token_ok(&st, req.headers()) {
+    // The page answers with its login form itself; its script, style and
+    // login need no token. The status feed also takes the page's cookie.
+    let page = matches!(
+        path,
+        "/status" | "/status/app.js" | "/status/app.css" | "/status/login"
+    );
+    let feed = path == "/v1/status" || path.starts_with("/v1/status/");
+    let cookie_ok = feed
+        && req.method() == axum::http::Method::GET
+        && crate::status::authorized(&st, req.headers());
+    if !open && !page && !cookie_ok && !token_ok(&st, req.headers()) {
         return ApiError::new(
             StatusCode::UNAUTHORIZED,
             "UNAUTHORIZED",

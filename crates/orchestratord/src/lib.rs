@@ -27,6 +27,7 @@
 //!   forwarding path for them), [`tools`] (forced tool calls under a grammar),
 //!   [`anthropic`] (Messages), [`responses`] (Responses), [`embeddings`]
 //!   (embeddings and rerank), [`models`] (`/v1/models`, capabilities);
+//! * [`status`]: the status page, its JSON and its SSE feed;
 //! * [`client`]: a client of this API (the CLI and tests use it).
 //!
 //! Architecture Invariant: no token is ever made up here. If the engine
@@ -55,6 +56,7 @@ pub mod pool;
 pub mod responses;
 pub mod runner;
 pub mod scheduler;
+pub mod status;
 pub mod tasks;
 pub mod tools;
 
@@ -86,6 +88,8 @@ pub struct AppState {
     /// stacks at start, the drain at shutdown): a pool's `ready` changed or
     /// a task stopped running.
     pub changed: Notify,
+    /// The status page's feed ([`status`]).
+    pub status: Arc<status::Hub>,
     seq: AtomicU64,
 }
 
@@ -106,6 +110,7 @@ impl AppState {
             metrics: Default::default(),
             sched: Notify::new(),
             changed: Notify::new(),
+            status: Arc::new(status::Hub::default()),
             seq: AtomicU64::new(0),
         })
     }
@@ -300,6 +305,7 @@ pub async fn start_pools(
     }
     tokio::spawn(scheduler::run(st.clone()));
     tokio::spawn(tasks::reaper(st.clone()));
+    tokio::spawn(status::monitor(st.clone()));
     let (tx, rx) = tokio::sync::oneshot::channel::<()>();
     let app = api::router(st.clone());
     let handle = tokio::spawn(serve_connections(

@@ -229,6 +229,14 @@ pub trait EngineLink: Send + Sync + 'static {
     }
     /// Stop the engine (must not block); `current` says `Unloading`, then `Unloaded`.
     fn unload(&self) {}
+    /// The engine's log file (the status page shows its tail).
+    fn log_path(&self) -> Option<std::path::PathBuf> {
+        None
+    }
+    /// The GPUs the engine is pinned to (empty: a CPU engine, or all GPUs).
+    fn devices(&self) -> Vec<u32> {
+        Vec::new()
+    }
 }
 
 /// Follows `.runtime/engines/<pool>.json` (an engine that `provision` started).
@@ -271,5 +279,11 @@ impl<T: EngineLink> EngineLink for std::sync::Arc<T> {
     }
     fn unload(&self) {
         (**self).unload()
+    }
+    fn log_path(&self) -> Option<std::path::PathBuf> {
+        (**self).log_path()
+    }
+    fn devices(&self) -> Vec<u32> {
+        (**self).devices()
     }
 }

@@ -93,6 +93,10 @@ pub struct Task {
     pub admitted_at: Instant,
     pub queue_position: usize,
     pub predicted_start_ms: u64,
+    /// The API path it came in on (the status page's request list).
+    pub api: String,
+    first_token: std::sync::OnceLock<Instant>,
+    hub: Arc<crate::status::Hub>,
     inner: Mutex<Inner>,
     tx: Mutex<Option<mpsc::UnboundedSender<TaskEvent>>>,
     rx: Mutex<Option<mpsc::UnboundedReceiver<TaskEvent>>>,
@@ -106,6 +110,7 @@ impl Task {
         req: TaskRequest,
         queue_position: usize,
         predicted_start_ms: u64,
+        hub: Arc<crate::status::Hub>,
     ) -> Task {
         let (tx, rx) = mpsc::unbounded_channel();
         Task {
@@ -115,6 +120,9 @@ impl Task {
             admitted_at: Instant::now(),
             queue_position,
             predicted_start_ms,
+            api: crate::status::current_api(),
+            first_token: std::sync::OnceLock::new(),
+            hub,
             inner: Mutex::new(Inner {
                 phase: Phase::Queued,
                 cancel: None,
@@ -126,12 +134,24 @@ impl Task {
         }
     }
 
+    /// When its first token came (none yet: none).
+    pub fn first_token_at(&self) -> Option<Instant> {
+        self.first_token.get().copied()
+    }
+
     pub fn phase(&self) -> Phase {
         self.inner.lock().unwrap().phase
     }
 
     /// Send a non-terminal event; false when the task is done or nobody listens any more.
     pub fn send(&self, ev: TaskEvent) -> bool {
+        match &ev {
+            TaskEvent::Token(_) => {
+                let _ = self.first_token.set(Instant::now());
+            }
+            TaskEvent::Started(_) => self.hub.poke(),
+            _ => {}
+        }
         match self.tx.lock().unwrap().as_ref() {
             Some(tx) => tx.send(ev).is_ok(),
             None => false,
@@ -151,6 +171,7 @@ impl Task {
         if let Some(f) = &self.req.forward {
             f.end(&ev);
         }
+        self.hub.record(crate::status::record_of(self, &ev));
         if let Some(tx) = self.tx.lock().unwrap().take() {
             let _ = tx.send(ev);
         }
