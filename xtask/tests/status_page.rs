@@ -347,6 +347,50 @@ fn the_status_page_follows_a_stack_in_a_real_browser() {
     });
     runtime.block_on(async { c.close().await.unwrap() });
 
+    // The same facts in the terminal: once, as JSON, and the live feed.
+    let (ok, out, err) = xtask(rt.path())
+        .args(["status", "--addr", &url])
+        .output()
+        .unwrap();
+    assert!(ok, "status: {err}");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with(&lazy))
+        .unwrap_or_else(|| panic!("no row for {lazy}: {out}"));
+    assert!(line.contains("ready"), "{line}");
+    assert!(
+        out.contains(&format!("replica {lazy}: ready")) && out.contains("restarts 1"),
+        "{out}"
+    );
+    assert!(
+        !out.contains('\u{1b}'),
+        "no escape sequence printed: {out:?}"
+    );
+    let (ok, out, err) = xtask(rt.path())
+        .args(["status", "--addr", &url, "--json"])
+        .output()
+        .unwrap();
+    assert!(ok, "status --json: {err}");
+    let snap: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(snap["pools"][0]["id"], json!(lazy));
+    let mut watch = KillOnDrop(
+        xtask(rt.path())
+            .args(["status", "--addr", &url, "--watch", "--json"])
+            .spawn(Io::Piped, Io::Null)
+            .unwrap(),
+    );
+    let mut lines = BufReader::new(watch.stdout.take().unwrap()).lines();
+    let seqs: Vec<u64> = (0..2)
+        .map(|_| {
+            let l = lines.next().expect("a snapshot line").unwrap();
+            serde_json::from_str::<Value>(&l).unwrap()["seq"]
+                .as_u64()
+                .unwrap()
+        })
+        .collect();
+    assert!(seqs[1] > seqs[0], "the feed moves on: {seqs:?}");
+    drop(watch);
+
     watchers_leave_the_server_unaffected(&http, &url, server.id(), &lazy, &runtime);
 }
 
