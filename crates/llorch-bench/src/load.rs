@@ -226,6 +226,15 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
     let rt = crate::runtime()?;
     rt.block_on(async {
         let ps = start(ctx, &stack, 4096, "cargo xtask bench load").await?;
+        // What `auto` chose, and why (the stack starts quiet).
+        let engines = &ps.server.state.pools;
+        if let Some(why) = engines.first().and_then(|p| p.auto.clone()) {
+            eprintln!(
+                "auto: {} engine(s) x {} slot(s): {why}",
+                engines.len(),
+                engines[0].slots
+            );
+        }
         let orch = ps.orchestrator_url();
         let pool = stack.pools[0].id.to_string();
         let engines: Vec<String> = ps

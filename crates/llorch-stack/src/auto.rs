@@ -295,9 +295,14 @@ pub fn resolve(
         .map_err(|e| AutoError::Probe(e.to_string()))?;
     let needs = ModelNeeds::of(bytes, &header, pool.profile.file.server.ctx_size)?;
     let path = crate::auto_table::table_path(tune_dir, &prep.fingerprint, &prep.model.digest, &dev);
+
     let (table, warning) =
         crate::auto_table::read_table(&path, &prep.fingerprint, &prep.model.digest, &dev);
-    let choice = choose(&pool.concurrency, &dev, &needs, table.as_ref())?;
+    let mut choice = choose(&pool.concurrency, &dev, &needs, table.as_ref())?;
+    // A table that was there but not trusted is part of why (also where the start is quiet).
+    if let Some(w) = &warning {
+        choice.why = format!("{w}; {}", choice.why);
+    }
     Ok((choice, warning))
 }
 

@@ -23,6 +23,16 @@ pub struct TuneRow {
     pub fairness: f64,
 }
 
+impl TuneRow {
+    /// Measurements to three decimals (as a table keeps them).
+    fn round(&mut self) {
+        let r = |x: f64| (x * 1000.0).round() / 1000.0;
+        self.tok_per_s = r(self.tok_per_s);
+        self.ttft_ms_p99 = r(self.ttft_ms_p99);
+        self.fairness = r(self.fairness);
+    }
+}
+
 /// What `bench tune --write` recorded for one engine, model, device and
 /// MPS state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -47,6 +57,10 @@ impl TuneTable {
         max_tokens: u32,
         rows: Vec<TuneRow>,
     ) -> TuneTable {
+        let mut rows = rows;
+        for r in &mut rows {
+            r.round();
+        }
         let mut t = TuneTable {
             schema: TABLE_SCHEMA,
             fingerprint: fingerprint.into(),
@@ -64,6 +78,11 @@ impl TuneTable {
     fn computed_digest(&self) -> String {
         let mut t = self.clone();
         t.digest = String::new();
+        // Over the values as written (three decimals): JSON's float parsing
+        // may be a last bit off, which must not make a table "edited".
+        for r in &mut t.rows {
+            r.round();
+        }
         let bytes = serde_json::to_vec(&t).expect("a table serializes");
         llorch_io::digest::sha256_bytes(&bytes)
     }
@@ -179,6 +198,21 @@ mod tests {
         let p = dir.path().join("t.json");
         assert_eq!(read_table(&p, &fp, &md, &dev), (None, None));
         let good = table(&[(16, 4, 10_500.0, 0.95)]);
+        // Measured values as bench tune records them survive the round trip.
+        let measured = table(&[(16, 4, 10_649.690_366_882_64, 0.992_526_890_405_228_5)]);
+        let mut m2 = measured.clone();
+        m2.rows[0].ttft_ms_p99 = 90.371_483_000_000_01;
+        let m2 = TuneTable::new(
+            &m2.fingerprint,
+            &m2.model_digest,
+            &dev,
+            m2.max_tokens,
+            m2.rows,
+        );
+        for t in [&measured, &m2] {
+            write_table(&p, t).unwrap();
+            assert_eq!(read_table(&p, &fp, &md, &dev), (Some(t.clone()), None));
+        }
         write_table(&p, &good).unwrap();
         assert_eq!(read_table(&p, &fp, &md, &dev).0, Some(good.clone()));
         let mut edited = good.clone();
