@@ -22,6 +22,32 @@ variant() { # NAME then VAR=VALUE...
   printf '%-28s %s\n' "$name" "${r:-no output; $(tail -1 "$out/$name.err")}"
 }
 echo "== unconfined: $("$work/bin/cuda_check" | head -1)"
+if [ -n "${TRACE:-}" ]; then # which opens fail under the full sandbox (an LD_PRELOAD shim)
+  cat > "$work/trace.c" <<'C'
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <stdarg.h>
+#include <stdio.h>
+#include <sys/stat.h>
+#define LOG(name, p, f, r) do { int e = errno; if ((r) < 0) fprintf(stderr, "TRACE %s %s flags=0x%x errno=%d\n", name, p, f, e); errno = e; } while (0)
+#define WRAP_OPEN(fn) int fn(const char *p, int f, ...) { static int (*real)(const char *, int, ...); va_list a; va_start(a, f); int m = va_arg(a, int); va_end(a); if (!real) real = dlsym(RTLD_NEXT, #fn); int r = real(p, f, m); LOG(#fn, p, f, r); return r; }
+#define WRAP_OPENAT(fn) int fn(int d, const char *p, int f, ...) { static int (*real)(int, const char *, int, ...); va_list a; va_start(a, f); int m = va_arg(a, int); va_end(a); if (!real) real = dlsym(RTLD_NEXT, #fn); int r = real(d, p, f, m); LOG(#fn, p, f, r); return r; }
+WRAP_OPEN(open) WRAP_OPEN(open64) WRAP_OPENAT(openat) WRAP_OPENAT(openat64)
+FILE *fopen(const char *p, const char *m) { static FILE *(*real)(const char *, const char *); if (!real) real = dlsym(RTLD_NEXT, "fopen"); FILE *r = real(p, m); int e = errno; if (!r) fprintf(stderr, "TRACE fopen %s mode=%s errno=%d\n", p, m, e); errno = e; return r; }
+FILE *fopen64(const char *p, const char *m) { static FILE *(*real)(const char *, const char *); if (!real) real = dlsym(RTLD_NEXT, "fopen64"); FILE *r = real(p, m); int e = errno; if (!r) fprintf(stderr, "TRACE fopen64 %s mode=%s errno=%d\n", p, m, e); errno = e; return r; }
+int mkdir(const char *p, mode_t m) { static int (*real)(const char *, mode_t); if (!real) real = dlsym(RTLD_NEXT, "mkdir"); int r = real(p, m); LOG("mkdir", p, m, r); return r; }
+C
+  gcc -O1 -shared -fPIC -o "$work/bin/trace.so" "$work/trace.c" -ldl
+  echo "== failing opens, unconfined"; LD_PRELOAD="$work/bin/trace.so" "$work/bin/cuda_check" 2>&1 | grep TRACE | sort | uniq -c | head -30
+  echo "== failing opens, sandboxed"; LD_PRELOAD="$work/bin/trace.so" "$probe" run "$work/bin/cuda_check" 2>&1 | grep -E "TRACE|FAIL|ok:" | sort | uniq -c | head -40
+  rm -rf "$work"; exit 0
+fi
+if [ -n "${ONLY_WRITE:-}" ]; then # narrow a write grant: one path per variant
+  for p in $ONLY_WRITE; do variant "write$(echo "$p" | tr / _)" LLORCH_SANDBOX_PROBE_WRITE="$p"; done
+  rm -rf "$work"; exit 0
+fi
 variant full X=1
 variant no-landlock LLORCH_SANDBOX_PROBE_WITHOUT=landlock
 variant no-seccomp LLORCH_SANDBOX_PROBE_WITHOUT=seccomp

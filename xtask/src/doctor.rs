@@ -140,10 +140,7 @@ impl DoctorCmd {
             });
         }
         // What a spawned engine is confined by, on this kernel under this profile.
-        let sandbox = engine_runtime::sandbox::Protections::planned(
-            profile.file.server.sandbox,
-            profile.file.engine.backend != llorch_profile::Backend::Cpu,
-        );
+        let sandbox = engine_runtime::sandbox::Protections::planned(profile.file.server.sandbox);
         if self.p.json {
             let mut v = serde_json::to_value(&report)?;
             v["sandbox"] = serde_json::to_value(&sandbox)?;

@@ -266,6 +266,8 @@ pub const ENV_ALLOWED: &[&str] = &[
     "CUDA_DEVICE_ORDER",
     "CUDA_CACHE_PATH",
     "CUDA_MODULE_LOADING",
+    // Where a system NVIDIA MPS daemon listens (its clients find it by this).
+    "CUDA_MPS_PIPE_DIRECTORY",
     "NVIDIA_VISIBLE_DEVICES",
     "NVIDIA_DRIVER_CAPABILITIES",
 ];

@@ -254,7 +254,11 @@ fn spawn_on(
             binary: prep.binary.clone(),
             read_files,
             port,
-            gpu: prep.gpu,
+            mps_pipe: prep
+                .env
+                .iter()
+                .find(|(k, _)| k == "CUDA_MPS_PIPE_DIRECTORY")
+                .map(|(_, v)| std::path::PathBuf::from(v)),
         },
     )
     .map_err(|e| fatal(e.into()))?;

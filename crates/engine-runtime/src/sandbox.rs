@@ -93,34 +93,16 @@ pub struct Protections {
     pub no_new_privs: bool,
     /// Core dumps off, open files bounded.
     pub rlimits: bool,
-    /// Why this engine runs with less than the kernel offers (a GPU engine).
-    #[serde(default)]
-    pub limited: Option<String>,
 }
-
-/// Why a GPU engine gets only the limits: measured on an H100 host
-/// (`docs/gpu/sandbox_cuda.sh`, docs/gpu.md), a CUDA program under the full
-/// sandbox fails its first CUDA call (`cudaErrorOperatingSystem`), alone and
-/// as an MPS client; which rule it needs is not isolated yet.
-pub const GPU_LIMITED: &str = "GPU engines run with the limits only: CUDA fails to initialise under Landlock, seccomp and no_new_privs (measured on an H100, docs/gpu.md), until the rules it needs are found";
 
 impl Protections {
     /// What an engine started now under `mode` runs with (the kernel's
-    /// support; `gpu`: a GPU build).
-    pub fn planned(mode: SandboxMode, gpu: bool) -> Protections {
-        Protections::for_support(mode, Support::detect(), gpu)
+    /// support; CPU and GPU engines alike).
+    pub fn planned(mode: SandboxMode) -> Protections {
+        Protections::for_support(mode, Support::detect())
     }
 
-    fn for_support(mode: SandboxMode, s: Support, gpu: bool) -> Protections {
-        if gpu && mode != SandboxMode::Off {
-            return Protections {
-                mode: mode.as_str().into(),
-                landlock_abi: s.landlock_abi,
-                rlimits: true,
-                limited: Some(GPU_LIMITED.into()),
-                ..Default::default()
-            };
-        }
+    fn for_support(mode: SandboxMode, s: Support) -> Protections {
         if mode == SandboxMode::Off {
             return Protections {
                 mode: mode.as_str().into(),
@@ -138,7 +120,6 @@ impl Protections {
             seccomp: s.seccomp,
             no_new_privs: true,
             rlimits: true,
-            limited: None,
         }
     }
 
@@ -146,9 +127,6 @@ impl Protections {
     pub fn missing(&self) -> Vec<&'static str> {
         if self.mode == "off" {
             return Vec::new();
-        }
-        if self.limited.is_some() {
-            return vec!["Landlock, seccomp and no_new_privs for GPU engines (not yet: CUDA fails to initialise under them)"];
         }
         let mut m = Vec::new();
         for (on, what) in [
@@ -189,9 +167,6 @@ impl Protections {
         if self.mode == "off" {
             return "sandbox off (server.sandbox: off): the engine runs with your full rights"
                 .into();
-        }
-        if let Some(why) = &self.limited {
-            return format!("sandbox {}: rlimits only: {why}", self.mode);
         }
         let mut on = Vec::new();
         if self.filesystem {
@@ -239,8 +214,10 @@ pub struct EngineAccess {
     pub read_files: Vec<PathBuf>,
     /// The one TCP port it binds.
     pub port: u16,
-    /// A GPU build: only the limits apply (see [`GPU_LIMITED`]).
-    pub gpu: bool,
+    /// The NVIDIA MPS pipe directory the engine's environment names (a
+    /// pool's own daemon); `None`: the parent's `CUDA_MPS_PIPE_DIRECTORY`,
+    /// else the default.
+    pub mps_pipe: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -251,14 +228,71 @@ pub enum SandboxError {
     Build { what: String, err: String },
 }
 
+/// `struct landlock_path_beneath_attr` (packed, as the kernel reads it).
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+/// The rights on its own `/proc/<pid>`: read, write, and truncate where the
+/// kernel handles it (ABI 3; `fopen(…, "wb")` truncates).
+fn own_proc_access(abi: u32) -> u64 {
+    const WRITE_FILE: u64 = 1 << 1;
+    const READ_FILE: u64 = 1 << 2;
+    const READ_DIR: u64 = 1 << 3;
+    const TRUNCATE: u64 = 1 << 14;
+    let base = WRITE_FILE | READ_FILE | READ_DIR;
+    if abi >= 3 {
+        base | TRUNCATE
+    } else {
+        base
+    }
+}
+
+/// In the child, before `landlock_restrict_self`: let it read and write its
+/// own `/proc/<pid>` (its threads' names: CUDA names its threads through
+/// `/proc/self/task/<tid>/comm` and fails to initialise when that write is
+/// refused; measured on an H100, docs/gpu.md). Only the child knows its pid,
+/// so the rule is added here, to the ruleset the parent built (the
+/// parent never uses that ruleset again). The `O_PATH` descriptor is left
+/// open across exec: it keeps the procfs inode the rule names alive. Only
+/// system calls, nothing allocates.
+fn own_proc_rule(ruleset: std::os::fd::RawFd, access: u64) -> std::io::Result<()> {
+    const RULE_PATH_BENEATH: libc::c_long = 1;
+    // SAFETY: a constant NUL-terminated path; plain system calls.
+    unsafe {
+        let fd = libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let attr = PathBeneathAttr {
+            allowed_access: access,
+            parent_fd: fd,
+        };
+        let r = libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset,
+            RULE_PATH_BENEATH,
+            &attr as *const PathBeneathAttr,
+            0u32,
+        );
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
 /// Changes to the sandbox for bisecting a program that fails in it (only
 /// `sandbox-probe run` makes them, from `LLORCH_SANDBOX_PROBE_*`).
 #[derive(Clone, Debug, Default)]
 pub struct Diagnose {
     /// Parts left out: `landlock`, `seccomp`, `nnp` (with both of those),
     /// `net` (Landlock's TCP rules), `scopes` (its signal and abstract socket
-    /// scopes), `ioctl` (Landlock's device ioctl rule), `denylist`, `socket`,
-    /// `clone`, `clone3` (the seccomp filter's parts).
+    /// scopes), `ioctl` (Landlock's device ioctl rule), `procself` (the
+    /// child's own `/proc/<pid>`), `denylist`, `socket`, `clone`, `clone3`
+    /// (the seccomp filter's parts).
     pub without: Vec<String>,
     /// Extra directories or files readable, and readable and writable.
     pub read: Vec<PathBuf>,
@@ -278,6 +312,9 @@ pub struct Sandbox {
     ruleset: Option<OwnedFd>,
     filters: Vec<BpfProgram>,
     nofile: libc::rlim_t,
+    /// What the child may do in its own `/proc/<pid>` (0: nothing added;
+    /// added in the child: see [`own_proc_rule`]).
+    own_proc: u64,
     pub protections: Protections,
 }
 
@@ -313,7 +350,7 @@ impl Sandbox {
         support: Support,
         diagnose: &Diagnose,
     ) -> Result<Sandbox, SandboxError> {
-        let protections = Protections::for_support(mode, support, access.gpu);
+        let protections = Protections::for_support(mode, support);
         let missing = protections.missing();
         if mode == SandboxMode::Strict && !missing.is_empty() {
             return Err(SandboxError::Strict {
@@ -324,6 +361,11 @@ impl Sandbox {
             ruleset: None,
             filters: Vec::new(),
             nofile: 0,
+            own_proc: if diagnose.without("procself") {
+                0
+            } else {
+                own_proc_access(support.landlock_abi)
+            },
             protections,
         };
         if mode == SandboxMode::Off {
@@ -359,6 +401,7 @@ impl Sandbox {
             ruleset,
             filters,
             nofile,
+            own_proc,
             ..
         } = self;
         use std::os::unix::process::CommandExt;
@@ -387,6 +430,9 @@ impl Sandbox {
                     fail(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
                 }
                 if let Some(fd) = &ruleset {
+                    if own_proc != 0 {
+                        own_proc_rule(fd.as_raw_fd(), own_proc)?;
+                    }
                     fail(libc::syscall(
                         libc::SYS_landlock_restrict_self,
                         fd.as_raw_fd(),
@@ -414,7 +460,7 @@ mod tests {
             binary: PathBuf::from("/bin/true"),
             read_files: Vec::new(),
             port: 1,
-            gpu: false,
+            mps_pipe: None,
         }
     }
 
@@ -430,7 +476,7 @@ mod tests {
         let msg = e.to_string();
         assert!(msg.contains("network rules (ABI 4"), "{msg}");
         assert!(msg.contains("server.sandbox: auto"), "{msg}");
-        let p = Protections::for_support(SandboxMode::Auto, old, false);
+        let p = Protections::for_support(SandboxMode::Auto, old);
         assert!(p.filesystem && !p.network && p.seccomp);
         assert!(
             p.summary().contains("not on this kernel"),
@@ -443,22 +489,9 @@ mod tests {
                 landlock_abi: 0,
                 seccomp: false,
             },
-            false,
         );
         assert!(!none.filesystem && !none.seccomp && none.no_new_privs);
-        // A GPU engine: the limits only, said why; strict refuses it.
-        let gpu = Protections::for_support(SandboxMode::Auto, old, true);
-        assert!(gpu.rlimits && !gpu.filesystem && !gpu.seccomp && !gpu.no_new_privs);
-        assert!(gpu.summary().contains("rlimits only"), "{}", gpu.summary());
-        let gpu_access = EngineAccess {
-            gpu: true,
-            ..access()
-        };
-        let e = Sandbox::build_on(SandboxMode::Strict, &gpu_access, old, &Diagnose::default())
-            .err()
-            .unwrap();
-        assert!(e.to_string().contains("GPU engines"), "{e}");
-        let off = Protections::for_support(SandboxMode::Off, old, false);
+        let off = Protections::for_support(SandboxMode::Off, old);
         assert_eq!(off.missing(), Vec::<&str>::new());
         assert!(off.summary().contains("full rights"));
     }

@@ -202,14 +202,27 @@ pub struct MpsDaemon {
 
 /// The MPS control daemon running here, if any (read from `/proc`).
 pub fn mps_control_daemon() -> Option<MpsDaemon> {
-    mps_control_daemon_in(std::path::Path::new("/proc"))
+    mps_control_daemons_in(std::path::Path::new("/proc"))
+        .into_iter()
+        .next()
+}
+
+/// Every MPS control daemon running here (one per pipe directory).
+pub fn mps_control_daemons() -> Vec<MpsDaemon> {
+    mps_control_daemons_in(std::path::Path::new("/proc"))
 }
 
 /// [`mps_control_daemon`] over a `/proc`-shaped directory: the first process
-/// whose program is `nvidia-cuda-mps-control`. What cannot be read (another
-/// user's environment, a process gone meanwhile) is skipped or defaulted,
-/// and reads are bounded.
+/// whose program is `nvidia-cuda-mps-control`.
 pub fn mps_control_daemon_in(proc: &std::path::Path) -> Option<MpsDaemon> {
+    mps_control_daemons_in(proc).into_iter().next()
+}
+
+/// Every process of a `/proc`-shaped directory whose program is
+/// `nvidia-cuda-mps-control`, by pid. What cannot be read (another user's
+/// environment, a process gone meanwhile) is skipped or defaulted, and reads
+/// are bounded.
+pub fn mps_control_daemons_in(proc: &std::path::Path) -> Vec<MpsDaemon> {
     fn read_bounded(p: &std::path::Path, max: u64) -> Option<Vec<u8>> {
         use std::io::Read;
         let mut out = Vec::new();
@@ -220,29 +233,33 @@ pub fn mps_control_daemon_in(proc: &std::path::Path) -> Option<MpsDaemon> {
             .ok()?;
         Some(out)
     }
-    let mut pids: Vec<u32> = fs_err::read_dir(proc)
-        .ok()?
+    let Ok(rd) = fs_err::read_dir(proc) else {
+        return Vec::new();
+    };
+    let mut pids: Vec<u32> = rd
         .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
         .collect();
     pids.sort_unstable();
-    pids.into_iter().find_map(|pid| {
-        let dir = proc.join(pid.to_string());
-        let cmdline = read_bounded(&dir.join("cmdline"), 4096)?;
-        let program = cmdline.split(|b| *b == 0).next()?;
-        let name = program.rsplit(|b| *b == b'/').next()?;
-        if name != b"nvidia-cuda-mps-control" {
-            return None;
-        }
-        let pipe_dir = read_bounded(&dir.join("environ"), 256 * 1024)
-            .and_then(|env| {
-                env.split(|b| *b == 0)
-                    .find_map(|kv| kv.strip_prefix(b"CUDA_MPS_PIPE_DIRECTORY="))
-                    .filter(|v| !v.is_empty())
-                    .map(|v| String::from_utf8_lossy(v).into_owned())
-            })
-            .unwrap_or_else(|| MPS_DEFAULT_PIPE_DIR.to_string());
-        Some(MpsDaemon { pid, pipe_dir })
-    })
+    pids.into_iter()
+        .filter_map(|pid| {
+            let dir = proc.join(pid.to_string());
+            let cmdline = read_bounded(&dir.join("cmdline"), 4096)?;
+            let program = cmdline.split(|b| *b == 0).next()?;
+            let name = program.rsplit(|b| *b == b'/').next()?;
+            if name != b"nvidia-cuda-mps-control" {
+                return None;
+            }
+            let pipe_dir = read_bounded(&dir.join("environ"), 256 * 1024)
+                .and_then(|env| {
+                    env.split(|b| *b == 0)
+                        .find_map(|kv| kv.strip_prefix(b"CUDA_MPS_PIPE_DIRECTORY="))
+                        .filter(|v| !v.is_empty())
+                        .map(|v| String::from_utf8_lossy(v).into_owned())
+                })
+                .unwrap_or_else(|| MPS_DEFAULT_PIPE_DIR.to_string());
+            Some(MpsDaemon { pid, pipe_dir })
+        })
+        .collect()
 }
 
 #[cfg(test)]

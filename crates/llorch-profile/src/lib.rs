@@ -259,6 +259,15 @@ impl Profile {
                 "server.pooling applies to an embedding pool; add `embeddings: true` (or remove pooling)".into(),
             ));
         }
+        if sv.mps == spec::MpsMode::Own && file.engine.backend != spec::Backend::Cuda {
+            return Err(invalid(
+                "server.mps",
+                format!(
+                    "server.mps: own starts an NVIDIA MPS daemon, which only CUDA engines use; this profile's backend is {} (remove `mps: own`)",
+                    file.engine.backend.as_str()
+                ),
+            ));
+        }
         if let Err((key, message)) = sv.concurrency_keys().resolve() {
             return Err(invalid(
                 &format!("server.{key}"),

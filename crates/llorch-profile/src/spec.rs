@@ -178,6 +178,33 @@ pub struct ServerSpec {
     /// to start without all of them) or `off` (loud: full user rights).
     #[serde(default)]
     pub sandbox: SandboxMode,
+    /// NVIDIA MPS: `system` (default: engines join a control daemon the
+    /// machine runs, if any; none is started) or `own` (llama-orch starts a
+    /// daemon of its own for the pool's GPUs and stops it with the pool).
+    #[serde(default)]
+    pub mps: MpsMode,
+}
+
+/// `server.mps`: whose NVIDIA Multi-Process Service the pool's engines use.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum MpsMode {
+    /// The machine's daemon where one runs (llama-orch never starts or stops it).
+    #[default]
+    System,
+    /// A daemon of the pool's own: pipe and log directories under the runtime
+    /// directory, started before its engines, stopped after them; refused
+    /// when another daemon already serves the machine.
+    Own,
+}
+
+impl MpsMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MpsMode::System => "system",
+            MpsMode::Own => "own",
+        }
+    }
 }
 
 /// `server.sandbox`: how a spawned engine is confined.
@@ -279,6 +306,7 @@ impl Default for ServerSpec {
             embeddings: false,
             pooling: None,
             sandbox: SandboxMode::Auto,
+            mps: MpsMode::System,
         }
     }
 }

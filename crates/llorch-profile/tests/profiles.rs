@@ -81,6 +81,33 @@ fn cuda_without_archs_is_refused_with_advice() {
 }
 
 #[test]
+fn own_mps_is_for_cuda_engines_only() {
+    let d = tempfile::tempdir().unwrap();
+    let pins = root().join("toolchains/llama.cpp.yaml");
+    let cpu = write(
+        d.path(),
+        "m.yaml",
+        "schema: 1\npool: m\nengine:\n  backend: cpu\nserver:\n  mps: own\n",
+    );
+    let err = Profile::load(&cpu, &pins).unwrap_err().to_string();
+    assert!(err.contains("server.mps") && err.contains("cpu"), "{err}");
+    let cuda = write(
+        d.path(),
+        "g.yaml",
+        "schema: 1\npool: g\nengine:\n  backend: cuda\n  cuda_archs: [\"90-real\"]\nserver:\n  mps: own\n",
+    );
+    let p = Profile::load(&cuda, &pins).unwrap();
+    assert_eq!(p.file.server.mps, llorch_profile::MpsMode::Own);
+    let bad = write(
+        d.path(),
+        "b.yaml",
+        "schema: 1\npool: g\nengine:\n  backend: cuda\n  cuda_archs: [\"90-real\"]\nserver:\n  mps: mine\n",
+    );
+    let err = Profile::load(&bad, &pins).unwrap_err().to_string();
+    assert!(err.contains("mps") && err.contains("own"), "{err}");
+}
+
+#[test]
 fn unknown_pin_and_profile_are_named() {
     let d = tempfile::tempdir().unwrap();
     let p = write(

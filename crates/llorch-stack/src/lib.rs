@@ -6,7 +6,8 @@
 //! * [`stack`]: a [`Stack`], pools (loaded at start or on demand, unloaded when idle;
 //!   a pool's detached engine attached to) behind one orchestrator, in one process:
 //!   the one composition shape, one profile being a stack of one pool;
-//! * [`link`]: how each engine is linked to the orchestrator (supervised, attached, managed).
+//! * [`link`]: how each engine is linked to the orchestrator (supervised, attached, managed);
+//! * [`mps`]: a pool's own NVIDIA MPS control daemon (`server.mps: own`).
 //!
 //! Which commands supervise and which start detached: `provision` and `engine up`
 //! start detached (the engine outlives the command until `engine down`);
@@ -16,6 +17,7 @@
 pub mod auto;
 pub mod auto_table;
 pub mod link;
+pub mod mps;
 pub mod prepare;
 pub mod provision;
 pub mod stack;

@@ -34,11 +34,8 @@ pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
         slots: orchestratord::link::slots_of(&prep.flags),
         batched: orchestratord::link::is_batched(&prep.flags),
         api_key: None,
-        sandbox: serde_json::to_value(engine_runtime::sandbox::Protections::planned(
-            prep.sandbox,
-            prep.gpu,
-        ))
-        .ok(),
+        sandbox: serde_json::to_value(engine_runtime::sandbox::Protections::planned(prep.sandbox))
+            .ok(),
     }
 }
 

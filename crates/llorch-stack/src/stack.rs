@@ -48,6 +48,9 @@ pub struct Stack {
     pub server: orchestratord::Server,
     /// Each engine (a pool's replicas one by one), by run id, in the stack's order.
     pub links: Vec<(llorch_io::handoff::PoolId, Arc<ManagedLink>)>,
+    /// MPS control daemons of pools with `mps: own` (stopped after the engines;
+    /// last field: dropped last).
+    pub mps: Vec<crate::mps::OwnMps>,
 }
 
 impl Stack {
@@ -80,7 +83,7 @@ impl Stack {
     /// Drain the orchestrator, then stop every engine.
     pub async fn stop(self, drain: Duration) {
         self.server.shutdown(drain).await;
-        let links = self.links;
+        let (links, mps) = (self.links, self.mps);
         let _ = tokio::task::spawn_blocking(move || {
             for (_, l) in &links {
                 l.stop();
@@ -90,6 +93,8 @@ impl Stack {
             for (_, l) in &links {
                 l.unloading.wait_done(deadline);
             }
+            // The pools' own MPS daemons go after their engines.
+            drop(mps);
         })
         .await;
     }
@@ -143,6 +148,7 @@ pub async fn start_pools(
     let mut links = Vec::new();
     // Which links load at start (eager pools: every replica).
     let mut eager_links = Vec::new();
+    let mut own_mps = Vec::new();
     for p in &stack.pools {
         let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
         let prebuilt = opts.prebuilt.clone();
@@ -163,6 +169,16 @@ pub async fn start_pools(
         })
         .await
         .map_err(|e| StackError::Other(e.to_string()))??;
+        // `mps: own`: the pool's daemon runs before `auto` looks and its engines start.
+        let mps_env = match p.profile.file.server.mps {
+            llorch_profile::MpsMode::Own => {
+                let own = start_own_mps(layout, p, opts.quiet).await?;
+                let env = own.engine_env();
+                own_mps.push(own);
+                env
+            }
+            llorch_profile::MpsMode::System => Vec::new(),
+        };
         let (c, prep, auto_why) = with_auto(p, layout, prep, &build, opts).await?;
         let idle = match opts.idle_unload_s {
             Some(0) => None,
@@ -175,6 +191,7 @@ pub async fn start_pools(
             let mut rprep = prep.clone();
             rprep.pool_id = run_id.clone();
             rprep.replica_id = format!("r{k}");
+            rprep.env.extend(mps_env.iter().cloned());
             let devices = p
                 .replica_devices
                 .get(k)
@@ -330,7 +347,40 @@ pub async fn start_pools(
             "the orchestrator did not see the engines ready".into(),
         ));
     }
-    Ok(Stack { server, links })
+    Ok(Stack {
+        server,
+        links,
+        mps: own_mps,
+    })
+}
+
+/// Start pool `p`'s own MPS daemon for its GPUs (every GPU when it names none).
+async fn start_own_mps(
+    layout: &Layout,
+    p: &llorch_profile::stack::StackPool,
+    quiet: bool,
+) -> Result<crate::mps::OwnMps, StackError> {
+    let mut devices: Vec<u32> = p
+        .devices
+        .iter()
+        .chain(p.replica_devices.iter().flatten())
+        .copied()
+        .collect();
+    devices.sort_unstable();
+    devices.dedup();
+    let (l, id) = (layout.clone(), p.id.clone());
+    let own = tokio::task::spawn_blocking(move || crate::mps::OwnMps::start(&l, &id, &devices))
+        .await
+        .map_err(|e| StackError::Other(e.to_string()))??;
+    if !quiet {
+        eprintln!(
+            "pool {}: MPS control daemon started (pid {}, pipe directory {})",
+            p.id,
+            own.pid.unwrap_or(0),
+            own.pipe_dir.display()
+        );
+    }
+    Ok(own)
 }
 
 /// A pool's concurrency and prepared engine with its `auto` counts chosen
@@ -408,6 +458,8 @@ pub enum StackError {
     Serve(#[from] orchestratord::ServeError),
     #[error(transparent)]
     Engine(#[from] engine_runtime::EngineError),
+    #[error(transparent)]
+    Mps(#[from] crate::mps::MpsError),
     #[error("{0}")]
     Other(String),
 }

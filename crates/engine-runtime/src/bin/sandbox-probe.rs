@@ -78,7 +78,7 @@ fn run_sandboxed(args: &[String]) -> ! {
             binary: program.clone(),
             read_files: Vec::new(),
             port: 1,
-            gpu: false,
+            mps_pipe: None,
         },
         &diagnose,
     )
@@ -181,6 +181,34 @@ fn main() {
         let mut params = [0u8; 120];
         let fd = libc::syscall(libc::SYS_io_uring_setup, 4u32, params.as_mut_ptr());
         report(who, "io_uring", os(fd));
+    }
+    // Allowed: naming its own threads (CUDA does, through /proc/self/task/<tid>/comm).
+    {
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid takes no arguments.
+            let _ = tid_tx.send(unsafe { libc::gettid() });
+            let _ = done_rx.recv();
+        });
+        let tid = tid_rx.recv().expect("the thread's id");
+        report(
+            who,
+            "name_own_thread",
+            fs_err::write(format!("/proc/self/task/{tid}/comm"), b"probe-worker")
+                .map(|_| "named".into()),
+        );
+        let _ = done_tx.send(());
+        let _ = t.join();
+    }
+    if !safe {
+        // SAFETY: getppid takes no arguments.
+        let parent = unsafe { libc::getppid() };
+        report(
+            who,
+            "name_parent",
+            fs_err::write(format!("/proc/{parent}/comm"), b"pwned").map(|_| "renamed".into()),
+        );
     }
     report(
         who,

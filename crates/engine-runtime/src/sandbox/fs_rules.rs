@@ -48,7 +48,7 @@ const LOADERS: &[&str] = &[
 /// GPU device nodes (NVIDIA, DRM render nodes for Vulkan, AMD's KFD), read,
 /// written and ioctl'd; `/dev/shm` and the MPS pipe directory where an NVIDIA
 /// device is present (CUDA's inter-process state, MPS clients).
-fn gpu_paths() -> (Vec<PathBuf>, Vec<PathBuf>) {
+fn gpu_paths(mps_pipe: Option<&Path>) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut devices = Vec::new();
     let mut shared = Vec::new();
     if let Ok(rd) = fs_err::read_dir("/dev") {
@@ -66,9 +66,10 @@ fn gpu_paths() -> (Vec<PathBuf>, Vec<PathBuf>) {
         .any(|d| d.to_string_lossy().contains("nvidia"))
     {
         shared.push(PathBuf::from("/dev/shm"));
-        let pipe = std::env::var_os("CUDA_MPS_PIPE_DIRECTORY")
-            .map(PathBuf::from)
-            .unwrap_or_else(|| PathBuf::from("/tmp/nvidia-mps"));
+        let pipe = mps_pipe
+            .map(Path::to_path_buf)
+            .or_else(|| std::env::var_os("CUDA_MPS_PIPE_DIRECTORY").map(PathBuf::from))
+            .unwrap_or_else(|| PathBuf::from(llorch_io::gpu::MPS_DEFAULT_PIPE_DIR));
         shared.push(pipe);
     }
     (devices, shared)
@@ -162,7 +163,7 @@ pub(super) fn landlock_ruleset(
         AccessFs::ReadFile | AccessFs::WriteFile,
         abi,
     ));
-    let (devices, shared) = gpu_paths();
+    let (devices, shared) = gpu_paths(access.mps_pipe.as_deref());
     for d in &devices {
         rules.extend(rule(d, device | AccessFs::ReadDir, abi));
     }

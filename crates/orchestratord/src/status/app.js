@@ -31,7 +31,7 @@
     const parts = [];
     if (o.filesystem === true) parts.push('landlock v' + txt(o.landlock_abi));
     for (const k of ['seccomp', 'no_new_privs', 'rlimits']) if (o[k] === true) parts.push(k);
-    return txt(o.mode) + ': ' + parts.join(', ') + (o.limited ? ' (limited)' : '');
+    return txt(o.mode) + ': ' + parts.join(', ');
   }
   function list(o, k) { return o && Array.isArray(o[k]) ? o[k] : []; }
   function td(tr, cls, v) {

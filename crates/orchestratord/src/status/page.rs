@@ -245,12 +245,7 @@ pub fn sandbox(v: Option<&Value>) -> String {
             parts.push(k.to_string());
         }
     }
-    let limited = if o.get("limited").is_some_and(|l| !l.is_null()) {
-        " (limited)"
-    } else {
-        ""
-    };
-    format!("{mode}: {}{limited}", parts.join(", "))
+    format!("{mode}: {}", parts.join(", "))
 }
 
 fn requests(out: &mut String, snap: &Value) {
