@@ -2,6 +2,8 @@
 //! engines (the default profile, shared through the workspace cache), a
 //! private runtime directory per test and a pool id per test.
 
+mod common;
+
 use engine_runtime::lifecycle::RunPaths;
 use llorch_io::cmd::{Cmd, Io};
 use llorch_io::handoff::PoolId;
@@ -52,27 +54,13 @@ fn serve(rt: &Path, pool: &PoolId) -> (llorch_io::cmd::KillOnDrop, String) {
 
 /// `xtask serve ARGS` on a free port, once it serves.
 fn serve_with(rt: &Path, args: &[&str]) -> (llorch_io::cmd::KillOnDrop, String) {
-    let mut child = llorch_io::cmd::KillOnDrop(
+    common::serving(
         xtask(rt)
             .arg("serve")
             .args(args)
-            .args(["--addr", "127.0.0.1:0"])
-            .spawn(Io::Piped, Io::Piped)
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("serve printed where it serves")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("serving ") {
-            let at = rest.split(" at ").nth(1).unwrap();
-            break at.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, url)
+            .args(["--addr", "127.0.0.1:0"]),
+        Io::Piped,
+    )
 }
 
 /// Stops a pool's detached engine when the test ends, passed or not.

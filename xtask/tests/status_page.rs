@@ -7,6 +7,8 @@
 //! Every wait is on a state of the page or of the server (a generous bound
 //! only stops a hang); nothing is timed by a fixed sleep.
 
+mod common;
+
 use fantoccini::{Client, ClientBuilder, Locator};
 use llorch_io::cmd::{Cmd, Io, KillOnDrop};
 use serde_json::{json, Value};
@@ -38,26 +40,12 @@ fn artifacts() -> PathBuf {
 
 /// `serve --stack FILE` on a free port, once it serves: the child and its URL.
 fn serve(rt: &Path, stack: &Path) -> (KillOnDrop, String) {
-    let mut child = KillOnDrop(
+    common::serving(
         xtask(rt)
             .args(["serve", "--stack", stack.to_str().unwrap()])
-            .args(["--addr", "127.0.0.1:0"])
-            .spawn(Io::Piped, Io::Inherit)
-            .unwrap(),
-    );
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    let url = loop {
-        let line = lines
-            .next()
-            .expect("serve printed where it serves")
-            .unwrap();
-        if let Some(rest) = line.strip_prefix("serving ") {
-            let at = rest.split(" at ").nth(1).unwrap();
-            break at.split_whitespace().next().unwrap().to_string();
-        }
-    };
-    std::thread::spawn(move || lines.for_each(drop));
-    (child, url)
+            .args(["--addr", "127.0.0.1:0"]),
+        Io::Inherit,
+    )
 }
 
 /// chromedriver on a free port (another process may take the port first: try again).

@@ -3,7 +3,8 @@
 //! users read.
 #![allow(dead_code)]
 
-use llorch_io::cmd::Cmd;
+use llorch_io::cmd::{Cmd, Io, KillOnDrop};
+use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 pub const FAKE_CMAKE: &str = "cmake_minimum_required(VERSION 3.14)\nproject(fake_llama C)\nadd_executable(llama-server server.c)\nset_target_properties(llama-server PROPERTIES RUNTIME_OUTPUT_DIRECTORY ${CMAKE_BINARY_DIR}/bin)\n";
@@ -94,4 +95,24 @@ pub fn normalize(text: &str, root: &Path) -> String {
     }
     flush(&mut run, &mut out);
     out
+}
+
+/// Start `serve` (`cmd`, stdout piped here, stderr as `stderr` says); once it
+/// prints `serving … at URL`: the child and the URL. The rest of its stdout
+/// is drained in the background.
+pub fn serving(cmd: Cmd, stderr: Io) -> (KillOnDrop, String) {
+    let mut child = KillOnDrop(cmd.spawn(Io::Piped, stderr).unwrap());
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let url = loop {
+        let line = lines
+            .next()
+            .expect("serve printed where it serves")
+            .unwrap();
+        if let Some(rest) = line.strip_prefix("serving ") {
+            let at = rest.split(" at ").nth(1).unwrap();
+            break at.split_whitespace().next().unwrap().to_string();
+        }
+    };
+    std::thread::spawn(move || lines.for_each(drop));
+    (child, url)
 }
