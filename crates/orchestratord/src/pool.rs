@@ -378,6 +378,7 @@ pub async fn health_loop(st: Shared, pool: Arc<Pool>) {
         // next look decides.
         let ok = ok && pool.not_ready_marks.load(Ordering::SeqCst) == marks;
         let was = pool.ready.swap(ok, Ordering::SeqCst);
+        st.status.saw(&pool, state_name(&state, ok));
         if was != ok {
             pool.work.notify_waiters();
             st.sched.notify_one();

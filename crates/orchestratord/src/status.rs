@@ -109,6 +109,8 @@ pub struct Hub {
     /// Watchers: when each last took a snapshot (ms since `started`).
     watchers: Mutex<HashMap<u64, Arc<AtomicU64>>>,
     next_watcher: AtomicU64,
+    /// Each replica's last state and the ring of state changes.
+    seen: Mutex<monitor::Seen>,
     started: Instant,
 }
 
@@ -121,6 +123,7 @@ impl Default for Hub {
             requests: Mutex::new(VecDeque::with_capacity(REQUESTS_KEPT)),
             watchers: Mutex::new(HashMap::new()),
             next_watcher: AtomicU64::new(0),
+            seen: Mutex::new(Default::default()),
             started: Instant::now(),
         }
     }
@@ -138,6 +141,20 @@ impl Hub {
     pub fn poke(&self) {
         self.dirty.store(true, Ordering::SeqCst);
         self.poke.notify_one();
+    }
+
+    /// Replica `p` is in `state` now (its health loop looks every few
+    /// milliseconds while it changes): a change goes into the ring and
+    /// starts a snapshot.
+    pub fn saw(&self, p: &crate::pool::Pool, state: &str) {
+        let changed =
+            self.seen
+                .lock()
+                .unwrap()
+                .saw(p.id.as_str(), p.group.as_str(), p.replica, state);
+        if changed {
+            self.poke();
+        }
     }
 
     /// A request ended.
@@ -274,11 +291,7 @@ fn current(st: &AppState) -> Value {
     let snap = st.status.tx.borrow().clone();
     match snap.and_then(|s| serde_json::from_str(&s).ok()) {
         Some(v) => v,
-        None => {
-            let mut m = Monitor::default();
-            m.observe(st);
-            m.snapshot(st, 0)
-        }
+        None => Monitor::default().snapshot(st, 0),
     }
 }
 

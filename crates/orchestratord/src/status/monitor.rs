@@ -1,6 +1,9 @@
-//! The monitor: the one task that looks at the pools (a state change is
-//! seen within [`TICK`]), keeps the tokens-per-second window and the GPU
-//! readings, and builds each snapshot the watchers share.
+//! The monitor: the one task that keeps the tokens-per-second window and the
+//! GPU readings and builds each snapshot the watchers share (at once after a
+//! change, within [`TICK`]). The replicas' states come from their health
+//! loops, which see every state (every 2 ms while an engine loads), through
+//! [`Hub::saw`](super::Hub::saw): a state too short for a snapshot is
+//! still in the ring of changes.
 
 use super::{unix_ms, Transition, EVENTS_KEPT, MIN_BUILD_GAP, REFRESH, TICK};
 use crate::{AppState, Shared};
@@ -13,53 +16,54 @@ use std::time::{Duration, Instant};
 /// What the monitor keeps between looks.
 #[derive(Default)]
 pub(super) struct Monitor {
-    /// Per replica (run id): its last state, when it became ready, restarts seen.
-    replicas: HashMap<String, ReplicaSeen>,
-    events: VecDeque<Transition>,
     /// Per pool: (when, tokens out so far), the last minute.
     tokens: HashMap<String, VecDeque<(Instant, u64)>>,
     gpus: Arc<Mutex<Option<Vec<llorch_io::gpu::GpuMemory>>>>,
 }
 
+/// A replica's last state as its health loop saw it.
 #[derive(Default)]
-struct ReplicaSeen {
-    state: String,
-    ready_since: Option<Instant>,
-    restarts: u64,
+pub(super) struct ReplicaSeen {
+    pub(super) state: String,
+    pub(super) ready_since: Option<Instant>,
+    pub(super) restarts: u64,
+}
+
+/// The replicas' states and the ring of their changes, kept in the [`Hub`](super::Hub).
+#[derive(Default)]
+pub(super) struct Seen {
+    pub(super) replicas: HashMap<String, ReplicaSeen>,
+    pub(super) events: VecDeque<Transition>,
+}
+
+impl Seen {
+    /// Replica `run_id` of `pool` is in `state` now; true when that is a change.
+    pub(super) fn saw(&mut self, run_id: &str, pool: &str, replica: usize, state: &str) -> bool {
+        let seen = self.replicas.entry(run_id.to_string()).or_default();
+        if seen.state == state {
+            return false;
+        }
+        // A ready engine that starts again without being unloaded restarted.
+        if seen.state == "ready" && state == "loading" {
+            seen.restarts += 1;
+        }
+        seen.ready_since = (state == "ready").then(Instant::now);
+        let from = std::mem::replace(&mut seen.state, state.to_string());
+        if self.events.len() == EVENTS_KEPT {
+            self.events.pop_back();
+        }
+        self.events.push_front(Transition {
+            at_ms: unix_ms(),
+            pool: pool.to_string(),
+            replica,
+            from: if from.is_empty() { "-".into() } else { from },
+            to: state.to_string(),
+        });
+        true
+    }
 }
 
 impl Monitor {
-    /// Look at every replica's state; true when one changed.
-    pub(super) fn observe(&mut self, st: &AppState) -> bool {
-        let stopping = st.stopping.load(Ordering::SeqCst);
-        let mut changed = false;
-        for p in &st.pools {
-            let state = p.state(stopping).to_string();
-            let seen = self.replicas.entry(p.id.to_string()).or_default();
-            if seen.state == state {
-                continue;
-            }
-            changed = true;
-            // A ready engine that starts again without being unloaded restarted.
-            if seen.state == "ready" && state == "loading" {
-                seen.restarts += 1;
-            }
-            seen.ready_since = (state == "ready").then(Instant::now);
-            let from = std::mem::replace(&mut seen.state, state.clone());
-            if self.events.len() == EVENTS_KEPT {
-                self.events.pop_back();
-            }
-            self.events.push_front(Transition {
-                at_ms: unix_ms(),
-                pool: p.group.to_string(),
-                replica: p.replica,
-                from: if from.is_empty() { "-".into() } else { from },
-                to: state,
-            });
-        }
-        changed
-    }
-
     /// Record every pool's token count; tokens per second over the last minute.
     fn sample_tokens(&mut self, st: &AppState, now: Instant) {
         for h in st.heads() {
@@ -103,11 +107,12 @@ impl Monitor {
             .map(|h| {
                 let mut v = crate::api::pool_json(st, h);
                 let members = st.members(&h.group);
+                let seen_all = st.status.seen.lock().unwrap();
                 let mut since_load: Option<f64> = None;
                 let mut unload_in: Option<f64> = None;
                 if let Some(reps) = v.get_mut("replicas").and_then(Value::as_array_mut) {
                     for (r, m) in reps.iter_mut().zip(&members) {
-                        let seen = self.replicas.get(m.id.as_str());
+                        let seen = seen_all.replicas.get(m.id.as_str());
                         let ready_for = seen
                             .and_then(|s| s.ready_since)
                             .map(|t| t.elapsed().as_secs_f64());
@@ -163,7 +168,7 @@ impl Monitor {
             "pools": pools,
             "gpus": gpus,
             "requests": st.status.requests(),
-            "events": self.events,
+            "events": st.status.seen.lock().unwrap().events,
             "watchers": st.status.live_watchers(),
             "text_recorded": false,
         })
@@ -200,9 +205,14 @@ pub async fn monitor(st: Shared) {
             return;
         }
         let now = Instant::now();
-        let changed = m.observe(&st);
+        if st.stopping.load(Ordering::SeqCst) {
+            // The health loops have stopped: the monitor says what follows.
+            for p in &st.pools {
+                st.status.saw(p, "draining");
+            }
+        }
         m.sample_tokens(&st, now);
-        let dirty = st.status.dirty.swap(false, Ordering::SeqCst) || changed;
+        let dirty = st.status.dirty.swap(false, Ordering::SeqCst);
         if dirty || built.is_none_or(|b| now.duration_since(b) >= REFRESH) {
             seq += 1;
             let snap = m.snapshot(&st, seq).to_string();

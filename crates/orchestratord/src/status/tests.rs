@@ -66,6 +66,48 @@ fn a_log_tail_is_bounded_and_drops_a_cut_line() {
     assert_eq!(tail(&log), vec!["a\u{fffd}\u{fffd}b".to_string()]);
 }
 
+#[test]
+fn state_changes_are_kept_once_and_a_ready_engine_starting_again_is_a_restart() {
+    let mut seen = super::monitor::Seen::default();
+    let saw = |s: &mut super::monitor::Seen, st: &str| s.saw("p.r1", "p", 1, st);
+    assert!(saw(&mut seen, "unloaded"));
+    assert!(!saw(&mut seen, "unloaded"), "no change, no event");
+    for st in [
+        "loading",
+        "ready",
+        "loading",
+        "ready",
+        "unloading",
+        "unloaded",
+    ] {
+        assert!(saw(&mut seen, st));
+    }
+    let r = &seen.replicas["p.r1"];
+    assert_eq!(
+        r.restarts, 1,
+        "ready -> loading once; an unload is no restart"
+    );
+    assert!(r.ready_since.is_none());
+    let to: Vec<&str> = seen.events.iter().map(|e| e.to.as_str()).collect();
+    assert_eq!(
+        to,
+        [
+            "unloaded",
+            "unloading",
+            "ready",
+            "loading",
+            "ready",
+            "loading",
+            "unloaded"
+        ]
+    );
+    assert_eq!(seen.events.back().unwrap().from, "-");
+    for i in 0..EVENTS_KEPT {
+        saw(&mut seen, if i % 2 == 0 { "loading" } else { "ready" });
+    }
+    assert_eq!(seen.events.len(), EVENTS_KEPT, "a fixed ring");
+}
+
 mod http {
     use crate::status::COOKIE;
     use axum::body::Body;
