@@ -13,16 +13,7 @@ use std::time::{Duration, Instant};
 
 use test_support::{layout, workspace_root as root};
 
-/// The binary with this checkout's cache and a private runtime directory,
-/// whatever `LLORCH_*` the user has set.
-fn xtask(rt: &Path) -> Cmd {
-    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
-        .env("LLORCH_ROOT", root())
-        .env("LLORCH_CACHE_DIR", root().join("cache"))
-        .env("LLORCH_RUNTIME_DIR", rt)
-        .env_remove("LLORCH_API_TOKEN")
-        .dir(root())
-}
+use common::xtask_in as xtask;
 
 /// Live processes whose stdout is `log` (every engine of a pool writes its log there).
 fn engines_writing(log: &Path) -> Vec<u32> {

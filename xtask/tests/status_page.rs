@@ -23,14 +23,7 @@ const HOSTILE_MODEL: &str = "<img src=x onerror=window.__pwned=1>";
 const HOSTILE_LOG: &str =
     "<script>window.__pwned=2</script><img src=x onerror=\"window.__pwned=3\"> from the engine";
 
-fn xtask(rt: &Path) -> Cmd {
-    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
-        .env("LLORCH_ROOT", root())
-        .env("LLORCH_CACHE_DIR", root().join("cache"))
-        .env("LLORCH_RUNTIME_DIR", rt)
-        .env_remove("LLORCH_API_TOKEN")
-        .dir(root())
-}
+use common::xtask_in as xtask;
 
 fn artifacts() -> PathBuf {
     let d = root().join("target/test-artifacts/status-page");

@@ -444,7 +444,15 @@ pub async fn pool_log(State(st): State<Shared>, Path(pool): Path<String>) -> Res
 /// 64 KiB (lossy UTF-8; a missing log is no lines).
 pub fn tail(path: &std::path::Path) -> Vec<String> {
     use std::io::{Read, Seek, SeekFrom};
-    let Ok(mut f) = fs_err::File::open(path) else {
+    use fs_err::os::unix::fs::OpenOptionsExt;
+    // A regular file only, not followed through a link, opened without
+    // blocking: a FIFO or device put in a log's place never stalls the reader.
+    let regular = fs_err::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
+    let opened = fs_err::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .open(path);
+    let (true, Ok(mut f)) = (regular, opened) else {
         return Vec::new();
     };
     let len = f.metadata().map(|m| m.len()).unwrap_or(0);

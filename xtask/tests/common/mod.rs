@@ -116,3 +116,15 @@ pub fn serving(cmd: Cmd, stderr: Io) -> (KillOnDrop, String) {
     std::thread::spawn(move || lines.for_each(drop));
     (child, url)
 }
+
+/// The binary with this checkout's cache (the engine the tests share) and
+/// the private runtime directory `rt`, whatever `LLORCH_*` the user has set.
+pub fn xtask_in(rt: &Path) -> Cmd {
+    let root = test_support::workspace_root();
+    Cmd::new(env!("CARGO_BIN_EXE_xtask"))
+        .env("LLORCH_ROOT", &root)
+        .env("LLORCH_CACHE_DIR", root.join("cache"))
+        .env("LLORCH_RUNTIME_DIR", rt)
+        .env_remove("LLORCH_API_TOKEN")
+        .dir(root)
+}

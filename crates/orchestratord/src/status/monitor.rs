@@ -39,10 +39,12 @@ pub(super) struct Seen {
 impl Seen {
     /// Replica `run_id` of `pool` is in `state` now; true when that is a change.
     pub(super) fn saw(&mut self, run_id: &str, pool: &str, replica: usize, state: &str) -> bool {
-        let seen = self.replicas.entry(run_id.to_string()).or_default();
-        if seen.state == state {
+        // Called every few milliseconds by each health loop: no allocation
+        // unless the state changed.
+        if self.replicas.get(run_id).is_some_and(|r| r.state == state) {
             return false;
         }
+        let seen = self.replicas.entry(run_id.to_string()).or_default();
         // A ready engine that starts again without being unloaded restarted.
         if seen.state == "ready" && state == "loading" {
             seen.restarts += 1;

@@ -61,6 +61,15 @@ fn a_log_tail_is_bounded_and_drops_a_cut_line() {
     assert!(t.last().unwrap().starts_with("01999 "));
     assert!(t.iter().all(|l| l.len() == 105), "no cut line");
     assert!(tail(&dir.path().join("missing.log")).is_empty());
+    // A FIFO or a link in the log's place is no log (and never blocks).
+    let fifo = dir.path().join("fifo.log");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    assert!(tail(&fifo).is_empty());
+    let link = dir.path().join("link.log");
+    fs_err::os::unix::fs::symlink(&log, &link).unwrap();
+    assert!(tail(&link).is_empty());
     // Bytes that are not UTF-8 are shown, not refused.
     fs_err::write(&log, b"a\xff\xfeb\n").unwrap();
     assert_eq!(tail(&log), vec!["a\u{fffd}\u{fffd}b".to_string()]);
