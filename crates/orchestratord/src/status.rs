@@ -443,8 +443,8 @@ pub async fn pool_log(State(st): State<Shared>, Path(pool): Path<String>) -> Res
 /// The last [`LOG_TAIL_LINES`] lines of a log, reading at most its last
 /// 64 KiB (lossy UTF-8; a missing log is no lines).
 pub fn tail(path: &std::path::Path) -> Vec<String> {
-    use std::io::{Read, Seek, SeekFrom};
     use fs_err::os::unix::fs::OpenOptionsExt;
+    use std::io::{Read, Seek, SeekFrom};
     // A regular file only, not followed through a link, opened without
     // blocking: a FIFO or device put in a log's place never stalls the reader.
     let regular = fs_err::symlink_metadata(path).is_ok_and(|m| m.file_type().is_file());
