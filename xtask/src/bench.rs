@@ -112,12 +112,15 @@ enum BenchSub {
         /// Threads of each engine (replaces the profile's; replicas sharing a CPU: cores / replicas)
         #[arg(long)]
         threads: Option<u32>,
+        /// Also measure, in every run, the same llama-server and model started by hand with its own defaults (-m, --host, --port only)
+        #[arg(long)]
+        vs_defaults: bool,
     },
     /// Sweep slots x engines per device for a batched pool through the orchestrator and print what `slots: auto` / `replicas: auto` would choose; --write records it where auto reads it
     Tune {
         #[arg(long, short)]
         profile: Option<String>,
-        /// Client counts, one row each (auto chooses by the largest)
+        /// Client counts, one row each (auto chooses the configuration nearest the best at every count)
         #[arg(long, value_delimiter = ',', default_value = "16,64")]
         clients: Vec<usize>,
         /// Slot counts to try (default: 1,2,4 on a CPU; 8,16,32,64 on a GPU)
@@ -211,6 +214,7 @@ impl BenchCmd {
                 runs,
                 max_tokens,
                 threads,
+                vs_defaults,
             } => llorch_bench::load::bench_load(
                 ctx,
                 &llorch_bench::load::LoadArgs {
@@ -226,6 +230,7 @@ impl BenchCmd {
                     runs: *runs,
                     max_tokens: *max_tokens,
                     threads: *threads,
+                    vs_defaults: *vs_defaults,
                 },
             )?,
             BenchSub::Tune {
@@ -253,7 +258,7 @@ impl BenchCmd {
                 clients,
                 slots,
                 queue_capacity,
-            } => llorch_bench::load::bench_soak(
+            } => llorch_bench::soak::bench_soak(
                 ctx,
                 profile.as_deref(),
                 *clients,

@@ -1,7 +1,7 @@
 //! Invariants of the house, checked (ARCHITECTURE.md): the CLI depends on no
 //! test crate, processes and HTTP clients are created only in llorch-io, the
-//! code map names every public module, and public functions fail with typed
-//! errors.
+//! code map names every public module, public functions fail with typed
+//! errors, and every normal dependency is used outside tests.
 
 use llorch_io::cmd::Cmd;
 use std::path::{Path, PathBuf};
@@ -287,5 +287,90 @@ fn tests_never_inherit_the_users_llorch_variables() {
     assert!(
         found.is_empty(),
         "tests find the workspace through test_support::{{workspace_root, layout, workspace_layout}}, never the user's LLORCH_* variables: {found:?}"
+    );
+}
+
+/// The names in `manifest`'s `[dependencies]` table that `src` (a crate's
+/// non-test source) never names as a path (`name::` or `name` as a word,
+/// `-` read as `_`).
+fn unused_dependencies(manifest: &str, src: &str) -> Vec<String> {
+    let mut in_deps = false;
+    let mut unused = Vec::new();
+    for line in manifest.lines() {
+        let line = line.trim();
+        if line.starts_with('[') {
+            in_deps = line == "[dependencies]";
+            continue;
+        }
+        if !in_deps || line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        let Some(name) = line.split(['=', '.', ' ']).next().filter(|n| !n.is_empty()) else {
+            continue;
+        };
+        let ident = name.replace('-', "_");
+        let used = src.match_indices(&ident).any(|(i, _)| {
+            let before = src[..i].chars().next_back();
+            let after = src[i + ident.len()..].chars().next();
+            let word = |c: Option<char>| c.is_some_and(|c| c.is_alphanumeric() || c == '_');
+            !word(before) && !word(after)
+        });
+        if !used {
+            unused.push(name.to_string());
+        }
+    }
+    unused
+}
+
+/// A crate's source without its test code: `tests.rs` files and what
+/// follows `#[cfg(test)]` in a file (the test module, last by habit).
+fn non_test_source(krate: &Path) -> String {
+    let mut files = Vec::new();
+    rust_files(&krate.join("src"), &mut files);
+    if krate.join("build.rs").exists() {
+        files.push(krate.join("build.rs"));
+    }
+    let mut src = String::new();
+    for f in files {
+        if f.file_name().is_some_and(|n| n == "tests.rs") {
+            continue;
+        }
+        let text = fs_err::read_to_string(&f).unwrap();
+        src.push_str(text.split("#[cfg(test)]").next().unwrap_or(""));
+    }
+    src
+}
+
+#[test]
+fn every_normal_dependency_is_used_outside_tests() {
+    // The check can fail: a planted unused and a test-only dependency.
+    let manifest = "[package]\nname = \"a\"\n[dependencies]\nserde.workspace = true\nfs-err = \"3\"\nsha2 = { workspace = true }\nlibc.workspace = true\n[dev-dependencies]\nrand = \"1\"\n";
+    let src = "use serde::Serialize;\nfn f() { fs_err::read(\"x\"); let serde_json = 1; }\n#[cfg(test)]\nmod tests { fn g() { libc::getpid(); } }";
+    assert_eq!(
+        unused_dependencies(manifest, src.split("#[cfg(test)]").next().unwrap()),
+        vec!["sha2", "libc"]
+    );
+    let root = root();
+    let mut found = Vec::new();
+    let mut krates: Vec<PathBuf> = fs_err::read_dir(root.join("crates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    krates.push(root.join("xtask"));
+    for k in krates {
+        let Ok(manifest) = fs_err::read_to_string(k.join("Cargo.toml")) else {
+            continue;
+        };
+        for name in unused_dependencies(&manifest, &non_test_source(&k)) {
+            found.push(format!(
+                "{}: {name}",
+                k.strip_prefix(&root).unwrap().display()
+            ));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "normal dependencies that no non-test code names (remove them, or move them to [dev-dependencies]): {found:?}"
     );
 }

@@ -19,6 +19,7 @@ pub mod openai;
 pub mod pools;
 pub mod sandbox;
 pub mod single;
+pub mod soak;
 pub mod tune;
 
 use anyhow::{bail, Context, Result};

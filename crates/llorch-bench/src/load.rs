@@ -1,5 +1,5 @@
-//! `cargo xtask bench load` and `bench soak`: many OpenAI streaming clients
-//! at once.
+//! `cargo xtask bench load`: many OpenAI streaming clients at once (`bench
+//! soak`, the long run, is [`crate::soak`]).
 //!
 //! `load` starts one pool of the profile (exact with `--replicas K`, or
 //! `--mode batched --slots N`) and, for each client count, alternates in
@@ -10,18 +10,13 @@
 //! tokens/s, time to first token p50/p99, inter-token p99, fairness (the
 //! slowest client's tokens/s over the median client's), errors, and the
 //! ratio orchestrator / direct with its spread.
-//!
-//! `soak` sends many concurrent streaming clients (short and long requests,
-//! 10 % disconnecting mid-stream) at a batched pool and checks that every
-//! admitted stream ended with exactly one terminal frame, every refusal was a
-//! 429, and nothing (tasks, file descriptors) is left afterwards.
 
 use crate::{median, pct, spread, Ctx};
 use anyhow::{Context, Result};
 use eventsource_stream::Eventsource;
 use futures_util::StreamExt;
 use llorch_profile::stack::{LoadPolicy, Stack, StackPool};
-use llorch_profile::{Concurrency, ConcurrencyKeys, Count, Mode};
+use llorch_profile::{Concurrency, ConcurrencyKeys, Mode};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
@@ -144,6 +139,28 @@ pub(crate) async fn wave(
     }
 }
 
+/// What one side gave over the runs of one client count.
+#[derive(Default)]
+struct Side {
+    tok_per_s: Vec<f64>,
+    /// The orchestrator's tokens/s over this side's, run by run.
+    ratio: Vec<f64>,
+    ttft: Vec<f64>,
+    fairness: Vec<f64>,
+    errors: usize,
+}
+
+impl Side {
+    fn add(&mut self, w: Option<Wave>) {
+        if let Some(w) = w {
+            self.tok_per_s.push(w.tok_per_s);
+            self.ttft.extend(w.ttft);
+            self.fairness.push(w.fairness);
+            self.errors += w.errors;
+        }
+    }
+}
+
 /// The profile's one pool, its concurrency replaced by the flags.
 pub(crate) fn load_stack(
     ctx: &Ctx,
@@ -219,6 +236,64 @@ pub struct LoadArgs<'a> {
     pub max_tokens: u32,
     /// Replaces the profile's server.threads (replicas sharing a CPU: cores / replicas).
     pub threads: Option<u32>,
+    /// Also measure, in every run, the same llama-server binary and model
+    /// started with its own defaults (`-m MODEL --host --port`, nothing else).
+    pub vs_defaults: bool,
+}
+
+/// The pool's llama-server and model started with nothing but `-m`,
+/// `--host` and `--port`: what a user gets who runs it by hand with its
+/// defaults (at this pin: 4 slots, unified KV, all layers on the GPU that
+/// fit, flash attention auto). Killed when dropped.
+async fn start_defaults(
+    ctx: &Ctx,
+    stack: &Stack,
+) -> Result<(llorch_io::cmd::KillOnDrop, String, std::path::PathBuf)> {
+    let pool = &stack.pools[0];
+    let prep = llorch_stack::prepare(
+        &pool.profile,
+        &pool.id,
+        &ctx.layout,
+        &engine_provisioner::build::BuildOptions::quiet(),
+    )?
+    .engine;
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let log = ctx
+        .layout
+        .run_dir()
+        .join(format!("bench-defaults-{port}.log"));
+    let mut child = llorch_io::cmd::KillOnDrop(
+        llorch_io::cmd::Cmd::new(&prep.binary)
+            .arg("-m")
+            .arg(&prep.model.path)
+            .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+            .spawn(
+                llorch_io::cmd::Io::Null,
+                llorch_io::cmd::Io::File(fs_err::File::create(&log)?.into_parts().0),
+            )
+            .with_context(|| format!("starting {}", prep.binary.display()))?,
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    let server = llorch_io::llama_server::LlamaServer::new(url.clone(), None);
+    let http = llorch_io::http::async_client();
+    // Loading a model is bounded by the disk and the device, not by us: wait
+    // while the process lives, as the supervisor does.
+    while !server.healthy(&http, Duration::from_secs(2)).await {
+        if let Some(status) = child.try_wait()? {
+            anyhow::bail!(
+                "llama-server with its defaults exited ({status}) before it was healthy; its log: {}",
+                log.display()
+            );
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    eprintln!(
+        "llama-server with its defaults: {url} (log {})",
+        log.display()
+    );
+    Ok((child, url, log))
 }
 
 pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
@@ -226,6 +301,10 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
     let rt = crate::runtime()?;
     rt.block_on(async {
         let ps = start(ctx, &stack, 4096, "cargo xtask bench load").await?;
+        let defaults = match a.vs_defaults {
+            true => Some(start_defaults(ctx, &stack).await?),
+            false => None,
+        };
         // What `auto` chose, and why (the stack starts quiet).
         let engines = &ps.server.state.pools;
         if let Some(why) = engines.first().and_then(|p| p.auto.clone()) {
@@ -251,16 +330,24 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
         // llama-server straight: the same prompt-cache setting the orchestrator sends.
         let mut direct_body = body.clone();
         direct_body["cache_prompt"] = json!(c.mode == Mode::Batched);
-        let via = vec![(format!("{orch}/v1/completions"), body)];
+        let via = vec![(format!("{orch}/v1/completions"), body.clone())];
         let direct: Vec<(String, Value)> = engines
             .iter()
             .map(|e| (format!("{e}/v1/completions"), direct_body.clone()))
             .collect();
+        // llama-server's defaults: its own settings, the body a plain client sends.
+        let plain: Vec<(String, Value)> = defaults
+            .iter()
+            .map(|(_, url, _)| (format!("{url}/v1/completions"), body.clone()))
+            .collect();
         let http = llorch_io::http::async_client();
         let rss_before = crate::rss_kib();
-        // Warm-up on both paths.
+        // Warm-up on every path.
         wave(&http, &via, 2, 8).await;
         wave(&http, &direct, 2, 8).await;
+        if !plain.is_empty() {
+            wave(&http, &plain, 2, 8).await;
+        }
         let mut rows = Vec::new();
         let mut peak_rss = rss_before;
         for &n in a.clients {
@@ -270,12 +357,21 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
             // next 0.89, with only a 2-client warm-up).
             wave(&http, &via, n, 16).await;
             wave(&http, &direct, n, 16).await;
+            let mut dflt = Side::default();
+            if !plain.is_empty() {
+                wave(&http, &plain, n, 16).await;
+            }
             let (mut ratio, mut tps_v, mut tps_d) = (Vec::new(), Vec::new(), Vec::new());
             let (mut ttft_v, mut ttft_d, mut gaps_v, mut gaps_d) =
                 (Vec::new(), Vec::new(), Vec::new(), Vec::new());
             let (mut err_v, mut err_d) = (0, 0);
             let (mut fair_v, mut fair_d) = (Vec::new(), Vec::new());
             for run in 0..a.runs {
+                // llama-server's defaults first in odd runs, last in even ones.
+                let mut plain_w = None;
+                if run % 2 == 1 && !plain.is_empty() {
+                    plain_w = Some(wave(&http, &plain, n, a.max_tokens).await);
+                }
                 // Alternate which side goes first.
                 let (v, d) = if run % 2 == 0 {
                     let v = wave(&http, &via, n, a.max_tokens).await;
@@ -284,6 +380,13 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
                     let d = wave(&http, &direct, n, a.max_tokens).await;
                     (wave(&http, &via, n, a.max_tokens).await, d)
                 };
+                if run % 2 == 0 && !plain.is_empty() {
+                    plain_w = Some(wave(&http, &plain, n, a.max_tokens).await);
+                }
+                if let Some(p) = &plain_w {
+                    dflt.ratio.push(v.tok_per_s / p.tok_per_s);
+                }
+                dflt.add(plain_w);
                 peak_rss = peak_rss.max(crate::rss_kib());
                 ratio.push(v.tok_per_s / d.tok_per_s);
                 tps_v.push(v.tok_per_s);
@@ -297,7 +400,7 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
                 fair_v.push(v.fairness);
                 fair_d.push(d.fairness);
             }
-            let row = json!({
+            let mut row = json!({
                 "clients": n,
                 "ratio_orchestrator_over_direct_median": median(&mut ratio.clone()),
                 "ratio_spread": spread(&ratio),
@@ -315,6 +418,23 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
                 "errors_orchestrator": err_v,
                 "errors_direct": err_d,
             });
+            if !plain.is_empty() {
+                row["tok_per_s_defaults_median"] = json!(median(&mut dflt.tok_per_s.clone()));
+                row["ratio_orchestrator_over_defaults_median"] = json!(median(&mut dflt.ratio.clone()));
+                row["ratio_over_defaults_spread"] = json!(spread(&dflt.ratio));
+                row["ttft_ms_p99_defaults"] = json!(pct(&dflt.ttft, 0.99));
+                row["fairness_defaults_median"] = json!(median(&mut dflt.fairness));
+                row["errors_defaults"] = json!(dflt.errors);
+                eprintln!(
+                    "{n:>4} clients: llama-server with its defaults {:.0} tok/s, orchestrator / defaults {:.2} ({}), TTFT p99 {:.1} ms, fairness {:.2}, errors {}",
+                    median(&mut dflt.tok_per_s),
+                    median(&mut dflt.ratio),
+                    spread(&dflt.ratio),
+                    pct(&dflt.ttft, 0.99),
+                    row["fairness_defaults_median"].as_f64().unwrap_or(f64::NAN),
+                    dflt.errors
+                );
+            }
             eprintln!(
                 "{n:>4} clients: {:.0} vs {:.0} tok/s (orchestrator / direct {:.3}, {}), TTFT p50 {:.1} vs {:.1} ms, p99 {:.1} vs {:.1} ms, fairness {:.2} vs {:.2}, errors {err_v}/{err_d}",
                 row["tok_per_s_orchestrator_median"].as_f64().unwrap_or(0.0),
@@ -331,7 +451,12 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
             rows.push(row);
         }
         ps.stop(Duration::from_secs(5)).await;
+        if let Some((child, _, log)) = defaults {
+            drop(child);
+            let _ = fs_err::remove_file(log);
+        }
         anyhow::Ok(json!({
+            "vs_defaults": a.vs_defaults,
             "mode": c.mode.as_str(),
             "slots": c.slots,
             "replicas": c.replicas,
@@ -343,162 +468,4 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
             "process_rss_kib_peak": peak_rss,
         }))
     })
-}
-
-/// How one soak client's stream ended.
-#[derive(Debug, PartialEq)]
-enum Ending {
-    /// Exactly one finish frame, then `[DONE]`.
-    Done,
-    /// 429 with a Retry-After.
-    Refused,
-    /// It hung up after the first chunks (on purpose).
-    Disconnected,
-    Bad(String),
-}
-
-async fn soak_client(http: &reqwest::Client, url: &str, body: Value, disconnect: bool) -> Ending {
-    let r = match http.post(url).json(&body).send().await {
-        Ok(r) => r,
-        Err(e) => return Ending::Bad(llorch_io::http::error_chain(&e)),
-    };
-    match r.status().as_u16() {
-        200 => {}
-        429 if r.headers().contains_key("retry-after") => return Ending::Refused,
-        s => return Ending::Bad(format!("status {s}")),
-    }
-    let mut events = r.bytes_stream().eventsource();
-    let (mut finishes, mut chunks, mut done) = (0, 0, false);
-    while let Some(ev) = events.next().await {
-        let Ok(ev) = ev else {
-            return Ending::Bad("stream broke".into());
-        };
-        if done {
-            return Ending::Bad("a frame after [DONE]".into());
-        }
-        if ev.data == "[DONE]" {
-            done = true;
-            continue;
-        }
-        let v: Value = serde_json::from_str(&ev.data).unwrap_or_default();
-        if v.get("error").is_some() {
-            finishes += 1;
-        }
-        if v["choices"][0]["finish_reason"].is_string() {
-            finishes += 1;
-        }
-        chunks += 1;
-        if disconnect && chunks == 2 {
-            return Ending::Disconnected;
-        }
-    }
-    match (finishes, done) {
-        (1, true) => Ending::Done,
-        _ => Ending::Bad(format!("{finishes} terminal frames, [DONE] {done}")),
-    }
-}
-
-fn open_fds() -> usize {
-    fs_err::read_dir("/proc/self/fd")
-        .map(|d| d.count())
-        .unwrap_or(0)
-}
-
-pub fn bench_soak(
-    ctx: &Ctx,
-    profile: Option<&str>,
-    clients: usize,
-    slots: u32,
-    queue_capacity: usize,
-) -> Result<Value> {
-    // Every client holds a socket on each side of the loopback.
-    // SAFETY: plain getrlimit/setrlimit on this process.
-    unsafe {
-        let mut l = libc::rlimit {
-            rlim_cur: 0,
-            rlim_max: 0,
-        };
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut l) == 0 && l.rlim_cur < l.rlim_max {
-            l.rlim_cur = l.rlim_max;
-            libc::setrlimit(libc::RLIMIT_NOFILE, &l);
-        }
-    }
-    let keys = ConcurrencyKeys {
-        mode: Some(Mode::Batched),
-        slots: Some(Count::Fixed(slots)),
-        replicas: Some(Count::Fixed(1)),
-        affinity: None,
-    };
-    let (stack, _) = load_stack(ctx, profile, keys, &[], None, "soak")?;
-    let rt = crate::runtime()?;
-    rt.block_on(async {
-        let ps = start(ctx, &stack, queue_capacity, "cargo xtask bench soak").await?;
-        let url = format!("{}/v1/completions", ps.orchestrator_url());
-        let pool = stack.pools[0].id.to_string();
-        let http = llorch_io::http::async_client();
-        let (fds_before, rss_before) = (open_fds(), crate::rss_kib());
-        let tasks_before = tokio::runtime::Handle::current().metrics().num_alive_tasks();
-        let t0 = Instant::now();
-        let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(rss_before));
-        let sampler = {
-            let peak = peak.clone();
-            tokio::spawn(async move {
-                loop {
-                    peak.fetch_max(crate::rss_kib(), std::sync::atomic::Ordering::Relaxed);
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            })
-        };
-        let endings = futures_util::future::join_all((0..clients).map(|i| {
-            let long = i % 2 == 1;
-            let body = json!({"model": pool, "stream": true, "prompt": format!("Soak client {i}: tell a story."),
-                "max_tokens": if long { 48 } else { 4 }, "ignore_eos": true, "seed": i});
-            let (http, url) = (&http, &url);
-            async move { soak_client(http, url, body, i % 10 == 0).await }
-        }))
-        .await;
-        let wall = t0.elapsed().as_secs_f64();
-        sampler.abort();
-        // Everything drains: no task queued or running in the orchestrator.
-        let st = ps.server.state.clone();
-        let drained = Instant::now();
-        while st.pools.iter().any(|p| !p.is_idle()) {
-            anyhow::ensure!(drained.elapsed() < Duration::from_secs(120), "tasks still queued or running 120 s after the last client");
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        drop(http);
-        tokio::time::sleep(Duration::from_millis(500)).await;
-        let (fds_after, rss_after) = (open_fds(), crate::rss_kib());
-        let tasks_after = tokio::runtime::Handle::current().metrics().num_alive_tasks();
-        let count = |e: &Ending| endings.iter().filter(|x| *x == e).count();
-        let bad: Vec<String> = endings
-            .iter()
-            .filter_map(|e| match e {
-                Ending::Bad(m) => Some(m.clone()),
-                _ => None,
-            })
-            .take(5)
-            .collect();
-        let live_tasks = st.tasks.lock().unwrap().len();
-        ps.stop(Duration::from_secs(5)).await;
-        let out = json!({
-            "clients": clients,
-            "slots": slots,
-            "queue_capacity": queue_capacity,
-            "wall_s": wall,
-            "completed_with_one_terminal": count(&Ending::Done),
-            "refused_429": count(&Ending::Refused),
-            "disconnected_mid_stream": count(&Ending::Disconnected),
-            "bad": endings.len() - count(&Ending::Done) - count(&Ending::Refused) - count(&Ending::Disconnected),
-            "bad_examples": bad,
-            "open_fds_before_after": [fds_before, fds_after],
-            "runtime_tasks_before_after": [tasks_before, tasks_after],
-            "tasks_retained_after": live_tasks,
-            "rss_kib_before_peak_after": [rss_before, peak.load(std::sync::atomic::Ordering::Relaxed), rss_after],
-        });
-        anyhow::ensure!(out["bad"] == 0, "soak: some streams did not end right: {out}");
-        anyhow::ensure!(fds_after <= fds_before + 2, "soak: file descriptors left: {fds_before} before, {fds_after} after");
-        Ok(out)
-    })
-    .context("bench soak")
 }

@@ -103,17 +103,16 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         a.max_tokens,
         table_rows,
     );
-    let best = table
-        .best_rows()
-        .max_by(|x, y| x.tok_per_s.total_cmp(&y.tok_per_s))
-        .cloned();
+    let best = table.pick(|_| true);
     match &best {
         Some(b) => eprintln!(
-            "auto would choose {} slots x {} engine(s) here ({:.0} tok/s at {} clients)",
-            b.slots, b.replicas, b.tok_per_s, b.clients
+            "auto would choose {} slots x {} engine(s) here: {}",
+            b.slots,
+            b.replicas,
+            b.describe()
         ),
         None => eprintln!(
-            "no configuration was fair enough (fairness >= {}) to choose",
+            "no configuration was fair (fairness >= {}) at every client count: auto would not use this table",
             auto::MIN_FAIRNESS
         ),
     }
@@ -136,7 +135,10 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         "runs": a.runs,
         "max_tokens": a.max_tokens,
         "rows": out_rows,
-        "recommended": best.map(|b| json!({"slots": b.slots, "replicas": b.replicas, "tok_per_s": b.tok_per_s, "clients": b.clients})),
+        "recommended": best.map(|b| json!({
+            "slots": b.slots, "replicas": b.replicas, "score": b.score,
+            "at": b.at.iter().map(|(n, t, best)| json!({"clients": n, "tok_per_s": t, "best_tok_per_s": best})).collect::<Vec<_>>(),
+        })),
         "table": if a.write { Some(path.display().to_string()) } else { None },
     }))
 }

@@ -312,10 +312,6 @@ fn shell_quote(s: &str) -> String {
     }
 }
 
-/// A child process that is killed and reaped when dropped while still
-/// running (checked with `try_wait`, so a reaped pid is never signalled).
-/// Tests and tools hold their children in it so that a panic or an early
-/// return never leaves a process behind.
 /// Where a spawned child's stdout or stderr goes.
 pub enum Io {
     Inherit,
@@ -335,6 +331,10 @@ impl Io {
     }
 }
 
+/// A child process that is killed and reaped when dropped while still
+/// running (checked with `try_wait`, so a reaped pid is never signalled).
+/// Tests and tools hold their children in it so that a panic or an early
+/// return never leaves a process behind.
 pub struct KillOnDrop(pub std::process::Child);
 
 impl std::ops::Deref for KillOnDrop {

@@ -33,6 +33,30 @@ impl TuneRow {
     }
 }
 
+/// The configuration [`TuneTable::pick`] chose, and what it measured.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Pick {
+    pub slots: u32,
+    pub replicas: u32,
+    /// Its worst share of the best fair tokens/s over the client counts.
+    pub score: f64,
+    /// Per client count (ascending): (clients, its tokens/s, the best fair tokens/s).
+    pub at: Vec<(u32, f64, f64)>,
+    /// Configurations fair at some count that were considered.
+    pub candidates: usize,
+}
+
+impl Pick {
+    /// `16 clients 3813 tok/s (0.95 of the best), 64 clients 9749 tok/s (1.00)`.
+    pub fn describe(&self) -> String {
+        self.at
+            .iter()
+            .map(|(n, t, b)| format!("{n} clients {t:.0} tok/s ({:.2} of the best)", t / b))
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+}
+
 /// What `bench tune --write` recorded for one engine, model, device and
 /// MPS state.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -87,12 +111,64 @@ impl TuneTable {
         llorch_io::digest::sha256_bytes(&bytes)
     }
 
-    /// The rows at the largest client count measured, fair enough to choose.
-    pub fn best_rows(&self) -> impl Iterator<Item = &TuneRow> {
-        let most = self.rows.iter().map(|r| r.clients).max().unwrap_or(0);
-        self.rows
+    /// The configuration to run among the rows `allowed` keeps (it fits the
+    /// device, it agrees with counts the profile fixed): at every client
+    /// count measured, the best tokens/s of the fair rows (fairness at least
+    /// [`MIN_FAIRNESS`]) sets the bar; a configuration scores the worst
+    /// share of that bar it reached over all client counts, and one that was
+    /// unfair or not measured at any count is no candidate. The highest
+    /// score wins (ties: more tokens/s at the largest count, then fewer
+    /// engines), so one good at
+    /// 64 clients but slow at 16 loses to one near the best at both.
+    pub fn pick(&self, allowed: impl Fn(&TuneRow) -> bool) -> Option<Pick> {
+        let rows: Vec<&TuneRow> = self
+            .rows
             .iter()
-            .filter(move |r| r.clients == most && r.fairness >= MIN_FAIRNESS)
+            .filter(|r| allowed(r) && r.fairness >= MIN_FAIRNESS)
+            .collect();
+        let mut counts: Vec<u32> = self.rows.iter().map(|r| r.clients).collect();
+        counts.sort_unstable();
+        counts.dedup();
+        let bar = |n: u32| {
+            rows.iter()
+                .filter(|r| r.clients == n)
+                .map(|r| r.tok_per_s)
+                .fold(0.0, f64::max)
+        };
+        let bars: Vec<(u32, f64)> = counts.iter().map(|&n| (n, bar(n))).collect();
+        let mut configs: Vec<(u32, u32)> = rows.iter().map(|r| (r.slots, r.replicas)).collect();
+        configs.sort_unstable();
+        configs.dedup();
+        let candidates = configs.len();
+        configs
+            .into_iter()
+            .filter_map(|(slots, replicas)| {
+                let mut at = Vec::new();
+                for &(n, best) in &bars {
+                    let r = rows
+                        .iter()
+                        .find(|r| (r.slots, r.replicas, r.clients) == (slots, replicas, n))?;
+                    at.push((n, r.tok_per_s, best));
+                }
+                let score = at
+                    .iter()
+                    .map(|&(_, t, b)| t / b)
+                    .fold(f64::INFINITY, f64::min);
+                Some(Pick {
+                    slots,
+                    replicas,
+                    score,
+                    at,
+                    candidates,
+                })
+            })
+            .max_by(|a, b| {
+                let last = |p: &Pick| p.at.last().map_or(0.0, |x| x.1);
+                a.score
+                    .total_cmp(&b.score)
+                    .then(last(a).total_cmp(&last(b)))
+                    .then(b.replicas.cmp(&a.replicas))
+            })
     }
 
     /// Why this table cannot be trusted for this key, if it cannot.
