@@ -9,6 +9,10 @@
 #   auto   `bench load --slots auto --replicas auto --vs-defaults`: auto's
 #          choice from that table, the same engines direct, and the same
 #          llama-server started by hand with its defaults, alternating
+#   variants  `bench tune` over the engine flag sets (split, unified-kv,
+#          no-flash-attn, q8-kv, batch-2048) for one 64-slot engine, then for
+#          4 engines x 32 slots (--write), then `bench load --slots auto
+#          --replicas auto --runs 1` from that table
 # An MPS control daemon is started with its default directories for tune and
 # auto and stopped at the end of the call (also on failure).
 #
@@ -46,6 +50,17 @@ case $P in
   auto)
     mps
     load auto --slots auto --replicas auto --threads 4 --vs-defaults ;;
-  *) echo "phase: build, tune or auto"; exit 2 ;;
+  variants)
+    mps
+    step "tune with engine flag sets"
+    "$X" bench tune --profile h100 --clients 16,64 --slots 64 --replicas 1 --variants split,unified-kv,no-flash-attn,q8-kv,batch-2048 --runs 1 --json > "$O/variants-one.json" 2> "$O/variants-one.log" || tail -20 "$O/variants-one.log"
+    grep -E "clients:|did not start" "$O/variants-one.log"
+    "$X" bench tune --profile h100 --clients 16,64 --slots 32 --replicas 4 --variants split,unified-kv,no-flash-attn,q8-kv,batch-2048 --runs 1 --write --json > "$O/variants.json" 2> "$O/variants.log" || tail -20 "$O/variants.log"
+    grep -E "clients:|auto would|did not start" "$O/variants.log"
+    cp cache/tune-v1/*.json "$O/" 2>/dev/null
+    step "auto from that table"
+    "$X" bench load --profile h100 --mode batched --slots auto --replicas auto --threads 4 --clients 16,64 --runs 1 --max-tokens 256 --json > "$O/auto-variants.json" 2> "$O/auto-variants.log" || tail -20 "$O/auto-variants.log"
+    grep -E "clients:|auto" "$O/auto-variants.log" | head -6 ;;
+  *) echo "phase: build, tune, auto or variants"; exit 2 ;;
 esac
 step done

@@ -129,6 +129,9 @@ enum BenchSub {
         /// Engines per device to try (default: 1 on a CPU; 1,2,4 on a GPU)
         #[arg(long, value_delimiter = ',')]
         replicas: Vec<u32>,
+        /// Engine flag sets to try: split (the profile's flags, the default), unified-kv, no-flash-attn, q8-kv, batch-2048
+        #[arg(long, value_delimiter = ',')]
+        variants: Vec<String>,
         #[arg(long, default_value_t = 3)]
         runs: usize,
         #[arg(long, default_value_t = 256)]
@@ -238,6 +241,7 @@ impl BenchCmd {
                 clients,
                 slots,
                 replicas,
+                variants,
                 runs,
                 max_tokens,
                 write,
@@ -248,6 +252,7 @@ impl BenchCmd {
                     clients,
                     slots,
                     replicas,
+                    variants,
                     runs: *runs,
                     max_tokens: *max_tokens,
                     write: *write,

@@ -45,6 +45,8 @@ pub const ALLOWED_FLAGS: &[(&str, bool)] = &[
     ("-ctk", true),
     ("--cache-type-v", true),
     ("-ctv", true),
+    ("--kv-unified", false),
+    ("-kvu", false),
     ("--no-mmap", false),
     ("--mlock", false),
     ("--split-mode", true),

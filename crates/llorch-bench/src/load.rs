@@ -168,12 +168,17 @@ pub(crate) fn load_stack(
     keys: ConcurrencyKeys,
     devices: &[u32],
     threads: Option<u32>,
+    extra_args: &[&str],
     tag: &str,
 ) -> Result<(Stack, Concurrency)> {
     let mut p = ctx.profile(profile)?;
     if let Some(t) = threads {
         p.file.server.threads = t;
     }
+    p.file
+        .server
+        .extra_args
+        .extend(extra_args.iter().map(|a| a.to_string()));
     let c = keys
         .over(p.file.server.concurrency_keys())
         .resolve()
@@ -297,7 +302,7 @@ async fn start_defaults(
 }
 
 pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
-    let (stack, c) = load_stack(ctx, a.profile, a.keys, a.devices, a.threads, "load")?;
+    let (stack, c) = load_stack(ctx, a.profile, a.keys, a.devices, a.threads, &[], "load")?;
     let rt = crate::runtime()?;
     rt.block_on(async {
         let ps = start(ctx, &stack, 4096, "cargo xtask bench load").await?;

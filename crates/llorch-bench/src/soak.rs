@@ -99,7 +99,7 @@ pub fn bench_soak(
         replicas: Some(Count::Fixed(1)),
         affinity: None,
     };
-    let (stack, _) = load_stack(ctx, profile, keys, &[], None, "soak")?;
+    let (stack, _) = load_stack(ctx, profile, keys, &[], None, &[], "soak")?;
     let rt = crate::runtime()?;
     rt.block_on(async {
         let ps = start(ctx, &stack, queue_capacity, "cargo xtask bench soak").await?;

@@ -29,11 +29,17 @@ pub struct TuneArgs<'a> {
     pub slots: &'a [u32],
     /// Engines per device to try (empty: 1 on a CPU; 1, 2, 4 on a GPU).
     pub replicas: &'a [u32],
+    /// Engine flag sets to try, by [`auto::VARIANTS`] name (empty: `split`,
+    /// the profile's own flags).
+    pub variants: &'a [String],
     pub runs: usize,
     pub max_tokens: u32,
     /// Record the table where `auto` reads it.
     pub write: bool,
 }
+
+/// Slots, engines, and a flag set (name, flags).
+type Config = (u32, u32, (&'static str, &'static [&'static str]));
 
 /// What one configuration gave at one client count, over the runs.
 #[derive(Default)]
@@ -60,15 +66,41 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         (true, false) => vec![1],
         (true, true) => vec![1, 2, 4],
     };
-    let probe = llorch_io::gpu::GpuProbe::default();
-    let device = auto::measure_device(cuda, &[], &probe)?;
-    let mut configs: Vec<(u32, u32)> = Vec::new();
-    for &k in &replicas {
-        for &s in &slots {
-            configs.push((s, k));
+    let mut variants: Vec<(&'static str, &'static [&'static str])> = Vec::new();
+    for name in a.variants {
+        match auto::VARIANTS.iter().find(|(n, _)| n == name) {
+            Some(v) => variants.push(*v),
+            None => bail!(
+                "--variants: no flag set named {name:?}; known: {}",
+                auto::VARIANTS
+                    .iter()
+                    .map(|(n, f)| format!(
+                        "{n} ({})",
+                        if f.is_empty() {
+                            "the profile's flags".into()
+                        } else {
+                            f.join(" ")
+                        }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
         }
     }
-    let mut samples: BTreeMap<((u32, u32), usize), Samples> = BTreeMap::new();
+    if variants.is_empty() {
+        variants.push(auto::VARIANTS[0]);
+    }
+    let probe = llorch_io::gpu::GpuProbe::default();
+    let device = auto::measure_device(cuda, &[], &probe)?;
+    let mut configs: Vec<Config> = Vec::new();
+    for &v in &variants {
+        for &k in &replicas {
+            for &s in &slots {
+                configs.push((s, k, v));
+            }
+        }
+    }
+    let mut samples: BTreeMap<(Config, usize), Samples> = BTreeMap::new();
     let mut key: Option<(String, String)> = None;
     let rt = crate::runtime()?;
     for run in 0..a.runs {
@@ -76,15 +108,20 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         if run % 2 == 1 {
             order.reverse();
         }
-        for &(s, k) in &order {
-            eprintln!("run {}/{}: {s} slots x {k} engine(s)", run + 1, a.runs);
-            let measured = rt.block_on(measure_config(ctx, a, s, k))?;
+        for &(s, k, v) in &order {
+            eprintln!(
+                "run {}/{}: {s} slots x {k} engine(s), flags {}",
+                run + 1,
+                a.runs,
+                v.0
+            );
+            let measured = rt.block_on(measure_config(ctx, a, s, k, v.1))?;
             let (base, rows) = measured;
             if let Some(b) = base {
                 key.get_or_insert((b.fingerprint, b.model_digest));
             }
             for (n, w) in rows {
-                let e = samples.entry(((s, k), n)).or_default();
+                let e = samples.entry(((s, k, v), n)).or_default();
                 e.tok_per_s.push(w.tok_per_s);
                 e.ttft.extend(w.ttft);
                 e.fairness.push(w.fairness);
@@ -106,9 +143,10 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
     let best = table.pick(|_| true);
     match &best {
         Some(b) => eprintln!(
-            "auto would choose {} slots x {} engine(s) here: {}",
+            "auto would choose {} slots x {} engine(s), flags {}, here: {}",
             b.slots,
             b.replicas,
+            auto::variant_name(&b.args),
             b.describe()
         ),
         None => eprintln!(
@@ -136,7 +174,7 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         "max_tokens": a.max_tokens,
         "rows": out_rows,
         "recommended": best.map(|b| json!({
-            "slots": b.slots, "replicas": b.replicas, "score": b.score,
+            "slots": b.slots, "replicas": b.replicas, "flags": auto::variant_name(&b.args), "args": b.args, "score": b.score,
             "at": b.at.iter().map(|(n, t, best)| json!({"clients": n, "tok_per_s": t, "best_tok_per_s": best})).collect::<Vec<_>>(),
         })),
         "table": if a.write { Some(path.display().to_string()) } else { None },
@@ -151,6 +189,7 @@ async fn measure_config(
     a: &TuneArgs<'_>,
     s: u32,
     k: u32,
+    args: &[&str],
 ) -> Result<(Option<orchestratord::link::EngineInfo>, Vec<(usize, Wave)>)> {
     let keys = ConcurrencyKeys {
         mode: Some(Mode::Batched),
@@ -158,7 +197,7 @@ async fn measure_config(
         replicas: Some(Count::Fixed(k)),
         affinity: None,
     };
-    let (stack, _) = load_stack(ctx, a.profile, keys, &[], None, "tune")?;
+    let (stack, _) = load_stack(ctx, a.profile, keys, &[], None, args, "tune")?;
     let ps = match start(ctx, &stack, 4096, "cargo xtask bench tune").await {
         Ok(ps) => ps,
         Err(e) => {
@@ -183,20 +222,20 @@ async fn measure_config(
 
 /// Per configuration and client count: the printed line, the JSON row, and
 /// (without errors) the table row auto may choose.
-fn summarize(samples: BTreeMap<((u32, u32), usize), Samples>) -> (Vec<Value>, Vec<TuneRow>) {
+fn summarize(samples: BTreeMap<(Config, usize), Samples>) -> (Vec<Value>, Vec<TuneRow>) {
     let mut table_rows = Vec::new();
     let mut out_rows = Vec::new();
-    for (((s, k), n), mut v) in samples {
+    for (((s, k, (name, args)), n), mut v) in samples {
         let tps = median(&mut v.tok_per_s.clone());
         let fair = median(&mut v.fairness);
         let ttft_p99 = pct(&v.ttft, 0.99);
         eprintln!(
-            "{s:>4} slots x {k} engine(s), {n:>4} clients: {tps:.0} tok/s ({}), TTFT p99 {ttft_p99:.0} ms, fairness {fair:.2}, errors {}",
+            "{s:>4} slots x {k} engine(s), {name:<13} {n:>4} clients: {tps:.0} tok/s ({}), TTFT p99 {ttft_p99:.0} ms, fairness {fair:.2}, errors {}",
             spread(&v.tok_per_s),
             v.errors
         );
         out_rows.push(json!({
-            "slots": s, "replicas": k, "clients": n,
+            "slots": s, "replicas": k, "flags": name, "args": args, "clients": n,
             "tok_per_s_median": tps, "tok_per_s_spread": spread(&v.tok_per_s),
             "ttft_ms_p99": ttft_p99, "fairness_median": fair, "errors": v.errors,
         }));
@@ -204,6 +243,7 @@ fn summarize(samples: BTreeMap<((u32, u32), usize), Samples>) -> (Vec<Value>, Ve
             table_rows.push(TuneRow {
                 slots: s,
                 replicas: k,
+                args: args.iter().map(|a| a.to_string()).collect(),
                 clients: n as u32,
                 tok_per_s: tps,
                 ttft_ms_p99: if ttft_p99.is_finite() { ttft_p99 } else { 0.0 },

@@ -39,6 +39,46 @@ pub const MAX_AUTO_SLOTS: u32 = 64;
 /// median client's tokens/s are never chosen from a table.
 pub const MIN_FAIRNESS: f64 = 0.8;
 
+/// The engine flag sets `bench tune --variants` measures beside slots ×
+/// engines, by name: the profile's own flags (`split`: each slot its own KV
+/// cache, flash attention as the pin decides, `auto` on CUDA), one KV cache
+/// shared by all slots, flash attention off, an 8-bit KV cache, larger
+/// batches. A table row may name only these.
+pub const VARIANTS: &[(&str, &[&str])] = &[
+    ("split", &[]),
+    ("unified-kv", &["--kv-unified"]),
+    ("no-flash-attn", &["--flash-attn", "off"]),
+    (
+        "q8-kv",
+        &["--cache-type-k", "q8_0", "--cache-type-v", "q8_0"],
+    ),
+    (
+        "batch-2048",
+        &["--batch-size", "2048", "--ubatch-size", "2048"],
+    ),
+];
+
+/// One spelling per engine flag a variant may set (`-fa` is `--flash-attn`).
+fn canonical(flag: &str) -> &str {
+    match flag {
+        "-fa" => "--flash-attn",
+        "-ctk" => "--cache-type-k",
+        "-ctv" => "--cache-type-v",
+        "-b" => "--batch-size",
+        "-ub" => "--ubatch-size",
+        "-kvu" => "--kv-unified",
+        f => f,
+    }
+}
+
+/// A variant's name for its flags (`split` for none).
+pub fn variant_name(args: &[String]) -> &'static str {
+    VARIANTS
+        .iter()
+        .find(|(_, a)| args == *a)
+        .map_or("?", |(n, _)| n)
+}
+
 /// Where the pool will run, as auto sees it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Device {
@@ -100,6 +140,8 @@ impl ModelNeeds {
 pub struct Choice {
     pub slots: u32,
     pub replicas: u32,
+    /// Engine flags added to the profile's (a measured [`VARIANTS`] entry).
+    pub args: Vec<String>,
     pub why: String,
 }
 
@@ -147,6 +189,7 @@ pub fn choose(
     dev: &Device,
     m: &ModelNeeds,
     table: Option<&TuneTable>,
+    profile_args: &[String],
 ) -> Result<Choice, AutoError> {
     if !fits(dev, m, 1, 1) {
         let reserve = if dev.cuda {
@@ -166,15 +209,31 @@ pub fn choose(
     let slots_ok = |s: u32| c.auto.slots || s == c.slots;
     let replicas_ok = |r: u32| c.auto.replicas || r == c.replicas;
     if let Some(t) = table {
+        // A flag the profile sets itself (in any spelling) is the profile's to decide.
+        let set: Vec<&str> = profile_args
+            .iter()
+            .filter(|a| a.starts_with('-'))
+            .map(|a| canonical(a.split('=').next().unwrap_or(a)))
+            .collect();
+        let args_ok = |args: &[String]| {
+            args.iter()
+                .filter(|a| a.starts_with('-'))
+                .all(|a| !set.contains(&canonical(a)))
+        };
         let pick = t.pick(|r| {
-            slots_ok(r.slots) && replicas_ok(r.replicas) && fits(dev, m, r.slots, r.replicas)
+            slots_ok(r.slots)
+                && replicas_ok(r.replicas)
+                && args_ok(&r.args)
+                && fits(dev, m, r.slots, r.replicas)
         });
         if let Some(p) = pick {
             return Ok(Choice {
                 slots: p.slots,
                 replicas: p.replicas,
+                args: p.args.clone(),
                 why: format!(
-                    "measured by bench tune: {}; the nearest to the best at every client count of {} configurations that fit {} ({} MiB)",
+                    "measured by bench tune with flags `{}`: {}; the nearest to the best at every client count of {} configurations that fit {} ({} MiB)",
+                    variant_name(&p.args),
                     p.describe(),
                     p.candidates,
                     dev.name,
@@ -215,6 +274,7 @@ pub fn choose(
     Ok(Choice {
         slots,
         replicas,
+        args: Vec::new(),
         why: format!(
             "no tune table for this engine, model and device: one engine{}, slots as many as fit {} MiB ({:.0} MiB of KV each), {bound}; `cargo xtask bench tune --write` measures instead",
             if c.auto.replicas { " (several engines per device pay off only where measured)" } else { "" },
@@ -297,7 +357,13 @@ pub fn resolve(
 
     let (table, warning) =
         crate::auto_table::read_table(&path, &prep.fingerprint, &prep.model.digest, &dev);
-    let mut choice = choose(&pool.concurrency, &dev, &needs, table.as_ref())?;
+    let mut choice = choose(
+        &pool.concurrency,
+        &dev,
+        &needs,
+        table.as_ref(),
+        &pool.profile.file.server.extra_args,
+    )?;
     // A table that was there but not trusted is part of why (also where the start is quiet).
     if let Some(w) = &warning {
         choice.why = format!("{w}; {}", choice.why);
@@ -356,6 +422,7 @@ pub(crate) mod tests {
                     crate::auto_table::TuneRow {
                         slots,
                         replicas,
+                        args: Vec::new(),
                         clients,
                         tok_per_s,
                         ttft_ms_p99: 100.0,
@@ -368,10 +435,10 @@ pub(crate) mod tests {
 
     #[test]
     fn without_a_table_one_engine_gets_the_slots_that_fit() {
-        let c = choose(&batched(None, None), &gpu(70_000), &M, None).unwrap();
+        let c = choose(&batched(None, None), &gpu(70_000), &M, None, &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (MAX_AUTO_SLOTS, 1));
         // 2100 + 768 + s × 88 ≤ 4000: s = 12.
-        let c = choose(&batched(None, None), &gpu(4000), &M, None).unwrap();
+        let c = choose(&batched(None, None), &gpu(4000), &M, None, &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (12, 1));
         let cpu = Device {
             name: "cpu-2c".into(),
@@ -380,10 +447,10 @@ pub(crate) mod tests {
             cores: 2,
             mps: false,
         };
-        let c = choose(&batched(None, None), &cpu, &M, None).unwrap();
+        let c = choose(&batched(None, None), &cpu, &M, None, &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (2, 1));
         // A fixed count is kept; the other fits around it.
-        let c = choose(&batched(None, Some(2)), &gpu(8000), &M, None).unwrap();
+        let c = choose(&batched(None, Some(2)), &gpu(8000), &M, None, &[]).unwrap();
         assert_eq!(c.replicas, 2);
         assert!(2.0 * engine_mib(&gpu(8000), &M, c.slots) <= 8000.0);
     }
@@ -417,11 +484,11 @@ pub(crate) mod tests {
                 },
             ),
         ] {
-            let e = choose(&batched(None, None), &gpu(budget), &m, None).unwrap_err();
+            let e = choose(&batched(None, None), &gpu(budget), &m, None, &[]).unwrap_err();
             assert!(matches!(e, AutoError::NoRoom { .. }), "{e}");
             assert!(e.to_string().contains("MiB"), "{e}");
         }
-        let e = choose(&batched(Some(256), Some(64)), &gpu(70_000), &M, None).unwrap_err();
+        let e = choose(&batched(Some(256), Some(64)), &gpu(70_000), &M, None, &[]).unwrap_err();
         assert!(matches!(e, AutoError::FixedDoesNotFit { .. }), "{e}");
     }
 
@@ -433,7 +500,7 @@ pub(crate) mod tests {
             (8, 8, 9000.0, 0.99),
             (32, 2, 12_000.0, 0.5),
         ]);
-        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t)).unwrap();
+        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t), &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (16, 4), "{}", c.why);
         assert!(
             c.why.contains("64 clients 10500 tok/s (1.00 of the best)"),
@@ -441,10 +508,10 @@ pub(crate) mod tests {
             c.why
         );
         // Four engines do not fit 10 GB: the best that does.
-        let c = choose(&batched(None, None), &gpu(10_000), &M, Some(&t)).unwrap();
+        let c = choose(&batched(None, None), &gpu(10_000), &M, Some(&t), &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (64, 1), "{}", c.why);
         // A fixed count restricts the rows.
-        let c = choose(&batched(None, Some(8)), &gpu(70_000), &M, Some(&t)).unwrap();
+        let c = choose(&batched(None, Some(8)), &gpu(70_000), &M, Some(&t), &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (8, 8));
     }
 
@@ -463,7 +530,7 @@ pub(crate) mod tests {
             // Two 8-slot engines queue 48 of 64 clients: unfair, never chosen.
             (8, 2, 64, 4500.0, 0.3),
         ]);
-        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t)).unwrap();
+        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t), &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (32, 2), "{}", c.why);
         assert!(
             c.why.contains("16 clients 4350 tok/s (0.99 of the best)"),
@@ -471,11 +538,11 @@ pub(crate) mod tests {
             c.why
         );
         // Fixed at four engines: the best of those.
-        let c = choose(&batched(None, Some(4)), &gpu(70_000), &M, Some(&t)).unwrap();
+        let c = choose(&batched(None, Some(4)), &gpu(70_000), &M, Some(&t), &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (16, 4));
         // No configuration fair at every count: the rule without a table, saying so.
         let t = table_at(&[(8, 1, 16, 3000.0, 0.99), (64, 1, 64, 3500.0, 0.5)]);
-        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t)).unwrap();
+        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t), &[]).unwrap();
         assert_eq!((c.slots, c.replicas), (MAX_AUTO_SLOTS, 1), "{}", c.why);
         // Ties go to more tokens/s at the largest count, then fewer engines; the
         // order of rows does not matter.
@@ -494,6 +561,7 @@ pub(crate) mod tests {
             &gpu(70_000),
             &M,
             Some(&table_at(&rows)),
+            &[],
         )
         .unwrap();
         let b = choose(
@@ -501,9 +569,61 @@ pub(crate) mod tests {
             &gpu(70_000),
             &M,
             Some(&table_at(&rev)),
+            &[],
         )
         .unwrap();
         assert_eq!((a.slots, a.replicas), (b.slots, b.replicas));
         assert_eq!((a.slots, a.replicas), (32, 2), "fewer engines: {}", a.why);
+    }
+
+    #[test]
+    fn a_table_row_measured_with_flags_is_chosen_with_them_unless_the_profile_sets_them() {
+        let with = |args: &[&str], tok: f64| crate::auto_table::TuneRow {
+            slots: 32,
+            replicas: 4,
+            args: args.iter().map(|a| a.to_string()).collect(),
+            clients: 64,
+            tok_per_s: tok,
+            ttft_ms_p99: 100.0,
+            fairness: 0.99,
+        };
+        let t = TuneTable::new(
+            &"f".repeat(64),
+            &"m".repeat(64),
+            &gpu(0),
+            256,
+            vec![
+                with(&[], 9000.0),
+                with(&["--kv-unified"], 9500.0),
+                // Within the noise of the profile's own flags: not worth a flag.
+                with(&["--batch-size", "2048", "--ubatch-size", "2048"], 9100.0),
+                with(&["--flash-attn", "off"], 4000.0),
+            ],
+        );
+        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t), &[]).unwrap();
+        assert_eq!(c.args, ["--kv-unified"], "{}", c.why);
+        assert!(c.why.contains("flags `unified-kv`"), "{}", c.why);
+        // The profile sets the flag itself (any spelling): not auto's to choose.
+        for own in [["-kvu"], ["--kv-unified"]] {
+            let own: Vec<String> = own.iter().map(|a| a.to_string()).collect();
+            let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t), &own).unwrap();
+            assert!(c.args.is_empty(), "{}", c.why);
+        }
+        let own = vec!["-fa".to_string(), "on".to_string()];
+        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t), &own).unwrap();
+        assert_eq!(c.args, ["--kv-unified"]);
+        // Without the clear winner, the small gain of larger batches is noise.
+        let own = vec!["--kv-unified".to_string()];
+        let c = choose(&batched(None, None), &gpu(70_000), &M, Some(&t), &own).unwrap();
+        assert!(c.args.is_empty(), "{}", c.why);
+        // A row with flags no variant names is out of range: the table is refused.
+        let mut bad = t.clone();
+        bad.rows[0].args = vec!["--model".into(), "/etc/passwd".into()];
+        let bad = TuneTable::new(&bad.fingerprint, &bad.model_digest, &gpu(0), 256, bad.rows);
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("t.json");
+        crate::auto_table::write_table(&p, &bad).unwrap();
+        let (t, w) = crate::auto_table::read_table(&p, &"f".repeat(64), &"m".repeat(64), &gpu(0));
+        assert!(t.is_none() && w.unwrap().contains("out of range"));
     }
 }

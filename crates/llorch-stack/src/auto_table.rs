@@ -10,13 +10,16 @@ use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
 /// The tune table's schema.
-pub const TABLE_SCHEMA: u32 = 1;
+pub const TABLE_SCHEMA: u32 = 2;
 
 /// One measured configuration.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct TuneRow {
     pub slots: u32,
     pub replicas: u32,
+    /// The engine flags measured besides the profile's (a
+    /// [`crate::auto::VARIANTS`] entry's; empty: the profile's own).
+    pub args: Vec<String>,
     pub clients: u32,
     pub tok_per_s: f64,
     pub ttft_ms_p99: f64,
@@ -33,11 +36,18 @@ impl TuneRow {
     }
 }
 
+/// How much nearer the best a configuration with engine flags beyond the
+/// profile's must be to be chosen over one without (a run's noise on one
+/// machine is a few per cent).
+pub const FLAG_MARGIN: f64 = 0.03;
+
 /// The configuration [`TuneTable::pick`] chose, and what it measured.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Pick {
     pub slots: u32,
     pub replicas: u32,
+    /// Engine flags besides the profile's.
+    pub args: Vec<String>,
     /// Its worst share of the best fair tokens/s over the client counts.
     pub score: f64,
     /// Per client count (ascending): (clients, its tokens/s, the best fair tokens/s).
@@ -111,15 +121,16 @@ impl TuneTable {
         llorch_io::digest::sha256_bytes(&bytes)
     }
 
-    /// The configuration to run among the rows `allowed` keeps (it fits the
-    /// device, it agrees with counts the profile fixed): at every client
-    /// count measured, the best tokens/s of the fair rows (fairness at least
-    /// [`MIN_FAIRNESS`]) sets the bar; a configuration scores the worst
-    /// share of that bar it reached over all client counts, and one that was
-    /// unfair or not measured at any count is no candidate. The highest
-    /// score wins (ties: more tokens/s at the largest count, then fewer
-    /// engines), so one good at
-    /// 64 clients but slow at 16 loses to one near the best at both.
+    /// The configuration (slots × engines × engine flags) to run among the
+    /// rows `allowed` keeps (it fits the device, it agrees with what the
+    /// profile fixed): at every client count measured, the best tokens/s of
+    /// the fair rows (fairness at least [`MIN_FAIRNESS`]) sets the bar; a
+    /// configuration scores the worst share of that bar it reached over all
+    /// client counts, and one that was unfair or not measured at any count
+    /// is no candidate. The highest score wins, one with flags beyond the
+    /// profile's counting [`FLAG_MARGIN`] less; ties go to more tokens/s at
+    /// the largest count, then fewer engines, then fewer flags. So one good
+    /// at 64 clients but slow at 16 loses to one near the best at both.
     pub fn pick(&self, allowed: impl Fn(&TuneRow) -> bool) -> Option<Pick> {
         let rows: Vec<&TuneRow> = self
             .rows
@@ -136,18 +147,21 @@ impl TuneTable {
                 .fold(0.0, f64::max)
         };
         let bars: Vec<(u32, f64)> = counts.iter().map(|&n| (n, bar(n))).collect();
-        let mut configs: Vec<(u32, u32)> = rows.iter().map(|r| (r.slots, r.replicas)).collect();
+        let mut configs: Vec<(u32, u32, &[String])> = rows
+            .iter()
+            .map(|r| (r.slots, r.replicas, r.args.as_slice()))
+            .collect();
         configs.sort_unstable();
         configs.dedup();
         let candidates = configs.len();
         configs
             .into_iter()
-            .filter_map(|(slots, replicas)| {
+            .filter_map(|(slots, replicas, args)| {
                 let mut at = Vec::new();
                 for &(n, best) in &bars {
-                    let r = rows
-                        .iter()
-                        .find(|r| (r.slots, r.replicas, r.clients) == (slots, replicas, n))?;
+                    let r = rows.iter().find(|r| {
+                        (r.slots, r.replicas, r.clients) == (slots, replicas, n) && r.args == args
+                    })?;
                     at.push((n, r.tok_per_s, best));
                 }
                 let score = at
@@ -157,6 +171,7 @@ impl TuneTable {
                 Some(Pick {
                     slots,
                     replicas,
+                    args: args.to_vec(),
                     score,
                     at,
                     candidates,
@@ -164,10 +179,13 @@ impl TuneTable {
             })
             .max_by(|a, b| {
                 let last = |p: &Pick| p.at.last().map_or(0.0, |x| x.1);
-                a.score
-                    .total_cmp(&b.score)
+                // Flags beyond the profile's must earn their place.
+                let worth = |p: &Pick| p.score - if p.args.is_empty() { 0.0 } else { FLAG_MARGIN };
+                worth(a)
+                    .total_cmp(&worth(b))
                     .then(last(a).total_cmp(&last(b)))
                     .then(b.replicas.cmp(&a.replicas))
+                    .then(b.args.len().cmp(&a.args.len()))
             })
     }
 
@@ -193,6 +211,7 @@ impl TuneTable {
                 || !r.tok_per_s.is_finite()
                 || r.tok_per_s <= 0.0
                 || !r.fairness.is_finite()
+                || !crate::auto::VARIANTS.iter().any(|(_, a)| r.args == *a)
         });
         bad.map(|r| format!("a row out of range: {r:?}"))
     }

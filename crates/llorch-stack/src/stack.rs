@@ -409,6 +409,11 @@ async fn with_auto(
     c.auto = Default::default();
     let mut prof = p.profile.clone();
     prof.file.server.set_concurrency(c);
+    // The flags the table measured with (validated like the profile's own).
+    prof.file
+        .server
+        .extra_args
+        .extend(choice.args.iter().cloned());
     prep = lifecycle::prepare(
         &prof,
         &p.id,

@@ -525,13 +525,29 @@ async fn slots_auto_fits_the_machine_then_follows_a_recorded_tune_table_and_igno
     let row = |slots, replicas, tok_per_s| auto_table::TuneRow {
         slots,
         replicas,
+        args: Vec::new(),
         clients: 4,
         tok_per_s,
         ttft_ms_p99: 100.0,
         fairness: 1.0,
     };
-    let table =
-        auto_table::TuneTable::new(&fp, &md, &dev, 16, vec![row(3, 1, 90.0), row(1, 2, 40.0)]);
+    // The best row was measured with larger batches: the engine gets them.
+    let batched_2048: Vec<String> = ["--batch-size", "2048", "--ubatch-size", "2048"]
+        .map(String::from)
+        .to_vec();
+    let table = auto_table::TuneTable::new(
+        &fp,
+        &md,
+        &dev,
+        16,
+        vec![
+            auto_table::TuneRow {
+                args: batched_2048.clone(),
+                ..row(3, 1, 90.0)
+            },
+            row(1, 2, 40.0),
+        ],
+    );
     auto_table::write_table(&path, &table).unwrap();
     let ps = start_with("auto", yaml, None, dir.clone()).await;
     let p = pool_caps(&caps(&ps.orchestrator_url()).await, &a);
@@ -543,8 +559,18 @@ async fn slots_auto_fits_the_machine_then_follows_a_recorded_tune_table_and_igno
             .contains("measured by bench tune"),
         "{p}"
     );
-    // The engine runs with the slots chosen (`--parallel 3`).
-    assert_eq!(ps.link(&a).unwrap().base.slots, 3);
+    assert!(
+        p["auto"].as_str().unwrap().contains("flags `batch-2048`"),
+        "{p}"
+    );
+    // The engine runs with the slots chosen (`--parallel 3`) and the flags measured.
+    let base = &ps.link(&a).unwrap().base;
+    assert_eq!(base.slots, 3);
+    assert!(
+        base.flags.windows(4).any(|w| w == batched_2048.as_slice()),
+        "{:?}",
+        base.flags
+    );
     ps.stop(Duration::from_secs(5)).await;
     // The same table edited by hand is not trusted.
     let mut edited = table.clone();
