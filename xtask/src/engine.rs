@@ -5,7 +5,8 @@ use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::cache::ArtifactCache;
-use engine_runtime::lifecycle::{self, RunPaths, Stopped};
+use engine_runtime::lifecycle::{self, Stopped};
+use engine_runtime::run_state::RunPaths;
 use llorch_io::handoff::PoolId;
 use std::path::PathBuf;
 
@@ -431,7 +432,7 @@ pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::Buil
 
 fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
     let pool = a.pool(ctx)?;
-    let run = lifecycle::read_pool(&ctx.layout, &pool);
+    let run = engine_runtime::run_state::read_pool(&ctx.layout, &pool);
     let (pf, h) = match run.as_ref().and_then(|r| r.handoff.clone().map(|h| (r, h))) {
         Some((r, h)) if r.engine_alive => (r.record.clone(), h),
         _ => {

@@ -4,7 +4,7 @@
 
 mod common;
 
-use engine_runtime::lifecycle::RunPaths;
+use engine_runtime::run_state::RunPaths;
 use llorch_io::cmd::{Cmd, Io};
 use llorch_io::handoff::PoolId;
 use std::io::{BufRead, BufReader};

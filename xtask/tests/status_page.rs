@@ -217,7 +217,7 @@ fn the_status_page_follows_a_stack_in_a_real_browser() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     let c = runtime.block_on(browser(&driver_url));
     let layout = test_support::layout(rt.path());
-    let lazy_log = engine_runtime::lifecycle::RunPaths::new(
+    let lazy_log = engine_runtime::run_state::RunPaths::new(
         &layout,
         &llorch_io::handoff::PoolId::parse(&lazy).unwrap(),
     )

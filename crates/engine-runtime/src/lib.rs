@@ -13,5 +13,7 @@ pub mod run_state;
 pub mod sandbox;
 pub mod supervisor;
 
-pub use lifecycle::{EngineError, PreparedEngine, RunPaths};
+pub use flags::PreparedEngine;
+pub use lifecycle::EngineError;
+pub use run_state::RunPaths;
 pub use supervisor::{EngineState, RestartPolicy, StateHandle, Supervisor};

@@ -40,8 +40,8 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::flags::env_allowed;
-pub use crate::flags::*;
-pub use crate::run_state::*;
+use crate::flags::{is_loopback, PreparedEngine};
+use crate::run_state::{lock_pool, read_pool, remove_run_files, sweep_stale, RunPaths};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -2,7 +2,8 @@
 //! who keeps it ([`PoolRun`], read under the lock; stale files removed,
 //! never acted on), and removing files that still name a given process.
 
-use crate::lifecycle::{io, EngineError, PreparedEngine};
+use crate::flags::PreparedEngine;
+use crate::lifecycle::{io, EngineError};
 use llorch_io::fsx::FileLock;
 use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord};
 use llorch_io::paths::Layout;

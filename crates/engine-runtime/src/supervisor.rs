@@ -14,7 +14,8 @@
 //! engine reported through [`StateHandle::request_restart`] is killed and
 //! restarted like a crashed one.
 
-use crate::lifecycle::{self, EngineError, PreparedEngine, RunningEngine};
+use crate::flags::PreparedEngine;
+use crate::lifecycle::{self, EngineError, RunningEngine};
 use llorch_io::handoff::{Owner, ProcessIdentity};
 use llorch_io::paths::Layout;
 use serde::Serialize;
@@ -218,8 +219,8 @@ impl Supervisor {
         command: &str,
     ) -> Result<Supervisor, EngineError> {
         {
-            let _lock = lifecycle::lock_pool(&layout, &prep.pool_id, || {})?;
-            lifecycle::claim(&layout, &prep.pool_id, lifecycle::Intent::Supervise)?;
+            let _lock = crate::run_state::lock_pool(&layout, &prep.pool_id, || {})?;
+            crate::run_state::claim(&layout, &prep.pool_id, crate::run_state::Intent::Supervise)?;
         }
         let owner = Owner::Supervised {
             supervisor: ProcessIdentity::current(),
@@ -309,7 +310,7 @@ fn run(
     owner: Owner,
     shared: Arc<Shared>,
 ) {
-    let paths = lifecycle::RunPaths::new(&layout, &prep.pool_id);
+    let paths = crate::run_state::RunPaths::new(&layout, &prep.pool_id);
     let window = policy.window;
     let mut crashes = Crashes::new(policy);
     loop {
@@ -322,12 +323,13 @@ fn run(
         shared.restart.store(false, Ordering::SeqCst);
         // Under the pool lock, look again before spawning: the pool must
         // still be ours (or free), never someone else's engine.
-        let spawned = lifecycle::lock_pool(&layout, &prep.pool_id, || {}).and_then(|_lock| {
-            match lifecycle::read_pool(&layout, &prep.pool_id) {
-                Some(run) if run.record.owner != owner => Err(run.busy_error()),
-                _ => lifecycle::spawn(&prep, &layout, &owner),
-            }
-        });
+        let spawned =
+            crate::run_state::lock_pool(&layout, &prep.pool_id, || {}).and_then(|_lock| {
+                match crate::run_state::read_pool(&layout, &prep.pool_id) {
+                    Some(run) if run.record.owner != owner => Err(run.busy_error()),
+                    _ => lifecycle::spawn(&prep, &layout, &owner),
+                }
+            });
         let mut healthy = Duration::ZERO;
         let last_exit = match spawned {
             Ok(eng) => {
@@ -395,12 +397,12 @@ fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
             // Hung (e.g. SIGSTOP): SIGKILL works on a stopped process too.
             eng.identity.signal(libc::SIGKILL);
             let _ = eng.child.wait();
-            lifecycle::remove_handoff(&eng.paths, &eng.identity);
+            crate::run_state::remove_handoff(&eng.paths, &eng.identity);
             return Some("killed after it stopped answering (stalled)".into());
         }
         match eng.child.try_wait() {
             Ok(Some(status)) => {
-                lifecycle::remove_handoff(&eng.paths, &eng.identity);
+                crate::run_state::remove_handoff(&eng.paths, &eng.identity);
                 return Some(format!(
                     "{status}; log tail:\n{}",
                     llorch_io::tail_lines(&eng.paths.log, 10)
@@ -415,7 +417,7 @@ fn watch(mut eng: RunningEngine, shared: &Shared) -> Option<String> {
 }
 
 /// Give the pool up: remove its run files if they still name us as owner.
-fn release(paths: &lifecycle::RunPaths, owner: &Owner) {
+fn release(paths: &crate::run_state::RunPaths, owner: &Owner) {
     if let Ok(Some(r)) = llorch_io::handoff::RunRecord::read(&paths.pid_file) {
         if &r.owner == owner {
             let _ = fs_err::remove_file(&paths.pid_file);

@@ -9,7 +9,8 @@
 //!   GPUs with their free memory checked first; or a [`ProvisionedLink`].
 
 use engine_provisioner::BuildOptions;
-use engine_runtime::lifecycle::{PreparedEngine, RunPaths};
+use engine_runtime::flags::PreparedEngine;
+use engine_runtime::run_state::RunPaths;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, StateHandle, Supervisor};
 use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;

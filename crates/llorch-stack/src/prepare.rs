@@ -1,7 +1,7 @@
 //! Build + fetch + flags: everything an engine needs but the process.
 
 use engine_provisioner::{build, BuildOptions, BuildOutcome};
-use engine_runtime::lifecycle::{self, PreparedEngine};
+use engine_runtime::flags::PreparedEngine;
 use llorch_io::handoff::{EngineModel, PoolId};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
@@ -38,7 +38,7 @@ pub fn prepare(
     opts: &BuildOptions,
 ) -> Result<Prepared, ProvisionError> {
     // Configuration errors first: a bad flag is refused before any build.
-    lifecycle::server_flags(profile)?;
+    engine_runtime::flags::server_flags(profile)?;
     let m = profile
         .file
         .model
@@ -62,7 +62,7 @@ pub fn prepare(
         digest: md.digest.clone(),
         metadata: serde_json::to_value(&md).unwrap_or_default(),
     };
-    let engine = lifecycle::prepare(
+    let engine = engine_runtime::flags::prepare(
         profile,
         pool,
         &built.binary,

@@ -10,7 +10,8 @@
 //!   attached when it matches, refused when it differs (its supervisor owns it).
 
 use crate::prepare::{self, Prepared};
-use engine_runtime::lifecycle::{self, RunPaths};
+use engine_runtime::lifecycle;
+use engine_runtime::run_state::RunPaths;
 use llorch_io::handoff::{Handoff, Owner, PoolId};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
@@ -65,7 +66,7 @@ pub fn provision(
             replicas,
         });
     }
-    let _lock = lifecycle::lock_pool(layout, pool, || {
+    let _lock = engine_runtime::run_state::lock_pool(layout, pool, || {
         if !quiet {
             eprintln!("waiting for another provision, start or stop of pool {pool}");
         }
@@ -95,20 +96,26 @@ pub fn provision(
     };
     let mut action = "started";
     let mut changes = Vec::new();
-    let replace = match lifecycle::claim(layout, pool, lifecycle::Intent::Provision(&prep))? {
-        lifecycle::Claim::Free => None,
-        lifecycle::Claim::Attach(h) if healthy(&h) => {
+    let replace = match engine_runtime::run_state::claim(
+        layout,
+        pool,
+        engine_runtime::run_state::Intent::Provision(&prep),
+    )? {
+        engine_runtime::run_state::Claim::Free => None,
+        engine_runtime::run_state::Claim::Attach(h) if healthy(&h) => {
             return Ok(outcome("already_running", &h, changes, None));
         }
         // The same engine, not answering: replaced if detached; a supervisor restarts its own.
-        lifecycle::Claim::Attach(_) => match lifecycle::read_pool(layout, pool) {
-            Some(run) if run.record.owner == Owner::Detached => {
-                Some((run, vec!["running engine is not healthy".to_string()]))
+        engine_runtime::run_state::Claim::Attach(_) => {
+            match engine_runtime::run_state::read_pool(layout, pool) {
+                Some(run) if run.record.owner == Owner::Detached => {
+                    Some((run, vec!["running engine is not healthy".to_string()]))
+                }
+                Some(run) => return Err(run.busy_error().into()),
+                None => None,
             }
-            Some(run) => return Err(run.busy_error().into()),
-            None => None,
-        },
-        lifecycle::Claim::Replace { run, changes } => Some((*run, changes)),
+        }
+        engine_runtime::run_state::Claim::Replace { run, changes } => Some((*run, changes)),
     };
     if let Some((run, c)) = replace {
         changes = c;

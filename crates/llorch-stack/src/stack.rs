@@ -26,7 +26,6 @@
 use crate::link::{ManagedLink, ProvisionedLink};
 use crate::prepare::{self, Prepared};
 use engine_provisioner::BuildOptions;
-use engine_runtime::lifecycle;
 #[cfg(doc)]
 use engine_runtime::supervisor::Supervisor;
 use llorch_io::handoff::PoolId;
@@ -142,7 +141,8 @@ pub async fn start_pools(
     // Engines left by a previous run that crashed: swept before anything starts.
     {
         let l = layout.clone();
-        let _ = tokio::task::spawn_blocking(move || lifecycle::sweep_stale(&l)).await;
+        let _ =
+            tokio::task::spawn_blocking(move || engine_runtime::run_state::sweep_stale(&l)).await;
     }
     let mut specs = Vec::new();
     let mut links = Vec::new();
@@ -203,11 +203,11 @@ pub async fn start_pools(
                 let (l, id, rp) = (layout.clone(), run_id.clone(), rprep.clone());
                 tokio::task::spawn_blocking(move || {
                     let intent = if attachable {
-                        lifecycle::Intent::SuperviseOrAttach(&rp)
+                        engine_runtime::run_state::Intent::SuperviseOrAttach(&rp)
                     } else {
-                        lifecycle::Intent::Supervise
+                        engine_runtime::run_state::Intent::Supervise
                     };
-                    lifecycle::claim(&l, &id, intent)
+                    engine_runtime::run_state::claim(&l, &id, intent)
                 })
                 .await
                 .map_err(|e| StackError::Other(e.to_string()))??
@@ -220,7 +220,7 @@ pub async fn start_pools(
                 p.memory_mib,
                 opts.probe.clone(),
             );
-            if let lifecycle::Claim::Attach(h) = claimed {
+            if let engine_runtime::run_state::Claim::Attach(h) = claimed {
                 if !opts.quiet {
                     eprintln!(
                         "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
@@ -414,7 +414,7 @@ async fn with_auto(
         .server
         .extra_args
         .extend(choice.args.iter().cloned());
-    prep = lifecycle::prepare(
+    prep = engine_runtime::flags::prepare(
         &prof,
         &p.id,
         &build.binary,

@@ -279,7 +279,7 @@ async fn each_pools_sandbox_is_applied_and_reported_and_off_means_off() {
 fn pid_file(pool: &str) -> PathBuf {
     let layout = test_support::layout(&std::env::temp_dir());
     let pool = llorch_io::handoff::PoolId::parse(pool).unwrap();
-    engine_runtime::lifecycle::RunPaths::new(&layout, &pool).pid_file
+    engine_runtime::run_state::RunPaths::new(&layout, &pool).pid_file
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -3,7 +3,8 @@
 //! cache locks), then shared by every test here and in the other crates.
 
 use engine_provisioner::build::BuildOptions;
-use engine_runtime::lifecycle::{self, RunPaths, Stopped};
+use engine_runtime::lifecycle::{self, Stopped};
+use engine_runtime::run_state::RunPaths;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
 use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord};
 use llorch_io::paths::Layout;
@@ -22,7 +23,7 @@ fn setup(pool: &str) -> (tempfile::TempDir, Layout, Profile, PoolId) {
     (rt, layout, p, PoolId::parse(pool).unwrap())
 }
 
-fn prepare(p: &Profile, pool: &PoolId, layout: &Layout) -> lifecycle::PreparedEngine {
+fn prepare(p: &Profile, pool: &PoolId, layout: &Layout) -> engine_runtime::flags::PreparedEngine {
     llorch_stack::prepare(p, pool, layout, &BuildOptions::quiet())
         .unwrap()
         .engine
@@ -188,7 +189,10 @@ fn a_stale_or_foreign_run_record_is_cleaned_not_acted_on() {
         "not json".to_string(),
     ] {
         fs_err::write(&paths.pid_file, &text).unwrap();
-        assert!(lifecycle::read_pool(&layout, &pool).is_none(), "{text}");
+        assert!(
+            engine_runtime::run_state::read_pool(&layout, &pool).is_none(),
+            "{text}"
+        );
         assert!(!paths.pid_file.exists(), "stale record removed");
         fs_err::write(&paths.pid_file, &text).unwrap();
         assert_eq!(
@@ -410,7 +414,7 @@ fn a_killed_engine_is_restarted_by_its_supervisor_and_stays_deterministic() {
     sup.stop();
     assert!(gone(pid3), "the engine dies with its supervisor");
     assert!(
-        lifecycle::read_pool(&layout, &pool).is_none(),
+        engine_runtime::run_state::read_pool(&layout, &pool).is_none(),
         "no run files left"
     );
 }

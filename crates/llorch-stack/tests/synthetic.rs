@@ -69,7 +69,7 @@ fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
         digest: ma.digest.clone(),
         metadata: serde_json::json!({}),
     };
-    let prep = lifecycle::prepare(
+    let prep = engine_runtime::flags::prepare(
         &p,
         &pool,
         &built.binary,

@@ -101,7 +101,7 @@ fn the_binary_drains_on_sigterm_and_sighup() {
             failures.push(format!("{name}: not reported as the reason: {rest:?}"));
         }
     }
-    let run = lifecycle::read_pool(&layout, &pool);
+    let run = engine_runtime::run_state::read_pool(&layout, &pool);
     let stopped = lifecycle::stop_pool(&layout, &pool);
     assert!(failures.is_empty(), "{failures:#?}");
     assert!(

@@ -64,7 +64,7 @@ fn a_provisioned_engine_survives_a_haiku_run() {
         .dir(&root)
         .output()
         .unwrap();
-    let run = lifecycle::read_pool(&layout, &pool);
+    let run = engine_runtime::run_state::read_pool(&layout, &pool);
     let after = Handoff::read(&handoff_path).unwrap();
     let stopped = lifecycle::stop_pool(&layout, &pool);
     assert!(ok, "haiku failed: {stdout}\n{stderr}");
