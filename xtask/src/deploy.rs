@@ -123,7 +123,7 @@ impl ImageCmd {
                     },
                 )?;
                 let pushed = match &a.to {
-                    Some(to) => Some(llorch_deploy::image::push(&built.dir, to, a.insecure)?),
+                    Some(to) => Some(llorch_deploy::push::push(&built.dir, to, a.insecure)?),
                     None => None,
                 };
                 if a.json {

@@ -147,8 +147,8 @@ impl DoctorCmd {
             print_json(&v)?;
         } else {
             let backend = match report.backend {
-                engine_provisioner::Backend::Cpu => "CPU",
-                engine_provisioner::Backend::Cuda => "CUDA",
+                llorch_profile::Backend::Cpu => "CPU",
+                llorch_profile::Backend::Cuda => "CUDA",
             };
             println!("profile {} ({backend} backend)", profile.name);
             match report.package_manager {

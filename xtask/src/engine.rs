@@ -510,7 +510,7 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
 
 /// The registry a push or pull talks to: the flag, else the configured one.
 fn registry_for(
-    profile: &engine_provisioner::Profile,
+    profile: &llorch_profile::Profile,
     url: Option<&str>,
     insecure: bool,
 ) -> Result<engine_provisioner::registry::EngineRegistry> {

@@ -122,11 +122,8 @@ impl Ctx {
         })
     }
 
-    pub fn profile(&self, name: Option<&str>) -> Result<engine_provisioner::Profile> {
-        Ok(engine_provisioner::Profile::resolve(
-            &self.layout.root,
-            name,
-        )?)
+    pub fn profile(&self, name: Option<&str>) -> Result<llorch_profile::Profile> {
+        Ok(llorch_profile::Profile::resolve(&self.layout.root, name)?)
     }
 }
 

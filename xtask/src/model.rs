@@ -58,7 +58,7 @@ enum ModelSub {
 /// Fetch the model a profile names.
 pub fn fetch_for_profile(
     ctx: &Ctx,
-    profile: &engine_provisioner::Profile,
+    profile: &llorch_profile::Profile,
     quiet: bool,
 ) -> Result<FetchOutcome> {
     let m = profile.file.model.as_ref().ok_or_else(|| {

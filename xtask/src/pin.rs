@@ -358,7 +358,7 @@ fn resolve_sdist(
         .ok_or_else(|| anyhow!("pip downloaded no .tar.gz sdist for {package}=={version}"))?;
     let sha256 = llorch_io::digest::sha256_file(&archive)?;
     let tree = dl.path().join("tree");
-    engine_provisioner::source::extract_tar_gz(&archive, &tree, None)?;
+    engine_provisioner::extract::extract_tar_gz(&archive, &tree, None)?;
     let top = fs_err::read_dir(&tree)?
         .flatten()
         .map(|e| e.path())

@@ -120,7 +120,7 @@ fn image_stack(
     pool: Option<&llorch_io::handoff::PoolId>,
 ) -> Result<(llorch_profile::stack::Stack, std::path::PathBuf)> {
     let root = &ctx.layout.root;
-    let spec = llorch_deploy::image::ImageSpec::read(root)?;
+    let spec = llorch_deploy::spec::ImageSpec::read(root)?;
     let wanted = pool
         .map(|p| p.to_string())
         .or_else(|| std::env::var("LLORCH_POOL").ok().filter(|s| !s.is_empty()));

@@ -374,3 +374,192 @@ fn every_normal_dependency_is_used_outside_tests() {
         "normal dependencies that no non-test code names (remove them, or move them to [dev-dependencies]): {found:?}"
     );
 }
+
+/// Where a doc path like `llorch_io::fsx::write_atomic` or
+/// `guard::host_allowed` points, if it resolves: the first segment names a
+/// crate (its `lib.rs`/`main.rs`) or a module file anywhere in a crate's
+/// `src`; each next segment a submodule file, or an item the current file
+/// defines (`fn`, `struct`, `enum`, `const`, `static`, `type`, `trait`,
+/// `mod`), after which the rest (methods, variants) must occur in that file.
+fn resolves(root: &Path, path: &str) -> bool {
+    let segs: Vec<&str> = path.split("::").collect();
+    let mut crates: Vec<(String, PathBuf)> = fs_err::read_dir(root.join("crates"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().replace('-', "_"),
+                e.path().join("src"),
+            )
+        })
+        .collect();
+    crates.push(("xtask".into(), root.join("xtask/src")));
+    let mut starts: Vec<PathBuf> = Vec::new();
+    if let Some((_, src)) = crates.iter().find(|(n, _)| n == segs[0]) {
+        starts.extend(
+            ["lib.rs", "main.rs"]
+                .map(|f| src.join(f))
+                .into_iter()
+                .filter(|f| f.exists()),
+        );
+    } else {
+        for (_, src) in &crates {
+            let mut files = Vec::new();
+            rust_files(src, &mut files);
+            starts.extend(files.into_iter().filter(|f| {
+                f.file_stem().is_some_and(|s| s == segs[0])
+                    || f.ends_with(format!("{}/mod.rs", segs[0]))
+            }));
+        }
+    }
+    let sub = |file: &Path, seg: &str| -> Option<PathBuf> {
+        let name = file.file_name()?.to_str()?;
+        let dir = if matches!(name, "lib.rs" | "main.rs" | "mod.rs") {
+            file.parent()?.to_path_buf()
+        } else {
+            file.with_extension("")
+        };
+        [dir.join(format!("{seg}.rs")), dir.join(seg).join("mod.rs")]
+            .into_iter()
+            .find(|p| p.exists())
+    };
+    let defines = |text: &str, name: &str| {
+        [
+            "fn", "struct", "enum", "const", "static", "type", "trait", "mod",
+        ]
+        .iter()
+        .any(|kw| {
+            text.match_indices(&format!("{kw} {name}")).any(|(i, m)| {
+                let after = text[i + m.len()..].chars().next();
+                let before = text[..i].chars().next_back();
+                !after.is_some_and(|c| c.is_alphanumeric() || c == '_')
+                    && !before.is_some_and(|c| c.is_alphanumeric() || c == '_')
+            })
+        })
+    };
+    starts.into_iter().any(|start| {
+        let mut cur = start;
+        for (i, seg) in segs[1..].iter().enumerate() {
+            if let Some(next) = sub(&cur, seg) {
+                cur = next;
+                continue;
+            }
+            let text = fs_err::read_to_string(&cur).unwrap();
+            // Defined here, or a crate root's re-export (`pub use stack::{start_pools, …}`).
+            let reexported = text
+                .split("pub use ")
+                .skip(1)
+                .filter_map(|u| u.split(';').next())
+                .any(|u| {
+                    u.split(|c: char| !(c.is_alphanumeric() || c == '_'))
+                        .any(|w| w == *seg)
+                });
+            return (defines(&text, seg) || reexported)
+                && segs[i + 2..].iter().all(|r| text.contains(r));
+        }
+        true
+    })
+}
+
+/// The backticked `a::b…` paths of `text` that name this workspace's code
+/// (not std or another crate's).
+fn doc_paths(text: &str) -> Vec<String> {
+    const FOREIGN: [&str; 8] = [
+        "std",
+        "fs_err",
+        "tokio",
+        "serde",
+        "reqwest",
+        "axum",
+        "hyper",
+        "oci_client",
+    ];
+    text.split('`')
+        .skip(1)
+        .step_by(2)
+        .map(|s| s.trim_end_matches("()"))
+        .filter(|s| {
+            let segs: Vec<&str> = s.split("::").collect();
+            segs.len() > 1
+                && segs
+                    .iter()
+                    .all(|g| !g.is_empty() && g.chars().all(|c| c.is_alphanumeric() || c == '_'))
+                && segs[0].starts_with(|c: char| c.is_ascii_lowercase())
+                && !FOREIGN.contains(&segs[0])
+        })
+        .map(String::from)
+        .collect()
+}
+
+#[test]
+fn every_code_path_architecture_names_resolves() {
+    let root = root();
+    // The check can fail: planted paths that do not resolve.
+    assert_eq!(
+        doc_paths(
+            "see `llorch_io::fsx::write_atomic`, `std::fs::read` and `guard::host_allowed()`"
+        ),
+        ["llorch_io::fsx::write_atomic", "guard::host_allowed"]
+    );
+    assert!(resolves(&root, "llorch_io::fsx::write_atomic"));
+    assert!(resolves(&root, "guard::host_allowed"));
+    assert!(resolves(&root, "llorch_stack::start_pools"));
+    for planted in [
+        "api::guard",
+        "llorch_io::fsx::write_atomically",
+        "nowhere::thing",
+        "source::extract_tar_gz",
+    ] {
+        assert!(!resolves(&root, planted), "{planted} resolved");
+    }
+    let arch = fs_err::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let mut paths = doc_paths(&arch);
+    paths.sort();
+    paths.dedup();
+    assert!(paths.len() > 50, "{paths:?}");
+    let broken: Vec<&String> = paths.iter().filter(|p| !resolves(&root, p)).collect();
+    assert!(
+        broken.is_empty(),
+        "ARCHITECTURE.md names code that is not there (moved, renamed or gone): {broken:?}"
+    );
+}
+
+/// The long-files table's rows of `arch`: (file, the lines it states).
+fn stated_sizes(arch: &str) -> Vec<(String, usize)> {
+    arch.lines()
+        .filter_map(|l| {
+            let cells: Vec<&str> = l.split('|').map(str::trim).collect();
+            let file = cells.get(1)?.strip_prefix('`')?.strip_suffix('`')?;
+            let lines = cells.get(2)?.strip_prefix('~')?.parse().ok()?;
+            Some((file.to_string(), lines))
+        })
+        .collect()
+}
+
+#[test]
+fn the_long_files_table_states_each_size_within_ten_per_cent() {
+    assert_eq!(
+        stated_sizes(
+            "| file | lines | idea |\n| `crates/a/src/b.rs` | ~660 | one |\n| `x` | none | y |"
+        ),
+        [("crates/a/src/b.rs".to_string(), 660)]
+    );
+    let root = root();
+    let arch = fs_err::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let rows = stated_sizes(&arch);
+    assert!(!rows.is_empty());
+    let off: Vec<String> = rows
+        .iter()
+        .filter_map(|(f, stated)| {
+            let lines = fs_err::read_to_string(root.join(f))
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            let ok = lines * 10 >= stated * 9 && lines * 10 <= stated * 11;
+            (!ok).then(|| format!("{f}: stated ~{stated}, has {lines}"))
+        })
+        .collect();
+    assert!(
+        off.is_empty(),
+        "ARCHITECTURE.md's long-files table is out of date: {off:?}"
+    );
+}

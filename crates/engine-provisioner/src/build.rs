@@ -14,17 +14,16 @@
 use crate::cache::{ArtifactCache, Lookup, Manifest};
 use crate::fingerprint::{self, BuildInputs, CudaInputs, InputChange};
 use crate::preflight::{self, first_line, Toolbox};
-use crate::profile::{Backend, Profile};
 use crate::source;
 use llorch_io::cmd::Cmd;
 use llorch_io::fsx::FileLock;
 use llorch_io::paths::Layout;
+use llorch_profile::{Backend, Profile};
 use serde::Serialize;
 use std::path::PathBuf;
 use std::time::Instant;
 
 pub(crate) use crate::compile::{compile_and_install, compiler_cache, reuse, WorkDir};
-pub use crate::compile::{configure_cmd, default_jobs, parse_step, work_dir};
 
 pub const TARGET: &str = "llama-server";
 
@@ -191,7 +190,7 @@ pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
     };
     let mut flags = base_flags(profile);
     flags.extend(profile.file.engine.cmake_flags.iter().cloned());
-    let cmake_flags = fingerprint::normalize_flags(&flags)?;
+    let cmake_flags = llorch_profile::normalize_flags(&flags)?;
     let mut extra_flags = Vec::new();
     let cuda = if profile.file.engine.backend == Backend::Cuda {
         let (nvcc, _root) = crate::cuda::find_nvcc(tb).ok_or_else(|| {

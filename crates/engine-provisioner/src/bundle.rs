@@ -19,10 +19,10 @@
 //! hosts are reached with at most 64 MiB of carried files.
 
 use crate::fingerprint::SourceIdentity;
-use crate::profile::{Backend, Pin, Profile};
 use llorch_io::fsx;
 use llorch_io::io;
 use llorch_io::paths::Layout;
+use llorch_profile::{Backend, Pin, Profile};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -220,12 +220,12 @@ const MAX_MANIFEST: u64 = 64 << 20;
 /// pin names for its backend (`bundle_trees`), so a file edited together
 /// with its manifest line is refused; every member is a regular file under
 /// `tree/` whose bytes hash as listed; nothing is missing or unlisted. Only
-/// then is it extracted (safely, `source::extract_tar_gz`) and, once
+/// then is it extracted (safely, `crate::extract::extract_tar_gz`) and, once
 /// extracted, hashed again.
 pub fn verify_into(bundle: &Path, pin: &Pin, dest: &Path) -> Result<BundleManifest, BundleError> {
     let shown = bundle.display();
     let m = verify_stream(bundle, pin).map_err(BundleError::Refused)?;
-    crate::source::extract_tar_gz(bundle, dest, None)?;
+    crate::extract::extract_tar_gz(bundle, dest, None)?;
     for (rel, h) in &m.files {
         let actual = llorch_io::digest::sha256_file(&dest.join("tree").join(rel)).map_err(|e| {
             BundleError::Refused(format!("{shown}: `{rel}` missing after extraction ({e})"))

@@ -265,7 +265,7 @@ pub fn gc(layout: &llorch_io::paths::Layout, keep: usize) -> Result<GcReport, Ca
         fs_err::remove_dir_all(&p).map_err(io("remove the engine entry"))?;
         let _ = fs_err::remove_dir_all(layout.bucket(Bucket::Build).join(&m.fingerprint));
         // The work dir, when it holds this build and no build is compiling there.
-        let work = crate::build::work_dir(layout);
+        let work = crate::compile::work_dir(layout);
         if fs_err::read_to_string(work.join("fingerprint")).is_ok_and(|f| f.trim() == m.fingerprint)
         {
             if let Ok(Some(_w)) = FileLock::try_exclusive(&layout.build_work_lock()) {

@@ -98,8 +98,6 @@ impl BuildInputs {
     }
 }
 
-pub use llorch_profile::{normalize_flag, normalize_flags};
-
 /// `x86_64-linux-gnu` style triple of this host.
 pub fn host_triple() -> String {
     let env = if cfg!(target_env = "gnu") {
@@ -178,6 +176,7 @@ pub fn diff(cached: &serde_json::Value, wanted: &BuildInputs) -> Vec<InputChange
 #[cfg(test)]
 mod tests {
     use super::*;
+    use llorch_profile::{normalize_flag, normalize_flags};
 
     pub(crate) fn sample() -> BuildInputs {
         BuildInputs {

@@ -22,5 +22,3 @@ pub mod reproduce;
 pub mod source;
 
 pub use build::{build, BuildOptions, BuildOutcome};
-pub use llorch_profile as profile;
-pub use llorch_profile::{Backend, Profile};

@@ -13,7 +13,7 @@
 
 use crate::build::{base_flags, BuildOutcome, TARGET};
 use crate::cache::{ArtifactCache, Lookup};
-use crate::fingerprint::normalize_flags;
+use llorch_profile::normalize_flags;
 use llorch_profile::Profile;
 use serde_json::{json, Value};
 use std::path::Path;
@@ -43,7 +43,7 @@ pub enum PrebuiltError {
 pub fn profile_inputs(profile: &Profile) -> Result<Value, PrebuiltError> {
     let mut flags = base_flags(profile);
     flags.extend(profile.file.engine.cmake_flags.iter().cloned());
-    let archs = (profile.file.engine.backend == crate::Backend::Cuda)
+    let archs = (profile.file.engine.backend == llorch_profile::Backend::Cuda)
         .then(|| profile.file.engine.cuda_archs.clone());
     Ok(json!({
         "source": crate::source::identity(&profile.pin),

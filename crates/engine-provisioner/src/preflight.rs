@@ -6,8 +6,8 @@
 //! looked up on an explicit search path ([`Toolbox`]) so tests can simulate
 //! a machine without cmake.
 
-use crate::profile::{Backend, Profile, SourceSpec};
 use llorch_io::cmd::Cmd;
+use llorch_profile::{Backend, Profile, SourceSpec};
 use serde::Serialize;
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};

@@ -72,7 +72,7 @@ fn sha256_hex(b: &[u8]) -> String {
 
 /// The build statement of an entry: `manifest_json` is `manifest.json`'s
 /// exact bytes, `profile_path` the profile file it was built from.
-pub fn statement(m: &Manifest, manifest_json: &[u8], profile: &crate::Profile) -> Value {
+pub fn statement(m: &Manifest, manifest_json: &[u8], profile: &llorch_profile::Profile) -> Value {
     let profile_digest = fs_err::read(&profile.path)
         .map(|b| sha256_hex(&b))
         .unwrap_or_default();

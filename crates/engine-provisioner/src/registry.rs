@@ -79,7 +79,9 @@ impl EngineRegistry {
 
     /// The registry for a profile: `LLORCH_ENGINE_REGISTRY` (push when
     /// `LLORCH_ENGINE_REGISTRY_PUSH=1`) wins over `engine.registry`.
-    pub fn configured(profile: &crate::Profile) -> Result<Option<EngineRegistry>, OciError> {
+    pub fn configured(
+        profile: &llorch_profile::Profile,
+    ) -> Result<Option<EngineRegistry>, OciError> {
         if let Ok(url) = std::env::var("LLORCH_ENGINE_REGISTRY") {
             if !url.is_empty() {
                 let push = std::env::var("LLORCH_ENGINE_REGISTRY_PUSH").is_ok_and(|v| v == "1");
@@ -516,7 +518,7 @@ pub fn pull(
     let entry = cache.entry(fp);
     fs_err::create_dir_all(&cache.dir).map_err(io("create engines dir"))?;
     let staging = fsx::staging_dir_for(&entry).map_err(io("create staging dir"))?;
-    crate::source::extract_tar_gz(&partial, staging.path(), None)
+    crate::extract::extract_tar_gz(&partial, staging.path(), None)
         .map_err(|e| reject(format!("its layer does not unpack safely: {e}")))?;
     let extracted = fs_err::read(staging.path().join("manifest.json"))
         .map_err(|_| reject("its layer has no manifest.json".into()))?;

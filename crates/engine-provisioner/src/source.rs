@@ -14,12 +14,12 @@
 //! outside the target are refused). Every tree is staged beside its final
 //! path and renamed into place only when complete, under a per-source lock.
 
-pub use crate::extract::extract_tar_gz;
+use crate::extract::extract_tar_gz;
 use crate::fingerprint::SourceIdentity;
-use crate::profile::{Pin, SourceSpec};
 use llorch_io::cmd::Cmd;
 use llorch_io::fsx::{self, FileLock};
 use llorch_io::paths::Layout;
+use llorch_profile::{Pin, SourceSpec};
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]

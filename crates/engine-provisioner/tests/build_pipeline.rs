@@ -24,7 +24,7 @@ fn build_installs_a_verified_entry_and_a_second_build_is_a_hit() {
     assert!(m.files.contains_key("bin/llama-server"));
     assert_eq!(m.inputs["source"]["kind"], "archive");
     assert_eq!(m.inputs["source"]["id"], sha.as_str());
-    let log = build::work_dir(&ws.layout).join("build/llorch-build.log");
+    let log = engine_provisioner::compile::work_dir(&ws.layout).join("build/llorch-build.log");
     let log_mtime = fs_err::metadata(&log).unwrap().modified().unwrap();
 
     let second = build::build(&p, &ws.layout, &BuildOptions::quiet()).unwrap();
@@ -466,7 +466,10 @@ fn an_engine_of_another_cache_is_reused_checked_and_never_written_back() {
         "{:?}",
         got.reason
     );
-    assert!(!build::work_dir(&ci.layout).exists(), "nothing compiled");
+    assert!(
+        !engine_provisioner::compile::work_dir(&ci.layout).exists(),
+        "nothing compiled"
+    );
     assert_eq!(
         fs_err::read(&got.binary).unwrap(),
         fs_err::read(&built.binary).unwrap()

@@ -6,7 +6,8 @@ mod support;
 
 use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::preflight::{self, Toolbox};
-use engine_provisioner::{bundle, source, Profile};
+use engine_provisioner::{bundle, source};
+use llorch_profile::Profile;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use support::*;
@@ -218,7 +219,7 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
 
     // Tampering: change a file, keep the manifest.
     let unpacked = tmp.path().join("unpacked");
-    source::extract_tar_gz(&out, &unpacked, None).unwrap();
+    engine_provisioner::extract::extract_tar_gz(&out, &unpacked, None).unwrap();
     fs_err::write(unpacked.join("tree/server.c"), fake_server_c("evil")).unwrap();
     let tampered = tmp.path().join("tampered.tar.gz");
     repack(&unpacked, &tampered);

@@ -6,10 +6,10 @@
 //!
 //! One test in this file: it sets `SSL_CERT_FILE` for the whole process.
 
-use engine_provisioner::profile::{Pin, SourceSpec};
 use engine_provisioner::source::{self, SourceError};
 use llorch_io::cmd::Cmd;
 use llorch_io::paths::Layout;
+use llorch_profile::{Pin, SourceSpec};
 use std::path::Path;
 
 const SERVER: &str = r#"

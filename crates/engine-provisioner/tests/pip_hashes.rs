@@ -8,9 +8,9 @@
 //!
 //! One test in this file: it sets pip's environment for the whole process.
 
-use engine_provisioner::profile::{Pin, SourceSpec};
 use engine_provisioner::source::{self, SourceError};
 use llorch_io::paths::Layout;
+use llorch_profile::{Pin, SourceSpec};
 
 const BACKEND: &str = r#"import os
 open(os.environ['LLORCH_TEST_MARKER'], 'w').write('the build backend ran')

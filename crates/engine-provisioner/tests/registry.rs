@@ -87,7 +87,7 @@ fn push_then_pull_into_an_empty_cache_gives_the_same_engine_and_no_build() {
         );
     }
     assert!(
-        !engine_provisioner::build::work_dir(&ws2.layout).exists(),
+        !engine_provisioner::compile::work_dir(&ws2.layout).exists(),
         "no CMake build directory: nothing was compiled"
     );
     let origin = registry::origin(&e2).expect("origin.json");

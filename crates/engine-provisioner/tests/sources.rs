@@ -3,9 +3,9 @@
 
 mod support;
 
-use engine_provisioner::profile::{Pin, SourceSpec};
 use engine_provisioner::source::{self, SourceError};
 use llorch_io::paths::Layout;
+use llorch_profile::{Pin, SourceSpec};
 use support::*;
 
 fn layout(dir: &std::path::Path) -> Layout {
@@ -300,7 +300,8 @@ fn archive_members_that_escape_are_refused() {
         let archive = tmp.path().join(format!("evil{i}.tar.gz"));
         tar_with_raw_name(&archive, name, link);
         let dest = tmp.path().join(format!("out{i}"));
-        let err = source::extract_tar_gz(&archive, &dest, Some("fake-llama")).unwrap_err();
+        let err = engine_provisioner::extract::extract_tar_gz(&archive, &dest, Some("fake-llama"))
+            .unwrap_err();
         assert!(
             matches!(err, SourceError::UnsafeMember { .. }),
             "{i}: {err}"
@@ -459,7 +460,7 @@ fn link_chains_and_writes_through_links_cannot_leave_the_tree() {
         let archive = tmp.path().join(format!("case{i}.tar"));
         raw_tar(&archive, members);
         let dest = tmp.path().join(format!("tree{i}"));
-        let err = source::extract_tar_gz(&archive, &dest, None)
+        let err = engine_provisioner::extract::extract_tar_gz(&archive, &dest, None)
             .expect_err(what)
             .to_string();
         assert!(
@@ -488,7 +489,7 @@ fn link_chains_and_writes_through_links_cannot_leave_the_tree() {
         ],
     );
     let dest = tmp.path().join("oktree");
-    source::extract_tar_gz(&ok, &dest, None).unwrap();
+    engine_provisioner::extract::extract_tar_gz(&ok, &dest, None).unwrap();
     assert_eq!(fs_err::read(dest.join("m")).unwrap(), b"data");
     assert_eq!(fs_err::read(dest.join("h")).unwrap(), b"data");
 }

@@ -36,7 +36,7 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
     }
     // Cold builds, side by side, no compiler cache for either, same jobs and flags.
     let tmp = tempfile::tempdir_in(&ctx.layout.cache)?;
-    let jobs = build::default_jobs();
+    let jobs = engine_provisioner::compile::default_jobs();
     let cold_cache = tmp.path().join("cold");
     let layout = llorch_io::paths::Layout::at(
         ctx.layout.root.clone(),
@@ -66,7 +66,7 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
     )?;
     let ours = t.elapsed().as_secs_f64();
     let hand_dir = tmp.path().join("hand");
-    let hand_cfg = build::configure_cmd(&p, &plan, &tree, &hand_dir);
+    let hand_cfg = engine_provisioner::compile::configure_cmd(&p, &plan, &tree, &hand_dir);
     let hand_build = Cmd::new("cmake").arg("--build").arg(&hand_dir).args([
         "--target",
         build::TARGET,
@@ -89,7 +89,7 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
 /// scratch cache, so that no timed build downloads anything.
 fn seed_source(
     ctx: &Ctx,
-    p: &engine_provisioner::Profile,
+    p: &llorch_profile::Profile,
     layout: &llorch_io::paths::Layout,
 ) -> Result<()> {
     let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|m| eprintln!("{m}"))?;
@@ -126,7 +126,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: NextPin) -> Res
         .file_stem()
         .map(|s| s.to_string_lossy().into_owned())
         .unwrap_or_default();
-    let p_next = engine_provisioner::Profile::resolve(next.root, Some(&stem))?;
+    let p_next = llorch_profile::Profile::resolve(next.root, Some(&stem))?;
     let tmp = tempfile::Builder::new()
         .prefix("bench-incremental-")
         .tempdir_in(&ctx.layout.cache)?;
@@ -138,7 +138,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: NextPin) -> Res
     seed_source(ctx, &p, &layout)?;
     seed_source(ctx, &p_next, &layout)?;
     compile_cache::install(&layout, &say)?;
-    let jobs = build::default_jobs();
+    let jobs = engine_provisioner::compile::default_jobs();
     let opts = BuildOptions {
         quiet: true,
         jobs: Some(jobs),
@@ -146,7 +146,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: NextPin) -> Res
         ..Default::default()
     };
     let timed = |what: &str,
-                 prof: &engine_provisioner::Profile|
+                 prof: &llorch_profile::Profile|
      -> Result<(f64, engine_provisioner::BuildOutcome)> {
         say(&format!("bench: {what} ({})", prof.pin_name));
         let t = Instant::now();

@@ -90,7 +90,7 @@ pub fn bench_fleet(
         );
     let fleet_file = tmp.path().join("fleet.yaml");
     fs_err::write(&fleet_file, text)?;
-    let fleet = engine_provisioner::Profile::load(
+    let fleet = llorch_profile::Profile::load(
         &fleet_file,
         &ctx.layout.root.join("toolchains/llama.cpp.yaml"),
     )?;

@@ -39,17 +39,14 @@ impl Ctx {
     }
 
     /// The profile `name` (the workspace default when `None`).
-    pub fn profile(&self, name: Option<&str>) -> Result<engine_provisioner::Profile> {
-        Ok(engine_provisioner::Profile::resolve(
-            &self.layout.root,
-            name,
-        )?)
+    pub fn profile(&self, name: Option<&str>) -> Result<llorch_profile::Profile> {
+        Ok(llorch_profile::Profile::resolve(&self.layout.root, name)?)
     }
 }
 
 /// A bench's own pool (`<pool>-bench`): never the engine a user
 /// provisioned for this profile.
-pub fn bench_pool(p: &engine_provisioner::Profile) -> Result<llorch_io::handoff::PoolId> {
+pub fn bench_pool(p: &llorch_profile::Profile) -> Result<llorch_io::handoff::PoolId> {
     let stem: String = p.pool().as_str().chars().take(58).collect();
     Ok(llorch_io::handoff::PoolId::parse(&format!("{stem}-bench"))?)
 }

@@ -77,11 +77,11 @@ pub fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
     let (url, h) = serve_file(&file)?;
     let dest = tmp.path().join("ours.partial");
     let t = Instant::now();
-    model_provisioner::download::download(
+    llorch_io::download::download(
         "bench",
         &url,
         &dest,
-        &model_provisioner::download::DownloadOptions {
+        &llorch_io::download::DownloadOptions {
             quiet: true,
             ..Default::default()
         },

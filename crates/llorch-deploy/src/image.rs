@@ -24,8 +24,7 @@
 
 use crate::closure;
 use crate::layer::{Layer, LayerBlob, Source, COMPRESSOR};
-pub use crate::push::{push, PushedImage};
-pub use crate::spec::{Explained, ImagePool, ImageSpec, SPEC_SCHEMA};
+use crate::spec::{Explained, ImagePool, ImageSpec, SPEC_SCHEMA};
 use crate::DeployError;
 use engine_provisioner::{BuildOptions, BuildOutcome};
 use llorch_io::paths::Layout;

@@ -18,7 +18,7 @@ use llorch_profile::Profile;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 
-pub use crate::prepare::ProvisionError;
+use crate::prepare::ProvisionError;
 
 #[derive(Debug, Serialize)]
 pub struct ProvisionOutcome {

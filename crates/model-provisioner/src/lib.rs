@@ -1,7 +1,6 @@
 //! Model provisioning: refs → resumable, verified downloads → the
 //! content-addressed store, GGUF metadata, provenance and eviction.
 
-pub use llorch_io::download;
 pub mod gc;
 pub mod gguf;
 pub mod model_ref;

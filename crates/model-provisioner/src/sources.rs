@@ -3,10 +3,10 @@
 //! HEAD answer (digest and commit before the redirect). Split out of
 //! `store`, whose module comment has the layout and the invariant.
 
-use crate::download::DownloadOptions;
 use crate::gguf;
 use crate::store::{io, FetchOptions, ModelError, ModelStore, RefEntry, Stamp};
 use llorch_io::cmd::Cmd;
+use llorch_io::download::DownloadOptions;
 use std::io::{Read, Write};
 use std::path::Path;
 

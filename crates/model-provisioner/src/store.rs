@@ -10,11 +10,11 @@
 //! Architecture Invariant: a blob appears only by rename of a verified file;
 //! `refs.json` is rewritten atomically under `locks/models-refs.lock`.
 
-use crate::download::{self, DownloadError, DownloadOptions};
 use crate::gguf::{self, GgufError};
 use crate::model_ref::{ModelRef, RefError};
 use crate::provenance;
 use crate::sources::hf_head;
+use llorch_io::download::{self, DownloadError, DownloadOptions};
 use llorch_io::fsx::{self, FileLock};
 use llorch_io::paths::Layout;
 use serde::{Deserialize, Serialize};

@@ -476,11 +476,11 @@ fn a_partial_download_that_is_a_symlink_is_not_followed() {
     fs_err::write(&target, b"precious").unwrap();
     let partial = d.path().join("dl.partial");
     fs_err::os::unix::fs::symlink(&target, &partial).unwrap();
-    let got = model_provisioner::download::download(
+    let got = llorch_io::download::download(
         "test",
         &srv.url("/m/model.gguf"),
         &partial,
-        &model_provisioner::download::DownloadOptions {
+        &llorch_io::download::DownloadOptions {
             expected_sha256: Some(sha(&body)),
             quiet: true,
             ..Default::default()

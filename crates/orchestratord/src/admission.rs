@@ -2,7 +2,7 @@
 //! request names ([`route`]), which replica takes it and whether it fits
 //! ([`admit`]), when to retry ([`retry_after_s`]), and cancel on disconnect.
 
-use crate::api::ApiError;
+use crate::errors::ApiError;
 use crate::link::LinkState;
 use crate::pool::Pool;
 use crate::tasks::{self, CancelReason, Task, TaskRequest};

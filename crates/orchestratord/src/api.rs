@@ -2,9 +2,8 @@
 //! capabilities, the router. Errors: [`crate::errors`]; admission:
 //! [`crate::admission`]; the web-page guard and auth: [`crate::guard`].
 
-pub use crate::admission::{admit, retry_after_s, route, DisconnectGuard};
-pub use crate::errors::{parse_body, ApiError};
-pub use crate::guard::host_allowed;
+use crate::admission::{admit, route, DisconnectGuard};
+use crate::errors::{parse_body, ApiError};
 
 use crate::events::TaskEvent;
 use crate::link::LinkState;

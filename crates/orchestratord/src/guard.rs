@@ -1,7 +1,7 @@
 //! What a web page in a browser could send is refused (`Host` and content
 //! type, `guard`); the API token off loopback (`auth`).
 
-use crate::api::ApiError;
+use crate::errors::ApiError;
 use crate::{AppState, Shared};
 use axum::extract::State;
 use axum::http::{header, HeaderMap, StatusCode};

@@ -4,7 +4,7 @@
 //! prompt characters, `max_tokens`, body bytes and queue capacity, are in
 //! [`crate::Config`].)
 
-use crate::api::ApiError;
+use crate::errors::ApiError;
 
 /// Stop strings per request, and characters per stop string.
 pub const STOP_STRINGS: usize = 8;

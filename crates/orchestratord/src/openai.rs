@@ -2,7 +2,7 @@
 //! `POST /v1/completions` (`GET /v1/models` is [`crate::models`]; streamed
 //! answers are shaped in [`crate::openai_stream`]).
 //!
-//! A request becomes an ordinary task ([`crate::api::admit`]): the same
+//! A request becomes an ordinary task ([`crate::admission::admit`]): the same
 //! queue, admission limits, deadlines, cancel-on-disconnect and metrics as
 //! `/v1/tasks`, and every token is a frame of llama-server's own stream. This
 //! module only translates: OpenAI request → [`TaskRequest`], task events →
@@ -16,7 +16,9 @@
 //! of the limits table's ignore list are accepted and ignored; its refuse
 //! list is a 400 naming the field.
 
-use crate::api::{admit, ApiError, DisconnectGuard};
+use crate::admission::admit;
+use crate::admission::DisconnectGuard;
+use crate::errors::ApiError;
 use crate::events::{EndEvent, TaskEvent};
 use crate::models::{system_fingerprint, unix_now};
 use crate::openai_stream::{stream, Head};
@@ -120,7 +122,7 @@ struct Plan {
 }
 
 fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
-    let r: OpenAiRequest = crate::api::parse_body(body)?;
+    let r: OpenAiRequest = crate::errors::parse_body(body)?;
     let cfg = &st.cfg;
     let Some(model) = r.model.clone() else {
         return Err(ApiError::invalid(
@@ -128,7 +130,7 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
             "you must provide a model parameter",
         ));
     };
-    let pool = crate::api::route(st, Some(&model), "model", "model_not_found")?;
+    let pool = crate::admission::route(st, Some(&model), "model", "model_not_found")?;
     crate::endpoints::require(
         &pool,
         crate::link::Serves::Generation,
@@ -481,7 +483,7 @@ fn task_path_serves(v: &serde_json::Map<String, Value>) -> bool {
 async fn complete(st: Shared, kind: Kind, body: &[u8]) -> Result<Response, ApiError> {
     // A body that cannot be read as the request (nested too deep, not an
     // object, not JSON) is a 400, never read again as a smaller request.
-    let mut v = crate::api::parse_body::<serde_json::Map<String, Value>>(body)
+    let mut v = crate::errors::parse_body::<serde_json::Map<String, Value>>(body)
         .inspect_err(|_| st.metrics.reject("invalid"))?;
     crate::limits::check_fields(&mut v).inspect_err(|_| st.metrics.reject("invalid"))?;
     if !task_path_serves(&v) {

@@ -3,7 +3,8 @@
 //! `finish_reason`, the usage chunk if asked, `[DONE]`), and the object of
 //! each chunk (`Head`).
 
-use crate::api::{ApiError, DisconnectGuard};
+use crate::admission::DisconnectGuard;
+use crate::errors::ApiError;
 use crate::events::{EndEvent, TaskEvent, TokenEvent};
 use crate::openai::{
     chat_logprobs, error_json, event_error, finish_reason, text_logprobs, usage, Kind,

@@ -29,7 +29,7 @@ pub mod page;
 pub use monitor::monitor;
 use monitor::Monitor;
 
-use crate::api::ApiError;
+use crate::errors::ApiError;
 use crate::{AppState, Shared};
 use axum::extract::{Path, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};

@@ -70,8 +70,8 @@ impl Workspace {
         Workspace { dir, layout }
     }
 
-    pub fn profile(&self, name: &str) -> engine_provisioner::Profile {
-        engine_provisioner::Profile::resolve(&self.layout.root, Some(name)).unwrap()
+    pub fn profile(&self, name: &str) -> llorch_profile::Profile {
+        llorch_profile::Profile::resolve(&self.layout.root, Some(name)).unwrap()
     }
 }
 
