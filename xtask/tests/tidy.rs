@@ -565,3 +565,52 @@ fn the_long_files_table_states_each_size_within_ten_per_cent() {
         "ARCHITECTURE.md's long-files table is out of date: {off:?}"
     );
 }
+
+/// The `pub use` lines of `text` that re-export another module of this
+/// crate (`crate::…`, `super::…`) or another crate of this workspace: a
+/// facade that makes "where is X" two hops.
+fn facades(text: &str, workspace_crates: &[String]) -> Vec<String> {
+    text.lines()
+        .map(str::trim)
+        .filter_map(|l| l.strip_prefix("pub use "))
+        .filter(|u| {
+            let first = u.split([':', ' ', ';', '{']).next().unwrap_or("");
+            first == "crate" || first == "super" || workspace_crates.iter().any(|c| c == first)
+        })
+        .map(|u| format!("pub use {u}"))
+        .collect()
+}
+
+#[test]
+fn no_module_re_exports_another_of_the_workspace() {
+    let crates: Vec<String> = ["llorch_io", "llorch_profile", "engine_runtime"]
+        .map(String::from)
+        .to_vec();
+    assert_eq!(
+        facades(
+            "pub use crate::flags::*;\npub use llorch_io::download;\npub use reference::OciRef;\n  pub use super::x::Y;\npub use oci_client::A as B;\nuse crate::z;",
+            &crates
+        ),
+        ["pub use crate::flags::*;", "pub use llorch_io::download;", "pub use super::x::Y;"]
+    );
+    let root = root();
+    let mut all: Vec<String> = fs_err::read_dir(root.join("crates"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().replace('-', "_"))
+        .collect();
+    all.push("xtask".into());
+    let found: Vec<String> = workspace_files(&["crates", "xtask/src"])
+        .iter()
+        .filter(|(rel, _)| rel.contains("/src/") && !is_test_code(rel))
+        .flat_map(|(rel, f)| {
+            facades(&fs_err::read_to_string(f).unwrap(), &all)
+                .into_iter()
+                .map(move |u| format!("{rel}: {u}"))
+        })
+        .collect();
+    assert!(
+        found.is_empty(),
+        "re-exports of what lives elsewhere in the workspace (callers name the module that defines an item): {found:?}"
+    );
+}

@@ -15,7 +15,7 @@ pub use concurrency::{Affinity, Auto, Concurrency, ConcurrencyKeys, Count, Mode}
 
 use std::collections::BTreeMap;
 
-pub use llorch_io::handoff::PoolId;
+use llorch_io::handoff::PoolId;
 use std::path::{Path, PathBuf};
 
 pub const PROFILE_SCHEMA: u32 = 1;

@@ -3,7 +3,8 @@
 //! the model, the server flags and the haiku proof's options. Validation
 //! that needs several fields at once is `Profile::resolve`'s.
 
-use crate::{Affinity, Concurrency, ConcurrencyKeys, Count, Mode, PoolId};
+use crate::{Affinity, Concurrency, ConcurrencyKeys, Count, Mode};
+use llorch_io::handoff::PoolId;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -25,7 +25,8 @@
 //! every error names the file and the key.
 
 use crate::concurrency::{Concurrency, ConcurrencyKeys, Count, STACKED_REPLICAS_COST};
-use crate::{invalid_at, parse_yaml, Affinity, ConfigError, Mode, PoolId, Profile};
+use crate::{invalid_at, parse_yaml, Affinity, ConfigError, Mode, Profile};
+use llorch_io::handoff::PoolId;
 use serde::Deserialize;
 use std::path::Path;
 
