@@ -614,3 +614,83 @@ fn no_module_re_exports_another_of_the_workspace() {
         "re-exports of what lives elsewhere in the workspace (callers name the module that defines an item): {found:?}"
     );
 }
+
+/// The environment variables `text` (non-test source) reads or names:
+/// every `"LLORCH_…"` literal, and the names in `var("X")`, `var_os("X")`
+/// and clap's `env = "X"` (the platform's own — `PATH`, `HOME`, `CARGO…`,
+/// `LD_LIBRARY_PATH` — aside; what a command is given, `.env("X", …)`, is
+/// not read).
+fn env_vars(text: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for (i, _) in text.match_indices('"') {
+        let rest = &text[i + 1..];
+        let name: String = rest
+            .chars()
+            .take_while(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || *c == '_')
+            .collect();
+        if name.is_empty() || name.ends_with('_') || !rest[name.len()..].starts_with('"') {
+            continue;
+        }
+        let before = text[..i].trim_end();
+        let read =
+            before.ends_with("var(") || before.ends_with("var_os(") || before.ends_with("env =");
+        let platform = ["PATH", "HOME", "USER", "LD_LIBRARY_PATH"].contains(&name.as_str())
+            || name.starts_with("CARGO");
+        if (name.starts_with("LLORCH_") || read) && !platform {
+            found.push(name);
+        }
+    }
+    found.sort();
+    found.dedup();
+    found
+}
+
+#[test]
+fn readme_documents_every_environment_variable_the_code_reads() {
+    assert_eq!(
+        env_vars("std::env::var(\"HF_TOKEN\"); var_os(\"PATH\"); #[arg(env = \"PORT\")] x(\"LLORCH_X\"); let s = \"NOT_ONE\"; cmd.env(\"SET_ONLY\", 1); p(\"LLORCH_\")"),
+        ["HF_TOKEN", "LLORCH_X", "PORT"]
+    );
+    let root = root();
+    let mut read: Vec<String> = workspace_files(&["crates", "xtask/src", "tests"])
+        .iter()
+        .filter(|(rel, _)| {
+            rel.contains("/src/") && !is_test_code(rel) && !rel.starts_with("crates/test-support/")
+        })
+        .flat_map(|(_, f)| {
+            let text = fs_err::read_to_string(f).unwrap();
+            env_vars(text.split("#[cfg(test)]").next().unwrap_or(""))
+        })
+        .collect();
+    read.sort();
+    read.dedup();
+    let readme = fs_err::read_to_string(root.join("README.md")).unwrap();
+    let section = readme
+        .split("## Environment variables")
+        .nth(1)
+        .and_then(|s| s.split("\n## ").next())
+        .expect("README has an Environment variables section");
+    let mut documented: Vec<String> = section
+        .lines()
+        .filter_map(|l| l.strip_prefix("| `"))
+        .flat_map(|l| {
+            let cell = l.split(" |").next().unwrap_or("");
+            cell.split('`')
+                .filter(|w| {
+                    !w.is_empty()
+                        && w.chars()
+                            .all(|c| c.is_ascii_uppercase() || c.is_ascii_digit() || c == '_')
+                })
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    documented.sort();
+    documented.dedup();
+    let missing: Vec<&String> = read.iter().filter(|v| !documented.contains(v)).collect();
+    let stale: Vec<&String> = documented.iter().filter(|v| !read.contains(v)).collect();
+    assert!(
+        missing.is_empty() && stale.is_empty(),
+        "README's Environment variables table: read by the code but not there: {missing:?}; there but read nowhere: {stale:?}"
+    );
+}
