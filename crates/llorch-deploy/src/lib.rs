@@ -52,7 +52,7 @@ pub enum DeployError {
     #[error(transparent)]
     Build(#[from] engine_provisioner::build::BuildError),
     #[error(transparent)]
-    Model(#[from] model_provisioner::store::ModelError),
+    Model(#[from] model_provisioner::error::ModelError),
     #[error(transparent)]
     Oci(#[from] llorch_io::oci::OciError),
     #[error(transparent)]

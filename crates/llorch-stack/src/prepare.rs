@@ -12,7 +12,7 @@ pub enum ProvisionError {
     #[error(transparent)]
     Build(#[from] engine_provisioner::build::BuildError),
     #[error(transparent)]
-    Model(#[from] model_provisioner::store::ModelError),
+    Model(#[from] model_provisioner::error::ModelError),
     #[error(transparent)]
     Engine(#[from] engine_runtime::EngineError),
     #[error("profile {0} has no `model:` section; add `model: {{ref: …, sha256: …}}`")]

@@ -60,15 +60,13 @@ impl Stack {
     /// The first pool's engine as it runs now (URL, key, build, model):
     /// what a stack of one pool serves.
     pub fn engine(&self) -> Result<EngineInfo, StackError> {
-        let (id, link) = self
-            .links
-            .first()
-            .ok_or_else(|| StackError::Other("the stack has no pool".into()))?;
+        let (id, link) = self.links.first().ok_or(StackError::NoPool)?;
         match link.current() {
             LinkState::Ready(e) => Ok(e),
-            other => Err(StackError::Other(format!(
-                "pool {id} has no engine ready ({other:?})"
-            ))),
+            other => Err(StackError::NotReady {
+                pool: id.clone(),
+                state: format!("{other:?}"),
+            }),
         }
     }
 
@@ -133,9 +131,10 @@ pub async fn start_pools(
         .sum();
     if let Some(m) = max_loaded {
         if eager as usize > m {
-            return Err(StackError::Other(format!(
-                "{eager} engines load at start (replicas count one by one) but max_loaded is {m}; mark some pools `load: lazy` or raise max_loaded"
-            )));
+            return Err(StackError::TooManyEager {
+                eager: eager as usize,
+                max_loaded: m,
+            });
         }
     }
     // Engines left by a previous run that crashed: swept before anything starts.
@@ -167,8 +166,7 @@ pub async fn start_pools(
                 },
             )
         })
-        .await
-        .map_err(|e| StackError::Other(e.to_string()))??;
+        .await??;
         // `mps: own`: the pool's daemon runs before `auto` looks and its engines start.
         let mps_env = match p.profile.file.server.mps {
             llorch_profile::MpsMode::Own => {
@@ -209,8 +207,7 @@ pub async fn start_pools(
                     };
                     engine_runtime::run_state::claim(&l, &id, intent)
                 })
-                .await
-                .map_err(|e| StackError::Other(e.to_string()))??
+                .await??
             };
             let mut link = ManagedLink::new(
                 rprep,
@@ -288,17 +285,21 @@ pub async fn start_pools(
                     let _ = probe.read();
                 }
             })
-            .map_err(|e| StackError::Other(format!("start the GPU memory monitor: {e}")))?;
+            .map_err(|e| StackError::Thread {
+                what: "start the GPU memory monitor",
+                source: e,
+            })?;
     }
     // Eager pools: start them all (every replica), then wait for each.
     let eager_ids: Vec<PoolId> = eager_links.iter().map(|(id, _)| id.clone()).collect();
     let loads = eager_links;
-    let started = tokio::task::spawn_blocking(move || -> Result<(), String> {
+    let started = tokio::task::spawn_blocking(move || -> Result<(), StackError> {
         for (id, l) in &loads {
             l.load(&LoadContext::default()).map_err(|r| match r {
-                LoadRefusal::Wait(m) | LoadRefusal::Fail(m) => {
-                    format!("pool {id} cannot start: {m}")
-                }
+                LoadRefusal::Wait(why) | LoadRefusal::Fail(why) => StackError::Start {
+                    pool: id.clone(),
+                    why,
+                },
             })?;
         }
         for (id, l) in &loads {
@@ -307,18 +308,20 @@ pub async fn start_pools(
             let handle = l.sup.lock().unwrap().as_ref().map(|s| s.state_handle());
             if let Some(h) = handle {
                 h.wait_ready(timeout)
-                    .map_err(|e| format!("pool {id}: {e}"))?;
+                    .map_err(|source| StackError::NotReadyInTime {
+                        pool: id.clone(),
+                        source,
+                    })?;
             }
         }
         Ok(())
     })
-    .await
-    .map_err(|e| StackError::Other(e.to_string()))?;
+    .await?;
     if let Err(e) = started {
         for (_, l) in &links {
             l.stop();
         }
-        return Err(StackError::Other(e));
+        return Err(e);
     }
     let server = match orchestratord::start_pools(cfg, specs, SchedulerConfig { max_loaded }).await
     {
@@ -343,9 +346,7 @@ pub async fn start_pools(
         })
         .await
     {
-        return Err(StackError::Other(
-            "the orchestrator did not see the engines ready".into(),
-        ));
+        return Err(StackError::NotSeenReady);
     }
     Ok(Stack {
         server,
@@ -369,9 +370,8 @@ async fn start_own_mps(
     devices.sort_unstable();
     devices.dedup();
     let (l, id) = (layout.clone(), p.id.clone());
-    let own = tokio::task::spawn_blocking(move || crate::mps::OwnMps::start(&l, &id, &devices))
-        .await
-        .map_err(|e| StackError::Other(e.to_string()))??;
+    let own =
+        tokio::task::spawn_blocking(move || crate::mps::OwnMps::start(&l, &id, &devices)).await??;
     if !quiet {
         eprintln!(
             "pool {}: MPS control daemon started (pid {}, pipe directory {})",
@@ -439,8 +439,7 @@ async fn choose_auto(
     let (pool, pr, probe) = (p.clone(), prep.clone(), opts.probe.clone());
     let (choice, warning) =
         tokio::task::spawn_blocking(move || crate::auto::resolve(&dir, &pool, &pr, &probe))
-            .await
-            .map_err(|e| StackError::Other(e.to_string()))??;
+            .await??;
     if !opts.quiet {
         if let Some(w) = warning {
             eprintln!("warning: pool {}: {w}", p.id);
@@ -465,8 +464,32 @@ pub enum StackError {
     Engine(#[from] engine_runtime::EngineError),
     #[error(transparent)]
     Mps(#[from] crate::mps::MpsError),
-    #[error("{0}")]
-    Other(String),
+    #[error("the stack has no pool")]
+    NoPool,
+    #[error("pool {pool} has no engine ready ({state})")]
+    NotReady { pool: PoolId, state: String },
+    #[error("{eager} engines load at start (replicas count one by one) but max_loaded is {max_loaded}; mark some pools `load: lazy` or raise max_loaded")]
+    TooManyEager { eager: usize, max_loaded: usize },
+    /// A pool's engines could not be started: why, in the link's or the supervisor's words.
+    #[error("pool {pool} cannot start: {why}")]
+    Start { pool: PoolId, why: String },
+    #[error("pool {pool}: {source}")]
+    NotReadyInTime {
+        pool: PoolId,
+        source: engine_runtime::supervisor::NotReady,
+    },
+    #[error("the orchestrator did not see the engines ready")]
+    NotSeenReady,
+    #[error(transparent)]
+    Config(#[from] llorch_profile::ConfigError),
+    #[error("{what}: {source}")]
+    Thread {
+        what: &'static str,
+        source: std::io::Error,
+    },
+    /// A blocking step (a build, a claim, auto's probe) panicked or was cancelled.
+    #[error("a background step failed: {0}")]
+    Join(#[from] tokio::task::JoinError),
 }
 
 /// A stack of one pool: `serve` of one profile, the proof and the benches.
@@ -484,8 +507,7 @@ pub async fn start_stack(
 ) -> Result<Stack, StackError> {
     let mut profile = profile.clone();
     profile.file.pool = pool.clone();
-    let spec = llorch_profile::stack::Stack::from_profiles(vec![profile])
-        .map_err(|e| StackError::Other(e.to_string()))?;
+    let spec = llorch_profile::stack::Stack::from_profiles(vec![profile])?;
     let opts = PoolsOptions {
         quiet,
         ..Default::default()

@@ -1,7 +1,8 @@
 //! Evicting models: least recently used first, never a blob an engine
 //! holds (`locks/blob-<digest>.lock`). Split out of `store`.
 
-use crate::store::{io, ModelError, ModelStore};
+use crate::error::ModelError;
+use crate::store::{io, ModelStore};
 use llorch_io::fsx::FileLock;
 use serde::Serialize;
 use std::collections::BTreeMap;

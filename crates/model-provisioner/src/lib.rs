@@ -1,6 +1,7 @@
 //! Model provisioning: refs → resumable, verified downloads → the
 //! content-addressed store, GGUF metadata, provenance and eviction.
 
+pub mod error;
 pub mod gc;
 pub mod gguf;
 pub mod model_ref;

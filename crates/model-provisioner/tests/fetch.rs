@@ -3,7 +3,7 @@
 mod support;
 
 use llorch_io::paths::Layout;
-use model_provisioner::store::ModelError;
+use model_provisioner::error::ModelError;
 use model_provisioner::{FetchOptions, ModelStore};
 use support::{serve, tiny_gguf, Faults};
 

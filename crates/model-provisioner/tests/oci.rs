@@ -5,7 +5,7 @@ mod support;
 use test_support::registry as test_registry;
 
 use llorch_io::paths::Layout;
-use model_provisioner::store::ModelError;
+use model_provisioner::error::ModelError;
 use model_provisioner::{FetchOptions, ModelStore};
 use std::sync::atomic::Ordering;
 use support::tiny_gguf;

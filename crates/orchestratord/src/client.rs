@@ -18,8 +18,12 @@ pub enum ClientError {
     },
     #[error("{0}")]
     Http(#[from] reqwest::Error),
-    #[error("{0}")]
-    Protocol(String),
+    #[error("the task API's answer has no task_id: {0}")]
+    NoTaskId(String),
+    #[error("the event stream broke: {0}")]
+    Stream(String),
+    #[error(transparent)]
+    Event(#[from] crate::events::EventError),
 }
 
 #[derive(Debug, Default)]
@@ -87,7 +91,7 @@ pub async fn submit(
     v["task_id"]
         .as_str()
         .map(String::from)
-        .ok_or_else(|| ClientError::Protocol(format!("no task_id in {v}")))
+        .ok_or_else(|| ClientError::NoTaskId(v.to_string()))
 }
 
 /// Submit a task and read its stream. With `cancel_after`, cancel once that
@@ -151,14 +155,12 @@ pub async fn read_stream(
     let mut events = resp.bytes_stream().eventsource();
     let mut canceled = false;
     while let Some(ev) = events.next().await {
-        let ev = ev.map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let ev = ev.map_err(|e| ClientError::Stream(e.to_string()))?;
         if ev.event == "message" && ev.data.is_empty() {
             continue; // keep-alive comment
         }
         res.order.push(ev.event.clone());
-        match TaskEvent::parse(&ev.event, &ev.data)
-            .map_err(|e| ClientError::Protocol(e.to_string()))?
-        {
+        match TaskEvent::parse(&ev.event, &ev.data)? {
             TaskEvent::Started(s) => res.started = Some(s),
             TaskEvent::Token(t) => {
                 let now = Instant::now();
