@@ -6,10 +6,10 @@
 //!   profile's `--host`) is always applied (a pool declared `mode: batched`
 //!   gets `--parallel N --cont-batching`, prompt caching and N times the
 //!   context instead; an embedding pool `--embeddings --pooling P`); GPU-layer spellings are normalized to `--n-gpu-layers`,
-//!   a CPU build forces 0. `extra_args` is an allow-list ([`ALLOWED_FLAGS`]):
+//!   a CPU build forces 0. `extra_args` is an allow-list ([`ALLOWED_FLAGS`](crate::flags::ALLOWED_FLAGS)):
 //!   anything else is refused with the reason.
 //! * Environment: the engine gets an allow-listed environment
-//!   ([`ENV_ALLOWED`]); tokens (`HF_TOKEN`, `LLORCH_API_TOKEN`) and
+//!   ([`ENV_ALLOWED`](crate::flags::ENV_ALLOWED)); tokens (`HF_TOKEN`, `LLORCH_API_TOKEN`) and
 //!   llama-server's own `LLAMA_ARG_*` overrides never reach it.
 //! * An engine bound off loopback gets a generated API key, stored 0600 beside
 //!   the handoff and passed with `--api-key-file` (not on the command line,
