@@ -146,19 +146,137 @@ struct Side {
     /// The orchestrator's tokens/s over this side's, run by run.
     ratio: Vec<f64>,
     ttft: Vec<f64>,
+    gaps: Vec<f64>,
     fairness: Vec<f64>,
     errors: usize,
 }
 
 impl Side {
-    fn add(&mut self, w: Option<Wave>) {
-        if let Some(w) = w {
-            self.tok_per_s.push(w.tok_per_s);
-            self.ttft.extend(w.ttft);
-            self.fairness.push(w.fairness);
-            self.errors += w.errors;
-        }
+    fn add(&mut self, w: Wave) {
+        self.tok_per_s.push(w.tok_per_s);
+        self.ttft.extend(w.ttft);
+        self.gaps.extend(w.gaps);
+        self.fairness.push(w.fairness);
+        self.errors += w.errors;
     }
+
+    fn tok_per_s_median(&self) -> f64 {
+        median(&mut self.tok_per_s.clone())
+    }
+
+    fn fairness_median(&self) -> f64 {
+        median(&mut self.fairness.clone())
+    }
+}
+
+/// Where the clients go: through the orchestrator, straight to the same
+/// engines, and (with `--vs-defaults`, else empty) to llama-server started
+/// with its defaults.
+struct Paths<'a> {
+    via: &'a [(String, Value)],
+    direct: &'a [(String, Value)],
+    plain: &'a [(String, Value)],
+}
+
+/// One client count: warm every path at this width, then `a.runs` runs
+/// alternating which side goes first; the row and the peak RSS seen.
+async fn measure_width(
+    http: &reqwest::Client,
+    p: &Paths<'_>,
+    n: usize,
+    a: &LoadArgs<'_>,
+) -> (Value, u64) {
+    // The engines' first batches of a new size are slower (CUDA graphs,
+    // kernels), and the side that met them first lost (measured on an H100:
+    // one run 0.33, the next 0.89, with only a 2-client warm-up).
+    wave(http, p.via, n, 16).await;
+    wave(http, p.direct, n, 16).await;
+    if !p.plain.is_empty() {
+        wave(http, p.plain, n, 16).await;
+    }
+    let (mut v, mut d, mut dflt) = (Side::default(), Side::default(), Side::default());
+    let mut peak = 0;
+    for run in 0..a.runs {
+        // llama-server's defaults first in odd runs, last in even ones.
+        let mut plain_w = None;
+        if run % 2 == 1 && !p.plain.is_empty() {
+            plain_w = Some(wave(http, p.plain, n, a.max_tokens).await);
+        }
+        let (vw, dw) = if run % 2 == 0 {
+            let vw = wave(http, p.via, n, a.max_tokens).await;
+            (vw, wave(http, p.direct, n, a.max_tokens).await)
+        } else {
+            let dw = wave(http, p.direct, n, a.max_tokens).await;
+            (wave(http, p.via, n, a.max_tokens).await, dw)
+        };
+        if run % 2 == 0 && !p.plain.is_empty() {
+            plain_w = Some(wave(http, p.plain, n, a.max_tokens).await);
+        }
+        peak = peak.max(crate::rss_kib());
+        if let Some(pw) = plain_w {
+            dflt.ratio.push(vw.tok_per_s / pw.tok_per_s);
+            dflt.add(pw);
+        }
+        d.ratio.push(vw.tok_per_s / dw.tok_per_s);
+        v.add(vw);
+        d.add(dw);
+    }
+    (row(n, &v, &d, (!p.plain.is_empty()).then_some(&dflt)), peak)
+}
+
+/// One client count's JSON row, printed as it is made.
+fn row(n: usize, v: &Side, d: &Side, dflt: Option<&Side>) -> Value {
+    let mut row = json!({
+        "clients": n,
+        "ratio_orchestrator_over_direct_median": median(&mut d.ratio.clone()),
+        "ratio_spread": spread(&d.ratio),
+        "tok_per_s_orchestrator_median": v.tok_per_s_median(),
+        "tok_per_s_direct_median": d.tok_per_s_median(),
+        "ttft_ms_p50_orchestrator": pct(&v.ttft, 0.5),
+        "ttft_ms_p50_direct": pct(&d.ttft, 0.5),
+        "ttft_overhead_ms_p50": pct(&v.ttft, 0.5) - pct(&d.ttft, 0.5),
+        "ttft_ms_p99_orchestrator": pct(&v.ttft, 0.99),
+        "ttft_ms_p99_direct": pct(&d.ttft, 0.99),
+        "inter_token_ms_p99_orchestrator": pct(&v.gaps, 0.99),
+        "inter_token_ms_p99_direct": pct(&d.gaps, 0.99),
+        "fairness_orchestrator_median": v.fairness_median(),
+        "fairness_direct_median": d.fairness_median(),
+        "errors_orchestrator": v.errors,
+        "errors_direct": d.errors,
+    });
+    if let Some(x) = dflt {
+        row["tok_per_s_defaults_median"] = json!(x.tok_per_s_median());
+        row["ratio_orchestrator_over_defaults_median"] = json!(median(&mut x.ratio.clone()));
+        row["ratio_over_defaults_spread"] = json!(spread(&x.ratio));
+        row["ttft_ms_p99_defaults"] = json!(pct(&x.ttft, 0.99));
+        row["fairness_defaults_median"] = json!(x.fairness_median());
+        row["errors_defaults"] = json!(x.errors);
+        eprintln!(
+            "{n:>4} clients: llama-server with its defaults {:.0} tok/s, orchestrator / defaults {:.2} ({}), TTFT p99 {:.1} ms, fairness {:.2}, errors {}",
+            x.tok_per_s_median(),
+            median(&mut x.ratio.clone()),
+            spread(&x.ratio),
+            pct(&x.ttft, 0.99),
+            x.fairness_median(),
+            x.errors
+        );
+    }
+    eprintln!(
+        "{n:>4} clients: {:.0} vs {:.0} tok/s (orchestrator / direct {:.3}, {}), TTFT p50 {:.1} vs {:.1} ms, p99 {:.1} vs {:.1} ms, fairness {:.2} vs {:.2}, errors {}/{}",
+        v.tok_per_s_median(),
+        d.tok_per_s_median(),
+        median(&mut d.ratio.clone()),
+        spread(&d.ratio),
+        pct(&v.ttft, 0.5),
+        pct(&d.ttft, 0.5),
+        pct(&v.ttft, 0.99),
+        pct(&d.ttft, 0.99),
+        v.fairness_median(),
+        d.fairness_median(),
+        v.errors,
+        d.errors,
+    );
+    row
 }
 
 /// The profile's one pool, its concurrency replaced by the flags.
@@ -355,104 +473,14 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
         }
         let mut rows = Vec::new();
         let mut peak_rss = rss_before;
+        let paths = Paths {
+            via: &via,
+            direct: &direct,
+            plain: &plain,
+        };
         for &n in a.clients {
-            // Warm both paths at this width: the engines' first batches of a
-            // new size are slower (CUDA graphs, kernels), and the side that
-            // met them first lost (measured on an H100: one run 0.33, the
-            // next 0.89, with only a 2-client warm-up).
-            wave(&http, &via, n, 16).await;
-            wave(&http, &direct, n, 16).await;
-            let mut dflt = Side::default();
-            if !plain.is_empty() {
-                wave(&http, &plain, n, 16).await;
-            }
-            let (mut ratio, mut tps_v, mut tps_d) = (Vec::new(), Vec::new(), Vec::new());
-            let (mut ttft_v, mut ttft_d, mut gaps_v, mut gaps_d) =
-                (Vec::new(), Vec::new(), Vec::new(), Vec::new());
-            let (mut err_v, mut err_d) = (0, 0);
-            let (mut fair_v, mut fair_d) = (Vec::new(), Vec::new());
-            for run in 0..a.runs {
-                // llama-server's defaults first in odd runs, last in even ones.
-                let mut plain_w = None;
-                if run % 2 == 1 && !plain.is_empty() {
-                    plain_w = Some(wave(&http, &plain, n, a.max_tokens).await);
-                }
-                // Alternate which side goes first.
-                let (v, d) = if run % 2 == 0 {
-                    let v = wave(&http, &via, n, a.max_tokens).await;
-                    (v, wave(&http, &direct, n, a.max_tokens).await)
-                } else {
-                    let d = wave(&http, &direct, n, a.max_tokens).await;
-                    (wave(&http, &via, n, a.max_tokens).await, d)
-                };
-                if run % 2 == 0 && !plain.is_empty() {
-                    plain_w = Some(wave(&http, &plain, n, a.max_tokens).await);
-                }
-                if let Some(p) = &plain_w {
-                    dflt.ratio.push(v.tok_per_s / p.tok_per_s);
-                }
-                dflt.add(plain_w);
-                peak_rss = peak_rss.max(crate::rss_kib());
-                ratio.push(v.tok_per_s / d.tok_per_s);
-                tps_v.push(v.tok_per_s);
-                tps_d.push(d.tok_per_s);
-                ttft_v.extend(v.ttft);
-                ttft_d.extend(d.ttft);
-                gaps_v.extend(v.gaps);
-                gaps_d.extend(d.gaps);
-                err_v += v.errors;
-                err_d += d.errors;
-                fair_v.push(v.fairness);
-                fair_d.push(d.fairness);
-            }
-            let mut row = json!({
-                "clients": n,
-                "ratio_orchestrator_over_direct_median": median(&mut ratio.clone()),
-                "ratio_spread": spread(&ratio),
-                "tok_per_s_orchestrator_median": median(&mut tps_v),
-                "tok_per_s_direct_median": median(&mut tps_d),
-                "ttft_ms_p50_orchestrator": pct(&ttft_v, 0.5),
-                "ttft_ms_p50_direct": pct(&ttft_d, 0.5),
-                "ttft_overhead_ms_p50": pct(&ttft_v, 0.5) - pct(&ttft_d, 0.5),
-                "ttft_ms_p99_orchestrator": pct(&ttft_v, 0.99),
-                "ttft_ms_p99_direct": pct(&ttft_d, 0.99),
-                "inter_token_ms_p99_orchestrator": pct(&gaps_v, 0.99),
-                "inter_token_ms_p99_direct": pct(&gaps_d, 0.99),
-                "fairness_orchestrator_median": median(&mut fair_v),
-                "fairness_direct_median": median(&mut fair_d),
-                "errors_orchestrator": err_v,
-                "errors_direct": err_d,
-            });
-            if !plain.is_empty() {
-                row["tok_per_s_defaults_median"] = json!(median(&mut dflt.tok_per_s.clone()));
-                row["ratio_orchestrator_over_defaults_median"] = json!(median(&mut dflt.ratio.clone()));
-                row["ratio_over_defaults_spread"] = json!(spread(&dflt.ratio));
-                row["ttft_ms_p99_defaults"] = json!(pct(&dflt.ttft, 0.99));
-                row["fairness_defaults_median"] = json!(median(&mut dflt.fairness));
-                row["errors_defaults"] = json!(dflt.errors);
-                eprintln!(
-                    "{n:>4} clients: llama-server with its defaults {:.0} tok/s, orchestrator / defaults {:.2} ({}), TTFT p99 {:.1} ms, fairness {:.2}, errors {}",
-                    median(&mut dflt.tok_per_s),
-                    median(&mut dflt.ratio),
-                    spread(&dflt.ratio),
-                    pct(&dflt.ttft, 0.99),
-                    row["fairness_defaults_median"].as_f64().unwrap_or(f64::NAN),
-                    dflt.errors
-                );
-            }
-            eprintln!(
-                "{n:>4} clients: {:.0} vs {:.0} tok/s (orchestrator / direct {:.3}, {}), TTFT p50 {:.1} vs {:.1} ms, p99 {:.1} vs {:.1} ms, fairness {:.2} vs {:.2}, errors {err_v}/{err_d}",
-                row["tok_per_s_orchestrator_median"].as_f64().unwrap_or(0.0),
-                row["tok_per_s_direct_median"].as_f64().unwrap_or(0.0),
-                row["ratio_orchestrator_over_direct_median"].as_f64().unwrap_or(0.0),
-                row["ratio_spread"].as_str().unwrap_or(""),
-                row["ttft_ms_p50_orchestrator"].as_f64().unwrap_or(0.0),
-                row["ttft_ms_p50_direct"].as_f64().unwrap_or(0.0),
-                row["ttft_ms_p99_orchestrator"].as_f64().unwrap_or(0.0),
-                row["ttft_ms_p99_direct"].as_f64().unwrap_or(0.0),
-                row["fairness_orchestrator_median"].as_f64().unwrap_or(f64::NAN),
-                row["fairness_direct_median"].as_f64().unwrap_or(f64::NAN),
-            );
+            let (row, peak) = measure_width(&http, &paths, n, a).await;
+            peak_rss = peak_rss.max(peak);
             rows.push(row);
         }
         ps.stop(Duration::from_secs(5)).await;
