@@ -66,30 +66,7 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         (true, false) => vec![1],
         (true, true) => vec![1, 2, 4],
     };
-    let mut variants: Vec<(&'static str, &'static [&'static str])> = Vec::new();
-    for name in a.variants {
-        match auto::VARIANTS.iter().find(|(n, _)| n == name) {
-            Some(v) => variants.push(*v),
-            None => bail!(
-                "--variants: no flag set named {name:?}; known: {}",
-                auto::VARIANTS
-                    .iter()
-                    .map(|(n, f)| format!(
-                        "{n} ({})",
-                        if f.is_empty() {
-                            "the profile's flags".into()
-                        } else {
-                            f.join(" ")
-                        }
-                    ))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            ),
-        }
-    }
-    if variants.is_empty() {
-        variants.push(auto::VARIANTS[0]);
-    }
+    let variants = flag_sets(a.variants)?;
     let probe = llorch_io::gpu::GpuProbe::default();
     let device = auto::measure_device(cuda, &[], &probe)?;
     let mut configs: Vec<Config> = Vec::new();
@@ -179,6 +156,35 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
         })),
         "table": if a.write { Some(path.display().to_string()) } else { None },
     }))
+}
+
+/// The flag sets `--variants` names (none: the profile's own, `split`).
+fn flag_sets(names: &[String]) -> Result<Vec<(&'static str, &'static [&'static str])>> {
+    let mut variants: Vec<(&'static str, &'static [&'static str])> = Vec::new();
+    for name in names {
+        match auto::VARIANTS.iter().find(|(n, _)| n == name) {
+            Some(v) => variants.push(*v),
+            None => bail!(
+                "--variants: no flag set named {name:?}; known: {}",
+                auto::VARIANTS
+                    .iter()
+                    .map(|(n, f)| format!(
+                        "{n} ({})",
+                        if f.is_empty() {
+                            "the profile's flags".into()
+                        } else {
+                            f.join(" ")
+                        }
+                    ))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            ),
+        }
+    }
+    if variants.is_empty() {
+        variants.push(auto::VARIANTS[0]);
+    }
+    Ok(variants)
 }
 
 /// Start one configuration (`slots` × `engines`), warm it and measure each
