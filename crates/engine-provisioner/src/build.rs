@@ -12,6 +12,7 @@
 //! build once, the second waits and reuses.
 
 use crate::cache::{ArtifactCache, Lookup, Manifest};
+use crate::error::BuildError;
 use crate::fingerprint::{self, BuildInputs, CudaInputs, InputChange};
 use crate::preflight::{self, first_line, Toolbox};
 use crate::source;
@@ -26,37 +27,6 @@ use std::time::Instant;
 pub(crate) use crate::compile::{compile_and_install, compiler_cache, reuse, WorkDir};
 
 pub const TARGET: &str = "llama-server";
-
-#[derive(Debug, thiserror::Error)]
-pub enum BuildError {
-    #[error(transparent)]
-    Preflight(#[from] preflight::PreflightError),
-    #[error(transparent)]
-    Source(#[from] source::SourceError),
-    #[error("{step} failed for profile `{profile}`: {source}\n  nothing was added to the cache")]
-    Step {
-        step: &'static str,
-        profile: String,
-        source: Box<llorch_io::cmd::CmdError>,
-    },
-    #[error("{0}")]
-    Install(String),
-    #[error(transparent)]
-    Io(#[from] llorch_io::IoError),
-    #[error("CUDA: {0}")]
-    Cuda(String),
-    #[error(transparent)]
-    Bundle(#[from] crate::bundle::BundleError),
-    #[error("CUDA: {0}")]
-    CudaCheck(#[from] crate::cuda::CudaError),
-    /// The compiler cache a CUDA build runs nvcc under could not start.
-    #[error("CUDA: {0}")]
-    CompileCache(#[from] crate::compile_cache::CompileCacheError),
-    #[error(transparent)]
-    Flag(#[from] llorch_profile::FlagError),
-    #[error(transparent)]
-    Prebuilt(#[from] crate::prebuilt::PrebuiltError),
-}
 
 pub(crate) use llorch_io::io;
 
@@ -165,18 +135,16 @@ pub fn base_flags(profile: &Profile) -> Vec<String> {
 /// Compute the build inputs from the profile and the tools on this machine.
 /// Returns `None` for a tool that is missing (run preflight first).
 pub fn plan(profile: &Profile, tb: &Toolbox) -> Result<BuildPlan, BuildError> {
-    let missing = |t: &str| {
-        BuildError::Install(format!(
-            "{t} not found (run `cargo xtask doctor --profile {}`)",
-            profile.name
-        ))
+    let missing = |t: &str| BuildError::ToolMissing {
+        tool: t.to_string(),
+        profile: profile.name.clone(),
     };
     let cmake = tb.find("cmake").ok_or_else(|| missing("cmake"))?;
     let cmake_version = Cmd::new(&cmake)
         .arg("--version")
         .read()
         .map(|s| first_line(&s))
-        .map_err(|e| BuildError::Install(e.to_string()))?;
+        .map_err(Box::new)?;
     let (c_path, c) = crate::compilers::compiler_identity(tb, "CC", &["cc", "gcc", "clang"])
         .ok_or_else(|| missing("a C compiler"))?;
     let (cxx_path, cxx) =
@@ -366,7 +334,10 @@ pub fn build(
     // A registry that has this fingerprint saves the build; one that is down
     // or lacks it costs one line.
     let registry = crate::registry::EngineRegistry::configured(profile).map_err(|e| {
-        BuildError::Install(format!("engine registry of profile {}: {e}", profile.name))
+        BuildError::RegistryConfig {
+            profile: profile.name.clone(),
+            source: Box::new(e),
+        }
     })?;
     if let Some(reg) = &registry {
         let inputs = serde_json::to_value(&plan.inputs).unwrap_or_default();
@@ -579,5 +550,5 @@ pub fn pull(
     let inputs = serde_json::to_value(&plan.inputs).unwrap_or_default();
     crate::registry::pull(layout, &fp, &inputs, reg, say)
         .map(Some)
-        .map_err(|e| BuildError::Install(e.to_string()))
+        .map_err(|e| BuildError::Registry(Box::new(e)))
 }

@@ -4,8 +4,9 @@
 //! an entry from another cache (`--reuse-from`). `build::build` decides
 //! whether to compile; this is how. (Split out of `build`.)
 
-use crate::build::{io, BuildError, BuildOptions, BuildPlan, TARGET};
+use crate::build::{io, BuildOptions, BuildPlan, TARGET};
 use crate::cache::{ArtifactCache, CacheError, Lookup, Manifest, MANIFEST_SCHEMA};
+use crate::error::BuildError;
 use crate::fingerprint::BuildInputs;
 use crate::preflight::Toolbox;
 use llorch_io::cmd::Cmd;
@@ -335,10 +336,7 @@ fn install(
     let built_bin = build_dir.join("bin");
     let server = built_bin.join(TARGET);
     if !server.is_file() {
-        return Err(BuildError::Install(format!(
-            "the build finished but {} is missing",
-            server.display()
-        )));
+        return Err(BuildError::NoOutput(server.display().to_string()));
     }
     fs_err::copy(&server, bin.join(TARGET)).map_err(io("copy llama-server"))?;
     // Shared libraries the build produced (profiles that turn BUILD_SHARED_LIBS on);
@@ -360,21 +358,19 @@ fn install(
                 || line.contains(&build_dir.display().to_string())
                 || line.contains(&src.display().to_string());
             if bad {
-                return Err(BuildError::Install(format!(
-                    "the built llama-server is not relocatable: `{}`\n  full ldd output:\n{ldd}",
-                    line.trim()
-                )));
+                return Err(BuildError::NotRelocatable {
+                    line: line.trim().to_string(),
+                    ldd,
+                });
             }
         }
     }
     let (ok, version) = Cmd::new(&staged_server)
         .arg("--version")
         .read_any()
-        .map_err(|e| BuildError::Install(e.to_string()))?;
+        .map_err(Box::new)?;
     if !ok {
-        return Err(BuildError::Install(format!(
-            "`llama-server --version` failed:\n{version}"
-        )));
+        return Err(BuildError::NoVersion(version));
     }
     let version: String = version
         .lines()

@@ -11,6 +11,7 @@ pub mod compile;
 pub mod compile_cache;
 pub mod compilers;
 pub mod cuda;
+pub mod error;
 pub mod extract;
 pub mod fingerprint;
 pub mod git_https;

@@ -11,8 +11,9 @@
 //! compares every file with the cached (or pulled) entry: the way a fleet
 //! checks a registry without trusting the machine that pushed.
 
-use crate::build::{self, BuildError, BuildOptions};
+use crate::build::{self, BuildOptions};
 use crate::cache::{ArtifactCache, Lookup};
+use crate::error::BuildError;
 use llorch_io::fsx::FileLock;
 use llorch_io::paths::{Bucket, Layout};
 use llorch_profile::{Backend, Profile};
@@ -349,16 +350,17 @@ pub fn rebuild(
     let cached = match cache.lookup(&fp, Some(&plan.inputs)) {
         Lookup::Fresh(m) => m,
         Lookup::Stale(why) => {
-            return Err(BuildError::Install(format!(
-                "the cached engine {} of profile `{}` is corrupt ({why}); nothing to compare\n  hint: `cargo xtask engine build --profile {}` replaces it",
-                &fp[..12], profile.name, profile.name
-            )))
+            return Err(BuildError::CachedCorrupt {
+                fingerprint: fp[..12].to_string(),
+                profile: profile.name.clone(),
+                why,
+            })
         }
         Lookup::Missing => {
-            return Err(BuildError::Install(format!(
-                "no cached engine of fingerprint {} for profile `{}`: nothing to compare\n  hint: build it (`cargo xtask engine build --profile {}`) or pull it (`cargo xtask engine pull --profile {}`) first",
-                &fp[..12], profile.name, profile.name, profile.name
-            )))
+            return Err(BuildError::NotCached {
+                fingerprint: fp[..12].to_string(),
+                profile: profile.name.clone(),
+            })
         }
     };
     crate::preflight::ensure(profile, &opts.toolbox, say)?;

@@ -50,7 +50,7 @@ pub enum DeployError {
     #[error("YAML: {0}")]
     Yaml(String),
     #[error(transparent)]
-    Build(#[from] engine_provisioner::build::BuildError),
+    Build(#[from] engine_provisioner::error::BuildError),
     #[error(transparent)]
     Model(#[from] model_provisioner::error::ModelError),
     #[error(transparent)]

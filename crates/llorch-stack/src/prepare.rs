@@ -10,7 +10,7 @@ use model_provisioner::{FetchOptions, ModelStore};
 #[derive(Debug, thiserror::Error)]
 pub enum ProvisionError {
     #[error(transparent)]
-    Build(#[from] engine_provisioner::build::BuildError),
+    Build(#[from] engine_provisioner::error::BuildError),
     #[error(transparent)]
     Model(#[from] model_provisioner::error::ModelError),
     #[error(transparent)]
