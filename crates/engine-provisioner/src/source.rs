@@ -48,8 +48,8 @@ pub enum SourceError {
         version: String,
         source: Box<llorch_io::cmd::CmdError>,
     },
-    #[error("{0}")]
-    Download(String),
+    #[error(transparent)]
+    Download(Box<llorch_io::download::DownloadError>),
     #[error(transparent)]
     Io(#[from] llorch_io::IoError),
     #[error("{0}")]
@@ -213,7 +213,7 @@ pub fn fetch_using(
                             expected,
                             actual,
                         },
-                        e => SourceError::Download(e.to_string()),
+                        e => SourceError::Download(Box::new(e)),
                     },
                 )?;
                 partial
