@@ -435,3 +435,6 @@ pub fn router(st: Shared) -> Router {
         ))
         .with_state(st)
 }
+
+#[cfg(test)]
+mod tests;
