@@ -490,4 +490,81 @@ mod tests {
             AfterExit::GiveUp { crashes: 5 }
         );
     }
+
+    /// A stand-in engine that says something on stderr and exits at once.
+    fn crasher(dir: &std::path::Path) -> PreparedEngine {
+        use std::os::unix::fs::PermissionsExt;
+        let bin = dir.join("llama-server");
+        fs_err::write(
+            &bin,
+            "#!/bin/sh\necho boom: stand-in engine exits >&2\nexit 3\n",
+        )
+        .unwrap();
+        fs_err::set_permissions(&bin, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fs_err::write(dir.join("m.gguf"), b"GGUF").unwrap();
+        PreparedEngine {
+            binary: bin,
+            model: llorch_io::handoff::EngineModel {
+                reference: "file:m.gguf".into(),
+                path: dir.join("m.gguf"),
+                digest: "0".repeat(64),
+                metadata: serde_json::json!({}),
+            },
+            flags: Vec::new(),
+            env: Vec::new(),
+            pool_id: llorch_io::handoff::PoolId::parse("standin").unwrap(),
+            replica_id: "r0".into(),
+            fingerprint: "f".repeat(64),
+            host: "127.0.0.1".into(),
+            ports: vec![0],
+            ready_timeout_s: 600,
+            // The stand-in is a script: its interpreter is no engine's to run.
+            sandbox: llorch_profile::SandboxMode::Off,
+            gpu: false,
+            engine_version: "stand-in".into(),
+        }
+    }
+
+    #[test]
+    fn a_stand_in_that_keeps_crashing_is_restarted_with_backoff_then_given_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path().to_path_buf();
+        let layout = Layout::at(root.clone(), root.join("cache"), root.join("rt"));
+        let policy = RestartPolicy {
+            initial_backoff: Duration::from_millis(1),
+            max_backoff: Duration::from_millis(4),
+            healthy_reset: Duration::from_secs(60),
+            max_crashes: 3,
+            window: Duration::from_secs(3600),
+        };
+        let sup = Supervisor::start(crasher(dir.path()), layout.clone(), policy, "test").unwrap();
+        // Waited on the state, not on time: the bound only ends a hang.
+        let end = sup.wait_for(Duration::from_secs(600), |s| {
+            matches!(s, EngineState::Failed { .. })
+        });
+        let EngineState::Failed { reason } = end else {
+            panic!("never gave up: {end:?}");
+        };
+        assert!(reason.contains("crashed 3 times"), "{reason}");
+        assert!(
+            reason.contains("boom: stand-in engine exits"),
+            "the log's tail: {reason}"
+        );
+        assert_eq!(
+            sup.restarts(),
+            2,
+            "two restarts, then the third crash gives up"
+        );
+        assert!(matches!(
+            sup.wait_ready(Duration::from_secs(1)),
+            Err(NotReady::Failed(_))
+        ));
+        // Given up: the pool is free again (no run record left behind).
+        assert!(crate::run_state::read_pool(
+            &layout,
+            &llorch_io::handoff::PoolId::parse("standin").unwrap()
+        )
+        .is_none());
+        sup.stop();
+    }
 }
