@@ -567,4 +567,59 @@ mod tests {
         .is_none());
         sup.stop();
     }
+
+    /// A stand-in engine that serves 200 on every GET (its `/health`) on
+    /// the `--port` it is given, until it is killed.
+    const SERVER: &str = r#"#!/bin/sh
+while [ $# -gt 0 ]; do [ "$1" = --port ] && PORT=$2; shift; done
+exec python3 -c '
+import http.server, sys
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        self.send_response(200); self.end_headers(); self.wfile.write(b"{}")
+    def log_message(self, *a): pass
+http.server.HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+' "$PORT"
+"#;
+
+    #[test]
+    fn a_stand_in_killed_while_serving_is_restarted_and_ready_again() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let mut prep = crasher(dir.path());
+        fs_err::write(&prep.binary, SERVER).unwrap();
+        fs_err::set_permissions(&prep.binary, std::fs::Permissions::from_mode(0o755)).unwrap();
+        prep.pool_id = llorch_io::handoff::PoolId::parse("standin-served").unwrap();
+        let root = dir.path().to_path_buf();
+        let layout = Layout::at(root.clone(), root.join("cache"), root.join("rt"));
+        let policy = RestartPolicy {
+            initial_backoff: Duration::from_millis(1),
+            ..RestartPolicy::default()
+        };
+        let sup = Supervisor::start(prep, layout, policy, "test").unwrap();
+        let ready =
+            |s: &EngineState| matches!(s, EngineState::Ready { .. } | EngineState::Failed { .. });
+        let EngineState::Ready { pid: first, .. } = sup.wait_for(Duration::from_secs(600), ready)
+        else {
+            panic!("the stand-in never served: {:?}", sup.state());
+        };
+        // SAFETY: kill(2) on the stand-in this supervisor started and has not reaped.
+        unsafe { libc::kill(first as i32, libc::SIGKILL) };
+        let again = sup.wait_for(Duration::from_secs(600), |s| {
+            matches!(s, EngineState::Ready { pid, .. } if *pid != first)
+                || matches!(s, EngineState::Failed { .. })
+        });
+        let EngineState::Ready { pid: second, .. } = again else {
+            panic!("not ready again: {again:?}");
+        };
+        assert_eq!(sup.restarts(), 1);
+        sup.stop();
+        // Stopped: the restarted stand-in is gone too (reaped by its supervisor;
+        // a process that reused its pid since runs something else).
+        let cmdline = fs_err::read(format!("/proc/{second}/cmdline")).unwrap_or_default();
+        assert!(
+            !String::from_utf8_lossy(&cmdline).contains("serve_forever"),
+            "the stand-in {second} outlived its supervisor"
+        );
+    }
 }
