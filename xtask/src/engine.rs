@@ -165,60 +165,13 @@ struct GcArgs {
 impl EngineCmd {
     pub fn run(self, ctx: &Ctx) -> Result<()> {
         match self.cmd {
-            EngineSub::Build(a) => {
-                let out = build_engine(ctx, &a)?;
-                if a.p.json {
-                    print_json(&out)?;
-                } else {
-                    if out.cache_hit {
-                        println!(
-                            "cache hit: {} (fingerprint {}), no CMake run ({:.0} ms)",
-                            out.binary.display(),
-                            &out.fingerprint[..12],
-                            out.duration_s * 1000.0
-                        );
-                    } else {
-                        println!(
-                            "built: {} (fingerprint {})",
-                            out.binary.display(),
-                            &out.fingerprint[..12]
-                        );
-                    }
-                    println!("{}", out.version);
-                }
-                Ok(())
-            }
+            EngineSub::Build(a) => build_cmd(ctx, &a),
             EngineSub::Push {
                 p,
                 to,
                 insecure,
                 sign_key,
-            } => {
-                let profile = ctx.profile(p.profile.as_deref())?;
-                let mut reg = registry_for(&profile, to.as_deref(), insecure)?;
-                if sign_key.is_some() {
-                    reg.signing_key = sign_key;
-                }
-                let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
-                let pushed =
-                    engine_provisioner::registry::push(&ctx.layout, &ex.fingerprint, &reg)?;
-                if p.json {
-                    return print_json(&pushed);
-                }
-                println!(
-                    "pushed engine {} to {} ({:.1} MB, {:.1}s)\n  manifest {}\n  provenance: {}",
-                    &ex.fingerprint[..12],
-                    pushed.reference,
-                    pushed.layer_bytes as f64 / 1e6,
-                    pushed.seconds,
-                    pushed.manifest_digest,
-                    match &pushed.signed_by {
-                        Some(k) => format!("signed by key {k}, attached as a referrer"),
-                        None => "not signed (pass --sign-key or set LLORCH_SIGNING_KEY)".into(),
-                    }
-                );
-                Ok(())
-            }
+            } => push(ctx, &p, to.as_deref(), insecure, sign_key),
             EngineSub::Keygen { path, json } => {
                 let k = engine_provisioner::provenance::keygen(&path)?;
                 if json {
@@ -237,137 +190,20 @@ impl EngineCmd {
                 from,
                 insecure,
                 trusted_key,
-            } => {
-                let profile = ctx.profile(p.profile.as_deref())?;
-                let mut reg = registry_for(&profile, from.as_deref(), insecure)?;
-                if trusted_key.is_some() {
-                    reg.trusted_key = trusted_key;
-                }
-                let pulled = build::pull(&profile, &ctx.layout, &reg, &|m: &str| {
-                    if !p.json {
-                        eprintln!("{m}")
-                    }
-                })?;
-                if p.json {
-                    return print_json(&pulled);
-                }
-                match pulled {
-                    None => println!("already cached: nothing to pull"),
-                    Some(x) => println!(
-                        "pulled {} ({:.1} MB, {:.1}s), verified; installed at {}\n  signature: {}",
-                        x.reference,
-                        x.layer_bytes as f64 / 1e6,
-                        x.seconds,
-                        x.dir.display(),
-                        x.signature
-                    ),
-                }
-                Ok(())
-            }
+            } => pull(ctx, &p, from.as_deref(), insecure, trusted_key),
             EngineSub::Verify {
                 b,
                 rebuild,
                 from,
                 insecure,
             } => verify(ctx, &b, rebuild, from.as_deref(), insecure),
-            EngineSub::Explain(a) => {
-                let profile = ctx.profile(a.profile.as_deref())?;
-                let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
-                if a.json {
-                    return print_json(&ex);
-                }
-                println!("profile {} → fingerprint {}", ex.profile, ex.fingerprint);
-                if ex.cached {
-                    println!("cached: `engine build` would reuse it without running CMake");
-                    if let Some(o) = &ex.origin {
-                        println!(
-                            "  pulled from {} ({}) at {}",
-                            o.registry, o.manifest_digest, o.pulled_at
-                        );
-                    } else {
-                        println!("  built on this machine");
-                    }
-                    return Ok(());
-                }
-                if let Some(r) = &ex.stale_reason {
-                    println!("a cached entry exists but is corrupt ({r}): it would be rebuilt");
-                }
-                match &ex.closest {
-                    None => println!("no cached builds: `engine build` would build from scratch"),
-                    Some(fp) => {
-                        println!(
-                            "not cached; closest cached build is {} and differs in:",
-                            &fp[..12]
-                        );
-                        for c in &ex.changes {
-                            println!("  {}: cached {} → wanted {}", c.input, c.cached, c.wanted);
-                        }
-                    }
-                }
-                Ok(())
-            }
-            EngineSub::Ls(a) => {
-                let cache = ArtifactCache::new(&ctx.layout.cache);
-                let list = cache.list();
-                if a.json {
-                    let v: Vec<_> = list
-                        .iter()
-                        .map(|(p, m)| {
-                            serde_json::json!({
-                                "fingerprint": m.fingerprint, "path": p, "profile": m.profile, "pin": m.pin,
-                                "built_at": m.built_at, "build_s": m.build_s, "version": m.version_output,
-                                "sass_archs": m.sass_archs, "size_bytes": llorch_io::fsx::dir_size(p),
-                            })
-                        })
-                        .collect();
-                    return print_json(&v);
-                }
-                if list.is_empty() {
-                    println!("no cached builds in {}", cache.dir.display());
-                }
-                for (p, m) in list {
-                    println!(
-                        "{}  {:<22} {:<26} {:>6.1} MB  built {} in {:.0}s",
-                        &m.fingerprint[..12],
-                        m.profile,
-                        m.pin,
-                        llorch_io::fsx::dir_size(&p) as f64 / 1e6,
-                        m.built_at,
-                        m.build_s
-                    );
-                }
-                Ok(())
-            }
+            EngineSub::Explain(a) => explain(ctx, &a),
+            EngineSub::Ls(a) => ls(ctx, &a),
             EngineSub::Up {
                 p,
                 pool,
                 foreground,
-            } => {
-                if !foreground {
-                    return crate::provision::ProvisionCmd::from_profile(p, pool).run(ctx);
-                }
-                let profile = ctx.profile(p.profile.as_deref())?;
-                let pool = pool.unwrap_or_else(|| profile.pool().clone());
-                let prep =
-                    llorch_stack::prepare(&profile, &pool, &ctx.layout, &BuildOptions::default())?
-                        .engine;
-                // Caught from here on: a stop sent right after "ready" is never lost.
-                let stop = llorch_io::signals::BlockingStop::install();
-                let sup = engine_runtime::Supervisor::start(
-                    prep,
-                    ctx.layout.clone(),
-                    Default::default(),
-                    "cargo xtask engine up --foreground",
-                )?;
-                let url = sup.wait_ready(std::time::Duration::from_secs(
-                    profile.file.server.ready_timeout_s + 5,
-                ))?;
-                println!("engine for pool {pool} ready at {url} (supervised; SIGINT/SIGTERM/SIGHUP stop it)");
-                let sig = stop.wait();
-                eprintln!("{sig}: stopping engine");
-                sup.stop();
-                Ok(())
-            }
+            } => up(ctx, p, pool, foreground),
             EngineSub::Down(a) => {
                 let pool = a.pool(ctx)?;
                 match lifecycle::stop_pool(&ctx.layout, &pool)? {
@@ -390,32 +226,227 @@ impl EngineCmd {
                 }
                 Ok(())
             }
-            EngineSub::Gc(a) => {
-                let r = engine_provisioner::cache::gc(&ctx.layout, a.keep)?;
-                if a.json {
-                    return print_json(&r);
-                }
-                for fp in &r.kept_in_use {
-                    println!(
-                        "kept {}: in use by a running engine or a build",
-                        &fp[..12.min(fp.len())]
-                    );
-                }
-                if r.stale_staging_removed > 0 {
-                    println!(
-                        "removed {} leftover staging dir(s) of interrupted builds",
-                        r.stale_staging_removed
-                    );
-                }
-                println!(
-                    "removed {} cached build(s), kept the newest {}",
-                    r.removed.len(),
-                    a.keep
-                );
-                Ok(())
+            EngineSub::Gc(a) => gc(ctx, &a),
+        }
+    }
+}
+
+/// `engine build`: build or reuse, and say which.
+fn build_cmd(ctx: &Ctx, a: &BuildArgs) -> Result<()> {
+    let out = build_engine(ctx, a)?;
+    if a.p.json {
+        print_json(&out)?;
+    } else {
+        if out.cache_hit {
+            println!(
+                "cache hit: {} (fingerprint {}), no CMake run ({:.0} ms)",
+                out.binary.display(),
+                &out.fingerprint[..12],
+                out.duration_s * 1000.0
+            );
+        } else {
+            println!(
+                "built: {} (fingerprint {})",
+                out.binary.display(),
+                &out.fingerprint[..12]
+            );
+        }
+        println!("{}", out.version);
+    }
+    Ok(())
+}
+
+/// `engine push`: the cached engine to a registry, signed when a key is given.
+fn push(
+    ctx: &Ctx,
+    p: &ProfileArgs,
+    to: Option<&str>,
+    insecure: bool,
+    sign_key: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let profile = ctx.profile(p.profile.as_deref())?;
+    let mut reg = registry_for(&profile, to, insecure)?;
+    if sign_key.is_some() {
+        reg.signing_key = sign_key;
+    }
+    let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
+    let pushed = engine_provisioner::registry::push(&ctx.layout, &ex.fingerprint, &reg)?;
+    if p.json {
+        return print_json(&pushed);
+    }
+    println!(
+        "pushed engine {} to {} ({:.1} MB, {:.1}s)\n  manifest {}\n  provenance: {}",
+        &ex.fingerprint[..12],
+        pushed.reference,
+        pushed.layer_bytes as f64 / 1e6,
+        pushed.seconds,
+        pushed.manifest_digest,
+        match &pushed.signed_by {
+            Some(k) => format!("signed by key {k}, attached as a referrer"),
+            None => "not signed (pass --sign-key or set LLORCH_SIGNING_KEY)".into(),
+        }
+    );
+    Ok(())
+}
+
+/// `engine pull`: the profile's engine from a registry, verified.
+fn pull(
+    ctx: &Ctx,
+    p: &ProfileArgs,
+    from: Option<&str>,
+    insecure: bool,
+    trusted_key: Option<std::path::PathBuf>,
+) -> Result<()> {
+    let profile = ctx.profile(p.profile.as_deref())?;
+    let mut reg = registry_for(&profile, from, insecure)?;
+    if trusted_key.is_some() {
+        reg.trusted_key = trusted_key;
+    }
+    let pulled = build::pull(&profile, &ctx.layout, &reg, &|m: &str| {
+        if !p.json {
+            eprintln!("{m}")
+        }
+    })?;
+    if p.json {
+        return print_json(&pulled);
+    }
+    match pulled {
+        None => println!("already cached: nothing to pull"),
+        Some(x) => println!(
+            "pulled {} ({:.1} MB, {:.1}s), verified; installed at {}\n  signature: {}",
+            x.reference,
+            x.layer_bytes as f64 / 1e6,
+            x.seconds,
+            x.dir.display(),
+            x.signature
+        ),
+    }
+    Ok(())
+}
+
+/// `engine explain`: the fingerprint, and why it is or is not cached.
+fn explain(ctx: &Ctx, a: &ProfileArgs) -> Result<()> {
+    let profile = ctx.profile(a.profile.as_deref())?;
+    let ex = build::explain(&profile, &ctx.layout, &Default::default())?;
+    if a.json {
+        return print_json(&ex);
+    }
+    println!("profile {} → fingerprint {}", ex.profile, ex.fingerprint);
+    if ex.cached {
+        println!("cached: `engine build` would reuse it without running CMake");
+        if let Some(o) = &ex.origin {
+            println!(
+                "  pulled from {} ({}) at {}",
+                o.registry, o.manifest_digest, o.pulled_at
+            );
+        } else {
+            println!("  built on this machine");
+        }
+        return Ok(());
+    }
+    if let Some(r) = &ex.stale_reason {
+        println!("a cached entry exists but is corrupt ({r}): it would be rebuilt");
+    }
+    match &ex.closest {
+        None => println!("no cached builds: `engine build` would build from scratch"),
+        Some(fp) => {
+            println!(
+                "not cached; closest cached build is {} and differs in:",
+                &fp[..12]
+            );
+            for c in &ex.changes {
+                println!("  {}: cached {} → wanted {}", c.input, c.cached, c.wanted);
             }
         }
     }
+    Ok(())
+}
+
+/// `engine ls`: the cached builds.
+fn ls(ctx: &Ctx, a: &JsonArg) -> Result<()> {
+    let cache = ArtifactCache::new(&ctx.layout.cache);
+    let list = cache.list();
+    if a.json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|(p, m)| {
+                serde_json::json!({
+                    "fingerprint": m.fingerprint, "path": p, "profile": m.profile, "pin": m.pin,
+                    "built_at": m.built_at, "build_s": m.build_s, "version": m.version_output,
+                    "sass_archs": m.sass_archs, "size_bytes": llorch_io::fsx::dir_size(p),
+                })
+            })
+            .collect();
+        return print_json(&v);
+    }
+    if list.is_empty() {
+        println!("no cached builds in {}", cache.dir.display());
+    }
+    for (p, m) in list {
+        println!(
+            "{}  {:<22} {:<26} {:>6.1} MB  built {} in {:.0}s",
+            &m.fingerprint[..12],
+            m.profile,
+            m.pin,
+            llorch_io::fsx::dir_size(&p) as f64 / 1e6,
+            m.built_at,
+            m.build_s
+        );
+    }
+    Ok(())
+}
+
+/// `engine up`: detached (as `provision`), or supervised in the foreground until a signal.
+fn up(ctx: &Ctx, p: ProfileArgs, pool: Option<PoolId>, foreground: bool) -> Result<()> {
+    if !foreground {
+        return crate::provision::ProvisionCmd::from_profile(p, pool).run(ctx);
+    }
+    let profile = ctx.profile(p.profile.as_deref())?;
+    let pool = pool.unwrap_or_else(|| profile.pool().clone());
+    let prep =
+        llorch_stack::prepare(&profile, &pool, &ctx.layout, &BuildOptions::default())?.engine;
+    // Caught from here on: a stop sent right after "ready" is never lost.
+    let stop = llorch_io::signals::BlockingStop::install();
+    let sup = engine_runtime::Supervisor::start(
+        prep,
+        ctx.layout.clone(),
+        Default::default(),
+        "cargo xtask engine up --foreground",
+    )?;
+    let url = sup.wait_ready(std::time::Duration::from_secs(
+        profile.file.server.ready_timeout_s + 5,
+    ))?;
+    println!("engine for pool {pool} ready at {url} (supervised; SIGINT/SIGTERM/SIGHUP stop it)");
+    let sig = stop.wait();
+    eprintln!("{sig}: stopping engine");
+    sup.stop();
+    Ok(())
+}
+
+/// `engine gc`: keep the newest builds and those in use.
+fn gc(ctx: &Ctx, a: &GcArgs) -> Result<()> {
+    let r = engine_provisioner::cache::gc(&ctx.layout, a.keep)?;
+    if a.json {
+        return print_json(&r);
+    }
+    for fp in &r.kept_in_use {
+        println!(
+            "kept {}: in use by a running engine or a build",
+            &fp[..12.min(fp.len())]
+        );
+    }
+    if r.stale_staging_removed > 0 {
+        println!(
+            "removed {} leftover staging dir(s) of interrupted builds",
+            r.stale_staging_removed
+        );
+    }
+    println!(
+        "removed {} cached build(s), kept the newest {}",
+        r.removed.len(),
+        a.keep
+    );
+    Ok(())
 }
 
 pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::BuildOutcome> {
