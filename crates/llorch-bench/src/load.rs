@@ -368,7 +368,7 @@ pub struct LoadArgs<'a> {
 /// `--host` and `--port`: what a user gets who runs it by hand with its
 /// defaults (at this pin: 4 slots, unified KV, all layers on the GPU that
 /// fit, flash attention auto). Killed when dropped.
-async fn start_defaults(
+fn start_defaults(
     ctx: &Ctx,
     stack: &Stack,
 ) -> Result<(llorch_io::cmd::KillOnDrop, String, std::path::PathBuf)> {
@@ -399,19 +399,15 @@ async fn start_defaults(
             .with_context(|| format!("starting {}", prep.binary.display()))?,
     );
     let url = format!("http://127.0.0.1:{port}");
-    let server = llorch_io::llama_server::LlamaServer::new(url.clone(), None);
-    let http = llorch_io::http::async_client();
-    // Loading a model is bounded by the disk and the device, not by us: wait
-    // while the process lives, as the supervisor does.
-    while !server.healthy(&http, Duration::from_secs(2)).await {
-        if let Some(status) = child.try_wait()? {
-            anyhow::bail!(
-                "llama-server with its defaults exited ({status}) before it was healthy; its log: {}",
-                log.display()
-            );
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    // Ready as the lifecycle waits for an engine: `/health` 200, an early
+    // exit or the profile's ready timeout named with the log's tail.
+    engine_runtime::lifecycle::wait_ready(
+        &mut child,
+        &url,
+        Duration::from_secs(pool.profile.file.server.ready_timeout_s),
+        &log,
+    )
+    .context("llama-server with its defaults")?;
     eprintln!(
         "llama-server with its defaults: {url} (log {})",
         log.display()
@@ -421,13 +417,13 @@ async fn start_defaults(
 
 pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
     let (stack, c) = load_stack(ctx, a.profile, a.keys, a.devices, a.threads, &[], "load")?;
+    let defaults = match a.vs_defaults {
+        true => Some(start_defaults(ctx, &stack)?),
+        false => None,
+    };
     let rt = crate::runtime()?;
     rt.block_on(async {
         let ps = start(ctx, &stack, 4096, "cargo xtask bench load").await?;
-        let defaults = match a.vs_defaults {
-            true => Some(start_defaults(ctx, &stack).await?),
-            false => None,
-        };
         // What `auto` chose, and why (the stack starts quiet).
         let engines = &ps.server.state.pools;
         if let Some(why) = engines.first().and_then(|p| p.auto.clone()) {
