@@ -43,6 +43,35 @@ const TEST_SERVERS: &[(&str, &str, &str, &str)] = &[
     ),
 ];
 
+/// As root: the dedicated user engines run as (a system user with its own
+/// group, no home, no login shell), created when it is missing.
+fn engine_user_install() -> Result<()> {
+    use engine_runtime::sandbox::isolate::{EngineUser, Privilege, ENGINE_USER};
+    if !Privilege::detect().setuid || EngineUser::lookup().is_some() {
+        return Ok(());
+    }
+    let shell = ["/usr/sbin/nologin", "/usr/bin/nologin", "/sbin/nologin"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap_or("/bin/false");
+    eprintln!("creating the system user `{ENGINE_USER}` that engines run as (useradd)");
+    llorch_io::cmd::Cmd::new("useradd")
+        .args(["--system", "--user-group", "--no-create-home"])
+        .args(["--home-dir", "/nonexistent", "--shell", shell, ENGINE_USER])
+        .read()
+        .map_err(|e| {
+            anyhow::anyhow!(
+                "cannot create the engine user `{ENGINE_USER}`: {e}\n  hint: create it by hand (a system user without a login shell), or run llama-orch as an ordinary user"
+            )
+        })?;
+    if EngineUser::lookup().is_none() {
+        anyhow::bail!(
+            "useradd succeeded but `{ENGINE_USER}` is not in the user database (or has uid/gid 0)"
+        );
+    }
+    Ok(())
+}
+
 fn test_servers(install: bool) -> Result<()> {
     let missing: Vec<&(&str, &str, &str, &str)> = TEST_SERVERS
         .iter()
@@ -139,8 +168,14 @@ impl DoctorCmd {
                 )),
             });
         }
+        if self.install {
+            engine_user_install()?;
+        }
         // What a spawned engine is confined by, on this kernel under this profile.
-        let sandbox = engine_runtime::sandbox::Protections::planned(profile.file.server.sandbox);
+        let sandbox = engine_runtime::sandbox::Protections::planned(
+            profile.file.server.sandbox,
+            profile.file.server.listen,
+        );
         if self.p.json {
             let mut v = serde_json::to_value(&report)?;
             v["sandbox"] = serde_json::to_value(&sandbox)?;

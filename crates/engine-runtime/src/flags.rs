@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 pub struct PreparedEngine {
     pub binary: PathBuf,
     pub model: EngineModel,
-    /// Server flags without `-m`, `--port` (chosen at spawn).
+    /// Server flags without `-m`, `--port` (chosen at spawn; a unix-socket
+    /// engine's `--host` is its socket, set at spawn).
     pub flags: Vec<String>,
     pub env: Vec<(String, String)>,
     pub pool_id: PoolId,
@@ -27,6 +28,8 @@ pub struct PreparedEngine {
     pub engine_version: String,
     /// How the engine is confined (`server.sandbox`; see [`crate::sandbox`]).
     pub sandbox: llorch_profile::SandboxMode,
+    /// Where it listens (`server.listen`).
+    pub listen: llorch_profile::ListenMode,
     /// A GPU build (CUDA): the sandbox limits itself (see [`crate::sandbox`]).
     pub gpu: bool,
 }
@@ -311,6 +314,7 @@ pub fn prepare(
         ports,
         ready_timeout_s: profile.file.server.ready_timeout_s,
         sandbox: profile.file.server.sandbox,
+        listen: profile.file.server.listen,
         gpu: profile.file.engine.backend != llorch_profile::Backend::Cpu,
         engine_version: engine_version.into(),
     })

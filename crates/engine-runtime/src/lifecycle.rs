@@ -32,16 +32,21 @@
 
 use llorch_io::fsx::FileLock;
 use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord, RUN_SCHEMA};
-use llorch_io::llama_server::{Api, LlamaServer};
+use llorch_io::llama_server::{Api, LlamaServer, UNIX_PREFIX};
 use llorch_io::paths::Layout;
+use llorch_profile::ListenMode;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::flags::env_allowed;
+
+mod listen;
 use crate::flags::{is_loopback, PreparedEngine};
 use crate::run_state::{lock_pool, read_pool, remove_run_files, sweep_stale, RunPaths};
+use crate::sandbox::Listen;
+use listen::{any_free_port, port_free, socket_path, url_host, with_host};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -61,6 +66,12 @@ pub enum EngineError {
     },
     #[error("no free port among {candidates}: {why}")]
     NoPort { candidates: String, why: String },
+    #[error("the engine socket {path} is {len} bytes long; a unix socket path may have at most {max}\n  hint: set LLORCH_CACHE_DIR to a shorter directory, or `server.listen: tcp` in the profile")]
+    SocketPath {
+        path: String,
+        len: usize,
+        max: usize,
+    },
     #[error("pool `{pool}` already has an engine (pid {pid}, {owner}) at {url}\n  hint: stop it with `cargo xtask engine down --pool {pool}`{extra}, or use another pool (--pool NAME)")]
     PoolBusy {
         pool: PoolId,
@@ -78,15 +89,6 @@ pub enum EngineError {
 }
 
 pub(crate) use llorch_io::io;
-
-fn port_free(host: &str, port: u16) -> bool {
-    std::net::TcpListener::bind((host, port)).is_ok()
-}
-
-fn any_free_port(host: &str) -> Result<u16, EngineError> {
-    let l = std::net::TcpListener::bind((host, 0)).map_err(io(format!("bind {host}:0")))?;
-    Ok(l.local_addr().map_err(io("local addr"))?.port())
-}
 
 /// A started, ready engine process.
 #[derive(Debug)]
@@ -119,6 +121,27 @@ pub fn spawn(
     let paths = RunPaths::new(layout, &prep.pool_id);
     paths.ensure_dirs(layout)?;
     sweep_stale(layout);
+    let unix = match prep.listen {
+        ListenMode::Unix => true,
+        ListenMode::Tcp => false,
+        ListenMode::Auto => {
+            is_loopback(&prep.host) && crate::sandbox::RootPlan::detect().prefers_unix()
+        }
+    };
+    if unix {
+        let _ = fs_err::remove_file(&paths.api_key);
+        let sock = socket_path(layout, &prep.pool_id)?;
+        return spawn_on(prep, layout, &paths, &Listen::Unix(sock), owner, None).map_err(
+            |e| match e {
+                SpawnFail::Bind(why) => EngineError::Exited {
+                    status: why,
+                    log: paths.log.display().to_string(),
+                    tail: llorch_io::tail_lines(&paths.log, 40),
+                },
+                SpawnFail::Fatal(e) => e,
+            },
+        );
+    }
     let api_key = if is_loopback(&prep.host) {
         let _ = fs_err::remove_file(&paths.api_key);
         None
@@ -137,9 +160,16 @@ pub fn spawn(
             tried.push(format!("{port} (in use)"));
             continue;
         }
-        match spawn_on(prep, layout, &paths, port, owner, api_key.as_deref()) {
+        match spawn_on(
+            prep,
+            layout,
+            &paths,
+            &Listen::Tcp(port),
+            owner,
+            api_key.as_deref(),
+        ) {
             Ok(r) => return Ok(r),
-            Err(SpawnFail::PortTaken(why)) => {
+            Err(SpawnFail::Bind(why)) => {
                 tried.push(format!("{port} ({why})"));
                 last_err = why;
             }
@@ -175,7 +205,8 @@ fn write_api_key(path: &Path) -> Result<String, EngineError> {
 }
 
 enum SpawnFail {
-    PortTaken(String),
+    /// llama-server said it could not bind (another process took the port).
+    Bind(String),
     Fatal(EngineError),
 }
 
@@ -205,115 +236,39 @@ fn spawn_on(
     prep: &PreparedEngine,
     layout: &Layout,
     paths: &RunPaths,
-    port: u16,
+    listen: &Listen,
     owner: &Owner,
     api_key: Option<&str>,
 ) -> Result<RunningEngine, SpawnFail> {
     let fatal = SpawnFail::Fatal;
     let log = open_log(&paths.log).map_err(fatal)?;
     let log_start = log.metadata().map(|m| m.len()).unwrap_or(0);
-    // In-use leases: shared locks the engine process inherits (see the module docs).
-    let leases = [
-        layout.engine_lock(&prep.fingerprint),
-        layout.blob_lock(&prep.model.digest),
-    ]
-    .iter()
-    .map(|p| FileLock::shared(p).map_err(io(format!("lock {}", p.display()))))
-    .collect::<Result<Vec<_>, _>>()
-    .map_err(|e| fatal(e.into()))?;
-    for f in [&prep.binary, &prep.model.path] {
-        if !f.is_file() {
-            return Err(fatal(
-                llorch_io::IoError::new(
-                    format!("{} is gone (collected while starting?)", f.display()),
-                    std::io::ErrorKind::NotFound.into(),
-                )
-                .into(),
-            ));
-        }
-    }
-    let mut cmd = llorch_io::cmd::Cmd::new(&prep.binary)
-        .arg("-m")
-        .arg(&prep.model.path)
-        .args(["--port", &port.to_string()])
-        .args(prep.flags.iter());
-    if api_key.is_some() {
-        cmd = cmd.arg("--api-key-file").arg(&paths.api_key);
-    }
-    let log_out = log
-        .try_clone()
-        .map_err(|e| fatal(io("dup log")(e).into()))?;
-    let lease_fds: Vec<i32> = leases.iter().map(|l| l.raw_fd()).collect();
-    let mut read_files = vec![prep.model.path.clone()];
-    if api_key.is_some() {
-        read_files.push(paths.api_key.clone());
-    }
-    let sandbox = crate::sandbox::Sandbox::build(
-        prep.sandbox,
-        &crate::sandbox::EngineAccess {
-            binary: prep.binary.clone(),
-            read_files,
-            port,
-            mps_pipe: prep
-                .env
-                .iter()
-                .find(|(k, _)| k == "CUDA_MPS_PIPE_DIRECTORY")
-                .map(|(_, v)| std::path::PathBuf::from(v)),
-        },
-    )
-    .map_err(|e| fatal(e.into()))?;
+    let leases = take_leases(prep, layout).map_err(fatal)?;
+    let sandbox = sandbox_for(prep, paths, listen, api_key).map_err(fatal)?;
     let protections = sandbox.protections.clone();
     if prep.sandbox == llorch_profile::SandboxMode::Off {
         eprintln!("warning: pool {}: {}", prep.pool_id, protections.summary());
     }
-    let detached = matches!(owner, Owner::Detached);
     let started = Instant::now();
-    let mut child = cmd
-        .spawn_with(|c| {
-            c.env_clear();
-            for (k, v) in std::env::vars_os() {
-                if k.to_str().is_some_and(env_allowed) {
-                    c.env(k, v);
-                }
-            }
-            for (k, v) in &prep.env {
-                c.env(k, v);
-            }
-            c.stdin(Stdio::null()).stdout(log_out).stderr(log);
-            // SAFETY: only async-signal-safe calls (fcntl, prctl, setsid, setpgid) run in the child before exec.
-            unsafe {
-                c.pre_exec(move || {
-                    for fd in &lease_fds {
-                        let flags = libc::fcntl(*fd, libc::F_GETFD);
-                        libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                    }
-                    if detached {
-                        libc::setsid();
-                    } else {
-                        libc::setpgid(0, 0);
-                        libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                    }
-                    Ok(())
-                });
-            }
-            // Last: the limits, no_new_privs, Landlock and seccomp.
-            sandbox.apply_to(c);
-        })
-        .map_err(|e| fatal(io(format!("start {}", prep.binary.display()))(e).into()))?;
+    let cmd = engine_command(prep, paths, listen, api_key);
+    let mut child = launch(prep, &cmd, sandbox, log, &leases, owner).map_err(fatal)?;
     drop(leases);
-    let pid = child.id();
-    let identity = match ProcessIdentity::of(pid) {
-        Some(i) => i,
-        None => {
-            let _ = child.wait();
-            return Err(fatal(EngineError::Exited {
-                status: "exited at once".into(),
-                log: paths.log.display().to_string(),
-                tail: llorch_io::tail_lines(&paths.log, 40),
-            }));
-        }
+    let Some(identity) = ProcessIdentity::of(child.id()) else {
+        let _ = child.wait();
+        return Err(fatal(EngineError::Exited {
+            status: "exited at once".into(),
+            log: paths.log.display().to_string(),
+            tail: llorch_io::tail_lines(&paths.log, 40),
+        }));
     };
-    let url = format!("http://{}:{port}", url_host(&prep.host));
+    let url = match listen {
+        Listen::Tcp(port) => format!("http://{}:{port}", url_host(&prep.host)),
+        Listen::Unix(sock) => format!("{UNIX_PREFIX}{}", sock.display()),
+    };
+    let port = match listen {
+        Listen::Tcp(p) => *p,
+        Listen::Unix(_) => 0,
+    };
     let started_at = llorch_io::now_rfc3339();
     let record = RunRecord {
         schema: RUN_SCHEMA,
@@ -332,17 +287,13 @@ fn spawn_on(
     if let Err(e) = write_run_file(&paths.pid_file, &serde_json::to_string(&record).unwrap()) {
         return Err(kill(&mut child, e));
     }
-    if let Err(e) = wait_ready(
-        &mut child,
-        &url,
-        Duration::from_secs(prep.ready_timeout_s),
-        &paths.log,
-    ) {
+    let timeout = Duration::from_secs(prep.ready_timeout_s);
+    if let Err(e) = wait_ready(&mut child, &url, timeout, &paths.log) {
         terminate_child(&mut child);
         let _ = fs_err::remove_file(&paths.pid_file);
         let new_log = read_from(&paths.log, log_start);
         if new_log.contains("couldn't bind") || new_log.contains("Address already in use") {
-            return Err(SpawnFail::PortTaken("llama-server could not bind".into()));
+            return Err(SpawnFail::Bind(format!("llama-server could not bind: {e}")));
         }
         return Err(fatal(e));
     }
@@ -371,10 +322,8 @@ fn spawn_on(
         api_key_file: api_key.map(|_| paths.api_key.clone()),
         sandbox: serde_json::to_value(&protections).ok(),
     };
-    if let Err(e) = write_run_file(
-        &paths.handoff,
-        &serde_json::to_string_pretty(&handoff).unwrap(),
-    ) {
+    let json = serde_json::to_string_pretty(&handoff).unwrap();
+    if let Err(e) = write_run_file(&paths.handoff, &json) {
         return Err(kill(&mut child, e));
     }
     Ok(RunningEngine {
@@ -390,13 +339,136 @@ fn spawn_on(
     })
 }
 
-fn url_host(host: &str) -> String {
-    match host {
-        "0.0.0.0" => "127.0.0.1".into(),
-        "::" => "[::1]".into(),
-        h if h.contains(':') => format!("[{h}]"),
-        h => h.into(),
+/// The in-use leases (shared locks the engine process inherits, see the
+/// module docs) on its build and model, which must still be there.
+fn take_leases(prep: &PreparedEngine, layout: &Layout) -> Result<Vec<FileLock>, EngineError> {
+    let leases = [
+        layout.engine_lock(&prep.fingerprint),
+        layout.blob_lock(&prep.model.digest),
+    ]
+    .iter()
+    .map(|p| FileLock::shared(p).map_err(io(format!("lock {}", p.display()))))
+    .collect::<Result<Vec<_>, _>>()?;
+    for f in [&prep.binary, &prep.model.path] {
+        if !f.is_file() {
+            return Err(llorch_io::IoError::new(
+                format!("{} is gone (collected while starting?)", f.display()),
+                std::io::ErrorKind::NotFound.into(),
+            )
+            .into());
+        }
     }
+    Ok(leases)
+}
+
+/// llama-server's command line: the model, where it listens, the flags, its key.
+fn engine_command(
+    prep: &PreparedEngine,
+    paths: &RunPaths,
+    listen: &Listen,
+    api_key: Option<&str>,
+) -> llorch_io::cmd::Cmd {
+    let cmd = llorch_io::cmd::Cmd::new(&prep.binary)
+        .arg("-m")
+        .arg(&prep.model.path);
+    let cmd = match listen {
+        Listen::Tcp(port) => cmd
+            .args(["--port", &port.to_string()])
+            .args(prep.flags.iter()),
+        Listen::Unix(sock) => cmd.args(with_host(&prep.flags, &sock.display().to_string())),
+    };
+    match api_key {
+        Some(_) => cmd.arg("--api-key-file").arg(&paths.api_key),
+        None => cmd,
+    }
+}
+
+/// The engine's sandbox; when it runs as another user (root's dedicated
+/// one), that user is given its socket's directory and its key file.
+fn sandbox_for(
+    prep: &PreparedEngine,
+    paths: &RunPaths,
+    listen: &Listen,
+    api_key: Option<&str>,
+) -> Result<crate::sandbox::Sandbox, EngineError> {
+    let mut read_files = vec![prep.model.path.clone()];
+    if api_key.is_some() {
+        read_files.push(paths.api_key.clone());
+    }
+    let sandbox = crate::sandbox::Sandbox::build(
+        prep.sandbox,
+        &crate::sandbox::EngineAccess {
+            binary: prep.binary.clone(),
+            read_files,
+            listen: listen.clone(),
+            mps_pipe: prep
+                .env
+                .iter()
+                .find(|(k, _)| k == "CUDA_MPS_PIPE_DIRECTORY")
+                .map(|(_, v)| std::path::PathBuf::from(v)),
+        },
+    )?;
+    if let Some((uid, gid)) = sandbox.runs_as() {
+        let mut own = Vec::new();
+        if let Listen::Unix(sock) = listen {
+            own.extend(sock.parent().map(Path::to_path_buf));
+        }
+        if api_key.is_some() {
+            own.push(paths.api_key.clone());
+        }
+        for p in own {
+            std::os::unix::fs::chown(&p, Some(uid), Some(gid))
+                .map_err(io(format!("chown {}", p.display())))?;
+        }
+    }
+    Ok(sandbox)
+}
+
+/// Start the engine: only allowed environment, output to its log, the
+/// leases inherited, its own process group (or session, detached), then the
+/// sandbox last.
+fn launch(
+    prep: &PreparedEngine,
+    cmd: &llorch_io::cmd::Cmd,
+    sandbox: crate::sandbox::Sandbox,
+    log: std::fs::File,
+    leases: &[FileLock],
+    owner: &Owner,
+) -> Result<Child, EngineError> {
+    let log_out = log.try_clone().map_err(io("dup log"))?;
+    let lease_fds: Vec<i32> = leases.iter().map(|l| l.raw_fd()).collect();
+    let detached = matches!(owner, Owner::Detached);
+    cmd.spawn_with(|c| {
+        c.env_clear();
+        for (k, v) in std::env::vars_os() {
+            if k.to_str().is_some_and(env_allowed) {
+                c.env(k, v);
+            }
+        }
+        for (k, v) in &prep.env {
+            c.env(k, v);
+        }
+        c.stdin(Stdio::null()).stdout(log_out).stderr(log);
+        // SAFETY: only async-signal-safe calls (fcntl, prctl, setsid, setpgid) run in the child before exec.
+        unsafe {
+            c.pre_exec(move || {
+                for fd in &lease_fds {
+                    let flags = libc::fcntl(*fd, libc::F_GETFD);
+                    libc::fcntl(*fd, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
+                }
+                if detached {
+                    libc::setsid();
+                } else {
+                    libc::setpgid(0, 0);
+                    libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                }
+                Ok(())
+            });
+        }
+        // Last: the limits, namespace and user, no_new_privs, Landlock and seccomp.
+        sandbox.apply_to(c);
+    })
+    .map_err(|e| io(format!("start {}", prep.binary.display()))(e).into())
 }
 
 fn read_from(path: &Path, offset: u64) -> String {

@@ -17,6 +17,8 @@ pub struct RunPaths {
     pub log: PathBuf,
     pub handoff: PathBuf,
     pub api_key: PathBuf,
+    /// The directory of its unix socket (`server.listen: unix`).
+    pub socket_dir: PathBuf,
 }
 
 impl RunPaths {
@@ -26,6 +28,7 @@ impl RunPaths {
             log: layout.engine_log(pool),
             handoff: layout.handoff(pool),
             api_key: layout.api_key(pool),
+            socket_dir: layout.engine_socket_dir(pool),
         }
     }
 
@@ -40,6 +43,7 @@ impl RunPaths {
         for p in [&self.pid_file, &self.handoff, &self.api_key] {
             let _ = fs_err::remove_file(p);
         }
+        let _ = fs_err::remove_dir_all(&self.socket_dir);
     }
 }
 
@@ -308,6 +312,7 @@ mod tests {
             ports: vec![0],
             ready_timeout_s: 1,
             sandbox: llorch_profile::SandboxMode::Auto,
+            listen: llorch_profile::ListenMode::Tcp,
             gpu: false,
             engine_version: "v".into(),
         }

@@ -16,7 +16,8 @@
 //!   unix sockets of, processes outside the sandbox;
 //! - a seccomp deny-list (`EPERM`): ptrace and cross-process memory, mounts
 //!   and namespaces, bpf, kexec, modules, perf_event_open, io_uring, keyrings;
-//!   socket families other than unix and TCP (no UDP, raw, netlink, packet).
+//!   socket families other than unix and TCP (no UDP, raw, netlink, packet;
+//!   on a unix socket, every family but unix).
 //!
 //! Everything is prepared in the parent (the ruleset is a file descriptor,
 //! the filters are compiled BPF); the child only makes system calls, which is
@@ -32,8 +33,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 
 mod fs_rules;
+pub mod isolate;
 mod seccomp;
 use fs_rules::landlock_ruleset;
+use isolate::{EngineUser, Privilege};
 use seccomp::{seccomp_filters, target_arch};
 
 /// The most open files an engine may hold (it needs one per client
@@ -93,13 +96,103 @@ pub struct Protections {
     pub no_new_privs: bool,
     /// Core dumps off, open files bounded.
     pub rlimits: bool,
+    /// It listens on a unix socket and may bind or connect no TCP port.
+    #[serde(default)]
+    pub unix_socket: bool,
+    /// A network namespace of its own, no interface up (root only).
+    #[serde(default)]
+    pub netns: bool,
+    /// The user it runs as when that is not the orchestrator's (root:
+    /// [`isolate::ENGINE_USER`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
+    /// Running as root, why the network namespace or the dedicated user is
+    /// not on (each says the fix); empty when not root.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_isolated: Vec<String>,
+}
+
+/// Where the engine listens.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Listen {
+    /// Its one TCP port.
+    Tcp(u16),
+    /// A unix socket: the file llama-server creates (its directory is the
+    /// one place the engine may create a file).
+    Unix(PathBuf),
+}
+
+/// What root adds, decided before the spawn (see [`isolate`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RootPlan {
+    pub privilege: Privilege,
+    pub user: Option<EngineUser>,
+}
+
+impl RootPlan {
+    pub fn detect() -> RootPlan {
+        let privilege = Privilege::detect();
+        RootPlan {
+            privilege,
+            user: if privilege.setuid {
+                EngineUser::lookup()
+            } else {
+                None
+            },
+        }
+    }
+
+    /// Whether `listen: auto` chooses a unix socket (in a namespace of its own).
+    pub fn prefers_unix(&self) -> bool {
+        self.privilege.netns
+    }
 }
 
 impl Protections {
     /// What an engine started now under `mode` runs with (the kernel's
     /// support; CPU and GPU engines alike).
-    pub fn planned(mode: SandboxMode) -> Protections {
-        Protections::for_support(mode, Support::detect())
+    pub fn planned(mode: SandboxMode, listen: llorch_profile::ListenMode) -> Protections {
+        let root = RootPlan::detect();
+        let unix = match listen {
+            llorch_profile::ListenMode::Unix => true,
+            llorch_profile::ListenMode::Tcp => false,
+            llorch_profile::ListenMode::Auto => root.prefers_unix(),
+        };
+        let mut p = Protections::for_support(mode, Support::detect());
+        p.isolate(mode, unix, &root, Ok(()));
+        p
+    }
+
+    /// Add what the listening mode and root give: a unix socket, a network
+    /// namespace, the dedicated user (`reach`: whether that user may reach
+    /// the engine's files, else why not).
+    fn isolate(
+        &mut self,
+        mode: SandboxMode,
+        unix: bool,
+        root: &RootPlan,
+        reach: Result<(), String>,
+    ) {
+        self.unix_socket = unix;
+        if mode == SandboxMode::Off {
+            return;
+        }
+        let p = root.privilege;
+        // A TCP engine needs the host's network: no namespace, by the profile's choice.
+        self.netns = unix && p.netns;
+        if p.setuid {
+            match (&root.user, reach) {
+                (Some(u), Ok(())) => self.user = Some(u.name.clone()),
+                (Some(u), Err(why)) => self.not_isolated.push(format!(
+                    "dedicated user `{}` ({why}: put the cache where that user may read it, LLORCH_CACHE_DIR)",
+                    u.name
+                )),
+                (None, _) => self.not_isolated.push(format!(
+                    "dedicated user (no user `{}`: `cargo xtask doctor --install` creates it)",
+                    isolate::ENGINE_USER
+                )),
+            }
+        }
     }
 
     fn for_support(mode: SandboxMode, s: Support) -> Protections {
@@ -120,11 +213,12 @@ impl Protections {
             seccomp: s.seccomp,
             no_new_privs: true,
             rlimits: true,
+            ..Default::default()
         }
     }
 
     /// Protections this mode wants that are not active, by name.
-    pub fn missing(&self) -> Vec<&'static str> {
+    pub fn missing(&self) -> Vec<&str> {
         if self.mode == "off" {
             return Vec::new();
         }
@@ -152,6 +246,7 @@ impl Protections {
                 m.push(what);
             }
         }
+        m.extend(self.not_isolated.iter().map(String::as_str));
         m
     }
 
@@ -191,12 +286,21 @@ impl Protections {
         }
         on.push("no_new_privs".into());
         on.push("rlimits".into());
+        if self.unix_socket {
+            on.push("unix socket, no TCP".into());
+        }
+        if self.netns {
+            on.push("own network namespace".into());
+        }
+        if let Some(u) = &self.user {
+            on.push(format!("user {u}"));
+        }
         let missing = self.missing();
         if missing.is_empty() {
             format!("sandbox {}: {}", self.mode, on.join(", "))
         } else {
             format!(
-                "sandbox {}: {}; not on this kernel: {}",
+                "sandbox {}: {}; not on: {}",
                 self.mode,
                 on.join(", "),
                 missing.join("; ")
@@ -212,8 +316,8 @@ pub struct EngineAccess {
     pub binary: PathBuf,
     /// Single files it reads: the model blob, its API key file.
     pub read_files: Vec<PathBuf>,
-    /// The one TCP port it binds.
-    pub port: u16,
+    /// Where it listens.
+    pub listen: Listen,
     /// The NVIDIA MPS pipe directory the engine's environment names (a
     /// pool's own daemon); `None`: the parent's `CUDA_MPS_PIPE_DIRECTORY`,
     /// else the default.
@@ -315,13 +419,49 @@ pub struct Sandbox {
     /// What the child may do in its own `/proc/<pid>` (0: nothing added;
     /// added in the child: see [`own_proc_rule`]).
     own_proc: u64,
+    /// Root only: a network namespace of its own, the user and group to run as.
+    netns: bool,
+    user: Option<(u32, u32)>,
     pub protections: Protections,
+}
+
+/// Whether `user` may reach everything the engine reads (see
+/// [`EngineUser::may_reach`]); the socket's directory is made its own.
+fn reach(access: &EngineAccess, user: &EngineUser) -> Result<(), String> {
+    user.may_reach(&access.binary, true)?;
+    if let Some(dir) = fs_rules::engine_dir(&access.binary) {
+        user.may_reach(dir, false)?;
+    }
+    for f in &access.read_files {
+        user.may_reach(f, false)?;
+    }
+    if let Listen::Unix(sock) = &access.listen {
+        if let Some(dir) = sock.parent() {
+            // Its directory is chowned to the user; the ones above must be searchable.
+            if let Some(run) = dir.parent() {
+                user.may_reach(run, false)?;
+            }
+        }
+    }
+    if access.mps_pipe.is_some() {
+        return Err(
+            "an MPS daemon of the pool's own is run by root, and its clients must share its user"
+                .into(),
+        );
+    }
+    Ok(())
 }
 
 impl Sandbox {
     /// Prepare the sandbox for `access` under `mode` on this kernel.
     pub fn build(mode: SandboxMode, access: &EngineAccess) -> Result<Sandbox, SandboxError> {
-        Sandbox::build_on(mode, access, Support::detect(), &Diagnose::default())
+        Sandbox::build_on(
+            mode,
+            access,
+            Support::detect(),
+            &RootPlan::detect(),
+            &Diagnose::default(),
+        )
     }
 
     /// The sandbox with a bisection's changes (`sandbox-probe run` finds
@@ -331,7 +471,13 @@ impl Sandbox {
         access: &EngineAccess,
         diagnose: &Diagnose,
     ) -> Result<Sandbox, SandboxError> {
-        let mut sandbox = Sandbox::build_on(mode, access, Support::detect(), diagnose)?;
+        let mut sandbox = Sandbox::build_on(
+            mode,
+            access,
+            Support::detect(),
+            &RootPlan::detect(),
+            diagnose,
+        )?;
         if diagnose.without("landlock") {
             sandbox.ruleset = None;
         }
@@ -348,9 +494,16 @@ impl Sandbox {
         mode: SandboxMode,
         access: &EngineAccess,
         support: Support,
+        root: &RootPlan,
         diagnose: &Diagnose,
     ) -> Result<Sandbox, SandboxError> {
-        let protections = Protections::for_support(mode, support);
+        let mut protections = Protections::for_support(mode, support);
+        let unix = matches!(access.listen, Listen::Unix(_));
+        let reach = match &root.user {
+            Some(u) => reach(access, u),
+            None => Ok(()),
+        };
+        protections.isolate(mode, unix, root, reach);
         let missing = protections.missing();
         if mode == SandboxMode::Strict && !missing.is_empty() {
             return Err(SandboxError::Strict {
@@ -365,6 +518,11 @@ impl Sandbox {
                 0
             } else {
                 own_proc_access(support.landlock_abi)
+            },
+            netns: protections.netns,
+            user: match (&protections.user, &root.user) {
+                (Some(_), Some(u)) => Some((u.uid, u.gid)),
+                _ => None,
             },
             protections,
         };
@@ -382,12 +540,17 @@ impl Sandbox {
             sandbox.ruleset = Some(landlock_ruleset(access, support.landlock_abi, diagnose)?);
         }
         if sandbox.protections.seccomp {
-            sandbox.filters = seccomp_filters(diagnose).map_err(|e| SandboxError::Build {
+            sandbox.filters = seccomp_filters(diagnose, unix).map_err(|e| SandboxError::Build {
                 what: "compile the seccomp filter".into(),
                 err: e,
             })?;
         }
         Ok(sandbox)
+    }
+
+    /// The user and group the engine will run as, when not this process's (root).
+    pub fn runs_as(&self) -> Option<(u32, u32)> {
+        self.user
     }
 
     /// Apply the sandbox in the child between fork and exec (after any
@@ -402,11 +565,14 @@ impl Sandbox {
             filters,
             nofile,
             own_proc,
+            netns,
+            user,
             ..
         } = self;
         use std::os::unix::process::CommandExt;
         // SAFETY: only async-signal-safe system calls run in the child
-        // (setrlimit, prctl, landlock_restrict_self, seccomp); nothing allocates.
+        // (setrlimit, unshare, set*id, prctl, landlock_restrict_self,
+        // seccomp); nothing allocates.
         unsafe {
             c.pre_exec(move || {
                 let fail = |r: libc::c_long| {
@@ -426,6 +592,7 @@ impl Sandbox {
                 };
                 fail(libc::setrlimit(libc::RLIMIT_CORE, &zero) as libc::c_long)?;
                 fail(libc::setrlimit(libc::RLIMIT_NOFILE, &files) as libc::c_long)?;
+                isolate::enter(netns, user)?;
                 if no_new_privs {
                     fail(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long)?;
                 }
@@ -459,7 +626,7 @@ mod tests {
         EngineAccess {
             binary: PathBuf::from("/bin/true"),
             read_files: Vec::new(),
-            port: 1,
+            listen: Listen::Tcp(1),
             mps_pipe: None,
         }
     }
@@ -470,19 +637,21 @@ mod tests {
             landlock_abi: 3,
             seccomp: true,
         };
-        let e = Sandbox::build_on(SandboxMode::Strict, &access(), old, &Diagnose::default())
-            .err()
-            .expect("strict refuses ABI 3");
+        let e = Sandbox::build_on(
+            SandboxMode::Strict,
+            &access(),
+            old,
+            &RootPlan::default(),
+            &Diagnose::default(),
+        )
+        .err()
+        .expect("strict refuses ABI 3");
         let msg = e.to_string();
         assert!(msg.contains("network rules (ABI 4"), "{msg}");
         assert!(msg.contains("server.sandbox: auto"), "{msg}");
         let p = Protections::for_support(SandboxMode::Auto, old);
         assert!(p.filesystem && !p.network && p.seccomp);
-        assert!(
-            p.summary().contains("not on this kernel"),
-            "{}",
-            p.summary()
-        );
+        assert!(p.summary().contains("not on: "), "{}", p.summary());
         let none = Protections::for_support(
             SandboxMode::Auto,
             Support {
@@ -520,7 +689,11 @@ mod tests {
     #[test]
     fn the_filters_compile_on_this_architecture() {
         if target_arch().is_some() {
-            let f = seccomp_filters(&Diagnose::default()).unwrap();
+            let f = seccomp_filters(&Diagnose::default(), false).unwrap();
+            assert_eq!(
+                seccomp_filters(&Diagnose::default(), true).unwrap().len(),
+                2
+            );
             assert_eq!(f.len(), 2);
             assert!(f[0].len() > seccomp::denied_syscalls().len());
         }

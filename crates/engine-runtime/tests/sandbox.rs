@@ -8,7 +8,7 @@
 //! `LLORCH_REQUIRE_SANDBOX=1` (set by CI) fails the test when the kernel
 //! lacks any protection instead of checking only the active ones.
 
-use engine_runtime::sandbox::{EngineAccess, Protections, Sandbox};
+use engine_runtime::sandbox::{EngineAccess, Listen, Protections, Sandbox};
 use llorch_io::cmd::Cmd;
 use llorch_profile::SandboxMode;
 use std::collections::BTreeMap;
@@ -62,8 +62,14 @@ fn setup() -> Setup {
 
 fn run_probe(s: &Setup, sandbox: Option<Sandbox>, extra: &[&str]) -> Vec<Attempt> {
     let connect = s.listener.local_addr().unwrap().port().to_string();
+    let own = if extra.contains(&"--unix") {
+        vec![]
+    } else {
+        vec!["--port".to_string(), s.port.to_string()]
+    };
     let out = Cmd::new(&s.probe)
-        .args(["--port", &s.port.to_string(), "--connect", &connect])
+        .args(own)
+        .args(["--connect", &connect])
         .arg("--secret")
         .arg(&s.secret)
         .arg("--write-dir")
@@ -102,8 +108,14 @@ fn run_probe(s: &Setup, sandbox: Option<Sandbox>, extra: &[&str]) -> Vec<Attempt
 /// Which protection must stop each attempt (`None`: it is allowed).
 fn guard(p: &Protections, attempt: &str) -> Option<bool> {
     Some(match attempt {
-        "bind_own_port" | "exec_self" | "name_own_thread" => return None,
-        "bind_another_port" | "connect_out" => p.network,
+        "bind_own_port" | "bind_own_socket" | "exec_self" | "name_own_thread" => return None,
+        // No TCP at all in a namespace of its own; Landlock allows only its one port.
+        "bind_another_port" | "connect_out" => p.network || p.netns,
+        // An engine on a unix socket may not even make a TCP socket.
+        "tcp_socket" if p.unix_socket => p.seccomp,
+        "tcp_socket" => return None,
+        // Root's dedicated user cannot become root again.
+        "setuid_root" => p.user.is_some(),
         "read_home_file" | "write_outside" | "exec_shell" | "name_parent" => p.filesystem,
         "signal_parent" => p.scopes,
         // ptrace: seccomp, and Landlock (ABI 1) refuses tracing outside its domain.
@@ -123,7 +135,7 @@ fn a_hostile_stand_in_engine_can_bind_its_port_and_nothing_else() {
         let access = EngineAccess {
             binary: s.probe.clone(),
             read_files: Vec::new(),
-            port: s.port,
+            listen: Listen::Tcp(s.port),
             mps_pipe: None,
         };
         let sandbox = Sandbox::build(SandboxMode::Auto, &access).unwrap();
@@ -145,8 +157,72 @@ fn a_hostile_stand_in_engine_can_bind_its_port_and_nothing_else() {
             break (s, p, attempts);
         }
     };
-    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    check(&s, &p, &attempts);
+}
+
+/// `server.listen: unix`: the stand-in may create its socket and nothing
+/// else; it may bind and connect no TCP port at all (Landlock without a
+/// port rule, and as root a network namespace of its own), and as root it
+/// runs as the dedicated user and cannot become root again.
+#[test]
+fn a_hostile_stand_in_on_a_unix_socket_has_no_tcp_at_all() {
+    let s = setup();
+    let run = tempfile::tempdir().unwrap();
+    let dir = run.path().join("pool.d");
+    fs_err::create_dir(&dir).unwrap();
+    let sock = dir.join("engine.sock");
+    let sandbox = Sandbox::build(
+        SandboxMode::Auto,
+        &EngineAccess {
+            binary: s.probe.clone(),
+            read_files: Vec::new(),
+            listen: Listen::Unix(sock.clone()),
+            mps_pipe: None,
+        },
+    )
+    .unwrap();
+    let p = sandbox.protections.clone();
+    eprintln!("{}", p.summary());
+    assert!(p.unix_socket && p.summary().contains("unix socket, no TCP"));
+    if std::env::var_os("LLORCH_REQUIRE_SANDBOX").is_some() {
+        assert!(p.missing().is_empty(), "missing: {:?}", p.missing());
+        // SAFETY: geteuid takes no arguments.
+        if unsafe { libc::geteuid() } == 0 {
+            assert!(p.netns, "root gives the engine its own network namespace");
+            assert_eq!(p.user.as_deref(), Some("llama-orch"));
+        }
+    }
+    if let Some((uid, gid)) = sandbox.runs_as() {
+        use std::os::unix::fs::PermissionsExt;
+        // As the engine's spawn does: the user owns its socket's directory.
+        fs_err::set_permissions(run.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::os::unix::fs::chown(&dir, Some(uid), Some(gid)).unwrap();
+    }
+    let sock_arg = sock.display().to_string();
+    let attempts = run_probe(&s, Some(sandbox), &["--unix", &sock_arg]);
     for a in &attempts {
+        if a.attempt == "bind_own_socket" {
+            assert!(
+                a.allowed,
+                "{} could not bind its socket: {}",
+                a.who, a.detail
+            );
+        }
+    }
+    assert!(sock.exists(), "the socket is where the engine was told");
+    if p.user.is_some() {
+        use std::os::unix::fs::MetadataExt;
+        let md = fs_err::metadata(&sock).unwrap();
+        assert_ne!(md.uid(), 0, "the socket was made by the dedicated user");
+    }
+    check(&s, &p, &attempts);
+}
+
+/// Every attempt against the protections that must stop it; both the probe
+/// and its re-executed copy reported all of them; nothing escaped.
+fn check(s: &Setup, p: &Protections, attempts: &[Attempt]) {
+    let mut seen: BTreeMap<&str, usize> = BTreeMap::new();
+    for a in attempts {
         *seen.entry(a.who.as_str()).or_default() += 1;
         eprintln!(
             "{} {}: allowed {} ({})",
@@ -160,7 +236,7 @@ fn a_hostile_stand_in_engine_can_bind_its_port_and_nothing_else() {
         let rule = if a.who == "child" && a.attempt == "name_own_thread" {
             Some(p.filesystem)
         } else {
-            guard(&p, &a.attempt)
+            guard(p, &a.attempt)
         };
         match rule {
             None => assert!(
@@ -179,10 +255,10 @@ fn a_hostile_stand_in_engine_can_bind_its_port_and_nothing_else() {
             ),
         }
     }
-    assert_eq!(seen.get("engine"), Some(&15), "every attempt reported");
+    assert_eq!(seen.get("engine"), Some(&17), "every attempt reported");
     assert_eq!(
         seen.get("child"),
-        Some(&14),
+        Some(&16),
         "the re-executed copy reported every attempt (exec_self aside)"
     );
     assert!(
@@ -205,7 +281,7 @@ fn unconfined_the_same_attempts_succeed() {
         &EngineAccess {
             binary: s.probe.clone(),
             read_files: Vec::new(),
-            port: s.port,
+            listen: Listen::Tcp(s.port),
             mps_pipe: None,
         },
     )
@@ -215,6 +291,9 @@ fn unconfined_the_same_attempts_succeed() {
     for a in &attempts {
         if a.attempt == "unshare_user_namespace" || a.attempt == "io_uring" {
             continue; // the host's own policy may refuse these
+        }
+        if a.attempt == "setuid_root" {
+            continue; // allowed only to root itself
         }
         assert!(a.allowed, "{} unconfined: {}", a.attempt, a.detail);
     }

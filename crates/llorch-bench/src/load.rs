@@ -105,6 +105,8 @@ fn fairness(reqs: &[Req]) -> f64 {
     slowest / median(&mut rates)
 }
 
+/// `clients` streams to `/v1/completions` of the targets in turn (each a
+/// base URL: the orchestrator's, or an engine's, `unix:` ones too) with its body.
 pub(crate) async fn wave(
     http: &reqwest::Client,
     targets: &[(String, Value)],
@@ -120,8 +122,9 @@ pub(crate) async fn wave(
         ));
         body["seed"] = json!(1000 + i);
         body["max_tokens"] = json!(max_tokens);
-        let url = url.clone();
-        async move { stream_one(http, &url, &body).await }
+        let client = llorch_io::llama_server::client_for(url, http);
+        let url = llorch_io::llama_server::http_url(url, "/v1/completions");
+        async move { stream_one(&client, &url, &body).await }
     }))
     .await;
     let wall = t0.elapsed().as_secs_f64();
@@ -449,15 +452,15 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
         // llama-server straight: the same prompt-cache setting the orchestrator sends.
         let mut direct_body = body.clone();
         direct_body["cache_prompt"] = json!(c.mode == Mode::Batched);
-        let via = vec![(format!("{orch}/v1/completions"), body.clone())];
+        let via = vec![(orch.clone(), body.clone())];
         let direct: Vec<(String, Value)> = engines
             .iter()
-            .map(|e| (format!("{e}/v1/completions"), direct_body.clone()))
+            .map(|e| (e.clone(), direct_body.clone()))
             .collect();
         // llama-server's defaults: its own settings, the body a plain client sends.
         let plain: Vec<(String, Value)> = defaults
             .iter()
-            .map(|(_, url, _)| (format!("{url}/v1/completions"), body.clone()))
+            .map(|(_, url, _)| (url.clone(), body.clone()))
             .collect();
         let http = llorch_io::http::async_client();
         let rss_before = crate::rss_kib();

@@ -45,21 +45,29 @@ async fn openai_stream(
     .await
 }
 
-/// Alternate direct and orchestrator streams `runs` times (after a warm-up of each).
+/// Alternate direct and orchestrator streams `runs` times (after a warm-up
+/// of each), to `path` of each side's base URL (an engine's may be `unix:`).
 async fn side_by_side(
     http: &reqwest::Client,
+    path: &str,
     direct: (&str, &Value, Pieces),
     via: (&str, &Value, Pieces),
     runs: usize,
 ) -> Result<Value> {
-    openai_stream(http, direct.0, direct.1, direct.2).await?;
-    openai_stream(http, via.0, via.1, via.2).await?;
+    use llorch_io::llama_server::{client_for, http_url};
+    let (dh, vh) = (client_for(direct.0, http), client_for(via.0, http));
+    let (du, vu) = (http_url(direct.0, path), http_url(via.0, path));
+    let direct = (du.as_str(), direct.1, direct.2);
+    let via = (vu.as_str(), via.1, via.2);
+    let (dh, vh) = (&dh, &vh);
+    openai_stream(dh, direct.0, direct.1, direct.2).await?;
+    openai_stream(vh, via.0, via.1, via.2).await?;
     let (mut ratio, mut ttft_over, mut tps_via, mut tps_direct) =
         (Vec::new(), Vec::new(), Vec::new(), Vec::new());
     let mut pieces = (0, 0);
     for _ in 0..runs {
-        let (td, rd, nd) = openai_stream(http, direct.0, direct.1, direct.2).await?;
-        let (tv, rv, nv) = openai_stream(http, via.0, via.1, via.2).await?;
+        let (td, rd, nd) = openai_stream(dh, direct.0, direct.1, direct.2).await?;
+        let (tv, rv, nv) = openai_stream(vh, via.0, via.1, via.2).await?;
         pieces = (nd, nv);
         tps_direct.push(rd);
         tps_via.push(rv);
@@ -94,13 +102,14 @@ pub fn bench_openai(
         let orch = stack.orchestrator_url();
         let engine = stack.engine()?.url;
         let http = llorch_io::http::async_client();
-        let (orch_chat, engine_chat) = (format!("{orch}/v1/chat/completions"), format!("{engine}/v1/chat/completions"));
+        let chat_path = "/v1/chat/completions";
+        let orch_chat = format!("{orch}{chat_path}");
         let messages = json!([{"role": "user", "content": "Write a long story about a lighthouse keeper."}]);
         let body = json!({"model": pool.as_str(), "messages": messages, "max_tokens": max_tokens, "temperature": 0, "seed": 42, "stream": true});
         // The same work on both sides: exact engines never reuse the prompt cache.
         let mut direct_body = body.clone();
         direct_body["cache_prompt"] = json!(false);
-        let chat = side_by_side(&http, (&engine_chat, &direct_body, Pieces::Content), (&orch_chat, &body, Pieces::Content), runs).await?;
+        let chat = side_by_side(&http, chat_path, (&engine, &direct_body, Pieces::Content), (&orch, &body, Pieces::Content), runs).await?;
         // A forced tool call whose argument is long text: the orchestrator's
         // tool_calls deltas vs the constrained request it sends, asked directly.
         let tools = json!([{"type": "function", "function": {"name": "write_story", "description": "Write a story",
@@ -116,7 +125,7 @@ pub fn bench_openai(
         let direct_tool = Value::Object(direct_tool);
         // A model that cannot run a grammar (a synthetic model's vocabulary:
         // llama-server answers 400 "Failed to initialize samplers") skips this case.
-        let tool_call = match side_by_side(&http, (&engine_chat, &direct_tool, Pieces::Content), (&orch_chat, &tool_body, Pieces::ToolArguments), runs).await {
+        let tool_call = match side_by_side(&http, chat_path, (&engine, &direct_tool, Pieces::Content), (&orch, &tool_body, Pieces::ToolArguments), runs).await {
             Ok(v) => v,
             Err(e) => json!({"skipped": format!("{e:#}")}),
         };
@@ -142,10 +151,11 @@ pub fn bench_openai(
         pe.file.server.embeddings = true;
         let epool = llorch_io::handoff::PoolId::parse(&format!("{stem}-embed"))?;
         let stack = llorch_stack::start_stack(&pe, &epool, &ctx.layout, cfg, true, "cargo xtask bench openai").await?;
-        let (orch_e, engine_e) = (format!("{}/v1/embeddings", stack.orchestrator_url()), format!("{}/v1/embeddings", stack.engine()?.url));
+        let (orch_e, engine_e) = (stack.orchestrator_url(), stack.engine()?.url);
         let docs: Vec<String> = (0..256).map(|i| format!("Document {i}: the lighthouse keeper wrote entry number {i} in the log.")).collect();
-        let embed_all = |url: String, model: Option<String>| {
-            let http = http.clone();
+        let embed_all = |base: String, model: Option<String>| {
+            let http = llorch_io::llama_server::client_for(&base, &http);
+            let url = llorch_io::llama_server::http_url(&base, "/v1/embeddings");
             let docs = docs.clone();
             async move {
                 let t = Instant::now();

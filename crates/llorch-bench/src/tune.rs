@@ -215,7 +215,7 @@ async fn measure_config(
     let base = ps.link(&id).map(|l| l.base.clone());
     let orch = ps.orchestrator_url();
     let body = json!({"model": id, "stream": true, "temperature": 0, "ignore_eos": true});
-    let via = vec![(format!("{orch}/v1/completions"), body)];
+    let via = vec![(orch.clone(), body)];
     let http = llorch_io::http::async_client();
     let mut rows = Vec::new();
     for &n in a.clients {

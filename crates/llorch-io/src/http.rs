@@ -129,6 +129,39 @@ pub fn async_client() -> reqwest::Client {
         .expect("reqwest client configuration is static")
 }
 
+/// [`async_client`] bound to a unix socket: every request goes to the
+/// engine listening there, whatever the URL's host.
+pub fn unix_async_client(socket: &std::path::Path) -> reqwest::Client {
+    loopback_builder()
+        .unix_socket(socket)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// [`blocking_client`] (no limit on the whole answer) bound to a unix socket.
+pub fn unix_blocking_client(socket: &std::path::Path) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(None)
+        .unix_socket(socket)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// [`probe_client`] bound to a unix socket.
+pub fn unix_probe_client(socket: &std::path::Path) -> reqwest::blocking::Client {
+    reqwest::blocking::Client::builder()
+        .user_agent(USER_AGENT)
+        .connect_timeout(Duration::from_millis(500))
+        .pool_max_idle_per_host(0)
+        .timeout(Duration::from_secs(5))
+        .no_proxy()
+        .unix_socket(socket)
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
 /// The loopback clients' configuration: no proxy, no connection reuse, no Nagle.
 fn loopback_builder() -> reqwest::ClientBuilder {
     reqwest::Client::builder()
@@ -283,21 +316,40 @@ impl Drop for AbortOnDrop {
     }
 }
 
-/// POST `body` (JSON) to a loopback server on a TCP connection of its own,
-/// with `Authorization: Bearer <key>` when given. Dropping the future or the
+/// POST `body` (JSON) to `path` of a loopback server on a connection of its
+/// own (TCP, or the unix socket of a `unix:/path` engine), with
+/// `Authorization: Bearer <key>` when given. Dropping the future or the
 /// [`OwnedResponse`] closes that connection at once: a server that watches
 /// for hang-ups (llama-server, for an answer it has not sent yet) stops the
 /// work. A pooled client keeps a connection whose answer nobody awaits open
 /// until that answer ends.
 pub async fn post_owned(
-    url: &str,
+    base: &str,
+    path: &str,
     key: Option<&str>,
     body: Vec<u8>,
 ) -> Result<OwnedResponse, OwnedError> {
-    let uri: hyper::Uri = url.parse().map_err(|_| OwnedError::Url(url.into()))?;
+    let connect_err = |addr: &str| {
+        let addr = addr.to_string();
+        move |source| OwnedError::Connect { addr, source }
+    };
+    let timed_out = || std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out");
+    if let Some(sock) = crate::llama_server::socket_of(base) {
+        let addr = base.to_string();
+        let io = tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio::net::UnixStream::connect(sock),
+        )
+        .await
+        .map_err(|_| connect_err(&addr)(timed_out()))?
+        .map_err(connect_err(&addr))?;
+        return send_owned_on(io, &addr, "localhost", path, key, body).await;
+    }
+    let url = format!("{}{path}", base.trim_end_matches('/'));
+    let uri: hyper::Uri = url.parse().map_err(|_| OwnedError::Url(url.clone()))?;
     let (host, port) = match (uri.host(), uri.port_u16(), uri.scheme_str()) {
         (Some(h), Some(p), Some("http")) => (h.trim_matches(['[', ']']).to_string(), p),
-        _ => return Err(OwnedError::Url(url.into())),
+        _ => return Err(OwnedError::Url(url)),
     };
     let addr = format!("{host}:{port}");
     let tcp = tokio::time::timeout(
@@ -305,17 +357,28 @@ pub async fn post_owned(
         tokio::net::TcpStream::connect((host.as_str(), port)),
     )
     .await
-    .map_err(|_| OwnedError::Connect {
-        addr: addr.clone(),
-        source: std::io::Error::new(std::io::ErrorKind::TimedOut, "timed out"),
-    })?
-    .map_err(|source| OwnedError::Connect {
-        addr: addr.clone(),
-        source,
-    })?;
+    .map_err(|_| connect_err(&addr)(timed_out()))?
+    .map_err(connect_err(&addr))?;
     let _ = tcp.set_nodelay(true);
+    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
+    send_owned_on(tcp, &addr, &addr, path, key, body).await
+}
+
+/// The request of [`post_owned`] on a connected stream (`addr` names it in errors).
+async fn send_owned_on<IO>(
+    io: IO,
+    addr: &str,
+    host: &str,
+    path: &str,
+    key: Option<&str>,
+    body: Vec<u8>,
+) -> Result<OwnedResponse, OwnedError>
+where
+    IO: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let addr = addr.to_string();
     let (mut sender, conn) =
-        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tcp))
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(io))
             .await
             .map_err(|source| OwnedError::Http {
                 addr: addr.clone(),
@@ -324,9 +387,8 @@ pub async fn post_owned(
     let mut guard = AbortOnDrop(Some(tokio::spawn(async move {
         let _ = conn.await;
     })));
-    let path = uri.path_and_query().map(|p| p.as_str()).unwrap_or("/");
     let mut req = hyper::Request::post(path)
-        .header(hyper::header::HOST, addr.as_str())
+        .header(hyper::header::HOST, host)
         .header(hyper::header::CONTENT_TYPE, "application/json")
         .header(hyper::header::USER_AGENT, USER_AGENT);
     if let Some(k) = key {

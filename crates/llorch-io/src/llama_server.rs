@@ -10,6 +10,8 @@
 
 use serde::Deserialize;
 use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 use std::time::Duration;
 
 /// The most of a `/slots` or `/metrics` answer read: both are small (a
@@ -102,10 +104,79 @@ impl Api {
 }
 
 /// One llama-server: its base URL and the key it requires, if any.
+///
+/// An engine that listens on a unix socket (no TCP at all: see
+/// `engine_runtime::sandbox`) is named `unix:<absolute path of the socket>`;
+/// its requests go through a client bound to that socket
+/// ([`LlamaServer::client`]), with `localhost` as the URL's host.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct LlamaServer {
     pub url: String,
     pub api_key: Option<String>,
+}
+
+/// The prefix that names an engine on a unix socket.
+pub const UNIX_PREFIX: &str = "unix:";
+
+/// The socket of an engine named `unix:/path` (`None`: a TCP engine).
+pub fn socket_of(url: &str) -> Option<&Path> {
+    url.strip_prefix(UNIX_PREFIX)
+        .map(Path::new)
+        .filter(|p| p.is_absolute())
+}
+
+/// The HTTP URL of `path` on the engine named `url` (`http://localhost…`
+/// for a unix-socket engine: the socket is the client's, see [`client_for`]).
+pub fn http_url(url: &str, path: &str) -> String {
+    match socket_of(url) {
+        Some(_) => format!("http://localhost{path}"),
+        None => format!("{}{path}", url.trim_end_matches('/')),
+    }
+}
+
+/// Clients bound to one engine socket each, kept for the process's life:
+/// a socket's path is stable per pool and replica (`run/<pool>.d/`), so
+/// this holds one client per engine the process has talked to. They are
+/// never dropped (a blocking client must not be dropped inside an async
+/// runtime), and a reqwest client is a handle, cheap to clone.
+static ASYNC_UNIX: Mutex<Vec<(PathBuf, reqwest::Client)>> = Mutex::new(Vec::new());
+static BLOCKING_UNIX: Mutex<Vec<(PathBuf, reqwest::blocking::Client)>> = Mutex::new(Vec::new());
+
+fn cached<C: Clone>(
+    cache: &Mutex<Vec<(PathBuf, C)>>,
+    socket: &Path,
+    make: impl FnOnce() -> C,
+) -> C {
+    let mut c = cache.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some((_, client)) = c.iter().find(|(p, _)| p == socket) {
+        return client.clone();
+    }
+    let client = make();
+    c.push((socket.to_path_buf(), client.clone()));
+    client
+}
+
+/// The async client for the engine named `url`: `http` itself for a TCP
+/// engine; for a unix-socket engine, one bound to its socket with the
+/// loopback settings of [`crate::http::async_client`].
+pub fn client_for(url: &str, http: &reqwest::Client) -> reqwest::Client {
+    match socket_of(url) {
+        None => http.clone(),
+        Some(s) => cached(&ASYNC_UNIX, s, || crate::http::unix_async_client(s)),
+    }
+}
+
+/// The blocking client for the engine named `url`: `http` for a TCP
+/// engine; for a unix-socket engine, one bound to its socket with the
+/// settings of [`crate::http::probe_client`] (short timeouts).
+pub fn blocking_client_for(
+    url: &str,
+    http: &reqwest::blocking::Client,
+) -> reqwest::blocking::Client {
+    match socket_of(url) {
+        None => http.clone(),
+        Some(s) => cached(&BLOCKING_UNIX, s, || crate::http::unix_probe_client(s)),
+    }
 }
 
 impl LlamaServer {
@@ -118,17 +189,38 @@ impl LlamaServer {
 
     /// The endpoint's full URL.
     pub fn endpoint(&self, api: Api) -> String {
-        format!("{}{}", self.url.trim_end_matches('/'), api.path())
+        http_url(&self.url, api.path())
+    }
+
+    /// The full URL of any path of this engine (the OpenAI-compatible
+    /// endpoints the orchestrator relays).
+    pub fn url_for(&self, path: &str) -> String {
+        http_url(&self.url, path)
+    }
+
+    /// The client that reaches this engine (see [`client_for`]).
+    pub fn client(&self, http: &reqwest::Client) -> reqwest::Client {
+        client_for(&self.url, http)
+    }
+
+    /// `method path` (async), with the key when the engine has one.
+    pub fn request(
+        &self,
+        http: &reqwest::Client,
+        method: reqwest::Method,
+        path: &str,
+    ) -> reqwest::RequestBuilder {
+        self.authed(self.client(http).request(method, self.url_for(path)))
     }
 
     /// `GET` (async), with the key when the engine has one.
     pub fn get(&self, http: &reqwest::Client, api: Api) -> reqwest::RequestBuilder {
-        self.authed(http.get(self.endpoint(api)))
+        self.authed(self.client(http).get(self.endpoint(api)))
     }
 
     /// `POST` (async), with the key when the engine has one.
     pub fn post(&self, http: &reqwest::Client, api: Api) -> reqwest::RequestBuilder {
-        self.authed(http.post(self.endpoint(api)))
+        self.authed(self.client(http).post(self.endpoint(api)))
     }
 
     /// `GET` (blocking), with the key when the engine has one.
@@ -137,7 +229,7 @@ impl LlamaServer {
         http: &reqwest::blocking::Client,
         api: Api,
     ) -> reqwest::blocking::RequestBuilder {
-        let rb = http.get(self.endpoint(api));
+        let rb = blocking_client_for(&self.url, http).get(self.endpoint(api));
         match &self.api_key {
             Some(k) => rb.bearer_auth(k),
             None => rb,

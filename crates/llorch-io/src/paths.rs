@@ -157,6 +157,12 @@ impl Layout {
     pub fn handoff(&self, pool: &crate::handoff::PoolId) -> PathBuf {
         self.engines_dir().join(format!("{pool}.json"))
     }
+    /// The directory of a pool's engine socket (`run/<pool>.d/`): the one
+    /// place the engine may create a file (its socket), owned by the user
+    /// it runs as, private to it.
+    pub fn engine_socket_dir(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+        self.run_dir().join(format!("{pool}.d"))
+    }
     pub fn api_key(&self, pool: &crate::handoff::PoolId) -> PathBuf {
         self.engines_dir().join(format!("{pool}.key"))
     }

@@ -184,6 +184,36 @@ pub struct ServerSpec {
     /// daemon of its own for the pool's GPUs and stops it with the pool).
     #[serde(default)]
     pub mps: MpsMode,
+    /// Where the engine listens: `auto` (default: a unix socket in its own
+    /// network namespace where llama-orch may make one, i.e. as root; else
+    /// `host`:`port`), `tcp` (`host`:`port`) or `unix` (a socket under the
+    /// run directory and no TCP at all).
+    #[serde(default)]
+    pub listen: ListenMode,
+}
+
+/// `server.listen`: how the orchestrator reaches the engine.
+#[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ListenMode {
+    /// A unix socket in its own network namespace where that can be made
+    /// (root with `CAP_SYS_ADMIN`, a loopback `host`); else TCP.
+    #[default]
+    Auto,
+    /// `server.host`:`server.port`.
+    Tcp,
+    /// A unix socket: the engine may not bind or connect any TCP port.
+    Unix,
+}
+
+impl ListenMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ListenMode::Auto => "auto",
+            ListenMode::Tcp => "tcp",
+            ListenMode::Unix => "unix",
+        }
+    }
 }
 
 /// `server.mps`: whose NVIDIA Multi-Process Service the pool's engines use.
@@ -308,6 +338,7 @@ impl Default for ServerSpec {
             pooling: None,
             sandbox: SandboxMode::Auto,
             mps: MpsMode::System,
+            listen: ListenMode::Auto,
         }
     }
 }

@@ -35,8 +35,11 @@ pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
         slots: orchestratord::link::slots_of(&prep.flags),
         batched: orchestratord::link::is_batched(&prep.flags),
         api_key: None,
-        sandbox: serde_json::to_value(engine_runtime::sandbox::Protections::planned(prep.sandbox))
-            .ok(),
+        sandbox: serde_json::to_value(engine_runtime::sandbox::Protections::planned(
+            prep.sandbox,
+            prep.listen,
+        ))
+        .ok(),
     }
 }
 
@@ -413,6 +416,7 @@ mod tests {
             ports: vec![0],
             ready_timeout_s: 1,
             sandbox: llorch_profile::SandboxMode::Auto,
+            listen: llorch_profile::ListenMode::Tcp,
             gpu: false,
             engine_version: "v".into(),
         };

@@ -324,8 +324,11 @@ async fn a_hang_up_on_a_non_streamed_forwarded_request_stops_the_engine() {
     // tokens decoded than were asked for. A busy machine only makes this slower.
     let e = stack.engine().unwrap();
     let slots = loop {
-        let slots: Value = llorch_io::http::async_client()
-            .get(format!("{}/slots", e.url))
+        let slots: Value = llorch_io::llama_server::LlamaServer::new(e.url.clone(), None)
+            .get(
+                &llorch_io::http::async_client(),
+                llorch_io::llama_server::Api::Slots,
+            )
             .send()
             .await
             .unwrap()

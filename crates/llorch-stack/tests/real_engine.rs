@@ -37,8 +37,12 @@ fn supervised() -> Owner {
 }
 
 fn completion(url: &str, prompt: &str, n: u32) -> String {
-    let r: serde_json::Value = llorch_io::http::blocking_client()
-        .post(format!("{url}/completion"))
+    let client = match llorch_io::llama_server::socket_of(url) {
+        Some(sock) => llorch_io::http::unix_blocking_client(sock),
+        None => llorch_io::http::blocking_client(),
+    };
+    let r: serde_json::Value = client
+        .post(llorch_io::llama_server::http_url(url, "/completion"))
         .json(&serde_json::json!({"prompt": prompt, "n_predict": n, "temperature": 0.0, "seed": 42, "cache_prompt": false}))
         .send()
         .unwrap()
@@ -143,11 +147,61 @@ fn spawn_ready_complete_stop_leaves_nothing() {
             eng.sandbox.summary()
         );
     }
+    eprintln!("{} at {}", eng.sandbox.summary(), eng.url);
+    // As root (CI): a unix socket in a network namespace of its own, run by
+    // the dedicated user, as the kernel sees it.
+    if eng.sandbox.netns {
+        assert!(
+            eng.url.starts_with("unix:/") && eng.port == 0,
+            "{}",
+            eng.url
+        );
+        let ns = |p: &str| fs_err::read_link(format!("/proc/{p}/ns/net")).unwrap();
+        assert_ne!(
+            ns(&pid.to_string()),
+            ns("self"),
+            "the engine's own network namespace"
+        );
+        let tcp = fs_err::read_to_string(format!("/proc/{pid}/net/tcp")).unwrap();
+        assert_eq!(
+            tcp.lines().count(),
+            1,
+            "no TCP socket in its namespace: {tcp}"
+        );
+    }
+    if let Some(user) = &eng.sandbox.user {
+        let uid = engine_runtime::sandbox::isolate::EngineUser::lookup()
+            .unwrap()
+            .uid;
+        assert_eq!(user, engine_runtime::sandbox::isolate::ENGINE_USER);
+        let line = status.lines().find(|l| l.starts_with("Uid:")).unwrap();
+        let ids: Vec<u32> = line
+            .split_whitespace()
+            .skip(1)
+            .map(|v| v.parse().unwrap())
+            .collect();
+        assert_eq!(
+            ids,
+            vec![uid; 4],
+            "real, effective, saved and filesystem uid: {line}"
+        );
+        assert!(
+            status
+                .lines()
+                .any(|l| l.starts_with("Groups:") && l.split_whitespace().count() == 1),
+            "no supplementary groups: {status}"
+        );
+    }
     let text = completion(&eng.url, "The capital of France is", 8);
     assert!(!text.is_empty());
+    let socket_dir = paths.socket_dir.clone();
     eng.stop();
     assert!(gone(pid), "no process left");
     assert!(!paths.pid_file.exists() && !paths.handoff.exists());
+    assert!(
+        !socket_dir.exists(),
+        "the socket's directory is removed with the engine"
+    );
 }
 
 #[test]
@@ -156,6 +210,7 @@ fn a_taken_port_moves_to_the_next_candidate() {
     let blocker = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = blocker.local_addr().unwrap().port();
     p.file.server.port = llorch_profile::PortSpec::Number(taken);
+    p.file.server.listen = llorch_profile::ListenMode::Tcp;
     let prep = prepare(&p, &pool, &layout);
     let eng = lifecycle::spawn(&prep, &layout, &supervised()).unwrap();
     assert_ne!(eng.port, taken);

@@ -83,8 +83,11 @@ fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
         command: "test".into(),
     };
     let eng = lifecycle::spawn(&prep, &layout, &owner).unwrap();
-    let r: serde_json::Value = llorch_io::http::probe_client()
-        .post(format!("{}/completion", eng.url))
+    let r: serde_json::Value = llorch_io::llama_server::blocking_client_for(
+        &eng.url,
+        &llorch_io::http::probe_client(),
+    )
+    .post(llorch_io::llama_server::http_url(&eng.url, "/completion"))
         .json(&serde_json::json!({"prompt": "Hello", "n_predict": 8, "temperature": 0.0, "ignore_eos": true}))
         .send()
         .unwrap()

@@ -91,7 +91,6 @@ pub(crate) async fn relay(
     f: &Forward,
     p: &mut Progress,
 ) -> Outcome {
-    let url = format!("{}{}", engine.url, f.path);
     let mut body = f.body.clone();
     if f.generation {
         body["cache_prompt"] = Value::Bool(engine.batched);
@@ -99,7 +98,7 @@ pub(crate) async fn relay(
     let bytes = serde_json::to_vec(&body).expect("a JSON value serializes");
     // A connection of its own: a cancel (or the client hanging up) closes it,
     // and llama-server stops an answer nobody waits for.
-    let mut resp = match send_owned(st, task, engine, &url, &bytes).await {
+    let mut resp = match send_owned(st, task, engine, f.path, &bytes).await {
         Ok(r) => r,
         Err(o) => return o,
     };
@@ -193,13 +192,18 @@ async fn send_owned(
     st: &AppState,
     task: &Task,
     engine: &EngineInfo,
-    url: &str,
+    path: &str,
     body: &[u8],
 ) -> Result<llorch_io::http::OwnedResponse, Outcome> {
     let mut attempt = 0;
     loop {
         attempt += 1;
-        let fut = llorch_io::http::post_owned(url, engine.api_key.as_deref(), body.to_vec());
+        let fut = llorch_io::http::post_owned(
+            &engine.url,
+            path,
+            engine.api_key.as_deref(),
+            body.to_vec(),
+        );
         match watched(st, task, engine, fut).await? {
             Ok(r) => return Ok(r),
             Err(e)

@@ -159,6 +159,9 @@ pub fn is_batched(flags: &[String]) -> bool {
 }
 
 fn url_is_loopback(url: &str) -> bool {
+    if llorch_io::llama_server::socket_of(url).is_some() {
+        return true; // a unix socket: only this machine reaches it
+    }
     let host = url
         .split("://")
         .nth(1)

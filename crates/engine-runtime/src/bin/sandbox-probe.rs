@@ -3,7 +3,8 @@
 //! attempt, `{"who", "attempt", "allowed", "detail"}`. The sandbox test
 //! fails if any attempt but binding its own port is allowed.
 //!
-//! Arguments: `--port P` (its own port), `--connect C` (a listener outside),
+//! Arguments: `--port P` (its own port) or `--unix PATH` (its own socket,
+//! as an engine with `server.listen: unix`), `--connect C` (a listener outside),
 //! `--secret FILE` (a file under the user's home), `--write-dir DIR` (outside
 //! its reach), and `--child` when it re-executed itself (the restrictions
 //! must survive exec); `--safe` (unconfined control runs) skips ptrace,
@@ -77,7 +78,7 @@ fn run_sandboxed(args: &[String]) -> ! {
         &EngineAccess {
             binary: program.clone(),
             read_files: Vec::new(),
-            port: 1,
+            listen: engine_runtime::sandbox::Listen::Tcp(1),
             mps_pipe: None,
         },
         &diagnose,
@@ -111,19 +112,45 @@ fn main() {
     // Unconfined runs (the test's control) skip what would disturb the test process.
     let safe = args.iter().any(|a| a == "--safe");
     let who = if child { "child" } else { "engine" };
-    let port = arg(&args, "--port");
+    let unix = args
+        .iter()
+        .position(|a| a == "--unix")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let connect = arg(&args, "--connect");
     let secret = arg(&args, "--secret");
     let write_dir = arg(&args, "--write-dir");
 
-    // Allowed: its own port (kept open while it tries the rest).
-    let own = TcpListener::bind(format!("127.0.0.1:{port}"));
+    // Allowed: its own port or socket (kept open while it tries the rest);
+    // the re-executed copy's socket is a second name in the same directory.
+    let own: Result<Box<dyn std::any::Any>, std::io::Error> = match &unix {
+        Some(path) => {
+            let path = if child {
+                format!("{path}.child")
+            } else {
+                path.clone()
+            };
+            std::os::unix::net::UnixListener::bind(path).map(|l| Box::new(l) as _)
+        }
+        None => TcpListener::bind(format!("127.0.0.1:{}", arg(&args, "--port")))
+            .map(|l| Box::new(l) as _),
+    };
     report(
         who,
-        "bind_own_port",
+        if unix.is_some() {
+            "bind_own_socket"
+        } else {
+            "bind_own_port"
+        },
         own.as_ref()
             .map(|_| "bound".into())
-            .map_err(|e| e.kind().into()),
+            .map_err(|e| std::io::Error::new(e.kind(), e.to_string())),
+    );
+    // SAFETY: setuid with a constant argument.
+    report(
+        who,
+        "setuid_root",
+        os(unsafe { libc::setuid(0) } as libc::c_long),
     );
     report(
         who,
@@ -135,6 +162,14 @@ fn main() {
         "connect_out",
         TcpStream::connect(format!("127.0.0.1:{connect}")).map(|_| "connected".into()),
     );
+    // SAFETY: socket with constant arguments; closed when it succeeds.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        report(who, "tcp_socket", os(fd as libc::c_long));
+        if fd >= 0 {
+            libc::close(fd);
+        }
+    }
     report(
         who,
         "udp_socket",

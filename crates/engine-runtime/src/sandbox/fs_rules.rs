@@ -1,8 +1,9 @@
 //! The Landlock half of the engine sandbox: which paths an engine may read,
-//! write, execute and ioctl, and the one TCP port it binds, as a ruleset
+//! write, execute and ioctl, and the one TCP port it binds (none when it
+//! listens on a unix socket: then its socket's directory), as a ruleset
 //! built in the parent (its file descriptor is all the child needs).
 
-use super::{Diagnose, EngineAccess, SandboxError};
+use super::{Diagnose, EngineAccess, Listen, SandboxError};
 use landlock::{
     Access, AccessFs, AccessNet, BitFlags, NetPort, PathBeneath, PathFd, Ruleset, RulesetAttr,
     RulesetCreatedAttr, Scope, ABI,
@@ -170,6 +171,11 @@ pub(super) fn landlock_ruleset(
     for d in &shared {
         rules.extend(rule(d, scratch, abi));
     }
+    if let Listen::Unix(sock) = &access.listen {
+        if let Some(dir) = sock.parent() {
+            rules.extend(rule(dir, AccessFs::MakeSock.into(), abi));
+        }
+    }
     for d in &diagnose.read {
         rules.extend(rule(d, read, abi));
     }
@@ -179,10 +185,10 @@ pub(super) fn landlock_ruleset(
     for r in rules {
         created = created.add_rule(r).map_err(build_err("add a file rule"))?;
     }
-    if net {
+    if let (true, Listen::Tcp(port)) = (net, &access.listen) {
         created = created
-            .add_rule(NetPort::new(access.port, AccessNet::BindTcp))
-            .map_err(build_err(format!("allow binding port {}", access.port)))?;
+            .add_rule(NetPort::new(*port, AccessNet::BindTcp))
+            .map_err(build_err(format!("allow binding port {port}")))?;
     }
     let fd: Option<OwnedFd> = created.into();
     fd.ok_or_else(|| SandboxError::Build {

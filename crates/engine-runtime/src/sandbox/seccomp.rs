@@ -79,7 +79,12 @@ fn cond(arg: u8, op: SeccompCmpOp, value: u64) -> Result<SeccompCondition, Strin
 /// answers `ENOSYS` (its flags sit in memory a filter cannot read, so the C
 /// library falls back to `clone`, whose namespace flags the first filter
 /// refuses).
-pub(super) fn seccomp_filters(diagnose: &Diagnose) -> Result<Vec<BpfProgram>, String> {
+///
+/// `unix_only` (an engine on a unix socket): every socket family but unix refused.
+pub(super) fn seccomp_filters(
+    diagnose: &Diagnose,
+    unix_only: bool,
+) -> Result<Vec<BpfProgram>, String> {
     let arch = target_arch().ok_or("no filter for this architecture")?;
     let mut rules: BTreeMap<i64, Vec<SeccompRule>> = BTreeMap::new();
     if !diagnose.without("denylist") {
@@ -87,7 +92,8 @@ pub(super) fn seccomp_filters(diagnose: &Diagnose) -> Result<Vec<BpfProgram>, St
             rules.insert(s, Vec::new());
         }
     }
-    // socket(2): families other than unix and IP refused; IP only as a stream.
+    // socket(2): families other than unix and IP refused; IP only as a stream
+    // (unix only for an engine on a unix socket).
     let mut socket = vec![SeccompRule::new(vec![
         cond(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?,
         cond(0, SeccompCmpOp::Ne, libc::AF_INET as u64)?,
@@ -104,6 +110,12 @@ pub(super) fn seccomp_filters(diagnose: &Diagnose) -> Result<Vec<BpfProgram>, St
                 .map_err(|e| e.to_string())?,
             );
         }
+    }
+    if unix_only {
+        socket = vec![
+            SeccompRule::new(vec![cond(0, SeccompCmpOp::Ne, libc::AF_UNIX as u64)?])
+                .map_err(|e| e.to_string())?,
+        ];
     }
     if !diagnose.without("socket") {
         rules.insert(libc::SYS_socket, socket);

@@ -92,6 +92,7 @@ fn crasher(dir: &std::path::Path) -> PreparedEngine {
         ready_timeout_s: 600,
         // The stand-in is a script: its interpreter is no engine's to run.
         sandbox: llorch_profile::SandboxMode::Off,
+        listen: llorch_profile::ListenMode::Tcp,
         gpu: false,
         engine_version: "stand-in".into(),
     }

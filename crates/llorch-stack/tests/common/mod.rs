@@ -26,9 +26,12 @@ impl Engine {
         let layout = test_support::layout(&rt);
         let p = llorch_profile::Profile::resolve(&root, profile).unwrap();
         let pool = PoolId::parse(pool).unwrap();
-        let prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
+        let mut prep = llorch_stack::prepare(&p, &pool, &layout, &BuildOptions::quiet())
             .unwrap()
             .engine;
+        // The API tests also ask this engine directly by its TCP URL (from
+        // Python too); engines on a unix socket are tested by the stack tests.
+        prep.listen = llorch_profile::ListenMode::Tcp;
         let base = llorch_stack::engine_info(&prep);
         let policy = RestartPolicy {
             initial_backoff: Duration::from_millis(100),
