@@ -123,200 +123,26 @@ pub async fn start_pools(
 ) -> Result<Stack, StackError> {
     cfg.check()?;
     let max_loaded = opts.max_loaded.or(stack.max_loaded);
-    let eager: u32 = stack
-        .pools
-        .iter()
-        .filter(|p| p.load == LoadPolicy::Eager)
-        .map(|p| p.concurrency.replicas)
-        .sum();
-    if let Some(m) = max_loaded {
-        if eager as usize > m {
-            return Err(StackError::TooManyEager {
-                eager: eager as usize,
-                max_loaded: m,
-            });
-        }
-    }
+    check_eager(stack, max_loaded)?;
     // Engines left by a previous run that crashed: swept before anything starts.
     {
         let l = layout.clone();
         let _ =
             tokio::task::spawn_blocking(move || engine_runtime::run_state::sweep_stale(&l)).await;
     }
-    let mut specs = Vec::new();
-    let mut links = Vec::new();
-    // Which links load at start (eager pools: every replica).
-    let mut eager_links = Vec::new();
-    let mut own_mps = Vec::new();
+    let mut pools = Replicas::default();
     for p in &stack.pools {
-        let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
-        let prebuilt = opts.prebuilt.clone();
-        let Prepared {
-            engine: prep,
-            build,
-        } = tokio::task::spawn_blocking(move || {
-            prepare::prepare(
-                &prof,
-                &id,
-                &l2,
-                &BuildOptions {
-                    quiet,
-                    prebuilt,
-                    ..Default::default()
-                },
-            )
-        })
-        .await??;
-        // `mps: own`: the pool's daemon runs before `auto` looks and its engines start.
-        let mps_env = match p.profile.file.server.mps {
-            llorch_profile::MpsMode::Own => {
-                let own = start_own_mps(layout, p, opts.quiet).await?;
-                let env = own.engine_env();
-                own_mps.push(own);
-                env
-            }
-            llorch_profile::MpsMode::System => Vec::new(),
-        };
-        let (c, prep, auto_why) = with_auto(p, layout, prep, &build, opts).await?;
-        let idle = match opts.idle_unload_s {
-            Some(0) => None,
-            Some(s) => Some(s),
-            None => p.idle_unload_s,
-        };
-        // One engine per replica: the same build, model and flags, its own run id and devices.
-        for k in 0..c.replicas as usize {
-            let run_id = p.id.replica(k);
-            let mut rprep = prep.clone();
-            rprep.pool_id = run_id.clone();
-            rprep.replica_id = format!("r{k}");
-            rprep.env.extend(mps_env.iter().cloned());
-            let devices = p
-                .replica_devices
-                .get(k)
-                .cloned()
-                .unwrap_or_else(|| p.devices.clone());
-            // A pool of one engine may be the detached one `provision` started.
-            let attachable = c.replicas == 1 && devices.is_empty();
-            let claimed = {
-                let (l, id, rp) = (layout.clone(), run_id.clone(), rprep.clone());
-                tokio::task::spawn_blocking(move || {
-                    let intent = if attachable {
-                        engine_runtime::run_state::Intent::SuperviseOrAttach(&rp)
-                    } else {
-                        engine_runtime::run_state::Intent::Supervise
-                    };
-                    engine_runtime::run_state::claim(&l, &id, intent)
-                })
-                .await??
-            };
-            let mut link = ManagedLink::new(
-                rprep,
-                layout.clone(),
-                command,
-                devices,
-                p.memory_mib,
-                opts.probe.clone(),
-            );
-            if let engine_runtime::run_state::Claim::Attach(h) = claimed {
-                if !opts.quiet {
-                    eprintln!(
-                        "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
-                        h.process.pid
-                    );
-                }
-                link.attached = Some(ProvisionedLink::new(&p.profile, &run_id, layout));
-            }
-            let link = Arc::new(link);
-            // Nothing here starts or stops an attached engine: it is loaded, and stays.
-            let eager = p.load == LoadPolicy::Eager || link.is_attached();
-            let mut base = link.base.clone();
-            // Capabilities and aliases name the pool, not the replica's run id.
-            base.pool = p.id.to_string();
-            specs.push(PoolSpec {
-                id: run_id.clone(),
-                group: p.id.clone(),
-                replica: k,
-                slots: c.slots as usize,
-                affinity: match c.affinity {
-                    llorch_profile::Affinity::None => orchestratord::Affinity::None,
-                    llorch_profile::Affinity::Prefix => orchestratord::Affinity::Prefix,
-                },
-                aliases: if k == 0 {
-                    vec![orchestratord::models::model_alias(&link.base)]
-                } else {
-                    Vec::new()
-                },
-                link: Box::new(link.clone()),
-                auto: auto_why.clone(),
-                policy: PoolPolicy {
-                    lazy: !eager,
-                    idle_unload: idle
-                        .filter(|_| !link.is_attached())
-                        .map(Duration::from_secs),
-                    keep_loaded: p.keep_loaded,
-                },
-                engine: Some(base),
-            });
-            if eager {
-                eager_links.push((run_id.clone(), link.clone()));
-            }
-            links.push((run_id, link));
-        }
+        pool_replicas(p, layout, opts, command, &mut pools).await?;
     }
-    // GPU pools that are unloaded keep a recent memory reading (one probe a
-    // second for all GPUs), so a load on demand does not wait for nvidia-smi.
-    if links.iter().any(|(_, l)| !l.devices.is_empty()) {
-        let watched: Vec<std::sync::Weak<ManagedLink>> = links
-            .iter()
-            .filter(|(_, l)| !l.devices.is_empty())
-            .map(|(_, l)| Arc::downgrade(l))
-            .collect();
-        let probe = opts.probe.clone();
-        std::thread::Builder::new()
-            .name("gpu-memory".into())
-            .spawn(move || loop {
-                std::thread::sleep(PROBE_FRESH / 2);
-                let live: Vec<Arc<ManagedLink>> =
-                    watched.iter().filter_map(|w| w.upgrade()).collect();
-                if live.is_empty() {
-                    return;
-                }
-                if live.iter().any(|l| l.current() == LinkState::Unloaded) {
-                    let _ = probe.read();
-                }
-            })
-            .map_err(|e| StackError::Thread {
-                what: "start the GPU memory monitor",
-                source: e,
-            })?;
-    }
-    // Eager pools: start them all (every replica), then wait for each.
-    let eager_ids: Vec<PoolId> = eager_links.iter().map(|(id, _)| id.clone()).collect();
-    let loads = eager_links;
-    let started = tokio::task::spawn_blocking(move || -> Result<(), StackError> {
-        for (id, l) in &loads {
-            l.load(&LoadContext::default()).map_err(|r| match r {
-                LoadRefusal::Wait(why) | LoadRefusal::Fail(why) => StackError::Start {
-                    pool: id.clone(),
-                    why,
-                },
-            })?;
-        }
-        for (id, l) in &loads {
-            let timeout = Duration::from_secs(l.prep.ready_timeout_s + 10);
-            // Waited on through a handle: the link stays readable meanwhile.
-            let handle = l.sup.lock().unwrap().as_ref().map(|s| s.state_handle());
-            if let Some(h) = handle {
-                h.wait_ready(timeout)
-                    .map_err(|source| StackError::NotReadyInTime {
-                        pool: id.clone(),
-                        source,
-                    })?;
-            }
-        }
-        Ok(())
-    })
-    .await?;
+    let Replicas {
+        specs,
+        links,
+        eager,
+        own_mps,
+    } = pools;
+    watch_gpu_memory(&links, &opts.probe)?;
+    let eager_ids: Vec<PoolId> = eager.iter().map(|(id, _)| id.clone()).collect();
+    let started = tokio::task::spawn_blocking(move || load_eager(&eager)).await?;
     if let Err(e) = started {
         for (_, l) in &links {
             l.stop();
@@ -353,6 +179,234 @@ pub async fn start_pools(
         links,
         mps: own_mps,
     })
+}
+
+/// Eager pools (every replica) must fit `max_loaded`.
+fn check_eager(
+    stack: &llorch_profile::stack::Stack,
+    max_loaded: Option<usize>,
+) -> Result<(), StackError> {
+    let eager: u32 = stack
+        .pools
+        .iter()
+        .filter(|p| p.load == LoadPolicy::Eager)
+        .map(|p| p.concurrency.replicas)
+        .sum();
+    match max_loaded {
+        Some(m) if eager as usize > m => Err(StackError::TooManyEager {
+            eager: eager as usize,
+            max_loaded: m,
+        }),
+        _ => Ok(()),
+    }
+}
+
+/// What the pools of a stack became: the orchestrator's pool specs, every
+/// replica's link, the links that load at start, the MPS daemons of their own.
+#[derive(Default)]
+struct Replicas {
+    specs: Vec<PoolSpec>,
+    links: Vec<(PoolId, Arc<ManagedLink>)>,
+    eager: Vec<(PoolId, Arc<ManagedLink>)>,
+    own_mps: Vec<crate::mps::OwnMps>,
+}
+
+/// Prepare pool `p` (build, model, `auto`, its own MPS daemon) and add one
+/// link per replica: the same build, model and flags, its own run id and devices.
+async fn pool_replicas(
+    p: &llorch_profile::stack::StackPool,
+    layout: &Layout,
+    opts: &PoolsOptions,
+    command: &str,
+    out: &mut Replicas,
+) -> Result<(), StackError> {
+    let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
+    let prebuilt = opts.prebuilt.clone();
+    let Prepared {
+        engine: prep,
+        build,
+    } = tokio::task::spawn_blocking(move || {
+        prepare::prepare(
+            &prof,
+            &id,
+            &l2,
+            &BuildOptions {
+                quiet,
+                prebuilt,
+                ..Default::default()
+            },
+        )
+    })
+    .await??;
+    // `mps: own`: the pool's daemon runs before `auto` looks and its engines start.
+    let mps_env = match p.profile.file.server.mps {
+        llorch_profile::MpsMode::Own => {
+            let own = start_own_mps(layout, p, opts.quiet).await?;
+            let env = own.engine_env();
+            out.own_mps.push(own);
+            env
+        }
+        llorch_profile::MpsMode::System => Vec::new(),
+    };
+    let (c, prep, auto_why) = with_auto(p, layout, prep, &build, opts).await?;
+    let idle = match opts.idle_unload_s {
+        Some(0) => None,
+        Some(s) => Some(s),
+        None => p.idle_unload_s,
+    };
+    for k in 0..c.replicas as usize {
+        let run_id = p.id.replica(k);
+        let mut rprep = prep.clone();
+        rprep.pool_id = run_id.clone();
+        rprep.replica_id = format!("r{k}");
+        rprep.env.extend(mps_env.iter().cloned());
+        let devices = p
+            .replica_devices
+            .get(k)
+            .cloned()
+            .unwrap_or_else(|| p.devices.clone());
+        // A pool of one engine may be the detached one `provision` started.
+        let attachable = c.replicas == 1 && devices.is_empty();
+        let link = replica_link(p, layout, opts, command, rprep, devices, attachable).await?;
+        // Nothing here starts or stops an attached engine: it is loaded, and stays.
+        let eager = p.load == LoadPolicy::Eager || link.is_attached();
+        let mut base = link.base.clone();
+        // Capabilities and aliases name the pool, not the replica's run id.
+        base.pool = p.id.to_string();
+        out.specs.push(PoolSpec {
+            id: run_id.clone(),
+            group: p.id.clone(),
+            replica: k,
+            slots: c.slots as usize,
+            affinity: match c.affinity {
+                llorch_profile::Affinity::None => orchestratord::Affinity::None,
+                llorch_profile::Affinity::Prefix => orchestratord::Affinity::Prefix,
+            },
+            aliases: if k == 0 {
+                vec![orchestratord::models::model_alias(&link.base)]
+            } else {
+                Vec::new()
+            },
+            link: Box::new(link.clone()),
+            auto: auto_why.clone(),
+            policy: PoolPolicy {
+                lazy: !eager,
+                idle_unload: idle
+                    .filter(|_| !link.is_attached())
+                    .map(Duration::from_secs),
+                keep_loaded: p.keep_loaded,
+            },
+            engine: Some(base),
+        });
+        if eager {
+            out.eager.push((run_id.clone(), link.clone()));
+        }
+        out.links.push((run_id, link));
+    }
+    Ok(())
+}
+
+/// One replica's link, after claiming its run id: supervised, or (a pool of
+/// one engine) attached to the detached engine `provision` started.
+async fn replica_link(
+    p: &llorch_profile::stack::StackPool,
+    layout: &Layout,
+    opts: &PoolsOptions,
+    command: &str,
+    rprep: engine_runtime::flags::PreparedEngine,
+    devices: Vec<u32>,
+    attachable: bool,
+) -> Result<Arc<ManagedLink>, StackError> {
+    let run_id = rprep.pool_id.clone();
+    let claimed = {
+        let (l, id, rp) = (layout.clone(), run_id.clone(), rprep.clone());
+        tokio::task::spawn_blocking(move || {
+            let intent = if attachable {
+                engine_runtime::run_state::Intent::SuperviseOrAttach(&rp)
+            } else {
+                engine_runtime::run_state::Intent::Supervise
+            };
+            engine_runtime::run_state::claim(&l, &id, intent)
+        })
+        .await??
+    };
+    let mut link = ManagedLink::new(
+        rprep,
+        layout.clone(),
+        command,
+        devices,
+        p.memory_mib,
+        opts.probe.clone(),
+    );
+    if let engine_runtime::run_state::Claim::Attach(h) = claimed {
+        if !opts.quiet {
+            eprintln!(
+                "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
+                h.process.pid
+            );
+        }
+        link.attached = Some(ProvisionedLink::new(&p.profile, &run_id, layout));
+    }
+    Ok(Arc::new(link))
+}
+
+/// GPU pools that are unloaded keep a recent memory reading (one probe a
+/// second for all GPUs), so a load on demand does not wait for nvidia-smi.
+fn watch_gpu_memory(
+    links: &[(PoolId, Arc<ManagedLink>)],
+    probe: &GpuProbe,
+) -> Result<(), StackError> {
+    if !links.iter().any(|(_, l)| !l.devices.is_empty()) {
+        return Ok(());
+    }
+    let watched: Vec<std::sync::Weak<ManagedLink>> = links
+        .iter()
+        .filter(|(_, l)| !l.devices.is_empty())
+        .map(|(_, l)| Arc::downgrade(l))
+        .collect();
+    let probe = probe.clone();
+    std::thread::Builder::new()
+        .name("gpu-memory".into())
+        .spawn(move || loop {
+            std::thread::sleep(PROBE_FRESH / 2);
+            let live: Vec<Arc<ManagedLink>> = watched.iter().filter_map(|w| w.upgrade()).collect();
+            if live.is_empty() {
+                return;
+            }
+            if live.iter().any(|l| l.current() == LinkState::Unloaded) {
+                let _ = probe.read();
+            }
+        })
+        .map_err(|e| StackError::Thread {
+            what: "start the GPU memory monitor",
+            source: e,
+        })?;
+    Ok(())
+}
+
+/// Eager pools: start them all (every replica), then wait for each.
+fn load_eager(loads: &[(PoolId, Arc<ManagedLink>)]) -> Result<(), StackError> {
+    for (id, l) in loads {
+        l.load(&LoadContext::default()).map_err(|r| match r {
+            LoadRefusal::Wait(why) | LoadRefusal::Fail(why) => StackError::Start {
+                pool: id.clone(),
+                why,
+            },
+        })?;
+    }
+    for (id, l) in loads {
+        let timeout = Duration::from_secs(l.prep.ready_timeout_s + 10);
+        // Waited on through a handle: the link stays readable meanwhile.
+        let handle = l.sup.lock().unwrap().as_ref().map(|s| s.state_handle());
+        if let Some(h) = handle {
+            h.wait_ready(timeout)
+                .map_err(|source| StackError::NotReadyInTime {
+                    pool: id.clone(),
+                    source,
+                })?;
+        }
+    }
+    Ok(())
 }
 
 /// Start pool `p`'s own MPS daemon for its GPUs (every GPU when it names none).

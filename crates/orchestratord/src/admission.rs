@@ -204,6 +204,85 @@ impl Drop for DisconnectGuard {
 mod tests {
     use super::*;
 
+    fn state(queue_capacity: usize) -> Shared {
+        crate::AppState::new(
+            crate::Config {
+                queue_capacity,
+                ..Default::default()
+            },
+            crate::pool::tests::ready_specs(1, crate::Affinity::None),
+            crate::scheduler::SchedulerConfig::default(),
+        )
+    }
+
+    fn req() -> TaskRequest {
+        TaskRequest {
+            prompt: Some("x".into()),
+            ..TaskRequest::default()
+        }
+    }
+
+    #[test]
+    fn each_refusal_has_its_status_code_and_retry_hint() {
+        let st = state(2);
+        let head = st.pools[0].clone();
+        // Not ready yet (a pool that does not load on demand): 503, retry in 1 s.
+        let e = admit(&st, &head, req(), None).err().expect("not ready");
+        assert_eq!((e.status.as_u16(), e.code), (503, "ENGINE_NOT_READY"));
+        assert_eq!(e.retry_after_s, Some(1));
+        head.ready.store(true, Ordering::SeqCst);
+        admit(&st, &head, req(), Some("a".into())).unwrap();
+        // The same id twice: 409, naming the field.
+        let e = admit(&st, &head, req(), Some("a".into()))
+            .err()
+            .expect("dup");
+        assert_eq!((e.status.as_u16(), e.code), (409, "TASK_EXISTS"));
+        assert_eq!(e.field.as_deref(), Some("task_id"));
+        // The queue full (capacity 2): 429 with a retry hint from the pool's rate.
+        admit(&st, &head, req(), None).unwrap();
+        let e = admit(&st, &head, req(), None).err().expect("full");
+        assert_eq!((e.status.as_u16(), e.code), (429, "QUEUE_FULL"));
+        assert!(e.retry_after_s.is_some_and(|s| (1..=3600).contains(&s)));
+        assert_eq!(head.queue.len(), 2, "nothing admitted past the capacity");
+        // Shutting down: 503 DRAINING, whatever else holds.
+        st.stopping.store(true, Ordering::SeqCst);
+        let e = admit(&st, &head, req(), None).err().expect("draining");
+        assert_eq!((e.status.as_u16(), e.code), (503, "DRAINING"));
+        assert_eq!(st.metrics.admitted.get(), 2);
+    }
+
+    #[test]
+    fn a_request_names_a_pool_or_gets_the_first_and_an_unknown_name_is_404() {
+        let st = state(8);
+        let first = route(&st, None, "pool", "POOL_NOT_FOUND").unwrap();
+        assert!(Arc::ptr_eq(&first, st.default_pool()));
+        let named = route(&st, Some(first.group.as_str()), "pool", "POOL_NOT_FOUND").unwrap();
+        assert!(Arc::ptr_eq(&named, &first));
+        let e = route(&st, Some("nope\u{1b}[31m"), "model", "MODEL_NOT_FOUND")
+            .err()
+            .expect("unknown");
+        assert_eq!((e.status.as_u16(), e.code), (404, "MODEL_NOT_FOUND"));
+        assert_eq!(e.field.as_deref(), Some("model"));
+        assert!(
+            e.message.contains(&format!("`{}`", first.group)),
+            "{}",
+            e.message
+        );
+    }
+
+    #[test]
+    fn retry_after_follows_the_observed_rate_else_slots_and_task_time() {
+        let st = state(8);
+        let members = st.members(&st.pools[0].group);
+        // No task finished yet: slots over the average task time (1 s default).
+        st.pools[0].avg_task_ms.store(4000, Ordering::Relaxed);
+        let slots = st.pools[0].slots as u64;
+        assert_eq!(
+            retry_after_s(&members),
+            4000u64.div_ceil(1000 * slots).max(1)
+        );
+    }
+
     #[test]
     fn clients_arriving_at_once_are_spread_evenly_over_the_replicas() {
         let cfg = crate::Config {

@@ -378,3 +378,6 @@ pub fn reap(st: &AppState) {
     let r = st.cfg.retention;
     st.tasks.lock().unwrap().retain(|_, t| !t.expired(r));
 }
+
+#[cfg(test)]
+mod tests;
