@@ -292,79 +292,18 @@ pub fn build(
         ))
     })
     .map_err(io("lock engine cache entry"))?;
-    let reason = match cache.lookup(&fp, Some(&plan.inputs)) {
-        Lookup::Fresh(m) => {
-            return Ok(hit(m));
-        }
-        Lookup::Stale(why) => {
-            say(&format!(
-                "cached engine {} is corrupt ({why}): rebuilding",
-                &fp[..12]
-            ));
-            format!("cached entry corrupt: {why}")
-        }
-        Lookup::Missing => match closest(&cache, &plan.inputs) {
-            Some((cfp, changes)) => format!(
-                "no cached build with these inputs; closest is {} ({})",
-                &cfp[..12],
-                describe_changes(&changes)
-            ),
-            None => "no cached build yet".to_string(),
-        },
+    let reason = match why_build(&cache, &fp, &plan.inputs, &say) {
+        Ok(m) => return Ok(hit(m)),
+        Err(reason) => reason,
     };
-    // Another cache on this machine (the user's, for the test suite) that
-    // holds this fingerprint saves the build.
-    if let Some(other) = &opts.reuse_from {
-        match reuse(other, &fp, &plan.inputs, &cache) {
-            Ok(m) => {
-                say(&format!(
-                    "reused engine {} from {} (checked against its manifest)",
-                    &fp[..12],
-                    other.display()
-                ));
-                return Ok(present(m, Some(format!("reused from {}", other.display()))));
-            }
-            Err(why) => say(&format!(
-                "not reusing engine {} from {}: {why}",
-                &fp[..12],
-                other.display()
-            )),
-        }
-    }
-    // A registry that has this fingerprint saves the build; one that is down
-    // or lacks it costs one line.
     let registry = crate::registry::EngineRegistry::configured(profile).map_err(|e| {
         BuildError::RegistryConfig {
             profile: profile.name.clone(),
             source: Box::new(e),
         }
     })?;
-    if let Some(reg) = &registry {
-        let inputs = serde_json::to_value(&plan.inputs).unwrap_or_default();
-        match crate::registry::pull(layout, &fp, &inputs, reg, &say) {
-            Ok(p) => {
-                if let Lookup::Fresh(m) = cache.lookup(&fp, Some(&plan.inputs)) {
-                    say(&format!(
-                        "pulled engine {} from {} ({:.1} MB in {:.1}s)",
-                        &fp[..12],
-                        p.reference,
-                        p.layer_bytes as f64 / 1e6,
-                        p.seconds
-                    ));
-                    return Ok(present(
-                        m,
-                        Some(format!(
-                            "pulled from {} ({})",
-                            p.reference, p.manifest_digest
-                        )),
-                    ));
-                }
-            }
-            Err(e) => say(&format!(
-                "engine registry {}: {e}; building from source",
-                reg.repo
-            )),
-        }
+    if let Some((m, how)) = from_elsewhere(opts, layout, &cache, &plan, registry.as_ref(), &say) {
+        return Ok(present(m, Some(how)));
     }
     say(&format!(
         "building llama-server for profile `{}` (fingerprint {}): {reason}",
@@ -372,47 +311,13 @@ pub fn build(
         &fp[..12]
     ));
     preflight::ensure(profile, &opts.toolbox, say)?;
-
-    let src = match &opts.source_bundle {
-        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say)?,
-        None => source::fetch(&profile.pin, layout, &say)?,
-    };
-    let work = WorkDir::enter(layout, &fp, &src, &say)?;
     let entry = cache.entry(&fp);
-    // The compiler cache, installed first when the profile allows installs.
-    let mut plan = plan;
-    let cc = compiler_cache(profile, layout, opts, &say);
-    let before = cc.as_ref().and_then(|c| {
-        c.start(&layout.compile_cache_lock())
-            .map_err(|e| say(&format!("compiler cache: {e}; compiling without it")))
-            .ok()?;
-        c.stats()
-    });
-    let cc = cc.filter(|_| before.is_some());
-    match &cc {
-        Some(c) => {
-            plan.extra_flags.extend(c.launcher_flags());
-            plan.extra_env.extend(c.env());
-        }
-        // A work dir configured with the cache keeps its launcher unless told.
-        None => plan
-            .extra_flags
-            .extend(["C", "CXX", "CUDA"].map(|l| format!("-DCMAKE_{l}_COMPILER_LAUNCHER="))),
-    }
-    let (manifest, configure_s, build_s) = compile_and_install(
-        profile,
-        layout,
-        &plan,
-        &work.src,
-        &work.build,
-        &entry,
-        opts,
-        &say,
-    )?;
-    let compile_cache = cc
-        .as_ref()
-        .zip(before)
-        .and_then(|(c, b)| Some(c.stats()?.since(&b)));
+    let Compiled {
+        manifest,
+        configure_s,
+        build_s,
+        compile_cache,
+    } = compile_fresh(profile, layout, opts, plan, &entry, &say)?;
     say(&format!(
         "built in {:.0}s (configure {:.1}s, build {:.0}s){}; cached at {}",
         started.elapsed().as_secs_f64(),
@@ -457,6 +362,154 @@ pub fn build(
         version: manifest.version_output.clone(),
         compile_cache,
         manifest,
+    })
+}
+
+/// Under the entry's exclusive lock: the fresh entry another build just
+/// wrote (`Ok`), or why this one must be built (`Err`).
+fn why_build(
+    cache: &ArtifactCache,
+    fp: &str,
+    inputs: &BuildInputs,
+    say: &dyn Fn(&str),
+) -> Result<Box<Manifest>, String> {
+    match cache.lookup(fp, Some(inputs)) {
+        Lookup::Fresh(m) => Ok(m),
+        Lookup::Stale(why) => {
+            say(&format!(
+                "cached engine {} is corrupt ({why}): rebuilding",
+                &fp[..12]
+            ));
+            Err(format!("cached entry corrupt: {why}"))
+        }
+        Lookup::Missing => Err(match closest(cache, inputs) {
+            Some((cfp, changes)) => format!(
+                "no cached build with these inputs; closest is {} ({})",
+                &cfp[..12],
+                describe_changes(&changes)
+            ),
+            None => "no cached build yet".to_string(),
+        }),
+    }
+}
+
+/// The entry copied in instead of compiled, and how: from another cache on
+/// this machine (the user's, for the test suite) that holds the
+/// fingerprint, else from a registry that has it (one that is down or
+/// lacks it costs one line).
+fn from_elsewhere(
+    opts: &BuildOptions,
+    layout: &Layout,
+    cache: &ArtifactCache,
+    plan: &BuildPlan,
+    registry: Option<&crate::registry::EngineRegistry>,
+    say: &dyn Fn(&str),
+) -> Option<(Box<Manifest>, String)> {
+    let fp = &plan.fingerprint;
+    if let Some(other) = &opts.reuse_from {
+        match reuse(other, fp, &plan.inputs, cache) {
+            Ok(m) => {
+                say(&format!(
+                    "reused engine {} from {} (checked against its manifest)",
+                    &fp[..12],
+                    other.display()
+                ));
+                return Some((m, format!("reused from {}", other.display())));
+            }
+            Err(why) => say(&format!(
+                "not reusing engine {} from {}: {why}",
+                &fp[..12],
+                other.display()
+            )),
+        }
+    }
+    let reg = registry?;
+    let inputs = serde_json::to_value(&plan.inputs).unwrap_or_default();
+    match crate::registry::pull(layout, fp, &inputs, reg, &say) {
+        Ok(p) => {
+            if let Lookup::Fresh(m) = cache.lookup(fp, Some(&plan.inputs)) {
+                say(&format!(
+                    "pulled engine {} from {} ({:.1} MB in {:.1}s)",
+                    &fp[..12],
+                    p.reference,
+                    p.layer_bytes as f64 / 1e6,
+                    p.seconds
+                ));
+                return Some((
+                    m,
+                    format!("pulled from {} ({})", p.reference, p.manifest_digest),
+                ));
+            }
+        }
+        Err(e) => say(&format!(
+            "engine registry {}: {e}; building from source",
+            reg.repo
+        )),
+    }
+    None
+}
+
+/// What [`compile_fresh`] made: the entry's manifest, the two CMake steps'
+/// seconds, what the compiler cache saved.
+struct Compiled {
+    manifest: Manifest,
+    configure_s: f64,
+    build_s: f64,
+    compile_cache: Option<crate::compile_cache::CompileStats>,
+}
+
+/// Fetch the source, compile and install into `entry` (the compiler cache
+/// first, where there is one).
+fn compile_fresh(
+    profile: &Profile,
+    layout: &Layout,
+    opts: &BuildOptions,
+    mut plan: BuildPlan,
+    entry: &std::path::Path,
+    say: &dyn Fn(&str),
+) -> Result<Compiled, BuildError> {
+    let src = match &opts.source_bundle {
+        Some(b) => crate::bundle::unpack_for_build(b, &profile.pin, layout, &say)?,
+        None => source::fetch(&profile.pin, layout, &say)?,
+    };
+    let work = WorkDir::enter(layout, &plan.fingerprint, &src, &say)?;
+    let cc = compiler_cache(profile, layout, opts, &say);
+    let before = cc.as_ref().and_then(|c| {
+        c.start(&layout.compile_cache_lock())
+            .map_err(|e| say(&format!("compiler cache: {e}; compiling without it")))
+            .ok()?;
+        c.stats()
+    });
+    let cc = cc.filter(|_| before.is_some());
+    match &cc {
+        Some(c) => {
+            plan.extra_flags.extend(c.launcher_flags());
+            plan.extra_env.extend(c.env());
+        }
+        // A work dir configured with the cache keeps its launcher unless told.
+        None => plan
+            .extra_flags
+            .extend(["C", "CXX", "CUDA"].map(|l| format!("-DCMAKE_{l}_COMPILER_LAUNCHER="))),
+    }
+    let (manifest, configure_s, build_s) = compile_and_install(
+        profile,
+        layout,
+        &plan,
+        &work.src,
+        &work.build,
+        entry,
+        opts,
+        &say,
+    )?;
+    let compile_cache = cc
+        .as_ref()
+        .zip(before)
+        .and_then(|(c, b)| Some(c.stats()?.since(&b)));
+    Ok(Compiled {
+        manifest,
+        configure_s,
+        build_s,
+        compile_cache,
     })
 }
 

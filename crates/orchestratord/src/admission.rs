@@ -76,16 +76,10 @@ fn affinity_text(req: &TaskRequest) -> String {
         return p.chars().take(crate::pool::AFFINITY_PREFIX_CHARS).collect();
     }
     let mut s = String::new();
-    for m in req
-        .messages
-        .as_ref()
-        .and_then(|m| m.as_array())
-        .into_iter()
-        .flatten()
-    {
-        s.push_str(m["role"].as_str().unwrap_or(""));
+    for m in req.messages.iter().flatten() {
+        s.push_str(m.role);
         s.push('\n');
-        s.push_str(m["content"].as_str().unwrap_or(""));
+        s.push_str(&m.content);
         s.push('\n');
         if s.len() >= crate::pool::AFFINITY_PREFIX_CHARS * 4 {
             break;

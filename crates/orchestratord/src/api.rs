@@ -75,10 +75,12 @@ impl CreateTask {
             Some(m) => {
                 let mut out = Vec::new();
                 for (i, m) in m.iter().enumerate() {
-                    let role = crate::limits::check_role(i, &m.role)?;
-                    out.push(json!({"role": role, "content": m.content}));
+                    out.push(crate::tasks::ChatTurn {
+                        role: crate::limits::check_role(i, &m.role)?,
+                        content: m.content.clone(),
+                    });
                 }
-                Some(json!(out))
+                Some(out)
             }
         };
         let chars = match (&self.prompt, &self.messages) {
@@ -95,43 +97,21 @@ impl CreateTask {
                 .map(|m| m.role.chars().count() + m.content.chars().count())
                 .sum(),
         };
-        if chars > c.max_prompt_chars {
-            let f = if self.prompt.is_some() {
-                "prompt"
-            } else {
-                "messages"
-            };
-            return Err(ApiError::invalid(
-                f,
-                format!(
-                    "prompt is {chars} characters; the limit is {}",
-                    c.max_prompt_chars
-                ),
-            ));
-        }
-        let max_tokens = match self.max_tokens {
-            None => c.default_max_tokens,
-            Some(n) if n >= 1 && n <= c.max_tokens_limit as u64 => n as u32,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "max_tokens",
-                    format!(
-                        "max_tokens must be an integer from 1 to {}",
-                        c.max_tokens_limit
-                    ),
-                ))
-            }
+        let field = if self.prompt.is_some() {
+            "prompt"
+        } else {
+            "messages"
         };
-        let temperature = match self.temperature {
-            None => 0.0,
-            Some(t) if (0.0..=2.0).contains(&t) => t,
-            Some(_) => {
-                return Err(ApiError::invalid(
-                    "temperature",
-                    "temperature must be a number from 0 to 2",
-                ))
-            }
-        };
+        crate::limits::check_prompt_chars(field, chars, c.max_prompt_chars)?;
+        let max_tokens = crate::limits::check_max_tokens(
+            "max_tokens",
+            self.max_tokens
+                .map(|n| i64::try_from(n).unwrap_or(i64::MAX)),
+            c.default_max_tokens,
+            c.max_tokens_limit,
+        )?;
+        let temperature =
+            crate::limits::check_temperature(self.temperature, crate::limits::TEMPERATURE_MAX)?;
         if self.deadline_ms == Some(0) || self.deadline_ms.is_some_and(|d| d > 86_400_000) {
             return Err(ApiError::invalid(
                 "deadline_ms",

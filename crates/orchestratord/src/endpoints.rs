@@ -167,18 +167,10 @@ pub(crate) fn check_generation(
             None | Some(Value::Null) => {}
             Some(v) => {
                 any = true;
-                let ok = v
-                    .as_i64()
-                    .is_some_and(|m| m >= 1 && m <= cfg.max_tokens_limit as i64);
-                if !ok {
-                    return Err(ApiError::invalid(
-                        *f,
-                        format!(
-                            "{f} must be between 1 and {} (got {v})",
-                            cfg.max_tokens_limit
-                        ),
-                    ));
-                }
+                match v.as_i64() {
+                    Some(n) => limits::check_max_tokens(f, Some(n), 0, cfg.max_tokens_limit)?,
+                    None => return Err(limits::max_tokens_refused(f, v, cfg.max_tokens_limit)),
+                };
             }
         }
     }
@@ -191,24 +183,20 @@ pub(crate) fn check_generation(
         }
         body.insert(max_fields[0].into(), json!(cfg.default_max_tokens));
     }
-    let t_max = if api == Api::Anthropic { 1.0 } else { 2.0 };
-    match body.get("temperature") {
-        None | Some(Value::Null) => {
-            body.insert("temperature".into(), json!(0.0));
-        }
-        Some(t) if t.as_f64().is_some_and(|t| (0.0..=t_max).contains(&t)) => {}
-        Some(_) => {
-            return Err(ApiError::invalid(
-                "temperature",
-                format!("temperature must be between 0 and {t_max}"),
-            ))
-        }
-    }
-    if let Some(p) = body.get("top_p").filter(|v| !v.is_null()) {
-        if !p.as_f64().is_some_and(|p| (0.0..=1.0).contains(&p)) {
-            return Err(ApiError::invalid("top_p", "top_p must be between 0 and 1"));
-        }
-    }
+    let t_max = if api == Api::Anthropic {
+        limits::TEMPERATURE_MAX_ANTHROPIC
+    } else {
+        limits::TEMPERATURE_MAX
+    };
+    // A present value that is not a number is out of every range (NaN).
+    let number = |body: &Map<String, Value>, k: &str| {
+        body.get(k)
+            .filter(|v| !v.is_null())
+            .map(|v| v.as_f64().unwrap_or(f64::NAN))
+    };
+    let t = limits::check_temperature(number(body, "temperature"), t_max)?;
+    limits::check_top_p(number(body, "top_p"))?;
+    body.insert("temperature".into(), json!(t));
     if api == Api::OpenAi {
         match body.get("seed") {
             None | Some(Value::Null) => {
@@ -246,20 +234,11 @@ pub(crate) fn check_generation(
         e.field = Some(stop_field.into());
         e
     })?;
-    let chars = prompt_chars(body);
-    if chars > cfg.max_prompt_chars {
-        let field = ["messages", "input", "prompt"]
-            .into_iter()
-            .find(|k| body.contains_key(*k))
-            .unwrap_or("body");
-        return Err(ApiError::invalid(
-            field,
-            format!(
-                "the request's text holds {chars} characters; at most {}",
-                cfg.max_prompt_chars
-            ),
-        ));
-    }
+    let field = ["messages", "input", "prompt"]
+        .into_iter()
+        .find(|k| body.contains_key(*k))
+        .unwrap_or("body");
+    limits::check_prompt_chars(field, prompt_chars(body), cfg.max_prompt_chars)?;
     Ok(())
 }
 

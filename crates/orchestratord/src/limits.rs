@@ -21,6 +21,69 @@ pub const ROLES: &[(&str, &str)] = &[
     ("tool", "tool"),
 ];
 
+/// Sampling temperature: 0 to [`TEMPERATURE_MAX`] (Anthropic's Messages
+/// API: 0 to 1, its own documented range).
+pub const TEMPERATURE_MAX: f64 = 2.0;
+pub const TEMPERATURE_MAX_ANTHROPIC: f64 = 1.0;
+
+/// `temperature` (absent: 0, greedy) within 0 to `max`.
+pub fn check_temperature(t: Option<f64>, max: f64) -> Result<f64, ApiError> {
+    match t {
+        None => Ok(0.0),
+        Some(t) if (0.0..=max).contains(&t) => Ok(t),
+        Some(_) => Err(ApiError::invalid(
+            "temperature",
+            format!("temperature must be a number from 0 to {max}"),
+        )),
+    }
+}
+
+/// `top_p` within 0 to 1.
+pub fn check_top_p(p: Option<f64>) -> Result<Option<f64>, ApiError> {
+    match p {
+        Some(p) if !(0.0..=1.0).contains(&p) => Err(ApiError::invalid(
+            "top_p",
+            "top_p must be a number from 0 to 1",
+        )),
+        p => Ok(p),
+    }
+}
+
+/// `field` (`max_tokens`, `max_completion_tokens`, `max_output_tokens`):
+/// absent, the configured default; else 1 to the configured limit.
+pub fn check_max_tokens(
+    field: &str,
+    n: Option<i64>,
+    default: u32,
+    limit: u32,
+) -> Result<u32, ApiError> {
+    match n {
+        None => Ok(default),
+        Some(n) if n >= 1 && n <= i64::from(limit) => Ok(n as u32),
+        Some(n) => Err(max_tokens_refused(field, n, limit)),
+    }
+}
+
+/// The refusal of a `max_tokens` value (`got`: as the client sent it).
+pub fn max_tokens_refused(field: &str, got: impl std::fmt::Display, limit: u32) -> ApiError {
+    ApiError::invalid(
+        field.to_string(),
+        format!("{field} must be an integer from 1 to {limit} (got {got})"),
+    )
+}
+
+/// The request's text (`field`: the prompt, the messages, the input) holds
+/// at most `limit` characters.
+pub fn check_prompt_chars(field: &str, chars: usize, limit: usize) -> Result<(), ApiError> {
+    if chars > limit {
+        return Err(ApiError::invalid(
+            field.to_string(),
+            format!("`{field}` holds {chars} characters; at most {limit}"),
+        ));
+    }
+    Ok(())
+}
+
 /// `stop`: at most [`STOP_STRINGS`] non-empty strings of at most [`STOP_CHARS`].
 pub fn check_stop(stop: &[String]) -> Result<(), ApiError> {
     if stop.len() > STOP_STRINGS
@@ -291,6 +354,33 @@ pub fn check_tool_name(field: &str, name: &str) -> Result<(), ApiError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_sampling_and_size_rules_hold_their_bounds_and_name_the_field() {
+        assert_eq!(check_temperature(None, TEMPERATURE_MAX).unwrap(), 0.0);
+        assert_eq!(check_temperature(Some(2.0), TEMPERATURE_MAX).unwrap(), 2.0);
+        for bad in [-0.01, 2.01, f64::NAN, f64::INFINITY] {
+            let e = check_temperature(Some(bad), TEMPERATURE_MAX).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("temperature"), "{bad}");
+        }
+        assert!(check_temperature(Some(1.5), TEMPERATURE_MAX_ANTHROPIC).is_err());
+        assert_eq!(check_top_p(None).unwrap(), None);
+        assert_eq!(check_top_p(Some(1.0)).unwrap(), Some(1.0));
+        assert!(check_top_p(Some(1.01)).is_err() && check_top_p(Some(f64::NAN)).is_err());
+        assert_eq!(check_max_tokens("max_tokens", None, 16, 4096).unwrap(), 16);
+        assert_eq!(
+            check_max_tokens("max_tokens", Some(4096), 16, 4096).unwrap(),
+            4096
+        );
+        for bad in [0, -1, 4097, i64::MAX] {
+            let e = check_max_tokens("max_completion_tokens", Some(bad), 16, 4096).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some("max_completion_tokens"));
+            assert!(e.message.contains(&format!("(got {bad})")), "{}", e.message);
+        }
+        assert!(check_prompt_chars("prompt", 10, 10).is_ok());
+        let e = check_prompt_chars("messages", 11, 10).unwrap_err();
+        assert_eq!(e.message, "`messages` holds 11 characters; at most 10");
+    }
 
     #[test]
     fn fields_are_ignored_or_refused_by_name() {

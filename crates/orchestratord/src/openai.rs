@@ -20,9 +20,10 @@ use crate::admission::admit;
 use crate::admission::DisconnectGuard;
 use crate::errors::ApiError;
 use crate::events::{EndEvent, TaskEvent};
+use crate::limits;
 use crate::models::{system_fingerprint, unix_now};
 use crate::openai_stream::{stream, Head};
-use crate::tasks::TaskRequest;
+use crate::tasks::{ChatTurn, TaskRequest};
 use crate::Shared;
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -139,127 +140,21 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
             Kind::Text => "completions",
         },
     )?;
-    if let Some(n) = r.n {
-        if n != 1 {
-            return Err(ApiError::invalid("n", "only n=1 is supported"));
-        }
+    if r.n.is_some_and(|n| n != 1) {
+        return Err(ApiError::invalid("n", "only n=1 is supported"));
     }
     let (prompt, messages) = match kind {
-        Kind::Chat => {
-            if r.prompt.is_some() {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    "chat completions take `messages`, not `prompt`",
-                ));
-            }
-            let msgs = r
-                .messages
-                .as_ref()
-                .filter(|m| !m.is_empty())
-                .ok_or_else(|| {
-                    ApiError::invalid("messages", "`messages` must be a non-empty list")
-                })?;
-            let mut out = Vec::new();
-            let mut chars = 0;
-            for (i, m) in msgs.iter().enumerate() {
-                let text = match &m.content {
-                    None => String::new(),
-                    Some(Content::Text(t)) => t.clone(),
-                    Some(Content::Parts(p)) => {
-                        let mut s = String::new();
-                        for part in p {
-                            if part.kind != "text" {
-                                return Err(ApiError::invalid(
-                                    format!("messages[{i}].content"),
-                                    format!(
-                                        "content parts of type `{}` are not supported (text only)",
-                                        llorch_io::handoff::excerpt(&part.kind, 32)
-                                    ),
-                                ));
-                            }
-                            s.push_str(part.text.as_deref().unwrap_or(""));
-                        }
-                        s
-                    }
-                };
-                let role = crate::limits::check_role(i, &m.role)?;
-                chars += text.chars().count();
-                out.push(json!({"role": role, "content": text}));
-            }
-            if chars > cfg.max_prompt_chars {
-                return Err(ApiError::invalid(
-                    "messages",
-                    format!(
-                        "the messages hold {chars} characters; at most {}",
-                        cfg.max_prompt_chars
-                    ),
-                ));
-            }
-            (None, Some(Value::Array(out)))
-        }
-        Kind::Text => {
-            if r.messages.is_some() {
-                return Err(ApiError::invalid(
-                    "messages",
-                    "completions take `prompt`, not `messages`",
-                ));
-            }
-            let p = match r.prompt {
-                Some(Prompt::One(p)) => p,
-                Some(Prompt::Many(mut v)) if v.len() == 1 => v.remove(0),
-                Some(Prompt::Many(_)) => {
-                    return Err(ApiError::invalid(
-                        "prompt",
-                        "only one prompt per request is supported",
-                    ))
-                }
-                None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
-            };
-            if p.is_empty() {
-                return Err(ApiError::invalid("prompt", "prompt is empty"));
-            }
-            if p.chars().count() > cfg.max_prompt_chars {
-                return Err(ApiError::invalid(
-                    "prompt",
-                    format!(
-                        "the prompt is longer than {} characters",
-                        cfg.max_prompt_chars
-                    ),
-                ));
-            }
-            (Some(p), None)
-        }
+        Kind::Chat => (None, Some(chat_messages(&r, cfg.max_prompt_chars)?)),
+        Kind::Text => (Some(text_prompt(&r, cfg.max_prompt_chars)?), None),
     };
     let (max_field, max) = match (r.max_completion_tokens, r.max_tokens) {
         (Some(m), _) => ("max_completion_tokens", Some(m)),
-        (None, Some(m)) => ("max_tokens", Some(m)),
-        (None, None) => ("max_tokens", None),
+        (None, m) => ("max_tokens", m),
     };
-    let max_tokens = match max {
-        None => cfg.default_max_tokens,
-        Some(m) if m >= 1 && m <= cfg.max_tokens_limit as i64 => m as u32,
-        Some(m) => {
-            return Err(ApiError::invalid(
-                max_field,
-                format!(
-                    "{max_field} must be between 1 and {} (got {m})",
-                    cfg.max_tokens_limit
-                ),
-            ))
-        }
-    };
-    let temperature = r.temperature.unwrap_or(0.0);
-    if !(0.0..=2.0).contains(&temperature) {
-        return Err(ApiError::invalid(
-            "temperature",
-            "temperature must be between 0 and 2",
-        ));
-    }
-    if let Some(p) = r.top_p {
-        if !(0.0..=1.0).contains(&p) {
-            return Err(ApiError::invalid("top_p", "top_p must be between 0 and 1"));
-        }
-    }
+    let max_tokens =
+        limits::check_max_tokens(max_field, max, cfg.default_max_tokens, cfg.max_tokens_limit)?;
+    let temperature = limits::check_temperature(r.temperature, limits::TEMPERATURE_MAX)?;
+    let top_p = limits::check_top_p(r.top_p)?;
     let seed = match r.seed {
         None => cfg.default_seed,
         Some(s) if s >= 0 => s as u64,
@@ -275,8 +170,116 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
         Some(Stop::One(s)) => vec![s],
         Some(Stop::Many(v)) => v,
     };
-    crate::limits::check_stop(&stop)?;
-    let (logprobs, n_probs) = match (kind, r.logprobs, r.top_logprobs) {
+    limits::check_stop(&stop)?;
+    let (logprobs, n_probs) = logprobs(kind, r.logprobs, r.top_logprobs)?;
+    Ok(Plan {
+        task: TaskRequest {
+            prompt,
+            messages,
+            max_tokens,
+            seed,
+            temperature,
+            deadline_ms: None,
+            ignore_eos: r.ignore_eos.unwrap_or(false),
+            stop,
+            grammar: None,
+            top_p,
+            n_probs,
+            forward: None,
+        },
+        stream: r.stream.unwrap_or(false),
+        include_usage: r
+            .stream_options
+            .and_then(|o| o.include_usage)
+            .unwrap_or(false),
+        logprobs,
+        model,
+        pool,
+    })
+}
+
+/// Chat completions' `messages`: a non-empty list of text messages whose
+/// roles the limits table knows, at most `max_chars` characters in all.
+fn chat_messages(r: &OpenAiRequest, max_chars: usize) -> Result<Vec<ChatTurn>, ApiError> {
+    if r.prompt.is_some() {
+        return Err(ApiError::invalid(
+            "prompt",
+            "chat completions take `messages`, not `prompt`",
+        ));
+    }
+    let msgs = r
+        .messages
+        .as_ref()
+        .filter(|m| !m.is_empty())
+        .ok_or_else(|| ApiError::invalid("messages", "`messages` must be a non-empty list"))?;
+    let mut out = Vec::new();
+    let mut chars = 0;
+    for (i, m) in msgs.iter().enumerate() {
+        let content = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(p)) => {
+                let mut s = String::new();
+                for part in p {
+                    if part.kind != "text" {
+                        return Err(ApiError::invalid(
+                            format!("messages[{i}].content"),
+                            format!(
+                                "content parts of type `{}` are not supported (text only)",
+                                llorch_io::handoff::excerpt(&part.kind, 32)
+                            ),
+                        ));
+                    }
+                    s.push_str(part.text.as_deref().unwrap_or(""));
+                }
+                s
+            }
+        };
+        chars += content.chars().count();
+        out.push(ChatTurn {
+            role: limits::check_role(i, &m.role)?,
+            content,
+        });
+    }
+    limits::check_prompt_chars("messages", chars, max_chars)?;
+    Ok(out)
+}
+
+/// Completions' `prompt`: one non-empty text of at most `max_chars` characters.
+fn text_prompt(r: &OpenAiRequest, max_chars: usize) -> Result<String, ApiError> {
+    if r.messages.is_some() {
+        return Err(ApiError::invalid(
+            "messages",
+            "completions take `prompt`, not `messages`",
+        ));
+    }
+    let p = match &r.prompt {
+        Some(Prompt::One(p)) => p.clone(),
+        Some(Prompt::Many(v)) if v.len() == 1 => v[0].clone(),
+        Some(Prompt::Many(_)) => {
+            return Err(ApiError::invalid(
+                "prompt",
+                "only one prompt per request is supported",
+            ))
+        }
+        None => return Err(ApiError::invalid("prompt", "`prompt` is required")),
+    };
+    if p.is_empty() {
+        return Err(ApiError::invalid("prompt", "prompt is empty"));
+    }
+    limits::check_prompt_chars("prompt", p.chars().count(), max_chars)?;
+    Ok(p)
+}
+
+/// Log-probabilities as each API spells them: chat's `logprobs: true` with
+/// `top_logprobs` 0 to 20, completions' `logprobs` count 0 to 5; whether to
+/// answer with them, and llama-server's `n_probs`.
+fn logprobs(
+    kind: Kind,
+    flag: Option<Logprobs>,
+    top: Option<i64>,
+) -> Result<(bool, Option<u32>), ApiError> {
+    Ok(match (kind, flag, top) {
         (_, None | Some(Logprobs::Flag(false)), None) => (false, None),
         (Kind::Chat, Some(Logprobs::Flag(true)), top) => {
             let top = top.unwrap_or(0);
@@ -310,32 +313,6 @@ fn plan(st: &Shared, kind: Kind, body: &[u8]) -> Result<Plan, ApiError> {
                 },
             ))
         }
-    };
-    let stream = r.stream.unwrap_or(false);
-    let include_usage = r
-        .stream_options
-        .and_then(|o| o.include_usage)
-        .unwrap_or(false);
-    Ok(Plan {
-        task: TaskRequest {
-            prompt,
-            messages,
-            max_tokens,
-            seed,
-            temperature,
-            deadline_ms: None,
-            ignore_eos: r.ignore_eos.unwrap_or(false),
-            stop,
-            grammar: None,
-            top_p: r.top_p,
-            n_probs,
-            forward: None,
-        },
-        stream,
-        include_usage,
-        logprobs,
-        model,
-        pool,
     })
 }
 

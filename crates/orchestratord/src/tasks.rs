@@ -21,18 +21,25 @@ use crate::events::{EndEvent, ErrorEvent, TaskEvent};
 use crate::link::LinkState;
 use crate::pool::Pool;
 use crate::AppState;
-use serde_json::Value;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, Notify};
 
+/// One message of a chat task: its role as the engine's template takes it
+/// (the limits table's roles) and its text.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct ChatTurn {
+    pub role: &'static str,
+    pub content: String,
+}
+
 /// A validated task request.
 #[derive(Clone, Debug, Default)]
 pub struct TaskRequest {
     pub prompt: Option<String>,
-    pub messages: Option<Value>,
+    pub messages: Option<Vec<ChatTurn>>,
     pub max_tokens: u32,
     pub seed: u64,
     pub temperature: f64,

@@ -33,7 +33,7 @@ fn a_valid_task_gets_the_documented_defaults() {
     assert!(!t.ignore_eos && t.stop.is_empty() && id.is_none() && pool.is_none());
     let (t, _, _) = create(json!({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4096, "temperature": 2.0, "task_id": "a-1_B", "pool": "p"})).unwrap();
     assert_eq!(t.max_tokens, 4096);
-    assert_eq!(t.messages.unwrap()[0]["role"], "user");
+    assert_eq!(t.messages.unwrap()[0].role, "user");
 }
 
 #[test]
