@@ -351,17 +351,10 @@ pub fn build(
         }
     }
     Ok(BuildOutcome {
-        profile: profile.name.clone(),
-        binary: entry.join(&manifest.binary),
-        fingerprint: fp,
-        dir: entry,
         cache_hit: false,
-        reason: Some(reason),
         cmake_invocations: 2,
-        duration_s: started.elapsed().as_secs_f64(),
-        version: manifest.version_output.clone(),
         compile_cache,
-        manifest,
+        ..present(Box::new(manifest), Some(reason))
     })
 }
 

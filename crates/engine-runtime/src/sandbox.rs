@@ -35,7 +35,7 @@ use std::path::PathBuf;
 mod fs_rules;
 pub mod isolate;
 mod seccomp;
-use fs_rules::landlock_ruleset;
+use fs_rules::{landlock_ruleset, own_proc_access, own_proc_rule};
 use isolate::{EngineUser, Privilege};
 use seccomp::{seccomp_filters, target_arch};
 
@@ -332,62 +332,6 @@ pub enum SandboxError {
     Build { what: String, err: String },
 }
 
-/// `struct landlock_path_beneath_attr` (packed, as the kernel reads it).
-#[repr(C, packed)]
-struct PathBeneathAttr {
-    allowed_access: u64,
-    parent_fd: i32,
-}
-
-/// The rights on its own `/proc/<pid>`: read, write, and truncate where the
-/// kernel handles it (ABI 3; `fopen(…, "wb")` truncates).
-fn own_proc_access(abi: u32) -> u64 {
-    const WRITE_FILE: u64 = 1 << 1;
-    const READ_FILE: u64 = 1 << 2;
-    const READ_DIR: u64 = 1 << 3;
-    const TRUNCATE: u64 = 1 << 14;
-    let base = WRITE_FILE | READ_FILE | READ_DIR;
-    if abi >= 3 {
-        base | TRUNCATE
-    } else {
-        base
-    }
-}
-
-/// In the child, before `landlock_restrict_self`: let it read and write its
-/// own `/proc/<pid>` (its threads' names: CUDA names its threads through
-/// `/proc/self/task/<tid>/comm` and fails to initialise when that write is
-/// refused; measured on an H100, docs/gpu.md). Only the child knows its pid,
-/// so the rule is added here, to the ruleset the parent built (the
-/// parent never uses that ruleset again). The `O_PATH` descriptor is left
-/// open across exec: it keeps the procfs inode the rule names alive. Only
-/// system calls, nothing allocates.
-fn own_proc_rule(ruleset: std::os::fd::RawFd, access: u64) -> std::io::Result<()> {
-    const RULE_PATH_BENEATH: libc::c_long = 1;
-    // SAFETY: a constant NUL-terminated path; plain system calls.
-    unsafe {
-        let fd = libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
-        if fd < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        let attr = PathBeneathAttr {
-            allowed_access: access,
-            parent_fd: fd,
-        };
-        let r = libc::syscall(
-            libc::SYS_landlock_add_rule,
-            ruleset,
-            RULE_PATH_BENEATH,
-            &attr as *const PathBeneathAttr,
-            0u32,
-        );
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-    }
-    Ok(())
-}
-
 /// Changes to the sandbox for bisecting a program that fails in it (only
 /// `sandbox-probe run` makes them, from `LLORCH_SANDBOX_PROBE_*`).
 #[derive(Clone, Debug, Default)]
@@ -428,6 +372,17 @@ pub struct Sandbox {
 /// Whether `user` may reach everything the engine reads (see
 /// [`EngineUser::may_reach`]); the socket's directory is made its own.
 fn reach(access: &EngineAccess, user: &EngineUser) -> Result<(), String> {
+    reach_files(access, user).map_err(|e| e.to_string())?;
+    if access.mps_pipe.is_some() {
+        return Err(
+            "an MPS daemon of the pool's own is run by root, and its clients must share its user"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+fn reach_files(access: &EngineAccess, user: &EngineUser) -> Result<(), isolate::Unreachable> {
     user.may_reach(&access.binary, true)?;
     if let Some(dir) = fs_rules::engine_dir(&access.binary) {
         user.may_reach(dir, false)?;
@@ -442,12 +397,6 @@ fn reach(access: &EngineAccess, user: &EngineUser) -> Result<(), String> {
                 user.may_reach(run, false)?;
             }
         }
-    }
-    if access.mps_pipe.is_some() {
-        return Err(
-            "an MPS daemon of the pool's own is run by root, and its clients must share its user"
-                .into(),
-        );
     }
     Ok(())
 }
@@ -618,84 +567,4 @@ impl Sandbox {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use std::path::Path;
-
-    fn access() -> EngineAccess {
-        EngineAccess {
-            binary: PathBuf::from("/bin/true"),
-            read_files: Vec::new(),
-            listen: Listen::Tcp(1),
-            mps_pipe: None,
-        }
-    }
-
-    #[test]
-    fn strict_names_what_the_kernel_lacks_and_auto_starts_with_less() {
-        let old = Support {
-            landlock_abi: 3,
-            seccomp: true,
-        };
-        let e = Sandbox::build_on(
-            SandboxMode::Strict,
-            &access(),
-            old,
-            &RootPlan::default(),
-            &Diagnose::default(),
-        )
-        .err()
-        .expect("strict refuses ABI 3");
-        let msg = e.to_string();
-        assert!(msg.contains("network rules (ABI 4"), "{msg}");
-        assert!(msg.contains("server.sandbox: auto"), "{msg}");
-        let p = Protections::for_support(SandboxMode::Auto, old);
-        assert!(p.filesystem && !p.network && p.seccomp);
-        assert!(p.summary().contains("not on: "), "{}", p.summary());
-        let none = Protections::for_support(
-            SandboxMode::Auto,
-            Support {
-                landlock_abi: 0,
-                seccomp: false,
-            },
-        );
-        assert!(!none.filesystem && !none.seccomp && none.no_new_privs);
-        let off = Protections::for_support(SandboxMode::Off, old);
-        assert_eq!(off.missing(), Vec::<&str>::new());
-        assert!(off.summary().contains("full rights"));
-    }
-
-    #[test]
-    fn an_engine_reads_its_own_tree_never_a_top_level_one() {
-        let d = |p: &str| fs_rules::engine_dir(Path::new(p)).map(|d| d.display().to_string());
-        assert_eq!(
-            d("/home/u/.cache/llama-orch/engines-v1/f/bin/llama-server").as_deref(),
-            Some("/home/u/.cache/llama-orch/engines-v1/f")
-        );
-        assert_eq!(
-            d("/opt/llorch/srv/llama-server").as_deref(),
-            Some("/opt/llorch/srv")
-        );
-        for top in [
-            "/bin/cat",
-            "/usr/bin/llama-server",
-            "/llama-server",
-            "/opt/bin/x",
-        ] {
-            assert_eq!(d(top), None, "{top}");
-        }
-    }
-
-    #[test]
-    fn the_filters_compile_on_this_architecture() {
-        if target_arch().is_some() {
-            let f = seccomp_filters(&Diagnose::default(), false).unwrap();
-            assert_eq!(
-                seccomp_filters(&Diagnose::default(), true).unwrap().len(),
-                2
-            );
-            assert_eq!(f.len(), 2);
-            assert!(f[0].len() > seccomp::denied_syscalls().len());
-        }
-    }
-}
+mod tests;

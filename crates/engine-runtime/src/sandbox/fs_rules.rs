@@ -196,3 +196,59 @@ pub(super) fn landlock_ruleset(
         err: "the kernel gave no Landlock ruleset".into(),
     })
 }
+
+/// `struct landlock_path_beneath_attr` (packed, as the kernel reads it).
+#[repr(C, packed)]
+struct PathBeneathAttr {
+    allowed_access: u64,
+    parent_fd: i32,
+}
+
+/// The rights on its own `/proc/<pid>`: read, write, and truncate where the
+/// kernel handles it (ABI 3; `fopen(…, "wb")` truncates).
+pub(super) fn own_proc_access(abi: u32) -> u64 {
+    const WRITE_FILE: u64 = 1 << 1;
+    const READ_FILE: u64 = 1 << 2;
+    const READ_DIR: u64 = 1 << 3;
+    const TRUNCATE: u64 = 1 << 14;
+    let base = WRITE_FILE | READ_FILE | READ_DIR;
+    if abi >= 3 {
+        base | TRUNCATE
+    } else {
+        base
+    }
+}
+
+/// In the child, before `landlock_restrict_self`: let it read and write its
+/// own `/proc/<pid>` (its threads' names: CUDA names its threads through
+/// `/proc/self/task/<tid>/comm` and fails to initialise when that write is
+/// refused; measured on an H100, docs/gpu.md). Only the child knows its pid,
+/// so the rule is added here, to the ruleset the parent built (the
+/// parent never uses that ruleset again). The `O_PATH` descriptor is left
+/// open across exec: it keeps the procfs inode the rule names alive. Only
+/// system calls, nothing allocates.
+pub(super) fn own_proc_rule(ruleset: std::os::fd::RawFd, access: u64) -> std::io::Result<()> {
+    const RULE_PATH_BENEATH: libc::c_long = 1;
+    // SAFETY: a constant NUL-terminated path; plain system calls.
+    unsafe {
+        let fd = libc::open(c"/proc/self".as_ptr(), libc::O_PATH | libc::O_DIRECTORY);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let attr = PathBeneathAttr {
+            allowed_access: access,
+            parent_fd: fd,
+        };
+        let r = libc::syscall(
+            libc::SYS_landlock_add_rule,
+            ruleset,
+            RULE_PATH_BENEATH,
+            &attr as *const PathBeneathAttr,
+            0u32,
+        );
+        if r != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}

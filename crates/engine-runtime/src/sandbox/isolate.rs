@@ -50,6 +50,21 @@ impl Privilege {
     }
 }
 
+/// Why the dedicated user cannot reach a file the engine needs.
+#[derive(Debug, PartialEq, Eq, thiserror::Error)]
+pub enum Unreachable {
+    #[error("{path} is not searchable by {user}")]
+    NotSearchable { path: String, user: String },
+    #[error("{path} is not {need} by {user}")]
+    NotPermitted {
+        path: String,
+        need: &'static str,
+        user: String,
+    },
+    #[error("{path}: {why}")]
+    Unreadable { path: String, why: String },
+}
+
 /// The dedicated user, as the system's user database names it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EngineUser {
@@ -88,7 +103,7 @@ impl EngineUser {
     /// them) may search every directory above `path` and read `path` (with
     /// `exec`, also execute it). By the mode bits alone: a POSIX ACL that
     /// grants more is not read, so the answer errs on "no".
-    pub fn may_reach(&self, path: &Path, exec: bool) -> Result<(), String> {
+    pub fn may_reach(&self, path: &Path, exec: bool) -> Result<(), Unreachable> {
         use std::os::unix::fs::MetadataExt;
         let allowed = |md: &std::fs::Metadata, bit: u32| {
             let m = md.mode();
@@ -100,31 +115,34 @@ impl EngineUser {
                 m & bit != 0
             }
         };
+        let stat = |p: &Path| {
+            fs_err::metadata(p).map_err(|e| Unreachable::Unreadable {
+                path: p.display().to_string(),
+                why: e.to_string(),
+            })
+        };
         let mut dir = path.parent();
         while let Some(d) = dir.filter(|d| !d.as_os_str().is_empty()) {
-            let md = fs_err::metadata(d).map_err(|e| e.to_string())?;
-            if !allowed(&md, 0o1) {
-                return Err(format!(
-                    "{} is not searchable by {}",
-                    d.display(),
-                    self.name
-                ));
+            if !allowed(&stat(d)?, 0o1) {
+                return Err(Unreachable::NotSearchable {
+                    path: d.display().to_string(),
+                    user: self.name.clone(),
+                });
             }
             dir = d.parent();
         }
-        let md = fs_err::metadata(path).map_err(|e| e.to_string())?;
-        let bit = if md.is_dir() || exec { 0o5 } else { 0o4 };
-        if !allowed(&md, 0o4) || (bit == 0o5 && !allowed(&md, 0o1)) {
-            return Err(format!(
-                "{} is not {} by {}",
-                path.display(),
-                if bit == 0o5 {
+        let md = stat(path)?;
+        let both = md.is_dir() || exec;
+        if !allowed(&md, 0o4) || (both && !allowed(&md, 0o1)) {
+            return Err(Unreachable::NotPermitted {
+                path: path.display().to_string(),
+                need: if both {
                     "readable and executable"
                 } else {
                     "readable"
                 },
-                self.name
-            ));
+                user: self.name.clone(),
+            });
         }
         Ok(())
     }
@@ -196,10 +214,10 @@ mod tests {
         set(&f, 0o644);
         // The temp dir's own ancestors (/tmp: 1777) are searchable by others.
         assert_eq!(me.may_reach(&f, false), Ok(()));
-        let e = me.may_reach(&f, true).unwrap_err();
+        let e = me.may_reach(&f, true).unwrap_err().to_string();
         assert!(e.contains("readable and executable"), "{e}");
         set(&inner, 0o700);
-        let e = me.may_reach(&f, false).unwrap_err();
+        let e = me.may_reach(&f, false).unwrap_err().to_string();
         assert!(e.contains("inner is not searchable by someone"), "{e}");
         set(&inner, 0o755);
         set(&f, 0o600);
