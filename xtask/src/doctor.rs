@@ -72,6 +72,95 @@ fn engine_user_install() -> Result<()> {
     Ok(())
 }
 
+/// `doctor`'s text: the profile, each tool, CUDA, the engine sandbox, warnings.
+fn print_report(
+    profile: &llorch_profile::Profile,
+    report: &preflight::Preflight,
+    sandbox: &engine_runtime::sandbox::Protections,
+) {
+    let backend = match report.backend {
+        llorch_profile::Backend::Cpu => "CPU",
+        llorch_profile::Backend::Cuda => "CUDA",
+    };
+    println!("profile {} ({backend} backend)", profile.name);
+    match report.package_manager {
+        Some(pm) => println!("package manager: {}", pm.name()),
+        None => println!("package manager: none detected"),
+    }
+    for c in &report.checks {
+        let mark = if c.ok {
+            "ok     "
+        } else if c.required {
+            "MISSING"
+        } else {
+            "absent "
+        };
+        let what = match (&c.found, &c.version) {
+            (Some(p), Some(v)) => format!("{v}  ({p})"),
+            (Some(p), None) => p.clone(),
+            _ => String::new(),
+        };
+        println!("{}", format!("  [{mark}] {:<8} {what}", c.tool).trim_end());
+        if let Some(n) = &c.note {
+            println!("            {n}");
+        }
+        if !c.ok {
+            if let Some(i) = &c.install {
+                println!("            install: {i}");
+            } else if c.required {
+                println!(
+                    "            install with one of:\n{}",
+                    preflight::install_hints(&c.tool)
+                );
+            }
+        }
+    }
+    if let Some(cuda) = &report.cuda {
+        println!("CUDA:");
+        println!(
+            "  nvcc:          {}",
+            cuda.nvcc.as_deref().unwrap_or("not found")
+        );
+        println!(
+            "  nvcc version:  {}",
+            cuda.nvcc_version.as_deref().unwrap_or("-")
+        );
+        println!(
+            "  CUDA root:     {}",
+            cuda.cuda_root
+                .as_deref()
+                .unwrap_or("not found (looked in CUDA_PATH, /opt/cuda, /usr/local/cuda)")
+        );
+        println!(
+            "  host compiler: {}",
+            cuda.host_compiler.as_deref().unwrap_or("-")
+        );
+        let gpus = if cuda.gpus_compute_cap.is_empty() {
+            "none visible".to_string()
+        } else {
+            cuda.gpus_compute_cap.join(", ")
+        };
+        println!("  local GPUs (compute capability): {gpus}");
+        match &cuda.mps {
+                Some(m) => println!(
+                    "  NVIDIA MPS:    control daemon running (pid {}, pipes in {}): engines sharing a GPU share its SMs",
+                    m.pid, m.pipe_dir
+                ),
+                None => println!(
+                    "  NVIDIA MPS:    no control daemon: engines sharing a GPU time-slice it (see README, Many clients)"
+                ),
+            }
+        println!(
+            "  profile archs: {}",
+            profile.file.engine.cuda_archs.join(", ")
+        );
+    }
+    println!("engine {}", sandbox.summary());
+    for w in &report.warnings {
+        println!("warning: {w}");
+    }
+}
+
 fn test_servers(install: bool) -> Result<()> {
     let missing: Vec<&(&str, &str, &str, &str)> = TEST_SERVERS
         .iter()
@@ -181,87 +270,7 @@ impl DoctorCmd {
             v["sandbox"] = serde_json::to_value(&sandbox)?;
             print_json(&v)?;
         } else {
-            let backend = match report.backend {
-                llorch_profile::Backend::Cpu => "CPU",
-                llorch_profile::Backend::Cuda => "CUDA",
-            };
-            println!("profile {} ({backend} backend)", profile.name);
-            match report.package_manager {
-                Some(pm) => println!("package manager: {}", pm.name()),
-                None => println!("package manager: none detected"),
-            }
-            for c in &report.checks {
-                let mark = if c.ok {
-                    "ok     "
-                } else if c.required {
-                    "MISSING"
-                } else {
-                    "absent "
-                };
-                let what = match (&c.found, &c.version) {
-                    (Some(p), Some(v)) => format!("{v}  ({p})"),
-                    (Some(p), None) => p.clone(),
-                    _ => String::new(),
-                };
-                println!("{}", format!("  [{mark}] {:<8} {what}", c.tool).trim_end());
-                if let Some(n) = &c.note {
-                    println!("            {n}");
-                }
-                if !c.ok {
-                    if let Some(i) = &c.install {
-                        println!("            install: {i}");
-                    } else if c.required {
-                        println!(
-                            "            install with one of:\n{}",
-                            preflight::install_hints(&c.tool)
-                        );
-                    }
-                }
-            }
-            if let Some(cuda) = &report.cuda {
-                println!("CUDA:");
-                println!(
-                    "  nvcc:          {}",
-                    cuda.nvcc.as_deref().unwrap_or("not found")
-                );
-                println!(
-                    "  nvcc version:  {}",
-                    cuda.nvcc_version.as_deref().unwrap_or("-")
-                );
-                println!(
-                    "  CUDA root:     {}",
-                    cuda.cuda_root
-                        .as_deref()
-                        .unwrap_or("not found (looked in CUDA_PATH, /opt/cuda, /usr/local/cuda)")
-                );
-                println!(
-                    "  host compiler: {}",
-                    cuda.host_compiler.as_deref().unwrap_or("-")
-                );
-                let gpus = if cuda.gpus_compute_cap.is_empty() {
-                    "none visible".to_string()
-                } else {
-                    cuda.gpus_compute_cap.join(", ")
-                };
-                println!("  local GPUs (compute capability): {gpus}");
-                match &cuda.mps {
-                    Some(m) => println!(
-                        "  NVIDIA MPS:    control daemon running (pid {}, pipes in {}): engines sharing a GPU share its SMs",
-                        m.pid, m.pipe_dir
-                    ),
-                    None => println!(
-                        "  NVIDIA MPS:    no control daemon: engines sharing a GPU time-slice it (see README, Many clients)"
-                    ),
-                }
-                println!(
-                    "  profile archs: {}",
-                    profile.file.engine.cuda_archs.join(", ")
-                );
-            }
-            println!("engine {}", sandbox.summary());
-            for w in &report.warnings {
-                println!("warning: {w}");
-            }
+            print_report(&profile, &report, &sandbox);
         }
         if self.test_servers {
             test_servers(self.install)?;
