@@ -152,6 +152,45 @@ fn main() {
         "setuid_root",
         os(unsafe { libc::setuid(0) } as libc::c_long),
     );
+    network(who, &connect);
+    report(
+        who,
+        "read_home_file",
+        fs_err::read_to_string(&secret).map(|s| format!("read {} bytes", s.len())),
+    );
+    report(
+        who,
+        "write_outside",
+        fs_err::write(format!("{write_dir}/escaped-{who}"), b"x").map(|_| "written".into()),
+    );
+    process(who, safe);
+    report(
+        who,
+        "exec_shell",
+        Cmd::new("/bin/sh")
+            .args(["-c", "echo shell ran"])
+            .output()
+            .map(|(_, out, _)| out)
+            .map_err(|e| std::io::Error::other(e.to_string())),
+    );
+    drop(own);
+    if !child && !safe {
+        // Its own binary may run (it is the engine): the copy is as confined.
+        let me = std::env::current_exe().expect("current_exe");
+        let status = Cmd::new(me).args(&args[1..]).arg("--child").status();
+        report(
+            who,
+            "exec_self",
+            status
+                .map(|s| format!("ran, {s}"))
+                .map_err(|e| std::io::Error::other(e.to_string())),
+        );
+    }
+}
+
+/// What an engine must not do on the network: bind another port, connect
+/// out, make a TCP socket (on a unix socket), UDP or netlink sockets.
+fn network(who: &str, connect: &str) {
     report(
         who,
         "bind_another_port",
@@ -183,16 +222,12 @@ fn main() {
             libc::close(fd);
         }
     }
-    report(
-        who,
-        "read_home_file",
-        fs_err::read_to_string(&secret).map(|s| format!("read {} bytes", s.len())),
-    );
-    report(
-        who,
-        "write_outside",
-        fs_err::write(format!("{write_dir}/escaped-{who}"), b"x").map(|_| "written".into()),
-    );
+}
+
+/// What an engine must not do to other processes: trace or signal its
+/// parent (not in `--safe` control runs), make a user namespace, set up
+/// io_uring, rename its parent; what it may: name its own threads.
+fn process(who: &str, safe: bool) {
     // SAFETY: ptrace/kill/unshare/io_uring_setup with constant or checked arguments.
     unsafe {
         let parent = libc::getppid();
@@ -243,28 +278,6 @@ fn main() {
             who,
             "name_parent",
             fs_err::write(format!("/proc/{parent}/comm"), b"pwned").map(|_| "renamed".into()),
-        );
-    }
-    report(
-        who,
-        "exec_shell",
-        Cmd::new("/bin/sh")
-            .args(["-c", "echo shell ran"])
-            .output()
-            .map(|(_, out, _)| out)
-            .map_err(|e| std::io::Error::other(e.to_string())),
-    );
-    drop(own);
-    if !child && !safe {
-        // Its own binary may run (it is the engine): the copy is as confined.
-        let me = std::env::current_exe().expect("current_exe");
-        let status = Cmd::new(me).args(&args[1..]).arg("--child").status();
-        report(
-            who,
-            "exec_self",
-            status
-                .map(|s| format!("ran, {s}"))
-                .map_err(|e| std::io::Error::other(e.to_string())),
         );
     }
 }
