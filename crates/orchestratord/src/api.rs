@@ -8,7 +8,7 @@ use crate::errors::{parse_body, ApiError};
 use crate::events::TaskEvent;
 use crate::link::LinkState;
 use crate::pool::Pool;
-use crate::tasks::{self, CancelReason, Task, TaskRequest};
+use crate::tasks::{self, CancelReason, ChatTurn, Task, TaskRequest};
 use crate::{AppState, Shared};
 use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{header, Method, StatusCode};
@@ -61,48 +61,7 @@ impl CreateTask {
             }
             Some(p) => Some(p.clone()),
         };
-        if matches!(&self.prompt, Some(p) if p.is_empty()) {
-            return Err(ApiError::invalid("prompt", "prompt is empty"));
-        }
-        let messages = match &self.messages {
-            None => None,
-            Some(m) if m.is_empty() => {
-                return Err(ApiError::invalid(
-                    "messages",
-                    "messages must be a non-empty array of {role, content}",
-                ))
-            }
-            Some(m) => {
-                let mut out = Vec::new();
-                for (i, m) in m.iter().enumerate() {
-                    out.push(crate::tasks::ChatTurn {
-                        role: crate::limits::check_role(i, &m.role)?,
-                        content: m.content.clone(),
-                    });
-                }
-                Some(out)
-            }
-        };
-        let chars = match (&self.prompt, &self.messages) {
-            (None, None) => return Err(ApiError::invalid("prompt", "give `prompt` or `messages`")),
-            (Some(_), Some(_)) => {
-                return Err(ApiError::invalid(
-                    "messages",
-                    "give `prompt` or `messages`, not both",
-                ))
-            }
-            (Some(p), None) => p.chars().count(),
-            (None, Some(m)) => m
-                .iter()
-                .map(|m| m.role.chars().count() + m.content.chars().count())
-                .sum(),
-        };
-        let field = if self.prompt.is_some() {
-            "prompt"
-        } else {
-            "messages"
-        };
-        crate::limits::check_prompt_chars(field, chars, c.max_prompt_chars)?;
+        let messages = self.checked_text(c.max_prompt_chars)?;
         let max_tokens = crate::limits::check_max_tokens(
             "max_tokens",
             self.max_tokens
@@ -122,17 +81,7 @@ impl CreateTask {
         crate::limits::check_stop(&stop)?;
         crate::limits::check_grammar(self.grammar.as_deref())?;
         if let Some(id) = &self.task_id {
-            let ok = !id.is_empty()
-                && id.len() <= 64
-                && id
-                    .chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
-            if !ok {
-                return Err(ApiError::invalid(
-                    "task_id",
-                    "task_id must be 1-64 letters, digits, '-' or '_'",
-                ));
-            }
+            check_task_id(id)?;
         }
         Ok((
             TaskRequest {
@@ -153,6 +102,64 @@ impl CreateTask {
             pool,
         ))
     }
+}
+
+impl CreateTask {
+    /// `prompt` or `messages` (not both, not empty; roles from the limits
+    /// table), at most `max_chars` characters in all; the messages typed.
+    fn checked_text(&self, max_chars: usize) -> Result<Option<Vec<ChatTurn>>, ApiError> {
+        if matches!(&self.prompt, Some(p) if p.is_empty()) {
+            return Err(ApiError::invalid("prompt", "prompt is empty"));
+        }
+        let (field, chars, messages) = match (&self.prompt, &self.messages) {
+            (None, None) => return Err(ApiError::invalid("prompt", "give `prompt` or `messages`")),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "give `prompt` or `messages`, not both",
+                ))
+            }
+            (Some(p), None) => ("prompt", p.chars().count(), None),
+            (None, Some(m)) if m.is_empty() => {
+                return Err(ApiError::invalid(
+                    "messages",
+                    "messages must be a non-empty array of {role, content}",
+                ))
+            }
+            (None, Some(m)) => {
+                let mut out = Vec::new();
+                for (i, m) in m.iter().enumerate() {
+                    out.push(ChatTurn {
+                        role: crate::limits::check_role(i, &m.role)?,
+                        content: m.content.clone(),
+                    });
+                }
+                let chars = m
+                    .iter()
+                    .map(|m| m.role.chars().count() + m.content.chars().count())
+                    .sum();
+                ("messages", chars, Some(out))
+            }
+        };
+        crate::limits::check_prompt_chars(field, chars, max_chars)?;
+        Ok(messages)
+    }
+}
+
+/// `task_id`: 1 to 64 letters, digits, `-` or `_` (it names files and URLs).
+fn check_task_id(id: &str) -> Result<(), ApiError> {
+    let ok = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if !ok {
+        return Err(ApiError::invalid(
+            "task_id",
+            "task_id must be 1-64 letters, digits, '-' or '_'",
+        ));
+    }
+    Ok(())
 }
 
 /// A checked request, its client-chosen id and the pool it names.
