@@ -125,19 +125,15 @@ const REFUSED: &[(&[&str], &str)] = &[
     ),
 ];
 
-/// The llama-server flags for a profile (without model and port).
-pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
-    let s = &profile.file.server;
-    let threads = if s.threads == 0 {
-        std::thread::available_parallelism()
-            .map(|n| n.get() as u32)
-            .unwrap_or(1)
-    } else {
-        s.threads
-    };
-    let mut ngl = s.n_gpu_layers;
+/// `server.extra_args` checked against the allow-list (each refusal says
+/// why), and the GPU layer count they may set.
+fn checked_extra_args(
+    extra_args: &[String],
+    n_gpu_layers: Option<i32>,
+) -> Result<(Vec<String>, Option<i32>), EngineError> {
+    let mut ngl = n_gpu_layers;
     let mut extra = Vec::new();
-    let mut it = s.extra_args.iter().peekable();
+    let mut it = extra_args.iter().peekable();
     while let Some(a) = it.next() {
         let (name, inline) = match a.split_once('=') {
             Some((n, v)) if n.starts_with('-') => (n.to_string(), Some(v.to_string())),
@@ -197,6 +193,20 @@ pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
             });
         }
     }
+    Ok((extra, ngl))
+}
+
+/// The llama-server flags for a profile (without model and port).
+pub fn server_flags(profile: &Profile) -> Result<Vec<String>, EngineError> {
+    let s = &profile.file.server;
+    let threads = if s.threads == 0 {
+        std::thread::available_parallelism()
+            .map(|n| n.get() as u32)
+            .unwrap_or(1)
+    } else {
+        s.threads
+    };
+    let (extra, ngl) = checked_extra_args(&s.extra_args, s.n_gpu_layers)?;
     let ngl = match profile.file.engine.backend {
         Backend::Cpu => 0,
         Backend::Cuda => ngl.unwrap_or(999),
