@@ -245,25 +245,7 @@ pub fn write(
         vocab_path.display()
     ));
 
-    let kv_dim = shape.embd / shape.heads * shape.kv_heads;
-    // (name, dims, is_f16)
-    let mut tensors: Vec<(String, Vec<u64>, bool)> =
-        vec![("token_embd.weight".into(), vec![shape.embd, vocab], true)];
-    for i in 0..shape.layers {
-        let b = |n: &str| format!("blk.{i}.{n}.weight");
-        tensors.push((b("attn_norm"), vec![shape.embd], false));
-        tensors.push((b("attn_q"), vec![shape.embd, shape.embd], true));
-        tensors.push((b("attn_k"), vec![shape.embd, kv_dim], true));
-        tensors.push((b("attn_v"), vec![shape.embd, kv_dim], true));
-        tensors.push((b("attn_output"), vec![shape.embd, shape.embd], true));
-        tensors.push((b("ffn_norm"), vec![shape.embd], false));
-        tensors.push((b("ffn_gate"), vec![shape.embd, shape.ff], true));
-        tensors.push((b("ffn_down"), vec![shape.ff, shape.embd], true));
-        tensors.push((b("ffn_up"), vec![shape.embd, shape.ff], true));
-    }
-    tensors.push(("output_norm.weight".into(), vec![shape.embd], false));
-    tensors.push(("output.weight".into(), vec![shape.embd, vocab], true));
-
+    let tensors = tensor_list(&shape, vocab);
     let name = format!(
         "synthetic-llama-e{}-l{}-f{}-h{}-kv{}-s{}",
         shape.embd, shape.layers, shape.ff, shape.heads, shape.kv_heads, shape.seed
@@ -293,96 +275,9 @@ pub fn write(
     }
     let f = fs_err::File::create(out).map_err(io("create synthetic model"))?;
     let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(4 << 20, f));
-    (|| -> std::io::Result<()> {
-        w.write_all(b"GGUF")?;
-        w.write_all(&3u32.to_le_bytes())?;
-        w.write_all(&(tensors.len() as u64).to_le_bytes())?;
-        w.write_all(&((kvs.len() + tok_kvs.len()) as u64).to_le_bytes())?;
-        for kv in &kvs {
-            match kv {
-                Kv::Str(k, v) => {
-                    put_str(&mut w, k)?;
-                    w.write_all(&8u32.to_le_bytes())?;
-                    put_str(&mut w, v)?;
-                }
-                Kv::U32(k, v) => {
-                    put_str(&mut w, k)?;
-                    w.write_all(&4u32.to_le_bytes())?;
-                    w.write_all(&v.to_le_bytes())?;
-                }
-                Kv::F32(k, v) => {
-                    put_str(&mut w, k)?;
-                    w.write_all(&6u32.to_le_bytes())?;
-                    w.write_all(&v.to_le_bytes())?;
-                }
-            }
-        }
-        for (k, ty, raw) in &tok_kvs {
-            put_str(&mut w, k)?;
-            w.write_all(&ty.to_le_bytes())?;
-            w.write_all(raw)?;
-        }
-        let mut offset = 0u64;
-        for (name, dims, f16) in &tensors {
-            put_str(&mut w, name)?;
-            w.write_all(&(dims.len() as u32).to_le_bytes())?;
-            for d in dims {
-                w.write_all(&d.to_le_bytes())?;
-            }
-            w.write_all(&(if *f16 { 1u32 } else { 0u32 }).to_le_bytes())?;
-            w.write_all(&offset.to_le_bytes())?;
-            let bytes = dims.iter().product::<u64>() * if *f16 { 2 } else { 4 };
-            offset += bytes.div_ceil(ALIGN) * ALIGN;
-        }
-        let pad = |w: &mut HashingWriter<_>| -> std::io::Result<()> {
-            let rem = w.written % ALIGN;
-            if rem != 0 {
-                w.write_all(&vec![0u8; (ALIGN - rem) as usize])?;
-            }
-            Ok(())
-        };
-        pad(&mut w)?;
-        let mut rng = Rng(shape.seed ^ 0x6c6c_6f72_6368_0001);
-        let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
-        for (name, dims, f16) in &tensors {
-            let n = dims.iter().product::<u64>();
-            if name == "output.weight" {
-                // One row of `embd` values per token; silenced rows for non-text tokens.
-                for tok in 0..dims[1] {
-                    let silent = matches!(token_types.get(tok as usize), Some(2 | 3 | 5 | 6));
-                    chunk.clear();
-                    for _ in 0..dims[0] {
-                        let r = rng.next();
-                        let u = ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                        let v = if silent { 0.0 } else { u * 0.04 };
-                        chunk.extend_from_slice(&f16_bits(v).to_le_bytes());
-                    }
-                    w.write_all(&chunk)?;
-                }
-            } else if *f16 {
-                // Uniform in ±0.04: small enough to keep activations finite through many layers.
-                let mut left = n;
-                while left > 0 {
-                    chunk.clear();
-                    let take = left.min(1 << 18);
-                    for _ in 0..take {
-                        let r = rng.next();
-                        let u = ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
-                        chunk.extend_from_slice(&f16_bits(u * 0.04).to_le_bytes());
-                    }
-                    w.write_all(&chunk)?;
-                    left -= take;
-                }
-            } else {
-                for _ in 0..n {
-                    w.write_all(&1.0f32.to_le_bytes())?;
-                }
-            }
-            pad(&mut w)?;
-        }
-        Ok(())
-    })()
-    .map_err(io("write synthetic model"))?;
+    write_gguf(&mut w, &kvs, &tok_kvs, &tensors)
+        .and_then(|()| write_tensor_data(&mut w, &tensors, &token_types, shape.seed))
+        .map_err(io("write synthetic model"))?;
     let size = w.written;
     let (bw, digest) = w.finish();
     bw.into_inner()
@@ -390,6 +285,139 @@ pub fn write(
         .sync_all()
         .map_err(io("sync synthetic model"))?;
     Ok((digest, size))
+}
+
+/// The tensors of a llama model of this shape: (name, dims, f16?), in file order.
+fn tensor_list(shape: &Shape, vocab: u64) -> Vec<(String, Vec<u64>, bool)> {
+    let kv_dim = shape.embd / shape.heads * shape.kv_heads;
+    // (name, dims, is_f16)
+    let mut tensors: Vec<(String, Vec<u64>, bool)> =
+        vec![("token_embd.weight".into(), vec![shape.embd, vocab], true)];
+    for i in 0..shape.layers {
+        let b = |n: &str| format!("blk.{i}.{n}.weight");
+        tensors.push((b("attn_norm"), vec![shape.embd], false));
+        tensors.push((b("attn_q"), vec![shape.embd, shape.embd], true));
+        tensors.push((b("attn_k"), vec![shape.embd, kv_dim], true));
+        tensors.push((b("attn_v"), vec![shape.embd, kv_dim], true));
+        tensors.push((b("attn_output"), vec![shape.embd, shape.embd], true));
+        tensors.push((b("ffn_norm"), vec![shape.embd], false));
+        tensors.push((b("ffn_gate"), vec![shape.embd, shape.ff], true));
+        tensors.push((b("ffn_down"), vec![shape.ff, shape.embd], true));
+        tensors.push((b("ffn_up"), vec![shape.embd, shape.ff], true));
+    }
+    tensors.push(("output_norm.weight".into(), vec![shape.embd], false));
+    tensors.push(("output.weight".into(), vec![shape.embd, vocab], true));
+
+    tensors
+}
+
+/// GGUF v3's header: magic, version, counts, the model's and the
+/// tokenizer's key-values, each tensor's info with its aligned offset.
+fn write_gguf<W: std::io::Write>(
+    w: &mut HashingWriter<W>,
+    kvs: &[Kv],
+    tok_kvs: &[(String, u32, Vec<u8>)],
+    tensors: &[(String, Vec<u64>, bool)],
+) -> std::io::Result<()> {
+    w.write_all(b"GGUF")?;
+    w.write_all(&3u32.to_le_bytes())?;
+    w.write_all(&(tensors.len() as u64).to_le_bytes())?;
+    w.write_all(&((kvs.len() + tok_kvs.len()) as u64).to_le_bytes())?;
+    for kv in kvs {
+        match kv {
+            Kv::Str(k, v) => {
+                put_str(w, k)?;
+                w.write_all(&8u32.to_le_bytes())?;
+                put_str(w, v)?;
+            }
+            Kv::U32(k, v) => {
+                put_str(w, k)?;
+                w.write_all(&4u32.to_le_bytes())?;
+                w.write_all(&v.to_le_bytes())?;
+            }
+            Kv::F32(k, v) => {
+                put_str(w, k)?;
+                w.write_all(&6u32.to_le_bytes())?;
+                w.write_all(&v.to_le_bytes())?;
+            }
+        }
+    }
+    for (k, ty, raw) in tok_kvs {
+        put_str(w, k)?;
+        w.write_all(&ty.to_le_bytes())?;
+        w.write_all(raw)?;
+    }
+    let mut offset = 0u64;
+    for (name, dims, f16) in tensors {
+        put_str(w, name)?;
+        w.write_all(&(dims.len() as u32).to_le_bytes())?;
+        for d in dims {
+            w.write_all(&d.to_le_bytes())?;
+        }
+        w.write_all(&(if *f16 { 1u32 } else { 0u32 }).to_le_bytes())?;
+        w.write_all(&offset.to_le_bytes())?;
+        let bytes = dims.iter().product::<u64>() * if *f16 { 2 } else { 4 };
+        offset += bytes.div_ceil(ALIGN) * ALIGN;
+    }
+    Ok(())
+}
+
+/// The tensors' data after the header, each padded to [`ALIGN`]: f16
+/// weights uniform in ±0.04 from a seeded generator (the output rows of
+/// non-text tokens silenced), f32 norms of 1.
+fn write_tensor_data<W: std::io::Write>(
+    w: &mut HashingWriter<W>,
+    tensors: &[(String, Vec<u64>, bool)],
+    token_types: &[i32],
+    seed: u64,
+) -> std::io::Result<()> {
+    let pad = |w: &mut HashingWriter<_>| -> std::io::Result<()> {
+        let rem = w.written % ALIGN;
+        if rem != 0 {
+            w.write_all(&vec![0u8; (ALIGN - rem) as usize])?;
+        }
+        Ok(())
+    };
+    pad(w)?;
+    let mut rng = Rng(seed ^ 0x6c6c_6f72_6368_0001);
+    let mut chunk: Vec<u8> = Vec::with_capacity(1 << 20);
+    for (name, dims, f16) in tensors {
+        let n = dims.iter().product::<u64>();
+        if name == "output.weight" {
+            // One row of `embd` values per token; silenced rows for non-text tokens.
+            for tok in 0..dims[1] {
+                let silent = matches!(token_types.get(tok as usize), Some(2 | 3 | 5 | 6));
+                chunk.clear();
+                for _ in 0..dims[0] {
+                    let r = rng.next();
+                    let u = ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                    let v = if silent { 0.0 } else { u * 0.04 };
+                    chunk.extend_from_slice(&f16_bits(v).to_le_bytes());
+                }
+                w.write_all(&chunk)?;
+            }
+        } else if *f16 {
+            // Uniform in ±0.04: small enough to keep activations finite through many layers.
+            let mut left = n;
+            while left > 0 {
+                chunk.clear();
+                let take = left.min(1 << 18);
+                for _ in 0..take {
+                    let r = rng.next();
+                    let u = ((r >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0;
+                    chunk.extend_from_slice(&f16_bits(u * 0.04).to_le_bytes());
+                }
+                w.write_all(&chunk)?;
+                left -= take;
+            }
+        } else {
+            for _ in 0..n {
+                w.write_all(&1.0f32.to_le_bytes())?;
+            }
+        }
+        pad(w)?;
+    }
+    Ok(())
 }
 
 /// A raw GGUF array value of i32 (inner type 5) → its elements.
