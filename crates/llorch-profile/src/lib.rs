@@ -243,128 +243,10 @@ impl Profile {
                 ),
             ));
         }
-        let sv = &file.server;
-        if file.pool.is_replica() {
-            return Err(invalid(
-                "pool",
-                format!(
-                    "pool `{}`: ids ending in `.r<N>` name replicas; choose another pool id",
-                    file.pool
-                ),
-            ));
-        }
-        if sv.pooling.is_some() && !sv.embeddings {
-            return Err(invalid(
-                "server.pooling",
-                "server.pooling applies to an embedding pool; add `embeddings: true` (or remove pooling)".into(),
-            ));
-        }
-        if sv.mps == spec::MpsMode::Own && file.engine.backend != spec::Backend::Cuda {
-            return Err(invalid(
-                "server.mps",
-                format!(
-                    "server.mps: own starts an NVIDIA MPS daemon, which only CUDA engines use; this profile's backend is {} (remove `mps: own`)",
-                    file.engine.backend.as_str()
-                ),
-            ));
-        }
-        if let Err((key, message)) = sv.concurrency_keys().resolve() {
-            return Err(invalid(
-                &format!("server.{key}"),
-                format!("server.{message}"),
-            ));
-        }
-        for (key, value, max) in [
-            ("server.ready_timeout_s", sv.ready_timeout_s, 86_400u64),
-            ("server.ctx_size", sv.ctx_size as u64, 1 << 22),
-            ("server.threads", sv.threads as u64, 4096),
-        ] {
-            if value > max {
-                return Err(invalid(
-                    key,
-                    format!("{key} is {value}; the largest accepted value is {max}"),
-                ));
-            }
-        }
-        for (key, list) in [
-            ("server.extra_args", &sv.extra_args),
-            ("engine.cmake_flags", &file.engine.cmake_flags),
-        ] {
-            if list.len() > 64 || list.iter().any(|a| a.len() > 512) {
-                return Err(invalid(
-                    key,
-                    format!("{key}: at most 64 entries of at most 512 characters each"),
-                ));
-            }
-        }
-        if file.engine.build_type.len() > 32 || sv.host.len() > 253 {
-            return Err(invalid(
-                "engine.build_type",
-                "engine.build_type or server.host is too long".into(),
-            ));
-        }
-        match file.engine.backend {
-            Backend::Cuda if file.engine.cuda_archs.is_empty() => {
-                return Err(invalid("engine.backend",
-                    "engine.cuda_archs is empty: name the GPU architectures to build for, e.g. [86] for an RTX 3090 or [90] for an H100 (`native` only works where a GPU is visible)".into(),
-                ))
-            }
-            Backend::Cpu if !file.engine.cuda_archs.is_empty() => {
-                return Err(invalid("engine.cuda_archs", "engine.cuda_archs is set but engine.backend is cpu".into()))
-            }
-            _ => {}
-        }
-        for a in &file.engine.cuda_archs {
-            let ok = a == "native"
-                || a.trim_end_matches(['a', 'f'])
-                    .trim_end_matches("-real")
-                    .trim_end_matches("-virtual")
-                    .parse::<u32>()
-                    .is_ok();
-            if !ok {
-                return Err(invalid("engine.cuda_archs", format!(
-                    "engine.cuda_archs: `{}` is not a CUDA architecture (expected e.g. 86, 90, 90a or native)",
-                    llorch_io::handoff::excerpt(a, 20)
-                )));
-            }
-        }
-        for f in &file.engine.cmake_flags {
-            normalize_flag(f).map_err(|m| invalid("engine.cmake_flags", m.to_string()))?;
-        }
-        if let Some(r) = &file.engine.registry {
-            let parsed = llorch_io::oci::OciRef::parse(&r.url)
-                .map_err(|e| invalid("engine.registry", format!("engine.registry.url: {e}")))?;
-            if parsed.tag.is_some() || parsed.digest.is_some() {
-                return Err(invalid("engine.registry", "engine.registry.url names a repository without a tag or digest (engines are tagged with their fingerprint)".into()));
-            }
-        }
-        file.server
-            .port
-            .candidates()
-            .map(|_| ())
-            .map_err(|m| invalid("server.port", format!("server.{m}")))?;
-        if let Some(m) = &file.model {
-            if m.reference.len() > 4096 {
-                return Err(invalid(
-                    "model.ref",
-                    format!(
-                        "model.ref is {} bytes long; a model ref is at most 4096",
-                        m.reference.len()
-                    ),
-                ));
-            }
-            if let Some(d) = &m.sha256 {
-                if !llorch_io::digest::is_sha256_hex(d) {
-                    return Err(invalid(
-                        "model.sha256",
-                        format!(
-                            "model.sha256 `{}` must be 64 lowercase hex digits",
-                            llorch_io::handoff::excerpt(d, 80)
-                        ),
-                    ));
-                }
-            }
-        }
+        check_server(&file)
+            .and_then(|()| check_engine(&file))
+            .and_then(|()| check_model(&file))
+            .map_err(|(key, message)| invalid(&key, message))?;
         let pins = PinsFile::load(pins_path)?;
         let pin_name = file
             .engine
@@ -411,6 +293,148 @@ impl Profile {
             .resolve()
             .unwrap_or_default()
     }
+}
+
+type Refusal = (String, String);
+
+/// A refusal of `key`, with the sentence the user sees.
+fn bad(key: &str, message: String) -> Refusal {
+    (key.to_string(), message)
+}
+
+/// The `server` section: pool id, pooling, MPS, concurrency, sizes, port.
+fn check_server(file: &ProfileFile) -> Result<(), Refusal> {
+    let sv = &file.server;
+    if file.pool.is_replica() {
+        return Err(bad(
+            "pool",
+            format!(
+                "pool `{}`: ids ending in `.r<N>` name replicas; choose another pool id",
+                file.pool
+            ),
+        ));
+    }
+    if sv.pooling.is_some() && !sv.embeddings {
+        return Err(bad(
+            "server.pooling",
+            "server.pooling applies to an embedding pool; add `embeddings: true` (or remove pooling)".into(),
+        ));
+    }
+    if sv.mps == spec::MpsMode::Own && file.engine.backend != spec::Backend::Cuda {
+        return Err(bad(
+            "server.mps",
+            format!(
+                "server.mps: own starts an NVIDIA MPS daemon, which only CUDA engines use; this profile's backend is {} (remove `mps: own`)",
+                file.engine.backend.as_str()
+            ),
+        ));
+    }
+    if let Err((key, message)) = sv.concurrency_keys().resolve() {
+        return Err(bad(&format!("server.{key}"), format!("server.{message}")));
+    }
+    for (key, value, max) in [
+        ("server.ready_timeout_s", sv.ready_timeout_s, 86_400u64),
+        ("server.ctx_size", sv.ctx_size as u64, 1 << 22),
+        ("server.threads", sv.threads as u64, 4096),
+    ] {
+        if value > max {
+            return Err(bad(
+                key,
+                format!("{key} is {value}; the largest accepted value is {max}"),
+            ));
+        }
+    }
+    file.server
+        .port
+        .candidates()
+        .map(|_| ())
+        .map_err(|m| bad("server.port", format!("server.{m}")))?;
+    Ok(())
+}
+
+/// The `engine` section: list sizes, build type, backend and CUDA archs, CMake flags, registry.
+fn check_engine(file: &ProfileFile) -> Result<(), Refusal> {
+    let sv = &file.server;
+    for (key, list) in [
+        ("server.extra_args", &sv.extra_args),
+        ("engine.cmake_flags", &file.engine.cmake_flags),
+    ] {
+        if list.len() > 64 || list.iter().any(|a| a.len() > 512) {
+            return Err(bad(
+                key,
+                format!("{key}: at most 64 entries of at most 512 characters each"),
+            ));
+        }
+    }
+    if file.engine.build_type.len() > 32 || sv.host.len() > 253 {
+        return Err(bad(
+            "engine.build_type",
+            "engine.build_type or server.host is too long".into(),
+        ));
+    }
+    match file.engine.backend {
+        Backend::Cuda if file.engine.cuda_archs.is_empty() => {
+            return Err(bad("engine.backend",
+                "engine.cuda_archs is empty: name the GPU architectures to build for, e.g. [86] for an RTX 3090 or [90] for an H100 (`native` only works where a GPU is visible)".into(),
+            ))
+        }
+        Backend::Cpu if !file.engine.cuda_archs.is_empty() => {
+            return Err(bad("engine.cuda_archs", "engine.cuda_archs is set but engine.backend is cpu".into()))
+        }
+        _ => {}
+    }
+    for a in &file.engine.cuda_archs {
+        let ok = a == "native"
+            || a.trim_end_matches(['a', 'f'])
+                .trim_end_matches("-real")
+                .trim_end_matches("-virtual")
+                .parse::<u32>()
+                .is_ok();
+        if !ok {
+            return Err(bad("engine.cuda_archs", format!(
+                "engine.cuda_archs: `{}` is not a CUDA architecture (expected e.g. 86, 90, 90a or native)",
+                llorch_io::handoff::excerpt(a, 20)
+            )));
+        }
+    }
+    for f in &file.engine.cmake_flags {
+        normalize_flag(f).map_err(|m| bad("engine.cmake_flags", m.to_string()))?;
+    }
+    if let Some(r) = &file.engine.registry {
+        let parsed = llorch_io::oci::OciRef::parse(&r.url)
+            .map_err(|e| bad("engine.registry", format!("engine.registry.url: {e}")))?;
+        if parsed.tag.is_some() || parsed.digest.is_some() {
+            return Err(bad("engine.registry", "engine.registry.url names a repository without a tag or digest (engines are tagged with their fingerprint)".into()));
+        }
+    }
+    Ok(())
+}
+
+/// The `model` section: the ref's length, the digest's form.
+fn check_model(file: &ProfileFile) -> Result<(), Refusal> {
+    if let Some(m) = &file.model {
+        if m.reference.len() > 4096 {
+            return Err(bad(
+                "model.ref",
+                format!(
+                    "model.ref is {} bytes long; a model ref is at most 4096",
+                    m.reference.len()
+                ),
+            ));
+        }
+        if let Some(d) = &m.sha256 {
+            if !llorch_io::digest::is_sha256_hex(d) {
+                return Err(bad(
+                    "model.sha256",
+                    format!(
+                        "model.sha256 `{}` must be 64 lowercase hex digits",
+                        llorch_io::handoff::excerpt(d, 80)
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 pub fn list_profiles(root: &Path) -> Vec<String> {
