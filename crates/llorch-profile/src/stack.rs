@@ -176,6 +176,54 @@ pub fn place_replicas(
     Ok((placed, warning))
 }
 
+/// One pool entry's own limits: devices, memory, the profile name's length.
+fn check_entry(p: &PoolEntry) -> Result<(), (&'static str, String)> {
+    if p.devices.len() > 16 || p.devices.iter().any(|d| *d > MAX_DEVICE) {
+        return Err((
+            "devices",
+            format!(
+                "pool `{}`: devices takes at most 16 GPU indexes from 0 to {MAX_DEVICE}",
+                p.id
+            ),
+        ));
+    }
+    if p.memory_mib.is_some_and(|m| m == 0 || m > 16 << 20) {
+        return Err((
+            "memory_mib",
+            format!(
+                "pool `{}`: memory_mib must be from 1 to {}",
+                p.id,
+                16u64 << 20
+            ),
+        ));
+    }
+    if p.profile.len() > 4096 {
+        return Err((
+            "profile",
+            format!("pool `{}`: profile name is too long", p.id),
+        ));
+    }
+    Ok(())
+}
+
+/// `max_loaded` (`m`) against the pools: room for a pool that is not pinned,
+/// and for every engine that loads at start.
+fn check_max_loaded(m: usize, pools: &[StackPool]) -> Result<(), String> {
+    let pinned = pools.iter().filter(|p| p.keep_loaded).count();
+    if pools.len() > m && pinned >= m {
+        return Err(format!("max_loaded is {m} but {pinned} pools are keep_loaded: the other pools could never load; raise max_loaded or unpin a pool"));
+    }
+    let engines: u32 = pools
+        .iter()
+        .filter(|p| p.load == LoadPolicy::Eager)
+        .map(|p| p.concurrency.replicas)
+        .sum();
+    if engines as usize > m {
+        return Err(format!("max_loaded is {m} but the pools that load at start have {engines} engines (replicas count one by one); raise max_loaded or mark pools `load: lazy`"));
+    }
+    Ok(())
+}
+
 impl Stack {
     /// Read a stack file; profiles are resolved against the workspace `root`.
     pub fn load(path: &Path, root: &Path) -> Result<Stack, ConfigError> {
@@ -236,31 +284,7 @@ impl Stack {
                 ));
             }
             idle_ok(p.idle_unload_s, "idle_unload_s")?;
-            if p.devices.len() > 16 || p.devices.iter().any(|d| *d > MAX_DEVICE) {
-                return Err(invalid(
-                    "devices",
-                    format!(
-                        "pool `{}`: devices takes at most 16 GPU indexes from 0 to {MAX_DEVICE}",
-                        p.id
-                    ),
-                ));
-            }
-            if p.memory_mib.is_some_and(|m| m == 0 || m > 16 << 20) {
-                return Err(invalid(
-                    "memory_mib",
-                    format!(
-                        "pool `{}`: memory_mib must be from 1 to {}",
-                        p.id,
-                        16u64 << 20
-                    ),
-                ));
-            }
-            if p.profile.len() > 4096 {
-                return Err(invalid(
-                    "profile",
-                    format!("pool `{}`: profile name is too long", p.id),
-                ));
-            }
+            check_entry(p).map_err(|(key, m)| invalid(key, m))?;
             // A relative profile path is relative to the stack file.
             let prof = if p.profile.contains('/') && !Path::new(&p.profile).is_absolute() {
                 let base = path.parent().unwrap_or(Path::new("."));
@@ -313,26 +337,7 @@ impl Stack {
             });
         }
         if let Some(m) = f.max_loaded {
-            let pinned = pools.iter().filter(|p| p.keep_loaded).count();
-            if pools.len() > m && pinned >= m {
-                return Err(invalid(
-                    "max_loaded",
-                    format!("max_loaded is {m} but {pinned} pools are keep_loaded: the other pools could never load; raise max_loaded or unpin a pool"),
-                ));
-            }
-        }
-        if let Some(m) = f.max_loaded {
-            let engines: u32 = pools
-                .iter()
-                .filter(|p| p.load == LoadPolicy::Eager)
-                .map(|p| p.concurrency.replicas)
-                .sum();
-            if engines as usize > m {
-                return Err(invalid(
-                    "max_loaded",
-                    format!("max_loaded is {m} but the pools that load at start have {engines} engines (replicas count one by one); raise max_loaded or mark pools `load: lazy`"),
-                ));
-            }
+            check_max_loaded(m, &pools).map_err(|msg| invalid("max_loaded", msg))?;
         }
         Ok(Stack {
             max_loaded: f.max_loaded,
