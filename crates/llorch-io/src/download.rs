@@ -112,56 +112,13 @@ pub fn download(
                 .get(CONTENT_RANGE)
                 .and_then(|v| v.to_str().ok())
                 .is_some_and(|v| v.starts_with(&format!("bytes {have}-")));
-        match status {
-            200 | 206 => {}
-            416 if have > 0 => {
-                // The server has nothing past our end: our partial is not a prefix it knows.
-                let _ = fs_err::remove_file(partial);
-                last = "416 Range Not Satisfiable (restarting)".into();
-                continue;
-            }
-            404 => {
-                return Err(DownloadError::NotFound {
-                    reference: reference.into(),
-                    url: url.into(),
-                })
-            }
-            s if crate::http::is_transient_status(s) => {
-                last = format!("HTTP {s}");
-                continue;
-            }
-            s => {
-                let hint = if s == 401 || s == 403 {
-                    "\n  hint: the server refused access: the file may be private or gated (an hf: ref: set HF_TOKEN, a read token, and accept the model's terms)"
-                } else {
-                    ""
-                };
-                return Err(DownloadError::Http {
-                    reference: reference.into(),
-                    url: url.into(),
-                    status: s,
-                    hint: hint.into(),
-                });
-            }
-        }
-        // Never written through a link: a partial that is one is removed
-        // (and the open refuses one that appears meanwhile).
-        if fs_err::symlink_metadata(partial).is_ok_and(|m| !m.file_type().is_file()) {
-            fs_err::remove_file(partial)
-                .map_err(io("remove a partial download that is not a file"))?;
-            last = "the partial download was not a regular file (removed)".into();
+        if let Some(retry) = answer(status, have, reference, url, partial)? {
+            last = retry;
             continue;
         }
-        let file = {
-            use fs_err::os::unix::fs::OpenOptionsExt;
-            fs_err::OpenOptions::new()
-                .create(true)
-                .write(true)
-                .append(resuming)
-                .truncate(!resuming)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(partial)
-                .map_err(io("open the partial download"))?
+        let Some(file) = open_partial(partial, resuming)? else {
+            last = "the partial download was not a regular file (removed)".into();
+            continue;
         };
         let mut w = HashingWriter::new(std::io::BufWriter::with_capacity(1 << 20, file));
         let start = if resuming {
@@ -231,6 +188,65 @@ pub fn download(
         attempts: MAX_ATTEMPTS,
         last,
     })
+}
+
+/// What an answer's status means: go on (`None`), try again (why), or give up.
+fn answer(
+    status: u16,
+    have: u64,
+    reference: &str,
+    url: &str,
+    partial: &Path,
+) -> Result<Option<String>, DownloadError> {
+    Ok(match status {
+        200 | 206 => None,
+        416 if have > 0 => {
+            // The server has nothing past our end: our partial is not a prefix it knows.
+            let _ = fs_err::remove_file(partial);
+            Some("416 Range Not Satisfiable (restarting)".into())
+        }
+        404 => {
+            return Err(DownloadError::NotFound {
+                reference: reference.into(),
+                url: url.into(),
+            })
+        }
+        s if crate::http::is_transient_status(s) => Some(format!("HTTP {s}")),
+        s => {
+            let hint = if s == 401 || s == 403 {
+                "\n  hint: the server refused access: the file may be private or gated (an hf: ref: set HF_TOKEN, a read token, and accept the model's terms)"
+            } else {
+                ""
+            };
+            return Err(DownloadError::Http {
+                reference: reference.into(),
+                url: url.into(),
+                status: s,
+                hint: hint.into(),
+            });
+        }
+    })
+}
+
+/// The partial file, appended to when resuming, else truncated; never
+/// written through a link: a partial that is one is removed (`None`: try
+/// again), and the open refuses one that appears meanwhile.
+fn open_partial(partial: &Path, resuming: bool) -> Result<Option<fs_err::File>, DownloadError> {
+    use crate::io;
+    use fs_err::os::unix::fs::OpenOptionsExt;
+    if fs_err::symlink_metadata(partial).is_ok_and(|m| !m.file_type().is_file()) {
+        fs_err::remove_file(partial).map_err(io("remove a partial download that is not a file"))?;
+        return Ok(None);
+    }
+    let file = fs_err::OpenOptions::new()
+        .create(true)
+        .write(true)
+        .append(resuming)
+        .truncate(!resuming)
+        .custom_flags(libc::O_NOFOLLOW)
+        .open(partial)
+        .map_err(io("open the partial download"))?;
+    Ok(Some(file))
 }
 
 /// A bar (bytes, rate, ETA) on a terminal; a line every 5 s otherwise; nothing when quiet.
