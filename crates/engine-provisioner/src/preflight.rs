@@ -249,37 +249,7 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
         })
     };
 
-    // cmake >= 3.14
-    let cmake = tb.find("cmake");
-    let (ok, version, note) = match &cmake {
-        Some(p) => {
-            let v = version_of(p, "--version").map(|s| first_line(&s));
-            let parsed = v.as_deref().and_then(parse_version);
-            match parsed {
-                Some(ver) if ver >= (3, 14, 0) => (true, v, None),
-                Some(_) => (
-                    false,
-                    v,
-                    Some("cmake 3.14 or newer is required".to_string()),
-                ),
-                None => (
-                    false,
-                    v,
-                    Some("could not read the cmake version".to_string()),
-                ),
-            }
-        }
-        None => (false, None, None),
-    };
-    checks.push(ToolCheck {
-        tool: "cmake".into(),
-        required: true,
-        found: cmake.map(|p| p.display().to_string()),
-        version,
-        ok,
-        note,
-        install: (!ok).then(|| install_for("cmake")).flatten(),
-    });
+    checks.push(cmake_check(tb, &install_for));
 
     // C and C++ compilers: $CC/$CXX, else cc/gcc/clang.
     for (tool, env, candidates) in [
@@ -312,71 +282,9 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
         c.install = install_for(&c.tool);
     }
 
-    // Generator: ninja, else make.
-    let ninja = tb.find("ninja");
-    let make = tb.find("make");
-    let ninja_version = ninja.as_ref().and_then(|p| version_of(p, "--version"));
-    checks.push(ToolCheck {
-        tool: "ninja".into(),
-        required: make.is_none(),
-        ok: ninja.is_some(),
-        found: ninja.as_ref().map(|p| p.display().to_string()),
-        version: ninja_version.map(|s| first_line(&s)),
-        note: (ninja.is_none() && make.is_some())
-            .then(|| "optional: make will be used instead (slower incremental builds)".into()),
-        install: ninja.is_none().then(|| install_for("ninja")).flatten(),
-    });
-    if ninja.is_none() {
-        checks.push(ToolCheck {
-            tool: "make".into(),
-            required: false,
-            ok: make.is_some(),
-            found: make.as_ref().map(|p| p.display().to_string()),
-            version: make
-                .as_ref()
-                .and_then(|p| version_of(p, "--version"))
-                .map(|s| first_line(&s)),
-            note: None,
-            install: None,
-        });
-    }
+    checks.extend(generator_checks(tb, &install_for));
 
-    // python3 + pip for registry sources (and `pypi:` model refs).
-    let needs_pip = matches!(profile.pin.source, SourceSpec::PypiSdist { .. })
-        || profile
-            .file
-            .model
-            .as_ref()
-            .is_some_and(|m| m.reference.starts_with("pypi:"));
-    let py = tb.find("python3");
-    let pip_version = py.as_ref().and_then(|p| {
-        Cmd::new(p)
-            .args(["-m", "pip", "--version"])
-            .read()
-            .ok()
-            .map(|s| first_line(&s))
-    });
-    checks.push(ToolCheck {
-        tool: "python3".into(),
-        required: needs_pip,
-        ok: py.is_some(),
-        found: py.as_ref().map(|p| p.display().to_string()),
-        version: py
-            .as_ref()
-            .and_then(|p| version_of(p, "--version"))
-            .map(|s| first_line(&s)),
-        note: None,
-        install: py.is_none().then(|| install_for("python3")).flatten(),
-    });
-    checks.push(ToolCheck {
-        tool: "pip".into(),
-        required: needs_pip,
-        ok: pip_version.is_some(),
-        found: pip_version.as_ref().map(|_| "python3 -m pip".to_string()),
-        version: pip_version.clone(),
-        note: None,
-        install: pip_version.is_none().then(|| install_for("pip")).flatten(),
-    });
+    checks.extend(python_checks(profile, tb, &install_for));
 
     let cuda = (profile.file.engine.backend == Backend::Cuda).then(|| {
         let report = crate::cuda::probe(tb, &profile.file.engine.cuda_archs, &mut warnings);
@@ -400,6 +308,123 @@ pub fn check(profile: &Profile, tb: &Toolbox) -> Preflight {
         cuda,
         warnings,
     }
+}
+
+/// cmake 3.14 or newer.
+fn cmake_check(tb: &Toolbox, install_for: &dyn Fn(&str) -> Option<String>) -> ToolCheck {
+    // cmake >= 3.14
+    let cmake = tb.find("cmake");
+    let (ok, version, note) = match &cmake {
+        Some(p) => {
+            let v = version_of(p, "--version").map(|s| first_line(&s));
+            let parsed = v.as_deref().and_then(parse_version);
+            match parsed {
+                Some(ver) if ver >= (3, 14, 0) => (true, v, None),
+                Some(_) => (
+                    false,
+                    v,
+                    Some("cmake 3.14 or newer is required".to_string()),
+                ),
+                None => (
+                    false,
+                    v,
+                    Some("could not read the cmake version".to_string()),
+                ),
+            }
+        }
+        None => (false, None, None),
+    };
+    ToolCheck {
+        tool: "cmake".into(),
+        required: true,
+        found: cmake.map(|p| p.display().to_string()),
+        version,
+        ok,
+        note,
+        install: (!ok).then(|| install_for("cmake")).flatten(),
+    }
+}
+
+/// The generator: ninja, else make.
+fn generator_checks(tb: &Toolbox, install_for: &dyn Fn(&str) -> Option<String>) -> Vec<ToolCheck> {
+    let mut out = Vec::new();
+    // Generator: ninja, else make.
+    let ninja = tb.find("ninja");
+    let make = tb.find("make");
+    let ninja_version = ninja.as_ref().and_then(|p| version_of(p, "--version"));
+    out.push(ToolCheck {
+        tool: "ninja".into(),
+        required: make.is_none(),
+        ok: ninja.is_some(),
+        found: ninja.as_ref().map(|p| p.display().to_string()),
+        version: ninja_version.map(|s| first_line(&s)),
+        note: (ninja.is_none() && make.is_some())
+            .then(|| "optional: make will be used instead (slower incremental builds)".into()),
+        install: ninja.is_none().then(|| install_for("ninja")).flatten(),
+    });
+    if ninja.is_none() {
+        out.push(ToolCheck {
+            tool: "make".into(),
+            required: false,
+            ok: make.is_some(),
+            found: make.as_ref().map(|p| p.display().to_string()),
+            version: make
+                .as_ref()
+                .and_then(|p| version_of(p, "--version"))
+                .map(|s| first_line(&s)),
+            note: None,
+            install: None,
+        });
+    }
+
+    out
+}
+
+/// python3 and pip, required for registry sources and `pypi:` model refs.
+fn python_checks(
+    profile: &Profile,
+    tb: &Toolbox,
+    install_for: &dyn Fn(&str) -> Option<String>,
+) -> Vec<ToolCheck> {
+    let mut out = Vec::new();
+    // python3 + pip for registry sources (and `pypi:` model refs).
+    let needs_pip = matches!(profile.pin.source, SourceSpec::PypiSdist { .. })
+        || profile
+            .file
+            .model
+            .as_ref()
+            .is_some_and(|m| m.reference.starts_with("pypi:"));
+    let py = tb.find("python3");
+    let pip_version = py.as_ref().and_then(|p| {
+        Cmd::new(p)
+            .args(["-m", "pip", "--version"])
+            .read()
+            .ok()
+            .map(|s| first_line(&s))
+    });
+    out.push(ToolCheck {
+        tool: "python3".into(),
+        required: needs_pip,
+        ok: py.is_some(),
+        found: py.as_ref().map(|p| p.display().to_string()),
+        version: py
+            .as_ref()
+            .and_then(|p| version_of(p, "--version"))
+            .map(|s| first_line(&s)),
+        note: None,
+        install: py.is_none().then(|| install_for("python3")).flatten(),
+    });
+    out.push(ToolCheck {
+        tool: "pip".into(),
+        required: needs_pip,
+        ok: pip_version.is_some(),
+        found: pip_version.as_ref().map(|_| "python3 -m pip".to_string()),
+        version: pip_version.clone(),
+        note: None,
+        install: pip_version.is_none().then(|| install_for("pip")).flatten(),
+    });
+
+    out
 }
 
 /// Check, install what is missing when the profile allows it, check again.
