@@ -335,20 +335,7 @@ pub fn build(
         entry.display()
     ));
     if let Some(reg) = registry.as_ref().filter(|r| r.push) {
-        // Our exclusive lock is held: push reads the finished entry under it.
-        match crate::registry::push_locked(layout, &fp, reg) {
-            Ok(p) => say(&format!(
-                "pushed engine {} to {} ({})",
-                &fp[..12],
-                p.reference,
-                p.manifest_digest
-            )),
-            Err(e) => say(&format!(
-                "could not push engine {} to {}: {e}",
-                &fp[..12],
-                reg.repo
-            )),
-        }
+        crate::registry::push_built(layout, &fp, reg, &say);
     }
     Ok(BuildOutcome {
         cache_hit: false,

@@ -582,3 +582,15 @@ pub fn pull(
         signature,
     })
 }
+
+/// Push the entry just built (the caller holds its exclusive lock); a failed push costs one line.
+pub(crate) fn push_built(layout: &Layout, fp: &str, reg: &EngineRegistry, say: &dyn Fn(&str)) {
+    let short = &fp[..12];
+    say(&match push_locked(layout, fp, reg) {
+        Ok(p) => format!(
+            "pushed engine {short} to {} ({})",
+            p.reference, p.manifest_digest
+        ),
+        Err(e) => format!("could not push engine {short} to {}: {e}", reg.repo),
+    });
+}

@@ -275,12 +275,25 @@ impl ModelStore {
         };
         self.touch(&canonical, entry.clone())?;
         let duration_ms = started.elapsed().as_millis() as u64;
+        self.record_fetch(&canonical, &entry, duration_ms);
+        Ok(FetchOutcome {
+            metadata: md,
+            cached: false,
+            transferred_bytes: transferred,
+            resumed_from,
+            duration_ms,
+        })
+    }
+
+    /// The provenance log's line for a fetch (best effort: a log that
+    /// cannot be written does not undo a verified model).
+    fn record_fetch(&self, canonical: &str, entry: &RefEntry, duration_ms: u64) {
         let _ = provenance::append(
             &self.layout.runtime,
             &provenance::Record {
                 time: llorch_io::now_rfc3339(),
                 event: "fetch",
-                reference: &canonical,
+                reference: canonical,
                 resolved_url: entry.source_url.as_deref(),
                 revision: entry.revision.as_deref(),
                 digest: &entry.digest,
@@ -289,13 +302,6 @@ impl ModelStore {
                 duration_ms,
             },
         );
-        Ok(FetchOutcome {
-            metadata: md,
-            cached: false,
-            transferred_bytes: transferred,
-            resumed_from,
-            duration_ms,
-        })
     }
 
     /// The stored model for `canonical` (by its recorded ref, or by the
