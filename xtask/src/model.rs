@@ -89,43 +89,7 @@ impl ModelCmd {
                 sha256,
                 import,
                 p,
-            } => {
-                let out = match reference {
-                    Some(r) => {
-                        if p.profile.is_some() {
-                            bail!("give either a REF or --profile, not both");
-                        }
-                        store.fetch(
-                            &r,
-                            &FetchOptions {
-                                expected_sha256: sha256,
-                                require_digest: false,
-                                import,
-                                quiet: p.json,
-                                ..Default::default()
-                            },
-                        )?
-                    }
-                    None => fetch_for_profile(ctx, &ctx.profile(p.profile.as_deref())?, p.json)?,
-                };
-                if p.json {
-                    return print_json(&out);
-                }
-                let m = &out.metadata;
-                println!("{}", m.path.display());
-                println!(
-                    "  ref {}\n  sha256 {}\n  {:.1} MB, arch {}, context {}, {}, ~{:.0}M parameters{}",
-                    m.reference,
-                    m.digest,
-                    m.size_bytes as f64 / 1e6,
-                    m.arch.as_deref().unwrap_or("?"),
-                    m.ctx_max.map(|c| c.to_string()).unwrap_or("?".into()),
-                    m.quant.as_deref().unwrap_or("?"),
-                    m.n_params as f64 / 1e6,
-                    if out.cached { " (already in the store)" } else { "" }
-                );
-                Ok(())
-            }
+            } => fetch(ctx, &store, reference, sha256, import, &p),
             ModelSub::Push { reference, to, p } => {
                 let r = match reference {
                     Some(r) => r,
@@ -151,34 +115,7 @@ impl ModelCmd {
                 );
                 Ok(())
             }
-            ModelSub::Ls { json } => {
-                let list = store.list()?;
-                if json {
-                    let v: Vec<_> = list
-                        .iter()
-                        .map(|(r, e, md)| serde_json::json!({"ref": r, "entry": e, "metadata": md.as_ref().ok(), "error": md.as_ref().err().map(|e| e.to_string())}))
-                        .collect();
-                    return print_json(&v);
-                }
-                if list.is_empty() {
-                    println!("no models in {}", store.dir.display());
-                }
-                for (r, e, md) in list {
-                    match md {
-                        Ok(m) => println!(
-                            "{}  {:>8.1} MB  {:<8} ctx {:<7} {:<7} last use {:<11} {r}",
-                            &e.digest[..12],
-                            e.size_bytes as f64 / 1e6,
-                            m.arch.unwrap_or_default(),
-                            m.ctx_max.unwrap_or(0),
-                            m.quant.unwrap_or_default(),
-                            age(e.last_use)
-                        ),
-                        Err(err) => println!("{}  BROKEN: {err}  {r}", &e.digest[..12]),
-                    }
-                }
-                Ok(())
-            }
+            ModelSub::Ls { json } => ls(&store, json),
             ModelSub::Verify { json } => {
                 let res = store.verify()?;
                 let bad = res.iter().filter(|r| !r.1).count();
@@ -214,6 +151,86 @@ impl ModelCmd {
             }
         }
     }
+}
+
+/// `model fetch [REF]`: a ref, or the profile's model; its path and metadata.
+fn fetch(
+    ctx: &Ctx,
+    store: &ModelStore,
+    reference: Option<String>,
+    sha256: Option<String>,
+    import: bool,
+    p: &crate::engine::ProfileArgs,
+) -> Result<()> {
+    let out = match reference {
+        Some(r) => {
+            if p.profile.is_some() {
+                bail!("give either a REF or --profile, not both");
+            }
+            store.fetch(
+                &r,
+                &FetchOptions {
+                    expected_sha256: sha256,
+                    require_digest: false,
+                    import,
+                    quiet: p.json,
+                    ..Default::default()
+                },
+            )?
+        }
+        None => fetch_for_profile(ctx, &ctx.profile(p.profile.as_deref())?, p.json)?,
+    };
+    if p.json {
+        return print_json(&out);
+    }
+    let m = &out.metadata;
+    println!("{}", m.path.display());
+    println!(
+        "  ref {}\n  sha256 {}\n  {:.1} MB, arch {}, context {}, {}, ~{:.0}M parameters{}",
+        m.reference,
+        m.digest,
+        m.size_bytes as f64 / 1e6,
+        m.arch.as_deref().unwrap_or("?"),
+        m.ctx_max.map(|c| c.to_string()).unwrap_or("?".into()),
+        m.quant.as_deref().unwrap_or("?"),
+        m.n_params as f64 / 1e6,
+        if out.cached {
+            " (already in the store)"
+        } else {
+            ""
+        }
+    );
+    Ok(())
+}
+
+/// `model ls`: every stored model, its size, arch, context, quant and last use.
+fn ls(store: &ModelStore, json: bool) -> Result<()> {
+    let list = store.list()?;
+    if json {
+        let v: Vec<_> = list
+            .iter()
+            .map(|(r, e, md)| serde_json::json!({"ref": r, "entry": e, "metadata": md.as_ref().ok(), "error": md.as_ref().err().map(|e| e.to_string())}))
+            .collect();
+        return print_json(&v);
+    }
+    if list.is_empty() {
+        println!("no models in {}", store.dir.display());
+    }
+    for (r, e, md) in list {
+        match md {
+            Ok(m) => println!(
+                "{}  {:>8.1} MB  {:<8} ctx {:<7} {:<7} last use {:<11} {r}",
+                &e.digest[..12],
+                e.size_bytes as f64 / 1e6,
+                m.arch.unwrap_or_default(),
+                m.ctx_max.unwrap_or(0),
+                m.quant.unwrap_or_default(),
+                age(e.last_use)
+            ),
+            Err(err) => println!("{}  BROKEN: {err}  {r}", &e.digest[..12]),
+        }
+    }
+    Ok(())
 }
 
 /// How long ago a unix time was, as people say it: `just now`, `5 min ago`,
