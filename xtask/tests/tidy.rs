@@ -752,3 +752,109 @@ fn no_catch_all_error_variants() {
         "gone: take them off the DEBT list: {paid:?}"
     );
 }
+
+/// The name a line declares a function by (`[pub[(…)]] [async] [unsafe] [const] fn NAME`).
+fn fn_name(line: &str) -> Option<String> {
+    let mut rest = line.trim_start();
+    if let Some(r) = rest.strip_prefix("pub") {
+        rest = match r.strip_prefix('(') {
+            Some(r) => r.split_once(')')?.1,
+            None => r,
+        };
+        if !rest.starts_with(char::is_whitespace) {
+            return None;
+        }
+        rest = rest.trim_start();
+    }
+    for kw in ["async ", "unsafe ", "const "] {
+        rest = rest.strip_prefix(kw).unwrap_or(rest).trim_start();
+    }
+    let name: String = rest
+        .strip_prefix("fn ")?
+        .trim_start()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    (!name.is_empty()).then_some(name)
+}
+
+/// Functions of at least `limit` lines in `text` (up to its `#[cfg(test)]`
+/// tail): each as its name and length. Braces are counted line by line,
+/// strings included, which is exact for this workspace's code.
+fn long_functions(text: &str, limit: usize) -> Vec<(String, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let end = lines
+        .iter()
+        .position(|l| l.starts_with("#[cfg(test)]"))
+        .unwrap_or(lines.len());
+    let mut out = Vec::new();
+    for i in 0..end {
+        let Some(name) = fn_name(lines[i]) else {
+            continue;
+        };
+        let (mut depth, mut started) = (0i64, false);
+        let mut j = i;
+        while j < end {
+            for c in lines[j].chars() {
+                match c {
+                    '{' => (depth, started) = (depth + 1, true),
+                    '}' => depth -= 1,
+                    _ => {}
+                }
+            }
+            if (started && depth <= 0) || (!started && lines[j].trim_end().ends_with(';')) {
+                break;
+            }
+            j += 1;
+        }
+        if started && j < end && j + 1 - i >= limit {
+            out.push((name, j + 1 - i));
+        }
+    }
+    out
+}
+
+/// No function in `src` is 120 lines or more unless ARCHITECTURE.md's
+/// table of long functions names it and says why.
+#[test]
+fn long_functions_are_only_those_architecture_names() {
+    let root = root();
+    let arch = fs_err::read_to_string(root.join("ARCHITECTURE.md")).unwrap();
+    let planted = "fn planted() {\n".to_string() + &"    x();\n".repeat(130) + "}\n";
+    assert_eq!(
+        long_functions(&planted, 120),
+        [("planted".to_string(), 132)]
+    );
+    assert_eq!(
+        fn_name("    pub(crate) async fn go_on(x: u8) {"),
+        Some("go_on".into())
+    );
+    assert_eq!(fn_name("    let f = fn_name;"), None);
+    let mut long = Vec::new();
+    let mut listed = 0;
+    for (rel, f) in workspace_files(&["crates", "xtask/src"]) {
+        if !rel.contains("/src/") || rel.ends_with("/tests.rs") || rel.contains("/tests/") {
+            continue;
+        }
+        for (name, n) in long_functions(&fs_err::read_to_string(&f).unwrap(), 120) {
+            if arch.contains(&format!("| `{rel}` | `{name}` |")) {
+                listed += 1;
+            } else {
+                long.push(format!("{rel}: {name} ({n} lines)"));
+            }
+        }
+    }
+    assert!(
+        long.is_empty(),
+        "functions of 120 lines or more that ARCHITECTURE.md's table of long functions does not name: {long:?} (split them into named steps, or say there why not)"
+    );
+    let rows = arch
+        .lines()
+        .skip_while(|l| !l.starts_with("Functions of 120 lines or more"))
+        .filter(|l| l.starts_with("| `crates/") || l.starts_with("| `xtask/"))
+        .count();
+    assert_eq!(
+        rows, listed,
+        "the table of long functions names one that is no longer long (strike it)"
+    );
+}
