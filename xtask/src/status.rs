@@ -75,63 +75,7 @@ pub fn render(url: &str, s: &Value) -> String {
         "UNLOAD IN"
     );
     for p in arr(s, "pools") {
-        let reps = arr(p, "replicas");
-        let ready = reps.iter().filter(|r| r["state"] == "ready").count();
-        let _ = writeln!(
-            o,
-            "{:<20} {:<10} {:<7} {:>8} {:>5} {:>6} {:>7} {:>7} {:>9} {:>9}",
-            t(p.get("id")),
-            t(p.get("state")),
-            t(p.get("mode")),
-            format!("{ready}/{}", reps.len()),
-            t(p.get("slots")),
-            t(p.get("queue_depth")),
-            t(p.get("running")),
-            t(p.get("tokens_per_s")),
-            secs(p.get("ready_for_s")),
-            secs(p.get("idle_unload_in_s")),
-        );
-        if let Some(r) = p.get("failed_reason").filter(|r| !r.is_null()) {
-            let _ = writeln!(o, "  failed: {}", t(Some(r)));
-        }
-        for r in reps {
-            let devices: Vec<String> = arr(r, "devices")
-                .iter()
-                .map(|d| format!("GPU {d}"))
-                .collect();
-            let _ = writeln!(
-                o,
-                "  replica {}: {}, {}, restarts {}, tokens {}",
-                t(r.get("run_id")),
-                t(r.get("state")),
-                if devices.is_empty() {
-                    "CPU or all GPUs".into()
-                } else {
-                    devices.join(", ")
-                },
-                t(r.get("restarts")),
-                t(r.get("tokens_out")),
-            );
-        }
-        let model = p.get("model");
-        let _ = writeln!(
-            o,
-            "  engine {} ({}), model {} sha256 {}, {}, sandbox {}",
-            t(p.get("fingerprint")).chars().take(12).collect::<String>(),
-            t(p.get("system_fingerprint")),
-            t(model.and_then(|m| m.get("ref"))),
-            t(model.and_then(|m| m.get("digest")))
-                .chars()
-                .take(12)
-                .collect::<String>(),
-            clean(
-                p.get("engine_version")
-                    .and_then(Value::as_str)
-                    .and_then(|v| v.lines().next())
-                    .unwrap_or("–")
-            ),
-            clean(&sandbox(p.get("sandbox"))),
-        );
+        render_pool(&mut o, p);
     }
     for g in arr(s, "gpus") {
         let _ = writeln!(
@@ -142,6 +86,73 @@ pub fn render(url: &str, s: &Value) -> String {
             t(g.get("total_mib"))
         );
     }
+    render_history(&mut o, s);
+    o
+}
+
+/// One pool: its row, a failure's reason, each replica, its engine and model.
+fn render_pool(o: &mut String, p: &Value) {
+    let reps = arr(p, "replicas");
+    let ready = reps.iter().filter(|r| r["state"] == "ready").count();
+    let _ = writeln!(
+        o,
+        "{:<20} {:<10} {:<7} {:>8} {:>5} {:>6} {:>7} {:>7} {:>9} {:>9}",
+        t(p.get("id")),
+        t(p.get("state")),
+        t(p.get("mode")),
+        format!("{ready}/{}", reps.len()),
+        t(p.get("slots")),
+        t(p.get("queue_depth")),
+        t(p.get("running")),
+        t(p.get("tokens_per_s")),
+        secs(p.get("ready_for_s")),
+        secs(p.get("idle_unload_in_s")),
+    );
+    if let Some(r) = p.get("failed_reason").filter(|r| !r.is_null()) {
+        let _ = writeln!(o, "  failed: {}", t(Some(r)));
+    }
+    for r in reps {
+        let devices: Vec<String> = arr(r, "devices")
+            .iter()
+            .map(|d| format!("GPU {d}"))
+            .collect();
+        let _ = writeln!(
+            o,
+            "  replica {}: {}, {}, restarts {}, tokens {}",
+            t(r.get("run_id")),
+            t(r.get("state")),
+            if devices.is_empty() {
+                "CPU or all GPUs".into()
+            } else {
+                devices.join(", ")
+            },
+            t(r.get("restarts")),
+            t(r.get("tokens_out")),
+        );
+    }
+    let model = p.get("model");
+    let _ = writeln!(
+        o,
+        "  engine {} ({}), model {} sha256 {}, {}, sandbox {}",
+        t(p.get("fingerprint")).chars().take(12).collect::<String>(),
+        t(p.get("system_fingerprint")),
+        t(model.and_then(|m| m.get("ref"))),
+        t(model.and_then(|m| m.get("digest")))
+            .chars()
+            .take(12)
+            .collect::<String>(),
+        clean(
+            p.get("engine_version")
+                .and_then(Value::as_str)
+                .and_then(|v| v.lines().next())
+                .unwrap_or("–")
+        ),
+        clean(&sandbox(p.get("sandbox"))),
+    );
+}
+
+/// The last requests and the last state changes.
+fn render_history(o: &mut String, s: &Value) {
     let reqs = arr(s, "requests");
     let _ = writeln!(
         o,
@@ -186,7 +197,6 @@ pub fn render(url: &str, s: &Value) -> String {
             );
         }
     }
-    o
 }
 
 /// `HOST:PORT` or a URL, as a base URL without a trailing slash.
