@@ -140,3 +140,48 @@ fn model_ls_lists_what_is_stored_with_its_last_use_as_an_age() {
     shown += &step("two models", &["model", "ls"]);
     snapshot("model_ls", &normalize(&shown, tmp.path()));
 }
+
+/// A JSON document's shape: every value replaced by its type, arrays by
+/// their first element's shape (what a script reading it depends on).
+fn shape(v: &serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::Null => "<null>".into(),
+        Value::Bool(_) => "<bool>".into(),
+        Value::Number(_) => "<number>".into(),
+        Value::String(_) => "<string>".into(),
+        Value::Array(a) => Value::Array(a.iter().take(1).map(shape).collect()),
+        Value::Object(o) => Value::Object(o.iter().map(|(k, v)| (k.clone(), shape(v))).collect()),
+    }
+}
+
+/// The `--json` documents scripts read keep their keys and types: `engine
+/// build`, `engine explain`, `model fetch`, `model ls`, `engine status`
+/// (snapshots in `tests/snapshots/`, reviewed with `cargo insta review`).
+#[test]
+fn json_documents_keep_their_keys_and_types() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ws");
+    let commit = fixed_repo(&tmp.path().join("upstream"));
+    let pins = format!(
+        "schema: 1\ndefault: fake\npins:\n  fake:\n    commit: {commit}\n    source:\n      kind: git\n      url: {}\n",
+        tmp.path().join("upstream").display()
+    );
+    workspace(&root, &pins, FAKE_PROFILE);
+    let model = root.join("m.gguf");
+    fs_err::write(&model, test_support::gguf::tiny_gguf(100_000, 3)).unwrap();
+    let model_ref = format!("file:{}", model.display());
+    let json = |args: &[&str]| -> serde_json::Value {
+        let (ok, out, err) = run(xtask(&root).args(args).env("LLORCH_COMPILE_CACHE", "off"));
+        assert!(ok, "{args:?}: {err}");
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("{args:?}: {e}: {out}"))
+    };
+    let docs = serde_json::json!({
+        "engine build --json": shape(&json(&["engine", "build", "--json"])),
+        "engine explain --json": shape(&json(&["engine", "explain", "--json"])),
+        "model fetch REF --import --json": shape(&json(&["model", "fetch", &model_ref, "--import", "--json"])),
+        "model ls --json": shape(&json(&["model", "ls", "--json"])),
+        "engine status --json": shape(&json(&["engine", "status", "--json"])),
+    });
+    insta::assert_json_snapshot!("json_documents", docs);
+}
