@@ -173,7 +173,7 @@ impl BenchCmd {
                 next,
             } => {
                 if *incremental {
-                    let say = |m: &str| eprintln!("{m}");
+                    let say = |m: &str| llorch_io::info!("{m}");
                     let cand = crate::pin::resolve(outer, next.as_deref(), None, &say)?;
                     let root = crate::pin::candidate_root(outer, &cand.text)?;
                     llorch_bench::build::bench_incremental(

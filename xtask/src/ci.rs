@@ -16,13 +16,13 @@ pub struct CiCmd {
 }
 
 fn step(name: &str, cmd: Cmd, root: &std::path::Path) -> Result<()> {
-    eprintln!("==> {name}: {cmd}");
+    llorch_io::info!("==> {name}: {cmd}");
     let t = std::time::Instant::now();
     let status = cmd.clone().dir(root).status()?;
     if !status.success() {
         bail!("{name} failed ({status}): `{cmd}`");
     }
-    eprintln!("==> {name}: ok in {:.0}s", t.elapsed().as_secs_f64());
+    llorch_io::info!("==> {name}: ok in {:.0}s", t.elapsed().as_secs_f64());
     Ok(())
 }
 
@@ -145,9 +145,9 @@ fn disk_report(ctx: &Ctx) {
         match llorch_io::fsx::free_space(&dir) {
             Ok(free) => {
                 let gib = free as f64 / f64::from(1u32 << 30);
-                eprintln!("==> disk: {gib:.1} GiB free for {what} ({})", dir.display());
+                llorch_io::info!("==> disk: {gib:.1} GiB free for {what} ({})", dir.display());
                 if free < NEEDED {
-                    eprintln!(
+                    llorch_io::warn!(
                         "warning: less than {} GiB free at {}: the test binaries, the engine \
                          build and the tests' scratch caches may not fit; a linker killed by \
                          SIGBUS ('ld terminated with signal 7') means the disk filled up",
@@ -156,7 +156,7 @@ fn disk_report(ctx: &Ctx) {
                     );
                 }
             }
-            Err(e) => eprintln!("==> disk: free space at {} unknown: {e}", dir.display()),
+            Err(e) => llorch_io::info!("==> disk: free space at {} unknown: {e}", dir.display()),
         }
     }
 }

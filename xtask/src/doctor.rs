@@ -54,7 +54,7 @@ fn engine_user_install() -> Result<()> {
         .into_iter()
         .find(|p| std::path::Path::new(p).exists())
         .unwrap_or("/bin/false");
-    eprintln!("creating the system user `{ENGINE_USER}` that engines run as (useradd)");
+    llorch_io::info!("creating the system user `{ENGINE_USER}` that engines run as (useradd)");
     llorch_io::cmd::Cmd::new("useradd")
         .args(["--system", "--user-group", "--no-create-home"])
         .args(["--home-dir", "/nonexistent", "--shell", shell, ENGINE_USER])
@@ -190,7 +190,7 @@ fn test_servers(install: bool) -> Result<()> {
         .collect();
     // One package may bring two programs (Arch's chromium has chromedriver).
     pkgs.dedup();
-    preflight::install(pm, &pkgs, &|m: &str| eprintln!("{m}"))?;
+    preflight::install(pm, &pkgs, &|m: &str| llorch_io::info!("{m}"))?;
     Ok(())
 }
 
@@ -217,14 +217,14 @@ impl DoctorCmd {
                 .map(|t| pm.package_for(t))
                 .filter(|p| !p.is_empty())
                 .collect();
-            preflight::install(pm, &pkgs, &|m: &str| eprintln!("{m}"))?;
+            preflight::install(pm, &pkgs, &|m: &str| llorch_io::info!("{m}"))?;
             report = preflight::check(&profile, &tb);
         }
         // The compiler cache (optional; installed with pip into the cache).
         {
             use engine_provisioner::compile_cache as cc;
             if self.install && cc::find(&ctx.layout, &tb).is_none() && !cc::disabled() {
-                cc::install(&ctx.layout, &|m: &str| eprintln!("{m}"))
+                cc::install(&ctx.layout, &|m: &str| llorch_io::info!("{m}"))
                     .map_err(|e| anyhow::anyhow!("compiler cache: {e}"))?;
             }
             let found = cc::find(&ctx.layout, &tb);

@@ -304,7 +304,7 @@ fn pull(
     }
     let pulled = build::pull(&profile, &ctx.layout, &reg, &|m: &str| {
         if !p.json {
-            eprintln!("{m}")
+            llorch_io::info!("{m}")
         }
     })?;
     if p.json {
@@ -418,7 +418,7 @@ fn up(ctx: &Ctx, p: ProfileArgs, pool: Option<PoolId>, foreground: bool) -> Resu
     ))?;
     println!("engine for pool {pool} ready at {url} (supervised; SIGINT/SIGTERM/SIGHUP stop it)");
     let sig = stop.wait();
-    eprintln!("{sig}: stopping engine");
+    llorch_io::info!("{sig}: stopping engine");
     sup.stop();
     Ok(())
 }
@@ -565,7 +565,7 @@ fn verify(
     let profile = ctx.profile(b.p.profile.as_deref())?;
     let say = |m: &str| {
         if !b.p.json {
-            eprintln!("{m}")
+            llorch_io::info!("{m}")
         }
     };
     if let Some(from) = from {
@@ -581,7 +581,7 @@ fn verify(
                 &serde_json::json!({"fingerprint": ex.fingerprint, "dir": dir, "ok": ok.is_ok(), "problem": ok.as_ref().err().map(|e| e.to_string())}),
             )?;
         } else if let Err(why) = &ok {
-            eprintln!(
+            llorch_io::info!(
                 "engine {} at {}: {why}",
                 &ex.fingerprint[..12],
                 dir.display()
@@ -616,7 +616,7 @@ fn verify(
             r.cached.display()
         );
     } else {
-        eprintln!(
+        llorch_io::info!(
             "NOT reproduced: engine {} ({}) differs from its rebuild:",
             &r.fingerprint[..12],
             r.cached.display()
@@ -627,7 +627,7 @@ fn verify(
                 .iter()
                 .map(|(a, b)| format!("{a:#x}..{b:#x}"))
                 .collect();
-            eprintln!(
+            llorch_io::info!(
                 "  {}: {} vs {} bytes, {} byte(s) differ{}{}",
                 f.file,
                 f.cached_bytes.map_or("missing".into(), |n| n.to_string()),
@@ -638,7 +638,7 @@ fn verify(
             );
         }
         for n in &r.notes {
-            eprintln!("  note: {n}");
+            llorch_io::info!("  note: {n}");
         }
     }
     if !r.reproduced {

@@ -33,6 +33,12 @@ mod status;
     version
 )]
 struct Cli {
+    /// Print nothing but results and errors (no progress, no warnings)
+    #[arg(long, short, global = true, conflicts_with = "verbose")]
+    quiet: bool,
+    /// Also print every external command line (as LLORCH_VERBOSE=1 does)
+    #[arg(long, short, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     cmd: Command,
 }
@@ -71,6 +77,13 @@ fn main() {
     // SIGINT stops every phase (a build, a fetch), also when inherited as ignored.
     llorch_io::signals::unignore_interrupt();
     let cli = Cli::parse();
+    llorch_io::report::set(if cli.quiet {
+        llorch_io::report::Level::Quiet
+    } else if cli.verbose {
+        llorch_io::report::Level::Verbose
+    } else {
+        llorch_io::report::Level::Normal
+    });
     if let Err(e) = run(cli) {
         eprintln!("error: {}", render_error(&e));
         std::process::exit(1);

@@ -87,7 +87,7 @@ fn pins_path(ctx: &Ctx) -> PathBuf {
 fn bump(ctx: &Ctx, a: &BumpArgs) -> Result<()> {
     let say = |m: &str| {
         if !a.json {
-            eprintln!("{m}")
+            llorch_io::info!("{m}")
         }
     };
     let path = pins_path(ctx);

@@ -160,7 +160,7 @@ fn image_stack(
         .resolve()
         .map_err(|(key, m)| anyhow::anyhow!("image.json {key}: {m}"))?;
     profile.file.server.set_concurrency(c);
-    eprintln!(
+    llorch_io::info!(
         "image: serving pool {} (engine {}, model {} expected to hash to {})",
         ip.id,
         &ip.fingerprint[..12.min(ip.fingerprint.len())],
@@ -234,7 +234,7 @@ async fn serve(
     cfg: orchestratord::Config,
 ) -> Result<()> {
     for w in &stack.warnings {
-        eprintln!("warning: {w}");
+        llorch_io::warn!("warning: {w}");
     }
     let ps =
         llorch_stack::start_pools(&stack, &ctx.layout, cfg, &opts, "cargo xtask serve").await?;
@@ -294,7 +294,7 @@ async fn serve(
     );
     let outcome = until_stopped(&ps.server.state, &mut stop).await;
     ps.stop(std::time::Duration::from_secs(30)).await;
-    eprintln!("stopped");
+    llorch_io::info!("stopped");
     if outcome.is_some() {
         bail!("nothing left to serve");
     }
@@ -321,7 +321,7 @@ async fn until_stopped(
         }
     };
     tokio::select! {
-        sig = stop.recv() => { eprintln!("{sig}: draining (up to 30 s)"); None }
+        sig = stop.recv() => { llorch_io::info!("{sig}: draining (up to 30 s)"); None }
         reason = all_failed => { eprintln!("error: every pool failed and will not be restarted:\n{reason}"); Some(reason) }
     }
 }

@@ -35,7 +35,7 @@ impl SourceCmd {
             SourceSub::Bundle { p, out } => {
                 let profile = ctx.profile(p.profile.as_deref())?;
                 let tree = engine_provisioner::source::fetch(&profile.pin, &ctx.layout, &|m| {
-                    eprintln!("{m}")
+                    llorch_io::info!("{m}")
                 })?;
                 let m = engine_provisioner::bundle::create(&profile, &tree, &out)
                     .context("write source bundle")?;
@@ -53,9 +53,9 @@ impl SourceCmd {
                     }));
                 }
                 match pinned {
-                    Some(d) if d == &tree => eprintln!("  tree digest {tree}: the pin's bundle_trees.{backend}"),
-                    Some(d) => eprintln!("warning: tree digest {tree}, but the pin's bundle_trees.{backend} is {d}: offline hosts will refuse this bundle"),
-                    None => eprintln!("note: offline hosts accept this bundle only if the pin names it; add to pin {} in toolchains/llama.cpp.yaml:\n    bundle_trees:\n      {backend}: {tree}", m.pin),
+                    Some(d) if d == &tree => llorch_io::info!("  tree digest {tree}: the pin's bundle_trees.{backend}"),
+                    Some(d) => llorch_io::warn!("warning: tree digest {tree}, but the pin's bundle_trees.{backend} is {d}: offline hosts will refuse this bundle"),
+                    None => llorch_io::info!("note: offline hosts accept this bundle only if the pin names it; add to pin {} in toolchains/llama.cpp.yaml:\n    bundle_trees:\n      {backend}: {tree}", m.pin),
                 }
                 println!(
                     "wrote {} ({:.1} MB, {} files, sha256 {sha})\n  pin {} = {} {} (llama.cpp {})",

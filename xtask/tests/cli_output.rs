@@ -185,3 +185,39 @@ fn json_documents_keep_their_keys_and_types() {
     });
     insta::assert_json_snapshot!("json_documents", docs);
 }
+
+/// `--quiet` silences every library line (a build says what it builds, and
+/// why, without it); `--verbose` adds every external command line.
+#[test]
+fn quiet_silences_every_library_line_and_verbose_shows_commands() {
+    let tmp = tempfile::tempdir().unwrap();
+    let root = tmp.path().join("ws");
+    let commit = fixed_repo(&tmp.path().join("upstream"));
+    let pins = format!(
+        "schema: 1\ndefault: fake\npins:\n  fake:\n    commit: {commit}\n    source:\n      kind: git\n      url: {}\n",
+        tmp.path().join("upstream").display()
+    );
+    workspace(&root, &pins, FAKE_PROFILE);
+    let (ok, out, err) = run(xtask(&root)
+        .args(["--quiet", "engine", "build"])
+        .env("LLORCH_COMPILE_CACHE", "off"));
+    assert!(ok, "{err}");
+    assert_eq!(err, "", "--quiet: nothing on stderr");
+    assert!(!out.is_empty(), "the result is still printed: {out}");
+    // Built now: explain is quiet by nature; a rebuild after a flag change talks.
+    fs_err::write(
+        root.join("requirements/cpu.yaml"),
+        format!("{FAKE_PROFILE}  cmake_flags:\n    - -DFAKE_OPTION=ON\n"),
+    )
+    .unwrap();
+    let (ok, _, err) = run(xtask(&root)
+        .args(["engine", "build", "--verbose"])
+        .env("LLORCH_COMPILE_CACHE", "off"));
+    assert!(ok, "{err}");
+    assert!(err.contains("building llama-server"), "{err}");
+    assert!(
+        err.lines()
+            .any(|l| l.starts_with("$ ") && l.contains("cmake")),
+        "--verbose shows the command lines: {err}"
+    );
+}

@@ -858,3 +858,42 @@ fn long_functions_are_only_those_architecture_names() {
         "the table of long functions names one that is no longer long (strike it)"
     );
 }
+
+/// Libraries print only through `llorch_io::report` (so `--quiet` silences
+/// every line of theirs): no `eprintln!`/`eprint!` in `crates/*/src` but in
+/// `report.rs` itself, binaries and tests.
+#[test]
+fn libraries_print_only_through_the_reporter() {
+    let stray = |text: &str| {
+        let end = text.find("#[cfg(test)]").unwrap_or(text.len());
+        text[..end]
+            .lines()
+            .filter(|l| !l.trim_start().starts_with("//"))
+            .filter(|l| l.contains("eprintln!(") || l.contains("eprint!("))
+            .count()
+    };
+    assert_eq!(
+        stray("fn f() {\n    eprintln!(\"x\");\n}\n"),
+        1,
+        "a planted line is found"
+    );
+    let mut found = Vec::new();
+    for (rel, f) in workspace_files(&["crates"]) {
+        if !rel.contains("/src/")
+            || rel.contains("/src/bin/")
+            || rel.ends_with("/src/main.rs")
+            || rel.ends_with("/tests.rs")
+            || rel == "crates/llorch-io/src/report.rs"
+        {
+            continue;
+        }
+        let n = stray(&fs_err::read_to_string(&f).unwrap());
+        if n > 0 {
+            found.push(format!("{rel} ({n})"));
+        }
+    }
+    assert!(
+        found.is_empty(),
+        "library code printing past llorch_io::report (use llorch_io::info!/warn!): {found:?}"
+    );
+}

@@ -241,7 +241,7 @@ pub fn build(
     let started = Instant::now();
     let say = |m: &str| {
         if !opts.quiet {
-            eprintln!("{m}");
+            llorch_io::info!("{m}");
         }
     };
     // Quick path: compute the fingerprint from tool versions alone; the full

@@ -444,6 +444,7 @@ struct BuildBar {
 
 impl BuildBar {
     fn new(quiet: bool) -> BuildBar {
+        let quiet = quiet || llorch_io::report::level() == llorch_io::report::Level::Quiet;
         let tty = std::io::stderr().is_terminal();
         let bar = (!quiet && tty).then(|| {
             let b = indicatif::ProgressBar::new(0);
@@ -475,7 +476,7 @@ impl BuildBar {
             }
         } else if self.plain && (self.last_report.elapsed().as_secs() >= 30 || done == total) {
             self.last_report = Instant::now();
-            eprintln!(
+            llorch_io::info!(
                 "  build: {done}/{total} steps, {:.0}s elapsed",
                 self.started.elapsed().as_secs_f64()
             );

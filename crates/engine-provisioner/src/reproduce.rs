@@ -309,7 +309,7 @@ struct Scratch(PathBuf);
 impl Drop for Scratch {
     fn drop(&mut self) {
         if std::env::var_os("LLORCH_VERIFY_KEEP").is_some_and(|v| v == "1") {
-            eprintln!("kept the scratch rebuild at {}", self.0.display());
+            llorch_io::info!("kept the scratch rebuild at {}", self.0.display());
             return;
         }
         let _ = fs_err::remove_dir_all(&self.0);
@@ -328,7 +328,7 @@ pub fn rebuild(
     let started_at = llorch_io::now_rfc3339();
     let say = |m: &str| {
         if !opts.quiet {
-            eprintln!("{m}");
+            llorch_io::info!("{m}");
         }
     };
     let mut plan = match build::plan(profile, &opts.toolbox) {

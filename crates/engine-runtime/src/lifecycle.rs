@@ -247,7 +247,7 @@ fn spawn_on(
     let sandbox = sandbox_for(prep, paths, listen, api_key).map_err(fatal)?;
     let protections = sandbox.protections.clone();
     if prep.sandbox == llorch_profile::SandboxMode::Off {
-        eprintln!("warning: pool {}: {}", prep.pool_id, protections.summary());
+        llorch_io::warn!("warning: pool {}: {}", prep.pool_id, protections.summary());
     }
     let started = Instant::now();
     let cmd = engine_command(prep, paths, listen, api_key);
@@ -303,7 +303,7 @@ fn spawn_on(
         .send()
         .is_ok_and(|r| r.status().is_success());
     if !metrics_ok {
-        eprintln!("warning: {url}/metrics did not answer 200 (was the engine built without metrics support?)");
+        llorch_io::warn!("warning: {url}/metrics did not answer 200 (was the engine built without metrics support?)");
     }
     let handoff = Handoff {
         schema: RUN_SCHEMA,

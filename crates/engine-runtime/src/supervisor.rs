@@ -143,7 +143,7 @@ impl Shared {
     }
 
     fn set(&self, s: EngineState) {
-        eprintln!(
+        llorch_io::info!(
             "[supervisor] {}",
             serde_json::to_string(&s).unwrap_or_default()
         );

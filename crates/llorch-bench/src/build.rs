@@ -92,7 +92,8 @@ fn seed_source(
     p: &llorch_profile::Profile,
     layout: &llorch_io::paths::Layout,
 ) -> Result<()> {
-    let tree = engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|m| eprintln!("{m}"))?;
+    let tree =
+        engine_provisioner::source::fetch(&p.pin, &ctx.layout, &|m| llorch_io::info!("{m}"))?;
     let dst = layout
         .bucket(llorch_io::paths::Bucket::Src)
         .join(engine_provisioner::source::source_id(&p.pin));
@@ -120,7 +121,7 @@ pub struct NextPin<'a> {
 
 pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: NextPin) -> Result<Value> {
     let p = ctx.profile(profile)?;
-    let say = |m: &str| eprintln!("{m}");
+    let say = |m: &str| llorch_io::info!("{m}");
     let stem = p
         .path
         .file_stem()

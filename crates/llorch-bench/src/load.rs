@@ -254,7 +254,7 @@ fn row(n: usize, v: &Side, d: &Side, dflt: Option<&Side>) -> Value {
         row["ttft_ms_p99_defaults"] = json!(pct(&x.ttft, 0.99));
         row["fairness_defaults_median"] = json!(x.fairness_median());
         row["errors_defaults"] = json!(x.errors);
-        eprintln!(
+        llorch_io::info!(
             "{n:>4} clients: llama-server with its defaults {:.0} tok/s, orchestrator / defaults {:.2} ({}), TTFT p99 {:.1} ms, fairness {:.2}, errors {}",
             x.tok_per_s_median(),
             median(&mut x.ratio.clone()),
@@ -264,7 +264,7 @@ fn row(n: usize, v: &Side, d: &Side, dflt: Option<&Side>) -> Value {
             x.errors
         );
     }
-    eprintln!(
+    llorch_io::info!(
         "{n:>4} clients: {:.0} vs {:.0} tok/s (orchestrator / direct {:.3}, {}), TTFT p50 {:.1} vs {:.1} ms, p99 {:.1} vs {:.1} ms, fairness {:.2} vs {:.2}, errors {}/{}",
         v.tok_per_s_median(),
         d.tok_per_s_median(),
@@ -314,7 +314,7 @@ pub(crate) fn load_stack(
         llorch_profile::stack::place_replicas(&id, &c, cuda, devices, None)
             .map_err(|(_, m)| anyhow::anyhow!(m))?;
     if let Some(w) = warning {
-        eprintln!("warning: {w}");
+        llorch_io::warn!("warning: {w}");
     }
     let stack = Stack {
         max_loaded: None,
@@ -411,7 +411,7 @@ fn start_defaults(
         &log,
     )
     .context("llama-server with its defaults")?;
-    eprintln!(
+    llorch_io::info!(
         "llama-server with its defaults: {url} (log {})",
         log.display()
     );
@@ -430,7 +430,7 @@ pub fn bench_load(ctx: &Ctx, a: &LoadArgs) -> Result<Value> {
         // What `auto` chose, and why (the stack starts quiet).
         let engines = &ps.server.state.pools;
         if let Some(why) = engines.first().and_then(|p| p.auto.clone()) {
-            eprintln!(
+            llorch_io::info!(
                 "auto: {} engine(s) x {} slot(s): {why}",
                 engines.len(),
                 engines[0].slots

@@ -86,7 +86,7 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
             order.reverse();
         }
         for &(s, k, v) in &order {
-            eprintln!(
+            llorch_io::info!(
                 "run {}/{}: {s} slots x {k} engine(s), flags {}",
                 run + 1,
                 a.runs,
@@ -119,14 +119,14 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
     );
     let best = table.pick(|_| true);
     match &best {
-        Some(b) => eprintln!(
+        Some(b) => llorch_io::info!(
             "auto would choose {} slots x {} engine(s), flags {}, here: {}",
             b.slots,
             b.replicas,
             auto::variant_name(&b.args),
             b.describe()
         ),
-        None => eprintln!(
+        None => llorch_io::info!(
             "no configuration was fair (fairness >= {}) at every client count: auto would not use this table",
             auto::MIN_FAIRNESS
         ),
@@ -139,7 +139,7 @@ pub fn bench_tune(ctx: &Ctx, a: &TuneArgs) -> Result<Value> {
     );
     if a.write {
         auto_table::write_table(&path, &table)?;
-        eprintln!("recorded for slots/replicas: auto: {}", path.display());
+        llorch_io::info!("recorded for slots/replicas: auto: {}", path.display());
     }
     Ok(json!({
         "device": device.name,
@@ -207,7 +207,7 @@ async fn measure_config(
     let ps = match start(ctx, &stack, 4096, "cargo xtask bench tune").await {
         Ok(ps) => ps,
         Err(e) => {
-            eprintln!("  {s} slots x {k} engine(s) did not start: {e:#}");
+            llorch_io::info!("  {s} slots x {k} engine(s) did not start: {e:#}");
             return Ok((None, Vec::new()));
         }
     };
@@ -235,7 +235,7 @@ fn summarize(samples: BTreeMap<(Config, usize), Samples>) -> (Vec<Value>, Vec<Tu
         let tps = median(&mut v.tok_per_s.clone());
         let fair = median(&mut v.fairness);
         let ttft_p99 = pct(&v.ttft, 0.99);
-        eprintln!(
+        llorch_io::info!(
             "{s:>4} slots x {k} engine(s), {name:<13} {n:>4} clients: {tps:.0} tok/s ({}), TTFT p99 {ttft_p99:.0} ms, fairness {fair:.2}, errors {}",
             spread(&v.tok_per_s),
             v.errors

@@ -98,7 +98,7 @@ pub fn build(
 ) -> Result<BuiltImage, DeployError> {
     let say = |m: &str| {
         if !opts.quiet {
-            eprintln!("{m}");
+            llorch_io::info!("{m}");
         }
     };
     let mut pools = Vec::new();

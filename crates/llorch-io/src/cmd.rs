@@ -107,9 +107,7 @@ impl Cmd {
     }
 
     fn announce(&self) {
-        if std::env::var_os("LLORCH_VERBOSE").is_some() {
-            eprintln!("$ {self}");
-        }
+        crate::report::detail(format_args!("$ {self}"));
     }
 
     fn spawn_err(&self, source: std::io::Error) -> CmdError {

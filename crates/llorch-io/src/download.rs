@@ -261,6 +261,7 @@ pub struct Progress {
 
 impl Progress {
     pub fn new(name: &str, quiet: bool) -> Progress {
+        let quiet = quiet || crate::report::level() == crate::report::Level::Quiet;
         let tty = std::io::stderr().is_terminal();
         Progress {
             bar: None,
@@ -304,13 +305,13 @@ impl Progress {
             self.last = Instant::now();
             let rate = pos as f64 / self.started.elapsed().as_secs_f64().max(1e-3) / 1e6;
             match self.total {
-                Some(t) => eprintln!(
+                Some(t) => crate::info!(
                     "  {}: {:.1}/{:.1} MB ({rate:.1} MB/s)",
                     self.name,
                     pos as f64 / 1e6,
                     t as f64 / 1e6
                 ),
-                None => eprintln!(
+                None => crate::info!(
                     "  {}: {:.1} MB ({rate:.1} MB/s)",
                     self.name,
                     pos as f64 / 1e6

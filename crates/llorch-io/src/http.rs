@@ -47,21 +47,21 @@ fn read_extra_roots(path: Option<&std::ffi::OsStr>) -> Vec<reqwest::Certificate>
     match fs_err::read(path).map(|pem| reqwest::Certificate::from_pem_bundle(&pem)) {
         Ok(Ok(certs)) if !certs.is_empty() => certs,
         Ok(Ok(_)) => {
-            eprintln!(
+            crate::warn!(
                 "warning: SSL_CERT_FILE={} holds no certificate; ignored",
                 std::path::Path::new(&path).display()
             );
             Vec::new()
         }
         Ok(Err(e)) => {
-            eprintln!(
+            crate::warn!(
                 "warning: SSL_CERT_FILE={}: {e}; ignored",
                 std::path::Path::new(&path).display()
             );
             Vec::new()
         }
         Err(e) => {
-            eprintln!(
+            crate::warn!(
                 "warning: cannot read SSL_CERT_FILE={}: {e}; ignored",
                 std::path::Path::new(&path).display()
             );

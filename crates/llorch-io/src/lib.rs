@@ -8,6 +8,7 @@
 //! * [`paths`]: where the workspace, the cache and the run state live.
 //! * [`gpu`]: every `nvidia-smi` reading (memory, compute capability, driver CUDA).
 //! * [`llama_server`]: llama-server's own HTTP API (endpoints, keys, `/slots`, `/metrics`).
+//! * [`report`]: the one way libraries print (progress, warnings, detail), under `--quiet`/`--verbose`.
 //!
 //! Tests point these doors at local servers and repositories; nothing else in
 //! the workspace opens sockets or spawns build tools on its own.
@@ -22,6 +23,7 @@ pub mod http;
 pub mod llama_server;
 pub mod oci;
 pub mod paths;
+pub mod report;
 pub mod signals;
 
 /// An I/O failure and what was being done: the one shape of every crate's

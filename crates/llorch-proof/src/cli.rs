@@ -47,7 +47,7 @@ fn show(subject: Subject<'_>, output: Output) -> Result<bool> {
         .enable_all()
         .build()?;
     if let (false, Subject::Profile(profile, pool, _)) = (json, &subject) {
-        eprintln!(
+        llorch_io::info!(
             "provisioning profile `{}` under pool `{}` (engine build and model are cached after the first run)",
             profile.name,
             proof_pool(pool)

@@ -84,7 +84,7 @@ impl ProvisionedLink {
             reviving: Arc::new(AtomicBool::new(false)),
             revive: Arc::new(move || {
                 if let Err(e) = crate::provision::provision(&p, &id, &l, &BuildOptions::quiet()) {
-                    eprintln!("could not start the engine of pool {id} again: {e}");
+                    llorch_io::info!("could not start the engine of pool {id} again: {e}");
                 }
             }),
         }

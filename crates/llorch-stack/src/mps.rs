@@ -190,7 +190,7 @@ impl Drop for OwnMps {
     fn drop(&mut self) {
         if self.pid.is_some() {
             self.quit();
-            eprintln!("pool {}: MPS control daemon stopped", self.pool);
+            llorch_io::info!("pool {}: MPS control daemon stopped", self.pool);
         }
     }
 }

@@ -68,7 +68,7 @@ pub fn provision(
     }
     let _lock = engine_runtime::run_state::lock_pool(layout, pool, || {
         if !quiet {
-            eprintln!("waiting for another provision, start or stop of pool {pool}");
+            llorch_io::info!("waiting for another provision, start or stop of pool {pool}");
         }
     })?;
     let Prepared {
@@ -120,7 +120,7 @@ pub fn provision(
     if let Some((run, c)) = replace {
         changes = c;
         if !quiet {
-            eprintln!("restarting engine for pool {pool}: {}", changes.join("; "));
+            llorch_io::info!("restarting engine for pool {pool}: {}", changes.join("; "));
         }
         run.record.process.stop(Duration::from_secs(5));
         action = "restarted";

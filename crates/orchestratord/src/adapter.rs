@@ -306,7 +306,7 @@ pub(crate) async fn send(
         match guarded(task, st.cfg.stall_timeout, request().send()).await? {
             Ok(r) => return Ok(r),
             Err(e) if attempt < SEND_ATTEMPTS && engine_healthy(st, engine).await => {
-                eprintln!(
+                llorch_io::info!(
                     "orchestratord: sending to llama-server failed ({}); it answers /health, sending again",
                     llorch_io::http::error_chain(&e)
                 );

@@ -213,7 +213,7 @@ async fn send_owned(
                         .healthy(&st.http, Duration::from_secs(2))
                         .await =>
             {
-                eprintln!("orchestratord: sending to llama-server failed ({e}); it answers /health, sending again");
+                llorch_io::info!("orchestratord: sending to llama-server failed ({e}); it answers /health, sending again");
             }
             Err(e) => {
                 let msg = format!("cannot reach llama-server at {}: {e}", engine.url);

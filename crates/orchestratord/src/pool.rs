@@ -287,7 +287,7 @@ impl Pool {
         *closed = true;
         self.ready.store(false, Ordering::SeqCst);
         self.unloads.fetch_add(1, Ordering::Relaxed);
-        eprintln!("[pool {}] unloading ({why})", self.id);
+        llorch_io::info!("[pool {}] unloading ({why})", self.id);
         self.link.unload();
         true
     }

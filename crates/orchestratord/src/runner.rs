@@ -104,9 +104,10 @@ async fn attempt(
                 task.pool.mark_not_ready();
                 match engine_after(st, task, &engine).await {
                     Ok(next) => {
-                        eprintln!(
+                        llorch_io::info!(
                             "orchestratord: {msg}; task {} goes to the restarted engine at {}",
-                            task.id, next.url
+                            task.id,
+                            next.url
                         );
                         engine = next;
                     }

@@ -32,7 +32,7 @@ pub async fn run(st: Shared) {
                         LinkState::Ready(e) => format!(" ({})", e.url),
                         _ => String::new(),
                     };
-                    eprintln!("[pool {}] {} -> {now}{extra}", p.id, seen[i]);
+                    llorch_io::info!("[pool {}] {} -> {now}{extra}", p.id, seen[i]);
                 }
                 if now == "ready" {
                     if let Some(t0) = p.loading_since.lock().unwrap().take() {
@@ -108,7 +108,7 @@ pub async fn run(st: Shared) {
                     p.loads.fetch_add(1, Ordering::Relaxed);
                     *p.loading_since.lock().unwrap() = Some(t0);
                     *p.gate.lock().unwrap() = false;
-                    eprintln!(
+                    llorch_io::info!(
                         "[pool {}] loading ({} task(s) waiting; probe and start took {call_ms} ms)",
                         p.id,
                         p.queue.len()
@@ -116,12 +116,12 @@ pub async fn run(st: Shared) {
                 }
                 Err(LoadRefusal::Wait(why)) => {
                     if !p.waiting_logged.swap(true, Ordering::Relaxed) {
-                        eprintln!("[pool {}] waiting to load: {why}", p.id);
+                        llorch_io::info!("[pool {}] waiting to load: {why}", p.id);
                     }
                 }
                 Err(LoadRefusal::Fail(why)) => {
                     p.waiting_logged.store(false, Ordering::Relaxed);
-                    eprintln!("[pool {}] cannot load: {why}", p.id);
+                    llorch_io::info!("[pool {}] cannot load: {why}", p.id);
                     crate::tasks::fail_queued(&st, p, "POOL_LOAD_FAILED", &why, false);
                 }
             }

@@ -1,0 +1,83 @@
+//! The one way library code talks to the person running it: progress
+//! ([`info`]), warnings ([`warn`]) and detail ([`detail`]), all on stderr,
+//! filtered by one process-wide [`Level`] that the CLI sets from its global
+//! `--quiet` / `--verbose` (stdout stays for results: a `--json` document,
+//! a path). Libraries never print any other way (`xtask/tests/tidy.rs`).
+
+use std::fmt::Display;
+use std::sync::atomic::{AtomicU8, Ordering};
+
+/// How much the person running llama-orch wants to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Level {
+    /// Nothing but errors (which the CLI prints when it fails).
+    Quiet = 0,
+    /// Progress and warnings (the default).
+    Normal = 1,
+    /// Also every external command line and other detail.
+    Verbose = 2,
+}
+
+static LEVEL: AtomicU8 = AtomicU8::new(Level::Normal as u8);
+
+/// Set the level for the rest of the process (the CLI, once, at start).
+pub fn set(level: Level) {
+    LEVEL.store(level as u8, Ordering::Relaxed);
+}
+
+/// The level now; `LLORCH_VERBOSE` set in the environment counts as `--verbose`.
+pub fn level() -> Level {
+    match LEVEL.load(Ordering::Relaxed) {
+        0 => Level::Quiet,
+        _ if std::env::var_os("LLORCH_VERBOSE").is_some() => Level::Verbose,
+        1 => Level::Normal,
+        _ => Level::Verbose,
+    }
+}
+
+/// A progress line (`building …`, `downloading …`): shown unless `--quiet`.
+pub fn info(msg: impl Display) {
+    if level() >= Level::Normal {
+        eprintln!("{msg}");
+    }
+}
+
+/// A warning (the message says `warning:` itself where it reads better):
+/// shown unless `--quiet`.
+pub fn warn(msg: impl Display) {
+    if level() >= Level::Normal {
+        eprintln!("{msg}");
+    }
+}
+
+/// Detail (an external command line): shown with `--verbose` only.
+pub fn detail(msg: impl Display) {
+    if level() >= Level::Verbose {
+        eprintln!("{msg}");
+    }
+}
+
+/// [`info`] with `format!` arguments: `llorch_io::info!("building {x}")`.
+#[macro_export]
+macro_rules! info {
+    ($($t:tt)*) => { $crate::report::info(format_args!($($t)*)) };
+}
+
+/// [`warn`] with `format!` arguments.
+#[macro_export]
+macro_rules! warn {
+    ($($t:tt)*) => { $crate::report::warn(format_args!($($t)*)) };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_level_orders_what_is_shown() {
+        assert!(Level::Quiet < Level::Normal && Level::Normal < Level::Verbose);
+        set(Level::Quiet);
+        assert_eq!(level(), Level::Quiet);
+        set(Level::Normal);
+    }
+}
