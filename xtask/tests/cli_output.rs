@@ -23,16 +23,23 @@ fn fixed_repo(dir: &Path) -> String {
     oid.to_string()
 }
 
+/// A scratch workspace `<dir>/ws` whose one pin is [`fixed_repo`] at
+/// `<dir>/upstream`, with the stand-in `cpu` profile.
+fn fixed_workspace(dir: &Path) -> std::path::PathBuf {
+    let root = dir.join("ws");
+    let commit = fixed_repo(&dir.join("upstream"));
+    let pins = format!(
+        "schema: 1\ndefault: fake\npins:\n  fake:\n    commit: {commit}\n    source:\n      kind: git\n      url: {}\n",
+        dir.join("upstream").display()
+    );
+    workspace(&root, &pins, FAKE_PROFILE);
+    root
+}
+
 #[test]
 fn engine_explain_says_why_a_build_would_run() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("ws");
-    let commit = fixed_repo(&tmp.path().join("upstream"));
-    let pins = format!(
-        "schema: 1\ndefault: fake\npins:\n  fake:\n    commit: {commit}\n    source:\n      kind: git\n      url: {}\n",
-        tmp.path().join("upstream").display()
-    );
-    workspace(&root, &pins, FAKE_PROFILE);
+    let root = fixed_workspace(tmp.path());
     let step = |title: &str, args: &[&str]| -> String {
         let (ok, out, err) = run(xtask(&root).args(args));
         assert!(ok, "{title}: {err}");
@@ -161,13 +168,7 @@ fn shape(v: &serde_json::Value) -> serde_json::Value {
 #[test]
 fn json_documents_keep_their_keys_and_types() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("ws");
-    let commit = fixed_repo(&tmp.path().join("upstream"));
-    let pins = format!(
-        "schema: 1\ndefault: fake\npins:\n  fake:\n    commit: {commit}\n    source:\n      kind: git\n      url: {}\n",
-        tmp.path().join("upstream").display()
-    );
-    workspace(&root, &pins, FAKE_PROFILE);
+    let root = fixed_workspace(tmp.path());
     let model = root.join("m.gguf");
     fs_err::write(&model, test_support::gguf::tiny_gguf(100_000, 3)).unwrap();
     let model_ref = format!("file:{}", model.display());
@@ -191,13 +192,7 @@ fn json_documents_keep_their_keys_and_types() {
 #[test]
 fn quiet_silences_every_library_line_and_verbose_shows_commands() {
     let tmp = tempfile::tempdir().unwrap();
-    let root = tmp.path().join("ws");
-    let commit = fixed_repo(&tmp.path().join("upstream"));
-    let pins = format!(
-        "schema: 1\ndefault: fake\npins:\n  fake:\n    commit: {commit}\n    source:\n      kind: git\n      url: {}\n",
-        tmp.path().join("upstream").display()
-    );
-    workspace(&root, &pins, FAKE_PROFILE);
+    let root = fixed_workspace(tmp.path());
     let (ok, out, err) = run(xtask(&root)
         .args(["--quiet", "engine", "build"])
         .env("LLORCH_COMPILE_CACHE", "off"));

@@ -104,14 +104,19 @@ pub fn download_client(stall: Duration) -> reqwest::blocking::Client {
 /// Short-timeout blocking client for local probes (`/health`, `/metrics`).
 /// Connections are not reused (see [`async_client`]).
 pub fn probe_client() -> reqwest::blocking::Client {
+    probe_builder()
+        .build()
+        .expect("reqwest client configuration is static")
+}
+
+/// The probe clients' configuration: short timeouts, no proxy, no reuse.
+fn probe_builder() -> reqwest::blocking::ClientBuilder {
     reqwest::blocking::Client::builder()
         .user_agent(USER_AGENT)
         .connect_timeout(Duration::from_millis(500))
         .pool_max_idle_per_host(0)
         .timeout(Duration::from_secs(5))
         .no_proxy()
-        .build()
-        .expect("reqwest client configuration is static")
 }
 
 /// Async client for loopback HTTP: the orchestrator's engine adapter and
@@ -151,12 +156,7 @@ pub fn unix_blocking_client(socket: &std::path::Path) -> reqwest::blocking::Clie
 
 /// [`probe_client`] bound to a unix socket.
 pub fn unix_probe_client(socket: &std::path::Path) -> reqwest::blocking::Client {
-    reqwest::blocking::Client::builder()
-        .user_agent(USER_AGENT)
-        .connect_timeout(Duration::from_millis(500))
-        .pool_max_idle_per_host(0)
-        .timeout(Duration::from_secs(5))
-        .no_proxy()
+    probe_builder()
         .unix_socket(socket)
         .build()
         .expect("reqwest client configuration is static")
