@@ -82,6 +82,7 @@ impl EngineUser {
 
     fn named(name: &str) -> Option<EngineUser> {
         let c = CString::new(name).ok()?;
+        // SAFETY: `passwd` is plain data (integers and pointers); all zeroes is a valid value.
         let mut pw: libc::passwd = unsafe { std::mem::zeroed() };
         let mut buf = vec![0 as libc::c_char; 16 * 1024];
         let mut out: *mut libc::passwd = std::ptr::null_mut();
