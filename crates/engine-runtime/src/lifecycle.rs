@@ -406,6 +406,7 @@ fn sandbox_for(
                 .iter()
                 .find(|(k, _)| k == "CUDA_MPS_PIPE_DIRECTORY")
                 .map(|(_, v)| std::path::PathBuf::from(v)),
+            gpu: prep.gpu,
         },
     )?;
     if let Some((uid, gid)) = sandbox.runs_as() {

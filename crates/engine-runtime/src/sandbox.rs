@@ -322,6 +322,9 @@ pub struct EngineAccess {
     /// pool's own daemon); `None`: the parent's `CUDA_MPS_PIPE_DIRECTORY`,
     /// else the default.
     pub mps_pipe: Option<PathBuf>,
+    /// A GPU build (CUDA): as root, the dedicated user must be able to open
+    /// the GPU's device nodes and share the machine's MPS daemon's user.
+    pub gpu: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -378,6 +381,22 @@ fn reach(access: &EngineAccess, user: &EngineUser) -> Result<(), String> {
             "an MPS daemon of the pool's own is run by root, and its clients must share its user"
                 .into(),
         );
+    }
+    if access.gpu {
+        let (devices, _) = fs_rules::gpu_paths(access.mps_pipe.as_deref());
+        for d in devices.iter().filter(|d| !d.is_dir()) {
+            user.may_use_device(d).map_err(|e| e.to_string())?;
+        }
+        if let Some(daemon) = llorch_io::gpu::mps_control_daemon() {
+            use std::os::unix::fs::MetadataExt;
+            let owner = fs_err::metadata(format!("/proc/{}", daemon.pid)).map(|m| m.uid());
+            if owner.ok() != Some(user.uid) {
+                return Err(format!(
+                    "the machine's NVIDIA MPS control daemon (pid {}) does not run as {}, and MPS clients must share its user",
+                    daemon.pid, user.name
+                ));
+            }
+        }
     }
     Ok(())
 }

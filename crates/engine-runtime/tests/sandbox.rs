@@ -137,6 +137,7 @@ fn a_hostile_stand_in_engine_can_bind_its_port_and_nothing_else() {
             read_files: Vec::new(),
             listen: Listen::Tcp(s.port),
             mps_pipe: None,
+            gpu: false,
         };
         let sandbox = Sandbox::build(SandboxMode::Auto, &access).unwrap();
         let p = sandbox.protections.clone();
@@ -178,6 +179,7 @@ fn a_hostile_stand_in_on_a_unix_socket_has_no_tcp_at_all() {
             read_files: Vec::new(),
             listen: Listen::Unix(sock.clone()),
             mps_pipe: None,
+            gpu: false,
         },
     )
     .unwrap();
@@ -283,6 +285,7 @@ fn unconfined_the_same_attempts_succeed() {
             read_files: Vec::new(),
             listen: Listen::Tcp(s.port),
             mps_pipe: None,
+            gpu: false,
         },
     )
     .unwrap();

@@ -80,6 +80,8 @@ fn run_sandboxed(args: &[String]) -> ! {
             read_files: Vec::new(),
             listen: engine_runtime::sandbox::Listen::Tcp(1),
             mps_pipe: None,
+            // A GPU program is what `run` is for (docs/gpu/sandbox_cuda.sh).
+            gpu: true,
         },
         &diagnose,
     )

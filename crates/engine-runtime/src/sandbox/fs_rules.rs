@@ -49,7 +49,7 @@ const LOADERS: &[&str] = &[
 /// GPU device nodes (NVIDIA, DRM render nodes for Vulkan, AMD's KFD), read,
 /// written and ioctl'd; `/dev/shm` and the MPS pipe directory where an NVIDIA
 /// device is present (CUDA's inter-process state, MPS clients).
-fn gpu_paths(mps_pipe: Option<&Path>) -> (Vec<PathBuf>, Vec<PathBuf>) {
+pub(super) fn gpu_paths(mps_pipe: Option<&Path>) -> (Vec<PathBuf>, Vec<PathBuf>) {
     let mut devices = Vec::new();
     let mut shared = Vec::new();
     if let Ok(rd) = fs_err::read_dir("/dev") {

@@ -149,6 +149,36 @@ impl EngineUser {
     }
 }
 
+impl EngineUser {
+    /// Whether this user may read and write the device node `path` (a GPU's),
+    /// by its mode bits, and search the directories above it.
+    pub fn may_use_device(&self, path: &Path) -> Result<(), Unreachable> {
+        use std::os::unix::fs::MetadataExt;
+        if let Some(dir) = path.parent() {
+            self.may_reach(dir, false)?;
+        }
+        let md = fs_err::metadata(path).map_err(|e| Unreachable::Unreadable {
+            path: path.display().to_string(),
+            why: e.to_string(),
+        })?;
+        let shift = if md.uid() == self.uid {
+            6
+        } else if md.gid() == self.gid {
+            3
+        } else {
+            0
+        };
+        if (md.mode() >> shift) & 0o6 != 0o6 {
+            return Err(Unreachable::NotPermitted {
+                path: path.display().to_string(),
+                need: "readable and writable",
+                user: self.name.clone(),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// In the child: a network namespace of its own, then the user's group and
 /// user id (no supplementary groups), keeping a parent-death signal that
 /// changing credentials clears. Only system calls, nothing allocates.
@@ -223,5 +253,11 @@ mod tests {
         set(&inner, 0o755);
         set(&f, 0o600);
         assert!(me.may_reach(&f, false).is_err());
+        // A device node the GPU driver makes 0666 is usable; 0660 root:root is not.
+        set(&f, 0o666);
+        assert_eq!(me.may_use_device(&f), Ok(()));
+        set(&f, 0o644);
+        let e = me.may_use_device(&f).unwrap_err().to_string();
+        assert!(e.contains("readable and writable by someone"), "{e}");
     }
 }

@@ -7,6 +7,7 @@ fn access() -> EngineAccess {
         read_files: Vec::new(),
         listen: Listen::Tcp(1),
         mps_pipe: None,
+        gpu: false,
     }
 }
 
