@@ -264,6 +264,7 @@ impl DoctorCmd {
         let sandbox = engine_runtime::sandbox::Protections::planned(
             profile.file.server.sandbox,
             profile.file.server.listen,
+            &profile.file.server.host,
         );
         if self.p.json {
             let mut v = serde_json::to_value(&report)?;

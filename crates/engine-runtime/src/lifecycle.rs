@@ -34,7 +34,6 @@ use llorch_io::fsx::FileLock;
 use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord, RUN_SCHEMA};
 use llorch_io::llama_server::{Api, LlamaServer, UNIX_PREFIX};
 use llorch_io::paths::Layout;
-use llorch_profile::ListenMode;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Stdio};
@@ -121,13 +120,7 @@ pub fn spawn(
     let paths = RunPaths::new(layout, &prep.pool_id);
     paths.ensure_dirs(layout)?;
     sweep_stale(layout);
-    let unix = match prep.listen {
-        ListenMode::Unix => true,
-        ListenMode::Tcp => false,
-        ListenMode::Auto => {
-            is_loopback(&prep.host) && crate::sandbox::RootPlan::detect().prefers_unix()
-        }
-    };
+    let unix = crate::sandbox::RootPlan::detect().listens_on_unix(prep.listen, &prep.host);
     if unix {
         let _ = fs_err::remove_file(&paths.api_key);
         let sock = socket_path(layout, &prep.pool_id)?;

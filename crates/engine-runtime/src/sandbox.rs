@@ -142,22 +142,31 @@ impl RootPlan {
         }
     }
 
-    /// Whether `listen: auto` chooses a unix socket (in a namespace of its own).
-    pub fn prefers_unix(&self) -> bool {
-        self.privilege.netns
+    /// Whether an engine under `listen` with `server.host` `host` listens
+    /// on a unix socket: `unix`, or `auto` where it can have a namespace of
+    /// its own (and its host is loopback). The one rule for the spawn and
+    /// for what capabilities and `doctor` plan.
+    pub fn listens_on_unix(&self, listen: llorch_profile::ListenMode, host: &str) -> bool {
+        match listen {
+            llorch_profile::ListenMode::Unix => true,
+            llorch_profile::ListenMode::Tcp => false,
+            llorch_profile::ListenMode::Auto => {
+                self.privilege.netns && crate::flags::is_loopback(host)
+            }
+        }
     }
 }
 
 impl Protections {
     /// What an engine started now under `mode` runs with (the kernel's
     /// support; CPU and GPU engines alike).
-    pub fn planned(mode: SandboxMode, listen: llorch_profile::ListenMode) -> Protections {
+    pub fn planned(
+        mode: SandboxMode,
+        listen: llorch_profile::ListenMode,
+        host: &str,
+    ) -> Protections {
         let root = RootPlan::detect();
-        let unix = match listen {
-            llorch_profile::ListenMode::Unix => true,
-            llorch_profile::ListenMode::Tcp => false,
-            llorch_profile::ListenMode::Auto => root.prefers_unix(),
-        };
+        let unix = root.listens_on_unix(listen, host);
         let mut p = Protections::for_support(mode, Support::detect());
         p.isolate(mode, unix, &root, Ok(()));
         p

@@ -38,6 +38,7 @@ pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
         sandbox: serde_json::to_value(engine_runtime::sandbox::Protections::planned(
             prep.sandbox,
             prep.listen,
+            &prep.host,
         ))
         .ok(),
     }
