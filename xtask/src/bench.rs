@@ -174,8 +174,13 @@ impl BenchCmd {
             } => {
                 if *incremental {
                     let say = |m: &str| llorch_io::info!("{m}");
-                    let cand = crate::pin::resolve(outer, next.as_deref(), None, &say)?;
-                    let root = crate::pin::candidate_root(outer, &cand.text)?;
+                    let cand = engine_provisioner::pin::resolve(
+                        &outer.layout,
+                        next.as_deref(),
+                        None,
+                        &say,
+                    )?;
+                    let root = engine_provisioner::pin::candidate_root(&outer.layout, &cand.text)?;
                     llorch_bench::build::bench_incremental(
                         ctx,
                         profile.as_deref(),

@@ -30,23 +30,47 @@ fn check_member(archive: &Path, member: &Path) -> Result<(), SourceError> {
 /// Extract a `.tar.gz` (or plain `.tar`) into `dest`, stripping `strip` from
 /// member paths; refuses unsafe members before writing anything.
 pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Result<(), SourceError> {
-    let open = || -> Result<tar::Archive<Box<dyn std::io::Read>>, SourceError> {
-        let f = fs_err::File::open(archive).map_err(io("read the archive"))?;
-        let mut magic = [0u8; 2];
-        let gz = {
-            use std::io::Read;
-            let mut g = fs_err::File::open(archive).map_err(io("open"))?;
-            g.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]
-        };
-        let r: Box<dyn std::io::Read> = if gz {
-            Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)))
-        } else {
-            Box::new(std::io::BufReader::new(f))
-        };
-        Ok(tar::Archive::new(r))
-    };
     // Pass 1: validate every member, write nothing.
-    let mut a = open()?;
+    validate(archive)?;
+    // Pass 2: extract, checking every write against the tree as it is on
+    // disk: a path never goes through a symlink, and every link resolves,
+    // following the links already extracted (chains), to a place inside.
+    fs_err::create_dir_all(dest).map_err(io("create the extraction dir"))?;
+    let mut a = open(archive)?;
+    // Modes without setuid/setgid/sticky bits.
+    a.set_preserve_permissions(false);
+    let x = Extraction {
+        archive,
+        dest,
+        strip,
+    };
+    for e in a.entries().map_err(io("read archive"))? {
+        x.entry(&mut e.map_err(io("read archive entry"))?)?;
+    }
+    Ok(())
+}
+
+/// The archive as a tar stream, gunzipped when it starts with gzip's magic.
+fn open(archive: &Path) -> Result<tar::Archive<Box<dyn std::io::Read>>, SourceError> {
+    let f = fs_err::File::open(archive).map_err(io("read the archive"))?;
+    let mut magic = [0u8; 2];
+    let gz = {
+        use std::io::Read;
+        let mut g = fs_err::File::open(archive).map_err(io("open"))?;
+        g.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b]
+    };
+    let r: Box<dyn std::io::Read> = if gz {
+        Box::new(flate2::read::GzDecoder::new(std::io::BufReader::new(f)))
+    } else {
+        Box::new(std::io::BufReader::new(f))
+    };
+    Ok(tar::Archive::new(r))
+}
+
+/// Every member's path and link target, as the archive states them: no
+/// absolute path, no `..`, no link whose target leaves the tree.
+fn validate(archive: &Path) -> Result<(), SourceError> {
+    let mut a = open(archive)?;
     for e in a.entries().map_err(io("read archive"))? {
         let e = e.map_err(io("read archive entry"))?;
         let path = e.path().map_err(io("member path"))?.into_owned();
@@ -66,52 +90,60 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
             }
         }
     }
-    // Pass 2: extract, checking every write against the tree as it is on
-    // disk: a path never goes through a symlink, and every link resolves,
-    // following the links already extracted (chains), to a place inside.
-    fs_err::create_dir_all(dest).map_err(io("create the extraction dir"))?;
-    let mut a = open()?;
-    // Modes without setuid/setgid/sticky bits.
-    a.set_preserve_permissions(false);
-    let unsafe_member = |member: &Path, why: String| SourceError::UnsafeMember {
-        archive: archive.display().to_string(),
-        member: member.display().to_string(),
-        why,
-    };
-    let strip_rel = |p: &Path| -> Option<PathBuf> {
-        let r = match strip {
+    Ok(())
+}
+
+/// The second pass: one archive extracted into `dest`.
+struct Extraction<'a> {
+    archive: &'a Path,
+    dest: &'a Path,
+    strip: Option<&'a str>,
+}
+
+type Entry<'e> = tar::Entry<'e, Box<dyn std::io::Read>>;
+
+impl Extraction<'_> {
+    fn unsafe_member(&self, member: &Path, why: String) -> SourceError {
+        SourceError::UnsafeMember {
+            archive: self.archive.display().to_string(),
+            member: member.display().to_string(),
+            why,
+        }
+    }
+
+    /// A member's path below `dest`, `strip` removed (`None`: not extracted).
+    fn strip_rel(&self, p: &Path) -> Option<PathBuf> {
+        let r = match self.strip {
             Some(s) => p.strip_prefix(s).ok()?.to_path_buf(),
             None => p.to_path_buf(),
         };
         (!r.as_os_str().is_empty()).then_some(r)
-    };
-    for e in a.entries().map_err(io("read archive"))? {
-        let mut e = e.map_err(io("read archive entry"))?;
+    }
+
+    /// One member: its parents real directories, never written through a
+    /// symlink, then written by its kind.
+    fn entry(&self, e: &mut Entry) -> Result<(), SourceError> {
         let path = e.path().map_err(io("member path"))?.into_owned();
-        let Some(rel) = strip_rel(&path) else {
-            continue;
+        let Some(rel) = self.strip_rel(&path) else {
+            return Ok(());
         };
-        let kind = e.header().entry_type();
         let parent = rel.parent().unwrap_or(Path::new(""));
-        real_dirs(dest, parent).map_err(|why| unsafe_member(&path, why))?;
-        let target = dest.join(&rel);
+        real_dirs(self.dest, parent).map_err(|why| self.unsafe_member(&path, why))?;
+        let target = self.dest.join(&rel);
         let existing = fs_err::symlink_metadata(&target).ok();
         if existing
             .as_ref()
             .is_some_and(|m| m.file_type().is_symlink())
         {
-            return Err(unsafe_member(
-                &path,
-                "would be written through a symlink".into(),
-            ));
+            return Err(self.unsafe_member(&path, "would be written through a symlink".into()));
         }
         use tar::EntryType as T;
-        match kind {
+        match e.header().entry_type() {
             T::Directory => {
                 if existing.is_none() {
                     fs_err::create_dir(&target).map_err(io("extract a directory"))?;
                 } else if !existing.as_ref().is_some_and(|m| m.is_dir()) {
-                    return Err(unsafe_member(&path, "a directory over a file".into()));
+                    return Err(self.unsafe_member(&path, "a directory over a file".into()));
                 }
             }
             T::Regular | T::Continuous => {
@@ -122,56 +154,10 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
                 e.unpack(&target)
                     .map_err(io(format!("extract {}", rel.display())))?;
             }
-            T::Symlink => {
-                let link = e
-                    .link_name()
-                    .map_err(io("link name"))?
-                    .ok_or_else(|| unsafe_member(&path, "a symlink without a target".into()))?
-                    .into_owned();
-                resolve_in_tree(dest, &parent.join(&link)).map_err(|why| {
-                    unsafe_member(&path, format!("links to `{}`, which {why}", link.display()))
-                })?;
-                if existing.is_some() {
-                    return Err(unsafe_member(
-                        &path,
-                        "a symlink over an existing member".into(),
-                    ));
-                }
-                fs_err::os::unix::fs::symlink(&link, &target).map_err(io("extract a symlink"))?;
-            }
-            T::Link => {
-                let link = e
-                    .link_name()
-                    .map_err(io("link name"))?
-                    .ok_or_else(|| unsafe_member(&path, "a hard link without a target".into()))?
-                    .into_owned();
-                let src_rel = strip_rel(&link).ok_or_else(|| {
-                    unsafe_member(
-                        &path,
-                        format!("hard-links to `{}`, outside the tree", link.display()),
-                    )
-                })?;
-                let src = resolve_in_tree(dest, &src_rel).map_err(|why| {
-                    unsafe_member(
-                        &path,
-                        format!("hard-links to `{}`, which {why}", link.display()),
-                    )
-                })?;
-                let src = dest.join(src);
-                if !fs_err::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
-                    return Err(unsafe_member(
-                        &path,
-                        format!("hard-links to `{}`, not an extracted file", link.display()),
-                    ));
-                }
-                if existing.is_some() {
-                    fs_err::remove_file(&target)
-                        .map_err(io(format!("replace {}", rel.display())))?;
-                }
-                fs_err::hard_link(&src, &target).map_err(io(format!("link {}", rel.display())))?;
-            }
+            T::Symlink => self.symlink(e, &path, &rel, existing.is_some())?,
+            T::Link => self.hard_link(e, &path, &rel, existing.is_some())?,
             other => {
-                return Err(unsafe_member(
+                return Err(self.unsafe_member(
                     &path,
                     format!(
                         "is a {other:?} entry (only files, directories and links are extracted)"
@@ -179,8 +165,68 @@ pub fn extract_tar_gz(archive: &Path, dest: &Path, strip: Option<&str>) -> Resul
                 ))
             }
         }
+        Ok(())
     }
-    Ok(())
+
+    /// A symlink whose target, followed through the tree as extracted so
+    /// far, stays inside it.
+    fn symlink(&self, e: &Entry, path: &Path, rel: &Path, exists: bool) -> Result<(), SourceError> {
+        let parent = rel.parent().unwrap_or(Path::new(""));
+        let link = e
+            .link_name()
+            .map_err(io("link name"))?
+            .ok_or_else(|| self.unsafe_member(path, "a symlink without a target".into()))?
+            .into_owned();
+        resolve_in_tree(self.dest, &parent.join(&link)).map_err(|why| {
+            self.unsafe_member(path, format!("links to `{}`, which {why}", link.display()))
+        })?;
+        if exists {
+            return Err(self.unsafe_member(path, "a symlink over an existing member".into()));
+        }
+        fs_err::os::unix::fs::symlink(&link, self.dest.join(rel))
+            .map_err(io("extract a symlink"))?;
+        Ok(())
+    }
+
+    /// A hard link to a regular file already extracted inside the tree.
+    fn hard_link(
+        &self,
+        e: &Entry,
+        path: &Path,
+        rel: &Path,
+        replace: bool,
+    ) -> Result<(), SourceError> {
+        let link = e
+            .link_name()
+            .map_err(io("link name"))?
+            .ok_or_else(|| self.unsafe_member(path, "a hard link without a target".into()))?
+            .into_owned();
+        let src_rel = self.strip_rel(&link).ok_or_else(|| {
+            self.unsafe_member(
+                path,
+                format!("hard-links to `{}`, outside the tree", link.display()),
+            )
+        })?;
+        let src = resolve_in_tree(self.dest, &src_rel).map_err(|why| {
+            self.unsafe_member(
+                path,
+                format!("hard-links to `{}`, which {why}", link.display()),
+            )
+        })?;
+        let src = self.dest.join(src);
+        if !fs_err::symlink_metadata(&src).is_ok_and(|m| m.is_file()) {
+            return Err(self.unsafe_member(
+                path,
+                format!("hard-links to `{}`, not an extracted file", link.display()),
+            ));
+        }
+        let target = self.dest.join(rel);
+        if replace {
+            fs_err::remove_file(&target).map_err(io(format!("replace {}", rel.display())))?;
+        }
+        fs_err::hard_link(&src, &target).map_err(io(format!("link {}", rel.display())))?;
+        Ok(())
+    }
 }
 
 /// Make every component of `rel` (below `root`) a real directory: existing

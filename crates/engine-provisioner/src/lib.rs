@@ -15,6 +15,7 @@ pub mod error;
 pub mod extract;
 pub mod fingerprint;
 pub mod git_https;
+pub mod pin;
 pub mod prebuilt;
 pub mod preflight;
 pub mod provenance;
