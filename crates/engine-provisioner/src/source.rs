@@ -144,6 +144,7 @@ pub fn fetch_using(
         return Ok(final_dir);
     }
     let staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
+    let tree = staging.path().join("tree");
     match &pin.source {
         SourceSpec::PypiSdist {
             package,
@@ -159,27 +160,10 @@ pub fn fetch_using(
                     pip_download_sdist(package, version, sha256, dl.path())?
                 }
             };
-            verify_sha256(
-                &file,
-                sha256,
-                &format!("{package}=={version} sdist ({})", file.display()),
-            )?;
+            let spec = format!("{package}=={version}");
+            verify_sha256(&file, sha256, &format!("{spec} sdist ({})", file.display()))?;
             progress("extracting sdist");
-            let unpack = staging.path().join("unpack");
-            extract_tar_gz(&file, &unpack, None)?;
-            let top = single_top_dir(&unpack)?;
-            let tree = match subdir {
-                Some(s) => top.join(s),
-                None => top,
-            };
-            if !tree.join("CMakeLists.txt").is_file() {
-                return Err(SourceError::Layout(format!(
-                    "{package}=={version}: no CMakeLists.txt at `{}` inside the sdist (check `subdir` in the pin)",
-                    subdir.as_deref().unwrap_or(".")
-                )));
-            }
-            fs_err::rename(&tree, staging.path().join("tree")).map_err(io("move tree"))?;
-            fs_err::remove_dir_all(&unpack).map_err(io("clean unpack dir"))?;
+            stage_sdist(&file, &spec, subdir.as_deref(), staging.path())?;
         }
         SourceSpec::Archive {
             location,
@@ -187,36 +171,8 @@ pub fn fetch_using(
             strip_prefix,
         } => {
             let file = if location.starts_with("http://") || location.starts_with("https://") {
-                // The one downloader: resumable (a cut transfer continues from
-                // the bytes already in `downloads/`), hashed while it streams,
-                // refused (and deleted) unless it is the pinned sha256.
                 progress(&format!("downloading {location}"));
-                // The digest names the partial file: only a digest, never a path.
-                if !llorch_io::digest::is_sha256_hex(sha256) {
-                    return Err(SourceError::Layout(format!(
-                        "archive {location}: sha256 `{sha256}` is not 64 lowercase hex digits"
-                    )));
-                }
-                let partial = layout.downloads().join(format!("archive-{sha256}.partial"));
-                let opts = llorch_io::download::DownloadOptions {
-                    expected_sha256: Some(sha256.clone()),
-                    ..Default::default()
-                };
-                llorch_io::download::download(location, location, &partial, &opts).map_err(
-                    |e| match e {
-                        llorch_io::download::DownloadError::DigestMismatch {
-                            expected,
-                            actual,
-                            ..
-                        } => SourceError::ChecksumMismatch {
-                            what: format!("archive {location}"),
-                            expected,
-                            actual,
-                        },
-                        e => SourceError::Download(Box::new(e)),
-                    },
-                )?;
-                partial
+                download_archive(location, sha256, layout)?
             } else {
                 let p = PathBuf::from(location);
                 if p.is_absolute() {
@@ -227,21 +183,71 @@ pub fn fetch_using(
             };
             verify_sha256(&file, sha256, &format!("archive {location}"))?;
             progress("extracting archive");
-            extract_tar_gz(&file, &staging.path().join("tree"), strip_prefix.as_deref())?;
+            extract_tar_gz(&file, &tree, strip_prefix.as_deref())?;
             if file.starts_with(layout.downloads()) {
                 let _ = fs_err::remove_file(&file);
             }
         }
         SourceSpec::Git { .. } => unreachable!(),
     }
-    fs_err::write(
-        staging.path().join("tree/.llorch-complete"),
-        identity(pin).id,
-    )
-    .map_err(io("mark complete"))?;
+    fs_err::write(tree.join(".llorch-complete"), identity(pin).id).map_err(io("mark complete"))?;
     fsx::commit_subdir(staging, Path::new("tree"), &final_dir)
         .map_err(io("install source tree"))?;
     Ok(final_dir)
+}
+
+/// A verified sdist unpacked under `staging`, its llama.cpp tree (`subdir`
+/// of its one top directory) moved to `staging/tree`.
+fn stage_sdist(
+    file: &Path,
+    spec: &str,
+    subdir: Option<&str>,
+    staging: &Path,
+) -> Result<(), SourceError> {
+    let unpack = staging.join("unpack");
+    extract_tar_gz(file, &unpack, None)?;
+    let top = single_top_dir(&unpack)?;
+    let tree = match subdir {
+        Some(s) => top.join(s),
+        None => top,
+    };
+    if !tree.join("CMakeLists.txt").is_file() {
+        return Err(SourceError::Layout(format!(
+            "{spec}: no CMakeLists.txt at `{}` inside the sdist (check `subdir` in the pin)",
+            subdir.unwrap_or(".")
+        )));
+    }
+    fs_err::rename(&tree, staging.join("tree")).map_err(io("move tree"))?;
+    fs_err::remove_dir_all(&unpack).map_err(io("clean unpack dir"))?;
+    Ok(())
+}
+
+/// An archive pin's URL through the one downloader: resumable (a cut
+/// transfer continues from the bytes already in `downloads/`), hashed while
+/// it streams, refused (and deleted) unless it is the pinned sha256.
+fn download_archive(location: &str, sha256: &str, layout: &Layout) -> Result<PathBuf, SourceError> {
+    // The digest names the partial file: only a digest, never a path.
+    if !llorch_io::digest::is_sha256_hex(sha256) {
+        return Err(SourceError::Layout(format!(
+            "archive {location}: sha256 `{sha256}` is not 64 lowercase hex digits"
+        )));
+    }
+    let partial = layout.downloads().join(format!("archive-{sha256}.partial"));
+    let opts = llorch_io::download::DownloadOptions {
+        expected_sha256: Some(sha256.to_string()),
+        ..Default::default()
+    };
+    llorch_io::download::download(location, location, &partial, &opts).map_err(|e| match e {
+        llorch_io::download::DownloadError::DigestMismatch {
+            expected, actual, ..
+        } => SourceError::ChecksumMismatch {
+            what: format!("archive {location}"),
+            expected,
+            actual,
+        },
+        e => SourceError::Download(Box::new(e)),
+    })?;
+    Ok(partial)
 }
 
 pub fn verify_sha256(file: &Path, expected: &str, what: &str) -> Result<(), SourceError> {
@@ -436,70 +442,113 @@ pub fn git_checkout(
     let db_path = src_root
         .join("git-db")
         .join(format!("{}.git", url_key(url)));
-    let db = if db_path.exists() {
-        git2::Repository::open_bare(&db_path).map_err(git_err)?
-    } else {
-        fs_err::create_dir_all(&db_path).map_err(io("create git store"))?;
-        let r = git2::Repository::init_bare(&db_path).map_err(git_err)?;
-        r.remote("origin", url).map_err(git_err)?;
-        r
-    };
+    let db = object_store(&db_path, url)?;
     if db.find_commit(oid).is_err() {
-        if url.starts_with("https://") {
-            crate::git_https::install()?;
-        }
-        progress(&format!("fetching {url}"));
-        let mut remote = db.find_remote("origin").map_err(git_err)?;
-        let mut opts = git2::FetchOptions::new();
-        opts.download_tags(git2::AutotagOption::All);
-        remote
-            .fetch(
-                &[
-                    "+refs/heads/*:refs/remotes/origin/*",
-                    "+refs/tags/*:refs/tags/*",
-                ],
-                Some(&mut opts),
-                None,
-            )
-            .map_err(git_err)?;
-        if db.find_commit(oid).is_err() {
-            // Servers that allow it can serve an unadvertised commit by id.
-            let _ = remote.fetch(
-                &[commit.as_str()],
-                Some(&mut git2::FetchOptions::new()),
-                None,
-            );
-        }
-        if db.find_commit(oid).is_err() {
-            return Err(SourceError::UnknownCommit {
-                url: url.into(),
-                commit,
-            });
-        }
+        fetch_commit(&db, url, oid, progress)?;
     }
     if let Some(rev) = rev {
-        let resolved = db
-            .revparse_single(&format!("refs/remotes/origin/{rev}"))
-            .or_else(|_| db.revparse_single(&format!("refs/tags/{rev}")))
-            .or_else(|_| db.revparse_single(rev))
-            .and_then(|o| o.peel_to_commit())
-            .map_err(|e| SourceError::PinMismatch {
-                url: url.into(),
-                detail: format!("rev `{rev}` does not resolve: {}", e.message()),
-            })?;
-        if resolved.id() != oid {
-            return Err(SourceError::PinMismatch {
-                url: url.into(),
-                detail: format!(
-                    "rev `{rev}` is {}, but the pin says commit {commit}",
-                    resolved.id()
-                ),
-            });
-        }
+        check_rev(&db, url, rev, oid)?;
     }
     progress(&format!("checking out {commit}"));
     let staging = fsx::staging_dir_for(&final_dir).map_err(io("create staging dir"))?;
-    let repo = git2::Repository::init(staging.path()).map_err(git_err)?;
+    check_out(staging.path(), &db_path, url, oid, submodules, progress)?;
+    fsx::commit_dir(staging, &final_dir).map_err(io("install checkout"))?;
+    Ok(final_dir)
+}
+
+/// The bare object store shared by every checkout of `url`.
+fn object_store(db_path: &Path, url: &str) -> Result<git2::Repository, SourceError> {
+    if db_path.exists() {
+        return git2::Repository::open_bare(db_path).map_err(git_err);
+    }
+    fs_err::create_dir_all(db_path).map_err(io("create git store"))?;
+    let r = git2::Repository::init_bare(db_path).map_err(git_err)?;
+    r.remote("origin", url).map_err(git_err)?;
+    Ok(r)
+}
+
+/// Every branch and tag of `url` into the store, then the commit by id
+/// where the server serves unadvertised commits; the commit must be there.
+fn fetch_commit(
+    db: &git2::Repository,
+    url: &str,
+    oid: git2::Oid,
+    progress: &dyn Fn(&str),
+) -> Result<(), SourceError> {
+    if url.starts_with("https://") {
+        crate::git_https::install()?;
+    }
+    progress(&format!("fetching {url}"));
+    let mut remote = db.find_remote("origin").map_err(git_err)?;
+    let mut opts = git2::FetchOptions::new();
+    opts.download_tags(git2::AutotagOption::All);
+    remote
+        .fetch(
+            &[
+                "+refs/heads/*:refs/remotes/origin/*",
+                "+refs/tags/*:refs/tags/*",
+            ],
+            Some(&mut opts),
+            None,
+        )
+        .map_err(git_err)?;
+    let commit = oid.to_string();
+    if db.find_commit(oid).is_err() {
+        // Servers that allow it can serve an unadvertised commit by id.
+        let _ = remote.fetch(
+            &[commit.as_str()],
+            Some(&mut git2::FetchOptions::new()),
+            None,
+        );
+    }
+    if db.find_commit(oid).is_err() {
+        return Err(SourceError::UnknownCommit {
+            url: url.into(),
+            commit,
+        });
+    }
+    Ok(())
+}
+
+/// The pin's `rev` (a branch, tag or any revision) must name its commit.
+fn check_rev(
+    db: &git2::Repository,
+    url: &str,
+    rev: &str,
+    oid: git2::Oid,
+) -> Result<(), SourceError> {
+    let resolved = db
+        .revparse_single(&format!("refs/remotes/origin/{rev}"))
+        .or_else(|_| db.revparse_single(&format!("refs/tags/{rev}")))
+        .or_else(|_| db.revparse_single(rev))
+        .and_then(|o| o.peel_to_commit())
+        .map_err(|e| SourceError::PinMismatch {
+            url: url.into(),
+            detail: format!("rev `{rev}` does not resolve: {}", e.message()),
+        })?;
+    if resolved.id() != oid {
+        return Err(SourceError::PinMismatch {
+            url: url.into(),
+            detail: format!(
+                "rev `{rev}` is {}, but the pin says commit {oid}",
+                resolved.id()
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// A work tree at `dir` borrowing the store's objects (alternates), checked
+/// out detached at `oid` and verified, with its submodules if asked.
+fn check_out(
+    dir: &Path,
+    db_path: &Path,
+    url: &str,
+    oid: git2::Oid,
+    submodules: bool,
+    progress: &dyn Fn(&str),
+) -> Result<(), SourceError> {
+    let repo = git2::Repository::init(dir).map_err(git_err)?;
     let alternates = repo.path().join("objects/info/alternates");
     fs_err::create_dir_all(alternates.parent().unwrap()).map_err(io("alternates dir"))?;
     fs_err::write(
@@ -507,7 +556,7 @@ pub fn git_checkout(
         format!("{}\n", db_path.join("objects").display()),
     )
     .map_err(io("write alternates"))?;
-    let repo = git2::Repository::open(staging.path()).map_err(git_err)?;
+    let repo = git2::Repository::open(dir).map_err(git_err)?;
     repo.remote("origin", url).map_err(git_err)?;
     {
         let c = repo.find_commit(oid).map_err(git_err)?;
@@ -521,7 +570,7 @@ pub fn git_checkout(
     if head != oid {
         return Err(SourceError::PinMismatch {
             url: url.into(),
-            detail: format!("HEAD is {head} after checkout, expected {commit}"),
+            detail: format!("HEAD is {head} after checkout, expected {oid}"),
         });
     }
     if submodules {
@@ -530,7 +579,5 @@ pub fn git_checkout(
             sm.update(true, None).map_err(git_err)?;
         }
     }
-    drop(repo);
-    fsx::commit_dir(staging, &final_dir).map_err(io("install checkout"))?;
-    Ok(final_dir)
+    Ok(())
 }
