@@ -17,17 +17,16 @@
 //! `engines-v1/<fingerprint>/`, with `origin.json` saying where it came from.
 
 use crate::cache::{self, ArtifactCache, Lookup, Manifest};
-use llorch_io::cmd::Cmd;
 use llorch_io::fsx;
 use llorch_io::oci::{self, OciError, OciRef, Registry};
 use llorch_io::paths::Layout;
-use sha2::Digest;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+mod pulled;
 mod signing;
-use signing::{sign_pushed, verify_pulled};
+use signing::sign_pushed;
 
 pub const ARTIFACT_TYPE: &str = "application/vnd.llama-orch.engine.v1";
 pub const CONFIG_MEDIA_TYPE: &str = "application/vnd.llama-orch.engine.manifest.v1+json";
@@ -446,64 +445,10 @@ pub fn pull(
 ) -> Result<Pulled, RegistryError> {
     let t0 = Instant::now();
     let r = reg.tagged(fp)?;
-    let reference = r.to_string();
-    let reject = |why: String| RegistryError::Rejected {
-        reference: reference.clone(),
-        why,
-    };
     let client = Registry::connect(&r, reg.insecure)?;
-    let (m, manifest_digest) = client.pull_manifest(&r)?;
-    let ann = m.annotations.clone().unwrap_or_default();
-    if m.config.media_type != CONFIG_MEDIA_TYPE {
-        return Err(reject(format!(
-            "its config is `{}`, not an engine manifest",
-            llorch_io::handoff::excerpt(&m.config.media_type, 80)
-        )));
-    }
-    if ann.get(ANN_FINGERPRINT).map(String::as_str) != Some(fp) {
-        return Err(reject("its fingerprint annotation is not the tag's".into()));
-    }
-    let [layer] = m.layers.as_slice() else {
-        return Err(reject(format!("{} layers, not one", m.layers.len())));
-    };
-    if layer.media_type != LAYER_MEDIA_TYPE || layer.size > MAX_LAYER_BYTES {
-        return Err(reject(format!(
-            "its layer is `{}` of {} bytes",
-            llorch_io::handoff::excerpt(&layer.media_type, 80),
-            layer.size
-        )));
-    }
-    let config = client.pull_small(&r, &m.config)?;
-    let em: Manifest = serde_json::from_slice(&config)
-        .map_err(|e| reject(format!("its engine manifest does not parse: {e}")))?;
-    if em.fingerprint != fp {
-        return Err(reject(format!(
-            "its engine manifest names fingerprint {}",
-            llorch_io::handoff::excerpt(&em.fingerprint, 80)
-        )));
-    }
-    if &em.inputs != inputs {
-        return Err(reject(
-            "its recorded build inputs differ from the ones this machine computed".into(),
-        ));
-    }
-    runnable_here(&ann).map_err(|why| RegistryError::CannotRun {
-        reference: reference.clone(),
-        why: why.to_string(),
-    })?;
-    // Its signature, before a byte of the archive is fetched.
-    let config_sha = hex::encode(sha2::Sha256::digest(&config));
-    let signed = match &reg.trusted_key {
-        Some(k) => Some(verify_pulled(
-            &client,
-            &r,
-            &manifest_digest,
-            k,
-            &config_sha,
-            &layer.digest,
-        )?),
-        None => None,
-    };
+    // Everything but the archive checked, its signature included, before a
+    // byte of the archive is fetched.
+    let art = pulled::Artifact::check(&client, &r, fp, inputs, reg)?;
     let downloads = layout.bucket(llorch_io::paths::Bucket::Downloads);
     fs_err::create_dir_all(&downloads).map_err(io("create downloads dir"))?;
     let partial = downloads.join(format!("engine-{fp}.tar.gz.partial"));
@@ -511,72 +456,21 @@ pub fn pull(
         "pulling engine {} from {} ({:.1} MB)",
         &fp[..12],
         reg.repo,
-        layer.size as f64 / 1e6
+        art.layer.size as f64 / 1e6
     ));
-    client.pull_to_file(&r, layer, &partial, 6, &|_, _| {})?;
+    client.pull_to_file(&r, &art.layer, &partial, 6, &|_, _| {})?;
     let cache = ArtifactCache::new(&layout.cache);
     let entry = cache.entry(fp);
     fs_err::create_dir_all(&cache.dir).map_err(io("create engines dir"))?;
     let staging = fsx::staging_dir_for(&entry).map_err(io("create staging dir"))?;
-    crate::extract::extract_tar_gz(&partial, staging.path(), None)
-        .map_err(|e| reject(format!("its layer does not unpack safely: {e}")))?;
-    let extracted = fs_err::read(staging.path().join("manifest.json"))
-        .map_err(|_| reject("its layer has no manifest.json".into()))?;
-    if extracted != config {
-        return Err(reject(
-            "the manifest.json in its layer is not its config".into(),
-        ));
-    }
-    if let Err(why) = cache::verify_entry(staging.path(), fp) {
-        return Err(reject(why.to_string()));
-    }
-    // It must start here (shared libraries, glibc symbols) before anything uses it.
-    let (ok, out) = Cmd::new(staging.path().join(&em.binary))
-        .arg("--version")
-        .read_any()
-        .map_err(|e| RegistryError::CannotRun {
-            reference: reference.clone(),
-            why: e.to_string(),
-        })?;
-    if !ok {
-        return Err(RegistryError::CannotRun {
-            reference: reference.clone(),
-            why: format!(
-                "`llama-server --version` failed: {}",
-                llorch_io::handoff::excerpt(out.trim(), 400)
-            ),
-        });
-    }
-    let origin = Origin {
-        registry: reference.clone(),
-        manifest_digest: manifest_digest.clone(),
-        pulled_at: llorch_io::now_rfc3339(),
-    };
-    fsx::write_atomic(
-        &staging.path().join(cache::ORIGIN_FILE),
-        serde_json::to_string_pretty(&origin).unwrap().as_bytes(),
-    )
-    .map_err(io("write origin.json"))?;
-    // The verified statement travels with the entry (a mirror can sign it again).
-    let signature = match &signed {
-        Some((st, key_id)) => {
-            fsx::write_atomic(
-                &staging.path().join(crate::provenance::FILE),
-                serde_json::to_string_pretty(st).unwrap().as_bytes(),
-            )
-            .map_err(io("write provenance.json"))?;
-            format!("verified: its provenance is signed by the trusted key {key_id}")
-        }
-        None => {
-            "not checked: no trusted key (set LLORCH_TRUSTED_KEY to a builder's public key)".into()
-        }
-    };
+    art.unpack(&partial, staging.path(), fp)?;
+    let signature = art.record(staging.path())?;
     fsx::commit_dir(staging, &entry).map_err(io("install the pulled engine"))?;
     let _ = fs_err::remove_file(&partial);
     Ok(Pulled {
-        reference,
-        manifest_digest,
-        layer_bytes: layer.size as u64,
+        reference: art.reference,
+        manifest_digest: art.manifest_digest,
+        layer_bytes: art.layer.size as u64,
         seconds: t0.elapsed().as_secs_f64(),
         dir: entry,
         signature,

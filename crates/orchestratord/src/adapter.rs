@@ -120,34 +120,81 @@ pub(crate) async fn generate(
     engine: &EngineInfo,
     p: &mut Progress,
 ) -> Outcome {
-    let stall = st.cfg.stall_timeout;
-    let req = &task.req;
-    let prompt = match (&req.prompt, &req.messages) {
-        (Some(p), _) => p.clone(),
-        (None, Some(m)) => {
-            let resp = send(st, task, engine, || {
-                engine
-                    .server()
-                    .post(&st.http, Api::ApplyTemplate)
-                    .json(&json!({"messages": m}))
-            })
-            .await;
-            match resp {
-                Ok(r) if r.status().is_success() => {
-                    match guarded(task, stall, r.json::<Value>()).await {
-                        Ok(Ok(v)) => v["prompt"].as_str().unwrap_or("").to_string(),
-                        Ok(Err(e)) => return Outcome::EngineError(format!("apply-template: {e}")),
-                        Err(o) => return o,
-                    }
-                }
-                Ok(r) => {
-                    return Outcome::EngineError(format!("apply-template answered {}", r.status()))
-                }
-                Err(o) => return o,
-            }
-        }
-        (None, None) => return Outcome::EngineError("empty task".into()),
+    let prompt = match prompt_text(st, task, engine).await {
+        Ok(t) => t,
+        Err(o) => return o,
     };
+    let body = completion_body(&task.req, prompt, engine.batched);
+    let resp = match open_stream(st, task, engine, &body).await {
+        Ok(r) => r,
+        Err(o) => return o,
+    };
+    let mut frames = resp.bytes_stream().eventsource();
+    let mut relay = Relay::default();
+    loop {
+        let ev = match watched(st, task, engine, frames.next()).await {
+            Ok(Some(Ok(ev))) => ev,
+            Ok(Some(Err(e))) => {
+                return Outcome::EngineGone(format!(
+                    "the engine stream broke after {} tokens: {e}",
+                    p.tokens
+                ))
+            }
+            Ok(None) => {
+                return Outcome::EngineGone(format!(
+                    "the engine closed the stream after {} tokens without a final frame",
+                    p.tokens
+                ))
+            }
+            Err(o) => return o,
+        };
+        let Ok(v) = serde_json::from_str::<Value>(&ev.data) else {
+            continue;
+        };
+        if let Some(err) = v.get("error") {
+            return Outcome::EngineError(err.to_string());
+        }
+        if let Some(n) = v["tokens_predicted"].as_u64() {
+            p.tokens = p.tokens.max(n);
+        }
+        if v["stop"].as_bool() == Some(true) {
+            return relay.last(st, task, engine, p, v).await;
+        }
+        if let Some(o) = relay.frame(st, task, p, &v) {
+            return o;
+        }
+    }
+}
+
+/// The prompt: the task's own, or its chat `messages` rendered with the
+/// model's template by llama-server's `/apply-template`.
+async fn prompt_text(st: &AppState, task: &Task, engine: &EngineInfo) -> Result<String, Outcome> {
+    let m = match (&task.req.prompt, &task.req.messages) {
+        (Some(p), _) => return Ok(p.clone()),
+        (None, Some(m)) => m,
+        (None, None) => return Err(Outcome::EngineError("empty task".into())),
+    };
+    let r = send(st, task, engine, || {
+        engine
+            .server()
+            .post(&st.http, Api::ApplyTemplate)
+            .json(&json!({"messages": m}))
+    })
+    .await?;
+    if !r.status().is_success() {
+        return Err(Outcome::EngineError(format!(
+            "apply-template answered {}",
+            r.status()
+        )));
+    }
+    match guarded(task, st.cfg.stall_timeout, r.json::<Value>()).await? {
+        Ok(v) => Ok(v["prompt"].as_str().unwrap_or("").to_string()),
+        Err(e) => Err(Outcome::EngineError(format!("apply-template: {e}"))),
+    }
+}
+
+/// The streaming `/completion` request of a task.
+fn completion_body(req: &crate::tasks::TaskRequest, prompt: String, batched: bool) -> Value {
     let mut body = json!({
         "prompt": prompt,
         "n_predict": req.max_tokens,
@@ -156,7 +203,7 @@ pub(crate) async fn generate(
         "stream": true,
         // Exact mode evaluates every prompt afresh (byte-identical results);
         // batched mode reuses a slot's cached prefix.
-        "cache_prompt": engine.batched,
+        "cache_prompt": batched,
         "ignore_eos": req.ignore_eos,
     });
     if !req.stop.is_empty() {
@@ -171,90 +218,78 @@ pub(crate) async fn generate(
     if let Some(n) = req.n_probs {
         body["n_probs"] = json!(n);
     }
-    let resp = match send(st, task, engine, || {
-        engine.server().post(&st.http, Api::Completion).json(&body)
+    body
+}
+
+/// The completion request sent; an answer other than 2xx is the engine's
+/// error (a prompt over the context named as such).
+async fn open_stream(
+    st: &AppState,
+    task: &Task,
+    engine: &EngineInfo,
+    body: &Value,
+) -> Result<reqwest::Response, Outcome> {
+    let r = send(st, task, engine, || {
+        engine.server().post(&st.http, Api::Completion).json(body)
     })
-    .await
-    {
-        Ok(r) if r.status().is_success() => r,
-        Ok(r) => {
-            let s = r.status();
-            let text = r.text().await.unwrap_or_default();
-            if let Some(msg) = context_exceeded(&text) {
-                return Outcome::ContextExceeded(msg);
-            }
-            return Outcome::EngineError(format!(
-                "llama-server answered {s}: {}",
-                text.chars().take(300).collect::<String>()
-            ));
+    .await?;
+    if r.status().is_success() {
+        return Ok(r);
+    }
+    let s = r.status();
+    let text = r.text().await.unwrap_or_default();
+    if let Some(msg) = context_exceeded(&text) {
+        return Err(Outcome::ContextExceeded(msg));
+    }
+    Err(Outcome::EngineError(format!(
+        "llama-server answered {s}: {}",
+        text.chars().take(300).collect::<String>()
+    )))
+}
+
+/// What the relay of one stream keeps between frames.
+struct Relay {
+    first: bool,
+    /// Probabilities of held-back tokens travel with the next text.
+    pending_probs: Vec<Value>,
+    /// Ids of the tokens held back since the last text.
+    held: Vec<i64>,
+}
+
+impl Default for Relay {
+    fn default() -> Self {
+        Self {
+            first: true,
+            pending_probs: Vec::new(),
+            held: Vec::new(),
         }
-        Err(o) => return o,
-    };
-    let mut frames = resp.bytes_stream().eventsource();
-    let mut first = true;
-    // Probabilities of held-back tokens travel with the next text.
-    let mut pending_probs: Vec<Value> = Vec::new();
-    // Ids of the tokens held back since the last text.
-    let mut held: Vec<i64> = Vec::new();
-    loop {
-        let next = match watched(st, task, engine, frames.next()).await {
-            Ok(n) => n,
-            Err(o) => return o,
-        };
-        let ev = match next {
-            Some(Ok(ev)) => ev,
-            Some(Err(e)) => {
-                return Outcome::EngineGone(format!(
-                    "the engine stream broke after {} tokens: {e}",
-                    p.tokens
-                ))
-            }
-            None => {
-                return Outcome::EngineGone(format!(
-                    "the engine closed the stream after {} tokens without a final frame",
-                    p.tokens
-                ))
-            }
-        };
-        let v: Value = match serde_json::from_str(&ev.data) {
-            Ok(v) => v,
-            Err(_) => continue,
-        };
-        if let Some(err) = v.get("error") {
-            return Outcome::EngineError(err.to_string());
-        }
-        if let Some(n) = v["tokens_predicted"].as_u64() {
-            p.tokens = p.tokens.max(n);
-        }
-        if v["stop"].as_bool() == Some(true) {
-            // Cut by max_tokens while text was held back as a possible stop
-            // string: llama-server's stream never sends that text (its final
-            // frame is empty), though its own non-streamed answer has it.
-            // Those tokens' text, from llama-server's /detokenize, ends the stream.
-            if v["stop_type"].as_str() == Some("limit") && !held.is_empty() {
-                let text = match detokenize(st, task, engine, &held).await {
-                    Ok(t) => t,
-                    Err(o) => return o,
-                };
-                if !text.is_empty() {
-                    let probs = (req.n_probs.is_some()).then(|| std::mem::take(&mut pending_probs));
-                    task.send(TaskEvent::Token(TokenEvent {
-                        t: text,
-                        i: p.events,
-                        probs,
-                    }));
-                    p.events += 1;
-                }
-            }
-            return Outcome::Finished(v);
-        }
+    }
+}
+
+impl Relay {
+    fn probs(&mut self, req: &crate::tasks::TaskRequest) -> Option<Vec<Value>> {
+        req.n_probs
+            .is_some()
+            .then(|| std::mem::take(&mut self.pending_probs))
+    }
+
+    /// One frame before the last: its text becomes one token event (the
+    /// first observed as time to first token), or its tokens are held back
+    /// (a possible stop-string prefix). `Some` ends the stream: nobody
+    /// listens any more.
+    fn frame(
+        &mut self,
+        st: &AppState,
+        task: &Task,
+        p: &mut Progress,
+        v: &Value,
+    ) -> Option<Outcome> {
         if let Some(probs) = v["completion_probabilities"].as_array() {
-            pending_probs.extend(probs.iter().cloned());
+            self.pending_probs.extend(probs.iter().cloned());
         }
         let t = v["content"].as_str().unwrap_or("");
         if t.is_empty() {
-            // A token held back (a possible stop-string prefix).
-            held.extend(
+            self.held.extend(
                 v["tokens"]
                     .as_array()
                     .into_iter()
@@ -262,16 +297,16 @@ pub(crate) async fn generate(
                     .filter_map(Value::as_i64)
                     .filter(|t| *t >= 0),
             );
-            continue;
+            return None;
         }
-        held.clear();
-        if first {
-            first = false;
+        self.held.clear();
+        if self.first {
+            self.first = false;
             st.metrics
                 .ttft_ms
                 .observe(task.admitted_at.elapsed().as_secs_f64() * 1000.0);
         }
-        let probs = (req.n_probs.is_some()).then(|| std::mem::take(&mut pending_probs));
+        let probs = self.probs(&task.req);
         if !task.send(TaskEvent::Token(TokenEvent {
             t: t.to_string(),
             i: p.events,
@@ -279,9 +314,41 @@ pub(crate) async fn generate(
         })) {
             // Nobody is listening any more (the client went away).
             task.request_cancel(CancelReason::ClientDisconnected);
-            return Outcome::Canceled(CancelReason::ClientDisconnected);
+            return Some(Outcome::Canceled(CancelReason::ClientDisconnected));
         }
         p.events += 1;
+        None
+    }
+
+    /// The final frame. Cut by max_tokens while text was held back as a
+    /// possible stop string, llama-server's stream never sends that text
+    /// (its final frame is empty), though its own non-streamed answer has
+    /// it: those tokens' text, from llama-server's `/detokenize`, ends the
+    /// stream.
+    async fn last(
+        mut self,
+        st: &AppState,
+        task: &Task,
+        engine: &EngineInfo,
+        p: &mut Progress,
+        v: Value,
+    ) -> Outcome {
+        if v["stop_type"].as_str() == Some("limit") && !self.held.is_empty() {
+            let text = match detokenize(st, task, engine, &self.held).await {
+                Ok(t) => t,
+                Err(o) => return o,
+            };
+            if !text.is_empty() {
+                let probs = self.probs(&task.req);
+                task.send(TaskEvent::Token(TokenEvent {
+                    t: text,
+                    i: p.events,
+                    probs,
+                }));
+                p.events += 1;
+            }
+        }
+        Outcome::Finished(v)
     }
 }
 

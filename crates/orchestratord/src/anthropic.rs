@@ -115,9 +115,47 @@ pub async fn forced_call(
     forced: Forced,
     stream: bool,
 ) -> Result<Response, ApiError> {
+    let chat = chat_request(st, model, &body, &forced)?;
+    let prefix = body
+        .get("messages")
+        .map(|m| m.to_string())
+        .unwrap_or_default()
+        .chars()
+        .take(crate::pool::AFFINITY_PREFIX_CHARS)
+        .collect();
+    let reply = forward::start(
+        st,
+        pool,
+        Request {
+            path: "/v1/chat/completions",
+            body: chat,
+            generation: true,
+            prefix,
+        },
+    )
+    .await?;
+    let message = anthropic_message(st, model, &reply.json().await?, &forced);
+    if !stream {
+        return Ok(Json(message).into_response());
+    }
+    let events = futures_util::stream::iter(message_events(&message).into_iter().map(|(n, d)| {
+        Ok::<_, std::convert::Infallible>(Event::default().event(n).data(d.to_string()))
+    }));
+    Ok(Sse::new(events).into_response())
+}
+
+/// The OpenAI chat request that asks a forced call: the messages, the
+/// sampling fields under their OpenAI names, the orchestrator's seed, and
+/// the call's constraint.
+fn chat_request(
+    st: &Shared,
+    model: &str,
+    body: &Map<String, Value>,
+    forced: &Forced,
+) -> Result<Value, ApiError> {
     let mut chat = Map::new();
     chat.insert("model".into(), json!(model));
-    chat.insert("messages".into(), Value::Array(to_openai_messages(&body)?));
+    chat.insert("messages".into(), Value::Array(to_openai_messages(body)?));
     for (from, to) in [
         ("max_tokens", "max_tokens"),
         ("temperature", "temperature"),
@@ -131,26 +169,12 @@ pub async fn forced_call(
     }
     chat.insert("seed".into(), json!(st.cfg.default_seed));
     forced.apply(&mut chat);
-    let prefix = body
-        .get("messages")
-        .map(|m| m.to_string())
-        .unwrap_or_default()
-        .chars()
-        .take(crate::pool::AFFINITY_PREFIX_CHARS)
-        .collect();
-    let reply = forward::start(
-        st,
-        pool,
-        Request {
-            path: "/v1/chat/completions",
-            body: Value::Object(chat),
-            generation: true,
-            prefix,
-        },
-    )
-    .await?;
-    let v = reply.json().await?;
-    let id = format!("msg_{}", st.new_task_id());
+    Ok(Value::Object(chat))
+}
+
+/// The chat answer `v` as an Anthropic message: a `tool_use` block when it
+/// holds the forced call, else its text.
+fn anthropic_message(st: &Shared, model: &str, v: &Value, forced: &Forced) -> Value {
     let content = v["choices"][0]["message"]["content"].as_str().unwrap_or("");
     let cut = v["choices"][0]["finish_reason"] == "length";
     let (blocks, stop_reason) = match forced.call(content) {
@@ -172,14 +196,15 @@ pub async fn forced_call(
         "input_tokens": v["usage"]["prompt_tokens"].as_u64().unwrap_or(0),
         "output_tokens": v["usage"]["completion_tokens"].as_u64().unwrap_or(0),
     });
-    let message = json!({
-        "id": id, "type": "message", "role": "assistant", "model": model,
+    json!({
+        "id": format!("msg_{}", st.new_task_id()), "type": "message", "role": "assistant", "model": model,
         "content": blocks, "stop_reason": stop_reason, "stop_sequence": Value::Null, "usage": usage,
-    });
-    if !stream {
-        return Ok(Json(message).into_response());
-    }
-    // Anthropic's events for the finished message.
+    })
+}
+
+/// Anthropic's stream events for a finished message: its start (empty),
+/// each block's start, one delta and stop, the message's delta and stop.
+fn message_events(message: &Value) -> Vec<(&'static str, Value)> {
     let mut start = message.clone();
     start["content"] = json!([]);
     start["stop_reason"] = Value::Null;
@@ -222,14 +247,11 @@ pub async fn forced_call(
     }
     evs.push((
         "message_delta",
-        json!({"type": "message_delta", "delta": {"stop_reason": stop_reason, "stop_sequence": Value::Null},
-               "usage": {"output_tokens": usage["output_tokens"]}}),
+        json!({"type": "message_delta", "delta": {"stop_reason": message["stop_reason"], "stop_sequence": Value::Null},
+               "usage": {"output_tokens": message["usage"]["output_tokens"]}}),
     ));
     evs.push(("message_stop", json!({"type": "message_stop"})));
-    let events = futures_util::stream::iter(evs.into_iter().map(|(n, d)| {
-        Ok::<_, std::convert::Infallible>(Event::default().event(n).data(d.to_string()))
-    }));
-    Ok(Sse::new(events).into_response())
+    evs
 }
 
 /// `POST /v1/messages` (Anthropic Messages): `system`, `messages`,
@@ -377,5 +399,48 @@ mod tests {
             json!({"messages": [{"role": "user", "content": [{"type": "image", "source": {}}]}]});
         let e = to_openai_messages(bad.as_object().unwrap()).unwrap_err();
         assert_eq!(e.field.as_deref(), Some("messages.0.content"));
+    }
+
+    #[test]
+    fn a_finished_message_streams_as_anthropics_events() {
+        let message = json!({
+            "id": "msg_1", "type": "message", "role": "assistant", "model": "m",
+            "content": [
+                {"type": "text", "text": "Checking."},
+                {"type": "tool_use", "id": "toolu_2", "name": "get_weather", "input": {"city": "Oslo"}},
+            ],
+            "stop_reason": "tool_use", "stop_sequence": null,
+            "usage": {"input_tokens": 12, "output_tokens": 7},
+        });
+        let evs = message_events(&message);
+        let names: Vec<&str> = evs.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            names,
+            [
+                "message_start",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "content_block_start",
+                "content_block_delta",
+                "content_block_stop",
+                "message_delta",
+                "message_stop"
+            ]
+        );
+        // The start holds no content and no output yet; the deltas carry it.
+        assert_eq!(evs[0].1["message"]["content"], json!([]));
+        assert_eq!(evs[0].1["message"]["usage"]["output_tokens"], 0);
+        assert_eq!(evs[0].1["message"]["stop_reason"], Value::Null);
+        assert_eq!(evs[2].1["delta"]["text"], "Checking.");
+        assert_eq!(evs[4].1["content_block"]["input"], json!({}));
+        assert_eq!(evs[4].1["index"], 1);
+        let partial = evs[5].1["delta"]["partial_json"].as_str().unwrap();
+        assert_eq!(
+            serde_json::from_str::<Value>(partial).unwrap(),
+            json!({"city": "Oslo"})
+        );
+        assert_eq!(evs[7].1["delta"]["stop_reason"], "tool_use");
+        assert_eq!(evs[7].1["usage"]["output_tokens"], 7);
     }
 }
