@@ -7,7 +7,7 @@ use engine_provisioner::build::{self, BuildOptions};
 use engine_provisioner::cache::ArtifactCache;
 use engine_runtime::lifecycle::{self, Stopped};
 use engine_runtime::run_state::RunPaths;
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use std::path::PathBuf;
 
 #[derive(Args)]

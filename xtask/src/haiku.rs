@@ -11,7 +11,7 @@ pub struct HaikuCmd {
     p: crate::engine::ProfileArgs,
     /// Base pool id: the proof runs under `<pool>-haiku` (default: the profile's `pool`)
     #[arg(long)]
-    pool: Option<llorch_io::handoff::PoolId>,
+    pool: Option<llorch_types::PoolId>,
     /// Prove an orchestrator that runs already (an unpacked image's) instead: its URL
     /// (the token from LLORCH_API_TOKEN); needs --handoff
     #[arg(long, requires = "handoff", value_name = "URL")]

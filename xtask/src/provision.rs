@@ -11,14 +11,11 @@ pub struct ProvisionCmd {
     p: crate::engine::ProfileArgs,
     /// Pool id (default: the profile's `pool`)
     #[arg(long)]
-    pool: Option<llorch_io::handoff::PoolId>,
+    pool: Option<llorch_types::PoolId>,
 }
 
 impl ProvisionCmd {
-    pub fn from_profile(
-        p: crate::engine::ProfileArgs,
-        pool: Option<llorch_io::handoff::PoolId>,
-    ) -> Self {
+    pub fn from_profile(p: crate::engine::ProfileArgs, pool: Option<llorch_types::PoolId>) -> Self {
         ProvisionCmd { p, pool }
     }
 

@@ -22,7 +22,7 @@ pub struct ServeCmd {
     stack: Option<PathBuf>,
     /// Pool id (one profile only; default: the profile's `pool`)
     #[arg(long)]
-    pool: Option<llorch_io::handoff::PoolId>,
+    pool: Option<llorch_types::PoolId>,
     /// At most this many engines loaded at once (replaces the stack's max_loaded)
     #[arg(long)]
     max_loaded: Option<usize>,
@@ -58,7 +58,7 @@ pub fn stack_from(
     stack: Option<&std::path::Path>,
     keys: Option<(
         &llorch_profile::ConcurrencyKeys,
-        Option<&llorch_io::handoff::PoolId>,
+        Option<&llorch_types::PoolId>,
     )>,
 ) -> Result<llorch_profile::stack::Stack> {
     if let Some(f) = stack {
@@ -97,7 +97,7 @@ fn image_listen(cfg: &mut orchestratord::Config) -> Result<()> {
         Ok(p) => p.trim().parse().ok().with_context(|| {
             format!(
                 "PORT=`{}` is not a port number (0-65535)",
-                llorch_io::handoff::excerpt(&p, 16)
+                llorch_types::excerpt(&p, 16)
             )
         })?,
         Err(_) => llorch_deploy::image::DEFAULT_PORT,
@@ -117,7 +117,7 @@ fn image_listen(cfg: &mut orchestratord::Config) -> Result<()> {
 /// with the digest the image expects, and the prebuilt engines' directory.
 fn image_stack(
     ctx: &Ctx,
-    pool: Option<&llorch_io::handoff::PoolId>,
+    pool: Option<&llorch_types::PoolId>,
 ) -> Result<(llorch_profile::stack::Stack, std::path::PathBuf)> {
     let root = &ctx.layout.root;
     let spec = llorch_deploy::spec::ImageSpec::read(root)?;
@@ -141,7 +141,7 @@ fn image_stack(
     model.reference = format!("file:{model_path}");
     model.sha256 = Some(ip.model_sha256.clone());
     model.require_digest = true;
-    profile.file.pool = llorch_io::handoff::PoolId::parse(&ip.id)?;
+    profile.file.pool = llorch_types::PoolId::parse(&ip.id)?;
     let keys = llorch_profile::ConcurrencyKeys {
         mode: Some(
             ip.mode

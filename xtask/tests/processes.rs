@@ -6,7 +6,7 @@ mod common;
 
 use engine_runtime::run_state::RunPaths;
 use llorch_io::cmd::{Cmd, Io};
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::time::{Duration, Instant};

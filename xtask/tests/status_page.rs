@@ -219,7 +219,7 @@ fn the_status_page_follows_a_stack_in_a_real_browser() {
     let layout = test_support::layout(rt.path());
     let lazy_log = engine_runtime::run_state::RunPaths::new(
         &layout,
-        &llorch_io::handoff::PoolId::parse(&lazy).unwrap(),
+        &llorch_types::PoolId::parse(&lazy).unwrap(),
     )
     .log;
 

@@ -270,7 +270,7 @@ fn verify_stream(bundle: &Path, pin: &Pin) -> Result<BundleManifest, String> {
             }
             return Err(format!(
                 "{shown}: unexpected member `{}` outside tree/",
-                llorch_io::handoff::excerpt(&path, 80)
+                llorch_types::excerpt(&path, 80)
             ));
         };
         let rel = rel.trim_end_matches('/').to_string();

@@ -177,7 +177,7 @@ fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
     if !m.files.contains_key(&m.binary) {
         return Err(format!(
             "the manifest's binary `{}` is not among its hashed files",
-            llorch_io::handoff::excerpt(&m.binary, 80)
+            llorch_types::excerpt(&m.binary, 80)
         ));
     }
     for rel in m.files.keys() {
@@ -185,7 +185,7 @@ fn check_layout(dir: &Path, m: &Manifest) -> Result<(), String> {
         if rel.is_empty() || !p.components().all(|c| matches!(c, Component::Normal(_))) {
             return Err(format!(
                 "the manifest names `{}`, which is not a plain path inside the entry",
-                llorch_io::handoff::excerpt(rel, 80)
+                llorch_types::excerpt(rel, 80)
             ));
         }
         let mut cur = dir.to_path_buf();

@@ -18,8 +18,9 @@
 
 use crate::cache::{self, ArtifactCache, Lookup, Manifest};
 use llorch_io::fsx;
-use llorch_io::oci::{self, OciError, OciRef, Registry};
+use llorch_io::oci::{self, OciError, Registry};
 use llorch_io::paths::Layout;
+use llorch_types::OciRef;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -62,10 +63,10 @@ impl EngineRegistry {
     pub fn new(url: &str, push: bool, insecure: bool) -> Result<EngineRegistry, OciError> {
         let repo = OciRef::parse(url)?;
         if repo.tag.is_some() || repo.digest.is_some() {
-            return Err(OciError::BadRef {
+            return Err(OciError::BadRef(llorch_types::BadOciRef {
                 reference: url.into(),
                 why: "an engine registry is a repository: engines are tagged with their fingerprint, so give no tag or digest".into(),
-            });
+            }));
         }
         Ok(EngineRegistry {
             repo,
@@ -96,7 +97,7 @@ impl EngineRegistry {
     }
 
     fn tagged(&self, fp: &str) -> Result<OciRef, OciError> {
-        self.repo.with_tag(fp)
+        Ok(self.repo.with_tag(fp)?)
     }
 }
 

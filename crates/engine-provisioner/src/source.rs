@@ -227,7 +227,7 @@ fn stage_sdist(
 /// it streams, refused (and deleted) unless it is the pinned sha256.
 fn download_archive(location: &str, sha256: &str, layout: &Layout) -> Result<PathBuf, SourceError> {
     // The digest names the partial file: only a digest, never a path.
-    if !llorch_io::digest::is_sha256_hex(sha256) {
+    if !llorch_types::is_sha256_hex(sha256) {
         return Err(SourceError::Layout(format!(
             "archive {location}: sha256 `{sha256}` is not 64 lowercase hex digits"
         )));
@@ -278,7 +278,7 @@ fn pip_download_sdist(
     dir: &Path,
 ) -> Result<PathBuf, SourceError> {
     let spec = format!("{package}=={version}");
-    if !llorch_io::digest::is_sha256_hex(sha256) {
+    if !llorch_types::is_sha256_hex(sha256) {
         return Err(SourceError::Layout(format!(
             "{spec}: the pin's sha256 is not 64 hex digits"
         )));

@@ -334,7 +334,7 @@ fn pushed_engine(
     fp: &str,
 ) -> (
     llorch_io::oci::Registry,
-    llorch_io::oci::OciRef,
+    llorch_types::OciRef,
     String,
     String,
 ) {
@@ -460,7 +460,7 @@ fn signed_engines_are_pulled_only_with_the_trusted_key_and_each_refusal_says_why
     // A statement for other bytes, signed by the trusted key, on another engine: refused.
     let forged = with(None, Some(&a.public_key));
     let forged = EngineRegistry {
-        repo: llorch_io::oci::OciRef::parse(&reg.url("llorch/forged")).unwrap(),
+        repo: llorch_types::OciRef::parse(&reg.url("llorch/forged")).unwrap(),
         ..forged
     };
     registry::push(

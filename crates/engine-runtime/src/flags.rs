@@ -5,8 +5,9 @@
 //! its module comment has the policy.)
 
 use crate::lifecycle::EngineError;
-use llorch_io::handoff::{EngineModel, PoolId};
+use llorch_io::handoff::EngineModel;
 use llorch_profile::{Backend, Profile};
+use llorch_types::PoolId;
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
 
@@ -139,7 +140,7 @@ fn checked_extra_args(
             Some((n, v)) if n.starts_with('-') => (n.to_string(), Some(v.to_string())),
             _ => (a.clone(), None),
         };
-        let shown = llorch_io::handoff::excerpt(&name, 40);
+        let shown = llorch_types::excerpt(&name, 40);
         if matches!(
             name.as_str(),
             "-ngl" | "--ngl" | "--gpu-layers" | "--n-gpu-layers"
@@ -151,7 +152,7 @@ fn checked_extra_args(
                 }
             })?;
             ngl = Some(v.parse().map_err(|_| EngineError::ForbiddenFlag {
-                flag: format!("{shown} {}", llorch_io::handoff::excerpt(&v, 20)),
+                flag: format!("{shown} {}", llorch_types::excerpt(&v, 20)),
                 why: "the layer count must be a number".into(),
             })?);
             continue;

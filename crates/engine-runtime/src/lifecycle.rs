@@ -31,9 +31,10 @@
 //! `llama-server` is never signalled.
 
 use llorch_io::fsx::FileLock;
-use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord, RUN_SCHEMA};
+use llorch_io::handoff::{Handoff, Owner, ProcessIdentity, RunRecord, RUN_SCHEMA};
 use llorch_io::llama_server::{Api, LlamaServer, UNIX_PREFIX};
 use llorch_io::paths::Layout;
+use llorch_types::PoolId;
 use std::os::unix::process::CommandExt;
 use std::path::Path;
 use std::process::{Child, Stdio};

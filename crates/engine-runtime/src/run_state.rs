@@ -5,8 +5,9 @@
 use crate::flags::PreparedEngine;
 use crate::lifecycle::{io, EngineError};
 use llorch_io::fsx::FileLock;
-use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord};
+use llorch_io::handoff::{Handoff, Owner, ProcessIdentity, RunRecord};
 use llorch_io::paths::Layout;
+use llorch_types::PoolId;
 use std::path::PathBuf;
 use std::time::Duration;
 

@@ -117,7 +117,7 @@ pub fn bench_fleet(
     let mut first = Vec::new();
     for i in 0..runs {
         let l = fresh(&format!("machine-{i}"));
-        let pool = llorch_io::handoff::PoolId::parse(&format!("fleet-bench-{i}"))?;
+        let pool = llorch_types::PoolId::parse(&format!("fleet-bench-{i}"))?;
         let t = Instant::now();
         let ms = rt.block_on(async {
             let cfg = orchestratord::Config {

@@ -46,9 +46,9 @@ impl Ctx {
 
 /// A bench's own pool (`<pool>-bench`): never the engine a user
 /// provisioned for this profile.
-pub fn bench_pool(p: &llorch_profile::Profile) -> Result<llorch_io::handoff::PoolId> {
+pub fn bench_pool(p: &llorch_profile::Profile) -> Result<llorch_types::PoolId> {
     let stem: String = p.pool().as_str().chars().take(58).collect();
-    Ok(llorch_io::handoff::PoolId::parse(&format!("{stem}-bench"))?)
+    Ok(llorch_types::PoolId::parse(&format!("{stem}-bench"))?)
 }
 
 /// The runtime a bench drives its servers and clients on.

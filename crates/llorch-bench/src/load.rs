@@ -305,7 +305,7 @@ pub(crate) fn load_stack(
         .resolve()
         .map_err(|(k, m)| anyhow::anyhow!("--{k}: {m}"))?;
     p.file.server.set_concurrency(c);
-    let id = llorch_io::handoff::PoolId::parse(&format!(
+    let id = llorch_types::PoolId::parse(&format!(
         "{}-{tag}",
         p.pool().as_str().chars().take(50).collect::<String>()
     ))?;

@@ -149,7 +149,7 @@ pub fn bench_openai(
         // Embeddings: the same profile as an embedding pool; 256 short documents in requests of 16.
         let mut pe = p.clone();
         pe.file.server.embeddings = true;
-        let epool = llorch_io::handoff::PoolId::parse(&format!("{stem}-embed"))?;
+        let epool = llorch_types::PoolId::parse(&format!("{stem}-embed"))?;
         let stack = llorch_stack::start_stack(&pe, &epool, &ctx.layout, cfg, true, "cargo xtask bench openai").await?;
         let (orch_e, engine_e) = (stack.orchestrator_url(), stack.engine()?.url);
         let docs: Vec<String> = (0..256).map(|i| format!("Document {i}: the lighthouse keeper wrote entry number {i} in the log.")).collect();

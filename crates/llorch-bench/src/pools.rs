@@ -15,9 +15,9 @@
 use crate::{median, spread, Ctx};
 use anyhow::{bail, Context, Result};
 use llorch_io::cmd::Cmd;
-use llorch_io::handoff::PoolId;
 use llorch_io::llama_server::LlamaServer;
 use llorch_profile::stack::{LoadPolicy, Stack, StackPool};
+use llorch_types::PoolId;
 use orchestratord::client::stream_task;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};

@@ -62,7 +62,7 @@ pub fn parse_ldd(text: &str) -> Result<Vec<LddLine>, UnreadableLdd> {
             }
             let path = rest.split(" (").next().unwrap_or("").trim();
             if !path.starts_with('/') {
-                return Err(UnreadableLdd(llorch_io::handoff::excerpt(raw, 120)));
+                return Err(UnreadableLdd(llorch_types::excerpt(raw, 120)));
             }
             out.push(LddLine::Found {
                 name,
@@ -75,7 +75,7 @@ pub fn parse_ldd(text: &str) -> Result<Vec<LddLine>, UnreadableLdd> {
             } else if first.starts_with("linux-vdso") || first.starts_with("linux-gate") {
                 out.push(LddLine::Virtual);
             } else {
-                return Err(UnreadableLdd(llorch_io::handoff::excerpt(raw, 120)));
+                return Err(UnreadableLdd(llorch_types::excerpt(raw, 120)));
             }
         }
     }

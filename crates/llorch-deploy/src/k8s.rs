@@ -92,7 +92,7 @@ pub fn render(stack: &Stack, opts: &RenderOptions) -> Result<Rendered, DeployErr
         if !crate::names::is_dns1123_label(ns) {
             return Err(DeployError::BadName {
                 key: "--namespace".into(),
-                value: llorch_io::handoff::excerpt(ns, 80),
+                value: llorch_types::excerpt(ns, 80),
                 why: "a namespace is a DNS-1123 label".into(),
             });
         }
@@ -241,7 +241,7 @@ fn model_file(
     if model_file.contains('/') || model_file.starts_with('.') || model_file.is_empty() {
         return Err(DeployError::BadName {
             key: "--model-file".into(),
-            value: llorch_io::handoff::excerpt(&model_file, 80),
+            value: llorch_types::excerpt(&model_file, 80),
             why: "a file name in the model volume (no `/`, not hidden)".into(),
         });
     }

@@ -37,7 +37,7 @@ pub fn check_pool_id(id: &str) -> Result<(), DeployError> {
     match why {
         Some(why) => Err(DeployError::BadName {
             key: "pools[].id".into(),
-            value: llorch_io::handoff::excerpt(id, 80),
+            value: llorch_types::excerpt(id, 80),
             why,
         }),
         None => Ok(()),

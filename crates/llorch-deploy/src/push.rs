@@ -19,7 +19,8 @@ pub struct PushedImage {
 /// (`oci://HOST[:PORT]/REPO[:TAG]`; the layout's tag when none is given).
 /// The digest the registry serves is the layout's, byte for byte.
 pub fn push(dir: &Path, to: &str, insecure: bool) -> Result<PushedImage, DeployError> {
-    use llorch_io::oci::{OciRef, Registry};
+    use llorch_io::oci::{OciError, Registry};
+    use llorch_types::OciRef;
     let index: Value = serde_json::from_slice(
         &fs_err::read(dir.join("index.json")).map_err(llorch_io::io("read the image index"))?,
     )
@@ -32,20 +33,17 @@ pub fn push(dir: &Path, to: &str, insecure: bool) -> Result<PushedImage, DeployE
     let tag = m["annotations"]["org.opencontainers.image.ref.name"]
         .as_str()
         .unwrap_or("latest");
-    let mut r = OciRef::parse(to)?;
+    let mut r = OciRef::parse(to).map_err(OciError::from)?;
     if r.tag.is_none() && r.digest.is_none() {
-        r = r.with_tag(tag)?;
+        r = r.with_tag(tag).map_err(OciError::from)?;
     }
     let blob = |d: &str| -> Result<PathBuf, DeployError> {
         let hex = d
             .strip_prefix("sha256:")
-            .filter(|h| llorch_io::digest::is_sha256_hex(h))
+            .filter(|h| llorch_types::is_sha256_hex(h))
             .ok_or_else(|| DeployError::Spec {
                 path: dir.display().to_string(),
-                why: format!(
-                    "`{}` is not a sha256 digest",
-                    llorch_io::handoff::excerpt(d, 80)
-                ),
+                why: format!("`{}` is not a sha256 digest", llorch_types::excerpt(d, 80)),
             })?;
         Ok(dir.join("blobs/sha256").join(hex))
     };

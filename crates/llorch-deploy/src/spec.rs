@@ -89,7 +89,7 @@ impl ImageSpec {
                     .iter()
                     .find(|p| p.id == w)
                     .ok_or_else(|| DeployError::NoSuchPool {
-                        pool: llorch_io::handoff::excerpt(w, 64),
+                        pool: llorch_types::excerpt(w, 64),
                         pools: ids(),
                     })
             }

@@ -81,13 +81,6 @@ impl<W: Write> Write for HashingWriter<W> {
     }
 }
 
-/// True for a 64-character lowercase hex string.
-pub fn is_sha256_hex(s: &str) -> bool {
-    s.len() == 64
-        && s.bytes()
-            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
-}
-
 #[cfg(test)]
 mod tests {
     #[test]

@@ -129,7 +129,7 @@ pub fn parse_memory(text: &str) -> Result<Vec<GpuMemory>, GpuError> {
             None => {
                 return Err(GpuError::Unexpected {
                     what: "line",
-                    line: crate::handoff::excerpt(line, 80),
+                    line: llorch_types::excerpt(line, 80),
                 })
             }
         }
@@ -162,7 +162,7 @@ pub fn parse_compute_caps(text: &str) -> Result<Vec<String>, GpuError> {
             }
             _ => Err(GpuError::Unexpected {
                 what: "compute capability",
-                line: crate::handoff::excerpt(l, 40),
+                line: llorch_types::excerpt(l, 40),
             }),
         })
         .collect()

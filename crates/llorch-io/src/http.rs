@@ -215,7 +215,7 @@ pub fn tls_keeping_redirects() -> reqwest::redirect::Policy {
             let to = a.url().to_string();
             a.error(format!(
                 "refused a redirect from HTTPS to {} (a transfer never leaves TLS off loopback)",
-                crate::handoff::excerpt(&to, 120)
+                llorch_types::excerpt(&to, 120)
             ))
         }
     })

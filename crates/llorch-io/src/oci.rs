@@ -16,11 +16,11 @@
 //!   descriptor's. A manifest is accepted only if its digest is the one asked
 //!   for (a `@sha256:` reference).
 
-use crate::digest::is_sha256_hex;
+use llorch_types::{is_sha256_hex, BadOciRef, OciRef};
 use oci_client::client::{ClientConfig, ClientProtocol};
 use oci_client::manifest::{OciDescriptor, OciImageManifest, OciManifest, OCI_IMAGE_MEDIA_TYPE};
 use oci_client::secrets::RegistryAuth;
-use oci_client::Client;
+use oci_client::{Client, Reference};
 use sha2::{Digest, Sha256};
 use std::collections::BTreeMap;
 use std::io::{Seek, Write};
@@ -28,12 +28,10 @@ use std::path::Path;
 use std::time::Duration;
 
 mod auth;
-mod reference;
 pub mod referrers;
 
 use auth::extra_roots;
 pub use auth::{credentials, docker_config_auth};
-pub use reference::OciRef;
 
 pub use oci_client::manifest::OciDescriptor as Descriptor;
 pub use oci_client::manifest::OciImageManifest as ImageManifest;
@@ -43,8 +41,8 @@ pub const MAX_JSON_BYTES: usize = 4 << 20;
 
 #[derive(Debug, thiserror::Error)]
 pub enum OciError {
-    #[error("`{reference}` is not an OCI reference: {why}\n  expected oci://HOST[:PORT]/REPO[:TAG] or oci://HOST[:PORT]/REPO@sha256:HEX")]
-    BadRef { reference: String, why: String },
+    #[error(transparent)]
+    BadRef(#[from] BadOciRef),
     #[error("{what} at {reference}: {message}")]
     Registry {
         what: String,
@@ -99,6 +97,18 @@ fn block<T: Send>(f: impl std::future::Future<Output = T> + Send) -> T {
 }
 
 /// What to do when a registry wants credentials (one sentence for every answer that says so).
+/// The reference as `oci-client` names it (a digest before a tag; no
+/// tag means `latest`).
+fn reference(r: &OciRef) -> Reference {
+    match (&r.tag, &r.digest) {
+        (_, Some(d)) => Reference::with_digest(r.registry.clone(), r.repository.clone(), d.clone()),
+        (Some(t), None) => Reference::with_tag(r.registry.clone(), r.repository.clone(), t.clone()),
+        (None, None) => {
+            Reference::with_tag(r.registry.clone(), r.repository.clone(), "latest".into())
+        }
+    }
+}
+
 fn credentials_hint(r: &OciRef) -> String {
     format!(
         "\n  hint: the registry wants credentials: set LLORCH_REGISTRY_USERNAME and LLORCH_REGISTRY_PASSWORD, or log in with `docker login {}` (~/.docker/config.json)",
@@ -177,7 +187,7 @@ impl Registry {
     /// Upload `data` as a blob named by its sha256 (a registry that has it keeps one copy).
     pub fn push_blob(&self, r: &OciRef, data: &[u8]) -> Result<String, OciError> {
         let digest = format!("sha256:{}", hex::encode(Sha256::digest(data)));
-        let image = r.reference();
+        let image = reference(r);
         block(async {
             self.client
                 .auth(&image, &self.auth, oci_client::RegistryOperation::Push)
@@ -254,7 +264,7 @@ impl Registry {
 
     /// Push a manifest under `r`'s tag; returns its digest.
     pub fn push_manifest(&self, r: &OciRef, m: &OciImageManifest) -> Result<String, OciError> {
-        let image = r.reference();
+        let image = reference(r);
         let manifest = OciManifest::Image(m.clone());
         block(async {
             self.client
@@ -280,7 +290,7 @@ impl Registry {
         bytes: &[u8],
         media_type: &str,
     ) -> Result<String, OciError> {
-        let image = r.reference();
+        let image = reference(r);
         let want = format!("sha256:{}", hex::encode(Sha256::digest(bytes)));
         let content_type =
             reqwest::header::HeaderValue::from_str(media_type).map_err(|e| OciError::Invalid {
@@ -324,7 +334,7 @@ impl Registry {
         accept: Option<&str>,
         range_from: Option<u64>,
     ) -> Result<reqwest::Response, OciError> {
-        let image = r.reference();
+        let image = reference(r);
         let token = self
             .client
             .auth(&image, &self.auth, oci_client::RegistryOperation::Pull)
@@ -446,7 +456,7 @@ impl Registry {
                     reference: r.to_string(),
                     why: format!(
                         "descriptor `{}` (size {}) is not a sha256 digest with a size",
-                        crate::handoff::excerpt(&d.digest, 80),
+                        llorch_types::excerpt(&d.digest, 80),
                         d.size
                     ),
                 });

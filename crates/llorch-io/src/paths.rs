@@ -133,7 +133,7 @@ impl Layout {
         self.locks().join(format!("blob-{digest}.lock"))
     }
     /// `locks/pool-<id>.lock`: orders provision, up, down and supervisor (re)starts of one pool.
-    pub fn pool_lock(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+    pub fn pool_lock(&self, pool: &llorch_types::PoolId) -> PathBuf {
         self.locks().join(format!("pool-{pool}.lock"))
     }
     /// `locks/src-<source-id>.lock`: exclusive while one pinned source tree is
@@ -148,22 +148,22 @@ impl Layout {
 
     /// A pool's run files: `run/<id>.pid`, `run/llamacpp-<id>.log`, and in the
     /// runtime directory its handoff `engines/<id>.json` and API key `engines/<id>.key`.
-    pub fn pid_file(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+    pub fn pid_file(&self, pool: &llorch_types::PoolId) -> PathBuf {
         self.run_dir().join(format!("{pool}.pid"))
     }
-    pub fn engine_log(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+    pub fn engine_log(&self, pool: &llorch_types::PoolId) -> PathBuf {
         self.run_dir().join(format!("llamacpp-{pool}.log"))
     }
-    pub fn handoff(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+    pub fn handoff(&self, pool: &llorch_types::PoolId) -> PathBuf {
         self.engines_dir().join(format!("{pool}.json"))
     }
     /// The directory of a pool's engine socket (`run/<pool>.d/`): the one
     /// place the engine may create a file (its socket), owned by the user
     /// it runs as, private to it.
-    pub fn engine_socket_dir(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+    pub fn engine_socket_dir(&self, pool: &llorch_types::PoolId) -> PathBuf {
         self.run_dir().join(format!("{pool}.d"))
     }
-    pub fn api_key(&self, pool: &crate::handoff::PoolId) -> PathBuf {
+    pub fn api_key(&self, pool: &llorch_types::PoolId) -> PathBuf {
         self.engines_dir().join(format!("{pool}.key"))
     }
 

@@ -20,7 +20,7 @@ use serde::{Deserialize, Serialize};
 /// Most parallel slots of one batched engine.
 pub const MAX_SLOTS: u32 = 256;
 /// Most replicas of one pool (their run ids are `<pool>.r1` … `<pool>.r63`).
-pub const MAX_REPLICAS: u32 = llorch_io::handoff::MAX_REPLICA as u32 + 1;
+pub const MAX_REPLICAS: u32 = llorch_types::MAX_REPLICA as u32 + 1;
 
 #[derive(Clone, Copy, Debug, Default, Deserialize, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
@@ -143,7 +143,7 @@ impl<'de> Deserialize<'de> for Count {
                     "auto" => Ok(Count::Auto),
                     _ => Err(E::custom(format!(
                         "`{}`: a positive number or `auto`",
-                        llorch_io::handoff::excerpt(v, 32)
+                        llorch_types::excerpt(v, 32)
                     ))),
                 }
             }

@@ -15,7 +15,7 @@ pub use concurrency::{Affinity, Auto, Concurrency, ConcurrencyKeys, Count, Mode}
 
 use std::collections::BTreeMap;
 
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use std::path::{Path, PathBuf};
 
 pub const PROFILE_SCHEMA: u32 = 1;
@@ -393,7 +393,7 @@ fn check_engine(file: &ProfileFile) -> Result<(), Refusal> {
         if !ok {
             return Err(bad("engine.cuda_archs", format!(
                 "engine.cuda_archs: `{}` is not a CUDA architecture (expected e.g. 86, 90, 90a or native)",
-                llorch_io::handoff::excerpt(a, 20)
+                llorch_types::excerpt(a, 20)
             )));
         }
     }
@@ -401,7 +401,7 @@ fn check_engine(file: &ProfileFile) -> Result<(), Refusal> {
         normalize_flag(f).map_err(|m| bad("engine.cmake_flags", m.to_string()))?;
     }
     if let Some(r) = &file.engine.registry {
-        let parsed = llorch_io::oci::OciRef::parse(&r.url)
+        let parsed = llorch_types::OciRef::parse(&r.url)
             .map_err(|e| bad("engine.registry", format!("engine.registry.url: {e}")))?;
         if parsed.tag.is_some() || parsed.digest.is_some() {
             return Err(bad("engine.registry", "engine.registry.url names a repository without a tag or digest (engines are tagged with their fingerprint)".into()));
@@ -423,12 +423,12 @@ fn check_model(file: &ProfileFile) -> Result<(), Refusal> {
             ));
         }
         if let Some(d) = &m.sha256 {
-            if !llorch_io::digest::is_sha256_hex(d) {
+            if !llorch_types::is_sha256_hex(d) {
                 return Err(bad(
                     "model.sha256",
                     format!(
                         "model.sha256 `{}` must be 64 lowercase hex digits",
-                        llorch_io::handoff::excerpt(d, 80)
+                        llorch_types::excerpt(d, 80)
                     ),
                 ));
             }

@@ -96,7 +96,7 @@ impl PinsFile {
             }
             match &pin.source {
                 SourceSpec::PypiSdist { sha256, .. } | SourceSpec::Archive { sha256, .. }
-                    if !llorch_io::digest::is_sha256_hex(sha256) =>
+                    if !llorch_types::is_sha256_hex(sha256) =>
                 {
                     return Err(invalid(
                         &format!("pins.{name}.source.sha256"),

@@ -4,7 +4,7 @@
 //! that needs several fields at once is `Profile::resolve`'s.
 
 use crate::{Affinity, Concurrency, ConcurrencyKeys, Count, Mode};
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use serde::{Deserialize, Serialize};
 
 #[derive(Clone, Copy, Debug, Deserialize, Serialize, PartialEq, Eq)]

@@ -26,7 +26,7 @@
 
 use crate::concurrency::{Concurrency, ConcurrencyKeys, Count, STACKED_REPLICAS_COST};
 use crate::{invalid_at, parse_yaml, Affinity, ConfigError, Mode, Profile};
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use serde::Deserialize;
 use std::path::Path;
 

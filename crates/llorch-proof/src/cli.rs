@@ -2,9 +2,9 @@
 
 use crate::{proof_pool, run};
 use anyhow::Result;
-use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
+use llorch_types::PoolId;
 
 /// How [`cli`] reports.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -31,11 +31,11 @@ pub mod cli;
 pub use cli::{cli, cli_running, Output};
 
 use anyhow::{Context, Result};
-use llorch_io::handoff::PoolId;
 use llorch_io::llama_server::{all_idle, Api, LlamaServer};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
 use llorch_stack::Stack;
+use llorch_types::PoolId;
 use orchestratord::client::{stream_task, StreamResult};
 use orchestratord::Config;
 use serde::Serialize;

@@ -12,9 +12,9 @@ use engine_provisioner::BuildOptions;
 use engine_runtime::flags::PreparedEngine;
 use engine_runtime::run_state::RunPaths;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, StateHandle, Supervisor};
-use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
+use llorch_types::PoolId;
 use orchestratord::{EngineInfo, EngineLink, HandoffLink, LinkState, LoadContext, LoadRefusal};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
@@ -385,7 +385,8 @@ impl Unloading {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use llorch_io::handoff::{EngineModel, PoolId};
+    use llorch_io::handoff::EngineModel;
+    use llorch_types::PoolId;
 
     /// A pool pinned to GPU 0 of a stand-in `nvidia-smi` that reports `free` MiB.
     fn pinned(dir: &std::path::Path, free: u64) -> ManagedLink {

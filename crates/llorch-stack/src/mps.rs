@@ -12,8 +12,8 @@
 
 use llorch_io::cmd::Cmd;
 use llorch_io::gpu::MpsDaemon;
-use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
+use llorch_types::PoolId;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 

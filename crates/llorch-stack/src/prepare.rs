@@ -2,9 +2,10 @@
 
 use engine_provisioner::{build, BuildOptions, BuildOutcome};
 use engine_runtime::flags::PreparedEngine;
-use llorch_io::handoff::{EngineModel, PoolId};
+use llorch_io::handoff::EngineModel;
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
+use llorch_types::PoolId;
 use model_provisioner::{FetchOptions, ModelStore};
 
 #[derive(Debug, thiserror::Error)]

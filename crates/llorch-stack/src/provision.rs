@@ -12,9 +12,10 @@
 use crate::prepare::{self, Prepared};
 use engine_runtime::lifecycle;
 use engine_runtime::run_state::RunPaths;
-use llorch_io::handoff::{Handoff, Owner, PoolId};
+use llorch_io::handoff::{Handoff, Owner};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
+use llorch_types::PoolId;
 use serde::Serialize;
 use std::time::{Duration, Instant};
 

@@ -28,10 +28,10 @@ use crate::prepare::{self, Prepared};
 use engine_provisioner::BuildOptions;
 #[cfg(doc)]
 use engine_runtime::supervisor::Supervisor;
-use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
 use llorch_profile::stack::LoadPolicy;
 use llorch_profile::Profile;
+use llorch_types::PoolId;
 use orchestratord::{
     Config, EngineInfo, EngineLink, LinkState, LoadContext, LoadRefusal, PoolPolicy, PoolSpec,
     SchedulerConfig,
@@ -46,7 +46,7 @@ use llorch_io::gpu::{GpuProbe, PROBE_FRESH};
 pub struct Stack {
     pub server: orchestratord::Server,
     /// Each engine (a pool's replicas one by one), by run id, in the stack's order.
-    pub links: Vec<(llorch_io::handoff::PoolId, Arc<ManagedLink>)>,
+    pub links: Vec<(llorch_types::PoolId, Arc<ManagedLink>)>,
     /// MPS control daemons of pools with `mps: own` (stopped after the engines;
     /// last field: dropped last).
     pub mps: Vec<crate::mps::OwnMps>,

@@ -5,8 +5,8 @@
 
 use engine_provisioner::build::BuildOptions;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
-use llorch_io::handoff::PoolId;
 use llorch_stack::SupervisorLink;
+use llorch_types::PoolId;
 use orchestratord::client::{read_stream, stream_task};
 use orchestratord::Config;
 use serde_json::{json, Value};

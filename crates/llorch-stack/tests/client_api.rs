@@ -7,8 +7,8 @@
 //! `anthropic` SDKs and `langchain-openai` drive it.
 
 use futures_util::StreamExt;
-use llorch_io::handoff::PoolId;
 use llorch_stack::SupervisorLink;
+use llorch_types::PoolId;
 use orchestratord::{Config, PoolSpec, SchedulerConfig};
 use serde_json::{json, Value};
 use std::sync::OnceLock;

@@ -278,7 +278,7 @@ async fn each_pools_sandbox_is_applied_and_reported_and_off_means_off() {
 /// The run record of a pool (run files live in the cache).
 fn pid_file(pool: &str) -> PathBuf {
     let layout = test_support::layout(&std::env::temp_dir());
-    let pool = llorch_io::handoff::PoolId::parse(pool).unwrap();
+    let pool = llorch_types::PoolId::parse(pool).unwrap();
     engine_runtime::run_state::RunPaths::new(&layout, &pool).pid_file
 }
 

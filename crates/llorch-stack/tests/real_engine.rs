@@ -6,10 +6,11 @@ use engine_provisioner::build::BuildOptions;
 use engine_runtime::lifecycle::{self, Stopped};
 use engine_runtime::run_state::RunPaths;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
-use llorch_io::handoff::{Handoff, Owner, PoolId, ProcessIdentity, RunRecord};
+use llorch_io::handoff::{Handoff, Owner, ProcessIdentity, RunRecord};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
 use llorch_stack::provision;
+use llorch_types::PoolId;
 use std::time::Duration;
 
 use test_support::workspace_root as repo_root;

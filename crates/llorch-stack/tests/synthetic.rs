@@ -2,9 +2,10 @@
 
 use engine_provisioner::build::BuildOptions;
 use engine_runtime::lifecycle;
-use llorch_io::handoff::{EngineModel, Owner, PoolId, ProcessIdentity};
+use llorch_io::handoff::{EngineModel, Owner, ProcessIdentity};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
+use llorch_types::PoolId;
 use model_provisioner::{FetchOptions, ModelStore};
 
 use test_support::workspace_root as repo_root;

@@ -54,7 +54,7 @@ pub struct RefError {
 
 fn check_segments(input: &str, path: &str, what: &str) -> Result<(), RefError> {
     let err = |why: String| RefError {
-        input: llorch_io::handoff::excerpt(input, 120),
+        input: llorch_types::excerpt(input, 120),
         why,
     };
     if path.is_empty() {
@@ -93,7 +93,7 @@ pub const MAX_REF_BYTES: usize = 4096;
 impl ModelRef {
     pub fn parse(input: &str) -> Result<ModelRef, RefError> {
         let err = |why: &str| RefError {
-            input: llorch_io::handoff::excerpt(input, 120),
+            input: llorch_types::excerpt(input, 120),
             why: why.into(),
         };
         let input_t = input.trim();
@@ -137,7 +137,7 @@ impl ModelRef {
             });
         }
         if input_t.starts_with("oci://") {
-            let r = llorch_io::oci::OciRef::parse(input_t).map_err(|e| err(&e.to_string()))?;
+            let r = llorch_types::OciRef::parse(input_t).map_err(|e| err(&e.to_string()))?;
             if r.tag.is_none() && r.digest.is_none() {
                 return Err(err(
                     "an oci:// model ref names a tag (REPO:TAG) or a digest (REPO@sha256:HEX)",

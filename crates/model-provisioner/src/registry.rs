@@ -9,7 +9,8 @@
 
 use crate::error::ModelError;
 use crate::store::{FetchOptions, ModelStore};
-use llorch_io::oci::{self, OciRef, Registry};
+use llorch_io::oci::{self, Registry};
+use llorch_types::OciRef;
 use std::collections::BTreeMap;
 use std::path::Path;
 
@@ -39,7 +40,7 @@ pub fn pull_model(
     say: &dyn Fn(&str),
 ) -> Result<(String, u64, String), ModelError> {
     let e = oci_err(reference);
-    let r = OciRef::parse(reference).map_err(&e)?;
+    let r = OciRef::parse(reference).map_err(|b| e(b.into()))?;
     let client = Registry::connect(&r, insecure()).map_err(&e)?;
     let (m, manifest_digest) = client.pull_manifest(&r).map_err(&e)?;
     let layers: Vec<_> = m
@@ -105,7 +106,7 @@ pub fn push_model(
     to: &str,
 ) -> Result<ModelPushed, ModelError> {
     let e = oci_err(to);
-    let r = OciRef::parse(to).map_err(&e)?;
+    let r = OciRef::parse(to).map_err(|b| e(b.into()))?;
     if r.tag.is_none() || r.digest.is_some() {
         return Err(ModelError::Artifact {
             reference: to.to_string(),

@@ -46,7 +46,7 @@ impl ModelStore {
         let hub_digest = head
             .linked_etag
             .clone()
-            .filter(|d| llorch_io::digest::is_sha256_hex(d));
+            .filter(|d| llorch_types::is_sha256_hex(d));
         if opts.expected_sha256.is_none() && hub_digest.is_none() && opts.require_digest {
             return Err(ModelError::DigestRequired {
                 reference: canonical.to_string(),

@@ -416,7 +416,7 @@ pub(crate) fn context_exceeded(body: &str) -> Option<String> {
         ),
         _ => format!(
             "the prompt does not fit the engine's context: {}",
-            llorch_io::handoff::excerpt(e["message"].as_str().unwrap_or(""), 200)
+            llorch_types::excerpt(e["message"].as_str().unwrap_or(""), 200)
         ),
     })
 }

@@ -63,7 +63,7 @@ pub fn route(
             code,
             format!(
                 "no pool or model `{}` here; this orchestrator serves {} (GET /v1/models lists every name)",
-                llorch_io::handoff::excerpt(name, 64),
+                llorch_types::excerpt(name, 64),
                 served.join(", ")
             ),
         )

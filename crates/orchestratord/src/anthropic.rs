@@ -39,7 +39,7 @@ pub fn to_openai_messages(body: &Map<String, Value>) -> Result<Vec<Value>, ApiEr
                                 field,
                                 format!(
                                     "{field}: content blocks of type `{}` are not served here",
-                                    llorch_io::handoff::excerpt(other.unwrap_or("?"), 32)
+                                    llorch_types::excerpt(other.unwrap_or("?"), 32)
                                 ),
                             ))
                         }
@@ -91,7 +91,7 @@ pub fn to_openai_messages(body: &Map<String, Value>) -> Result<Vec<Value>, ApiEr
                         field.clone(),
                         format!(
                             "{field}: content blocks of type `{}` are not served here",
-                            llorch_io::handoff::excerpt(other.unwrap_or("?"), 32)
+                            llorch_types::excerpt(other.unwrap_or("?"), 32)
                         ),
                     ))
                 }

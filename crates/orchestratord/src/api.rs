@@ -193,7 +193,7 @@ fn find_task(st: &AppState, id: &str) -> Result<Arc<Task>, ApiError> {
         ApiError::new(
             StatusCode::NOT_FOUND,
             "TASK_NOT_FOUND",
-            format!("no task `{}`", llorch_io::handoff::excerpt(id, 64)),
+            format!("no task `{}`", llorch_types::excerpt(id, 64)),
         )
     })
 }

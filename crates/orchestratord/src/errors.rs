@@ -174,7 +174,7 @@ pub(crate) async fn error_shape(
             r
         };
     }
-    let shown = llorch_io::handoff::excerpt(&path, 64);
+    let shown = llorch_types::excerpt(&path, 64);
     let e = match status {
         StatusCode::PAYLOAD_TOO_LARGE => ApiError {
             field: Some("body".into()),

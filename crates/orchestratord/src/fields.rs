@@ -153,7 +153,7 @@ pub fn check_known(endpoint: &str, body: &Map<String, Value>) -> Result<(), ApiE
     for k in body.keys() {
         let known = fields.contains(&k.as_str()) || (sampling && SAMPLING.contains(&k.as_str()));
         if !known && !said_elsewhere(k) {
-            let name = llorch_io::handoff::excerpt(k, 64);
+            let name = llorch_types::excerpt(k, 64);
             return Err(ApiError::invalid(
                 name.clone(),
                 format!(

@@ -233,7 +233,7 @@ pub fn engine_message(text: &str) -> String {
         .as_ref()
         .and_then(|v| v["error"]["message"].as_str().or(v["message"].as_str()))
         .unwrap_or(text);
-    llorch_io::handoff::excerpt(m, 500)
+    llorch_types::excerpt(m, 500)
 }
 
 /// What the end of an answer says about its work, in the adapter's final

@@ -113,8 +113,8 @@ pub(crate) async fn guard(
                 "HOST_NOT_ALLOWED",
                 format!(
                     "requests for host `{}` are not served here; pass --allowed-host {} if this name is yours",
-                    llorch_io::handoff::excerpt(&host, 64),
-                    llorch_io::handoff::excerpt(&host, 64)
+                    llorch_types::excerpt(&host, 64),
+                    llorch_types::excerpt(&host, 64)
                 ),
             )
             .into_response();

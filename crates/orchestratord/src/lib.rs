@@ -126,7 +126,7 @@ impl AppState {
     }
 
     /// Every replica of the pool `group`, replica 0 first.
-    pub fn members(&self, group: &llorch_io::handoff::PoolId) -> Vec<Arc<pool::Pool>> {
+    pub fn members(&self, group: &llorch_types::PoolId) -> Vec<Arc<pool::Pool>> {
         let mut m: Vec<Arc<pool::Pool>> = self
             .pools
             .iter()
@@ -261,11 +261,10 @@ impl Server {
 /// Serve one pool (its id: the engine's pool when it is ready at start, else `default`).
 pub async fn start(cfg: Config, link: Box<dyn EngineLink>) -> Result<Server, ServeError> {
     let (id, slots) = match link.current() {
-        LinkState::Ready(e) => (llorch_io::handoff::PoolId::parse(&e.pool).ok(), e.slots),
+        LinkState::Ready(e) => (llorch_types::PoolId::parse(&e.pool).ok(), e.slots),
         _ => (None, 1),
     };
-    let id = id
-        .unwrap_or_else(|| llorch_io::handoff::PoolId::parse("default").expect("a valid pool id"));
+    let id = id.unwrap_or_else(|| llorch_types::PoolId::parse("default").expect("a valid pool id"));
     let mut spec = PoolSpec::new(id, link);
     spec.slots = slots;
     start_pools(cfg, vec![spec], SchedulerConfig::default()).await

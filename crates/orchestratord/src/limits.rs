@@ -121,7 +121,7 @@ pub fn check_role(i: usize, role: &str) -> Result<&'static str, ApiError> {
                 format!("messages[{i}].role"),
                 format!(
                     "unknown role `{}`; roles are {}",
-                    llorch_io::handoff::excerpt(role, 32),
+                    llorch_types::excerpt(role, 32),
                     ROLES.iter().map(|(r, _)| *r).collect::<Vec<_>>().join(", ")
                 ),
             )

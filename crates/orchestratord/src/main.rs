@@ -5,7 +5,7 @@
 
 use anyhow::{Context, Result};
 use clap::Parser;
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use orchestratord::HandoffLink;
 use std::path::PathBuf;
 

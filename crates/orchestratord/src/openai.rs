@@ -226,7 +226,7 @@ fn chat_messages(r: &OpenAiRequest, max_chars: usize) -> Result<Vec<ChatTurn>, A
                             format!("messages[{i}].content"),
                             format!(
                                 "content parts of type `{}` are not supported (text only)",
-                                llorch_io::handoff::excerpt(&part.kind, 32)
+                                llorch_types::excerpt(&part.kind, 32)
                             ),
                         ));
                     }

@@ -32,7 +32,7 @@
 use crate::link::{EngineInfo, EngineLink, LinkState};
 use crate::tasks::Queue;
 use crate::Shared;
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -235,7 +235,7 @@ pub(crate) async fn api_scope(
     req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
-    let path = llorch_io::handoff::excerpt(req.uri().path(), 64);
+    let path = llorch_types::excerpt(req.uri().path(), 64);
     API.scope(path, next.run(req)).await
 }
 
@@ -422,7 +422,7 @@ pub async fn pool_log(State(st): State<Shared>, Path(pool): Path<String>) -> Res
         return ApiError::new(
             StatusCode::NOT_FOUND,
             "POOL_NOT_FOUND",
-            format!("no pool `{}` here", llorch_io::handoff::excerpt(&pool, 64)),
+            format!("no pool `{}` here", llorch_types::excerpt(&pool, 64)),
         )
         .into_response();
     }

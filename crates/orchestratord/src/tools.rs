@@ -129,7 +129,7 @@ pub fn read_choice(v: Option<&Value>, tools: &[Tool]) -> Result<Choice, ApiError
             "tool_choice",
             format!(
                 "tool_choice names `{}`, which is not among the tools",
-                llorch_io::handoff::excerpt(n, 64)
+                llorch_types::excerpt(n, 64)
             ),
         )),
         _ => Ok(c),

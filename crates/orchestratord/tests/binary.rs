@@ -5,7 +5,7 @@
 
 use engine_runtime::lifecycle;
 use llorch_io::cmd::Io;
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use std::io::{BufRead, BufReader};
 use std::time::{Duration, Instant};
 

@@ -55,7 +55,7 @@ async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
     let cache2 = here.path().join("cache");
     let layout2 =
         llorch_io::paths::Layout::at(root.clone(), cache2.clone(), here.path().join("rt2"));
-    let pool = llorch_io::handoff::PoolId::parse(&format!("fleet-{}", std::process::id())).unwrap();
+    let pool = llorch_types::PoolId::parse(&format!("fleet-{}", std::process::id())).unwrap();
     let report = llorch_proof::run(&fleet, &pool, &layout2, true, &|_| {})
         .await
         .unwrap();

@@ -42,7 +42,8 @@ fn tempfile_dir() -> std::path::PathBuf {
 #[test]
 fn a_provisioned_engine_survives_a_haiku_run() {
     use engine_runtime::lifecycle;
-    use llorch_io::handoff::{Handoff, PoolId};
+    use llorch_io::handoff::Handoff;
+    use llorch_types::PoolId;
     let root = test_support::workspace_root();
     let rt = tempfile::tempdir().unwrap();
     let layout = test_support::layout(rt.path());

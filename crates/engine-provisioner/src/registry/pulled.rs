@@ -9,9 +9,10 @@ use super::{
 };
 use crate::cache::{self, Manifest};
 use llorch_io::cmd::Cmd;
-use llorch_io::handoff::excerpt;
-use llorch_io::oci::{Descriptor, OciRef, Registry};
+use llorch_io::oci::{Descriptor, Registry};
 use llorch_io::{fsx, io};
+use llorch_types::excerpt;
+use llorch_types::OciRef;
 use sha2::Digest;
 use std::path::Path;
 

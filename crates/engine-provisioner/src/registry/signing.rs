@@ -3,7 +3,8 @@
 
 use super::RegistryError;
 use llorch_io::io;
-use llorch_io::oci::{self, OciRef, Registry};
+use llorch_io::oci::{self, Registry};
+use llorch_types::OciRef;
 use sha2::Digest;
 use std::path::Path;
 

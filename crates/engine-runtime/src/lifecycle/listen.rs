@@ -3,8 +3,8 @@
 //! `--host` are written.
 
 use super::{io, EngineError};
-use llorch_io::handoff::PoolId;
 use llorch_io::paths::Layout;
+use llorch_types::PoolId;
 
 pub(super) fn port_free(host: &str, port: u16) -> bool {
     std::net::TcpListener::bind((host, port)).is_ok()

@@ -84,7 +84,7 @@ fn crasher(dir: &std::path::Path) -> PreparedEngine {
         },
         flags: Vec::new(),
         env: Vec::new(),
-        pool_id: llorch_io::handoff::PoolId::parse("standin").unwrap(),
+        pool_id: llorch_types::PoolId::parse("standin").unwrap(),
         replica_id: "r0".into(),
         fingerprint: "f".repeat(64),
         host: "127.0.0.1".into(),
@@ -133,11 +133,10 @@ fn a_stand_in_that_keeps_crashing_is_restarted_with_backoff_then_given_up() {
         Err(NotReady::Failed(_))
     ));
     // Given up: the pool is free again (no run record left behind).
-    assert!(crate::run_state::read_pool(
-        &layout,
-        &llorch_io::handoff::PoolId::parse("standin").unwrap()
-    )
-    .is_none());
+    assert!(
+        crate::run_state::read_pool(&layout, &llorch_types::PoolId::parse("standin").unwrap())
+            .is_none()
+    );
     sup.stop();
 }
 
@@ -162,7 +161,7 @@ fn a_stand_in_killed_while_serving_is_restarted_and_ready_again() {
     let mut prep = crasher(dir.path());
     fs_err::write(&prep.binary, SERVER).unwrap();
     fs_err::set_permissions(&prep.binary, std::fs::Permissions::from_mode(0o755)).unwrap();
-    prep.pool_id = llorch_io::handoff::PoolId::parse("standin-served").unwrap();
+    prep.pool_id = llorch_types::PoolId::parse("standin-served").unwrap();
     let root = dir.path().to_path_buf();
     let layout = Layout::at(root.clone(), root.join("cache"), root.join("rt"));
     let policy = RestartPolicy {

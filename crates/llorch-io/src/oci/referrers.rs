@@ -5,8 +5,9 @@
 //! tag `sha256-<hex>` of the subject, and readers consult that tag when the
 //! API is absent. Both are read bounded and every digest is checked.
 
-use super::{block, registry_err, OciError, OciRef, Registry, MAX_JSON_BYTES};
-use crate::digest::is_sha256_hex;
+use super::{block, registry_err, OciError, Registry, MAX_JSON_BYTES};
+use llorch_types::is_sha256_hex;
+use llorch_types::OciRef;
 use oci_client::manifest::{OciDescriptor, OCI_IMAGE_MEDIA_TYPE};
 use serde_json::{json, Value};
 use sha2::{Digest, Sha256};
@@ -136,7 +137,7 @@ impl Registry {
                 if !ok || !(0..=MAX_JSON_BYTES as i64).contains(&size) {
                     return Err(bad(format!(
                         "entry `{}` (size {size}) is not a sha256 digest with a size",
-                        crate::handoff::excerpt(digest, 80)
+                        llorch_types::excerpt(digest, 80)
                     )));
                 }
                 Ok(Referrer {
@@ -212,7 +213,7 @@ impl Registry {
 
     /// Push an image index under `tagged`'s tag.
     fn push_index(&self, tagged: &OciRef, body: &[u8]) -> Result<(), OciError> {
-        let image = tagged.reference();
+        let image = super::reference(tagged);
         let content_type = reqwest::header::HeaderValue::from_static(INDEX_MEDIA_TYPE);
         block(async {
             self.client

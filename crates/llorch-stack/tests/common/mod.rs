@@ -7,7 +7,7 @@ pub mod api;
 
 use engine_provisioner::build::BuildOptions;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
-use llorch_io::handoff::PoolId;
+use llorch_types::PoolId;
 use orchestratord::EngineInfo;
 use std::time::{Duration, Instant};
 

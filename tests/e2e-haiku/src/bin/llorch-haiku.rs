@@ -44,7 +44,7 @@ fn main() -> Result<()> {
     let layout = llorch_io::paths::Layout::discover()?;
     let profile = llorch_profile::Profile::resolve(&layout.root, profile_arg.as_deref())?;
     let pool = match pool_arg {
-        Some(p) => llorch_io::handoff::PoolId::parse(&p)?,
+        Some(p) => llorch_types::PoolId::parse(&p)?,
         None => profile.pool().clone(),
     };
     if !llorch_proof::cli(&profile, &pool, &layout, output)? {

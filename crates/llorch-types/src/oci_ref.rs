@@ -1,9 +1,15 @@
 //! `oci://HOST[:PORT]/REPO[:TAG|@sha256:DIGEST]` references, parsed
 //! strictly (host, port, repository path components, tag grammar, digest).
 
-use super::OciError;
-use crate::digest::is_sha256_hex;
-use oci_client::Reference;
+use crate::{excerpt, is_sha256_hex};
+
+/// A reference that is not `oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]`.
+#[derive(Debug, thiserror::Error)]
+#[error("`{reference}` is not an OCI reference: {why}\n  expected oci://HOST[:PORT]/REPO[:TAG] or oci://HOST[:PORT]/REPO@sha256:HEX")]
+pub struct BadOciRef {
+    pub reference: String,
+    pub why: String,
+}
 
 /// `oci://HOST[:PORT]/REPO[:TAG|@sha256:HEX]`, checked part by part.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -60,9 +66,9 @@ fn valid_host(h: &str) -> bool {
 }
 
 impl OciRef {
-    pub fn parse(s: &str) -> Result<OciRef, OciError> {
-        let bad = |why: &str| OciError::BadRef {
-            reference: crate::handoff::excerpt(s, 200),
+    pub fn parse(s: &str) -> Result<OciRef, BadOciRef> {
+        let bad = |why: &str| BadOciRef {
+            reference: excerpt(s, 200),
             why: why.into(),
         };
         if s.len() > 1024 {
@@ -112,11 +118,11 @@ impl OciRef {
     }
 
     /// The same repository with another tag (and no digest).
-    pub fn with_tag(&self, tag: &str) -> Result<OciRef, OciError> {
+    pub fn with_tag(&self, tag: &str) -> Result<OciRef, BadOciRef> {
         if !valid_tag(tag) {
-            return Err(OciError::BadRef {
+            return Err(BadOciRef {
                 reference: format!("{self}"),
-                why: format!("`{}` is not a valid tag", crate::handoff::excerpt(tag, 80)),
+                why: format!("`{}` is not a valid tag", excerpt(tag, 80)),
             });
         }
         Ok(OciRef {
@@ -137,22 +143,6 @@ impl OciRef {
             || host
                 .parse::<std::net::IpAddr>()
                 .is_ok_and(|ip| ip.is_loopback())
-    }
-
-    pub(super) fn reference(&self) -> Reference {
-        match (&self.tag, &self.digest) {
-            (_, Some(d)) => {
-                Reference::with_digest(self.registry.clone(), self.repository.clone(), d.clone())
-            }
-            (Some(t), None) => {
-                Reference::with_tag(self.registry.clone(), self.repository.clone(), t.clone())
-            }
-            (None, None) => Reference::with_tag(
-                self.registry.clone(),
-                self.repository.clone(),
-                "latest".into(),
-            ),
-        }
     }
 }
 
