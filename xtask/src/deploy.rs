@@ -119,7 +119,7 @@ impl ImageCmd {
                         out,
                         tag,
                         binary,
-                        quiet: a.json,
+                        report: llorch_io::report::Reporter::quiet_if(a.json),
                     },
                 )?;
                 let pushed = match &a.to {

@@ -455,7 +455,7 @@ pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::Buil
         jobs: a.jobs,
         source_bundle: a.source_bundle.clone(),
         reuse_from: a.reuse_from.clone(),
-        quiet: false,
+        report: llorch_io::report::Reporter::PROCESS,
         ..Default::default()
     };
     engine_provisioner::build(&profile, &ctx.layout, &opts).context("build llama-server")
@@ -563,11 +563,8 @@ fn verify(
     insecure: bool,
 ) -> Result<()> {
     let profile = ctx.profile(b.p.profile.as_deref())?;
-    let say = |m: &str| {
-        if !b.p.json {
-            llorch_io::info!("{m}")
-        }
-    };
+    let report = llorch_io::report::Reporter::quiet_if(b.p.json);
+    let say = |m: &str| report.info(m);
     if let Some(from) = from {
         let reg = registry_for(&profile, Some(from), insecure)?;
         build::pull(&profile, &ctx.layout, &reg, &say)?;
@@ -601,7 +598,7 @@ fn verify(
     let opts = BuildOptions {
         jobs: b.jobs,
         source_bundle: b.source_bundle.clone(),
-        quiet: b.p.json,
+        report,
         ..Default::default()
     };
     let r = engine_provisioner::reproduce::rebuild(&profile, &ctx.layout, &opts)?;

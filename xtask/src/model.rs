@@ -59,7 +59,7 @@ enum ModelSub {
 pub fn fetch_for_profile(
     ctx: &Ctx,
     profile: &llorch_profile::Profile,
-    quiet: bool,
+    report: llorch_io::report::Reporter,
 ) -> Result<FetchOutcome> {
     let m = profile.file.model.as_ref().ok_or_else(|| {
         anyhow::anyhow!(
@@ -74,7 +74,7 @@ pub fn fetch_for_profile(
             expected_sha256: m.sha256.clone(),
             require_digest: m.require_digest,
             import: false,
-            quiet,
+            report,
             ..Default::default()
         },
     )?)
@@ -173,12 +173,16 @@ fn fetch(
                     expected_sha256: sha256,
                     require_digest: false,
                     import,
-                    quiet: p.json,
+                    report: llorch_io::report::Reporter::quiet_if(p.json),
                     ..Default::default()
                 },
             )?
         }
-        None => fetch_for_profile(ctx, &ctx.profile(p.profile.as_deref())?, p.json)?,
+        None => fetch_for_profile(
+            ctx,
+            &ctx.profile(p.profile.as_deref())?,
+            llorch_io::report::Reporter::quiet_if(p.json),
+        )?,
     };
     if p.json {
         return print_json(&out);

@@ -72,11 +72,8 @@ impl PinCmd {
 }
 
 fn bump(ctx: &Ctx, a: &BumpArgs) -> Result<()> {
-    let say = |m: &str| {
-        if !a.json {
-            llorch_io::info!("{m}")
-        }
-    };
+    let reporter = llorch_io::report::Reporter::quiet_if(a.json);
+    let say = |m: &str| reporter.info(m);
     let path = pin::pins_path(&ctx.layout);
     let original =
         fs_err::read_to_string(&path).with_context(|| format!("read {}", path.display()))?;
@@ -109,7 +106,7 @@ fn bump(ctx: &Ctx, a: &BumpArgs) -> Result<()> {
         &profile,
         &ctx.layout,
         &BuildOptions {
-            quiet: a.json,
+            report: reporter,
             ..Default::default()
         },
     )

@@ -23,7 +23,7 @@ impl ProvisionCmd {
         let profile = ctx.profile(self.p.profile.as_deref())?;
         let pool = self.pool.unwrap_or_else(|| profile.pool().clone());
         let opts = BuildOptions {
-            quiet: self.p.json,
+            report: llorch_io::report::Reporter::quiet_if(self.p.json),
             ..Default::default()
         };
         let out = llorch_stack::provision(&profile, &pool, &ctx.layout, &opts)?;

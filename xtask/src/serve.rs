@@ -214,7 +214,7 @@ impl ServeCmd {
             )?
         };
         let opts = llorch_stack::PoolsOptions {
-            quiet: false,
+            report: llorch_io::report::Reporter::PROCESS,
             idle_unload_s: self.idle_unload_s,
             max_loaded: self.max_loaded,
             prebuilt,

@@ -47,7 +47,8 @@ pub struct BuildOptions {
     /// Another cache directory to take this fingerprint's engine from
     /// (copied, then checked against its manifest; nothing is written there).
     pub reuse_from: Option<PathBuf>,
-    pub quiet: bool,
+    /// What this call may print: progress, warnings.
+    pub report: llorch_io::report::Reporter,
     /// Compile through the compiler cache: `None` lets `LLORCH_COMPILE_CACHE`
     /// decide (on unless `off`); `Some` decides for this build alone (a bench
     /// measuring cold builds, a test that must not depend on the caller's
@@ -63,7 +64,7 @@ impl BuildOptions {
     /// Defaults, without progress output (tests, `--json`, benches).
     pub fn quiet() -> Self {
         BuildOptions {
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             ..Default::default()
         }
     }
@@ -239,11 +240,7 @@ pub fn build(
         return Ok(crate::prebuilt::find(profile, root)?);
     }
     let started = Instant::now();
-    let say = |m: &str| {
-        if !opts.quiet {
-            llorch_io::info!("{m}");
-        }
-    };
+    let say = |m: &str| opts.report.info(m);
     // Quick path: compute the fingerprint from tool versions alone; the full
     // preflight (and any package install) only runs when something is missing
     // or a build is needed.

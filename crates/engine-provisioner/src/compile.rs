@@ -265,7 +265,7 @@ fn compile_steps(
         "building {TARGET} with {} -j{jobs}",
         plan.generator
     ));
-    let mut bar = BuildBar::new(opts.quiet);
+    let mut bar = BuildBar::new(opts.report);
     build_cmd
         .run_logged(&log, |line| bar.line(line))
         .map_err(|source| {
@@ -443,8 +443,8 @@ struct BuildBar {
 }
 
 impl BuildBar {
-    fn new(quiet: bool) -> BuildBar {
-        let quiet = quiet || llorch_io::report::level() == llorch_io::report::Level::Quiet;
+    fn new(report: llorch_io::report::Reporter) -> BuildBar {
+        let quiet = !report.shows_progress();
         let tty = std::io::stderr().is_terminal();
         let bar = (!quiet && tty).then(|| {
             let b = indicatif::ProgressBar::new(0);

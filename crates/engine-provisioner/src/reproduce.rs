@@ -326,11 +326,7 @@ pub fn rebuild(
 ) -> Result<Reproduction, BuildError> {
     let started = Instant::now();
     let started_at = llorch_io::now_rfc3339();
-    let say = |m: &str| {
-        if !opts.quiet {
-            llorch_io::info!("{m}");
-        }
-    };
+    let say = |m: &str| opts.report.info(m);
     let mut plan = match build::plan(profile, &opts.toolbox) {
         Ok(p) => p,
         Err(_) => {

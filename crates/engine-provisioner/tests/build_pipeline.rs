@@ -201,7 +201,7 @@ fn missing_cmake_with_installs_disallowed_names_the_install_command() {
         &ws.layout,
         &BuildOptions {
             toolbox: tb,
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             ..Default::default()
         },
     )

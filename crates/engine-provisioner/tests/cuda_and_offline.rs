@@ -206,7 +206,7 @@ fn source_bundles_round_trip_build_identically_and_refuse_tampering() {
     let offline = Workspace::new(&offline_pin, &[("fake", CPU_PROFILE)]);
     let opts = BuildOptions {
         source_bundle: Some(out.clone()),
-        quiet: true,
+        report: llorch_io::report::Reporter::QUIET,
         ..Default::default()
     };
     let built = build::build(&offline.profile("fake"), &offline.layout, &opts).unwrap();

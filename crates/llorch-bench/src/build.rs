@@ -58,7 +58,7 @@ pub fn bench_build(ctx: &Ctx, profile: Option<&str>, hits_only: bool) -> Result<
         &p,
         &layout,
         &BuildOptions {
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             jobs: Some(jobs),
             compile_cache: Some(false),
             ..Default::default()
@@ -141,7 +141,7 @@ pub fn bench_incremental(ctx: &Ctx, profile: Option<&str>, next: NextPin) -> Res
     compile_cache::install(&layout, &say)?;
     let jobs = engine_provisioner::compile::default_jobs();
     let opts = BuildOptions {
-        quiet: true,
+        report: llorch_io::report::Reporter::QUIET,
         jobs: Some(jobs),
         compile_cache: Some(true),
         ..Default::default()

@@ -124,9 +124,15 @@ pub fn bench_fleet(
                 addr: "127.0.0.1:0".parse().unwrap(),
                 ..Default::default()
             };
-            let stack =
-                llorch_stack::start_stack(&fleet, &pool, &l, cfg, true, "cargo xtask bench fleet")
-                    .await?;
+            let stack = llorch_stack::start_stack(
+                &fleet,
+                &pool,
+                &l,
+                cfg,
+                llorch_io::report::Reporter::QUIET,
+                "cargo xtask bench fleet",
+            )
+            .await?;
             let http = llorch_io::http::async_client();
             let body = json!({"prompt": "Write a haiku about rain.", "max_tokens": 8});
             let r = orchestratord::client::stream_task(

@@ -347,7 +347,7 @@ pub(crate) async fn start(
         ..Default::default()
     };
     let opts = llorch_stack::PoolsOptions {
-        quiet: true,
+        report: llorch_io::report::Reporter::QUIET,
         ..Default::default()
     };
     Ok(llorch_stack::start_pools(stack, &ctx.layout, cfg, &opts, command).await?)

@@ -98,7 +98,7 @@ pub fn bench_openai(
         let cfg = orchestratord::Config { addr: "127.0.0.1:0".parse().unwrap(), ..Default::default() };
         let stem: String = p.pool().as_str().chars().take(52).collect();
         let pool = crate::bench_pool(&p)?;
-        let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg.clone(), true, "cargo xtask bench openai").await?;
+        let stack = llorch_stack::start_stack(&p, &pool, &ctx.layout, cfg.clone(), llorch_io::report::Reporter::QUIET, "cargo xtask bench openai").await?;
         let orch = stack.orchestrator_url();
         let engine = stack.engine()?.url;
         let http = llorch_io::http::async_client();
@@ -150,7 +150,7 @@ pub fn bench_openai(
         let mut pe = p.clone();
         pe.file.server.embeddings = true;
         let epool = llorch_types::PoolId::parse(&format!("{stem}-embed"))?;
-        let stack = llorch_stack::start_stack(&pe, &epool, &ctx.layout, cfg, true, "cargo xtask bench openai").await?;
+        let stack = llorch_stack::start_stack(&pe, &epool, &ctx.layout, cfg, llorch_io::report::Reporter::QUIET, "cargo xtask bench openai").await?;
         let (orch_e, engine_e) = (stack.orchestrator_url(), stack.engine()?.url);
         let docs: Vec<String> = (0..256).map(|i| format!("Document {i}: the lighthouse keeper wrote entry number {i} in the log.")).collect();
         let embed_all = |base: String, model: Option<String>| {

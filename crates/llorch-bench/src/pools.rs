@@ -41,7 +41,7 @@ fn cfg() -> orchestratord::Config {
 /// The stack of a bench's pools, started quietly.
 async fn start(stack: &Stack, ctx: &Ctx) -> Result<llorch_stack::Stack> {
     let opts = llorch_stack::PoolsOptions {
-        quiet: true,
+        report: llorch_io::report::Reporter::QUIET,
         ..Default::default()
     };
     Ok(

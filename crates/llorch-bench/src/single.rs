@@ -82,7 +82,7 @@ pub fn bench_model(ctx: &Ctx, mib: u64) -> Result<Value> {
         &url,
         &dest,
         &llorch_io::download::DownloadOptions {
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             ..Default::default()
         },
     )?;
@@ -190,7 +190,7 @@ pub fn bench_stream(
             &pool,
             &ctx.layout,
             cfg,
-            true,
+            llorch_io::report::Reporter::QUIET,
             "cargo xtask bench stream",
         )
         .await?;

@@ -62,7 +62,8 @@ pub struct ImageOptions {
     pub tag: String,
     /// The llama-orch binary the image runs (the running `cargo xtask`).
     pub binary: PathBuf,
-    pub quiet: bool,
+    /// What this call may print: progress, warnings.
+    pub report: llorch_io::report::Reporter,
 }
 
 /// A built image.
@@ -96,11 +97,7 @@ pub fn build(
     stack: &Stack,
     opts: &ImageOptions,
 ) -> Result<BuiltImage, DeployError> {
-    let say = |m: &str| {
-        if !opts.quiet {
-            llorch_io::info!("{m}");
-        }
-    };
+    let say = |m: &str| opts.report.info(m);
     let mut pools = Vec::new();
     let mut engines: Vec<(BuildOutcome, String)> = Vec::new();
     for p in &stack.pools {
@@ -114,7 +111,7 @@ pub fn build(
             prof,
             layout,
             &BuildOptions {
-                quiet: opts.quiet,
+                report: opts.report,
                 ..Default::default()
             },
         )?;
@@ -134,7 +131,7 @@ pub fn build(
                     .fetch(
                         &model.reference,
                         &model_provisioner::FetchOptions {
-                            quiet: opts.quiet,
+                            report: opts.report,
                             ..Default::default()
                         },
                     )?

@@ -60,7 +60,8 @@ pub struct Downloaded {
 pub struct DownloadOptions {
     pub bearer: Option<String>,
     pub expected_sha256: Option<String>,
-    pub quiet: bool,
+    /// What this call may print: progress, warnings.
+    pub report: crate::report::Reporter,
     /// A read that gets nothing for this long is a lost connection (retried
     /// with resume); default [`DEFAULT_STALL`].
     pub stall_timeout: Option<std::time::Duration>,
@@ -84,7 +85,7 @@ pub fn download(
     let mut last = String::new();
     let mut transferred = 0u64;
     let mut first_resume: Option<u64> = None;
-    let mut progress = Progress::new(reference, opts.quiet);
+    let mut progress = Progress::new(reference, opts.report);
     for attempt in 0..MAX_ATTEMPTS {
         if attempt > 0 {
             std::thread::sleep(crate::http::backoff(attempt - 1));
@@ -260,8 +261,8 @@ pub struct Progress {
 }
 
 impl Progress {
-    pub fn new(name: &str, quiet: bool) -> Progress {
-        let quiet = quiet || crate::report::level() == crate::report::Level::Quiet;
+    pub fn new(name: &str, report: crate::report::Reporter) -> Progress {
+        let quiet = !report.shows_progress();
         let tty = std::io::stderr().is_terminal();
         Progress {
             bar: None,

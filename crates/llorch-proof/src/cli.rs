@@ -66,7 +66,14 @@ fn show(subject: Subject<'_>, output: Output) -> Result<bool> {
     let report = rt.block_on(async {
         match &subject {
             Subject::Profile(profile, pool, layout) => {
-                run(profile, pool, layout, json, &on_token).await
+                run(
+                    profile,
+                    pool,
+                    layout,
+                    llorch_io::report::Reporter::quiet_if(json),
+                    &on_token,
+                )
+                .await
             }
             Subject::Running(orch, handoff, token) => {
                 let t = crate::Target::running(orch, handoff, token.clone())?;

@@ -204,7 +204,7 @@ pub async fn run(
     profile: &Profile,
     pool: &PoolId,
     layout: &Layout,
-    quiet: bool,
+    report: llorch_io::report::Reporter,
     on_token: &(dyn Fn(&str) + Sync),
 ) -> Result<HaikuReport> {
     let pool = proof_pool(pool);
@@ -216,7 +216,7 @@ pub async fn run(
             addr: "127.0.0.1:0".parse().unwrap(),
             ..Default::default()
         },
-        quiet,
+        report,
         "cargo xtask haiku",
     )
     .await?;

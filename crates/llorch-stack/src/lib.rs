@@ -22,7 +22,7 @@ pub mod prepare;
 pub mod provision;
 pub mod stack;
 
-pub use link::{engine_info, ManagedLink, ProvisionedLink, SupervisorLink};
+pub use link::{engine_info, ManagedLink, ProvisionedLink};
 pub use prepare::{prepare, Prepared, ProvisionError};
 pub use provision::{provision, ProvisionOutcome};
 pub use stack::{start_pools, start_stack, PoolsOptions, Stack, StackError};

@@ -1,6 +1,5 @@
 //! How an engine is linked to the orchestrator ([`EngineLink`]).
 //!
-//! * [`SupervisorLink`]: an engine under a [`Supervisor`] of this process.
 //! * [`ProvisionedLink`]: the detached engine `provision` started, attached
 //!   to: the orchestrator follows its handoff, and if that engine dies it is
 //!   started again through `provision` (the same path, under the pool lock).
@@ -11,7 +10,7 @@
 use engine_provisioner::BuildOptions;
 use engine_runtime::flags::PreparedEngine;
 use engine_runtime::run_state::RunPaths;
-use engine_runtime::supervisor::{EngineState, RestartPolicy, StateHandle, Supervisor};
+use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
 use llorch_io::paths::Layout;
 use llorch_profile::Profile;
 use llorch_types::PoolId;
@@ -41,29 +40,6 @@ pub fn engine_info(prep: &PreparedEngine) -> EngineInfo {
             &prep.host,
         ))
         .ok(),
-    }
-}
-
-/// Points the orchestrator at wherever the supervisor's engine is now.
-pub struct SupervisorLink {
-    pub base: EngineInfo,
-    pub state: StateHandle,
-}
-
-impl EngineLink for SupervisorLink {
-    fn current(&self) -> LinkState {
-        match self.state.get() {
-            EngineState::Ready { url, api_key, .. } => LinkState::Ready(EngineInfo {
-                url,
-                api_key,
-                ..self.base.clone()
-            }),
-            EngineState::Failed { reason } => LinkState::Failed(reason),
-            _ => LinkState::Starting,
-        }
-    }
-    fn report_stalled(&self) {
-        self.state.request_restart();
     }
 }
 

@@ -52,7 +52,7 @@ pub fn prepare(
             expected_sha256: m.sha256.clone(),
             require_digest: m.require_digest,
             import: false,
-            quiet: opts.quiet,
+            report: opts.report,
             ..Default::default()
         },
     )?;

@@ -53,7 +53,7 @@ pub fn provision(
     opts: &engine_provisioner::BuildOptions,
 ) -> Result<ProvisionOutcome, ProvisionError> {
     let started = Instant::now();
-    let quiet = opts.quiet;
+    let report = opts.report;
     let c = profile.concurrency();
     if c.auto.any() {
         return Err(crate::prepare::ProvisionError::Auto {
@@ -68,9 +68,9 @@ pub fn provision(
         });
     }
     let _lock = engine_runtime::run_state::lock_pool(layout, pool, || {
-        if !quiet {
-            llorch_io::info!("waiting for another provision, start or stop of pool {pool}");
-        }
+        report.info(format_args!(
+            "waiting for another provision, start or stop of pool {pool}"
+        ))
     })?;
     let Prepared {
         engine: prep,
@@ -120,9 +120,10 @@ pub fn provision(
     };
     if let Some((run, c)) = replace {
         changes = c;
-        if !quiet {
-            llorch_io::info!("restarting engine for pool {pool}: {}", changes.join("; "));
-        }
+        report.info(format_args!(
+            "restarting engine for pool {pool}: {}",
+            changes.join("; ")
+        ));
         run.record.process.stop(Duration::from_secs(5));
         action = "restarted";
     }

@@ -100,7 +100,8 @@ impl Stack {
 /// Options of [`start_pools`] that are not in the stack file.
 #[derive(Clone, Debug, Default)]
 pub struct PoolsOptions {
-    pub quiet: bool,
+    /// What this call may print: progress, warnings.
+    pub report: llorch_io::report::Reporter,
     pub probe: GpuProbe,
     /// Replaces every pool's `idle_unload_s` (seconds; 0: never).
     pub idle_unload_s: Option<u64>,
@@ -220,7 +221,7 @@ async fn pool_replicas(
     command: &str,
     out: &mut Replicas,
 ) -> Result<(), StackError> {
-    let (prof, l2, id, quiet) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.quiet);
+    let (prof, l2, id, report) = (p.profile.clone(), layout.clone(), p.id.clone(), opts.report);
     let prebuilt = opts.prebuilt.clone();
     let Prepared {
         engine: prep,
@@ -231,7 +232,7 @@ async fn pool_replicas(
             &id,
             &l2,
             &BuildOptions {
-                quiet,
+                report,
                 prebuilt,
                 ..Default::default()
             },
@@ -241,7 +242,7 @@ async fn pool_replicas(
     // `mps: own`: the pool's daemon runs before `auto` looks and its engines start.
     let mps_env = match p.profile.file.server.mps {
         llorch_profile::MpsMode::Own => {
-            let own = start_own_mps(layout, p, opts.quiet).await?;
+            let own = start_own_mps(layout, p, opts.report).await?;
             let env = own.engine_env();
             out.own_mps.push(own);
             env
@@ -339,12 +340,10 @@ async fn replica_link(
         opts.probe.clone(),
     );
     if let engine_runtime::run_state::Claim::Attach(h) = claimed {
-        if !opts.quiet {
-            llorch_io::info!(
-                "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
-                h.process.pid
-            );
-        }
+        opts.report.info(format_args!(
+            "attaching to the engine that `provision` started for pool {run_id} (pid {}); it keeps running after this exits",
+            h.process.pid
+        ));
         link.attached = Some(ProvisionedLink::new(&p.profile, &run_id, layout));
     }
     Ok(Arc::new(link))
@@ -413,7 +412,7 @@ fn load_eager(loads: &[(PoolId, Arc<ManagedLink>)]) -> Result<(), StackError> {
 async fn start_own_mps(
     layout: &Layout,
     p: &llorch_profile::stack::StackPool,
-    quiet: bool,
+    report: llorch_io::report::Reporter,
 ) -> Result<crate::mps::OwnMps, StackError> {
     let mut devices: Vec<u32> = p
         .devices
@@ -426,14 +425,12 @@ async fn start_own_mps(
     let (l, id) = (layout.clone(), p.id.clone());
     let own =
         tokio::task::spawn_blocking(move || crate::mps::OwnMps::start(&l, &id, &devices)).await??;
-    if !quiet {
-        llorch_io::info!(
-            "pool {}: MPS control daemon started (pid {}, pipe directory {})",
-            p.id,
-            own.pid.unwrap_or(0),
-            own.pipe_dir.display()
-        );
-    }
+    report.info(format_args!(
+        "pool {}: MPS control daemon started (pid {}, pipe directory {})",
+        p.id,
+        own.pid.unwrap_or(0),
+        own.pipe_dir.display()
+    ));
     Ok(own)
 }
 
@@ -479,7 +476,7 @@ async fn with_auto(
     Ok((c, prep, Some(choice.why)))
 }
 
-/// Choose a pool's `auto` counts (printed unless quiet).
+/// Choose a pool's `auto` counts (printed through the options' reporter).
 async fn choose_auto(
     p: &llorch_profile::stack::StackPool,
     layout: &Layout,
@@ -494,18 +491,14 @@ async fn choose_auto(
     let (choice, warning) =
         tokio::task::spawn_blocking(move || crate::auto::resolve(&dir, &pool, &pr, &probe))
             .await??;
-    if !opts.quiet {
-        if let Some(w) = warning {
-            llorch_io::warn!("warning: pool {}: {w}", p.id);
-        }
-        llorch_io::info!(
-            "pool {}: auto chose {} slots x {} engine(s): {}",
-            p.id,
-            choice.slots,
-            choice.replicas,
-            choice.why
-        );
+    if let Some(w) = warning {
+        opts.report
+            .warn(format_args!("warning: pool {}: {w}", p.id));
     }
+    opts.report.info(format_args!(
+        "pool {}: auto chose {} slots x {} engine(s): {}",
+        p.id, choice.slots, choice.replicas, choice.why
+    ));
     Ok(choice)
 }
 
@@ -559,14 +552,14 @@ pub async fn start_stack(
     pool: &PoolId,
     layout: &Layout,
     cfg: Config,
-    quiet: bool,
+    report: llorch_io::report::Reporter,
     command: &str,
 ) -> Result<Stack, StackError> {
     let mut profile = profile.clone();
     profile.file.pool = pool.clone();
     let spec = llorch_profile::stack::Stack::from_profiles(vec![profile])?;
     let opts = PoolsOptions {
-        quiet,
+        report,
         ..Default::default()
     };
     start_pools(&spec, layout, cfg, &opts, command).await

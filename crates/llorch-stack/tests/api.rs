@@ -5,7 +5,6 @@
 //! the engine are `api_faults.rs`, the OpenAI API `openai_api.rs`; one
 //! engine per file (`common/api.rs`).
 
-use llorch_stack::SupervisorLink;
 use orchestratord::client::{read_stream, stream_task};
 use orchestratord::{Config, EngineInfo};
 use serde_json::{json, Value};
@@ -385,10 +384,7 @@ async fn a_non_loopback_bind_requires_a_token() {
             addr: "0.0.0.0:0".parse().unwrap(),
             ..Default::default()
         },
-        Box::new(SupervisorLink {
-            base: e.base.clone(),
-            state: e.sup.state_handle(),
-        }),
+        e.link(),
     )
     .await;
     let err = open.err().expect("refused without a token").to_string();

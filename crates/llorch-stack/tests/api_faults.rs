@@ -5,7 +5,6 @@
 
 use engine_provisioner::build::BuildOptions;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
-use llorch_stack::SupervisorLink;
 use llorch_types::PoolId;
 use orchestratord::client::{read_stream, stream_task};
 use orchestratord::Config;
@@ -149,7 +148,7 @@ async fn a_failed_engine_gives_503_engine_failed_with_the_reason() {
             health_interval: Duration::from_millis(50),
             ..Default::default()
         },
-        Box::new(SupervisorLink {
+        Box::new(common::SupervisorLink {
             base: base_info,
             state: sup.state_handle(),
         }),

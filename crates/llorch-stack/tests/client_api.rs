@@ -7,7 +7,6 @@
 //! `anthropic` SDKs and `langchain-openai` drive it.
 
 use futures_util::StreamExt;
-use llorch_stack::SupervisorLink;
 use llorch_types::PoolId;
 use orchestratord::{Config, PoolSpec, SchedulerConfig};
 use serde_json::{json, Value};
@@ -41,13 +40,7 @@ fn url(e: &Engine) -> String {
 }
 
 fn spec(e: &Engine) -> PoolSpec {
-    let mut s = PoolSpec::new(
-        PoolId::parse(&e.base.pool).unwrap(),
-        Box::new(SupervisorLink {
-            base: e.base.clone(),
-            state: e.sup.state_handle(),
-        }),
-    );
+    let mut s = PoolSpec::new(PoolId::parse(&e.base.pool).unwrap(), e.link());
     s.engine = Some(e.base.clone());
     s
 }

@@ -55,7 +55,7 @@ async fn start_with(
         &layout,
         cfg,
         &PoolsOptions {
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             tune_dir,
             ..Default::default()
         },

@@ -93,7 +93,7 @@ async fn queue_running_and_kv_gauges_follow_real_load_by_the_names_the_gateway_r
             ..Default::default()
         },
         &PoolsOptions {
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             ..Default::default()
         },
         "gateway metrics test",

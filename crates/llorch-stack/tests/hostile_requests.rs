@@ -32,7 +32,7 @@ async fn start(dir: &std::path::Path) -> (Stack, String, String) {
             ..Default::default()
         },
         &PoolsOptions {
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             ..Default::default()
         },
         "hostile request tests",

@@ -59,7 +59,7 @@ async fn start(test: &str, yaml: &str) -> Stack {
         &layout,
         cfg,
         &PoolsOptions {
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             ..Default::default()
         },
         "pools tests",

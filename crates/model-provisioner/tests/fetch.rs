@@ -24,7 +24,7 @@ fn sha(b: &[u8]) -> String {
 fn opts(expected: Option<String>) -> FetchOptions {
     FetchOptions {
         expected_sha256: expected,
-        quiet: true,
+        report: llorch_io::report::Reporter::QUIET,
         ..Default::default()
     }
 }
@@ -173,7 +173,7 @@ fn hub_refs_use_the_linked_etag_and_record_the_commit() {
             "hf:org/repo/sub/model.gguf",
             &FetchOptions {
                 require_digest: true,
-                quiet: true,
+                report: llorch_io::report::Reporter::QUIET,
                 ..Default::default()
             },
         )
@@ -229,7 +229,7 @@ fn strict_mode_refuses_a_ref_without_digest() {
             "http://127.0.0.1:9/m.gguf",
             &FetchOptions {
                 require_digest: true,
-                quiet: true,
+                report: llorch_io::report::Reporter::QUIET,
                 ..Default::default()
             },
         )
@@ -266,7 +266,7 @@ fn eviction_never_removes_a_model_in_use() {
                 p.to_str().unwrap(),
                 &FetchOptions {
                     import: true,
-                    quiet: true,
+                    report: llorch_io::report::Reporter::QUIET,
                     ..Default::default()
                 },
             )
@@ -482,7 +482,7 @@ fn a_partial_download_that_is_a_symlink_is_not_followed() {
         &partial,
         &llorch_io::download::DownloadOptions {
             expected_sha256: Some(sha(&body)),
-            quiet: true,
+            report: llorch_io::report::Reporter::QUIET,
             ..Default::default()
         },
     )

@@ -18,7 +18,7 @@ fn store(d: &std::path::Path) -> ModelStore {
 fn opts(expected: Option<String>) -> FetchOptions {
     FetchOptions {
         expected_sha256: expected,
-        quiet: true,
+        report: llorch_io::report::Reporter::QUIET,
         ..Default::default()
     }
 }

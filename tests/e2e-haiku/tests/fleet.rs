@@ -56,9 +56,15 @@ async fn an_empty_cache_serves_the_haiku_from_a_registry_without_compiling() {
     let layout2 =
         llorch_io::paths::Layout::at(root.clone(), cache2.clone(), here.path().join("rt2"));
     let pool = llorch_types::PoolId::parse(&format!("fleet-{}", std::process::id())).unwrap();
-    let report = llorch_proof::run(&fleet, &pool, &layout2, true, &|_| {})
-        .await
-        .unwrap();
+    let report = llorch_proof::run(
+        &fleet,
+        &pool,
+        &layout2,
+        llorch_io::report::Reporter::QUIET,
+        &|_| {},
+    )
+    .await
+    .unwrap();
     assert!(report.passed, "haiku proof failed: {:#?}", report.checks);
     // The engine was pulled, not built: byte-identical, with its origin, no build dir.
     let e1 = root.join("cache/engines-v1").join(&fp);

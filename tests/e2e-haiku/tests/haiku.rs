@@ -8,9 +8,15 @@ async fn haiku_streams_real_tokens_from_the_engine() {
     let rt = tempfile_dir();
     let layout = test_support::layout(&rt);
     let profile = llorch_profile::Profile::resolve(&root, None).unwrap();
-    let report = llorch_proof::run(&profile, profile.pool(), &layout, true, &|_| {})
-        .await
-        .unwrap();
+    let report = llorch_proof::run(
+        &profile,
+        profile.pool(),
+        &layout,
+        llorch_io::report::Reporter::QUIET,
+        &|_| {},
+    )
+    .await
+    .unwrap();
     for c in &report.checks {
         eprintln!(
             "{} {}: {}",

@@ -4,7 +4,6 @@
 
 use super::{wait_ready, Engine};
 use engine_runtime::supervisor::EngineState;
-use llorch_stack::SupervisorLink;
 use orchestratord::Config;
 use serde_json::Value;
 use std::sync::OnceLock;
@@ -54,15 +53,7 @@ pub async fn orchestrator(mut cfg: Config) -> orchestratord::Server {
     if cfg.addr.port() == 8080 {
         cfg.addr = "127.0.0.1:0".parse().unwrap();
     }
-    let srv = orchestratord::start(
-        cfg,
-        Box::new(SupervisorLink {
-            base: e.base.clone(),
-            state: e.sup.state_handle(),
-        }),
-    )
-    .await
-    .unwrap();
+    let srv = orchestratord::start(cfg, e.link()).await.unwrap();
     wait_ready(&format!("http://{}", srv.addr)).await;
     srv
 }

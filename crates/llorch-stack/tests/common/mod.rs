@@ -6,9 +6,10 @@
 pub mod api;
 
 use engine_provisioner::build::BuildOptions;
+use engine_runtime::supervisor::StateHandle;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
 use llorch_types::PoolId;
-use orchestratord::EngineInfo;
+use orchestratord::{EngineInfo, EngineLink, LinkState};
 use std::time::{Duration, Instant};
 
 /// A supervised real engine and what the orchestrator knows of it.
@@ -17,7 +18,41 @@ pub struct Engine {
     pub base: EngineInfo,
 }
 
+/// Points an orchestrator at wherever a test's own supervisor has its
+/// engine now (the stacks users run link their engines through
+/// `llorch_stack::ManagedLink`; a test that starts one orchestrator on one
+/// shared engine uses this).
+pub struct SupervisorLink {
+    pub base: EngineInfo,
+    pub state: StateHandle,
+}
+
+impl EngineLink for SupervisorLink {
+    fn current(&self) -> LinkState {
+        match self.state.get() {
+            EngineState::Ready { url, api_key, .. } => LinkState::Ready(EngineInfo {
+                url,
+                api_key,
+                ..self.base.clone()
+            }),
+            EngineState::Failed { reason } => LinkState::Failed(reason),
+            _ => LinkState::Starting,
+        }
+    }
+    fn report_stalled(&self) {
+        self.state.request_restart();
+    }
+}
+
 impl Engine {
+    /// An orchestrator's link to this engine.
+    pub fn link(&self) -> Box<SupervisorLink> {
+        Box::new(SupervisorLink {
+            base: self.base.clone(),
+            state: self.sup.state_handle(),
+        })
+    }
+
     /// Start the engine of `profile` (default: the default profile) as
     /// `pool`, from the workspace cache (built once per machine, under its lock).
     pub fn start(profile: Option<&str>, pool: &str, who: &str) -> Engine {
