@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 mod common;
 use common::api::*;
-use common::{get_json, slots_idle, wait_idle, STOPPED_WITHIN_TOKENS};
+use common::{get_json, slots_idle, wait_idle, HANG, STOPPED_WITHIN_TOKENS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_order_with_contiguous_indices() {
@@ -122,16 +122,9 @@ async fn cancel_of_a_queued_task_removes_it_and_429_when_full() {
         json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
     )
     .await;
-    // Wait until A runs, so B waits in the queue.
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while srv.state.pools[0]
-        .running
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    // Wait until A runs, so B waits in the queue (woken by the state's
+    // change notifications; the bound only stops a hang).
+    assert!(srv.state.wait_until(HANG, |s| s.running() > 0).await);
     let b = submit(&c, &base, json!({"prompt": "Hi", "max_tokens": 4})).await;
     assert_eq!(b["queue_position"], 1);
     let full = c
@@ -454,15 +447,7 @@ async fn a_deadline_holds_while_queued() {
         json!({"prompt": LONG, "max_tokens": 2000, "ignore_eos": true}),
     )
     .await;
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while srv.state.pools[0]
-        .running
-        .load(std::sync::atomic::Ordering::SeqCst)
-        == 0
-        && Instant::now() < deadline
-    {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
+    assert!(srv.state.wait_until(HANG, |s| s.running() > 0).await);
     let b = submit(
         &c,
         &base,

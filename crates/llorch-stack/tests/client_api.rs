@@ -11,7 +11,7 @@ use llorch_types::PoolId;
 use orchestratord::{Config, PoolSpec, SchedulerConfig};
 use serde_json::{json, Value};
 use std::sync::OnceLock;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 mod common;
 use common::{get_json, slots_idle, wait_idle, wait_ready, Engine, STOPPED_WITHIN_TOKENS};
@@ -558,22 +558,20 @@ async fn streams_free_the_slot_and_a_full_queue_is_429_in_each_shape() {
                       "messages": [{"role": "user", "content": long}]});
     // The canceled streams' tasks end once their slot is idle: wait for
     // that, or the first hold would queue behind one and the second be refused.
+    // Each wait is woken by the state's change notifications; the bound
+    // only stops a hang.
     let st = srv.state.clone();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while st.running() > 0 {
-        assert!(Instant::now() < deadline, "canceled tasks still running");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        st.wait_until(common::HANG, |s| s.running() == 0).await,
+        "canceled tasks still running"
+    );
     let running = hold(busy.clone());
-    while st.running() < 1 {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(st.wait_until(common::HANG, |s| s.running() >= 1).await);
     let queued = hold(busy);
-    while st.pools[0].queue.is_empty() {
-        assert!(Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    assert!(
+        st.wait_until(common::HANG, |s| !s.pools[0].queue.is_empty())
+            .await
+    );
     for (path, body) in &streams {
         let (s, v) = post(format!("{base}{path}"), body).await;
         assert_eq!(s, 429, "{path}: {v}");

@@ -177,6 +177,7 @@ pub fn admit(
         pool.queue.push(task.clone());
         (pool.clone(), task)
     };
+    st.changed.notify_waiters();
     pool.touch();
     tasks::arm_deadline(st, &task);
     st.metrics.admitted.inc();

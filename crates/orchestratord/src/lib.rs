@@ -84,9 +84,9 @@ pub struct AppState {
     pub metrics: metrics::Metrics,
     /// Wakes the scheduler (a task queued on an unloaded pool, a state change).
     pub sched: Notify,
-    /// Wakes whoever waits for readiness or for running tasks to end (the
-    /// stacks at start, the drain at shutdown): a pool's `ready` changed or
-    /// a task stopped running.
+    /// Wakes whoever waits on the pools' state ([`AppState::wait_until`]:
+    /// the stacks at start, the drain at shutdown, tests): a pool's `ready`
+    /// changed, a task was queued, or a task started or stopped running.
     pub changed: Notify,
     /// The status page's feed ([`status`]).
     pub status: Arc<status::Hub>,

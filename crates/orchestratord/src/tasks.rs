@@ -342,6 +342,7 @@ pub async fn worker(st: Arc<AppState>, pool: Arc<Pool>) {
             wait(&pool).await;
             continue;
         };
+        st.changed.notify_waiters();
         if let Err(reason) = task.start_running() {
             if task.finish(task.canceled_end(reason, 0)) {
                 st.metrics.canceled.inc();

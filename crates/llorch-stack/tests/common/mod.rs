@@ -12,6 +12,10 @@ use llorch_types::PoolId;
 use orchestratord::{EngineInfo, EngineLink, LinkState};
 use std::time::{Duration, Instant};
 
+/// How long a wait on a state change may last before the test calls it a
+/// hang: never a measure of speed (a slow or busy machine only waits longer).
+pub const HANG: Duration = Duration::from_secs(600);
+
 /// A supervised real engine and what the orchestrator knows of it.
 pub struct Engine {
     pub sup: Supervisor,
