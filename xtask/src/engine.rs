@@ -463,56 +463,24 @@ pub fn build_engine(ctx: &Ctx, a: &BuildArgs) -> Result<engine_provisioner::Buil
 
 fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
     let pool = a.pool(ctx)?;
-    let run = engine_runtime::run_state::read_pool(&ctx.layout, &pool);
-    let (pf, h) = match run.as_ref().and_then(|r| r.handoff.clone().map(|h| (r, h))) {
-        Some((r, h)) if r.engine_alive => (r.record.clone(), h),
-        _ => {
-            if a.json {
-                return print_json(&serde_json::json!({"pool": pool, "running": false,
-                    "owner": run.as_ref().map(|r| r.record.owner.describe())}));
-            }
-            match run {
-                Some(r) => println!(
-                    "pool {pool}: no engine ready; {} (restarting?)",
-                    r.record.owner.describe()
-                ),
-                None => println!(
-                    "pool {pool}: no engine running (start one with `cargo xtask provision`)"
-                ),
-            }
-            return Ok(());
-        }
-    };
-    let server = llorch_io::llama_server::LlamaServer::new(h.url.clone(), h.api_key()?);
-    let client = llorch_io::http::probe_client();
-    let health = server
-        .get_blocking(&client, llorch_io::llama_server::Api::Health)
-        .send()
-        .map(|r| r.status().as_u16())
-        .ok();
-    let slots = server.slots_blocking(&client).ok();
-    let busy = slots
-        .as_ref()
-        .map(|a| a.iter().filter(|s| s.is_processing).count());
-    let total = slots.as_ref().map(|a| a.len());
-    // From the process's own start time (its /proc entry's times change).
-    let uptime = pf.process.uptime().map(|d| d.as_secs());
+    let st = engine_runtime::run_state::pool_status(&ctx.layout, &pool)?;
     if a.json {
-        return print_json(&serde_json::json!({
-            "pool": pool, "running": true, "pid": pf.process.pid, "owner": pf.owner.describe(), "url": h.url, "health": health, "uptime_s": uptime,
-            "model": h.model, "fingerprint": h.fingerprint, "slots_busy": busy, "slots_total": total,
-            "engine_version": h.engine_version, "started_at": h.started_at, "flags": h.flags,
-        }));
+        return print_json(&st);
     }
-    println!(
-        "pool {pool}: pid {} at {} ({})",
-        pf.process.pid,
-        h.url,
-        pf.owner.describe()
-    );
+    let owner = st.owner.as_deref().unwrap_or("nobody");
+    let Some(e) = &st.engine else {
+        match &st.owner {
+            Some(_) => println!("pool {pool}: no engine ready; {owner} (restarting?)"),
+            None => {
+                println!("pool {pool}: no engine running (start one with `cargo xtask provision`)")
+            }
+        }
+        return Ok(());
+    };
+    println!("pool {pool}: pid {} at {} ({owner})", e.pid, e.url);
     println!(
         "  health:      {}",
-        health
+        e.health
             .map(|c| if c == 200 {
                 "ready (200)".to_string()
             } else {
@@ -522,19 +490,19 @@ fn status(ctx: &Ctx, a: &PoolArgs) -> Result<()> {
     );
     println!(
         "  uptime:      {}s (started {})",
-        uptime.unwrap_or(0),
-        h.started_at
+        e.uptime_s.unwrap_or(0),
+        e.started_at
     );
     println!(
         "  model:       {} (sha256 {})",
-        h.model.reference,
-        &h.model.digest[..12]
+        e.model.reference,
+        &e.model.digest[..12]
     );
-    println!("  fingerprint: {}", h.fingerprint);
+    println!("  fingerprint: {}", e.fingerprint);
     println!(
         "  slots busy:  {}/{}",
-        busy.unwrap_or(0),
-        total.unwrap_or(0)
+        e.slots_busy.unwrap_or(0),
+        e.slots_total.unwrap_or(0)
     );
     Ok(())
 }

@@ -186,6 +186,27 @@ fn serve_attaches_to_a_provisioned_engine_revives_it_and_leaves_it_running() {
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let first = v["pid"].as_u64().unwrap() as u32;
+    // `engine status` asks the running engine itself.
+    let out = xtask(rt.path())
+        .args(["engine", "status", "--pool", pool.as_str(), "--json"])
+        .spawn(Io::Piped, Io::Piped)
+        .and_then(|c| c.wait_with_output())
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(st["running"], true, "{st}");
+    assert_eq!(st["pid"], first, "{st}");
+    assert_eq!(st["url"], v["url"], "{st}");
+    assert_eq!(st["health"], 200, "{st}");
+    assert_eq!(st["owner"], v["owner"], "{st}");
+    assert!(st["slots_total"].as_u64().is_some_and(|n| n >= 1), "{st}");
+    assert_eq!(st["slots_busy"], 0, "{st}");
+    assert!(st["uptime_s"].is_u64(), "{st}");
+    assert_eq!(st["fingerprint"].as_str().map(str::len), Some(64), "{st}");
     let detached = || {
         llorch_io::handoff::RunRecord::read(&paths.pid_file)
             .unwrap()

@@ -204,6 +204,87 @@ pub fn claim(layout: &Layout, pool: &PoolId, intent: Intent<'_>) -> Result<Claim
     }
 }
 
+/// What `engine status` shows of a pool: whether an engine serves it and,
+/// if one does, its process, URL, health, uptime (from the process's own
+/// start time), model, fingerprint and busy slots, as llama-server answers
+/// now.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct PoolStatus {
+    pub pool: PoolId,
+    /// An engine is alive and has written its handoff.
+    pub running: bool,
+    /// Who keeps the pool (`None`: nobody).
+    pub owner: Option<String>,
+    #[serde(flatten)]
+    pub engine: Option<EngineStatus>,
+}
+
+/// A running engine, as [`PoolStatus`] shows it.
+#[derive(Clone, Debug, serde::Serialize)]
+pub struct EngineStatus {
+    pub pid: u32,
+    pub url: String,
+    /// `/health`'s HTTP status (`None`: no answer).
+    pub health: Option<u16>,
+    pub uptime_s: Option<u64>,
+    pub model: llorch_io::handoff::EngineModel,
+    pub fingerprint: String,
+    pub slots_busy: Option<usize>,
+    pub slots_total: Option<usize>,
+    pub engine_version: String,
+    pub started_at: String,
+    pub flags: Vec<String>,
+}
+
+/// The pool's status: its run files read (stale ones removed, as
+/// [`read_pool`] does), and a live engine asked for its health and slots.
+pub fn pool_status(
+    layout: &Layout,
+    pool: &PoolId,
+) -> Result<PoolStatus, llorch_io::handoff::RunFileError> {
+    let run = read_pool(layout, pool);
+    let owner = run.as_ref().map(|r| r.record.owner.describe());
+    let live = run
+        .filter(|r| r.engine_alive)
+        .and_then(|r| r.handoff.map(|h| (r.record, h)));
+    let Some((record, h)) = live else {
+        return Ok(PoolStatus {
+            pool: pool.clone(),
+            running: false,
+            owner,
+            engine: None,
+        });
+    };
+    let server = llorch_io::llama_server::LlamaServer::new(h.url.clone(), h.api_key()?);
+    let client = llorch_io::http::probe_client();
+    let health = server
+        .get_blocking(&client, llorch_io::llama_server::Api::Health)
+        .send()
+        .map(|r| r.status().as_u16())
+        .ok();
+    let slots = server.slots_blocking(&client).ok();
+    Ok(PoolStatus {
+        pool: pool.clone(),
+        running: true,
+        owner,
+        engine: Some(EngineStatus {
+            pid: record.process.pid,
+            url: h.url,
+            health,
+            uptime_s: record.process.uptime().map(|d| d.as_secs()),
+            model: h.model,
+            fingerprint: h.fingerprint,
+            slots_busy: slots
+                .as_ref()
+                .map(|a| a.iter().filter(|s| s.is_processing).count()),
+            slots_total: slots.as_ref().map(|a| a.len()),
+            engine_version: h.engine_version,
+            started_at: h.started_at,
+            flags: h.flags,
+        }),
+    })
+}
+
 /// Read the pool's run files. Files that do not parse, or that name neither a
 /// live engine nor a live supervisor, are stale: removed, never acted on.
 pub fn read_pool(layout: &Layout, pool: &PoolId) -> Option<PoolRun> {
