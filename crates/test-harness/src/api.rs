@@ -1,8 +1,9 @@
 //! One real supervised engine per test binary of the v1 API (`api.rs`,
-//! `api_faults.rs`, `openai_api.rs`): tests take turns on it ([`TURN`]: it
-//! has one slot), each with its own orchestrator.
+//! `api_faults.rs`, `openai_api.rs` of `crates/orchestratord/tests/`):
+//! tests take turns on it ([`TURN`]: it has one slot), each with its own
+//! orchestrator.
 
-use super::{wait_ready, Engine};
+use crate::{wait_ready, Engine};
 use engine_runtime::supervisor::EngineState;
 use orchestratord::Config;
 use serde_json::Value;
@@ -11,19 +12,28 @@ use std::time::Duration;
 
 static ENGINE: OnceLock<Engine> = OnceLock::new();
 
+/// This test binary's name (`api_faults` of `api_faults-<hash>`).
+fn test_binary() -> String {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let stem = exe
+        .file_stem()
+        .map(|s| s.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    match stem.rsplit_once('-') {
+        Some((name, hash)) if hash.bytes().all(|b| b.is_ascii_hexdigit()) => name.to_string(),
+        _ => stem,
+    }
+}
+
 /// This test binary's pool (its name and pid): two runs at once must not
 /// share one (one engine per pool).
 pub fn pool() -> String {
-    format!(
-        "{}-{}",
-        env!("CARGO_CRATE_NAME").replace('_', "-"),
-        std::process::id()
-    )
+    format!("{}-{}", test_binary().replace('_', "-"), std::process::id())
 }
 pub static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
 pub fn engine() -> &'static Engine {
-    ENGINE.get_or_init(|| Engine::start(None, &pool(), env!("CARGO_CRATE_NAME")))
+    ENGINE.get_or_init(|| Engine::start(None, &pool(), &test_binary()))
 }
 
 pub fn engine_url() -> String {

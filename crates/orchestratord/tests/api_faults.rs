@@ -1,7 +1,7 @@
 //! The v1 API when the engine fails: killed mid-stream (an error, then a
 //! restart serves), stopped (the stream stalls, the engine is restarted),
 //! failed for good (503 `ENGINE_FAILED` with the reason). One real engine
-//! for the file (`common/api.rs`).
+//! for the file (`test_harness::api`).
 
 use engine_provisioner::build::BuildOptions;
 use engine_runtime::supervisor::{EngineState, RestartPolicy, Supervisor};
@@ -11,10 +11,9 @@ use orchestratord::Config;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-mod common;
-use common::api::*;
-use common::get_json;
-use common::wait_ready;
+use test_harness::api::*;
+use test_harness::get_json;
+use test_harness::wait_ready;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_engine_killed_mid_stream_gives_an_error_then_recovers() {
@@ -148,7 +147,7 @@ async fn a_failed_engine_gives_503_engine_failed_with_the_reason() {
             health_interval: Duration::from_millis(50),
             ..Default::default()
         },
-        Box::new(common::SupervisorLink {
+        Box::new(test_harness::SupervisorLink {
             base: base_info,
             state: sup.state_handle(),
         }),

@@ -1,16 +1,15 @@
 //! The OpenAI-compatible API against the real engine: models and errors in
 //! OpenAI's shape, chat and completions on the wire, disconnects and queue
 //! limits, the official Python SDK, stop strings and context overflow. One
-//! real engine for the file (`common/api.rs`).
+//! real engine for the file (`test_harness::api`).
 
 use orchestratord::client::read_stream;
 use orchestratord::Config;
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-mod common;
-use common::api::*;
-use common::{get_json, wait_idle, wait_ready, STOPPED_WITHIN_TOKENS};
+use test_harness::api::*;
+use test_harness::{get_json, wait_idle, wait_ready, STOPPED_WITHIN_TOKENS};
 
 /// The `data:` payloads of an SSE body, in order.
 fn sse_data(body: &str) -> Vec<String> {

@@ -1,7 +1,10 @@
-//! Shared by this crate's test files: a real supervised engine of a
-//! profile (the workspace's cached build and model), waits on an engine's
-//! slots and an orchestrator's readiness, pinned Python client packages.
-#![allow(dead_code)]
+//! The system tests' harness (dev-only): a real supervised engine of a
+//! profile (the workspace's cached build and model), the link an
+//! orchestrator follows it by, waits on an engine's slots and an
+//! orchestrator's readiness. The orchestrator's API tests
+//! (`crates/orchestratord/tests/`) and the engine runtime's
+//! (`crates/engine-runtime/tests/real_engine.rs`) share it; [`api`] is the
+//! one engine per test binary the v1 API tests take turns on.
 
 pub mod api;
 
@@ -77,7 +80,7 @@ impl Engine {
             ..Default::default()
         };
         let sup = Supervisor::start(prep, layout, policy, who).unwrap();
-        sup.wait_ready(Duration::from_secs(120)).unwrap();
+        sup.wait_ready(HANG).unwrap();
         Engine { sup, base }
     }
 
@@ -147,7 +150,7 @@ pub async fn wait_idle(engine: &str, ran_on: u64) -> bool {
 /// Wait until the orchestrator at `base` answers `/readyz` with 200.
 pub async fn wait_ready(base: &str) {
     let c = llorch_io::http::async_client();
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + HANG;
     while Instant::now() < deadline {
         if c.get(format!("{base}/readyz"))
             .send()

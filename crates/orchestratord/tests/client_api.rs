@@ -13,8 +13,7 @@ use serde_json::{json, Value};
 use std::sync::OnceLock;
 use std::time::Duration;
 
-mod common;
-use common::{get_json, slots_idle, wait_idle, wait_ready, Engine, STOPPED_WITHIN_TOKENS};
+use test_harness::{get_json, slots_idle, wait_idle, wait_ready, Engine, STOPPED_WITHIN_TOKENS};
 
 static CHAT: OnceLock<Engine> = OnceLock::new();
 static EMBED: OnceLock<Engine> = OnceLock::new();
@@ -562,14 +561,18 @@ async fn streams_free_the_slot_and_a_full_queue_is_429_in_each_shape() {
     // only stops a hang.
     let st = srv.state.clone();
     assert!(
-        st.wait_until(common::HANG, |s| s.running() == 0).await,
+        st.wait_until(test_harness::HANG, |s| s.running() == 0)
+            .await,
         "canceled tasks still running"
     );
     let running = hold(busy.clone());
-    assert!(st.wait_until(common::HANG, |s| s.running() >= 1).await);
+    assert!(
+        st.wait_until(test_harness::HANG, |s| s.running() >= 1)
+            .await
+    );
     let queued = hold(busy);
     assert!(
-        st.wait_until(common::HANG, |s| !s.pools[0].queue.is_empty())
+        st.wait_until(test_harness::HANG, |s| !s.pools[0].queue.is_empty())
             .await
     );
     for (path, body) in &streams {

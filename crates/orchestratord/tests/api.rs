@@ -3,16 +3,15 @@
 //! event order, cancel, disconnects, admission and errors, deadlines, text
 //! cut inside characters, random sequences, web-page defenses. Faults of
 //! the engine are `api_faults.rs`, the OpenAI API `openai_api.rs`; one
-//! engine per file (`common/api.rs`).
+//! engine per file (`test_harness::api`).
 
 use orchestratord::client::{read_stream, stream_task};
 use orchestratord::{Config, EngineInfo};
 use serde_json::{json, Value};
 use std::time::{Duration, Instant};
 
-mod common;
-use common::api::*;
-use common::{get_json, slots_idle, wait_idle, HANG, STOPPED_WITHIN_TOKENS};
+use test_harness::api::*;
+use test_harness::{get_json, slots_idle, wait_idle, HANG, STOPPED_WITHIN_TOKENS};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn events_in_order_with_contiguous_indices() {
