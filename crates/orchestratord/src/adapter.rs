@@ -174,23 +174,8 @@ async fn prompt_text(st: &AppState, task: &Task, engine: &EngineInfo) -> Result<
         (None, Some(m)) => m,
         (None, None) => return Err(Outcome::EngineError("empty task".into())),
     };
-    let r = send(st, task, engine, || {
-        engine
-            .server()
-            .post(&st.http, Api::ApplyTemplate)
-            .json(&json!({"messages": m}))
-    })
-    .await?;
-    if !r.status().is_success() {
-        return Err(Outcome::EngineError(format!(
-            "apply-template answered {}",
-            r.status()
-        )));
-    }
-    match guarded(task, st.cfg.stall_timeout, r.json::<Value>()).await? {
-        Ok(v) => Ok(v["prompt"].as_str().unwrap_or("").to_string()),
-        Err(e) => Err(Outcome::EngineError(format!("apply-template: {e}"))),
-    }
+    let v = ask(st, task, engine, Api::ApplyTemplate, json!({"messages": m})).await?;
+    Ok(v["prompt"].as_str().unwrap_or("").to_string())
 }
 
 /// The streaming `/completion` request of a task.
@@ -428,21 +413,31 @@ async fn detokenize(
     engine: &EngineInfo,
     tokens: &[i64],
 ) -> Result<String, Outcome> {
+    let v = ask(st, task, engine, Api::Detokenize, json!({"tokens": tokens})).await?;
+    Ok(v["content"].as_str().unwrap_or("").to_string())
+}
+
+/// One small JSON request of a task's to the engine (guarded like the
+/// stream): its JSON answer, or the engine's error naming the endpoint.
+async fn ask(
+    st: &AppState,
+    task: &Task,
+    engine: &EngineInfo,
+    api: Api,
+    body: Value,
+) -> Result<Value, Outcome> {
     let r = send(st, task, engine, || {
-        engine
-            .server()
-            .post(&st.http, Api::Detokenize)
-            .json(&json!({"tokens": tokens}))
+        engine.server().post(&st.http, api).json(&body)
     })
     .await?;
     if !r.status().is_success() {
         return Err(Outcome::EngineError(format!(
-            "detokenize answered {}",
+            "{} answered {}",
+            api.path(),
             r.status()
         )));
     }
-    match guarded(task, st.cfg.stall_timeout, r.json::<Value>()).await? {
-        Ok(v) => Ok(v["content"].as_str().unwrap_or("").to_string()),
-        Err(e) => Err(Outcome::EngineError(format!("detokenize: {e}"))),
-    }
+    guarded(task, st.cfg.stall_timeout, r.json::<Value>())
+        .await?
+        .map_err(|e| Outcome::EngineError(format!("{}: {e}", api.path())))
 }
