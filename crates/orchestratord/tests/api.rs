@@ -454,13 +454,10 @@ async fn a_deadline_holds_while_queued() {
     )
     .await;
     let bid = b["task_id"].as_str().unwrap();
-    let rb = tokio::time::timeout(
-        Duration::from_secs(30),
-        read_stream(&c, &base, bid, None, None),
-    )
-    .await
-    .expect("the queued task ended at its deadline")
-    .unwrap();
+    let rb = tokio::time::timeout(HANG, read_stream(&c, &base, bid, None, None))
+        .await
+        .expect("the queued task ended at its deadline")
+        .unwrap();
     assert_eq!(rb.order, vec!["end"], "it never started");
     let end = rb.end.unwrap();
     assert!(end.canceled && end.stop_reason == "deadline", "{end:?}");

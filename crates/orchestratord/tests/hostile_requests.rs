@@ -304,17 +304,37 @@ async fn a_hang_up_on_a_non_streamed_forwarded_request_stops_the_engine() {
     )
     .await
     .unwrap();
-    // The task runs on the engine (the orchestrator says so; nothing polls the engine).
+    // The task runs (the orchestrator says so: woken the moment its worker
+    // takes it) and the engine has it: its slot processing, asked every
+    // 1.5 s (1,500 tokens leave it busy far longer). Only then the hang-up,
+    // or it could come before the request ever reached the engine.
     let st = stack.server.state.clone();
     assert!(
-        st.wait_until(Duration::from_secs(120), |s| s.running() == 1)
+        st.wait_until(test_harness::HANG, |s| s.running() == 1)
             .await,
         "the request never started"
     );
+    let e = stack.engine().unwrap();
+    let engine = llorch_io::llama_server::LlamaServer::new(e.url.clone(), None);
+    let http = llorch_io::http::async_client();
+    let slots = || async {
+        engine
+            .get(&http, llorch_io::llama_server::Api::Slots)
+            .send()
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    };
+    while slots().await[0]["is_processing"] != true {
+        assert_eq!(st.running(), 1, "the task ended before the engine took it");
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
     drop(sock);
     // The orchestrator ends the task canceled once the engine's slot is idle.
     assert!(
-        st.wait_until(Duration::from_secs(300), |s| s.metrics.canceled.get() == 1
+        st.wait_until(test_harness::HANG, |s| s.metrics.canceled.get() == 1
             && s.running() == 0)
             .await,
         "the hang-up was never seen"
@@ -322,19 +342,8 @@ async fn a_hang_up_on_a_non_streamed_forwarded_request_stops_the_engine() {
     // The engine's own word: its slot idle (asked every 1.5 s: a faster
     // poll would keep llama-server from noticing the hang-up), and fewer
     // tokens decoded than were asked for. A busy machine only makes this slower.
-    let e = stack.engine().unwrap();
     let slots = loop {
-        let slots: Value = llorch_io::llama_server::LlamaServer::new(e.url.clone(), None)
-            .get(
-                &llorch_io::http::async_client(),
-                llorch_io::llama_server::Api::Slots,
-            )
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let slots = slots().await;
         if slots[0]["is_processing"] == false {
             break slots;
         }
