@@ -167,6 +167,13 @@ fn two_provisions_at_once_end_with_one_engine() {
 /// orchestrator from that very engine; when it dies, `serve` provisions it
 /// again; when `serve` stops, the detached engine keeps running until
 /// `engine down`.
+/// A `--json` command's document; the command must succeed.
+fn json_of(cmd: Cmd) -> serde_json::Value {
+    let (ok, out, err) = common::run(cmd);
+    assert!(ok, "{err}");
+    serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"))
+}
+
 #[test]
 fn serve_attaches_to_a_provisioned_engine_revives_it_and_leaves_it_running() {
     let rt = tempfile::tempdir().unwrap();
@@ -174,30 +181,11 @@ fn serve_attaches_to_a_provisioned_engine_revives_it_and_leaves_it_running() {
     let pool = PoolId::parse(&format!("xt-attach-{}", std::process::id())).unwrap();
     let paths = RunPaths::new(&layout, &pool);
     let _down = PoolDown(rt.path(), pool.clone());
-    let out = xtask(rt.path())
-        .args(["provision", "--pool", pool.as_str(), "--json"])
-        .spawn(Io::Piped, Io::Piped)
-        .and_then(|c| c.wait_with_output())
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let v = json_of(xtask(rt.path()).args(["provision", "--pool", pool.as_str(), "--json"]));
     let first = v["pid"].as_u64().unwrap() as u32;
     // `engine status` asks the running engine itself.
-    let out = xtask(rt.path())
-        .args(["engine", "status", "--pool", pool.as_str(), "--json"])
-        .spawn(Io::Piped, Io::Piped)
-        .and_then(|c| c.wait_with_output())
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let st: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let st =
+        json_of(xtask(rt.path()).args(["engine", "status", "--pool", pool.as_str(), "--json"]));
     assert_eq!(st["running"], true, "{st}");
     assert_eq!(st["pid"], first, "{st}");
     assert_eq!(st["url"], v["url"], "{st}");

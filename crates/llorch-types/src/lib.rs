@@ -1,11 +1,12 @@
 //! Value types every crate names, checked when they are parsed and free of
 //! I/O, so a crate that only reads configuration (`llorch-profile`) needs
 //! neither the network stack nor an OCI client: pool ids and their replicas'
-//! run ids ([`pool`]), `oci://` references ([`oci_ref`]), sha256 hex digests
-//! and excerpts of hostile text for error messages.
+//! run ids ([`PoolId`]), `oci://` references ([`OciRef`]), sha256 hex
+//! digests and excerpts of hostile text for error messages. Each is named by
+//! one path only: `llorch_types::Name` (the modules are private).
 
-pub mod oci_ref;
-pub mod pool;
+mod oci_ref;
+mod pool;
 
 pub use oci_ref::{BadOciRef, OciRef};
 pub use pool::{BadPoolId, PoolId, MAX_REPLICA};

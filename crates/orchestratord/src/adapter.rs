@@ -233,22 +233,14 @@ async fn open_stream(
 }
 
 /// What the relay of one stream keeps between frames.
+#[derive(Default)]
 struct Relay {
-    first: bool,
+    /// Text was sent (the time to first token is observed).
+    sent_text: bool,
     /// Probabilities of held-back tokens travel with the next text.
     pending_probs: Vec<Value>,
     /// Ids of the tokens held back since the last text.
     held: Vec<i64>,
-}
-
-impl Default for Relay {
-    fn default() -> Self {
-        Self {
-            first: true,
-            pending_probs: Vec::new(),
-            held: Vec::new(),
-        }
-    }
 }
 
 impl Relay {
@@ -285,8 +277,8 @@ impl Relay {
             return None;
         }
         self.held.clear();
-        if self.first {
-            self.first = false;
+        if !self.sent_text {
+            self.sent_text = true;
             st.metrics
                 .ttft_ms
                 .observe(task.admitted_at.elapsed().as_secs_f64() * 1000.0);

@@ -305,32 +305,20 @@ async fn a_hang_up_on_a_non_streamed_forwarded_request_stops_the_engine() {
     .await
     .unwrap();
     // The task runs (the orchestrator says so: woken the moment its worker
-    // takes it) and the engine has it: its slot processing, asked every
-    // 1.5 s (1,500 tokens leave it busy far longer). Only then the hang-up,
-    // or it could come before the request ever reached the engine.
+    // takes it) and the engine has it: its slot processing (1,500 tokens
+    // leave it busy far longer than one look). Only then the hang-up, or it
+    // could come before the request ever reached the engine.
     let st = stack.server.state.clone();
     assert!(
         st.wait_until(test_harness::HANG, |s| s.running() == 1)
             .await,
         "the request never started"
     );
-    let e = stack.engine().unwrap();
-    let engine = llorch_io::llama_server::LlamaServer::new(e.url.clone(), None);
-    let http = llorch_io::http::async_client();
-    let slots = || async {
-        engine
-            .get(&http, llorch_io::llama_server::Api::Slots)
-            .send()
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    };
-    while slots().await[0]["is_processing"] != true {
-        assert_eq!(st.running(), 1, "the task ended before the engine took it");
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-    }
+    let engine = stack.engine().unwrap().url;
+    test_harness::first_slot_becomes(&engine, true, || {
+        (st.running() != 1).then(|| "the task ended before the engine took it".to_string())
+    })
+    .await;
     drop(sock);
     // The orchestrator ends the task canceled once the engine's slot is idle.
     assert!(
@@ -339,16 +327,9 @@ async fn a_hang_up_on_a_non_streamed_forwarded_request_stops_the_engine() {
             .await,
         "the hang-up was never seen"
     );
-    // The engine's own word: its slot idle (asked every 1.5 s: a faster
-    // poll would keep llama-server from noticing the hang-up), and fewer
-    // tokens decoded than were asked for. A busy machine only makes this slower.
-    let slots = loop {
-        let slots = slots().await;
-        if slots[0]["is_processing"] == false {
-            break slots;
-        }
-        tokio::time::sleep(Duration::from_millis(1500)).await;
-    };
+    // The engine's own word: its slot idle, and fewer tokens decoded than
+    // were asked for. A busy machine only makes this slower.
+    let slots = test_harness::first_slot_becomes(&engine, false, || None).await;
     let decoded = slots[0]["next_token"][0]["n_decoded"]
         .as_u64()
         .or_else(|| slots[0]["next_token"]["n_decoded"].as_u64())

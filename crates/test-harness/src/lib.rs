@@ -103,6 +103,44 @@ pub async fn slots_idle(engine: &str) -> bool {
     all_idle(&slots)
 }
 
+/// Wait until the engine's first slot is processing (`processing`) or idle,
+/// and return its `/slots` answer (raw JSON, `next_token` and all).
+/// llama-server cannot be waited on, so it is asked every 1.5 s: a faster
+/// asker would keep it from noticing a client that hung up (it looks between
+/// tokens). `abandon` is asked before each wait: `Some(why)` fails the test
+/// (what the wait is for can no longer happen). Bounded only by [`HANG`].
+pub async fn first_slot_becomes(
+    engine: &str,
+    processing: bool,
+    abandon: impl Fn() -> Option<String>,
+) -> serde_json::Value {
+    use llorch_io::llama_server::{Api, LlamaServer};
+    let server = LlamaServer::new(engine, None);
+    let http = llorch_io::http::async_client();
+    let deadline = Instant::now() + HANG;
+    loop {
+        let slots: serde_json::Value = server
+            .get(&http, Api::Slots)
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if slots[0]["is_processing"] == processing {
+            return slots;
+        }
+        if let Some(why) = abandon() {
+            panic!("{why}: {slots}");
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the engine's first slot never became processing={processing}: {slots}"
+        );
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+    }
+}
+
 /// How many more tokens a slot may hold after a stop before [`wait_idle`]
 /// calls the task not stopped (llama-server stops a slot within a few).
 pub const STOPPED_WITHIN_TOKENS: u64 = 400;

@@ -147,9 +147,7 @@ impl EngineUser {
         }
         Ok(())
     }
-}
 
-impl EngineUser {
     /// Whether this user may read and write the device node `path` (a GPU's),
     /// by its mode bits, and search the directories above it.
     pub fn may_use_device(&self, path: &Path) -> Result<(), Unreachable> {
